@@ -1,0 +1,33 @@
+# The usual targets. `make demo` and `make test` are the two commands of the README.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+
+.PHONY: install lint test demo bench services clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: install
+	$(BIN)/pytest
+
+demo: install
+	$(BIN)/coupon-worker demo
+
+bench: install
+	$(BIN)/coupon-worker bench
+
+services:
+	./.ci/services
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

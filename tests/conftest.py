@@ -1,0 +1,283 @@
+"""Shared fixtures: a database, a RabbitMQ vhost and a sandbox of this test session's own.
+
+Real services, no skipping: if PostgreSQL or RabbitMQ is down the tests fail (``.ci/services``
+starts them). Each session creates its own database (migrated with Alembic) and vhost and drops
+them at the end; each test empties the ledger, resets the sandbox and gets queue names of its
+own, so tests run in any order and twice in a row.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, create_engine, text
+
+from worker.config import Settings, load_settings
+from worker.ledger.migrate import ensure_database, upgrade
+from worker.sandbox import BackgroundSandbox, SandboxAdmin
+
+PG_ADMIN_URL = os.environ.get(
+    "COUPONS_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+RABBIT_HOST = os.environ.get("COUPONS_TEST_RABBIT_HOST", "127.0.0.1:5672")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BIN_DIR = Path(sys.executable).parent
+LEDGER_TABLES = ("coupons", "entity_history", "api_calls", "operator_actions", "entities",
+                 "events", "rejected_events", "circuit_breakers", "rate_limit_buckets")
+SANDBOX_USER, SANDBOX_PASSWORD = "store.server", "server123"
+
+# Tests must not pick up a developer's .env file.
+os.environ["COUPONS_ENV_FILE"] = ""
+
+
+def _session_tag() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture(scope="session")
+def session_tag() -> str:
+    return _session_tag()
+
+
+# -- PostgreSQL ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def database_url(session_tag: str) -> Iterator[str]:
+    name = f"cw_test_{session_tag}"
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    ensure_database(url)
+    upgrade(url)
+    yield url
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text("DROP DATABASE IF EXISTS " + name + " WITH (FORCE)"))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def engine(database_url: str) -> Iterator[Engine]:
+    eng = create_engine(database_url, pool_size=5)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def clean_ledger(engine: Engine) -> Engine:
+    """An empty ledger for this test."""
+    with engine.begin() as conn:
+        conn.execute(text(f"TRUNCATE {', '.join(LEDGER_TABLES)} RESTART IDENTITY CASCADE"))
+    return engine
+
+
+# -- RabbitMQ ------------------------------------------------------------------------------
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def broker_url(session_tag: str) -> Iterator[str]:
+    vhost = f"cw-test-{session_tag}"
+    _rabbitmqctl("add_vhost", vhost)
+    _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    yield f"amqp://guest:guest@{RABBIT_HOST}/{vhost}"
+    _rabbitmqctl("delete_vhost", vhost)
+
+
+# -- the sandbox ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def sandbox_server() -> Iterator[BackgroundSandbox]:
+    with BackgroundSandbox() as server:
+        yield server
+
+
+@pytest.fixture
+def sandbox(sandbox_server: BackgroundSandbox) -> Iterator[SandboxAdmin]:
+    """The sandbox's admin client, reset for this test."""
+    with SandboxAdmin(sandbox_server.url) as admin:
+        admin.reset()
+        yield admin
+
+
+# -- settings ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def queue_prefix() -> str:
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def settings_factory(database_url: str, broker_url: str, sandbox_server: BackgroundSandbox,
+                     queue_prefix: str) -> Callable[..., Settings]:
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "database_url": database_url,
+            "broker_url": broker_url,
+            "capillary_base_url": sandbox_server.url,
+            "capillary_username": SANDBOX_USER,
+            "capillary_password": SANDBOX_PASSWORD,
+            "events_queue": f"{queue_prefix}.events",
+            "tasks_queue": f"{queue_prefix}.tasks",
+            "retry_queue": f"{queue_prefix}.retry",
+            "dead_queue": f"{queue_prefix}.dead",
+            "http_timeout_s": 2.0,
+            "http_connect_timeout_s": 1.0,
+            "rate_limit_max_wait_s": 5.0,
+            "lease_s": 15.0,
+            "retry_base_s": 0.2,
+            "retry_max_s": 1.0,
+            "reconcile_delay_s": 0.2,
+            "sweep_interval_s": 0.2,
+            "metrics_port": 0,
+        }
+        values.update(overrides)
+        return load_settings(**values)
+
+    return make
+
+
+@pytest.fixture
+def settings(settings_factory: Callable[..., Settings]) -> Settings:
+    return settings_factory()
+
+
+_ENV_NAMES = {
+    "database_url": "COUPONS_DATABASE_URL", "broker_url": "COUPONS_BROKER_URL",
+    "capillary_base_url": "CAPILLARY_BASE_URL", "capillary_username": "CAPILLARY_USERNAME",
+    "capillary_oauth_key": "CAPILLARY_OAUTH_KEY", "events_queue": "COUPONS_EVENTS_QUEUE",
+    "tasks_queue": "COUPONS_TASKS_QUEUE", "retry_queue": "COUPONS_RETRY_QUEUE",
+    "dead_queue": "COUPONS_DEAD_QUEUE", "http_timeout_s": "COUPONS_HTTP_TIMEOUT_SECONDS",
+    "http_connect_timeout_s": "COUPONS_HTTP_CONNECT_TIMEOUT_SECONDS",
+    "rate_limit_max_wait_s": "COUPONS_RATE_LIMIT_MAX_WAIT_SECONDS",
+    "lease_s": "COUPONS_LEASE_SECONDS", "retry_base_s": "COUPONS_RETRY_BASE_SECONDS",
+    "retry_max_s": "COUPONS_RETRY_MAX_SECONDS",
+    "reconcile_delay_s": "COUPONS_RECONCILE_DELAY_SECONDS",
+    "sweep_interval_s": "COUPONS_SWEEP_INTERVAL_SECONDS", "metrics_port": "COUPONS_METRICS_PORT",
+    "max_attempts": "COUPONS_MAX_ATTEMPTS",
+    "circuit_failure_threshold": "COUPONS_CIRCUIT_FAILURE_THRESHOLD",
+    "circuit_open_s": "COUPONS_CIRCUIT_OPEN_SECONDS",
+    "rate_limit_per_minute": "COUPONS_RATE_LIMIT_PER_MINUTE",
+    "rate_limit_burst": "COUPONS_RATE_LIMIT_BURST",
+    "requeue_after_s": "COUPONS_REQUEUE_AFTER_SECONDS",
+    "log_level": "COUPONS_LOG_LEVEL", "log_format": "COUPONS_LOG_FORMAT",
+}
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that makes a subprocess load exactly these settings."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("COUPONS_", "CAPILLARY_"))}
+    for attr, name in _ENV_NAMES.items():
+        value = getattr(settings, attr)
+        if value is not None:
+            env[name] = str(value)
+    if settings.capillary_password is not None:
+        env["CAPILLARY_PASSWORD"] = settings.capillary_password.get_secret_value()
+    if settings.capillary_oauth_secret is not None:
+        env["CAPILLARY_OAUTH_SECRET"] = settings.capillary_oauth_secret.get_secret_value()
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+# -- worker subprocesses -------------------------------------------------------------------
+
+
+@dataclass
+class WorkerProcess:
+    """A real ``coupon-worker worker`` in a subprocess, its log in a file."""
+
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    name: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, needle: str, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if needle in self.log():
+                return
+            if self.process.poll() is not None:
+                raise AssertionError(f"worker exited ({self.process.returncode}):\n{self.log()}")
+            time.sleep(0.1)
+        raise AssertionError(f"{needle!r} not in the worker log after {timeout_s}s:\n"
+                             + self.log()[-5000:])
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: main process and pool children at once."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, 9)
+            self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, 15)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def coupon_worker_command() -> str:
+    found = BIN_DIR / "coupon-worker"
+    if found.exists():
+        return str(found)
+    which = shutil.which("coupon-worker")
+    assert which, "coupon-worker is not installed in this environment"
+    return which
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    started: list[WorkerProcess] = []
+
+    def start(settings: Settings, *args: str, concurrency: int = 2, pool: str = "prefork",
+              env: dict[str, str] | None = None) -> WorkerProcess:
+        name = f"w{len(started)}-{uuid.uuid4().hex[:6]}"
+        log_path = tmp_path / f"{name}.log"
+        environment = settings_env(settings)
+        environment.update(env or {})
+        with log_path.open("wb") as log_file:
+            process = subprocess.Popen(
+                [coupon_worker_command(), "worker", "-c", str(concurrency), "-P", pool,
+                 "-n", f"{name}@%h", *args],
+                cwd=REPO_ROOT, env=environment, stdout=log_file, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        worker = WorkerProcess(process, log_path, name)
+        started.append(worker)
+        worker.wait_for_log(" ready.", timeout_s=60)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+def wait_until(predicate: Callable[[], Any], *, timeout_s: float = 30.0,
+               interval_s: float = 0.1, message: str = "condition") -> Any:
+    """Poll until ``predicate()`` is truthy; fail with ``message`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {message} (last: {last!r})")

@@ -1,0 +1,70 @@
+"""Retry policy: full-jitter backoff, Retry-After, attempts, and what each verdict leads to."""
+
+from __future__ import annotations
+
+import random
+from datetime import timedelta
+
+from worker.domain import Verdict
+from worker.policy import (
+    CircuitPolicy,
+    DeadLetter,
+    Defer,
+    RecordIssued,
+    RetryPolicy,
+    ScheduleRetry,
+)
+
+POLICY = RetryPolicy(max_attempts=5, base_s=2.0, max_s=60.0, reconcile_delay_s=3.0)
+
+
+def test_backoff_is_a_full_jitter_draw_under_an_exponential_ceiling() -> None:
+    rng = random.Random(7)
+    for attempt, ceiling in [(1, 2.0), (2, 4.0), (3, 8.0), (6, 60.0), (20, 60.0)]:
+        draws = [POLICY.backoff(attempt, rng=rng).total_seconds() for _ in range(300)]
+        assert all(0.0 <= d <= ceiling for d in draws)
+        # Spread, not a constant: jitter covers most of the range.
+        assert max(draws) - min(draws) > ceiling * 0.8
+
+
+def test_retry_after_is_a_floor() -> None:
+    rng = random.Random(1)
+    assert all(POLICY.backoff(1, retry_after_s=30, rng=rng) >= timedelta(seconds=30)
+               for _ in range(50))
+
+
+def test_issued_is_recorded() -> None:
+    assert POLICY.decide(Verdict.ISSUED, attempts=1) == RecordIssued()
+
+
+def test_permanent_goes_straight_to_the_dead_letters() -> None:
+    decision = POLICY.decide(Verdict.PERMANENT, attempts=1)
+    assert isinstance(decision, DeadLetter) and not decision.reconcile_first
+
+
+def test_retryable_is_retried_until_attempts_run_out() -> None:
+    assert isinstance(POLICY.decide(Verdict.RETRYABLE, attempts=4), ScheduleRetry)
+    dead = POLICY.decide(Verdict.RETRYABLE, attempts=5)
+    assert isinstance(dead, DeadLetter) and "after 5 attempts" in dead.reason
+
+
+def test_ambiguous_reconciles_first_and_waits_for_read_back() -> None:
+    decision = POLICY.decide(Verdict.AMBIGUOUS, attempts=1, rng=random.Random(3))
+    assert isinstance(decision, ScheduleRetry)
+    assert decision.reconcile_first and decision.delay >= timedelta(seconds=3)
+    exhausted = POLICY.decide(Verdict.AMBIGUOUS, attempts=5)
+    assert isinstance(exhausted, DeadLetter) and exhausted.reconcile_first
+    assert "reconcile before replay" in exhausted.reason
+
+
+def test_outage_defers_without_dead_lettering() -> None:
+    decision = POLICY.decide(Verdict.OUTAGE, attempts=99, circuit_open_s=30)
+    assert decision == Defer(timedelta(seconds=30))
+
+
+def test_circuit_opens_at_once_on_outage_and_after_a_run_of_failures() -> None:
+    circuit = CircuitPolicy(failure_threshold=3, open_s=10, max_open_s=60)
+    assert circuit.opens_after(Verdict.OUTAGE, 1)
+    assert not circuit.opens_after(Verdict.RETRYABLE, 2)
+    assert circuit.opens_after(Verdict.AMBIGUOUS, 3)
+    assert [circuit.open_for(n).total_seconds() for n in (1, 2, 3, 4, 5)] == [10, 20, 40, 60, 60]

@@ -1,0 +1,107 @@
+"""Wiring: builds the services' dependencies once per process, from the settings.
+
+Prefork children must not share the parent's database or HTTP connections, so the container
+rebuilds itself when it finds itself in a new process. Nothing connects until first use.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from worker.capillary.client import CapillaryClient
+from worker.circuit import CircuitGate
+from worker.config import Settings
+from worker.ledger.unit_of_work import make_engine, sql_unit_of_work_factory
+from worker.metrics import Metrics
+from worker.policy import CircuitPolicy, RetryPolicy
+from worker.ratelimit import PostgresRateLimiter, RateLimiter, Unlimited
+from worker.services import Deps, Publisher, utcnow
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def build_deps(settings: Settings, publisher: Publisher, *, engine: Engine | None = None,
+               metrics: Metrics | None = None) -> Deps:
+    """The real dependencies for ``settings``."""
+    engine = engine or make_engine(settings.database_url)
+    uow = sql_unit_of_work_factory(engine)
+    limiter: RateLimiter = Unlimited()
+    if settings.rate_limit_per_minute:
+        limiter = PostgresRateLimiter(engine, settings.rate_limit_per_minute,
+                                      settings.rate_limit_burst)
+    return Deps(
+        uow=uow,
+        api=CapillaryClient.from_settings(settings),
+        publisher=publisher,
+        limiter=limiter,
+        circuit=CircuitGate(uow, CircuitPolicy.from_settings(settings), clock=utcnow,
+                            probe_timeout_s=settings.lease_s),
+        retry_policy=RetryPolicy.from_settings(settings),
+        metrics=metrics or Metrics(),
+        worker_id=worker_id(),
+        lease_s=settings.lease_s,
+        rate_limit_max_wait_s=settings.rate_limit_max_wait_s,
+    )
+
+
+class Container:
+    """Per-process dependencies, built lazily and rebuilt after a fork."""
+
+    def __init__(self, settings: Callable[[], Settings],
+                 publisher: Callable[[Settings], Publisher]) -> None:
+        self._settings_provider = settings
+        self._publisher_factory = publisher
+        self._lock = threading.Lock()
+        self._pid: int | None = None
+        self._deps: Deps | None = None
+        self._engine: Engine | None = None
+        # The pool forks while the sweeper thread may hold the lock; a child must not inherit
+        # a lock that no thread of its own will ever release.
+        os.register_at_fork(after_in_child=self._reset_lock)
+
+    def _reset_lock(self) -> None:
+        self._lock = threading.Lock()
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings_provider()
+
+    def deps(self) -> Deps:
+        """This process's dependencies, built on first use."""
+        with self._lock:
+            if self._deps is None or self._pid != os.getpid():
+                if self._engine is not None and self._pid != os.getpid():
+                    # Inherited pool: forget its connections without closing the parent's.
+                    self._engine.dispose(close=False)
+                settings = self.settings
+                self._engine = make_engine(settings.database_url)
+                self._deps = build_deps(settings, self._publisher_factory(settings),
+                                        engine=self._engine)
+                self._pid = os.getpid()
+            return self._deps
+
+    @property
+    def engine(self) -> Engine:
+        self.deps()
+        assert self._engine is not None
+        return self._engine
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.deps().metrics
+
+    def close(self) -> None:
+        with self._lock:
+            if self._engine is not None and self._pid == os.getpid():
+                self._engine.dispose()
+            self._engine = None
+            self._deps = None

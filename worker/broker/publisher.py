@@ -1,0 +1,150 @@
+"""Publishing to RabbitMQ: retries and dead letters (the worker) and events (producers).
+
+Every publish waits for the broker's confirm (``confirm_publish``) and uses persistent
+messages on durable queues. Broker errors are translated to ``BrokerUnavailable``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import amqp.exceptions
+import kombu.exceptions
+from celery import Celery
+from kombu import Connection, Producer
+
+from worker.broker import topology
+from worker.config import Settings
+from worker.errors import BrokerUnavailable
+from worker.events import LoyaltyEvent
+from worker.ledger.records import DeadLetterRecord, DueEntity
+
+BROKER_ERRORS: tuple[type[BaseException], ...] = (
+    kombu.exceptions.KombuError, amqp.exceptions.AMQPError, OSError,
+)
+PUBLISH_RETRY_POLICY = {"max_retries": 5, "interval_start": 0.2, "interval_step": 0.5,
+                        "interval_max": 2.0}
+Via = Literal["bus", "task"]
+
+
+def event_argsrepr(event_id: str | None, customer: str | None, series: object) -> str:
+    """How a task's arguments read in Flower: ids only, never metadata or secrets."""
+    return f"event={event_id} customer={customer} series={series}"
+
+
+class CeleryPublisher:
+    """The worker's ``Publisher``: retry tasks and dead-letter messages."""
+
+    def __init__(self, app: Celery, settings: Settings) -> None:
+        self._app = app
+        self._retry_queue = topology.retry_queue(settings)
+        self._dead_queue = topology.dead_queue(settings)
+
+    def publish_retries(self, due: Sequence[DueEntity]) -> None:
+        from worker.celery_app import TASK_RETRY
+
+        try:
+            with self._app.producer_or_acquire() as producer:
+                for d in due:
+                    self._app.send_task(
+                        TASK_RETRY,
+                        kwargs={"entity_id": d.entity_id},
+                        queue=self._retry_queue.name,
+                        producer=producer,
+                        argsrepr="()",
+                        kwargsrepr=f"entity={d.entity_id} "
+                        + event_argsrepr(d.event_id, d.customer_key, d.series_id),
+                        retry=True,
+                        retry_policy=PUBLISH_RETRY_POLICY,
+                    )
+        except BROKER_ERRORS as exc:
+            raise BrokerUnavailable(f"could not publish retries: {exc}") from exc
+
+    def publish_dead_letters(self, records: Sequence[DeadLetterRecord]) -> None:
+        try:
+            with self._app.producer_or_acquire() as producer:
+                for record in records:
+                    producer.publish(
+                        record.as_message(),
+                        exchange=self._dead_queue.exchange,
+                        routing_key=self._dead_queue.routing_key,
+                        declare=[self._dead_queue],
+                        serializer="json",
+                        delivery_mode=2,
+                        retry=True,
+                        retry_policy=PUBLISH_RETRY_POLICY,
+                    )
+        except BROKER_ERRORS as exc:
+            raise BrokerUnavailable(f"could not publish dead letters: {exc}") from exc
+
+
+class EventProducer:
+    """What a producer uses to put events on the bus (plain JSON) or as Celery tasks."""
+
+    def __init__(self, settings: Settings, connection: Connection) -> None:
+        self._settings = settings
+        self._connection = connection
+        self._events_queue = topology.events_queue(settings)
+        self._tasks_queue = topology.tasks_queue(settings)
+        self._producer = Producer(connection.default_channel)
+
+    @classmethod
+    @contextmanager
+    def open(cls, settings: Settings) -> Iterator[EventProducer]:
+        transport_options = {"confirm_publish": True} \
+            if settings.broker_url.startswith(("amqp", "pyamqp")) else {}
+        try:
+            with Connection(settings.broker_url, transport_options=transport_options,
+                            connect_timeout=5) as connection:
+                connection.ensure_connection(max_retries=3)
+                yield cls(settings, connection)
+        except BROKER_ERRORS as exc:
+            raise BrokerUnavailable(f"broker unavailable: {exc}") from exc
+
+    def publish_raw(self, body: bytes, *, content_type: str = "application/json") -> None:
+        """Publish bytes as they are to the events queue, as a loyalty bus would."""
+        self._producer.publish(
+            body,
+            exchange=self._events_queue.exchange,
+            routing_key=self._events_queue.routing_key,
+            declare=[self._events_queue],
+            content_type=content_type,
+            content_encoding="utf-8" if content_type.startswith("application/json") else "binary",
+            delivery_mode=2,
+            retry=True,
+            retry_policy=PUBLISH_RETRY_POLICY,
+        )
+
+    def publish_event(self, event: LoyaltyEvent | dict[str, Any], *, via: Via = "bus") -> None:
+        """Publish one event, validated or not, the chosen way in."""
+        data = event.to_message() if isinstance(event, LoyaltyEvent) else event
+        if via == "bus":
+            self.publish_raw(json.dumps(data).encode("utf-8"))
+            return
+        from worker.celery_app import TASK_ISSUE, create_app
+
+        app = getattr(self, "_app", None) or create_app(self._settings)
+        self._app = app
+        customer = data.get("customer") if isinstance(data, dict) else None
+        app.send_task(
+            TASK_ISSUE,
+            kwargs={"event": data, "source": "task"},
+            queue=self._tasks_queue.name,
+            connection=self._connection,
+            argsrepr="()",
+            kwargsrepr=event_argsrepr(
+                data.get("eventId"), _customer_label(customer), data.get("seriesIds")),
+            retry=True,
+            retry_policy=PUBLISH_RETRY_POLICY,
+        )
+
+
+def _customer_label(customer: object) -> str | None:
+    if isinstance(customer, dict):
+        for name in ("id", "mobile", "email", "externalId"):
+            if customer.get(name):
+                return f"{name}:{customer[name]}"
+    return None

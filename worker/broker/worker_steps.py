@@ -1,0 +1,283 @@
+"""What runs inside a worker besides the tasks: the bus bridge, the sweeper, the guard, metrics.
+
+- ``EventsBridge`` (consumer step): reads plain JSON from ``coupons.events`` and forwards each
+  message, bytes untouched, as a ``coupons.ingest`` task; the raw message is acknowledged only
+  once the broker confirmed the task message, so nothing is lost between the two.
+- ``Sweeper`` (worker step, a thread of the main process): every few seconds recovers crashed
+  claims, dispatches due retries to ``coupons.retry`` and publishes dead letters.
+- ``ConsumptionGuard`` (consumer step, on the event loop): stops consuming fresh events while
+  the circuit is open or the database is down, and resumes when they are back; messages stay in
+  RabbitMQ meanwhile.
+- ``MetricsServer`` (worker step): the Prometheus endpoint.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from typing import Any
+
+from celery import Celery, bootsteps, signals
+from kombu import Consumer, Message
+
+from worker.broker import topology
+from worker.broker.publisher import BROKER_ERRORS, PUBLISH_RETRY_POLICY, event_argsrepr
+from worker.errors import LedgerUnavailable
+
+log = logging.getLogger(__name__)
+
+GUARD_INTERVAL_S = 0.5
+BRIDGE_PREFETCH = 50
+
+
+def _settings(parent: Any) -> Any:
+    from worker.celery_app import settings_of
+
+    return settings_of(parent.app)
+
+
+def _peek(body: bytes, max_bytes: int) -> tuple[str | None, str | None, object]:
+    """Event id, customer and series of a message, for Flower; None where unreadable."""
+    if len(body) > max_bytes:
+        return None, None, None
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None, None, None
+    if not isinstance(data, dict):
+        return None, None, None
+    event_id = data.get("eventId") if isinstance(data.get("eventId"), str) else None
+    customer = data.get("customer")
+    label = None
+    if isinstance(customer, dict):
+        for name in ("id", "mobile", "email", "externalId"):
+            if customer.get(name):
+                label = f"{name}:{customer[name]}"
+                break
+    return event_id, label, data.get("seriesIds")
+
+
+class EventsBridge(bootsteps.ConsumerStep):
+    """Forwards plain-JSON bus messages to the task queue, untouched."""
+
+    def get_consumers(self, channel: Any) -> list[Consumer]:
+        settings = _settings(self._consumer)
+        self._max_bytes = settings.max_event_bytes
+        queue = topology.events_queue(settings)
+        return [
+            Consumer(channel, queues=[queue], on_message=self._on_message,
+                     prefetch_count=BRIDGE_PREFETCH, no_ack=False)
+        ]
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self._consumer = parent
+        self._max_bytes = 65_536
+
+    def _on_message(self, message: Message) -> None:
+        from worker.celery_app import TASK_INGEST
+
+        body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
+        try:
+            text, encoding = body.decode("utf-8"), "utf-8"
+        except UnicodeDecodeError:
+            text, encoding = base64.b64encode(body).decode("ascii"), "base64"
+        event_id, customer, series = _peek(body, self._max_bytes)
+        app: Celery = self._consumer.app
+        try:
+            app.send_task(
+                TASK_INGEST,
+                kwargs={"body": text, "encoding": encoding, "content_type": message.content_type,
+                        "source": "bus", "event_id": event_id},
+                argsrepr="()",
+                kwargsrepr=event_argsrepr(event_id, customer, series),
+                retry=True,
+                retry_policy=PUBLISH_RETRY_POLICY,
+            )
+        except BROKER_ERRORS:
+            log.exception("bridge.forward_failed", extra={"event_id": event_id})
+            message.reject(requeue=True)
+            return
+        message.ack()
+
+
+class Sweeper(bootsteps.StartStopStep):
+    """Runs ``services.sweep`` every ``COUPONS_SWEEP_INTERVAL_SECONDS`` in the main process.
+
+    The pool forks children while this thread runs (at start and whenever a child is
+    replaced). A fork copies locks held by other threads in their held state, and a module
+    import holds one, so every module the loop needs is imported here, in the main thread,
+    before the thread starts; the loop itself then never imports.
+    """
+
+    requires = ("celery.worker.components:Pool",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        parent.coupon_sweeper = self
+        self._worker = parent
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        #: Why fresh events should not be consumed now (None: consume).
+        self.pause_reason: str | None = None
+        #: Whether the retry queue should not be consumed either (database down).
+        self.pause_retries = False
+
+    def start(self, parent: Any) -> None:
+        if not _settings(parent).run_sweeper:
+            log.info("sweeper.disabled")
+            return
+        from worker import services  # noqa: F401 - warm the imports before forking can race them
+
+        try:
+            parent.app.coupon_container.deps()
+        except Exception:
+            log.exception("sweeper.warm_up_failed")
+        self._thread = threading.Thread(target=self._loop, name="coupon-sweeper", daemon=True)
+        self._thread.start()
+
+    def stop(self, parent: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        from worker import services
+
+        container = self._worker.app.coupon_container
+        interval_s = container.settings.sweep_interval_s
+        while not self._stop.is_set():
+            try:
+                deps = container.deps()
+                report = services.sweep(deps, requeue_after_s=container.settings.requeue_after_s)
+                now = deps.clock()
+                circuit = deps.circuit.state()
+                paused = circuit.state != "closed" and circuit.open_until is not None \
+                    and now < circuit.open_until
+                self.pause_reason = f"circuit {circuit.state}: {circuit.reason}" if paused else None
+                self.pause_retries = False
+                if report.dispatched or report.leases_expired or report.dead_letters_published:
+                    log.info("sweep.done", extra=report.__dict__)
+            except LedgerUnavailable as exc:
+                self.pause_reason = f"database unavailable: {exc}"
+                self.pause_retries = True
+                log.error("sweep.ledger_unavailable", extra={"error": str(exc)})
+            except Exception:
+                log.exception("sweep.failed")
+            self._stop.wait(interval_s)
+
+
+class ConsumptionGuard(bootsteps.StartStopStep):
+    """Cancels and restores queue consumers as the sweeper's pause flags say."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self._tref: Any = None
+        self._paused: set[str] = set()
+
+    def start(self, c: Any) -> None:
+        self._paused = set()
+        self._tref = c.timer.call_repeatedly(GUARD_INTERVAL_S, self._check, (c,))
+
+    def stop(self, c: Any) -> None:
+        if self._tref is not None:
+            self._tref.cancel()
+            self._tref = None
+
+    def _check(self, c: Any) -> None:
+        sweeper = getattr(c.controller, "coupon_sweeper", None)
+        if sweeper is None:
+            return
+        settings = _settings(c)
+        wanted: set[str] = set()
+        if sweeper.pause_reason:
+            wanted.add(settings.tasks_queue)
+            if sweeper.pause_retries:
+                wanted.add(settings.retry_queue)
+        for queue in sorted(wanted - self._paused):
+            log.error("consumer.paused", extra={"queue": queue, "reason": sweeper.pause_reason})
+            c.cancel_task_queue(queue)
+        for queue in sorted(self._paused - wanted):
+            log.warning("consumer.resumed", extra={"queue": queue})
+            c.add_task_queue(queue)
+        self._paused = wanted
+
+
+class MetricsServer(bootsteps.StartStopStep):
+    """Serves Prometheus metrics from the worker's main process."""
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self._worker = parent
+        self._server: Any = None
+
+    def start(self, parent: Any) -> None:
+        settings = _settings(parent)
+        if not settings.metrics_port:
+            return
+        from worker.metrics import exposition_registry, serve_metrics
+        from worker.views import entity_state_counts
+
+        container = parent.app.coupon_container
+
+        def backlog() -> dict[str, int]:
+            return entity_state_counts(container.engine)
+
+        registry = exposition_registry(container.metrics.registry, backlog)
+        try:
+            self._server = serve_metrics(settings.metrics_port, registry)
+        except OSError as exc:
+            log.error("metrics.unavailable", extra={"port": settings.metrics_port,
+                                                    "error": str(exc)})
+            return
+        log.info("metrics.serving", extra={"port": settings.metrics_port})
+
+    def stop(self, parent: Any) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+
+_MULTIPROC_OWNED: list[str] = []
+
+
+def _prepare_metrics_dir(**_: Any) -> None:
+    """Before the pool forks: give every process one directory for its metric samples."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return
+    path = tempfile.mkdtemp(prefix="coupon-worker-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    _MULTIPROC_OWNED.append(path)
+
+
+def _remove_metrics_dir(**_: Any) -> None:
+    for path in _MULTIPROC_OWNED:
+        shutil.rmtree(path, ignore_errors=True)
+    _MULTIPROC_OWNED.clear()
+
+
+def _setup_logging(**_: Any) -> None:
+    """Celery leaves logging alone when this signal has a receiver: ours is structured."""
+    from worker.config import load_settings
+    from worker.logs import configure_logging
+
+    settings = load_settings()
+    configure_logging(settings.log_level, settings.log_format)
+
+
+def install(app: Celery) -> None:
+    """Add the steps and signal handlers to ``app``."""
+    app.steps["consumer"].add(EventsBridge)
+    app.steps["consumer"].add(ConsumptionGuard)
+    app.steps["worker"].add(Sweeper)
+    app.steps["worker"].add(MetricsServer)
+    signals.worker_init.connect(_prepare_metrics_dir, weak=False)
+    signals.setup_logging.connect(_setup_logging, weak=False)
+    signals.worker_shutdown.connect(_remove_metrics_dir, weak=False)

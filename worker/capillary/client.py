@@ -1,0 +1,453 @@
+"""The real Capillary client: pooled HTTP, timeouts, auth, and answers turned into verdicts.
+
+Every call is measured and returns a ``CallInfo`` with Capillary's ``X-Cap-Requestid`` so the
+ledger can store it. Transport failures are classified by whether the request can have reached
+the server: a refused connection is retryable, a read timeout or a reset is ambiguous.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import NewConnectionError
+
+from worker.capillary.api import (
+    BulkIssueResult,
+    CallInfo,
+    EntryOutcome,
+    FoundCoupon,
+    ReadBack,
+)
+from worker.capillary.auth import BasicAuth, CapillaryAuth, OAuthTokens
+from worker.config import Settings
+from worker.domain import (
+    Coupon,
+    EntryError,
+    Verdict,
+    classify_entry_error,
+    classify_http_status,
+)
+from worker.errors import Ambiguous, CapillaryError, Outage, Permanent, Retryable
+
+log = logging.getLogger(__name__)
+
+BULK_ISSUE_PATH = "/v2/coupon/bulk/issue"
+COUPON_READ_PATH = "/v2/coupon"
+CUSTOMER_COUPONS_V11_PATH = "/v1.1/customer/coupons"
+REQUEST_ID_HEADER = "X-Cap-Requestid"
+MAX_RETRY_AFTER_S = 3600.0
+_CUSTOMER_V11_PARAMS = {"mobile": "mobile", "email": "email", "externalId": "external_id"}
+
+
+def parse_timestamp(value: object) -> datetime | None:
+    """An ISO-8601 timestamp as an aware datetime; a value without zone is taken as UTC."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace(" ", "T", 1))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _decimal(value: object) -> Decimal | None:
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        return Decimal(str(value))
+    except InvalidOperation:
+        return None
+
+
+def _int_or_none(value: object) -> int | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        return int(str(value))
+    except ValueError:
+        return None
+
+
+def parse_coupon(result: dict[str, Any], series_id: int) -> Coupon:
+    """A coupon from a bulk-issue ``result`` object."""
+    return Coupon(
+        code=str(result["code"]),
+        series_id=_int_or_none(result.get("seriesId")) or series_id,
+        capillary_id=_int_or_none(result.get("id")),
+        description=result.get("description"),
+        discount_code=result.get("discountCode"),
+        discount_type=result.get("discountType"),
+        discount_value=_decimal(result.get("discountValue")),
+        discount_upto=_decimal(result.get("discountUpto")),
+        discount_on=result.get("discountOn"),
+        valid_till=parse_timestamp(result.get("validTill")),
+        valid_till_date_time=parse_timestamp(result.get("validTillDateTime")),
+        raw=result,
+    )
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta seconds or an HTTP date)."""
+    if not value:
+        return None
+    try:
+        return min(max(float(value), 0.0), MAX_RETRY_AFTER_S)
+    except ValueError:
+        pass
+    from email.utils import parsedate_to_datetime
+
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    delta = (when - (now or datetime.now(UTC))).total_seconds()
+    return min(max(delta, 0.0), MAX_RETRY_AFTER_S)
+
+
+def parse_bulk_answer(
+    series_ids: list[int], status: int, body: object
+) -> tuple[dict[int, EntryOutcome], bool]:
+    """Per-series outcomes from a bulk-issue answer; the flag says no entry was readable.
+
+    Capillary's status alone is not trusted (200/201/500 all may carry entries): every entry's
+    ``result`` and ``errors`` are read. A requested series missing from an otherwise readable
+    answer is ambiguous, since nothing says whether it was issued.
+    """
+    entries: dict[int, EntryOutcome] = {}
+    rows = body.get("response") if isinstance(body, dict) else None
+    if not isinstance(rows, list):
+        return entries, True
+    for row in rows:
+        if not isinstance(row, dict):
+            continue
+        series_id = _int_or_none(row.get("entityId"))
+        if series_id is None or series_id not in series_ids or series_id in entries:
+            continue
+        errors = row.get("errors") or []
+        result = row.get("result")
+        if isinstance(result, dict) and result.get("code") and not errors:
+            entries[series_id] = EntryOutcome(
+                series_id, Verdict.ISSUED, coupon=parse_coupon(result, series_id)
+            )
+            continue
+        first = errors[0] if errors and isinstance(errors[0], dict) else {}
+        code = _int_or_none(first.get("code"))
+        message = str(first.get("message") or "no error message")
+        verdict = classify_entry_error(code, message)
+        if isinstance(result, dict) and result.get("code"):
+            # A coupon came back *with* errors: it exists, whatever the errors say.
+            entries[series_id] = EntryOutcome(
+                series_id, Verdict.ISSUED, coupon=parse_coupon(result, series_id)
+            )
+            continue
+        entries[series_id] = EntryOutcome(
+            series_id,
+            verdict,
+            error=EntryError(code=str(code) if code is not None else f"http_{status}",
+                             message=message, verdict=verdict),
+        )
+    for series_id in series_ids:
+        if series_id not in entries:
+            entries[series_id] = EntryOutcome(
+                series_id,
+                Verdict.AMBIGUOUS,
+                error=EntryError("missing_entry", "answer has no entry for this series",
+                                 Verdict.AMBIGUOUS),
+            )
+    return entries, False
+
+
+def _transport_failure(exc: requests.RequestException) -> tuple[Verdict, str, str]:
+    """Verdict, error code and message for a call that got no HTTP answer."""
+    if isinstance(exc, requests.ConnectTimeout):
+        return Verdict.RETRYABLE, "connect_timeout", "connect timed out; request not sent"
+    if isinstance(exc, requests.ReadTimeout):
+        return Verdict.AMBIGUOUS, "read_timeout", "no answer within the read timeout"
+    if isinstance(exc, requests.exceptions.SSLError):
+        return Verdict.RETRYABLE, "tls_error", "TLS handshake failed; request not sent"
+    if isinstance(exc, requests.ConnectionError):
+        reason = exc.args[0] if exc.args else None
+        inner = getattr(reason, "reason", None)
+        if isinstance(reason, NewConnectionError) or isinstance(inner, NewConnectionError):
+            return Verdict.RETRYABLE, "connection_refused", "could not connect; request not sent"
+        return Verdict.AMBIGUOUS, "connection_reset", "connection dropped after sending"
+    return Verdict.AMBIGUOUS, "transport_error", f"{type(exc).__name__} after sending"
+
+
+def build_auth(
+    settings: Settings, session_factory: Callable[[], requests.Session]
+) -> CapillaryAuth:
+    """The auth hook chosen by the settings."""
+    scheme = settings.require_capillary_credentials()
+    if scheme == "oauth":
+        assert settings.capillary_oauth_key is not None
+        assert settings.capillary_oauth_secret is not None
+        return OAuthTokens(
+            settings.capillary_base_url,
+            settings.capillary_oauth_key,
+            settings.capillary_oauth_secret,
+            session_factory=session_factory,
+            timeout_s=(settings.http_connect_timeout_s, settings.http_timeout_s),
+        )
+    assert settings.capillary_username is not None
+    assert settings.capillary_password is not None
+    return BasicAuth(settings.capillary_username, settings.capillary_password)
+
+
+class CapillaryClient:
+    """The ``CouponApi`` over HTTP. One per process; safe to share between threads."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        auth: CapillaryAuth | None = None,
+        connect_timeout_s: float = 3.05,
+        read_timeout_s: float = 10.0,
+        pool_size: int = 10,
+        source: str | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._timeout_s = (connect_timeout_s, read_timeout_s)
+        self._pool_size = pool_size
+        self._source = source
+        self._clock = clock
+        self._local = threading.local()
+        self.auth: CapillaryAuth | None = auth
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> CapillaryClient:
+        client = cls(
+            settings.capillary_base_url,
+            connect_timeout_s=settings.http_connect_timeout_s,
+            read_timeout_s=settings.http_timeout_s,
+            pool_size=settings.http_pool_size,
+            source=settings.capillary_source,
+        )
+        client.auth = build_auth(settings, client.session)
+        return client
+
+    def session(self) -> requests.Session:
+        """This thread's pooled session (requests sessions are not shared across threads)."""
+        session: requests.Session | None = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            # No automatic retries: re-sending a POST that may have issued a coupon is exactly
+            # what must never happen blindly.
+            adapter = HTTPAdapter(
+                pool_connections=1, pool_maxsize=self._pool_size, max_retries=0
+            )
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            session.headers["User-Agent"] = "coupon-worker"
+            self._local.session = session
+        return session
+
+    def close(self) -> None:
+        session: requests.Session | None = getattr(self._local, "session", None)
+        if session is not None:
+            session.close()
+            self._local.session = None
+
+    # -- the raw call --------------------------------------------------------------------
+
+    def _send(
+        self, method: str, path: str, *, operation: str, **kwargs: Any
+    ) -> tuple[requests.Response | None, CallInfo]:
+        """One HTTP call, renewing an OAuth token once on 401. Never raises for transport."""
+        started = self._clock()
+        t0 = time.perf_counter()
+        renewed = False
+        while True:
+            try:
+                response = self.session().request(
+                    method, self.base_url + path, auth=self.auth, timeout=self._timeout_s,
+                    **kwargs,
+                )
+            except CapillaryError as exc:  # from the token hook
+                verdict = Verdict.OUTAGE if isinstance(exc, Outage) else Verdict.RETRYABLE
+                return None, CallInfo(
+                    operation, started, (time.perf_counter() - t0) * 1000, exc.status,
+                    exc.request_id, verdict.value, "auth_token", exc.message,
+                )
+            except requests.RequestException as exc:
+                verdict, code, message = _transport_failure(exc)
+                return None, CallInfo(
+                    operation, started, (time.perf_counter() - t0) * 1000, None, None,
+                    verdict.value, code, message,
+                )
+            if response.status_code == 401 and self.auth is not None and self.auth.renewable \
+                    and not renewed:
+                log.warning("capillary.auth_renew", extra={"request_id": response.headers.get(
+                    REQUEST_ID_HEADER), "operation": operation})
+                self.auth.invalidate()
+                renewed = True
+                continue
+            latency_ms = (time.perf_counter() - t0) * 1000
+            return response, CallInfo(
+                operation, started, latency_ms, response.status_code,
+                response.headers.get(REQUEST_ID_HEADER), "answered",
+            )
+
+    # -- bulk issue ----------------------------------------------------------------------
+
+    def bulk_issue(
+        self, customer: dict[str, str], series_ids: list[int], metadata: dict[str, str]
+    ) -> BulkIssueResult:
+        body = {"seriesIds": series_ids, "customer": customer, "metadata": metadata}
+        params = {"source": self._source} if self._source else None
+        response, call = self._send(
+            "POST", BULK_ISSUE_PATH, operation="bulk_issue", json=body, params=params
+        )
+        if response is None:
+            verdict = Verdict(call.outcome)
+            error = EntryError(call.error_code or "transport_error",
+                               call.error_message or "", verdict)
+            return BulkIssueResult(
+                call=call,
+                entries={s: EntryOutcome(s, verdict, error=error) for s in series_ids},
+                call_level_failure=True,
+            )
+        payload: object = None
+        if response.content:
+            try:
+                payload = response.json()
+            except ValueError:
+                payload = None
+        status = response.status_code
+        retry_after_s = parse_retry_after(response.headers.get("Retry-After"))
+        entries: dict[int, EntryOutcome] = {}
+        unreadable = True
+        if status in (200, 201) or (status == 500 and payload is not None):
+            entries, unreadable = parse_bulk_answer(series_ids, status, payload)
+        if unreadable:
+            verdict = classify_http_status(status, has_json_body=payload is not None)
+            if status in (200, 201):
+                verdict = Verdict.AMBIGUOUS  # success status, unreadable body: may have issued
+            message = _error_message(payload) or f"HTTP {status}"
+            error = EntryError(f"http_{status}", message, verdict)
+            entries = {s: EntryOutcome(s, verdict, error=error) for s in series_ids}
+        outcome = _summarise(entries)
+        first_error = next((e.error for e in entries.values() if e.error), None)
+        call = CallInfo(
+            call.operation, call.started_at, call.latency_ms, status, call.request_id, outcome,
+            first_error.code if first_error else None,
+            first_error.message if first_error else None,
+        )
+        return BulkIssueResult(
+            call=call, entries=entries, retry_after_s=retry_after_s,
+            call_level_failure=unreadable,
+        )
+
+    # -- read-back -----------------------------------------------------------------------
+
+    def find_coupons(
+        self, customer: dict[str, str], series_id: int, since: datetime
+    ) -> ReadBack:
+        customer_id = customer.get("id") or self._resolve_customer_id(customer, series_id, since)
+        if customer_id is None:
+            return ReadBack(
+                call=CallInfo("read_back", self._clock(), 0.0, None, None, "not_found"),
+                coupons=(),
+            )
+        response, call = self._send(
+            "GET", COUPON_READ_PATH, operation="read_back",
+            params={"issuedToIds": customer_id, "includeIssualDetails": "true",
+                    "seriesId": str(series_id)},
+        )
+        data = self._json_or_raise(response, call)
+        rows = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(rows, list):
+            raise Ambiguous("read-back answer has no data list", status=call.status,
+                            request_id=call.request_id)
+        found = []
+        for row in rows:
+            if not isinstance(row, dict) or _int_or_none(row.get("seriesId")) != series_id:
+                continue
+            created = parse_timestamp(row.get("issuedDate") or row.get("createdDate"))
+            if created is not None and created < since:
+                continue
+            found.append(
+                FoundCoupon(
+                    coupon=parse_coupon(row, series_id),
+                    created_at=created,
+                    issual_details=row.get("couponIssualDetails") or {},
+                )
+            )
+        return ReadBack(call=call, coupons=tuple(found))
+
+    def _resolve_customer_id(
+        self, customer: dict[str, str], series_id: int, since: datetime
+    ) -> str | None:
+        """The customer's id from the v1.1 read-back, for events naming mobile/email/externalId."""
+        params = {
+            _CUSTOMER_V11_PARAMS[name]: value
+            for name, value in customer.items() if name in _CUSTOMER_V11_PARAMS
+        }
+        params.update({"series_id": str(series_id), "order_by": "created_date",
+                       "start_date": (since - timedelta(days=1)).date().isoformat()})
+        response, call = self._send(
+            "GET", CUSTOMER_COUPONS_V11_PATH, operation="read_back", params=params
+        )
+        data = self._json_or_raise(response, call)
+        try:
+            customers = data["response"]["customers"]["customer"]
+        except (KeyError, TypeError):
+            return None
+        for row in customers if isinstance(customers, list) else []:
+            if isinstance(row, dict) and row.get("id"):
+                return str(row["id"])
+        return None
+
+    @staticmethod
+    def _json_or_raise(response: requests.Response | None, call: CallInfo) -> Any:
+        if response is None:
+            verdict = Verdict(call.outcome)
+            error_cls: type[CapillaryError] = Ambiguous
+            if verdict is Verdict.RETRYABLE:
+                error_cls = Retryable
+            elif verdict is Verdict.OUTAGE:
+                error_cls = Outage
+            raise error_cls(call.error_message or "read-back failed", request_id=call.request_id)
+        if response.status_code in (401, 403):
+            raise Outage(f"read-back answered {response.status_code}",
+                         status=response.status_code, request_id=call.request_id)
+        if response.status_code == 429:
+            raise Retryable("read-back rate limited", status=429, request_id=call.request_id,
+                            retry_after_s=parse_retry_after(response.headers.get("Retry-After")))
+        if response.status_code >= 400:
+            cls = Permanent if 400 <= response.status_code < 500 else Retryable
+            raise cls(f"read-back answered {response.status_code}",
+                      status=response.status_code, request_id=call.request_id)
+        try:
+            return response.json()
+        except ValueError:
+            raise Ambiguous("read-back answered an unreadable body",
+                            request_id=call.request_id) from None
+
+
+def _error_message(payload: object) -> str | None:
+    if not isinstance(payload, dict):
+        return None
+    errors = payload.get("errors")
+    if isinstance(errors, list) and errors and isinstance(errors[0], dict):
+        return str(errors[0].get("message") or "")
+    return None
+
+
+def _summarise(entries: dict[int, EntryOutcome]) -> str:
+    verdicts = {e.verdict for e in entries.values()}
+    if verdicts == {Verdict.ISSUED}:
+        return "issued"
+    if Verdict.ISSUED in verdicts:
+        return "partial"
+    return "+".join(sorted(v.value for v in verdicts))

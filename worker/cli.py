@@ -1,0 +1,257 @@
+"""The ``coupon-worker`` command line.
+
+    coupon-worker migrate                 create the database if needed, upgrade to head
+    coupon-worker worker                  run a Celery worker (tasks, bridge, sweeper, metrics)
+    coupon-worker publish FILE|-          publish one event or a JSON-lines file of events
+    coupon-worker events show EVENT_ID    an event's entities, attempts, errors and coupons
+    coupon-worker sandbox                 run the sandbox Capillary server
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+from rich.console import Console
+
+from worker.config import DEFAULT_SANDBOX_PORT, Settings, load_settings
+from worker.errors import ConfigurationError, EventRejected, NotFound, WorkerError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    sys.exit(code)
+
+
+def settings_or_exit() -> Settings:
+    try:
+        return load_settings()
+    except ConfigurationError as exc:
+        fail(str(exc), 2)
+
+
+def print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="coupon-worker")
+def main() -> None:
+    """Issue loyalty coupons through Capillary's bulk-issue API, exactly once."""
+
+
+# -- migrate -------------------------------------------------------------------------------
+
+
+@main.command()
+def migrate() -> None:
+    """Create the ledger database if it is missing, then upgrade it to the latest schema."""
+    from worker.ledger.migrate import current_revision, ensure_database, upgrade
+    from worker.logs import configure_logging
+
+    settings = settings_or_exit()
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        created = ensure_database(settings.database_url)
+        upgrade(settings.database_url)
+        revision = current_revision(settings.database_url)
+    except WorkerError as exc:
+        fail(str(exc))
+    where = settings.safe_summary()["database"]
+    console.print(
+        f"{'created and ' if created else ''}migrated {where} to revision {revision}",
+        highlight=False,
+    )
+
+
+# -- worker --------------------------------------------------------------------------------
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--concurrency", "-c", type=int, default=None,
+              help="Worker processes/threads (default: COUPONS_WORKER_CONCURRENCY or CPUs).")
+@click.option("--pool", "-P", type=click.Choice(["prefork", "threads", "solo"]),
+              default="prefork", show_default=True)
+@click.option("--hostname", "-n", default=None, help="Node name, e.g. coupons1@%h.")
+@click.option("--no-sweeper", is_flag=True,
+              help="Do not run the periodic sweeper in this worker (another one does).")
+@click.pass_context
+def worker(ctx: click.Context, concurrency: int | None, pool: str, hostname: str | None,
+           no_sweeper: bool) -> None:
+    """Run a Celery worker: consumes events, retries, and runs the sweeper and metrics.
+
+    Extra options are passed to ``celery worker`` as they are.
+    """
+    import os
+
+    settings = settings_or_exit()
+    if no_sweeper:
+        os.environ["COUPONS_RUN_SWEEPER"] = "false"
+    try:
+        settings.require_capillary_credentials()
+    except ConfigurationError as exc:
+        fail(str(exc), 2)
+    from worker.celery_app import app
+
+    argv = ["worker", f"--pool={pool}", "--without-gossip", "--without-mingle",
+            f"--loglevel={settings.log_level}"]
+    if concurrency or settings.worker_concurrency:
+        argv.append(f"--concurrency={concurrency or settings.worker_concurrency}")
+    if hostname:
+        argv.append(f"--hostname={hostname}")
+    argv.extend(ctx.args)
+    app.worker_main(argv)
+
+
+# -- publish -------------------------------------------------------------------------------
+
+
+def _read_lines(source: str) -> Iterator[tuple[int, str]]:
+    stream = sys.stdin if source == "-" else Path(source).open(encoding="utf-8")  # noqa: SIM115
+    try:
+        text = stream.read()
+    finally:
+        if stream is not sys.stdin:
+            stream.close()
+    stripped = text.strip()
+    if stripped.startswith("{") and "\n" in stripped:
+        # One pretty-printed JSON object rather than JSON lines?
+        try:
+            json.loads(stripped)
+        except ValueError:
+            pass
+        else:
+            yield 1, stripped
+            return
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            yield number, line
+
+
+@main.command()
+@click.argument("source", metavar="FILE|-")
+@click.option("--via", type=click.Choice(["bus", "task"]), default="bus", show_default=True,
+              help="bus: plain JSON on the events queue; task: the coupons.issue Celery task.")
+@click.option("--no-validate", is_flag=True,
+              help="Publish lines as they are, even invalid ones (the worker records them).")
+@click.option("--repeat", type=int, default=1, show_default=True,
+              help="Publish each event this many times (to see duplicates suppressed).")
+def publish(source: str, via: str, no_validate: bool, repeat: int) -> None:
+    """Publish one event (a JSON object) or a JSON-lines file of events."""
+    from worker.broker.publisher import EventProducer
+    from worker.events import parse_event_bytes
+
+    settings = settings_or_exit()
+    lines = list(_read_lines(source))
+    if not lines:
+        fail("no events to publish")
+    published = invalid = 0
+    try:
+        with EventProducer.open(settings) as producer:
+            for number, line in lines:
+                body = line.encode("utf-8")
+                if not no_validate:
+                    try:
+                        event = parse_event_bytes(body, max_bytes=settings.max_event_bytes)
+                    except EventRejected as exc:
+                        err_console.print(f"line {number}: not published: {exc.reason}",
+                                          highlight=False)
+                        invalid += 1
+                        continue
+                    data: Any = event.to_message()
+                else:
+                    data = None
+                for _ in range(repeat):
+                    if via == "bus":
+                        producer.publish_raw(body)
+                    else:
+                        producer.publish_event(data if data is not None else json.loads(line),
+                                               via="task")
+                    published += 1
+    except WorkerError as exc:
+        fail(str(exc))
+    console.print(f"published {published} message(s) to "
+                  f"{settings.events_queue if via == 'bus' else settings.tasks_queue}"
+                  + (f"; {invalid} invalid line(s) skipped" if invalid else ""),
+                  highlight=False)
+    if invalid:
+        sys.exit(1)
+
+
+# -- events --------------------------------------------------------------------------------
+
+
+@main.group()
+def events() -> None:
+    """Inspect events in the ledger."""
+
+
+@events.command("show")
+@click.argument("event_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def events_show(event_id: str, as_json: bool) -> None:
+    """Show an event: its entities, attempts, errors and coupons."""
+    from worker.ledger.unit_of_work import make_engine
+    from worker.views import event_story
+
+    settings = settings_or_exit()
+    engine = make_engine(settings.database_url, pool_size=1)
+    try:
+        story = event_story(engine, event_id)
+    except NotFound as exc:
+        fail(str(exc), 3)
+    except Exception as exc:  # noqa: BLE001 - a CLI reports, it does not crash
+        fail(f"cannot read the ledger: {exc}")
+    finally:
+        engine.dispose()
+    if as_json:
+        print_json(story)
+        return
+    from worker.render import render_event
+
+    render_event(console, story)
+
+
+# -- sandbox -------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=DEFAULT_SANDBOX_PORT, show_default=True,
+              help="0 picks a free port (printed on start).")
+@click.option("--scenario", type=click.Path(exists=True, dir_okay=False),
+              help="Scenario JSON: series behaviours, unknown customers, config.")
+@click.option("--latency", "latency_s", type=float, default=0.0, show_default=True,
+              help="Seconds added to every Capillary call.")
+@click.option("--rate-limit-per-minute", type=int, default=None,
+              help="Answer 429 beyond this many calls per minute per API key.")
+@click.option("--token-ttl", "token_ttl_s", type=int, default=300, show_default=True)
+@click.option("--timezone", default="+00:00", show_default=True,
+              help="The server's zone for validTill, e.g. +05:30.")
+@click.option("--strict-series", is_flag=True, help="Unconfigured series answer 707.")
+def sandbox(host: str, port: int, scenario: str | None, latency_s: float,
+            rate_limit_per_minute: int | None, token_ttl_s: int, timezone: str,
+            strict_series: bool) -> None:
+    """Run the sandbox Capillary server (Basic: store.server/server123, OAuth: demo-key)."""
+    from worker.sandbox import SandboxOptions, load_scenario, run
+
+    options = SandboxOptions(
+        token_ttl_seconds=token_ttl_s,
+        latency_seconds=latency_s,
+        rate_limit_per_minute=rate_limit_per_minute,
+        timezone=timezone,
+        strict_series=strict_series,
+        scenario=load_scenario(scenario) if scenario else None,
+    )
+    run(host, port, options)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""Settings from the environment (and an optional ``.env``), validated once at start.
+
+Every variable, its default and meaning is listed in the README's configuration table; the
+names are shared with other tools, so they are part of the public surface. Nothing here opens a
+connection: ``load_settings()`` only reads the environment.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from functools import cached_property
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from worker.errors import ConfigurationError
+
+DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/coupon_worker"
+DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672//"
+DEFAULT_SANDBOX_PORT = 8750
+DEFAULT_CAPILLARY_BASE_URL = f"http://127.0.0.1:{DEFAULT_SANDBOX_PORT}"
+
+AuthScheme = Literal["basic", "oauth"]
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Settings(BaseSettings):
+    """The worker's whole configuration. Frozen: build a new one to change anything."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        frozen=True,
+        populate_by_name=True,
+    )
+
+    database_url: str = Field(DEFAULT_DATABASE_URL, validation_alias="COUPONS_DATABASE_URL")
+    broker_url: str = Field(DEFAULT_BROKER_URL, validation_alias="COUPONS_BROKER_URL")
+
+    capillary_base_url: str = Field(
+        DEFAULT_CAPILLARY_BASE_URL, validation_alias="CAPILLARY_BASE_URL"
+    )
+    capillary_username: str | None = Field(None, validation_alias="CAPILLARY_USERNAME")
+    capillary_password: SecretStr | None = Field(None, validation_alias="CAPILLARY_PASSWORD")
+    capillary_oauth_key: str | None = Field(None, validation_alias="CAPILLARY_OAUTH_KEY")
+    capillary_oauth_secret: SecretStr | None = Field(
+        None, validation_alias="CAPILLARY_OAUTH_SECRET"
+    )
+    capillary_source: str | None = Field(None, validation_alias="CAPILLARY_SOURCE")
+
+    http_timeout_s: float = Field(10.0, gt=0, validation_alias="COUPONS_HTTP_TIMEOUT_SECONDS")
+    http_connect_timeout_s: float = Field(
+        3.05, gt=0, validation_alias="COUPONS_HTTP_CONNECT_TIMEOUT_SECONDS"
+    )
+    http_pool_size: int = Field(10, ge=1, validation_alias="COUPONS_HTTP_POOL_SIZE")
+
+    events_queue: str = Field(
+        "coupons.events", min_length=1, validation_alias="COUPONS_EVENTS_QUEUE")
+    tasks_queue: str = Field("coupons.tasks", min_length=1, validation_alias="COUPONS_TASKS_QUEUE")
+    retry_queue: str = Field("coupons.retry", min_length=1, validation_alias="COUPONS_RETRY_QUEUE")
+    dead_queue: str = Field("coupons.dead", min_length=1, validation_alias="COUPONS_DEAD_QUEUE")
+    dead_queue_max_length: int = Field(
+        100_000, ge=1, validation_alias="COUPONS_DEAD_QUEUE_MAX_LENGTH"
+    )
+    max_event_bytes: int = Field(65_536, ge=1024, validation_alias="COUPONS_MAX_EVENT_BYTES")
+
+    max_attempts: int = Field(8, ge=1, validation_alias="COUPONS_MAX_ATTEMPTS")
+    retry_base_s: float = Field(2.0, gt=0, validation_alias="COUPONS_RETRY_BASE_SECONDS")
+    retry_max_s: float = Field(900.0, gt=0, validation_alias="COUPONS_RETRY_MAX_SECONDS")
+    reconcile_delay_s: float = Field(
+        2.0, ge=0, validation_alias="COUPONS_RECONCILE_DELAY_SECONDS"
+    )
+    lease_s: float = Field(120.0, gt=0, validation_alias="COUPONS_LEASE_SECONDS")
+    run_sweeper: bool = Field(True, validation_alias="COUPONS_RUN_SWEEPER")
+    sweep_interval_s: float = Field(1.0, gt=0, validation_alias="COUPONS_SWEEP_INTERVAL_SECONDS")
+    requeue_after_s: float = Field(300.0, gt=0, validation_alias="COUPONS_REQUEUE_AFTER_SECONDS")
+
+    circuit_failure_threshold: int = Field(
+        5, ge=1, validation_alias="COUPONS_CIRCUIT_FAILURE_THRESHOLD"
+    )
+    circuit_open_s: float = Field(30.0, gt=0, validation_alias="COUPONS_CIRCUIT_OPEN_SECONDS")
+
+    rate_limit_per_minute: int | None = Field(
+        None, ge=1, validation_alias="COUPONS_RATE_LIMIT_PER_MINUTE"
+    )
+    rate_limit_burst: int | None = Field(None, ge=1, validation_alias="COUPONS_RATE_LIMIT_BURST")
+    rate_limit_max_wait_s: float = Field(
+        30.0, gt=0, validation_alias="COUPONS_RATE_LIMIT_MAX_WAIT_SECONDS"
+    )
+
+    worker_concurrency: int | None = Field(
+        None, ge=1, validation_alias="COUPONS_WORKER_CONCURRENCY"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", validation_alias="COUPONS_LOG_LEVEL"
+    )
+    log_format: Literal["kv", "json"] = Field("kv", validation_alias="COUPONS_LOG_FORMAT")
+    metrics_port: int = Field(9808, ge=0, le=65535, validation_alias="COUPONS_METRICS_PORT")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("capillary_base_url")
+    @classmethod
+    def _https_unless_loopback(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http(s) URL with a host, e.g. https://eu.api.capillarytech.com")
+        if parts.scheme == "http" and not _is_loopback(parts.hostname):
+            raise ValueError(
+                "plain http:// is refused for a non-loopback host: credentials would travel "
+                "in clear text; use https://"
+            )
+        return value.rstrip("/")
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_only(cls, value: str) -> str:
+        if not value.startswith(("postgresql", "postgres://")):
+            raise ValueError("must be a PostgreSQL URL, e.g. postgresql+psycopg://user@host/db")
+        if value.startswith("postgres://"):
+            value = "postgresql+psycopg://" + value.removeprefix("postgres://")
+        elif value.startswith("postgresql://"):
+            value = "postgresql+psycopg://" + value.removeprefix("postgresql://")
+        return value
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Settings:
+        has_basic = self.capillary_username is not None or self.capillary_password is not None
+        has_oauth = self.capillary_oauth_key is not None or self.capillary_oauth_secret is not None
+        if has_basic and has_oauth:
+            raise ValueError(
+                "set either CAPILLARY_USERNAME + CAPILLARY_PASSWORD (Basic) or "
+                "CAPILLARY_OAUTH_KEY + CAPILLARY_OAUTH_SECRET (OAuth), not both"
+            )
+        if has_basic and (self.capillary_username is None or self.capillary_password is None):
+            raise ValueError("Basic auth needs both CAPILLARY_USERNAME and CAPILLARY_PASSWORD")
+        if has_oauth and (self.capillary_oauth_key is None or self.capillary_oauth_secret is None):
+            raise ValueError("OAuth needs both CAPILLARY_OAUTH_KEY and CAPILLARY_OAUTH_SECRET")
+        if self.retry_max_s < self.retry_base_s:
+            raise ValueError("COUPONS_RETRY_MAX_SECONDS must be >= COUPONS_RETRY_BASE_SECONDS")
+        one_call_s = self.http_connect_timeout_s + self.http_timeout_s
+        minimum_lease_s = 3 * one_call_s + self.rate_limit_max_wait_s
+        if self.lease_s < minimum_lease_s:
+            # A task may read back (reconcile) and then issue, each bounded by the timeouts,
+            # after waiting for the rate limiter; its claim must outlive all of that, or a
+            # live call could be mistaken for a crashed one and reconciled concurrently.
+            raise ValueError(
+                "COUPONS_LEASE_SECONDS must be at least 3 x (connect + read timeout) + "
+                f"COUPONS_RATE_LIMIT_MAX_WAIT_SECONDS = {minimum_lease_s:g}"
+            )
+        return self
+
+    @property
+    def auth_scheme(self) -> AuthScheme | None:
+        """Which Capillary auth the credentials select, or None when none are set."""
+        if self.capillary_oauth_key is not None:
+            return "oauth"
+        if self.capillary_username is not None:
+            return "basic"
+        return None
+
+    def require_capillary_credentials(self) -> AuthScheme:
+        """The auth scheme, or a clear error for commands that must call Capillary."""
+        scheme = self.auth_scheme
+        if scheme is None:
+            raise ConfigurationError(
+                "no Capillary credentials: set CAPILLARY_USERNAME + CAPILLARY_PASSWORD (Basic) "
+                "or CAPILLARY_OAUTH_KEY + CAPILLARY_OAUTH_SECRET (OAuth)"
+            )
+        return scheme
+
+    @cached_property
+    def task_hard_time_limit_s(self) -> float:
+        """A task is killed before its claim expires, so an expired lease means a dead task."""
+        return max(self.lease_s - 5.0, 1.0)
+
+    def safe_summary(self) -> dict[str, object]:
+        """What the settings say, with every password and secret hidden: safe to log."""
+        from kombu.utils.url import maybe_sanitize_url
+        from sqlalchemy.engine import make_url
+
+        return {
+            "database": make_url(self.database_url).render_as_string(hide_password=True),
+            "broker": maybe_sanitize_url(self.broker_url),
+            "capillary": self.capillary_base_url,
+            "auth": self.auth_scheme or "none",
+            "queues": [self.events_queue, self.tasks_queue, self.retry_queue, self.dead_queue],
+            "max_attempts": self.max_attempts,
+            "rate_limit_per_minute": self.rate_limit_per_minute,
+        }
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read and validate the settings; a bad value raises ConfigurationError naming it.
+
+    ``COUPONS_ENV_FILE`` names the optional dotenv file (default ``.env``; empty for none).
+    """
+    env_file = os.environ.get("COUPONS_ENV_FILE", ".env") or None
+    try:
+        return Settings(_env_file=env_file, **overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error["loc"]) or "settings"
+            problems.append(f"{where}: {error['msg']}")
+        raise ConfigurationError("invalid configuration:\n  " + "\n  ".join(problems)) from None

@@ -1,0 +1,144 @@
+"""Pure rules: entity states, what Capillary's answers mean, and the worker's own reference.
+
+No I/O here. An *entity* is one customer x one coupon series of one event: the unit that is
+issued, retried, dead-lettered and replayed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from enum import StrEnum
+from typing import Any
+
+
+class EntityState(StrEnum):
+    """Where one entity stands. Only ``issued``, ``dead`` and ``discarded`` are at rest."""
+
+    PENDING = "pending"  # known, never attempted
+    IN_FLIGHT = "in_flight"  # claimed by a worker that is calling Capillary (has a lease)
+    RETRY_WAIT = "retry_wait"  # waits in the ledger until next_attempt_at
+    QUEUED = "queued"  # due, and a message for it is on the retry queue
+    ISSUED = "issued"
+    DEAD = "dead"  # needs a person: replay or discard
+    DISCARDED = "discarded"  # closed by a person without issuing
+
+
+TERMINAL_STATES = frozenset({EntityState.ISSUED, EntityState.DEAD, EntityState.DISCARDED})
+
+
+class EventState(StrEnum):
+    """Summary of an event's entities, kept on the event row for quick listing."""
+
+    PROCESSING = "processing"
+    COMPLETED = "completed"  # every entity issued or discarded
+    FAILED = "failed"  # at rest, with at least one dead entity
+
+
+class Verdict(StrEnum):
+    """What an answer from Capillary (or its absence) means for one entity."""
+
+    ISSUED = "issued"
+    RETRYABLE = "retryable"  # certainly not processed: safe to send again
+    PERMANENT = "permanent"  # refused for good: dead letter
+    AMBIGUOUS = "ambiguous"  # may have been processed: reconcile before sending again
+    OUTAGE = "outage"  # credentials / configuration / service down: pause everything
+
+
+RETRYABLE_CODES = frozenset(
+    {730, 5005, 5006, *range(786, 788), *range(789, 795), *range(796, 799)}
+)
+AMBIGUOUS_CODES = frozenset({748})
+OUTAGE_CODES = frozenset({777, 788, 795, 799})
+TRY_AGAIN_CODES = frozenset({722})
+
+
+def classify_entry_error(code: int | None, message: str = "") -> Verdict:
+    """The verdict for one ``errors[]`` entry of a bulk-issue answer.
+
+    Codes follow the coupon error table of the API summary; a code we do not know is
+    permanent, so that a person looks at it instead of the worker hammering the API.
+    """
+    if code is None:
+        return Verdict.PERMANENT
+    if code in OUTAGE_CODES:
+        return Verdict.OUTAGE
+    if code in AMBIGUOUS_CODES:
+        return Verdict.AMBIGUOUS
+    if code in RETRYABLE_CODES:
+        return Verdict.RETRYABLE
+    if code in TRY_AGAIN_CODES and "try again" in message.lower():
+        return Verdict.RETRYABLE
+    return Verdict.PERMANENT
+
+
+def classify_http_status(status: int, *, has_json_body: bool) -> Verdict:
+    """The verdict for a whole call whose answer carries no per-series entries."""
+    if status in (401, 403):
+        return Verdict.OUTAGE
+    if status in (429, 521):
+        return Verdict.RETRYABLE
+    if status >= 500:
+        # A JSON error body means the service answered "failed"; an empty or HTML body
+        # (a proxy, a crash after the write) says nothing about whether it issued.
+        return Verdict.RETRYABLE if has_json_body else Verdict.AMBIGUOUS
+    if 400 <= status < 500:
+        return Verdict.PERMANENT
+    return Verdict.AMBIGUOUS
+
+
+@dataclass(frozen=True)
+class Coupon:
+    """One coupon as Capillary issued it; timestamps are timezone-aware."""
+
+    code: str
+    series_id: int
+    capillary_id: int | None = None
+    description: str | None = None
+    discount_code: str | None = None
+    discount_type: str | None = None
+    discount_value: Decimal | None = None
+    discount_upto: Decimal | None = None
+    discount_on: str | None = None
+    valid_till: datetime | None = None
+    valid_till_date_time: datetime | None = None
+    raw: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class EntryError:
+    """One error of one entry, as Capillary reported it (or as the transport failed)."""
+
+    code: str
+    message: str
+    verdict: Verdict
+
+
+ISSUE_REF_PREFIX = "cw:"
+ISSUE_REF_HEX_CHARS = 16
+
+
+def issue_ref(event_id: str) -> str:
+    """The worker's own reference for an event, sent in the issue metadata.
+
+    Read-back APIs return the metadata stored at issue time, so a coupon carrying this
+    reference (plus the series) is provably ours: that is how an ambiguous call is reconciled.
+    """
+    digest = hashlib.sha256(event_id.encode("utf-8")).hexdigest()[:ISSUE_REF_HEX_CHARS]
+    return f"{ISSUE_REF_PREFIX}{digest}"
+
+
+NOTES_MAX_CHARS = 250
+
+
+def notes_with_ref(notes: str | None, ref: str) -> str:
+    """Append the reference to the caller's notes, shortening them to stay within 250 chars."""
+    suffix = f"[{ref}]"
+    if not notes:
+        return suffix
+    room = NOTES_MAX_CHARS - len(suffix) - 1
+    if len(notes) > room:
+        notes = notes[: room - 1] + "\u2026"
+    return f"{notes} {suffix}"

@@ -1,0 +1,299 @@
+"""An in-memory ``Ledger`` and unit of work, for fast unit tests of the services.
+
+It keeps the same rules as ``SqlLedger`` (what may be claimed, when a claim is lost, which
+outcomes survive a lost claim), and ``tests/integration/test_ledger_contract.py`` runs the same
+scenarios against both so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Self
+
+from worker.domain import TERMINAL_STATES, EntityState, EventState, issue_ref
+from worker.errors import EventRejected
+from worker.events import LoyaltyEvent
+from worker.ledger.records import (
+    CLOSED_CIRCUIT,
+    CircuitState,
+    Claim,
+    ClaimedEntity,
+    DeadLetterRecord,
+    DueEntity,
+    RecordedCall,
+    Transition,
+)
+from worker.ledger.repository import fingerprint
+
+
+@dataclass
+class FakeEntity:
+    id: int
+    event_id: str
+    series_id: int
+    customer_key: str
+    state: EntityState = EntityState.PENDING
+    attempts: int = 0
+    needs_reconcile: bool = False
+    claim_token: str | None = None
+    lease_until: datetime | None = None
+    next_attempt_at: datetime | None = None
+    queued_at: datetime | None = None
+    first_attempt_at: datetime | None = None
+    last_error_code: str | None = None
+    last_error_message: str | None = None
+    last_verdict: str | None = None
+    last_request_id: str | None = None
+    dead_reason: str | None = None
+    dead_at: datetime | None = None
+    dead_published: bool = False
+    history: list[str] = field(default_factory=list)
+
+
+@dataclass
+class FakeState:
+    events: dict[str, dict[str, Any]] = field(default_factory=dict)
+    entities: dict[int, FakeEntity] = field(default_factory=dict)
+    coupons: dict[int, Any] = field(default_factory=dict)
+    calls: list[RecordedCall] = field(default_factory=list)
+    rejections: list[dict[str, Any]] = field(default_factory=list)
+    circuits: dict[str, CircuitState] = field(default_factory=dict)
+    ids: Any = field(default_factory=lambda: itertools.count(1))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> FakeState:
+        clone = FakeState(
+            copy.deepcopy(self.events, memo), copy.deepcopy(self.entities, memo),
+            dict(self.coupons), list(self.calls), list(self.rejections), dict(self.circuits),
+        )
+        clone.ids = self.ids  # ids are never reused, even after a rollback
+        return clone
+
+
+class InMemoryLedger:
+    """The ``Ledger`` protocol over plain dicts."""
+
+    def __init__(self, state: FakeState) -> None:
+        self.state = state
+
+    def _claim_for(self, event_id: str, token: str, claimed: list[ClaimedEntity],
+                   skipped: dict[str, int]) -> Claim:
+        event = self.state.events[event_id]
+        return Claim(event_id, event["customer"], event["customer_key"], event["metadata"],
+                     event["issue_ref"], token, tuple(sorted(claimed, key=lambda c: c.series_id)),
+                     skipped)
+
+    def ingest(self, event: LoyaltyEvent, *, source: str, now: datetime) -> bool:
+        existing = self.state.events.get(event.eventId)
+        if existing is not None:
+            if existing["fingerprint"] != fingerprint(event):
+                raise EventRejected(f"eventId {event.eventId!r} was already used for a different "
+                                    "event", event_id=event.eventId)
+            return False
+        self.state.events[event.eventId] = {
+            "customer": event.customer.as_api(), "customer_key": event.customer.key,
+            "metadata": event.metadata.model_dump(exclude_none=True),
+            "issue_ref": issue_ref(event.eventId), "fingerprint": fingerprint(event),
+            "state": EventState.PROCESSING, "source": source,
+        }
+        for series_id in event.seriesIds:
+            entity_id = next(self.state.ids)
+            self.state.entities[entity_id] = FakeEntity(
+                entity_id, event.eventId, series_id, event.customer.key)
+        return True
+
+    def _take(self, entity: FakeEntity, token: str, now: datetime,
+              lease_until: datetime) -> ClaimedEntity:
+        entity.needs_reconcile = entity.needs_reconcile or entity.state is EntityState.IN_FLIGHT
+        entity.state = EntityState.IN_FLIGHT
+        entity.attempts += 1
+        entity.claim_token = token
+        entity.lease_until = lease_until
+        entity.queued_at = None
+        entity.first_attempt_at = entity.first_attempt_at or now
+        entity.history.append("claimed")
+        return ClaimedEntity(entity.id, entity.series_id, entity.attempts,
+                             entity.needs_reconcile, entity.first_attempt_at)
+
+    @staticmethod
+    def _abandoned(entity: FakeEntity, now: datetime) -> bool:
+        return entity.state is EntityState.IN_FLIGHT and entity.lease_until is not None \
+            and entity.lease_until < now
+
+    def claim_event(self, event_id: str, *, token: str, worker: str, now: datetime,
+                    lease_until: datetime) -> Claim:
+        mine = [e for e in self.state.entities.values() if e.event_id == event_id]
+        claimed = [
+            self._take(e, token, now, lease_until) for e in mine
+            if e.state is EntityState.PENDING or self._abandoned(e, now)
+        ]
+        skipped = {} if claimed else dict(Counter(e.state.value for e in mine))
+        return self._claim_for(event_id, token, claimed, skipped)
+
+    def claim_entity(self, entity_id: int, *, token: str, worker: str, now: datetime,
+                     lease_until: datetime) -> Claim | None:
+        e = self.state.entities.get(entity_id)
+        if e is None:
+            return None
+        due = e.state is EntityState.QUEUED or (
+            e.state is EntityState.RETRY_WAIT and e.next_attempt_at is not None
+            and e.next_attempt_at <= now) or self._abandoned(e, now)
+        if not due:
+            return None
+        return self._claim_for(e.event_id, token, [self._take(e, token, now, lease_until)], {})
+
+    def record(self, claim: Claim, *, calls: Sequence[RecordedCall],
+               transitions: Sequence[Transition], worker: str, now: datetime) -> int:
+        self.state.calls.extend(calls)
+        lost = 0
+        for t in transitions:
+            e = self.state.entities[t.entity_id]
+            issued = t.state is EntityState.ISSUED
+            if not (e.claim_token == claim.token or (issued and e.state is not EntityState.ISSUED)):
+                lost += 1
+                continue
+            e.state = t.state
+            e.claim_token = None
+            e.lease_until = None
+            e.needs_reconcile = t.needs_reconcile
+            e.next_attempt_at = t.next_attempt_at
+            e.last_verdict = t.verdict or e.last_verdict
+            if not issued:
+                e.last_error_code = t.error_code or e.last_error_code
+                e.last_error_message = t.error_message or e.last_error_message
+            e.last_request_id = t.request_id or e.last_request_id
+            e.attempts -= 1 if t.refund_attempt else 0
+            if t.state is EntityState.DEAD:
+                e.dead_reason, e.dead_at, e.dead_published = t.dead_reason, now, False
+            e.history.append(t.kind)
+        for t in transitions:
+            if t.coupon is not None:
+                self.state.coupons.setdefault(t.entity_id, t.coupon)
+        states = [e.state for e in self.state.entities.values() if e.event_id == claim.event_id]
+        event = self.state.events[claim.event_id]
+        if any(s not in TERMINAL_STATES for s in states):
+            event["state"] = EventState.PROCESSING
+        elif EntityState.DEAD in states:
+            event["state"] = EventState.FAILED
+        else:
+            event["state"] = EventState.COMPLETED
+        return lost
+
+    def record_rejection(self, *, raw: bytes, reason: str, source: str,
+                         event_id: str | None, content_type: str | None,
+                         now: datetime) -> int:
+        self.state.rejections.append({"raw": raw, "reason": reason, "source": source,
+                                      "event_id": event_id, "published": False})
+        return len(self.state.rejections)
+
+    def expire_leases(self, *, now: datetime, retry_at: datetime, limit: int) -> list[int]:
+        expired = [e for e in self.state.entities.values() if self._abandoned(e, now)][:limit]
+        for e in expired:
+            e.state, e.needs_reconcile, e.next_attempt_at = EntityState.RETRY_WAIT, True, retry_at
+            e.claim_token, e.lease_until = None, None
+            e.history.append("lease_expired")
+        return [e.id for e in expired]
+
+    def take_due(self, *, now: datetime, limit: int) -> list[DueEntity]:
+        due = sorted(
+            (e for e in self.state.entities.values()
+             if e.state is EntityState.RETRY_WAIT and e.next_attempt_at is not None
+             and e.next_attempt_at <= now),
+            key=lambda e: e.next_attempt_at or now,
+        )[:limit]
+        return [DueEntity(e.id, e.event_id, e.series_id, e.customer_key, e.attempts) for e in due]
+
+    def mark_queued(self, entity_ids: Sequence[int], *, now: datetime) -> None:
+        for entity_id in entity_ids:
+            e = self.state.entities[entity_id]
+            e.state, e.queued_at = EntityState.QUEUED, now
+
+    def requeue_stale(self, *, queued_before: datetime, now: datetime, limit: int) -> int:
+        stale = [e for e in self.state.entities.values()
+                 if e.state is EntityState.QUEUED and e.queued_at and e.queued_at < queued_before]
+        for e in stale[:limit]:
+            e.state, e.next_attempt_at, e.queued_at = EntityState.RETRY_WAIT, now, None
+        return len(stale[:limit])
+
+    def unpublished_dead_letters(self, *, limit: int) -> list[DeadLetterRecord]:
+        records = [
+            DeadLetterRecord("entity", e.id, e.event_id, e.customer_key, e.series_id,
+                             e.last_error_code, e.dead_reason, e.attempts, e.dead_at)
+            for e in self.state.entities.values()
+            if e.state is EntityState.DEAD and not e.dead_published
+        ][:limit]
+        records += [
+            DeadLetterRecord("rejected_event", i + 1, r["event_id"], None, None, "rejected",
+                             r["reason"], 0, None)
+            for i, r in enumerate(self.state.rejections) if not r["published"]
+        ][:limit]
+        return records
+
+    def mark_dead_letters_published(self, records: Sequence[DeadLetterRecord], *,
+                                    now: datetime) -> None:
+        for r in records:
+            if r.kind == "entity":
+                self.state.entities[r.id].dead_published = True
+            else:
+                self.state.rejections[r.id - 1]["published"] = True
+
+    def circuit(self, name: str) -> CircuitState:
+        return self.state.circuits.get(name, CLOSED_CIRCUIT)
+
+    def save_circuit(self, name: str, state: CircuitState, *, now: datetime) -> None:
+        self.state.circuits[name] = state
+
+    def count_failure(self, name: str, *, now: datetime) -> CircuitState:
+        current = self.circuit(name)
+        updated = replace(current, consecutive_failures=current.consecutive_failures + 1)
+        self.state.circuits[name] = updated
+        return updated
+
+    def try_probe(self, name: str, *, now: datetime, probe_until: datetime) -> bool:
+        current = self.circuit(name)
+        if current.state in ("open", "half_open") and current.open_until is not None \
+                and current.open_until <= now:
+            self.state.circuits[name] = replace(current, state="half_open",
+                                                open_until=probe_until)
+            return True
+        return False
+
+
+class FakeUnitOfWork:
+    """Rolls back (restores a snapshot) unless ``commit()`` was called."""
+
+    def __init__(self, state: FakeState) -> None:
+        self._state = state
+        self.ledger = InMemoryLedger(state)
+        self.commits = 0
+        self._snapshot: FakeState | None = None
+
+    def __enter__(self) -> Self:
+        self._snapshot = copy.deepcopy(self._state)
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._snapshot is not None:
+            self.rollback()
+
+    def commit(self) -> None:
+        self._snapshot = None
+        self.commits += 1
+
+    def rollback(self) -> None:
+        if self._snapshot is not None:
+            snapshot = self._snapshot
+            self._state.__dict__.update(snapshot.__dict__)
+            self._snapshot = None
+
+
+def fake_unit_of_work_factory(state: FakeState | None = None) -> tuple[FakeState, Any]:
+    """A shared state and a factory of units of work over it."""
+    shared = state or FakeState()
+    return shared, lambda: FakeUnitOfWork(shared)

@@ -1,0 +1,263 @@
+"""SQLAlchemy 2.0 models: the ledger's schema. Alembic migrations must match these exactly."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    Numeric,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from worker.domain import EntityState, EventState
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+Timestamp = DateTime(timezone=True)
+
+
+def _one_of(column: str, values: list[str]) -> str:
+    quoted = ", ".join(f"'{value}'" for value in values)
+    return f"{column} IN ({quoted})"
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Event(Base):
+    """One inbound event, keyed by its idempotency key."""
+
+    __tablename__ = "events"
+    __table_args__ = (
+        CheckConstraint(_one_of("state", [s.value for s in EventState]), name="state"),
+        Index("ix_events_customer_key", "customer_key"),
+        Index("ix_events_received_at", "received_at"),
+    )
+
+    event_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    event_type: Mapped[str] = mapped_column(Text)
+    customer_key: Mapped[str] = mapped_column(Text)
+    customer: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    series_ids: Mapped[list[int]] = mapped_column(ARRAY(Integer))
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONB)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    fingerprint: Mapped[str] = mapped_column(Text)
+    issue_ref: Mapped[str] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(Text)
+    occurred_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    received_at: Mapped[datetime] = mapped_column(Timestamp, server_default=text("now()"))
+    state: Mapped[str] = mapped_column(Text, server_default=EventState.PROCESSING.value)
+    updated_at: Mapped[datetime] = mapped_column(Timestamp, server_default=text("now()"))
+
+
+class Entity(Base):
+    """One customer x one series of one event: what is issued, retried and dead-lettered."""
+
+    __tablename__ = "entities"
+    __table_args__ = (
+        UniqueConstraint("event_id", "series_id"),
+        CheckConstraint(_one_of("state", [s.value for s in EntityState]), name="state"),
+        Index(
+            "ix_entities_due",
+            "next_attempt_at",
+            postgresql_where=text("state = 'retry_wait'"),
+        ),
+        Index("ix_entities_queued", "queued_at", postgresql_where=text("state = 'queued'")),
+        Index("ix_entities_leases", "lease_until", postgresql_where=text("state = 'in_flight'")),
+        Index("ix_entities_dead", "dead_at", postgresql_where=text("state = 'dead'")),
+        Index(
+            "ix_entities_dead_unpublished",
+            "id",
+            postgresql_where=text("state = 'dead' AND dead_published_at IS NULL"),
+        ),
+        Index("ix_entities_customer_key", "customer_key"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(Text, ForeignKey("events.event_id", ondelete="CASCADE"))
+    series_id: Mapped[int] = mapped_column(Integer)
+    customer_key: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(Text, server_default=EntityState.PENDING.value)
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    needs_reconcile: Mapped[bool] = mapped_column(server_default=text("false"))
+    last_verdict: Mapped[str | None] = mapped_column(Text)
+    last_error_code: Mapped[str | None] = mapped_column(Text)
+    last_error_message: Mapped[str | None] = mapped_column(Text)
+    last_request_id: Mapped[str | None] = mapped_column(Text)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    queued_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    claim_token: Mapped[str | None] = mapped_column(Text)
+    claimed_by: Mapped[str | None] = mapped_column(Text)
+    lease_until: Mapped[datetime | None] = mapped_column(Timestamp)
+    first_attempt_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    issued_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    dead_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    dead_reason: Mapped[str | None] = mapped_column(Text)
+    dead_published_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=text("now()"))
+    updated_at: Mapped[datetime] = mapped_column(Timestamp, server_default=text("now()"))
+
+
+class EntityHistory(Base):
+    """Every transition of an entity: the story support engineers read."""
+
+    __tablename__ = "entity_history"
+    __table_args__ = (Index("ix_entity_history_entity_id", "entity_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    entity_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("entities.id", ondelete="CASCADE")
+    )
+    at: Mapped[datetime] = mapped_column(Timestamp, server_default=text("now()"))
+    kind: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(Text)
+    attempt: Mapped[int] = mapped_column(Integer)
+    error_code: Mapped[str | None] = mapped_column(Text)
+    message: Mapped[str | None] = mapped_column(Text)
+    request_id: Mapped[str | None] = mapped_column(Text)
+    worker: Mapped[str | None] = mapped_column(Text)
+
+
+class ApiCall(Base):
+    """One HTTP call to Capillary, successful or not."""
+
+    __tablename__ = "api_calls"
+    __table_args__ = (
+        Index("ix_api_calls_event_id", "event_id"),
+        Index("ix_api_calls_entity_ids", "entity_ids", postgresql_using="gin"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    event_id: Mapped[str | None] = mapped_column(Text)
+    entity_ids: Mapped[list[int]] = mapped_column(ARRAY(BigInteger))
+    series_ids: Mapped[list[int]] = mapped_column(ARRAY(Integer))
+    operation: Mapped[str] = mapped_column(Text)
+    request_id: Mapped[str | None] = mapped_column(Text)
+    http_status: Mapped[int | None] = mapped_column(Integer)
+    latency_ms: Mapped[float] = mapped_column(Float)
+    outcome: Mapped[str] = mapped_column(Text)
+    error_code: Mapped[str | None] = mapped_column(Text)
+    error_message: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[datetime] = mapped_column(Timestamp)
+    worker: Mapped[str | None] = mapped_column(Text)
+
+
+class IssuedCoupon(Base):
+    """A coupon Capillary issued for an entity (at most one per entity)."""
+
+    __tablename__ = "coupons"
+    __table_args__ = (
+        Index("ix_coupons_event_id", "event_id"),
+        Index("ix_coupons_customer_key", "customer_key"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    entity_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("entities.id", ondelete="CASCADE"), unique=True
+    )
+    event_id: Mapped[str] = mapped_column(Text)
+    series_id: Mapped[int] = mapped_column(Integer)
+    customer_key: Mapped[str] = mapped_column(Text)
+    code: Mapped[str] = mapped_column(Text)
+    capillary_coupon_id: Mapped[int | None] = mapped_column(BigInteger)
+    description: Mapped[str | None] = mapped_column(Text)
+    discount_code: Mapped[str | None] = mapped_column(Text)
+    discount_type: Mapped[str | None] = mapped_column(Text)
+    discount_value: Mapped[Decimal | None] = mapped_column(Numeric(18, 4))
+    discount_upto: Mapped[Decimal | None] = mapped_column(Numeric(18, 4))
+    discount_on: Mapped[str | None] = mapped_column(Text)
+    valid_till: Mapped[datetime | None] = mapped_column(Timestamp)
+    valid_till_date_time: Mapped[datetime | None] = mapped_column(Timestamp)
+    raw: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    recorded_via: Mapped[str] = mapped_column(Text)
+    request_id: Mapped[str | None] = mapped_column(Text)
+    issued_at: Mapped[datetime] = mapped_column(Timestamp, server_default=text("now()"))
+
+
+class RejectedEvent(Base):
+    """A message that was not a valid event: its raw bytes and the precise reason."""
+
+    __tablename__ = "rejected_events"
+    __table_args__ = (
+        Index("ix_rejected_events_event_id", "event_id"),
+        Index("ix_rejected_events_received_at", "received_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    received_at: Mapped[datetime] = mapped_column(Timestamp, server_default=text("now()"))
+    source: Mapped[str] = mapped_column(Text)
+    event_id: Mapped[str | None] = mapped_column(Text)
+    reason: Mapped[str] = mapped_column(Text)
+    raw: Mapped[bytes] = mapped_column(LargeBinary)
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    content_type: Mapped[str | None] = mapped_column(Text)
+    dead_published_at: Mapped[datetime | None] = mapped_column(Timestamp)
+
+
+class OperatorAction(Base):
+    """An audit row for every replay and discard: who, when, why, what happened."""
+
+    __tablename__ = "operator_actions"
+    __table_args__ = (
+        Index("ix_operator_actions_entity_id", "entity_id"),
+        Index("ix_operator_actions_event_id", "event_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(Timestamp, server_default=text("now()"))
+    action: Mapped[str] = mapped_column(Text)
+    operator: Mapped[str] = mapped_column(Text)
+    reason: Mapped[str] = mapped_column(Text)
+    entity_id: Mapped[int | None] = mapped_column(
+        BigInteger, ForeignKey("entities.id", ondelete="SET NULL")
+    )
+    event_id: Mapped[str | None] = mapped_column(Text)
+    outcome: Mapped[str] = mapped_column(Text)
+    details: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+
+
+class CircuitBreaker(Base):
+    """The fleet-wide pause switch: one row per guarded dependency."""
+
+    __tablename__ = "circuit_breakers"
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    state: Mapped[str] = mapped_column(Text, server_default="closed")
+    consecutive_failures: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    times_opened: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    open_until: Mapped[datetime | None] = mapped_column(Timestamp)
+    reason: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(Timestamp, server_default=text("now()"))
+
+
+class RateLimitBucket(Base):
+    """A token bucket shared by every worker process and host (see worker.ratelimit)."""
+
+    __tablename__ = "rate_limit_buckets"
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    tokens: Mapped[float] = mapped_column(Float)
+    refilled_at: Mapped[datetime] = mapped_column(Timestamp)
+    blocked_until: Mapped[datetime | None] = mapped_column(Timestamp)

@@ -1,0 +1,561 @@
+"""The statements the services need, behind the ``Ledger`` protocol.
+
+Concurrency is settled here by PostgreSQL row locks: a claim is an ``UPDATE`` of rows picked
+with ``FOR UPDATE SKIP LOCKED`` from the states that may be claimed, so two workers holding the
+same event never both get an entity, and neither waits for the other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any, Protocol, cast
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Integer,
+    Table,
+    Text,
+    and_,
+    bindparam,
+    case,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.orm import Session
+
+from worker.domain import EntityState, EventState, issue_ref
+from worker.errors import EventRejected
+from worker.events import LoyaltyEvent
+from worker.ledger import models as m
+from worker.ledger.records import (
+    CLOSED_CIRCUIT,
+    CircuitState,
+    Claim,
+    ClaimedEntity,
+    DeadLetterRecord,
+    DueEntity,
+    RecordedCall,
+    Transition,
+)
+
+CLAIMABLE_FRESH = (EntityState.PENDING.value,)
+
+
+def fingerprint(event: LoyaltyEvent) -> str:
+    """What makes two deliveries "the same event": everything but the delivery details."""
+    canonical = {
+        "customer": event.customer.as_api(),
+        "seriesIds": sorted(event.seriesIds),
+        "metadata": event.metadata.model_dump(exclude_none=True),
+    }
+    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class Ledger(Protocol):
+    """The ledger operations of the services; ``SqlLedger`` and ``InMemoryLedger`` agree."""
+
+    def ingest(self, event: LoyaltyEvent, *, source: str, now: datetime) -> bool: ...
+
+    def claim_event(self, event_id: str, *, token: str, worker: str, now: datetime,
+                    lease_until: datetime) -> Claim: ...
+
+    def claim_entity(self, entity_id: int, *, token: str, worker: str, now: datetime,
+                     lease_until: datetime) -> Claim | None: ...
+
+    def record(self, claim: Claim, *, calls: Sequence[RecordedCall],
+               transitions: Sequence[Transition], worker: str, now: datetime) -> int: ...
+
+    def record_rejection(self, *, raw: bytes, reason: str, source: str,
+                         event_id: str | None, content_type: str | None,
+                         now: datetime) -> int: ...
+
+    def expire_leases(self, *, now: datetime, retry_at: datetime, limit: int) -> list[int]: ...
+
+    def take_due(self, *, now: datetime, limit: int) -> list[DueEntity]: ...
+
+    def mark_queued(self, entity_ids: Sequence[int], *, now: datetime) -> None: ...
+
+    def requeue_stale(self, *, queued_before: datetime, now: datetime, limit: int) -> int: ...
+
+    def unpublished_dead_letters(self, *, limit: int) -> list[DeadLetterRecord]: ...
+
+    def mark_dead_letters_published(self, records: Sequence[DeadLetterRecord], *,
+                                    now: datetime) -> None: ...
+
+    def circuit(self, name: str) -> CircuitState: ...
+
+    def save_circuit(self, name: str, state: CircuitState, *, now: datetime) -> None: ...
+
+    def count_failure(self, name: str, *, now: datetime) -> CircuitState: ...
+
+    def try_probe(self, name: str, *, now: datetime, probe_until: datetime) -> bool: ...
+
+
+class SqlLedger:
+    """The ``Ledger`` on PostgreSQL, inside the unit of work's session."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    # -- intake ----------------------------------------------------------------------------
+
+    def ingest(self, event: LoyaltyEvent, *, source: str, now: datetime) -> bool:
+        """Store the event and its entities once; a second delivery changes nothing.
+
+        Raises EventRejected when the id was already used for different content: an
+        idempotency key that names two different requests is a producer bug to surface.
+        """
+        print_ = fingerprint(event)
+        inserted = self.session.execute(
+            pg_insert(m.Event)
+            .values(
+                event_id=event.eventId,
+                event_type=event.eventType,
+                customer_key=event.customer.key,
+                customer=event.customer.as_api(),
+                series_ids=list(event.seriesIds),
+                metadata_=event.metadata.model_dump(exclude_none=True),
+                payload=event.to_message(),
+                fingerprint=print_,
+                issue_ref=issue_ref(event.eventId),
+                source=source,
+                occurred_at=event.occurredAt,
+                received_at=now,
+                updated_at=now,
+            )
+            .on_conflict_do_nothing(index_elements=["event_id"])
+            .returning(m.Event.event_id)
+        ).first()
+        if inserted is None:
+            existing = self.session.scalar(
+                select(m.Event.fingerprint).where(m.Event.event_id == event.eventId)
+            )
+            if existing != print_:
+                raise EventRejected(
+                    f"eventId {event.eventId!r} was already used for a different event "
+                    "(customer, series or metadata differ); idempotency keys must be unique",
+                    event_id=event.eventId,
+                )
+            return False
+        self.session.execute(
+            insert(m.Entity),
+            [
+                {
+                    "event_id": event.eventId,
+                    "series_id": series_id,
+                    "customer_key": event.customer.key,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for series_id in event.seriesIds
+            ],
+        )
+        return True
+
+    # -- claims ----------------------------------------------------------------------------
+
+    def _claim(self, where: Any, *, token: str, worker: str, now: datetime,
+               lease_until: datetime) -> list[ClaimedEntity]:
+        e = m.Entity
+        pick = select(e.id).where(where).with_for_update(skip_locked=True).scalar_subquery()
+        rows = self.session.execute(
+            update(e)
+            .where(e.id.in_(pick))
+            .values(
+                # A lease that ran out means a worker died mid-call: the call may have issued.
+                needs_reconcile=or_(e.needs_reconcile, e.state == EntityState.IN_FLIGHT.value),
+                state=EntityState.IN_FLIGHT.value,
+                attempts=e.attempts + 1,
+                claim_token=token,
+                claimed_by=worker,
+                lease_until=lease_until,
+                queued_at=None,
+                first_attempt_at=func.coalesce(e.first_attempt_at, now),
+                updated_at=now,
+            )
+            .returning(e.id, e.series_id, e.attempts, e.needs_reconcile, e.first_attempt_at)
+            .execution_options(synchronize_session=False)
+        ).all()
+        claimed = [ClaimedEntity(r[0], r[1], r[2], r[3], r[4] or now) for r in rows]
+        if claimed:
+            self.session.execute(
+                insert(m.EntityHistory),
+                [
+                    {"entity_id": c.entity_id, "at": now, "kind": "claimed",
+                     "state": EntityState.IN_FLIGHT.value, "attempt": c.attempts,
+                     "worker": worker,
+                     "message": "reconcile first" if c.needs_reconcile else None}
+                    for c in claimed
+                ],
+            )
+        return sorted(claimed, key=lambda c: c.series_id)
+
+    def claim_event(self, event_id: str, *, token: str, worker: str, now: datetime,
+                    lease_until: datetime) -> Claim:
+        """Claim the event's entities that were never tried or whose worker died."""
+        e = m.Entity
+        claimable = and_(
+            e.event_id == event_id,
+            or_(
+                e.state.in_(CLAIMABLE_FRESH),
+                and_(e.state == EntityState.IN_FLIGHT.value, e.lease_until < now),
+            ),
+        )
+        claimed = self._claim(claimable, token=token, worker=worker, now=now,
+                              lease_until=lease_until)
+        skipped: Counter[str] = Counter()
+        if len(claimed) == 0:
+            for state, count in self.session.execute(
+                select(e.state, func.count()).where(e.event_id == event_id).group_by(e.state)
+            ):
+                skipped[state] = count
+        return self._claim_for(event_id, token, claimed, dict(skipped))
+
+    def claim_entity(self, entity_id: int, *, token: str, worker: str, now: datetime,
+                     lease_until: datetime) -> Claim | None:
+        """Claim one entity for its retry: queued, due, or abandoned by a dead worker."""
+        e = m.Entity
+        claimable = and_(
+            e.id == entity_id,
+            or_(
+                e.state == EntityState.QUEUED.value,
+                and_(e.state == EntityState.RETRY_WAIT.value, e.next_attempt_at <= now),
+                and_(e.state == EntityState.IN_FLIGHT.value, e.lease_until < now),
+            ),
+        )
+        claimed = self._claim(claimable, token=token, worker=worker, now=now,
+                              lease_until=lease_until)
+        if not claimed:
+            return None
+        event_id = self.session.scalar(select(e.event_id).where(e.id == entity_id))
+        assert event_id is not None
+        return self._claim_for(event_id, token, claimed, {})
+
+    def _claim_for(self, event_id: str, token: str, claimed: list[ClaimedEntity],
+                   skipped: dict[str, int]) -> Claim:
+        row = self.session.execute(
+            select(m.Event.customer, m.Event.customer_key, m.Event.metadata_,
+                   m.Event.issue_ref).where(m.Event.event_id == event_id)
+        ).one()
+        return Claim(
+            event_id=event_id, customer=row[0], customer_key=row[1], metadata=row[2],
+            issue_ref=row[3], token=token, entities=tuple(claimed), skipped=skipped,
+        )
+
+    # -- outcomes --------------------------------------------------------------------------
+
+    def record(self, claim: Claim, *, calls: Sequence[RecordedCall],
+               transitions: Sequence[Transition], worker: str, now: datetime) -> int:
+        """Store the calls and the entities' new states; returns how many claims were lost.
+
+        An issued coupon is recorded even if the claim was lost (the coupon exists whatever
+        the ledger thought); any other outcome needs the claim to still be ours.
+        """
+        if calls:
+            self.session.execute(
+                insert(m.ApiCall),
+                [
+                    {
+                        "event_id": claim.event_id, "entity_ids": list(c.entity_ids),
+                        "series_ids": list(c.series_ids), "operation": c.info.operation,
+                        "request_id": c.info.request_id, "http_status": c.info.status,
+                        "latency_ms": c.info.latency_ms, "outcome": c.info.outcome,
+                        "error_code": c.info.error_code, "error_message": c.info.error_message,
+                        "started_at": c.info.started_at, "worker": worker,
+                    }
+                    for c in calls
+                ],
+            )
+        if not transitions:
+            return 0
+        # Core (table) UPDATE with executemany: one statement for all the entities.
+        table = cast(Table, m.Entity.__table__)
+        e = table.c
+        is_issued = bindparam("is_issued", type_=Boolean)
+        is_dead = bindparam("is_dead", type_=Boolean)
+        result = self.session.execute(
+            update(table)
+            .where(
+                e.id == bindparam("eid", type_=BigInteger),
+                or_(
+                    e.claim_token == bindparam("token", type_=Text),
+                    and_(is_issued, e.state != EntityState.ISSUED.value),
+                ),
+            )
+            .values(
+                state=bindparam("st", type_=Text),
+                updated_at=now,
+                claim_token=None,
+                lease_until=None,
+                claimed_by=None,
+                needs_reconcile=bindparam("reconcile", type_=Boolean),
+                next_attempt_at=bindparam("next_at", type_=DateTime(timezone=True)),
+                last_verdict=func.coalesce(bindparam("verdict", type_=Text), e.last_verdict),
+                last_error_code=case(
+                    (is_issued, e.last_error_code),
+                    else_=func.coalesce(bindparam("code", type_=Text), e.last_error_code),
+                ),
+                last_error_message=case(
+                    (is_issued, e.last_error_message),
+                    else_=func.coalesce(bindparam("message", type_=Text), e.last_error_message),
+                ),
+                last_request_id=func.coalesce(
+                    bindparam("request_id", type_=Text), e.last_request_id),
+                attempts=e.attempts - bindparam("refund", type_=Integer),
+                issued_at=case((is_issued, now), else_=e.issued_at),
+                dead_at=case((is_dead, now), else_=e.dead_at),
+                dead_reason=case((is_dead, bindparam("dead_reason", type_=Text)),
+                                 else_=e.dead_reason),
+                dead_published_at=case((is_dead, None), else_=e.dead_published_at),
+            ),
+            [
+                {
+                    "eid": t.entity_id, "token": claim.token,
+                    "is_issued": t.state is EntityState.ISSUED,
+                    "is_dead": t.state is EntityState.DEAD,
+                    "st": t.state.value, "reconcile": t.needs_reconcile,
+                    "next_at": t.next_attempt_at, "verdict": t.verdict, "code": t.error_code,
+                    "message": t.error_message, "request_id": t.request_id,
+                    "refund": 1 if t.refund_attempt else 0, "dead_reason": t.dead_reason,
+                }
+                for t in transitions
+            ],
+        )
+        lost = len(transitions) - int(result.rowcount)  # type: ignore[attr-defined]
+        self.session.execute(
+            insert(m.EntityHistory),
+            [
+                {"entity_id": t.entity_id, "at": now, "kind": t.kind, "state": t.state.value,
+                 "attempt": t.attempt, "error_code": t.error_code,
+                 "message": t.dead_reason or t.error_message
+                 or (f"coupon {t.coupon.code}" if t.coupon else None),
+                 "request_id": t.request_id, "worker": worker}
+                for t in transitions
+            ],
+        )
+        coupons = [
+            {
+                "entity_id": t.entity_id, "event_id": claim.event_id,
+                "series_id": c.series_id, "code": c.code,
+                "customer_key": claim.customer_key, "capillary_coupon_id": c.capillary_id,
+                "description": c.description, "discount_code": c.discount_code,
+                "discount_type": c.discount_type, "discount_value": c.discount_value,
+                "discount_upto": c.discount_upto, "discount_on": c.discount_on,
+                "valid_till": c.valid_till, "valid_till_date_time": c.valid_till_date_time,
+                "raw": c.raw, "recorded_via": t.recorded_via, "request_id": t.request_id,
+                "issued_at": now,
+            }
+            for t in transitions
+            if (c := t.coupon) is not None
+        ]
+        if coupons:
+            self.session.execute(
+                pg_insert(m.IssuedCoupon).on_conflict_do_nothing(index_elements=["entity_id"]),
+                coupons,
+            )
+        self.refresh_event_states([claim.event_id], now=now)
+        return lost
+
+    def refresh_event_states(self, event_ids: Iterable[str], *, now: datetime) -> None:
+        """Recompute the summary state of events from their entities, in one statement each."""
+        e = m.Entity
+        terminal = [EntityState.ISSUED.value, EntityState.DEAD.value, EntityState.DISCARDED.value]
+        summary = (
+            select(
+                case(
+                    (func.bool_or(e.state.not_in(terminal)), EventState.PROCESSING.value),
+                    (func.bool_or(e.state == EntityState.DEAD.value), EventState.FAILED.value),
+                    else_=EventState.COMPLETED.value,
+                )
+            )
+            .where(e.event_id == m.Event.event_id)
+            .scalar_subquery()
+        )
+        ids = list(event_ids)
+        if ids:
+            self.session.execute(
+                update(m.Event).where(m.Event.event_id.in_(ids))
+                .values(state=summary, updated_at=now)
+                .execution_options(synchronize_session=False)
+            )
+
+    def record_rejection(self, *, raw: bytes, reason: str, source: str,
+                         event_id: str | None, content_type: str | None,
+                         now: datetime) -> int:
+        """Keep a message that is not a valid event, with why; returns its id."""
+        new_id = self.session.scalar(
+            insert(m.RejectedEvent)
+            .values(received_at=now, source=source, event_id=event_id, reason=reason, raw=raw,
+                    size_bytes=len(raw), content_type=content_type)
+            .returning(m.RejectedEvent.id)
+        )
+        assert new_id is not None
+        return int(new_id)
+
+    # -- the sweeper's work ----------------------------------------------------------------
+
+    def expire_leases(self, *, now: datetime, retry_at: datetime, limit: int) -> list[int]:
+        """Entities whose worker died mid-call: schedule them, reconciling first."""
+        e = m.Entity
+        pick = (
+            select(e.id)
+            .where(e.state == EntityState.IN_FLIGHT.value, e.lease_until < now)
+            .limit(limit).with_for_update(skip_locked=True).scalar_subquery()
+        )
+        rows = self.session.execute(
+            update(e).where(e.id.in_(pick))
+            .values(state=EntityState.RETRY_WAIT.value, needs_reconcile=True,
+                    next_attempt_at=retry_at, claim_token=None, lease_until=None,
+                    claimed_by=None, updated_at=now)
+            .returning(e.id, e.attempts)
+            .execution_options(synchronize_session=False)
+        ).all()
+        if rows:
+            self.session.execute(
+                insert(m.EntityHistory),
+                [{"entity_id": r[0], "at": now, "kind": "lease_expired",
+                  "state": EntityState.RETRY_WAIT.value, "attempt": r[1],
+                  "message": "worker lost mid-call; outcome unknown, will reconcile"}
+                 for r in rows],
+            )
+        return [r[0] for r in rows]
+
+    def take_due(self, *, now: datetime, limit: int) -> list[DueEntity]:
+        """Lock due retries (skipping rows another dispatcher holds) for dispatch."""
+        e = m.Entity
+        rows = self.session.execute(
+            select(e.id, e.event_id, e.series_id, e.customer_key, e.attempts)
+            .where(e.state == EntityState.RETRY_WAIT.value, e.next_attempt_at <= now)
+            .order_by(e.next_attempt_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        ).all()
+        return [DueEntity(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+
+    def mark_queued(self, entity_ids: Sequence[int], *, now: datetime) -> None:
+        if not entity_ids:
+            return
+        e = m.Entity
+        self.session.execute(
+            update(e).where(e.id.in_(list(entity_ids)))
+            .values(state=EntityState.QUEUED.value, queued_at=now, updated_at=now)
+            .execution_options(synchronize_session=False)
+        )
+
+    def requeue_stale(self, *, queued_before: datetime, now: datetime, limit: int) -> int:
+        """Queued retries whose message never ran (lost, purged): due again now."""
+        e = m.Entity
+        pick = (
+            select(e.id)
+            .where(e.state == EntityState.QUEUED.value, e.queued_at < queued_before)
+            .limit(limit).with_for_update(skip_locked=True).scalar_subquery()
+        )
+        result = self.session.execute(
+            update(e).where(e.id.in_(pick))
+            .values(state=EntityState.RETRY_WAIT.value, next_attempt_at=now, queued_at=None,
+                    updated_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        return int(result.rowcount)  # type: ignore[attr-defined]
+
+    def unpublished_dead_letters(self, *, limit: int) -> list[DeadLetterRecord]:
+        e = m.Entity
+        rows = self.session.execute(
+            select(e.id, e.event_id, e.customer_key, e.series_id, e.last_error_code,
+                   e.dead_reason, e.last_error_message, e.attempts, e.dead_at)
+            .where(e.state == EntityState.DEAD.value, e.dead_published_at.is_(None))
+            .order_by(e.id).limit(limit).with_for_update(skip_locked=True)
+        ).all()
+        records = [
+            DeadLetterRecord("entity", r[0], r[1], r[2], r[3], r[4],
+                             " - ".join(x for x in (r[5], r[6]) if x), r[7], r[8])
+            for r in rows
+        ]
+        rejected = self.session.execute(
+            select(m.RejectedEvent.id, m.RejectedEvent.event_id, m.RejectedEvent.reason,
+                   m.RejectedEvent.received_at)
+            .where(m.RejectedEvent.dead_published_at.is_(None))
+            .order_by(m.RejectedEvent.id).limit(limit).with_for_update(skip_locked=True)
+        ).all()
+        records += [
+            DeadLetterRecord("rejected_event", r[0], r[1], None, None, "rejected", r[2], 0, r[3])
+            for r in rejected
+        ]
+        return records
+
+    def mark_dead_letters_published(self, records: Sequence[DeadLetterRecord], *,
+                                    now: datetime) -> None:
+        entity_ids = [r.id for r in records if r.kind == "entity"]
+        rejected_ids = [r.id for r in records if r.kind == "rejected_event"]
+        if entity_ids:
+            self.session.execute(
+                update(m.Entity).where(m.Entity.id.in_(entity_ids))
+                .values(dead_published_at=now)
+                .execution_options(synchronize_session=False)
+            )
+        if rejected_ids:
+            self.session.execute(
+                update(m.RejectedEvent).where(m.RejectedEvent.id.in_(rejected_ids))
+                .values(dead_published_at=now)
+                .execution_options(synchronize_session=False)
+            )
+
+    # -- circuit breaker -------------------------------------------------------------------
+
+    def circuit(self, name: str) -> CircuitState:
+        row = self.session.execute(
+            select(m.CircuitBreaker.state, m.CircuitBreaker.consecutive_failures,
+                   m.CircuitBreaker.times_opened, m.CircuitBreaker.open_until,
+                   m.CircuitBreaker.reason)
+            .where(m.CircuitBreaker.name == name)
+        ).first()
+        return CircuitState(*row) if row else CLOSED_CIRCUIT
+
+    def save_circuit(self, name: str, state: CircuitState, *, now: datetime) -> None:
+        values = {
+            "state": state.state, "consecutive_failures": state.consecutive_failures,
+            "times_opened": state.times_opened, "open_until": state.open_until,
+            "reason": state.reason, "updated_at": now,
+        }
+        self.session.execute(
+            pg_insert(m.CircuitBreaker).values(name=name, **values)
+            .on_conflict_do_update(index_elements=["name"], set_=values)
+        )
+
+    def count_failure(self, name: str, *, now: datetime) -> CircuitState:
+        """Add one consecutive failure, fleet-wide, and return the new state (row locked)."""
+        cb = m.CircuitBreaker
+        row = self.session.execute(
+            pg_insert(cb).values(name=name, consecutive_failures=1, updated_at=now)
+            .on_conflict_do_update(
+                index_elements=["name"],
+                set_={"consecutive_failures": cb.consecutive_failures + 1, "updated_at": now},
+            )
+            .returning(cb.state, cb.consecutive_failures, cb.times_opened, cb.open_until,
+                       cb.reason)
+        ).one()
+        return CircuitState(*row)
+
+    def try_probe(self, name: str, *, now: datetime, probe_until: datetime) -> bool:
+        """Become the one worker that probes an open circuit whose pause is over."""
+        cb = m.CircuitBreaker
+        won = self.session.execute(
+            update(cb)
+            .where(cb.name == name, cb.state.in_(("open", "half_open")), cb.open_until <= now)
+            .values(state="half_open", open_until=probe_until, updated_at=now)
+            .returning(cb.name)
+            .execution_options(synchronize_session=False)
+        ).first()
+        return won is not None
+

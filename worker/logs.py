@@ -1,0 +1,96 @@
+"""Structured logs: one stable event name per line plus ids, as key=value or JSON.
+
+Call sites log ``log.info("entity.issued", extra={"event_id": ..., "series": ...})``. Anything
+that looks like a credential is redacted on the way out, whatever a caller passed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+# Attributes every LogRecord has; anything else on a record came from ``extra=``.
+_STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message", "asctime", "taskName",
+}
+_SECRET_KEYS = re.compile(r"(password|secret|token|authorization|api[_-]?key)", re.IGNORECASE)
+_SECRET_IN_TEXT = re.compile(
+    r"(?i)(password|secret|token|authorization)(\"?\s*[:=]\s*\"?)([^\s\",}&]+)"
+)
+_URL_PASSWORD = re.compile(r"(?i)([a-z][a-z0-9+.-]*://[^:/@\s]+:)([^@\s]+)(@)")
+REDACTED = "***"
+
+
+def redact_text(text: str) -> str:
+    """Hide credentials in free text: URL passwords and ``secret=...`` style pairs."""
+    text = _URL_PASSWORD.sub(rf"\1{REDACTED}\3", text)
+    return _SECRET_IN_TEXT.sub(rf"\1\2{REDACTED}", text)
+
+
+def redact(value: Any, key: str = "") -> Any:
+    """A copy of ``value`` with secrets hidden (by key name, and inside strings)."""
+    if key and _SECRET_KEYS.search(key):
+        return REDACTED
+    if isinstance(value, dict):
+        return {k: redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact(v) for v in value]
+    if isinstance(value, str):
+        return redact_text(value)
+    return value
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    fields = {
+        key: redact(value, key)
+        for key, value in vars(record).items()
+        if key not in _STANDARD_ATTRS and not key.startswith("_")
+    }
+    if record.exc_info and record.exc_info[1] is not None:
+        exc = record.exc_info[1]
+        fields["error"] = redact_text(f"{type(exc).__name__}: {exc}")
+    return fields
+
+
+class KeyValueFormatter(logging.Formatter):
+    """``2026-11-25T10:00:00Z INFO entity.issued event_id=... series=544770``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        parts = [when[:-4] + "Z", record.levelname, redact_text(record.getMessage())]
+        for key, value in _fields(record).items():
+            text = value if isinstance(value, str) else json.dumps(value, default=str)
+            if isinstance(value, str) and (" " in text or not text):
+                text = json.dumps(text)
+            parts.append(f"{key}={text}")
+        return " ".join(parts)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        body = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(),
+            "level": record.levelname,
+            "event": redact_text(record.getMessage()),
+            "logger": record.name,
+            **_fields(record),
+        }
+        return json.dumps(body, default=str)
+
+
+def configure_logging(level: str = "INFO", fmt: Literal["kv", "json"] = "kv") -> None:
+    """Route every logger (ours, Celery's, kombu's) through one structured handler."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else KeyValueFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # Library chatter at INFO would drown the pipeline's own lines.
+    for noisy in ("urllib3", "amqp", "kombu", "sqlalchemy.engine", "celery.bootsteps"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))

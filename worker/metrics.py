@@ -1,0 +1,100 @@
+"""Prometheus metrics of the pipeline.
+
+``prometheus_client`` is imported only when ``Metrics()`` is built (in the bootstrap, never at
+import): its multiprocess mode is fixed when the library is first imported, and the worker sets
+``PROMETHEUS_MULTIPROC_DIR`` just before its pool forks. Under the prefork pool every child
+writes its samples there and the main process serves them all; the ledger backlog gauges are
+read from PostgreSQL at scrape time, so they are the fleet's truth, not one process's view.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    """The counters and histograms the services update."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.coupons_issued = Counter(
+            "coupons_issued", "Coupons recorded as issued", ["via"], registry=r)
+        self.entities_failed = Counter(
+            "coupon_entities_failed", "Entity attempts that did not issue, by classification",
+            ["classification"], registry=r)
+        self.retries_scheduled = Counter(
+            "coupon_retries_scheduled", "Entities scheduled for another attempt", registry=r)
+        self.dead_letters = Counter(
+            "coupon_dead_letters", "Entities moved to the dead letters", ["error_code"],
+            registry=r)
+        self.replays = Counter(
+            "coupon_operator_actions", "Entities replayed or discarded by an operator",
+            ["action"], registry=r)
+        self.events_received = Counter(
+            "coupon_events_received", "Events taken in: new, duplicate or rejected",
+            ["outcome"], registry=r)
+        self.api_latency = Histogram(
+            "capillary_call_seconds", "Capillary call latency", ["operation", "status"],
+            buckets=LATENCY_BUCKETS_S, registry=r)
+
+    def observe_call(self, operation: str, status: int | None, latency_ms: float) -> None:
+        self.api_latency.labels(operation, str(status) if status else "none").observe(
+            latency_ms / 1000.0)
+
+
+BacklogReader = Callable[[], dict[str, int]]
+
+
+def _backlog_collector(read_counts: BacklogReader) -> Any:
+    from prometheus_client.core import GaugeMetricFamily
+    from prometheus_client.registry import Collector
+
+    class BacklogCollector(Collector):
+        """Ledger backlog (entities per state) read from PostgreSQL when Prometheus scrapes."""
+
+        def collect(self) -> Iterator[Any]:
+            gauge = GaugeMetricFamily(
+                "coupon_ledger_entities", "Entities in the ledger by state", labels=["state"])
+            try:
+                counts = read_counts()
+            except Exception:  # noqa: BLE001 - a scrape must not fail because the database blinked
+                counts = {}
+            for state, count in sorted(counts.items()):
+                gauge.add_metric([state], count)
+            yield gauge
+
+    return BacklogCollector()
+
+
+def exposition_registry(own: CollectorRegistry, backlog: BacklogReader | None) -> CollectorRegistry:
+    """The registry to serve: every process's samples (multiprocess mode) or this one's."""
+    from prometheus_client import CollectorRegistry
+
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    else:
+        registry = own
+    if backlog is not None:
+        registry.register(_backlog_collector(backlog))
+    return registry
+
+
+def serve_metrics(port: int, registry: CollectorRegistry) -> Any:
+    """Start the /metrics HTTP endpoint in a daemon thread; returns the server."""
+    from prometheus_client import start_http_server
+
+    server, _thread = start_http_server(port, addr="0.0.0.0", registry=registry)  # noqa: S104 - scraped from outside the host
+    return server

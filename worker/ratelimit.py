@@ -1,0 +1,132 @@
+"""A global rate limit for Capillary calls, shared by every worker process and host.
+
+Capillary's quota is per API key per minute, and a fleet shares the key, so the limit lives in
+PostgreSQL, which every worker already reaches: a token bucket in one row, taken with a single
+``UPDATE ... RETURNING`` per call. The bucket is a *reservation*: a caller takes a token even
+when the bucket is empty and is told how long to wait for it, so waiting callers line up in
+order instead of polling. A 429 answer blocks the bucket until Retry-After has passed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from sqlalchemy import Engine, text
+from sqlalchemy import exc as sa_exc
+
+from worker.errors import LedgerUnavailable
+
+BULK_ISSUE = "bulk_issue"
+
+
+class RateLimiter(Protocol):
+    """Reserve a call slot; ``reserve`` returns how long to wait before using it."""
+
+    def reserve(self, name: str = BULK_ISSUE) -> float: ...
+
+    def cancel(self, name: str = BULK_ISSUE) -> None:
+        """Give back a reserved slot that will not be used."""
+        ...
+
+    def penalise(self, retry_after_s: float, name: str = BULK_ISSUE) -> None:
+        """Capillary answered 429: nobody calls before Retry-After has passed."""
+        ...
+
+
+class Unlimited:
+    """No limit configured: every call may go at once."""
+
+    def reserve(self, name: str = BULK_ISSUE) -> float:
+        return 0.0
+
+    def cancel(self, name: str = BULK_ISSUE) -> None:
+        return None
+
+    def penalise(self, retry_after_s: float, name: str = BULK_ISSUE) -> None:
+        return None
+
+
+# tokens is the bucket's content at refilled_at; extrapolating linearly to "now" works in both
+# directions, so a negative content simply means "the next token comes later" (a reservation).
+_RESERVE = text(
+    """
+    WITH now AS (SELECT clock_timestamp() AS t)
+    UPDATE rate_limit_buckets AS b
+       SET tokens = LEAST(:burst,
+                          b.tokens + EXTRACT(EPOCH FROM (now.t - b.refilled_at)) * :rate) - 1,
+           refilled_at = now.t
+      FROM now
+     WHERE b.name = :name
+    RETURNING b.tokens
+    """
+)
+_CREATE = text(
+    """
+    INSERT INTO rate_limit_buckets (name, tokens, refilled_at)
+    VALUES (:name, :burst, clock_timestamp())
+    ON CONFLICT (name) DO NOTHING
+    """
+)
+_CANCEL = text(
+    "UPDATE rate_limit_buckets SET tokens = LEAST(tokens + 1, :burst) WHERE name = :name"
+)
+# After a 429 nobody may call for Retry-After seconds: empty the bucket that far into debt.
+_PENALISE = text(
+    """
+    WITH now AS (SELECT clock_timestamp() AS t)
+    UPDATE rate_limit_buckets AS b
+       SET tokens = LEAST(LEAST(:burst,
+                                b.tokens + EXTRACT(EPOCH FROM (now.t - b.refilled_at)) * :rate),
+                          -:wait * :rate),
+           refilled_at = now.t,
+           blocked_until = now.t + make_interval(secs => :wait)
+      FROM now
+     WHERE b.name = :name
+    """
+)
+
+
+@dataclass(frozen=True)
+class BucketSpec:
+    per_minute: int
+    burst: int
+
+    @property
+    def rate_per_s(self) -> float:
+        return self.per_minute / 60.0
+
+
+class PostgresRateLimiter:
+    """The fleet-wide token bucket in ``rate_limit_buckets``."""
+
+    def __init__(self, engine: Engine, per_minute: int, burst: int | None = None) -> None:
+        # A small default burst keeps a fleet that starts together from overshooting the
+        # first seconds of a per-minute window.
+        self.spec = BucketSpec(per_minute, burst or max(1, min(per_minute // 60, 10)))
+        self._engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._created: set[str] = set()
+
+    def _execute(self, statement: object, **params: object) -> list[float]:
+        try:
+            with self._engine.connect() as conn:
+                if params["name"] not in self._created:
+                    conn.execute(_CREATE, {"name": params["name"], "burst": self.spec.burst})
+                    self._created.add(str(params["name"]))
+                rows = conn.execute(statement, params)  # type: ignore[call-overload]
+                return [float(r[0]) for r in rows] if rows.returns_rows else []
+        except sa_exc.SQLAlchemyError as exc:
+            raise LedgerUnavailable(f"rate limiter unavailable: {type(exc).__name__}") from exc
+
+    def reserve(self, name: str = BULK_ISSUE) -> float:
+        rows = self._execute(_RESERVE, name=name, burst=self.spec.burst,
+                             rate=self.spec.rate_per_s)
+        tokens = rows[0]
+        return -tokens / self.spec.rate_per_s if tokens < 0 else 0.0
+
+    def cancel(self, name: str = BULK_ISSUE) -> None:
+        self._execute(_CANCEL, name=name, burst=self.spec.burst)
+
+    def penalise(self, retry_after_s: float, name: str = BULK_ISSUE) -> None:
+        self._execute(_PENALISE, name=name, wait=max(retry_after_s, 0.0), burst=self.spec.burst,
+                      rate=self.spec.rate_per_s)

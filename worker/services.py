@@ -1,0 +1,486 @@
+"""Use cases: issue an event, retry an entity, sweep the ledger, record a rejection.
+
+This is the only orchestration layer. Tasks and the command line call these functions with a
+``Deps`` built once per process (see ``worker.bootstrap``); everything they touch goes through
+a seam (ledger, Capillary, broker, rate limiter), so unit tests run them with fakes.
+
+The exactly-once argument, in short: an entity is *claimed* (committed as in-flight, with a
+lease) before Capillary is called, so a second delivery finds nothing to claim; an outcome is
+committed before the message is acknowledged; and a claim whose lease ran out (its worker died
+mid-call) is reconciled through the read-back API before anything is sent again.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+from worker.capillary.api import BulkIssueResult, CouponApi
+from worker.circuit import CircuitGate, Permit
+from worker.domain import Coupon, EntityState, Verdict, notes_with_ref
+from worker.errors import CapillaryError, EventRejected, Outage, Retryable, WorkerError
+from worker.events import LoyaltyEvent
+from worker.ledger.records import (
+    CircuitState,
+    Claim,
+    ClaimedEntity,
+    DeadLetterRecord,
+    DueEntity,
+    RecordedCall,
+    Transition,
+)
+from worker.ledger.unit_of_work import UnitOfWorkFactory
+from worker.metrics import Metrics
+from worker.policy import DeadLetter, Decision, Defer, RecordIssued, RetryPolicy, ScheduleRetry
+from worker.ratelimit import BULK_ISSUE, RateLimiter
+
+log = logging.getLogger("worker.pipeline")
+
+READ_BACK = "read_back"
+# Coupons created a little before our first attempt still count: clocks of hosts differ.
+RECONCILE_CLOCK_SKEW = timedelta(minutes=5)
+DEFER_JITTER_S = 5.0
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Publisher(Protocol):
+    """The broker side effects of the services."""
+
+    def publish_retries(self, due: Sequence[DueEntity]) -> None:
+        """Put one message per due entity on the retry queue (confirmed by the broker)."""
+        ...
+
+    def publish_dead_letters(self, records: Sequence[DeadLetterRecord]) -> None:
+        """Put one message per dead entity or rejected event on the dead-letter queue."""
+        ...
+
+
+@dataclass
+class Deps:
+    """Everything the use cases need, wired once per process."""
+
+    uow: UnitOfWorkFactory
+    api: CouponApi
+    publisher: Publisher
+    limiter: RateLimiter
+    circuit: CircuitGate
+    retry_policy: RetryPolicy
+    metrics: Metrics
+    worker_id: str
+    lease_s: float = 120.0
+    rate_limit_max_wait_s: float = 30.0
+    clock: Callable[[], datetime] = utcnow
+    sleep: Callable[[float], None] = time.sleep
+    rng: random.Random = field(default_factory=random.Random)
+
+
+@dataclass(frozen=True)
+class Report:
+    """What one use case did, for the task result (Flower) and for tests."""
+
+    event_id: str | None
+    new_event: bool = False
+    claimed: int = 0
+    issued: int = 0
+    reconciled: int = 0
+    retrying: int = 0
+    dead: int = 0
+    deferred: int = 0
+    lost_claims: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    rejected_id: int | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return {k: v for k, v in self.__dict__.items() if v not in (None, 0, {}, False)}
+
+
+# -- intake -------------------------------------------------------------------------------
+
+
+def issue_event(event: LoyaltyEvent, *, source: str, deps: Deps) -> Report:
+    """Take in one event (any delivery of it) and issue what it still needs.
+
+    Raises EventRejected when the event id was already used for different content.
+    """
+    now = deps.clock()
+    with deps.uow() as uow:
+        new = uow.ledger.ingest(event, source=source, now=now)
+        claim = uow.ledger.claim_event(
+            event.eventId, token=uuid.uuid4().hex, worker=deps.worker_id, now=now,
+            lease_until=now + timedelta(seconds=deps.lease_s),
+        )
+        uow.commit()
+    deps.metrics.events_received.labels("new" if new else "duplicate").inc()
+    if not claim.entities:
+        log.info(
+            "event.nothing_to_claim",
+            extra={"event_id": event.eventId, "customer": event.customer.key,
+                   "new_event": new, "entities": claim.skipped},
+        )
+        return Report(event.eventId, new_event=new, skipped=claim.skipped)
+    log.info(
+        "event.claimed",
+        extra={"event_id": event.eventId, "customer": claim.customer_key, "new_event": new,
+               "series": [e.series_id for e in claim.entities]},
+    )
+    return _attempt(claim, deps, new_event=new)
+
+
+def retry_entity(entity_id: int, *, deps: Deps) -> Report:
+    """Run the retry of one entity (from the retry queue or a replay)."""
+    now = deps.clock()
+    with deps.uow() as uow:
+        claim = uow.ledger.claim_entity(
+            entity_id, token=uuid.uuid4().hex, worker=deps.worker_id, now=now,
+            lease_until=now + timedelta(seconds=deps.lease_s),
+        )
+        uow.commit()
+    if claim is None:
+        log.info("retry.nothing_to_claim", extra={"entity_id": entity_id})
+        return Report(None)
+    return _attempt(claim, deps)
+
+
+def record_rejection(raw: bytes, reason: str, *, source: str, deps: Deps,
+                     event_id: str | None = None, content_type: str | None = None) -> int:
+    """Keep a message that is not a valid event, with the precise reason; returns its id."""
+    with deps.uow() as uow:
+        rejected_id = uow.ledger.record_rejection(
+            raw=raw, reason=reason, source=source, event_id=event_id,
+            content_type=content_type, now=deps.clock(),
+        )
+        uow.commit()
+    deps.metrics.events_received.labels("rejected").inc()
+    log.warning(
+        "event.rejected",
+        extra={"rejected_id": rejected_id, "event_id": event_id, "source": source,
+               "reason": reason, "size_bytes": len(raw)},
+    )
+    return rejected_id
+
+
+# -- one attempt at a claim ---------------------------------------------------------------
+
+
+@dataclass
+class _Attempt:
+    claim: Claim
+    deps: Deps
+    transitions: list[Transition] = field(default_factory=list)
+    calls: list[RecordedCall] = field(default_factory=list)
+    reconciled: int = 0
+
+    def add(self, entity: ClaimedEntity, decision: Decision, *, verdict: Verdict,
+            error_code: str | None = None, message: str | None = None,
+            request_id: str | None = None, coupon: Coupon | None = None,
+            reconciled: bool = False) -> None:
+        now = self.deps.clock()
+        base = Transition(
+            entity_id=entity.entity_id, state=EntityState.RETRY_WAIT, kind="",
+            attempt=entity.attempts, verdict=verdict.value, error_code=error_code,
+            error_message=message, request_id=request_id,
+        )
+        if isinstance(decision, RecordIssued):
+            transition = replace(
+                base, state=EntityState.ISSUED, kind="reconciled" if reconciled else "issued",
+                coupon=coupon, recorded_via="reconcile" if reconciled else "issue",
+            )
+        elif isinstance(decision, ScheduleRetry):
+            transition = replace(
+                base, kind="retry_scheduled", next_attempt_at=now + decision.delay,
+                needs_reconcile=decision.reconcile_first,
+            )
+        elif isinstance(decision, DeadLetter):
+            transition = replace(
+                base, state=EntityState.DEAD, kind="dead", dead_reason=decision.reason,
+                needs_reconcile=decision.reconcile_first,
+            )
+        else:
+            # Deferred by the circuit or the rate limit: the attempt did not count, and an
+            # entity that still needs reconciling keeps needing it.
+            transition = replace(
+                base, kind="deferred", next_attempt_at=now + decision.delay,
+                needs_reconcile=entity.needs_reconcile, refund_attempt=True,
+            )
+        self.transitions.append(transition)
+
+    def defer_all(self, entities: Sequence[ClaimedEntity], delay: timedelta, why: str,
+                  code: str) -> None:
+        for entity in entities:
+            jitter = timedelta(seconds=self.deps.rng.uniform(0, DEFER_JITTER_S))
+            self.add(entity, Defer(delay + jitter), verdict=Verdict.OUTAGE, error_code=code,
+                     message=why)
+
+
+def _attempt(claim: Claim, deps: Deps, *, new_event: bool = False) -> Report:
+    attempt = _Attempt(claim, deps)
+    permit = deps.circuit.permit()
+    if isinstance(permit, CircuitState):
+        wait = (permit.open_until or deps.clock()) - deps.clock()
+        attempt.defer_all(claim.entities, max(wait, timedelta(0)),
+                          f"circuit open: {permit.reason}", "circuit_open")
+        return _finish(attempt, new_event)
+
+    to_issue: list[ClaimedEntity] = []
+    for entity in claim.entities:
+        if entity.needs_reconcile and _reconcile(attempt, entity, permit):
+            continue
+        to_issue.append(entity)
+    if to_issue:
+        _issue(attempt, to_issue, permit)
+    return _finish(attempt, new_event)
+
+
+def _reconcile(attempt: _Attempt, entity: ClaimedEntity, permit: Permit) -> bool:
+    """Settle an entity whose last call may have issued. True when it needs no issue call."""
+    deps, claim = attempt.deps, attempt.claim
+    since = entity.first_attempt_at - RECONCILE_CLOCK_SKEW
+    wait_s = deps.limiter.reserve(READ_BACK)
+    if wait_s > deps.rate_limit_max_wait_s:
+        deps.limiter.cancel(READ_BACK)
+        attempt.defer_all([entity], timedelta(seconds=wait_s), "rate limit", "rate_limited")
+        return True
+    deps.sleep(wait_s)
+    try:
+        read_back = deps.api.find_coupons(claim.customer, entity.series_id, since)
+    except CapillaryError as exc:
+        verdict = Verdict.OUTAGE if isinstance(exc, Outage) else Verdict.AMBIGUOUS
+        retry_after = exc.retry_after_s if isinstance(exc, Retryable) else None
+        decision = deps.retry_policy.decide(
+            verdict, attempts=entity.attempts, retry_after_s=retry_after, rng=deps.rng,
+            circuit_open_s=deps.circuit.policy_open_s,
+        )
+        attempt.add(entity, decision, verdict=Verdict.AMBIGUOUS, error_code="reconcile_failed",
+                    message=f"read-back failed: {exc}", request_id=exc.request_id)
+        if verdict is Verdict.OUTAGE:
+            deps.circuit.failure(permit, verdict, f"read-back: {exc}")
+        return True
+    attempt.calls.append(RecordedCall(read_back.call, (entity.entity_id,), (entity.series_id,)))
+    deps.metrics.observe_call(READ_BACK, read_back.call.status, read_back.call.latency_ms)
+    ours = [
+        found for found in read_back.coupons
+        if claim.issue_ref in str(found.issual_details.get("notes") or "")
+    ]
+    if ours:
+        if len(ours) > 1:
+            log.error(
+                "reconcile.several_coupons",
+                extra={"event_id": claim.event_id, "series": entity.series_id,
+                       "codes": [f.coupon.code for f in ours]},
+            )
+        attempt.reconciled += 1
+        attempt.add(entity, RecordIssued(), verdict=Verdict.ISSUED,
+                    request_id=read_back.call.request_id, coupon=ours[0].coupon,
+                    reconciled=True)
+        return True
+    log.info(
+        "reconcile.absent",
+        extra={"event_id": claim.event_id, "customer": claim.customer_key,
+               "series": entity.series_id, "attempt": entity.attempts,
+               "request_id": read_back.call.request_id},
+    )
+    return False
+
+
+def _issue(attempt: _Attempt, entities: list[ClaimedEntity], permit: Permit) -> None:
+    deps, claim = attempt.deps, attempt.claim
+    wait_s = deps.limiter.reserve(BULK_ISSUE)
+    if wait_s > deps.rate_limit_max_wait_s:
+        deps.limiter.cancel(BULK_ISSUE)
+        attempt.defer_all(entities, timedelta(seconds=wait_s), "rate limit", "rate_limited")
+        return
+    deps.sleep(wait_s)
+    metadata = dict(claim.metadata)
+    metadata["notes"] = notes_with_ref(metadata.get("notes"), claim.issue_ref)
+    result = deps.api.bulk_issue(claim.customer, [e.series_id for e in entities], metadata)
+    call = result.call
+    attempt.calls.append(RecordedCall(
+        call, tuple(e.entity_id for e in entities), tuple(e.series_id for e in entities)))
+    deps.metrics.observe_call(BULK_ISSUE, call.status, call.latency_ms)
+    throttled = call.status == 429
+    if throttled:
+        deps.limiter.penalise(result.retry_after_s or deps.retry_policy.base_s)
+    _update_circuit(deps, permit, result)
+    for entity in entities:
+        outcome = result.entries[entity.series_id]
+        if throttled:
+            decision: Decision = Defer(deps.retry_policy.backoff(
+                entity.attempts, retry_after_s=result.retry_after_s, rng=deps.rng))
+        else:
+            decision = deps.retry_policy.decide(
+                outcome.verdict, attempts=entity.attempts, retry_after_s=result.retry_after_s,
+                circuit_open_s=deps.circuit.policy_open_s, rng=deps.rng,
+            )
+        attempt.add(
+            entity, decision, verdict=outcome.verdict,
+            error_code=outcome.error.code if outcome.error else None,
+            message=outcome.error.message if outcome.error else None,
+            request_id=call.request_id, coupon=outcome.coupon,
+        )
+
+
+def _update_circuit(deps: Deps, permit: Permit, result: BulkIssueResult) -> None:
+    verdicts = {e.verdict for e in result.entries.values()}
+    if Verdict.OUTAGE in verdicts:
+        first = next(e for e in result.entries.values() if e.verdict is Verdict.OUTAGE)
+        reason = f"{first.error.code}: {first.error.message}" if first.error else "outage"
+        deps.circuit.failure(permit, Verdict.OUTAGE, reason)
+    elif result.call_level_failure and result.call.status != 429:
+        verdict = next(iter(verdicts))
+        deps.circuit.failure(
+            permit, verdict, f"{result.call.error_code or result.call.status}: "
+            f"{result.call.error_message or ''}".strip())
+    else:
+        deps.circuit.success(permit)
+
+
+def _finish(attempt: _Attempt, new_event: bool) -> Report:
+    deps, claim = attempt.deps, attempt.claim
+    with deps.uow() as uow:
+        lost = uow.ledger.record(claim, calls=attempt.calls, transitions=attempt.transitions,
+                                 worker=deps.worker_id, now=deps.clock())
+        uow.commit()
+    if lost:
+        log.error("claim.lost", extra={"event_id": claim.event_id, "lost": lost,
+                                       "worker": deps.worker_id})
+    kinds = Counter(t.kind for t in attempt.transitions)
+    for t in attempt.transitions:
+        _log_transition(claim, t)
+        _count_transition(deps.metrics, t)
+    return Report(
+        claim.event_id,
+        new_event=new_event,
+        claimed=len(claim.entities),
+        issued=kinds["issued"] + kinds["reconciled"],
+        reconciled=kinds["reconciled"],
+        retrying=kinds["retry_scheduled"],
+        dead=kinds["dead"],
+        deferred=kinds["deferred"],
+        lost_claims=lost,
+    )
+
+
+def _log_transition(claim: Claim, t: Transition) -> None:
+    series = next((e.series_id for e in claim.entities if e.entity_id == t.entity_id), None)
+    extra = {
+        "event_id": claim.event_id, "customer": claim.customer_key, "series": series,
+        "entity_id": t.entity_id, "attempt": t.attempt, "error_code": t.error_code,
+        "request_id": t.request_id,
+    }
+    if t.coupon is not None:
+        extra["coupon"] = t.coupon.code
+    if t.next_attempt_at is not None:
+        extra["next_attempt_at"] = t.next_attempt_at.isoformat()
+    if t.error_message:
+        extra["error_message"] = t.error_message
+    if t.state is EntityState.DEAD:
+        extra["reason"] = t.dead_reason
+        log.warning("entity.dead", extra=extra)
+    else:
+        log.info(f"entity.{t.kind}", extra=extra)
+
+
+def _count_transition(metrics: Metrics, t: Transition) -> None:
+    if t.state is EntityState.ISSUED:
+        metrics.coupons_issued.labels(t.recorded_via).inc()
+        return
+    metrics.entities_failed.labels(t.verdict or "unknown").inc()
+    if t.kind == "retry_scheduled":
+        metrics.retries_scheduled.inc()
+    elif t.state is EntityState.DEAD:
+        metrics.dead_letters.labels(t.error_code or "unknown").inc()
+
+
+# -- the sweeper --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    leases_expired: int = 0
+    requeued: int = 0
+    dispatched: int = 0
+    dead_letters_published: int = 0
+    circuit: str = "closed"
+
+
+def sweep(deps: Deps, *, batch: int = 500, requeue_after_s: float = 300.0) -> SweepReport:
+    """The periodic work: recover crashed claims, dispatch due retries, publish dead letters.
+
+    Safe to run in every worker at once: each step locks its rows with SKIP LOCKED.
+    """
+    now = deps.clock()
+    with deps.uow() as uow:
+        expired = uow.ledger.expire_leases(
+            now=now, limit=batch,
+            retry_at=now + timedelta(seconds=deps.retry_policy.reconcile_delay_s),
+        )
+        requeued = uow.ledger.requeue_stale(
+            queued_before=now - timedelta(seconds=requeue_after_s), now=now, limit=batch)
+        uow.commit()
+    if expired:
+        log.warning("sweep.leases_expired", extra={"entity_ids": expired[:20],
+                                                   "count": len(expired)})
+    if requeued:
+        log.warning("sweep.requeued_lost_retries", extra={"count": requeued})
+
+    circuit = deps.circuit.state()
+    limit = batch
+    if circuit.state != "closed":
+        pause_over = circuit.open_until is None or now >= circuit.open_until
+        # While open, nothing goes; when the pause is over, one entity goes, as the probe.
+        limit = 1 if (circuit.state == "open" and pause_over) else 0
+    dispatched = 0
+    if limit:
+        with deps.uow() as uow:
+            due = uow.ledger.take_due(now=now, limit=limit)
+            if due:
+                deps.publisher.publish_retries(due)
+                uow.ledger.mark_queued([d.entity_id for d in due], now=now)
+            uow.commit()
+        dispatched = len(due)
+        for d in due:
+            log.info("entity.retry_dispatched",
+                     extra={"event_id": d.event_id, "customer": d.customer_key,
+                            "series": d.series_id, "entity_id": d.entity_id,
+                            "attempt": d.attempts + 1})
+
+    published = publish_dead_letters(deps, batch=batch)
+    return SweepReport(len(expired), requeued, dispatched, published, circuit.state)
+
+
+def publish_dead_letters(deps: Deps, *, batch: int = 500) -> int:
+    """Announce dead entities and rejected events on the dead-letter queue, once each."""
+    with deps.uow() as uow:
+        records = uow.ledger.unpublished_dead_letters(limit=batch)
+        if not records:
+            return 0
+        try:
+            deps.publisher.publish_dead_letters(records)
+        except WorkerError:
+            log.exception("dead_letters.publish_failed", extra={"count": len(records)})
+            return 0
+        uow.ledger.mark_dead_letters_published(records, now=deps.clock())
+        uow.commit()
+    return len(records)
+
+
+__all__ = [
+    "Deps",
+    "EventRejected",
+    "Publisher",
+    "Report",
+    "issue_event",
+    "record_rejection",
+    "retry_entity",
+    "sweep",
+]

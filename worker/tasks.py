@@ -1,0 +1,128 @@
+"""Thin Celery tasks: decode the message, call one service, map the outcome to the broker.
+
+No SQL and no HTTP here. The three tasks:
+- ``coupons.issue(event)``: an event from a Python producer (Celery protocol);
+- ``coupons.ingest(body, ...)``: a raw message from the plain-JSON bus, forwarded by the bridge;
+- ``coupons.retry(entity_id)``: one entity whose retry is due.
+
+Outcome mapping: a bad event is recorded as rejected and the message acknowledged (never
+requeued in a loop); a database outage puts the message back (``Reject(requeue=True)``) after a
+short pause, since nothing was recorded; an unexpected error is recorded as a rejection with
+the error, so the payload is kept and can be replayed once the bug is fixed.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from celery import Celery
+from celery.exceptions import Reject
+
+from worker import services
+from worker.errors import EventRejected, LedgerUnavailable
+from worker.events import parse_event_bytes, parse_event_data
+from worker.services import Deps, Report
+
+log = logging.getLogger(__name__)
+
+# Slows a redelivery loop while the database is down; the sweeper pauses consumers meanwhile.
+LEDGER_DOWN_PAUSE_S = 1.0
+
+
+def _container(app: Celery) -> Any:
+    return app.coupon_container  # type: ignore[attr-defined]
+
+
+def handle_event(data: object, *, source: str, deps: Deps) -> Report:
+    """Validate event data and issue it; a bad event becomes a recorded rejection."""
+    raw = json.dumps(data, default=str).encode("utf-8")
+    try:
+        event = parse_event_data(data)
+        return services.issue_event(event, source=source, deps=deps)
+    except EventRejected as exc:
+        rejected = services.record_rejection(
+            raw, exc.reason, source=source, deps=deps, event_id=exc.event_id,
+            content_type="application/json")
+        return Report(exc.event_id, rejected_id=rejected)
+
+
+def handle_raw(body: bytes, *, content_type: str | None, source: str, deps: Deps,
+               max_bytes: int) -> Report:
+    """Decode and validate a raw bus message and issue it; bad input is recorded."""
+    try:
+        event = parse_event_bytes(body, max_bytes=max_bytes)
+        return services.issue_event(event, source=source, deps=deps)
+    except EventRejected as exc:
+        rejected = services.record_rejection(
+            body, exc.reason, source=source, deps=deps, event_id=exc.event_id,
+            content_type=content_type)
+        return Report(exc.event_id, rejected_id=rejected)
+
+
+def _run(deps_of: Callable[[], Deps], work: Callable[[Deps], Report], *, raw: bytes,
+         source: str, event_id: str | None) -> dict[str, object]:
+    deps = deps_of()
+    try:
+        return work(deps).as_dict()
+    except LedgerUnavailable as exc:
+        log.error("ledger.unavailable", extra={"event_id": event_id, "error": str(exc)})
+        time.sleep(LEDGER_DOWN_PAUSE_S)
+        raise Reject(str(exc), requeue=True) from exc
+    except Exception as exc:
+        log.exception("task.unexpected_error", extra={"event_id": event_id})
+        try:
+            rejected = services.record_rejection(
+                raw, f"internal error: {type(exc).__name__}: {exc}", source=source, deps=deps,
+                event_id=event_id)
+        except LedgerUnavailable as down:
+            time.sleep(LEDGER_DOWN_PAUSE_S)
+            raise Reject(str(down), requeue=True) from down
+        return {"event_id": event_id, "rejected_id": rejected, "internal_error": str(exc)}
+
+
+def _event_id_of(data: object) -> str | None:
+    if isinstance(data, dict) and isinstance(data.get("eventId"), str):
+        return str(data["eventId"])[:128]
+    return None
+
+
+def decode_body(body: str, encoding: str) -> bytes:
+    return base64.b64decode(body) if encoding == "base64" else body.encode("utf-8")
+
+
+def register(app: Celery) -> None:
+    """Register the tasks on ``app`` (tasks are bound to the app that runs them)."""
+    from worker.celery_app import TASK_INGEST, TASK_ISSUE, TASK_RETRY
+
+    def deps() -> Deps:
+        deps_: Deps = _container(app).deps()
+        return deps_
+
+    @app.task(name=TASK_ISSUE, ignore_result=True)
+    def issue(event: dict[str, Any], source: str = "task") -> dict[str, object]:
+        """Issue the coupons of one event sent by a Python producer."""
+        return _run(deps, lambda d: handle_event(event, source=source, deps=d),
+                    raw=json.dumps(event, default=str).encode("utf-8"), source=source,
+                    event_id=_event_id_of(event))
+
+    @app.task(name=TASK_INGEST, ignore_result=True)
+    def ingest(body: str, encoding: str = "utf-8", content_type: str | None = None,
+               source: str = "bus", event_id: str | None = None) -> dict[str, object]:
+        """Issue the coupons of one raw bus message (validated here, in the pool)."""
+        raw = decode_body(body, encoding)
+        max_bytes = _container(app).settings.max_event_bytes
+        return _run(deps, lambda d: handle_raw(raw, content_type=content_type, source=source,
+                                               deps=d, max_bytes=max_bytes),
+                    raw=raw, source=source, event_id=event_id)
+
+    @app.task(name=TASK_RETRY, ignore_result=True)
+    def retry(entity_id: int) -> dict[str, object]:
+        """Run the due retry of one entity."""
+        return _run(deps, lambda d: services.retry_entity(entity_id, deps=d),
+                    raw=json.dumps({"entityId": entity_id}).encode(), source="retry",
+                    event_id=None)

@@ -1,0 +1,120 @@
+"""The read side: what support engineers and dashboards ask of the ledger.
+
+Plain queries returning plain dicts (ready for ``--json`` or a table); no unit of work, since
+nothing here writes.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import Engine, func, select
+
+from worker.errors import NotFound
+from worker.ledger import models as m
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return value
+
+
+def _row(mapping: Any) -> dict[str, Any]:
+    return {key: _plain(value) for key, value in dict(mapping).items()}
+
+
+def entity_state_counts(engine: Engine) -> dict[str, int]:
+    """Entities per state, for the backlog gauges and the demo summary."""
+    with engine.connect() as conn:
+        rows = conn.execute(select(m.Entity.state, func.count()).group_by(m.Entity.state))
+        return {state: int(count) for state, count in rows}
+
+
+def entity_story(conn: Any, entity_id: int) -> dict[str, Any]:
+    """One entity with its history, calls and coupon."""
+    e = m.Entity
+    row = conn.execute(select(e.__table__).where(e.id == entity_id)).mappings().first()
+    if row is None:
+        raise NotFound(f"no entity {entity_id}")
+    entity = _row(row)
+    entity.pop("claim_token", None)
+    entity["history"] = [
+        _row(h) for h in conn.execute(
+            select(m.EntityHistory.at, m.EntityHistory.kind, m.EntityHistory.state,
+                   m.EntityHistory.attempt, m.EntityHistory.error_code,
+                   m.EntityHistory.message, m.EntityHistory.request_id,
+                   m.EntityHistory.worker)
+            .where(m.EntityHistory.entity_id == entity_id).order_by(m.EntityHistory.id)
+        ).mappings()
+    ]
+    entity["calls"] = [
+        _row(c) for c in conn.execute(
+            select(m.ApiCall.started_at, m.ApiCall.operation, m.ApiCall.request_id,
+                   m.ApiCall.http_status, m.ApiCall.latency_ms, m.ApiCall.outcome,
+                   m.ApiCall.error_code, m.ApiCall.error_message, m.ApiCall.series_ids)
+            .where(m.ApiCall.entity_ids.contains([entity_id])).order_by(m.ApiCall.id)
+        ).mappings()
+    ]
+    coupon = conn.execute(
+        select(m.IssuedCoupon.__table__).where(m.IssuedCoupon.entity_id == entity_id)
+    ).mappings().first()
+    entity["coupon"] = _coupon(coupon) if coupon else None
+    entity["operator_actions"] = [
+        _row(a) for a in conn.execute(
+            select(m.OperatorAction.at, m.OperatorAction.action, m.OperatorAction.operator,
+                   m.OperatorAction.reason, m.OperatorAction.outcome)
+            .where(m.OperatorAction.entity_id == entity_id).order_by(m.OperatorAction.id)
+        ).mappings()
+    ]
+    return entity
+
+
+def _coupon(row: Any) -> dict[str, Any]:
+    coupon = _row(row)
+    coupon.pop("raw", None)
+    return coupon
+
+
+def event_story(engine: Engine, event_id: str) -> dict[str, Any]:
+    """An event, its entities (with history and calls), coupons, and any rejections."""
+    with engine.connect() as conn:
+        row = conn.execute(
+            select(m.Event.__table__).where(m.Event.event_id == event_id)
+        ).mappings().first()
+        rejections = [
+            _row(r) for r in conn.execute(
+                select(m.RejectedEvent.id, m.RejectedEvent.received_at, m.RejectedEvent.source,
+                       m.RejectedEvent.reason, m.RejectedEvent.size_bytes)
+                .where(m.RejectedEvent.event_id == event_id).order_by(m.RejectedEvent.id)
+            ).mappings()
+        ]
+        if row is None:
+            if rejections:
+                return {"event_id": event_id, "state": "rejected", "rejections": rejections,
+                        "entities": [], "coupons": []}
+            raise NotFound(f"no event {event_id!r} in the ledger")
+        event = _row(row)
+        entity_ids = conn.execute(
+            select(m.Entity.id).where(m.Entity.event_id == event_id).order_by(m.Entity.series_id)
+        ).scalars().all()
+        event["entities"] = [entity_story(conn, entity_id) for entity_id in entity_ids]
+        event["coupons"] = [e["coupon"] for e in event["entities"] if e["coupon"]]
+        event["rejections"] = rejections
+        return event
+
+
+def rejected_event(engine: Engine, rejected_id: int) -> dict[str, Any]:
+    with engine.connect() as conn:
+        row = conn.execute(
+            select(m.RejectedEvent.__table__).where(m.RejectedEvent.id == rejected_id)
+        ).mappings().first()
+    if row is None:
+        raise NotFound(f"no rejected event {rejected_id}")
+    return _row(row)
