@@ -219,6 +219,25 @@ def events_show(event_id: str, as_json: bool) -> None:
     render_event(console, story)
 
 
+# -- flower --------------------------------------------------------------------------------
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--port", type=int, default=5555, show_default=True)
+@click.option("--address", default="127.0.0.1", show_default=True,
+              help="Listen address (0.0.0.0 in a container).")
+@click.pass_context
+def flower(ctx: click.Context, port: int, address: str) -> None:
+    """Run Flower on the project's app (FLOWER_* variables apply, e.g. FLOWER_BASIC_AUTH).
+
+    Extra options are passed to Flower as they are.
+    """
+    settings_or_exit()
+    from worker.celery_app import app
+
+    app.start(["flower", f"--port={port}", f"--address={address}", *ctx.args])
+
+
 # -- sandbox -------------------------------------------------------------------------------
 
 

@@ -59,6 +59,8 @@ class Settings(BaseSettings):
         None, validation_alias="CAPILLARY_OAUTH_SECRET"
     )
     capillary_source: str | None = Field(None, validation_alias="CAPILLARY_SOURCE")
+    capillary_allow_insecure_http: bool = Field(
+        False, validation_alias="CAPILLARY_ALLOW_INSECURE_HTTP")
 
     http_timeout_s: float = Field(10.0, gt=0, validation_alias="COUPONS_HTTP_TIMEOUT_SECONDS")
     http_connect_timeout_s: float = Field(
@@ -116,15 +118,11 @@ class Settings(BaseSettings):
 
     @field_validator("capillary_base_url")
     @classmethod
-    def _https_unless_loopback(cls, value: str) -> str:
+    def _http_url(cls, value: str) -> str:
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http(s) URL with a host, e.g. https://eu.api.capillarytech.com")
-        if parts.scheme == "http" and not _is_loopback(parts.hostname):
             raise ValueError(
-                "plain http:// is refused for a non-loopback host: credentials would travel "
-                "in clear text; use https://"
-            )
+                "must be an http(s) URL with a host, e.g. https://eu.api.capillarytech.com")
         return value.rstrip("/")
 
     @field_validator("database_url")
@@ -137,6 +135,18 @@ class Settings(BaseSettings):
         elif value.startswith("postgresql://"):
             value = "postgresql+psycopg://" + value.removeprefix("postgresql://")
         return value
+
+    @model_validator(mode="after")
+    def _https_unless_loopback(self) -> Settings:
+        parts = urlsplit(self.capillary_base_url)
+        if parts.scheme == "http" and not _is_loopback(parts.hostname or "") \
+                and not self.capillary_allow_insecure_http:
+            raise ValueError(
+                "CAPILLARY_BASE_URL: plain http:// is refused for a non-loopback host, since "
+                "credentials would travel in clear text; use https:// (a sandbox on a private "
+                "network may set CAPILLARY_ALLOW_INSECURE_HTTP=true)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _coherent(self) -> Settings:
@@ -205,6 +215,13 @@ class Settings(BaseSettings):
         }
 
 
+def _env_name(field_name: str) -> str:
+    """The environment variable behind a settings field (errors name what users set)."""
+    field = Settings.model_fields.get(field_name)
+    alias = field.validation_alias if field is not None else None
+    return alias if isinstance(alias, str) else field_name
+
+
 def load_settings(**overrides: object) -> Settings:
     """Read and validate the settings; a bad value raises ConfigurationError naming it.
 
@@ -216,6 +233,7 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            where = ".".join(str(part) for part in error["loc"]) or "settings"
-            problems.append(f"{where}: {error['msg']}")
+            message = error["msg"].removeprefix("Value error, ")
+            names = [_env_name(str(part)) for part in error["loc"]]
+            problems.append(f"{'.'.join(names)}: {message}" if names else message)
         raise ConfigurationError("invalid configuration:\n  " + "\n  ".join(problems)) from None

@@ -117,6 +117,7 @@ def parse_bulk_answer(
 ) -> tuple[dict[int, EntryOutcome], bool]:
     """Per-series outcomes from a bulk-issue answer; the flag says no entry was readable.
 
+
     Capillary's status alone is not trusted (200/201/500 all may carry entries): every entry's
     ``result`` and ``errors`` are read. A requested series missing from an otherwise readable
     answer is ambiguous, since nothing says whether it was issued.
@@ -154,6 +155,9 @@ def parse_bulk_answer(
             error=EntryError(code=str(code) if code is not None else f"http_{status}",
                              message=message, verdict=verdict),
         )
+    if not entries:
+        # An empty or foreign list (a call-level error body) says nothing per series.
+        return entries, True
     for series_id in series_ids:
         if series_id not in entries:
             entries[series_id] = EntryOutcome(

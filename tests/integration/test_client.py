@@ -1,0 +1,190 @@
+"""The Capillary client against the sandbox over real HTTP: auth, parsing, classification."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from pydantic import SecretStr
+
+from worker.capillary.auth import BasicAuth, OAuthTokens, basic_auth_header
+from worker.capillary.client import CapillaryClient
+from worker.config import Settings
+from worker.domain import Verdict
+from worker.sandbox import SandboxAdmin
+
+CUSTOMER = {"id": "566881933"}
+META = {"sourceType": "Journeys", "notes": "[cw:abc]"}
+
+
+def test_basic_auth_header_matches_the_documented_test_vector() -> None:
+    header = basic_auth_header("store.server", SecretStr("server123"))
+    assert header == "Basic c3RvcmUuc2VydmVyOjhhMTZhNmI3MDUwNWViMWYxZmY3Y2RjMGNkNTU1OWE3"
+
+
+def test_credentials_never_show_in_reprs() -> None:
+    assert "server123" not in repr(BasicAuth("store.server", SecretStr("server123")))
+
+
+@pytest.fixture
+def client(settings: Settings, sandbox: SandboxAdmin) -> CapillaryClient:
+    return CapillaryClient.from_settings(settings)
+
+
+@pytest.fixture
+def oauth_client(settings_factory: Callable[..., Settings],
+                 sandbox: SandboxAdmin) -> CapillaryClient:
+    settings = settings_factory(capillary_username=None, capillary_password=None,
+                                capillary_oauth_key="demo-key",
+                                capillary_oauth_secret="demo-secret")
+    return CapillaryClient.from_settings(settings)
+
+
+def test_basic_auth_issues_and_parses_coupons(client: CapillaryClient,
+                                              sandbox: SandboxAdmin) -> None:
+    sandbox.configure(timezone="+05:30")
+    result = client.bulk_issue(CUSTOMER, [544770, 553379], META)
+    assert result.call.status == 200 and result.call.request_id
+    coupon = result.entries[544770].coupon
+    assert coupon is not None and result.entries[544770].verdict is Verdict.ISSUED
+    assert coupon.valid_till is not None and coupon.valid_till.utcoffset() == timedelta(hours=5.5)
+    assert coupon.valid_till_date_time is not None
+    assert coupon.valid_till_date_time.tzinfo is not None
+    assert coupon.discount_type == "ABS" and coupon.discount_value is not None
+    assert {c["code"] for c in sandbox.ledger()} == {
+        e.coupon.code for e in result.entries.values() if e.coupon}
+
+
+def test_wrong_basic_credentials_are_an_outage(settings_factory: Callable[..., Settings],
+                                               sandbox: SandboxAdmin) -> None:
+    client = CapillaryClient.from_settings(settings_factory(capillary_password="wrong"))
+    result = client.bulk_issue(CUSTOMER, [1], META)
+    assert result.call.status == 401 and result.entries[1].verdict is Verdict.OUTAGE
+    assert sandbox.ledger() == []
+
+
+def test_oauth_generates_caches_and_renews_on_401(oauth_client: CapillaryClient,
+                                                  sandbox: SandboxAdmin) -> None:
+    auth = oauth_client.auth
+    assert isinstance(auth, OAuthTokens)
+    assert oauth_client.bulk_issue(CUSTOMER, [1], META).entries[1].verdict is Verdict.ISSUED
+    assert oauth_client.bulk_issue(CUSTOMER, [2], META).entries[2].verdict is Verdict.ISSUED
+    assert auth.generated == 1, "the token is cached"
+    sandbox.revoke_tokens()
+    assert oauth_client.bulk_issue(CUSTOMER, [3], META).entries[3].verdict is Verdict.ISSUED
+    assert auth.generated == 2, "a 401 renews the token once and the call goes through"
+    assert len(sandbox.ledger()) == 3
+
+
+def test_oauth_renews_before_expiry(sandbox: SandboxAdmin, settings: Settings) -> None:
+    now = [0.0]
+    client = CapillaryClient(settings.capillary_base_url)
+    auth = OAuthTokens(settings.capillary_base_url, "demo-key", SecretStr("demo-secret"),
+                       session_factory=client.session, timeout_s=(1, 2), clock=lambda: now[0])
+    client.auth = auth
+    sandbox.configure(token_ttl_seconds=100)
+    first = auth.token()
+    now[0] = 70.0  # 30 s of life left: still more than the 20% margin
+    assert auth.token() == first
+    now[0] = 85.0  # inside the last 20%: renewed before it expires
+    assert auth.token() != first and auth.generated == 2
+
+
+def test_bad_oauth_secret_is_an_outage(settings_factory: Callable[..., Settings],
+                                       sandbox: SandboxAdmin) -> None:
+    client = CapillaryClient.from_settings(settings_factory(
+        capillary_username=None, capillary_password=None, capillary_oauth_key="demo-key",
+        capillary_oauth_secret="nope"))
+    result = client.bulk_issue(CUSTOMER, [1], META)
+    assert result.entries[1].verdict is Verdict.OUTAGE
+    assert "OAuth" in (result.call.error_message or "")
+
+
+@pytest.mark.parametrize(
+    ("series", "behaviour", "code", "verdict"),
+    [
+        (707, {"behaviour": "invalid"}, "707", Verdict.PERMANENT),
+        (712, {"behaviour": "expired"}, "712", Verdict.PERMANENT),
+        (730, {"behaviour": "error", "error_code": 730}, "730", Verdict.RETRYABLE),
+        (777, {"behaviour": "error", "error_code": 777}, "777", Verdict.OUTAGE),
+        (748, {"behaviour": "error", "error_code": 748}, "748", Verdict.AMBIGUOUS),
+    ],
+)
+def test_partial_answers_are_read_entry_by_entry(
+    client: CapillaryClient, sandbox: SandboxAdmin, series: int, behaviour: dict[str, object],
+    code: str, verdict: Verdict,
+) -> None:
+    sandbox.set_series(series, **behaviour)
+    result = client.bulk_issue(CUSTOMER, [544770, series], META)
+    assert result.call.status == 201
+    assert result.entries[544770].verdict is Verdict.ISSUED
+    failed = result.entries[series]
+    assert failed.verdict is verdict and failed.error is not None and failed.error.code == code
+
+
+def test_unknown_customer_and_limit_per_user(client: CapillaryClient,
+                                             sandbox: SandboxAdmin) -> None:
+    sandbox.set_customer("404", exists=False)
+    result = client.bulk_issue({"id": "404"}, [1, 2], META)
+    assert result.call.status == 500
+    assert {e.error.code for e in result.entries.values() if e.error} == {"701"}
+    sandbox.set_series(9, max_per_user=1)
+    assert client.bulk_issue(CUSTOMER, [9], META).entries[9].verdict is Verdict.ISSUED
+    second = client.bulk_issue(CUSTOMER, [9], META).entries[9]
+    assert second.verdict is Verdict.PERMANENT and second.error and second.error.code == "5002"
+
+
+@pytest.mark.parametrize(
+    ("fault", "verdict", "code", "issued"),
+    [
+        ({"kind": "error_before", "status": 500}, Verdict.RETRYABLE, "http_500", 0),
+        ({"kind": "empty_500_before"}, Verdict.AMBIGUOUS, "http_500", 0),
+        ({"kind": "error_after"}, Verdict.AMBIGUOUS, "http_500", 1),
+        ({"kind": "stall_after", "delay_seconds": 4}, Verdict.AMBIGUOUS, "read_timeout", 1),
+        ({"kind": "busy_521"}, Verdict.RETRYABLE, "http_521", 0),
+        ({"kind": "rate_limit", "retry_after_seconds": 7}, Verdict.RETRYABLE, "http_429", 0),
+        ({"kind": "reset_before"}, Verdict.AMBIGUOUS, "connection_reset", 0),
+        ({"kind": "reset_after"}, Verdict.AMBIGUOUS, "connection_reset", 1),
+    ],
+)
+def test_faults_are_classified_by_whether_the_request_can_have_issued(
+    client: CapillaryClient, sandbox: SandboxAdmin, fault: dict[str, object],
+    verdict: Verdict, code: str, issued: int,
+) -> None:
+    sandbox.add_fault(**fault)
+    result = client.bulk_issue(CUSTOMER, [544770], META)
+    entry = result.entries[544770]
+    assert entry.verdict is verdict
+    assert entry.error is not None and entry.error.code == code
+    assert result.call_level_failure
+    assert len(sandbox.ledger()) == issued
+    if fault["kind"] == "rate_limit":
+        assert result.retry_after_s == 7
+
+
+def test_connection_refused_is_retryable() -> None:
+    client = CapillaryClient("http://127.0.0.1:9", auth=None, connect_timeout_s=1)
+    entry = client.bulk_issue(CUSTOMER, [1], META).entries[1]
+    assert entry.verdict is Verdict.RETRYABLE and entry.error and \
+        entry.error.code == "connection_refused"
+
+
+def test_read_back_finds_our_coupon_by_reference(client: CapillaryClient) -> None:
+    since = datetime.now(UTC) - timedelta(minutes=1)
+    issued = client.bulk_issue(CUSTOMER, [544770], {"notes": "Gold [cw:0123456789abcdef]"})
+    code = issued.entries[544770].coupon.code  # type: ignore[union-attr]
+    found = client.find_coupons(CUSTOMER, 544770, since)
+    assert [f.coupon.code for f in found.coupons] == [code]
+    assert "[cw:0123456789abcdef]" in found.coupons[0].issual_details["notes"]
+    assert client.find_coupons(CUSTOMER, 553379, since).coupons == ()
+    later = datetime.now(UTC) + timedelta(minutes=1)
+    assert client.find_coupons(CUSTOMER, 544770, later).coupons == ()
+
+
+def test_read_back_by_mobile_resolves_the_customer(client: CapillaryClient) -> None:
+    since = datetime.now(UTC) - timedelta(minutes=1)
+    customer = {"mobile": "919876543210"}
+    client.bulk_issue(customer, [544770], {"notes": "[cw:feedfacefeedface]"})
+    found = client.find_coupons(customer, 544770, since)
+    assert len(found.coupons) == 1

@@ -1,0 +1,203 @@
+"""The ledger's rules, run against PostgreSQL and the in-memory fake side by side."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, func, select
+
+from worker.domain import Coupon, EntityState
+from worker.errors import EventRejected
+from worker.events import parse_event_data
+from worker.ledger import models as m
+from worker.ledger.fake import fake_unit_of_work_factory
+from worker.ledger.records import CircuitState, Claim, Transition
+from worker.ledger.unit_of_work import UnitOfWork, sql_unit_of_work_factory
+
+NOW = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
+LEASE = NOW + timedelta(seconds=60)
+EVENT = parse_event_data({"eventId": "e-1", "customer": {"id": "7"}, "seriesIds": [1, 2]})
+
+UowFactory = Callable[[], UnitOfWork]
+
+
+@pytest.fixture(params=["postgres", "fake"])
+def uow(request: pytest.FixtureRequest) -> UowFactory:
+    if request.param == "postgres":
+        engine: Engine = request.getfixturevalue("clean_ledger")
+        return sql_unit_of_work_factory(engine)
+    _state, factory = fake_unit_of_work_factory()
+    return factory  # type: ignore[no-any-return]
+
+
+def ingest_and_claim(uow: UowFactory, token: str = "t1", now: datetime = NOW,
+                     lease: datetime = LEASE) -> Claim:
+    with uow() as u:
+        u.ledger.ingest(EVENT, source="bus", now=now)
+        claim = u.ledger.claim_event("e-1", token=token, worker="w", now=now, lease_until=lease)
+        u.commit()
+    return claim
+
+
+def record(uow: UowFactory, claim: Claim, *transitions: Transition) -> int:
+    with uow() as u:
+        lost = u.ledger.record(claim, calls=[], transitions=list(transitions), worker="w",
+                               now=NOW)
+        u.commit()
+    return lost
+
+
+def issued(entity_id: int, attempt: int = 1, code: str = "C1") -> Transition:
+    return Transition(entity_id, EntityState.ISSUED, "issued", attempt,
+                      coupon=Coupon(code=code, series_id=1))
+
+
+def retry_wait(entity_id: int, at: datetime) -> Transition:
+    return Transition(entity_id, EntityState.RETRY_WAIT, "retry_scheduled", 1,
+                      next_attempt_at=at, verdict="retryable", error_code="730")
+
+
+def test_ingest_is_idempotent_and_claims_once(uow: UowFactory) -> None:
+    first = ingest_and_claim(uow)
+    assert [e.series_id for e in first.entities] == [1, 2]
+    assert all(e.attempts == 1 and not e.needs_reconcile for e in first.entities)
+    second = ingest_and_claim(uow, token="t2")
+    assert second.entities == ()
+    assert second.skipped == {"in_flight": 2}
+
+
+def test_an_id_reused_for_other_content_is_refused(uow: UowFactory) -> None:
+    ingest_and_claim(uow)
+    other = parse_event_data({"eventId": "e-1", "customer": {"id": "8"}, "seriesIds": [1, 2]})
+    with pytest.raises(EventRejected), uow() as u:
+        u.ledger.ingest(other, source="bus", now=NOW)
+
+
+def test_nothing_is_kept_without_commit(uow: UowFactory) -> None:
+    with uow() as u:
+        u.ledger.ingest(EVENT, source="bus", now=NOW)
+    assert ingest_and_claim(uow).entities != ()
+
+
+def test_an_expired_lease_is_claimed_again_and_must_reconcile(uow: UowFactory) -> None:
+    ingest_and_claim(uow)
+    later = LEASE + timedelta(seconds=1)
+    again = ingest_and_claim(uow, token="t2", now=later, lease=later + timedelta(seconds=60))
+    assert [e.needs_reconcile for e in again.entities] == [True, True]
+    assert [e.attempts for e in again.entities] == [2, 2]
+
+
+def test_an_outcome_needs_the_claim_except_an_issued_coupon(uow: UowFactory) -> None:
+    stale = ingest_and_claim(uow)
+    later = LEASE + timedelta(seconds=1)
+    ingest_and_claim(uow, token="t2", now=later, lease=later + timedelta(seconds=60))
+    a, b = stale.entities
+    assert record(uow, stale, retry_wait(a.entity_id, NOW)) == 1, "claim lost: not applied"
+    assert record(uow, stale, issued(b.entity_id)) == 0, "a coupon is recorded regardless"
+
+
+def test_retries_are_taken_when_due_and_requeued_if_lost(uow: UowFactory) -> None:
+    claim = ingest_and_claim(uow)
+    a, b = claim.entities
+    record(uow, claim, retry_wait(a.entity_id, NOW + timedelta(seconds=10)), issued(b.entity_id))
+    with uow() as u:
+        assert u.ledger.take_due(now=NOW, limit=10) == []
+        due = u.ledger.take_due(now=NOW + timedelta(seconds=10), limit=10)
+        assert [d.entity_id for d in due] == [a.entity_id]
+        u.ledger.mark_queued([a.entity_id], now=NOW)
+        u.commit()
+    with uow() as u:
+        assert u.ledger.claim_entity(b.entity_id, token="x", worker="w", now=NOW,
+                                     lease_until=LEASE) is None, "issued is never claimed"
+        assert u.ledger.requeue_stale(queued_before=NOW - timedelta(seconds=1), now=NOW,
+                                      limit=10) == 0
+        assert u.ledger.requeue_stale(queued_before=NOW + timedelta(seconds=1), now=NOW,
+                                      limit=10) == 1
+        u.commit()
+    with uow() as u:
+        retry = u.ledger.claim_entity(a.entity_id, token="t3", worker="w", now=NOW,
+                                      lease_until=LEASE)
+        u.commit()
+    assert retry is not None and retry.entities[0].attempts == 2
+
+
+def test_expired_leases_are_swept_into_reconciliation(uow: UowFactory) -> None:
+    ingest_and_claim(uow)
+    with uow() as u:
+        assert u.ledger.expire_leases(now=NOW, retry_at=NOW, limit=10) == []
+        swept = u.ledger.expire_leases(now=LEASE + timedelta(seconds=1), retry_at=LEASE,
+                                       limit=10)
+        u.commit()
+    assert len(swept) == 2
+    with uow() as u:
+        retry = u.ledger.claim_entity(swept[0], token="t9", worker="w",
+                                      now=LEASE + timedelta(seconds=2),
+                                      lease_until=LEASE + timedelta(seconds=60))
+        u.commit()
+    assert retry is not None and retry.entities[0].needs_reconcile
+
+
+def test_dead_letters_are_published_once(uow: UowFactory) -> None:
+    claim = ingest_and_claim(uow)
+    a, _b = claim.entities
+    record(uow, claim, Transition(a.entity_id, EntityState.DEAD, "dead", 1, error_code="707",
+                                  dead_reason="permanent error"))
+    with uow() as u:
+        u.ledger.record_rejection(raw=b"{", reason="invalid JSON", source="bus", event_id=None,
+                                  content_type=None, now=NOW)
+        records = u.ledger.unpublished_dead_letters(limit=10)
+        assert sorted(r.kind for r in records) == ["entity", "rejected_event"]
+        u.ledger.mark_dead_letters_published(records, now=NOW)
+        u.commit()
+    with uow() as u:
+        assert u.ledger.unpublished_dead_letters(limit=10) == []
+
+
+def test_circuit_counts_failures_and_lets_one_probe(uow: UowFactory) -> None:
+    with uow() as u:
+        assert u.ledger.circuit("c").state == "closed"
+        assert u.ledger.count_failure("c", now=NOW).consecutive_failures == 1
+        assert u.ledger.count_failure("c", now=NOW).consecutive_failures == 2
+        u.ledger.save_circuit("c", CircuitState("open", 2, 1, NOW, "down"), now=NOW)
+        u.commit()
+    with uow() as u:
+        assert not u.ledger.try_probe("c", now=NOW - timedelta(seconds=1), probe_until=LEASE)
+        assert u.ledger.try_probe("c", now=NOW, probe_until=LEASE)
+        assert not u.ledger.try_probe("c", now=NOW, probe_until=LEASE), "one probe at a time"
+        u.commit()
+
+
+# -- PostgreSQL only: real concurrency -------------------------------------------------------
+
+
+def test_racing_claims_never_share_an_entity(clean_ledger: Engine) -> None:
+    uow = sql_unit_of_work_factory(clean_ledger)
+    with uow() as u:
+        u.ledger.ingest(parse_event_data({"eventId": "race", "customer": {"id": "1"},
+                                          "seriesIds": list(range(1, 41))}),
+                        source="bus", now=NOW)
+        u.commit()
+    claims: list[Any] = []
+    barrier = threading.Barrier(8)
+
+    def claim(n: int) -> None:
+        barrier.wait()
+        with uow() as u:
+            claims.append(u.ledger.claim_event("race", token=f"t{n}", worker=f"w{n}", now=NOW,
+                                               lease_until=LEASE))
+            u.commit()
+
+    threads = [threading.Thread(target=claim, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    claimed = [e.entity_id for c in claims for e in c.entities]
+    assert len(claimed) == 40 and len(set(claimed)) == 40
+    with clean_ledger.connect() as conn:
+        tokens = conn.execute(select(func.count(func.distinct(m.Entity.claim_token)))).scalar()
+    assert tokens is not None and tokens >= 1
