@@ -37,9 +37,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     """The Celery settings for these coupon-worker settings."""
     tasks_queue = topology.tasks_queue(settings)
     retry_queue = topology.retry_queue(settings)
-    transport_options: dict[str, Any] = {}
-    if settings.broker_url.startswith(("amqp", "pyamqp")):
-        transport_options["confirm_publish"] = True
+    transport_options = settings.broker_transport_options()
     return {
         "broker_url": settings.broker_url,
         "broker_transport_options": transport_options,

@@ -48,6 +48,7 @@ class Settings(BaseSettings):
 
     database_url: str = Field(DEFAULT_DATABASE_URL, validation_alias="COUPONS_DATABASE_URL")
     broker_url: str = Field(DEFAULT_BROKER_URL, validation_alias="COUPONS_BROKER_URL")
+    broker_folder: str | None = Field(None, validation_alias="COUPONS_BROKER_FOLDER")
 
     capillary_base_url: str = Field(
         DEFAULT_CAPILLARY_BASE_URL, validation_alias="CAPILLARY_BASE_URL"
@@ -174,6 +175,17 @@ class Settings(BaseSettings):
                 f"COUPONS_RATE_LIMIT_MAX_WAIT_SECONDS = {minimum_lease_s:g}"
             )
         return self
+
+    def broker_transport_options(self) -> dict[str, object]:
+        """kombu transport options: publisher confirms on AMQP; folders for the file broker."""
+        if self.broker_url.startswith(("amqp", "pyamqp")):
+            return {"confirm_publish": True}
+        if self.broker_url.startswith("filesystem"):
+            # The demo's no-server fallback: one folder shared by every process.
+            root = self.broker_folder or ".coupon-broker"
+            return {"data_folder_in": f"{root}/messages", "data_folder_out": f"{root}/messages",
+                    "control_folder": f"{root}/control"}
+        return {}
 
     @property
     def auth_scheme(self) -> AuthScheme | None:

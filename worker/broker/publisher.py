@@ -94,8 +94,7 @@ class EventProducer:
     @classmethod
     @contextmanager
     def open(cls, settings: Settings) -> Iterator[EventProducer]:
-        transport_options = {"confirm_publish": True} \
-            if settings.broker_url.startswith(("amqp", "pyamqp")) else {}
+        transport_options = settings.broker_transport_options()
         try:
             with Connection(settings.broker_url, transport_options=transport_options,
                             connect_timeout=5) as connection:
