@@ -4,6 +4,9 @@
     coupon-worker worker                  run a Celery worker (tasks, bridge, sweeper, metrics)
     coupon-worker publish FILE|-          publish one event or a JSON-lines file of events
     coupon-worker events show EVENT_ID    an event's entities, attempts, errors and coupons
+    coupon-worker events replay EVENT_ID  re-run what an event has not issued yet
+    coupon-worker dlq list|summary|show|replay|discard   dead letters, for support engineers
+    coupon-worker flower                  Flower on the project's app
     coupon-worker sandbox                 run the sandbox Capillary server
 """
 
@@ -12,6 +15,8 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -217,6 +222,235 @@ def events_show(event_id: str, as_json: bool) -> None:
     from worker.render import render_event
 
     render_event(console, story)
+
+
+@events.command("replay")
+@click.argument("event_id")
+@click.option("--reason", required=True, help="Why (stored in the audit log).")
+@click.option("--operator", default=None, help="Who (default: the OS user).")
+@click.option("--dry-run", is_flag=True, help="Show what would happen; change nothing.")
+@click.option("--rate", type=float, default=20.0, show_default=True,
+              help="At most this many entities re-enqueued per second.")
+@click.option("--json", "as_json", is_flag=True)
+def events_replay(event_id: str, reason: str, operator: str | None, dry_run: bool,
+                  rate: float, as_json: bool) -> None:
+    """Re-run only what an event has not issued yet (dead entities, waiting retries)."""
+    from worker.replay import default_operator, replay_event
+
+    with _support_deps() as deps:
+        results = replay_event(event_id, reason=reason, operator=operator or default_operator(),
+                               deps=deps, dry_run=dry_run, rate_per_s=rate)
+    _print_actions(results, as_json, dry_run, empty=f"nothing to replay for {event_id}")
+
+
+# -- dead letters --------------------------------------------------------------------------
+
+
+def _parse_when(value: str | None) -> datetime | None:
+    """ISO-8601, or a duration back from now: 30m, 2h, 7d."""
+    if not value:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if value[-1:] in units and value[:-1].isdigit():
+        return datetime.now(UTC) - timedelta(seconds=int(value[:-1]) * units[value[-1]])
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: use ISO-8601 or 30m / 2h / 7d") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def selection_options(func: Any) -> Any:
+    """The filters shared by dlq list / summary / replay / discard."""
+    for option in reversed([
+        click.option("--error-code", help="e.g. 712, read_timeout, rejected"),
+        click.option("--series", "series_id", type=int, help="Coupon series id."),
+        click.option("--customer", help="Customer id, or key like mobile:9198..."),
+        click.option("--event", "event_id", help="Event id."),
+        click.option("--since", help="ISO-8601 or 30m / 2h / 7d ago."),
+        click.option("--until", help="ISO-8601 or 30m / 2h / 7d ago."),
+    ]):
+        func = option(func)
+    return func
+
+
+def _selection(ids: tuple[int, ...], error_code: str | None, series_id: int | None,
+               customer: str | None, event_id: str | None, since: str | None,
+               until: str | None) -> Any:
+    from worker.ledger.support import Selection
+
+    return Selection(entity_ids=ids, event_id=event_id, error_code=error_code,
+                     series_id=series_id, customer=customer, since=_parse_when(since),
+                     until=_parse_when(until))
+
+
+@contextmanager
+def _engine() -> Iterator[Any]:
+    from worker.ledger.unit_of_work import make_engine
+
+    settings = settings_or_exit()
+    engine = make_engine(settings.database_url, pool_size=1)
+    try:
+        yield engine
+    except WorkerError as exc:
+        fail(str(exc))
+    finally:
+        engine.dispose()
+
+
+@contextmanager
+def _support_deps() -> Iterator[Any]:
+    from worker.broker.publisher import CeleryPublisher
+    from worker.celery_app import create_app
+    from worker.ledger.unit_of_work import make_engine, sql_unit_of_work_factory
+    from worker.replay import SupportDeps
+    from worker.services import utcnow
+
+    settings = settings_or_exit()
+    engine = make_engine(settings.database_url, pool_size=1)
+    app = create_app(settings)
+    try:
+        yield SupportDeps(uow=sql_unit_of_work_factory(engine),  # type: ignore[arg-type]
+                          publisher=CeleryPublisher(app, settings), clock=utcnow)
+    except (WorkerError, ValueError) as exc:
+        fail(str(exc))
+    finally:
+        engine.dispose()
+
+
+def _print_actions(results: list[Any], as_json: bool, dry_run: bool, *, empty: str) -> None:
+    if as_json:
+        print_json({"dry_run": dry_run, "results": [r.as_dict() for r in results]})
+        return
+    if not results:
+        console.print(empty, highlight=False)
+        return
+    from worker.render import render_actions
+
+    render_actions(console, results, dry_run=dry_run)
+
+
+@main.group()
+def dlq() -> None:
+    """Dead letters: what could not be issued, and putting it right."""
+
+
+@dlq.command("list")
+@selection_options
+@click.option("--limit", type=int, default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def dlq_list(error_code: str | None, series_id: int | None, customer: str | None,
+             event_id: str | None, since: str | None, until: str | None, limit: int,
+             as_json: bool) -> None:
+    """Dead entities and rejected events, newest first."""
+    from worker.views import dead_letters
+
+    selection = _selection((), error_code if error_code != "rejected" else None, series_id,
+                           customer, event_id, since, until)
+    with _engine() as engine:
+        rows = dead_letters(engine, selection, limit=limit,
+                            include_rejected=error_code in (None, "rejected"))
+    if error_code == "rejected":
+        rows = [r for r in rows if r["kind"] == "rejected"]
+    if as_json:
+        print_json(rows)
+        return
+    from worker.render import render_dead_letters
+
+    render_dead_letters(console, rows)
+
+
+@dlq.command("summary")
+@selection_options
+@click.option("--json", "as_json", is_flag=True)
+def dlq_summary(error_code: str | None, series_id: int | None, customer: str | None,
+                event_id: str | None, since: str | None, until: str | None,
+                as_json: bool) -> None:
+    """Dead entities grouped by error code and series: what failed, how many, since when."""
+    from worker.views import dead_letter_summary
+
+    selection = _selection((), error_code, series_id, customer, event_id, since, until)
+    with _engine() as engine:
+        rows = dead_letter_summary(engine, selection)
+    if as_json:
+        print_json(rows)
+        return
+    from worker.render import render_summary
+
+    render_summary(console, rows)
+
+
+@dlq.command("show")
+@click.argument("entity_id", type=int)
+@click.option("--json", "as_json", is_flag=True)
+def dlq_show(entity_id: int, as_json: bool) -> None:
+    """The full story of one entity: attempts, request ids, errors, operator actions."""
+    from worker.views import entity_story
+
+    with _engine() as engine, engine.connect() as conn:
+        try:
+            story = entity_story(conn, entity_id)
+        except NotFound as exc:
+            fail(str(exc), 3)
+    if as_json:
+        print_json(story)
+        return
+    from worker.render import render_entity
+
+    render_entity(console, story)
+
+
+def _guard_selection(selection: Any, everything: bool) -> None:
+    if selection.is_empty() and not everything:
+        fail("name entity ids, --event, or a filter (or --all to act on every dead entity)", 2)
+
+
+@dlq.command("replay")
+@click.argument("entity_ids", type=int, nargs=-1)
+@selection_options
+@click.option("--all", "everything", is_flag=True, help="Every dead entity.")
+@click.option("--reason", required=True, help="Why (stored in the audit log).")
+@click.option("--operator", default=None, help="Who (default: the OS user).")
+@click.option("--dry-run", is_flag=True, help="Show what would happen; change nothing.")
+@click.option("--rate", type=float, default=20.0, show_default=True,
+              help="At most this many entities re-enqueued per second.")
+@click.option("--json", "as_json", is_flag=True)
+def dlq_replay(entity_ids: tuple[int, ...], error_code: str | None, series_id: int | None,
+               customer: str | None, event_id: str | None, since: str | None,
+               until: str | None, everything: bool, reason: str, operator: str | None,
+               dry_run: bool, rate: float, as_json: bool) -> None:
+    """Replay dead entities by id, by event or by filter (safe to run twice)."""
+    from worker.replay import default_operator, replay
+
+    selection = _selection(entity_ids, error_code, series_id, customer, event_id, since, until)
+    _guard_selection(selection, everything)
+    with _support_deps() as deps:
+        results = replay(selection, reason=reason, operator=operator or default_operator(),
+                         deps=deps, dry_run=dry_run, rate_per_s=rate)
+    _print_actions(results, as_json, dry_run, empty="no dead entity matches")
+
+
+@dlq.command("discard")
+@click.argument("entity_ids", type=int, nargs=-1)
+@selection_options
+@click.option("--all", "everything", is_flag=True, help="Every dead entity.")
+@click.option("--reason", required=True, help="Why (stored in the audit log).")
+@click.option("--operator", default=None, help="Who (default: the OS user).")
+@click.option("--dry-run", is_flag=True, help="Show what would happen; change nothing.")
+@click.option("--json", "as_json", is_flag=True)
+def dlq_discard(entity_ids: tuple[int, ...], error_code: str | None, series_id: int | None,
+                customer: str | None, event_id: str | None, since: str | None,
+                until: str | None, everything: bool, reason: str, operator: str | None,
+                dry_run: bool, as_json: bool) -> None:
+    """Close dead entities without issuing them."""
+    from worker.replay import default_operator, discard
+
+    selection = _selection(entity_ids, error_code, series_id, customer, event_id, since, until)
+    _guard_selection(selection, everything)
+    with _support_deps() as deps:
+        results = discard(selection, reason=reason, operator=operator or default_operator(),
+                          deps=deps, dry_run=dry_run)
+    _print_actions(results, as_json, dry_run, empty="no dead entity matches")
 
 
 # -- flower --------------------------------------------------------------------------------

@@ -142,3 +142,44 @@ def notes_with_ref(notes: str | None, ref: str) -> str:
     if len(notes) > room:
         notes = notes[: room - 1] + "\u2026"
     return f"{notes} {suffix}"
+
+
+ERROR_MEANINGS: dict[str, str] = {
+    "701": "customer not found",
+    "707": "invalid series id",
+    "709": "coupon processing failed",
+    "712": "series/campaign expired",
+    "713": "coupon expired",
+    "714": "campaign over",
+    "721": "invalid customer",
+    "722": "unable to create coupon",
+    "730": "unknown error",
+    "740": "fraud customer",
+    "742": "issue blocked for customer",
+    "748": "coupon service timed out",
+    "750": "fraud customer",
+    "777": "coupon source not valid",
+    "788": "invalid configuration",
+    "795": "invalid configuration",
+    "799": "invalid configuration",
+    "5001": "max series created",
+    "5002": "max coupons per user",
+    "5004": "one coupon per user",
+    "5005": "series code queue empty",
+    "5006": "unable to issue number",
+    "read_timeout": "no answer in time (may have issued)",
+    "connection_reset": "connection dropped (may have issued)",
+    "connection_refused": "could not connect",
+    "reconcile_failed": "read-back failed",
+    "missing_entry": "answer had no entry",
+}
+
+
+def describe_error(code: str | None) -> str:
+    """``712 series/campaign expired``: a code with its meaning, for tables."""
+    if code is None:
+        return "-"
+    meaning = ERROR_MEANINGS.get(code)
+    if meaning is None and code.startswith("http_"):
+        meaning = f"HTTP {code[5:]}"
+    return f"{code} {meaning}" if meaning else code

@@ -60,3 +60,84 @@ def render_event(console: Console, story: dict[str, Any]) -> None:
         console.print(c)
     else:
         console.print("no coupons issued for this event", highlight=False)
+
+
+def render_dead_letters(console: Console, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        console.print("no dead letters", highlight=False)
+        return
+    from worker.domain import describe_error
+
+    t = table(f"dead letters ({len(rows)})", ["kind", "id", "event", "customer", "series",
+                                               "error", "attempts", "since", "message"])
+    for r in rows:
+        t.add_row(r["kind"], _s(r["id"]), _s(r.get("event_id")), _s(r.get("customer")),
+                  _s(r.get("series_id")), describe_error(r.get("error_code")),
+                  _s(r.get("attempts")), _s(r.get("dead_at")),
+                  _s(r.get("reason") or r.get("message")))
+    console.print(t)
+
+
+def render_summary(console: Console, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        console.print("no dead letters", highlight=False)
+        return
+    from worker.domain import describe_error
+
+    t = table("dead letters by error and series",
+              ["error", "series", "entities", "customers", "first", "last"])
+    for r in rows:
+        t.add_row(describe_error(r["error_code"]), _s(r["series_id"]), _s(r["count"]),
+                  _s(r["customers"]), _s(r["first"]), _s(r["last"]))
+    console.print(t)
+
+
+def render_entity(console: Console, e: dict[str, Any]) -> None:
+    """One entity's whole story."""
+    from worker.domain import describe_error
+
+    console.print(
+        f"[bold]entity[/] {e['id']}  event={e['event_id']}  customer={e['customer_key']}  "
+        f"series={e['series_id']}  state=[bold]{e['state']}[/]  attempts={e['attempts']}  "
+        f"last error={describe_error(e['last_error_code'])}"
+        + ("  [yellow]outcome unknown: reconciles before any re-issue[/]"
+           if e.get("needs_reconcile") else ""),
+        highlight=False,
+    )
+    if e.get("dead_reason"):
+        console.print(f"dead: {e['dead_reason']} ({e['dead_at']})", highlight=False)
+    h = table("history", ["at", "what", "state", "attempt", "error", "message", "request id",
+                          "by"])
+    for item in e["history"]:
+        h.add_row(_s(item["at"]), item["kind"], item["state"], _s(item["attempt"]),
+                  _s(item["error_code"]), _s(item["message"]), _s(item["request_id"]),
+                  _s(item["worker"]))
+    console.print(h)
+    if e["calls"]:
+        c = table("Capillary calls", ["at", "operation", "status", "ms", "outcome", "error",
+                                      "request id"])
+        for call in e["calls"]:
+            c.add_row(_s(call["started_at"]), call["operation"], _s(call["http_status"]),
+                      f"{call['latency_ms']:.0f}", call["outcome"], _s(call["error_code"]),
+                      _s(call["request_id"]))
+        console.print(c)
+    if e.get("coupon"):
+        coupon = e["coupon"]
+        console.print(f"coupon {coupon['code']} valid till "
+                      f"{coupon['valid_till_date_time'] or coupon['valid_till']} "
+                      f"(recorded via {coupon['recorded_via']})", highlight=False)
+    if e["operator_actions"]:
+        a = table("operator actions", ["at", "action", "operator", "reason", "outcome"])
+        for action in e["operator_actions"]:
+            a.add_row(_s(action["at"]), action["action"], action["operator"], action["reason"],
+                      action["outcome"])
+        console.print(a)
+
+
+def render_actions(console: Console, results: list[Any], *, dry_run: bool) -> None:
+    t = table("dry run: nothing changed" if dry_run else "done",
+              ["entity", "event", "customer", "series", "state before", "outcome"])
+    for r in results:
+        t.add_row(_s(r.entity_id), r.event_id, r.customer, _s(r.series_id), r.state_before,
+                  r.outcome)
+    console.print(t)

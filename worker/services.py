@@ -443,10 +443,16 @@ def sweep(deps: Deps, *, batch: int = 500, requeue_after_s: float = 300.0) -> Sw
     if limit:
         with deps.uow() as uow:
             due = uow.ledger.take_due(now=now, limit=limit)
-            if due:
-                deps.publisher.publish_retries(due)
-                uow.ledger.mark_queued([d.entity_id for d in due], now=now)
+            uow.ledger.mark_queued([d.entity_id for d in due], now=now)
             uow.commit()
+        # Published after the commit, so the retry task finds the entity queued. Should the
+        # publish fail, the entities stay queued and requeue_stale makes them due again.
+        if due:
+            try:
+                deps.publisher.publish_retries(due)
+            except WorkerError:
+                log.exception("retry.publish_failed", extra={"count": len(due)})
+                due = []
         dispatched = len(due)
         for d in due:
             log.info("entity.retry_dispatched",

@@ -14,6 +14,7 @@ from sqlalchemy import Engine, func, select
 
 from worker.errors import NotFound
 from worker.ledger import models as m
+from worker.ledger.support import Selection
 
 
 def _plain(value: Any) -> Any:
@@ -118,3 +119,59 @@ def rejected_event(engine: Engine, rejected_id: int) -> dict[str, Any]:
     if row is None:
         raise NotFound(f"no rejected event {rejected_id}")
     return _row(row)
+
+
+def dead_letters(engine: Engine, selection: Selection, *, limit: int = 200,
+                 include_rejected: bool = True) -> list[dict[str, Any]]:
+    """Dead entities matching ``selection`` (newest first), then rejected events."""
+    e = m.Entity
+    with engine.connect() as conn:
+        rows = [
+            _row(r) for r in conn.execute(
+                select(e.id, e.event_id, e.customer_key.label("customer"), e.series_id,
+                       e.state, e.last_error_code.label("error_code"),
+                       func.coalesce(e.dead_reason, "").label("reason"),
+                       e.last_error_message.label("message"), e.attempts, e.needs_reconcile,
+                       e.last_request_id.label("request_id"), e.dead_at)
+                .where(*selection.conditions())
+                .order_by(e.dead_at.desc().nullslast(), e.id.desc()).limit(limit)
+            ).mappings()
+        ]
+        for row in rows:
+            row["kind"] = "entity"
+        only_entities = bool(selection.entity_ids or selection.series_id
+                             or selection.error_code not in (None, "rejected"))
+        if include_rejected and not only_entities:
+            r = m.RejectedEvent
+            query = select(r.id, r.event_id, r.reason.label("message"), r.received_at,
+                           r.source, r.size_bytes).order_by(r.id.desc()).limit(limit)
+            if selection.event_id:
+                query = query.where(r.event_id == selection.event_id)
+            if selection.since:
+                query = query.where(r.received_at >= selection.since)
+            if selection.until:
+                query = query.where(r.received_at < selection.until)
+            if not selection.customer:
+                rows += [
+                    {**_row(x), "kind": "rejected", "error_code": "rejected",
+                     "dead_at": _plain(x["received_at"])}
+                    for x in conn.execute(query).mappings()
+                ]
+    return rows
+
+
+def dead_letter_summary(engine: Engine, selection: Selection) -> list[dict[str, Any]]:
+    """Dead entities grouped by error code and series: how many, since when."""
+    e = m.Entity
+    with engine.connect() as conn:
+        return [
+            _row(r) for r in conn.execute(
+                select(e.last_error_code.label("error_code"), e.series_id,
+                       func.count().label("count"), func.min(e.dead_at).label("first"),
+                       func.max(e.dead_at).label("last"),
+                       func.count(func.distinct(e.customer_key)).label("customers"))
+                .where(*selection.conditions())
+                .group_by(e.last_error_code, e.series_id)
+                .order_by(func.count().desc(), e.last_error_code, e.series_id)
+            ).mappings()
+        ]

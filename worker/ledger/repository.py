@@ -166,9 +166,9 @@ class SqlLedger:
     # -- claims ----------------------------------------------------------------------------
 
     def _claim(self, where: Any, *, token: str, worker: str, now: datetime,
-               lease_until: datetime) -> list[ClaimedEntity]:
+               lease_until: datetime, wait: bool = False) -> list[ClaimedEntity]:
         e = m.Entity
-        pick = select(e.id).where(where).with_for_update(skip_locked=True).scalar_subquery()
+        pick = select(e.id).where(where).with_for_update(skip_locked=not wait).scalar_subquery()
         rows = self.session.execute(
             update(e)
             .where(e.id.in_(pick))
@@ -234,8 +234,10 @@ class SqlLedger:
                 and_(e.state == EntityState.IN_FLIGHT.value, e.lease_until < now),
             ),
         )
+        # Wait for a lock rather than skip: the holder is a short transaction (the sweeper
+        # queueing this very entity, an operator's replay) and skipping would drop the retry.
         claimed = self._claim(claimable, token=token, worker=worker, now=now,
-                              lease_until=lease_until)
+                              lease_until=lease_until, wait=True)
         if not claimed:
             return None
         event_id = self.session.scalar(select(e.event_id).where(e.id == entity_id))

@@ -1,0 +1,1042 @@
+"""``coupon-worker demo``: the whole pipeline on one machine, faults included, in a few minutes.
+
+What a run does, in order:
+
+1. chooses its backends and says which: the local PostgreSQL and RabbitMQ when they answer,
+   else an embedded PostgreSQL (``pgserver``) and kombu's file-based broker in the work folder;
+2. migrates a database of its own, then starts the sandbox Capillary server, a real worker and
+   Flower as subprocesses, each logging to a file in the work folder;
+3. publishes tier-upgrade events through both ways in (the plain-JSON bus and Celery tasks),
+   some of them twice, plus a few malformed messages, while the sandbox times out, fails after
+   issuing, answers 503, refuses an expired series and an unknown customer;
+4. watches the ledger drain, then prints what happened and checks the ledger against the
+   sandbox's ground truth: every coupon issued is recorded, and none twice;
+5. stops everything it started (unless ``--keep``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any, Final, Literal, get_args
+
+import click
+import requests
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from sqlalchemy import Engine, create_engine, distinct, func, select, text
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import URL, make_url
+
+from worker.config import Settings
+from worker.ledger import models as m
+
+Backend = Literal["auto", "local", "embedded"]
+Via = Literal["bus", "task"]
+
+DEMO_DATABASE: Final = "coupon_worker_demo"
+DEMO_VHOST: Final = "coupon-worker-demo"
+DEMO_QUEUE_PREFIX: Final = "demo"
+LOCAL_POSTGRES_URL: Final = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+LOCAL_RABBIT: Final = ("127.0.0.1", 5672)
+SANDBOX_USER, SANDBOX_PASSWORD = "store.server", "server123"
+STATE_FILE: Final = "demo-state.json"
+
+SERIES_GOLD: Final = 544770
+SERIES_DELIVERY: Final = 553379
+SERIES_EXPIRED: Final = 700712
+FIRST_CUSTOMER_ID: Final = 566_881_001
+MALFORMED_MESSAGES: Final = 3
+
+STALL_S: Final = 4.0
+"""Longer than the worker's read timeout (below): the sandbox issues, the worker times out."""
+DEMO_ENVIRONMENT: Final[Mapping[str, str]] = {
+    "CAPILLARY_USERNAME": SANDBOX_USER,
+    "CAPILLARY_PASSWORD": SANDBOX_PASSWORD,
+    # Short delays so a few hundred events with faults settle in seconds, not minutes.
+    "COUPONS_RETRY_BASE_SECONDS": "0.5",
+    "COUPONS_RETRY_MAX_SECONDS": "3",
+    "COUPONS_RECONCILE_DELAY_SECONDS": "0.5",
+    "COUPONS_HTTP_TIMEOUT_SECONDS": "2",
+    "COUPONS_HTTP_CONNECT_TIMEOUT_SECONDS": "1",
+    "COUPONS_RATE_LIMIT_MAX_WAIT_SECONDS": "5",
+    "COUPONS_LEASE_SECONDS": "15",
+    "COUPONS_SWEEP_INTERVAL_SECONDS": "0.25",
+    "COUPONS_LOG_LEVEL": "WARNING",
+    # A developer's .env must not change what the demo shows.
+    "COUPONS_ENV_FILE": "",
+    "PYTHONUNBUFFERED": "1",
+}
+DEAD_REASONS: Final[Mapping[str, str]] = {
+    "712": "series expired",
+    "701": "customer not found",
+    "707": "invalid series",
+}
+
+READY_TIMEOUT_S: Final = 60.0
+MIGRATE_TIMEOUT_S: Final = 120.0
+STOP_GRACE_S: Final = 8.0
+POLL_INTERVAL_S: Final = 0.25
+RABBITMQCTL_TIMEOUT_S: Final = 30.0
+
+
+class DemoError(Exception):
+    """The demo cannot go on; the message says why and where to look."""
+
+
+def _display(path: Path) -> str:
+    """A path as the user would type it: relative to the current folder when inside it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+# -- backends ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Database:
+    """Where the ledger lives for this run."""
+
+    url: str
+    label: str
+    pgdata: Path | None = None  # set when the demo runs an embedded server
+
+
+@dataclass(frozen=True)
+class Broker:
+    """Which broker carries the messages, and the settings that select it."""
+
+    url: str
+    label: str
+    folder: Path | None = None  # the file-based broker's folder
+    queues: Mapping[str, str] = field(default_factory=dict)  # queue-name settings, if not default
+
+    def env(self) -> dict[str, str]:
+        """The environment variables that point a process at this broker."""
+        env = {"COUPONS_BROKER_URL": self.url, **self.queues}
+        if self.folder is not None:
+            env["COUPONS_BROKER_FOLDER"] = str(self.folder)
+        return env
+
+
+@dataclass(frozen=True)
+class Backends:
+    """The demo's choices, made once at start."""
+
+    database: Database
+    broker: Broker
+
+
+def choose_backends(mode: Backend, workdir: Path, *, namespace: str = "") -> Backends:
+    """Pick PostgreSQL and the broker: local services when they answer (or when ``local``),
+    embedded ones otherwise (or when ``embedded``). Raises DemoError when ``local`` cannot be
+    honoured."""
+    suffix = f"_{namespace}" if namespace else ""
+    database: Database | None = None
+    broker: Broker | None = None
+    if mode != "embedded":
+        database, pg_problem = _local_database(DEMO_DATABASE + suffix)
+        broker, broker_problem = _local_broker(DEMO_VHOST + suffix.replace("_", "-"))
+        if mode == "local" and (database is None or broker is None):
+            raise DemoError("--backend local: " + "; ".join(
+                p for p in (pg_problem, broker_problem) if p))
+    if database is None:
+        database = _embedded_database(workdir / "pg", DEMO_DATABASE + suffix)
+    if broker is None:
+        broker = _file_broker(workdir / "broker")
+    return Backends(database, broker)
+
+
+def _drop_database(admin_url: URL, name: str) -> None:
+    """Drop the demo database so that every run starts from an empty ledger."""
+    admin = create_engine(admin_url.set(database="postgres"), isolation_level="AUTOCOMMIT",
+                          connect_args={"connect_timeout": 3})
+    try:
+        with admin.connect() as conn:
+            quoted = conn.dialect.identifier_preparer.quote(name)
+            conn.execute(text(f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)"))
+    finally:
+        admin.dispose()
+
+
+def _local_database(name: str) -> tuple[Database | None, str | None]:
+    configured = os.environ.get("COUPONS_DATABASE_URL")
+    url = make_url(configured or LOCAL_POSTGRES_URL).set(
+        drivername="postgresql+psycopg", database=name)
+    where = f"{url.host or 'localhost'}:{url.port or 5432}"
+    try:
+        _drop_database(url, name)
+    except sa_exc.SQLAlchemyError as exc:
+        return None, f"PostgreSQL at {where} did not answer ({type(exc).__name__})"
+    source = "COUPONS_DATABASE_URL" if configured else "local server"
+    return Database(url.render_as_string(hide_password=False),
+                    f"{source} at {where}, database {name} (dropped and recreated)"), None
+
+
+def _embedded_database(pgdata: Path, name: str) -> Database:
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset; pgserver copes, so stay quiet.
+        warnings.simplefilter("ignore")
+        from pgserver.postgres_server import get_server
+
+        try:
+            # cleanup_mode=None: the demo stops the server itself, so that --keep can keep it.
+            server = get_server(pgdata, cleanup_mode=None)
+        except Exception as exc:
+            raise DemoError(f"could not start the embedded PostgreSQL in {_display(pgdata)}: "
+                            f"{type(exc).__name__}: {exc} (see {_display(pgdata / 'log')})"
+                            ) from exc
+    # pgserver's URI is postgresql://postgres:@/postgres?host=<socket dir>
+    url = make_url(server.get_uri()).set(
+        drivername="postgresql+psycopg", database=name, password=None)
+    _drop_database(url, name)
+    return Database(url.render_as_string(hide_password=False),
+                    f"embedded PostgreSQL (pgserver) in {_display(pgdata)}, database {name}",
+                    pgdata=pgdata)
+
+
+def _local_broker(vhost: str) -> tuple[Broker | None, str | None]:
+    host, port = LOCAL_RABBIT
+    where = f"{host}:{port}"
+    try:
+        socket.create_connection(LOCAL_RABBIT, timeout=1.0).close()
+    except OSError:
+        return None, f"RabbitMQ at {where} did not answer"
+    try:
+        _rabbitmqctl("delete_vhost", vhost, allowed_error="does not exist")
+        _rabbitmqctl("add_vhost", vhost)
+        _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    except DemoError as exc:
+        # Without rabbitmqctl (or its rights), share "/" but keep to queues of our own.
+        queues = {f"COUPONS_{kind.upper()}_QUEUE": f"{DEMO_QUEUE_PREFIX}.{kind}"
+                  for kind in ("events", "tasks", "retry", "dead")}
+        broker = Broker(f"amqp://guest:guest@{where}//",
+                        f"RabbitMQ at {where}, vhost / with queues {DEMO_QUEUE_PREFIX}.* "
+                        f"(no vhost of its own: {exc})", queues=queues)
+        try:
+            _delete_queues(broker)
+        except DemoError as problem:
+            return None, str(problem)
+        return broker, None
+    return Broker(f"amqp://guest:guest@{where}/{vhost}",
+                  f"RabbitMQ at {where}, vhost {vhost} (deleted and recreated)"), None
+
+
+def _rabbitmqctl(*args: str, allowed_error: str | None = None) -> None:
+    command = shutil.which("rabbitmqctl")
+    if command is None:
+        raise DemoError("rabbitmqctl not found")
+    try:
+        done = subprocess.run([command, "-q", *args], capture_output=True, text=True,  # noqa: S603
+                              timeout=RABBITMQCTL_TIMEOUT_S, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise DemoError(f"rabbitmqctl {args[0]} timed out") from exc
+    if done.returncode != 0:
+        output = (done.stderr or done.stdout).strip()
+        if allowed_error and allowed_error in output:
+            return
+        raise DemoError(f"rabbitmqctl {args[0]} failed: {output.splitlines()[-1:] or '?'}")
+
+
+def _delete_queues(broker: Broker) -> None:
+    """Remove the demo's queues from a shared vhost, so no earlier message is replayed."""
+    from kombu import Connection
+
+    try:
+        with Connection(broker.url, connect_timeout=3) as connection:
+            channel: Any = connection.channel()
+            for name in broker.queues.values():
+                channel.queue_delete(name)
+    except Exception as exc:
+        raise DemoError(f"RabbitMQ refused the demo: {type(exc).__name__}: {exc}") from exc
+
+
+def _file_broker(folder: Path) -> Broker:
+    # The layout Settings.broker_transport_options() derives from COUPONS_BROKER_FOLDER.
+    for sub in ("messages", "control"):
+        shutil.rmtree(folder / sub, ignore_errors=True)
+        (folder / sub).mkdir(parents=True)
+    return Broker("filesystem://", f"kombu file-based transport in {_display(folder)}",
+                  folder=folder.resolve())
+
+
+def _stop_embedded_postgres(pgdata: Path) -> bool:
+    """Fast-shutdown the embedded server of ``pgdata``; True if one was running."""
+    pid_file = pgdata / "postmaster.pid"
+    try:
+        pid = int(pid_file.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return False
+    if not _alive(pid) or "postgres" not in _cmdline(pid):
+        return False
+    os.kill(pid, signal.SIGINT)  # SIGINT is PostgreSQL's "fast" shutdown
+    deadline = time.monotonic() + 15
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return True
+
+
+# -- the scenario --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One message to publish: an event the given way in, or raw (malformed) bytes."""
+
+    via: Literal["bus", "task", "raw"]
+    event: dict[str, Any] | None = None
+    raw: bytes = b""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a run publishes and injects, decided before anything starts."""
+
+    events: list[dict[str, Any]]
+    deliveries: list[Delivery]
+    unknown_customers: list[str]
+    faults: list[dict[str, Any]]
+
+    @property
+    def duplicates(self) -> int:
+        """Deliveries of an event that was already published once."""
+        return sum(1 for d in self.deliveries if d.via != "raw") - len(self.events)
+
+    @property
+    def malformed(self) -> int:
+        return sum(1 for d in self.deliveries if d.via == "raw")
+
+
+def _spread(n_events: int, count: int, phase: float, taken: set[int]) -> list[int]:
+    """``count`` event positions spread over the run, so faults do not come in a burst (five
+    failures in a row would open the circuit breaker and pause the demo for 30 s)."""
+    step = n_events / count
+    chosen = []
+    for j in range(count):
+        index = int(step * (j + phase)) % n_events
+        while index in taken:
+            index = (index + 1) % n_events
+        taken.add(index)
+        chosen.append(index)
+    return chosen
+
+
+def plan_scenario(n_events: int) -> Plan:
+    """The events, duplicates, malformed messages and faults of a run of ``n_events``."""
+    taken: set[int] = set()
+    stalled = _spread(n_events, max(1, n_events // 60), 0.1, taken)
+    failed_after = _spread(n_events, max(1, n_events // 60), 0.3, taken)
+    refused_503 = _spread(n_events, max(1, n_events // 40), 0.5, taken)
+    unknown = _spread(n_events, max(1, n_events // 100), 0.7, taken)
+    expired = set(_spread(n_events, max(1, n_events // 25), 0.9, taken))
+
+    occurred = datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    events = []
+    for i in range(n_events):
+        customer = str(FIRST_CUSTOMER_ID + i)
+        series = [SERIES_GOLD, SERIES_EXPIRED if i in expired else SERIES_DELIVERY]
+        events.append({
+            "eventId": f"tier-upgrade-{customer}-gold", "eventType": "TierUpgraded",
+            "occurredAt": occurred, "customer": {"id": customer}, "seriesIds": series,
+            "metadata": {"sourceType": "Journeys", "sourceId": "demo-journey",
+                         "sourceActivity": "Tier upgrade", "notes": "Gold tier welcome",
+                         "reason": "Tier upgrade to Gold"},
+        })
+
+    deliveries: list[Delivery] = []
+    repeats: dict[int, list[Delivery]] = {}
+    for i, event in enumerate(events):
+        via: Via = "task" if i % 5 == 2 else "bus"
+        deliveries.append(Delivery(via, event))
+        if i % 10 == 5:
+            # ~10% arrive twice, the other way in, a few messages later (some while the
+            # first delivery is still in flight, some after it completed).
+            repeats.setdefault(i + 1 + i % 7, []).append(
+                Delivery("bus" if via == "task" else "task", event))
+        deliveries.extend(repeats.pop(i, []))
+    deliveries.extend(d for later in repeats.values() for d in later)
+    for n, raw in enumerate(_malformed_messages(), start=1):
+        deliveries.insert(len(deliveries) * n // (MALFORMED_MESSAGES + 1), Delivery("raw", raw=raw))
+
+    def customer_of(i: int) -> str:
+        return str(FIRST_CUSTOMER_ID + i)
+
+    faults = (
+        [{"kind": "stall_after", "customer": customer_of(i), "delay_seconds": STALL_S}
+         for i in stalled]
+        + [{"kind": "error_after", "customer": customer_of(i), "status": 500}
+           for i in failed_after]
+        + [{"kind": "error_before", "customer": customer_of(i), "status": 503}
+           for i in refused_503]
+    )
+    return Plan(events, deliveries, [customer_of(i) for i in unknown], faults)
+
+
+def _malformed_messages() -> list[bytes]:
+    broken = {"eventId": "tier-upgrade-broken", "customer": {"id": "566880000"},
+              "seriesIds": [SERIES_GOLD]}
+    return [
+        json.dumps(broken).encode()[:-12],  # cut short: not JSON at all
+        json.dumps({**broken, "eventId": "tier-upgrade-bad-series",
+                    "seriesIds": str(SERIES_GOLD)}).encode(),
+        json.dumps({"eventId": "tier-upgrade-no-customer", "seriesIds": [SERIES_GOLD]}).encode(),
+    ]
+
+
+def write_scenario(plan: Plan, path: Path) -> Path:
+    """Write the sandbox's scenario file (series behaviours, unknown customers)."""
+    scenario = {
+        "series": {
+            str(SERIES_GOLD): {"description": "Gold tier welcome: 500 off",
+                               "discountType": "ABS", "discountValue": 500},
+            str(SERIES_DELIVERY): {"description": "Free delivery for a month",
+                                   "discountType": "PERC", "discountValue": 100,
+                                   "discountUpto": 99},
+            str(SERIES_EXPIRED): {"description": "Summer sale (ended)", "behaviour": "expired"},
+        },
+        "unknownCustomers": plan.unknown_customers,
+    }
+    path.write_text(json.dumps(scenario, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+# -- processes -----------------------------------------------------------------------------
+
+
+@dataclass
+class Service:
+    """One subprocess the demo started, in a session of its own, logging to a file."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    url: str | None = None
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def check_running(self) -> None:
+        if self.process.poll() is not None:
+            raise DemoError(f"{self.name} exited with code {self.process.returncode}; "
+                            f"its log ({_display(self.log_path)}) ends with:\n{self.log_tail()}")
+
+
+def _cli() -> list[str]:
+    installed = Path(sys.executable).parent / "coupon-worker"
+    return [str(installed)] if installed.exists() else [sys.executable, "-m", "worker.cli"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def demo_env(backends: Backends, sandbox_url: str, metrics_port: int) -> dict[str, str]:
+    """The explicit environment of every subprocess: the demo's choices, nothing inherited
+    from the caller's coupon-worker or Capillary settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COUPONS_", "CAPILLARY_"))}
+    env.update(DEMO_ENVIRONMENT)
+    env.update(backends.broker.env())
+    env["COUPONS_DATABASE_URL"] = backends.database.url
+    env["CAPILLARY_BASE_URL"] = sandbox_url
+    env["COUPONS_METRICS_PORT"] = str(metrics_port)
+    return env
+
+
+def _spawn(name: str, args: Sequence[str], env: Mapping[str, str], logs: Path,
+           services: list[Service]) -> Service:
+    log_path = logs / f"{name}.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(  # noqa: S603 - our own CLI, arguments built here
+            [*_cli(), *args], env=dict(env), stdout=log_file, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+    service = Service(name, process, log_path)
+    services.append(service)
+    return service
+
+
+def _wait_until(service: Service, ready: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while not ready():
+        service.check_running()
+        if time.monotonic() > deadline:
+            raise DemoError(f"{service.name} was not {what} after {READY_TIMEOUT_S:g} s; see "
+                            f"{_display(service.log_path)}:\n{service.log_tail()}")
+        time.sleep(0.1)
+
+
+def migrate(env: Mapping[str, str], logs: Path) -> None:
+    """Run ``coupon-worker migrate`` with the demo's environment."""
+    log_path = logs / "migrate.log"
+    with log_path.open("wb") as log_file:
+        done = subprocess.run([*_cli(), "migrate"], env=dict(env), stdout=log_file,  # noqa: S603
+                              stderr=subprocess.STDOUT, timeout=MIGRATE_TIMEOUT_S, check=False)
+    if done.returncode != 0:
+        raise DemoError(f"coupon-worker migrate failed; {_display(log_path)} says:\n"
+                        + log_path.read_text(errors="replace")[-3000:])
+
+
+def start_processes(env: Mapping[str, str], scenario: Path, logs: Path, *, sandbox_port: int,
+                    flower: bool, services: list[Service]) -> None:
+    """Start the sandbox, the worker and Flower (appended to ``services`` as they start, so a
+    failure half-way still stops the ones already running) and wait until each is ready."""
+    from worker.sandbox import SandboxAdmin
+
+    sandbox = _spawn("sandbox", ["sandbox", "--port", str(sandbox_port),
+                                 "--scenario", str(scenario)], env, logs, services)
+    sandbox.url = env["CAPILLARY_BASE_URL"]
+    with SandboxAdmin(sandbox.url, timeout_s=1.0) as admin:
+        def sandbox_ready() -> bool:
+            try:
+                admin.wait_ready(timeout_s=0.5)
+            except TimeoutError:
+                return False
+            return True
+
+        _wait_until(sandbox, sandbox_ready, "answering")
+
+    # The worker logs " ready." at INFO; its log is a file, so the console stays quiet.
+    worker = _spawn("worker", ["worker", "-c", "4", "-n", "demo@%h"],
+                    {**env, "COUPONS_LOG_LEVEL": "INFO"}, logs, services)
+    if flower:
+        port = _free_port()
+        browser = _spawn("flower", ["flower", "--port", str(port)], env, logs, services)
+        browser.url = f"http://127.0.0.1:{port}"
+    _wait_until(worker, lambda: " ready." in worker.log_tail(100_000), "ready")
+    if flower:
+        _wait_until(browser, lambda: _http_ok(f"{browser.url}/healthcheck"), "answering")
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=1.0).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
+            errors="replace")
+    except OSError:
+        return ""
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signum)
+
+
+def stop_groups(pgids: Sequence[int]) -> None:
+    """SIGTERM each process group (a worker and its pool), SIGKILL what is left after a few
+    seconds."""
+    for pgid in pgids:
+        _signal_group(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
+    while any(_group_alive(p) for p in pgids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pgid in pgids:
+        if _group_alive(pgid):
+            _signal_group(pgid, signal.SIGKILL)
+
+
+def cleanup(services: Sequence[Service], database: Database | None, *, keep: bool) -> None:
+    """Stop what the demo started (children first, then the embedded PostgreSQL)."""
+    if keep:
+        return
+    stop_groups([s.process.pid for s in services])
+    for service in services:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            service.process.wait(timeout=1)  # reap, so no zombie outlives us
+    if database is not None and database.pgdata is not None:
+        _stop_embedded_postgres(database.pgdata)
+
+
+def _save_state(workdir: Path, services: Sequence[Service], database: Database) -> Path:
+    path = workdir / STATE_FILE
+    path.write_text(json.dumps({
+        "pids": [s.process.pid for s in services],
+        "pgdata": str(database.pgdata) if database.pgdata else None,
+    }) + "\n", encoding="utf-8")
+    return path
+
+
+def stop_kept(workdir: Path, console: Console) -> bool:
+    """Stop what an earlier ``--keep`` run left running in ``workdir``; True if it found one."""
+    path = workdir / STATE_FILE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    # Only groups that still run our CLI: the pids may have been reused since.
+    pids = [pid for pid in state.get("pids", [])
+            if isinstance(pid, int) and _group_alive(pid)
+            and ("coupon-worker" in _cmdline(pid) or "worker.cli" in _cmdline(pid))]
+    stop_groups(pids)
+    stopped = len(pids)
+    if state.get("pgdata") and _stop_embedded_postgres(Path(state["pgdata"])):
+        stopped += 1
+    path.unlink(missing_ok=True)
+    console.print(f"stopped {stopped} process(es) left by an earlier --keep run in "
+                  f"{_display(workdir)}")
+    return True
+
+
+# -- publishing ----------------------------------------------------------------------------
+
+
+def publish_batch(settings: Settings, plan: Plan) -> None:
+    """Publish every delivery of the plan, in order, with the project's producer."""
+    from worker.broker.publisher import EventProducer
+
+    with EventProducer.open(settings) as producer:
+        for delivery in plan.deliveries:
+            if delivery.event is None:
+                producer.publish_raw(delivery.raw)
+            elif delivery.via == "task":
+                producer.publish_event(delivery.event, via="task")
+            else:
+                producer.publish_event(delivery.event, via="bus")
+
+
+def inject_faults(sandbox_url: str, plan: Plan) -> None:
+    """Register the plan's faults; each strikes the first bulk-issue call of one customer."""
+    from worker.sandbox import SandboxAdmin
+
+    with SandboxAdmin(sandbox_url) as admin:
+        for fault in plan.faults:
+            admin.add_fault(times=1, **fault)
+
+
+# -- watching ------------------------------------------------------------------------------
+
+_RECEIVED = re.compile(r'^coupon_events_received_total\{outcome="(\w+)"\}\s+([0-9.eE+-]+)$',
+                       re.MULTILINE)
+
+
+def deliveries_taken_in(metrics_url: str) -> Counter[str] | None:
+    """What the worker counted: new events, duplicate deliveries, rejected messages (None when
+    its metrics endpoint does not answer)."""
+    try:
+        response = requests.get(metrics_url, timeout=1.0)
+    except requests.RequestException:
+        return None
+    if response.status_code != 200:
+        return None
+    counts: Counter[str] = Counter()
+    for outcome, value in _RECEIVED.findall(response.text):
+        counts[outcome] += int(float(value))
+    return counts
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The ledger (and the worker's intake counters) at one moment."""
+
+    events_at_rest: int
+    rejected: int
+    entities: Mapping[str, int]
+    taken_in: Counter[str] | None
+
+    def drained(self, plan: Plan) -> bool:
+        at_rest = self.events_at_rest >= len(plan.events) and self.rejected >= plan.malformed
+        if self.taken_in is None:
+            return at_rest
+        return at_rest and self.taken_in.total() >= len(plan.deliveries)
+
+
+def snapshot(engine: Engine, metrics_url: str) -> Snapshot:
+    """Read where the pipeline stands."""
+    from worker.views import entity_state_counts
+
+    with engine.connect() as conn:
+        at_rest = conn.execute(select(func.count()).select_from(m.Event).where(
+            m.Event.state.in_(("completed", "failed")))).scalar_one()
+        rejected = conn.execute(select(func.count()).select_from(m.RejectedEvent)).scalar_one()
+    return Snapshot(int(at_rest), int(rejected), entity_state_counts(engine),
+                    deliveries_taken_in(metrics_url))
+
+
+def watch_progress(engine: Engine, plan: Plan, metrics_url: str, timeout_s: float,
+                   console: Console) -> tuple[bool, Snapshot]:
+    """Show the ledger draining; True when it drained within ``timeout_s``."""
+    columns = (TextColumn("{task.description:<20}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[detail]}"), TimeElapsedColumn())
+    deadline = time.monotonic() + timeout_s
+    with Progress(*columns, console=console) as progress:
+        at_rest = progress.add_task("events at rest", total=len(plan.events) + plan.malformed,
+                                    detail="")
+        taken = progress.add_task("messages taken in", total=len(plan.deliveries), detail="")
+        while True:
+            now = snapshot(engine, metrics_url)
+            states = now.entities
+            waiting = sum(v for k, v in states.items() if k not in ("issued", "dead"))
+            progress.update(at_rest, completed=now.events_at_rest + now.rejected,
+                            detail=f"issued {states.get('issued', 0)} · in progress {waiting} · "
+                                   f"dead {states.get('dead', 0)}")
+            if now.taken_in is not None:
+                progress.update(taken, completed=now.taken_in.total(),
+                                detail=f"duplicates {now.taken_in['duplicate']} · "
+                                       f"rejected {now.taken_in['rejected']}")
+            if now.drained(plan):
+                return True, now
+            if time.monotonic() > deadline:
+                return False, now
+            time.sleep(POLL_INTERVAL_S)
+
+
+# -- the summary ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the run did, read from the ledger, the worker's counters and the sandbox."""
+
+    coupons: Mapping[str, int]  # by recorded_via
+    retried: int
+    dead: list[tuple[str, str, int]]  # code, label, count
+    rejected: list[str]
+    duplicates: int | None
+    calls: Mapping[str, int]
+    problems: list[str]
+    sandbox_issued: int
+    examples: Mapping[str, str]
+
+    @property
+    def exactly_once(self) -> bool:
+        return not self.problems
+
+
+def _exactly_once_problems(ours: Sequence[tuple[str, int, str]],
+                           theirs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Compare our ledger's coupons (customer key, series, code) with the sandbox's."""
+    problems = []
+    by_code = {code: (customer, series) for customer, series, code in ours}
+    their_codes = set()
+    for coupon in theirs:
+        code = str(coupon["code"])
+        their_codes.add(code)
+        expected = (f"id:{coupon['customerId']}", int(coupon["seriesId"]))
+        if code not in by_code:
+            problems.append(f"coupon {code} (customer {coupon['customerId']}, series "
+                            f"{coupon['seriesId']}) was issued but is not in our ledger")
+        elif by_code[code] != expected:
+            problems.append(f"coupon {code} is recorded for {by_code[code]}, issued for "
+                            f"{expected}")
+    for code in sorted(set(by_code) - their_codes):
+        problems.append(f"coupon {code} is in our ledger but the sandbox never issued it")
+    twice = Counter((c["customerId"], c["seriesId"]) for c in theirs)
+    for (customer, series), count in sorted(twice.items()):
+        if count > 1:
+            problems.append(f"customer {customer} got {count} coupons of series {series}")
+    return problems
+
+
+def summarise(engine: Engine, sandbox_url: str, taken_in: Counter[str] | None) -> Outcome:
+    """Gather the run's numbers and the exactly-once verdict."""
+    from worker.sandbox import SandboxAdmin
+
+    with engine.connect() as conn:
+        coupons = {str(via): int(n) for via, n in conn.execute(
+            select(m.IssuedCoupon.recorded_via, func.count()).group_by(
+                m.IssuedCoupon.recorded_via))}
+        retried = conn.execute(select(func.count(distinct(m.EntityHistory.entity_id))).where(
+            m.EntityHistory.kind == "retry_scheduled")).scalar_one()
+        dead = [(str(code), DEAD_REASONS.get(str(code), str(message or "")[:60]), int(n))
+                for code, message, n in conn.execute(
+                    select(m.Entity.last_error_code, func.min(m.Entity.last_error_message),
+                           func.count()).where(m.Entity.state == "dead")
+                    .group_by(m.Entity.last_error_code).order_by(func.count().desc()))]
+        rejected = [str(r) for r in conn.execute(
+            select(m.RejectedEvent.reason).order_by(m.RejectedEvent.id)).scalars()]
+        ours = [(str(c), int(s), str(code)) for c, s, code in conn.execute(
+            select(m.IssuedCoupon.customer_key, m.IssuedCoupon.series_id, m.IssuedCoupon.code))]
+        examples = _examples(conn)
+    with SandboxAdmin(sandbox_url) as admin:
+        theirs = admin.ledger()
+        calls = admin.stats().get("calls", {})
+    return Outcome(
+        coupons=coupons, retried=int(retried), dead=dead, rejected=rejected,
+        duplicates=taken_in["duplicate"] if taken_in is not None else None,
+        calls={str(k): int(v) for k, v in calls.items()},
+        problems=_exactly_once_problems(ours, theirs), sandbox_issued=len(theirs),
+        examples=examples,
+    )
+
+
+def _examples(conn: Any) -> dict[str, str]:
+    """Real event ids worth a look: one reconciled, one retried, one dead, one rejected."""
+    queries = {
+        "reconciled after a timeout or 5xx": select(m.IssuedCoupon.event_id)
+        .where(m.IssuedCoupon.recorded_via == "reconcile"),
+        "retried after a 503": select(m.Entity.event_id).join(
+            m.EntityHistory, m.EntityHistory.entity_id == m.Entity.id)
+        .where(m.EntityHistory.kind == "retry_scheduled", m.EntityHistory.error_code == "http_503"),
+        "a series dead-lettered": select(m.Entity.event_id).where(m.Entity.state == "dead"),
+        "a rejected message": select(m.RejectedEvent.event_id)
+        .where(m.RejectedEvent.event_id.is_not(None)),
+    }
+    found = {}
+    for label, query in queries.items():
+        event_id = conn.execute(query.limit(1)).scalar()
+        if event_id:
+            found[label] = str(event_id)
+    return found
+
+
+def print_summary(console: Console, plan: Plan, outcome: Outcome, *, drained: bool,
+                  drain_s: float, total_s: float) -> None:
+    """The table a newcomer reads: what went in, what came out, what went wrong and why."""
+    issued = sum(outcome.coupons.values())
+    reconciled = outcome.coupons.get("reconcile", 0)
+    table = Table(title="coupon-worker demo", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_column()
+    table.add_row("events published", str(len(plan.deliveries)),
+                  f"messages: {len(plan.events)} distinct events, {plan.duplicates} repeated, "
+                  f"{plan.malformed} malformed")
+    table.add_row("coupons issued", str(issued),
+                  f"{issued - reconciled} on the first answer, {reconciled} by read-back")
+    duplicates = outcome.duplicates
+    table.add_row("duplicates suppressed",
+                  str(duplicates if duplicates is not None else plan.duplicates),
+                  "deliveries that found nothing to claim" if duplicates is not None
+                  else "published minus distinct (worker metrics unavailable)")
+    table.add_row("retried", str(outcome.retried), "entities scheduled for another attempt")
+    table.add_row("reconciled", str(reconciled),
+                  "coupons confirmed by read-back after a timeout or 5xx")
+    dead_total = sum(n for _code, _label, n in outcome.dead)
+    table.add_row("dead-lettered", str(dead_total),
+                  escape(", ".join(f"{n} x {code} {label}" for code, label, n in outcome.dead))
+                  or "-")
+    table.add_row("rejected messages", str(len(outcome.rejected)),
+                  escape("; ".join(r[:48] for r in outcome.rejected)) or "-")
+    table.add_row("Capillary calls", str(sum(outcome.calls.values())),
+                  ", ".join(f"{n} {path}" for path, n in outcome.calls.items() if n))
+    table.add_row("elapsed", f"{total_s:.1f} s",
+                  f"{drain_s:.1f} s from first publish to "
+                  + ("drained" if drained else "giving up"))
+    console.print(table)
+    if outcome.exactly_once:
+        console.print(f"[bold green]exactly once: OK[/] - the sandbox issued "
+                      f"{outcome.sandbox_issued} coupons; every one is in the ledger, none twice")
+    else:
+        console.print(f"[bold red]exactly once: FAILED[/] - {len(outcome.problems)} "
+                      "discrepancies:")
+        for problem in outcome.problems[:20]:
+            console.print(f"  {escape(problem)}")
+
+
+def print_next_steps(console: Console, backends: Backends, outcome: Outcome,
+                     flower_url: str | None, *, keep: bool, workdir: Path) -> None:
+    """Copy-pasteable commands into the run's ledger and logs."""
+    console.print("\n[bold]where to look next[/]")
+    if flower_url:
+        console.print(f"  Flower    {flower_url}"
+                      + ("" if keep else "  (stopped with the demo: rerun with --keep)"))
+    console.print(f"  logs      {_display(workdir / 'logs')}/")
+    if backends.database.pgdata is not None and not keep:
+        console.print("  (the embedded PostgreSQL is stopped now: rerun with --keep to query "
+                      "the ledger with the commands below)")
+    exports = {"COUPONS_DATABASE_URL": backends.database.url, **backends.broker.env(),
+               "COUPONS_ENV_FILE": ""}
+    for name, value in exports.items():
+        console.print(f"  export {name}={_shell_quote(value)}")
+    for label, event_id in outcome.examples.items():
+        console.print(f"  coupon-worker events show {event_id}    # {label}")
+    console.print("  coupon-worker dlq list")
+    if keep:
+        console.print(f"\neverything is still running; stop it with:  coupon-worker demo "
+                      f"--stop --workdir {_shell_quote(_display(workdir))}")
+
+
+def _shell_quote(value: str) -> str:
+    import shlex
+
+    return shlex.quote(value) if value else "''"
+
+
+# -- the command ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    """The command's options."""
+
+    events: int
+    timeout_s: float
+    backend: Backend
+    workdir: Path
+    flower: bool
+    keep: bool
+    namespace: str = ""
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    # SIGTERM takes the same road as Ctrl-C, so the finally block stops the children.
+    raise KeyboardInterrupt
+
+
+def run_demo(options: DemoOptions, console: Console) -> int:
+    """Run the demo; returns the exit code (0: drained and exactly once)."""
+    started = time.monotonic()
+    workdir = options.workdir.resolve()
+    (workdir / "logs").mkdir(parents=True, exist_ok=True)
+    stop_kept(workdir, console)
+    console.print(f"[bold]coupon-worker demo[/]: {options.events} tier-upgrade events through "
+                  "the real worker, with faults")
+    services: list[Service] = []
+    database: Database | None = None
+    keep = False  # only a run that got to the end leaves its processes running
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        backends = choose_backends(options.backend, workdir, namespace=options.namespace)
+        database = backends.database
+        console.print(f"  PostgreSQL  {escape(backends.database.label)}")
+        console.print(f"  broker      {escape(backends.broker.label)}")
+        code = _run_pipeline(options, backends, workdir, services, console, started)
+        if options.keep:
+            _save_state(workdir, services, backends.database)
+            keep = True
+        return code
+    except DemoError as exc:
+        console.print(f"[bold red]demo failed:[/] {escape(str(exc))}")
+        return 1
+    except KeyboardInterrupt:
+        console.print("\ninterrupted: stopping what the demo started")
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        cleanup(services, database, keep=keep)
+
+
+def _run_pipeline(options: DemoOptions, backends: Backends, workdir: Path,
+                  services: list[Service], console: Console, started: float) -> int:
+    logs = workdir / "logs"
+    plan = plan_scenario(options.events)
+    scenario = write_scenario(plan, workdir / "scenario.json")
+    sandbox_port, metrics_port = _free_port(), _free_port()
+    sandbox_url = f"http://127.0.0.1:{sandbox_port}"
+    env = demo_env(backends, sandbox_url, metrics_port)
+    migrate(env, logs)
+    start_processes(env, scenario, logs, sandbox_port=sandbox_port, flower=options.flower,
+                    services=services)
+    for service in services:
+        console.print(f"  {service.name:<11} {service.url or 'demo@' + socket.gethostname()}"
+                      f"  (pid {service.process.pid}, log {_display(service.log_path)})")
+    inject_faults(sandbox_url, plan)
+
+    engine = create_engine(backends.database.url, pool_size=2)
+    try:
+        publish_started = time.monotonic()
+        publish_batch(Settings.model_validate(env), plan)
+        drained, last = watch_progress(engine, plan, f"http://127.0.0.1:{metrics_port}/metrics",
+                                       options.timeout_s, console)
+        drain_s = time.monotonic() - publish_started
+        if not drained:
+            console.print(f"[bold red]not drained after {options.timeout_s:g} s[/]: "
+                          f"{len(plan.events) - last.events_at_rest} events not at rest; "
+                          f"entities by state: {dict(last.entities)}")
+        outcome = summarise(engine, sandbox_url, last.taken_in)
+    finally:
+        engine.dispose()
+    print_summary(console, plan, outcome, drained=drained, drain_s=drain_s,
+                  total_s=time.monotonic() - started)
+    flower_url = next((s.url for s in services if s.name == "flower"), None)
+    print_next_steps(console, backends, outcome, flower_url, keep=options.keep, workdir=workdir)
+    return 0 if drained and outcome.exactly_once else 1
+
+
+def demo_command() -> click.Command:
+    """The ``demo`` command, for ``main.add_command(demo_command())`` in the CLI."""
+
+    @click.command("demo")
+    @click.option("--events", type=click.IntRange(10, 100_000), default=300, show_default=True,
+                  help="Distinct tier-upgrade events to publish.")
+    @click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=180.0,
+                  show_default=True, help="Seconds to wait for the ledger to drain.")
+    @click.option("--backend", type=click.Choice(get_args(Backend)), default="auto",
+                  show_default=True,
+                  help="auto: local PostgreSQL and RabbitMQ when they answer, embedded ones "
+                       "otherwise; local or embedded: force one.")
+    @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
+                  default=Path(".demo"), show_default=True,
+                  help="Work folder: logs, scenario, embedded database and file broker.")
+    @click.option("--flower/--no-flower", default=True, show_default=True,
+                  help="Start Flower to watch the tasks.")
+    @click.option("--keep", is_flag=True,
+                  help="Leave everything running at the end (stop it with --stop).")
+    @click.option("--stop", is_flag=True,
+                  help="Only stop what an earlier --keep run left running in --workdir.")
+    @click.option("--namespace", default="", hidden=True,
+                  help="Suffix for the database and vhost names, so parallel runs (tests) do "
+                       "not collide.")
+    def demo(events: int, timeout_s: float, backend: Backend, workdir: Path, flower: bool,
+             keep: bool, stop: bool, namespace: str) -> None:
+        """Run the whole pipeline on this machine: sandbox Capillary, worker, Flower, faults.
+
+        Uses the local PostgreSQL and RabbitMQ when they answer, else embedded ones, and
+        checks at the end that every coupon was issued exactly once.
+        """
+        console = Console(highlight=False)
+        if stop:
+            if not stop_kept(workdir.resolve(), console):
+                console.print(f"nothing left running in {_display(workdir.resolve())}")
+            return
+        if namespace and not re.fullmatch(r"[a-z0-9]{1,20}", namespace):
+            raise click.BadParameter("lower-case letters and digits only", param_hint="namespace")
+        code = run_demo(DemoOptions(events, timeout_s, backend, workdir, flower, keep,
+                                    namespace), console)
+        sys.exit(code)
+
+    return demo
+
+
+if __name__ == "__main__":
+    demo_command()(prog_name="coupon-worker demo")
