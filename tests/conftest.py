@@ -66,7 +66,7 @@ def database_url(session_tag: str) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def engine(database_url: str) -> Iterator[Engine]:
-    eng = create_engine(database_url, pool_size=5)
+    eng = create_engine(database_url, pool_size=5, pool_pre_ping=True)
     yield eng
     eng.dispose()
 
@@ -281,3 +281,11 @@ def wait_until(predicate: Callable[[], Any], *, timeout_s: float = 30.0,
             return last
         time.sleep(interval_s)
     raise AssertionError(f"timed out after {timeout_s}s waiting for {message} (last: {last!r})")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

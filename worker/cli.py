@@ -103,6 +103,9 @@ def worker(ctx: click.Context, concurrency: int | None, pool: str, hostname: str
         settings.require_capillary_credentials()
     except ConfigurationError as exc:
         fail(str(exc), 2)
+    from worker.broker.worker_steps import prepare_metrics_dir
+
+    prepare_metrics_dir()
     from worker.celery_app import app
 
     argv = ["worker", f"--pool={pool}", "--without-gossip", "--without-mingle",

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import threading
 from typing import Any
@@ -248,13 +249,29 @@ class MetricsServer(bootsteps.StartStopStep):
 _MULTIPROC_OWNED: list[str] = []
 
 
-def _prepare_metrics_dir(**_: Any) -> None:
-    """Before the pool forks: give every process one directory for its metric samples."""
+def prepare_metrics_dir() -> None:
+    """Give every process of this worker one directory for its metric samples.
+
+    Must run before ``prometheus_client`` is first imported (it picks its storage then), which
+    is why ``coupon-worker worker`` calls it before Celery's command line loads its plugins.
+    """
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         return
     path = tempfile.mkdtemp(prefix="coupon-worker-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
     _MULTIPROC_OWNED.append(path)
+
+
+def _check_metrics_dir(sender: Any = None, **_: Any) -> None:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return
+    if "prometheus_client" not in sys.modules:
+        prepare_metrics_dir()
+        return
+    # Celery's own command line imports Flower's plugin, and with it prometheus_client.
+    log.warning("metrics.single_process",
+                extra={"hint": "pool processes' metrics are not served: start with "
+                               "`coupon-worker worker` or set PROMETHEUS_MULTIPROC_DIR"})
 
 
 def _remove_metrics_dir(**_: Any) -> None:
@@ -278,6 +295,6 @@ def install(app: Celery) -> None:
     app.steps["consumer"].add(ConsumptionGuard)
     app.steps["worker"].add(Sweeper)
     app.steps["worker"].add(MetricsServer)
-    signals.worker_init.connect(_prepare_metrics_dir, weak=False)
+    signals.worker_init.connect(_check_metrics_dir, weak=False)
     signals.setup_logging.connect(_setup_logging, weak=False)
     signals.worker_shutdown.connect(_remove_metrics_dir, weak=False)

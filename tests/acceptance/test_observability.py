@@ -1,0 +1,168 @@
+"""Operators' view: Flower reads real tasks, Prometheus scrapes real counts, logs keep secrets."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from sqlalchemy import Engine, text
+
+from tests.acceptance.helpers import example_event, publish, wait_for_state
+from tests.conftest import (
+    REPO_ROOT,
+    WorkerProcess,
+    coupon_worker_command,
+    free_port,
+    settings_env,
+    wait_until,
+)
+from worker.config import Settings
+from worker.sandbox import SandboxAdmin
+
+
+@pytest.fixture
+def flower(settings: Settings, tmp_path: Path) -> Iterator[str]:
+    port = free_port()
+    env = settings_env(settings)
+    env["FLOWER_BASIC_AUTH"] = "support:s3cret"
+    log = (tmp_path / "flower.log").open("wb")
+    process = subprocess.Popen(
+        [coupon_worker_command(), "flower", "--port", str(port)], env=env, cwd=REPO_ROOT,
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _up(url), timeout_s=30, message="Flower to answer")
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def _up(url: str) -> bool:
+    try:
+        return requests.get(f"{url}/healthcheck", timeout=1).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def test_flower_shows_processed_tasks_with_readable_arguments(
+    settings: Settings, clean_ledger: Engine, sandbox: SandboxAdmin,
+    start_worker: Callable[..., WorkerProcess], flower: str,
+) -> None:
+    start_worker(settings)
+    assert requests.get(f"{flower}/api/tasks", timeout=5).status_code == 401, "behind auth"
+    publish(settings, example_event("flower-1"))
+    publish(settings, example_event("flower-2"), via="task")
+    wait_for_state(clean_ledger, "flower-1", "completed")
+    wait_for_state(clean_ledger, "flower-2", "completed")
+    auth = ("support", "s3cret")
+
+    def seen() -> dict[str, dict[str, object]] | None:
+        tasks = requests.get(f"{flower}/api/tasks", auth=auth, timeout=5).json()
+        done = {t["name"]: t for t in tasks.values() if t.get("state") == "SUCCESS"}
+        return done if {"coupons.ingest", "coupons.issue"} <= set(done) else None
+
+    tasks = wait_until(seen, timeout_s=30, message="Flower to show both tasks succeeded")
+    ingest = tasks["coupons.ingest"]
+    assert "event=flower-1" in str(ingest["kwargs"])
+    assert "customer=id:566881933" in str(ingest["kwargs"])
+    assert "series=[544770, 553379]" in str(ingest["kwargs"])
+    assert "server123" not in str(tasks)
+    assert "event=flower-2" in str(tasks["coupons.issue"]["kwargs"])
+
+
+def _metric(body: str, name: str, **labels: str) -> float:
+    for line in body.splitlines():
+        if not line.startswith(name):
+            continue
+        match = re.match(r"([a-zA-Z_:]+)(\{[^}]*\})?\s+(\S+)", line)
+        if not match or match.group(1) != name:
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
+        if all(found.get(k) == v for k, v in labels.items()):
+            return float(match.group(3))
+    return 0.0
+
+
+def test_metrics_are_scraped_from_a_running_worker(
+    settings_factory: Callable[..., Settings], clean_ledger: Engine, sandbox: SandboxAdmin,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    port = free_port()
+    settings = settings_factory(metrics_port=port)
+    start_worker(settings, concurrency=2)
+    sandbox.set_series(707001, behaviour="invalid")
+    sandbox.add_fault(kind="error_before", status=503, times=1, customer="555")
+    publish(settings, example_event("m-1"), example_event("m-2", series=(544770, 707001)),
+            example_event("m-3", series=(553379,), customer="555"))
+    wait_for_state(clean_ledger, "m-1", "completed")
+    wait_for_state(clean_ledger, "m-2", "failed")
+    wait_for_state(clean_ledger, "m-3", "completed")
+
+    def scrape() -> str | None:
+        body = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        return body if _metric(body, "coupons_issued_total", via="issue") >= 4 else None
+
+    body = wait_until(scrape, message="the counters to reach the run's totals")
+    assert _metric(body, "coupons_issued_total", via="issue") == 4
+    assert _metric(body, "coupon_dead_letters_total", error_code="707") == 1
+    assert _metric(body, "coupon_retries_scheduled_total") == 1
+    assert _metric(body, "coupon_entities_failed_total", classification="permanent") == 1
+    assert _metric(body, "coupon_entities_failed_total", classification="retryable") == 1
+    assert _metric(body, "coupon_events_received_total", outcome="new") == 3
+    assert _metric(body, "capillary_call_seconds_count", operation="bulk_issue",
+                   status="200") >= 2
+    assert _metric(body, "capillary_call_seconds_count", operation="bulk_issue",
+                   status="503") == 1
+    assert _metric(body, "coupon_ledger_entities", state="issued") == 4
+    assert _metric(body, "coupon_ledger_entities", state="dead") == 1
+
+
+def test_secrets_never_reach_logs_the_ledger_or_task_arguments(
+    settings_factory: Callable[..., Settings], clean_ledger: Engine, sandbox: SandboxAdmin,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    secret = "Xy9-very-secret-password"
+    settings = settings_factory(capillary_password=secret, log_format="json",
+                                log_level="DEBUG")
+    worker = start_worker(settings)
+    publish(settings, example_event("secret-1"))
+    worker.wait_for_log("circuit.opened")  # the wrong password is an outage
+    time.sleep(1)
+    assert secret not in worker.log()
+    with clean_ledger.connect() as conn:
+        dump = " ".join(
+            str(row) for table in ("events", "entities", "entity_history", "api_calls",
+                                   "rejected_events", "circuit_breakers")
+            for row in conn.execute(text(f"SELECT * FROM {table}"))
+        )
+    assert "circuit" in dump or "401" in dump
+    assert secret not in dump
+
+
+def test_the_plain_celery_command_runs_the_worker(
+    settings: Settings, clean_ledger: Engine, sandbox: SandboxAdmin, tmp_path: Path,
+) -> None:
+    env = settings_env(settings)
+    with (tmp_path / "celery.log").open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-c", "1",
+             "--without-mingle", "--without-gossip", "-n", "plain@%h"],
+            env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    try:
+        publish(settings, example_event("plain-celery"))
+        wait_for_state(clean_ledger, "plain-celery", "completed", timeout_s=60)
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
