@@ -18,7 +18,7 @@ from worker.config import Settings
 from worker.ledger.unit_of_work import make_engine, sql_unit_of_work_factory
 from worker.metrics import Metrics
 from worker.policy import CircuitPolicy, RetryPolicy
-from worker.ratelimit import PostgresRateLimiter, RateLimiter, Unlimited
+from worker.ratelimit import PostgresRateLimiter, RateLimiter, RetryAfterGate
 from worker.services import Deps, Publisher, utcnow
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ def build_deps(settings: Settings, publisher: Publisher, *, engine: Engine | Non
     """The real dependencies for ``settings``."""
     engine = engine or make_engine(settings.database_url)
     uow = sql_unit_of_work_factory(engine)
-    limiter: RateLimiter = Unlimited()
+    limiter: RateLimiter = RetryAfterGate(engine)
     if settings.rate_limit_per_minute:
         limiter = PostgresRateLimiter(engine, settings.rate_limit_per_minute,
                                       settings.rate_limit_burst)

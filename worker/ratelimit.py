@@ -9,6 +9,9 @@ order instead of polling. A 429 answer blocks the bucket until Retry-After has p
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -35,7 +38,7 @@ class RateLimiter(Protocol):
 
 
 class Unlimited:
-    """No limit configured: every call may go at once."""
+    """No limit and no shared state: every call may go at once (unit tests, one-off tools)."""
 
     def reserve(self, name: str = BULK_ISSUE) -> float:
         return 0.0
@@ -130,3 +133,63 @@ class PostgresRateLimiter:
     def penalise(self, retry_after_s: float, name: str = BULK_ISSUE) -> None:
         self._execute(_PENALISE, name=name, wait=max(retry_after_s, 0.0), burst=self.spec.burst,
                       rate=self.spec.rate_per_s)
+
+
+_READ_BLOCK = text(
+    "SELECT GREATEST(EXTRACT(EPOCH FROM (blocked_until - clock_timestamp())), 0) "
+    "FROM rate_limit_buckets WHERE name = :name"
+)
+_BLOCK = text(
+    """
+    INSERT INTO rate_limit_buckets (name, tokens, refilled_at, blocked_until)
+    VALUES (:name, 0, clock_timestamp(), clock_timestamp() + make_interval(secs => :wait))
+    ON CONFLICT (name) DO UPDATE
+       SET blocked_until = GREATEST(COALESCE(rate_limit_buckets.blocked_until, clock_timestamp()),
+                                    EXCLUDED.blocked_until)
+    """
+)
+
+
+class RetryAfterGate:
+    """No configured limit, but a 429's Retry-After still holds back the whole fleet.
+
+    The pause is shared through the same table; each process reads it at most every
+    ``refresh_s``, so an unlimited fleet pays about one query per second for it, not one per
+    call.
+    """
+
+    def __init__(self, engine: Engine, *, refresh_s: float = 0.5,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._refresh_s = refresh_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._blocked_until: dict[str, float] = {}
+        self._read_at: dict[str, float] = {}
+
+    def reserve(self, name: str = BULK_ISSUE) -> float:
+        now = self._clock()
+        with self._lock:
+            if now - self._read_at.get(name, float("-inf")) >= self._refresh_s:
+                try:
+                    with self._engine.connect() as conn:
+                        wait = conn.execute(_READ_BLOCK, {"name": name}).scalar()
+                except sa_exc.SQLAlchemyError as exc:
+                    raise LedgerUnavailable(
+                        f"rate limiter unavailable: {type(exc).__name__}") from exc
+                self._blocked_until[name] = now + float(wait or 0.0)
+                self._read_at[name] = now
+            return max(self._blocked_until.get(name, now) - now, 0.0)
+
+    def cancel(self, name: str = BULK_ISSUE) -> None:
+        return None
+
+    def penalise(self, retry_after_s: float, name: str = BULK_ISSUE) -> None:
+        try:
+            with self._engine.connect() as conn:
+                conn.execute(_BLOCK, {"name": name, "wait": max(retry_after_s, 0.0)})
+        except sa_exc.SQLAlchemyError as exc:
+            raise LedgerUnavailable(f"rate limiter unavailable: {type(exc).__name__}") from exc
+        with self._lock:
+            self._blocked_until[name] = max(self._blocked_until.get(name, 0.0),
+                                            self._clock() + retry_after_s)

@@ -1,0 +1,76 @@
+"""The fleet-wide rate limit on PostgreSQL: reservations, 429 penalties, several processes."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+
+import pytest
+from sqlalchemy import Engine, create_engine
+
+from worker.ratelimit import PostgresRateLimiter, RetryAfterGate
+
+
+def test_reservations_space_calls_at_the_rate_after_the_burst(clean_ledger: Engine) -> None:
+    limiter = PostgresRateLimiter(clean_ledger, per_minute=600, burst=3)  # 10 per second
+    waits = [limiter.reserve() for _ in range(8)]
+    assert waits[:3] == pytest.approx([0, 0, 0], abs=0.02)
+    # Each further reservation waits one more tenth of a second than the one before.
+    for n, wait in enumerate(waits[3:], start=1):
+        assert wait == pytest.approx(n * 0.1, abs=0.05)
+
+
+def test_a_cancelled_reservation_is_given_back(clean_ledger: Engine) -> None:
+    limiter = PostgresRateLimiter(clean_ledger, per_minute=60, burst=1)
+    assert limiter.reserve() == pytest.approx(0, abs=0.02)
+    assert limiter.reserve() == pytest.approx(1.0, abs=0.05)
+    limiter.cancel()
+    assert limiter.reserve() == pytest.approx(1.0, abs=0.05)
+
+
+def test_a_429_penalty_holds_every_caller_for_retry_after(clean_ledger: Engine) -> None:
+    limiter = PostgresRateLimiter(clean_ledger, per_minute=6000, burst=10)
+    other_process_view = PostgresRateLimiter(clean_ledger, per_minute=6000, burst=10)
+    assert limiter.reserve() == pytest.approx(0, abs=0.02)
+    limiter.penalise(5.0)
+    assert other_process_view.reserve() >= 4.9
+
+
+def test_without_a_limit_retry_after_still_holds_the_fleet(clean_ledger: Engine) -> None:
+    gate, peer = RetryAfterGate(clean_ledger, refresh_s=0), RetryAfterGate(clean_ledger,
+                                                                            refresh_s=0)
+    assert gate.reserve() == 0 and peer.reserve() == 0
+    gate.penalise(4.0)
+    assert 3.5 <= peer.reserve() <= 4.0
+    assert 3.5 <= gate.reserve() <= 4.0
+
+
+def _call_times(database_url: str, per_minute: int, burst: int, calls: int,
+                out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    engine = create_engine(database_url)
+    limiter = PostgresRateLimiter(engine, per_minute=per_minute, burst=burst)
+    for _ in range(calls):
+        time.sleep(limiter.reserve())
+        out.put(time.time())
+    engine.dispose()
+
+
+def test_the_limit_holds_across_processes(clean_ledger: Engine, database_url: str) -> None:
+    # Given three processes sharing a limit of 5 calls per second with a burst of 2
+    per_minute, burst, per_process = 300, 2, 10
+    context = multiprocessing.get_context("spawn")
+    out = context.Queue()
+    processes = [context.Process(target=_call_times,
+                                 args=(database_url, per_minute, burst, per_process, out))
+                 for _ in range(3)]
+    for p in processes:
+        p.start()
+    times = sorted(out.get(timeout=60) for _ in range(3 * per_process))
+    for p in processes:
+        p.join(timeout=30)
+    # Then no window of any length holds more than rate x length + burst calls
+    rate = per_minute / 60
+    for i, start in enumerate(times):
+        for j in range(i, len(times)):
+            span = times[j] - start
+            assert j - i + 1 <= rate * span + burst + 1, (i, j, span)
