@@ -50,6 +50,13 @@ def print_json(data: Any) -> None:
 @click.version_option(package_name="coupon-worker")
 def main() -> None:
     """Issue loyalty coupons through Capillary's bulk-issue API, exactly once."""
+    import os
+
+    from worker.logs import configure_logging
+
+    # Structured lines on stderr (what an operator did is logged too); tables go to stdout.
+    configure_logging(os.environ.get("COUPONS_LOG_LEVEL", "INFO").upper(),
+                      "json" if os.environ.get("COUPONS_LOG_FORMAT") == "json" else "kv")
 
 
 # -- migrate -------------------------------------------------------------------------------

@@ -87,7 +87,7 @@ class RetryPolicy:
         if verdict is Verdict.OUTAGE:
             return Defer(timedelta(seconds=circuit_open_s))
         if verdict is Verdict.PERMANENT:
-            return DeadLetter("permanent error", reconcile_first=False)
+            return DeadLetter("refused by Capillary", reconcile_first=False)
         ambiguous = verdict is Verdict.AMBIGUOUS
         if attempts >= self.max_attempts:
             return DeadLetter(

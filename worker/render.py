@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from rich.console import Console
@@ -15,15 +16,27 @@ def table(title: str, columns: list[str]) -> Table:
     return t
 
 
+_ISO = re.compile(r"^(\d{4}-\d{2}-\d{2})T(\d{2}:\d{2}:\d{2})(\.\d+)?([+-]\d{2}:\d{2}|Z)$")
+
+
 def _s(value: Any) -> str:
-    return "" if value is None else str(value)
+    """Text for a cell; ISO timestamps shortened to the second (UTC stays implicit)."""
+    if value is None:
+        return ""
+    text = str(value)
+    match = _ISO.match(text)
+    if match:
+        zone = match.group(4)
+        suffix = "" if zone in ("+00:00", "Z") else zone
+        return f"{match.group(1)} {match.group(2)}{suffix}"
+    return text
 
 
 def render_event(console: Console, story: dict[str, Any]) -> None:
     """An event as support engineers read it: summary, entities, history, coupons."""
     console.print(
         f"[bold]event[/] {story['event_id']}  state=[bold]{story['state']}[/]  "
-        f"customer={story.get('customer_key', '')}  received={story.get('received_at', '')}  "
+        f"customer={story.get('customer_key', '')}  received={_s(story.get('received_at'))}  "
         f"source={story.get('source', '')}",
         highlight=False,
     )
@@ -37,7 +50,7 @@ def render_event(console: Console, story: dict[str, Any]) -> None:
                                "next attempt"])
         for e in entities:
             parts = (_s(e["last_error_code"]), _s(e["last_error_message"]))
-            error = " ".join(x for x in parts if x)
+            error = "" if e["state"] == "issued" else " ".join(x for x in parts if x)
             t.add_row(_s(e["id"]), _s(e["series_id"]), e["state"], _s(e["attempts"]), error,
                       _s(e["last_request_id"]), _s(e["next_attempt_at"]))
         console.print(t)
@@ -68,13 +81,18 @@ def render_dead_letters(console: Console, rows: list[dict[str, Any]]) -> None:
         return
     from worker.domain import describe_error
 
-    t = table(f"dead letters ({len(rows)})", ["kind", "id", "event", "customer", "series",
-                                               "error", "attempts", "since", "message"])
+    t = Table(title=f"dead letters ({len(rows)})", title_justify="left")
+    for column in ("kind", "id", "event", "customer", "series"):
+        t.add_column(column, no_wrap=column in ("kind", "id", "series"), overflow="fold")
+    t.add_column("error", overflow="fold")
+    t.add_column("tries", no_wrap=True)
+    t.add_column("dead since", overflow="fold")
+    t.add_column("detail", overflow="fold")
     for r in rows:
+        detail = _s(r.get("reason") or r.get("message"))
         t.add_row(r["kind"], _s(r["id"]), _s(r.get("event_id")), _s(r.get("customer")),
                   _s(r.get("series_id")), describe_error(r.get("error_code")),
-                  _s(r.get("attempts")), _s(r.get("dead_at")),
-                  _s(r.get("reason") or r.get("message")))
+                  _s(r.get("attempts")), _s(r.get("dead_at")), detail)
     console.print(t)
 
 
@@ -105,7 +123,7 @@ def render_entity(console: Console, e: dict[str, Any]) -> None:
         highlight=False,
     )
     if e.get("dead_reason"):
-        console.print(f"dead: {e['dead_reason']} ({e['dead_at']})", highlight=False)
+        console.print(f"dead: {e['dead_reason']} (since {_s(e['dead_at'])})", highlight=False)
     h = table("history", ["at", "what", "state", "attempt", "error", "message", "request id",
                           "by"])
     for item in e["history"]:

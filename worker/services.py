@@ -201,8 +201,9 @@ class _Attempt:
                 needs_reconcile=decision.reconcile_first,
             )
         elif isinstance(decision, DeadLetter):
+            reason = f"{decision.reason}: {message}" if message else decision.reason
             transition = replace(
-                base, state=EntityState.DEAD, kind="dead", dead_reason=decision.reason,
+                base, state=EntityState.DEAD, kind="dead", dead_reason=reason,
                 needs_reconcile=decision.reconcile_first,
             )
         else:
