@@ -46,8 +46,10 @@ class Settings(BaseSettings):
         populate_by_name=True,
     )
 
-    database_url: str = Field(DEFAULT_DATABASE_URL, validation_alias="COUPONS_DATABASE_URL")
-    broker_url: str = Field(DEFAULT_BROKER_URL, validation_alias="COUPONS_BROKER_URL")
+    # URLs may carry passwords: kept out of repr(); safe_summary() shows them redacted.
+    database_url: str = Field(
+        DEFAULT_DATABASE_URL, validation_alias="COUPONS_DATABASE_URL", repr=False)
+    broker_url: str = Field(DEFAULT_BROKER_URL, validation_alias="COUPONS_BROKER_URL", repr=False)
     broker_folder: str | None = Field(None, validation_alias="COUPONS_BROKER_FOLDER")
 
     capillary_base_url: str = Field(

@@ -1,0 +1,88 @@
+"""Settings: defaults for local services, clear refusals, secrets kept out of sight."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from worker.config import Settings, load_settings
+from worker.errors import ConfigurationError
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for name in list(os.environ):
+        if name.startswith(("COUPONS_", "CAPILLARY_")) and name != "COUPONS_ENV_FILE":
+            monkeypatch.delenv(name)
+
+
+def test_defaults_point_at_local_services() -> None:
+    settings = load_settings()
+    assert "127.0.0.1:5432" in settings.database_url
+    assert "127.0.0.1:5672" in settings.broker_url
+    assert settings.capillary_base_url == "http://127.0.0.1:8750"
+    assert settings.auth_scheme is None
+    with pytest.raises(ConfigurationError, match="no Capillary credentials"):
+        settings.require_capillary_credentials()
+
+
+def test_environment_names_are_the_public_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COUPONS_DATABASE_URL", "postgresql://u@db:5432/x")
+    monkeypatch.setenv("COUPONS_BROKER_URL", "amqp://u:p@mq:5672//")
+    monkeypatch.setenv("CAPILLARY_BASE_URL", "https://eu.api.capillarytech.com/")
+    monkeypatch.setenv("CAPILLARY_OAUTH_KEY", "k")
+    monkeypatch.setenv("CAPILLARY_OAUTH_SECRET", "s")
+    monkeypatch.setenv("COUPONS_HTTP_TIMEOUT_SECONDS", "7.5")
+    monkeypatch.setenv("COUPONS_EVENTS_QUEUE", "bus.events")
+    settings = load_settings()
+    assert settings.database_url == "postgresql+psycopg://u@db:5432/x"
+    assert settings.capillary_base_url == "https://eu.api.capillarytech.com"
+    assert settings.auth_scheme == "oauth"
+    assert settings.http_timeout_s == 7.5
+    assert settings.events_queue == "bus.events"
+
+
+def test_plain_http_is_refused_unless_loopback_or_opted_in() -> None:
+    with pytest.raises(ConfigurationError, match="plain http:// is refused"):
+        load_settings(capillary_base_url="http://eu.api.capillarytech.com")
+    assert load_settings(capillary_base_url="http://localhost:9000").capillary_base_url
+    assert load_settings(capillary_base_url="http://[::1]:9000").capillary_base_url
+    assert load_settings(capillary_base_url="http://sandbox:8750",
+                         capillary_allow_insecure_http=True).capillary_base_url
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"capillary_username": "u"}, "needs both CAPILLARY_USERNAME and CAPILLARY_PASSWORD"),
+        ({"capillary_username": "u", "capillary_password": "p", "capillary_oauth_key": "k",
+          "capillary_oauth_secret": "s"}, "not both"),
+        ({"retry_base_s": 10, "retry_max_s": 5}, "COUPONS_RETRY_MAX_SECONDS"),
+        ({"lease_s": 10}, "COUPONS_LEASE_SECONDS must be at least"),
+        ({"database_url": "mysql://x"}, "must be a PostgreSQL URL"),
+        ({"max_attempts": 0}, "COUPONS_MAX_ATTEMPTS"),
+    ],
+)
+def test_invalid_settings_name_the_variable(overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        load_settings(**overrides)
+
+
+def test_secrets_are_hidden_everywhere_settings_are_printed() -> None:
+    settings = load_settings(capillary_username="u", capillary_password="pa55word",
+                             broker_url="amqp://guest:brokerpw@mq:5672//",
+                             database_url="postgresql+psycopg://app:dbpw@db/x")
+    shown = f"{settings!r} {settings} {settings.safe_summary()}"
+    for secret in ("pa55word", "brokerpw", "dbpw"):
+        assert secret not in shown
+
+
+def test_the_readme_documents_every_variable() -> None:
+    readme = README.read_text()
+    for field in Settings.model_fields.values():
+        assert f"`{field.validation_alias}`" in readme, field.validation_alias
