@@ -76,6 +76,8 @@ class Settings(BaseSettings):
     tasks_queue: str = Field("coupons.tasks", min_length=1, validation_alias="COUPONS_TASKS_QUEUE")
     retry_queue: str = Field("coupons.retry", min_length=1, validation_alias="COUPONS_RETRY_QUEUE")
     dead_queue: str = Field("coupons.dead", min_length=1, validation_alias="COUPONS_DEAD_QUEUE")
+    queue_type: Literal["classic", "quorum"] = Field(
+        "classic", validation_alias="COUPONS_QUEUE_TYPE")
     dead_queue_max_length: int = Field(
         100_000, ge=1, validation_alias="COUPONS_DEAD_QUEUE_MAX_LENGTH"
     )

@@ -201,3 +201,17 @@ def test_sigkill_before_the_call_answered_issues_exactly_once(
     start_worker(settings)
     wait_for_state(clean_ledger, "killed-before-issue", "completed", timeout_s=60)
     assert len(sandbox.ledger(series=553379)) == 1
+
+
+def test_quorum_queues_work_end_to_end(
+    settings_factory: Callable[..., Settings], clean_ledger: Engine, sandbox: SandboxAdmin,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    settings = settings_factory(queue_type="quorum")
+    start_worker(settings)
+    sandbox.add_fault(kind="error_before", status=503, times=1)
+    publish(settings, example_event("quorum-1"))
+    publish(settings, example_event("quorum-2"), via="task")
+    wait_for_state(clean_ledger, "quorum-1", "completed")
+    wait_for_state(clean_ledger, "quorum-2", "completed")
+    assert len(sandbox.ledger()) == 4

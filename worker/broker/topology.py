@@ -18,27 +18,31 @@ from kombu import Exchange, Queue
 from worker.config import Settings
 
 
-def _queue(name: str, **arguments: object) -> Queue:
+def _queue(name: str, settings: Settings, **arguments: object) -> Queue:
     exchange = Exchange(name, type="direct", durable=True)
+    if settings.queue_type == "quorum":
+        # Replicated queues for production clusters; the worker uses neither ETA nor global
+        # QoS, the two things quorum queues do not support.
+        arguments["x-queue-type"] = "quorum"
     return Queue(name, exchange, routing_key=name, durable=True,
                  queue_arguments=arguments or None)
 
 
 def events_queue(settings: Settings) -> Queue:
-    return _queue(settings.events_queue)
+    return _queue(settings.events_queue, settings)
 
 
 def tasks_queue(settings: Settings) -> Queue:
-    return _queue(settings.tasks_queue)
+    return _queue(settings.tasks_queue, settings)
 
 
 def retry_queue(settings: Settings) -> Queue:
-    return _queue(settings.retry_queue)
+    return _queue(settings.retry_queue, settings)
 
 
 def dead_queue(settings: Settings) -> Queue:
     return _queue(
-        settings.dead_queue,
+        settings.dead_queue, settings,
         **{"x-max-length": settings.dead_queue_max_length, "x-overflow": "drop-head"},
     )
 
