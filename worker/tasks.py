@@ -64,8 +64,9 @@ def handle_raw(body: bytes, *, content_type: str | None, source: str, deps: Deps
         return Report(exc.event_id, rejected_id=rejected)
 
 
-def _run(deps_of: Callable[[], Deps], work: Callable[[Deps], Report], *, raw: bytes,
+def _run(deps_of: Callable[[], Deps], work: Callable[[Deps], Report], *, raw: bytes | None,
          source: str, event_id: str | None) -> dict[str, object]:
+    """Run one use case; ``raw`` is kept as a rejection if it fails unexpectedly."""
     deps = deps_of()
     try:
         return work(deps).as_dict()
@@ -75,6 +76,10 @@ def _run(deps_of: Callable[[], Deps], work: Callable[[Deps], Report], *, raw: by
         raise Reject(str(exc), requeue=True) from exc
     except Exception as exc:
         log.exception("task.unexpected_error", extra={"event_id": event_id})
+        if raw is None:
+            # A retry holds no payload: its entity keeps its claim, whose lease expiry sends
+            # it back through the sweeper.
+            return {"internal_error": str(exc)}
         try:
             rejected = services.record_rejection(
                 raw, f"internal error: {type(exc).__name__}: {exc}", source=source, deps=deps,
@@ -123,6 +128,5 @@ def register(app: Celery) -> None:
     @app.task(name=TASK_RETRY, ignore_result=True)
     def retry(entity_id: int) -> dict[str, object]:
         """Run the due retry of one entity."""
-        return _run(deps, lambda d: services.retry_entity(entity_id, deps=d),
-                    raw=json.dumps({"entityId": entity_id}).encode(), source="retry",
-                    event_id=None)
+        return _run(deps, lambda d: services.retry_entity(entity_id, deps=d), raw=None,
+                    source="retry", event_id=None)

@@ -2,80 +2,15 @@
 
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import pytest
 
-from worker.broker.fake import FakePublisher
-from worker.capillary.fake import FakeCapillary
-from worker.circuit import CircuitGate
+from tests.unit.conftest import World
 from worker.domain import EntityState
 from worker.errors import EventRejected
 from worker.events import LoyaltyEvent, parse_event_data
-from worker.ledger.fake import FakeState, fake_unit_of_work_factory
-from worker.metrics import Metrics
-from worker.policy import CircuitPolicy, RetryPolicy
-from worker.ratelimit import Unlimited
-from worker.services import Deps, issue_event, retry_entity, sweep
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
-
-
-class RecordingLimiter(Unlimited):
-    def __init__(self) -> None:
-        self.penalties: list[float] = []
-
-    def penalise(self, retry_after_s: float, name: str = "bulk_issue") -> None:
-        self.penalties.append(retry_after_s)
-
-
-@dataclass
-class World:
-    deps: Deps
-    state: FakeState
-    api: FakeCapillary
-    publisher: FakePublisher
-    clock: Clock
-    limiter: RecordingLimiter
-
-    def entity(self, series_id: int) -> object:
-        return next(e for e in self.state.entities.values() if e.series_id == series_id)
-
-    def sweep_and_retry(self) -> None:
-        """What the sweeper and the retry queue do together, once."""
-        self.publisher.retries.clear()
-        sweep(self.deps)
-        for entity_id in list(self.publisher.retries):
-            retry_entity(entity_id, deps=self.deps)
-
-
-@pytest.fixture
-def world() -> World:
-    state, uow = fake_unit_of_work_factory()
-    clock = Clock()
-    api = FakeCapillary()
-    publisher = FakePublisher()
-    limiter = RecordingLimiter()
-    deps = Deps(
-        uow=uow, api=api, publisher=publisher, limiter=limiter,
-        circuit=CircuitGate(uow, CircuitPolicy(failure_threshold=3, open_s=30), clock=clock,
-                            probe_timeout_s=60, cache_s=0),
-        retry_policy=RetryPolicy(max_attempts=3, base_s=1, max_s=4, reconcile_delay_s=1),
-        metrics=Metrics(), worker_id="test", lease_s=60, clock=clock,
-        sleep=lambda _s: None, rng=random.Random(5),
-    )
-    return World(deps, state, api, publisher, clock, limiter)
+from worker.services import issue_event, sweep
 
 
 def event(event_id: str = "e-1", series: tuple[int, ...] = (544770, 553379),
@@ -115,7 +50,7 @@ def test_partial_failure_records_successes_and_retries_only_the_failed(world: Wo
     world.api.series_errors[553379] = 730
     report = issue_event(event(), source="task", deps=world.deps)
     assert (report.issued, report.retrying) == (1, 1)
-    assert world.entity(553379).state is EntityState.RETRY_WAIT  # type: ignore[attr-defined]
+    assert world.entity(553379).state is EntityState.RETRY_WAIT
 
     del world.api.series_errors[553379]
     world.clock.advance(5)
@@ -129,7 +64,7 @@ def test_a_permanent_error_goes_straight_to_dead(world: World) -> None:
     report = issue_event(event(), source="task", deps=world.deps)
     assert report.dead == 1
     dead = world.entity(553379)
-    assert dead.state is EntityState.DEAD and dead.last_error_code == "707"  # type: ignore[attr-defined]
+    assert dead.state is EntityState.DEAD and dead.last_error_code == "707"
     sweep(world.deps)
     assert [m["seriesId"] for m in world.publisher.dead_letters] == [553379]
     assert world.state.events["e-1"]["state"] == "failed"
@@ -142,24 +77,24 @@ def test_retries_end_in_dead_after_max_attempts(world: World) -> None:
         world.clock.advance(10)
         world.sweep_and_retry()
     entity = world.entity(544770)
-    assert entity.state is EntityState.DEAD  # type: ignore[attr-defined]
-    assert entity.attempts == 3  # type: ignore[attr-defined]
-    assert "gave up after 3 attempts" in (entity.dead_reason or "")  # type: ignore[attr-defined]
+    assert entity.state is EntityState.DEAD
+    assert entity.attempts == 3
+    assert "gave up after 3 attempts" in (entity.dead_reason or "")
 
 
 def test_timeout_after_issue_is_reconciled_not_reissued(world: World) -> None:
     world.api.fail_next("timeout_after_issue")
     report = issue_event(event(series=(544770,)), source="task", deps=world.deps)
     assert report.retrying == 1
-    assert world.entity(544770).needs_reconcile  # type: ignore[attr-defined]
+    assert world.entity(544770).needs_reconcile
 
     world.clock.advance(5)
     world.sweep_and_retry()
     assert len(world.api.issued) == 1, "the coupon must not be issued twice"
     assert len(world.api.bulk_calls) == 1
     assert world.api.read_backs == 1
-    assert world.entity(544770).state is EntityState.ISSUED  # type: ignore[attr-defined]
-    assert world.entity(544770).history[-1] == "reconciled"  # type: ignore[attr-defined]
+    assert world.entity(544770).state is EntityState.ISSUED
+    assert world.entity(544770).history[-1] == "reconciled"
 
 
 def test_timeout_before_issue_is_reconciled_then_issued_once(world: World) -> None:
@@ -177,8 +112,8 @@ def test_a_failed_read_back_never_leads_to_an_issue(world: World) -> None:
     world.clock.advance(5)
     world.sweep_and_retry()
     assert len(world.api.bulk_calls) == 1
-    assert world.entity(544770).needs_reconcile  # type: ignore[attr-defined]
-    assert world.entity(544770).state is EntityState.RETRY_WAIT  # type: ignore[attr-defined]
+    assert world.entity(544770).needs_reconcile
+    assert world.entity(544770).state is EntityState.RETRY_WAIT
 
 
 def test_a_worker_that_died_mid_call_is_reconciled_after_its_lease(world: World) -> None:
@@ -197,7 +132,7 @@ def test_a_worker_that_died_mid_call_is_reconciled_after_its_lease(world: World)
     world.sweep_and_retry()
     world.clock.advance(5)
     world.sweep_and_retry()
-    assert world.entity(544770).state is EntityState.ISSUED  # type: ignore[attr-defined]
+    assert world.entity(544770).state is EntityState.ISSUED
     assert len(world.api.issued) == 1
 
 
@@ -207,7 +142,7 @@ def test_an_auth_failure_opens_the_circuit_and_defers_without_spending_attempts(
     world.api.fail_next("unauthorized")
     report = issue_event(event(series=(544770,)), source="task", deps=world.deps)
     assert report.deferred == 1 and report.dead == 0
-    assert world.entity(544770).attempts == 0  # type: ignore[attr-defined]
+    assert world.entity(544770).attempts == 0
     assert world.deps.circuit.state().state == "open"
 
     # While open, a new event is taken in and deferred without calling Capillary.
@@ -237,6 +172,6 @@ def test_a_429_defers_refunds_the_attempt_and_slows_the_limiter(world: World) ->
     world.api.fail_next("rate_limited")
     report = issue_event(event(series=(544770,)), source="task", deps=world.deps)
     assert report.deferred == 1
-    assert world.entity(544770).attempts == 0  # type: ignore[attr-defined]
+    assert world.entity(544770).attempts == 0
     assert world.limiter.penalties == [2.0]
     assert world.deps.circuit.state().consecutive_failures == 0
