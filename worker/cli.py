@@ -410,6 +410,18 @@ def dlq_show(entity_id: int, as_json: bool) -> None:
     render_entity(console, story)
 
 
+def operator_action_options(func: Any) -> Any:
+    """What every state-changing support command asks: scope, why, who, and a dry run."""
+    for option in reversed([
+        click.option("--all", "everything", is_flag=True, help="Every dead entity."),
+        click.option("--reason", required=True, help="Why (stored in the audit log)."),
+        click.option("--operator", default=None, help="Who (default: the OS user)."),
+        click.option("--dry-run", is_flag=True, help="Show what would happen; change nothing."),
+    ]):
+        func = option(func)
+    return func
+
+
 def _guard_selection(selection: Any, everything: bool) -> None:
     if selection.is_empty() and not everything:
         fail("name entity ids, --event, or a filter (or --all to act on every dead entity)", 2)
@@ -418,10 +430,7 @@ def _guard_selection(selection: Any, everything: bool) -> None:
 @dlq.command("replay")
 @click.argument("entity_ids", type=int, nargs=-1)
 @selection_options
-@click.option("--all", "everything", is_flag=True, help="Every dead entity.")
-@click.option("--reason", required=True, help="Why (stored in the audit log).")
-@click.option("--operator", default=None, help="Who (default: the OS user).")
-@click.option("--dry-run", is_flag=True, help="Show what would happen; change nothing.")
+@operator_action_options
 @click.option("--rate", type=float, default=20.0, show_default=True,
               help="At most this many entities re-enqueued per second.")
 @click.option("--json", "as_json", is_flag=True)
@@ -443,10 +452,7 @@ def dlq_replay(entity_ids: tuple[int, ...], error_code: str | None, series_id: i
 @dlq.command("discard")
 @click.argument("entity_ids", type=int, nargs=-1)
 @selection_options
-@click.option("--all", "everything", is_flag=True, help="Every dead entity.")
-@click.option("--reason", required=True, help="Why (stored in the audit log).")
-@click.option("--operator", default=None, help="Who (default: the OS user).")
-@click.option("--dry-run", is_flag=True, help="Show what would happen; change nothing.")
+@operator_action_options
 @click.option("--json", "as_json", is_flag=True)
 def dlq_discard(entity_ids: tuple[int, ...], error_code: str | None, series_id: int | None,
                 customer: str | None, event_id: str | None, since: str | None,
