@@ -116,7 +116,7 @@ class SqlLedger:
         Raises EventRejected when the id was already used for different content: an
         idempotency key that names two different requests is a producer bug to surface.
         """
-        print_ = fingerprint(event)
+        event_fingerprint = fingerprint(event)
         inserted = self.session.execute(
             pg_insert(m.Event)
             .values(
@@ -127,7 +127,7 @@ class SqlLedger:
                 series_ids=list(event.seriesIds),
                 metadata_=event.metadata.model_dump(exclude_none=True),
                 payload=event.to_message(),
-                fingerprint=print_,
+                fingerprint=event_fingerprint,
                 issue_ref=issue_ref(event.eventId),
                 source=source,
                 occurred_at=event.occurredAt,
@@ -141,7 +141,7 @@ class SqlLedger:
             existing = self.session.scalar(
                 select(m.Event.fingerprint).where(m.Event.event_id == event.eventId)
             )
-            if existing != print_:
+            if existing != event_fingerprint:
                 raise EventRejected(
                     f"eventId {event.eventId!r} was already used for a different event "
                     "(customer, series or metadata differ); idempotency keys must be unique",
