@@ -8,6 +8,7 @@ own, so tests run in any order and twice in a row.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -227,12 +228,16 @@ class WorkerProcess:
             self.process.wait(timeout=10)
 
     def stop(self) -> None:
+        """Warm shutdown through the main process (signalling the pool children too can
+        leave the main process waiting on a lock a dying child held), SIGKILL if it hangs."""
         if self.process.poll() is None:
-            os.killpg(self.process.pid, 15)
-            try:
+            self.process.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, 9)
+        if self.process.poll() is None:
+            self.process.wait(timeout=10)
 
 
 def coupon_worker_command() -> str:

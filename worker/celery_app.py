@@ -2,7 +2,7 @@
 
 ``celery -A worker.celery_app worker`` works as well as ``coupon-worker worker``. Nothing is
 read or connected at import: the settings are loaded when Celery first reads its
-configuration (``on_configure``), so importing this module is free.
+configuration (a lazy mapping), so importing this module is free.
 
 Reliability settings and why:
 - ``task_acks_late``: a message is acknowledged after the task returns, i.e. after the outcome
@@ -21,6 +21,7 @@ Reliability settings and why:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from celery import Celery
@@ -78,16 +79,33 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
+class _LazyConfig(Mapping[str, Any]):
+    """Celery's configuration, computed from the settings when Celery first reads it."""
+
+    def __init__(self, settings: Callable[[], Settings]) -> None:
+        self._settings = settings
+        self._data: dict[str, Any] | None = None
+
+    def _load(self) -> dict[str, Any]:
+        if self._data is None:
+            chosen = self._settings()
+            self._data = {**celery_config(chosen), "coupon_settings": chosen}
+        return self._data
+
+    def __getitem__(self, key: str) -> Any:
+        return self._load()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._load())
+
+    def __len__(self) -> int:
+        return len(self._load())
+
+
 def create_app(settings: Settings | None = None) -> Celery:
     """A Celery app for ``settings`` (or the environment's, read when first configured)."""
     app = Celery("coupon-worker", set_as_current=False)
-
-    def configure(sender: Celery | None = None, **_: object) -> None:
-        chosen = settings or load_settings()
-        app.conf.update(celery_config(chosen))
-        app.conf["coupon_settings"] = chosen
-
-    app.on_configure.connect(configure, weak=False)
+    app.config_from_object(_LazyConfig(lambda: settings or load_settings()))
     from worker import tasks
     from worker.bootstrap import Container
     from worker.broker import worker_steps

@@ -522,5 +522,13 @@ def sandbox(host: str, port: int, scenario: str | None, latency_s: float,
     run(host, port, options)
 
 
+def _register_heavy_commands() -> None:
+    from worker.demo import demo_command
+
+    main.add_command(demo_command())
+
+
+_register_heavy_commands()
+
 if __name__ == "__main__":
     main()

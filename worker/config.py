@@ -184,11 +184,12 @@ class Settings(BaseSettings):
         """kombu transport options: publisher confirms on AMQP; folders for the file broker."""
         if self.broker_url.startswith(("amqp", "pyamqp")):
             return {"confirm_publish": True}
-        if self.broker_url.startswith("filesystem"):
-            # The demo's no-server fallback: one folder shared by every process.
+        if self.broker_url.startswith(("filesystem", "cwfile")):
+            # The demo's no-server fallback: one folder shared by every process, polled often
+            # (kombu's default of one second would pace the demo's small pipeline).
             root = self.broker_folder or ".coupon-broker"
             return {"data_folder_in": f"{root}/messages", "data_folder_out": f"{root}/messages",
-                    "control_folder": f"{root}/control"}
+                    "control_folder": f"{root}/control", "polling_interval": 0.1}
         return {}
 
     @property

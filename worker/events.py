@@ -167,6 +167,6 @@ def parse_event_bytes(body: bytes, *, max_bytes: int) -> LoyaltyEvent:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise EventRejected(
-            f"invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+            f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
         ) from None
     return parse_event_data(data)

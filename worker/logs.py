@@ -10,6 +10,7 @@ import json
 import logging
 import re
 import sys
+import traceback
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -53,6 +54,8 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
     if record.exc_info and record.exc_info[1] is not None:
         exc = record.exc_info[1]
         fields["error"] = redact_text(f"{type(exc).__name__}: {exc}")
+        # One field, escaped onto the line, so a traceback never breaks one-line-per-event.
+        fields["traceback"] = redact_text("".join(traceback.format_exception(exc)))
     return fields
 
 

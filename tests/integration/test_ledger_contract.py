@@ -201,3 +201,48 @@ def test_racing_claims_never_share_an_entity(clean_ledger: Engine) -> None:
     with clean_ledger.connect() as conn:
         tokens = conn.execute(select(func.count(func.distinct(m.Entity.claim_token)))).scalar()
     assert tokens is not None and tokens >= 1
+
+
+def test_entities_finished_concurrently_still_complete_their_event(clean_ledger: Engine) -> None:
+    # Given an event whose two entities are claimed by two workers
+    uow = sql_unit_of_work_factory(clean_ledger)
+    with uow() as u:
+        u.ledger.ingest(EVENT, source="bus", now=NOW)
+        u.commit()
+    claims = []
+    for token in ("t1", "t2"):
+        with uow() as u:
+            claims.append(u.ledger.claim_event("e-1", token=token, worker=token, now=NOW,
+                                               lease_until=LEASE))
+            u.commit()
+    first = Claim(claims[0].event_id, claims[0].customer, claims[0].customer_key,
+                  claims[0].metadata, claims[0].issue_ref, "t1", claims[0].entities[:1], {})
+    second = ingest_claim_rest(uow, claims)
+    # When the second records while the first has recorded but not yet committed
+    second_done = threading.Event()
+
+    def finish_second() -> None:
+        with uow() as u:
+            u.ledger.record(second, calls=[], worker="w", now=NOW,
+                            transitions=[issued(second.entities[0].entity_id, code="B")])
+            u.commit()
+        second_done.set()
+
+    with uow() as u:
+        u.ledger.record(first, calls=[], worker="w", now=NOW,
+                        transitions=[issued(first.entities[0].entity_id, code="A")])
+        racer = threading.Thread(target=finish_second)
+        racer.start()
+        assert not second_done.wait(0.5), "the second waits for the first"
+        u.commit()
+    racer.join(timeout=10)
+    # Then the event is completed, not left "processing"
+    with clean_ledger.connect() as conn:
+        assert conn.execute(select(m.Event.state)).scalar() == "completed"
+
+
+def ingest_claim_rest(uow: UowFactory, claims: list[Claim]) -> Claim:
+    """The second claim holds nothing (the first took both); split them for the race."""
+    first = claims[0]
+    return Claim(first.event_id, first.customer, first.customer_key, first.metadata,
+                 first.issue_ref, first.token, first.entities[1:], {})

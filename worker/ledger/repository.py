@@ -384,8 +384,15 @@ class SqlLedger:
             .where(e.event_id == m.Event.event_id)
             .scalar_subquery()
         )
-        ids = list(event_ids)
+        ids = sorted(set(event_ids))
         if ids:
+            # Lock first, in a statement of its own: two transactions finishing different
+            # entities of one event would otherwise each read the other's entity as unfinished
+            # (READ COMMITTED snapshots are taken per statement) and both leave "processing".
+            self.session.execute(
+                select(m.Event.event_id).where(m.Event.event_id.in_(ids))
+                .order_by(m.Event.event_id).with_for_update()
+            )
             self.session.execute(
                 update(m.Event).where(m.Event.event_id.in_(ids))
                 .values(state=summary, updated_at=now)
