@@ -175,7 +175,7 @@ _ENV_NAMES = {
     "rate_limit_burst": "COUPONS_RATE_LIMIT_BURST",
     "requeue_after_s": "COUPONS_REQUEUE_AFTER_SECONDS",
     "log_level": "COUPONS_LOG_LEVEL", "log_format": "COUPONS_LOG_FORMAT",
-    "queue_type": "COUPONS_QUEUE_TYPE",
+    "queue_type": "COUPONS_QUEUE_TYPE", "task_events": "COUPONS_TASK_EVENTS",
 }
 
 

@@ -61,6 +61,8 @@ class Container:
         self._settings_provider = settings
         self._publisher_factory = publisher
         self._lock = threading.Lock()
+        #: Connections per process; a threads pool needs one per thread (set at worker start).
+        self.pool_size = 5
         self._pid: int | None = None
         self._deps: Deps | None = None
         self._engine: Engine | None = None
@@ -83,7 +85,7 @@ class Container:
                     # Inherited pool: forget its connections without closing the parent's.
                     self._engine.dispose(close=False)
                 settings = self.settings
-                self._engine = make_engine(settings.database_url)
+                self._engine = make_engine(settings.database_url, pool_size=self.pool_size)
                 self._deps = build_deps(settings, self._publisher_factory(settings),
                                         engine=self._engine)
                 self._pid = os.getpid()

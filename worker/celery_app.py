@@ -69,8 +69,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_soft_time_limit": max(settings.task_hard_time_limit_s - 5.0, 1.0),
         "worker_prefetch_multiplier": 1,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
-        "worker_send_task_events": True,
-        "task_send_sent_event": True,
+        # Flower's view; each event is one more confirmed publish from the worker's main loop,
+        # so a fleet that needs the last events/s may turn them off (Flower can still enable
+        # them at runtime).
+        "worker_send_task_events": settings.task_events,
+        "task_send_sent_event": settings.task_events,
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,
         "worker_concurrency": settings.worker_concurrency,

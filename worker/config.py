@@ -110,6 +110,7 @@ class Settings(BaseSettings):
     worker_concurrency: int | None = Field(
         None, ge=1, validation_alias="COUPONS_WORKER_CONCURRENCY"
     )
+    task_events: bool = Field(True, validation_alias="COUPONS_TASK_EVENTS")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", validation_alias="COUPONS_LOG_LEVEL"
     )

@@ -21,6 +21,7 @@ from sqlalchemy import exc as sa_exc
 from worker.errors import LedgerUnavailable
 
 BULK_ISSUE = "bulk_issue"
+QUOTA_MARGIN = 0.015
 
 
 class RateLimiter(Protocol):
@@ -92,12 +93,20 @@ _PENALISE = text(
 
 @dataclass(frozen=True)
 class BucketSpec:
+    """A quota of ``per_minute`` calls in any rolling minute, ``burst`` of them at once."""
+
     per_minute: int
     burst: int
 
     @property
     def rate_per_s(self) -> float:
-        return self.per_minute / 60.0
+        """The refill rate that keeps every rolling minute within the quota.
+
+        A bucket lets through its burst plus a minute of refill in any 60 s, so the refill is
+        what the quota leaves after the burst; the small margin absorbs the jitter between
+        taking a token and the request reaching Capillary (measured: 1.5% removed the 429s).
+        """
+        return max(self.per_minute - self.burst, 1) / 60.0 * (1 - QUOTA_MARGIN)
 
 
 class PostgresRateLimiter:

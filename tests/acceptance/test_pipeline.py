@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 
 from sqlalchemy import Engine, text
@@ -215,3 +216,44 @@ def test_quorum_queues_work_end_to_end(
     wait_for_state(clean_ledger, "quorum-1", "completed")
     wait_for_state(clean_ledger, "quorum-2", "completed")
     assert len(sandbox.ledger()) == 4
+
+
+def test_a_bus_backlog_stays_on_the_bus_instead_of_flooding_the_task_queue(
+    settings: Settings, clean_ledger: Engine, sandbox: SandboxAdmin,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    # Given 150 events waiting on the bus before any worker runs, and a slow Capillary
+    sandbox.configure(latency_seconds=0.05)
+    publish(settings, *(example_event(f"backlog-{n}", series=(544770,), customer=f"6{n:05d}")
+                        for n in range(150)))
+    start_worker(settings, concurrency=2)
+    # While it drains, the task queue stays short: the rest waits on the bus
+    depths = []
+    for _ in range(10):
+        time.sleep(0.3)
+        depths.append(_queue_depth(settings, settings.tasks_queue))
+    assert max(depths) <= 32 + 20, depths  # high-water mark + the bridge's prefetch
+    for n in range(150):
+        wait_for_state(clean_ledger, f"backlog-{n}", "completed", timeout_s=60)
+
+
+def _queue_depth(settings: Settings, name: str) -> int:
+    from kombu import Connection
+
+    with Connection(settings.broker_url) as conn:
+        _name, count, _consumers = conn.default_channel.queue_declare(queue=name, passive=True)
+        return int(count)
+
+
+def test_the_threads_pool_issues_exactly_once_too(
+    settings: Settings, clean_ledger: Engine, sandbox: SandboxAdmin,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    start_worker(settings, concurrency=6, pool="threads")
+    sandbox.configure(latency_seconds=0.05)
+    events = [example_event(f"threads-{n}", customer=f"5{n:05d}") for n in range(20)]
+    publish(settings, *events, *events[:5])
+    for event in events:
+        wait_for_state(clean_ledger, event["eventId"], "completed")
+    assert len(sandbox.ledger()) == 40
+    assert len(bulk_calls(sandbox)) == 20

@@ -21,6 +21,7 @@ import shutil
 import sys
 import tempfile
 import threading
+from collections import deque
 from typing import Any
 
 from celery import Celery, bootsteps, signals
@@ -32,8 +33,11 @@ from worker.errors import LedgerUnavailable
 
 log = logging.getLogger(__name__)
 
-GUARD_INTERVAL_S = 0.5
-BRIDGE_PREFETCH = 50
+GUARD_INTERVAL_S = 0.25
+BRIDGE_PREFETCH = 20
+# Tasks allowed to wait per pool slot before the bridge stops forwarding bus messages.
+BACKLOG_PER_SLOT = 16
+BACKLOG_MIN = 32
 
 
 def _settings(parent: Any) -> Any:
@@ -64,7 +68,12 @@ def _peek(body: bytes, max_bytes: int) -> tuple[str | None, str | None, object]:
 
 
 class EventsBridge(bootsteps.ConsumerStep):
-    """Forwards plain-JSON bus messages to the task queue, untouched."""
+    """Forwards plain-JSON bus messages to the task queue, untouched.
+
+    Back-pressure: while the task queue holds more than its high-water mark, messages are held
+    here unacknowledged instead of forwarded; the consumer's prefetch bounds how many, so the
+    rest of a backlog waits on the bus. ``ConsumptionGuard`` releases them as the pool drains.
+    """
 
     def get_consumers(self, channel: Any) -> list[Consumer]:
         settings = _settings(self._consumer)
@@ -79,8 +88,29 @@ class EventsBridge(bootsteps.ConsumerStep):
         super().__init__(parent, **kwargs)
         self._consumer = parent
         self._max_bytes = 65_536
+        self._held: deque[Message] = deque()
+        #: Task messages forwarded since the guard last read the task queue's depth.
+        self.forwarded = 0
+        self.high_water = BACKLOG_MIN
+        parent.coupon_bridge = self
+
+    def stop(self, c: Any) -> None:
+        self._held.clear()  # unacknowledged: the broker redelivers them
+        super().stop(c)
 
     def _on_message(self, message: Message) -> None:
+        if self._held or self.forwarded >= self.high_water:
+            self._held.append(message)
+            return
+        self._forward(message)
+
+    def release(self, room: int) -> None:
+        """Forward held messages while the task queue has ``room``."""
+        self.forwarded = 0
+        while self._held and self.forwarded < room:
+            self._forward(self._held.popleft())
+
+    def _forward(self, message: Message) -> None:
         from worker.celery_app import TASK_INGEST
 
         body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
@@ -105,6 +135,7 @@ class EventsBridge(bootsteps.ConsumerStep):
             message.reject(requeue=True)
             return
         message.ack()
+        self.forwarded += 1
 
 
 class Sweeper(bootsteps.StartStopStep):
@@ -193,6 +224,7 @@ class ConsumptionGuard(bootsteps.StartStopStep):
             self._tref = None
 
     def _check(self, c: Any) -> None:
+        self._apply_backpressure(c)
         sweeper = getattr(c.controller, "coupon_sweeper", None)
         if sweeper is None:
             return
@@ -209,6 +241,26 @@ class ConsumptionGuard(bootsteps.StartStopStep):
             log.warning("consumer.resumed", extra={"queue": queue})
             c.add_task_queue(queue)
         self._paused = wanted
+
+
+    def _apply_backpressure(self, c: Any) -> None:
+        """Let the bridge forward only while the task queue is short.
+
+        Forwarding is cheap and the pool is not: without this, a bus backlog is copied into
+        the task queue as fast as the main loop can publish, and that loop is the one that
+        also feeds the pool, so issuing slows down for the whole drain.
+        """
+        bridge = getattr(c, "coupon_bridge", None)
+        if bridge is None:
+            return
+        settings = _settings(c)
+        try:
+            _name, waiting, _consumers = c.connection.default_channel.queue_declare(
+                queue=settings.tasks_queue, passive=True)
+        except BROKER_ERRORS:
+            return
+        bridge.high_water = max(BACKLOG_PER_SLOT * (c.pool.num_processes or 1), BACKLOG_MIN)
+        bridge.release(room=max(bridge.high_water - waiting, 0))
 
 
 class MetricsServer(bootsteps.StartStopStep):
@@ -262,6 +314,14 @@ def prepare_metrics_dir() -> None:
     _MULTIPROC_OWNED.append(path)
 
 
+def _size_connection_pool(sender: Any = None, **_: Any) -> None:
+    """A threads pool runs its tasks in one process: one database connection per thread."""
+    container = getattr(getattr(sender, "app", None), "coupon_container", None)
+    pool = str(getattr(sender, "pool_cls", ""))
+    if container is not None and "thread" in pool.lower():
+        container.pool_size = max(container.pool_size, int(sender.concurrency or 1) + 2)
+
+
 def _check_metrics_dir(sender: Any = None, **_: Any) -> None:
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         return
@@ -296,5 +356,6 @@ def install(app: Celery) -> None:
     app.steps["worker"].add(Sweeper)
     app.steps["worker"].add(MetricsServer)
     signals.worker_init.connect(_check_metrics_dir, weak=False)
+    signals.worker_init.connect(_size_connection_pool, weak=False)
     signals.setup_logging.connect(_setup_logging, weak=False)
     signals.worker_shutdown.connect(_remove_metrics_dir, weak=False)
