@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any, Protocol, cast
@@ -17,6 +16,7 @@ from typing import Any, Protocol, cast
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    ColumnElement,
     DateTime,
     Integer,
     Table,
@@ -102,11 +102,161 @@ class Ledger(Protocol):
     def try_probe(self, name: str, *, now: datetime, probe_until: datetime) -> bool: ...
 
 
+# -- the hot path's statements, built once ----------------------------------------------------
+# Building a statement costs more CPU than running it through the driver, and an event runs a
+# dozen of them, so those on the path of every event are built here once and executed on the
+# session's connection with bound parameters (names prefixed ``b_`` so they never clash with
+# column names).
+
+EVENTS = cast(Table, m.Event.__table__)
+ENTITIES = cast(Table, m.Entity.__table__)
+HISTORY = cast(Table, m.EntityHistory.__table__)
+CALLS = cast(Table, m.ApiCall.__table__)
+COUPONS = cast(Table, m.IssuedCoupon.__table__)
+_E = ENTITIES.c
+_IN_FLIGHT = EntityState.IN_FLIGHT.value
+
+_INSERT_EVENT = (
+    pg_insert(EVENTS).on_conflict_do_nothing(index_elements=["event_id"])
+    .returning(EVENTS.c.event_id)
+)
+_EVENT_FINGERPRINT = select(EVENTS.c.fingerprint).where(
+    EVENTS.c.event_id == bindparam("b_event_id"))
+_INSERT_ENTITIES = insert(ENTITIES)
+_INSERT_HISTORY = insert(HISTORY)
+_INSERT_CALLS = insert(CALLS)
+_INSERT_COUPONS = pg_insert(COUPONS).on_conflict_do_nothing(index_elements=["entity_id"])
+_CLAIM_DATA = select(
+    EVENTS.c.customer, EVENTS.c.customer_key, EVENTS.c.metadata, EVENTS.c.issue_ref
+).where(EVENTS.c.event_id == bindparam("b_event_id"))
+_STATE_COUNTS = (
+    select(_E.state, func.count()).where(_E.event_id == bindparam("b_event_id"))
+    .group_by(_E.state)
+)
+
+
+def _claim_statement(claimable: ColumnElement[bool], *, skip_locked: bool) -> Any:
+    now = bindparam("b_now", type_=DateTime(timezone=True))
+    pick = select(_E.id).where(claimable).with_for_update(skip_locked=skip_locked)
+    return (
+        update(ENTITIES)
+        .where(_E.id.in_(pick.scalar_subquery()))
+        .values(
+            # A lease that ran out means a worker died mid-call: the call may have issued.
+            needs_reconcile=or_(_E.needs_reconcile, _E.state == _IN_FLIGHT),
+            state=_IN_FLIGHT,
+            attempts=_E.attempts + 1,
+            claim_token=bindparam("b_token", type_=Text),
+            claimed_by=bindparam("b_worker", type_=Text),
+            lease_until=bindparam("b_lease", type_=DateTime(timezone=True)),
+            queued_at=None,
+            first_attempt_at=func.coalesce(_E.first_attempt_at, now),
+            updated_at=now,
+        )
+        .returning(_E.id, _E.series_id, _E.attempts, _E.needs_reconcile, _E.first_attempt_at,
+                   _E.event_id)
+    )
+
+
+_NOW = bindparam("b_now", type_=DateTime(timezone=True))
+_CLAIM_EVENT = _claim_statement(
+    and_(
+        _E.event_id == bindparam("b_event_id"),
+        or_(_E.state.in_(CLAIMABLE_FRESH), and_(_E.state == _IN_FLIGHT, _E.lease_until < _NOW)),
+    ),
+    skip_locked=True,
+)
+# A retry waits for a lock rather than skipping: the holder is a short transaction (the
+# sweeper queueing this very entity, an operator's replay) and skipping would drop the retry.
+_CLAIM_ENTITY = _claim_statement(
+    and_(
+        _E.id == bindparam("b_entity_id"),
+        or_(
+            _E.state == EntityState.QUEUED.value,
+            and_(_E.state == EntityState.RETRY_WAIT.value, _E.next_attempt_at <= _NOW),
+            and_(_E.state == _IN_FLIGHT, _E.lease_until < _NOW),
+        ),
+    ),
+    skip_locked=False,
+)
+
+
+def _outcome_statement() -> Any:
+    is_issued = bindparam("is_issued", type_=Boolean)
+    is_dead = bindparam("is_dead", type_=Boolean)
+    return (
+        update(ENTITIES)
+        .where(
+            _E.id == bindparam("eid", type_=BigInteger),
+            or_(
+                _E.claim_token == bindparam("token", type_=Text),
+                and_(is_issued, _E.state != EntityState.ISSUED.value),
+            ),
+        )
+        .values(
+            state=bindparam("st", type_=Text),
+            updated_at=bindparam("now", type_=DateTime(timezone=True)),
+            claim_token=None,
+            lease_until=None,
+            claimed_by=None,
+            needs_reconcile=bindparam("reconcile", type_=Boolean),
+            next_attempt_at=bindparam("next_at", type_=DateTime(timezone=True)),
+            last_verdict=func.coalesce(bindparam("verdict", type_=Text), _E.last_verdict),
+            last_error_code=case(
+                (is_issued, _E.last_error_code),
+                else_=func.coalesce(bindparam("code", type_=Text), _E.last_error_code),
+            ),
+            last_error_message=case(
+                (is_issued, _E.last_error_message),
+                else_=func.coalesce(bindparam("message", type_=Text), _E.last_error_message),
+            ),
+            last_request_id=func.coalesce(
+                bindparam("request_id", type_=Text), _E.last_request_id),
+            attempts=_E.attempts - bindparam("refund", type_=Integer),
+            issued_at=case((is_issued, bindparam("now")), else_=_E.issued_at),
+            dead_at=case((is_dead, bindparam("now")), else_=_E.dead_at),
+            dead_reason=case((is_dead, bindparam("dead_reason", type_=Text)),
+                             else_=_E.dead_reason),
+            dead_published_at=case((is_dead, None), else_=_E.dead_published_at),
+        )
+    )
+
+
+_RECORD_OUTCOME = _outcome_statement()
+_TERMINAL = [EntityState.ISSUED.value, EntityState.DEAD.value, EntityState.DISCARDED.value]
+_EVENT_IDS: Any = bindparam("b_event_ids", expanding=True)
+# Lock first, in a statement of its own: two transactions finishing different entities of one
+# event would otherwise each read the other's entity as unfinished (READ COMMITTED snapshots
+# are taken per statement) and both leave the event "processing".
+_LOCK_EVENTS = (
+    select(EVENTS.c.event_id).where(EVENTS.c.event_id.in_(_EVENT_IDS))
+    .order_by(EVENTS.c.event_id).with_for_update()
+)
+_REFRESH_EVENTS = (
+    update(EVENTS)
+    .where(EVENTS.c.event_id.in_(_EVENT_IDS))
+    .values(
+        state=select(
+            case(
+                (func.bool_or(_E.state.not_in(_TERMINAL)), EventState.PROCESSING.value),
+                (func.bool_or(_E.state == EntityState.DEAD.value), EventState.FAILED.value),
+                else_=EventState.COMPLETED.value,
+            )
+        ).where(_E.event_id == EVENTS.c.event_id).scalar_subquery(),
+        updated_at=_NOW,
+    )
+)
+
+
 class SqlLedger:
     """The ``Ledger`` on PostgreSQL, inside the unit of work's session."""
 
     def __init__(self, session: Session) -> None:
         self.session = session
+
+    @property
+    def _conn(self) -> Any:
+        return self.session.connection()
 
     # -- intake ----------------------------------------------------------------------------
 
@@ -116,31 +266,25 @@ class SqlLedger:
         Raises EventRejected when the id was already used for different content: an
         idempotency key that names two different requests is a producer bug to surface.
         """
+        conn = self._conn
         event_fingerprint = fingerprint(event)
-        inserted = self.session.execute(
-            pg_insert(m.Event)
-            .values(
-                event_id=event.eventId,
-                event_type=event.eventType,
-                customer_key=event.customer.key,
-                customer=event.customer.as_api(),
-                series_ids=list(event.seriesIds),
-                metadata_=event.metadata.model_dump(exclude_none=True),
-                payload=event.to_message(),
-                fingerprint=event_fingerprint,
-                issue_ref=issue_ref(event.eventId),
-                source=source,
-                occurred_at=event.occurredAt,
-                received_at=now,
-                updated_at=now,
-            )
-            .on_conflict_do_nothing(index_elements=["event_id"])
-            .returning(m.Event.event_id)
-        ).first()
+        inserted = conn.execute(_INSERT_EVENT, {
+            "event_id": event.eventId,
+            "event_type": event.eventType,
+            "customer_key": event.customer.key,
+            "customer": event.customer.as_api(),
+            "series_ids": list(event.seriesIds),
+            "metadata": event.metadata.model_dump(exclude_none=True),
+            "payload": event.to_message(),
+            "fingerprint": event_fingerprint,
+            "issue_ref": issue_ref(event.eventId),
+            "source": source,
+            "occurred_at": event.occurredAt,
+            "received_at": now,
+            "updated_at": now,
+        }).first()
         if inserted is None:
-            existing = self.session.scalar(
-                select(m.Event.fingerprint).where(m.Event.event_id == event.eventId)
-            )
+            existing = conn.execute(_EVENT_FINGERPRINT, {"b_event_id": event.eventId}).scalar()
             if existing != event_fingerprint:
                 raise EventRejected(
                     f"eventId {event.eventId!r} was already used for a different event "
@@ -148,108 +292,56 @@ class SqlLedger:
                     event_id=event.eventId,
                 )
             return False
-        self.session.execute(
-            insert(m.Entity),
-            [
-                {
-                    "event_id": event.eventId,
-                    "series_id": series_id,
-                    "customer_key": event.customer.key,
-                    "created_at": now,
-                    "updated_at": now,
-                }
-                for series_id in event.seriesIds
-            ],
-        )
+        conn.execute(_INSERT_ENTITIES, [
+            {"event_id": event.eventId, "series_id": series_id,
+             "customer_key": event.customer.key, "created_at": now, "updated_at": now}
+            for series_id in event.seriesIds
+        ])
         return True
 
     # -- claims ----------------------------------------------------------------------------
 
-    def _claim(self, where: Any, *, token: str, worker: str, now: datetime,
-               lease_until: datetime, wait: bool = False) -> list[ClaimedEntity]:
-        e = m.Entity
-        pick = select(e.id).where(where).with_for_update(skip_locked=not wait).scalar_subquery()
-        rows = self.session.execute(
-            update(e)
-            .where(e.id.in_(pick))
-            .values(
-                # A lease that ran out means a worker died mid-call: the call may have issued.
-                needs_reconcile=or_(e.needs_reconcile, e.state == EntityState.IN_FLIGHT.value),
-                state=EntityState.IN_FLIGHT.value,
-                attempts=e.attempts + 1,
-                claim_token=token,
-                claimed_by=worker,
-                lease_until=lease_until,
-                queued_at=None,
-                first_attempt_at=func.coalesce(e.first_attempt_at, now),
-                updated_at=now,
-            )
-            .returning(e.id, e.series_id, e.attempts, e.needs_reconcile, e.first_attempt_at)
-            .execution_options(synchronize_session=False)
-        ).all()
-        claimed = [ClaimedEntity(r[0], r[1], r[2], r[3], r[4] or now) for r in rows]
+    def _claim(self, statement: Any, params: dict[str, Any], *, token: str, worker: str,
+               now: datetime, lease_until: datetime) -> tuple[list[ClaimedEntity], str | None]:
+        conn = self._conn
+        rows = conn.execute(statement, {**params, "b_token": token, "b_worker": worker,
+                                        "b_now": now, "b_lease": lease_until}).all()
+        claimed = sorted((ClaimedEntity(r[0], r[1], r[2], r[3], r[4] or now) for r in rows),
+                         key=lambda c: c.series_id)
         if claimed:
-            self.session.execute(
-                insert(m.EntityHistory),
-                [
-                    {"entity_id": c.entity_id, "at": now, "kind": "claimed",
-                     "state": EntityState.IN_FLIGHT.value, "attempt": c.attempts,
-                     "worker": worker,
-                     "message": "reconcile first" if c.needs_reconcile else None}
-                    for c in claimed
-                ],
-            )
-        return sorted(claimed, key=lambda c: c.series_id)
+            conn.execute(_INSERT_HISTORY, [
+                {"entity_id": c.entity_id, "at": now, "kind": "claimed", "state": _IN_FLIGHT,
+                 "attempt": c.attempts, "worker": worker, "error_code": None,
+                 "request_id": None, "message": "reconcile first" if c.needs_reconcile else None}
+                for c in claimed
+            ])
+        return claimed, (rows[0][5] if rows else None)
 
     def claim_event(self, event_id: str, *, token: str, worker: str, now: datetime,
                     lease_until: datetime) -> Claim:
         """Claim the event's entities that were never tried or whose worker died."""
-        e = m.Entity
-        claimable = and_(
-            e.event_id == event_id,
-            or_(
-                e.state.in_(CLAIMABLE_FRESH),
-                and_(e.state == EntityState.IN_FLIGHT.value, e.lease_until < now),
-            ),
-        )
-        claimed = self._claim(claimable, token=token, worker=worker, now=now,
-                              lease_until=lease_until)
-        skipped: Counter[str] = Counter()
-        if len(claimed) == 0:
-            for state, count in self.session.execute(
-                select(e.state, func.count()).where(e.event_id == event_id).group_by(e.state)
-            ):
-                skipped[state] = count
-        return self._claim_for(event_id, token, claimed, dict(skipped))
+        claimed, _ = self._claim(_CLAIM_EVENT, {"b_event_id": event_id}, token=token,
+                                 worker=worker, now=now, lease_until=lease_until)
+        skipped: dict[str, int] = {}
+        if not claimed:
+            skipped = {
+                state: int(count)
+                for state, count in self._conn.execute(_STATE_COUNTS, {"b_event_id": event_id})
+            }
+        return self._claim_for(event_id, token, claimed, skipped)
 
     def claim_entity(self, entity_id: int, *, token: str, worker: str, now: datetime,
                      lease_until: datetime) -> Claim | None:
         """Claim one entity for its retry: queued, due, or abandoned by a dead worker."""
-        e = m.Entity
-        claimable = and_(
-            e.id == entity_id,
-            or_(
-                e.state == EntityState.QUEUED.value,
-                and_(e.state == EntityState.RETRY_WAIT.value, e.next_attempt_at <= now),
-                and_(e.state == EntityState.IN_FLIGHT.value, e.lease_until < now),
-            ),
-        )
-        # Wait for a lock rather than skip: the holder is a short transaction (the sweeper
-        # queueing this very entity, an operator's replay) and skipping would drop the retry.
-        claimed = self._claim(claimable, token=token, worker=worker, now=now,
-                              lease_until=lease_until, wait=True)
-        if not claimed:
+        claimed, event_id = self._claim(_CLAIM_ENTITY, {"b_entity_id": entity_id}, token=token,
+                                        worker=worker, now=now, lease_until=lease_until)
+        if not claimed or event_id is None:
             return None
-        event_id = self.session.scalar(select(e.event_id).where(e.id == entity_id))
-        assert event_id is not None
         return self._claim_for(event_id, token, claimed, {})
 
     def _claim_for(self, event_id: str, token: str, claimed: list[ClaimedEntity],
                    skipped: dict[str, int]) -> Claim:
-        row = self.session.execute(
-            select(m.Event.customer, m.Event.customer_key, m.Event.metadata_,
-                   m.Event.issue_ref).where(m.Event.event_id == event_id)
-        ).one()
+        row = self._conn.execute(_CLAIM_DATA, {"b_event_id": event_id}).one()
         return Claim(
             event_id=event_id, customer=row[0], customer_key=row[1], metadata=row[2],
             issue_ref=row[3], token=token, entities=tuple(claimed), skipped=skipped,
@@ -264,88 +356,42 @@ class SqlLedger:
         An issued coupon is recorded even if the claim was lost (the coupon exists whatever
         the ledger thought); any other outcome needs the claim to still be ours.
         """
+        conn = self._conn
         if calls:
-            self.session.execute(
-                insert(m.ApiCall),
-                [
-                    {
-                        "event_id": claim.event_id, "entity_ids": list(c.entity_ids),
-                        "series_ids": list(c.series_ids), "operation": c.info.operation,
-                        "request_id": c.info.request_id, "http_status": c.info.status,
-                        "latency_ms": c.info.latency_ms, "outcome": c.info.outcome,
-                        "error_code": c.info.error_code, "error_message": c.info.error_message,
-                        "started_at": c.info.started_at, "worker": worker,
-                    }
-                    for c in calls
-                ],
-            )
+            conn.execute(_INSERT_CALLS, [
+                {
+                    "event_id": claim.event_id, "entity_ids": list(c.entity_ids),
+                    "series_ids": list(c.series_ids), "operation": c.info.operation,
+                    "request_id": c.info.request_id, "http_status": c.info.status,
+                    "latency_ms": c.info.latency_ms, "outcome": c.info.outcome,
+                    "error_code": c.info.error_code, "error_message": c.info.error_message,
+                    "started_at": c.info.started_at, "worker": worker,
+                }
+                for c in calls
+            ])
         if not transitions:
             return 0
-        # Core (table) UPDATE with executemany: one statement for all the entities.
-        table = cast(Table, m.Entity.__table__)
-        e = table.c
-        is_issued = bindparam("is_issued", type_=Boolean)
-        is_dead = bindparam("is_dead", type_=Boolean)
-        result = self.session.execute(
-            update(table)
-            .where(
-                e.id == bindparam("eid", type_=BigInteger),
-                or_(
-                    e.claim_token == bindparam("token", type_=Text),
-                    and_(is_issued, e.state != EntityState.ISSUED.value),
-                ),
-            )
-            .values(
-                state=bindparam("st", type_=Text),
-                updated_at=now,
-                claim_token=None,
-                lease_until=None,
-                claimed_by=None,
-                needs_reconcile=bindparam("reconcile", type_=Boolean),
-                next_attempt_at=bindparam("next_at", type_=DateTime(timezone=True)),
-                last_verdict=func.coalesce(bindparam("verdict", type_=Text), e.last_verdict),
-                last_error_code=case(
-                    (is_issued, e.last_error_code),
-                    else_=func.coalesce(bindparam("code", type_=Text), e.last_error_code),
-                ),
-                last_error_message=case(
-                    (is_issued, e.last_error_message),
-                    else_=func.coalesce(bindparam("message", type_=Text), e.last_error_message),
-                ),
-                last_request_id=func.coalesce(
-                    bindparam("request_id", type_=Text), e.last_request_id),
-                attempts=e.attempts - bindparam("refund", type_=Integer),
-                issued_at=case((is_issued, now), else_=e.issued_at),
-                dead_at=case((is_dead, now), else_=e.dead_at),
-                dead_reason=case((is_dead, bindparam("dead_reason", type_=Text)),
-                                 else_=e.dead_reason),
-                dead_published_at=case((is_dead, None), else_=e.dead_published_at),
-            ),
-            [
-                {
-                    "eid": t.entity_id, "token": claim.token,
-                    "is_issued": t.state is EntityState.ISSUED,
-                    "is_dead": t.state is EntityState.DEAD,
-                    "st": t.state.value, "reconcile": t.needs_reconcile,
-                    "next_at": t.next_attempt_at, "verdict": t.verdict, "code": t.error_code,
-                    "message": t.error_message, "request_id": t.request_id,
-                    "refund": 1 if t.refund_attempt else 0, "dead_reason": t.dead_reason,
-                }
-                for t in transitions
-            ],
-        )
-        lost = len(transitions) - int(result.rowcount)  # type: ignore[attr-defined]
-        self.session.execute(
-            insert(m.EntityHistory),
-            [
-                {"entity_id": t.entity_id, "at": now, "kind": t.kind, "state": t.state.value,
-                 "attempt": t.attempt, "error_code": t.error_code,
-                 "message": t.dead_reason or t.error_message
-                 or (f"coupon {t.coupon.code}" if t.coupon else None),
-                 "request_id": t.request_id, "worker": worker}
-                for t in transitions
-            ],
-        )
+        result = conn.execute(_RECORD_OUTCOME, [
+            {
+                "eid": t.entity_id, "token": claim.token, "now": now,
+                "is_issued": t.state is EntityState.ISSUED,
+                "is_dead": t.state is EntityState.DEAD,
+                "st": t.state.value, "reconcile": t.needs_reconcile,
+                "next_at": t.next_attempt_at, "verdict": t.verdict, "code": t.error_code,
+                "message": t.error_message, "request_id": t.request_id,
+                "refund": 1 if t.refund_attempt else 0, "dead_reason": t.dead_reason,
+            }
+            for t in transitions
+        ])
+        lost = len(transitions) - int(result.rowcount)
+        conn.execute(_INSERT_HISTORY, [
+            {"entity_id": t.entity_id, "at": now, "kind": t.kind, "state": t.state.value,
+             "attempt": t.attempt, "error_code": t.error_code,
+             "message": t.dead_reason or t.error_message
+             or (f"coupon {t.coupon.code}" if t.coupon else None),
+             "request_id": t.request_id, "worker": worker}
+            for t in transitions
+        ])
         coupons = [
             {
                 "entity_id": t.entity_id, "event_id": claim.event_id,
@@ -362,42 +408,17 @@ class SqlLedger:
             if (c := t.coupon) is not None
         ]
         if coupons:
-            self.session.execute(
-                pg_insert(m.IssuedCoupon).on_conflict_do_nothing(index_elements=["entity_id"]),
-                coupons,
-            )
+            conn.execute(_INSERT_COUPONS, coupons)
         self.refresh_event_states([claim.event_id], now=now)
         return lost
 
     def refresh_event_states(self, event_ids: Iterable[str], *, now: datetime) -> None:
-        """Recompute the summary state of events from their entities, in one statement each."""
-        e = m.Entity
-        terminal = [EntityState.ISSUED.value, EntityState.DEAD.value, EntityState.DISCARDED.value]
-        summary = (
-            select(
-                case(
-                    (func.bool_or(e.state.not_in(terminal)), EventState.PROCESSING.value),
-                    (func.bool_or(e.state == EntityState.DEAD.value), EventState.FAILED.value),
-                    else_=EventState.COMPLETED.value,
-                )
-            )
-            .where(e.event_id == m.Event.event_id)
-            .scalar_subquery()
-        )
+        """Recompute the summary state of events from their entities."""
         ids = sorted(set(event_ids))
         if ids:
-            # Lock first, in a statement of its own: two transactions finishing different
-            # entities of one event would otherwise each read the other's entity as unfinished
-            # (READ COMMITTED snapshots are taken per statement) and both leave "processing".
-            self.session.execute(
-                select(m.Event.event_id).where(m.Event.event_id.in_(ids))
-                .order_by(m.Event.event_id).with_for_update()
-            )
-            self.session.execute(
-                update(m.Event).where(m.Event.event_id.in_(ids))
-                .values(state=summary, updated_at=now)
-                .execution_options(synchronize_session=False)
-            )
+            conn = self._conn
+            conn.execute(_LOCK_EVENTS, {"b_event_ids": ids})
+            conn.execute(_REFRESH_EVENTS, {"b_event_ids": ids, "b_now": now})
 
     def record_rejection(self, *, raw: bytes, reason: str, source: str,
                          event_id: str | None, content_type: str | None,
