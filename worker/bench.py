@@ -150,7 +150,6 @@ READY_TIMEOUT_S: Final = 90.0
 STALL_TIMEOUT_S: Final = 60.0
 POLL_S: Final = 0.1
 STOP_TIMEOUT_S: Final = 20.0
-RABBITMQCTL_TIMEOUT_S: Final = 60.0
 CONSOLE_WIDTH: Final = 120
 """Tables printed to a file or a pipe are this wide, so they can be quoted as they are."""
 
@@ -434,19 +433,13 @@ def _cli_command() -> list[str]:
 
 
 def _rabbitmqctl(*args: str, allowed_error: str | None = None) -> None:
-    command = shutil.which("rabbitmqctl")
-    if command is None:
-        raise BenchError("rabbitmqctl not found: the bench needs it to create a vhost of its own")
+    from worker.broker.rabbitmqctl import rabbitmqctl
+    from worker.errors import BrokerUnavailable
+
     try:
-        done = subprocess.run([command, "-q", *args], capture_output=True, text=True,  # noqa: S603
-                              timeout=RABBITMQCTL_TIMEOUT_S, check=False)
-    except subprocess.TimeoutExpired as exc:
-        raise BenchError(f"rabbitmqctl {args[0]} timed out") from exc
-    if done.returncode != 0:
-        output = (done.stderr or done.stdout).strip()
-        if allowed_error and allowed_error in output:
-            return
-        raise BenchError(f"rabbitmqctl {args[0]} failed: {output.splitlines()[-1:] or '?'}")
+        rabbitmqctl(*args, allowed_error=allowed_error)
+    except BrokerUnavailable as exc:
+        raise BenchError(str(exc)) from exc
 
 
 # -- events and batches --------------------------------------------------------------------
@@ -1657,10 +1650,19 @@ def count_trace(lines: Sequence[str]) -> _TraceCount:
 
 def run_round_trips(stack: Stack, options: BenchOptions) -> list[RoundTrips]:
     """Wire-level database round trips per issued event, one event at a time, in-process."""
+    import logging
+
     stack.configure_sandbox(latency_ms=0, limit_per_minute=None)
     n_events = 5 if options.short else ROUND_TRIP_EVENTS
-    return [_round_trips(stack, options, n_events, None),
-            _round_trips(stack, options, n_events, 1_000_000)]
+    # The pipeline runs in this process here: its per-event lines would bury the tables.
+    pipeline_log = logging.getLogger("worker.pipeline")
+    level = pipeline_log.level
+    pipeline_log.setLevel(logging.WARNING)
+    try:
+        return [_round_trips(stack, options, n_events, None),
+                _round_trips(stack, options, n_events, 1_000_000)]
+    finally:
+        pipeline_log.setLevel(level)
 
 
 def _round_trips(stack: Stack, options: BenchOptions, n_events: int,

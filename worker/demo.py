@@ -99,7 +99,6 @@ READY_TIMEOUT_S: Final = 60.0
 MIGRATE_TIMEOUT_S: Final = 120.0
 STOP_GRACE_S: Final = 10.0
 POLL_INTERVAL_S: Final = 0.25
-RABBITMQCTL_TIMEOUT_S: Final = 30.0
 FILE_BROKER_COMFORT: Final = 500
 
 
@@ -279,19 +278,13 @@ def _local_broker(vhost: str, queue_prefix: str) -> tuple[Broker | None, str | N
 
 
 def _rabbitmqctl(*args: str, allowed_error: str | None = None) -> None:
-    command = shutil.which("rabbitmqctl")
-    if command is None:
-        raise DemoError("rabbitmqctl not found")
+    from worker.broker.rabbitmqctl import rabbitmqctl
+    from worker.errors import BrokerUnavailable
+
     try:
-        done = subprocess.run([command, "-q", *args], capture_output=True, text=True,  # noqa: S603
-                              timeout=RABBITMQCTL_TIMEOUT_S, check=False)
-    except subprocess.TimeoutExpired as exc:
-        raise DemoError(f"rabbitmqctl {args[0]} timed out") from exc
-    if done.returncode != 0:
-        output = (done.stderr or done.stdout).strip()
-        if allowed_error and allowed_error in output:
-            return
-        raise DemoError(f"rabbitmqctl {args[0]} failed: {(output.splitlines() or ['?'])[-1]}")
+        rabbitmqctl(*args, allowed_error=allowed_error)
+    except BrokerUnavailable as exc:
+        raise DemoError(str(exc)) from exc
 
 
 def _delete_queues(broker: Broker) -> None:

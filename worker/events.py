@@ -109,7 +109,9 @@ class LoyaltyEvent(BaseModel):
     @field_validator("seriesIds", mode="before")
     @classmethod
     def _not_empty(cls, value: object) -> object:
-        if isinstance(value, list | tuple) and not value:
+        if not isinstance(value, list | tuple):
+            raise ValueError("must be a JSON array of positive integers")
+        if not value:
             raise ValueError("must list at least one series id")
         return value
 
