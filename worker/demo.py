@@ -246,10 +246,12 @@ def _embedded_database(pgdata: Path, name: str) -> Database:
 
 
 def _local_broker(vhost: str, queue_prefix: str) -> tuple[Broker | None, str | None]:
-    host, port = LOCAL_RABBIT
+    configured = urlsplit(os.environ.get("COUPONS_BROKER_URL", ""))
+    host = configured.hostname or LOCAL_RABBIT[0]
+    port = configured.port or LOCAL_RABBIT[1]
     where = f"{host}:{port}"
     try:
-        socket.create_connection(LOCAL_RABBIT, timeout=1.0).close()
+        socket.create_connection((host, port), timeout=1.0).close()
     except OSError:
         return None, f"no RabbitMQ answered at {where}"
     try:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.conftest import PG_ADMIN_URL, REPO_ROOT
+from tests.conftest import PG_ADMIN_URL, REPO_ROOT, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -41,9 +41,11 @@ def namespace() -> Iterator[str]:
                    capture_output=True, timeout=60, check=False)
 
 
-def run_demo(workdir: Path, backend: str, namespace: str) -> subprocess.CompletedProcess[str]:
+def run_demo(workdir: Path, backend: str, namespace: str,
+             **extra_env: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("COUPONS_", "CAPILLARY_"))}
     env["COUPONS_ENV_FILE"] = ""
+    env.update(extra_env)
     return subprocess.run(
         [sys.executable, "-m", "worker.demo", "--events", str(EVENTS), "--no-flower",
          "--timeout", "60", "--backend", backend, "--workdir", str(workdir),
@@ -100,14 +102,20 @@ def test_demo_on_the_local_services(tmp_path: Path, namespace: str) -> None:
 
 def test_demo_without_services_falls_back_to_embedded_ones(tmp_path: Path,
                                                             namespace: str) -> None:
-    # Given the embedded backends, as on a machine without PostgreSQL or RabbitMQ
+    # Given PostgreSQL and RabbitMQ that do not answer (closed ports stand in for stopped
+    # services, so the machine's own stay up for the other tests)
     workdir = tmp_path / "demo"
-    # When the demo runs
-    done = run_demo(workdir, "embedded", namespace)
+    closed = free_port()
+    # When the demo runs on its default, auto
+    done = run_demo(workdir, "auto", namespace,
+                    COUPONS_DATABASE_URL=f"postgresql+psycopg://postgres@127.0.0.1:{closed}/x",
+                    COUPONS_BROKER_URL=f"amqp://guest:guest@127.0.0.1:{closed}//")
     # Then an embedded PostgreSQL and the file broker carry the same pipeline to the same end
     output = assert_succeeded(done)
     assert "PostgreSQL  embedded PostgreSQL (pgserver)" in output
+    assert f"no PostgreSQL answered at 127.0.0.1:{closed}" in output
     assert "broker      kombu file-based transport" in output
+    assert f"no RabbitMQ answered at 127.0.0.1:{closed}" in output
     assert (workdir / "broker" / "messages").is_dir()
     # And the embedded server was stopped with the rest
     assert not (workdir / "pg" / "postmaster.pid").exists()

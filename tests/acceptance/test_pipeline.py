@@ -7,6 +7,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from sqlalchemy import Engine, text
 
@@ -257,3 +258,29 @@ def test_the_threads_pool_issues_exactly_once_too(
         wait_for_state(clean_ledger, event["eventId"], "completed")
     assert len(sandbox.ledger()) == 40
     assert len(bulk_calls(sandbox)) == 20
+
+
+def test_the_publish_command_takes_a_file_or_stdin_and_refuses_invalid_lines(
+    settings: Settings, clean_ledger: Engine, sandbox: SandboxAdmin,
+    start_worker: Callable[..., WorkerProcess], tmp_path: Path,
+) -> None:
+    start_worker(settings)
+    lines = tmp_path / "events.jsonl"
+    lines.write_text("\n".join([
+        json.dumps(example_event("cli-1")),
+        '{"eventId": "cli-bad", "seriesIds": []}',
+        json.dumps(example_event("cli-2", series=(553379,))),
+    ]) + "\n")
+    env = settings_env(settings)
+    done = subprocess.run([coupon_worker_command(), "publish", str(lines)], env=env,
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 1, "an invalid line is reported"
+    assert "line 2: not published" in done.stderr and "customer: Field required" in done.stderr
+    assert "published 2 message(s)" in done.stdout
+    piped = subprocess.run([coupon_worker_command(), "publish", "-", "--via", "task"], env=env,
+                           input=json.dumps(example_event("cli-3")), capture_output=True,
+                           text=True, check=True)
+    assert f"to {settings.tasks_queue}" in piped.stdout
+    for event_id in ("cli-1", "cli-2", "cli-3"):
+        wait_for_state(clean_ledger, event_id, "completed")
+    assert story(clean_ledger, "cli-bad") is None, "never published"

@@ -111,3 +111,28 @@ def test_event_replay_re_runs_dead_and_waiting_but_not_issued(clean_ledger: Engi
     assert attempts == {dead: 0, waiting: 1}, "a waiting retry keeps its attempts"
     assert replay_event("e-1", reason="again", operator="ana", deps=support) == []
     assert audit(clean_ledger)[-1] == ("event_replay", "nothing to replay")
+
+
+def test_dead_letter_views_filter_and_group(clean_ledger: Engine) -> None:
+    from worker.views import dead_letter_summary, dead_letters
+
+    seed(clean_ledger, "e-1", EntityState.DEAD, EntityState.DEAD)
+    with clean_ledger.begin() as conn:
+        conn.execute(text("UPDATE entities SET last_error_code = '712' WHERE series_id = 2"))
+        conn.execute(text("INSERT INTO rejected_events (source, reason, raw, size_bytes) "
+                          "VALUES ('bus', 'invalid JSON', 'x', 1)"))
+
+    def listed(**filters: object) -> list[tuple[str, object]]:
+        return [(r["kind"], r.get("series_id"))
+                for r in dead_letters(clean_ledger, Selection(**filters))]  # type: ignore[arg-type]
+
+    assert sorted(listed(), key=str) == sorted(
+        [("entity", 1), ("entity", 2), ("rejected", None)], key=str)
+    assert listed(series_id=2) == [("entity", 2)]
+    assert listed(error_code="712") == [("entity", 2)]
+    assert sorted(listed(customer="9", event_id="e-1"), key=str) == [("entity", 1), ("entity", 2)]
+    assert listed(customer="404") == []
+    assert listed(since=NOW + timedelta(days=1)) == []
+    summary = dead_letter_summary(clean_ledger, Selection())
+    assert {(r["error_code"], r["series_id"], r["count"]) for r in summary} == {
+        ("707", 1, 1), ("712", 2, 1)}
