@@ -790,7 +790,24 @@ class WorkerShape:
     pool: Pool
 
 
-class Ours:
+class _Processes:
+    """The worker processes a system runs, started by ``start`` and stopped here."""
+
+    stack: Stack
+    _processes: list[Spawned]
+
+    def stop(self) -> None:
+        self.stack.stop_processes(self._processes)
+        self._processes = []
+
+    def roots(self) -> list[int]:
+        return [p.pid for p in self._processes]
+
+    def processes(self) -> list[Spawned]:
+        return list(self._processes)
+
+
+class Ours(_Processes):
     """``coupon-worker worker`` processes, fed on the events bus (or as tasks)."""
 
     name = "coupon-worker"
@@ -827,16 +844,6 @@ class Ours:
         self._processes = self.stack.start_processes(
             "ours", argv, shape.workers, self.env(),
             {"coupons.tasks": shape.workers, "coupons.events": shape.workers})
-
-    def stop(self) -> None:
-        self.stack.stop_processes(self._processes)
-        self._processes = []
-
-    def roots(self) -> list[int]:
-        return [p.pid for p in self._processes]
-
-    def processes(self) -> list[Spawned]:
-        return list(self._processes)
 
     def target_queue(self) -> Any:
         from worker.broker import topology
@@ -899,7 +906,7 @@ class Ours:
         return {name: Percentiles.of(values) for name, values in parts.items()}
 
 
-class Baseline:
+class Baseline(_Processes):
     """``celery -A worker.bench_baseline worker``: the bare task, fed Celery messages."""
 
     name = "baseline"
@@ -926,16 +933,6 @@ class Baseline:
         self._processes = self.stack.start_processes(
             "baseline", argv, shape.workers, self.stack.base_env(),
             {BASELINE_QUEUE: shape.workers})
-
-    def stop(self) -> None:
-        self.stack.stop_processes(self._processes)
-        self._processes = []
-
-    def roots(self) -> list[int]:
-        return [p.pid for p in self._processes]
-
-    def processes(self) -> list[Spawned]:
-        return list(self._processes)
 
     def target_queue(self) -> Any:
         from worker.bench_baseline import baseline_queue

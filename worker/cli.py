@@ -320,7 +320,7 @@ def _support_deps() -> Iterator[Any]:
     engine = make_engine(settings.database_url, pool_size=1)
     app = create_app(settings)
     try:
-        yield SupportDeps(uow=sql_unit_of_work_factory(engine),  # type: ignore[arg-type]
+        yield SupportDeps(uow=sql_unit_of_work_factory(engine),
                           publisher=CeleryPublisher(app, settings), clock=utcnow)
     except (WorkerError, ValueError) as exc:
         fail(str(exc))

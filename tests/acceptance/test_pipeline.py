@@ -162,15 +162,20 @@ def _workers_that_claimed(engine: Engine) -> set[str]:
     with engine.connect() as conn:
         rows = conn.execute(text("SELECT DISTINCT worker FROM entity_history "
                                  "WHERE kind = 'claimed'"))
-        return {r[0].rsplit(":", 1)[0] + ":" + r[0].rsplit(":", 1)[1] for r in rows}
+        return {r[0] for r in rows}
+
+
+def short_lease(settings_factory: Callable[..., Settings]) -> Settings:
+    """Settings whose claims expire soon, so a killed worker's entity comes back quickly."""
+    return settings_factory(http_timeout_s=3.0, http_connect_timeout_s=0.5,
+                            rate_limit_max_wait_s=1.0, lease_s=12.0)
 
 
 def test_sigkill_mid_call_loses_nothing_and_issues_once(
     settings_factory: Callable[..., Settings], clean_ledger: Engine, sandbox: SandboxAdmin,
     start_worker: Callable[..., WorkerProcess],
 ) -> None:
-    settings = settings_factory(http_timeout_s=3.0, http_connect_timeout_s=0.5,
-                                rate_limit_max_wait_s=1.0, lease_s=12.0)
+    settings = short_lease(settings_factory)
     # Given a worker whose Capillary call issues and then stalls
     worker = start_worker(settings)
     sandbox.add_fault(kind="stall_after", delay_seconds=10, series=544770)
@@ -191,8 +196,7 @@ def test_sigkill_before_the_call_answered_issues_exactly_once(
     settings_factory: Callable[..., Settings], clean_ledger: Engine, sandbox: SandboxAdmin,
     start_worker: Callable[..., WorkerProcess],
 ) -> None:
-    settings = settings_factory(http_timeout_s=3.0, http_connect_timeout_s=0.5,
-                                rate_limit_max_wait_s=1.0, lease_s=12.0)
+    settings = short_lease(settings_factory)
     worker = start_worker(settings)
     # Capillary is slow to answer and has not issued when the worker dies.
     sandbox.add_fault(kind="latency", delay_seconds=2.5, series=553379)

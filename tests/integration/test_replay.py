@@ -37,7 +37,7 @@ def seed(engine: Engine, event_id: str, *states: EntityState) -> list[int]:
 
 def deps(engine: Engine) -> tuple[SupportDeps, FakePublisher]:
     publisher = FakePublisher()
-    return SupportDeps(uow=sql_unit_of_work_factory(engine),  # type: ignore[arg-type]
+    return SupportDeps(uow=sql_unit_of_work_factory(engine),
                        publisher=publisher, clock=lambda: NOW, sleep=lambda _s: None), publisher
 
 

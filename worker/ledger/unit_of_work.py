@@ -106,6 +106,6 @@ class SqlUnitOfWork:
             self.session.rollback()
 
 
-def sql_unit_of_work_factory(engine: Engine) -> UnitOfWorkFactory:
+def sql_unit_of_work_factory(engine: Engine) -> Callable[[], SqlUnitOfWork]:
     sessions = sessionmaker(bind=engine, expire_on_commit=False, autoflush=False)
     return lambda: SqlUnitOfWork(sessions)
