@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 from sqlalchemy import Engine, create_engine, text
 
 from worker.config import Settings, load_settings
@@ -139,6 +140,7 @@ def settings_factory(database_url: str, broker_url: str, sandbox_server: Backgro
             "http_connect_timeout_s": 1.0,
             "rate_limit_max_wait_s": 5.0,
             "lease_s": 15.0,
+            "settle_window_s": 4.0,
             "retry_base_s": 0.2,
             "retry_max_s": 1.0,
             "reconcile_delay_s": 0.2,
@@ -156,41 +158,27 @@ def settings(settings_factory: Callable[..., Settings]) -> Settings:
     return settings_factory()
 
 
-_ENV_NAMES = {
-    "database_url": "COUPONS_DATABASE_URL", "broker_url": "COUPONS_BROKER_URL",
-    "capillary_base_url": "CAPILLARY_BASE_URL", "capillary_username": "CAPILLARY_USERNAME",
-    "capillary_oauth_key": "CAPILLARY_OAUTH_KEY", "events_queue": "COUPONS_EVENTS_QUEUE",
-    "tasks_queue": "COUPONS_TASKS_QUEUE", "retry_queue": "COUPONS_RETRY_QUEUE",
-    "dead_queue": "COUPONS_DEAD_QUEUE", "http_timeout_s": "COUPONS_HTTP_TIMEOUT_SECONDS",
-    "http_connect_timeout_s": "COUPONS_HTTP_CONNECT_TIMEOUT_SECONDS",
-    "rate_limit_max_wait_s": "COUPONS_RATE_LIMIT_MAX_WAIT_SECONDS",
-    "lease_s": "COUPONS_LEASE_SECONDS", "retry_base_s": "COUPONS_RETRY_BASE_SECONDS",
-    "retry_max_s": "COUPONS_RETRY_MAX_SECONDS",
-    "reconcile_delay_s": "COUPONS_RECONCILE_DELAY_SECONDS",
-    "sweep_interval_s": "COUPONS_SWEEP_INTERVAL_SECONDS", "metrics_port": "COUPONS_METRICS_PORT",
-    "max_attempts": "COUPONS_MAX_ATTEMPTS",
-    "circuit_failure_threshold": "COUPONS_CIRCUIT_FAILURE_THRESHOLD",
-    "circuit_open_s": "COUPONS_CIRCUIT_OPEN_SECONDS",
-    "rate_limit_per_minute": "COUPONS_RATE_LIMIT_PER_MINUTE",
-    "rate_limit_burst": "COUPONS_RATE_LIMIT_BURST",
-    "requeue_after_s": "COUPONS_REQUEUE_AFTER_SECONDS",
-    "log_level": "COUPONS_LOG_LEVEL", "log_format": "COUPONS_LOG_FORMAT",
-    "queue_type": "COUPONS_QUEUE_TYPE", "task_events": "COUPONS_TASK_EVENTS",
-}
+def _env_names() -> dict[str, str]:
+    """Every setting's environment variable, read from the settings model itself."""
+    return {
+        name: field.validation_alias
+        for name, field in Settings.model_fields.items()
+        if isinstance(field.validation_alias, str)
+    }
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
     """The environment that makes a subprocess load exactly these settings."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("COUPONS_", "CAPILLARY_"))}
-    for attr, name in _ENV_NAMES.items():
+    for attr, name in _env_names().items():
         value = getattr(settings, attr)
-        if value is not None:
+        if isinstance(value, SecretStr):
+            env[name] = value.get_secret_value()
+        elif isinstance(value, bool):
+            env[name] = "true" if value else "false"
+        elif value is not None:
             env[name] = str(value)
-    if settings.capillary_password is not None:
-        env["CAPILLARY_PASSWORD"] = settings.capillary_password.get_secret_value()
-    if settings.capillary_oauth_secret is not None:
-        env["CAPILLARY_OAUTH_SECRET"] = settings.capillary_oauth_secret.get_secret_value()
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

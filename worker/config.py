@@ -90,6 +90,10 @@ class Settings(BaseSettings):
         2.0, ge=0, validation_alias="COUPONS_RECONCILE_DELAY_SECONDS"
     )
     lease_s: float = Field(120.0, gt=0, validation_alias="COUPONS_LEASE_SECONDS")
+    # Twice the 60 s read timeout common to gateways and proxies in front of an API: a request
+    # that a gateway gave up on may still be running behind it for that long.
+    settle_window_s: float = Field(
+        120.0, gt=0, validation_alias="COUPONS_SETTLE_WINDOW_SECONDS")
     run_sweeper: bool = Field(True, validation_alias="COUPONS_RUN_SWEEPER")
     sweep_interval_s: float = Field(1.0, gt=0, validation_alias="COUPONS_SWEEP_INTERVAL_SECONDS")
     requeue_after_s: float = Field(300.0, gt=0, validation_alias="COUPONS_REQUEUE_AFTER_SECONDS")
@@ -178,6 +182,13 @@ class Settings(BaseSettings):
             raise ValueError(
                 "COUPONS_LEASE_SECONDS must be at least 3 x (connect + read timeout) + "
                 f"COUPONS_RATE_LIMIT_MAX_WAIT_SECONDS = {minimum_lease_s:g}"
+            )
+        if self.settle_window_s <= one_call_s:
+            # An abandoned request can land at least until the client gave up on it; a
+            # read-back that ends sooner cannot prove the coupon was not issued.
+            raise ValueError(
+                "COUPONS_SETTLE_WINDOW_SECONDS must exceed connect + read timeout "
+                f"({one_call_s:g} s)"
             )
         return self
 

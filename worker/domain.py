@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
+from random import Random
 from typing import Any
 
 
@@ -24,9 +25,14 @@ class EntityState(StrEnum):
     ISSUED = "issued"
     DEAD = "dead"  # needs a person: replay or discard
     DISCARDED = "discarded"  # closed by a person without issuing
+    # A late original landed after a re-send: the customer holds two of our coupons for this
+    # entity. Both are recorded; a person decides what to do about the extra one.
+    DUPLICATE_ISSUED = "duplicate_issued"
 
 
-TERMINAL_STATES = frozenset({EntityState.ISSUED, EntityState.DEAD, EntityState.DISCARDED})
+TERMINAL_STATES = frozenset({
+    EntityState.ISSUED, EntityState.DEAD, EntityState.DISCARDED, EntityState.DUPLICATE_ISSUED,
+})
 
 
 class EventState(StrEnum):
@@ -45,48 +51,6 @@ class Verdict(StrEnum):
     PERMANENT = "permanent"  # refused for good: dead letter
     AMBIGUOUS = "ambiguous"  # may have been processed: reconcile before sending again
     OUTAGE = "outage"  # credentials / configuration / service down: pause everything
-
-
-RETRYABLE_CODES = frozenset(
-    {730, 5005, 5006, *range(786, 788), *range(789, 795), *range(796, 799)}
-)
-AMBIGUOUS_CODES = frozenset({748})
-OUTAGE_CODES = frozenset({777, 788, 795, 799})
-TRY_AGAIN_CODES = frozenset({722})
-
-
-def classify_entry_error(code: int | None, message: str = "") -> Verdict:
-    """The verdict for one ``errors[]`` entry of a bulk-issue answer.
-
-    Codes follow the coupon error table of the API summary; a code we do not know is
-    permanent, so that a person looks at it instead of the worker hammering the API.
-    """
-    if code is None:
-        return Verdict.PERMANENT
-    if code in OUTAGE_CODES:
-        return Verdict.OUTAGE
-    if code in AMBIGUOUS_CODES:
-        return Verdict.AMBIGUOUS
-    if code in RETRYABLE_CODES:
-        return Verdict.RETRYABLE
-    if code in TRY_AGAIN_CODES and "try again" in message.lower():
-        return Verdict.RETRYABLE
-    return Verdict.PERMANENT
-
-
-def classify_http_status(status: int, *, has_json_body: bool) -> Verdict:
-    """The verdict for a whole call whose answer carries no per-series entries."""
-    if status in (401, 403):
-        return Verdict.OUTAGE
-    if status in (429, 521):
-        return Verdict.RETRYABLE
-    if status >= 500:
-        # A JSON error body means the service answered "failed"; an empty or HTML body
-        # (a proxy, a crash after the write) says nothing about whether it issued.
-        return Verdict.RETRYABLE if has_json_body else Verdict.AMBIGUOUS
-    if 400 <= status < 500:
-        return Verdict.PERMANENT
-    return Verdict.AMBIGUOUS
 
 
 @dataclass(frozen=True)
@@ -130,6 +94,11 @@ def issue_ref(event_id: str) -> str:
     return f"{ISSUE_REF_PREFIX}{digest}"
 
 
+def attempt_ref(event_ref: str, rng: Random) -> str:
+    """One attempt's reference: the event's, then a short random part of its own."""
+    return f"{event_ref}.{rng.getrandbits(24):06x}"
+
+
 NOTES_MAX_CHARS = 250
 
 
@@ -171,6 +140,10 @@ ERROR_MEANINGS: dict[str, str] = {
     "connection_reset": "connection dropped (may have issued)",
     "connection_refused": "could not connect",
     "reconcile_failed": "read-back failed",
+    "unknown_outcome": "outcome unknown; read-back could not settle it",
+    "duplicate_issued": "two of our coupons for one entity (late original)",
+    "settling": "waiting for a possible late original",
+    "empty_entry": "entry without coupon or error",
     "missing_entry": "answer had no entry",
 }
 

@@ -37,6 +37,9 @@ class Metrics:
         self.dead_letters = Counter(
             "coupon_dead_letters", "Entities moved to the dead letters", ["error_code"],
             registry=r)
+        self.duplicates_issued = Counter(
+            "coupon_duplicates_issued",
+            "Entities found holding two of our coupons (a late original landed)", registry=r)
         self.replays = Counter(
             "coupon_operator_actions", "Entities replayed or discarded by an operator",
             ["action"], registry=r)

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
-from worker.capillary.api import BulkIssueResult, CouponApi
+from worker.capillary.api import BulkIssueResult, CouponApi, FoundCoupon
 from worker.circuit import CircuitGate, Permit
-from worker.domain import Coupon, EntityState, Verdict, notes_with_ref
+from worker.domain import Coupon, EntityState, Verdict, attempt_ref, notes_with_ref
 from worker.errors import CapillaryError, EventRejected, Outage, Retryable, WorkerError
 from worker.events import LoyaltyEvent
 from worker.ledger.records import (
@@ -38,7 +38,16 @@ from worker.ledger.records import (
 )
 from worker.ledger.unit_of_work import UnitOfWorkFactory
 from worker.metrics import Metrics
-from worker.policy import DeadLetter, Decision, Defer, RecordIssued, RetryPolicy, ScheduleRetry
+from worker.policy import (
+    DeadLetter,
+    Decision,
+    Defer,
+    RecordDuplicate,
+    RecordIssued,
+    RetryPolicy,
+    ScheduleRetry,
+    counts_toward_circuit,
+)
 from worker.ratelimit import BULK_ISSUE, RateLimiter
 
 log = logging.getLogger("worker.pipeline")
@@ -117,7 +126,7 @@ def issue_event(event: LoyaltyEvent, *, source: str, deps: Deps) -> Report:
         new = uow.ledger.ingest(event, source=source, now=now)
         claim = uow.ledger.claim_event(
             event.eventId, token=uuid.uuid4().hex, worker=deps.worker_id, now=now,
-            lease_until=now + timedelta(seconds=deps.lease_s),
+            lease_s=deps.lease_s, settle_window_s=deps.retry_policy.settle_window_s,
         )
         uow.commit()
     deps.metrics.events_received.labels("new" if new else "duplicate").inc()
@@ -142,7 +151,7 @@ def retry_entity(entity_id: int, *, deps: Deps) -> Report:
     with deps.uow() as uow:
         claim = uow.ledger.claim_entity(
             entity_id, token=uuid.uuid4().hex, worker=deps.worker_id, now=now,
-            lease_until=now + timedelta(seconds=deps.lease_s),
+            lease_s=deps.lease_s, settle_window_s=deps.retry_policy.settle_window_s,
         )
         uow.commit()
     if claim is None:
@@ -183,8 +192,9 @@ class _Attempt:
     def add(self, entity: ClaimedEntity, decision: Decision, *, verdict: Verdict,
             error_code: str | None = None, message: str | None = None,
             request_id: str | None = None, coupon: Coupon | None = None,
-            reconciled: bool = False) -> None:
+            reconciled: bool = False, extra_coupons: tuple[Coupon, ...] = ()) -> None:
         now = self.deps.clock()
+        window_s = self.deps.retry_policy.settle_window_s
         base = Transition(
             entity_id=entity.entity_id, state=EntityState.RETRY_WAIT, kind="",
             attempt=entity.attempts, verdict=verdict.value, error_code=error_code,
@@ -194,17 +204,32 @@ class _Attempt:
             transition = replace(
                 base, state=EntityState.ISSUED, kind="reconciled" if reconciled else "issued",
                 coupon=coupon, recorded_via="reconcile" if reconciled else "issue",
+                # A re-send after an unknown outcome: the original may still land late.
+                verify_window_s=window_s if entity.needs_reconcile and not reconciled
+                else None,
+            )
+        elif isinstance(decision, RecordDuplicate):
+            transition = replace(
+                base, state=EntityState.DUPLICATE_ISSUED, kind="duplicate_issued",
+                coupon=coupon, extra_coupons=extra_coupons, recorded_via="reconcile",
+                error_code="duplicate_issued",
+                error_message=f"{1 + len(extra_coupons)} coupons of ours for one entity",
             )
         elif isinstance(decision, ScheduleRetry):
             transition = replace(
                 base, kind="retry_scheduled", next_attempt_at=now + decision.delay,
                 needs_reconcile=decision.reconcile_first,
+                settle_window_s=window_s if verdict is Verdict.AMBIGUOUS
+                and error_code != "reconcile_failed" else None,
             )
         elif isinstance(decision, DeadLetter):
             reason = f"{decision.reason}: {message}" if message else decision.reason
             transition = replace(
                 base, state=EntityState.DEAD, kind="dead", dead_reason=reason,
+                error_code=decision.code or error_code,
                 needs_reconcile=decision.reconcile_first,
+                settle_window_s=window_s if verdict is Verdict.AMBIGUOUS
+                and error_code != "reconcile_failed" else None,
             )
         else:
             # Deferred by the circuit or the rate limit: the attempt did not count, and an
@@ -242,6 +267,10 @@ def _attempt(claim: Claim, deps: Deps, *, new_event: bool = False) -> Report:
     return _finish(attempt, new_event)
 
 
+def _is_ours(claim: Claim, found: FoundCoupon) -> bool:
+    return claim.issue_ref in str(found.issual_details.get("notes") or "")
+
+
 def _reconcile(attempt: _Attempt, entity: ClaimedEntity, permit: Permit) -> bool:
     """Settle an entity whose last call may have issued. True when it needs no issue call."""
     deps, claim = attempt.deps, attempt.claim
@@ -256,41 +285,50 @@ def _reconcile(attempt: _Attempt, entity: ClaimedEntity, permit: Permit) -> bool
         read_back = deps.api.find_coupons(claim.customer, entity.series_id, since)
     except CapillaryError as exc:
         verdict = Verdict.OUTAGE if isinstance(exc, Outage) else Verdict.AMBIGUOUS
-        retry_after = exc.retry_after_s if isinstance(exc, Retryable) else None
-        decision = deps.retry_policy.decide(
-            verdict, attempts=entity.attempts, retry_after_s=retry_after, rng=deps.rng,
-            circuit_open_s=deps.circuit.policy_open_s,
+        failed = deps.retry_policy.read_back_failed(
+            verdict, attempts=entity.attempts,
+            retry_after_s=exc.retry_after_s if isinstance(exc, Retryable) else None,
+            circuit_open_s=deps.circuit.policy_open_s, rng=deps.rng,
         )
-        attempt.add(entity, decision, verdict=Verdict.AMBIGUOUS, error_code="reconcile_failed",
+        attempt.add(entity, failed, verdict=Verdict.AMBIGUOUS, error_code="reconcile_failed",
                     message=f"read-back failed: {exc}", request_id=exc.request_id)
         if verdict is Verdict.OUTAGE:
             deps.circuit.failure(permit, verdict, f"read-back: {exc}")
         return True
     attempt.calls.append(RecordedCall(read_back.call, (entity.entity_id,), (entity.series_id,)))
     deps.metrics.observe_call(READ_BACK, read_back.call.status, read_back.call.latency_ms)
-    ours = [
-        found for found in read_back.coupons
-        if claim.issue_ref in str(found.issual_details.get("notes") or "")
-    ]
-    if ours:
-        if len(ours) > 1:
-            log.error(
-                "reconcile.several_coupons",
-                extra={"event_id": claim.event_id, "series": entity.series_id,
-                       "codes": [f.coupon.code for f in ours]},
-            )
+    ours = [found for found in read_back.coupons if _is_ours(claim, found)]
+    decision = deps.retry_policy.after_read_back(
+        len(ours), settled=entity.settled, settles_in_s=entity.settles_in_s,
+        attempts=entity.attempts)
+    request_id = read_back.call.request_id
+    if decision is None:
+        log.info(
+            "reconcile.absent",
+            extra={"event_id": claim.event_id, "customer": claim.customer_key,
+                   "series": entity.series_id, "attempt": entity.attempts,
+                   "request_id": request_id},
+        )
+        return False
+    if isinstance(decision, RecordIssued):
         attempt.reconciled += 1
-        attempt.add(entity, RecordIssued(), verdict=Verdict.ISSUED,
-                    request_id=read_back.call.request_id, coupon=ours[0].coupon,
-                    reconciled=True)
-        return True
-    log.info(
-        "reconcile.absent",
-        extra={"event_id": claim.event_id, "customer": claim.customer_key,
-               "series": entity.series_id, "attempt": entity.attempts,
-               "request_id": read_back.call.request_id},
-    )
-    return False
+        attempt.add(entity, decision, verdict=Verdict.ISSUED, request_id=request_id,
+                    coupon=ours[0].coupon, reconciled=True)
+    elif isinstance(decision, RecordDuplicate):
+        log.error(
+            "reconcile.duplicate_issued",
+            extra={"event_id": claim.event_id, "customer": claim.customer_key,
+                   "series": entity.series_id, "codes": [f.coupon.code for f in ours]},
+        )
+        deps.metrics.duplicates_issued.inc()
+        attempt.add(entity, decision, verdict=Verdict.ISSUED, request_id=request_id,
+                    coupon=ours[0].coupon, extra_coupons=tuple(f.coupon for f in ours[1:]))
+    else:
+        # Nothing of ours yet, but the original call may still land: wait it out.
+        attempt.add(entity, decision, verdict=Verdict.AMBIGUOUS, error_code="settling",
+                    message="not visible yet; the original call may still land",
+                    request_id=request_id)
+    return True
 
 
 def _issue(attempt: _Attempt, entities: list[ClaimedEntity], permit: Permit) -> None:
@@ -302,11 +340,15 @@ def _issue(attempt: _Attempt, entities: list[ClaimedEntity], permit: Permit) -> 
         return
     deps.sleep(wait_s)
     metadata = dict(claim.metadata)
-    metadata["notes"] = notes_with_ref(metadata.get("notes"), claim.issue_ref)
+    # Each attempt carries a reference of its own, under the event's: a read-back tells ours
+    # from other coupons by the event's part, and two attempts that both landed apart.
+    ref = attempt_ref(claim.issue_ref, deps.rng)
+    metadata["notes"] = notes_with_ref(metadata.get("notes"), ref)
     result = deps.api.bulk_issue(claim.customer, [e.series_id for e in entities], metadata)
     call = result.call
     attempt.calls.append(RecordedCall(
-        call, tuple(e.entity_id for e in entities), tuple(e.series_id for e in entities)))
+        call, tuple(e.entity_id for e in entities), tuple(e.series_id for e in entities),
+        issue_ref=ref))
     deps.metrics.observe_call(BULK_ISSUE, call.status, call.latency_ms)
     throttled = call.status == 429
     if throttled:
@@ -315,8 +357,8 @@ def _issue(attempt: _Attempt, entities: list[ClaimedEntity], permit: Permit) -> 
     for entity in entities:
         outcome = result.entries[entity.series_id]
         if throttled:
-            decision: Decision = Defer(deps.retry_policy.backoff(
-                entity.attempts, retry_after_s=result.retry_after_s, rng=deps.rng))
+            decision: Decision = deps.retry_policy.throttled(
+                entity.attempts, retry_after_s=result.retry_after_s, rng=deps.rng)
         else:
             decision = deps.retry_policy.decide(
                 outcome.verdict, attempts=entity.attempts, retry_after_s=result.retry_after_s,
@@ -336,10 +378,10 @@ def _update_circuit(deps: Deps, permit: Permit, result: BulkIssueResult) -> None
         first = next(e for e in result.entries.values() if e.verdict is Verdict.OUTAGE)
         reason = f"{first.error.code}: {first.error.message}" if first.error else "outage"
         deps.circuit.failure(permit, Verdict.OUTAGE, reason)
-    elif result.call_level_failure and result.call.status != 429:
-        verdict = next(iter(verdicts))
+    elif result.call_level_failure and counts_toward_circuit(
+            next(iter(verdicts)), result.call.status):
         deps.circuit.failure(
-            permit, verdict, f"{result.call.error_code or result.call.status}: "
+            permit, next(iter(verdicts)), f"{result.call.error_code or result.call.status}: "
             f"{result.call.error_message or ''}".strip())
     else:
         deps.circuit.success(permit)
@@ -412,6 +454,9 @@ class SweepReport:
     dispatched: int = 0
     dead_letters_published: int = 0
     circuit: str = "closed"
+    verified: int = 0
+    duplicates: int = 0
+    events_repaired: int = 0
 
 
 def sweep(deps: Deps, *, batch: int = 500, requeue_after_s: float = 300.0) -> SweepReport:
@@ -424,7 +469,9 @@ def sweep(deps: Deps, *, batch: int = 500, requeue_after_s: float = 300.0) -> Sw
         expired = uow.ledger.expire_leases(
             now=now, limit=batch,
             retry_at=now + timedelta(seconds=deps.retry_policy.reconcile_delay_s),
+            settle_window_s=deps.retry_policy.settle_window_s,
         )
+        repaired = uow.ledger.repair_event_states(now=now, limit=batch)
         requeued = uow.ledger.requeue_stale(
             queued_before=now - timedelta(seconds=requeue_after_s), now=now, limit=batch)
         uow.commit()
@@ -433,6 +480,9 @@ def sweep(deps: Deps, *, batch: int = 500, requeue_after_s: float = 300.0) -> Sw
                                                    "count": len(expired)})
     if requeued:
         log.warning("sweep.requeued_lost_retries", extra={"count": requeued})
+    if repaired:
+        log.warning("sweep.repaired_event_states", extra={"event_ids": repaired[:20],
+                                                          "count": len(repaired)})
 
     circuit = deps.circuit.state()
     limit = batch
@@ -461,8 +511,67 @@ def sweep(deps: Deps, *, batch: int = 500, requeue_after_s: float = 300.0) -> Sw
                             "series": d.series_id, "entity_id": d.entity_id,
                             "attempt": d.attempts + 1})
 
+    verified = verify_issued(deps) if circuit.state == "closed" else VerifyReport()
     published = publish_dead_letters(deps, batch=batch)
-    return SweepReport(len(expired), requeued, dispatched, published, circuit.state)
+    return SweepReport(len(expired), requeued, dispatched, published, circuit.state,
+                       verified.checked, verified.duplicates, len(repaired))
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    checked: int = 0
+    duplicates: int = 0
+
+
+VERIFY_BATCH = 5
+
+
+def verify_issued(deps: Deps, *, batch: int = VERIFY_BATCH) -> VerifyReport:
+    """Read back entities issued by a re-send after an unknown outcome, once it has settled.
+
+    The settle window is an assumption about Capillary, not a guarantee: if the original call
+    landed after all, the customer now holds two of our coupons. Nothing can undo that here,
+    but it is found, recorded (both coupons), counted and listed for support.
+    """
+    now = deps.clock()
+    with deps.uow() as uow:
+        items = uow.ledger.take_verifications(now=now, limit=batch, hold_s=deps.lease_s)
+        uow.commit()
+    duplicates = 0
+    for item in items:
+        since = item.first_attempt_at - RECONCILE_CLOCK_SKEW
+        try:
+            read_back = deps.api.find_coupons(item.customer, item.series_id, since)
+        except CapillaryError as exc:
+            delay = deps.retry_policy.backoff(item.attempts + 1, rng=deps.rng)
+            log.warning("verify.read_back_failed", extra={
+                "entity_id": item.entity_id, "event_id": item.event_id, "error": str(exc)})
+            with deps.uow() as uow:
+                uow.ledger.finish_verification(item, now=deps.clock(),
+                                               retry_in_s=delay.total_seconds())
+                uow.commit()
+            continue
+        ours = [f.coupon for f in read_back.coupons
+                if item.issue_ref in str(f.issual_details.get("notes") or "")]
+        extra = [c for c in ours if c.code not in item.codes]
+        found_twice = len(ours) > 1 and bool(extra)
+        message = None
+        if found_twice:
+            duplicates += 1
+            deps.metrics.duplicates_issued.inc()
+            message = (f"late original landed: coupons {', '.join(item.codes)} and "
+                       f"{', '.join(c.code for c in extra)} are both ours")
+            log.error("verify.duplicate_issued", extra={
+                "entity_id": item.entity_id, "event_id": item.event_id,
+                "customer": item.customer_key, "series": item.series_id,
+                "codes": [*item.codes, *(c.code for c in extra)]})
+        with deps.uow() as uow:
+            uow.ledger.finish_verification(item, now=deps.clock(),
+                                           duplicates=extra if found_twice else (),
+                                           request_id=read_back.call.request_id,
+                                           message=message)
+            uow.commit()
+    return VerifyReport(len(items), duplicates)
 
 
 def publish_dead_letters(deps: Deps, *, batch: int = 500) -> int:
@@ -490,4 +599,5 @@ __all__ = [
     "record_rejection",
     "retry_entity",
     "sweep",
+    "verify_issued",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -20,6 +21,11 @@ from worker.ledger.unit_of_work import UnitOfWork, sql_unit_of_work_factory
 
 NOW = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
 LEASE = NOW + timedelta(seconds=60)
+LEASE_S = 60.0
+SETTLE_S = 120.0
+# Leases live on the database's clock: tests that need one to run out use a short lease and
+# let real time pass (the fake takes the ``now`` it is given as its database clock).
+SHORT_LEASE_S = 0.3
 EVENT = parse_event_data({"eventId": "e-1", "customer": {"id": "7"}, "seriesIds": [1, 2]})
 
 UowFactory = Callable[[], UnitOfWork]
@@ -35,12 +41,22 @@ def uow(request: pytest.FixtureRequest) -> UowFactory:
 
 
 def ingest_and_claim(uow: UowFactory, token: str = "t1", now: datetime = NOW,
-                     lease: datetime = LEASE) -> Claim:
+                     lease_s: float = LEASE_S) -> Claim:
     with uow() as u:
         u.ledger.ingest(EVENT, source="bus", now=now)
-        claim = u.ledger.claim_event("e-1", token=token, worker="w", now=now, lease_until=lease)
+        claim = u.ledger.claim_event("e-1", token=token, worker="w", now=now, lease_s=lease_s,
+                                     settle_window_s=SETTLE_S)
         u.commit()
     return claim
+
+
+def real_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def outlive_short_lease() -> datetime:
+    time.sleep(SHORT_LEASE_S + 0.2)
+    return real_now()
 
 
 def record(uow: UowFactory, claim: Claim, *transitions: Transition) -> int:
@@ -84,17 +100,33 @@ def test_nothing_is_kept_without_commit(uow: UowFactory) -> None:
 
 
 def test_an_expired_lease_is_claimed_again_and_must_reconcile(uow: UowFactory) -> None:
-    ingest_and_claim(uow)
-    later = LEASE + timedelta(seconds=1)
-    again = ingest_and_claim(uow, token="t2", now=later, lease=later + timedelta(seconds=60))
+    first = ingest_and_claim(uow, now=real_now(), lease_s=SHORT_LEASE_S)
+    assert all(e.settled for e in first.entities)
+    again = ingest_and_claim(uow, token="t2", now=outlive_short_lease())
     assert [e.needs_reconcile for e in again.entities] == [True, True]
     assert [e.attempts for e in again.entities] == [2, 2]
+    # The dead worker's call may still land for a window after its lease ran out.
+    assert not any(e.settled for e in again.entities)
+    assert all(SETTLE_S - 5 < e.settles_in_s <= SETTLE_S for e in again.entities)
+
+
+def test_a_live_lease_is_not_taken_by_a_host_whose_clock_runs_ahead(
+    clean_ledger: Engine,
+) -> None:
+    # PostgreSQL only: the fake has one clock, the one it is given.
+    uow = sql_unit_of_work_factory(clean_ledger)
+    ingest_and_claim(uow, now=real_now())
+    skewed = real_now() + timedelta(seconds=LEASE_S + 3600)
+    again = ingest_and_claim(uow, token="t2", now=skewed)
+    assert again.entities == (), "a lease is judged on the database's clock"
+    with uow() as u:
+        assert u.ledger.expire_leases(now=skewed, retry_at=skewed, limit=10,
+                                      settle_window_s=SETTLE_S) == []
 
 
 def test_an_outcome_needs_the_claim_except_an_issued_coupon(uow: UowFactory) -> None:
-    stale = ingest_and_claim(uow)
-    later = LEASE + timedelta(seconds=1)
-    ingest_and_claim(uow, token="t2", now=later, lease=later + timedelta(seconds=60))
+    stale = ingest_and_claim(uow, now=real_now(), lease_s=SHORT_LEASE_S)
+    ingest_and_claim(uow, token="t2", now=outlive_short_lease())
     a, b = stale.entities
     assert record(uow, stale, retry_wait(a.entity_id, NOW)) == 1, "claim lost: not applied"
     assert record(uow, stale, issued(b.entity_id)) == 0, "a coupon is recorded regardless"
@@ -112,7 +144,8 @@ def test_retries_are_taken_when_due_and_requeued_if_lost(uow: UowFactory) -> Non
         u.commit()
     with uow() as u:
         assert u.ledger.claim_entity(b.entity_id, token="x", worker="w", now=NOW,
-                                     lease_until=LEASE) is None, "issued is never claimed"
+                                     lease_s=LEASE_S, settle_window_s=SETTLE_S) is None, \
+            "issued is never claimed"
         assert u.ledger.requeue_stale(queued_before=NOW - timedelta(seconds=1), now=NOW,
                                       limit=10) == 0
         assert u.ledger.requeue_stale(queued_before=NOW + timedelta(seconds=1), now=NOW,
@@ -120,25 +153,68 @@ def test_retries_are_taken_when_due_and_requeued_if_lost(uow: UowFactory) -> Non
         u.commit()
     with uow() as u:
         retry = u.ledger.claim_entity(a.entity_id, token="t3", worker="w", now=NOW,
-                                      lease_until=LEASE)
+                                      lease_s=LEASE_S, settle_window_s=SETTLE_S)
         u.commit()
     assert retry is not None and retry.entities[0].attempts == 2
 
 
 def test_expired_leases_are_swept_into_reconciliation(uow: UowFactory) -> None:
-    ingest_and_claim(uow)
+    start = real_now()
+    ingest_and_claim(uow, now=start, lease_s=SHORT_LEASE_S)
     with uow() as u:
-        assert u.ledger.expire_leases(now=NOW, retry_at=NOW, limit=10) == []
-        swept = u.ledger.expire_leases(now=LEASE + timedelta(seconds=1), retry_at=LEASE,
-                                       limit=10)
+        assert u.ledger.expire_leases(now=start, retry_at=start, limit=10,
+                                      settle_window_s=SETTLE_S) == []
+    later = outlive_short_lease()
+    with uow() as u:
+        swept = u.ledger.expire_leases(now=later, retry_at=later, limit=10,
+                                       settle_window_s=SETTLE_S)
         u.commit()
     assert len(swept) == 2
     with uow() as u:
-        retry = u.ledger.claim_entity(swept[0], token="t9", worker="w",
-                                      now=LEASE + timedelta(seconds=2),
-                                      lease_until=LEASE + timedelta(seconds=60))
+        retry = u.ledger.claim_entity(swept[0], token="t9", worker="w", now=real_now(),
+                                      lease_s=LEASE_S, settle_window_s=SETTLE_S)
         u.commit()
     assert retry is not None and retry.entities[0].needs_reconcile
+    assert not retry.entities[0].settled
+
+
+def test_an_unknown_outcome_settles_after_the_window_and_a_resend_is_verified(
+    uow: UowFactory,
+) -> None:
+    claim = ingest_and_claim(uow, now=real_now())
+    a, b = claim.entities
+    # Given one entity whose outcome is unknown and one issued by a re-send
+    with uow() as u:
+        u.ledger.record(claim, calls=[], worker="w", now=real_now(), transitions=[
+            Transition(a.entity_id, EntityState.RETRY_WAIT, "retry_scheduled", 1,
+                       next_attempt_at=real_now(), needs_reconcile=True, verdict="ambiguous",
+                       settle_window_s=SETTLE_S),
+            Transition(b.entity_id, EntityState.ISSUED, "issued", 1,
+                       coupon=Coupon(code="B1", series_id=2), verify_window_s=SHORT_LEASE_S),
+        ])
+        u.commit()
+    with uow() as u:
+        retry = u.ledger.claim_entity(a.entity_id, token="t2", worker="w", now=real_now(),
+                                      lease_s=LEASE_S, settle_window_s=SETTLE_S)
+        u.commit()
+    assert retry is not None
+    assert not retry.entities[0].settled and retry.entities[0].settles_in_s > SETTLE_S - 5
+    # When the check after the re-send is due, it is handed out once
+    assert_now = outlive_short_lease()
+    with uow() as u:
+        items = u.ledger.take_verifications(now=assert_now, limit=10, hold_s=LEASE_S)
+        u.commit()
+    assert [(i.entity_id, i.codes) for i in items] == [(b.entity_id, ("B1",))]
+    with uow() as u:
+        assert u.ledger.take_verifications(now=assert_now, limit=10, hold_s=LEASE_S) == []
+        # Then a late original found by it is recorded beside the first coupon
+        u.ledger.finish_verification(items[0], now=assert_now,
+                                     duplicates=[Coupon(code="B2", series_id=2)],
+                                     message="late original")
+        u.commit()
+    with uow() as u:
+        assert u.ledger.take_verifications(now=real_now() + timedelta(hours=1), limit=10,
+                                           hold_s=LEASE_S) == []
 
 
 def test_dead_letters_are_published_once(uow: UowFactory) -> None:
@@ -188,7 +264,7 @@ def test_racing_claims_never_share_an_entity(clean_ledger: Engine) -> None:
         barrier.wait()
         with uow() as u:
             claims.append(u.ledger.claim_event("race", token=f"t{n}", worker=f"w{n}", now=NOW,
-                                               lease_until=LEASE))
+                                               lease_s=LEASE_S, settle_window_s=SETTLE_S))
             u.commit()
 
     threads = [threading.Thread(target=claim, args=(n,)) for n in range(8)]
@@ -213,7 +289,7 @@ def test_entities_finished_concurrently_still_complete_their_event(clean_ledger:
     for token in ("t1", "t2"):
         with uow() as u:
             claims.append(u.ledger.claim_event("e-1", token=token, worker=token, now=NOW,
-                                               lease_until=LEASE))
+                                               lease_s=LEASE_S, settle_window_s=SETTLE_S))
             u.commit()
     first = Claim(claims[0].event_id, claims[0].customer, claims[0].customer_key,
                   claims[0].metadata, claims[0].issue_ref, "t1", claims[0].entities[:1], {})

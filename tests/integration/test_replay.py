@@ -25,7 +25,7 @@ def seed(engine: Engine, event_id: str, *states: EntityState) -> list[int]:
         u.ledger.ingest(parse_event_data({"eventId": event_id, "customer": {"id": "9"},
                                           "seriesIds": series}), source="bus", now=NOW)
         claim = u.ledger.claim_event(event_id, token="t", worker="w", now=NOW,
-                                     lease_until=NOW + timedelta(minutes=1))
+                                     lease_s=60, settle_window_s=120)
         u.ledger.record(claim, calls=[], worker="w", now=NOW, transitions=[
             Transition(e.entity_id, state, "dead" if state is EntityState.DEAD else "retry",
                        1, error_code="707", dead_reason="refused",

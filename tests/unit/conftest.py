@@ -18,6 +18,9 @@ from worker.ratelimit import Unlimited
 from worker.services import Deps, retry_entity, sweep
 
 
+SETTLE_S = 20.0
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
@@ -68,7 +71,8 @@ def world() -> World:
         uow=uow, api=api, publisher=publisher, limiter=limiter,
         circuit=CircuitGate(uow, CircuitPolicy(failure_threshold=3, open_s=30), clock=clock,
                             probe_timeout_s=60, cache_s=0),
-        retry_policy=RetryPolicy(max_attempts=3, base_s=1, max_s=4, reconcile_delay_s=1),
+        retry_policy=RetryPolicy(max_attempts=3, base_s=1, max_s=4, reconcile_delay_s=1,
+                                 settle_window_s=SETTLE_S),
         metrics=Metrics(), worker_id="test", lease_s=60, clock=clock,
         sleep=lambda _s: None, rng=random.Random(5),
     )

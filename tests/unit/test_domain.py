@@ -1,15 +1,17 @@
-"""Pure rules: what Capillary's answers mean, and the worker's own reference."""
+"""Pure rules: what Capillary's answers mean (the unknown-outcome rule), and our references."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
-from worker.domain import (
-    Verdict,
+from worker.domain import Verdict, attempt_ref, issue_ref, notes_with_ref
+from worker.policy import (
     classify_entry_error,
-    classify_http_status,
-    issue_ref,
-    notes_with_ref,
+    classify_transport,
+    classify_unanswered,
+    counts_toward_circuit,
 )
 
 
@@ -41,22 +43,59 @@ def test_722_depends_on_its_message() -> None:
 
 
 @pytest.mark.parametrize(
-    ("status", "json_body", "verdict"),
+    ("status", "verdict"),
     [
-        (401, True, Verdict.OUTAGE),
-        (403, False, Verdict.OUTAGE),
-        (429, False, Verdict.RETRYABLE),
-        (521, True, Verdict.RETRYABLE),
-        (500, True, Verdict.RETRYABLE),
-        (503, True, Verdict.RETRYABLE),
-        (500, False, Verdict.AMBIGUOUS),
-        (502, False, Verdict.AMBIGUOUS),
-        (400, True, Verdict.PERMANENT),
-        (404, False, Verdict.PERMANENT),
+        # Refused at the door: provably not issued.
+        (401, Verdict.OUTAGE),
+        (403, Verdict.OUTAGE),
+        (429, Verdict.RETRYABLE),
+        (400, Verdict.PERMANENT),
+        (404, Verdict.PERMANENT),
+        # Any 5xx, whatever its body, and a success without entries: unknown.
+        (500, Verdict.AMBIGUOUS),
+        (502, Verdict.AMBIGUOUS),
+        (503, Verdict.AMBIGUOUS),
+        (504, Verdict.AMBIGUOUS),
+        (521, Verdict.AMBIGUOUS),
+        (200, Verdict.AMBIGUOUS),
+        (201, Verdict.AMBIGUOUS),
+        (302, Verdict.AMBIGUOUS),
     ],
 )
-def test_http_status_without_entries(status: int, json_body: bool, verdict: Verdict) -> None:
-    assert classify_http_status(status, has_json_body=json_body) is verdict
+def test_http_answers_without_entries(status: int, verdict: Verdict) -> None:
+    assert classify_unanswered(status) is verdict
+
+
+@pytest.mark.parametrize(
+    ("failure", "verdict"),
+    [
+        ("connection_refused", Verdict.RETRYABLE),
+        ("connect_timeout", Verdict.RETRYABLE),
+        ("tls_error", Verdict.RETRYABLE),
+        ("read_timeout", Verdict.AMBIGUOUS),
+        ("connection_reset", Verdict.AMBIGUOUS),
+        ("transport_error", Verdict.AMBIGUOUS),
+    ],
+)
+def test_transport_failures_are_unknown_once_sent(failure: str, verdict: Verdict) -> None:
+    assert classify_transport(failure) is verdict
+
+
+@pytest.mark.parametrize(
+    ("verdict", "status", "counts"),
+    [
+        (Verdict.AMBIGUOUS, None, True),  # reset, read timeout
+        (Verdict.RETRYABLE, None, True),  # connection refused
+        (Verdict.AMBIGUOUS, 502, True),
+        (Verdict.OUTAGE, 401, True),
+        (Verdict.PERMANENT, 400, False),  # one bad event says nothing about Capillary
+        (Verdict.PERMANENT, 404, False),
+        (Verdict.RETRYABLE, 429, False),
+    ],
+)
+def test_only_outages_count_toward_the_circuit(verdict: Verdict, status: int | None,
+                                               counts: bool) -> None:
+    assert counts_toward_circuit(verdict, status) is counts
 
 
 def test_issue_ref_is_stable_and_short() -> None:
@@ -71,3 +110,12 @@ def test_notes_keep_the_reference_within_250_characters() -> None:
     assert notes_with_ref("Gold", ref) == f"Gold [{ref}]"
     long = notes_with_ref("x" * 250, ref)
     assert len(long) <= 250 and long.endswith(f"[{ref}]")
+
+
+def test_each_attempt_has_its_own_reference_under_the_events() -> None:
+    rng = random.Random(7)
+    ref = issue_ref("e-1")
+    first, second = attempt_ref(ref, rng), attempt_ref(ref, rng)
+    assert first != second
+    assert first.startswith(ref + ".") and second.startswith(ref + ".")
+    assert len(notes_with_ref("x" * 250, first)) <= 250

@@ -54,7 +54,7 @@ def test_ambiguous_reconciles_first_and_waits_for_read_back() -> None:
     assert decision.reconcile_first and decision.delay >= timedelta(seconds=3)
     exhausted = POLICY.decide(Verdict.AMBIGUOUS, attempts=5)
     assert isinstance(exhausted, DeadLetter) and exhausted.reconcile_first
-    assert "reconcile before replay" in exhausted.reason
+    assert exhausted.reason.startswith("unknown_outcome") and exhausted.code == "unknown_outcome"
 
 
 def test_outage_defers_without_dead_lettering() -> None:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 import pytest
 
-from tests.unit.conftest import World
+from tests.unit.conftest import SETTLE_S, World
 from worker.domain import EntityState
 from worker.errors import EventRejected
 from worker.events import LoyaltyEvent, parse_event_data
@@ -97,13 +95,113 @@ def test_timeout_after_issue_is_reconciled_not_reissued(world: World) -> None:
     assert world.entity(544770).history[-1] == "reconciled"
 
 
-def test_timeout_before_issue_is_reconciled_then_issued_once(world: World) -> None:
+def test_timeout_before_issue_is_sent_again_only_once_the_original_cannot_land(
+    world: World,
+) -> None:
     world.api.fail_next("timeout_before_issue")
     issue_event(event(series=(544770,)), source="task", deps=world.deps)
+    # Given an early read-back that finds nothing, while the original may still land
     world.clock.advance(5)
     world.sweep_and_retry()
+    # Then nothing is sent again, and no attempt is spent waiting
+    assert world.api.read_backs == 1 and len(world.api.bulk_calls) == 1
+    entity = world.entity(544770)
+    assert entity.state is EntityState.RETRY_WAIT and entity.needs_reconcile
+    assert entity.attempts == 1 and entity.history[-1] == "deferred"
+    # When the settle window is over, a read-back that still finds nothing proves "not issued"
+    world.clock.advance(SETTLE_S)
+    world.sweep_and_retry()
     assert len(world.api.issued) == 1
-    assert world.api.read_backs == 1 and len(world.api.bulk_calls) == 2
+    assert world.api.read_backs == 2 and len(world.api.bulk_calls) == 2
+    assert world.entity(544770).state is EntityState.ISSUED
+
+
+def test_a_5xx_with_a_json_body_after_issuing_is_never_sent_again(world: World) -> None:
+    world.api.fail_next("http_500_json_after_issue")
+    report = issue_event(event(series=(544770,)), source="task", deps=world.deps)
+    assert report.retrying == 1 and world.entity(544770).needs_reconcile
+    world.clock.advance(5)
+    world.sweep_and_retry()
+    assert len(world.api.issued) == 1 and len(world.api.bulk_calls) == 1
+    assert world.entity(544770).history[-1] == "reconciled"
+
+
+def test_a_slow_original_that_lands_before_the_window_ends_is_found(world: World) -> None:
+    world.api.fail_next("late_original")
+    issue_event(event(series=(544770,)), source="task", deps=world.deps)
+    world.clock.advance(5)
+    world.sweep_and_retry()  # absent for now: wait
+    world.api.land_late()
+    world.clock.advance(SETTLE_S)
+    world.sweep_and_retry()
+    assert len(world.api.issued) == 1 and len(world.api.bulk_calls) == 1
+    assert world.entity(544770).state is EntityState.ISSUED
+
+
+def test_a_late_original_landing_after_the_resend_is_detected_as_a_duplicate(
+    world: World,
+) -> None:
+    # Given an original that lands later than the window allows for
+    world.api.fail_next("late_original")
+    issue_event(event(series=(544770,)), source="task", deps=world.deps)
+    world.clock.advance(SETTLE_S + 5)
+    world.sweep_and_retry()
+    entity = world.entity(544770)
+    assert entity.state is EntityState.ISSUED and entity.verify_after is not None
+    world.api.land_late()
+    # When the check after the re-send runs
+    world.clock.advance(SETTLE_S + 1)
+    report = sweep(world.deps)
+    # Then both coupons are recorded and the entity is flagged for a person
+    assert (report.verified, report.duplicates) == (1, 1)
+    entity = world.entity(544770)
+    assert entity.state is EntityState.DUPLICATE_ISSUED and entity.verify_after is None
+    assert len(world.state.extra_coupons[entity.id]) == 1
+    assert world.deps.metrics.duplicates_issued._value.get() == 1
+    assert sweep(world.deps).verified == 0, "checked once"
+
+
+def test_a_resend_without_late_original_is_verified_clean(world: World) -> None:
+    world.api.fail_next("timeout_before_issue")
+    issue_event(event(series=(544770,)), source="task", deps=world.deps)
+    world.clock.advance(SETTLE_S + 5)
+    world.sweep_and_retry()
+    world.clock.advance(SETTLE_S + 1)
+    assert sweep(world.deps).verified == 1
+    entity = world.entity(544770)
+    assert entity.state is EntityState.ISSUED and entity.verify_after is None
+    assert entity.history[-1] == "verified"
+
+
+def test_an_unreadable_read_back_ends_dead_as_unknown_and_is_never_resent(
+    world: World,
+) -> None:
+    world.api.fail_next("timeout_before_issue", "read_back_fails", "read_back_fails",
+                        "read_back_fails")
+    issue_event(event(series=(544770,)), source="task", deps=world.deps)
+    for _ in range(4):
+        world.clock.advance(SETTLE_S)
+        world.sweep_and_retry()
+    entity = world.entity(544770)
+    assert len(world.api.bulk_calls) == 1, "never sent again while the outcome is unknown"
+    assert entity.state is EntityState.DEAD and entity.needs_reconcile
+    assert entity.last_error_code == "unknown_outcome"
+    assert (entity.dead_reason or "").startswith("unknown_outcome")
+
+
+def test_bad_requests_do_not_open_the_circuit(world: World) -> None:
+    world.api.fail_next(*["bad_request"] * 5)
+    for n in range(5):
+        issue_event(event(f"e-{n}", series=(n + 1,)), source="task", deps=world.deps)
+    assert world.deps.circuit.state().state == "closed"
+    assert all(e.state is EntityState.DEAD for e in world.state.entities.values())
+
+
+def test_the_sweeper_repairs_events_left_processing(world: World) -> None:
+    issue_event(event(), source="task", deps=world.deps)
+    world.state.events["e-1"]["state"] = "processing"  # as an old race left it
+    assert sweep(world.deps).events_repaired == 1
+    assert world.state.events["e-1"]["state"] == "completed"
 
 
 def test_a_failed_read_back_never_leads_to_an_issue(world: World) -> None:
@@ -122,9 +220,9 @@ def test_a_worker_that_died_mid_call_is_reconciled_after_its_lease(world: World)
     with world.deps.uow() as uow:
         uow.ledger.ingest(ev, source="bus", now=world.clock())
         claim = uow.ledger.claim_event("e-1", token="dead", worker="w", now=world.clock(),
-                                       lease_until=world.clock() + timedelta(seconds=60))
+                                       lease_s=60, settle_window_s=SETTLE_S)
         uow.commit()
-    world.api.bulk_issue(claim.customer, [544770], {"notes": f"[{claim.issue_ref}]"})
+    world.api.bulk_issue(claim.customer, [544770], {"notes": f"[{claim.issue_ref}.0a0b0c]"})
     # When the same message is redelivered while the lease is live, nothing is claimed
     assert issue_event(ev, source="bus", deps=world.deps).claimed == 0
     # Then, once the lease ran out, the sweeper schedules a reconciliation that finds the coupon

@@ -28,14 +28,9 @@ from worker.capillary.api import (
 )
 from worker.capillary.auth import BasicAuth, CapillaryAuth, OAuthTokens
 from worker.config import Settings
-from worker.domain import (
-    Coupon,
-    EntryError,
-    Verdict,
-    classify_entry_error,
-    classify_http_status,
-)
-from worker.errors import Ambiguous, CapillaryError, Outage, Permanent, Retryable
+from worker.domain import Coupon, EntryError, Verdict
+from worker.errors import Ambiguous, CapillaryError, Outage, Retryable
+from worker.policy import classify_entry_error, classify_transport, classify_unanswered
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +39,10 @@ COUPON_READ_PATH = "/v2/coupon"
 CUSTOMER_COUPONS_V11_PATH = "/v1.1/customer/coupons"
 REQUEST_ID_HEADER = "X-Cap-Requestid"
 MAX_RETRY_AFTER_S = 3600.0
+#: Read-back page size, and how many pages a read-back may take before it gives up (unknown):
+#: a customer with more coupons than that in one series since the first attempt is not normal.
+READ_BACK_PAGE_SIZE = 100
+READ_BACK_MAX_PAGES = 20
 _CUSTOMER_V11_PARAMS = {"mobile": "mobile", "email": "email", "externalId": "external_id"}
 
 
@@ -139,6 +138,14 @@ def parse_bulk_answer(
                 series_id, Verdict.ISSUED, coupon=parse_coupon(result, series_id)
             )
             continue
+        if not isinstance(errors, list) or not errors:
+            # Neither a coupon nor an error: the entry does not say "not issued".
+            entries[series_id] = EntryOutcome(
+                series_id, Verdict.AMBIGUOUS,
+                error=EntryError("empty_entry", "entry has neither a coupon nor an error",
+                                 Verdict.AMBIGUOUS),
+            )
+            continue
         first = errors[0] if errors and isinstance(errors[0], dict) else {}
         code = _int_or_none(first.get("code"))
         message = str(first.get("message") or "no error message")
@@ -171,19 +178,24 @@ def parse_bulk_answer(
 
 def _transport_failure(exc: requests.RequestException) -> tuple[Verdict, str, str]:
     """Verdict, error code and message for a call that got no HTTP answer."""
+    code, message = _transport_kind(exc)
+    return classify_transport(code), code, message
+
+
+def _transport_kind(exc: requests.RequestException) -> tuple[str, str]:
     if isinstance(exc, requests.ConnectTimeout):
-        return Verdict.RETRYABLE, "connect_timeout", "connect timed out; request not sent"
+        return "connect_timeout", "connect timed out; request not sent"
     if isinstance(exc, requests.ReadTimeout):
-        return Verdict.AMBIGUOUS, "read_timeout", "no answer within the read timeout"
+        return "read_timeout", "no answer within the read timeout"
     if isinstance(exc, requests.exceptions.SSLError):
-        return Verdict.RETRYABLE, "tls_error", "TLS handshake failed; request not sent"
+        return "tls_error", "TLS handshake failed; request not sent"
     if isinstance(exc, requests.ConnectionError):
         reason = exc.args[0] if exc.args else None
         inner = getattr(reason, "reason", None)
         if isinstance(reason, NewConnectionError) or isinstance(inner, NewConnectionError):
-            return Verdict.RETRYABLE, "connection_refused", "could not connect; request not sent"
-        return Verdict.AMBIGUOUS, "connection_reset", "connection dropped after sending"
-    return Verdict.AMBIGUOUS, "transport_error", f"{type(exc).__name__} after sending"
+            return "connection_refused", "could not connect; request not sent"
+        return "connection_reset", "connection dropped after sending"
+    return "transport_error", f"{type(exc).__name__} after sending"
 
 
 def build_auth(
@@ -331,12 +343,11 @@ class CapillaryClient:
         retry_after_s = parse_retry_after(response.headers.get("Retry-After"))
         entries: dict[int, EntryOutcome] = {}
         unreadable = True
-        if status in (200, 201) or (status == 500 and payload is not None):
+        if status < 400 or status >= 500:
+            # Entries, where an answer has them, speak per series whatever the status says.
             entries, unreadable = parse_bulk_answer(series_ids, status, payload)
         if unreadable:
-            verdict = classify_http_status(status, has_json_body=payload is not None)
-            if status in (200, 201):
-                verdict = Verdict.AMBIGUOUS  # success status, unreadable body: may have issued
+            verdict = classify_unanswered(status)
             message = _error_message(payload) or f"HTTP {status}"
             error = EntryError(f"http_{status}", message, verdict)
             entries = {s: EntryOutcome(s, verdict, error=error) for s in series_ids}
@@ -357,42 +368,68 @@ class CapillaryClient:
     def find_coupons(
         self, customer: dict[str, str], series_id: int, since: datetime
     ) -> ReadBack:
+        """Every coupon of ``series_id`` the customer got since ``since``, reading every page.
+
+        Fails closed: anything short of a complete, well-formed answer raises, because "could
+        not read" must never be taken for "absent".
+        """
         customer_id = customer.get("id") or self._resolve_customer_id(customer, series_id, since)
-        if customer_id is None:
-            return ReadBack(
-                call=CallInfo("read_back", self._clock(), 0.0, None, None, "not_found"),
-                coupons=(),
+        found: dict[str, FoundCoupon] = {}
+        seen: set[str] = set()
+        call: CallInfo | None = None
+        for page in range(READ_BACK_MAX_PAGES):
+            response, call = self._send(
+                "GET", COUPON_READ_PATH, operation="read_back",
+                params={"issuedToIds": customer_id, "includeIssualDetails": "true",
+                        "seriesId": str(series_id), "limit": str(READ_BACK_PAGE_SIZE),
+                        "offset": str(page * READ_BACK_PAGE_SIZE)},
             )
-        response, call = self._send(
-            "GET", COUPON_READ_PATH, operation="read_back",
-            params={"issuedToIds": customer_id, "includeIssualDetails": "true",
-                    "seriesId": str(series_id)},
+            data = self._json_or_raise(response, call)
+            rows = data.get("data") if isinstance(data, dict) else None
+            if not isinstance(rows, list):
+                raise Ambiguous("read-back answer has no data list", status=call.status,
+                                request_id=call.request_id)
+            if data.get("errors"):
+                raise Ambiguous(f"read-back answered errors: {_error_message(data) or '?'}",
+                                status=call.status, request_id=call.request_id)
+            fresh = 0
+            for row in rows:
+                if not isinstance(row, dict):
+                    raise Ambiguous("read-back row is not an object", request_id=call.request_id)
+                key = str(row.get("code") or "")
+                fresh += key not in seen
+                seen.add(key)
+                coupon = self._found_coupon(row, series_id, call)
+                if coupon is not None:
+                    found.setdefault(coupon.coupon.code, coupon)
+            # A short page is the last; a page of nothing new means the server ignores offsets.
+            if len(rows) < READ_BACK_PAGE_SIZE or fresh == 0:
+                ours = tuple(c for c in found.values()
+                             if c.created_at is None or c.created_at >= since)
+                return ReadBack(call=call, coupons=ours)
+        raise Ambiguous(f"read-back has more than {READ_BACK_MAX_PAGES} pages",
+                        request_id=call.request_id if call else None)
+
+    @staticmethod
+    def _found_coupon(row: dict[str, Any], series_id: int, call: CallInfo) -> FoundCoupon | None:
+        if _int_or_none(row.get("seriesId")) != series_id:
+            return None
+        if not row.get("code"):
+            raise Ambiguous("read-back row has no coupon code", request_id=call.request_id)
+        details = row.get("couponIssualDetails")
+        return FoundCoupon(
+            coupon=parse_coupon(row, series_id),
+            created_at=parse_timestamp(row.get("issuedDate") or row.get("createdDate")),
+            issual_details=details if isinstance(details, dict) else {},
         )
-        data = self._json_or_raise(response, call)
-        rows = data.get("data") if isinstance(data, dict) else None
-        if not isinstance(rows, list):
-            raise Ambiguous("read-back answer has no data list", status=call.status,
-                            request_id=call.request_id)
-        found = []
-        for row in rows:
-            if not isinstance(row, dict) or _int_or_none(row.get("seriesId")) != series_id:
-                continue
-            created = parse_timestamp(row.get("issuedDate") or row.get("createdDate"))
-            if created is not None and created < since:
-                continue
-            found.append(
-                FoundCoupon(
-                    coupon=parse_coupon(row, series_id),
-                    created_at=created,
-                    issual_details=row.get("couponIssualDetails") or {},
-                )
-            )
-        return ReadBack(call=call, coupons=tuple(found))
 
     def _resolve_customer_id(
         self, customer: dict[str, str], series_id: int, since: datetime
-    ) -> str | None:
-        """The customer's id from the v1.1 read-back, for events naming mobile/email/externalId."""
+    ) -> str:
+        """The customer's id from the v1.1 read-back, for events naming mobile/email/externalId.
+
+        Raises when it cannot be resolved: an unknown customer proves nothing about a coupon.
+        """
         params = {
             _CUSTOMER_V11_PARAMS[name]: value
             for name, value in customer.items() if name in _CUSTOMER_V11_PARAMS
@@ -404,13 +441,20 @@ class CapillaryClient:
         )
         data = self._json_or_raise(response, call)
         try:
-            customers = data["response"]["customers"]["customer"]
+            body = data["response"]
+            success = body["status"]["success"]
+            customers = body["customers"]["customer"]
         except (KeyError, TypeError):
-            return None
+            raise Ambiguous("customer look-up answered an unexpected shape",
+                            status=call.status, request_id=call.request_id) from None
+        if success is not True and str(success).lower() != "true":
+            raise Ambiguous("customer look-up answered a failure status",
+                            status=call.status, request_id=call.request_id)
         for row in customers if isinstance(customers, list) else []:
             if isinstance(row, dict) and row.get("id"):
                 return str(row["id"])
-        return None
+        raise Ambiguous("customer could not be resolved to an id", status=call.status,
+                        request_id=call.request_id)
 
     @staticmethod
     def _json_or_raise(response: requests.Response | None, call: CallInfo) -> Any:
@@ -428,15 +472,14 @@ class CapillaryClient:
         if response.status_code == 429:
             raise Retryable("read-back rate limited", status=429, request_id=call.request_id,
                             retry_after_s=parse_retry_after(response.headers.get("Retry-After")))
-        if response.status_code >= 400:
-            cls = Permanent if 400 <= response.status_code < 500 else Retryable
-            raise cls(f"read-back answered {response.status_code}",
-                      status=response.status_code, request_id=call.request_id)
+        if not 200 <= response.status_code < 300:
+            raise Ambiguous(f"read-back answered {response.status_code}",
+                            status=response.status_code, request_id=call.request_id)
         try:
             return response.json()
         except ValueError:
             raise Ambiguous("read-back answered an unreadable body",
-                            request_id=call.request_id) from None
+                            status=response.status_code, request_id=call.request_id) from None
 
 
 def _error_message(payload: object) -> str | None:

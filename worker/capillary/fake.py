@@ -9,16 +9,20 @@ from datetime import UTC, datetime
 from typing import Literal
 
 from worker.capillary.api import BulkIssueResult, CallInfo, EntryOutcome, FoundCoupon, ReadBack
-from worker.domain import Coupon, EntryError, Verdict, classify_entry_error
+from worker.domain import Coupon, EntryError, Verdict
 from worker.errors import Ambiguous
+from worker.policy import classify_entry_error, classify_transport, classify_unanswered
 
 CallFault = Literal[
     "timeout_after_issue",  # issues, then the answer is lost (read timeout)
     "timeout_before_issue",  # the answer is lost and nothing was issued
     "refused",  # connection refused: nothing sent
     "http_500_json",  # 500 with a JSON error body, nothing issued
+    "http_500_json_after_issue",  # issues, then answers 500 with a JSON error body
+    "late_original",  # read timeout; the coupon lands only when ``land_late()`` is called
     "rate_limited",  # 429 with Retry-After
     "unauthorized",  # 401
+    "bad_request",  # 400: the request itself is refused
     "read_back_fails",  # the next read-back raises Ambiguous
 ]
 
@@ -41,11 +45,17 @@ class FakeCapillary:
     bulk_calls: list[list[int]] = field(default_factory=list)
     read_backs: int = 0
     retry_after_s: float = 2.0
+    late: list[FakeIssued] = field(default_factory=list)
     _faults: deque[CallFault] = field(default_factory=deque)
     _codes: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     def fail_next(self, *faults: CallFault) -> None:
         self._faults.extend(faults)
+
+    def land_late(self) -> None:
+        """The slow originals finally write their coupons."""
+        self.issued.extend(self.late)
+        self.late.clear()
 
     def _call(self, operation: str, status: int | None, outcome: str,
               code: str | None = None) -> CallInfo:
@@ -60,19 +70,32 @@ class FakeCapillary:
         self.bulk_calls.append(list(series_ids))
         fault = self._faults.popleft() if self._faults and self._faults[0] != "read_back_fails" \
             else None
-        if fault in ("timeout_after_issue", "timeout_before_issue", "refused"):
+        if fault in ("timeout_after_issue", "timeout_before_issue", "refused", "late_original"):
             if fault == "timeout_after_issue":
                 self._issue(customer, series_ids, metadata)
-            verdict = Verdict.RETRYABLE if fault == "refused" else Verdict.AMBIGUOUS
+            if fault == "late_original":
+                before = len(self.issued)
+                self._issue(customer, series_ids, metadata)
+                self.late.extend(self.issued[before:])
+                del self.issued[before:]
             code = "connection_refused" if fault == "refused" else "read_timeout"
-            return self._whole(series_ids, verdict, code, None, call_level=True)
-        if fault == "http_500_json":
-            return self._whole(series_ids, Verdict.RETRYABLE, "http_500", 500, call_level=True)
+            return self._whole(series_ids, classify_transport(code), code, None,
+                               call_level=True)
+        if fault in ("http_500_json", "http_500_json_after_issue"):
+            if fault == "http_500_json_after_issue":
+                self._issue(customer, series_ids, metadata)
+            return self._whole(series_ids, classify_unanswered(500), "http_500", 500,
+                               call_level=True)
         if fault == "rate_limited":
-            result = self._whole(series_ids, Verdict.RETRYABLE, "http_429", 429, call_level=True)
+            result = self._whole(series_ids, classify_unanswered(429), "http_429", 429,
+                                 call_level=True)
             return BulkIssueResult(result.call, result.entries, self.retry_after_s, True)
+        if fault == "bad_request":
+            return self._whole(series_ids, classify_unanswered(400), "http_400", 400,
+                               call_level=True)
         if fault == "unauthorized":
-            return self._whole(series_ids, Verdict.OUTAGE, "http_401", 401, call_level=True)
+            return self._whole(series_ids, classify_unanswered(401), "http_401", 401,
+                               call_level=True)
         entries: dict[int, EntryOutcome] = {}
         for series_id in series_ids:
             code_ = self.series_errors.get(series_id)

@@ -12,11 +12,11 @@ import itertools
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, Self
 
-from worker.domain import TERMINAL_STATES, EntityState, EventState, issue_ref
+from worker.domain import TERMINAL_STATES, Coupon, EntityState, EventState, issue_ref
 from worker.errors import EventRejected
 from worker.events import LoyaltyEvent
 from worker.ledger.records import (
@@ -28,6 +28,7 @@ from worker.ledger.records import (
     DueEntity,
     RecordedCall,
     Transition,
+    Verification,
 )
 from worker.ledger.repository import fingerprint
 
@@ -53,6 +54,8 @@ class FakeEntity:
     dead_reason: str | None = None
     dead_at: datetime | None = None
     dead_published: bool = False
+    settles_at: datetime | None = None
+    verify_after: datetime | None = None
     history: list[str] = field(default_factory=list)
 
 
@@ -61,6 +64,7 @@ class FakeState:
     events: dict[str, dict[str, Any]] = field(default_factory=dict)
     entities: dict[int, FakeEntity] = field(default_factory=dict)
     coupons: dict[int, Any] = field(default_factory=dict)
+    extra_coupons: dict[int, list[Coupon]] = field(default_factory=dict)
     calls: list[RecordedCall] = field(default_factory=list)
     rejections: list[dict[str, Any]] = field(default_factory=list)
     circuits: dict[str, CircuitState] = field(default_factory=dict)
@@ -69,10 +73,20 @@ class FakeState:
     def __deepcopy__(self, memo: dict[int, Any]) -> FakeState:
         clone = FakeState(
             copy.deepcopy(self.events, memo), copy.deepcopy(self.entities, memo),
-            dict(self.coupons), list(self.calls), list(self.rejections), dict(self.circuits),
+            dict(self.coupons), copy.deepcopy(self.extra_coupons, memo), list(self.calls),
+            list(self.rejections), dict(self.circuits),
         )
         clone.ids = self.ids  # ids are never reused, even after a rollback
         return clone
+
+
+_ISSUED_STATES = (EntityState.ISSUED, EntityState.DUPLICATE_ISSUED)
+
+
+def _settles_after_lease(entity: FakeEntity, settle_window_s: float) -> datetime:
+    assert entity.lease_until is not None
+    after_lease = entity.lease_until + timedelta(seconds=settle_window_s)
+    return max(entity.settles_at, after_lease) if entity.settles_at else after_lease
 
 
 class InMemoryLedger:
@@ -108,8 +122,12 @@ class InMemoryLedger:
         return True
 
     def _take(self, entity: FakeEntity, token: str, now: datetime,
-              lease_until: datetime) -> ClaimedEntity:
-        entity.needs_reconcile = entity.needs_reconcile or entity.state is EntityState.IN_FLIGHT
+              lease_s: float, settle_window_s: float) -> ClaimedEntity:
+        abandoned = entity.state is EntityState.IN_FLIGHT
+        entity.needs_reconcile = entity.needs_reconcile or abandoned
+        if abandoned and entity.lease_until is not None:
+            entity.settles_at = _settles_after_lease(entity, settle_window_s)
+        lease_until = now + timedelta(seconds=lease_s)
         entity.state = EntityState.IN_FLIGHT
         entity.attempts += 1
         entity.claim_token = token
@@ -117,8 +135,10 @@ class InMemoryLedger:
         entity.queued_at = None
         entity.first_attempt_at = entity.first_attempt_at or now
         entity.history.append("claimed")
+        settles_in_s = (entity.settles_at - now).total_seconds() if entity.settles_at else 0.0
         return ClaimedEntity(entity.id, entity.series_id, entity.attempts,
-                             entity.needs_reconcile, entity.first_attempt_at)
+                             entity.needs_reconcile, entity.first_attempt_at,
+                             settles_in_s <= 0, max(settles_in_s, 0.0))
 
     @staticmethod
     def _abandoned(entity: FakeEntity, now: datetime) -> bool:
@@ -126,17 +146,17 @@ class InMemoryLedger:
             and entity.lease_until < now
 
     def claim_event(self, event_id: str, *, token: str, worker: str, now: datetime,
-                    lease_until: datetime) -> Claim:
+                    lease_s: float, settle_window_s: float) -> Claim:
         mine = [e for e in self.state.entities.values() if e.event_id == event_id]
         claimed = [
-            self._take(e, token, now, lease_until) for e in mine
+            self._take(e, token, now, lease_s, settle_window_s) for e in mine
             if e.state is EntityState.PENDING or self._abandoned(e, now)
         ]
         skipped = {} if claimed else dict(Counter(e.state.value for e in mine))
         return self._claim_for(event_id, token, claimed, skipped)
 
     def claim_entity(self, entity_id: int, *, token: str, worker: str, now: datetime,
-                     lease_until: datetime) -> Claim | None:
+                     lease_s: float, settle_window_s: float) -> Claim | None:
         e = self.state.entities.get(entity_id)
         if e is None:
             return None
@@ -145,7 +165,8 @@ class InMemoryLedger:
             and e.next_attempt_at <= now) or self._abandoned(e, now)
         if not due:
             return None
-        return self._claim_for(e.event_id, token, [self._take(e, token, now, lease_until)], {})
+        return self._claim_for(
+            e.event_id, token, [self._take(e, token, now, lease_s, settle_window_s)], {})
 
     def record(self, claim: Claim, *, calls: Sequence[RecordedCall],
                transitions: Sequence[Transition], worker: str, now: datetime) -> int:
@@ -153,10 +174,16 @@ class InMemoryLedger:
         lost = 0
         for t in transitions:
             e = self.state.entities[t.entity_id]
-            issued = t.state is EntityState.ISSUED
-            if not (e.claim_token == claim.token or (issued and e.state is not EntityState.ISSUED)):
+            issued = t.state in _ISSUED_STATES
+            if not (e.claim_token == claim.token or (issued and e.state not in _ISSUED_STATES)):
                 lost += 1
                 continue
+            if t.settle_window_s is not None:
+                e.settles_at = now + timedelta(seconds=t.settle_window_s)
+            if t.verify_window_s is not None:
+                e.verify_after = now + timedelta(seconds=t.verify_window_s)
+            elif t.state is EntityState.DUPLICATE_ISSUED:
+                e.verify_after = None
             e.state = t.state
             e.claim_token = None
             e.lease_until = None
@@ -174,15 +201,19 @@ class InMemoryLedger:
         for t in transitions:
             if t.coupon is not None:
                 self.state.coupons.setdefault(t.entity_id, t.coupon)
-        states = [e.state for e in self.state.entities.values() if e.event_id == claim.event_id]
-        event = self.state.events[claim.event_id]
+            self.state.extra_coupons.setdefault(t.entity_id, []).extend(t.extra_coupons)
+        self._refresh(claim.event_id)
+        return lost
+
+    def _refresh(self, event_id: str) -> None:
+        states = [e.state for e in self.state.entities.values() if e.event_id == event_id]
+        event = self.state.events[event_id]
         if any(s not in TERMINAL_STATES for s in states):
             event["state"] = EventState.PROCESSING
         elif EntityState.DEAD in states:
             event["state"] = EventState.FAILED
         else:
             event["state"] = EventState.COMPLETED
-        return lost
 
     def record_rejection(self, *, raw: bytes, reason: str, source: str,
                          event_id: str | None, content_type: str | None,
@@ -191,9 +222,11 @@ class InMemoryLedger:
                                       "event_id": event_id, "published": False})
         return len(self.state.rejections)
 
-    def expire_leases(self, *, now: datetime, retry_at: datetime, limit: int) -> list[int]:
+    def expire_leases(self, *, now: datetime, retry_at: datetime, limit: int,
+                      settle_window_s: float) -> list[int]:
         expired = [e for e in self.state.entities.values() if self._abandoned(e, now)][:limit]
         for e in expired:
+            e.settles_at = _settles_after_lease(e, settle_window_s)
             e.state, e.needs_reconcile, e.next_attempt_at = EntityState.RETRY_WAIT, True, retry_at
             e.claim_token, e.lease_until = None, None
             e.history.append("lease_expired")
@@ -241,6 +274,52 @@ class InMemoryLedger:
                 self.state.entities[r.id].dead_published = True
             else:
                 self.state.rejections[r.id - 1]["published"] = True
+
+    def take_verifications(self, *, now: datetime, limit: int,
+                           hold_s: float) -> list[Verification]:
+        due = sorted(
+            (e for e in self.state.entities.values()
+             if e.state is EntityState.ISSUED and e.verify_after is not None
+             and e.verify_after <= now),
+            key=lambda e: (e.verify_after, e.id))[:limit]
+        items = []
+        for e in due:
+            e.verify_after = now + timedelta(seconds=hold_s)
+            event = self.state.events[e.event_id]
+            recorded = self.state.coupons.get(e.id)
+            items.append(Verification(
+                e.id, e.event_id, e.series_id, event["customer"], e.customer_key,
+                event["issue_ref"], e.first_attempt_at or now,
+                (recorded.code,) if recorded is not None else (), e.attempts))
+        return items
+
+    def finish_verification(self, item: Verification, *, now: datetime,
+                            duplicates: Sequence[Coupon] = (), request_id: str | None = None,
+                            retry_in_s: float | None = None, message: str | None = None,
+                            ) -> None:
+        e = self.state.entities[item.entity_id]
+        if retry_in_s is not None:
+            e.verify_after = now + timedelta(seconds=retry_in_s)
+            return
+        e.verify_after = None
+        if duplicates:
+            e.state = EntityState.DUPLICATE_ISSUED
+            e.last_error_code, e.last_error_message = "duplicate_issued", message
+            self.state.extra_coupons.setdefault(e.id, []).extend(duplicates)
+            e.history.append("duplicate_issued")
+            self._refresh(e.event_id)
+        else:
+            e.history.append("verified")
+
+    def repair_event_states(self, *, now: datetime, limit: int) -> list[str]:
+        stuck = sorted(
+            event_id for event_id, event in self.state.events.items()
+            if event["state"] == EventState.PROCESSING and all(
+                e.state in TERMINAL_STATES for e in self.state.entities.values()
+                if e.event_id == event_id))[:limit]
+        for event_id in stuck:
+            self._refresh(event_id)
+        return stuck
 
     def circuit(self, name: str) -> CircuitState:
         return self.state.circuits.get(name, CLOSED_CIRCUIT)

@@ -93,6 +93,8 @@ class Entity(Base):
             postgresql_where=text("state = 'dead' AND dead_published_at IS NULL"),
         ),
         Index("ix_entities_customer_key", "customer_key"),
+        Index("ix_entities_verify", "verify_after", postgresql_where=text(
+            "verify_after IS NOT NULL")),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
@@ -116,6 +118,12 @@ class Entity(Base):
     dead_at: Mapped[datetime | None] = mapped_column(Timestamp)
     dead_reason: Mapped[str | None] = mapped_column(Text)
     dead_published_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    #: From this moment (database clock) an unknown outcome's original call can no longer
+    #: land, so a read-back that does not show it proves it was not issued.
+    settles_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    #: An issued entity whose history holds an unknown outcome: read back once more after
+    #: this moment, to catch a late original that landed after the re-send.
+    verify_after: Mapped[datetime | None] = mapped_column(Timestamp)
     created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=text("now()"))
     updated_at: Mapped[datetime] = mapped_column(Timestamp, server_default=text("now()"))
 
@@ -162,20 +170,24 @@ class ApiCall(Base):
     error_message: Mapped[str | None] = mapped_column(Text)
     started_at: Mapped[datetime] = mapped_column(Timestamp)
     worker: Mapped[str | None] = mapped_column(Text)
+    #: The attempt's own reference, sent in the notes (bulk issue calls only).
+    issue_ref: Mapped[str | None] = mapped_column(Text)
 
 
 class IssuedCoupon(Base):
-    """A coupon Capillary issued for an entity (at most one per entity)."""
+    """A coupon Capillary issued for an entity: one, or two when a late original landed."""
 
     __tablename__ = "coupons"
     __table_args__ = (
+        UniqueConstraint("entity_id", "code"),
+        Index("ix_coupons_entity_id", "entity_id"),
         Index("ix_coupons_event_id", "event_id"),
         Index("ix_coupons_customer_key", "customer_key"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     entity_id: Mapped[int] = mapped_column(
-        BigInteger, ForeignKey("entities.id", ondelete="CASCADE"), unique=True
+        BigInteger, ForeignKey("entities.id", ondelete="CASCADE")
     )
     event_id: Mapped[str] = mapped_column(Text)
     series_id: Mapped[int] = mapped_column(Integer)

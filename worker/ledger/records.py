@@ -19,6 +19,10 @@ class ClaimedEntity:
     attempts: int  # including the attempt this claim is for
     needs_reconcile: bool
     first_attempt_at: datetime
+    #: Whether an unknown outcome's original call can no longer land (database clock).
+    settled: bool = True
+    #: Seconds until it settles, when it has not yet.
+    settles_in_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,12 @@ class Transition:
     request_id: str | None = None
     dead_reason: str | None = None
     refund_attempt: bool = False  # the attempt did not count (deferred by the circuit)
+    #: The outcome is unknown: its original may land for this long (settles_at = now + this).
+    settle_window_s: float | None = None
+    #: Issued by a re-send after an unknown outcome: read back again after this long.
+    verify_window_s: float | None = None
+    #: A duplicate: every coupon of ours the read-back showed, beyond ``coupon``.
+    extra_coupons: tuple[Coupon, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -62,6 +72,22 @@ class RecordedCall:
     info: CallInfo
     entity_ids: tuple[int, ...]
     series_ids: tuple[int, ...]
+    issue_ref: str | None = None  # the attempt's own reference, for bulk issue calls
+
+
+@dataclass(frozen=True)
+class Verification:
+    """An issued entity to read back once more, in case a late original landed too."""
+
+    entity_id: int
+    event_id: str
+    series_id: int
+    customer: dict[str, str]
+    customer_key: str
+    issue_ref: str
+    first_attempt_at: datetime
+    codes: tuple[str, ...]  # the coupons recorded for it so far
+    attempts: int
 
 
 @dataclass(frozen=True)

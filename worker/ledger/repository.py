@@ -18,6 +18,7 @@ from sqlalchemy import (
     Boolean,
     ColumnElement,
     DateTime,
+    Float,
     Integer,
     Table,
     Text,
@@ -26,14 +27,17 @@ from sqlalchemy import (
     case,
     func,
     insert,
+    literal,
+    literal_column,
     or_,
     select,
     update,
 )
+from sqlalchemy import cast as sql_cast
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
-from worker.domain import EntityState, EventState, issue_ref
+from worker.domain import TERMINAL_STATES, Coupon, EntityState, EventState, issue_ref
 from worker.errors import EventRejected
 from worker.events import LoyaltyEvent
 from worker.ledger import models as m
@@ -46,6 +50,7 @@ from worker.ledger.records import (
     DueEntity,
     RecordedCall,
     Transition,
+    Verification,
 )
 
 CLAIMABLE_FRESH = (EntityState.PENDING.value,)
@@ -68,10 +73,10 @@ class Ledger(Protocol):
     def ingest(self, event: LoyaltyEvent, *, source: str, now: datetime) -> bool: ...
 
     def claim_event(self, event_id: str, *, token: str, worker: str, now: datetime,
-                    lease_until: datetime) -> Claim: ...
+                    lease_s: float, settle_window_s: float) -> Claim: ...
 
     def claim_entity(self, entity_id: int, *, token: str, worker: str, now: datetime,
-                     lease_until: datetime) -> Claim | None: ...
+                     lease_s: float, settle_window_s: float) -> Claim | None: ...
 
     def record(self, claim: Claim, *, calls: Sequence[RecordedCall],
                transitions: Sequence[Transition], worker: str, now: datetime) -> int: ...
@@ -80,7 +85,18 @@ class Ledger(Protocol):
                          event_id: str | None, content_type: str | None,
                          now: datetime) -> int: ...
 
-    def expire_leases(self, *, now: datetime, retry_at: datetime, limit: int) -> list[int]: ...
+    def expire_leases(self, *, now: datetime, retry_at: datetime, limit: int,
+                      settle_window_s: float) -> list[int]: ...
+
+    def take_verifications(self, *, now: datetime, limit: int,
+                           hold_s: float) -> list[Verification]: ...
+
+    def finish_verification(self, item: Verification, *, now: datetime,
+                            duplicates: Sequence[Coupon] = (), request_id: str | None = None,
+                            retry_in_s: float | None = None, message: str | None = None,
+                            ) -> None: ...
+
+    def repair_event_states(self, *, now: datetime, limit: int) -> list[str]: ...
 
     def take_due(self, *, now: datetime, limit: int) -> list[DueEntity]: ...
 
@@ -115,6 +131,7 @@ CALLS = cast(Table, m.ApiCall.__table__)
 COUPONS = cast(Table, m.IssuedCoupon.__table__)
 _E = ENTITIES.c
 _IN_FLIGHT = EntityState.IN_FLIGHT.value
+_ISSUED_STATES = (EntityState.ISSUED.value, EntityState.DUPLICATE_ISSUED.value)
 
 _INSERT_EVENT = (
     pg_insert(EVENTS).on_conflict_do_nothing(index_elements=["event_id"])
@@ -125,7 +142,8 @@ _EVENT_FINGERPRINT = select(EVENTS.c.fingerprint).where(
 _INSERT_ENTITIES = insert(ENTITIES)
 _INSERT_HISTORY = insert(HISTORY)
 _INSERT_CALLS = insert(CALLS)
-_INSERT_COUPONS = pg_insert(COUPONS).on_conflict_do_nothing(index_elements=["entity_id"])
+_INSERT_COUPONS = pg_insert(COUPONS).on_conflict_do_nothing(
+    index_elements=["entity_id", "code"])
 _CLAIM_DATA = select(
     EVENTS.c.customer, EVENTS.c.customer_key, EVENTS.c.metadata, EVENTS.c.issue_ref
 ).where(EVENTS.c.event_id == bindparam("b_event_id"))
@@ -133,6 +151,26 @@ _STATE_COUNTS = (
     select(_E.state, func.count()).where(_E.event_id == bindparam("b_event_id"))
     .group_by(_E.state)
 )
+
+
+def _number(name: str) -> Any:
+    # Typed in the SQL itself: PostgreSQL cannot infer a parameter's type from "$1 IS NULL".
+    return sql_cast(bindparam(name, type_=Float), Float)
+
+
+def _seconds(name: str) -> Any:
+    """A bound number of seconds as an interval, for arithmetic on the database's clock."""
+    return _number(name) * literal_column("interval '1 second'")
+
+
+# Leases, settle times and verification times are read and written on the database's clock
+# (now()), never a host's: two hosts whose clocks disagree must still agree on whether a
+# claim is alive, or both would call Capillary for one entity.
+_DB_NOW = func.now()
+_ABANDONED = and_(_E.state == _IN_FLIGHT, _E.lease_until < _DB_NOW)
+# A dead worker's call was sent before its lease ran out and may land until the window after.
+_SETTLES_AFTER_LEASE = func.greatest(
+    func.coalesce(_E.settles_at, _E.lease_until), _E.lease_until + _seconds("b_settle_s"))
 
 
 def _claim_statement(claimable: ColumnElement[bool], *, skip_locked: bool) -> Any:
@@ -144,17 +182,20 @@ def _claim_statement(claimable: ColumnElement[bool], *, skip_locked: bool) -> An
         .values(
             # A lease that ran out means a worker died mid-call: the call may have issued.
             needs_reconcile=or_(_E.needs_reconcile, _E.state == _IN_FLIGHT),
+            settles_at=case((_E.state == _IN_FLIGHT, _SETTLES_AFTER_LEASE),
+                            else_=_E.settles_at),
             state=_IN_FLIGHT,
             attempts=_E.attempts + 1,
             claim_token=bindparam("b_token", type_=Text),
             claimed_by=bindparam("b_worker", type_=Text),
-            lease_until=bindparam("b_lease", type_=DateTime(timezone=True)),
+            lease_until=_DB_NOW + _seconds("b_lease_s"),
             queued_at=None,
             first_attempt_at=func.coalesce(_E.first_attempt_at, now),
             updated_at=now,
         )
         .returning(_E.id, _E.series_id, _E.attempts, _E.needs_reconcile, _E.first_attempt_at,
-                   _E.event_id)
+                   _E.event_id, func.coalesce(_E.settles_at <= _DB_NOW, True),
+                   func.coalesce(func.extract("epoch", _E.settles_at - _DB_NOW), 0.0))
     )
 
 
@@ -162,7 +203,7 @@ _NOW = bindparam("b_now", type_=DateTime(timezone=True))
 _CLAIM_EVENT = _claim_statement(
     and_(
         _E.event_id == bindparam("b_event_id"),
-        or_(_E.state.in_(CLAIMABLE_FRESH), and_(_E.state == _IN_FLIGHT, _E.lease_until < _NOW)),
+        or_(_E.state.in_(CLAIMABLE_FRESH), _ABANDONED),
     ),
     skip_locked=True,
 )
@@ -174,7 +215,7 @@ _CLAIM_ENTITY = _claim_statement(
         or_(
             _E.state == EntityState.QUEUED.value,
             and_(_E.state == EntityState.RETRY_WAIT.value, _E.next_attempt_at <= _NOW),
-            and_(_E.state == _IN_FLIGHT, _E.lease_until < _NOW),
+            _ABANDONED,
         ),
     ),
     skip_locked=False,
@@ -190,11 +231,19 @@ def _outcome_statement() -> Any:
             _E.id == bindparam("eid", type_=BigInteger),
             or_(
                 _E.claim_token == bindparam("token", type_=Text),
-                and_(is_issued, _E.state != EntityState.ISSUED.value),
+                # Literals, not an IN list: an expanding IN cannot run in executemany.
+                and_(is_issued, *(_E.state != literal(st) for st in _ISSUED_STATES)),
             ),
         )
         .values(
             state=bindparam("st", type_=Text),
+            settles_at=case((_number("settle_s").is_(None), _E.settles_at),
+                            else_=_DB_NOW + _seconds("settle_s")),
+            verify_after=case(
+                (_number("verify_s").is_not(None),
+                 _DB_NOW + _seconds("verify_s")),
+                (bindparam("st", type_=Text) == EntityState.DUPLICATE_ISSUED.value, None),
+                else_=_E.verify_after),
             updated_at=bindparam("now", type_=DateTime(timezone=True)),
             claim_token=None,
             lease_until=None,
@@ -223,7 +272,7 @@ def _outcome_statement() -> Any:
 
 
 _RECORD_OUTCOME = _outcome_statement()
-_TERMINAL = [EntityState.ISSUED.value, EntityState.DEAD.value, EntityState.DISCARDED.value]
+_TERMINAL = sorted(s.value for s in TERMINAL_STATES)
 _EVENT_IDS: Any = bindparam("b_event_ids", expanding=True)
 # Lock first, in a statement of its own: two transactions finishing different entities of one
 # event would otherwise each read the other's entity as unfinished (READ COMMITTED snapshots
@@ -246,6 +295,19 @@ _REFRESH_EVENTS = (
         updated_at=_NOW,
     )
 )
+
+
+def _coupon_row(c: Coupon, entity_id: int, event_id: str, customer_key: str, via: str,
+                request_id: str | None, now: datetime) -> dict[str, Any]:
+    return {
+        "entity_id": entity_id, "event_id": event_id, "series_id": c.series_id,
+        "code": c.code, "customer_key": customer_key, "capillary_coupon_id": c.capillary_id,
+        "description": c.description, "discount_code": c.discount_code,
+        "discount_type": c.discount_type, "discount_value": c.discount_value,
+        "discount_upto": c.discount_upto, "discount_on": c.discount_on,
+        "valid_till": c.valid_till, "valid_till_date_time": c.valid_till_date_time,
+        "raw": c.raw, "recorded_via": via, "request_id": request_id, "issued_at": now,
+    }
 
 
 class SqlLedger:
@@ -302,12 +364,16 @@ class SqlLedger:
     # -- claims ----------------------------------------------------------------------------
 
     def _claim(self, statement: Any, params: dict[str, Any], *, token: str, worker: str,
-               now: datetime, lease_until: datetime) -> tuple[list[ClaimedEntity], str | None]:
+               now: datetime, lease_s: float, settle_window_s: float,
+               ) -> tuple[list[ClaimedEntity], str | None]:
         conn = self._conn
         rows = conn.execute(statement, {**params, "b_token": token, "b_worker": worker,
-                                        "b_now": now, "b_lease": lease_until}).all()
-        claimed = sorted((ClaimedEntity(r[0], r[1], r[2], r[3], r[4] or now) for r in rows),
-                         key=lambda c: c.series_id)
+                                        "b_now": now, "b_lease_s": lease_s,
+                                        "b_settle_s": settle_window_s}).all()
+        claimed = sorted(
+            (ClaimedEntity(r[0], r[1], r[2], r[3], r[4] or now, bool(r[6]),
+                           max(float(r[7]), 0.0)) for r in rows),
+            key=lambda c: c.series_id)
         if claimed:
             conn.execute(_INSERT_HISTORY, [
                 {"entity_id": c.entity_id, "at": now, "kind": "claimed", "state": _IN_FLIGHT,
@@ -318,10 +384,11 @@ class SqlLedger:
         return claimed, (rows[0][5] if rows else None)
 
     def claim_event(self, event_id: str, *, token: str, worker: str, now: datetime,
-                    lease_until: datetime) -> Claim:
+                    lease_s: float, settle_window_s: float) -> Claim:
         """Claim the event's entities that were never tried or whose worker died."""
         claimed, _ = self._claim(_CLAIM_EVENT, {"b_event_id": event_id}, token=token,
-                                 worker=worker, now=now, lease_until=lease_until)
+                                 worker=worker, now=now, lease_s=lease_s,
+                                 settle_window_s=settle_window_s)
         skipped: dict[str, int] = {}
         if not claimed:
             skipped = {
@@ -331,10 +398,11 @@ class SqlLedger:
         return self._claim_for(event_id, token, claimed, skipped)
 
     def claim_entity(self, entity_id: int, *, token: str, worker: str, now: datetime,
-                     lease_until: datetime) -> Claim | None:
+                     lease_s: float, settle_window_s: float) -> Claim | None:
         """Claim one entity for its retry: queued, due, or abandoned by a dead worker."""
         claimed, event_id = self._claim(_CLAIM_ENTITY, {"b_entity_id": entity_id}, token=token,
-                                        worker=worker, now=now, lease_until=lease_until)
+                                        worker=worker, now=now, lease_s=lease_s,
+                                        settle_window_s=settle_window_s)
         if not claimed or event_id is None:
             return None
         return self._claim_for(event_id, token, claimed, {})
@@ -366,6 +434,7 @@ class SqlLedger:
                     "latency_ms": c.info.latency_ms, "outcome": c.info.outcome,
                     "error_code": c.info.error_code, "error_message": c.info.error_message,
                     "started_at": c.info.started_at, "worker": worker,
+                    "issue_ref": c.issue_ref,
                 }
                 for c in calls
             ])
@@ -374,8 +443,9 @@ class SqlLedger:
         result = conn.execute(_RECORD_OUTCOME, [
             {
                 "eid": t.entity_id, "token": claim.token, "now": now,
-                "is_issued": t.state is EntityState.ISSUED,
+                "is_issued": t.state.value in _ISSUED_STATES,
                 "is_dead": t.state is EntityState.DEAD,
+                "settle_s": t.settle_window_s, "verify_s": t.verify_window_s,
                 "st": t.state.value, "reconcile": t.needs_reconcile,
                 "next_at": t.next_attempt_at, "verdict": t.verdict, "code": t.error_code,
                 "message": t.error_message, "request_id": t.request_id,
@@ -393,19 +463,10 @@ class SqlLedger:
             for t in transitions
         ])
         coupons = [
-            {
-                "entity_id": t.entity_id, "event_id": claim.event_id,
-                "series_id": c.series_id, "code": c.code,
-                "customer_key": claim.customer_key, "capillary_coupon_id": c.capillary_id,
-                "description": c.description, "discount_code": c.discount_code,
-                "discount_type": c.discount_type, "discount_value": c.discount_value,
-                "discount_upto": c.discount_upto, "discount_on": c.discount_on,
-                "valid_till": c.valid_till, "valid_till_date_time": c.valid_till_date_time,
-                "raw": c.raw, "recorded_via": t.recorded_via, "request_id": t.request_id,
-                "issued_at": now,
-            }
+            _coupon_row(c, t.entity_id, claim.event_id, claim.customer_key, t.recorded_via,
+                        t.request_id, now)
             for t in transitions
-            if (c := t.coupon) is not None
+            for c in ((t.coupon,) if t.coupon is not None else ()) + t.extra_coupons
         ]
         if coupons:
             conn.execute(_INSERT_COUPONS, coupons)
@@ -435,21 +496,21 @@ class SqlLedger:
 
     # -- the sweeper's work ----------------------------------------------------------------
 
-    def expire_leases(self, *, now: datetime, retry_at: datetime, limit: int) -> list[int]:
+    def expire_leases(self, *, now: datetime, retry_at: datetime, limit: int,
+                      settle_window_s: float) -> list[int]:
         """Entities whose worker died mid-call: schedule them, reconciling first."""
-        e = m.Entity
         pick = (
-            select(e.id)
-            .where(e.state == EntityState.IN_FLIGHT.value, e.lease_until < now)
+            select(_E.id).where(_ABANDONED)
             .limit(limit).with_for_update(skip_locked=True).scalar_subquery()
         )
-        rows = self.session.execute(
-            update(e).where(e.id.in_(pick))
+        rows = self._conn.execute(
+            update(ENTITIES).where(_E.id.in_(pick))
             .values(state=EntityState.RETRY_WAIT.value, needs_reconcile=True,
+                    settles_at=_SETTLES_AFTER_LEASE,
                     next_attempt_at=retry_at, claim_token=None, lease_until=None,
                     claimed_by=None, updated_at=now)
-            .returning(e.id, e.attempts)
-            .execution_options(synchronize_session=False)
+            .returning(_E.id, _E.attempts),
+            {"b_settle_s": settle_window_s},
         ).all()
         if rows:
             self.session.execute(
@@ -540,6 +601,84 @@ class SqlLedger:
                 .values(dead_published_at=now)
                 .execution_options(synchronize_session=False)
             )
+
+    def take_verifications(self, *, now: datetime, limit: int,
+                           hold_s: float) -> list[Verification]:
+        """Issued entities due for their late-original check, held for ``hold_s``.
+
+        Holding moves ``verify_after`` on, so a sweeper that dies mid-check leaves the entity
+        to be checked again later, and two sweepers never check one entity at once.
+        """
+        ev = EVENTS.c
+        pick = (
+            select(_E.id)
+            .where(_E.verify_after <= _DB_NOW, _E.state == EntityState.ISSUED.value)
+            .order_by(_E.verify_after).limit(limit).with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+        held = self._conn.execute(
+            update(ENTITIES).where(_E.id.in_(pick))
+            .values(verify_after=_DB_NOW + _seconds("b_hold_s"))
+            .returning(_E.id), {"b_hold_s": hold_s},
+        ).scalars().all()
+        if not held:
+            return []
+        rows = self._conn.execute(
+            select(_E.id, _E.event_id, _E.series_id, ev.customer, _E.customer_key, ev.issue_ref,
+                   _E.first_attempt_at, _E.attempts,
+                   select(func.array_agg(COUPONS.c.code))
+                   .where(COUPONS.c.entity_id == _E.id).scalar_subquery())
+            .join(EVENTS, EVENTS.c.event_id == _E.event_id)
+            .where(_E.id.in_(held)).order_by(_E.id)
+        ).all()
+        return [
+            Verification(r[0], r[1], r[2], r[3], r[4], r[5], r[6] or now, tuple(r[8] or ()),
+                         r[7])
+            for r in rows
+        ]
+
+    def finish_verification(self, item: Verification, *, now: datetime,
+                            duplicates: Sequence[Coupon] = (), request_id: str | None = None,
+                            retry_in_s: float | None = None, message: str | None = None,
+                            ) -> None:
+        """Record a late-original check: clean, a duplicate, or to be tried again."""
+        conn = self._conn
+        if retry_in_s is not None:
+            conn.execute(
+                update(ENTITIES).where(_E.id == item.entity_id, _E.state == _ISSUED_STATES[0])
+                .values(verify_after=_DB_NOW + _seconds("b_in_s")), {"b_in_s": retry_in_s})
+            return
+        state = EntityState.DUPLICATE_ISSUED if duplicates else EntityState.ISSUED
+        conn.execute(
+            update(ENTITIES).where(_E.id == item.entity_id)
+            .values(state=state.value, verify_after=None, updated_at=now,
+                    last_error_code="duplicate_issued" if duplicates else _E.last_error_code,
+                    last_error_message=message if duplicates else _E.last_error_message))
+        conn.execute(_INSERT_HISTORY, [{
+            "entity_id": item.entity_id, "at": now,
+            "kind": "duplicate_issued" if duplicates else "verified", "state": state.value,
+            "attempt": item.attempts, "error_code": "duplicate_issued" if duplicates else None,
+            "message": message, "request_id": request_id, "worker": None}])
+        if duplicates:
+            conn.execute(_INSERT_COUPONS, [
+                _coupon_row(c, item.entity_id, item.event_id, item.customer_key, "verify",
+                            request_id, now)
+                for c in duplicates
+            ])
+            self.refresh_event_states([item.event_id], now=now)
+
+    def repair_event_states(self, *, now: datetime, limit: int) -> list[str]:
+        """Events left "processing" although every entity is at rest: recompute them."""
+        ev = EVENTS.c
+        stuck = self._conn.execute(
+            select(ev.event_id)
+            .where(ev.state == EventState.PROCESSING.value,
+                   ~select(_E.id).where(_E.event_id == ev.event_id,
+                                        _E.state.not_in(_TERMINAL)).exists())
+            .order_by(ev.event_id).limit(limit).with_for_update(skip_locked=True)
+        ).scalars().all()
+        self.refresh_event_states(stuck, now=now)
+        return list(stuck)
 
     # -- circuit breaker -------------------------------------------------------------------
 
