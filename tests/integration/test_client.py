@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -12,6 +13,7 @@ from worker.capillary.auth import BasicAuth, OAuthTokens, basic_auth_header
 from worker.capillary.client import CapillaryClient
 from worker.config import Settings
 from worker.domain import Verdict
+from worker.errors import Ambiguous, CapillaryError, Outage
 from worker.sandbox import SandboxAdmin
 
 CUSTOMER = {"id": "566881933"}
@@ -138,11 +140,17 @@ def test_unknown_customer_and_limit_per_user(client: CapillaryClient,
 @pytest.mark.parametrize(
     ("fault", "verdict", "code", "issued"),
     [
-        ({"kind": "error_before", "status": 500}, Verdict.RETRYABLE, "http_500", 0),
+        # Any 5xx is unknown, whether the server issued or not, whatever its body says.
+        ({"kind": "error_before", "status": 500}, Verdict.AMBIGUOUS, "http_500", 0),
         ({"kind": "empty_500_before"}, Verdict.AMBIGUOUS, "http_500", 0),
         ({"kind": "error_after"}, Verdict.AMBIGUOUS, "http_500", 1),
+        ({"kind": "error_json_after"}, Verdict.AMBIGUOUS, "http_500", 1),
+        ({"kind": "error_json_after", "status": 503}, Verdict.AMBIGUOUS, "http_503", 1),
+        ({"kind": "html_after", "status": 502}, Verdict.AMBIGUOUS, "http_502", 1),
         ({"kind": "stall_after", "delay_seconds": 4}, Verdict.AMBIGUOUS, "read_timeout", 1),
-        ({"kind": "busy_521"}, Verdict.RETRYABLE, "http_521", 0),
+        ({"kind": "busy_521"}, Verdict.AMBIGUOUS, "http_521", 0),
+        # A 4xx refuses the request itself: provably not issued.
+        ({"kind": "error_before", "status": 400}, Verdict.PERMANENT, "http_400", 0),
         ({"kind": "rate_limit", "retry_after_seconds": 7}, Verdict.RETRYABLE, "http_429", 0),
         ({"kind": "reset_before"}, Verdict.AMBIGUOUS, "connection_reset", 0),
         ({"kind": "reset_after"}, Verdict.AMBIGUOUS, "connection_reset", 1),
@@ -188,3 +196,72 @@ def test_read_back_by_mobile_resolves_the_customer(client: CapillaryClient) -> N
     client.bulk_issue(customer, [544770], {"notes": "[cw:feedfacefeedface]"})
     found = client.find_coupons(customer, 544770, since)
     assert len(found.coupons) == 1
+
+
+def test_a_slow_original_lands_after_the_client_gave_up(client: CapillaryClient,
+                                                        sandbox: SandboxAdmin) -> None:
+    sandbox.add_fault(kind="slow_original", delay_seconds=3)
+    result = client.bulk_issue(CUSTOMER, [544770], META)
+    assert result.entries[544770].verdict is Verdict.AMBIGUOUS
+    assert sandbox.ledger() == [], "not yet: the client's read timeout came first"
+    deadline = time.monotonic() + 5
+    while not sandbox.ledger() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(sandbox.ledger()) == 1, "the abandoned request still issued"
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        {"kind": "readback_unreadable", "path": "readback"},
+        {"kind": "readback_failure_status", "path": "readback"},
+        {"kind": "error_before", "status": 500, "path": "readback"},
+        {"kind": "error_before", "status": 404, "path": "readback"},
+        {"kind": "empty_500_before", "path": "readback"},
+        {"kind": "reset_before", "path": "readback"},
+    ],
+)
+def test_a_read_back_that_proves_nothing_fails_closed(
+    client: CapillaryClient, sandbox: SandboxAdmin, fault: dict[str, object],
+) -> None:
+    since = datetime.now(UTC) - timedelta(minutes=1)
+    client.bulk_issue(CUSTOMER, [544770], {"notes": "[cw:0123456789abcdef]"})
+    sandbox.add_fault(**fault)
+    with pytest.raises(CapillaryError) as caught:
+        client.find_coupons(CUSTOMER, 544770, since)
+    assert not isinstance(caught.value, Outage)
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        {"kind": "readback_failure_status", "path": "readback"},
+        {"kind": "readback_stale", "path": "readback", "times": 2},
+        {"kind": "readback_unreadable", "path": "readback"},
+    ],
+)
+def test_a_customer_that_cannot_be_resolved_fails_closed(
+    client: CapillaryClient, sandbox: SandboxAdmin, fault: dict[str, object],
+) -> None:
+    since = datetime.now(UTC) - timedelta(minutes=1)
+    customer = {"mobile": "919876543210"}
+    client.bulk_issue(customer, [544770], {"notes": "[cw:feedfacefeedface]"})
+    sandbox.add_fault(**fault)
+    if fault["kind"] == "readback_stale":
+        # A replica that knows the customer but not the coupon: the customer resolves, and
+        # the read-back is what the settle window is there for.
+        assert client.find_coupons(customer, 544770, since).coupons == ()
+        return
+    with pytest.raises(Ambiguous):
+        client.find_coupons(customer, 544770, since)
+
+
+def test_the_read_back_reads_every_page(client: CapillaryClient, sandbox: SandboxAdmin) -> None:
+    since = datetime.now(UTC) - timedelta(minutes=1)
+    for _ in range(130):
+        client.bulk_issue(CUSTOMER, [544770], {"notes": "someone else's"})
+    ours = client.bulk_issue(CUSTOMER, [544770], {"notes": "[cw:0123456789abcdef.0a0b0c]"})
+    found = client.find_coupons(CUSTOMER, 544770, since)
+    assert len(found.coupons) == 131, "the sandbox serves 50 a page: three pages and an end"
+    assert ours.entries[544770].coupon is not None
+    assert ours.entries[544770].coupon.code in {f.coupon.code for f in found.coupons}

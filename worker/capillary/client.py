@@ -377,12 +377,13 @@ class CapillaryClient:
         found: dict[str, FoundCoupon] = {}
         seen: set[str] = set()
         call: CallInfo | None = None
-        for page in range(READ_BACK_MAX_PAGES):
+        offset = 0
+        for _page in range(READ_BACK_MAX_PAGES):
             response, call = self._send(
                 "GET", COUPON_READ_PATH, operation="read_back",
                 params={"issuedToIds": customer_id, "includeIssualDetails": "true",
                         "seriesId": str(series_id), "limit": str(READ_BACK_PAGE_SIZE),
-                        "offset": str(page * READ_BACK_PAGE_SIZE)},
+                        "offset": str(offset)},
             )
             data = self._json_or_raise(response, call)
             rows = data.get("data") if isinstance(data, dict) else None
@@ -402,11 +403,13 @@ class CapillaryClient:
                 coupon = self._found_coupon(row, series_id, call)
                 if coupon is not None:
                     found.setdefault(coupon.coupon.code, coupon)
-            # A short page is the last; a page of nothing new means the server ignores offsets.
-            if len(rows) < READ_BACK_PAGE_SIZE or fresh == 0:
+            # Only an empty page ends the list: a server may serve fewer rows than asked for,
+            # and one that ignores the offset repeats itself (nothing new) instead.
+            if not rows or fresh == 0:
                 ours = tuple(c for c in found.values()
                              if c.created_at is None or c.created_at >= since)
                 return ReadBack(call=call, coupons=ours)
+            offset += len(rows)
         raise Ambiguous(f"read-back has more than {READ_BACK_MAX_PAGES} pages",
                         request_id=call.request_id if call else None)
 

@@ -40,6 +40,8 @@ from worker.sandbox.state import (
     error_body,
     load_scenario,
     readback_error,
+    readback_failure,
+    readback_stale,
 )
 
 __all__ = [
@@ -124,6 +126,7 @@ class _Call:
         self.principal: str | None = None
         self.series_ids: tuple[int, ...] = ()
         self.customer_id: str | None = None
+        self.api: ReadbackApi = "v2_coupon"
 
     def _record(self, status: int) -> None:
         self.state.record_call(
@@ -148,6 +151,14 @@ class _Call:
         self._record(status)
         return web.Response(status=status)
 
+    def html(self, status: int) -> web.Response:
+        """A page as a proxy or a misrouted request answers: HTML, not the API's JSON."""
+        self._record(status)
+        return web.Response(
+            status=status, content_type="text/html",
+            text=f"<html><head><title>{status}</title></head><body><center><h1>{status}"
+                 "</h1></center><hr><center>gateway</center></body></html>")
+
     def reset(self) -> web.Response:
         self._record(CALL_STATUS_CONNECTION_RESET)
         _abort_with_rst(self.request)
@@ -156,10 +167,12 @@ class _Call:
 
 
 async def _capillary_call(
-    request: web.Request, path: PathClass, prepare: _Preparer
+    request: web.Request, path: PathClass, prepare: _Preparer,
+    api: ReadbackApi = "v2_coupon",
 ) -> web.StreamResponse:
     state = request.app[STATE_KEY]
     call = _Call(request, state, path)
+    call.api = api
     if state.config.latency_s > 0:
         await asyncio.sleep(state.config.latency_s)
     refused = None if path == "token" else _admit(call)
@@ -177,10 +190,20 @@ async def _capillary_call(
     before = _fault_before(call, fault)
     if before is not None:
         return before
+    if fault is not None and fault.kind == "slow_original":
+        # Shielded: the client gives up (its read timeout) and disconnects, and the original
+        # request still lands afterwards, as a slow request behind a gateway does.
+        answer = await asyncio.shield(_late(prepared, call.principal, fault.delay_s))
+        return call.answer(answer)
     answer = prepared.execute(call.principal)
     if path == "token" and answer.status == 200:
         call.principal = prepared.principal
     return await _fault_after(call, fault, answer)
+
+
+async def _late(prepared: _Prepared, principal: str | None, delay_s: float) -> ApiAnswer:
+    await asyncio.sleep(delay_s)
+    return prepared.execute(principal)
 
 
 def _admit(call: _Call) -> web.Response | None:
@@ -219,6 +242,10 @@ def _fault_before(call: _Call, fault: FaultRule | None) -> web.Response | None:
             ApiAnswer(521, {"errors": [{"code": 521, "message": BUSY_MESSAGE}]})
         ),
         "reset_before": lambda _f: call.reset(),
+        "readback_unreadable": lambda _f: call.html(200),
+        "readback_failure_status": lambda _f: call.answer(readback_failure(call.api)),
+        "readback_stale": lambda _f: call.answer(
+            readback_stale(call.api, call.customer_id or "")),
     }
     respond = responders.get(fault.kind)
     return None if respond is None else respond(fault)
@@ -232,6 +259,11 @@ async def _fault_after(call: _Call, fault: FaultRule | None, answer: ApiAnswer) 
         return call.empty(fault.status)
     if fault.kind == "reset_after":
         return call.reset()
+    if fault.kind == "error_json_after":
+        return call.answer(ApiAnswer(
+            fault.status, {"errors": [{"code": fault.status, "message": "internal error"}]}))
+    if fault.kind == "html_after":
+        return call.html(fault.status)
     # stall_after: record first, so the call log shows the call while the client waits.
     response = call.answer(answer)
     await asyncio.sleep(fault.delay_s)
@@ -295,7 +327,7 @@ def _readback_handler(api: ReadbackApi) -> Callable[[web.Request], Awaitable[web
     prepare = _readback_preparer(api)
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        return await _capillary_call(request, "readback", prepare)
+        return await _capillary_call(request, "readback", prepare, api)
 
     return handler
 

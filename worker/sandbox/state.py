@@ -49,6 +49,13 @@ FaultKind = Literal[
     "busy_521",
     "reset_before",
     "reset_after",
+    # What a real server, gateway or replica can do that the ones above do not:
+    "error_json_after",  # issues, then answers ``status`` with a JSON error body, no entries
+    "html_after",  # issues, then a proxy's HTML error page with ``status``
+    "slow_original",  # holds the request ``delaySeconds``, then issues (the client gave up)
+    "readback_unreadable",  # read-back answers 200 with an HTML page
+    "readback_failure_status",  # read-back answers 200 whose body reports a failure
+    "readback_stale",  # read-back answers from a replica that has not seen recent writes
 ]
 Behaviour = Literal["valid", "invalid", "expired", "error"]
 DiscountType = Literal["ABS", "PERC"]
@@ -77,7 +84,11 @@ BUSY_MESSAGE: Final = "Multiple actions are running for the same customer, try l
 
 _CODE_ALPHABET: Final = string.ascii_uppercase + string.digits
 _OFFSET_RE: Final = re.compile(r"^([+-])(\d{2}):?(\d{2})$")
-_DEFAULT_FAULT_DELAY_S: Final[Mapping[str, float]] = {"latency": 1.0, "stall_after": 30.0}
+_DEFAULT_FAULT_DELAY_S: Final[Mapping[str, float]] = {
+    "latency": 1.0, "stall_after": 30.0, "slow_original": 5.0,
+}
+#: The v2 coupon read-back serves at most this many rows a page, whatever limit is asked.
+MAX_V2_COUPON_PAGE: Final = 50
 
 
 class SandboxInputError(ValueError):
@@ -595,6 +606,27 @@ def readback_error(api: ReadbackApi, message: str) -> ApiAnswer:
     return ApiAnswer(400, {"data": None, "errors": [_entry_error(400, message)]})
 
 
+def readback_failure(api: ReadbackApi) -> ApiAnswer:
+    """A 200 whose body says the read-back failed, in that API's shape."""
+    message = "Internal error while fetching coupons"
+    if api == "v11_customer_coupons":
+        return ApiAnswer(200, {"response": {"status": _v11_status(False, 500, message)}})
+    return ApiAnswer(200, {"data": [], "errors": [_entry_error(500, message)]})
+
+
+def readback_stale(api: ReadbackApi, customer_id: str) -> ApiAnswer:
+    """What a replica that has not caught up answers: the customer, and none of the coupons."""
+    if api == "v11_customer_coupons":
+        return ApiAnswer(200, {"response": {
+            "status": _v11_status(True, 200, "SUCCESS"),
+            "customers": {"customer": [{"id": customer_id, "coupons": {"coupon": []}}]}}})
+    if api == "v2_coupon":
+        return ApiAnswer(200, {"data": [], "errors": None})
+    return ApiAnswer(200, {"customers": [{"id": customer_id, "coupons": []}],
+                           "pagination": {"limit": DEFAULT_READBACK_LIMIT, "offset": 0,
+                                          "total": 0}})
+
+
 def _v11_status(success: bool, code: int, message: str) -> JsonDict:
     return {"success": success, "code": code, "message": message}
 
@@ -1048,6 +1080,9 @@ class SandboxState:
                 customer_ids=tuple(_split_csv("issuedToIds", raw_ids)),
                 series_ids=_int_list("seriesId", series) if series else (),
                 include_details=query.get("includeIssualDetails", "").lower() == "true",
+                limit=min(_query_int(query, "limit", DEFAULT_READBACK_LIMIT,
+                                     maximum=MAX_READBACK_LIMIT), MAX_V2_COUPON_PAGE),
+                offset=_query_int(query, "offset", 0, maximum=10**9),
             )
         if api == "v11_customer_coupons":
             return self._parse_v11(query)
@@ -1118,7 +1153,8 @@ class SandboxState:
                     if query.include_details:
                         item["couponIssualDetails"] = _issual_details(coupon.metadata)
                     data.append(item)
-            return ApiAnswer(200, {"data": data, "errors": None})
+            shown = data[query.offset : query.offset + query.limit]
+            return ApiAnswer(200, {"data": shown, "errors": None})
         if query.api == "v11_customer_coupons":
             return ApiAnswer(200, self._v11_body(query, tz))
         customer_id = query.customer_ids[0]
