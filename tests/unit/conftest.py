@@ -17,7 +17,6 @@ from worker.policy import CircuitPolicy, RetryPolicy
 from worker.ratelimit import Unlimited
 from worker.services import Deps, retry_entity, sweep
 
-
 SETTLE_S = 20.0
 
 
