@@ -505,9 +505,11 @@ def flower(ctx: click.Context, port: int, address: str) -> None:
 @click.option("--timezone", default="+00:00", show_default=True,
               help="The server's zone for validTill, e.g. +05:30.")
 @click.option("--strict-series", is_flag=True, help="Unconfigured series answer 707.")
+@click.option("--seed", type=int, default=None,
+              help="Seed coupon codes and probabilistic faults (repeatable runs).")
 def sandbox(host: str, port: int, scenario: str | None, latency_s: float,
             rate_limit_per_minute: int | None, token_ttl_s: int, timezone: str,
-            strict_series: bool) -> None:
+            strict_series: bool, seed: int | None) -> None:
     """Run the sandbox Capillary server (Basic: store.server/server123, OAuth: demo-key)."""
     from worker.sandbox import SandboxOptions, load_scenario, run
 
@@ -518,6 +520,7 @@ def sandbox(host: str, port: int, scenario: str | None, latency_s: float,
         timezone=timezone,
         strict_series=strict_series,
         scenario=load_scenario(scenario) if scenario else None,
+        seed=seed,
     )
     run(host, port, options)
 

@@ -838,6 +838,49 @@ def test_forever_fault_until_cleared_and_any_path(api: Capillary, admin: Sandbox
     assert admin.faults() == []
 
 
+def test_a_fault_with_a_probability_strikes_some_calls_and_spares_the_rest(
+    api: Capillary, admin: SandboxAdmin
+) -> None:
+    # Given a forever rule that strikes 30% of calls, then one that strikes every call
+    admin.add_fault(kind="error_before", status=503, times=-1, probability=0.3)
+    admin.add_fault(kind="error_before", status=502, times=-1)
+
+    # When 200 calls are made
+    statuses = [api.bulk([1]).status_code for _ in range(200)]
+
+    # Then the first rule struck about 30% of them (the bounds are 5 standard deviations
+    # wide) and every call it spared went on to the next rule, not through
+    struck = statuses.count(503)
+    assert 28 <= struck <= 92, struck
+    assert statuses.count(502) == 200 - struck
+    first, second = admin.faults()
+    assert (first["applied"], first["probability"]) == (struck, 0.3)
+    assert (second["applied"], second["probability"]) == (200 - struck, 1.0)
+    assert admin.ledger() == []
+
+
+def test_seeded_sandboxes_strike_the_same_calls_again_after_a_reset() -> None:
+    def pattern(state: SandboxState) -> list[bool]:
+        state.add_fault({"kind": "reset_after", "times": -1, "probability": 0.5})
+        return [state.take_fault("bulk", (1,), "c1") is not None for _ in range(64)]
+
+    seeded = SandboxState(SandboxOptions(seed=7))
+    first = pattern(seeded)
+    seeded.reset()
+
+    assert pattern(seeded) == first
+    assert pattern(SandboxState(SandboxOptions(seed=7))) == first
+    assert pattern(SandboxState(SandboxOptions(seed=8))) != first
+    assert 10 < sum(first) < 54
+
+
+@pytest.mark.parametrize("probability", [0, -0.5, 1.5, "often", True])
+def test_a_probability_outside_0_to_1_is_refused(admin: SandboxAdmin, probability: object) -> None:
+    with pytest.raises(SandboxAdminError, match="probability"):
+        admin.add_fault(kind="error_before", probability=probability)
+    assert admin.faults() == []
+
+
 def test_resolved_customer_id_matches_customer_faults(api: Capillary, admin: SandboxAdmin) -> None:
     api.bulk([1], {"mobile": "911"})
     admin.add_fault(kind="error_before", customer="900000001")

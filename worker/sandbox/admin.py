@@ -120,7 +120,7 @@ class SandboxAdmin:
 
     def add_fault(self, **fields: Any) -> int:
         """Register a fault rule (kind, times, series, customer, path, delaySeconds, status,
-        retryAfterSeconds); returns its id."""
+        retryAfterSeconds, probability); returns its id."""
         return int(self._request("POST", "faults", json=_camel_fields(fields))["id"])
 
     def faults(self) -> list[dict[str, Any]]:

@@ -204,6 +204,9 @@ class SandboxOptions:
     timezone: str = "+00:00"
     strict_series: bool = False
     scenario: Mapping[str, Any] | None = None
+    #: Seeds the coupon codes and the probabilistic faults, so that a run can be repeated
+    #: (as far as the order of the calls it receives repeats); None draws a fresh seed.
+    seed: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,7 +355,11 @@ _SERIES_FIELDS: Final[Mapping[str, tuple[str, Callable[[str, object], Any]]]] = 
 
 @dataclass(slots=True)
 class FaultRule:
-    """One injected fault; ``remaining`` counts down, -1 means forever."""
+    """One injected fault; ``remaining`` counts down, -1 means forever.
+
+    ``probability`` below 1 makes a rule strike only some of the calls it matches (a fault
+    "at a low rate"); a matching call it spares is not counted and goes on to the next rule.
+    """
 
     id: int
     kind: FaultKind
@@ -363,6 +370,7 @@ class FaultRule:
     delay_s: float = 0.0
     status: int = 500
     retry_after_s: int = 1
+    probability: float = 1.0
     applied: int = 0
 
     @classmethod
@@ -382,6 +390,9 @@ class FaultRule:
         status = _as_int("status", fields.get("status", 500), minimum=100)
         if status > 599:
             raise SandboxInputError(f"status must be an HTTP status (100-599), got {status}")
+        probability = _as_number("probability", fields.get("probability", 1.0), minimum=0.0)
+        if not 0.0 < probability <= 1.0:
+            raise SandboxInputError(f"probability must be > 0 and <= 1, got {probability:g}")
         return cls(
             id=rule_id,
             kind=kind,
@@ -400,6 +411,7 @@ class FaultRule:
             retry_after_s=_as_int(
                 "retryAfterSeconds", fields.get("retryAfterSeconds", 1), minimum=0
             ),
+            probability=probability,
         )
 
     def matches(self, path: PathClass, series_ids: Iterable[int], customer_id: str | None) -> bool:
@@ -423,6 +435,7 @@ class FaultRule:
             "delaySeconds": self.delay_s,
             "status": self.status,
             "retryAfterSeconds": self.retry_after_s,
+            "probability": self.probability,
         }
 
 
@@ -441,6 +454,7 @@ _FAULT_FIELDS: Final = (
     "delaySeconds",
     "status",
     "retryAfterSeconds",
+    "probability",
 )
 
 
@@ -692,7 +706,7 @@ class SandboxState:
         self._base_config = SandboxConfig.from_options(self.options).updated(self._scenario.config)
         self._password_digests = {u: md5_hex(p) for u, p in self.options.users.items()}
         self._call_log_limit = call_log_limit
-        self._random = random.Random()
+        self._random = random.Random(self.options.seed)
         self.reset()
 
     # --- lifecycle and admin ---------------------------------------------------------------
@@ -707,6 +721,9 @@ class SandboxState:
         self._tokens: dict[str, _TokenGrant] = {}
         self._faults: list[FaultRule] = []
         self._next_fault_id = 1
+        # Apart from the codes' generator, so that faults repeat after a reset even though
+        # the codes issued before it were drawn from the same seed.
+        self._fault_random = random.Random(self.options.seed)
         self._ledger: list[IssuedCoupon] = []
         self._by_customer: dict[str, list[IssuedCoupon]] = {}
         self._held: dict[tuple[str, int], int] = {}
@@ -760,10 +777,13 @@ class SandboxState:
     def take_fault(
         self, path: PathClass, series_ids: Iterable[int], customer_id: str | None
     ) -> FaultRule | None:
-        """The first matching rule with uses left, after consuming one use of it."""
+        """The first matching rule with uses left that strikes (see ``probability``), after
+        consuming one use of it."""
         ids = tuple(series_ids)
         for rule in self._faults:
             if rule.matches(path, ids, customer_id):
+                if rule.probability < 1.0 and self._fault_random.random() >= rule.probability:
+                    continue
                 if rule.remaining > 0:
                     rule.remaining -= 1
                 rule.applied += 1
