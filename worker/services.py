@@ -292,9 +292,16 @@ def _reconcile(attempt: _Attempt, entity: ClaimedEntity, permit: Permit) -> bool
         )
         attempt.add(entity, failed, verdict=Verdict.AMBIGUOUS, error_code="reconcile_failed",
                     message=f"read-back failed: {exc}", request_id=exc.request_id)
-        if verdict is Verdict.OUTAGE:
+        if verdict is Verdict.OUTAGE or (
+                permit.probe and counts_toward_circuit(verdict, exc.status)):
             deps.circuit.failure(permit, verdict, f"read-back: {exc}")
+        elif permit.probe:
+            deps.circuit.success(permit)  # Capillary answered, if not usefully
         return True
+    if permit.probe:
+        # A probe may only read back (the coupon is found, or must wait for its window): its
+        # answer must settle the circuit, or the fleet stays paused until the probe times out.
+        deps.circuit.success(permit)
     attempt.calls.append(RecordedCall(read_back.call, (entity.entity_id,), (entity.series_id,)))
     deps.metrics.observe_call(READ_BACK, read_back.call.status, read_back.call.latency_ms)
     ours = [found for found in read_back.coupons if _is_ours(claim, found)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 
 from tests.unit.conftest import SETTLE_S, World
@@ -273,3 +275,38 @@ def test_a_429_defers_refunds_the_attempt_and_slows_the_limiter(world: World) ->
     assert world.entity(544770).attempts == 0
     assert world.limiter.penalties == [2.0]
     assert world.deps.circuit.state().consecutive_failures == 0
+
+
+def _open_circuit(world: World) -> None:
+    from worker.ledger.records import CircuitState
+
+    with world.deps.uow() as uow:
+        uow.ledger.save_circuit("capillary", CircuitState(
+            "open", 3, 1, world.clock() + timedelta(seconds=30), "http_503"), now=world.clock())
+        uow.commit()
+
+
+def test_a_probe_that_only_reads_back_closes_the_circuit(world: World) -> None:
+    # Given an entity whose call timed out after Capillary issued, and then an open circuit
+    world.api.fail_next("timeout_after_issue")
+    issue_event(event(series=(544770,)), source="task", deps=world.deps)
+    _open_circuit(world)
+    # When, after the pause, that entity is the probe and its read-back finds the coupon
+    world.clock.advance(40)
+    world.sweep_and_retry()
+    # Then the circuit closes at once, rather than staying half-open until the probe's
+    # timeout (a whole lease, during which the fleet calls nothing)
+    assert world.entity(544770).state is EntityState.ISSUED
+    assert len(world.api.bulk_calls) == 1
+    assert world.deps.circuit.state().state == "closed"
+
+
+def test_a_probe_whose_read_back_fails_reopens_the_circuit(world: World) -> None:
+    world.api.fail_next("timeout_after_issue", "read_back_fails")
+    issue_event(event(series=(544770,)), source="task", deps=world.deps)
+    _open_circuit(world)
+    world.clock.advance(40)
+    world.sweep_and_retry()
+    assert world.api.read_backs == 1
+    assert world.deps.circuit.state().state == "open"
+    assert world.entity(544770).needs_reconcile
