@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: install lint test demo bench services clean
+.PHONY: install lint test demo bench chaos services clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,9 @@ demo: install
 
 bench: install
 	$(BIN)/coupon-worker bench
+
+chaos: install
+	$(BIN)/coupon-worker chaos
 
 services:
 	./.ci/services

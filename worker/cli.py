@@ -527,10 +527,12 @@ def sandbox(host: str, port: int, scenario: str | None, latency_s: float,
 
 def _register_heavy_commands() -> None:
     from worker.bench import bench_command
+    from worker.chaos import chaos_command
     from worker.demo import demo_command
 
     main.add_command(demo_command())
     main.add_command(bench_command())
+    main.add_command(chaos_command())
 
 
 _register_heavy_commands()

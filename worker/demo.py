@@ -165,9 +165,9 @@ def choose_backends(mode: Backend, workdir: Path, *, namespace: str = "") -> Bac
     pg_problem: str | None = "chosen with --backend embedded"
     broker_problem: str | None = pg_problem
     if mode != "embedded":
-        database, pg_problem = _local_database(DEMO_DATABASE + suffix)
-        broker, broker_problem = _local_broker(DEMO_VHOST + suffix.replace("_", "-"),
-                                               DEMO_QUEUE_PREFIX + suffix.replace("_", "-"))
+        database, pg_problem = local_database(DEMO_DATABASE + suffix)
+        broker, broker_problem = local_broker(DEMO_VHOST + suffix.replace("_", "-"),
+                                              DEMO_QUEUE_PREFIX + suffix.replace("_", "-"))
         if mode == "local" and (database is None or broker is None):
             raise DemoError("--backend local: " + "; ".join(
                 p for p in (pg_problem, broker_problem) if p))
@@ -180,8 +180,8 @@ def choose_backends(mode: Backend, workdir: Path, *, namespace: str = "") -> Bac
     return Backends(database, broker)
 
 
-def _drop_database(admin_url: URL, name: str) -> None:
-    """Drop the demo database so that every run starts from an empty ledger."""
+def drop_database(admin_url: URL, name: str) -> None:
+    """Drop a tool's database, so that every run starts from an empty ledger."""
     from sqlalchemy import create_engine, text
 
     admin = create_engine(admin_url.set(database="postgres"), isolation_level="AUTOCOMMIT",
@@ -194,7 +194,7 @@ def _drop_database(admin_url: URL, name: str) -> None:
         admin.dispose()
 
 
-def _local_database(name: str) -> tuple[Database | None, str | None]:
+def local_database(name: str) -> tuple[Database | None, str | None]:
     from sqlalchemy import exc as sa_exc
     from sqlalchemy.engine import make_url
 
@@ -203,7 +203,7 @@ def _local_database(name: str) -> tuple[Database | None, str | None]:
         drivername="postgresql+psycopg", database=name)
     where = f"{url.host or 'localhost'}:{url.port or 5432}"
     try:
-        _drop_database(url, name)
+        drop_database(url, name)
     except sa_exc.OperationalError:
         return None, f"no PostgreSQL answered at {where}"
     except sa_exc.SQLAlchemyError as exc:
@@ -237,7 +237,7 @@ def _embedded_database(pgdata: Path, name: str) -> Database:
     url = (f"postgresql+psycopg://postgres@/{name}?host={socket_dir}" if socket_dir
            else f"postgresql+psycopg://postgres@{parts.hostname}:{parts.port}/{name}")
     try:
-        _drop_database(make_url(url), name)
+        drop_database(make_url(url), name)
     except sa_exc.SQLAlchemyError as exc:
         _stop_embedded_postgres(pgdata)
         raise DemoError(f"the embedded PostgreSQL refused: {_first_line(exc)}") from exc
@@ -245,7 +245,7 @@ def _embedded_database(pgdata: Path, name: str) -> Database:
                          f"{name}", pgdata=pgdata)
 
 
-def _local_broker(vhost: str, queue_prefix: str) -> tuple[Broker | None, str | None]:
+def local_broker(vhost: str, queue_prefix: str) -> tuple[Broker | None, str | None]:
     configured = urlsplit(os.environ.get("COUPONS_BROKER_URL", ""))
     host = configured.hostname or LOCAL_RABBIT[0]
     port = configured.port or LOCAL_RABBIT[1]
@@ -491,7 +491,7 @@ def _cli() -> list[str]:
     return [str(installed)] if installed.exists() else [sys.executable, "-m", "worker.cli"]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -509,8 +509,8 @@ def demo_env(backends: Backends, sandbox_url: str, metrics_port: int) -> dict[st
     return env
 
 
-def _spawn(name: str, args: Sequence[str], env: Mapping[str, str], logs: Path,
-           services: list[Service]) -> Service:
+def spawn(name: str, args: Sequence[str], env: Mapping[str, str], logs: Path,
+          services: list[Service]) -> Service:
     log_path = logs / f"{name}.log"
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(  # noqa: S603 - our own CLI, arguments built here
@@ -522,7 +522,7 @@ def _spawn(name: str, args: Sequence[str], env: Mapping[str, str], logs: Path,
     return service
 
 
-def _wait_until(service: Service, ready: Callable[[], bool], what: str) -> None:
+def wait_until(service: Service, ready: Callable[[], bool], what: str) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_S
     while not ready():
         service.check_running()
@@ -543,14 +543,13 @@ def migrate(env: Mapping[str, str], logs: Path) -> None:
                         + log_path.read_text(errors="replace")[-3000:])
 
 
-def start_processes(env: Mapping[str, str], scenario: Path, logs: Path, *, sandbox_port: int,
-                    flower: bool, services: list[Service]) -> None:
-    """Start the sandbox, the worker and Flower (appended to ``services`` as they start, so a
-    failure half-way still stops the ones already running) and wait until each is ready."""
+def start_sandbox(env: Mapping[str, str], logs: Path, services: list[Service],
+                  *args: str) -> Service:
+    """Start ``coupon-worker sandbox ARGS`` at ``CAPILLARY_BASE_URL`` and wait until it
+    answers."""
     from worker.sandbox import SandboxAdmin
 
-    sandbox = _spawn("sandbox", ["sandbox", "--port", str(sandbox_port),
-                                 "--scenario", str(scenario)], env, logs, services)
+    sandbox = spawn("sandbox", ["sandbox", *args], env, logs, services)
     sandbox.url = env["CAPILLARY_BASE_URL"]
     with SandboxAdmin(sandbox.url, timeout_s=1.0) as admin:
         def sandbox_ready() -> bool:
@@ -560,18 +559,25 @@ def start_processes(env: Mapping[str, str], scenario: Path, logs: Path, *, sandb
                 return False
             return True
 
-        _wait_until(sandbox, sandbox_ready, "answering")
+        wait_until(sandbox, sandbox_ready, "answering")
+    return sandbox
 
+
+def start_processes(env: Mapping[str, str], scenario: Path, logs: Path, *, sandbox_port: int,
+                    flower: bool, services: list[Service]) -> None:
+    """Start the sandbox, the worker and Flower (appended to ``services`` as they start, so a
+    failure half-way still stops the ones already running) and wait until each is ready."""
+    start_sandbox(env, logs, services, "--port", str(sandbox_port), "--scenario", str(scenario))
     args = ["worker", "-c", "4", "-n", "demo@%h"]
     # The worker logs " ready." at INFO; its log is a file, so the console stays quiet.
-    worker = _spawn("worker", args, {**env, "COUPONS_LOG_LEVEL": "INFO"}, logs, services)
-    _wait_until(worker, lambda: " ready." in worker.log_tail(100_000), "ready")
+    worker = spawn("worker", args, {**env, "COUPONS_LOG_LEVEL": "INFO"}, logs, services)
+    wait_until(worker, lambda: " ready." in worker.log_tail(100_000), "ready")
     if flower:
         # After the worker is up, so that Flower's first look at the workers finds one.
-        port = _free_port()
-        browser = _spawn("flower", ["flower", "--port", str(port)], env, logs, services)
+        port = free_port()
+        browser = spawn("flower", ["flower", "--port", str(port)], env, logs, services)
         browser.url = f"http://127.0.0.1:{port}"
-        _wait_until(browser, lambda: _http_ok(f"{browser.url}/healthcheck"), "answering")
+        wait_until(browser, lambda: _http_ok(f"{browser.url}/healthcheck"), "answering")
 
 
 def _http_ok(url: str) -> bool:
@@ -1090,7 +1096,7 @@ def _run_pipeline(options: DemoOptions, backends: Backends, workdir: Path,
     if backends.broker.folder is not None and options.events > FILE_BROKER_COMFORT:
         console.print(f"  note        the file-based broker lists its folder for every message, "
                       f"so beyond about {FILE_BROKER_COMFORT} events it slows down a lot")
-    sandbox_port, metrics_port = _free_port(), _free_port()
+    sandbox_port, metrics_port = free_port(), free_port()
     sandbox_url = f"http://127.0.0.1:{sandbox_port}"
     env = demo_env(backends, sandbox_url, metrics_port)
     migrate(env, logs)

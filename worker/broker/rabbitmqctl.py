@@ -11,8 +11,9 @@ RABBITMQCTL_TIMEOUT_S = 60.0
 
 
 def rabbitmqctl(*args: str, allowed_error: str | None = None,
-                timeout_s: float = RABBITMQCTL_TIMEOUT_S) -> None:
-    """Run one ``rabbitmqctl`` command; an output containing ``allowed_error`` is success."""
+                timeout_s: float = RABBITMQCTL_TIMEOUT_S) -> str:
+    """Run one ``rabbitmqctl`` command and return what it printed; an output containing
+    ``allowed_error`` is success."""
     command = shutil.which("rabbitmqctl")
     if command is None:
         raise BrokerUnavailable("rabbitmqctl not found")
@@ -24,6 +25,7 @@ def rabbitmqctl(*args: str, allowed_error: str | None = None,
     if done.returncode != 0:
         output = (done.stderr or done.stdout).strip()
         if allowed_error and allowed_error in output:
-            return
+            return output
         raise BrokerUnavailable(
             f"rabbitmqctl {args[0]} failed: {(output.splitlines() or ['?'])[-1]}")
+    return done.stdout
