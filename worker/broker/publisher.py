@@ -105,6 +105,10 @@ class EventProducer:
 
     def publish_raw(self, body: bytes, *, content_type: str = "application/json") -> None:
         """Publish bytes as they are to the events queue, as a loyalty bus would."""
+        if self._producer.connection is None:
+            # A task published since re-established the shared connection, on a new channel:
+            # this producer's channel is closed, and kombu cannot revive it from there.
+            self._producer.revive(self._connection.default_channel)
         self._producer.publish(
             body,
             exchange=self._events_queue.exchange,
