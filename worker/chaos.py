@@ -433,7 +433,7 @@ def kill_mid_call(ctx: Context) -> None:
     has issued and holds back for a moment; failing that (the victim came and went), a worker
     with any call in flight."""
     customer = ctx.victim["customer"]["id"]
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         owner = _in_flight_owner(ctx.engine, ctx.victim["eventId"])
         if owner is not None and _issued_to(ctx.faults.admin, customer):
@@ -446,7 +446,7 @@ def kill_mid_call(ctx: Context) -> None:
                     "which the sandbox has already issued")
                 return
         time.sleep(0.05)
-    while time.monotonic() < deadline + 20:
+    while time.monotonic() < deadline + 10:
         owner = _in_flight_owner(ctx.engine, None)
         slot = ctx.fleet.slot_of(owner) if owner is not None else None
         if slot is not None:
@@ -836,8 +836,8 @@ class ChaosRun:
         (they name one customer each), then the low-rate ones."""
         profile = self.profile
         events = [make_event(FIRST_CUSTOMER_ID + i) for i in range(profile.events)]
-        # Published about two seconds before the kill, so that it is in flight by then.
-        victim = events[min(int(profile.events * max(profile.kill_at_s - 2, 0)
+        # Published just before the kill, so that its answer is held back by then.
+        victim = events[min(int(profile.events * max(profile.kill_at_s - 0.5, 0)
                                 / profile.publish_s), profile.events - 1)]
         late = make_event(LATE_CUSTOMER_ID) if profile.late_original else None
         faults = FaultBook(admin)
