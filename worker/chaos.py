@@ -823,9 +823,10 @@ class ChaosRun:
         env = demo_env(backends, sandbox_url, 0)
         env.update(CHAOS_ENVIRONMENT)
         migrate(env, self.logs)
-        start_sandbox(env, self.logs, self.services, "--port", sandbox_url.rsplit(":", 1)[1],
-                      "--seed", str(self.options.seed))
-        self.console.print(f"  sandbox     {sandbox_url} (seed {self.options.seed})")
+        sandbox = start_sandbox(env, self.logs, self.services, "--port",
+                                sandbox_url.rsplit(":", 1)[1], "--seed", str(self.options.seed))
+        self.console.print(f"  sandbox     {sandbox_url} (pid {sandbox.process.pid}, seed "
+                           f"{self.options.seed})")
         self.engine = create_engine(backends.database.url, pool_size=2, pool_pre_ping=True,
                                     connect_args={"connect_timeout": 3})
         return env, SandboxAdmin(sandbox_url)

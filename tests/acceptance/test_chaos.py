@@ -1,0 +1,78 @@
+"""`coupon-worker chaos --short`, the CI profile, as a real subprocess.
+
+It restarts the machine's real RabbitMQ and PostgreSQL (as test_restarts does); the run itself
+waits until both answer again before it returns, which this test checks too.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from tests.conftest import PG_ADMIN_URL, REPO_ROOT, coupon_worker_command
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def namespace() -> Iterator[str]:
+    """A namespace for one run; its database and vhost are gone afterwards, whatever
+    happened."""
+    tag = uuid.uuid4().hex[:8]
+    yield tag
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"DROP DATABASE IF EXISTS coupon_worker_chaos_{tag} WITH (FORCE)"))
+    admin.dispose()
+    subprocess.run(["rabbitmqctl", "-q", "delete_vhost", f"coupon-worker-chaos-{tag}"],
+                   capture_output=True, timeout=60, check=False)
+
+
+def number_after(label: str, output: str) -> int:
+    match = re.search(rf"│ {label}\s+│\s+(\d+)", output)
+    assert match, f"no {label!r} in the table:\n{output}"
+    return int(match.group(1))
+
+
+def test_the_short_chaos_run_issues_exactly_once_and_leaves_everything_up(
+    tmp_path: Path, namespace: str,
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COUPONS_", "CAPILLARY_"))}
+    env["COUPONS_ENV_FILE"] = ""
+    # When the CI profile runs (wide enough a terminal for the table to keep one line a row)
+    done = subprocess.run(
+        [coupon_worker_command(), "chaos", "--short", "--workdir", str(tmp_path / "chaos"),
+         "--namespace", namespace],
+        cwd=REPO_ROOT, env={**env, "COLUMNS": "160"}, capture_output=True, text=True,
+        timeout=240, check=False)
+    output = done.stdout
+    # Then every disruption happened, in the timeline
+    for happened in ("mid-call", "died from our SIGKILL; restarted with `coupon-worker worker`",
+                     "RabbitMQ started again", "restarted (fast shutdown", "API back",
+                     "closed every broker connection"):
+        assert happened in output, f"{happened!r} not in:\n{output}\n{done.stderr}"
+    # And every entity was issued exactly once, with every worker alive at the end
+    assert done.returncode == 0, f"exit {done.returncode}\n{output}\n{done.stderr}"
+    assert "chaos: PASSED - 0 missing, 0 issued twice, 3/3 workers alive" in output
+    assert number_after("entities", output) == 600
+    assert number_after("issued", output) == 600
+    assert number_after("missing", output) == 0
+    assert number_after("issued twice", output) == 0
+    assert number_after("workers restarted", output) >= 1
+    # And the machine's services answer again, and nothing of the run is left running
+    assert subprocess.run(["pg_isready", "-h", "127.0.0.1", "-q"], check=False).returncode == 0
+    subprocess.run(["rabbitmqctl", "-q", "await_startup"], check=True, timeout=60)
+    pids = [int(p) for listed in re.findall(r"\(pids? ([\d, ]+)", output)
+            for p in listed.split(",") if p.strip()]
+    assert len(pids) >= 5, f"the sandbox's, 3 workers' and a restarted one's pids:\n{output}"
+    for pid in pids:
+        left = subprocess.run(["pgrep", "-s", str(pid)], capture_output=True, text=True,
+                              check=False)
+        assert not left.stdout.strip(), f"session {pid} still has {left.stdout.split()}"
