@@ -144,6 +144,13 @@ def settings_factory(database_url: str, broker_url: str, sandbox_server: Backgro
             "reconcile_delay_s": 0.2,
             "sweep_interval_s": 0.2,
             "metrics_port": 0,
+            # Inside the short test leases' hard time limit (lease - 5 s).
+            "db_connect_timeout_s": 2,
+            "db_statement_timeout_s": 3.0,
+            "db_lock_timeout_s": 1.0,
+            "db_keepalive_idle_s": 1,
+            "db_keepalive_interval_s": 1,
+            "db_keepalive_count": 2,
         }
         values.update(overrides)
         return load_settings(**values)
@@ -176,6 +183,12 @@ _ENV_NAMES = {
     "requeue_after_s": "COUPONS_REQUEUE_AFTER_SECONDS",
     "log_level": "COUPONS_LOG_LEVEL", "log_format": "COUPONS_LOG_FORMAT",
     "queue_type": "COUPONS_QUEUE_TYPE", "task_events": "COUPONS_TASK_EVENTS",
+    "db_connect_timeout_s": "COUPONS_DB_CONNECT_TIMEOUT_SECONDS",
+    "db_statement_timeout_s": "COUPONS_DB_STATEMENT_TIMEOUT_SECONDS",
+    "db_lock_timeout_s": "COUPONS_DB_LOCK_TIMEOUT_SECONDS",
+    "db_keepalive_idle_s": "COUPONS_DB_KEEPALIVE_IDLE_SECONDS",
+    "db_keepalive_interval_s": "COUPONS_DB_KEEPALIVE_INTERVAL_SECONDS",
+    "db_keepalive_count": "COUPONS_DB_KEEPALIVE_COUNT",
 }
 
 

@@ -94,6 +94,20 @@ class Settings(BaseSettings):
     sweep_interval_s: float = Field(1.0, gt=0, validation_alias="COUPONS_SWEEP_INTERVAL_SECONDS")
     requeue_after_s: float = Field(300.0, gt=0, validation_alias="COUPONS_REQUEUE_AFTER_SECONDS")
 
+    # The ledger's limits. A stalled database must fail a task with LedgerUnavailable (its
+    # message goes back) well before Celery's hard time limit kills it; see _coherent().
+    db_connect_timeout_s: int = Field(
+        5, ge=2, validation_alias="COUPONS_DB_CONNECT_TIMEOUT_SECONDS")
+    db_statement_timeout_s: float = Field(
+        10.0, gt=0, validation_alias="COUPONS_DB_STATEMENT_TIMEOUT_SECONDS")
+    db_lock_timeout_s: float = Field(
+        3.0, gt=0, validation_alias="COUPONS_DB_LOCK_TIMEOUT_SECONDS")
+    db_keepalive_idle_s: int = Field(
+        10, ge=1, validation_alias="COUPONS_DB_KEEPALIVE_IDLE_SECONDS")
+    db_keepalive_interval_s: int = Field(
+        5, ge=1, validation_alias="COUPONS_DB_KEEPALIVE_INTERVAL_SECONDS")
+    db_keepalive_count: int = Field(3, ge=1, validation_alias="COUPONS_DB_KEEPALIVE_COUNT")
+
     circuit_failure_threshold: int = Field(
         5, ge=1, validation_alias="COUPONS_CIRCUIT_FAILURE_THRESHOLD"
     )
@@ -179,6 +193,21 @@ class Settings(BaseSettings):
                 "COUPONS_LEASE_SECONDS must be at least 3 x (connect + read timeout) + "
                 f"COUPONS_RATE_LIMIT_MAX_WAIT_SECONDS = {minimum_lease_s:g}"
             )
+        if self.db_lock_timeout_s > self.db_statement_timeout_s:
+            # Waiting for a lock is part of a statement's time: a longer lock timeout never fires.
+            raise ValueError("COUPONS_DB_LOCK_TIMEOUT_SECONDS must not exceed "
+                             "COUPONS_DB_STATEMENT_TIMEOUT_SECONDS")
+        if self.db_stall_limit_s >= self.task_hard_time_limit_s:
+            # Past the hard time limit Celery kills the task wherever it is; a stalled database
+            # must fail the statement first, so the task puts its message back on purpose.
+            raise ValueError(
+                "COUPONS_DB_CONNECT_TIMEOUT_SECONDS + the longer of "
+                "COUPONS_DB_STATEMENT_TIMEOUT_SECONDS and the keepalive detection time "
+                "(COUPONS_DB_KEEPALIVE_IDLE_SECONDS + COUPONS_DB_KEEPALIVE_INTERVAL_SECONDS x "
+                f"COUPONS_DB_KEEPALIVE_COUNT) = {self.db_stall_limit_s:g} s must be below the "
+                f"task hard time limit (COUPONS_LEASE_SECONDS - 5 = "
+                f"{self.task_hard_time_limit_s:g} s)"
+            )
         return self
 
     def broker_transport_options(self) -> dict[str, object]:
@@ -216,6 +245,17 @@ class Settings(BaseSettings):
     def task_hard_time_limit_s(self) -> float:
         """A task is killed before its claim expires, so an expired lease means a dead task."""
         return max(self.lease_s - 5.0, 1.0)
+
+    @property
+    def db_dead_peer_s(self) -> int:
+        """How long TCP keepalives take to declare a silent database server gone."""
+        return self.db_keepalive_idle_s + self.db_keepalive_interval_s * self.db_keepalive_count
+
+    @property
+    def db_stall_limit_s(self) -> float:
+        """The longest one ledger statement can hang before it fails: connecting, then either
+        the server's statement timeout or, if the server went silent, the keepalives."""
+        return self.db_connect_timeout_s + max(self.db_statement_timeout_s, self.db_dead_peer_s)
 
     def safe_summary(self) -> dict[str, object]:
         """What the settings say, with every password and secret hidden: safe to log."""
