@@ -91,7 +91,9 @@ def migrate() -> None:
               help="Worker processes/threads (default: COUPONS_WORKER_CONCURRENCY or CPUs).")
 @click.option("--pool", "-P", type=click.Choice(["prefork", "threads", "solo"]),
               default="prefork", show_default=True)
-@click.option("--hostname", "-n", default=None, help="Node name, e.g. coupons1@%h.")
+@click.option("--hostname", "-n", default=None,
+              help="Node name, e.g. coupons1@%h (default: coupon-worker-<pid>@<host>, unique "
+                   "per process so that any number of workers share a host).")
 @click.option("--no-sweeper", is_flag=True,
               help="Do not run the periodic sweeper in this worker (another one does).")
 @click.pass_context
@@ -99,7 +101,9 @@ def worker(ctx: click.Context, concurrency: int | None, pool: str, hostname: str
            no_sweeper: bool) -> None:
     """Run a Celery worker: consumes events, retries, and runs the sweeper and metrics.
 
-    Extra options are passed to ``celery worker`` as they are.
+    Extra options are passed to ``celery worker`` as they are. Exits non-zero when the worker
+    stops on its own (its consumer hit an unrecoverable broker error), so that a supervisor
+    restarts it.
     """
     import os
 
@@ -113,16 +117,15 @@ def worker(ctx: click.Context, concurrency: int | None, pool: str, hostname: str
     from worker.broker.worker_steps import prepare_metrics_dir
 
     prepare_metrics_dir()
+    from worker.broker.liveness import default_node_name, run_worker
     from worker.celery_app import app
 
     argv = ["worker", f"--pool={pool}", "--without-gossip", "--without-mingle",
-            f"--loglevel={settings.log_level}"]
+            f"--loglevel={settings.log_level}", f"--hostname={hostname or default_node_name()}"]
     if concurrency or settings.worker_concurrency:
         argv.append(f"--concurrency={concurrency or settings.worker_concurrency}")
-    if hostname:
-        argv.append(f"--hostname={hostname}")
     argv.extend(ctx.args)
-    app.worker_main(argv)
+    sys.exit(run_worker(app, argv))
 
 
 # -- publish -------------------------------------------------------------------------------
