@@ -123,7 +123,7 @@ def queue_prefix() -> str:
 
 @pytest.fixture
 def settings_factory(database_url: str, broker_url: str, sandbox_server: BackgroundSandbox,
-                     queue_prefix: str) -> Callable[..., Settings]:
+                     queue_prefix: str, tmp_path: Path) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:
         values: dict[str, Any] = {
             "database_url": database_url,
@@ -151,6 +151,8 @@ def settings_factory(database_url: str, broker_url: str, sandbox_server: Backgro
             "db_keepalive_idle_s": 1,
             "db_keepalive_interval_s": 1,
             "db_keepalive_count": 2,
+            "heartbeat_dir": str(tmp_path / "heartbeats"),
+            "heartbeat_interval_s": 0.5,
         }
         values.update(overrides)
         return load_settings(**values)
@@ -189,6 +191,8 @@ _ENV_NAMES = {
     "db_keepalive_idle_s": "COUPONS_DB_KEEPALIVE_IDLE_SECONDS",
     "db_keepalive_interval_s": "COUPONS_DB_KEEPALIVE_INTERVAL_SECONDS",
     "db_keepalive_count": "COUPONS_DB_KEEPALIVE_COUNT",
+    "heartbeat_dir": "COUPONS_HEARTBEAT_DIR",
+    "heartbeat_interval_s": "COUPONS_HEARTBEAT_INTERVAL_SECONDS",
 }
 
 

@@ -125,13 +125,14 @@ def create_app(settings: Settings | None = None) -> Celery:
     app.config_from_object(_LazyConfig(lambda: settings or load_settings()))
     from worker import tasks
     from worker.bootstrap import Container
-    from worker.broker import worker_steps
+    from worker.broker import liveness, worker_steps
     from worker.broker.publisher import CeleryPublisher
 
     app.coupon_container = Container(  # type: ignore[attr-defined]
         lambda: settings_of(app), lambda chosen: CeleryPublisher(app, chosen))
     tasks.register(app)
     worker_steps.install(app)
+    liveness.install(app)
     return app
 
 

@@ -6,6 +6,7 @@
     coupon-worker events show EVENT_ID    an event's entities, attempts, errors and coupons
     coupon-worker events replay EVENT_ID  re-run what an event has not issued yet
     coupon-worker dlq list|summary|show|replay|discard   dead letters, for support engineers
+    coupon-worker health                  whether this host's workers are consuming
     coupon-worker flower                  Flower on the project's app
     coupon-worker sandbox                 run the sandbox Capillary server
 """
@@ -126,6 +127,36 @@ def worker(ctx: click.Context, concurrency: int | None, pool: str, hostname: str
         argv.append(f"--concurrency={concurrency or settings.worker_concurrency}")
     argv.extend(ctx.args)
     sys.exit(run_worker(app, argv))
+
+
+# -- health --------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--node", default=None, help="Only this worker (its node name).")
+@click.option("--pid", type=int, default=None, help="Only the worker with this process id.")
+@click.option("--max-age", "max_age_s", type=float, default=None,
+              help="Seconds after which a heartbeat is stale (default: 3 heartbeat intervals).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def health(node: str | None, pid: int | None, max_age_s: float | None, as_json: bool) -> None:
+    """Whether this host's workers are consuming: exit 0 if healthy, 1 if not.
+
+    Judged from the heartbeat each worker's consumer writes from its event loop
+    (COUPONS_HEARTBEAT_DIR), so a process that runs but no longer consumes is unhealthy.
+    Needs neither the database nor the broker.
+    """
+    from worker.health import check_health
+
+    settings = settings_or_exit()
+    report = check_health(Path(settings.heartbeat_dir), node=node, pid=pid, max_age_s=max_age_s)
+    if as_json:
+        print_json(report.as_dict())
+    else:
+        # Plain lines, never wrapped: health checks are read from logs and probes.
+        click.echo(("healthy: " if report.healthy else "unhealthy: ") + report.reason)
+        for worker_health in report.workers:
+            click.echo(f"  {worker_health.describe()}")
+    sys.exit(0 if report.healthy else 1)
 
 
 # -- publish -------------------------------------------------------------------------------

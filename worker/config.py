@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import tempfile
 from functools import cached_property
+from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -22,6 +24,9 @@ DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/coupon_work
 DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672//"
 DEFAULT_SANDBOX_PORT = 8750
 DEFAULT_CAPILLARY_BASE_URL = f"http://127.0.0.1:{DEFAULT_SANDBOX_PORT}"
+# Per host, not per deployment: `coupon-worker health` reads the heartbeats of the workers
+# running beside it.
+DEFAULT_HEARTBEAT_DIR = str(Path(tempfile.gettempdir()) / "coupon-worker")
 
 AuthScheme = Literal["basic", "oauth"]
 
@@ -107,6 +112,11 @@ class Settings(BaseSettings):
     db_keepalive_interval_s: int = Field(
         5, ge=1, validation_alias="COUPONS_DB_KEEPALIVE_INTERVAL_SECONDS")
     db_keepalive_count: int = Field(3, ge=1, validation_alias="COUPONS_DB_KEEPALIVE_COUNT")
+
+    heartbeat_dir: str = Field(DEFAULT_HEARTBEAT_DIR, min_length=1,
+                               validation_alias="COUPONS_HEARTBEAT_DIR")
+    heartbeat_interval_s: float = Field(
+        5.0, gt=0, validation_alias="COUPONS_HEARTBEAT_INTERVAL_SECONDS")
 
     circuit_failure_threshold: int = Field(
         5, ge=1, validation_alias="COUPONS_CIRCUIT_FAILURE_THRESHOLD"

@@ -1,14 +1,19 @@
-"""A fleet on one host: workers started with no flags coexist, and a worker whose consumer is
-gone for good exits non-zero."""
+"""A fleet on one host: workers started with no flags coexist, a worker whose consumer is gone
+for good exits non-zero, and `coupon-worker health` tells a consuming worker from a process
+that merely exists."""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import re
+import signal
 import socket
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from kombu import Connection, Queue
@@ -17,8 +22,11 @@ from sqlalchemy import Engine, text
 from tests.acceptance.helpers import example_event, publish, wait_for_state
 from tests.conftest import (
     RABBIT_HOST,
+    REPO_ROOT,
     WorkerProcess,
     _rabbitmqctl,
+    coupon_worker_command,
+    settings_env,
     wait_until,
 )
 from worker.config import Settings
@@ -113,3 +121,55 @@ def test_a_worker_whose_broker_is_gone_for_good_exits_non_zero(
     code = worker.process.wait(timeout=60)
     assert code != 0, worker.log()[-3000:]
     assert "consumer.unrecoverable" in worker.log()
+
+
+# -- health --------------------------------------------------------------------------------
+
+
+def _health(settings: Settings, *args: str) -> tuple[int, str]:
+    result = subprocess.run([coupon_worker_command(), "health", *args], cwd=REPO_ROOT,
+                            env=settings_env(settings), capture_output=True, text=True,
+                            timeout=30, check=False)
+    return result.returncode, result.stdout
+
+
+def _healthy(settings: Settings, *args: str) -> bool:
+    return _health(settings, *args)[0] == 0
+
+
+def test_health_reports_consumer_liveness(
+    settings: Settings, start_worker: Callable[..., WorkerProcess],
+) -> None:
+    # Before any worker: unhealthy
+    code, out = _health(settings)
+    assert code == 1 and out.startswith("unhealthy: no running worker"), out
+    # While a worker consumes: healthy, by itself or by node name, in words and in JSON
+    worker = start_worker(settings, node_name=None)
+    node, pid = _node_of(worker)
+    wait_until(lambda: _healthy(settings), message="health to pass")
+    code, out = _health(settings, "--node", node)
+    assert code == 0 and out.startswith("healthy: 1 worker(s) consuming"), out
+    assert f"{node} (pid {pid}): consuming" in out
+    code, out = _health(settings, "--pid", str(pid), "--json")
+    report: dict[str, Any] = json.loads(out)
+    assert code == 0 and report["healthy"] is True
+    assert [(w["node"], w["status"]) for w in report["workers"]] == [(node, "healthy")]
+    # When the consumer stops while the process stays (its event loop frozen): unhealthy
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: not _healthy(settings), timeout_s=15,
+                   message="health to fail while the consumer is stopped")
+        code, out = _health(settings, "--node", node, "--json")
+        assert code == 1
+        assert json.loads(out)["workers"][0]["status"] == "stale"
+        assert worker.process.poll() is None, "the process is still there"
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    # And healthy again once it consumes again
+    wait_until(lambda: _healthy(settings), message="health to recover")
+    # When the process is killed: unhealthy, and the named worker is reported gone
+    worker.kill()
+    code, out = _health(settings)
+    assert code == 1 and "no running worker" in out, out
+    code, out = _health(settings, "--node", node, "--json")
+    assert code == 1 and json.loads(out)["workers"][0]["status"] == "gone"

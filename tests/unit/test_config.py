@@ -70,6 +70,7 @@ def test_plain_http_is_refused_unless_loopback_or_opted_in() -> None:
         ({"db_statement_timeout_s": 120}, "must be below the task hard time limit"),
         ({"db_keepalive_idle_s": 100}, "must be below the task hard time limit"),
         ({"db_connect_timeout_s": 1}, "COUPONS_DB_CONNECT_TIMEOUT_SECONDS"),
+        ({"heartbeat_interval_s": 0}, "COUPONS_HEARTBEAT_INTERVAL_SECONDS"),
     ],
 )
 def test_invalid_settings_name_the_variable(overrides: dict[str, object], message: str) -> None:
