@@ -6,9 +6,11 @@ No SQL and no HTTP here. The three tasks:
 - ``coupons.retry(entity_id)``: one entity whose retry is due.
 
 Outcome mapping: a bad event is recorded as rejected and the message acknowledged (never
-requeued in a loop); a database outage puts the message back (``Reject(requeue=True)``) after a
-short pause, since nothing was recorded; an unexpected error is recorded as a rejection with
-the error, so the payload is kept and can be replayed once the bug is fixed.
+requeued in a loop); a database outage or stall (statement/lock timeout) puts the message back
+(``Reject(requeue=True)``) after a short pause, since nothing was recorded, and so does the soft
+time limit; an unexpected error is recorded as a rejection with the error, so the payload is
+kept and can be replayed once the bug is fixed, and if even that cannot be recorded the
+message goes back.
 """
 
 from __future__ import annotations
