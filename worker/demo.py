@@ -81,6 +81,13 @@ DEMO_ENVIRONMENT: Final[Mapping[str, str]] = {
     "COUPONS_HTTP_CONNECT_TIMEOUT_SECONDS": "1",
     "COUPONS_RATE_LIMIT_MAX_WAIT_SECONDS": "5",
     "COUPONS_LEASE_SECONDS": "15",
+    # A stalled ledger must fail a statement inside the short lease's hard time limit (10 s).
+    "COUPONS_DB_CONNECT_TIMEOUT_SECONDS": "2",
+    "COUPONS_DB_STATEMENT_TIMEOUT_SECONDS": "3",
+    "COUPONS_DB_LOCK_TIMEOUT_SECONDS": "1",
+    "COUPONS_DB_KEEPALIVE_IDLE_SECONDS": "2",
+    "COUPONS_DB_KEEPALIVE_INTERVAL_SECONDS": "1",
+    "COUPONS_DB_KEEPALIVE_COUNT": "3",
     "COUPONS_SWEEP_INTERVAL_SECONDS": "0.25",
     "COUPONS_LOG_LEVEL": "WARNING",
     # A developer's .env must not change what the demo shows.
