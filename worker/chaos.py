@@ -99,9 +99,6 @@ CHAOS_ENVIRONMENT: Final[Mapping[str, str]] = {
     "COUPONS_LOG_LEVEL": "INFO",
 }
 WORKER_COMMAND: Final = ("worker",)
-# TEMPORARY, until unique default node names land: workers with the default node name on one
-# host collide on Celery's pidbox queue (ResourceLocked) and all but one exit.
-NODE_NAMES_NEEDED: Final = True
 READY_TIMEOUT_S: Final = 120.0
 POLL_S: Final = 0.5
 PROGRESS_EVERY_S: Final = 10.0
@@ -242,7 +239,7 @@ class Publisher(threading.Thread):
                     self.timeline.note(f"publisher: {_first_line(str(exc))}; retrying")
                 self.stop.wait(0.5)
         self.timeline.note(f"publisher: all {len(self.deliveries)} messages published "
-                           f"({self.republished} publish attempts repeated after broker errors)")
+                           f"({self.republished} published again after a broker error)")
 
 
 def _first_line(text: str, chars: int = 140) -> str:
@@ -279,8 +276,7 @@ class Fleet:
 
     def _spawn(self, number: int, incarnation: int) -> Service:
         name = f"worker{number}" + (f".{incarnation}" if incarnation else "")
-        node = ("-n", f"chaos{number}@%h") if NODE_NAMES_NEEDED else ()
-        return spawn(name, [*WORKER_COMMAND, *node], self.env, self.logs, self.services)
+        return spawn(name, WORKER_COMMAND, self.env, self.logs, self.services)
 
     def start(self) -> None:
         with self._lock:
@@ -340,9 +336,11 @@ class Fleet:
                 os.killpg(pid, signal.SIGKILL)
             return pid
 
-    def running(self) -> list[bool]:
+    def pids(self) -> set[int]:
+        """The main pids of the workers running now."""
         with self._lock:
-            return [slot.service.process.poll() is None for slot in self.slots]
+            return {slot.service.process.pid for slot in self.slots
+                    if slot.service.process.poll() is None}
 
 
 def _log_head_has(path: Path, needle: str, limit: int = 200_000) -> bool:
@@ -370,6 +368,7 @@ class FaultBook:
         self.admin = admin
         self.labels: dict[int, str] = {}
         self.struck: Counter[str] = Counter()
+        self._lead: int | None = None
         self._lock = threading.Lock()
 
     def add(self, label: str, **rule: Any) -> None:
@@ -384,10 +383,11 @@ class FaultBook:
             for old in current:
                 self.struck[self.labels.get(old["id"], old["kind"])] += int(old["applied"])
             kept = [(self.labels.get(old["id"], old["kind"]), old) for old in current
-                    if old["times"] != 0 and not self.labels.get(old["id"], "").startswith("API")]
-            self.labels = {}
+                    if old["times"] != 0 and old["id"] != self._lead]
+            self.labels, self._lead = {}, None
             if label is not None:
-                self.labels[self.admin.add_fault(**rule)] = label
+                self._lead = self.admin.add_fault(**rule)
+                self.labels[self._lead] = label
             for old_label, old in kept:
                 self.labels[self.admin.add_fault(**{k: old[k] for k in self.FIELDS})] = old_label
 
@@ -798,6 +798,7 @@ class ChaosRun:
         self.profile = options.profile
         self.workdir = options.workdir.resolve()
         self.logs = self.workdir / "logs"
+        self.heartbeats = self.workdir / "heartbeats"
         self.timeline = Timeline(console)
         self.services: list[Service] = []
         self.backends: Backends | None = None
@@ -814,7 +815,7 @@ class ChaosRun:
         from worker.sandbox import SandboxAdmin
 
         self.logs.mkdir(parents=True, exist_ok=True)
-        for old in self.logs.glob("*.log"):
+        for old in [*self.logs.glob("*.log"), *self.heartbeats.glob("*.json")]:
             old.unlink()
         self.backends = backends = choose_local_backends(self.options.namespace)
         self.console.print(f"  PostgreSQL  {escape(backends.database.label)}")
@@ -822,6 +823,8 @@ class ChaosRun:
         sandbox_url = f"http://127.0.0.1:{free_port()}"
         env = demo_env(backends, sandbox_url, 0)
         env.update(CHAOS_ENVIRONMENT)
+        # `coupon-worker health` judges these workers only, not others of this host.
+        env["COUPONS_HEARTBEAT_DIR"] = str(self.heartbeats)
         migrate(env, self.logs)
         sandbox = start_sandbox(env, self.logs, self.services, "--port",
                                 sandbox_url.rsplit(":", 1)[1], "--seed", str(self.options.seed))
@@ -953,7 +956,7 @@ class ChaosRun:
               late: dict[str, Any] | None, admin: SandboxAdmin, settled_s: float | None) -> int:
         assert self.engine is not None and self.ctx is not None and self.publisher is not None
         queues = (settings.events_queue, settings.tasks_queue, settings.retry_queue)
-        alive, consuming = self._alive(fleet, queues)
+        alive, healthy, consuming = self._alive(fleet, queues)
         issued = admin.ledger()
         ledger = read_ledger(self.engine)
         main = compare({e["eventId"]: (e["customer"]["id"], SERIES) for e in events}, issued,
@@ -965,28 +968,34 @@ class ChaosRun:
             events=len(events), messages=len(plan_deliveries(events)) + (late is not None),
             republished=self.publisher.republished, result=main, late=late_result,
             struck=self.ctx.faults.totals(), calls=calls, killed=fleet.killed,
-            exited=fleet.exited, alive=alive, workers=fleet.size, consuming=consuming,
+            exited=fleet.exited, alive=alive, healthy=healthy, workers=fleet.size,
+            consuming=consuming,
             settled_s=settled_s, elapsed_s=self.timeline.now(),
             script_failures=self.script.failures if self.script else [],
         )
         report.print(self.console)
         return 0 if report.passed else 1
 
-    def _alive(self, fleet: Fleet, queues: Sequence[str]) -> tuple[int, dict[str, int]]:
-        """Workers running, and consumers per queue (a worker that lost its broker connection
-        and never came back runs but consumes nothing); given a few seconds to reconnect."""
+    def _alive(self, fleet: Fleet, queues: Sequence[str]) -> tuple[int, int, dict[str, int]]:
+        """Workers running; of those, how many beat as ``coupon-worker health`` judges (their
+        consumer's event loop runs); and consumers per queue as RabbitMQ counts them. A worker
+        gets a few seconds to reconnect after the last disruption."""
         from worker.errors import BrokerUnavailable
+        from worker.health import check_health
 
         deadline = time.monotonic() + 30
         while True:
-            alive = sum(fleet.running())
+            pids = fleet.pids()
+            alive = len(pids)
+            report = check_health(self.heartbeats)
+            healthy = sum(1 for w in report.workers if w.healthy and w.pid in pids)
             try:
                 counts = consumers(self.ctx.vhost if self.ctx else "", queues)
             except BrokerUnavailable:
                 counts = dict.fromkeys(queues, 0)
-            if (alive == fleet.size and min(counts.values()) >= fleet.size) \
-                    or time.monotonic() > deadline:
-                return alive, counts
+            if (min(alive, healthy, *counts.values()) >= fleet.size
+                    or time.monotonic() > deadline):
+                return alive, healthy, counts
             time.sleep(1)
 
     # -- cleaning up
@@ -1032,6 +1041,7 @@ class Report:
     killed: Sequence[str]
     exited: Sequence[str]
     alive: int
+    healthy: int
     workers: int
     consuming: Mapping[str, int]
     settled_s: float | None
@@ -1040,7 +1050,7 @@ class Report:
 
     @property
     def all_alive(self) -> bool:
-        return self.alive == self.workers and min(self.consuming.values()) >= self.workers
+        return min(self.alive, self.healthy, *self.consuming.values()) >= self.workers
 
     @property
     def late_ok(self) -> bool:
@@ -1064,8 +1074,8 @@ class Report:
         table.add_column(justify="right")
         table.add_column()
         table.add_row("events", str(self.events),
-                      f"{self.messages} messages, {self.republished} publishes repeated "
-                      "after broker errors")
+                      f"{self.messages} messages ({self.republished} published again after "
+                      "a broker error)")
         table.add_row("entities", str(r.expected), "one per event and series")
         table.add_row("issued", str(r.issued), "entities the sandbox issued a coupon for")
         table.add_row("missing", _red_unless_zero(len(r.missing)), "never issued")
@@ -1086,7 +1096,8 @@ class Report:
                       f"{len(self.killed)} after our SIGKILL, {len(self.exited)} exited on "
                       "their own" if not self.exited else escape("\n".join(self.exited)))
         table.add_row("workers alive", f"{self.alive}/{self.workers}",
-                      "consumers: " + ", ".join(f"{q} {n}" for q, n in self.consuming.items()))
+                      f"{self.healthy} healthy (fresh heartbeat); RabbitMQ consumers: "
+                      + ", ".join(f"{q} {n}" for q, n in self.consuming.items()))
         table.add_row("time to settle",
                       "never" if self.settled_s is None else f"{self.settled_s:.1f} s",
                       "from the last disruption to a ledger at rest")

@@ -86,7 +86,7 @@ def test_the_ledger_disagreeing_with_the_sandbox_is_reported() -> None:
 
 def report(result: Comparison, **changes: Any) -> Report:
     base = Report(events=2, messages=2, republished=0, result=result, late=None, struck={},
-                  calls={}, killed=[], exited=[], alive=3, workers=3,
+                  calls={}, killed=[], exited=[], alive=3, healthy=3, workers=3,
                   consuming={"tasks": 3, "retry": 3}, settled_s=1.0, elapsed_s=2.0,
                   script_failures=[])
     return replace(base, **changes)
@@ -96,6 +96,7 @@ def test_the_verdict_needs_exactly_once_every_worker_consuming_and_a_settled_led
     clean = compare(EXPECTED, *all_issued())
     assert report(clean).passed
     assert not report(clean, alive=2).passed
+    assert not report(clean, healthy=2).passed
     assert not report(clean, consuming={"tasks": 3, "retry": 2}).passed
     assert not report(clean, settled_s=None).passed
     assert not report(clean, script_failures=["RabbitMQ restart: timed out"]).passed
