@@ -222,7 +222,9 @@ class ConsumptionGuard(bootsteps.StartStopStep):
         self._paused: set[str] = set()
 
     def start(self, c: Any) -> None:
-        self._paused = set()
+        # Not forgotten on a restart (a broker reconnect): Celery keeps a cancelled queue
+        # deselected, so the new task consumer leaves it out too, and only this step's
+        # add_task_queue brings it back once the pause is over.
         self._tref = c.timer.call_repeatedly(GUARD_INTERVAL_S, self._check, (c,))
 
     def stop(self, c: Any) -> None:

@@ -1,0 +1,56 @@
+"""A pause of fresh events that spans a broker reconnect ends with the pause.
+
+Found by `coupon-worker chaos`: the circuit opened (the API was down), the consumers paused the
+task queue, every broker connection dropped, and the circuit closed while the worker was
+reconnecting; the reconnected worker never consumed the task queue again. This stops the
+machine's real RabbitMQ for a few seconds, as test_restarts does.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import Engine
+
+from tests.acceptance.helpers import example_event, publish, wait_for_state
+from tests.conftest import WorkerProcess
+from worker.config import Settings
+from worker.ledger.records import CLOSED_CIRCUIT, CircuitState
+from worker.ledger.unit_of_work import sql_unit_of_work_factory
+from worker.sandbox import SandboxAdmin
+
+
+def _rabbit(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=120)
+
+
+def _save_circuit(engine: Engine, state: CircuitState) -> None:
+    with sql_unit_of_work_factory(engine)() as uow:
+        uow.ledger.save_circuit("capillary", state, now=datetime.now(UTC))
+        uow.commit()
+
+
+def test_fresh_events_flow_again_when_a_pause_ended_during_a_reconnect(
+    settings: Settings, clean_ledger: Engine, sandbox: SandboxAdmin,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    worker = start_worker(settings)
+    # Given the circuit is open, so the worker stopped consuming fresh events
+    _save_circuit(clean_ledger, CircuitState(
+        "open", 5, 1, datetime.now(UTC) + timedelta(hours=1), "http_503: test"))
+    worker.wait_for_log(f"consumer.paused queue={settings.tasks_queue}")
+    # When the broker goes away, and the circuit closes before the worker is back
+    _rabbit("stop_app")
+    try:
+        worker.wait_for_log("Connection to broker lost")
+        _save_circuit(clean_ledger, CLOSED_CIRCUIT)
+    finally:
+        _rabbit("start_app")
+        _rabbit("await_startup")
+    # Then an event published afterwards is issued: the task queue is consumed again
+    publish(settings, example_event("after-the-pause"))
+    wait_for_state(clean_ledger, "after-the-pause", "completed", timeout_s=60)
+    assert len(sandbox.ledger()) == 2
+    assert worker.process.poll() is None
