@@ -128,10 +128,10 @@ class Profile:
 
 FULL: Final = Profile(events=3000, publish_s=100, kill_at_s=8, rabbit_at_s=20, rabbit_down_s=5,
                       postgres_at_s=40, api_at_s=55, api_down_s=20, drop_at_s=85,
-                      late_original=True, settle_timeout_s=600)
+                      late_original=True, settle_timeout_s=300)
 SHORT: Final = Profile(events=300, publish_s=30, kill_at_s=3, rabbit_at_s=7, rabbit_down_s=2,
                        postgres_at_s=14, api_at_s=18, api_down_s=6, drop_at_s=27,
-                       late_original=False, settle_timeout_s=180)
+                       late_original=False, settle_timeout_s=120)
 
 
 class Timeline:
