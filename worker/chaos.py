@@ -242,6 +242,14 @@ class Publisher(threading.Thread):
                            f"({self.republished} published again after a broker error)")
 
 
+def _shown(path: Path) -> str:
+    """A path as the user would type it: relative to the current folder when inside it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def _first_line(text: str, chars: int = 140) -> str:
     line = (text.strip().splitlines() or ["?"])[0]
     return line if len(line) <= chars else line[: chars - 1] + "\u2026"
@@ -286,11 +294,12 @@ class Fleet:
             self.supervise(quiet=True)
             for slot in self.slots:
                 if slot.incarnation:
-                    raise ChaosError(f"worker {slot.number} exited while starting; "
-                                     f"see {slot.service.log_path}:\n{slot.service.log_tail()}")
+                    raise ChaosError(f"worker {slot.number} exited while starting; see "
+                                     f"{_shown(slot.service.log_path)}:\n"
+                                     f"{slot.service.log_tail()}")
             if time.monotonic() > deadline:
                 raise ChaosError(f"workers not ready after {READY_TIMEOUT_S:g} s; see "
-                                 f"{self.logs}")
+                                 f"{_shown(self.logs)}")
             time.sleep(0.2)
 
     def supervise(self, *, quiet: bool = False) -> None:
@@ -309,7 +318,7 @@ class Fleet:
                 ours = process.pid in self._expected_deaths
                 what = (f"worker {slot.number} (pid {process.pid}) died from our SIGKILL" if ours
                         else f"worker {slot.number} (pid {process.pid}) exited on its own with "
-                             f"code {code}; its log: {slot.service.log_path}")
+                             f"code {code}; its log: {_shown(slot.service.log_path)}")
                 (self.killed if ours else self.exited).append(what)
                 slot.incarnation += 1
                 slot.service = self._spawn(slot.number, slot.incarnation)
@@ -877,7 +886,8 @@ class ChaosRun:
         self.console.print(f"  workers     {options.workers} x `coupon-worker worker` "
                            f"(read timeout {READ_TIMEOUT_S:g} s, settle window "
                            f"{SETTLE_WINDOW_S:g} s, lease "
-                           f"{CHAOS_ENVIRONMENT['COUPONS_LEASE_SECONDS']} s), logs in {self.logs}")
+                           f"{CHAOS_ENVIRONMENT['COUPONS_LEASE_SECONDS']} s), logs in "
+                           f"{_shown(self.logs)}")
         fleet = Fleet(options.workers, env, self.logs, self.services, self.timeline)
         fleet.start()
         settings = Settings.model_validate(env)
