@@ -52,7 +52,7 @@ from worker.demo import (
     start_sandbox,
     stop_groups,
 )
-from worker.domain import ISSUE_REF_HEX_CHARS, ISSUE_REF_PREFIX, issue_ref
+from worker.domain import ISSUE_REF_HEX_CHARS, ISSUE_REF_PREFIX, TERMINAL_STATES, issue_ref
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -618,8 +618,7 @@ class LedgerState:
 
     @property
     def busy(self) -> int:
-        return sum(n for state, n in self.entities.items()
-                   if state not in ("issued", "dead", "discarded", "duplicate_issued"))
+        return sum(n for state, n in self.entities.items() if state not in TERMINAL_STATES)
 
     def at_rest(self, events: int) -> bool:
         return self.events >= events and self.busy == 0 and self.verifying == 0
