@@ -814,6 +814,7 @@ class ChaosRun:
         self.publisher: Publisher | None = None
         self.script: Script | None = None
         self.engine: Engine | None = None
+        self.admin: SandboxAdmin | None = None
 
     # -- setting up
 
@@ -840,7 +841,8 @@ class ChaosRun:
                            f"{self.options.seed})")
         self.engine = create_engine(backends.database.url, pool_size=2, pool_pre_ping=True,
                                     connect_args={"connect_timeout": 3})
-        return env, SandboxAdmin(sandbox_url)
+        self.admin = SandboxAdmin(sandbox_url)
+        return env, self.admin
 
     def plan(self, admin: SandboxAdmin) -> tuple[list[dict[str, Any]], dict[str, Any],
                                                  dict[str, Any] | None, FaultBook]:
@@ -1021,6 +1023,8 @@ class ChaosRun:
         restore_services(self.ctx)
         if self.engine is not None:
             self.engine.dispose()
+        if self.admin is not None:
+            self.admin.close()
         if self.backends is None or self.options.keep:
             return
         from sqlalchemy.engine import make_url
