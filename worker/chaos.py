@@ -941,12 +941,14 @@ class ChaosRun:
                 again = ledger_state(self.engine)
                 if again is not None and again.at_rest(n_events):
                     settled = now - quiet_since
-                    self.timeline.note(f"ledger at rest, {settled:.1f} s after the last "
-                                       "disruption", "bold")
+                    self.timeline.note(f"ledger at rest since t+{now:.1f}s (still so "
+                                       f"{SLOW_ORIGINAL_S + 1:g} s later), {settled:.1f} s after "
+                                       "the last disruption and the last publish", "bold")
                     return settled
             if quiet_since is not None and now - quiet_since > self.profile.settle_timeout_s:
                 self.timeline.note(f"not at rest {self.profile.settle_timeout_s:g} s after the "
-                                   "last disruption; checking what there is", "bold red")
+                                   "last disruption and publish; checking what there is",
+                                   "bold red")
                 return None
             time.sleep(POLL_S)
 
@@ -1113,7 +1115,7 @@ class Report:
                       + ", ".join(f"{q} {n}" for q, n in self.consuming.items()))
         table.add_row("time to settle",
                       "never" if self.settled_s is None else f"{self.settled_s:.1f} s",
-                      "from the last disruption to a ledger at rest")
+                      "from the last disruption and publish to a ledger at rest")
         table.add_row("elapsed", f"{self.elapsed_s:.1f} s", "since publishing started")
         console.print(table)
         if self.late is not None:
@@ -1129,8 +1131,8 @@ class Report:
         problems = [*r.missing, *r.twice, *r.strays, *r.disagreements, *self.script_failures]
         if self.passed:
             console.print(f"[bold green]chaos: PASSED[/] - 0 missing, 0 issued twice, "
-                          f"{self.alive}/{self.workers} workers alive, settled "
-                          f"{self.settled_s:.1f} s after the last disruption")
+                          f"{self.alive}/{self.workers} workers alive, at rest "
+                          f"{self.settled_s:.1f} s after the last disruption and publish")
             return
         console.print(f"[bold red]chaos: FAILED[/] - {len(r.missing)} missing, "
                       f"{len(r.twice) + len(r.strays)} issued twice, {self.alive}/"
