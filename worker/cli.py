@@ -472,6 +472,27 @@ def dlq_discard(entity_ids: tuple[int, ...], error_code: str | None, series_id: 
 # -- flower --------------------------------------------------------------------------------
 
 
+@main.command()
+@click.option("--limit", type=int, default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def duplicates(limit: int, as_json: bool) -> None:
+    """Entities holding two of our coupons (a late original landed), and what to do."""
+    from worker.views import DUPLICATE_ADVICE
+    from worker.views import duplicates as find_duplicates
+
+    with _engine() as engine:
+        rows = find_duplicates(engine, limit=limit)
+    if as_json:
+        print_json({"advice": DUPLICATE_ADVICE, "duplicates": rows})
+        return
+    if not rows:
+        console.print("no duplicates: no entity holds more than one of our coupons")
+        return
+    from worker.render import render_duplicates
+
+    render_duplicates(console, rows, DUPLICATE_ADVICE)
+
+
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option("--port", type=int, default=5555, show_default=True)
 @click.option("--address", default="127.0.0.1", show_default=True,

@@ -159,3 +159,14 @@ def render_actions(console: Console, results: list[Any], *, dry_run: bool) -> No
         t.add_row(_s(r.entity_id), r.event_id, r.customer, _s(r.series_id), r.state_before,
                   r.outcome)
     console.print(t)
+
+
+def render_duplicates(console: Console, rows: list[dict[str, Any]], advice: str) -> None:
+    """Entities found holding two of our coupons, with what support does about them."""
+    t = table(f"duplicates ({len(rows)})",
+              ["entity", "event", "customer", "series", "codes", "found at"])
+    for row in rows:
+        t.add_row(_s(row["id"]), _s(row["event_id"]), _s(row["customer"]),
+                  _s(row["series_id"]), _s(", ".join(row["codes"])), _s(row["found_at"]))
+    console.print(t)
+    console.print(advice, highlight=False)
