@@ -88,8 +88,10 @@ def migrate() -> None:
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option("--concurrency", "-c", type=int, default=None,
-              help="Worker processes/threads (default: COUPONS_WORKER_CONCURRENCY or CPUs).")
-@click.option("--pool", "-P", type=click.Choice(["prefork", "threads", "solo"]),
+              help="Worker processes (default: COUPONS_WORKER_CONCURRENCY or CPUs).")
+# Prefork only: it is the one Celery pool that enforces the hard time limit, and that limit
+# is what keeps an attempt inside its lease (see the README's exactly-once section).
+@click.option("--pool", "-P", type=click.Choice(["prefork"]),
               default="prefork", show_default=True)
 @click.option("--hostname", "-n", default=None, help="Node name, e.g. coupons1@%h.")
 @click.option("--no-sweeper", is_flag=True,

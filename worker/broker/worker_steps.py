@@ -314,12 +314,22 @@ def prepare_metrics_dir() -> None:
     _MULTIPROC_OWNED.append(path)
 
 
-def _size_connection_pool(sender: Any = None, **_: Any) -> None:
-    """A threads pool runs its tasks in one process: one database connection per thread."""
-    container = getattr(getattr(sender, "app", None), "coupon_container", None)
-    pool = str(getattr(sender, "pool_cls", ""))
-    if container is not None and "thread" in pool.lower():
-        container.pool_size = max(container.pool_size, int(sender.concurrency or 1) + 2)
+PREFORK_POOL = "celery.concurrency.prefork:TaskPool"
+
+
+def _require_prefork(sender: Any = None, **_: Any) -> None:
+    """Refuse a pool that cannot enforce the hard time limit (threads, solo, gevent…).
+
+    The limit is what keeps a whole attempt inside its lease; without it a stalled attempt could
+    outlive its claim while another worker calls Capillary for the same entity.
+    """
+    pool = getattr(sender, "pool_cls", None)
+    name = pool if isinstance(pool, str) else f"{getattr(pool, '__module__', '')}:" \
+        f"{getattr(pool, '__name__', '')}"
+    if "prefork" not in name:
+        log.critical("worker.pool_refused", extra={"pool": name})
+        raise SystemExit(f"coupon-worker runs on the prefork pool only, not {name}: the hard "
+                         "time limit that keeps an attempt inside its lease needs it")
 
 
 def _check_metrics_dir(sender: Any = None, **_: Any) -> None:
@@ -355,7 +365,7 @@ def install(app: Celery) -> None:
     app.steps["consumer"].add(ConsumptionGuard)
     app.steps["worker"].add(Sweeper)
     app.steps["worker"].add(MetricsServer)
+    signals.worker_init.connect(_require_prefork, weak=False)
     signals.worker_init.connect(_check_metrics_dir, weak=False)
-    signals.worker_init.connect(_size_connection_pool, weak=False)
     signals.setup_logging.connect(_setup_logging, weak=False)
     signals.worker_shutdown.connect(_remove_metrics_dir, weak=False)
