@@ -81,6 +81,9 @@ DEMO_ENVIRONMENT: Final[Mapping[str, str]] = {
     "COUPONS_HTTP_CONNECT_TIMEOUT_SECONDS": "1",
     "COUPONS_RATE_LIMIT_MAX_WAIT_SECONDS": "5",
     "COUPONS_LEASE_SECONDS": "15",
+    # Above connect + read timeout, and above the stalls below: an unknown outcome whose
+    # read-back finds nothing is sent again after seconds, not the production two minutes.
+    "COUPONS_SETTLE_WINDOW_SECONDS": "6",
     "COUPONS_SWEEP_INTERVAL_SECONDS": "0.25",
     "COUPONS_LOG_LEVEL": "WARNING",
     # A developer's .env must not change what the demo shows.
