@@ -437,6 +437,8 @@ def _count_transition(metrics: Metrics, t: Transition) -> None:
     if t.state is EntityState.ISSUED:
         metrics.coupons_issued.labels(t.recorded_via).inc()
         return
+    if t.error_code == "settling":
+        return  # waiting out a settle window is not a failure
     metrics.entities_failed.labels(t.verdict or "unknown").inc()
     if t.kind == "retry_scheduled":
         metrics.retries_scheduled.inc()
