@@ -124,7 +124,7 @@ def queue_prefix() -> str:
 
 @pytest.fixture
 def settings_factory(database_url: str, broker_url: str, sandbox_server: BackgroundSandbox,
-                     queue_prefix: str) -> Callable[..., Settings]:
+                     queue_prefix: str, tmp_path: Path) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:
         values: dict[str, Any] = {
             "database_url": database_url,
@@ -146,6 +146,15 @@ def settings_factory(database_url: str, broker_url: str, sandbox_server: Backgro
             "reconcile_delay_s": 0.2,
             "sweep_interval_s": 0.2,
             "metrics_port": 0,
+            # Inside the short test leases' hard time limit (lease - 5 s).
+            "db_connect_timeout_s": 2,
+            "db_statement_timeout_s": 3.0,
+            "db_lock_timeout_s": 1.0,
+            "db_keepalive_idle_s": 1,
+            "db_keepalive_interval_s": 1,
+            "db_keepalive_count": 2,
+            "heartbeat_dir": str(tmp_path / "heartbeats"),
+            "heartbeat_interval_s": 0.5,
         }
         values.update(overrides)
         return load_settings(**values)
@@ -242,21 +251,25 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     started: list[WorkerProcess] = []
 
     def start(settings: Settings, *args: str, concurrency: int = 2, pool: str = "prefork",
-              env: dict[str, str] | None = None) -> WorkerProcess:
+              env: dict[str, str] | None = None, node_name: str | None = "",
+              wait_ready: bool = True) -> WorkerProcess:
+        """``node_name``: "" for a name of this test's own, None for the command's default."""
         name = f"w{len(started)}-{uuid.uuid4().hex[:6]}"
         log_path = tmp_path / f"{name}.log"
         environment = settings_env(settings)
         environment.update(env or {})
+        naming = [] if node_name is None else ["-n", node_name or f"{name}@%h"]
         with log_path.open("wb") as log_file:
             process = subprocess.Popen(
                 [coupon_worker_command(), "worker", "-c", str(concurrency), "-P", pool,
-                 "-n", f"{name}@%h", *args],
+                 *naming, *args],
                 cwd=REPO_ROOT, env=environment, stdout=log_file, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         worker = WorkerProcess(process, log_path, name)
         started.append(worker)
-        worker.wait_for_log(" ready.", timeout_s=60)
+        if wait_ready:
+            worker.wait_for_log(" ready.", timeout_s=60)
         return worker
 
     yield start

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from worker.capillary.client import CapillaryClient
 from worker.circuit import CircuitGate
 from worker.config import Settings
-from worker.ledger.unit_of_work import make_engine, sql_unit_of_work_factory
+from worker.ledger.unit_of_work import ConnectionLimits, make_engine, sql_unit_of_work_factory
 from worker.metrics import Metrics
 from worker.policy import CircuitPolicy, RetryPolicy
 from worker.ratelimit import PostgresRateLimiter, RateLimiter, RetryAfterGate
@@ -32,7 +32,8 @@ def worker_id() -> str:
 def build_deps(settings: Settings, publisher: Publisher, *, engine: Engine | None = None,
                metrics: Metrics | None = None) -> Deps:
     """The real dependencies for ``settings``."""
-    engine = engine or make_engine(settings.database_url)
+    engine = engine or make_engine(settings.database_url,
+                                   limits=ConnectionLimits.from_settings(settings))
     uow = sql_unit_of_work_factory(engine)
     limiter: RateLimiter = RetryAfterGate(engine)
     if settings.rate_limit_per_minute:
@@ -85,7 +86,8 @@ class Container:
                     # Inherited pool: forget its connections without closing the parent's.
                     self._engine.dispose(close=False)
                 settings = self.settings
-                self._engine = make_engine(settings.database_url, pool_size=self.pool_size)
+                self._engine = make_engine(settings.database_url, pool_size=self.pool_size,
+                                           limits=ConnectionLimits.from_settings(settings))
                 self._deps = build_deps(settings, self._publisher_factory(settings),
                                         engine=self._engine)
                 self._pid = os.getpid()

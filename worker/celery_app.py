@@ -11,6 +11,10 @@ Reliability settings and why:
 - ``task_reject_on_worker_lost``: a child killed mid-task (SIGKILL, OOM, time limit) puts its
   message back on the queue instead of acking it. Re-running is safe because the ledger claims
   entities before calling Capillary and reconciles a claim whose worker died.
+- ``task_acks_on_timeout = False``: a task past its hard time limit is killed wherever it was,
+  maybe before its outcome was committed, so its message goes back too. The ledger's statement
+  and lock timeouts fail a stalled task well before that limit (``LedgerUnavailable``, which
+  the task turns into a requeue); the time limit is the last resort.
 - ``worker_prefetch_multiplier = 1``: a worker holds at most one unacked message per process, so
   a crash re-delivers little and a slow worker does not hoard events its peers could run.
 - ``broker_transport_options.confirm_publish``: every publish waits for the broker's confirm;
@@ -61,13 +65,23 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         },
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
-        "task_acks_on_failure_or_timeout": True,
+        # A task killed by the hard time limit may have stopped anywhere, before its outcome
+        # was committed: its message goes back to the queue rather than being acknowledged
+        # into nothing. Re-running is safe (claims make a second delivery a no-op).
+        "task_acks_on_timeout": False,
+        # The tasks turn every error into a recorded rejection or a requeue; an exception that
+        # escapes them anyway is a bug, and its message is rejected rather than acknowledged.
+        "task_acks_on_failure": False,
+        # The same for Celery releases that know only the combined setting.
+        "task_acks_on_failure_or_timeout": False,
         "task_publish_retry": True,
         "task_publish_retry_policy": {"max_retries": 5, "interval_start": 0.2,
                                       "interval_step": 0.5, "interval_max": 2.0},
         "task_time_limit": settings.task_hard_time_limit_s,
         "task_soft_time_limit": max(settings.task_hard_time_limit_s - 5.0, 1.0),
         "worker_prefetch_multiplier": 1,
+        # Exits (non-zero) on broker errors that reconnecting cannot cure, instead of looping.
+        "worker_consumer": "worker.broker.consumer:FleetConsumer",
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         # Flower's view; each event is one more confirmed publish from the worker's main loop,
         # so a fleet that needs the last events/s may turn them off (Flower can still enable
@@ -111,13 +125,14 @@ def create_app(settings: Settings | None = None) -> Celery:
     app.config_from_object(_LazyConfig(lambda: settings or load_settings()))
     from worker import tasks
     from worker.bootstrap import Container
-    from worker.broker import worker_steps
+    from worker.broker import liveness, worker_steps
     from worker.broker.publisher import CeleryPublisher
 
     app.coupon_container = Container(  # type: ignore[attr-defined]
         lambda: settings_of(app), lambda chosen: CeleryPublisher(app, chosen))
     tasks.register(app)
     worker_steps.install(app)
+    liveness.install(app)
     return app
 
 

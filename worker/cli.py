@@ -6,6 +6,7 @@
     coupon-worker events show EVENT_ID    an event's entities, attempts, errors and coupons
     coupon-worker events replay EVENT_ID  re-run what an event has not issued yet
     coupon-worker dlq list|summary|show|replay|discard   dead letters, for support engineers
+    coupon-worker health                  whether this host's workers are consuming
     coupon-worker flower                  Flower on the project's app
     coupon-worker sandbox                 run the sandbox Capillary server
 """
@@ -93,7 +94,9 @@ def migrate() -> None:
 # is what keeps an attempt inside its lease (see the README's exactly-once section).
 @click.option("--pool", "-P", type=click.Choice(["prefork"]),
               default="prefork", show_default=True)
-@click.option("--hostname", "-n", default=None, help="Node name, e.g. coupons1@%h.")
+@click.option("--hostname", "-n", default=None,
+              help="Node name, e.g. coupons1@%h (default: coupon-worker-<pid>@<host>, unique "
+                   "per process so that any number of workers share a host).")
 @click.option("--no-sweeper", is_flag=True,
               help="Do not run the periodic sweeper in this worker (another one does).")
 @click.pass_context
@@ -101,7 +104,9 @@ def worker(ctx: click.Context, concurrency: int | None, pool: str, hostname: str
            no_sweeper: bool) -> None:
     """Run a Celery worker: consumes events, retries, and runs the sweeper and metrics.
 
-    Extra options are passed to ``celery worker`` as they are.
+    Extra options are passed to ``celery worker`` as they are. Exits non-zero when the worker
+    stops on its own (its consumer hit an unrecoverable broker error), so that a supervisor
+    restarts it.
     """
     import os
 
@@ -115,16 +120,45 @@ def worker(ctx: click.Context, concurrency: int | None, pool: str, hostname: str
     from worker.broker.worker_steps import prepare_metrics_dir
 
     prepare_metrics_dir()
+    from worker.broker.liveness import default_node_name, run_worker
     from worker.celery_app import app
 
     argv = ["worker", f"--pool={pool}", "--without-gossip", "--without-mingle",
-            f"--loglevel={settings.log_level}"]
+            f"--loglevel={settings.log_level}", f"--hostname={hostname or default_node_name()}"]
     if concurrency or settings.worker_concurrency:
         argv.append(f"--concurrency={concurrency or settings.worker_concurrency}")
-    if hostname:
-        argv.append(f"--hostname={hostname}")
     argv.extend(ctx.args)
-    app.worker_main(argv)
+    sys.exit(run_worker(app, argv))
+
+
+# -- health --------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--node", default=None, help="Only this worker (its node name).")
+@click.option("--pid", type=int, default=None, help="Only the worker with this process id.")
+@click.option("--max-age", "max_age_s", type=float, default=None,
+              help="Seconds after which a heartbeat is stale (default: 3 heartbeat intervals).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def health(node: str | None, pid: int | None, max_age_s: float | None, as_json: bool) -> None:
+    """Whether this host's workers are consuming: exit 0 if healthy, 1 if not.
+
+    Judged from the heartbeat each worker's consumer writes from its event loop
+    (COUPONS_HEARTBEAT_DIR), so a process that runs but no longer consumes is unhealthy.
+    Needs neither the database nor the broker.
+    """
+    from worker.health import check_health
+
+    settings = settings_or_exit()
+    report = check_health(Path(settings.heartbeat_dir), node=node, pid=pid, max_age_s=max_age_s)
+    if as_json:
+        print_json(report.as_dict())
+    else:
+        # Plain lines, never wrapped: health checks are read from logs and probes.
+        click.echo(("healthy: " if report.healthy else "unhealthy: ") + report.reason)
+        for worker_health in report.workers:
+            click.echo(f"  {worker_health.describe()}")
+    sys.exit(0 if report.healthy else 1)
 
 
 # -- publish -------------------------------------------------------------------------------

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import tempfile
 from functools import cached_property
+from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -22,6 +24,9 @@ DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/coupon_work
 DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672//"
 DEFAULT_SANDBOX_PORT = 8750
 DEFAULT_CAPILLARY_BASE_URL = f"http://127.0.0.1:{DEFAULT_SANDBOX_PORT}"
+# Per host, not per deployment: `coupon-worker health` reads the heartbeats of the workers
+# running beside it.
+DEFAULT_HEARTBEAT_DIR = str(Path(tempfile.gettempdir()) / "coupon-worker")
 
 AuthScheme = Literal["basic", "oauth"]
 
@@ -97,6 +102,25 @@ class Settings(BaseSettings):
     run_sweeper: bool = Field(True, validation_alias="COUPONS_RUN_SWEEPER")
     sweep_interval_s: float = Field(1.0, gt=0, validation_alias="COUPONS_SWEEP_INTERVAL_SECONDS")
     requeue_after_s: float = Field(300.0, gt=0, validation_alias="COUPONS_REQUEUE_AFTER_SECONDS")
+
+    # The ledger's limits. A stalled database must fail a task with LedgerUnavailable (its
+    # message goes back) well before Celery's hard time limit kills it; see _coherent().
+    db_connect_timeout_s: int = Field(
+        5, ge=2, validation_alias="COUPONS_DB_CONNECT_TIMEOUT_SECONDS")
+    db_statement_timeout_s: float = Field(
+        10.0, gt=0, validation_alias="COUPONS_DB_STATEMENT_TIMEOUT_SECONDS")
+    db_lock_timeout_s: float = Field(
+        3.0, gt=0, validation_alias="COUPONS_DB_LOCK_TIMEOUT_SECONDS")
+    db_keepalive_idle_s: int = Field(
+        10, ge=1, validation_alias="COUPONS_DB_KEEPALIVE_IDLE_SECONDS")
+    db_keepalive_interval_s: int = Field(
+        5, ge=1, validation_alias="COUPONS_DB_KEEPALIVE_INTERVAL_SECONDS")
+    db_keepalive_count: int = Field(3, ge=1, validation_alias="COUPONS_DB_KEEPALIVE_COUNT")
+
+    heartbeat_dir: str = Field(DEFAULT_HEARTBEAT_DIR, min_length=1,
+                               validation_alias="COUPONS_HEARTBEAT_DIR")
+    heartbeat_interval_s: float = Field(
+        5.0, gt=0, validation_alias="COUPONS_HEARTBEAT_INTERVAL_SECONDS")
 
     circuit_failure_threshold: int = Field(
         5, ge=1, validation_alias="COUPONS_CIRCUIT_FAILURE_THRESHOLD"
@@ -190,6 +214,21 @@ class Settings(BaseSettings):
                 "COUPONS_SETTLE_WINDOW_SECONDS must exceed connect + read timeout "
                 f"({one_call_s:g} s)"
             )
+        if self.db_lock_timeout_s > self.db_statement_timeout_s:
+            # Waiting for a lock is part of a statement's time: a longer lock timeout never fires.
+            raise ValueError("COUPONS_DB_LOCK_TIMEOUT_SECONDS must not exceed "
+                             "COUPONS_DB_STATEMENT_TIMEOUT_SECONDS")
+        if self.db_stall_limit_s >= self.task_hard_time_limit_s:
+            # Past the hard time limit Celery kills the task wherever it is; a stalled database
+            # must fail the statement first, so the task puts its message back on purpose.
+            raise ValueError(
+                "COUPONS_DB_CONNECT_TIMEOUT_SECONDS + the longer of "
+                "COUPONS_DB_STATEMENT_TIMEOUT_SECONDS and the keepalive detection time "
+                "(COUPONS_DB_KEEPALIVE_IDLE_SECONDS + COUPONS_DB_KEEPALIVE_INTERVAL_SECONDS x "
+                f"COUPONS_DB_KEEPALIVE_COUNT) = {self.db_stall_limit_s:g} s must be below the "
+                f"task hard time limit (COUPONS_LEASE_SECONDS - 5 = "
+                f"{self.task_hard_time_limit_s:g} s)"
+            )
         return self
 
     def broker_transport_options(self) -> dict[str, object]:
@@ -227,6 +266,17 @@ class Settings(BaseSettings):
     def task_hard_time_limit_s(self) -> float:
         """A task is killed before its claim expires, so an expired lease means a dead task."""
         return max(self.lease_s - 5.0, 1.0)
+
+    @property
+    def db_dead_peer_s(self) -> int:
+        """How long TCP keepalives take to declare a silent database server gone."""
+        return self.db_keepalive_idle_s + self.db_keepalive_interval_s * self.db_keepalive_count
+
+    @property
+    def db_stall_limit_s(self) -> float:
+        """The longest one ledger statement can hang before it fails: connecting, then either
+        the server's statement timeout or, if the server went silent, the keepalives."""
+        return self.db_connect_timeout_s + max(self.db_statement_timeout_s, self.db_dead_peer_s)
 
     def safe_summary(self) -> dict[str, object]:
         """What the settings say, with every password and secret hidden: safe to log."""

@@ -84,6 +84,13 @@ DEMO_ENVIRONMENT: Final[Mapping[str, str]] = {
     # Above connect + read timeout, and above the stalls below: an unknown outcome whose
     # read-back finds nothing is sent again after seconds, not the production two minutes.
     "COUPONS_SETTLE_WINDOW_SECONDS": "6",
+    # A stalled ledger must fail a statement inside the short lease's hard time limit (10 s).
+    "COUPONS_DB_CONNECT_TIMEOUT_SECONDS": "2",
+    "COUPONS_DB_STATEMENT_TIMEOUT_SECONDS": "3",
+    "COUPONS_DB_LOCK_TIMEOUT_SECONDS": "1",
+    "COUPONS_DB_KEEPALIVE_IDLE_SECONDS": "2",
+    "COUPONS_DB_KEEPALIVE_INTERVAL_SECONDS": "1",
+    "COUPONS_DB_KEEPALIVE_COUNT": "3",
     "COUPONS_SWEEP_INTERVAL_SECONDS": "0.25",
     "COUPONS_LOG_LEVEL": "WARNING",
     # A developer's .env must not change what the demo shows.

@@ -6,9 +6,11 @@ No SQL and no HTTP here. The three tasks:
 - ``coupons.retry(entity_id)``: one entity whose retry is due.
 
 Outcome mapping: a bad event is recorded as rejected and the message acknowledged (never
-requeued in a loop); a database outage puts the message back (``Reject(requeue=True)``) after a
-short pause, since nothing was recorded; an unexpected error is recorded as a rejection with
-the error, so the payload is kept and can be replayed once the bug is fixed.
+requeued in a loop); a database outage or stall (statement/lock timeout) puts the message back
+(``Reject(requeue=True)``) after a short pause, since nothing was recorded, and so does the soft
+time limit; an unexpected error is recorded as a rejection with the error, so the payload is
+kept and can be replayed once the bug is fixed, and if even that cannot be recorded the
+message goes back.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
-from celery.exceptions import Reject
+from celery.exceptions import Reject, SoftTimeLimitExceeded
 
 from worker import services
 from worker.errors import EventRejected, LedgerUnavailable
@@ -64,16 +66,30 @@ def handle_raw(body: bytes, *, content_type: str | None, source: str, deps: Deps
         return Report(exc.event_id, rejected_id=rejected)
 
 
+def _requeue(exc: BaseException, *, pause_s: float) -> Reject:
+    """Put the message back: nothing about it is recorded yet."""
+    time.sleep(pause_s)
+    return Reject(str(exc), requeue=True)
+
+
 def _run(deps_of: Callable[[], Deps], work: Callable[[Deps], Report], *, raw: bytes | None,
          source: str, event_id: str | None) -> dict[str, object]:
-    """Run one use case; ``raw`` is kept as a rejection if it fails unexpectedly."""
-    deps = deps_of()
+    """Run one use case; ``raw`` is kept as a rejection if it fails unexpectedly.
+
+    Every way out either returns (the outcome, or a rejection, is committed) or raises
+    ``Reject(requeue=True)``: the message is never acknowledged without a record.
+    """
     try:
+        deps = deps_of()
         return work(deps).as_dict()
     except LedgerUnavailable as exc:
         log.error("ledger.unavailable", extra={"event_id": event_id, "error": str(exc)})
-        time.sleep(LEDGER_DOWN_PAUSE_S)
-        raise Reject(str(exc), requeue=True) from exc
+        raise _requeue(exc, pause_s=LEDGER_DOWN_PAUSE_S) from exc
+    except SoftTimeLimitExceeded as exc:
+        # Out of time with the outcome uncommitted; claims already taken make the redelivery
+        # a no-op and come back through their lease.
+        log.error("task.time_limit", extra={"event_id": event_id, "error": repr(exc)})
+        raise _requeue(exc, pause_s=0) from exc
     except Exception as exc:
         log.exception("task.unexpected_error", extra={"event_id": event_id})
         if raw is None:
@@ -82,11 +98,14 @@ def _run(deps_of: Callable[[], Deps], work: Callable[[Deps], Report], *, raw: by
             return {"internal_error": str(exc)}
         try:
             rejected = services.record_rejection(
-                raw, f"internal error: {type(exc).__name__}: {exc}", source=source, deps=deps,
-                event_id=event_id)
-        except LedgerUnavailable as down:
-            time.sleep(LEDGER_DOWN_PAUSE_S)
-            raise Reject(str(down), requeue=True) from down
+                raw, f"internal error: {type(exc).__name__}: {exc}", source=source,
+                deps=deps_of(), event_id=event_id)
+        except Exception as unrecorded:
+            # Not even the rejection could be written (database down or stalled, or out of
+            # time): the message is the only copy left.
+            log.error("task.rejection_unrecorded",
+                      extra={"event_id": event_id, "error": repr(unrecorded)})
+            raise _requeue(unrecorded, pause_s=LEDGER_DOWN_PAUSE_S) from unrecorded
         return {"event_id": event_id, "rejected_id": rejected, "internal_error": str(exc)}
 
 

@@ -126,6 +126,28 @@ def test_dependencies_have_health_checks() -> None:
     assert "/sandbox/health" in " ".join(svcs["sandbox"]["healthcheck"]["test"])
 
 
+def test_worker_health_is_consumer_liveness() -> None:
+    check = services()["worker"]["healthcheck"]
+    assert not check.get("disable")
+    test = check["test"]
+    assert test[0] == "CMD", "exec form: no shell needed in the image"
+    assert test[1:3] == ["coupon-worker", "health"], test
+    assert test[2] in cli_subcommands()
+    options = {word.split("=", 1)[0] for word in test[3:] if word.startswith("-")}
+    assert options <= {"--max-age", "--json"}, "the worker's name and pid vary: judge them all"
+    # Stale after 3 heartbeat intervals of the default 5 s; a probe must see that in time.
+    assert _seconds(check["interval"]) <= 30 and _seconds(check["timeout"]) >= 5
+    assert _seconds(check["start_period"]) >= 15, "time to connect before the first beat"
+    env = project_services()["worker"]["environment"]
+    assert "COUPONS_HEARTBEAT_DIR" not in env or env["COUPONS_HEARTBEAT_DIR"].startswith("/")
+
+
+def _seconds(duration: str) -> float:
+    found = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m)", duration)
+    assert found, duration
+    return float(found.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0}[found.group(2)]
+
+
 def test_worker_can_be_scaled() -> None:
     worker = services()["worker"]
     assert "container_name" not in worker

@@ -66,6 +66,11 @@ def test_plain_http_is_refused_unless_loopback_or_opted_in() -> None:
         ({"lease_s": 10}, "COUPONS_LEASE_SECONDS must be at least"),
         ({"database_url": "mysql://x"}, "must be a PostgreSQL URL"),
         ({"max_attempts": 0}, "COUPONS_MAX_ATTEMPTS"),
+        ({"db_lock_timeout_s": 20}, "COUPONS_DB_LOCK_TIMEOUT_SECONDS must not exceed"),
+        ({"db_statement_timeout_s": 120}, "must be below the task hard time limit"),
+        ({"db_keepalive_idle_s": 100}, "must be below the task hard time limit"),
+        ({"db_connect_timeout_s": 1}, "COUPONS_DB_CONNECT_TIMEOUT_SECONDS"),
+        ({"heartbeat_interval_s": 0}, "COUPONS_HEARTBEAT_INTERVAL_SECONDS"),
     ],
 )
 def test_invalid_settings_name_the_variable(overrides: dict[str, object], message: str) -> None:
@@ -86,3 +91,34 @@ def test_the_readme_documents_every_variable() -> None:
     readme = README.read_text()
     for field in Settings.model_fields.values():
         assert f"`{field.validation_alias}`" in readme, field.validation_alias
+
+
+def test_database_limits_fit_inside_the_hard_time_limit() -> None:
+    settings = load_settings()
+    # The defaults: a statement gives up long before Celery would kill the task.
+    assert settings.db_statement_timeout_s * 10 <= settings.task_hard_time_limit_s
+    assert settings.db_stall_limit_s < settings.task_hard_time_limit_s
+    # A short lease needs short database timeouts, and says so.
+    with pytest.raises(ConfigurationError, match=r"= 30 s must be below .* = 25 s"):
+        load_settings(lease_s=30, http_timeout_s=2, http_connect_timeout_s=1,
+                      rate_limit_max_wait_s=5)
+    short = load_settings(lease_s=30, http_timeout_s=2, http_connect_timeout_s=1,
+                          rate_limit_max_wait_s=5, db_keepalive_idle_s=5,
+                          db_keepalive_interval_s=2, db_keepalive_count=3)
+    assert short.db_stall_limit_s == 5 + 11
+
+
+def test_database_limits_become_libpq_parameters() -> None:
+    from worker.ledger.unit_of_work import ConnectionLimits
+
+    limits = ConnectionLimits.from_settings(load_settings(db_statement_timeout_s=2.5,
+                                                          db_lock_timeout_s=0.75))
+    assert limits.connect_args("coupon-worker") == {
+        "application_name": "coupon-worker",
+        "connect_timeout": 5,
+        "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+        "keepalives_count": 3, "tcp_user_timeout": 25_000,
+        "options": "-c statement_timeout=2500 -c lock_timeout=750",
+    }
+    # Tools that run long statements (migrations, support queries) keep the server's limits.
+    assert "options" not in ConnectionLimits().connect_args("coupon-worker")

@@ -34,6 +34,7 @@ from worker.errors import LedgerUnavailable
 log = logging.getLogger(__name__)
 
 GUARD_INTERVAL_S = 0.25
+_RUN = bootsteps.RUN  # type: ignore[attr-defined]  # not in the stubs
 BRIDGE_PREFETCH = 20
 # Tasks allowed to wait per pool slot before the bridge stops forwarding bus messages.
 BACKLOG_PER_SLOT = 16
@@ -178,12 +179,18 @@ class Sweeper(bootsteps.StartStopStep):
         if self._thread is not None:
             self._thread.join(timeout=10)
 
+    def _worker_running(self) -> bool:
+        # A worker that is stopping, or failed before it fully started (Celery then skips the
+        # steps' stop), must not keep sweeping: that would make a dead worker look busy.
+        blueprint = getattr(self._worker, "blueprint", None)
+        return bool(getattr(blueprint, "state", None) == _RUN)
+
     def _loop(self) -> None:
         from worker import services
 
         container = self._worker.app.coupon_container
         interval_s = container.settings.sweep_interval_s
-        while not self._stop.is_set():
+        while not self._stop.is_set() and self._worker_running():
             try:
                 deps = container.deps()
                 report = services.sweep(deps, requeue_after_s=container.settings.requeue_after_s)

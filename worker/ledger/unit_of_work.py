@@ -1,15 +1,17 @@
 """The transaction boundary: nothing is written unless ``commit()`` is called.
 
-Driver errors are translated here: a lost or refused connection becomes ``LedgerUnavailable``
-(the message goes back to the broker), anything else ``LedgerError``.
+Driver errors are translated here: a lost or refused connection, and a statement cut short by
+the statement or lock timeout, become ``LedgerUnavailable`` (the message goes back to the
+broker, nothing having been recorded), anything else ``LedgerError``.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import TracebackType
-from typing import Protocol, Self
+from typing import TYPE_CHECKING, Protocol, Self
 
 from sqlalchemy import Engine, create_engine
 from sqlalchemy import exc as sa_exc
@@ -17,6 +19,18 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from worker.errors import LedgerError, LedgerUnavailable, WorkerError
 from worker.ledger.repository import Ledger, SqlLedger
+
+if TYPE_CHECKING:
+    from worker.config import Settings
+
+# SQLSTATEs of a statement the server gave up on while the database itself is fine: waiting
+# again later is the answer, exactly as for a lost connection.
+_STALLED = {
+    "57014": "statement timeout",  # query_canceled (statement_timeout)
+    "55P03": "lock timeout",  # lock_not_available (lock_timeout, NOWAIT)
+    "40P01": "deadlock",
+    "40001": "serialization failure",
+}
 
 
 class UnitOfWork(Protocol):
@@ -37,9 +51,67 @@ class UnitOfWork(Protocol):
 UnitOfWorkFactory = Callable[[], UnitOfWork]
 
 
-def make_engine(database_url: str, *, pool_size: int = 5, application_name: str = "coupon-worker"
-                ) -> Engine:
-    """An engine that fails fast when the server is down.
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """How long a ledger connection may wait, whatever the server or the network does.
+
+    Without them a statement waits for a lock, a slow plan or a vanished server for as long as
+    it takes, and Celery's hard time limit ends the task instead, with nothing recorded.
+    ``None`` leaves the server's setting (no limit) for tools that run long statements.
+    """
+
+    connect_timeout_s: int = 5
+    statement_timeout_s: float | None = None
+    lock_timeout_s: float | None = None
+    keepalive_idle_s: int = 10
+    keepalive_interval_s: int = 5
+    keepalive_count: int = 3
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ConnectionLimits:
+        return cls(
+            connect_timeout_s=settings.db_connect_timeout_s,
+            statement_timeout_s=settings.db_statement_timeout_s,
+            lock_timeout_s=settings.db_lock_timeout_s,
+            keepalive_idle_s=settings.db_keepalive_idle_s,
+            keepalive_interval_s=settings.db_keepalive_interval_s,
+            keepalive_count=settings.db_keepalive_count,
+        )
+
+    def connect_args(self, application_name: str) -> dict[str, object]:
+        """libpq connection parameters (psycopg passes them through)."""
+        dead_peer_ms = 1000 * (self.keepalive_idle_s
+                               + self.keepalive_interval_s * self.keepalive_count)
+        args: dict[str, object] = {
+            "application_name": application_name,
+            "connect_timeout": self.connect_timeout_s,
+            # A server that vanished (host down, partition) sends no error: an idle-looking
+            # connection waiting for an answer is probed by keepalives, and unacknowledged
+            # data is given up after the same time.
+            "keepalives": 1,
+            "keepalives_idle": self.keepalive_idle_s,
+            "keepalives_interval": self.keepalive_interval_s,
+            "keepalives_count": self.keepalive_count,
+            "tcp_user_timeout": dead_peer_ms,
+        }
+        # Set in the startup packet: no extra round trip, and every pooled connection has them.
+        options = []
+        if self.statement_timeout_s is not None:
+            options.append(f"-c statement_timeout={_ms(self.statement_timeout_s)}")
+        if self.lock_timeout_s is not None:
+            options.append(f"-c lock_timeout={_ms(self.lock_timeout_s)}")
+        if options:
+            args["options"] = " ".join(options)
+        return args
+
+
+def _ms(seconds: float) -> int:
+    return max(round(seconds * 1000), 1)
+
+
+def make_engine(database_url: str, *, pool_size: int = 5, application_name: str = "coupon-worker",
+                limits: ConnectionLimits | None = None) -> Engine:
+    """An engine that fails fast when the server is down or stalls.
 
     No pre-ping: it would cost a round trip per transaction, twice per event. A connection that
     died with the server fails its first statement instead; SQLAlchemy then discards the whole
@@ -51,16 +123,20 @@ def make_engine(database_url: str, *, pool_size: int = 5, application_name: str 
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_recycle=1800,
-        connect_args={"connect_timeout": 5, "application_name": application_name},
+        connect_args=(limits or ConnectionLimits()).connect_args(application_name),
     )
 
 
 def translate(exc: Exception) -> WorkerError:
     """Our error for a SQLAlchemy/psycopg error."""
+    cause = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
+    stalled = _STALLED.get(str(getattr(cause, "sqlstate", None)))
+    if stalled is not None:
+        return LedgerUnavailable(f"database stalled ({stalled}): {type(cause).__name__}: "
+                                 f"{str(cause).strip()}")
     if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError) or (
         isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
     ):
-        cause = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
         return LedgerUnavailable(f"database unavailable: {type(cause).__name__}: {cause}")
     return LedgerError(f"database error: {exc}")
 

@@ -1,0 +1,184 @@
+"""A fleet on one host: workers started with no flags coexist, a worker whose consumer is gone
+for good exits non-zero, and `coupon-worker health` tells a consuming worker from a process
+that merely exists."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kombu import Connection, Queue
+from sqlalchemy import Engine, text
+
+from tests.acceptance.helpers import example_event, publish, wait_for_state
+from tests.conftest import (
+    RABBIT_HOST,
+    REPO_ROOT,
+    WorkerProcess,
+    _rabbitmqctl,
+    coupon_worker_command,
+    settings_env,
+    wait_until,
+)
+from worker.config import Settings
+from worker.sandbox import SandboxAdmin
+
+NODE = re.compile(r"(coupon-worker-(\d+)@\S+) ready\.")
+
+
+def _node_of(worker: WorkerProcess) -> tuple[str, int]:
+    found = NODE.search(worker.log())
+    assert found, f"no default node name in the log:\n{worker.log()[-3000:]}"
+    return found.group(1), int(found.group(2))
+
+
+def _consumers(settings: Settings, queue: str) -> int:
+    with Connection(settings.broker_url) as conn:
+        _name, _messages, consumers = conn.default_channel.queue_declare(queue=queue,
+                                                                         passive=True)
+    return int(consumers)
+
+
+def _claimed_by(engine: Engine) -> set[str]:
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT DISTINCT worker FROM entity_history "
+                                 "WHERE kind = 'claimed'"))
+        return {r[0] for r in rows}
+
+
+def _parent_of(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def test_workers_started_with_no_flags_share_a_host_and_all_consume(
+    settings: Settings, clean_ledger: Engine, sandbox: SandboxAdmin,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    # Given two workers started the way an operator would, twice on one host, no -n
+    first = start_worker(settings, concurrency=1, node_name=None)
+    second = start_worker(settings, concurrency=1, node_name=None)
+    # Then each has its own node name and both are up and consuming the task queue
+    (node_a, pid_a), (node_b, pid_b) = _node_of(first), _node_of(second)
+    assert node_a != node_b
+    assert (pid_a, pid_b) == (first.process.pid, second.process.pid)
+    wait_until(lambda: _consumers(settings, settings.tasks_queue) == 2,
+               message="two consumers on the task queue")
+    # And both issue: a slow Capillary keeps one worker busy while the other takes the next
+    sandbox.configure(latency_seconds=0.2)
+    events = [example_event(f"fleet-{n}", series=(544770,), customer=str(566_000_000 + n))
+              for n in range(12)]
+    publish(settings, *events)
+    for event in events:
+        wait_for_state(clean_ledger, event["eventId"], "completed", timeout_s=60)
+    host = socket.gethostname()
+    # Claims are made by the pool's children: each worker's child claimed some.
+    claimers = {int(worker.rsplit(":", 1)[1]) for worker in _claimed_by(clean_ledger)
+                if worker.startswith(f"{host}:")}
+    assert {_parent_of(pid) for pid in claimers} == {pid_a, pid_b}
+    assert len(sandbox.ledger()) == 12
+    for worker in (first, second):
+        assert worker.process.poll() is None
+        assert "RESOURCE_LOCKED" not in worker.log()
+
+
+def test_a_worker_whose_node_name_is_taken_exits_non_zero(
+    settings: Settings, start_worker: Callable[..., WorkerProcess],
+) -> None:
+    # Given another connection holding the exclusive control queue of the name we ask for
+    node = f"taken-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
+    with Connection(settings.broker_url) as holder:
+        Queue(f"{node}.celery.pidbox", exclusive=True, auto_delete=True)(
+            holder.default_channel).declare()
+        # When a worker starts with that name
+        worker = start_worker(settings, node_name=node, wait_ready=False)
+        # Then its consumer cannot start, and the process ends with a failure exit code
+        code = worker.process.wait(timeout=60)
+    assert code != 0, worker.log()[-3000:]
+    assert "RESOURCE_LOCKED" in worker.log()
+
+
+@pytest.fixture
+def own_vhost() -> Iterator[str]:
+    vhost = f"cw-test-gone-{uuid.uuid4().hex[:8]}"
+    _rabbitmqctl("add_vhost", vhost)
+    _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    yield vhost
+    with contextlib.suppress(subprocess.CalledProcessError):  # the test deleted it
+        _rabbitmqctl("delete_vhost", vhost)
+
+
+def test_a_worker_whose_broker_is_gone_for_good_exits_non_zero(
+    settings_factory: Callable[..., Settings], own_vhost: str,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    settings = settings_factory(broker_url=f"amqp://guest:guest@{RABBIT_HOST}/{own_vhost}")
+    worker = start_worker(settings)
+    # When its vhost is deleted: the connection is closed and every reconnect is refused
+    _rabbitmqctl("delete_vhost", own_vhost)
+    # Then the worker does not stay up reconnecting forever: it exits, with a failure code
+    code = worker.process.wait(timeout=60)
+    assert code != 0, worker.log()[-3000:]
+    assert "consumer.unrecoverable" in worker.log()
+
+
+# -- health --------------------------------------------------------------------------------
+
+
+def _health(settings: Settings, *args: str) -> tuple[int, str]:
+    result = subprocess.run([coupon_worker_command(), "health", *args], cwd=REPO_ROOT,
+                            env=settings_env(settings), capture_output=True, text=True,
+                            timeout=30, check=False)
+    return result.returncode, result.stdout
+
+
+def _healthy(settings: Settings, *args: str) -> bool:
+    return _health(settings, *args)[0] == 0
+
+
+def test_health_reports_consumer_liveness(
+    settings: Settings, start_worker: Callable[..., WorkerProcess],
+) -> None:
+    # Before any worker: unhealthy
+    code, out = _health(settings)
+    assert code == 1 and out.startswith("unhealthy: no running worker"), out
+    # While a worker consumes: healthy, by itself or by node name, in words and in JSON
+    worker = start_worker(settings, node_name=None)
+    node, pid = _node_of(worker)
+    wait_until(lambda: _healthy(settings), message="health to pass")
+    code, out = _health(settings, "--node", node)
+    assert code == 0 and out.startswith("healthy: 1 worker(s) consuming"), out
+    assert f"{node} (pid {pid}): consuming" in out
+    code, out = _health(settings, "--pid", str(pid), "--json")
+    report: dict[str, Any] = json.loads(out)
+    assert code == 0 and report["healthy"] is True
+    assert [(w["node"], w["status"]) for w in report["workers"]] == [(node, "healthy")]
+    # When the consumer stops while the process stays (its event loop frozen): unhealthy
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: not _healthy(settings), timeout_s=15,
+                   message="health to fail while the consumer is stopped")
+        code, out = _health(settings, "--node", node, "--json")
+        assert code == 1
+        assert json.loads(out)["workers"][0]["status"] == "stale"
+        assert worker.process.poll() is None, "the process is still there"
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    # And healthy again once it consumes again
+    wait_until(lambda: _healthy(settings), message="health to recover")
+    # When the process is killed: unhealthy, and the named worker is reported gone
+    worker.kill()
+    code, out = _health(settings)
+    assert code == 1 and "no running worker" in out, out
+    code, out = _health(settings, "--node", node, "--json")
+    assert code == 1 and json.loads(out)["workers"][0]["status"] == "gone"
