@@ -9,7 +9,7 @@ import pytest
 from celery.exceptions import Reject
 
 from tests.unit.conftest import World
-from worker import tasks
+from worker import services, tasks
 from worker.errors import LedgerUnavailable
 
 
@@ -46,3 +46,93 @@ def test_a_database_outage_puts_the_message_back(world: World,
     with pytest.raises(Reject) as info:
         tasks._run(lambda: world.deps, down, raw=b"{}", source="bus", event_id=None)
     assert info.value.requeue
+
+
+# -- poison input: recorded, never an error that loses the message --------------------------
+
+GOOD = {"eventId": "e-1", "customer": {"id": "1"}, "seriesIds": [544770]}
+POISON_BODIES = {
+    b"[" * 5000: "JSON nested deeper than 32 levels",
+    json.dumps({**GOOD, "eventId": "a\u0000b"}).encode(): "eventId: contains a NUL character",
+    json.dumps({**GOOD, "customer": {"id": "1\u00002"}}).encode():
+        "customer.id: contains a NUL character",
+    json.dumps({**GOOD, "seriesIds": [2**31]}).encode(): "series id 2147483648 is above",
+    json.dumps({**GOOD, "eventId": "a\ud800"}).encode(): "eventId: contains a lone surrogate",
+    b"null": "event must be a JSON object, got null",
+    b'{"eventId": "\xff"}': "body is not UTF-8",
+}
+
+
+@pytest.mark.parametrize("body", list(POISON_BODIES), ids=list(POISON_BODIES.values()))
+def test_poison_bodies_are_recorded_with_their_raw_bytes(world: World, body: bytes) -> None:
+    report = tasks.handle_raw(body, content_type="application/json", source="bus",
+                              deps=world.deps, max_bytes=65536)
+    assert report.rejected_id == 1
+    rejection = world.state.rejections[0]
+    assert rejection["raw"] == body
+    assert POISON_BODIES[body] in rejection["reason"]
+    assert world.api.bulk_calls == [] and world.state.events == {}
+
+
+def test_a_rejection_whose_event_id_has_a_nul_is_still_recorded(world: World) -> None:
+    rejected_id = services.record_rejection(
+        b"{}", "reason with a NUL \x00 and \ud800", source="bus", deps=world.deps,
+        event_id="a\x00b\ud800", content_type="application/json\x00")
+    rejection = world.state.rejections[rejected_id - 1]
+    assert rejection["event_id"] == "a\\x00b\\ud800"
+    assert rejection["reason"] == "reason with a NUL \\x00 and \\ud800"
+    assert rejection["content_type"] == "application/json\\x00"
+
+
+def test_the_ingest_task_path_records_poison_even_when_it_peeked_a_bad_event_id(
+        world: World) -> None:
+    body = json.dumps({**GOOD, "eventId": "a\u0000b"}).encode()
+    result = tasks._run(lambda: world.deps,
+                        lambda d: tasks.handle_raw(body, content_type=None, source="bus",
+                                                   deps=d, max_bytes=65536),
+                        raw=body, source="bus", event_id="a\x00b")
+    assert result["rejected_id"] == 1
+    assert world.state.rejections[0]["raw"] == body
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        ({**GOOD, "eventId": "a\u0000b"}, "eventId: contains a NUL character"),
+        ({**GOOD, "seriesIds": [2**31]}, "series id 2147483648 is above"),
+        ({**GOOD, "metadata": {"notes": "\ud800"}}, "metadata.notes: contains a lone surrogate"),
+        ([], "event must be a JSON object, got an array"),
+        ("x", "event must be a JSON object, got a string"),
+        (None, "event must be a JSON object, got null"),
+    ],
+)
+def test_the_issue_task_path_records_poison_events(world: World, data: object,
+                                                   reason: str) -> None:
+    report = tasks.handle_event(data, source="task", deps=world.deps)
+    assert report.rejected_id == 1
+    assert reason in world.state.rejections[0]["reason"]
+    assert json.loads(world.state.rejections[0]["raw"]) == data
+    assert world.api.bulk_calls == []
+
+
+def test_the_issue_task_keeps_a_payload_too_deep_to_serialise(world: World) -> None:
+    deep: Any = []
+    for _ in range(5000):
+        deep = [deep]
+    data = {**GOOD, "extra": deep}
+    report = tasks.handle_event(data, source="task", deps=world.deps)
+    assert report.rejected_id == 1
+    assert world.state.rejections[0]["reason"] == "JSON nested deeper than 32 levels"
+    assert world.state.rejections[0]["raw"].startswith(b"<")
+
+
+@pytest.mark.parametrize(
+    ("body", "encoding", "raw"),
+    [
+        ("eyJ4IjogMX0=", "base64", b'{"x": 1}'),
+        ("not base64!", "base64", b"not base64!"),
+        ('{"eventId": "\ud800"}', "utf-8", b'{"eventId": "\xed\xa0\x80"}'),
+    ],
+)
+def test_a_forwarded_body_always_decodes_to_bytes(body: str, encoding: str, raw: bytes) -> None:
+    assert tasks.decode_body(body, encoding) == raw
