@@ -136,3 +136,30 @@ def test_the_issue_task_keeps_a_payload_too_deep_to_serialise(world: World) -> N
 )
 def test_a_forwarded_body_always_decodes_to_bytes(body: str, encoding: str, raw: bytes) -> None:
     assert tasks.decode_body(body, encoding) == raw
+
+
+def test_a_row_the_ledger_still_refuses_is_stored_with_what_cannot_be_refused(
+        world: World) -> None:
+    # A fake of our own seam: this ledger refuses any rejection that carries an event id.
+    from worker.errors import LedgerError
+    from worker.ledger.fake import FakeUnitOfWork, InMemoryLedger
+
+    class Picky(InMemoryLedger):
+        def record_rejection(self, **kwargs: Any) -> int:
+            if kwargs["event_id"] is not None:
+                raise LedgerError("database error: value too long for type")
+            return super().record_rejection(**kwargs)
+
+    def picky_uow() -> FakeUnitOfWork:
+        uow = FakeUnitOfWork(world.state)
+        uow.ledger = Picky(world.state)
+        return uow
+
+    world.deps.uow = picky_uow
+    rejected_id = services.record_rejection(b"\x00raw", "bad \ud800", source="bus",
+                                            deps=world.deps, event_id="e-1",
+                                            content_type="application/json")
+    row = world.state.rejections[rejected_id - 1]
+    assert row["raw"] == b"\x00raw" and row["event_id"] is None
+    assert row["reason"].startswith("bad \\ud800 (stored without its event id")
+    assert row["reason"].isascii()
