@@ -127,14 +127,15 @@ def test_poison_input_is_rejected_with_a_precise_reason(body: bytes, reason: str
     assert reason in rejected(body)
 
 
-def test_the_largest_series_id_the_ledger_stores_is_accepted() -> None:
-    event = parse_event_bytes(with_(seriesIds=[2**31 - 1]), max_bytes=MAX)
-    assert event.seriesIds == (2**31 - 1,)
-
-
-def test_nesting_within_the_limit_is_fine_in_ignored_fields() -> None:
-    event = parse_event_bytes(with_(extra=json.loads("[" * 30 + "]" * 30)), max_bytes=MAX)
-    assert event.eventId == GOOD["eventId"]
+def test_the_limits_are_exact() -> None:
+    # The largest series id the ledger stores passes, one more does not.
+    assert parse_event_bytes(with_(seriesIds=[2**31 - 1]), max_bytes=MAX).seriesIds == (
+        2**31 - 1,)
+    assert "series id 2147483648 is above" in rejected(with_(seriesIds=[2**31]))
+    # 32 levels pass (the event object and 31 nested arrays in an ignored field), 33 do not.
+    assert parse_event_bytes(with_(extra=json.loads("[" * 31 + "]" * 31)), max_bytes=MAX)
+    assert rejected(with_(extra=json.loads("[" * 32 + "]" * 32))) == \
+        "JSON nested deeper than 32 levels"
 
 
 def test_decoded_data_from_a_task_is_checked_the_same_way() -> None:

@@ -84,17 +84,6 @@ def test_a_rejection_whose_event_id_has_a_nul_is_still_recorded(world: World) ->
     assert rejection["content_type"] == "application/json\\x00"
 
 
-def test_the_ingest_task_path_records_poison_even_when_it_peeked_a_bad_event_id(
-        world: World) -> None:
-    body = json.dumps({**GOOD, "eventId": "a\u0000b"}).encode()
-    result = tasks._run(lambda: world.deps,
-                        lambda d: tasks.handle_raw(body, content_type=None, source="bus",
-                                                   deps=d, max_bytes=65536),
-                        raw=body, source="bus", event_id="a\x00b")
-    assert result["rejected_id"] == 1
-    assert world.state.rejections[0]["raw"] == body
-
-
 @pytest.mark.parametrize(
     ("data", "reason"),
     [
