@@ -233,15 +233,15 @@ def render_rejected(console: Console, story: dict[str, Any], *, full: bool = Fal
         show(console, "resubmitted as event ", (story["resubmitted_event_id"], "bold"), " at ",
              _s(story["resubmitted_at"]))
     else:
-        show(console, ("not resubmitted", "yellow"), ": fix the payload, then "
-             f"coupon-worker rejected resubmit {rejected_id} --file FIXED.json --reason ...")
+        show(console, ("not resubmitted", "yellow"),
+             f" (fix it: coupon-worker rejected resubmit {rejected_id} --file FIXED.json "
+             "--reason ...)")
     raw: bytes = story["raw"]
     text = payload_text(raw)
     shown = text if full or len(text) <= PAYLOAD_PREVIEW_CHARS else \
         text[:PAYLOAD_PREVIEW_CHARS]
     show(console, ("payload", "bold"),
-         f" ({len(raw)} bytes; control characters and invalid UTF-8 escaped; "
-         f"--save FILE writes the exact bytes)")
+         f", {len(raw)} bytes (escaped; --save FILE writes them as received)")
     console.print(Text(shown), highlight=False, soft_wrap=True)
     if len(shown) < len(text):
         show(console, f"{PAYLOAD_INDENT}… {len(text) - len(shown)} more characters "

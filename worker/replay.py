@@ -224,7 +224,7 @@ def _resubmit_plan(row: RejectedRow, event: LoyaltyEvent | None, problem: str | 
     """(what to do: submit | link | refuse, the outcome in words)."""
     if row.resubmitted_at is not None:
         return "refuse", (f"refused: already resubmitted as event {row.resubmitted_event_id} "
-                          f"at {row.resubmitted_at.isoformat()}")
+                          f"at {row.resubmitted_at.isoformat(timespec='seconds')}")
     if event is None:
         return "refuse", f"refused: the fixed payload is not a valid event: {problem}"
     existing = repo.event_fingerprint(event.eventId)

@@ -56,8 +56,8 @@ def _peek(body: bytes, max_bytes: int) -> tuple[str | None, str | None, str | No
     """Event id, customer and series of a message, as printable labels for Flower.
 
     None where unreadable. The task validates the message and records whatever is wrong with
-    it; this peek only has to never raise (a RecursionError here once ended the consumer of
-    every worker in turn, on the same message).
+    it; this peek only has to never raise (deep nesting used to raise RecursionError here,
+    outside any handler, and the message was never recorded).
     """
     if len(body) > max_bytes:
         return None, None, None
