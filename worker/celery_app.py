@@ -79,6 +79,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_concurrency": settings.worker_concurrency,
         "worker_max_memory_per_child": None,
         "worker_disable_rate_limits": True,
+        # Celery's consumer, also recording task messages it cannot decode as rejections.
+        "worker_consumer": "worker.broker.worker_steps:TaskConsumer",
     }
 
 

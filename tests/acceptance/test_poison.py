@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import json
 import subprocess
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kombu import Connection, Producer
 from sqlalchemy import Engine, text
 
 from tests.acceptance.helpers import example_event, publish, publish_raw, wait_for_state
 from tests.conftest import WorkerProcess, coupon_worker_command, settings_env, wait_until
+from worker.broker import topology
 from worker.config import Settings
 from worker.sandbox import SandboxAdmin
 
@@ -60,6 +63,21 @@ GOOD = [example_event("poison-good-1", customer="566881001"),
 GOOD_TASK = example_event("poison-good-task", customer="566881003")
 
 
+# A coupons.issue task message whose event is nested past what Celery's decoder can read.
+UNDECODABLE_TASK = b'[[], {"event": ' + b"[" * 5000 + b"]" * 5000 + b'}, {}]'
+
+
+def publish_task_body(settings: Settings, raw: bytes) -> None:
+    """A Celery protocol 2 message made by hand, as a foreign producer could send it."""
+    with Connection(settings.broker_url) as conn:
+        queue = topology.tasks_queue(settings)
+        Producer(conn.default_channel).publish(
+            raw, exchange=queue.exchange, routing_key=queue.routing_key, declare=[queue],
+            content_type="application/json", content_encoding="utf-8", delivery_mode=2,
+            headers={"task": "coupons.issue", "id": str(uuid.uuid4()), "lang": "py",
+                     "argsrepr": "()", "kwargsrepr": "deep"})
+
+
 def rejections(engine: Engine) -> list[dict[str, Any]]:
     with engine.connect() as conn:
         return [dict(r) for r in conn.execute(text(
@@ -75,13 +93,14 @@ def test_poison_is_recorded_and_the_events_behind_it_are_issued(
     # Given poison on both ways in, ahead of valid events
     publish_raw(settings, *poison)
     publish(settings, *(event for event, _reason in TASK_POISON), via="task")
+    publish_task_body(settings, UNDECODABLE_TASK)
     publish(settings, *GOOD)
     publish(settings, GOOD_TASK, via="task")
 
     # Then the valid events behind the poison are issued, as the sandbox itself recorded them
     for event in [*GOOD, GOOD_TASK]:
         wait_for_state(clean_ledger, event["eventId"], "completed", timeout_s=60)
-    expected = len(poison) + len(TASK_POISON)
+    expected = len(poison) + len(TASK_POISON) + 1
     rows = wait_until(lambda: len(rejections(clean_ledger)) == expected
                       and rejections(clean_ledger), timeout_s=60,
                       message=f"{expected} rejections to be recorded")
@@ -103,8 +122,12 @@ def test_poison_is_recorded_and_the_events_behind_it_are_issued(
     assert by_raw[max(poison, key=len)]["event_id"] == "poison-huge"
     # And so is every bad task, its payload kept as JSON
     task_rows = [r for r in rows if r["source"] == "task"]
+    undecodable, = (r for r in task_rows if bytes(r["raw"]) == UNDECODABLE_TASK)
+    assert undecodable["reason"] == ("task message cannot be decoded: JSON nested deeper than "
+                                     "32 levels")
     for event, reason in TASK_POISON:
-        row = next(r for r in task_rows if json.loads(bytes(r["raw"])) == event)
+        row = next(r for r in task_rows if bytes(r["raw"]) != UNDECODABLE_TASK
+                   and json.loads(bytes(r["raw"])) == event)
         assert reason in row["reason"]
 
     # And the worker is alive and well: nothing escaped a handler, no line was forged

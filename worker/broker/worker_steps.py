@@ -10,6 +10,7 @@
   the circuit is open or the database is down, and resumes when they are back; messages stay in
   RabbitMQ meanwhile.
 - ``MetricsServer`` (worker step): the Prometheus endpoint.
+- ``TaskConsumer`` (Celery's consumer): also records a task message Celery cannot decode.
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ from collections import deque
 from typing import Any
 
 from celery import Celery, bootsteps, signals
+from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu import Consumer, Message
 
 from worker.broker import topology
 from worker.broker.publisher import BROKER_ERRORS, PUBLISH_RETRY_POLICY, event_argsrepr
 from worker.errors import LedgerUnavailable
-from worker.events import EVENT_ID_MAX_CHARS, event_id_in_prefix, oversize_reason
+from worker.events import EVENT_ID_MAX_CHARS, TOO_DEEP, event_id_in_prefix, oversize_reason
 from worker.sanitize import printable
 
 log = logging.getLogger(__name__)
@@ -197,6 +199,37 @@ class EventsBridge(bootsteps.ConsumerStep):
             return False
         message.ack()
         return True
+
+
+class TaskConsumer(CeleryConsumer):
+    """Celery's consumer, keeping the task messages it cannot decode as rejections.
+
+    Celery acknowledges such a message and only logs it (a ``coupons.issue`` whose event is
+    nested past the interpreter's recursion limit, or a hand-made message that is not JSON),
+    so the payload would be gone. It is recorded instead, from this loop, like an oversize
+    bus body, and acknowledged; should the ledger refuse, Celery's own handling (log with the
+    body, acknowledge) follows.
+    """
+
+    def on_decode_error(self, message: Message, exc: Exception) -> None:
+        from worker import services
+
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, RecursionError):
+            cause = cause.__cause__ or cause.__context__
+        detail = TOO_DEEP if cause is not None else printable(str(exc), limit=300)
+        body = message.body if isinstance(message.body, bytes) \
+            else str(message.body).encode("utf-8", "surrogatepass")
+        try:
+            services.record_rejection(
+                body, f"task message cannot be decoded: {detail}", source="task",
+                deps=self.app.coupon_container.deps(),  # type: ignore[attr-defined]
+                content_type=message.content_type)
+        except Exception:
+            log.exception("task.undecodable_not_recorded", extra={"size_bytes": len(body)})
+            super().on_decode_error(message, exc)
+            return
+        message.ack()
 
 
 class Sweeper(bootsteps.StartStopStep):
