@@ -71,7 +71,6 @@ def _storable_keys(data: object) -> object:
     return data
 
 
-
 class _Storable(BaseModel):
     """Every text field and key of an event must be storable in PostgreSQL."""
 
@@ -95,7 +94,6 @@ class Customer(_Storable):
     mobile: str | None = Field(None, min_length=1, max_length=32)
     email: str | None = Field(None, min_length=3, max_length=254)
     externalId: str | None = Field(None, min_length=1, max_length=128)
-
 
     @field_validator("id", mode="before")
     @classmethod
@@ -138,7 +136,6 @@ class Metadata(_Storable):
     reason: str | None = Field(None, max_length=LONG_METADATA_MAX_CHARS)
 
 
-
 class LoyaltyEvent(_Storable):
     """"Give this customer these coupon series", keyed by ``eventId`` for idempotency."""
 
@@ -150,7 +147,6 @@ class LoyaltyEvent(_Storable):
     customer: Customer
     seriesIds: tuple[StrictInt, ...] = Field(min_length=1)
     metadata: Metadata = Field(default_factory=Metadata)
-
 
     @field_validator("eventId")
     @classmethod
