@@ -114,17 +114,58 @@ def event_story(engine: Engine, event_id: str) -> dict[str, Any]:
         event["entities"] = [entity_story(conn, entity_id) for entity_id in entity_ids]
         event["coupons"] = [c for e in event["entities"] for c in e["coupons"]]
         event["rejections"] = rejections
+        event["resubmitted_from"] = [
+            int(x) for x in conn.execute(
+                select(m.RejectedEvent.id).where(m.RejectedEvent.resubmitted_event_id == event_id)
+                .order_by(m.RejectedEvent.id)
+            ).scalars()
+        ]
         return event
 
 
-def rejected_event(engine: Engine, rejected_id: int) -> dict[str, Any]:
+def rejected_list(engine: Engine, *, since: datetime | None = None,
+                  until: datetime | None = None, event_id: str | None = None,
+                  pending_only: bool = False, limit: int = 100) -> list[dict[str, Any]]:
+    """Rejected messages, newest first (without their raw bytes)."""
+    r = m.RejectedEvent
+    query = (
+        select(r.id, r.received_at, r.source, r.event_id, r.size_bytes, r.content_type,
+               r.reason, r.resubmitted_at, r.resubmitted_event_id)
+        .order_by(r.id.desc()).limit(limit)
+    )
+    if since:
+        query = query.where(r.received_at >= since)
+    if until:
+        query = query.where(r.received_at < until)
+    if event_id:
+        query = query.where(r.event_id == event_id)
+    if pending_only:
+        query = query.where(r.resubmitted_at.is_(None))
     with engine.connect() as conn:
-        row = conn.execute(
-            select(m.RejectedEvent.__table__).where(m.RejectedEvent.id == rejected_id)
-        ).mappings().first()
-    if row is None:
-        raise NotFound(f"no rejected event {rejected_id}")
-    return _row(row)
+        return [_row(row) for row in conn.execute(query).mappings()]
+
+
+def rejected_story(engine: Engine, rejected_id: int) -> dict[str, Any]:
+    """One rejected message: what was received (``raw`` as bytes), why, and what support did."""
+    r = m.RejectedEvent
+    a = m.OperatorAction
+    with engine.connect() as conn:
+        row = conn.execute(select(r.__table__).where(r.id == rejected_id)).mappings().first()
+        if row is None:
+            raise NotFound(f"no rejected event {rejected_id}")
+        actions = [
+            _row(x) for x in conn.execute(
+                select(a.at, a.action, a.operator, a.reason, a.outcome, a.event_id,
+                       a.details["os_user"].astext.label("os_user"))
+                .where(a.action == "rejected_resubmit",
+                       a.details["rejected_id"].astext == str(rejected_id))
+                .order_by(a.id)
+            ).mappings()
+        ]
+    story = {key: _plain(value) for key, value in dict(row).items() if key != "raw"}
+    story["raw"] = bytes(row["raw"])
+    story["operator_actions"] = actions
+    return story
 
 
 def dead_letters(engine: Engine, selection: Selection, *, limit: int = 200,
