@@ -85,7 +85,18 @@ def clean_ledger(engine: Engine) -> Engine:
 
 
 def _rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+    # A node that is (re)starting refuses commands for a moment; tests that restart the broker
+    # wait for it, but one command may still land in that gap.
+    for attempt in range(5):
+        done = subprocess.run(["rabbitmqctl", "-q", *args], check=False, capture_output=True,
+                              timeout=60)
+        if done.returncode == 0:
+            return
+        if attempt < 4:
+            subprocess.run(["rabbitmqctl", "-q", "await_startup"], check=False,
+                           capture_output=True, timeout=120)
+    raise AssertionError(f"rabbitmqctl {' '.join(args)} failed ({done.returncode}): "
+                         f"{done.stderr.decode(errors='replace')[-500:]}")
 
 
 @pytest.fixture(scope="session")

@@ -157,14 +157,14 @@ def register(app: Celery) -> None:
         deps_: Deps = _container(app).deps()
         return deps_
 
-    @app.task(name=TASK_ISSUE, ignore_result=True)
+    @app.task(name=TASK_ISSUE, ignore_result=True, shared=False)
     def issue(event: dict[str, Any], source: str = "task") -> dict[str, object]:
         """Issue the coupons of one event sent by a Python producer."""
         source = _label(source) or "task"
         return _run(deps, lambda d: handle_event(event, source=source, deps=d),
                     raw=raw_json(event), source=source, event_id=_event_id_of(event))
 
-    @app.task(name=TASK_INGEST, ignore_result=True)
+    @app.task(name=TASK_INGEST, ignore_result=True, shared=False)
     def ingest(body: str, encoding: str = "utf-8", content_type: str | None = None,
                source: str = "bus", event_id: str | None = None) -> dict[str, object]:
         """Issue the coupons of one raw bus message (validated here, in the pool)."""
@@ -177,7 +177,7 @@ def register(app: Celery) -> None:
                                                deps=d, max_bytes=max_bytes),
                     raw=raw, source=source, event_id=event_id)
 
-    @app.task(name=TASK_RETRY, ignore_result=True)
+    @app.task(name=TASK_RETRY, ignore_result=True, shared=False)
     def retry(entity_id: int) -> dict[str, object]:
         """Run the due retry of one entity."""
         return _run(deps, lambda d: services.retry_entity(entity_id, deps=d), raw=None,
