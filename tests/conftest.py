@@ -84,8 +84,22 @@ def clean_ledger(engine: Engine) -> Engine:
 # -- RabbitMQ ------------------------------------------------------------------------------
 
 
+RABBITMQCTL_NODE_DOWN = 64  # the node is not running (yet): e.g. a test restarted it
+
+
 def _rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+    # A node that is (re)starting refuses commands for a moment; tests that restart the broker
+    # wait for it, but one command may still land in that gap. Other refusals are final.
+    for _attempt in range(5):
+        done = subprocess.run(["rabbitmqctl", "-q", *args], check=False, capture_output=True,
+                              timeout=60)
+        if done.returncode != RABBITMQCTL_NODE_DOWN:
+            break
+        subprocess.run(["rabbitmqctl", "-q", "await_startup"], check=False,
+                       capture_output=True, timeout=120)
+    if done.returncode != 0:
+        raise subprocess.CalledProcessError(done.returncode, done.args, done.stdout,
+                                            done.stderr)
 
 
 @pytest.fixture(scope="session")

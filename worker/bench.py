@@ -64,10 +64,8 @@ How each figure is measured, and why that way:
 - *The sandbox's ceiling*: calls/s at zero latency from 64 concurrent aiohttp clients in this
   process, so a reader can see the stand-in server is not the bottleneck.
 
-The default pool is ``prefork``: an event costs ours several milliseconds of Python CPU (the
-ledger's statements, the HTTP call, the task itself), so one process of threads is held to one
-core by the GIL, while pool processes use every core; ``--pool threads`` measures the other
-choice (far less memory, lower throughput on this workload).
+The pool is ``prefork``, the only one the worker runs: it is the Celery pool that enforces the
+hard time limit an attempt's lease relies on.
 
 Nothing here asserts a figure: targets are printed with a verdict, never enforced. ``--short``
 shrinks every scenario to a few seconds for CI.
@@ -104,7 +102,7 @@ from sqlalchemy.engine import make_url
 
 from worker.config import Settings
 
-Pool = Literal["prefork", "threads"]
+Pool = Literal["prefork"]
 Via = Literal["bus", "task"]
 ScenarioName = Literal["quick", "overhead", "scale", "quota", "memory", "all"]
 
@@ -2020,8 +2018,8 @@ def bench_command() -> click.Command:
     @click.option("--concurrency", type=click.IntRange(min=1), default=DEFAULT_CONCURRENCY,
                   show_default=True, help="Pool slots per worker process.")
     @click.option("--pool", type=click.Choice(get_args(Pool)), default=DEFAULT_POOL,
-                  show_default=True, help="Celery pool of ours and the baseline alike (prefork: "
-                  "an event costs ours milliseconds of Python CPU, and threads share one core).")
+                  show_default=True, help="Celery pool of ours and the baseline alike (prefork "
+                  "only: the pool that enforces the hard time limit).")
     @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
                   help="Worker processes (quota always uses 3).")
     @click.option("--rate-limit-per-minute", type=click.IntRange(min=1), default=None,

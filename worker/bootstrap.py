@@ -62,7 +62,7 @@ class Container:
         self._settings_provider = settings
         self._publisher_factory = publisher
         self._lock = threading.Lock()
-        #: Connections per process; a threads pool needs one per thread (set at worker start).
+        #: Database connections per process (prefork: one task at a time, plus the sweeper).
         self.pool_size = 5
         self._pid: int | None = None
         self._deps: Deps | None = None

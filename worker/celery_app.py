@@ -80,8 +80,6 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_time_limit": settings.task_hard_time_limit_s,
         "task_soft_time_limit": max(settings.task_hard_time_limit_s - 5.0, 1.0),
         "worker_prefetch_multiplier": 1,
-        # Exits (non-zero) on broker errors that reconnecting cannot cure, instead of looping.
-        "worker_consumer": "worker.broker.consumer:FleetConsumer",
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         # Flower's view; each event is one more confirmed publish from the worker's main loop,
         # so a fleet that needs the last events/s may turn them off (Flower can still enable
@@ -93,6 +91,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_concurrency": settings.worker_concurrency,
         "worker_max_memory_per_child": None,
         "worker_disable_rate_limits": True,
+        # Celery's consumer, exiting (non-zero) on broker errors that reconnecting cannot cure
+        # instead of looping, and recording task messages it cannot decode as rejections.
+        "worker_consumer": "worker.broker.worker_steps:TaskConsumer",
     }
 
 

@@ -7,6 +7,7 @@
     coupon-worker events replay EVENT_ID  re-run what an event has not issued yet
     coupon-worker dlq list|summary|show|replay|discard   dead letters, for support engineers
     coupon-worker health                  whether this host's workers are consuming
+    coupon-worker rejected list|show|resubmit   rejected messages: inspect, fix and resubmit
     coupon-worker flower                  Flower on the project's app
     coupon-worker sandbox                 run the sandbox Capillary server
 """
@@ -23,24 +24,34 @@ from typing import Any, NoReturn
 
 import click
 from rich.console import Console
+from rich.text import Text
 
 from worker.config import DEFAULT_SANDBOX_PORT, Settings, load_settings
 from worker.errors import ConfigurationError, EventRejected, NotFound, WorkerError
+from worker.sanitize import printable
 
 console = Console()
 err_console = Console(stderr=True)
 
 
-def fail(message: str, code: int = 1) -> NoReturn:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+def fail(message: str, code: int = 1, *, multiline: bool = False) -> NoReturn:
+    # Messages quote ids and reasons from the ledger: shown as text, never as markup, and on
+    # one line unless they are ours to break (the configuration's list of problems).
+    text = printable(message, keep="\n" if multiline else "")
+    err_console.print(Text.assemble(("error:", "bold red"), " ", text), highlight=False)
     sys.exit(code)
+
+
+def say(message: str, *, err: bool = False) -> None:
+    """One line that may quote outside data: plain text, control characters escaped."""
+    (err_console if err else console).print(Text(printable(message)), highlight=False)
 
 
 def settings_or_exit() -> Settings:
     try:
         return load_settings()
     except ConfigurationError as exc:
-        fail(str(exc), 2)
+        fail(str(exc), 2, multiline=True)
 
 
 def print_json(data: Any) -> None:
@@ -89,8 +100,10 @@ def migrate() -> None:
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option("--concurrency", "-c", type=int, default=None,
-              help="Worker processes/threads (default: COUPONS_WORKER_CONCURRENCY or CPUs).")
-@click.option("--pool", "-P", type=click.Choice(["prefork", "threads", "solo"]),
+              help="Worker processes (default: COUPONS_WORKER_CONCURRENCY or CPUs).")
+# Prefork only: it is the one Celery pool that enforces the hard time limit, and that limit
+# is what keeps an attempt inside its lease (see the README's exactly-once section).
+@click.option("--pool", "-P", type=click.Choice(["prefork"]),
               default="prefork", show_default=True)
 @click.option("--hostname", "-n", default=None,
               help="Node name, e.g. coupons1@%h (default: coupon-worker-<pid>@<host>, unique "
@@ -210,8 +223,7 @@ def publish(source: str, via: str, no_validate: bool, repeat: int) -> None:
                     try:
                         event = parse_event_bytes(body, max_bytes=settings.max_event_bytes)
                     except EventRejected as exc:
-                        err_console.print(f"line {number}: not published: {exc.reason}",
-                                          highlight=False)
+                        say(f"line {number}: not published: {exc.reason}", err=True)
                         invalid += 1
                         continue
                     data: Any = event.to_message()
@@ -226,10 +238,9 @@ def publish(source: str, via: str, no_validate: bool, repeat: int) -> None:
                     published += 1
     except WorkerError as exc:
         fail(str(exc))
-    console.print(f"published {published} message(s) to "
-                  f"{settings.events_queue if via == 'bus' else settings.tasks_queue}"
-                  + (f"; {invalid} invalid line(s) skipped" if invalid else ""),
-                  highlight=False)
+    say(f"published {published} message(s) to "
+        f"{settings.events_queue if via == 'bus' else settings.tasks_queue}"
+        + (f"; {invalid} invalid line(s) skipped" if invalid else ""))
     if invalid:
         sys.exit(1)
 
@@ -367,7 +378,7 @@ def _print_actions(results: list[Any], as_json: bool, dry_run: bool, *, empty: s
         print_json({"dry_run": dry_run, "results": [r.as_dict() for r in results]})
         return
     if not results:
-        console.print(empty, highlight=False)
+        say(empty)
         return
     from worker.render import render_actions
 
@@ -503,7 +514,130 @@ def dlq_discard(entity_ids: tuple[int, ...], error_code: str | None, series_id: 
     _print_actions(results, as_json, dry_run, empty="no dead entity matches")
 
 
+# -- rejected messages ---------------------------------------------------------------------
+
+
+@main.group()
+def rejected() -> None:
+    """Rejected messages (not valid events): inspect them, fix and resubmit."""
+
+
+@rejected.command("list")
+@click.option("--since", help="ISO-8601 or 30m / 2h / 7d ago.")
+@click.option("--until", help="ISO-8601 or 30m / 2h / 7d ago.")
+@click.option("--event", "event_id", help="The event id the message claimed.")
+@click.option("--pending", is_flag=True, help="Only those not resubmitted yet.")
+@click.option("--limit", type=int, default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def rejected_list(since: str | None, until: str | None, event_id: str | None, pending: bool,
+                  limit: int, as_json: bool) -> None:
+    """Rejected messages, newest first: why each was refused, and whether it was resubmitted."""
+    from worker.views import rejected_list as listed
+
+    with _engine() as engine:
+        rows = listed(engine, since=_parse_when(since), until=_parse_when(until),
+                      event_id=event_id, pending_only=pending, limit=limit)
+    if as_json:
+        print_json(rows)
+        return
+    from worker.render import render_rejected_list
+
+    render_rejected_list(console, rows)
+
+
+@rejected.command("show")
+@click.argument("rejected_id", type=int)
+@click.option("--full", is_flag=True, help="The whole payload, however long.")
+@click.option("--save", type=click.Path(dir_okay=False, writable=True),
+              help="Write the exact raw bytes to this file (to fix and resubmit).")
+@click.option("--json", "as_json", is_flag=True,
+              help="JSON, the payload as base64 and as escaped text.")
+def rejected_show(rejected_id: int, full: bool, save: str | None, as_json: bool) -> None:
+    """One rejected message: the payload as received (shown safely), the reason, the audit."""
+    import base64
+
+    from worker.views import rejected_story
+
+    with _engine() as engine:
+        try:
+            story = rejected_story(engine, rejected_id)
+        except NotFound as exc:
+            fail(str(exc), 3)
+    raw: bytes = story["raw"]
+    if save:
+        Path(save).write_bytes(raw)
+    if as_json:
+        print_json({**story, "raw": base64.b64encode(raw).decode("ascii"),
+                    "raw_text": raw.decode("utf-8", errors="backslashreplace")})
+        return
+    from worker.render import render_rejected
+
+    render_rejected(console, story, full=full)
+    if save:
+        say(f"saved the {len(raw)} raw bytes to {save}")
+
+
+@rejected.command("resubmit")
+@click.argument("rejected_id", type=int)
+@click.option("--file", "source", type=click.File("rb"), required=True, metavar="FILE|-",
+              help="The fixed event (a JSON object); - reads standard input.")
+@click.option("--reason", required=True, help="Why, e.g. the ticket (stored in the audit log).")
+@click.option("--operator", default=None, help="Who (default: the OS user).")
+@click.option("--dry-run", is_flag=True, help="Validate and show what would happen; change "
+              "nothing.")
+@click.option("--json", "as_json", is_flag=True)
+def rejected_resubmit(rejected_id: int, source: Any, reason: str, operator: str | None,
+                      dry_run: bool, as_json: bool) -> None:
+    """Send the fixed version of a rejected message through the normal intake, once.
+
+    The fixed payload is validated like any event; when valid it is issued as the
+    coupons.issue task. The rejected message is kept as received and linked to the event;
+    who, when and why are recorded in the audit log.
+    """
+    from worker.replay import default_operator, resubmit_rejected
+
+    payload = source.read()
+    settings = settings_or_exit()
+    with _support_deps() as deps:
+        try:
+            result = resubmit_rejected(
+                rejected_id, payload, reason=reason, operator=operator or default_operator(),
+                os_user=default_operator(), deps=deps, submitter=deps.publisher,
+                max_bytes=settings.max_event_bytes, dry_run=dry_run)
+        except NotFound as exc:
+            fail(str(exc), 3)
+    if as_json:
+        print_json({"dry_run": dry_run, **result.as_dict()})
+    else:
+        from worker.render import render_resubmit
+
+        render_resubmit(console, result, dry_run=dry_run)
+    if not result.accepted:
+        sys.exit(1)
+
+
 # -- flower --------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--limit", type=int, default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def duplicates(limit: int, as_json: bool) -> None:
+    """Entities holding two of our coupons (a late original landed), and what to do."""
+    from worker.views import DUPLICATE_ADVICE
+    from worker.views import duplicates as find_duplicates
+
+    with _engine() as engine:
+        rows = find_duplicates(engine, limit=limit)
+    if as_json:
+        print_json({"advice": DUPLICATE_ADVICE, "duplicates": rows})
+        return
+    if not rows:
+        console.print("no duplicates: no entity holds more than one of our coupons")
+        return
+    from worker.render import render_duplicates
+
+    render_duplicates(console, rows, DUPLICATE_ADVICE)
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

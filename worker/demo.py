@@ -81,9 +81,9 @@ DEMO_ENVIRONMENT: Final[Mapping[str, str]] = {
     "COUPONS_HTTP_CONNECT_TIMEOUT_SECONDS": "1",
     "COUPONS_RATE_LIMIT_MAX_WAIT_SECONDS": "5",
     "COUPONS_LEASE_SECONDS": "15",
-    # A 503 is an unknown outcome: a read-back that finds nothing proves "not issued" only
-    # after this window, which must exceed connect + read timeout (the default is 120 s).
-    "COUPONS_SETTLE_WINDOW_SECONDS": "4",
+    # Above connect + read timeout, and above the stalls below: an unknown outcome whose
+    # read-back finds nothing is sent again after seconds, not the production two minutes.
+    "COUPONS_SETTLE_WINDOW_SECONDS": "6",
     # A stalled ledger must fail a statement inside the short lease's hard time limit (10 s).
     "COUPONS_DB_CONNECT_TIMEOUT_SECONDS": "2",
     "COUPONS_DB_STATEMENT_TIMEOUT_SECONDS": "3",

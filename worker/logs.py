@@ -2,6 +2,10 @@
 
 Call sites log ``log.info("entity.issued", extra={"event_id": ..., "series": ...})``. Anything
 that looks like a credential is redacted on the way out, whatever a caller passed.
+
+Values often come from the outside (event ids, reasons, Capillary's messages): neither format
+lets one forge a line (newline, carriage return) or reach a terminal as an escape sequence, and
+no lone surrogate makes the stream's UTF-8 encoder drop the line.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import traceback
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from worker.sanitize import printable
+
 # Attributes every LogRecord has; anything else on a record came from ``extra=``.
 _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "message", "asctime", "taskName",
@@ -24,6 +30,10 @@ _SECRET_IN_TEXT = re.compile(
 )
 _URL_PASSWORD = re.compile(r"(?i)([a-z][a-z0-9+.-]*://[^:/@\s]+:)([^@\s]+)(@)")
 REDACTED = "***"
+# A key=value value is written bare only when it is plainly one token.
+_BARE = re.compile(r"[^\s\"=\\]+")
+# The one control character json.dumps leaves as it is.
+_DEL, _DEL_ESCAPED = "\x7f", "\\u007f"
 
 
 def redact_text(text: str) -> str:
@@ -45,6 +55,20 @@ def redact(value: Any, key: str = "") -> Any:
     return value
 
 
+def _printable(value: Any, key: str = "") -> Any:
+    """Strings (nested too) with control characters and lone surrogates escaped.
+
+    A traceback keeps its line breaks: it is one field, and JSON encodes them.
+    """
+    if isinstance(value, str):
+        return printable(value, keep="\n" if key == "traceback" else "")
+    if isinstance(value, dict):
+        return {printable(str(k)): _printable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_printable(v) for v in value]
+    return value
+
+
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
     fields = {
         key: redact(value, key)
@@ -59,17 +83,23 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
     return fields
 
 
+def _message(record: logging.LogRecord) -> str:
+    return printable(redact_text(record.getMessage()))
+
+
 class KeyValueFormatter(logging.Formatter):
     """``2026-11-25T10:00:00Z INFO entity.issued event_id=... series=544770``."""
 
     def format(self, record: logging.LogRecord) -> str:
         when = datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        parts = [when[:-4] + "Z", record.levelname, redact_text(record.getMessage())]
+        parts = [when[:-4] + "Z", record.levelname, _message(record)]
         for key, value in _fields(record).items():
             text = value if isinstance(value, str) else json.dumps(value, default=str)
-            if isinstance(value, str) and (" " in text or not text):
+            if isinstance(value, str) and not (text.isprintable() and _BARE.fullmatch(text)):
+                # Quoted, JSON-escaped (ASCII only: controls, surrogates and bidi characters
+                # become \uXXXX), so the value reads back exactly and stays on its line.
                 text = json.dumps(text)
-            parts.append(f"{key}={text}")
+            parts.append(f"{key}={text.replace(_DEL, _DEL_ESCAPED)}")
         return " ".join(parts)
 
 
@@ -80,9 +110,9 @@ class JsonFormatter(logging.Formatter):
         body = {
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(),
             "level": record.levelname,
-            "event": redact_text(record.getMessage()),
+            "event": _message(record),
             "logger": record.name,
-            **_fields(record),
+            **{key: _printable(value, key) for key, value in _fields(record).items()},
         }
         return json.dumps(body, default=str)
 

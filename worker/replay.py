@@ -1,29 +1,39 @@
-"""Support engineers' use cases: replay and discard dead entities, replay an event.
+"""Support engineers' use cases: replay and discard dead entities, replay an event, resubmit
+a rejected message once fixed.
 
 Safe by construction: an entity is re-run through the same retry path as any retry (claim,
 reconcile when its last outcome was unknown, then issue), so a replay of something that was
-issued meanwhile is a no-op and two replays never issue twice. Every action is an audit row,
-written in the same transaction as the change; ``dry_run`` reads and changes nothing.
+issued meanwhile is a no-op and two replays never issue twice. A resubmitted event goes through
+the same validation and the same ``coupons.issue`` task as any event, so it is issued exactly
+once whatever happens to the command. Every action is an audit row, written in the same
+transaction as the change; ``dry_run`` reads and changes nothing.
 """
 
 from __future__ import annotations
 
 import getpass
+import hashlib
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any, Protocol
 
 from worker.domain import EntityState
+from worker.errors import EventRejected, NotFound
+from worker.events import LoyaltyEvent, parse_event_bytes
 from worker.ledger.records import DueEntity
-from worker.ledger.support import Selection, SupportRepository, Target
+from worker.ledger.repository import fingerprint
+from worker.ledger.support import RejectedRow, Selection, SupportRepository, Target
 from worker.ledger.unit_of_work import SqlUnitOfWork
 from worker.metrics import Metrics
+from worker.sanitize import printable
 from worker.services import Publisher
 
 log = logging.getLogger("worker.support")
 
+RESUBMIT_SOURCE = "resubmit"
 REPLAYABLE = (EntityState.DEAD.value,)
 EVENT_REPLAYABLE = (EntityState.DEAD.value, EntityState.RETRY_WAIT.value)
 
@@ -185,3 +195,99 @@ def replay_event(event_id: str, *, reason: str, operator: str, deps: SupportDeps
                 outcome="nothing to replay", now=deps.clock(), event_id=event_id)
             uow.commit()
     return results
+
+
+# -- resubmitting a rejected message ----------------------------------------------------------
+
+
+class EventSubmitter(Protocol):
+    """Sends a valid event the way a producer would (the ``coupons.issue`` task)."""
+
+    def submit_event(self, event: LoyaltyEvent, *, source: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class ResubmitResult:
+    """What resubmitting a rejected message did (or would do)."""
+
+    rejected_id: int
+    event_id: str | None
+    outcome: str
+    accepted: bool  # resubmitted, or linked to the event already in the ledger
+
+    def as_dict(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+def _resubmit_plan(row: RejectedRow, event: LoyaltyEvent | None, problem: str | None,
+                   repo: SupportRepository) -> tuple[str, str]:
+    """(what to do: submit | link | refuse, the outcome in words)."""
+    if row.resubmitted_at is not None:
+        return "refuse", (f"refused: already resubmitted as event {row.resubmitted_event_id} "
+                          f"at {row.resubmitted_at.isoformat(timespec='seconds')}")
+    if event is None:
+        return "refuse", f"refused: the fixed payload is not a valid event: {problem}"
+    existing = repo.event_fingerprint(event.eventId)
+    if existing is None:
+        return "submit", f"resubmitted as event {event.eventId}"
+    found, state = existing
+    if found != fingerprint(event):
+        return "refuse", (f"refused: eventId {event.eventId} is already in the ledger for a "
+                          "different event (customer, series or metadata differ)")
+    return "link", f"linked: event {event.eventId} is already in the ledger ({state})"
+
+
+def resubmit_rejected(rejected_id: int, payload: bytes, *, reason: str, operator: str,
+                      deps: SupportDeps, submitter: EventSubmitter, max_bytes: int,
+                      dry_run: bool = False, os_user: str | None = None) -> ResubmitResult:
+    """Send the fixed version of a rejected message through the normal intake, once.
+
+    The payload is validated exactly as a message from the bus would be. The rejected row is
+    kept as received, only linked to the event it became; a second resubmission of it is
+    refused, and an event id already in the ledger is linked when the content is the same and
+    refused when it differs (an idempotency key names one request).
+    """
+    if not reason.strip():
+        raise ValueError("a reason is required")
+    reason, operator = printable(reason), printable(operator)
+    event: LoyaltyEvent | None = None
+    problem: str | None = None
+    try:
+        event = parse_event_bytes(payload, max_bytes=max_bytes)
+    except EventRejected as exc:
+        problem = exc.reason
+    now = deps.clock()
+    with deps.uow() as uow:
+        repo = SupportRepository(uow.session)
+        row = repo.lock_rejected(rejected_id)
+        if row is None:
+            raise NotFound(f"no rejected event {rejected_id}")
+        action, outcome = _resubmit_plan(row, event, problem, repo)
+        event_id = event.eventId if event is not None else None
+        if dry_run:
+            if action != "refuse":
+                outcome = f"would be {outcome}"
+            return ResubmitResult(rejected_id, event_id, outcome, action != "refuse")
+        if event is not None and action in ("submit", "link"):
+            repo.link_resubmission(rejected_id, event_id=event.eventId, now=now)
+        details: dict[str, Any] = {
+            "rejected_id": rejected_id, "os_user": printable(os_user or default_operator()),
+            "original_event_id": row.event_id, "original_reason": row.reason,
+            "payload_bytes": len(payload),
+            "payload_sha256": hashlib.sha256(payload).hexdigest(),
+            "payload": event.to_message() if event is not None else None,
+        }
+        repo.audit(action="rejected_resubmit", operator=operator, reason=reason,
+                   outcome=outcome, now=now, event_id=event_id, details=details)
+        if event is not None and action == "submit":
+            # Sent before the commit: if the broker refuses, nothing was linked and the
+            # command can be run again; if the commit fails after this, the event is still
+            # issued once (the ledger keys it by eventId) and a second run links it.
+            submitter.submit_event(event, source=RESUBMIT_SOURCE)
+        uow.commit()
+    if deps.metrics is not None and action != "refuse":
+        deps.metrics.replays.labels("resubmit").inc()
+    log.warning("rejected.resubmitted" if action != "refuse" else "rejected.resubmit_refused",
+                extra={"rejected_id": rejected_id, "event_id": event_id, "outcome": outcome,
+                       "operator": operator, "reason": reason})
+    return ResubmitResult(rejected_id, event_id, outcome, action != "refuse")

@@ -25,7 +25,15 @@ from typing import Protocol
 from worker.capillary.api import BulkIssueResult, CouponApi, FoundCoupon
 from worker.circuit import CircuitGate, Permit
 from worker.domain import Coupon, EntityState, Verdict, attempt_ref, notes_with_ref
-from worker.errors import CapillaryError, EventRejected, Outage, Retryable, WorkerError
+from worker.errors import (
+    CapillaryError,
+    EventRejected,
+    LedgerError,
+    LedgerUnavailable,
+    Outage,
+    Retryable,
+    WorkerError,
+)
 from worker.events import LoyaltyEvent
 from worker.ledger.records import (
     CircuitState,
@@ -49,6 +57,7 @@ from worker.policy import (
     counts_toward_circuit,
 )
 from worker.ratelimit import BULK_ISSUE, RateLimiter
+from worker.sanitize import printable
 
 log = logging.getLogger("worker.pipeline")
 
@@ -56,6 +65,8 @@ READ_BACK = "read_back"
 # Coupons created a little before our first attempt still count: clocks of hosts differ.
 RECONCILE_CLOCK_SKEW = timedelta(minutes=5)
 DEFER_JITTER_S = 5.0
+REJECTION_REASON_MAX_CHARS = 4000
+REJECTION_LABEL_MAX_CHARS = 200
 
 
 def utcnow() -> datetime:
@@ -162,19 +173,45 @@ def retry_entity(entity_id: int, *, deps: Deps) -> Report:
 
 def record_rejection(raw: bytes, reason: str, *, source: str, deps: Deps,
                      event_id: str | None = None, content_type: str | None = None) -> int:
-    """Keep a message that is not a valid event, with the precise reason; returns its id."""
-    with deps.uow() as uow:
-        rejected_id = uow.ledger.record_rejection(
-            raw=raw, reason=reason, source=source, event_id=event_id,
-            content_type=content_type, now=deps.clock(),
-        )
-        uow.commit()
+    """Keep a message that is not a valid event, with the precise reason; returns its id.
+
+    This is the last line for poison input, so it must not fail on it: text that PostgreSQL
+    refuses (NUL, lone surrogates) is escaped, the raw bytes are kept as they are (bytea), and
+    a row the database still refuses is stored once more with only what cannot be refused.
+    """
+    reason = printable(reason, limit=REJECTION_REASON_MAX_CHARS)
+    source = printable(source, limit=REJECTION_LABEL_MAX_CHARS)
+    event_id = printable(event_id, limit=REJECTION_LABEL_MAX_CHARS) if event_id else None
+    content_type = (printable(content_type, limit=REJECTION_LABEL_MAX_CHARS)
+                    if content_type else None)
+    try:
+        rejected_id = _insert_rejection(raw, reason, source, event_id, content_type, deps)
+    except LedgerUnavailable:
+        raise
+    except LedgerError as exc:
+        log.error("event.rejection_refused", extra={"event_id": event_id, "error": str(exc)})
+        reason = printable(f"{reason} (stored without its event id and content type: "
+                           f"{exc})".encode("ascii", "backslashreplace").decode("ascii"),
+                           limit=REJECTION_REASON_MAX_CHARS)
+        event_id = content_type = None
+        rejected_id = _insert_rejection(raw, reason, source, None, None, deps)
     deps.metrics.events_received.labels("rejected").inc()
     log.warning(
         "event.rejected",
         extra={"rejected_id": rejected_id, "event_id": event_id, "source": source,
                "reason": reason, "size_bytes": len(raw)},
     )
+    return rejected_id
+
+
+def _insert_rejection(raw: bytes, reason: str, source: str, event_id: str | None,
+                      content_type: str | None, deps: Deps) -> int:
+    with deps.uow() as uow:
+        rejected_id = uow.ledger.record_rejection(
+            raw=raw, reason=reason, source=source, event_id=event_id,
+            content_type=content_type, now=deps.clock(),
+        )
+        uow.commit()
     return rejected_id
 
 
@@ -444,6 +481,8 @@ def _count_transition(metrics: Metrics, t: Transition) -> None:
     if t.state is EntityState.ISSUED:
         metrics.coupons_issued.labels(t.recorded_via).inc()
         return
+    if t.error_code == "settling":
+        return  # waiting out a settle window is not a failure
     metrics.entities_failed.labels(t.verdict or "unknown").inc()
     if t.kind == "retry_scheduled":
         metrics.retries_scheduled.inc()

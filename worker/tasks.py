@@ -10,12 +10,14 @@ requeued in a loop); a database outage or stall (statement/lock timeout) puts th
 (``Reject(requeue=True)``) after a short pause, since nothing was recorded, and so does the soft
 time limit; an unexpected error is recorded as a rejection with the error, so the payload is
 kept and can be replayed once the bug is fixed, and if even that cannot be recorded the
-message goes back.
+message goes back. Nothing a sender puts in a message may raise before that mapping: the raw
+bytes are computed defensively.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import logging
 import time
@@ -27,7 +29,8 @@ from celery.exceptions import Reject, SoftTimeLimitExceeded
 
 from worker import services
 from worker.errors import EventRejected, LedgerUnavailable
-from worker.events import parse_event_bytes, parse_event_data
+from worker.events import EVENT_ID_MAX_CHARS, parse_event_bytes, parse_event_data
+from worker.sanitize import printable
 from worker.services import Deps, Report
 
 log = logging.getLogger(__name__)
@@ -40,15 +43,26 @@ def _container(app: Celery) -> Any:
     return app.coupon_container  # type: ignore[attr-defined]
 
 
+def raw_json(data: object) -> bytes:
+    """The bytes kept for an event that came decoded (a Celery task), whatever it holds.
+
+    ASCII JSON, so lone surrogates and NULs are escapes rather than bytes. What JSON cannot
+    write (nesting past the interpreter's recursion limit, cycles) is kept as a marker.
+    """
+    try:
+        return json.dumps(data, default=str).encode("ascii")
+    except (ValueError, TypeError, RecursionError) as exc:
+        return f"<not serialisable as JSON: {type(exc).__name__}>".encode("ascii")
+
+
 def handle_event(data: object, *, source: str, deps: Deps) -> Report:
     """Validate event data and issue it; a bad event becomes a recorded rejection."""
-    raw = json.dumps(data, default=str).encode("utf-8")
     try:
         event = parse_event_data(data)
         return services.issue_event(event, source=source, deps=deps)
     except EventRejected as exc:
         rejected = services.record_rejection(
-            raw, exc.reason, source=source, deps=deps, event_id=exc.event_id,
+            raw_json(data), exc.reason, source=source, deps=deps, event_id=exc.event_id,
             content_type="application/json")
         return Report(exc.event_id, rejected_id=rejected)
 
@@ -111,12 +125,28 @@ def _run(deps_of: Callable[[], Deps], work: Callable[[Deps], Report], *, raw: by
 
 def _event_id_of(data: object) -> str | None:
     if isinstance(data, dict) and isinstance(data.get("eventId"), str):
-        return str(data["eventId"])[:128]
+        return printable(str(data["eventId"]), limit=EVENT_ID_MAX_CHARS)
     return None
 
 
-def decode_body(body: str, encoding: str) -> bytes:
-    return base64.b64decode(body) if encoding == "base64" else body.encode("utf-8")
+def _label(value: object) -> str | None:
+    return printable(str(value), limit=EVENT_ID_MAX_CHARS) if value is not None else None
+
+
+def decode_body(body: object, encoding: str) -> bytes:
+    """The bytes the bridge forwarded, or, from any other sender, the closest bytes there are.
+
+    Never raises: undecodable base64 is kept as the text it is, and lone surrogates are kept
+    as the bytes they would be (invalid UTF-8, which validation then names).
+    """
+    if not isinstance(body, str):
+        return raw_json(body)
+    if encoding == "base64":
+        try:
+            return base64.b64decode(body, validate=True)
+        except (binascii.Error, ValueError):
+            pass
+    return body.encode("utf-8", "surrogatepass")
 
 
 def register(app: Celery) -> None:
@@ -127,24 +157,27 @@ def register(app: Celery) -> None:
         deps_: Deps = _container(app).deps()
         return deps_
 
-    @app.task(name=TASK_ISSUE, ignore_result=True)
+    @app.task(name=TASK_ISSUE, ignore_result=True, shared=False)
     def issue(event: dict[str, Any], source: str = "task") -> dict[str, object]:
         """Issue the coupons of one event sent by a Python producer."""
+        source = _label(source) or "task"
         return _run(deps, lambda d: handle_event(event, source=source, deps=d),
-                    raw=json.dumps(event, default=str).encode("utf-8"), source=source,
-                    event_id=_event_id_of(event))
+                    raw=raw_json(event), source=source, event_id=_event_id_of(event))
 
-    @app.task(name=TASK_INGEST, ignore_result=True)
+    @app.task(name=TASK_INGEST, ignore_result=True, shared=False)
     def ingest(body: str, encoding: str = "utf-8", content_type: str | None = None,
                source: str = "bus", event_id: str | None = None) -> dict[str, object]:
         """Issue the coupons of one raw bus message (validated here, in the pool)."""
         raw = decode_body(body, encoding)
+        # The bridge sends these as text; any other sender's are labels, never trusted as-is.
+        source = _label(source) or "bus"
+        content_type, event_id = _label(content_type), _label(event_id)
         max_bytes = _container(app).settings.max_event_bytes
         return _run(deps, lambda d: handle_raw(raw, content_type=content_type, source=source,
                                                deps=d, max_bytes=max_bytes),
                     raw=raw, source=source, event_id=event_id)
 
-    @app.task(name=TASK_RETRY, ignore_result=True)
+    @app.task(name=TASK_RETRY, ignore_result=True, shared=False)
     def retry(entity_id: int) -> dict[str, object]:
         """Run the due retry of one entity."""
         return _run(deps, lambda d: services.retry_entity(entity_id, deps=d), raw=None,

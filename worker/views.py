@@ -63,10 +63,16 @@ def entity_story(conn: Any, entity_id: int) -> dict[str, Any]:
             .where(m.ApiCall.entity_ids.contains([entity_id])).order_by(m.ApiCall.id)
         ).mappings()
     ]
-    coupon = conn.execute(
-        select(m.IssuedCoupon.__table__).where(m.IssuedCoupon.entity_id == entity_id)
-    ).mappings().first()
-    entity["coupon"] = _coupon(coupon) if coupon else None
+    coupons = [
+        _coupon(c) for c in conn.execute(
+            select(m.IssuedCoupon.__table__).where(m.IssuedCoupon.entity_id == entity_id)
+            .order_by(m.IssuedCoupon.id)
+        ).mappings()
+    ]
+    # Two coupons only for a duplicate (a late original landed): the first is the one
+    # recorded first; both are listed.
+    entity["coupon"] = coupons[0] if coupons else None
+    entity["coupons"] = coupons
     entity["operator_actions"] = [
         _row(a) for a in conn.execute(
             select(m.OperatorAction.at, m.OperatorAction.action, m.OperatorAction.operator,
@@ -106,19 +112,60 @@ def event_story(engine: Engine, event_id: str) -> dict[str, Any]:
             select(m.Entity.id).where(m.Entity.event_id == event_id).order_by(m.Entity.series_id)
         ).scalars().all()
         event["entities"] = [entity_story(conn, entity_id) for entity_id in entity_ids]
-        event["coupons"] = [e["coupon"] for e in event["entities"] if e["coupon"]]
+        event["coupons"] = [c for e in event["entities"] for c in e["coupons"]]
         event["rejections"] = rejections
+        event["resubmitted_from"] = [
+            int(x) for x in conn.execute(
+                select(m.RejectedEvent.id).where(m.RejectedEvent.resubmitted_event_id == event_id)
+                .order_by(m.RejectedEvent.id)
+            ).scalars()
+        ]
         return event
 
 
-def rejected_event(engine: Engine, rejected_id: int) -> dict[str, Any]:
+def rejected_list(engine: Engine, *, since: datetime | None = None,
+                  until: datetime | None = None, event_id: str | None = None,
+                  pending_only: bool = False, limit: int = 100) -> list[dict[str, Any]]:
+    """Rejected messages, newest first (without their raw bytes)."""
+    r = m.RejectedEvent
+    query = (
+        select(r.id, r.received_at, r.source, r.event_id, r.size_bytes, r.content_type,
+               r.reason, r.resubmitted_at, r.resubmitted_event_id)
+        .order_by(r.id.desc()).limit(limit)
+    )
+    if since:
+        query = query.where(r.received_at >= since)
+    if until:
+        query = query.where(r.received_at < until)
+    if event_id:
+        query = query.where(r.event_id == event_id)
+    if pending_only:
+        query = query.where(r.resubmitted_at.is_(None))
     with engine.connect() as conn:
-        row = conn.execute(
-            select(m.RejectedEvent.__table__).where(m.RejectedEvent.id == rejected_id)
-        ).mappings().first()
-    if row is None:
-        raise NotFound(f"no rejected event {rejected_id}")
-    return _row(row)
+        return [_row(row) for row in conn.execute(query).mappings()]
+
+
+def rejected_story(engine: Engine, rejected_id: int) -> dict[str, Any]:
+    """One rejected message: what was received (``raw`` as bytes), why, and what support did."""
+    r = m.RejectedEvent
+    a = m.OperatorAction
+    with engine.connect() as conn:
+        row = conn.execute(select(r.__table__).where(r.id == rejected_id)).mappings().first()
+        if row is None:
+            raise NotFound(f"no rejected event {rejected_id}")
+        actions = [
+            _row(x) for x in conn.execute(
+                select(a.at, a.action, a.operator, a.reason, a.outcome, a.event_id,
+                       a.details["os_user"].astext.label("os_user"))
+                .where(a.action == "rejected_resubmit",
+                       a.details["rejected_id"].astext == str(rejected_id))
+                .order_by(a.id)
+            ).mappings()
+        ]
+    story = {key: _plain(value) for key, value in dict(row).items() if key != "raw"}
+    story["raw"] = bytes(row["raw"])
+    story["operator_actions"] = actions
+    return story
 
 
 def dead_letters(engine: Engine, selection: Selection, *, limit: int = 200,
@@ -175,3 +222,25 @@ def dead_letter_summary(engine: Engine, selection: Selection) -> list[dict[str, 
                 .order_by(func.count().desc(), e.last_error_code, e.series_id)
             ).mappings()
         ]
+
+
+DUPLICATE_ADVICE = (
+    "Both coupons are recorded. An abandoned call landed after the re-send, so the customer "
+    "holds two coupons for one entitlement; nothing more will be sent. Ask the loyalty team "
+    "whether the customer keeps both or the later code is revoked in Capillary."
+)
+
+
+def duplicates(engine: Engine, *, limit: int = 200) -> list[dict[str, Any]]:
+    """Entities found holding more than one of our coupons, newest first, with their codes."""
+    e, c = m.Entity, m.IssuedCoupon
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(e.id, e.event_id, e.customer_key.label("customer"), e.series_id,
+                   e.last_error_message.label("message"), e.updated_at.label("found_at"),
+                   func.array_agg(c.code).label("codes"))
+            .join(c, c.entity_id == e.id)
+            .where(e.state == "duplicate_issued")
+            .group_by(e.id).order_by(e.updated_at.desc(), e.id.desc()).limit(limit)
+        ).mappings().all()
+    return [{**_row(r), "codes": list(r["codes"])} for r in rows]

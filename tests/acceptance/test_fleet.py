@@ -13,6 +13,7 @@ import socket
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -55,13 +56,18 @@ def _claimed_by(engine: Engine) -> set[str]:
         return {r[0] for r in rows}
 
 
+def _parent_of(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
 def test_workers_started_with_no_flags_share_a_host_and_all_consume(
     settings: Settings, clean_ledger: Engine, sandbox: SandboxAdmin,
     start_worker: Callable[..., WorkerProcess],
 ) -> None:
     # Given two workers started the way an operator would, twice on one host, no -n
-    first = start_worker(settings, concurrency=1, pool="threads", node_name=None)
-    second = start_worker(settings, concurrency=1, pool="threads", node_name=None)
+    first = start_worker(settings, concurrency=1, node_name=None)
+    second = start_worker(settings, concurrency=1, node_name=None)
     # Then each has its own node name and both are up and consuming the task queue
     (node_a, pid_a), (node_b, pid_b) = _node_of(first), _node_of(second)
     assert node_a != node_b
@@ -76,7 +82,10 @@ def test_workers_started_with_no_flags_share_a_host_and_all_consume(
     for event in events:
         wait_for_state(clean_ledger, event["eventId"], "completed", timeout_s=60)
     host = socket.gethostname()
-    assert _claimed_by(clean_ledger) == {f"{host}:{pid_a}", f"{host}:{pid_b}"}
+    # Claims are made by the pool's children: each worker's child claimed some.
+    claimers = {int(worker.rsplit(":", 1)[1]) for worker in _claimed_by(clean_ledger)
+                if worker.startswith(f"{host}:")}
+    assert {_parent_of(pid) for pid in claimers} == {pid_a, pid_b}
     assert len(sandbox.ledger()) == 12
     for worker in (first, second):
         assert worker.process.poll() is None

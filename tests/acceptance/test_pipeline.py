@@ -250,18 +250,17 @@ def _queue_depth(settings: Settings, name: str) -> int:
         return int(count)
 
 
-def test_the_threads_pool_issues_exactly_once_too(
-    settings: Settings, clean_ledger: Engine, sandbox: SandboxAdmin,
-    start_worker: Callable[..., WorkerProcess],
-) -> None:
-    start_worker(settings, concurrency=6, pool="threads")
-    sandbox.configure(latency_seconds=0.05)
-    events = [example_event(f"threads-{n}", customer=f"5{n:05d}") for n in range(20)]
-    publish(settings, *events, *events[:5])
-    for event in events:
-        wait_for_state(clean_ledger, event["eventId"], "completed")
-    assert len(sandbox.ledger()) == 40
-    assert len(bulk_calls(sandbox)) == 20
+def test_pools_that_cannot_enforce_the_time_limit_are_refused(settings: Settings) -> None:
+    env = settings_env(settings)
+    by_cli = subprocess.run([coupon_worker_command(), "worker", "-P", "threads"], env=env,
+                            capture_output=True, text=True, check=False, timeout=60)
+    assert by_cli.returncode == 2 and "'threads' is not 'prefork'" in by_cli.stderr
+    celery = str(Path(coupon_worker_command()).with_name("celery"))
+    by_celery = subprocess.run(
+        [celery, "-A", "worker.celery_app", "worker", "-P", "threads"], env=env,
+        capture_output=True, text=True, check=False, timeout=60)
+    assert by_celery.returncode != 0
+    assert "prefork pool only" in by_celery.stdout + by_celery.stderr
 
 
 def test_the_publish_command_takes_a_file_or_stdin_and_refuses_invalid_lines(

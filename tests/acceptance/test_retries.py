@@ -54,7 +54,9 @@ def test_retryable_faults_end_issued_after_retries(
     sandbox.add_fault(kind="error_before", status=503, times=2, series=553379)
     sandbox.add_fault(kind="busy_521", times=1, series=600001)
     publish(settings, example_event("retry-me", series=(544770, 553379, 600001)))
-    done = wait_for_state(clean_ledger, "retry-me", "completed")
+    # Any 5xx is an unknown outcome: each is read back, and sent again only once the settle
+    # window says the original can no longer land.
+    done = wait_for_state(clean_ledger, "retry-me", "completed", timeout_s=60)
     # The first call failed whole (503); each series was then retried alone: 553379 met its
     # second 503, 600001 its 521, 544770 went through.
     by_series = {e["series_id"]: e["attempts"] for e in done["entities"]}
@@ -143,6 +145,64 @@ def test_ambiguous_faults_end_with_exactly_one_coupon_per_entity(
                   if (s := story(clean_ledger, e["eventId"])) and s["coupons"][0]["recorded_via"]
                   == "reconcile"]
     assert len(reconciled) >= 4
+
+
+def test_answers_that_hide_an_issued_coupon_never_lead_to_a_second(
+    settings: Settings, clean_ledger: Engine, sandbox: SandboxAdmin,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    # Given a stand-in that issues and then answers in ways our old rule read as "failed"
+    start_worker(settings, concurrency=3)
+    faults: dict[str, dict[str, Any]] = {
+        "json500": {"kind": "error_json_after"},
+        "json503": {"kind": "error_json_after", "status": 503},
+        "proxy502": {"kind": "html_after", "status": 502},
+        # Lands after the client's 2 s read timeout, inside the 4 s settle window.
+        "slow": {"kind": "slow_original", "delay_seconds": 3},
+    }
+    for n, fault in enumerate(faults.values()):
+        sandbox.add_fault(customer=f"91000{n}", **fault)
+    # And a read-back that is unreadable, then fails inside a 200, before it answers
+    sandbox.add_fault(customer="910009", kind="reset_after")
+    sandbox.add_fault(customer="910009", kind="readback_unreadable", path="readback")
+    sandbox.add_fault(customer="910009", kind="readback_failure_status", path="readback")
+    events = [example_event(f"hidden-{name}", series=(544770,), customer=f"91000{n}")
+              for n, name in enumerate(faults)]
+    events.append(example_event("hidden-readback", series=(544770,), customer="910009"))
+    publish(settings, *events)
+    # Then every entity ends issued once, and no second issue call was ever made
+    for event in events:
+        done = wait_for_state(clean_ledger, event["eventId"], "completed", timeout_s=60)
+        assert len(done["coupons"]) == 1
+    for customer in [*(f"91000{n}" for n in range(len(faults))), "910009"]:
+        assert len(sandbox.ledger(customer=customer)) == 1, customer
+        bulk = [c for c in sandbox.calls() if c["path"] == "bulk" and c["customerId"] == customer]
+        assert len(bulk) == 1, f"{customer} was sent {len(bulk)} issue calls"
+
+
+def test_a_late_original_beyond_the_window_is_found_and_listed_as_a_duplicate(
+    settings: Settings, clean_ledger: Engine, sandbox: SandboxAdmin,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    # Given an original that lands after the settle window (2 s timeout + 4 s window < 9 s)
+    start_worker(settings)
+    sandbox.add_fault(customer="920001", kind="slow_original", delay_seconds=9)
+    publish(settings, example_event("late-original", series=(544770,), customer="920001"))
+    # When the worker re-sends once the window is over, and the original lands after that
+    wait_until(lambda: len(sandbox.ledger(customer="920001")) == 2, timeout_s=30,
+               message="the re-send and then the late original to land")
+
+    def flagged() -> bool:
+        return entity_states(clean_ledger, "late-original") == {544770: "duplicate_issued"}
+
+    # Then the check after the re-send finds both coupons, records them, and lists them
+    wait_until(flagged, timeout_s=30, message="the duplicate to be detected")
+    done = story(clean_ledger, "late-original")
+    assert done is not None
+    assert {c["code"] for c in done["coupons"]} == {c["code"] for c in sandbox.ledger()}
+    listed = json.loads(cli(settings, "duplicates", "--json").stdout)
+    assert [d["event_id"] for d in listed["duplicates"]] == ["late-original"]
+    assert len(listed["duplicates"][0]["codes"]) == 2 and "revoke" in listed["advice"]
 
 
 def test_auth_failure_pauses_instead_of_dead_lettering(

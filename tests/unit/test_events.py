@@ -91,3 +91,86 @@ def test_rejection_keeps_the_event_id_when_it_can_be_read() -> None:
 def test_every_problem_is_reported_at_once() -> None:
     reason = rejected(with_(customer={}, seriesIds=[]))
     assert "customer" in reason and "seriesIds" in reason
+
+
+# -- poison input: what PostgreSQL, the JSON parser or Unicode itself cannot take -----------
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"[" * 5000, "JSON nested deeper than 32 levels"),
+        (b'{"eventId": "x", "pad": ' + b"[" * 40 + b"]" * 40 + b"}",
+         "JSON nested deeper than 32 levels"),
+        (with_(eventId="tier-\u0000-1"), "eventId: contains a NUL character (U+0000)"),
+        (with_(customer={"id": "5668\u000081933"}),
+         "customer.id: contains a NUL character (U+0000)"),
+        (with_(metadata={"notes": "gold\u0000"}), "metadata.notes: contains a NUL character"),
+        (with_(eventId="tier-\ud800"), "eventId: contains a lone surrogate (U+D800)"),
+        (with_(customer={"email": "a@b.c\udfff"}),
+         "customer.email: contains a lone surrogate (U+DFFF)"),
+        (with_(seriesIds=[544770, 2**31]),
+         "seriesIds: series id 2147483648 is above 2147483647"),
+        (with_(seriesIds=[10**30]), "seriesIds: series id 1000000000000000000000000000000 is"),
+        (b'{"eventId": "x", "seriesIds": [' + b"9" * 5000 + b"]}",
+         "invalid JSON: Exceeds the limit (4300 digits) for integer string conversion"),
+        (b"[]", "event must be a JSON object, got an array"),
+        (b'"x"', "event must be a JSON object, got a string"),
+        (b"42", "event must be a JSON object, got a number"),
+        (b"4.2", "event must be a JSON object, got a number"),
+        (b"null", "event must be a JSON object, got null"),
+        (b"true", "event must be a JSON object, got true"),
+        (b'{"eventId": "\xc3\x28"}', "body is not UTF-8: invalid continuation byte at byte 13"),
+    ],
+)
+def test_poison_input_is_rejected_with_a_precise_reason(body: bytes, reason: str) -> None:
+    assert reason in rejected(body)
+
+
+def test_the_limits_are_exact() -> None:
+    # The largest series id the ledger stores passes, one more does not.
+    assert parse_event_bytes(with_(seriesIds=[2**31 - 1]), max_bytes=MAX).seriesIds == (
+        2**31 - 1,)
+    assert "series id 2147483648 is above" in rejected(with_(seriesIds=[2**31]))
+    # 32 levels pass (the event object and 31 nested arrays in an ignored field), 33 do not.
+    assert parse_event_bytes(with_(extra=json.loads("[" * 31 + "]" * 31)), max_bytes=MAX)
+    assert rejected(with_(extra=json.loads("[" * 32 + "]" * 32))) == \
+        "JSON nested deeper than 32 levels"
+
+
+def test_decoded_data_from_a_task_is_checked_the_same_way() -> None:
+    deep: object = []
+    for _ in range(100):
+        deep = [deep]
+    for data, reason in [
+        ({**GOOD, "eventId": "a\u0000b"}, "eventId: contains a NUL character"),
+        ({**GOOD, "seriesIds": [2**31]}, "seriesIds: series id 2147483648 is above"),
+        ({**GOOD, "extra": deep}, "JSON nested deeper than 32 levels"),
+        ([], "event must be a JSON object, got an array"),
+        (None, "event must be a JSON object, got null"),
+    ]:
+        with pytest.raises(EventRejected) as info:
+            parse_event_data(data)
+        assert reason in info.value.reason
+
+
+def test_reasons_and_event_id_hints_are_printable_and_storable() -> None:
+    # Keys of forbidden extras and bad event ids come from the sender: a reason quoting them
+    # must not carry control characters, lone surrogates or NULs into the ledger or a terminal.
+    body = with_(eventId="\x1b[31mred\u0000\ud800", metadata={"\x1b]0;evil\x07\n": "x"})
+    with pytest.raises(EventRejected) as info:
+        parse_event_bytes(body, max_bytes=MAX)
+    reason, hint = info.value.reason, info.value.event_id
+    assert reason.isprintable() and "\x1b" not in reason
+    assert "metadata.\\x1b]0;evil\\x07\\n: Extra inputs are not permitted" in reason
+    assert hint is not None and hint.isprintable() and "\x00" not in hint
+    assert hint == "\\x1b[31mred\\x00\\ud800"
+    key = rejected(with_(metadata={"k\ud800": "y"}))
+    assert key == ("metadata: key k\\ud800 contains a lone surrogate (U+D800), "
+                   "which is not valid Unicode")
+
+
+def test_a_reason_listing_many_problems_stays_bounded() -> None:
+    reason = rejected(with_(metadata={f"k{n}" * 30: "x" for n in range(60)}))
+    assert len(reason) <= 2000
+    assert reason.endswith("more problems)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 from worker.logs import JsonFormatter, KeyValueFormatter, redact, redact_text
 
@@ -34,3 +35,47 @@ def test_secrets_are_redacted_by_key_and_in_text() -> None:
     line = KeyValueFormatter().format(
         record("config", url="postgresql://app:hunter2@db/x", token="hunter2"))
     assert "hunter2" not in line
+
+
+# -- values from the outside cannot forge lines or reach the terminal as escapes ------------
+
+HOSTILE = "e1\nINFO entity.issued event_id=forged\r\x1b[31mred\x1b[0m\u0000\ud800\u202e"
+
+
+def test_key_value_lines_cannot_be_forged_or_carry_escapes() -> None:
+    values = {"event_id": HOSTILE, "reason": "a\rb", "plain": "x\x1bx", "tag": "\u009b31m",
+              "bell": "\x07", "delete": "x\x7f", "quote": 'a"b=c', "ok": "tier-1"}
+    line = KeyValueFormatter().format(record("event.rejected\nINFO forged\x1b[2J", **values))
+    assert "\n" not in line and "\r" not in line
+    assert not any(ch in line for ch in "\x1b\x00\x07\x7f\ud800\u202e\u009b")
+    line.encode("utf-8")  # writable to any UTF-8 stream: no lone surrogates
+    assert " INFO event.rejected\\nINFO forged\\x1b[2J " in line
+    # Every value reads back exactly, under its own key and no other.
+    pairs = re.findall(r' (\w+)=("(?:[^"\\]|\\.)*"|[^ "]+)', line)
+    parsed = {k: json.loads(v) if v.startswith('"') else v for k, v in pairs}
+    assert parsed == values
+
+
+def test_json_lines_cannot_be_forged_and_fields_decode_to_printable_text() -> None:
+    line = JsonFormatter().format(record("event.rejected\n\x1b[2J", event_id=HOSTILE))
+    assert "\n" not in line and "\r" not in line
+    line.encode("utf-8")
+    body = json.loads(line)
+    assert body["event"].isprintable() and body["event_id"].isprintable()
+    assert body["event_id"].startswith("e1\\nINFO entity.issued")
+
+
+def test_a_traceback_keeps_its_lines_in_json_but_not_escapes() -> None:
+    try:
+        raise ValueError("bad \x1b[31m input\nsecond line")
+    except ValueError:
+        import sys
+
+        rec = record("task.unexpected_error")
+        rec.exc_info = sys.exc_info()
+    line = JsonFormatter().format(rec)
+    body = json.loads(line)
+    assert "\n" in body["traceback"] and "\x1b" not in body["traceback"]
+    assert "\x1b" not in body["error"] and "\n" not in body["error"]
+    kv = KeyValueFormatter().format(rec)
+    assert "\n" not in kv and "\x1b" not in kv

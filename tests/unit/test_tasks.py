@@ -9,7 +9,7 @@ import pytest
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 
 from tests.unit.conftest import World
-from worker import tasks
+from worker import services, tasks
 from worker.errors import LedgerError, LedgerUnavailable
 from worker.services import Deps
 
@@ -107,3 +107,109 @@ def test_a_task_past_its_hard_time_limit_is_not_acknowledged() -> None:
         # Celery then rejects the message with requeue=True instead of acknowledging it.
         assert task.acks_on_timeout is False, name
     assert app.conf.task_acks_on_failure_or_timeout is False
+
+
+# -- poison input: recorded, never an error that loses the message --------------------------
+
+GOOD = {"eventId": "e-1", "customer": {"id": "1"}, "seriesIds": [544770]}
+POISON_BODIES = {
+    b"[" * 5000: "JSON nested deeper than 32 levels",
+    json.dumps({**GOOD, "eventId": "a\u0000b"}).encode(): "eventId: contains a NUL character",
+    json.dumps({**GOOD, "customer": {"id": "1\u00002"}}).encode():
+        "customer.id: contains a NUL character",
+    json.dumps({**GOOD, "seriesIds": [2**31]}).encode(): "series id 2147483648 is above",
+    json.dumps({**GOOD, "eventId": "a\ud800"}).encode(): "eventId: contains a lone surrogate",
+    b"null": "event must be a JSON object, got null",
+    b'{"eventId": "\xff"}': "body is not UTF-8",
+}
+
+
+@pytest.mark.parametrize("body", list(POISON_BODIES), ids=list(POISON_BODIES.values()))
+def test_poison_bodies_are_recorded_with_their_raw_bytes(world: World, body: bytes) -> None:
+    report = tasks.handle_raw(body, content_type="application/json", source="bus",
+                              deps=world.deps, max_bytes=65536)
+    assert report.rejected_id == 1
+    rejection = world.state.rejections[0]
+    assert rejection["raw"] == body
+    assert POISON_BODIES[body] in rejection["reason"]
+    assert world.api.bulk_calls == [] and world.state.events == {}
+
+
+def test_a_rejection_whose_event_id_has_a_nul_is_still_recorded(world: World) -> None:
+    rejected_id = services.record_rejection(
+        b"{}", "reason with a NUL \x00 and \ud800", source="bus", deps=world.deps,
+        event_id="a\x00b\ud800", content_type="application/json\x00")
+    rejection = world.state.rejections[rejected_id - 1]
+    assert rejection["event_id"] == "a\\x00b\\ud800"
+    assert rejection["reason"] == "reason with a NUL \\x00 and \\ud800"
+    assert rejection["content_type"] == "application/json\\x00"
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        ({**GOOD, "eventId": "a\u0000b"}, "eventId: contains a NUL character"),
+        ({**GOOD, "seriesIds": [2**31]}, "series id 2147483648 is above"),
+        ({**GOOD, "metadata": {"notes": "\ud800"}}, "metadata.notes: contains a lone surrogate"),
+        ([], "event must be a JSON object, got an array"),
+        ("x", "event must be a JSON object, got a string"),
+        (None, "event must be a JSON object, got null"),
+    ],
+)
+def test_the_issue_task_path_records_poison_events(world: World, data: object,
+                                                   reason: str) -> None:
+    report = tasks.handle_event(data, source="task", deps=world.deps)
+    assert report.rejected_id == 1
+    assert reason in world.state.rejections[0]["reason"]
+    assert json.loads(world.state.rejections[0]["raw"]) == data
+    assert world.api.bulk_calls == []
+
+
+def test_the_issue_task_keeps_a_payload_too_deep_to_serialise(world: World) -> None:
+    deep: Any = []
+    for _ in range(5000):
+        deep = [deep]
+    data = {**GOOD, "extra": deep}
+    report = tasks.handle_event(data, source="task", deps=world.deps)
+    assert report.rejected_id == 1
+    assert world.state.rejections[0]["reason"] == "JSON nested deeper than 32 levels"
+    assert world.state.rejections[0]["raw"].startswith(b"<")
+
+
+@pytest.mark.parametrize(
+    ("body", "encoding", "raw"),
+    [
+        ("eyJ4IjogMX0=", "base64", b'{"x": 1}'),
+        ("not base64!", "base64", b"not base64!"),
+        ('{"eventId": "\ud800"}', "utf-8", b'{"eventId": "\xed\xa0\x80"}'),
+    ],
+)
+def test_a_forwarded_body_always_decodes_to_bytes(body: str, encoding: str, raw: bytes) -> None:
+    assert tasks.decode_body(body, encoding) == raw
+
+
+def test_a_row_the_ledger_still_refuses_is_stored_with_what_cannot_be_refused(
+        world: World) -> None:
+    # A fake of our own seam: this ledger refuses any rejection that carries an event id.
+    from worker.errors import LedgerError
+    from worker.ledger.fake import FakeUnitOfWork, InMemoryLedger
+
+    class Picky(InMemoryLedger):
+        def record_rejection(self, **kwargs: Any) -> int:
+            if kwargs["event_id"] is not None:
+                raise LedgerError("database error: value too long for type")
+            return super().record_rejection(**kwargs)
+
+    def picky_uow() -> FakeUnitOfWork:
+        uow = FakeUnitOfWork(world.state)
+        uow.ledger = Picky(world.state)
+        return uow
+
+    world.deps.uow = picky_uow
+    rejected_id = services.record_rejection(b"\x00raw", "bad \ud800", source="bus",
+                                            deps=world.deps, event_id="e-1",
+                                            content_type="application/json")
+    row = world.state.rejections[rejected_id - 1]
+    assert row["raw"] == b"\x00raw" and row["event_id"] is None
+    assert row["reason"].startswith("bad \\ud800 (stored without its event id")
+    assert row["reason"].isascii()

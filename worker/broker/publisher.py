@@ -40,6 +40,7 @@ class CeleryPublisher:
 
     def __init__(self, app: Celery, settings: Settings) -> None:
         self._app = app
+        self._tasks_queue = topology.tasks_queue(settings)
         self._retry_queue = topology.retry_queue(settings)
         self._dead_queue = topology.dead_queue(settings)
 
@@ -62,6 +63,24 @@ class CeleryPublisher:
                     )
         except BROKER_ERRORS as exc:
             raise BrokerUnavailable(f"could not publish retries: {exc}") from exc
+
+    def submit_event(self, event: LoyaltyEvent, *, source: str) -> None:
+        """Send a valid event as the ``coupons.issue`` task, as a Python producer would."""
+        from worker.celery_app import TASK_ISSUE
+
+        try:
+            self._app.send_task(
+                TASK_ISSUE,
+                kwargs={"event": event.to_message(), "source": source},
+                queue=self._tasks_queue.name,
+                argsrepr="()",
+                kwargsrepr=event_argsrepr(event.eventId, event.customer.key,
+                                          list(event.seriesIds)),
+                retry=True,
+                retry_policy=PUBLISH_RETRY_POLICY,
+            )
+        except BROKER_ERRORS as exc:
+            raise BrokerUnavailable(f"could not publish the event: {exc}") from exc
 
     def publish_dead_letters(self, records: Sequence[DeadLetterRecord]) -> None:
         try:

@@ -2,13 +2,15 @@
 
 - ``EventsBridge`` (consumer step): reads plain JSON from ``coupons.events`` and forwards each
   message, bytes untouched, as a ``coupons.ingest`` task; the raw message is acknowledged only
-  once the broker confirmed the task message, so nothing is lost between the two.
+  once the broker confirmed the task message, so nothing is lost between the two. A body over
+  ``COUPONS_MAX_EVENT_BYTES`` is not forwarded but recorded as rejected right here.
 - ``Sweeper`` (worker step, a thread of the main process): every few seconds recovers crashed
   claims, dispatches due retries to ``coupons.retry`` and publishes dead letters.
 - ``ConsumptionGuard`` (consumer step, on the event loop): stops consuming fresh events while
   the circuit is open or the database is down, and resumes when they are back; messages stay in
   RabbitMQ meanwhile.
 - ``MetricsServer`` (worker step): the Prometheus endpoint.
+- ``TaskConsumer`` (Celery's consumer): also records a task message Celery cannot decode.
 """
 
 from __future__ import annotations
@@ -28,8 +30,11 @@ from celery import Celery, bootsteps, signals
 from kombu import Consumer, Message
 
 from worker.broker import topology
+from worker.broker.consumer import FleetConsumer
 from worker.broker.publisher import BROKER_ERRORS, PUBLISH_RETRY_POLICY, event_argsrepr
 from worker.errors import LedgerUnavailable
+from worker.events import EVENT_ID_MAX_CHARS, TOO_DEEP, event_id_in_prefix, oversize_reason
+from worker.sanitize import printable
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +44,9 @@ BRIDGE_PREFETCH = 20
 # Tasks allowed to wait per pool slot before the bridge stops forwarding bus messages.
 BACKLOG_PER_SLOT = 16
 BACKLOG_MIN = 32
+# Flower shows these labels; a sender decides what is in them, so they are short and printable.
+LABEL_MAX_CHARS = 80
+SERIES_LABEL_MAX_CHARS = 120
 
 
 def _settings(parent: Any) -> Any:
@@ -47,25 +55,36 @@ def _settings(parent: Any) -> Any:
     return settings_of(parent.app)
 
 
-def _peek(body: bytes, max_bytes: int) -> tuple[str | None, str | None, object]:
-    """Event id, customer and series of a message, for Flower; None where unreadable."""
+def _peek(body: bytes, max_bytes: int) -> tuple[str | None, str | None, str | None]:
+    """Event id, customer and series of a message, as printable labels for Flower.
+
+    None where unreadable. The task validates the message and records whatever is wrong with
+    it; this peek only has to never raise (deep nesting used to raise RecursionError here,
+    outside any handler, and the message was never recorded).
+    """
     if len(body) > max_bytes:
         return None, None, None
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        if not isinstance(data, dict):
+            return None, None, None
+        candidate = data.get("eventId")
+        event_id = (printable(candidate) if isinstance(candidate, str)
+                    and 0 < len(candidate) <= EVENT_ID_MAX_CHARS else None)
+        customer = data.get("customer")
+        label = None
+        if isinstance(customer, dict):
+            for name in ("id", "mobile", "email", "externalId"):
+                value = customer.get(name)
+                if isinstance(value, str | int) and value:
+                    label = printable(f"{name}:{value}", limit=LABEL_MAX_CHARS)
+                    break
+        series = data.get("seriesIds")
+        series_label = (printable(json.dumps(series), limit=SERIES_LABEL_MAX_CHARS)
+                        if series is not None else None)
+    except (ValueError, TypeError, RecursionError):
         return None, None, None
-    if not isinstance(data, dict):
-        return None, None, None
-    event_id = data.get("eventId") if isinstance(data.get("eventId"), str) else None
-    customer = data.get("customer")
-    label = None
-    if isinstance(customer, dict):
-        for name in ("id", "mobile", "email", "externalId"):
-            if customer.get(name):
-                label = f"{name}:{customer[name]}"
-                break
-    return event_id, label, data.get("seriesIds")
+    return event_id, label, series_label
 
 
 class EventsBridge(bootsteps.ConsumerStep):
@@ -90,6 +109,7 @@ class EventsBridge(bootsteps.ConsumerStep):
         self._consumer = parent
         self._max_bytes = 65_536
         self._held: deque[Message] = deque()
+        self._last_held_tag: object = None
         #: Task messages forwarded since the guard last read the task queue's depth.
         self.forwarded = 0
         self.high_water = BACKLOG_MIN
@@ -103,18 +123,34 @@ class EventsBridge(bootsteps.ConsumerStep):
         if self._held or self.forwarded >= self.high_water:
             self._held.append(message)
             return
-        self._forward(message)
+        if not self._settle(message):
+            self._held.append(message)
 
     def release(self, room: int) -> None:
         """Forward held messages while the task queue has ``room``."""
         self.forwarded = 0
         while self._held and self.forwarded < room:
-            self._forward(self._held.popleft())
+            if not self._settle(self._held[0]):
+                return  # still first in line: tried again on the next release
+            self._held.popleft()
 
-    def _forward(self, message: Message) -> None:
+    def _settle(self, message: Message) -> bool:
+        """Forward, record or hand back one message; False when it must wait, held."""
+        try:
+            return self._forward(message)
+        except Exception:
+            # No message may end the consumer: it would come back to the next worker and end
+            # that one too. Held, unacknowledged and in order, it waits for the next release.
+            log.exception("bridge.forward_error")
+            return False
+
+    def _forward(self, message: Message) -> bool:
         from worker.celery_app import TASK_INGEST
 
-        body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
+        body = message.body if isinstance(message.body, bytes) \
+            else str(message.body).encode("utf-8", "surrogatepass")
+        if len(body) > self._max_bytes:
+            return self._record_oversize(message, body)
         try:
             text, encoding = body.decode("utf-8"), "utf-8"
         except UnicodeDecodeError:
@@ -134,9 +170,67 @@ class EventsBridge(bootsteps.ConsumerStep):
         except BROKER_ERRORS:
             log.exception("bridge.forward_failed", extra={"event_id": event_id})
             message.reject(requeue=True)
-            return
+            return True
         message.ack()
         self.forwarded += 1
+        return True
+
+    def _record_oversize(self, message: Message, body: bytes) -> bool:
+        """Record a body over the size limit as rejected, here, instead of forwarding it.
+
+        Forwarding would copy the whole body into the task queue, through the consumer's
+        decoder and the pool's pipe, only to be refused there; a small marker task instead
+        would lose the bytes support needs to fix and resubmit the event. One insert on this
+        loop keeps them whole, for messages that should not exist. If the ledger cannot take
+        it now, the message stays held (unacknowledged, in order) and is tried again on the
+        next release, the way the bus waits while the database is down.
+        """
+        from worker import services
+
+        deps = self._consumer.app.coupon_container.deps()
+        try:
+            services.record_rejection(
+                body, oversize_reason(len(body), self._max_bytes), source="bus", deps=deps,
+                event_id=event_id_in_prefix(body), content_type=message.content_type)
+        except LedgerUnavailable as exc:
+            if self._last_held_tag != message.delivery_tag:  # once per message, not per retry
+                self._last_held_tag = message.delivery_tag
+                log.error("bridge.oversize_held",
+                          extra={"size_bytes": len(body), "error": str(exc)})
+            return False
+        message.ack()
+        return True
+
+
+class TaskConsumer(FleetConsumer):
+    """Celery's consumer, keeping the task messages it cannot decode as rejections.
+
+    Celery acknowledges such a message and only logs it (a ``coupons.issue`` whose event is
+    nested past the interpreter's recursion limit, or a hand-made message that is not JSON),
+    so the payload would be gone. It is recorded instead, from this loop, like an oversize
+    bus body, and acknowledged; should the ledger refuse, Celery's own handling (log with the
+    body, acknowledge) follows.
+    """
+
+    def on_decode_error(self, message: Message, exc: Exception) -> None:
+        from worker import services
+
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, RecursionError):
+            cause = cause.__cause__ or cause.__context__
+        detail = TOO_DEEP if cause is not None else printable(str(exc), limit=300)
+        body = message.body if isinstance(message.body, bytes) \
+            else str(message.body).encode("utf-8", "surrogatepass")
+        try:
+            services.record_rejection(
+                body, f"task message cannot be decoded: {detail}", source="task",
+                deps=self.app.coupon_container.deps(),  # type: ignore[attr-defined]
+                content_type=message.content_type)
+        except Exception:
+            log.exception("task.undecodable_not_recorded", extra={"size_bytes": len(body)})
+            super().on_decode_error(message, exc)
+            return
+        message.ack()
 
 
 class Sweeper(bootsteps.StartStopStep):
@@ -323,12 +417,22 @@ def prepare_metrics_dir() -> None:
     _MULTIPROC_OWNED.append(path)
 
 
-def _size_connection_pool(sender: Any = None, **_: Any) -> None:
-    """A threads pool runs its tasks in one process: one database connection per thread."""
-    container = getattr(getattr(sender, "app", None), "coupon_container", None)
-    pool = str(getattr(sender, "pool_cls", ""))
-    if container is not None and "thread" in pool.lower():
-        container.pool_size = max(container.pool_size, int(sender.concurrency or 1) + 2)
+PREFORK_POOL = "celery.concurrency.prefork:TaskPool"
+
+
+def _require_prefork(sender: Any = None, **_: Any) -> None:
+    """Refuse a pool that cannot enforce the hard time limit (threads, solo, gevent…).
+
+    The limit is what keeps a whole attempt inside its lease; without it a stalled attempt could
+    outlive its claim while another worker calls Capillary for the same entity.
+    """
+    pool = getattr(sender, "pool_cls", None)
+    name = pool if isinstance(pool, str) else f"{getattr(pool, '__module__', '')}:" \
+        f"{getattr(pool, '__name__', '')}"
+    if "prefork" not in name:
+        log.critical("worker.pool_refused", extra={"pool": name})
+        raise SystemExit(f"coupon-worker runs on the prefork pool only, not {name}: the hard "
+                         "time limit that keeps an attempt inside its lease needs it")
 
 
 def _check_metrics_dir(sender: Any = None, **_: Any) -> None:
@@ -364,7 +468,7 @@ def install(app: Celery) -> None:
     app.steps["consumer"].add(ConsumptionGuard)
     app.steps["worker"].add(Sweeper)
     app.steps["worker"].add(MetricsServer)
+    signals.worker_init.connect(_require_prefork, weak=False)
     signals.worker_init.connect(_check_metrics_dir, weak=False)
-    signals.worker_init.connect(_size_connection_pool, weak=False)
     signals.setup_logging.connect(_setup_logging, weak=False)
     signals.worker_shutdown.connect(_remove_metrics_dir, weak=False)

@@ -17,7 +17,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from worker.domain import TERMINAL_STATES, Coupon, EntityState, EventState, issue_ref
-from worker.errors import EventRejected
+from worker.errors import EventRejected, LedgerError
 from worker.events import LoyaltyEvent
 from worker.ledger.records import (
     CLOSED_CIRCUIT,
@@ -89,6 +89,23 @@ def _settles_after_lease(entity: FakeEntity, settle_window_s: float) -> datetime
     return max(entity.settles_at, after_lease) if entity.settles_at else after_lease
 
 
+_PG_INT_MAX = 2**31 - 1
+
+
+def _pg_text(*values: str | None) -> None:
+    """Refuse what a PostgreSQL text column refuses, so unit tests meet the same wall."""
+    for value in values:
+        if value is None:
+            continue
+        if "\x00" in value:
+            raise LedgerError("database error: PostgreSQL text fields cannot contain NUL "
+                              "(0x00) bytes")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise LedgerError(f"database error: {exc}") from None
+
+
 class InMemoryLedger:
     """The ``Ledger`` protocol over plain dicts."""
 
@@ -103,6 +120,10 @@ class InMemoryLedger:
                      skipped)
 
     def ingest(self, event: LoyaltyEvent, *, source: str, now: datetime) -> bool:
+        _pg_text(event.eventId, event.eventType, event.customer.key, source,
+                 *event.metadata.model_dump(exclude_none=True).values())
+        if any(series_id > _PG_INT_MAX for series_id in event.seriesIds):
+            raise LedgerError("database error: integer out of range")
         existing = self.state.events.get(event.eventId)
         if existing is not None:
             if existing["fingerprint"] != fingerprint(event):
@@ -218,8 +239,10 @@ class InMemoryLedger:
     def record_rejection(self, *, raw: bytes, reason: str, source: str,
                          event_id: str | None, content_type: str | None,
                          now: datetime) -> int:
+        _pg_text(reason, source, event_id, content_type)
         self.state.rejections.append({"raw": raw, "reason": reason, "source": source,
-                                      "event_id": event_id, "published": False})
+                                      "event_id": event_id, "content_type": content_type,
+                                      "published": False})
         return len(self.state.rejections)
 
     def expire_leases(self, *, now: datetime, retry_at: datetime, limit: int,

@@ -209,7 +209,11 @@ class IssuedCoupon(Base):
 
 
 class RejectedEvent(Base):
-    """A message that was not a valid event: its raw bytes and the precise reason."""
+    """A message that was not a valid event: its raw bytes and the precise reason.
+
+    The row is evidence and stays as it was received; a resubmission only links it to the
+    event it became (``resubmitted_*``, set once; a trigger refuses any other change).
+    """
 
     __tablename__ = "rejected_events"
     __table_args__ = (
@@ -226,6 +230,8 @@ class RejectedEvent(Base):
     size_bytes: Mapped[int] = mapped_column(Integer)
     content_type: Mapped[str | None] = mapped_column(Text)
     dead_published_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    resubmitted_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    resubmitted_event_id: Mapped[str | None] = mapped_column(Text)
 
 
 class OperatorAction(Base):

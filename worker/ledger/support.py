@@ -1,4 +1,4 @@
-"""The statements behind support engineers' commands: select, replay, discard, audit.
+"""The statements behind support engineers' commands: select, replay, discard, resubmit, audit.
 
 Every state change an operator makes is written in the same transaction as its audit row in
 ``operator_actions``; that table is append-only (a trigger refuses UPDATE and DELETE).
@@ -75,6 +75,19 @@ class Target:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class RejectedRow:
+    """A rejected message as it stood when locked (its raw bytes are not needed to act)."""
+
+    id: int
+    source: str
+    event_id: str | None
+    reason: str
+    received_at: datetime
+    resubmitted_at: datetime | None
+    resubmitted_event_id: str | None
+
+
 class SupportRepository:
     """Operator actions on the ledger, inside the caller's transaction."""
 
@@ -136,6 +149,31 @@ class SupportRepository:
         self.session.execute(insert(m.OperatorAction).values(
             at=now, action=action, operator=operator, reason=reason, entity_id=entity_id,
             event_id=event_id, outcome=outcome, details=details or {}))
+
+    def lock_rejected(self, rejected_id: int) -> RejectedRow | None:
+        """A rejected message, locked so two resubmissions of it cannot both go."""
+        r = m.RejectedEvent
+        row = self.session.execute(
+            select(r.id, r.source, r.event_id, r.reason, r.received_at, r.resubmitted_at,
+                   r.resubmitted_event_id)
+            .where(r.id == rejected_id).with_for_update()
+        ).first()
+        return RejectedRow(*row) if row else None
+
+    def link_resubmission(self, rejected_id: int, *, event_id: str, now: datetime) -> None:
+        """Mark a rejected message as resubmitted as ``event_id``; nothing else of it changes."""
+        r = m.RejectedEvent
+        self.session.execute(
+            update(r).where(r.id == rejected_id)
+            .values(resubmitted_at=now, resubmitted_event_id=event_id)
+            .execution_options(synchronize_session=False))
+
+    def event_fingerprint(self, event_id: str) -> tuple[str, str] | None:
+        """The fingerprint and state of an event already in the ledger, if it is."""
+        row = self.session.execute(
+            select(m.Event.fingerprint, m.Event.state).where(m.Event.event_id == event_id)
+        ).first()
+        return (row[0], row[1]) if row else None
 
     def refresh_events(self, event_ids: Sequence[str], *, now: datetime) -> None:
         from worker.ledger.repository import SqlLedger

@@ -1,0 +1,145 @@
+"""The bus bridge: no message may end its consumer, an oversize body is recorded in place, and
+its peek for Flower never raises."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from tests.unit.conftest import World
+from worker.broker.worker_steps import EventsBridge, _peek
+from worker.errors import LedgerUnavailable
+
+MAX = 65_536
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"[" * 5000, b"{" * 5000, b'{"a":' * 5000, b"\xff\xfe", b"null", b"[1]",
+     b'{"seriesIds": [' + b"9" * 5000 + b"]}", b"x" * (MAX + 1)],
+)
+def test_a_peek_at_poison_is_empty_not_an_error(body: bytes) -> None:
+    assert _peek(body, MAX) == (None, None, None)
+
+
+def test_a_peek_shows_printable_labels_only() -> None:
+    body = json.dumps({"eventId": "e\x1b[31m\n\x00\ud800", "customer": {"id": "1\n2"},
+                       "seriesIds": [1, 2]}).encode()
+    event_id, customer, series = _peek(body, MAX)
+    assert event_id == "e\\x1b[31m\\n\\x00\\ud800"
+    assert customer == "id:1\\n2"
+    assert series == "[1, 2]"
+
+
+def test_a_peek_cuts_long_labels() -> None:
+    body = json.dumps({"eventId": "e" * 5000, "customer": {"id": "c" * 5000},
+                       "seriesIds": list(range(5000))}).encode()
+    event_id, customer, series = _peek(body, MAX)
+    assert event_id is None  # longer than any valid event id: not a label worth showing
+    assert customer is not None and len(customer) <= 80
+    assert series is not None and len(series) <= 120
+
+
+# -- the bridge itself, with fakes of its parent, app and messages -----------------------------
+
+@dataclass
+class FakeMessage:
+    body: bytes
+    delivery_tag: int
+    content_type: str = "application/json"
+    settled: str | None = None
+
+    def ack(self) -> None:
+        self.settled = "acked"
+
+    def reject(self, requeue: bool) -> None:
+        self.settled = "requeued" if requeue else "dropped"
+
+
+@dataclass
+class FakeApp:
+    coupon_container: Any
+    sent: list[dict[str, Any]] = field(default_factory=list)
+    fail_with: Exception | None = None
+
+    def send_task(self, name: str, **options: Any) -> None:
+        if self.fail_with is not None:
+            raise self.fail_with
+        self.sent.append(options["kwargs"])
+
+
+@dataclass
+class FakeContainer:
+    world: World
+    down: bool = False
+
+    def deps(self) -> Any:
+        if self.down:
+            raise LedgerUnavailable("database unavailable: connection refused")
+        return self.world.deps
+
+
+@dataclass
+class FakeConsumer:
+    app: FakeApp
+    coupon_bridge: Any = None
+
+
+def bridge(world: World, max_bytes: int = 1024) -> tuple[EventsBridge, FakeApp, FakeContainer]:
+    container = FakeContainer(world)
+    app = FakeApp(container)
+    step = EventsBridge(FakeConsumer(app))
+    step._max_bytes = max_bytes
+    return step, app, container
+
+
+def test_poison_is_forwarded_for_the_pool_to_record_and_the_next_message_follows(
+        world: World) -> None:
+    step, app, _ = bridge(world, max_bytes=MAX)
+    messages = [FakeMessage(b"[" * 5000, 1), FakeMessage(b"\xff", 2),
+                FakeMessage(b'{"eventId": "ok"}', 3)]
+    for message in messages:
+        step._on_message(message)
+    assert [m.settled for m in messages] == ["acked"] * 3
+    assert [kw["encoding"] for kw in app.sent] == ["utf-8", "base64", "utf-8"]
+    assert [kw["event_id"] for kw in app.sent] == [None, None, "ok"]
+
+
+def test_an_oversize_body_is_recorded_in_the_bridge_not_forwarded(world: World) -> None:
+    step, app, _ = bridge(world)
+    huge = b'{"eventId": "big-1", "pad": "' + b"x" * 2000 + b'"}'
+    step._on_message(FakeMessage(huge, 1))
+    assert app.sent == []
+    rejection, = world.state.rejections
+    assert rejection["raw"] == huge and rejection["event_id"] == "big-1"
+    assert rejection["reason"] == f"body is {len(huge)} bytes, over the 1024-byte limit"
+
+
+def test_an_oversize_body_waits_held_while_the_ledger_is_down(world: World) -> None:
+    step, app, container = bridge(world)
+    container.down = True
+    huge, after = FakeMessage(b"x" * 2000, 1), FakeMessage(b'{"eventId": "next"}', 2)
+    step._on_message(huge)
+    step._on_message(after)
+    step.release(room=10)
+    assert (huge.settled, after.settled) == (None, None), "held, in order, unacknowledged"
+    assert world.state.rejections == [] and app.sent == []
+    container.down = False
+    step.release(room=10)
+    assert (huge.settled, after.settled) == ("acked", "acked")
+    assert len(world.state.rejections) == 1 and [kw["event_id"] for kw in app.sent] == ["next"]
+
+
+def test_an_unexpected_error_holds_the_message_instead_of_ending_the_consumer(
+        world: World) -> None:
+    step, app, _ = bridge(world)
+    app.fail_with = RuntimeError("a bug")
+    message = FakeMessage(b'{"eventId": "e"}', 1)
+    step._on_message(message)  # does not raise
+    assert message.settled is None
+    app.fail_with = None
+    step.release(room=10)
+    assert message.settled == "acked"
