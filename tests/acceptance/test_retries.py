@@ -148,9 +148,11 @@ def test_ambiguous_faults_end_with_exactly_one_coupon_per_entity(
 
 
 def test_answers_that_hide_an_issued_coupon_never_lead_to_a_second(
-    settings: Settings, clean_ledger: Engine, sandbox: SandboxAdmin,
+    settings_factory: Callable[..., Settings], clean_ledger: Engine, sandbox: SandboxAdmin,
     start_worker: Callable[..., WorkerProcess],
 ) -> None:
+    # Five unknown outcomes in a row open the circuit: a short pause keeps the test short.
+    settings = settings_factory(circuit_open_s=2.0)
     # Given a stand-in that issues and then answers in ways our old rule read as "failed"
     start_worker(settings, concurrency=3)
     faults: dict[str, dict[str, Any]] = {
