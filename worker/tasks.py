@@ -30,6 +30,7 @@ from celery.exceptions import Reject, SoftTimeLimitExceeded
 from worker import services
 from worker.errors import EventRejected, LedgerUnavailable
 from worker.events import EVENT_ID_MAX_CHARS, parse_event_bytes, parse_event_data
+from worker.names import TASK_INGEST, TASK_ISSUE, TASK_RETRY
 from worker.sanitize import printable
 from worker.services import Deps, Report
 
@@ -151,8 +152,6 @@ def decode_body(body: object, encoding: str) -> bytes:
 
 def register(app: Celery) -> None:
     """Register the tasks on ``app`` (tasks are bound to the app that runs them)."""
-    from worker.celery_app import TASK_INGEST, TASK_ISSUE, TASK_RETRY
-
     def deps() -> Deps:
         deps_: Deps = _container(app).deps()
         return deps_

@@ -29,12 +29,19 @@ from typing import Any
 from celery import Celery, bootsteps, signals
 from kombu import Consumer, Message
 
+from worker import services
 from worker.broker import topology
+from worker.broker.celery_config import settings_of
 from worker.broker.consumer import FleetConsumer
 from worker.broker.publisher import BROKER_ERRORS, PUBLISH_RETRY_POLICY, event_argsrepr
+from worker.config import Settings, load_settings
 from worker.errors import LedgerUnavailable
 from worker.events import EVENT_ID_MAX_CHARS, TOO_DEEP, event_id_in_prefix, oversize_reason
+from worker.logs import configure_logging
+from worker.metrics import exposition_registry, serve_metrics
+from worker.names import TASK_INGEST
 from worker.sanitize import printable
+from worker.views import entity_state_counts
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +56,7 @@ LABEL_MAX_CHARS = 80
 SERIES_LABEL_MAX_CHARS = 120
 
 
-def _settings(parent: Any) -> Any:
-    from worker.celery_app import settings_of
-
+def _settings(parent: Any) -> Settings:
     return settings_of(parent.app)
 
 
@@ -145,8 +150,6 @@ class EventsBridge(bootsteps.ConsumerStep):
             return False
 
     def _forward(self, message: Message) -> bool:
-        from worker.celery_app import TASK_INGEST
-
         body = message.body if isinstance(message.body, bytes) \
             else str(message.body).encode("utf-8", "surrogatepass")
         if len(body) > self._max_bytes:
@@ -185,8 +188,6 @@ class EventsBridge(bootsteps.ConsumerStep):
         it now, the message stays held (unacknowledged, in order) and is tried again on the
         next release, the way the bus waits while the database is down.
         """
-        from worker import services
-
         deps = self._consumer.app.coupon_container.deps()
         try:
             services.record_rejection(
@@ -213,8 +214,6 @@ class TaskConsumer(FleetConsumer):
     """
 
     def on_decode_error(self, message: Message, exc: Exception) -> None:
-        from worker import services
-
         cause: BaseException | None = exc
         while cause is not None and not isinstance(cause, RecursionError):
             cause = cause.__cause__ or cause.__context__
@@ -239,7 +238,8 @@ class Sweeper(bootsteps.StartStopStep):
     The pool forks children while this thread runs (at start and whenever a child is
     replaced). A fork copies locks held by other threads in their held state, and a module
     import holds one, so every module the loop needs is imported here, in the main thread,
-    before the thread starts; the loop itself then never imports.
+    before the thread starts (``worker.services`` at this module's import, the dependencies by
+    building them once in ``start``); the loop itself then never imports.
     """
 
     requires = ("celery.worker.components:Pool",)
@@ -259,8 +259,6 @@ class Sweeper(bootsteps.StartStopStep):
         if not _settings(parent).run_sweeper:
             log.info("sweeper.disabled")
             return
-        from worker import services  # noqa: F401 - warm the imports before forking can race them
-
         try:
             parent.app.coupon_container.deps()
         except Exception:
@@ -280,8 +278,6 @@ class Sweeper(bootsteps.StartStopStep):
         return bool(getattr(blueprint, "state", None) == _RUN)
 
     def _loop(self) -> None:
-        from worker import services
-
         container = self._worker.app.coupon_container
         interval_s = container.settings.sweep_interval_s
         while not self._stop.is_set() and self._worker_running():
@@ -378,9 +374,6 @@ class MetricsServer(bootsteps.StartStopStep):
         settings = _settings(parent)
         if not settings.metrics_port:
             return
-        from worker.metrics import exposition_registry, serve_metrics
-        from worker.views import entity_state_counts
-
         container = parent.app.coupon_container
 
         def backlog() -> dict[str, int]:
@@ -455,9 +448,6 @@ def _remove_metrics_dir(**_: Any) -> None:
 
 def _setup_logging(**_: Any) -> None:
     """Celery leaves logging alone when this signal has a receiver: ours is structured."""
-    from worker.config import load_settings
-    from worker.logs import configure_logging
-
     settings = load_settings()
     configure_logging(settings.log_level, settings.log_format)
 
