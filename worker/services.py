@@ -49,12 +49,12 @@ from worker.metrics import Metrics
 from worker.policy import (
     DeadLetter,
     Decision,
-    Defer,
     RecordDuplicate,
     RecordIssued,
     RetryPolicy,
     ScheduleRetry,
     counts_toward_circuit,
+    retries_to_dispatch,
 )
 from worker.ratelimit import BULK_ISSUE, RateLimiter
 from worker.sanitize import printable
@@ -64,7 +64,6 @@ log = logging.getLogger("worker.pipeline")
 READ_BACK = "read_back"
 # Coupons created a little before our first attempt still count: clocks of hosts differ.
 RECONCILE_CLOCK_SKEW = timedelta(minutes=5)
-DEFER_JITTER_S = 5.0
 REJECTION_REASON_MAX_CHARS = 4000
 REJECTION_LABEL_MAX_CHARS = 200
 
@@ -280,8 +279,8 @@ class _Attempt:
     def defer_all(self, entities: Sequence[ClaimedEntity], delay: timedelta, why: str,
                   code: str) -> None:
         for entity in entities:
-            jitter = timedelta(seconds=self.deps.rng.uniform(0, DEFER_JITTER_S))
-            self.add(entity, Defer(delay + jitter), verdict=Verdict.OUTAGE, error_code=code,
+            self.add(entity, self.deps.retry_policy.deferred(delay, rng=self.deps.rng),
+                     verdict=Verdict.OUTAGE, error_code=code,
                      message=why)
 
 
@@ -531,11 +530,8 @@ def sweep(deps: Deps, *, batch: int = 500, requeue_after_s: float = 300.0) -> Sw
                                                           "count": len(repaired)})
 
     circuit = deps.circuit.state()
-    limit = batch
-    if circuit.state != "closed":
-        pause_over = circuit.open_until is None or now >= circuit.open_until
-        # While open, nothing goes; when the pause is over, one entity goes, as the probe.
-        limit = 1 if (circuit.state == "open" and pause_over) else 0
+    limit = retries_to_dispatch(circuit_state=circuit.state, open_until=circuit.open_until,
+                                now=now, batch=batch)
     dispatched = 0
     if limit:
         with deps.uow() as uow:

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 from worker.broker.worker_steps import ConsumptionGuard
 from worker.config import load_settings
+from worker.policy import CONSUME, ConsumptionPause, QueueRole
 
 
 class Consumer:
@@ -16,8 +17,7 @@ class Consumer:
         self.app = SimpleNamespace(conf={"coupon_settings": settings})
         self.timer = SimpleNamespace(call_repeatedly=lambda *_a: SimpleNamespace(
             cancel=lambda: None))
-        self.controller = SimpleNamespace(coupon_sweeper=SimpleNamespace(
-            pause_reason=None, pause_retries=False))
+        self.controller = SimpleNamespace(coupon_sweeper=SimpleNamespace(pause=CONSUME))
         # Celery keeps a cancelled queue deselected on the app, so a reconnect's new task
         # consumer leaves it out too.
         self.consuming = {settings.tasks_queue, settings.retry_queue}
@@ -28,8 +28,8 @@ class Consumer:
     def add_task_queue(self, queue: str) -> None:
         self.consuming.add(queue)
 
-    def pause(self, reason: str | None) -> None:
-        self.controller.coupon_sweeper.pause_reason = reason
+    def pause(self, reason: str | None, *roles: QueueRole) -> None:
+        self.controller.coupon_sweeper.pause = ConsumptionPause(reason, frozenset(roles))
 
 
 def test_a_queue_paused_before_a_reconnect_is_resumed_after_it() -> None:
@@ -37,7 +37,7 @@ def test_a_queue_paused_before_a_reconnect_is_resumed_after_it() -> None:
     guard = ConsumptionGuard(SimpleNamespace())
     guard.start(consumer)
     # Given the circuit opened and the guard stopped consuming fresh events
-    consumer.pause("circuit open: http_503")
+    consumer.pause("circuit open: http_503", "tasks")
     guard._check(consumer)
     assert consumer.consuming == {"coupons.retry"}
     # When the broker connection drops, and the circuit has closed by the time the
@@ -54,14 +54,12 @@ def test_a_queue_still_paused_after_a_reconnect_waits_for_the_circuit() -> None:
     consumer = Consumer()
     guard = ConsumptionGuard(SimpleNamespace())
     guard.start(consumer)
-    consumer.pause("database unavailable")
-    consumer.controller.coupon_sweeper.pause_retries = True
+    consumer.pause("database unavailable", "tasks", "retry")
     guard._check(consumer)
     guard.stop(consumer)
     guard.start(consumer)
     guard._check(consumer)
     assert consumer.consuming == set()
     consumer.pause(None)
-    consumer.controller.coupon_sweeper.pause_retries = False
     guard._check(consumer)
     assert consumer.consuming == {"coupons.tasks", "coupons.retry"}

@@ -15,6 +15,7 @@ from celery import Celery
 from worker.broker import topology
 from worker.config import Settings
 from worker.names import TASK_INGEST, TASK_ISSUE, TASK_RETRY
+from worker.policy import PUBLISH_RETRY_POLICY
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -54,8 +55,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # The same for Celery releases that know only the combined setting.
         "task_acks_on_failure_or_timeout": False,
         "task_publish_retry": True,
-        "task_publish_retry_policy": {"max_retries": 5, "interval_start": 0.2,
-                                      "interval_step": 0.5, "interval_max": 2.0},
+        "task_publish_retry_policy": PUBLISH_RETRY_POLICY,
         "task_time_limit": settings.task_hard_time_limit_s,
         "task_soft_time_limit": max(settings.task_hard_time_limit_s - 5.0, 1.0),
         "worker_prefetch_multiplier": 1,

@@ -23,12 +23,13 @@ from worker.errors import BrokerUnavailable
 from worker.events import LoyaltyEvent
 from worker.ledger.records import DeadLetterRecord, DueEntity
 from worker.names import TASK_ISSUE, TASK_RETRY
+from worker.policy import PUBLISH_RETRY_POLICY
 
 BROKER_ERRORS: tuple[type[BaseException], ...] = (
     kombu.exceptions.KombuError, amqp.exceptions.AMQPError, OSError,
 )
-PUBLISH_RETRY_POLICY = {"max_retries": 5, "interval_start": 0.2, "interval_step": 0.5,
-                        "interval_max": 2.0}
+__all__ = ["BROKER_ERRORS", "PUBLISH_RETRY_POLICY", "CeleryPublisher", "EventProducer",
+           "event_argsrepr"]
 Via = Literal["bus", "task"]
 
 

@@ -33,13 +33,24 @@ from worker import services
 from worker.broker import topology
 from worker.broker.celery_config import settings_of
 from worker.broker.consumer import FleetConsumer
-from worker.broker.publisher import BROKER_ERRORS, PUBLISH_RETRY_POLICY, event_argsrepr
+from worker.broker.publisher import BROKER_ERRORS, event_argsrepr
 from worker.config import Settings, load_settings
 from worker.errors import LedgerUnavailable
 from worker.events import EVENT_ID_MAX_CHARS, TOO_DEEP, event_id_in_prefix, oversize_reason
 from worker.logs import configure_logging
 from worker.metrics import exposition_registry, serve_metrics
 from worker.names import TASK_INGEST
+from worker.policy import (
+    BACKLOG_MIN,
+    CONSUME,
+    PUBLISH_RETRY_POLICY,
+    ConsumptionPause,
+    QueueRole,
+    bridge_high_water,
+    bridge_room,
+    consumption_for_circuit,
+    consumption_for_ledger_down,
+)
 from worker.sanitize import printable
 from worker.views import entity_state_counts
 
@@ -48,9 +59,6 @@ log = logging.getLogger(__name__)
 GUARD_INTERVAL_S = 0.25
 _RUN = bootsteps.RUN  # type: ignore[attr-defined]  # not in the stubs
 BRIDGE_PREFETCH = 20
-# Tasks allowed to wait per pool slot before the bridge stops forwarding bus messages.
-BACKLOG_PER_SLOT = 16
-BACKLOG_MIN = 32
 # Flower shows these labels; a sender decides what is in them, so they are short and printable.
 LABEL_MAX_CHARS = 80
 SERIES_LABEL_MAX_CHARS = 120
@@ -250,10 +258,8 @@ class Sweeper(bootsteps.StartStopStep):
         self._worker = parent
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        #: Why fresh events should not be consumed now (None: consume).
-        self.pause_reason: str | None = None
-        #: Whether the retry queue should not be consumed either (database down).
-        self.pause_retries = False
+        #: What the guard should stop consuming now, as ``worker.policy`` decided it.
+        self.pause: ConsumptionPause = CONSUME
 
     def start(self, parent: Any) -> None:
         if not _settings(parent).run_sweeper:
@@ -284,17 +290,14 @@ class Sweeper(bootsteps.StartStopStep):
             try:
                 deps = container.deps()
                 report = services.sweep(deps, requeue_after_s=container.settings.requeue_after_s)
-                now = deps.clock()
                 circuit = deps.circuit.state()
-                paused = circuit.state != "closed" and circuit.open_until is not None \
-                    and now < circuit.open_until
-                self.pause_reason = f"circuit {circuit.state}: {circuit.reason}" if paused else None
-                self.pause_retries = False
+                self.pause = consumption_for_circuit(
+                    circuit_state=circuit.state, reason=circuit.reason,
+                    open_until=circuit.open_until, now=deps.clock())
                 if report.dispatched or report.leases_expired or report.dead_letters_published:
                     log.info("sweep.done", extra=report.__dict__)
             except LedgerUnavailable as exc:
-                self.pause_reason = f"database unavailable: {exc}"
-                self.pause_retries = True
+                self.pause = consumption_for_ledger_down(str(exc))
                 log.error("sweep.ledger_unavailable", extra={"error": str(exc)})
             except Exception:
                 log.exception("sweep.failed")
@@ -328,13 +331,12 @@ class ConsumptionGuard(bootsteps.StartStopStep):
         if sweeper is None:
             return
         settings = _settings(c)
-        wanted: set[str] = set()
-        if sweeper.pause_reason:
-            wanted.add(settings.tasks_queue)
-            if sweeper.pause_retries:
-                wanted.add(settings.retry_queue)
+        pause: ConsumptionPause = sweeper.pause
+        queue_of: dict[QueueRole, str] = {"tasks": settings.tasks_queue,
+                                          "retry": settings.retry_queue}
+        wanted = {queue_of[role] for role in pause.roles}
         for queue in sorted(wanted - self._paused):
-            log.error("consumer.paused", extra={"queue": queue, "reason": sweeper.pause_reason})
+            log.error("consumer.paused", extra={"queue": queue, "reason": pause.reason})
             c.cancel_task_queue(queue)
         for queue in sorted(self._paused - wanted):
             log.warning("consumer.resumed", extra={"queue": queue})
@@ -343,12 +345,7 @@ class ConsumptionGuard(bootsteps.StartStopStep):
 
 
     def _apply_backpressure(self, c: Any) -> None:
-        """Let the bridge forward only while the task queue is short.
-
-        Forwarding is cheap and the pool is not: without this, a bus backlog is copied into
-        the task queue as fast as the main loop can publish, and that loop is the one that
-        also feeds the pool, so issuing slows down for the whole drain.
-        """
+        """Let the bridge forward only while the task queue is short (``bridge_high_water``)."""
         bridge = getattr(c, "coupon_bridge", None)
         if bridge is None:
             return
@@ -358,8 +355,8 @@ class ConsumptionGuard(bootsteps.StartStopStep):
                 queue=settings.tasks_queue, passive=True)
         except BROKER_ERRORS:
             return
-        bridge.high_water = max(BACKLOG_PER_SLOT * (c.pool.num_processes or 1), BACKLOG_MIN)
-        bridge.release(room=max(bridge.high_water - waiting, 0))
+        bridge.high_water = bridge_high_water(c.pool.num_processes)
+        bridge.release(room=bridge_room(bridge.high_water, waiting))
 
 
 class MetricsServer(bootsteps.StartStopStep):
