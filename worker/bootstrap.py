@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from worker.broker.links import StepLinks
 from worker.capillary.client import CapillaryClient
 from worker.circuit import CircuitGate
 from worker.config import Settings
@@ -67,6 +68,8 @@ class Container:
         self._pid: int | None = None
         self._deps: Deps | None = None
         self._engine: Engine | None = None
+        #: How this worker's bootsteps find each other (main process only).
+        self.links = StepLinks()
         # The pool forks while the sweeper thread may hold the lock; a child must not inherit
         # a lock that no thread of its own will ever release.
         os.register_at_fork(after_in_child=self._reset_lock)

@@ -72,7 +72,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_disable_rate_limits": True,
         # Celery's consumer, exiting (non-zero) on broker errors that reconnecting cannot cure
         # instead of looping, and recording task messages it cannot decode as rejections.
-        "worker_consumer": "worker.broker.worker_steps:TaskConsumer",
+        "worker_consumer": "worker.broker.task_consumer:TaskConsumer",
     }
 
 
