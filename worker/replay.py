@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
+from worker import domain
 from worker.domain import EntityState
 from worker.errors import EventRejected, NotFound
 from worker.events import LoyaltyEvent, parse_event_bytes
@@ -34,8 +35,9 @@ from worker.services import Publisher
 log = logging.getLogger("worker.support")
 
 RESUBMIT_SOURCE = "resubmit"
-REPLAYABLE = (EntityState.DEAD.value,)
-EVENT_REPLAYABLE = (EntityState.DEAD.value, EntityState.RETRY_WAIT.value)
+# The state machine's sets (worker.domain), as the ledger's selections name them.
+REPLAYABLE = tuple(sorted(s.value for s in domain.REPLAYABLE))
+EVENT_REPLAYABLE = tuple(sorted(s.value for s in domain.EVENT_REPLAYABLE))
 
 
 def default_operator() -> str:

@@ -16,7 +16,18 @@ from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, Self
 
-from worker.domain import TERMINAL_STATES, Coupon, EntityState, EventState, issue_ref
+from worker.domain import (
+    CLAIMABLE_FOR_RETRY,
+    CLAIMABLE_FRESH,
+    CLAIMABLE_WHEN_DUE,
+    ISSUED_STATES,
+    TERMINAL_STATES,
+    Coupon,
+    EntityState,
+    EventState,
+    check_transition,
+    issue_ref,
+)
 from worker.errors import EventRejected, LedgerError
 from worker.events import LoyaltyEvent
 from worker.ledger.records import (
@@ -80,7 +91,7 @@ class FakeState:
         return clone
 
 
-_ISSUED_STATES = (EntityState.ISSUED, EntityState.DUPLICATE_ISSUED)
+_ISSUED_STATES = ISSUED_STATES
 
 
 def _settles_after_lease(entity: FakeEntity, settle_window_s: float) -> datetime:
@@ -149,7 +160,7 @@ class InMemoryLedger:
         if abandoned and entity.lease_until is not None:
             entity.settles_at = _settles_after_lease(entity, settle_window_s)
         lease_until = now + timedelta(seconds=lease_s)
-        entity.state = EntityState.IN_FLIGHT
+        entity.state = check_transition(entity.state, EntityState.IN_FLIGHT)
         entity.attempts += 1
         entity.claim_token = token
         entity.lease_until = lease_until
@@ -171,7 +182,7 @@ class InMemoryLedger:
         mine = [e for e in self.state.entities.values() if e.event_id == event_id]
         claimed = [
             self._take(e, token, now, lease_s, settle_window_s) for e in mine
-            if e.state is EntityState.PENDING or self._abandoned(e, now)
+            if e.state in CLAIMABLE_FRESH or self._abandoned(e, now)
         ]
         skipped = {} if claimed else dict(Counter(e.state.value for e in mine))
         return self._claim_for(event_id, token, claimed, skipped)
@@ -181,9 +192,9 @@ class InMemoryLedger:
         e = self.state.entities.get(entity_id)
         if e is None:
             return None
-        due = e.state is EntityState.QUEUED or (
-            e.state is EntityState.RETRY_WAIT and e.next_attempt_at is not None
-            and e.next_attempt_at <= now) or self._abandoned(e, now)
+        waited = e.state not in CLAIMABLE_WHEN_DUE or (
+            e.next_attempt_at is not None and e.next_attempt_at <= now)
+        due = (e.state in CLAIMABLE_FOR_RETRY and waited) or self._abandoned(e, now)
         if not due:
             return None
         return self._claim_for(
@@ -205,7 +216,7 @@ class InMemoryLedger:
                 e.verify_after = now + timedelta(seconds=t.verify_window_s)
             elif t.state is EntityState.DUPLICATE_ISSUED:
                 e.verify_after = None
-            e.state = t.state
+            e.state = check_transition(e.state, t.state)
             e.claim_token = None
             e.lease_until = None
             e.needs_reconcile = t.needs_reconcile
@@ -250,7 +261,8 @@ class InMemoryLedger:
         expired = [e for e in self.state.entities.values() if self._abandoned(e, now)][:limit]
         for e in expired:
             e.settles_at = _settles_after_lease(e, settle_window_s)
-            e.state, e.needs_reconcile, e.next_attempt_at = EntityState.RETRY_WAIT, True, retry_at
+            e.state = check_transition(e.state, EntityState.RETRY_WAIT)
+            e.needs_reconcile, e.next_attempt_at = True, retry_at
             e.claim_token, e.lease_until = None, None
             e.history.append("lease_expired")
         return [e.id for e in expired]
@@ -267,13 +279,14 @@ class InMemoryLedger:
     def mark_queued(self, entity_ids: Sequence[int], *, now: datetime) -> None:
         for entity_id in entity_ids:
             e = self.state.entities[entity_id]
-            e.state, e.queued_at = EntityState.QUEUED, now
+            e.state, e.queued_at = check_transition(e.state, EntityState.QUEUED), now
 
     def requeue_stale(self, *, queued_before: datetime, now: datetime, limit: int) -> int:
         stale = [e for e in self.state.entities.values()
                  if e.state is EntityState.QUEUED and e.queued_at and e.queued_at < queued_before]
         for e in stale[:limit]:
-            e.state, e.next_attempt_at, e.queued_at = EntityState.RETRY_WAIT, now, None
+            e.state = check_transition(e.state, EntityState.RETRY_WAIT)
+            e.next_attempt_at, e.queued_at = now, None
         return len(stale[:limit])
 
     def unpublished_dead_letters(self, *, limit: int) -> list[DeadLetterRecord]:
@@ -326,7 +339,7 @@ class InMemoryLedger:
             return
         e.verify_after = None
         if duplicates:
-            e.state = EntityState.DUPLICATE_ISSUED
+            e.state = check_transition(e.state, EntityState.DUPLICATE_ISSUED)
             e.last_error_code, e.last_error_message = "duplicate_issued", message
             self.state.extra_coupons.setdefault(e.id, []).extend(duplicates)
             e.history.append("duplicate_issued")

@@ -37,7 +37,17 @@ from sqlalchemy import cast as sql_cast
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
-from worker.domain import TERMINAL_STATES, Coupon, EntityState, EventState, issue_ref
+from worker.domain import (
+    CLAIMABLE_FOR_RETRY,
+    CLAIMABLE_FRESH,
+    CLAIMABLE_WHEN_DUE,
+    ISSUED_STATES,
+    TERMINAL_STATES,
+    Coupon,
+    EntityState,
+    EventState,
+    issue_ref,
+)
 from worker.errors import EventRejected
 from worker.events import LoyaltyEvent
 from worker.ledger import models as m
@@ -53,7 +63,15 @@ from worker.ledger.records import (
     Verification,
 )
 
-CLAIMABLE_FRESH = (EntityState.PENDING.value,)
+
+def _values(states: frozenset[EntityState]) -> tuple[str, ...]:
+    return tuple(sorted(s.value for s in states))
+
+
+# The state machine's sets (worker.domain), as the column stores them.
+_CLAIMABLE_FRESH = _values(CLAIMABLE_FRESH)
+_CLAIMABLE_AT_ONCE = _values(CLAIMABLE_FOR_RETRY - CLAIMABLE_WHEN_DUE)
+_CLAIMABLE_WHEN_DUE = _values(CLAIMABLE_WHEN_DUE)
 
 
 def fingerprint(event: LoyaltyEvent) -> str:
@@ -131,7 +149,9 @@ CALLS = cast(Table, m.ApiCall.__table__)
 COUPONS = cast(Table, m.IssuedCoupon.__table__)
 _E = ENTITIES.c
 _IN_FLIGHT = EntityState.IN_FLIGHT.value
-_ISSUED_STATES = (EntityState.ISSUED.value, EntityState.DUPLICATE_ISSUED.value)
+# Plain ``issued`` first: verification moves ``_ISSUED_STATES[0]`` only.
+_ISSUED_STATES = (EntityState.ISSUED.value,
+                  *_values(ISSUED_STATES - {EntityState.ISSUED}))
 
 _INSERT_EVENT = (
     pg_insert(EVENTS).on_conflict_do_nothing(index_elements=["event_id"])
@@ -203,7 +223,7 @@ _NOW = bindparam("b_now", type_=DateTime(timezone=True))
 _CLAIM_EVENT = _claim_statement(
     and_(
         _E.event_id == bindparam("b_event_id"),
-        or_(_E.state.in_(CLAIMABLE_FRESH), _ABANDONED),
+        or_(_E.state.in_(_CLAIMABLE_FRESH), _ABANDONED),
     ),
     skip_locked=True,
 )
@@ -213,8 +233,8 @@ _CLAIM_ENTITY = _claim_statement(
     and_(
         _E.id == bindparam("b_entity_id"),
         or_(
-            _E.state == EntityState.QUEUED.value,
-            and_(_E.state == EntityState.RETRY_WAIT.value, _E.next_attempt_at <= _NOW),
+            _E.state.in_(_CLAIMABLE_AT_ONCE),
+            and_(_E.state.in_(_CLAIMABLE_WHEN_DUE), _E.next_attempt_at <= _NOW),
             _ABANDONED,
         ),
     ),
