@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import itertools
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -41,7 +41,8 @@ from worker.ledger.records import (
     Transition,
     Verification,
 )
-from worker.ledger.repository import fingerprint
+from worker.ledger.repository import Ledger, fingerprint
+from worker.ledger.support import RejectedRow, Selection, Target
 
 
 @dataclass
@@ -80,12 +81,15 @@ class FakeState:
     rejections: list[dict[str, Any]] = field(default_factory=list)
     circuits: dict[str, CircuitState] = field(default_factory=dict)
     ids: Any = field(default_factory=lambda: itertools.count(1))
+    #: Operator actions, as ``operator_actions`` rows.
+    audits: list[dict[str, Any]] = field(default_factory=list)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> FakeState:
         clone = FakeState(
             copy.deepcopy(self.events, memo), copy.deepcopy(self.entities, memo),
             dict(self.coupons), copy.deepcopy(self.extra_coupons, memo), list(self.calls),
-            list(self.rejections), dict(self.circuits),
+            copy.deepcopy(self.rejections, memo), dict(self.circuits),
+            audits=list(self.audits),
         )
         clone.ids = self.ids  # ids are never reused, even after a rollback
         return clone
@@ -253,8 +257,90 @@ class InMemoryLedger:
         _pg_text(reason, source, event_id, content_type)
         self.state.rejections.append({"raw": raw, "reason": reason, "source": source,
                                       "event_id": event_id, "content_type": content_type,
-                                      "published": False})
+                                      "published": False, "received_at": now,
+                                      "resubmitted_at": None, "resubmitted_event_id": None})
         return len(self.state.rejections)
+
+    # -- operator actions (SupportLedger) ---------------------------------------------------
+
+    @staticmethod
+    def _target(e: FakeEntity) -> Target:
+        return Target(e.id, e.event_id, e.series_id, e.customer_key, e.state.value, e.attempts,
+                      e.last_error_code, e.needs_reconcile)
+
+    @staticmethod
+    def _selected(e: FakeEntity, selection: Selection) -> bool:
+        # As Selection.conditions() in SQL; the fake keeps no updated_at, so a time window
+        # reads dead_at only.
+        customer = selection.customer
+        key = customer if customer is None or ":" in customer else f"id:{customer}"
+        checks = (
+            not selection.entity_ids or e.id in selection.entity_ids,
+            not selection.states or e.state.value in selection.states,
+            not selection.event_id or e.event_id == selection.event_id,
+            not selection.error_code or e.last_error_code == selection.error_code,
+            not selection.series_id or e.series_id == selection.series_id,
+            not key or e.customer_key == key,
+            not selection.since or (e.dead_at is not None and e.dead_at >= selection.since),
+            not selection.until or (e.dead_at is not None and e.dead_at < selection.until),
+        )
+        return all(checks)
+
+    def support_targets(self, selection: Selection) -> list[Target]:
+        return [self._target(e) for _, e in sorted(self.state.entities.items())
+                if self._selected(e, selection)]
+
+    def lock_target(self, entity_id: int) -> Target | None:
+        e = self.state.entities.get(entity_id)
+        return self._target(e) if e is not None else None
+
+    def requeue_target(self, target: Target, *, now: datetime, reset_attempts: bool) -> None:
+        e = self.state.entities[target.entity_id]
+        e.state = check_transition(e.state, EntityState.QUEUED)
+        e.queued_at, e.next_attempt_at = now, None
+        if reset_attempts:
+            e.attempts = 0
+
+    def discard_target(self, target: Target, *, now: datetime) -> None:
+        e = self.state.entities[target.entity_id]
+        e.state = check_transition(e.state, EntityState.DISCARDED)
+        e.next_attempt_at = None
+
+    def operator_history(self, target: Target, *, kind: str, state: str, message: str,
+                         operator: str, now: datetime) -> None:
+        _pg_text(message, operator)
+        self.state.entities[target.entity_id].history.append(kind)
+
+    def audit(self, *, action: str, operator: str, reason: str, outcome: str, now: datetime,
+              entity_id: int | None = None, event_id: str | None = None,
+              details: dict[str, Any] | None = None) -> None:
+        _pg_text(action, operator, reason, outcome, event_id)
+        self.state.audits.append({
+            "at": now, "action": action, "operator": operator, "reason": reason,
+            "outcome": outcome, "entity_id": entity_id, "event_id": event_id,
+            "details": details or {}})
+
+    def lock_rejected(self, rejected_id: int) -> RejectedRow | None:
+        if not 1 <= rejected_id <= len(self.state.rejections):
+            return None
+        r = self.state.rejections[rejected_id - 1]
+        return RejectedRow(rejected_id, r["source"], r["event_id"], r["reason"],
+                           r.get("received_at") or datetime.min, r.get("resubmitted_at"),
+                           r.get("resubmitted_event_id"))
+
+    def link_resubmission(self, rejected_id: int, *, event_id: str, now: datetime) -> None:
+        r = self.state.rejections[rejected_id - 1]
+        r["resubmitted_at"], r["resubmitted_event_id"] = now, event_id
+
+    def event_fingerprint(self, event_id: str) -> tuple[str, str] | None:
+        event = self.state.events.get(event_id)
+        return (event["fingerprint"], str(event["state"])) if event is not None else None
+
+    def refresh_event_states(self, event_ids: Iterable[str], *, now: datetime) -> None:
+        for event_id in sorted(set(event_ids)):
+            self._refresh(event_id)
+
+    # -- the sweeper's work ------------------------------------------------------------------
 
     def expire_leases(self, *, now: datetime, retry_at: datetime, limit: int,
                       settle_window_s: float) -> list[int]:
@@ -406,6 +492,11 @@ class FakeUnitOfWork:
             snapshot = self._snapshot
             self._state.__dict__.update(snapshot.__dict__)
             self._snapshot = None
+
+
+def _implements_the_protocol(state: FakeState) -> Ledger:
+    """Never called: mypy checks here that the fake implements the whole ``Ledger``."""
+    return InMemoryLedger(state)
 
 
 def fake_unit_of_work_factory(state: FakeState | None = None) -> tuple[FakeState, Any]:

@@ -62,6 +62,13 @@ from worker.ledger.records import (
     Transition,
     Verification,
 )
+from worker.ledger.support import (
+    RejectedRow,
+    Selection,
+    SupportLedger,
+    SupportRepository,
+    Target,
+)
 
 
 def _values(states: frozenset[EntityState]) -> tuple[str, ...]:
@@ -85,7 +92,7 @@ def fingerprint(event: LoyaltyEvent) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-class Ledger(Protocol):
+class Ledger(SupportLedger, Protocol):
     """The ledger operations of the services; ``SqlLedger`` and ``InMemoryLedger`` agree."""
 
     def ingest(self, event: LoyaltyEvent, *, source: str, now: datetime) -> bool: ...
@@ -335,10 +342,45 @@ class SqlLedger:
 
     def __init__(self, session: Session) -> None:
         self.session = session
+        self._support = SupportRepository(session)
 
     @property
     def _conn(self) -> Any:
         return self.session.connection()
+
+    # -- operator actions (SupportLedger), in ``worker.ledger.support`` ---------------------
+
+    def support_targets(self, selection: Selection) -> list[Target]:
+        return self._support.select(selection)
+
+    def lock_target(self, entity_id: int) -> Target | None:
+        return self._support.lock(entity_id)
+
+    def requeue_target(self, target: Target, *, now: datetime, reset_attempts: bool) -> None:
+        self._support.requeue(target, now=now, reset_attempts=reset_attempts)
+
+    def discard_target(self, target: Target, *, now: datetime) -> None:
+        self._support.discard(target, now=now)
+
+    def operator_history(self, target: Target, *, kind: str, state: str, message: str,
+                         operator: str, now: datetime) -> None:
+        self._support.history(target, kind=kind, state=state, message=message,
+                              operator=operator, now=now)
+
+    def audit(self, *, action: str, operator: str, reason: str, outcome: str, now: datetime,
+              entity_id: int | None = None, event_id: str | None = None,
+              details: dict[str, Any] | None = None) -> None:
+        self._support.audit(action=action, operator=operator, reason=reason, outcome=outcome,
+                            now=now, entity_id=entity_id, event_id=event_id, details=details)
+
+    def lock_rejected(self, rejected_id: int) -> RejectedRow | None:
+        return self._support.lock_rejected(rejected_id)
+
+    def link_resubmission(self, rejected_id: int, *, event_id: str, now: datetime) -> None:
+        self._support.link_resubmission(rejected_id, event_id=event_id, now=now)
+
+    def event_fingerprint(self, event_id: str) -> tuple[str, str] | None:
+        return self._support.event_fingerprint(event_id)
 
     # -- intake ----------------------------------------------------------------------------
 
