@@ -1,4 +1,6 @@
-"""Wiring: builds the services' dependencies once per process, from the settings.
+"""Wiring, in one place: the services' dependencies (the worker's ``Container``, built once per
+process) and the support commands' (``build_support_deps``), from the settings. The Celery app
+factory (``worker.celery_app``) and the command line both build their dependencies here.
 
 Prefork children must not share the parent's database or HTTP connections, so the container
 rebuilds itself when it finds itself in a new process. Nothing connects until first use.
@@ -12,7 +14,9 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from worker.broker.celery_config import producer_app
 from worker.broker.links import StepLinks
+from worker.broker.publisher import CeleryPublisher
 from worker.capillary.client import CapillaryClient
 from worker.circuit import CircuitGate
 from worker.config import Settings
@@ -20,6 +24,7 @@ from worker.ledger.unit_of_work import ConnectionLimits, make_engine, sql_unit_o
 from worker.metrics import Metrics
 from worker.policy import CircuitPolicy, RetryPolicy
 from worker.ratelimit import PostgresRateLimiter, RateLimiter, RetryAfterGate
+from worker.replay import SupportDeps
 from worker.services import Deps, Publisher, utcnow
 
 if TYPE_CHECKING:
@@ -53,6 +58,16 @@ def build_deps(settings: Settings, publisher: Publisher, *, engine: Engine | Non
         lease_s=settings.lease_s,
         rate_limit_max_wait_s=settings.rate_limit_max_wait_s,
     )
+
+
+def build_support_deps(settings: Settings, engine: Engine) -> SupportDeps:
+    """What the support commands (replay, discard, resubmit) need, on ``engine``.
+
+    Retries and resubmitted events are sent by name from a send-only Celery app: the command
+    runs no task and no worker step.
+    """
+    return SupportDeps(uow=sql_unit_of_work_factory(engine),
+                       publisher=CeleryPublisher(producer_app(settings), settings), clock=utcnow)
 
 
 class Container:
