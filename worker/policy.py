@@ -240,6 +240,11 @@ class RetryPolicy:
         return Defer(delay + timedelta(seconds=(rng or random).uniform(0.0, DEFER_JITTER_S)))
 
 
+    def throttle_penalty_s(self, retry_after_s: float | None) -> float:
+        """How long the whole fleet holds its calls after a 429: Retry-After, else the base."""
+        return retry_after_s or self.base_s
+
+
 #: The spread added to every deferral (see ``RetryPolicy.deferred``).
 DEFER_JITTER_S = 5.0
 
@@ -271,6 +276,24 @@ class CircuitPolicy:
         seconds = self.open_s * (2 ** max(times_opened_in_a_row - 1, 0))
         return timedelta(seconds=min(seconds, self.max_open_s))
 
+
+
+@dataclass(frozen=True)
+class WaitForSlot:
+    """Call Capillary after ``wait_s``: the rate limit's next slot is that close."""
+
+    wait_s: float
+
+
+def rate_limit_slot(wait_s: float, *, max_wait_s: float) -> WaitForSlot | Defer:
+    """Wait for a reserved rate-limit slot, or give it back and defer the entities.
+
+    A slot further than ``max_wait_s`` away would hold a pool process idle (and its claims'
+    leases running) for nothing: the entities wait in the ledger instead, attempt not spent.
+    """
+    if wait_s > max_wait_s:
+        return Defer(timedelta(seconds=wait_s))
+    return WaitForSlot(wait_s)
 
 
 def retries_to_dispatch(*, circuit_state: str, open_until: datetime | None, now: datetime,

@@ -28,6 +28,7 @@ from celery import Celery
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 
 from worker import services
+from worker.broker.context import container_of
 from worker.errors import EventRejected, LedgerUnavailable
 from worker.events import EVENT_ID_MAX_CHARS, parse_event_bytes, parse_event_data
 from worker.names import TASK_INGEST, TASK_ISSUE, TASK_RETRY
@@ -36,10 +37,6 @@ from worker.sanitize import printable
 from worker.services import Deps, Report
 
 log = logging.getLogger(__name__)
-
-
-def _container(app: Celery) -> Any:
-    return app.coupon_container  # type: ignore[attr-defined]
 
 
 def raw_json(data: object) -> bytes:
@@ -151,8 +148,7 @@ def decode_body(body: object, encoding: str) -> bytes:
 def register(app: Celery) -> None:
     """Register the tasks on ``app`` (tasks are bound to the app that runs them)."""
     def deps() -> Deps:
-        deps_: Deps = _container(app).deps()
-        return deps_
+        return container_of(app).deps()
 
     @app.task(name=TASK_ISSUE, ignore_result=True, shared=False)
     def issue(event: dict[str, Any], source: str = "task") -> dict[str, object]:
@@ -169,7 +165,7 @@ def register(app: Celery) -> None:
         # The bridge sends these as text; any other sender's are labels, never trusted as-is.
         source = _label(source) or "bus"
         content_type, event_id = _label(content_type), _label(event_id)
-        max_bytes = _container(app).settings.max_event_bytes
+        max_bytes = container_of(app).settings.max_event_bytes
         return _run(deps, lambda d: handle_raw(raw, content_type=content_type, source=source,
                                                deps=d, max_bytes=max_bytes),
                     raw=raw, source=source, event_id=event_id)

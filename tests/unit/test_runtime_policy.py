@@ -96,3 +96,18 @@ def test_every_publish_retries_for_a_bounded_time() -> None:
     retry = policy.PUBLISH_RETRY_POLICY
     assert retry["max_retries"] == 5
     assert retry["interval_max"] <= 2.0
+
+
+def test_a_near_rate_limit_slot_is_waited_for() -> None:
+    assert policy.rate_limit_slot(0.4, max_wait_s=30.0) == policy.WaitForSlot(0.4)
+
+
+def test_a_far_rate_limit_slot_defers_instead_of_holding_a_process() -> None:
+    slot = policy.rate_limit_slot(45.0, max_wait_s=30.0)
+    assert slot == policy.Defer(timedelta(seconds=45.0))
+
+
+def test_a_429_holds_the_fleet_for_retry_after_or_else_the_base_delay() -> None:
+    retry = RetryPolicy(base_s=2.0)
+    assert retry.throttle_penalty_s(7.0) == 7.0
+    assert retry.throttle_penalty_s(None) == 2.0
