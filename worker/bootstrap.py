@@ -1,4 +1,6 @@
-"""Wiring: builds the services' dependencies once per process, from the settings.
+"""Wiring, in one place: the services' dependencies (the worker's ``Container``, built once per
+process) and the support commands' (``build_support_deps``), from the settings. The Celery app
+factory (``worker.celery_app``) and the command line both build their dependencies here.
 
 Prefork children must not share the parent's database or HTTP connections, so the container
 rebuilds itself when it finds itself in a new process. Nothing connects until first use.
@@ -12,6 +14,9 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from worker.broker.celery_config import producer_app
+from worker.broker.links import StepLinks
+from worker.broker.publisher import CeleryPublisher
 from worker.capillary.client import CapillaryClient
 from worker.circuit import CircuitGate
 from worker.config import Settings
@@ -19,6 +24,7 @@ from worker.ledger.unit_of_work import ConnectionLimits, make_engine, sql_unit_o
 from worker.metrics import Metrics
 from worker.policy import CircuitPolicy, RetryPolicy
 from worker.ratelimit import PostgresRateLimiter, RateLimiter, RetryAfterGate
+from worker.replay import SupportDeps
 from worker.services import Deps, Publisher, utcnow
 
 if TYPE_CHECKING:
@@ -54,6 +60,16 @@ def build_deps(settings: Settings, publisher: Publisher, *, engine: Engine | Non
     )
 
 
+def build_support_deps(settings: Settings, engine: Engine) -> SupportDeps:
+    """What the support commands (replay, discard, resubmit) need, on ``engine``.
+
+    Retries and resubmitted events are sent by name from a send-only Celery app: the command
+    runs no task and no worker step.
+    """
+    return SupportDeps(uow=sql_unit_of_work_factory(engine),
+                       publisher=CeleryPublisher(producer_app(settings), settings), clock=utcnow)
+
+
 class Container:
     """Per-process dependencies, built lazily and rebuilt after a fork."""
 
@@ -67,6 +83,8 @@ class Container:
         self._pid: int | None = None
         self._deps: Deps | None = None
         self._engine: Engine | None = None
+        #: How this worker's bootsteps find each other (main process only).
+        self.links = StepLinks()
         # The pool forks while the sweeper thread may hold the lock; a child must not inherit
         # a lock that no thread of its own will ever release.
         os.register_at_fork(after_in_child=self._reset_lock)

@@ -355,18 +355,13 @@ def _engine() -> Iterator[Any]:
 
 @contextmanager
 def _support_deps() -> Iterator[Any]:
-    from worker.broker.publisher import CeleryPublisher
-    from worker.celery_app import create_app
-    from worker.ledger.unit_of_work import make_engine, sql_unit_of_work_factory
-    from worker.replay import SupportDeps
-    from worker.services import utcnow
+    from worker.bootstrap import build_support_deps
+    from worker.ledger.unit_of_work import make_engine
 
     settings = settings_or_exit()
     engine = make_engine(settings.database_url, pool_size=1)
-    app = create_app(settings)
     try:
-        yield SupportDeps(uow=sql_unit_of_work_factory(engine),
-                          publisher=CeleryPublisher(app, settings), clock=utcnow)
+        yield build_support_deps(settings, engine)
     except (WorkerError, ValueError) as exc:
         fail(str(exc))
     finally:

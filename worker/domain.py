@@ -34,6 +34,68 @@ TERMINAL_STATES = frozenset({
     EntityState.ISSUED, EntityState.DEAD, EntityState.DISCARDED, EntityState.DUPLICATE_ISSUED,
 })
 
+# -- the entity state machine ---------------------------------------------------------------
+# One table, used by the SQL ledger's statements and by the in-memory fake alike.
+
+#: Claimed by a delivery of its event: never attempted. (An ``in_flight`` entity whose lease
+#: ran out is claimable by anyone: its worker is gone, and it is reconciled first.)
+CLAIMABLE_FRESH = frozenset({EntityState.PENDING})
+#: Claimed by a ``coupons.retry`` task: queued by the sweeper or by a replay, or waiting...
+CLAIMABLE_FOR_RETRY = frozenset({EntityState.QUEUED, EntityState.RETRY_WAIT})
+#: ...where waiting ones are claimable only once their ``next_attempt_at`` has come.
+CLAIMABLE_WHEN_DUE = frozenset({EntityState.RETRY_WAIT})
+#: The coupon exists (once or, detected afterwards, twice).
+ISSUED_STATES = frozenset({EntityState.ISSUED, EntityState.DUPLICATE_ISSUED})
+#: What a person may replay (``dlq replay``) and, for a whole event, also what still waits.
+REPLAYABLE = frozenset({EntityState.DEAD})
+EVENT_REPLAYABLE = frozenset({EntityState.DEAD, EntityState.RETRY_WAIT})
+#: What a person may discard (``dlq discard``).
+DISCARDABLE = frozenset({EntityState.DEAD})
+
+_S = EntityState
+#: Allowed moves, by whom: the claim (-> in_flight, also re-claiming an abandoned one), the
+#: recorded outcome of an attempt (in_flight -> issued / retry_wait / dead), the sweeper
+#: (lease expiry in_flight -> retry_wait, due retry_wait -> queued, a lost queued message
+#: queued -> retry_wait, a second coupon found by verification issued -> duplicate_issued), a
+#: person (replay -> queued, discard -> discarded). Not listed: proof that a coupon was issued
+#: is recorded whatever the entity's state (``may_record_issued``), because the coupon exists.
+TRANSITIONS: dict[EntityState, frozenset[EntityState]] = {
+    _S.PENDING: frozenset({_S.IN_FLIGHT}),
+    _S.IN_FLIGHT: frozenset({_S.IN_FLIGHT, _S.ISSUED, _S.DUPLICATE_ISSUED, _S.RETRY_WAIT,
+                             _S.DEAD}),
+    _S.RETRY_WAIT: frozenset({_S.QUEUED, _S.IN_FLIGHT}),
+    _S.QUEUED: frozenset({_S.IN_FLIGHT, _S.RETRY_WAIT}),
+    _S.ISSUED: frozenset({_S.DUPLICATE_ISSUED}),
+    _S.DEAD: frozenset({_S.QUEUED, _S.DISCARDED}),
+    _S.DISCARDED: frozenset(),
+    _S.DUPLICATE_ISSUED: frozenset(),
+}
+
+
+def may_record_issued(current: EntityState) -> bool:
+    """Whether an issued coupon may be recorded on an entity that is not in a claim of ours.
+
+    Always, unless it is already recorded as issued: a late answer or a read-back proving the
+    coupon exists must not be lost because the claim moved on meanwhile.
+    """
+    return current not in ISSUED_STATES
+
+
+def can_transition(current: EntityState, new: EntityState) -> bool:
+    """Whether an entity in ``current`` may move to ``new``."""
+    return new in TRANSITIONS[current] or (new in ISSUED_STATES and may_record_issued(current))
+
+
+class IllegalTransition(ValueError):
+    """A move the state machine does not allow: a bug in the ledger, never bad input."""
+
+
+def check_transition(current: EntityState, new: EntityState) -> EntityState:
+    """``new``, when ``current`` may move there; raises ``IllegalTransition`` otherwise."""
+    if not can_transition(current, new):
+        raise IllegalTransition(f"an entity cannot move from {current} to {new}")
+    return new
+
 
 class EventState(StrEnum):
     """Summary of an event's entities, kept on the event row for quick listing."""

@@ -7,14 +7,20 @@ Capillary's application; everything else is *unknown* (``Verdict.AMBIGUOUS``) an
 a read-back before anything is sent again. Second, the decisions: handlers report a ``Verdict``
 per entity and this module turns it into a ``Decision``. Precedence for delays: Capillary's
 Retry-After (a floor), then the exponential backoff with full jitter, capped by ``retry_max_s``.
+
+The runtime's own decisions are here too, returned as values that the tasks and the bootsteps
+carry out: how a message goes back when nothing could be recorded (``requeue``), how many due
+retries the sweeper may dispatch (``retries_to_dispatch``, the one-probe rule), when consumers
+pause (``ConsumptionPause``), how long the task queue may grow before the bridge holds bus
+messages (``bridge_high_water``), and how a publish is retried (``PUBLISH_RETRY_POLICY``).
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from datetime import timedelta
-from typing import TYPE_CHECKING
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Literal
 
 from worker.domain import Verdict
 
@@ -225,6 +231,23 @@ class RetryPolicy:
         """A 429: wait at least Retry-After; the attempt is not spent."""
         return Defer(self.backoff(attempts, retry_after_s=retry_after_s, rng=rng))
 
+    def deferred(self, delay: timedelta, *, rng: random.Random | None = None) -> Defer:
+        """Wait ``delay`` for the circuit or the rate limit, without spending the attempt.
+
+        Spread over ``DEFER_JITTER_S`` more, so that the entities one open circuit deferred do
+        not all come due, and hit Capillary, in the same instant.
+        """
+        return Defer(delay + timedelta(seconds=(rng or random).uniform(0.0, DEFER_JITTER_S)))
+
+
+    def throttle_penalty_s(self, retry_after_s: float | None) -> float:
+        """How long the whole fleet holds its calls after a 429: Retry-After, else the base."""
+        return retry_after_s or self.base_s
+
+
+#: The spread added to every deferral (see ``RetryPolicy.deferred``).
+DEFER_JITTER_S = 5.0
+
 
 @dataclass(frozen=True)
 class CircuitPolicy:
@@ -253,3 +276,122 @@ class CircuitPolicy:
         seconds = self.open_s * (2 ** max(times_opened_in_a_row - 1, 0))
         return timedelta(seconds=min(seconds, self.max_open_s))
 
+
+
+@dataclass(frozen=True)
+class WaitForSlot:
+    """Call Capillary after ``wait_s``: the rate limit's next slot is that close."""
+
+    wait_s: float
+
+
+def rate_limit_slot(wait_s: float, *, max_wait_s: float) -> WaitForSlot | Defer:
+    """Wait for a reserved rate-limit slot, or give it back and defer the entities.
+
+    A slot further than ``max_wait_s`` away would hold a pool process idle (and its claims'
+    leases running) for nothing: the entities wait in the ledger instead, attempt not spent.
+    """
+    if wait_s > max_wait_s:
+        return Defer(timedelta(seconds=wait_s))
+    return WaitForSlot(wait_s)
+
+
+def retries_to_dispatch(*, circuit_state: str, open_until: datetime | None, now: datetime,
+                        batch: int) -> int:
+    """How many due retries the sweeper may dispatch now: the one-probe rule.
+
+    Closed: a batch. Open: none while the pause lasts; once it is over, exactly one, which is
+    the probe whose answer closes or re-opens the circuit. Half-open (a probe is out): none.
+    """
+    if circuit_state == "closed":
+        return batch
+    pause_over = open_until is None or now >= open_until
+    return 1 if (circuit_state == "open" and pause_over) else 0
+
+
+# -- the runtime: requeues, pauses, back-pressure, publishing --------------------------------
+
+#: How long a task waits before putting back a message it could not record anything about
+#: because the ledger is down or stalled: it slows the redelivery loop for the seconds the
+#: sweeper needs to notice and pause consumers.
+LEDGER_DOWN_PAUSE_S = 1.0
+
+
+@dataclass(frozen=True)
+class Requeue:
+    """Put the message back on its queue after ``pause_s``: nothing about it is recorded."""
+
+    pause_s: float
+
+
+def requeue(*, ledger_down: bool) -> Requeue:
+    """How a task gives its message back when no outcome could be committed.
+
+    A ledger that is down or stalled: after ``LEDGER_DOWN_PAUSE_S``. Out of time (the soft
+    limit): at once; claims taken make the redelivery a no-op until their lease runs out.
+    """
+    return Requeue(LEDGER_DOWN_PAUSE_S if ledger_down else 0.0)
+
+
+QueueRole = Literal["tasks", "retry"]
+
+
+@dataclass(frozen=True)
+class ConsumptionPause:
+    """Which queues a worker should stop consuming now, and why (``reason`` None: consume).
+
+    Messages stay in RabbitMQ meanwhile. The bus (``coupons.events``) is never paused: the
+    bridge only forwards, and its back-pressure holds what the task queue cannot take.
+    """
+
+    reason: str | None = None
+    roles: frozenset[QueueRole] = frozenset()
+
+    @property
+    def paused(self) -> bool:
+        return bool(self.roles)
+
+
+CONSUME = ConsumptionPause()
+
+
+def consumption_for_circuit(*, circuit_state: str, reason: str | None,
+                            open_until: datetime | None, now: datetime) -> ConsumptionPause:
+    """While the circuit's pause lasts, fresh events wait in RabbitMQ.
+
+    Retries keep being consumed: the sweeper dispatches none while the circuit is open but the
+    probe, and the probe must run.
+    """
+    if circuit_state != "closed" and open_until is not None and now < open_until:
+        return ConsumptionPause(f"circuit {circuit_state}: {reason}", frozenset({"tasks"}))
+    return CONSUME
+
+
+def consumption_for_ledger_down(error: str) -> ConsumptionPause:
+    """The database is down: nothing can be claimed or recorded, so no queue is consumed."""
+    return ConsumptionPause(f"database unavailable: {error}", frozenset({"tasks", "retry"}))
+
+
+#: Tasks allowed to wait per pool slot before the bridge stops forwarding bus messages.
+BACKLOG_PER_SLOT = 16
+BACKLOG_MIN = 32
+
+
+def bridge_high_water(pool_processes: int | None) -> int:
+    """How many task messages may wait before the bridge holds bus messages instead.
+
+    Forwarding is cheap and the pool is not: without a mark, a bus backlog is copied into the
+    task queue as fast as the main loop can publish, and that loop also feeds the pool.
+    """
+    return max(BACKLOG_PER_SLOT * (pool_processes or 1), BACKLOG_MIN)
+
+
+def bridge_room(high_water: int, waiting: int) -> int:
+    """How many bus messages the bridge may forward with ``waiting`` task messages queued."""
+    return max(high_water - waiting, 0)
+
+
+#: kombu's retry of one publish on a broker error, for every publish of ours and for Celery's
+#: ``task_publish_retry_policy``: about 5 s in all, then ``BrokerUnavailable``.
+PUBLISH_RETRY_POLICY = {"max_retries": 5, "interval_start": 0.2, "interval_step": 0.5,
+                        "interval_max": 2.0}

@@ -20,13 +20,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-from worker.domain import EntityState
+from worker import domain
+from worker.domain import EntityState, check_transition
 from worker.errors import EventRejected, NotFound
 from worker.events import LoyaltyEvent, parse_event_bytes
 from worker.ledger.records import DueEntity
 from worker.ledger.repository import fingerprint
-from worker.ledger.support import RejectedRow, Selection, SupportRepository, Target
-from worker.ledger.unit_of_work import SqlUnitOfWork
+from worker.ledger.support import RejectedRow, Selection, SupportLedger, Target
+from worker.ledger.unit_of_work import UnitOfWorkFactory
 from worker.metrics import Metrics
 from worker.sanitize import printable
 from worker.services import Publisher
@@ -34,8 +35,9 @@ from worker.services import Publisher
 log = logging.getLogger("worker.support")
 
 RESUBMIT_SOURCE = "resubmit"
-REPLAYABLE = (EntityState.DEAD.value,)
-EVENT_REPLAYABLE = (EntityState.DEAD.value, EntityState.RETRY_WAIT.value)
+# The state machine's sets (worker.domain), as the ledger's selections name them.
+REPLAYABLE = tuple(sorted(s.value for s in domain.REPLAYABLE))
+EVENT_REPLAYABLE = tuple(sorted(s.value for s in domain.EVENT_REPLAYABLE))
 
 
 def default_operator() -> str:
@@ -62,9 +64,13 @@ class ActionResult:
 
 @dataclass
 class SupportDeps:
-    """What the support use cases need: the ledger, the retry queue, a clock."""
+    """What the support use cases need: the ledger, the retry queue, a clock.
 
-    uow: Callable[[], SqlUnitOfWork]
+    The same unit of work and ledger protocol as the services': the SQL ledger in production,
+    the in-memory fake in unit tests.
+    """
+
+    uow: UnitOfWorkFactory
     publisher: Publisher
     clock: Callable[[], datetime]
     metrics: Metrics | None = None
@@ -88,7 +94,7 @@ def _log(action: str, target: Target, outcome: str, operator: str, reason: str) 
 
 def _targets(deps: SupportDeps, selection: Selection) -> list[Target]:
     with deps.uow() as uow:
-        return SupportRepository(uow.session).select(selection)
+        return uow.ledger.support_targets(selection)
 
 
 def replay(selection: Selection, *, reason: str, operator: str, deps: SupportDeps,
@@ -117,8 +123,8 @@ def _replay_one(entity_id: int, selection: Selection, *, reason: str, operator: 
                 deps: SupportDeps, action: str) -> ActionResult:
     now = deps.clock()
     with deps.uow() as uow:
-        repo = SupportRepository(uow.session)
-        target = repo.lock(entity_id)
+        repo = uow.ledger
+        target = repo.lock_target(entity_id)
         assert target is not None
         if target.state not in selection.states:
             # Changed since it was listed (issued, discarded, replayed by someone else).
@@ -129,14 +135,15 @@ def _replay_one(entity_id: int, selection: Selection, *, reason: str, operator: 
             _log("replay_skipped", target, outcome, operator, reason)
             return _result(target, outcome)
         fresh_attempts = target.state == EntityState.DEAD.value
-        repo.requeue(target, now=now, reset_attempts=fresh_attempts)
+        check_transition(EntityState(target.state), EntityState.QUEUED)
+        repo.requeue_target(target, now=now, reset_attempts=fresh_attempts)
         outcome = "requeued (reconcile first)" if target.needs_reconcile else "requeued"
-        repo.history(target, kind="replayed", state=EntityState.QUEUED.value,
+        repo.operator_history(target, kind="replayed", state=EntityState.QUEUED.value,
                      message=f"{reason} (by {operator})", operator=operator, now=now)
         repo.audit(action=action, operator=operator, reason=reason, outcome=outcome, now=now,
                    entity_id=target.entity_id, event_id=target.event_id,
                    details={"state_before": target.state, "attempts_before": target.attempts})
-        repo.refresh_events([target.event_id], now=now)
+        repo.refresh_event_states([target.event_id], now=now)
         uow.commit()
     # After the commit, so the retry finds the entity queued. If this publish fails, the
     # sweeper puts the entity back in line after COUPONS_REQUEUE_AFTER_SECONDS.
@@ -160,17 +167,18 @@ def discard(selection: Selection, *, reason: str, operator: str, deps: SupportDe
             continue
         now = deps.clock()
         with deps.uow() as uow:
-            repo = SupportRepository(uow.session)
-            target = repo.lock(candidate.entity_id)
+            repo = uow.ledger
+            target = repo.lock_target(candidate.entity_id)
             assert target is not None
             if target.state not in selection.states:
                 outcome = f"skipped: now {target.state}"
             else:
                 outcome = "discarded"
-                repo.discard(target, now=now)
-                repo.history(target, kind="discarded", state=EntityState.DISCARDED.value,
+                check_transition(EntityState(target.state), EntityState.DISCARDED)
+                repo.discard_target(target, now=now)
+                repo.operator_history(target, kind="discarded", state=EntityState.DISCARDED.value,
                              message=f"{reason} (by {operator})", operator=operator, now=now)
-                repo.refresh_events([target.event_id], now=now)
+                repo.refresh_event_states([target.event_id], now=now)
             repo.audit(action="discard", operator=operator, reason=reason, outcome=outcome,
                        now=now, entity_id=target.entity_id, event_id=target.event_id)
             uow.commit()
@@ -190,7 +198,7 @@ def replay_event(event_id: str, *, reason: str, operator: str, deps: SupportDeps
                      rate_per_s=rate_per_s, action="event_replay")
     if not results and not dry_run:
         with deps.uow() as uow:
-            SupportRepository(uow.session).audit(
+            uow.ledger.audit(
                 action="event_replay", operator=operator, reason=reason,
                 outcome="nothing to replay", now=deps.clock(), event_id=event_id)
             uow.commit()
@@ -220,7 +228,7 @@ class ResubmitResult:
 
 
 def _resubmit_plan(row: RejectedRow, event: LoyaltyEvent | None, problem: str | None,
-                   repo: SupportRepository) -> tuple[str, str]:
+                   repo: SupportLedger) -> tuple[str, str]:
     """(what to do: submit | link | refuse, the outcome in words)."""
     if row.resubmitted_at is not None:
         return "refuse", (f"refused: already resubmitted as event {row.resubmitted_event_id} "
@@ -258,7 +266,7 @@ def resubmit_rejected(rejected_id: int, payload: bytes, *, reason: str, operator
         problem = exc.reason
     now = deps.clock()
     with deps.uow() as uow:
-        repo = SupportRepository(uow.session)
+        repo = uow.ledger
         row = repo.lock_rejected(rejected_id)
         if row is None:
             raise NotFound(f"no rejected event {rejected_id}")

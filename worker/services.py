@@ -55,6 +55,8 @@ from worker.policy import (
     RetryPolicy,
     ScheduleRetry,
     counts_toward_circuit,
+    rate_limit_slot,
+    retries_to_dispatch,
 )
 from worker.ratelimit import BULK_ISSUE, RateLimiter
 from worker.sanitize import printable
@@ -64,7 +66,6 @@ log = logging.getLogger("worker.pipeline")
 READ_BACK = "read_back"
 # Coupons created a little before our first attempt still count: clocks of hosts differ.
 RECONCILE_CLOCK_SKEW = timedelta(minutes=5)
-DEFER_JITTER_S = 5.0
 REJECTION_REASON_MAX_CHARS = 4000
 REJECTION_LABEL_MAX_CHARS = 200
 
@@ -280,8 +281,8 @@ class _Attempt:
     def defer_all(self, entities: Sequence[ClaimedEntity], delay: timedelta, why: str,
                   code: str) -> None:
         for entity in entities:
-            jitter = timedelta(seconds=self.deps.rng.uniform(0, DEFER_JITTER_S))
-            self.add(entity, Defer(delay + jitter), verdict=Verdict.OUTAGE, error_code=code,
+            self.add(entity, self.deps.retry_policy.deferred(delay, rng=self.deps.rng),
+                     verdict=Verdict.OUTAGE, error_code=code,
                      message=why)
 
 
@@ -312,12 +313,12 @@ def _reconcile(attempt: _Attempt, entity: ClaimedEntity, permit: Permit) -> bool
     """Settle an entity whose last call may have issued. True when it needs no issue call."""
     deps, claim = attempt.deps, attempt.claim
     since = entity.first_attempt_at - RECONCILE_CLOCK_SKEW
-    wait_s = deps.limiter.reserve(READ_BACK)
-    if wait_s > deps.rate_limit_max_wait_s:
+    slot = rate_limit_slot(deps.limiter.reserve(READ_BACK), max_wait_s=deps.rate_limit_max_wait_s)
+    if isinstance(slot, Defer):
         deps.limiter.cancel(READ_BACK)
-        attempt.defer_all([entity], timedelta(seconds=wait_s), "rate limit", "rate_limited")
+        attempt.defer_all([entity], slot.delay, "rate limit", "rate_limited")
         return True
-    deps.sleep(wait_s)
+    deps.sleep(slot.wait_s)
     try:
         read_back = deps.api.find_coupons(claim.customer, entity.series_id, since)
     except CapillaryError as exc:
@@ -377,12 +378,13 @@ def _reconcile(attempt: _Attempt, entity: ClaimedEntity, permit: Permit) -> bool
 
 def _issue(attempt: _Attempt, entities: list[ClaimedEntity], permit: Permit) -> None:
     deps, claim = attempt.deps, attempt.claim
-    wait_s = deps.limiter.reserve(BULK_ISSUE)
-    if wait_s > deps.rate_limit_max_wait_s:
+    slot = rate_limit_slot(deps.limiter.reserve(BULK_ISSUE),
+                           max_wait_s=deps.rate_limit_max_wait_s)
+    if isinstance(slot, Defer):
         deps.limiter.cancel(BULK_ISSUE)
-        attempt.defer_all(entities, timedelta(seconds=wait_s), "rate limit", "rate_limited")
+        attempt.defer_all(entities, slot.delay, "rate limit", "rate_limited")
         return
-    deps.sleep(wait_s)
+    deps.sleep(slot.wait_s)
     metadata = dict(claim.metadata)
     # Each attempt carries a reference of its own, under the event's: a read-back tells ours
     # from other coupons by the event's part, and two attempts that both landed apart.
@@ -396,7 +398,7 @@ def _issue(attempt: _Attempt, entities: list[ClaimedEntity], permit: Permit) -> 
     deps.metrics.observe_call(BULK_ISSUE, call.status, call.latency_ms)
     throttled = call.status == 429
     if throttled:
-        deps.limiter.penalise(result.retry_after_s or deps.retry_policy.base_s)
+        deps.limiter.penalise(deps.retry_policy.throttle_penalty_s(result.retry_after_s))
     _update_circuit(deps, permit, result)
     for entity in entities:
         outcome = result.entries[entity.series_id]
@@ -531,11 +533,8 @@ def sweep(deps: Deps, *, batch: int = 500, requeue_after_s: float = 300.0) -> Sw
                                                           "count": len(repaired)})
 
     circuit = deps.circuit.state()
-    limit = batch
-    if circuit.state != "closed":
-        pause_over = circuit.open_until is None or now >= circuit.open_until
-        # While open, nothing goes; when the pause is over, one entity goes, as the probe.
-        limit = 1 if (circuit.state == "open" and pause_over) else 0
+    limit = retries_to_dispatch(circuit_state=circuit.state, open_until=circuit.open_until,
+                                now=now, batch=batch)
     dispatched = 0
     if limit:
         with deps.uow() as uow:

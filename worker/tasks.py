@@ -7,11 +7,11 @@ No SQL and no HTTP here. The three tasks:
 
 Outcome mapping: a bad event is recorded as rejected and the message acknowledged (never
 requeued in a loop); a database outage or stall (statement/lock timeout) puts the message back
-(``Reject(requeue=True)``) after a short pause, since nothing was recorded, and so does the soft
-time limit; an unexpected error is recorded as a rejection with the error, so the payload is
-kept and can be replayed once the bug is fixed, and if even that cannot be recorded the
-message goes back. Nothing a sender puts in a message may raise before that mapping: the raw
-bytes are computed defensively.
+(``Reject(requeue=True)``) after the pause ``worker.policy.requeue`` decides, since nothing
+was recorded, and so does the soft time limit; an unexpected error is recorded as a rejection
+with the error, so the payload is kept and can be replayed once the bug is fixed, and if even
+that cannot be recorded the message goes back. Nothing a sender puts in a message may raise
+before that mapping: the raw bytes are computed defensively.
 """
 
 from __future__ import annotations
@@ -28,19 +28,15 @@ from celery import Celery
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 
 from worker import services
+from worker.broker.context import container_of
 from worker.errors import EventRejected, LedgerUnavailable
 from worker.events import EVENT_ID_MAX_CHARS, parse_event_bytes, parse_event_data
+from worker.names import TASK_INGEST, TASK_ISSUE, TASK_RETRY
+from worker.policy import Requeue, requeue
 from worker.sanitize import printable
 from worker.services import Deps, Report
 
 log = logging.getLogger(__name__)
-
-# Slows a redelivery loop while the database is down; the sweeper pauses consumers meanwhile.
-LEDGER_DOWN_PAUSE_S = 1.0
-
-
-def _container(app: Celery) -> Any:
-    return app.coupon_container  # type: ignore[attr-defined]
 
 
 def raw_json(data: object) -> bytes:
@@ -80,9 +76,9 @@ def handle_raw(body: bytes, *, content_type: str | None, source: str, deps: Deps
         return Report(exc.event_id, rejected_id=rejected)
 
 
-def _requeue(exc: BaseException, *, pause_s: float) -> Reject:
-    """Put the message back: nothing about it is recorded yet."""
-    time.sleep(pause_s)
+def _requeue(exc: BaseException, decision: Requeue) -> Reject:
+    """Carry out a ``Requeue``: the message goes back, nothing about it is recorded yet."""
+    time.sleep(decision.pause_s)
     return Reject(str(exc), requeue=True)
 
 
@@ -98,12 +94,12 @@ def _run(deps_of: Callable[[], Deps], work: Callable[[Deps], Report], *, raw: by
         return work(deps).as_dict()
     except LedgerUnavailable as exc:
         log.error("ledger.unavailable", extra={"event_id": event_id, "error": str(exc)})
-        raise _requeue(exc, pause_s=LEDGER_DOWN_PAUSE_S) from exc
+        raise _requeue(exc, requeue(ledger_down=True)) from exc
     except SoftTimeLimitExceeded as exc:
         # Out of time with the outcome uncommitted; claims already taken make the redelivery
         # a no-op and come back through their lease.
         log.error("task.time_limit", extra={"event_id": event_id, "error": repr(exc)})
-        raise _requeue(exc, pause_s=0) from exc
+        raise _requeue(exc, requeue(ledger_down=False)) from exc
     except Exception as exc:
         log.exception("task.unexpected_error", extra={"event_id": event_id})
         if raw is None:
@@ -119,7 +115,7 @@ def _run(deps_of: Callable[[], Deps], work: Callable[[Deps], Report], *, raw: by
             # time): the message is the only copy left.
             log.error("task.rejection_unrecorded",
                       extra={"event_id": event_id, "error": repr(unrecorded)})
-            raise _requeue(unrecorded, pause_s=LEDGER_DOWN_PAUSE_S) from unrecorded
+            raise _requeue(unrecorded, requeue(ledger_down=True)) from unrecorded
         return {"event_id": event_id, "rejected_id": rejected, "internal_error": str(exc)}
 
 
@@ -151,11 +147,8 @@ def decode_body(body: object, encoding: str) -> bytes:
 
 def register(app: Celery) -> None:
     """Register the tasks on ``app`` (tasks are bound to the app that runs them)."""
-    from worker.celery_app import TASK_INGEST, TASK_ISSUE, TASK_RETRY
-
     def deps() -> Deps:
-        deps_: Deps = _container(app).deps()
-        return deps_
+        return container_of(app).deps()
 
     @app.task(name=TASK_ISSUE, ignore_result=True, shared=False)
     def issue(event: dict[str, Any], source: str = "task") -> dict[str, object]:
@@ -172,7 +165,7 @@ def register(app: Celery) -> None:
         # The bridge sends these as text; any other sender's are labels, never trusted as-is.
         source = _label(source) or "bus"
         content_type, event_id = _label(content_type), _label(event_id)
-        max_bytes = _container(app).settings.max_event_bytes
+        max_bytes = container_of(app).settings.max_event_bytes
         return _run(deps, lambda d: handle_raw(raw, content_type=content_type, source=source,
                                                deps=d, max_bytes=max_bytes),
                     raw=raw, source=source, event_id=event_id)

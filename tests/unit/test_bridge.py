@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from tests.unit.conftest import World
-from worker.broker.worker_steps import EventsBridge, _peek
+from worker.broker.bridge import EventsBridge, _peek
+from worker.broker.links import StepLinks
 from worker.errors import LedgerUnavailable
 
 MAX = 65_536
@@ -75,6 +76,7 @@ class FakeApp:
 class FakeContainer:
     world: World
     down: bool = False
+    links: StepLinks = field(default_factory=StepLinks)
 
     def deps(self) -> Any:
         if self.down:
@@ -85,7 +87,6 @@ class FakeContainer:
 @dataclass
 class FakeConsumer:
     app: FakeApp
-    coupon_bridge: Any = None
 
 
 def bridge(world: World, max_bytes: int = 1024) -> tuple[EventsBridge, FakeApp, FakeContainer]:
@@ -143,3 +144,27 @@ def test_an_unexpected_error_holds_the_message_instead_of_ending_the_consumer(
     app.fail_with = None
     step.release(room=10)
     assert message.settled == "acked"
+
+
+def test_the_bridge_registers_itself_for_the_guard(world: World) -> None:
+    step, _app, container = bridge(world)
+    assert container.links.bridge is step
+
+
+def test_past_its_high_water_mark_the_bridge_holds_messages_until_released(
+        world: World) -> None:
+    # Given a bridge allowed to forward two messages before the guard reads the queue again
+    step, app, _ = bridge(world)
+    step.high_water = 2
+    messages = [FakeMessage(json.dumps({"eventId": f"e-{i}"}).encode(), i) for i in range(5)]
+    # When five arrive
+    for message in messages:
+        step._on_message(message)
+    # Then two are forwarded and three are held, unacknowledged
+    assert [m.settled for m in messages] == ["acked", "acked", None, None, None]
+    # When the guard finds room for two more, then for the rest
+    step.release(room=2)
+    assert [m.settled for m in messages] == ["acked"] * 4 + [None]
+    step.release(room=10)
+    # Then they go in their order of arrival
+    assert [kw["event_id"] for kw in app.sent] == [f"e-{i}" for i in range(5)]

@@ -1,26 +1,50 @@
-"""The consumption guard across a broker reconnect: a queue it paused is resumed later."""
+"""The consumption guard carries out the sweeper's pause decision and the bridge's back-pressure,
+across broker reconnects: a queue it paused is resumed later."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
-from worker.broker.worker_steps import ConsumptionGuard
+from worker.broker.guard import ConsumptionGuard
+from worker.broker.links import StepLinks
 from worker.config import load_settings
+from worker.policy import BACKLOG_MIN, BACKLOG_PER_SLOT, ConsumptionPause, QueueRole
+
+
+class FakeBridge:
+    """The bridge as the guard sees it: a high-water mark and releases."""
+
+    def __init__(self) -> None:
+        self.high_water = 0
+        self.rooms: list[int] = []
+
+    def release(self, room: int) -> None:
+        self.rooms.append(room)
 
 
 class Consumer:
     """What the guard uses of Celery's consumer, recording which queues it consumes."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, waiting: int = 0, processes: int = 2) -> None:
         settings = load_settings(capillary_username="u", capillary_password="p")
-        self.app = SimpleNamespace(conf={"coupon_settings": settings})
+        self.links = StepLinks()
+        self.app = SimpleNamespace(conf={"coupon_settings": settings},
+                                   coupon_container=SimpleNamespace(links=self.links))
         self.timer = SimpleNamespace(call_repeatedly=lambda *_a: SimpleNamespace(
             cancel=lambda: None))
-        self.controller = SimpleNamespace(coupon_sweeper=SimpleNamespace(
-            pause_reason=None, pause_retries=False))
+        self.pool = SimpleNamespace(num_processes=processes)
+        self.waiting = waiting
+        self.declared: list[str] = []
+        self.connection = SimpleNamespace(default_channel=SimpleNamespace(
+            queue_declare=self._queue_declare))
         # Celery keeps a cancelled queue deselected on the app, so a reconnect's new task
         # consumer leaves it out too.
         self.consuming = {settings.tasks_queue, settings.retry_queue}
+
+    def _queue_declare(self, *, queue: str, passive: bool) -> tuple[str, int, int]:
+        assert passive, "the guard only reads the depth, it never declares"
+        self.declared.append(queue)
+        return queue, self.waiting, 1
 
     def cancel_task_queue(self, queue: str) -> None:
         self.consuming.discard(queue)
@@ -28,8 +52,8 @@ class Consumer:
     def add_task_queue(self, queue: str) -> None:
         self.consuming.add(queue)
 
-    def pause(self, reason: str | None) -> None:
-        self.controller.coupon_sweeper.pause_reason = reason
+    def pause(self, reason: str | None, *roles: QueueRole) -> None:
+        self.links.pause = ConsumptionPause(reason, frozenset(roles))
 
 
 def test_a_queue_paused_before_a_reconnect_is_resumed_after_it() -> None:
@@ -37,7 +61,7 @@ def test_a_queue_paused_before_a_reconnect_is_resumed_after_it() -> None:
     guard = ConsumptionGuard(SimpleNamespace())
     guard.start(consumer)
     # Given the circuit opened and the guard stopped consuming fresh events
-    consumer.pause("circuit open: http_503")
+    consumer.pause("circuit open: http_503", "tasks")
     guard._check(consumer)
     assert consumer.consuming == {"coupons.retry"}
     # When the broker connection drops, and the circuit has closed by the time the
@@ -54,14 +78,50 @@ def test_a_queue_still_paused_after_a_reconnect_waits_for_the_circuit() -> None:
     consumer = Consumer()
     guard = ConsumptionGuard(SimpleNamespace())
     guard.start(consumer)
-    consumer.pause("database unavailable")
-    consumer.controller.coupon_sweeper.pause_retries = True
+    consumer.pause("database unavailable", "tasks", "retry")
     guard._check(consumer)
     guard.stop(consumer)
     guard.start(consumer)
     guard._check(consumer)
     assert consumer.consuming == set()
     consumer.pause(None)
-    consumer.controller.coupon_sweeper.pause_retries = False
     guard._check(consumer)
     assert consumer.consuming == {"coupons.tasks", "coupons.retry"}
+
+
+def test_a_pause_cancels_each_queue_once_not_on_every_check() -> None:
+    consumer = Consumer()
+    cancelled: list[str] = []
+    consumer.cancel_task_queue = cancelled.append  # type: ignore[method-assign]
+    guard = ConsumptionGuard(SimpleNamespace())
+    consumer.pause("circuit open: http_503", "tasks")
+    for _ in range(3):
+        guard._check(consumer)
+    assert cancelled == ["coupons.tasks"]
+
+
+def test_without_a_bridge_the_guard_does_not_read_the_task_queue() -> None:
+    consumer = Consumer(waiting=5)
+    ConsumptionGuard(SimpleNamespace())._check(consumer)
+    assert consumer.declared == []
+
+
+def test_the_bridge_gets_the_room_left_below_the_high_water_mark() -> None:
+    # Given a bridge and a task queue with 10 messages waiting, on a pool of 4
+    consumer = Consumer(waiting=10, processes=4)
+    bridge = FakeBridge()
+    consumer.links.bridge = bridge
+    # When the guard checks
+    ConsumptionGuard(SimpleNamespace())._check(consumer)
+    # Then the mark follows the pool, and the bridge may forward what is left below it
+    assert consumer.declared == ["coupons.tasks"]
+    assert bridge.high_water == max(4 * BACKLOG_PER_SLOT, BACKLOG_MIN)
+    assert bridge.rooms == [bridge.high_water - 10]
+
+
+def test_a_long_task_queue_leaves_the_bridge_no_room() -> None:
+    consumer = Consumer(waiting=10_000)
+    bridge = FakeBridge()
+    consumer.links.bridge = bridge
+    ConsumptionGuard(SimpleNamespace())._check(consumer)
+    assert bridge.rooms == [0]

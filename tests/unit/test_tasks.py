@@ -9,7 +9,7 @@ import pytest
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 
 from tests.unit.conftest import World
-from worker import services, tasks
+from worker import policy, services, tasks
 from worker.errors import LedgerError, LedgerUnavailable
 from worker.services import Deps
 
@@ -39,7 +39,7 @@ def test_an_unexpected_error_keeps_the_payload(world: World) -> None:
 
 def test_a_database_outage_puts_the_message_back(world: World,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tasks, "LEDGER_DOWN_PAUSE_S", 0)
+    monkeypatch.setattr(policy, "LEDGER_DOWN_PAUSE_S", 0)
 
     def down(_deps: Any) -> Any:
         raise LedgerUnavailable("database unavailable: connection refused")
@@ -51,7 +51,7 @@ def test_a_database_outage_puts_the_message_back(world: World,
 
 @pytest.fixture
 def no_pause(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tasks, "LEDGER_DOWN_PAUSE_S", 0)
+    monkeypatch.setattr(policy, "LEDGER_DOWN_PAUSE_S", 0)
 
 
 def _explode(exc: Exception) -> Any:

@@ -24,6 +24,8 @@ from typing import Any
 from celery import Celery, bootsteps, signals
 from celery.platforms import EX_FAILURE
 
+from worker.broker.celery_config import settings_of
+from worker.config import Settings
 from worker.health import Heartbeat as HeartbeatRecord
 from worker.health import remove_heartbeat, write_heartbeat
 
@@ -35,9 +37,7 @@ def default_node_name(pid: int | None = None) -> str:
     return f"coupon-worker-{pid or os.getpid()}@%h"
 
 
-def _settings(consumer: Any) -> Any:
-    from worker.celery_app import settings_of
-
+def _settings(consumer: Any) -> Settings:
     return settings_of(consumer.app)
 
 

@@ -17,16 +17,19 @@ from celery import Celery
 from kombu import Connection, Producer
 
 from worker.broker import topology
+from worker.broker.celery_config import producer_app
 from worker.config import Settings
 from worker.errors import BrokerUnavailable
 from worker.events import LoyaltyEvent
 from worker.ledger.records import DeadLetterRecord, DueEntity
+from worker.names import TASK_ISSUE, TASK_RETRY
+from worker.policy import PUBLISH_RETRY_POLICY
 
 BROKER_ERRORS: tuple[type[BaseException], ...] = (
     kombu.exceptions.KombuError, amqp.exceptions.AMQPError, OSError,
 )
-PUBLISH_RETRY_POLICY = {"max_retries": 5, "interval_start": 0.2, "interval_step": 0.5,
-                        "interval_max": 2.0}
+__all__ = ["BROKER_ERRORS", "PUBLISH_RETRY_POLICY", "CeleryPublisher", "EventProducer",
+           "event_argsrepr"]
 Via = Literal["bus", "task"]
 
 
@@ -45,8 +48,6 @@ class CeleryPublisher:
         self._dead_queue = topology.dead_queue(settings)
 
     def publish_retries(self, due: Sequence[DueEntity]) -> None:
-        from worker.celery_app import TASK_RETRY
-
         try:
             with self._app.producer_or_acquire() as producer:
                 for d in due:
@@ -66,8 +67,6 @@ class CeleryPublisher:
 
     def submit_event(self, event: LoyaltyEvent, *, source: str) -> None:
         """Send a valid event as the ``coupons.issue`` task, as a Python producer would."""
-        from worker.celery_app import TASK_ISSUE
-
         try:
             self._app.send_task(
                 TASK_ISSUE,
@@ -109,6 +108,8 @@ class EventProducer:
         self._events_queue = topology.events_queue(settings)
         self._tasks_queue = topology.tasks_queue(settings)
         self._producer = Producer(connection.default_channel)
+        # Sends ``coupons.issue`` by name over this connection; built now, it connects nothing.
+        self._app = producer_app(settings)
 
     @classmethod
     @contextmanager
@@ -146,10 +147,7 @@ class EventProducer:
         if via == "bus":
             self.publish_raw(json.dumps(data).encode("utf-8"))
             return
-        from worker.celery_app import TASK_ISSUE, create_app
-
-        app = getattr(self, "_app", None) or create_app(self._settings)
-        self._app = app
+        app = self._app
         customer = data.get("customer") if isinstance(data, dict) else None
         app.send_task(
             TASK_ISSUE,

@@ -10,13 +10,24 @@ from __future__ import annotations
 import copy
 import itertools
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, Self
 
-from worker.domain import TERMINAL_STATES, Coupon, EntityState, EventState, issue_ref
+from worker.domain import (
+    CLAIMABLE_FOR_RETRY,
+    CLAIMABLE_FRESH,
+    CLAIMABLE_WHEN_DUE,
+    ISSUED_STATES,
+    TERMINAL_STATES,
+    Coupon,
+    EntityState,
+    EventState,
+    check_transition,
+    issue_ref,
+)
 from worker.errors import EventRejected, LedgerError
 from worker.events import LoyaltyEvent
 from worker.ledger.records import (
@@ -30,7 +41,8 @@ from worker.ledger.records import (
     Transition,
     Verification,
 )
-from worker.ledger.repository import fingerprint
+from worker.ledger.repository import Ledger, fingerprint
+from worker.ledger.support import RejectedRow, Selection, Target
 
 
 @dataclass
@@ -69,18 +81,21 @@ class FakeState:
     rejections: list[dict[str, Any]] = field(default_factory=list)
     circuits: dict[str, CircuitState] = field(default_factory=dict)
     ids: Any = field(default_factory=lambda: itertools.count(1))
+    #: Operator actions, as ``operator_actions`` rows.
+    audits: list[dict[str, Any]] = field(default_factory=list)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> FakeState:
         clone = FakeState(
             copy.deepcopy(self.events, memo), copy.deepcopy(self.entities, memo),
             dict(self.coupons), copy.deepcopy(self.extra_coupons, memo), list(self.calls),
-            list(self.rejections), dict(self.circuits),
+            copy.deepcopy(self.rejections, memo), dict(self.circuits),
+            audits=list(self.audits),
         )
         clone.ids = self.ids  # ids are never reused, even after a rollback
         return clone
 
 
-_ISSUED_STATES = (EntityState.ISSUED, EntityState.DUPLICATE_ISSUED)
+_ISSUED_STATES = ISSUED_STATES
 
 
 def _settles_after_lease(entity: FakeEntity, settle_window_s: float) -> datetime:
@@ -149,7 +164,7 @@ class InMemoryLedger:
         if abandoned and entity.lease_until is not None:
             entity.settles_at = _settles_after_lease(entity, settle_window_s)
         lease_until = now + timedelta(seconds=lease_s)
-        entity.state = EntityState.IN_FLIGHT
+        entity.state = check_transition(entity.state, EntityState.IN_FLIGHT)
         entity.attempts += 1
         entity.claim_token = token
         entity.lease_until = lease_until
@@ -171,7 +186,7 @@ class InMemoryLedger:
         mine = [e for e in self.state.entities.values() if e.event_id == event_id]
         claimed = [
             self._take(e, token, now, lease_s, settle_window_s) for e in mine
-            if e.state is EntityState.PENDING or self._abandoned(e, now)
+            if e.state in CLAIMABLE_FRESH or self._abandoned(e, now)
         ]
         skipped = {} if claimed else dict(Counter(e.state.value for e in mine))
         return self._claim_for(event_id, token, claimed, skipped)
@@ -181,9 +196,9 @@ class InMemoryLedger:
         e = self.state.entities.get(entity_id)
         if e is None:
             return None
-        due = e.state is EntityState.QUEUED or (
-            e.state is EntityState.RETRY_WAIT and e.next_attempt_at is not None
-            and e.next_attempt_at <= now) or self._abandoned(e, now)
+        waited = e.state not in CLAIMABLE_WHEN_DUE or (
+            e.next_attempt_at is not None and e.next_attempt_at <= now)
+        due = (e.state in CLAIMABLE_FOR_RETRY and waited) or self._abandoned(e, now)
         if not due:
             return None
         return self._claim_for(
@@ -205,7 +220,7 @@ class InMemoryLedger:
                 e.verify_after = now + timedelta(seconds=t.verify_window_s)
             elif t.state is EntityState.DUPLICATE_ISSUED:
                 e.verify_after = None
-            e.state = t.state
+            e.state = check_transition(e.state, t.state)
             e.claim_token = None
             e.lease_until = None
             e.needs_reconcile = t.needs_reconcile
@@ -242,15 +257,98 @@ class InMemoryLedger:
         _pg_text(reason, source, event_id, content_type)
         self.state.rejections.append({"raw": raw, "reason": reason, "source": source,
                                       "event_id": event_id, "content_type": content_type,
-                                      "published": False})
+                                      "published": False, "received_at": now,
+                                      "resubmitted_at": None, "resubmitted_event_id": None})
         return len(self.state.rejections)
+
+    # -- operator actions (SupportLedger) ---------------------------------------------------
+
+    @staticmethod
+    def _target(e: FakeEntity) -> Target:
+        return Target(e.id, e.event_id, e.series_id, e.customer_key, e.state.value, e.attempts,
+                      e.last_error_code, e.needs_reconcile)
+
+    @staticmethod
+    def _selected(e: FakeEntity, selection: Selection) -> bool:
+        # As Selection.conditions() in SQL; the fake keeps no updated_at, so a time window
+        # reads dead_at only.
+        customer = selection.customer
+        key = customer if customer is None or ":" in customer else f"id:{customer}"
+        checks = (
+            not selection.entity_ids or e.id in selection.entity_ids,
+            not selection.states or e.state.value in selection.states,
+            not selection.event_id or e.event_id == selection.event_id,
+            not selection.error_code or e.last_error_code == selection.error_code,
+            not selection.series_id or e.series_id == selection.series_id,
+            not key or e.customer_key == key,
+            not selection.since or (e.dead_at is not None and e.dead_at >= selection.since),
+            not selection.until or (e.dead_at is not None and e.dead_at < selection.until),
+        )
+        return all(checks)
+
+    def support_targets(self, selection: Selection) -> list[Target]:
+        return [self._target(e) for _, e in sorted(self.state.entities.items())
+                if self._selected(e, selection)]
+
+    def lock_target(self, entity_id: int) -> Target | None:
+        e = self.state.entities.get(entity_id)
+        return self._target(e) if e is not None else None
+
+    def requeue_target(self, target: Target, *, now: datetime, reset_attempts: bool) -> None:
+        e = self.state.entities[target.entity_id]
+        e.state = check_transition(e.state, EntityState.QUEUED)
+        e.queued_at, e.next_attempt_at = now, None
+        if reset_attempts:
+            e.attempts = 0
+
+    def discard_target(self, target: Target, *, now: datetime) -> None:
+        e = self.state.entities[target.entity_id]
+        e.state = check_transition(e.state, EntityState.DISCARDED)
+        e.next_attempt_at = None
+
+    def operator_history(self, target: Target, *, kind: str, state: str, message: str,
+                         operator: str, now: datetime) -> None:
+        _pg_text(message, operator)
+        self.state.entities[target.entity_id].history.append(kind)
+
+    def audit(self, *, action: str, operator: str, reason: str, outcome: str, now: datetime,
+              entity_id: int | None = None, event_id: str | None = None,
+              details: dict[str, Any] | None = None) -> None:
+        _pg_text(action, operator, reason, outcome, event_id)
+        self.state.audits.append({
+            "at": now, "action": action, "operator": operator, "reason": reason,
+            "outcome": outcome, "entity_id": entity_id, "event_id": event_id,
+            "details": details or {}})
+
+    def lock_rejected(self, rejected_id: int) -> RejectedRow | None:
+        if not 1 <= rejected_id <= len(self.state.rejections):
+            return None
+        r = self.state.rejections[rejected_id - 1]
+        return RejectedRow(rejected_id, r["source"], r["event_id"], r["reason"],
+                           r.get("received_at") or datetime.min, r.get("resubmitted_at"),
+                           r.get("resubmitted_event_id"))
+
+    def link_resubmission(self, rejected_id: int, *, event_id: str, now: datetime) -> None:
+        r = self.state.rejections[rejected_id - 1]
+        r["resubmitted_at"], r["resubmitted_event_id"] = now, event_id
+
+    def event_fingerprint(self, event_id: str) -> tuple[str, str] | None:
+        event = self.state.events.get(event_id)
+        return (event["fingerprint"], str(event["state"])) if event is not None else None
+
+    def refresh_event_states(self, event_ids: Iterable[str], *, now: datetime) -> None:
+        for event_id in sorted(set(event_ids)):
+            self._refresh(event_id)
+
+    # -- the sweeper's work ------------------------------------------------------------------
 
     def expire_leases(self, *, now: datetime, retry_at: datetime, limit: int,
                       settle_window_s: float) -> list[int]:
         expired = [e for e in self.state.entities.values() if self._abandoned(e, now)][:limit]
         for e in expired:
             e.settles_at = _settles_after_lease(e, settle_window_s)
-            e.state, e.needs_reconcile, e.next_attempt_at = EntityState.RETRY_WAIT, True, retry_at
+            e.state = check_transition(e.state, EntityState.RETRY_WAIT)
+            e.needs_reconcile, e.next_attempt_at = True, retry_at
             e.claim_token, e.lease_until = None, None
             e.history.append("lease_expired")
         return [e.id for e in expired]
@@ -267,13 +365,14 @@ class InMemoryLedger:
     def mark_queued(self, entity_ids: Sequence[int], *, now: datetime) -> None:
         for entity_id in entity_ids:
             e = self.state.entities[entity_id]
-            e.state, e.queued_at = EntityState.QUEUED, now
+            e.state, e.queued_at = check_transition(e.state, EntityState.QUEUED), now
 
     def requeue_stale(self, *, queued_before: datetime, now: datetime, limit: int) -> int:
         stale = [e for e in self.state.entities.values()
                  if e.state is EntityState.QUEUED and e.queued_at and e.queued_at < queued_before]
         for e in stale[:limit]:
-            e.state, e.next_attempt_at, e.queued_at = EntityState.RETRY_WAIT, now, None
+            e.state = check_transition(e.state, EntityState.RETRY_WAIT)
+            e.next_attempt_at, e.queued_at = now, None
         return len(stale[:limit])
 
     def unpublished_dead_letters(self, *, limit: int) -> list[DeadLetterRecord]:
@@ -326,7 +425,7 @@ class InMemoryLedger:
             return
         e.verify_after = None
         if duplicates:
-            e.state = EntityState.DUPLICATE_ISSUED
+            e.state = check_transition(e.state, EntityState.DUPLICATE_ISSUED)
             e.last_error_code, e.last_error_message = "duplicate_issued", message
             self.state.extra_coupons.setdefault(e.id, []).extend(duplicates)
             e.history.append("duplicate_issued")
@@ -393,6 +492,11 @@ class FakeUnitOfWork:
             snapshot = self._snapshot
             self._state.__dict__.update(snapshot.__dict__)
             self._snapshot = None
+
+
+def _implements_the_protocol(state: FakeState) -> Ledger:
+    """Never called: mypy checks here that the fake implements the whole ``Ledger``."""
+    return InMemoryLedger(state)
 
 
 def fake_unit_of_work_factory(state: FakeState | None = None) -> tuple[FakeState, Any]:

@@ -37,7 +37,17 @@ from sqlalchemy import cast as sql_cast
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
-from worker.domain import TERMINAL_STATES, Coupon, EntityState, EventState, issue_ref
+from worker.domain import (
+    CLAIMABLE_FOR_RETRY,
+    CLAIMABLE_FRESH,
+    CLAIMABLE_WHEN_DUE,
+    ISSUED_STATES,
+    TERMINAL_STATES,
+    Coupon,
+    EntityState,
+    EventState,
+    issue_ref,
+)
 from worker.errors import EventRejected
 from worker.events import LoyaltyEvent
 from worker.ledger import models as m
@@ -52,8 +62,23 @@ from worker.ledger.records import (
     Transition,
     Verification,
 )
+from worker.ledger.support import (
+    RejectedRow,
+    Selection,
+    SupportLedger,
+    SupportRepository,
+    Target,
+)
 
-CLAIMABLE_FRESH = (EntityState.PENDING.value,)
+
+def _values(states: frozenset[EntityState]) -> tuple[str, ...]:
+    return tuple(sorted(s.value for s in states))
+
+
+# The state machine's sets (worker.domain), as the column stores them.
+_CLAIMABLE_FRESH = _values(CLAIMABLE_FRESH)
+_CLAIMABLE_AT_ONCE = _values(CLAIMABLE_FOR_RETRY - CLAIMABLE_WHEN_DUE)
+_CLAIMABLE_WHEN_DUE = _values(CLAIMABLE_WHEN_DUE)
 
 
 def fingerprint(event: LoyaltyEvent) -> str:
@@ -67,7 +92,7 @@ def fingerprint(event: LoyaltyEvent) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-class Ledger(Protocol):
+class Ledger(SupportLedger, Protocol):
     """The ledger operations of the services; ``SqlLedger`` and ``InMemoryLedger`` agree."""
 
     def ingest(self, event: LoyaltyEvent, *, source: str, now: datetime) -> bool: ...
@@ -131,7 +156,9 @@ CALLS = cast(Table, m.ApiCall.__table__)
 COUPONS = cast(Table, m.IssuedCoupon.__table__)
 _E = ENTITIES.c
 _IN_FLIGHT = EntityState.IN_FLIGHT.value
-_ISSUED_STATES = (EntityState.ISSUED.value, EntityState.DUPLICATE_ISSUED.value)
+# Plain ``issued`` first: verification moves ``_ISSUED_STATES[0]`` only.
+_ISSUED_STATES = (EntityState.ISSUED.value,
+                  *_values(ISSUED_STATES - {EntityState.ISSUED}))
 
 _INSERT_EVENT = (
     pg_insert(EVENTS).on_conflict_do_nothing(index_elements=["event_id"])
@@ -203,7 +230,7 @@ _NOW = bindparam("b_now", type_=DateTime(timezone=True))
 _CLAIM_EVENT = _claim_statement(
     and_(
         _E.event_id == bindparam("b_event_id"),
-        or_(_E.state.in_(CLAIMABLE_FRESH), _ABANDONED),
+        or_(_E.state.in_(_CLAIMABLE_FRESH), _ABANDONED),
     ),
     skip_locked=True,
 )
@@ -213,8 +240,8 @@ _CLAIM_ENTITY = _claim_statement(
     and_(
         _E.id == bindparam("b_entity_id"),
         or_(
-            _E.state == EntityState.QUEUED.value,
-            and_(_E.state == EntityState.RETRY_WAIT.value, _E.next_attempt_at <= _NOW),
+            _E.state.in_(_CLAIMABLE_AT_ONCE),
+            and_(_E.state.in_(_CLAIMABLE_WHEN_DUE), _E.next_attempt_at <= _NOW),
             _ABANDONED,
         ),
     ),
@@ -315,10 +342,45 @@ class SqlLedger:
 
     def __init__(self, session: Session) -> None:
         self.session = session
+        self._support = SupportRepository(session)
 
     @property
     def _conn(self) -> Any:
         return self.session.connection()
+
+    # -- operator actions (SupportLedger), in ``worker.ledger.support`` ---------------------
+
+    def support_targets(self, selection: Selection) -> list[Target]:
+        return self._support.select(selection)
+
+    def lock_target(self, entity_id: int) -> Target | None:
+        return self._support.lock(entity_id)
+
+    def requeue_target(self, target: Target, *, now: datetime, reset_attempts: bool) -> None:
+        self._support.requeue(target, now=now, reset_attempts=reset_attempts)
+
+    def discard_target(self, target: Target, *, now: datetime) -> None:
+        self._support.discard(target, now=now)
+
+    def operator_history(self, target: Target, *, kind: str, state: str, message: str,
+                         operator: str, now: datetime) -> None:
+        self._support.history(target, kind=kind, state=state, message=message,
+                              operator=operator, now=now)
+
+    def audit(self, *, action: str, operator: str, reason: str, outcome: str, now: datetime,
+              entity_id: int | None = None, event_id: str | None = None,
+              details: dict[str, Any] | None = None) -> None:
+        self._support.audit(action=action, operator=operator, reason=reason, outcome=outcome,
+                            now=now, entity_id=entity_id, event_id=event_id, details=details)
+
+    def lock_rejected(self, rejected_id: int) -> RejectedRow | None:
+        return self._support.lock_rejected(rejected_id)
+
+    def link_resubmission(self, rejected_id: int, *, event_id: str, now: datetime) -> None:
+        self._support.link_resubmission(rejected_id, event_id=event_id, now=now)
+
+    def event_fingerprint(self, event_id: str) -> tuple[str, str] | None:
+        return self._support.event_fingerprint(event_id)
 
     # -- intake ----------------------------------------------------------------------------
 

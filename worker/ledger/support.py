@@ -6,10 +6,10 @@ Every state change an operator makes is written in the same transaction as its a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import ColumnElement, func, insert, select, update
 from sqlalchemy.orm import Session
@@ -86,6 +86,45 @@ class RejectedRow:
     received_at: datetime
     resubmitted_at: datetime | None
     resubmitted_event_id: str | None
+
+
+class SupportLedger(Protocol):
+    """Operator actions, in the unit of work's transaction: part of the ``Ledger`` protocol."""
+
+    def support_targets(self, selection: Selection) -> list[Target]:
+        """The entities a selection names, by id."""
+        ...
+
+    def lock_target(self, entity_id: int) -> Target | None:
+        """The entity as it stands now, locked until the transaction ends."""
+        ...
+
+    def requeue_target(self, target: Target, *, now: datetime, reset_attempts: bool) -> None:
+        """Make a dead (or waiting) entity go again, through the retry queue."""
+        ...
+
+    def discard_target(self, target: Target, *, now: datetime) -> None: ...
+
+    def operator_history(self, target: Target, *, kind: str, state: str, message: str,
+                         operator: str, now: datetime) -> None: ...
+
+    def audit(self, *, action: str, operator: str, reason: str, outcome: str, now: datetime,
+              entity_id: int | None = None, event_id: str | None = None,
+              details: dict[str, Any] | None = None) -> None:
+        """One row of the append-only operator audit."""
+        ...
+
+    def lock_rejected(self, rejected_id: int) -> RejectedRow | None: ...
+
+    def link_resubmission(self, rejected_id: int, *, event_id: str, now: datetime) -> None: ...
+
+    def event_fingerprint(self, event_id: str) -> tuple[str, str] | None:
+        """The fingerprint and state of an event already in the ledger, if it is."""
+        ...
+
+    def refresh_event_states(self, event_ids: Iterable[str], *, now: datetime) -> None:
+        """Recompute the summary state of events from their entities."""
+        ...
 
 
 class SupportRepository:
@@ -175,7 +214,3 @@ class SupportRepository:
         ).first()
         return (row[0], row[1]) if row else None
 
-    def refresh_events(self, event_ids: Sequence[str], *, now: datetime) -> None:
-        from worker.ledger.repository import SqlLedger
-
-        SqlLedger(self.session).refresh_event_states(event_ids, now=now)

@@ -1,0 +1,85 @@
+"""The sweeper (worker step): a thread of the main process that runs ``services.sweep``.
+
+Every ``COUPONS_SWEEP_INTERVAL_SECONDS`` it recovers crashed claims, dispatches due retries to
+``coupons.retry`` and publishes dead letters; after each sweep it records, in the links, which
+queues ``worker.policy`` says should pause (the guard carries that out).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from celery import bootsteps
+
+from worker import services
+from worker.broker.context import container_of, links_of, step_settings
+from worker.errors import LedgerUnavailable
+from worker.policy import consumption_for_circuit, consumption_for_ledger_down
+
+log = logging.getLogger(__name__)
+
+_RUN = bootsteps.RUN  # type: ignore[attr-defined]  # not in the stubs
+
+
+class Sweeper(bootsteps.StartStopStep):
+    """Runs ``services.sweep`` every ``COUPONS_SWEEP_INTERVAL_SECONDS`` in the main process.
+
+    The pool forks children while this thread runs (at start and whenever a child is
+    replaced). A fork copies locks held by other threads in their held state, and a module
+    import holds one, so every module the loop needs is imported here, in the main thread,
+    before the thread starts (``worker.services`` at this module's import, the dependencies by
+    building them once in ``start``); the loop itself then never imports.
+    """
+
+    requires = ("celery.worker.components:Pool",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self._worker = parent
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, parent: Any) -> None:
+        if not step_settings(parent).run_sweeper:
+            log.info("sweeper.disabled")
+            return
+        try:
+            container_of(parent.app).deps()
+        except Exception:
+            log.exception("sweeper.warm_up_failed")
+        self._thread = threading.Thread(target=self._loop, name="coupon-sweeper", daemon=True)
+        self._thread.start()
+
+    def stop(self, parent: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _worker_running(self) -> bool:
+        # A worker that is stopping, or failed before it fully started (Celery then skips the
+        # steps' stop), must not keep sweeping: that would make a dead worker look busy.
+        blueprint = getattr(self._worker, "blueprint", None)
+        return bool(getattr(blueprint, "state", None) == _RUN)
+
+    def _loop(self) -> None:
+        container = container_of(self._worker.app)
+        links = links_of(self._worker.app)
+        interval_s = container.settings.sweep_interval_s
+        while not self._stop.is_set() and self._worker_running():
+            try:
+                deps = container.deps()
+                report = services.sweep(deps, requeue_after_s=container.settings.requeue_after_s)
+                circuit = deps.circuit.state()
+                links.pause = consumption_for_circuit(
+                    circuit_state=circuit.state, reason=circuit.reason,
+                    open_until=circuit.open_until, now=deps.clock())
+                if report.dispatched or report.leases_expired or report.dead_letters_published:
+                    log.info("sweep.done", extra=report.__dict__)
+            except LedgerUnavailable as exc:
+                links.pause = consumption_for_ledger_down(str(exc))
+                log.error("sweep.ledger_unavailable", extra={"error": str(exc)})
+            except Exception:
+                log.exception("sweep.failed")
+            self._stop.wait(interval_s)

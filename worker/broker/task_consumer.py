@@ -1,0 +1,44 @@
+"""Celery's consumer for coupon-worker (the ``worker_consumer`` setting)."""
+
+from __future__ import annotations
+
+import logging
+
+from kombu import Message
+
+from worker import services
+from worker.broker.consumer import FleetConsumer
+from worker.broker.context import container_of
+from worker.events import TOO_DEEP
+from worker.sanitize import printable
+
+log = logging.getLogger(__name__)
+
+
+class TaskConsumer(FleetConsumer):
+    """Celery's consumer, keeping the task messages it cannot decode as rejections.
+
+    Celery acknowledges such a message and only logs it (a ``coupons.issue`` whose event is
+    nested past the interpreter's recursion limit, or a hand-made message that is not JSON),
+    so the payload would be gone. It is recorded instead, from this loop, like an oversize
+    bus body, and acknowledged; should the ledger refuse, Celery's own handling (log with the
+    body, acknowledge) follows.
+    """
+
+    def on_decode_error(self, message: Message, exc: Exception) -> None:
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, RecursionError):
+            cause = cause.__cause__ or cause.__context__
+        detail = TOO_DEEP if cause is not None else printable(str(exc), limit=300)
+        body = message.body if isinstance(message.body, bytes) \
+            else str(message.body).encode("utf-8", "surrogatepass")
+        try:
+            services.record_rejection(
+                body, f"task message cannot be decoded: {detail}", source="task",
+                deps=container_of(self.app).deps(),
+                content_type=message.content_type)
+        except Exception:
+            log.exception("task.undecodable_not_recorded", extra={"size_bytes": len(body)})
+            super().on_decode_error(message, exc)
+            return
+        message.ack()

@@ -1,0 +1,17 @@
+"""The names the broker and the code agree on: Celery task names.
+
+A leaf: it imports nothing from the project, so the app, the tasks, the publisher and the
+bootsteps can all name a task without importing one another. Queue names are settings
+(``COUPONS_*_QUEUE``), built into kombu queues by ``worker.broker.topology``.
+"""
+
+from __future__ import annotations
+
+#: An event from a Python producer (Celery protocol).
+TASK_ISSUE = "coupons.issue"
+#: A raw plain-JSON bus message, forwarded by the bridge.
+TASK_INGEST = "coupons.ingest"
+#: One entity whose retry is due, dispatched by the sweeper.
+TASK_RETRY = "coupons.retry"
+
+TASK_NAMES = (TASK_ISSUE, TASK_INGEST, TASK_RETRY)
