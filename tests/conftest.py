@@ -24,9 +24,9 @@ import pytest
 from pydantic import SecretStr
 from sqlalchemy import Engine, create_engine, text
 
+from coupon_devtools.sandbox import BackgroundSandbox, SandboxAdmin
 from worker.config import Settings, load_settings
 from worker.ledger.migrate import ensure_database, upgrade
-from worker.sandbox import BackgroundSandbox, SandboxAdmin
 
 PG_ADMIN_URL = os.environ.get(
     "COUPONS_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")

@@ -47,7 +47,7 @@ def run_demo(workdir: Path, backend: str, namespace: str,
     env["COUPONS_ENV_FILE"] = ""
     env.update(extra_env)
     return subprocess.run(
-        [sys.executable, "-m", "worker.demo", "--events", str(EVENTS), "--no-flower",
+        [sys.executable, "-m", "coupon_devtools.demo", "--events", str(EVENTS), "--no-flower",
          "--timeout", "60", "--backend", backend, "--workdir", str(workdir),
          "--namespace", namespace],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=150, check=False,
@@ -123,7 +123,7 @@ def test_demo_without_services_falls_back_to_embedded_ones(tmp_path: Path,
 
 
 def test_the_exactly_once_check_names_each_kind_of_discrepancy() -> None:
-    from worker.demo import exactly_once_problems
+    from coupon_devtools.demo.command import exactly_once_problems
 
     def issued(code: str, customer: str, series: int) -> dict[str, object]:
         return {"code": code, "customerId": customer, "seriesId": series}

@@ -20,6 +20,7 @@ import pytest
 from kombu import Connection, Queue
 from sqlalchemy import Engine, text
 
+from coupon_devtools.sandbox import SandboxAdmin
 from tests.acceptance.helpers import example_event, publish, wait_for_state
 from tests.conftest import (
     RABBIT_HOST,
@@ -31,7 +32,6 @@ from tests.conftest import (
     wait_until,
 )
 from worker.config import Settings
-from worker.sandbox import SandboxAdmin
 
 NODE = re.compile(r"(coupon-worker-(\d+)@\S+) ready\.")
 

@@ -13,6 +13,7 @@ import pytest
 import requests
 from sqlalchemy import Engine, text
 
+from coupon_devtools.sandbox import SandboxAdmin
 from tests.acceptance.helpers import example_event, publish, wait_for_state
 from tests.conftest import (
     REPO_ROOT,
@@ -23,7 +24,6 @@ from tests.conftest import (
     wait_until,
 )
 from worker.config import Settings
-from worker.sandbox import SandboxAdmin
 
 
 @pytest.fixture

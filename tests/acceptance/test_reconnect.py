@@ -14,12 +14,12 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Engine
 
+from coupon_devtools.sandbox import SandboxAdmin
 from tests.acceptance.helpers import example_event, publish, wait_for_state
 from tests.conftest import WorkerProcess
 from worker.config import Settings
 from worker.ledger.records import CLOSED_CIRCUIT, CircuitState
 from worker.ledger.unit_of_work import sql_unit_of_work_factory
-from worker.sandbox import SandboxAdmin
 
 
 def _rabbit(*args: str) -> None:

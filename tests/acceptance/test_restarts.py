@@ -12,10 +12,10 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
+from coupon_devtools.sandbox import SandboxAdmin
 from tests.acceptance.helpers import example_event, publish, wait_for_state
 from tests.conftest import WorkerProcess, wait_until
 from worker.config import Settings
-from worker.sandbox import SandboxAdmin
 
 
 def _pg_cluster() -> str:

@@ -15,7 +15,7 @@ A run, in order:
 
 It restarts the machine's own RabbitMQ (``rabbitmqctl``) and PostgreSQL (``pg_ctlcluster``),
 so it needs both on this host and disturbs whatever else uses them for a few seconds. Process
-handling, backends and the sandbox start are the demo's (:mod:`worker.demo`).
+handling, backends and the sandbox start are the demo's (:mod:`coupon_devtools.demo.command`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
-from worker.demo import (
+from coupon_devtools.demo.command import (
     Backends,
     DemoError,
     Service,
@@ -57,8 +57,8 @@ from worker.domain import ISSUE_REF_HEX_CHARS, ISSUE_REF_PREFIX, TERMINAL_STATES
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
+    from coupon_devtools.sandbox import SandboxAdmin
     from worker.config import Settings
-    from worker.sandbox import SandboxAdmin
 
 CHAOS_DATABASE: Final = "coupon_worker_chaos"
 CHAOS_VHOST: Final = "coupon-worker-chaos"
@@ -488,7 +488,7 @@ def _in_flight_owner(engine: Engine, event_id: str | None) -> int | None:
 
 
 def _issued_to(admin: SandboxAdmin, customer: str) -> bool:
-    from worker.sandbox import SandboxAdminError
+    from coupon_devtools.sandbox import SandboxAdminError
 
     try:
         return bool(admin.ledger(customer=customer))
@@ -497,7 +497,7 @@ def _issued_to(admin: SandboxAdmin, customer: str) -> bool:
 
 
 def restart_rabbitmq(ctx: Context) -> None:
-    from worker.broker.rabbitmqctl import rabbitmqctl
+    from coupon_devtools.harness.rabbitmqctl import rabbitmqctl
 
     ctx.rabbit_stopped = True
     rabbitmqctl("stop_app")
@@ -557,7 +557,7 @@ def api_down(ctx: Context) -> None:
 
 
 def drop_connections(ctx: Context) -> None:
-    from worker.broker.rabbitmqctl import rabbitmqctl
+    from coupon_devtools.harness.rabbitmqctl import rabbitmqctl
 
     listed = rabbitmqctl("list_connections", "vhost", "--no-table-headers")
     ours = sum(1 for line in listed.splitlines() if line.strip() == ctx.vhost)
@@ -594,7 +594,7 @@ class Script(threading.Thread):
 
 def restore_services(ctx: Context | None) -> None:
     """Whatever happened, leave RabbitMQ and PostgreSQL running and answering."""
-    from worker.broker.rabbitmqctl import rabbitmqctl
+    from coupon_devtools.harness.rabbitmqctl import rabbitmqctl
     from worker.errors import BrokerUnavailable
 
     if ctx is not None and ctx.rabbit_stopped:
@@ -753,7 +753,7 @@ def read_ledger(engine: Engine) -> dict[tuple[str, int], Recorded]:
 
 def consumers(vhost: str, queues: Sequence[str]) -> dict[str, int]:
     """How many consumers each of ``queues`` has in ``vhost`` (a live worker has one each)."""
-    from worker.broker.rabbitmqctl import rabbitmqctl
+    from coupon_devtools.harness.rabbitmqctl import rabbitmqctl
 
     listed = rabbitmqctl("list_queues", "-p", vhost, "name", "consumers", "--no-table-headers")
     counts = {}
@@ -821,7 +821,7 @@ class ChaosRun:
     def setup(self) -> tuple[dict[str, str], SandboxAdmin]:
         from sqlalchemy import create_engine
 
-        from worker.sandbox import SandboxAdmin
+        from coupon_devtools.sandbox import SandboxAdmin
 
         self.logs.mkdir(parents=True, exist_ok=True)
         for old in [*self.logs.glob("*.log"), *self.heartbeats.glob("*.json")]:
@@ -1031,7 +1031,7 @@ class ChaosRun:
             return
         from sqlalchemy.engine import make_url
 
-        from worker.broker.rabbitmqctl import rabbitmqctl
+        from coupon_devtools.harness.rabbitmqctl import rabbitmqctl
         from worker.errors import BrokerUnavailable
 
         url = make_url(self.backends.database.url)
@@ -1157,8 +1157,8 @@ def _terminate(signum: int, frame: Any) -> None:
 
 def run_chaos(options: ChaosOptions, console: Console) -> int:
     """Run chaos; the exit code is 0 only if exactly once held and every worker is alive."""
+    from coupon_devtools.sandbox import SandboxAdminError
     from worker.errors import WorkerError
-    from worker.sandbox import SandboxAdminError
 
     console.print(f"[bold]coupon-worker chaos[/]: {options.profile.events} events through "
                   f"{options.workers} workers while their world falls apart")
@@ -1219,6 +1219,3 @@ def chaos_command() -> click.Command:
 
     return chaos
 
-
-if __name__ == "__main__":
-    chaos_command()(prog_name="coupon-worker chaos")

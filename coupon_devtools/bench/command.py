@@ -23,7 +23,7 @@ Scenarios (``--scenario``):
 
 How each figure is measured, and why that way:
 
-- *The baseline* is :mod:`worker.bench_baseline`: a bare Celery task that POSTs the same
+- *The baseline* is :mod:`coupon_devtools.bench.baseline`: a bare Celery task that POSTs the same
   bulk-issue body with ``requests`` and nothing else, on the same broker, with the same pool,
   concurrency, late acks and prefetch of one. Both sides get their messages the same way: one
   broker-confirmed publish per message, built before the clock starts (ours as plain JSON on
@@ -431,7 +431,7 @@ def _cli_command() -> list[str]:
 
 
 def _rabbitmqctl(*args: str, allowed_error: str | None = None) -> None:
-    from worker.broker.rabbitmqctl import rabbitmqctl
+    from coupon_devtools.harness.rabbitmqctl import rabbitmqctl
     from worker.errors import BrokerUnavailable
 
     try:
@@ -581,7 +581,7 @@ class Stack:
 
     @property
     def admin(self) -> Any:
-        """The sandbox's :class:`~worker.sandbox.SandboxAdmin`."""
+        """The sandbox's :class:`~coupon_devtools.sandbox.SandboxAdmin`."""
         assert self._admin is not None, "the stack is not open"
         return self._admin
 
@@ -633,7 +633,7 @@ class Stack:
         return f"amqp://{head}/{self.vhost}"
 
     def _start_sandbox(self) -> None:
-        from worker.sandbox import SandboxAdmin
+        from coupon_devtools.sandbox import SandboxAdmin
 
         self._sandbox = spawn("sandbox", [*_cli_command(), "sandbox", "--port", "0"],
                               self.base_env(), self.logs)
@@ -905,7 +905,7 @@ class Ours(_Processes):
 
 
 class Baseline(_Processes):
-    """``celery -A worker.bench_baseline worker``: the bare task, fed Celery messages."""
+    """``celery -A coupon_devtools.bench.baseline worker``: the bare task, fed Celery messages."""
 
     name = "baseline"
 
@@ -917,13 +917,14 @@ class Baseline(_Processes):
         self._calls_seen = 0
 
     def start(self) -> None:
-        from worker.bench_baseline import BASELINE_QUEUE
+        from coupon_devtools.bench.baseline import BASELINE_QUEUE
 
         shape = self.shape
         tag = uuid.uuid4().hex[:6]
 
         def argv(i: int) -> list[str]:
-            return [sys.executable, "-m", "celery", "-A", "worker.bench_baseline", "worker",
+            return [sys.executable, "-m", "celery", "-A", "coupon_devtools.bench.baseline",
+                    "worker",
                     "-Q", BASELINE_QUEUE, "-c", str(shape.concurrency), "-P", shape.pool,
                     "-n", f"baseline{i}-{tag}@%h", "--without-gossip", "--without-mingle",
                     f"--loglevel={self.stack.log_level}"]
@@ -933,12 +934,12 @@ class Baseline(_Processes):
             {BASELINE_QUEUE: shape.workers})
 
     def target_queue(self) -> Any:
-        from worker.bench_baseline import baseline_queue
+        from coupon_devtools.bench.baseline import baseline_queue
 
         return baseline_queue()
 
     def prepare(self, batch: Batch) -> list[tuple[bytes, dict[str, Any]]]:
-        from worker.bench_baseline import TASK_BASELINE_ISSUE, create_app
+        from coupon_devtools.bench.baseline import TASK_BASELINE_ISSUE, create_app
 
         if self._app is None:
             self._app = create_app(self.stack.base_env())
@@ -2085,6 +2086,3 @@ def bench_command() -> click.Command:
 
     return bench
 
-
-if __name__ == "__main__":
-    bench_command()()

@@ -290,7 +290,7 @@ def local_broker(vhost: str, queue_prefix: str) -> tuple[Broker | None, str | No
 
 
 def _rabbitmqctl(*args: str, allowed_error: str | None = None) -> None:
-    from worker.broker.rabbitmqctl import rabbitmqctl
+    from coupon_devtools.harness.rabbitmqctl import rabbitmqctl
     from worker.errors import BrokerUnavailable
 
     try:
@@ -314,12 +314,16 @@ def _delete_queues(broker: Broker) -> None:
 
 
 def _file_broker(folder: Path) -> Broker:
+    from coupon_devtools.filebroker import FILE_BROKER_SCHEME, register
+
+    register()  # this process publishes too
     # The layout Settings.broker_transport_options() derives from COUPONS_BROKER_FOLDER.
     for sub in ("messages", "control"):
         shutil.rmtree(folder / sub, ignore_errors=True)
         (folder / sub).mkdir(parents=True)
     # A host, although the transport ignores it, spares every connection a warning.
-    return Broker("cwfile://localhost/", f"kombu file-based transport in {_display(folder)}",
+    return Broker(f"{FILE_BROKER_SCHEME}://localhost/",
+                  f"kombu file-based transport in {_display(folder)}",
                   folder=folder.resolve())
 
 
@@ -496,7 +500,12 @@ class Service:
                             f"its log ({_display(self.log_path)}) ends with:\n{self.log_tail()}")
 
 
-def _cli() -> list[str]:
+def _cli(env: Mapping[str, str]) -> list[str]:
+    from coupon_devtools.filebroker import LAUNCHER_MODULE, uses_file_broker
+
+    if uses_file_broker(env.get("COUPONS_BROKER_URL", "")):
+        # The file broker's scheme exists only where it is registered: its launcher does so.
+        return [sys.executable, "-m", LAUNCHER_MODULE]
     installed = Path(sys.executable).parent / "coupon-worker"
     return [str(installed)] if installed.exists() else [sys.executable, "-m", "worker.cli"]
 
@@ -524,7 +533,7 @@ def spawn(name: str, args: Sequence[str], env: Mapping[str, str], logs: Path,
     log_path = logs / f"{name}.log"
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(  # noqa: S603 - our own CLI, arguments built here
-            [*_cli(), *args], env=dict(env), stdout=log_file, stderr=subprocess.STDOUT,
+            [*_cli(env), *args], env=dict(env), stdout=log_file, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True,
         )
     service = Service(name, process, log_path)
@@ -546,7 +555,7 @@ def migrate(env: Mapping[str, str], logs: Path) -> None:
     """Run ``coupon-worker migrate`` with the demo's environment."""
     log_path = logs / "migrate.log"
     with log_path.open("wb") as log_file:
-        done = subprocess.run([*_cli(), "migrate"], env=dict(env), stdout=log_file,  # noqa: S603
+        done = subprocess.run([*_cli(env), "migrate"], env=dict(env), stdout=log_file,  # noqa: S603
                               stderr=subprocess.STDOUT, timeout=MIGRATE_TIMEOUT_S, check=False)
     if done.returncode != 0:
         raise DemoError(f"coupon-worker migrate failed; {_display(log_path)} says:\n"
@@ -557,7 +566,7 @@ def start_sandbox(env: Mapping[str, str], logs: Path, services: list[Service],
                   *args: str) -> Service:
     """Start ``coupon-worker sandbox ARGS`` at ``CAPILLARY_BASE_URL`` and wait until it
     answers."""
-    from worker.sandbox import SandboxAdmin
+    from coupon_devtools.sandbox import SandboxAdmin
 
     sandbox = spawn("sandbox", ["sandbox", *args], env, logs, services)
     sandbox.url = env["CAPILLARY_BASE_URL"]
@@ -682,7 +691,8 @@ def stop_kept(workdir: Path, console: Console) -> bool:
     # Only groups that still run our CLI: the pids may have been reused since.
     pids = [pid for pid in state.get("pids", [])
             if isinstance(pid, int) and _group_alive(pid)
-            and ("coupon-worker" in _cmdline(pid) or "worker.cli" in _cmdline(pid))]
+            and any(mark in _cmdline(pid)
+                    for mark in ("coupon-worker", "worker.cli", "coupon_devtools.filebroker"))]
     stop_groups(pids)
     stopped = len(pids)
     if state.get("pgdata") and _stop_embedded_postgres(Path(state["pgdata"])):
@@ -711,7 +721,7 @@ def publish_batch(settings: Settings, plan: Plan) -> None:
 
 def inject_faults(sandbox_url: str, plan: Plan) -> None:
     """Register the plan's faults; each strikes the first bulk-issue call of one customer."""
-    from worker.sandbox import SandboxAdmin
+    from coupon_devtools.sandbox import SandboxAdmin
 
     with SandboxAdmin(sandbox_url) as admin:
         for fault in plan.faults:
@@ -885,9 +895,9 @@ def summarise(engine: Engine, sandbox_url: str, taken_in: Counter[str] | None) -
     """Gather the run's numbers and the exactly-once verdict."""
     from sqlalchemy import distinct, func, select
 
+    from coupon_devtools.sandbox import SandboxAdmin
     from worker.domain import TERMINAL_STATES
     from worker.ledger import models as m
-    from worker.sandbox import SandboxAdmin
 
     with SandboxAdmin(sandbox_url) as admin:
         before = admin.ledger()
@@ -1058,7 +1068,7 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 
 def run_demo(options: DemoOptions, console: Console) -> int:
     """Run the demo; returns the exit code (0: drained and exactly once)."""
-    from worker.sandbox import SandboxAdminError
+    from coupon_devtools.sandbox import SandboxAdminError
 
     started = time.monotonic()
     workdir = options.workdir.resolve()
@@ -1182,6 +1192,3 @@ def demo_command() -> click.Command:
 
     return demo
 
-
-if __name__ == "__main__":
-    demo_command()(prog_name="coupon-worker demo")

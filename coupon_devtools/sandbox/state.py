@@ -1,6 +1,6 @@
 """In-memory state and rules of the sandbox Capillary server.
 
-Nothing here speaks HTTP: :mod:`worker.sandbox.server` is a thin aiohttp skin over
+Nothing here speaks HTTP: :mod:`coupon_devtools.sandbox.server` is a thin aiohttp skin over
 :class:`SandboxState`, so every rule (auth, validation, issuance, rate limits, faults, read-backs)
 can be exercised directly with injected clocks. The ledger kept here is the ground truth of what
 the sandbox really issued, which is what exactly-once tests compare the worker's ledger against.

@@ -1,4 +1,4 @@
-"""The sandbox Capillary server: aiohttp over :class:`~worker.sandbox.state.SandboxState`.
+"""The sandbox Capillary server: aiohttp over :class:`~coupon_devtools.sandbox.state.SandboxState`.
 
 One process, one event loop, no access log and no per-request disk I/O, so a benchmark measures
 the worker rather than the sandbox. Latency is injected with ``asyncio.sleep`` only.
@@ -24,7 +24,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from worker.sandbox.state import (
+from coupon_devtools.sandbox.state import (
     BUSY_MESSAGE,
     CALL_STATUS_CONNECTION_RESET,
     ApiAnswer,
@@ -442,7 +442,8 @@ def create_app(
 ) -> web.Application:
     """Build the sandbox application; ``clock`` and ``monotonic`` let tests control time.
 
-    Raises :class:`~worker.sandbox.state.SandboxInputError` when the options' scenario is invalid.
+    Raises :class:`~coupon_devtools.sandbox.state.SandboxInputError` when the options'
+    scenario is invalid.
     """
     app = web.Application(middlewares=[_request_id_middleware])
     app[STATE_KEY] = SandboxState(options, clock=clock, monotonic=monotonic)

@@ -5,16 +5,17 @@ read-backs, OAuth token generation) as the public documentation describes them, 
 ground-truth ledger of every coupon it really issued, and injects faults on demand through an
 admin API under ``/sandbox/``.
 
-- :mod:`worker.sandbox.state`: the in-memory rules, testable without a server;
-- :mod:`worker.sandbox.server`: the aiohttp app, :func:`run` and :class:`BackgroundSandbox`;
-- :mod:`worker.sandbox.admin`: :class:`SandboxAdmin`, a client for the admin API.
+- :mod:`coupon_devtools.sandbox.state`: the in-memory rules, testable without a server;
+- :mod:`coupon_devtools.sandbox.server`: the aiohttp app, :func:`run` and
+  :class:`BackgroundSandbox`;
+- :mod:`coupon_devtools.sandbox.admin`: :class:`SandboxAdmin`, a client for the admin API.
 """
 
 from __future__ import annotations
 
-from worker.sandbox.admin import SandboxAdmin, SandboxAdminError
-from worker.sandbox.server import BackgroundSandbox, create_app, run
-from worker.sandbox.state import (
+from coupon_devtools.sandbox.admin import SandboxAdmin, SandboxAdminError
+from coupon_devtools.sandbox.server import BackgroundSandbox, create_app, run
+from coupon_devtools.sandbox.state import (
     SandboxInputError,
     SandboxOptions,
     SandboxState,
