@@ -16,9 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
 
-from tests.conftest import PG_ADMIN_URL, REPO_ROOT, free_port
+from coupon_devtools.harness.databases import drop_database
+from coupon_devtools.harness.processes import free_port
+from coupon_devtools.harness.rabbitmqctl import delete_vhost
+from tests.conftest import PG_ADMIN_URL, REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -33,12 +35,8 @@ def namespace() -> Iterator[str]:
     """A namespace for one run; its database and vhost are removed afterwards."""
     tag = uuid.uuid4().hex[:8]
     yield tag
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f"DROP DATABASE IF EXISTS coupon_worker_demo_{tag} WITH (FORCE)"))
-    admin.dispose()
-    subprocess.run(["rabbitmqctl", "-q", "delete_vhost", f"coupon-worker-demo-{tag}"],
-                   capture_output=True, timeout=60, check=False)
+    drop_database(PG_ADMIN_URL, f"coupon_worker_demo_{tag}")
+    delete_vhost(f"coupon-worker-demo-{tag}")
 
 
 def run_demo(workdir: Path, backend: str, namespace: str,

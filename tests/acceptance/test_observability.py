@@ -13,13 +13,13 @@ import pytest
 import requests
 from sqlalchemy import Engine, text
 
+from coupon_devtools.harness.processes import free_port
 from coupon_devtools.sandbox import SandboxAdmin
 from tests.acceptance.helpers import example_event, publish, wait_for_state
 from tests.conftest import (
     REPO_ROOT,
     WorkerProcess,
     coupon_worker_command,
-    free_port,
     settings_env,
     wait_until,
 )
