@@ -82,7 +82,6 @@ import os
 import platform
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -100,6 +99,9 @@ from rich.table import Table
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 
+from coupon_devtools.harness.databases import drop_database, recreate_migrated
+from coupon_devtools.harness.processes import Spawned, cli_command, spawn
+from coupon_devtools.harness.rabbitmqctl import create_vhost, delete_vhost
 from worker.config import Settings
 
 Pool = Literal["prefork"]
@@ -373,69 +375,15 @@ def cpu_per_event(before: CpuSnapshot, after: CpuSnapshot, events: int
     return per_event, round(100.0 * busy / total, 1) if total > 0 else 0.0
 
 
-# -- subprocesses --------------------------------------------------------------------------
+# -- RabbitMQ ------------------------------------------------------------------------------
 
 
-@dataclass
-class Spawned:
-    """A process the bench started, in a process group of its own, its output in a file."""
-
-    name: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def log_tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
-    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
-        """SIGTERM the group (a warm shutdown for Celery), SIGKILL it if it lingers."""
-        if self.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(timeout=timeout_s)
-        # Pool children may outlive their parent for a moment: the group goes in any case.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(timeout=5)
-
-
-def spawn(name: str, argv: Sequence[str], env: Mapping[str, str], logs: Path) -> Spawned:
-    log_path = logs / f"{name}.log"
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
-            list(argv), env=dict(env), stdout=log_file, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )
-    return Spawned(name, process, log_path)
-
-
-def _cli_command() -> list[str]:
-    """``coupon-worker`` next to this interpreter, else ``python -m worker.cli``."""
-    script = Path(sys.executable).parent / "coupon-worker"
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("coupon-worker")
-    return [found] if found else [sys.executable, "-m", "worker.cli"]
-
-
-def _rabbitmqctl(*args: str, allowed_error: str | None = None) -> None:
-    from coupon_devtools.harness.rabbitmqctl import rabbitmqctl
+def _vhost_step(step: Callable[[], None]) -> None:
+    """Run a vhost change, a missing or refusing RabbitMQ becoming a :class:`BenchError`."""
     from worker.errors import BrokerUnavailable
 
     try:
-        rabbitmqctl(*args, allowed_error=allowed_error)
+        step()
     except BrokerUnavailable as exc:
         raise BenchError(str(exc)) from exc
 
@@ -559,9 +507,9 @@ class Stack:
 
     def close(self) -> None:
         for spawned in reversed(self._spawned):
-            spawned.stop(timeout_s=5)
+            spawned.stop(grace_s=5)
         if self._sandbox is not None:
-            self._sandbox.stop(timeout_s=5)
+            self._sandbox.stop(grace_s=5)
         if self._admin is not None:
             self._admin.close()
         if self._engine is not None:
@@ -569,10 +517,10 @@ class Stack:
         if not self.keep:
             with contextlib.suppress(BenchError):
                 if self._vhost_made:
-                    _rabbitmqctl("delete_vhost", self.vhost, allowed_error="does not exist")
+                    _vhost_step(lambda: delete_vhost(self.vhost))
             if self._admin_url:
                 with contextlib.suppress(Exception):
-                    self._drop_database()
+                    drop_database(self._admin_url, self.database)
 
     @property
     def engine(self) -> Engine:
@@ -593,8 +541,6 @@ class Stack:
         return next(self._run_no)
 
     def _recreate_database(self) -> str:
-        from worker.ledger.migrate import ensure_database, upgrade
-
         configured = os.environ.get("COUPONS_DATABASE_URL") or LOCAL_POSTGRES_URL
         url = make_url(configured).set(drivername="postgresql+psycopg")
         self._admin_url = url.set(database="postgres").render_as_string(hide_password=False)
@@ -602,22 +548,11 @@ class Stack:
         self.say(f"database {self.database} on {url.host or 'localhost'}: drop, create, "
                  "migrate")
         try:
-            self._drop_database()
-            ensure_database(bench_url)
-            upgrade(bench_url)
+            recreate_migrated(bench_url)
         except Exception as exc:
             raise BenchError(f"cannot prepare the bench database: {type(exc).__name__}: "
                              f"{exc}") from exc
         return bench_url
-
-    def _drop_database(self) -> None:
-        admin = create_engine(self._admin_url, isolation_level="AUTOCOMMIT",
-                              connect_args={"connect_timeout": 5})
-        try:
-            with admin.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)'))
-        finally:
-            admin.dispose()
 
     def _recreate_vhost(self) -> str:
         configured = os.environ.get("COUPONS_BROKER_URL") or LOCAL_BROKER_URL
@@ -625,17 +560,15 @@ class Stack:
             raise BenchError("the bench needs RabbitMQ (COUPONS_BROKER_URL=amqp://...)")
         head = configured.split("://", 1)[1].split("/", 1)[0]
         self.say(f"RabbitMQ vhost {self.vhost}: delete, create")
-        _rabbitmqctl("delete_vhost", self.vhost, allowed_error="does not exist")
-        _rabbitmqctl("add_vhost", self.vhost)
-        self._vhost_made = True
         user = head.split("@", 1)[0].split(":", 1)[0] if "@" in head else "guest"
-        _rabbitmqctl("set_permissions", "-p", self.vhost, user, ".*", ".*", ".*")
+        self._vhost_made = True
+        _vhost_step(lambda: create_vhost(self.vhost, user, fresh=True))
         return f"amqp://{head}/{self.vhost}"
 
     def _start_sandbox(self) -> None:
         from coupon_devtools.sandbox import SandboxAdmin
 
-        self._sandbox = spawn("sandbox", [*_cli_command(), "sandbox", "--port", "0"],
+        self._sandbox = spawn("sandbox", [*cli_command(), "sandbox", "--port", "0"],
                               self.base_env(), self.logs)
         deadline = time.monotonic() + 30
         marker = "sandbox listening on "
@@ -696,7 +629,7 @@ class Stack:
 
     def stop_processes(self, processes: Sequence[Spawned]) -> None:
         for spawned in processes:
-            spawned.stop()
+            spawned.stop(STOP_TIMEOUT_S)
             if spawned in self._spawned:
                 self._spawned.remove(spawned)
 
@@ -836,7 +769,7 @@ class Ours(_Processes):
         tag = uuid.uuid4().hex[:6]
 
         def argv(i: int) -> list[str]:
-            return [*_cli_command(), "worker", "-c", str(shape.concurrency), "-P", shape.pool,
+            return [*cli_command(), "worker", "-c", str(shape.concurrency), "-P", shape.pool,
                     "-n", f"bench{i}-{tag}@%h"]
 
         self._processes = self.stack.start_processes(

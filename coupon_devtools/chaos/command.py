@@ -39,19 +39,20 @@ from rich.console import Console
 from rich.markup import escape
 
 from coupon_devtools.demo.command import (
+    STOP_GRACE_S,
     Backends,
     DemoError,
     Service,
     demo_env,
-    drop_database,
-    free_port,
     local_broker,
     local_database,
     migrate,
     spawn,
     start_sandbox,
-    stop_groups,
 )
+from coupon_devtools.harness.databases import drop_database
+from coupon_devtools.harness.processes import free_port, signal_group, stop_groups
+from coupon_devtools.harness.rabbitmqctl import delete_vhost
 from worker.domain import ISSUE_REF_HEX_CHARS, ISSUE_REF_PREFIX, TERMINAL_STATES, issue_ref
 
 if TYPE_CHECKING:
@@ -341,8 +342,7 @@ class Fleet:
         with self._lock:
             pid = slot.service.process.pid
             self._expected_deaths.add(pid)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
+            signal_group(pid, signal.SIGKILL)
             return pid
 
     def pids(self) -> set[int]:
@@ -1021,7 +1021,8 @@ class ChaosRun:
                 thread.stop.set()
         if self.script is not None and self.script.is_alive():
             self.script.join(timeout=120)  # a restart half-done must finish first
-        stop_groups([s.process.pid for s in self.services], [s.process for s in self.services])
+        stop_groups([s.pid for s in self.services], [s.process for s in self.services],
+                    grace_s=STOP_GRACE_S)
         restore_services(self.ctx)
         if self.engine is not None:
             self.engine.dispose()
@@ -1031,15 +1032,13 @@ class ChaosRun:
             return
         from sqlalchemy.engine import make_url
 
-        from coupon_devtools.harness.rabbitmqctl import rabbitmqctl
         from worker.errors import BrokerUnavailable
 
         url = make_url(self.backends.database.url)
         with contextlib.suppress(Exception):
             drop_database(url, str(url.database))
         with contextlib.suppress(BrokerUnavailable):
-            rabbitmqctl("delete_vhost", self.backends.broker.url.rsplit("/", 1)[1],
-                        allowed_error="does not exist")
+            delete_vhost(self.backends.broker.url.rsplit("/", 1)[1])
 
 
 @dataclass(frozen=True)

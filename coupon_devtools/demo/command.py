@@ -16,7 +16,6 @@ What a run does, in order:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -41,11 +40,22 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
-from worker.errors import WorkerError
+from coupon_devtools.harness.databases import drop_database
+from coupon_devtools.harness.processes import (
+    Spawned,
+    alive,
+    cli_command,
+    command_line,
+    free_port,
+    group_alive,
+    stop_groups,
+)
+from coupon_devtools.harness.processes import spawn as spawn_process
+from coupon_devtools.harness.rabbitmqctl import create_vhost
+from worker.errors import BrokerUnavailable, WorkerError
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
-    from sqlalchemy.engine import URL
 
     from worker.config import Settings
 
@@ -109,6 +119,7 @@ READY_TIMEOUT_S: Final = 60.0
 MIGRATE_TIMEOUT_S: Final = 120.0
 STOP_GRACE_S: Final = 10.0
 POLL_INTERVAL_S: Final = 0.25
+PROBE_TIMEOUT_S: Final = 3  # seconds to connect to a local PostgreSQL that may not be there
 FILE_BROKER_COMFORT: Final = 500
 
 
@@ -190,20 +201,6 @@ def choose_backends(mode: Backend, workdir: Path, *, namespace: str = "") -> Bac
     return Backends(database, broker)
 
 
-def drop_database(admin_url: URL, name: str) -> None:
-    """Drop a tool's database, so that every run starts from an empty ledger."""
-    from sqlalchemy import create_engine, text
-
-    admin = create_engine(admin_url.set(database="postgres"), isolation_level="AUTOCOMMIT",
-                          connect_args={"connect_timeout": 3})
-    try:
-        with admin.connect() as conn:
-            quoted = conn.dialect.identifier_preparer.quote(name)
-            conn.execute(text(f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)"))
-    finally:
-        admin.dispose()
-
-
 def local_database(name: str) -> tuple[Database | None, str | None]:
     from sqlalchemy import exc as sa_exc
     from sqlalchemy.engine import make_url
@@ -213,7 +210,7 @@ def local_database(name: str) -> tuple[Database | None, str | None]:
         drivername="postgresql+psycopg", database=name)
     where = f"{url.host or 'localhost'}:{url.port or 5432}"
     try:
-        drop_database(url, name)
+        drop_database(url, name, connect_timeout_s=PROBE_TIMEOUT_S)
     except sa_exc.OperationalError:
         return None, f"no PostgreSQL answered at {where}"
     except sa_exc.SQLAlchemyError as exc:
@@ -225,7 +222,6 @@ def local_database(name: str) -> tuple[Database | None, str | None]:
 
 def _embedded_database(pgdata: Path, name: str) -> Database:
     from sqlalchemy import exc as sa_exc
-    from sqlalchemy.engine import make_url
 
     pgdata.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
@@ -247,7 +243,7 @@ def _embedded_database(pgdata: Path, name: str) -> Database:
     url = (f"postgresql+psycopg://postgres@/{name}?host={socket_dir}" if socket_dir
            else f"postgresql+psycopg://postgres@{parts.hostname}:{parts.port}/{name}")
     try:
-        drop_database(make_url(url), name)
+        drop_database(url, name, connect_timeout_s=PROBE_TIMEOUT_S)
     except sa_exc.SQLAlchemyError as exc:
         _stop_embedded_postgres(pgdata)
         raise DemoError(f"the embedded PostgreSQL refused: {_first_line(exc)}") from exc
@@ -265,10 +261,8 @@ def local_broker(vhost: str, queue_prefix: str) -> tuple[Broker | None, str | No
     except OSError:
         return None, f"no RabbitMQ answered at {where}"
     try:
-        _rabbitmqctl("delete_vhost", vhost, allowed_error="does not exist")
-        _rabbitmqctl("add_vhost", vhost)
-        _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-    except DemoError as exc:
+        create_vhost(vhost, fresh=True)
+    except BrokerUnavailable as exc:
         # Without rabbitmqctl (or its rights), share "/" but keep to queues of our own.
         queues = {f"COUPONS_{kind.upper()}_QUEUE": f"{queue_prefix}.{kind}"
                   for kind in ("events", "tasks", "retry", "dead")}
@@ -287,16 +281,6 @@ def local_broker(vhost: str, queue_prefix: str) -> tuple[Broker | None, str | No
     except DemoError as problem:
         return None, str(problem)
     return broker, None
-
-
-def _rabbitmqctl(*args: str, allowed_error: str | None = None) -> None:
-    from coupon_devtools.harness.rabbitmqctl import rabbitmqctl
-    from worker.errors import BrokerUnavailable
-
-    try:
-        rabbitmqctl(*args, allowed_error=allowed_error)
-    except BrokerUnavailable as exc:
-        raise DemoError(str(exc)) from exc
 
 
 def _delete_queues(broker: Broker) -> None:
@@ -334,11 +318,11 @@ def _stop_embedded_postgres(pgdata: Path) -> bool:
         pid = int(pid_file.read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return False
-    if not _alive(pid) or "postgres" not in _cmdline(pid):
+    if not alive(pid) or "postgres" not in command_line(pid):
         return False
     os.kill(pid, signal.SIGINT)  # SIGINT is PostgreSQL's "fast" shutdown
     deadline = time.monotonic() + 15
-    while _alive(pid) and time.monotonic() < deadline:
+    while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     return True
 
@@ -480,22 +464,14 @@ def write_scenario(plan: Plan, path: Path) -> Path:
 
 
 @dataclass
-class Service:
+class Service(Spawned):
     """One subprocess the demo started, in a session of its own, logging to a file."""
 
-    name: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
     url: str | None = None
 
-    def log_tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
     def check_running(self) -> None:
-        if self.process.poll() is not None:
+        """Raise :class:`DemoError`, with the log's tail, if the process has exited."""
+        if not self.alive():
             raise DemoError(f"{self.name} exited with code {self.process.returncode}; "
                             f"its log ({_display(self.log_path)}) ends with:\n{self.log_tail()}")
 
@@ -506,14 +482,7 @@ def _cli(env: Mapping[str, str]) -> list[str]:
     if uses_file_broker(env.get("COUPONS_BROKER_URL", "")):
         # The file broker's scheme exists only where it is registered: its launcher does so.
         return [sys.executable, "-m", LAUNCHER_MODULE]
-    installed = Path(sys.executable).parent / "coupon-worker"
-    return [str(installed)] if installed.exists() else [sys.executable, "-m", "worker.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return cli_command()
 
 
 def demo_env(backends: Backends, sandbox_url: str, metrics_port: int) -> dict[str, str]:
@@ -530,13 +499,9 @@ def demo_env(backends: Backends, sandbox_url: str, metrics_port: int) -> dict[st
 
 def spawn(name: str, args: Sequence[str], env: Mapping[str, str], logs: Path,
           services: list[Service]) -> Service:
-    log_path = logs / f"{name}.log"
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(  # noqa: S603 - our own CLI, arguments built here
-            [*_cli(env), *args], env=dict(env), stdout=log_file, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )
-    service = Service(name, process, log_path)
+    """Start ``coupon-worker ARGS`` and add it to ``services`` (what cleanup stops)."""
+    spawned = spawn_process(name, [*_cli(env), *args], env, logs)
+    service = Service(spawned.name, spawned.process, spawned.log_path)
     services.append(service)
     return service
 
@@ -608,66 +573,11 @@ def _http_ok(url: str) -> bool:
         return False
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
-            errors="replace")
-    except OSError:
-        return ""
-
-
-def _signal_group(pgid: int, signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signum)
-
-
-def stop_groups(pgids: Sequence[int], children: Sequence[subprocess.Popen[bytes]] = ()) -> None:
-    """SIGTERM the leader of each process group, SIGKILL what is left of the group after a few
-    seconds. ``children`` are reaped on the way: a zombie leader still counts as a group."""
-    for pgid in pgids:
-        # The leader only: a Celery worker stops its own pool, and a pool process killed
-        # from outside can die holding the pool's queue lock, which hangs the worker's exit.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pgid, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_GRACE_S
-    while time.monotonic() < deadline:
-        for child in children:
-            child.poll()
-        if not any(_group_alive(p) for p in pgids):
-            return
-        time.sleep(0.1)
-    for pgid in pgids:
-        _signal_group(pgid, signal.SIGKILL)
-    for child in children:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            child.wait(timeout=2)
-
-
 def cleanup(services: Sequence[Service], database: Database | None, *, keep: bool) -> None:
     """Stop what the demo started (children first, then the embedded PostgreSQL)."""
     if keep:
         return
-    stop_groups([s.process.pid for s in services], [s.process for s in services])
+    stop_groups([s.pid for s in services], [s.process for s in services], grace_s=STOP_GRACE_S)
     if database is not None and database.pgdata is not None:
         _stop_embedded_postgres(database.pgdata)
 
@@ -690,10 +600,10 @@ def stop_kept(workdir: Path, console: Console) -> bool:
         return False
     # Only groups that still run our CLI: the pids may have been reused since.
     pids = [pid for pid in state.get("pids", [])
-            if isinstance(pid, int) and _group_alive(pid)
-            and any(mark in _cmdline(pid)
+            if isinstance(pid, int) and group_alive(pid)
+            and any(mark in command_line(pid)
                     for mark in ("coupon-worker", "worker.cli", "coupon_devtools.filebroker"))]
-    stop_groups(pids)
+    stop_groups(pids, grace_s=STOP_GRACE_S)
     stopped = len(pids)
     if state.get("pgdata") and _stop_embedded_postgres(Path(state["pgdata"])):
         stopped += 1
