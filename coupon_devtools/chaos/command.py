@@ -15,7 +15,7 @@ A run, in order:
 
 It restarts the machine's own RabbitMQ (``rabbitmqctl``) and PostgreSQL (``pg_ctlcluster``),
 so it needs both on this host and disturbs whatever else uses them for a few seconds. Process
-handling, backends and the sandbox start are the demo's (:mod:`coupon_devtools.demo.command`).
+handling, backends and the sandbox start are the demo's (:mod:`coupon_devtools.demo`).
 """
 
 from __future__ import annotations
@@ -38,18 +38,9 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
-from coupon_devtools.demo.command import (
-    STOP_GRACE_S,
-    Backends,
-    DemoError,
-    Service,
-    demo_env,
-    local_broker,
-    local_database,
-    migrate,
-    spawn,
-    start_sandbox,
-)
+from coupon_devtools.demo.backends import Backends, local_broker, local_database
+from coupon_devtools.demo.defaults import STOP_GRACE_S, DemoError
+from coupon_devtools.demo.services import Service, demo_env, migrate, spawn, start_sandbox
 from coupon_devtools.harness.databases import drop_database
 from coupon_devtools.harness.processes import free_port, signal_group, stop_groups
 from coupon_devtools.harness.rabbitmqctl import delete_vhost

@@ -121,7 +121,7 @@ def test_demo_without_services_falls_back_to_embedded_ones(tmp_path: Path,
 
 
 def test_the_exactly_once_check_names_each_kind_of_discrepancy() -> None:
-    from coupon_devtools.demo.command import exactly_once_problems
+    from coupon_devtools.demo.summary import exactly_once_problems
 
     def issued(code: str, customer: str, series: int) -> dict[str, object]:
         return {"code": code, "customerId": customer, "seriesId": series}
