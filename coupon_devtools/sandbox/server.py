@@ -24,25 +24,27 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from coupon_devtools.sandbox.state import (
+from coupon_devtools.sandbox.config import SandboxOptions
+from coupon_devtools.sandbox.faults import FaultRule
+from coupon_devtools.sandbox.inputs import (
     BUSY_MESSAGE,
     CALL_STATUS_CONNECTION_RESET,
-    ApiAnswer,
     Clock,
-    FaultRule,
     JsonDict,
     Monotonic,
     PathClass,
     ReadbackApi,
     SandboxInputError,
-    SandboxOptions,
-    SandboxState,
+)
+from coupon_devtools.sandbox.records import (
+    ApiAnswer,
     error_body,
-    load_scenario,
     readback_error,
     readback_failure,
     readback_stale,
 )
+from coupon_devtools.sandbox.scenario import load_scenario
+from coupon_devtools.sandbox.state import SandboxState
 
 __all__ = [
     "REQUEST_ID_HEADER",
@@ -442,7 +444,7 @@ def create_app(
 ) -> web.Application:
     """Build the sandbox application; ``clock`` and ``monotonic`` let tests control time.
 
-    Raises :class:`~coupon_devtools.sandbox.state.SandboxInputError` when the options'
+    Raises :class:`~coupon_devtools.sandbox.inputs.SandboxInputError` when the options'
     scenario is invalid.
     """
     app = web.Application(middlewares=[_request_id_middleware])

@@ -1017,7 +1017,7 @@ def test_run_serves_until_sigterm() -> None:
     # Given the blocking entry point in a child process on a free port
     code = (
         "from coupon_devtools.sandbox.server import run; "
-        "from coupon_devtools.sandbox.state import SandboxOptions; "
+        "from coupon_devtools.sandbox.config import SandboxOptions; "
         "run('127.0.0.1', 0, SandboxOptions())"
     )
     with subprocess.Popen(
