@@ -20,50 +20,40 @@ import uuid
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
-from datetime import UTC, date, datetime, timedelta, timezone
-from typing import Any, cast
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
+from coupon_devtools.sandbox.bulk_requests import parse_customer, parse_metadata, parse_series_ids
 from coupon_devtools.sandbox.config import SandboxConfig, SandboxOptions, SeriesSettings
 from coupon_devtools.sandbox.faults import BEHAVIOUR_REFUSALS, DEFAULT_SERIES, FaultRule
 from coupon_devtools.sandbox.inputs import (
     CALL_LOG_LIMIT,
     CODE_ALPHABET,
     COUPON_CODE_LENGTH,
-    CUSTOMER_IDENTIFIERS,
-    DEFAULT_READBACK_LIMIT,
     FIRST_COUPON_ID,
     FIRST_SYNTHETIC_CUSTOMER_ID,
-    MAX_READBACK_LIMIT,
-    MAX_V2_COUPON_PAGE,
-    METADATA_LIMITS,
     RATE_WINDOW_S,
     Clock,
     JsonDict,
     Monotonic,
     PathClass,
-    ReadbackApi,
     SandboxInputError,
     md5_hex,
     render_time,
 )
+from coupon_devtools.sandbox.readbacks import ReadbackRules
 from coupon_devtools.sandbox.records import (
     ApiAnswer,
     BulkRequest,
     CallRecord,
     IssuedCoupon,
-    ReadbackQuery,
     TokenGrant,
     entry_error,
-    int_list,
-    issual_details,
-    query_int,
-    split_csv,
-    v11_status,
 )
 from coupon_devtools.sandbox.scenario import Scenario
 
 
-class SandboxState:
+class SandboxState(ReadbackRules):
     """Everything the sandbox knows, and the rules that change it.
 
     Not thread-safe by design: the server mutates it only from its event loop, and every method
@@ -277,9 +267,9 @@ class SandboxState:
             raise SandboxInputError(f"Malformed JSON body: {exc}") from exc
         if not isinstance(body, dict):
             raise SandboxInputError("Request body must be a JSON object")
-        series_ids = self._parse_series_ids(body.get("seriesIds"))
-        kind, value, customer = self._parse_customer(body.get("customer"))
-        metadata = self._parse_metadata(body.get("metadata"))
+        series_ids = parse_series_ids(body.get("seriesIds"))
+        kind, value, customer = parse_customer(body.get("customer"))
+        metadata = parse_metadata(body.get("metadata"))
         return BulkRequest(
             series_ids=series_ids,
             customer=customer,
@@ -287,51 +277,6 @@ class SandboxState:
             metadata=metadata,
             source=source,
         )
-
-    @staticmethod
-    def _parse_series_ids(raw: object) -> tuple[int, ...]:
-        if raw is None:
-            raise SandboxInputError("seriesIds is required")
-        if not isinstance(raw, list) or not raw:
-            raise SandboxInputError("seriesIds must be a non-empty array of integers")
-        for index, item in enumerate(raw):
-            if isinstance(item, bool) or not isinstance(item, int):
-                raise SandboxInputError(f"seriesIds[{index}] must be an integer, got {item!r}")
-        # dict.fromkeys keeps the first occurrence's position.
-        return tuple(dict.fromkeys(cast(list[int], raw)))
-
-    @staticmethod
-    def _parse_customer(raw: object) -> tuple[str, str, JsonDict]:
-        if raw is None:
-            raise SandboxInputError("customer is required")
-        if not isinstance(raw, dict):
-            raise SandboxInputError("customer must be a JSON object")
-        for kind in CUSTOMER_IDENTIFIERS:
-            value = raw.get(kind)
-            if value is None or value == "":
-                continue
-            if isinstance(value, bool) or not isinstance(value, str | int):
-                raise SandboxInputError(f"customer.{kind} must be a string, got {value!r}")
-            return kind, str(value), dict(raw)
-        raise SandboxInputError("customer must carry one of: " + ", ".join(CUSTOMER_IDENTIFIERS))
-
-    @staticmethod
-    def _parse_metadata(raw: object) -> JsonDict | None:
-        if raw is None:
-            return None
-        if not isinstance(raw, dict):
-            raise SandboxInputError("metadata must be a JSON object")
-        for key, limit in METADATA_LIMITS.items():
-            value = raw.get(key)
-            if value is None:
-                continue
-            if not isinstance(value, str):
-                raise SandboxInputError(f"metadata.{key} must be a string, got {value!r}")
-            if len(value) > limit:
-                raise SandboxInputError(
-                    f"metadata.{key} exceeds {limit} characters (got {len(value)})"
-                )
-        return dict(raw)
 
     def issue_bulk(self, request: BulkRequest, *, principal: str, request_id: str) -> ApiAnswer:
         """Process a validated bulk-issue request: one entry per series, ledger updated."""
@@ -464,166 +409,6 @@ class SandboxState:
             if code not in self._codes:
                 self._codes.add(code)
                 return code
-
-    # --- read-backs ------------------------------------------------------------------------
-
-    def parse_readback(self, api: ReadbackApi, query: Mapping[str, str]) -> ReadbackQuery:
-        """Validate a read-back query string; raises :class:`SandboxInputError`."""
-        if api == "v2_coupon":
-            raw_ids = query.get("issuedToIds")
-            if not raw_ids:
-                raise SandboxInputError("issuedToIds is required")
-            series = query.get("seriesId")
-            return ReadbackQuery(
-                api=api,
-                customer_ids=tuple(split_csv("issuedToIds", raw_ids)),
-                series_ids=int_list("seriesId", series) if series else (),
-                include_details=query.get("includeIssualDetails", "").lower() == "true",
-                limit=min(query_int(query, "limit", DEFAULT_READBACK_LIMIT,
-                                     maximum=MAX_READBACK_LIMIT), MAX_V2_COUPON_PAGE),
-                offset=query_int(query, "offset", 0, maximum=10**9),
-            )
-        if api == "v11_customer_coupons":
-            return self._parse_v11(query)
-        raw_id = query.get("id")
-        if not raw_id:
-            raise SandboxInputError("id is required")
-        return ReadbackQuery(
-            api=api,
-            customer_ids=(raw_id,),
-            limit=query_int(query, "limit", DEFAULT_READBACK_LIMIT, maximum=MAX_READBACK_LIMIT),
-            offset=query_int(query, "offset", 0, maximum=10**9),
-        )
-
-    def _parse_v11(self, query: Mapping[str, str]) -> ReadbackQuery:
-        for param, kind in (
-            ("id", "id"),
-            ("mobile", "mobile"),
-            ("email", "email"),
-            ("external_id", "externalId"),
-        ):
-            raw = query.get(param)
-            if raw:
-                customer_ids = tuple(
-                    self.resolve_identifier(kind, v) for v in split_csv(param, raw)
-                )
-                break
-        else:
-            raise SandboxInputError("one of id, mobile, email, external_id is required")
-        start_date = None
-        if raw_start := query.get("start_date"):
-            try:
-                start_date = date.fromisoformat(raw_start)
-            except ValueError as exc:
-                raise SandboxInputError(
-                    f"start_date must be YYYY-MM-DD, got {raw_start!r}"
-                ) from exc
-        order_by = query.get("order_by", "created_date")
-        if order_by != "created_date":
-            raise SandboxInputError(f"order_by supports only created_date, got {order_by!r}")
-        sort_order = query.get("sort_order", "asc").lower()
-        if sort_order not in ("asc", "desc"):
-            raise SandboxInputError(f"sort_order must be asc or desc, got {sort_order!r}")
-        series = query.get("series_id")
-        return ReadbackQuery(
-            api="v11_customer_coupons",
-            customer_ids=customer_ids,
-            series_ids=int_list("series_id", series) if series else (),
-            start_date=start_date,
-            descending=sort_order == "desc",
-        )
-
-    def answer_readback(self, query: ReadbackQuery) -> ApiAnswer:
-        """Answer a validated read-back query from the ledger."""
-        tz = self.config.tz
-        if query.api == "v2_coupon":
-            data: list[JsonDict] = []
-            for customer_id in query.customer_ids:
-                for coupon in self._coupons_of(customer_id, query.series_ids):
-                    item: JsonDict = {
-                        "id": coupon.id,
-                        "code": coupon.code,
-                        "seriesId": coupon.series_id,
-                        "issuedTo": coupon.customer_id,
-                        "issuedDate": render_time(coupon.issued_at, tz),
-                        "validTill": coupon.valid_till,
-                        "validTillDateTime": coupon.valid_till_date_time,
-                    }
-                    if query.include_details:
-                        item["couponIssualDetails"] = issual_details(coupon.metadata)
-                    data.append(item)
-            shown = data[query.offset : query.offset + query.limit]
-            return ApiAnswer(200, {"data": shown, "errors": None})
-        if query.api == "v11_customer_coupons":
-            return ApiAnswer(200, self._v11_body(query, tz))
-        customer_id = query.customer_ids[0]
-        coupons = self._coupons_of(customer_id, ())
-        page = coupons[query.offset : query.offset + query.limit]
-        return ApiAnswer(
-            200,
-            {
-                "customers": [
-                    {
-                        "id": customer_id,
-                        "coupons": [
-                            {
-                                "code": c.code,
-                                "seriesId": c.series_id,
-                                "createdDate": render_time(c.issued_at, tz),
-                                "validTill": c.valid_till,
-                                "validTillDateTime": c.valid_till_date_time,
-                            }
-                            for c in page
-                        ],
-                    }
-                ],
-                "pagination": {
-                    "limit": query.limit,
-                    "offset": query.offset,
-                    "total": len(coupons),
-                },
-            },
-        )
-
-    def _v11_body(self, query: ReadbackQuery, tz: timezone) -> JsonDict:
-        customers: list[JsonDict] = []
-        for customer_id in query.customer_ids:
-            coupons = [
-                c
-                for c in self._coupons_of(customer_id, query.series_ids)
-                if query.start_date is None or c.issued_at.astimezone(tz).date() >= query.start_date
-            ]
-            if query.descending:
-                coupons.reverse()
-            customers.append(
-                {
-                    "id": customer_id,
-                    "coupons": {
-                        "coupon": [
-                            {
-                                "id": c.id,
-                                "code": c.code,
-                                "series_id": c.series_id,
-                                "created_date": render_time(c.issued_at, tz),
-                                "valid_till": c.valid_till,
-                            }
-                            for c in coupons
-                        ]
-                    },
-                }
-            )
-        return {
-            "response": {
-                "status": v11_status(True, 200, "SUCCESS"),
-                "customers": {"customer": customers},
-            }
-        }
-
-    def _coupons_of(self, customer_id: str, series_ids: tuple[int, ...]) -> list[IssuedCoupon]:
-        coupons = self._by_customer.get(customer_id, [])
-        if not series_ids:
-            return list(coupons)
-        return [c for c in coupons if c.series_id in series_ids]
 
     # --- ground truth, call log, stats -----------------------------------------------------
 
