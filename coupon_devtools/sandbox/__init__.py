@@ -7,11 +7,15 @@ admin API under ``/sandbox/``.
 
 - :mod:`coupon_devtools.sandbox.state`: the in-memory rules, testable without a server, over
   :mod:`~coupon_devtools.sandbox.inputs` (vocabulary, validators),
+  :mod:`~coupon_devtools.sandbox.readbacks`, :mod:`~coupon_devtools.sandbox.bulk_requests`,
   :mod:`~coupon_devtools.sandbox.config` (server and series settings),
   :mod:`~coupon_devtools.sandbox.faults`, :mod:`~coupon_devtools.sandbox.scenario` and
   :mod:`~coupon_devtools.sandbox.records` (requests, answers, issued coupons, calls);
 - :mod:`coupon_devtools.sandbox.server`: the aiohttp app, :func:`run` and
-  :class:`BackgroundSandbox`;
+  :class:`BackgroundSandbox`, with the Capillary routes in
+  :mod:`~coupon_devtools.sandbox.capillary_api`, the admin routes in
+  :mod:`~coupon_devtools.sandbox.admin_api` and what they share in
+  :mod:`~coupon_devtools.sandbox.wire`;
 - :mod:`coupon_devtools.sandbox.admin`: :class:`SandboxAdmin`, a client for the admin API;
 - :mod:`coupon_devtools.sandbox.command`: ``coupon-worker sandbox``.
 """
