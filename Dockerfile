@@ -20,7 +20,10 @@ WORKDIR /app
 COPY pyproject.toml README.md alembic.ini ./
 COPY migrations/ ./migrations/
 COPY worker/ ./worker/
-RUN pip install --no-cache-dir -e . \
+# The devtools extra (aiohttp, pgserver) and its package: the compose file's `sandbox` service
+# runs `coupon-worker sandbox` from this same image. The worker never imports them.
+COPY coupon_devtools/ ./coupon_devtools/
+RUN pip install --no-cache-dir -e ".[devtools]" \
     && python -c "import worker.cli" \
     && chmod -R a+rX /app
 

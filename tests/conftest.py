@@ -8,10 +8,8 @@ own, so tests run in any order and twice in a row.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import subprocess
 import sys
 import time
 import uuid
@@ -24,9 +22,11 @@ import pytest
 from pydantic import SecretStr
 from sqlalchemy import Engine, create_engine, text
 
+from coupon_devtools.harness.databases import create_migrated, drop_database
+from coupon_devtools.harness.processes import Spawned, spawn
+from coupon_devtools.harness.rabbitmqctl import create_vhost, delete_vhost
+from coupon_devtools.sandbox import BackgroundSandbox, SandboxAdmin
 from worker.config import Settings, load_settings
-from worker.ledger.migrate import ensure_database, upgrade
-from worker.sandbox import BackgroundSandbox, SandboxAdmin
 
 PG_ADMIN_URL = os.environ.get(
     "COUPONS_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
@@ -57,13 +57,9 @@ def session_tag() -> str:
 def database_url(session_tag: str) -> Iterator[str]:
     name = f"cw_test_{session_tag}"
     url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    ensure_database(url)
-    upgrade(url)
+    create_migrated(url)
     yield url
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text("DROP DATABASE IF EXISTS " + name + " WITH (FORCE)"))
-    admin.dispose()
+    drop_database(PG_ADMIN_URL, name)
 
 
 @pytest.fixture(scope="session")
@@ -84,31 +80,13 @@ def clean_ledger(engine: Engine) -> Engine:
 # -- RabbitMQ ------------------------------------------------------------------------------
 
 
-RABBITMQCTL_NODE_DOWN = 64  # the node is not running (yet): e.g. a test restarted it
-
-
-def _rabbitmqctl(*args: str) -> None:
-    # A node that is (re)starting refuses commands for a moment; tests that restart the broker
-    # wait for it, but one command may still land in that gap. Other refusals are final.
-    for _attempt in range(5):
-        done = subprocess.run(["rabbitmqctl", "-q", *args], check=False, capture_output=True,
-                              timeout=60)
-        if done.returncode != RABBITMQCTL_NODE_DOWN:
-            break
-        subprocess.run(["rabbitmqctl", "-q", "await_startup"], check=False,
-                       capture_output=True, timeout=120)
-    if done.returncode != 0:
-        raise subprocess.CalledProcessError(done.returncode, done.args, done.stdout,
-                                            done.stderr)
-
-
 @pytest.fixture(scope="session")
 def broker_url(session_tag: str) -> Iterator[str]:
+    # Tests restart the broker: a command landing while it starts waits for it.
     vhost = f"cw-test-{session_tag}"
-    _rabbitmqctl("add_vhost", vhost)
-    _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    create_vhost(vhost, wait_while_node_down=True)
     yield f"amqp://guest:guest@{RABBIT_HOST}/{vhost}"
-    _rabbitmqctl("delete_vhost", vhost)
+    delete_vhost(vhost, wait_while_node_down=True)
 
 
 # -- the sandbox ---------------------------------------------------------------------------
@@ -210,45 +188,16 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 
 @dataclass
-class WorkerProcess:
-    """A real ``coupon-worker worker`` in a subprocess, its log in a file."""
+class WorkerProcess(Spawned):
+    """A real ``coupon-worker worker`` in a subprocess, its log in a file.
 
-    process: subprocess.Popen[bytes]
-    log_path: Path
-    name: str
+    ``stop()`` is a warm shutdown through the main process, ``kill()`` SIGKILLs the whole
+    group (main process and pool children at once)."""
+
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
     def wait_for_log(self, needle: str, timeout_s: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if needle in self.log():
-                return
-            if self.process.poll() is not None:
-                raise AssertionError(f"worker exited ({self.process.returncode}):\n{self.log()}")
-            time.sleep(0.1)
-        raise AssertionError(f"{needle!r} not in the worker log after {timeout_s}s:\n"
-                             + self.log()[-5000:])
-
-    def kill(self) -> None:
-        """SIGKILL the whole process group: main process and pool children at once."""
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, 9)
-            self.process.wait(timeout=10)
-
-    def stop(self) -> None:
-        """Warm shutdown through the main process (signalling the pool children too can
-        leave the main process waiting on a lock a dying child held), SIGKILL if it hangs."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(timeout=15)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, 9)
-        if self.process.poll() is None:
-            self.process.wait(timeout=10)
+        super().wait_for_log(needle, timeout_s)
 
 
 def coupon_worker_command() -> str:
@@ -269,18 +218,13 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
               wait_ready: bool = True) -> WorkerProcess:
         """``node_name``: "" for a name of this test's own, None for the command's default."""
         name = f"w{len(started)}-{uuid.uuid4().hex[:6]}"
-        log_path = tmp_path / f"{name}.log"
         environment = settings_env(settings)
         environment.update(env or {})
         naming = [] if node_name is None else ["-n", node_name or f"{name}@%h"]
-        with log_path.open("wb") as log_file:
-            process = subprocess.Popen(
-                [coupon_worker_command(), "worker", "-c", str(concurrency), "-P", pool,
-                 *naming, *args],
-                cwd=REPO_ROOT, env=environment, stdout=log_file, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        worker = WorkerProcess(process, log_path, name)
+        spawned = spawn(name, [coupon_worker_command(), "worker", "-c", str(concurrency),
+                               "-P", pool, *naming, *args], environment, tmp_path,
+                        cwd=REPO_ROOT)
+        worker = WorkerProcess(spawned.name, spawned.process, spawned.log_path)
         started.append(worker)
         if wait_ready:
             worker.wait_for_log(" ready.", timeout_s=60)
@@ -302,11 +246,3 @@ def wait_until(predicate: Callable[[], Any], *, timeout_s: float = 30.0,
             return last
         time.sleep(interval_s)
     raise AssertionError(f"timed out after {timeout_s}s waiting for {message} (last: {last!r})")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

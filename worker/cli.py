@@ -9,7 +9,11 @@
     coupon-worker health                  whether this host's workers are consuming
     coupon-worker rejected list|show|resubmit   rejected messages: inspect, fix and resubmit
     coupon-worker flower                  Flower on the project's app
-    coupon-worker sandbox                 run the sandbox Capillary server
+    coupon-worker sandbox                 run the sandbox Capillary server      (dev tools)
+    coupon-worker demo | bench | chaos    the demo, the benchmark, the chaos run (dev tools)
+
+The dev-tool commands live in the ``coupon_devtools`` package (the ``devtools`` extra); the
+runtime never imports it, and this command line finds those commands only when one is asked for.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import click
 from rich.console import Console
 from rich.text import Text
 
-from worker.config import DEFAULT_SANDBOX_PORT, Settings, load_settings
+from worker.config import Settings, load_settings
 from worker.errors import ConfigurationError, EventRejected, NotFound, WorkerError
 from worker.sanitize import printable
 
@@ -58,7 +62,50 @@ def print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# Each dev-tool command: the factory that builds it, as "module:function".
+DEVTOOL_COMMANDS: dict[str, str] = {
+    "sandbox": "coupon_devtools.sandbox.command:sandbox_command",
+    "demo": "coupon_devtools.demo.command:demo_command",
+    "bench": "coupon_devtools.bench.command:bench_command",
+    "chaos": "coupon_devtools.chaos.command:chaos_command",
+}
+DEVTOOLS_MISSING = "needs the dev tools: install coupon-worker[devtools]"
+
+
+class _DevToolsGroup(click.Group):
+    """A group that imports a dev-tool command only when it is asked for, so that the
+    worker's start-up never loads (nor needs) the ``coupon_devtools`` package."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *DEVTOOL_COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None or cmd_name not in DEVTOOL_COMMANDS:
+            return command
+        import importlib
+
+        module_name, factory = DEVTOOL_COMMANDS[cmd_name].split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if not (exc.name or "").startswith(("coupon_devtools", "aiohttp", "pgserver")):
+                raise
+            return _missing_devtools(cmd_name)
+        built: click.Command = getattr(module, factory)()
+        return built
+
+
+def _missing_devtools(name: str) -> click.Command:
+    def explain() -> NoReturn:
+        raise click.ClickException(f"coupon-worker {name} {DEVTOOLS_MISSING}")
+
+    return click.Command(name, callback=explain, help=f"({DEVTOOLS_MISSING})",
+                         context_settings={"ignore_unknown_options": True,
+                                           "allow_extra_args": True})
+
+
+@click.group(cls=_DevToolsGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="coupon-worker")
 def main() -> None:
     """Issue loyalty coupons through Capillary's bulk-issue API, exactly once."""
@@ -650,55 +697,6 @@ def flower(ctx: click.Context, port: int, address: str) -> None:
 
     app.start(["flower", f"--port={port}", f"--address={address}", *ctx.args])
 
-
-# -- sandbox -------------------------------------------------------------------------------
-
-
-@main.command()
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=int, default=DEFAULT_SANDBOX_PORT, show_default=True,
-              help="0 picks a free port (printed on start).")
-@click.option("--scenario", type=click.Path(exists=True, dir_okay=False),
-              help="Scenario JSON: series behaviours, unknown customers, config.")
-@click.option("--latency", "latency_s", type=float, default=0.0, show_default=True,
-              help="Seconds added to every Capillary call.")
-@click.option("--rate-limit-per-minute", type=int, default=None,
-              help="Answer 429 beyond this many calls per minute per API key.")
-@click.option("--token-ttl", "token_ttl_s", type=int, default=300, show_default=True)
-@click.option("--timezone", default="+00:00", show_default=True,
-              help="The server's zone for validTill, e.g. +05:30.")
-@click.option("--strict-series", is_flag=True, help="Unconfigured series answer 707.")
-@click.option("--seed", type=int, default=None,
-              help="Seed coupon codes and probabilistic faults (repeatable runs).")
-def sandbox(host: str, port: int, scenario: str | None, latency_s: float,
-            rate_limit_per_minute: int | None, token_ttl_s: int, timezone: str,
-            strict_series: bool, seed: int | None) -> None:
-    """Run the sandbox Capillary server (Basic: store.server/server123, OAuth: demo-key)."""
-    from worker.sandbox import SandboxOptions, load_scenario, run
-
-    options = SandboxOptions(
-        token_ttl_seconds=token_ttl_s,
-        latency_seconds=latency_s,
-        rate_limit_per_minute=rate_limit_per_minute,
-        timezone=timezone,
-        strict_series=strict_series,
-        scenario=load_scenario(scenario) if scenario else None,
-        seed=seed,
-    )
-    run(host, port, options)
-
-
-def _register_heavy_commands() -> None:
-    from worker.bench import bench_command
-    from worker.chaos import chaos_command
-    from worker.demo import demo_command
-
-    main.add_command(demo_command())
-    main.add_command(bench_command())
-    main.add_command(chaos_command())
-
-
-_register_heavy_commands()
 
 if __name__ == "__main__":
     main()

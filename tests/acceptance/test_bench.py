@@ -24,7 +24,7 @@ def run_bench(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env.update({"COUPONS_ENV_FILE": "", "COUPONS_DATABASE_URL": PG_ADMIN_URL,
                 "COUPONS_BROKER_URL": f"amqp://guest:guest@{RABBIT_HOST}//"})
     return subprocess.run(
-        [sys.executable, "-m", "worker.bench", "--short", "--workdir", str(workdir),
+        [sys.executable, "-m", "coupon_devtools.bench", "--short", "--workdir", str(workdir),
          "--namespace", f"t{uuid.uuid4().hex[:8]}", *args],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=BENCH_TIMEOUT_S,
         check=False,

@@ -14,8 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
 
+from coupon_devtools.harness.databases import drop_database
+from coupon_devtools.harness.rabbitmqctl import delete_vhost, rabbitmqctl
 from tests.conftest import PG_ADMIN_URL, REPO_ROOT, coupon_worker_command
 
 pytestmark = pytest.mark.slow
@@ -27,12 +28,8 @@ def namespace() -> Iterator[str]:
     happened."""
     tag = uuid.uuid4().hex[:8]
     yield tag
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f"DROP DATABASE IF EXISTS coupon_worker_chaos_{tag} WITH (FORCE)"))
-    admin.dispose()
-    subprocess.run(["rabbitmqctl", "-q", "delete_vhost", f"coupon-worker-chaos-{tag}"],
-                   capture_output=True, timeout=60, check=False)
+    drop_database(PG_ADMIN_URL, f"coupon_worker_chaos_{tag}")
+    delete_vhost(f"coupon-worker-chaos-{tag}", wait_while_node_down=True)
 
 
 def number_after(label: str, output: str) -> int:
@@ -68,7 +65,7 @@ def test_the_short_chaos_run_issues_exactly_once_and_leaves_everything_up(
     assert number_after("workers restarted", output) >= 1
     # And the machine's services answer again, and nothing of the run is left running
     assert subprocess.run(["pg_isready", "-h", "127.0.0.1", "-q"], check=False).returncode == 0
-    subprocess.run(["rabbitmqctl", "-q", "await_startup"], check=True, timeout=60)
+    rabbitmqctl("await_startup")
     pids = [int(p) for listed in re.findall(r"\(pids? ([\d, ]+)", output)
             for p in listed.split(",") if p.strip()]
     assert len(pids) >= 5, f"the sandbox's, 3 workers' and a restarted one's pids:\n{output}"

@@ -16,9 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
 
-from tests.conftest import PG_ADMIN_URL, REPO_ROOT, free_port
+from coupon_devtools.harness.databases import drop_database
+from coupon_devtools.harness.processes import free_port
+from coupon_devtools.harness.rabbitmqctl import delete_vhost
+from tests.conftest import PG_ADMIN_URL, REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -33,12 +35,8 @@ def namespace() -> Iterator[str]:
     """A namespace for one run; its database and vhost are removed afterwards."""
     tag = uuid.uuid4().hex[:8]
     yield tag
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f"DROP DATABASE IF EXISTS coupon_worker_demo_{tag} WITH (FORCE)"))
-    admin.dispose()
-    subprocess.run(["rabbitmqctl", "-q", "delete_vhost", f"coupon-worker-demo-{tag}"],
-                   capture_output=True, timeout=60, check=False)
+    drop_database(PG_ADMIN_URL, f"coupon_worker_demo_{tag}")
+    delete_vhost(f"coupon-worker-demo-{tag}")
 
 
 def run_demo(workdir: Path, backend: str, namespace: str,
@@ -47,7 +45,7 @@ def run_demo(workdir: Path, backend: str, namespace: str,
     env["COUPONS_ENV_FILE"] = ""
     env.update(extra_env)
     return subprocess.run(
-        [sys.executable, "-m", "worker.demo", "--events", str(EVENTS), "--no-flower",
+        [sys.executable, "-m", "coupon_devtools.demo", "--events", str(EVENTS), "--no-flower",
          "--timeout", "60", "--backend", backend, "--workdir", str(workdir),
          "--namespace", namespace],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=150, check=False,
@@ -123,7 +121,7 @@ def test_demo_without_services_falls_back_to_embedded_ones(tmp_path: Path,
 
 
 def test_the_exactly_once_check_names_each_kind_of_discrepancy() -> None:
-    from worker.demo import exactly_once_problems
+    from coupon_devtools.demo.summary import exactly_once_problems
 
     def issued(code: str, customer: str, series: int) -> dict[str, object]:
         return {"code": code, "customerId": customer, "seriesId": series}

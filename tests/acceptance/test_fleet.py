@@ -4,7 +4,6 @@ that merely exists."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -20,18 +19,18 @@ import pytest
 from kombu import Connection, Queue
 from sqlalchemy import Engine, text
 
+from coupon_devtools.harness.rabbitmqctl import create_vhost, delete_vhost
+from coupon_devtools.sandbox import SandboxAdmin
 from tests.acceptance.helpers import example_event, publish, wait_for_state
 from tests.conftest import (
     RABBIT_HOST,
     REPO_ROOT,
     WorkerProcess,
-    _rabbitmqctl,
     coupon_worker_command,
     settings_env,
     wait_until,
 )
 from worker.config import Settings
-from worker.sandbox import SandboxAdmin
 
 NODE = re.compile(r"(coupon-worker-(\d+)@\S+) ready\.")
 
@@ -111,11 +110,9 @@ def test_a_worker_whose_node_name_is_taken_exits_non_zero(
 @pytest.fixture
 def own_vhost() -> Iterator[str]:
     vhost = f"cw-test-gone-{uuid.uuid4().hex[:8]}"
-    _rabbitmqctl("add_vhost", vhost)
-    _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    create_vhost(vhost, wait_while_node_down=True)
     yield vhost
-    with contextlib.suppress(subprocess.CalledProcessError):  # the test deleted it
-        _rabbitmqctl("delete_vhost", vhost)
+    delete_vhost(vhost, wait_while_node_down=True)  # the test may have deleted it
 
 
 def test_a_worker_whose_broker_is_gone_for_good_exits_non_zero(
@@ -125,7 +122,7 @@ def test_a_worker_whose_broker_is_gone_for_good_exits_non_zero(
     settings = settings_factory(broker_url=f"amqp://guest:guest@{RABBIT_HOST}/{own_vhost}")
     worker = start_worker(settings)
     # When its vhost is deleted: the connection is closed and every reconnect is refused
-    _rabbitmqctl("delete_vhost", own_vhost)
+    delete_vhost(own_vhost, wait_while_node_down=True)
     # Then the worker does not stay up reconnecting forever: it exits, with a failure code
     code = worker.process.wait(timeout=60)
     assert code != 0, worker.log()[-3000:]

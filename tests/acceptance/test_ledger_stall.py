@@ -8,10 +8,10 @@ from collections.abc import Callable
 
 from sqlalchemy import Engine, text
 
+from coupon_devtools.sandbox import SandboxAdmin
 from tests.acceptance.helpers import example_event, publish, wait_for_state
 from tests.conftest import WorkerProcess
 from worker.config import Settings
-from worker.sandbox import SandboxAdmin
 
 
 def test_an_event_published_while_the_ledger_is_locked_is_recorded_once_it_is_released(

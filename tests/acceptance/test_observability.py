@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -13,17 +12,17 @@ import pytest
 import requests
 from sqlalchemy import Engine, text
 
+from coupon_devtools.harness.processes import free_port, spawn
+from coupon_devtools.sandbox import SandboxAdmin
 from tests.acceptance.helpers import example_event, publish, wait_for_state
 from tests.conftest import (
     REPO_ROOT,
     WorkerProcess,
     coupon_worker_command,
-    free_port,
     settings_env,
     wait_until,
 )
 from worker.config import Settings
-from worker.sandbox import SandboxAdmin
 
 
 @pytest.fixture
@@ -31,21 +30,14 @@ def flower(settings: Settings, tmp_path: Path) -> Iterator[str]:
     port = free_port()
     env = settings_env(settings)
     env["FLOWER_BASIC_AUTH"] = "support:s3cret"
-    log = (tmp_path / "flower.log").open("wb")
-    process = subprocess.Popen(
-        [coupon_worker_command(), "flower", "--port", str(port)], env=env, cwd=REPO_ROOT,
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    process = spawn("flower", [coupon_worker_command(), "flower", "--port", str(port)], env,
+                    tmp_path, cwd=REPO_ROOT)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: _up(url), timeout_s=30, message="Flower to answer")
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+        process.stop(grace_s=10)
 
 
 def _up(url: str) -> bool:
@@ -155,15 +147,11 @@ def test_the_plain_celery_command_runs_the_worker(
     settings: Settings, clean_ledger: Engine, sandbox: SandboxAdmin, tmp_path: Path,
 ) -> None:
     env = settings_env(settings)
-    with (tmp_path / "celery.log").open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-c", "1",
-             "--without-mingle", "--without-gossip", "-n", "plain@%h"],
-            env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True)
+    process = spawn("celery", [sys.executable, "-m", "celery", "-A", "worker.celery_app",
+                               "worker", "-c", "1", "--without-mingle", "--without-gossip",
+                               "-n", "plain@%h"], env, tmp_path, cwd=REPO_ROOT)
     try:
         publish(settings, example_event("plain-celery"))
         wait_for_state(clean_ledger, "plain-celery", "completed", timeout_s=60)
     finally:
-        process.terminate()
-        process.wait(timeout=20)
+        process.stop(grace_s=20)

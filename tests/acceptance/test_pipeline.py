@@ -11,6 +11,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine, text
 
+from coupon_devtools.sandbox import SandboxAdmin
 from tests.acceptance.helpers import (
     example_event,
     publish,
@@ -20,7 +21,6 @@ from tests.acceptance.helpers import (
 )
 from tests.conftest import WorkerProcess, coupon_worker_command, settings_env, wait_until
 from worker.config import Settings
-from worker.sandbox import SandboxAdmin
 
 EVENT_ID = "tier-upgrade-566881933-2026-11-25"
 

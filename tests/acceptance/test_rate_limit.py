@@ -6,10 +6,10 @@ from collections.abc import Callable
 
 from sqlalchemy import Engine, text
 
+from coupon_devtools.sandbox import SandboxAdmin
 from tests.acceptance.helpers import example_event, publish, wait_for_state
 from tests.conftest import WorkerProcess, wait_until
 from worker.config import Settings
-from worker.sandbox import SandboxAdmin
 
 
 def bulk_times(sandbox: SandboxAdmin) -> list[tuple[float, int, str]]:

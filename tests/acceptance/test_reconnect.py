@@ -8,22 +8,22 @@ machine's real RabbitMQ for a few seconds, as test_restarts does.
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Engine
 
+from coupon_devtools.harness.rabbitmqctl import rabbitmqctl
+from coupon_devtools.sandbox import SandboxAdmin
 from tests.acceptance.helpers import example_event, publish, wait_for_state
 from tests.conftest import WorkerProcess
 from worker.config import Settings
 from worker.ledger.records import CLOSED_CIRCUIT, CircuitState
 from worker.ledger.unit_of_work import sql_unit_of_work_factory
-from worker.sandbox import SandboxAdmin
 
 
 def _rabbit(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=120)
+    rabbitmqctl(*args, timeout_s=120)
 
 
 def _save_circuit(engine: Engine, state: CircuitState) -> None:

@@ -12,10 +12,11 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
+from coupon_devtools.harness.rabbitmqctl import rabbitmqctl
+from coupon_devtools.sandbox import SandboxAdmin
 from tests.acceptance.helpers import example_event, publish, wait_for_state
 from tests.conftest import WorkerProcess, wait_until
 from worker.config import Settings
-from worker.sandbox import SandboxAdmin
 
 
 def _pg_cluster() -> str:
@@ -32,7 +33,7 @@ def _pg_ready() -> bool:
 
 
 def _rabbit(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=120)
+    rabbitmqctl(*args, timeout_s=120)
 
 
 def test_a_database_restart_delays_events_but_loses_none(

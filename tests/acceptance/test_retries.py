@@ -10,11 +10,11 @@ from typing import Any
 from kombu import Connection
 from sqlalchemy import Engine, text
 
+from coupon_devtools.sandbox import SandboxAdmin
 from tests.acceptance.helpers import example_event, publish, story, wait_for_state
 from tests.conftest import WorkerProcess, coupon_worker_command, settings_env, wait_until
 from worker.broker import topology
 from worker.config import Settings
-from worker.sandbox import SandboxAdmin
 
 
 def entity_states(engine: Engine, event_id: str) -> dict[int, str]:

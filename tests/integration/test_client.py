@@ -9,12 +9,12 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from pydantic import SecretStr
 
+from coupon_devtools.sandbox import SandboxAdmin
 from worker.capillary.auth import BasicAuth, OAuthTokens, basic_auth_header
 from worker.capillary.client import CapillaryClient
 from worker.config import Settings
 from worker.domain import Verdict
 from worker.errors import Ambiguous, CapillaryError, Outage
-from worker.sandbox import SandboxAdmin
 
 CUSTOMER = {"id": "566881933"}
 META = {"sourceType": "Journeys", "notes": "[cw:abc]"}

@@ -222,5 +222,8 @@ def test_dockerfile() -> None:
     assert "alembic.ini" in text
     assert "migrations/" in text
     assert "[dev]" not in text, "no dev extras in the image"
+    # The compose file's sandbox service runs `coupon-worker sandbox` from this image.
+    assert "COPY coupon_devtools/" in text
+    assert '".[devtools]"' in text, "the image installs the devtools extra"
     ignore = (REPO_ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
     assert "!.env" not in ignore

@@ -9,8 +9,9 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine
 
+from coupon_devtools.harness.databases import drop_database
 from tests.conftest import PG_ADMIN_URL
 from worker.ledger.migrate import alembic_config, current_revision, ensure_database, upgrade
 from worker.ledger.models import Base
@@ -21,10 +22,7 @@ def fresh_url() -> Iterator[str]:
     name = f"cw_mig_{uuid.uuid4().hex[:8]}"
     url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
     yield url
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-    admin.dispose()
+    drop_database(PG_ADMIN_URL, name)
 
 
 def test_migrate_creates_the_database_and_head_matches_the_models(fresh_url: str) -> None:

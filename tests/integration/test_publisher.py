@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
 from typing import Any
 
 from kombu import Connection
 
+from coupon_devtools.harness.rabbitmqctl import rabbitmqctl
 from worker.broker.publisher import EventProducer
 from worker.config import Settings
 
@@ -25,8 +25,7 @@ def test_a_producer_publishes_both_ways_in_after_its_connection_was_dropped(
     with EventProducer.open(settings) as producer:
         producer.publish_event(event, via="bus")
         # Given the broker drops every connection of the vhost (a restart, a failover)
-        subprocess.run(["rabbitmqctl", "-q", "close_all_connections", "--vhost", vhost,
-                        "--limit", "1000", "test"], check=True, capture_output=True, timeout=60)
+        rabbitmqctl("close_all_connections", "--vhost", vhost, "--limit", "1000", "test")
         # When a task is published first (it reconnects the shared connection), then a bus
         # message on the same producer
         producer.publish_event(event, via="task")

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-from worker.sandbox import (
+from coupon_devtools.sandbox import (
     BackgroundSandbox,
     SandboxAdmin,
     SandboxAdminError,
@@ -1016,7 +1016,8 @@ def test_invalid_scenarios_are_refused(tmp_path: Path) -> None:
 def test_run_serves_until_sigterm() -> None:
     # Given the blocking entry point in a child process on a free port
     code = (
-        "from worker.sandbox.server import run; from worker.sandbox.state import SandboxOptions; "
+        "from coupon_devtools.sandbox.server import run; "
+        "from coupon_devtools.sandbox.config import SandboxOptions; "
         "run('127.0.0.1', 0, SandboxOptions())"
     )
     with subprocess.Popen(

@@ -6,7 +6,9 @@ from collections import Counter
 from dataclasses import replace
 from typing import Any
 
-from worker.chaos import Comparison, Recorded, Report, compare, plan_deliveries
+from coupon_devtools.chaos.ground_truth import Comparison, Recorded, compare
+from coupon_devtools.chaos.publishing import plan_deliveries
+from coupon_devtools.chaos.report import Report
 from worker.domain import issue_ref
 
 EXPECTED = {"e1": ("101", (10, 11)), "e2": ("102", (10, 11))}

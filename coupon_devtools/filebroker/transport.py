@@ -3,7 +3,8 @@
 The stock transport creates a message file and then writes into it, while readers move any
 file they list: a reader can take an empty message, which stops a Celery consumer. Here a
 message is written under a temporary name and renamed into place (an atomic rename). Used only
-by the demo's no-server fallback, as ``COUPONS_BROKER_URL=cwfile://``.
+by the demo's no-server fallback, as ``COUPONS_BROKER_URL=cwfile://``
+(see :func:`coupon_devtools.filebroker.register`).
 """
 
 from __future__ import annotations

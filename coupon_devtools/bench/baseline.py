@@ -11,8 +11,8 @@ the pipeline and not about Celery tuning: late acknowledgement, a prefetch of on
 pool process, JSON, a queue of its own (``BENCH_BASELINE_QUEUE``) on the same broker, the same
 HTTP timeouts and one pooled ``requests`` session per process (per thread under ``threads``).
 
-Run it as ``python -m celery -A worker.bench_baseline worker -Q bench.baseline ...``; the
-settings are read from the environment when Celery first configures the app, never at import:
+Run it as ``python -m celery -A coupon_devtools.bench.baseline worker -Q bench.baseline ...``;
+the settings are read from the environment when Celery first configures the app, never at import:
 
 - ``COUPONS_BROKER_URL``: the broker (default: local RabbitMQ, vhost ``/``);
 - ``CAPILLARY_BASE_URL``, ``CAPILLARY_USERNAME``, ``CAPILLARY_PASSWORD``: the (sandbox) API;

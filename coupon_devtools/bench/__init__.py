@@ -1,0 +1,1 @@
+"""``coupon-worker bench``: throughput at the API's limit, against a bare Celery baseline."""

@@ -1,0 +1,1 @@
+"""``coupon-worker demo``: the whole pipeline on defaults that need no setup."""
