@@ -19,7 +19,7 @@ lint: install
 	$(BIN)/lint-imports
 
 test: install
-	$(BIN)/pytest
+	$(BIN)/pytest --cov --cov-report=term
 
 demo: install
 	$(BIN)/coupon-worker demo

@@ -27,6 +27,7 @@ from coupon_devtools.harness.processes import Spawned, spawn
 from coupon_devtools.harness.rabbitmqctl import create_vhost, delete_vhost
 from coupon_devtools.sandbox import BackgroundSandbox, SandboxAdmin
 from worker.config import Settings, load_settings
+from worker.health import check_health
 
 PG_ADMIN_URL = os.environ.get(
     "COUPONS_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
@@ -195,9 +196,28 @@ class WorkerProcess(Spawned):
     group (main process and pool children at once)."""
 
     extra: dict[str, Any] = field(default_factory=dict)
+    heartbeat_dir: Path | None = None
 
-    def wait_for_log(self, needle: str, timeout_s: float = 30.0) -> None:
-        super().wait_for_log(needle, timeout_s)
+    def beating(self) -> bool:
+        """Whether this worker's consumer loop runs: a fresh heartbeat with its pid.
+
+        The heartbeat is written by a timer on the consumer's event loop, started after the
+        task consumers: state the worker shows, not a line it happens to log.
+        """
+        if self.heartbeat_dir is None:
+            return False
+        report = check_health(self.heartbeat_dir, pid=self.process.pid)
+        return report.healthy
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"worker exited ({self.process.returncode}):\n{self.log()}")
+            if self.beating():
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"worker not consuming after {timeout_s:g} s:\n{self.log()}")
 
 
 def coupon_worker_command() -> str:
@@ -224,10 +244,11 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
         spawned = spawn(name, [coupon_worker_command(), "worker", "-c", str(concurrency),
                                "-P", pool, *naming, *args], environment, tmp_path,
                         cwd=REPO_ROOT)
-        worker = WorkerProcess(spawned.name, spawned.process, spawned.log_path)
+        worker = WorkerProcess(spawned.name, spawned.process, spawned.log_path,
+                               heartbeat_dir=Path(settings.heartbeat_dir))
         started.append(worker)
         if wait_ready:
-            worker.wait_for_log(" ready.", timeout_s=60)
+            worker.wait_ready()
         return worker
 
     yield start

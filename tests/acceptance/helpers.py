@@ -57,3 +57,33 @@ def wait_for_state(engine: Engine, event_id: str, state: str,
     result: dict[str, Any] = wait_until(reached, timeout_s=timeout_s,
                                         message=f"event {event_id} to be {state}")
     return result
+
+
+def queue_consumers(settings: Settings, queue: str) -> int:
+    """How many consumers RabbitMQ counts on ``queue`` (a passive declare: it must exist)."""
+    from kombu import Connection
+
+    with Connection(settings.broker_url) as conn:
+        _name, _ready, consumers = conn.default_channel.queue_declare(queue=queue, passive=True)
+        return int(consumers)
+
+
+def circuit(engine: Engine) -> tuple[str, int]:
+    """The fleet's circuit as the ledger holds it: state and how often it opened."""
+    from sqlalchemy import text
+
+    with engine.connect() as conn:
+        row = conn.execute(text(
+            "SELECT state, times_opened FROM circuit_breakers WHERE name = 'capillary'")).first()
+    return (str(row[0]), int(row[1])) if row else ("closed", 0)
+
+
+def wait_for_circuit_opened(engine: Engine, timeout_s: float = 30.0) -> None:
+    wait_until(lambda: circuit(engine)[1] >= 1, timeout_s=timeout_s,
+               message="the circuit to open")
+
+
+def wait_for_consumers(settings: Settings, queue: str, predicate: Any,
+                       timeout_s: float = 30.0, what: str = "consumers") -> None:
+    wait_until(lambda: predicate(queue_consumers(settings, queue)), timeout_s=timeout_s,
+               message=what)

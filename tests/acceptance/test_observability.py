@@ -14,7 +14,7 @@ from sqlalchemy import Engine, text
 
 from coupon_devtools.harness.processes import free_port, spawn
 from coupon_devtools.sandbox import SandboxAdmin
-from tests.acceptance.helpers import example_event, publish, wait_for_state
+from tests.acceptance.helpers import example_event, publish, wait_for_circuit_opened, wait_for_state
 from tests.conftest import (
     REPO_ROOT,
     WorkerProcess,
@@ -130,7 +130,7 @@ def test_secrets_never_reach_logs_the_ledger_or_task_arguments(
                                 log_level="DEBUG")
     worker = start_worker(settings)
     publish(settings, example_event("secret-1"))
-    worker.wait_for_log("circuit.opened")  # the wrong password is an outage
+    wait_for_circuit_opened(clean_ledger)  # the wrong password is an outage
     time.sleep(1)
     assert secret not in worker.log()
     with clean_ledger.connect() as conn:

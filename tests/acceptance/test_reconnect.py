@@ -15,8 +15,8 @@ from sqlalchemy import Engine
 
 from coupon_devtools.harness.rabbitmqctl import rabbitmqctl
 from coupon_devtools.sandbox import SandboxAdmin
-from tests.acceptance.helpers import example_event, publish, wait_for_state
-from tests.conftest import WorkerProcess
+from tests.acceptance.helpers import example_event, publish, wait_for_consumers, wait_for_state
+from tests.conftest import WorkerProcess, wait_until
 from worker.config import Settings
 from worker.ledger.records import CLOSED_CIRCUIT, CircuitState
 from worker.ledger.unit_of_work import sql_unit_of_work_factory
@@ -40,11 +40,13 @@ def test_fresh_events_flow_again_when_a_pause_ended_during_a_reconnect(
     # Given the circuit is open, so the worker stopped consuming fresh events
     _save_circuit(clean_ledger, CircuitState(
         "open", 5, 1, datetime.now(UTC) + timedelta(hours=1), "http_503: test"))
-    worker.wait_for_log(f"consumer.paused queue={settings.tasks_queue}")
+    wait_for_consumers(settings, settings.tasks_queue, lambda n: n == 0,
+                       what="the task queue to be paused")
     # When the broker goes away, and the circuit closes before the worker is back
     _rabbit("stop_app")
     try:
-        worker.wait_for_log("Connection to broker lost")
+        # The consumer loop stops with its connection: its heartbeat goes stale.
+        wait_until(lambda: not worker.beating(), message="the consumer to lose the broker")
         _save_circuit(clean_ledger, CLOSED_CIRCUIT)
     finally:
         _rabbit("start_app")

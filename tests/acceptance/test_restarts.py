@@ -14,7 +14,7 @@ from sqlalchemy import Engine
 
 from coupon_devtools.harness.rabbitmqctl import rabbitmqctl
 from coupon_devtools.sandbox import SandboxAdmin
-from tests.acceptance.helpers import example_event, publish, wait_for_state
+from tests.acceptance.helpers import example_event, publish, wait_for_consumers, wait_for_state
 from tests.conftest import WorkerProcess, wait_until
 from worker.config import Settings
 
@@ -46,8 +46,9 @@ def test_a_database_restart_delays_events_but_loses_none(
     _pg("stop")
     try:
         publish(settings, example_event("during-db-outage"))
-        # Whichever notices first, the sweeper (which pauses consuming) or a task.
-        worker.wait_for_log("database unavailable", timeout_s=30)
+        # The sweeper notices and pauses consuming: messages wait in RabbitMQ meanwhile.
+        wait_for_consumers(settings, settings.tasks_queue, lambda n: n == 0,
+                           what="consuming to pause while the database is down")
         time.sleep(2)
         assert worker.process.poll() is None, "the worker keeps running"
     finally:
@@ -55,7 +56,8 @@ def test_a_database_restart_delays_events_but_loses_none(
         wait_until(_pg_ready, message="PostgreSQL back")
     wait_for_state(clean_ledger, "during-db-outage", "completed", timeout_s=60)
     assert len(sandbox.ledger()) == 4, "one coupon per series of each event"
-    worker.wait_for_log("consumer.resumed", timeout_s=30)
+    wait_for_consumers(settings, settings.tasks_queue, lambda n: n >= 1,
+                       what="consuming to resume")
 
 
 def test_a_broker_restart_is_survived(

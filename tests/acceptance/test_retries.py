@@ -11,7 +11,15 @@ from kombu import Connection
 from sqlalchemy import Engine, text
 
 from coupon_devtools.sandbox import SandboxAdmin
-from tests.acceptance.helpers import example_event, publish, story, wait_for_state
+from tests.acceptance.helpers import (
+    circuit,
+    example_event,
+    publish,
+    story,
+    wait_for_circuit_opened,
+    wait_for_consumers,
+    wait_for_state,
+)
 from tests.conftest import WorkerProcess, coupon_worker_command, settings_env, wait_until
 from worker.broker import topology
 from worker.config import Settings
@@ -214,8 +222,9 @@ def test_auth_failure_pauses_instead_of_dead_lettering(
     wrong = settings_factory(capillary_password="wrong-password", circuit_open_s=2.0)
     worker = start_worker(wrong)
     publish(wrong, example_event("auth-1", series=(544770,)))
-    worker.wait_for_log("circuit.opened")
-    worker.wait_for_log("consumer.paused")
+    wait_for_circuit_opened(clean_ledger)
+    wait_for_consumers(wrong, wrong.tasks_queue, lambda n: n == 0,
+                       what="fresh events to stop being consumed")
     publish(wrong, example_event("auth-2", series=(553379,)))
     wait_until(lambda: "deferred" in history_kinds(clean_ledger, "auth-1"),
                message="auth-1 to be deferred")
@@ -237,17 +246,17 @@ def test_configuration_error_pauses_then_resumes_once_fixed(
     start_worker: Callable[..., WorkerProcess],
 ) -> None:
     settings = settings_factory(circuit_open_s=1.0)
-    worker = start_worker(settings)
+    start_worker(settings)
     sandbox.set_series(777001, behaviour="error", error_code=777)
     publish(settings, example_event("config-777", series=(777001,)))
-    worker.wait_for_log("circuit.opened")
+    wait_for_circuit_opened(clean_ledger)
     # The circuit opens while the call's outcome is being recorded: wait for the record.
     wait_until(lambda: "deferred" in history_kinds(clean_ledger, "config-777"),
                message="the entity to be deferred")
     assert "dead" not in history_kinds(clean_ledger, "config-777")
     sandbox.set_series(777001, behaviour="valid")
     wait_for_state(clean_ledger, "config-777", "completed", timeout_s=60)
-    worker.wait_for_log("circuit.closed")
+    wait_until(lambda: circuit(clean_ledger)[0] == "closed", message="the circuit to close")
     assert len(sandbox.ledger()) == 1
 
 
