@@ -8,6 +8,7 @@ own, so tests run in any order and twice in a row.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
@@ -267,3 +268,32 @@ def wait_until(predicate: Callable[[], Any], *, timeout_s: float = 30.0,
             return last
         time.sleep(interval_s)
     raise AssertionError(f"timed out after {timeout_s}s waiting for {message} (last: {last!r})")
+
+
+# -- the command line, in process ----------------------------------------------------------
+
+
+@pytest.fixture
+def cli(settings: Settings, clean_ledger: Engine,
+        monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Any]]:
+    """``coupon-worker`` commands run in this process, on this test's settings and ledger."""
+    from click.testing import CliRunner
+    from rich.console import Console
+
+    from worker import cli as cli_module
+
+    for name, value in settings_env(settings).items():
+        if name.startswith(("COUPONS_", "CAPILLARY_")):
+            monkeypatch.setenv(name, value)
+    # Wide enough that a table cell is never folded across lines in these checks.
+    monkeypatch.setattr(cli_module, "console", Console(width=400))
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    runner = CliRunner()
+
+    def invoke(*args: str, stdin: bytes | None = None) -> Any:
+        return runner.invoke(cli_module.main, list(args), input=stdin, catch_exceptions=False)
+
+    yield invoke
+    # The command configures logging for a process of its own; give pytest's back.
+    root.handlers[:], root.level = handlers, level

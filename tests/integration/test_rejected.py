@@ -6,27 +6,21 @@ from __future__ import annotations
 import base64
 import getpass
 import json
-import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner
 from kombu import Connection
-from rich.console import Console
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError
 
-from tests.conftest import settings_env
-from worker import cli as cli_module
 from worker import services, tasks
 from worker.broker import topology
 from worker.broker.fake import FakePublisher
 from worker.capillary.fake import FakeCapillary
 from worker.circuit import CircuitGate
-from worker.cli import main
 from worker.config import Settings
 from worker.errors import BrokerUnavailable, NotFound
 from worker.events import LoyaltyEvent, parse_event_data
@@ -237,26 +231,6 @@ def test_the_database_keeps_the_rejected_message_as_received(clean_ledger: Engin
 
 
 # -- the commands, in process ---------------------------------------------------------------
-
-
-@pytest.fixture
-def cli(settings: Settings, clean_ledger: Engine,
-        monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Any]]:
-    for name, value in settings_env(settings).items():
-        if name.startswith(("COUPONS_", "CAPILLARY_")):
-            monkeypatch.setenv(name, value)
-    # Wide enough that a table cell is never folded across lines in these checks.
-    monkeypatch.setattr(cli_module, "console", Console(width=400))
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    runner = CliRunner()
-
-    def invoke(*args: str, stdin: bytes | None = None) -> Any:
-        return runner.invoke(main, list(args), input=stdin, catch_exceptions=False)
-
-    yield invoke
-    # The command configures logging for a process of its own; give pytest's back.
-    root.handlers[:], root.level = handlers, level
 
 
 HOSTILE = json.dumps({**FIXED, "eventId": "e[bold red]\x1b[2J\x1b]0;title\x07\rforged",
