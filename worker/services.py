@@ -233,6 +233,10 @@ class _Attempt:
             reconciled: bool = False, extra_coupons: tuple[Coupon, ...] = ()) -> None:
         now = self.deps.clock()
         window_s = self.deps.retry_policy.settle_window_s
+        # A call whose outcome is unknown starts a settle window; a failed read-back does not
+        # (no call was sent, the earlier window stands).
+        unknown_call = verdict is Verdict.AMBIGUOUS and error_code != "reconcile_failed"
+        settle_s = window_s if unknown_call else None
         base = Transition(
             entity_id=entity.entity_id, state=EntityState.RETRY_WAIT, kind="",
             attempt=entity.attempts, verdict=verdict.value, error_code=error_code,
@@ -257,8 +261,7 @@ class _Attempt:
             transition = replace(
                 base, kind="retry_scheduled", next_attempt_at=now + decision.delay,
                 needs_reconcile=decision.reconcile_first,
-                settle_window_s=window_s if verdict is Verdict.AMBIGUOUS
-                and error_code != "reconcile_failed" else None,
+                settle_window_s=settle_s,
             )
         elif isinstance(decision, DeadLetter):
             reason = f"{decision.reason}: {message}" if message else decision.reason
@@ -266,8 +269,7 @@ class _Attempt:
                 base, state=EntityState.DEAD, kind="dead", dead_reason=reason,
                 error_code=decision.code or error_code,
                 needs_reconcile=decision.reconcile_first,
-                settle_window_s=window_s if verdict is Verdict.AMBIGUOUS
-                and error_code != "reconcile_failed" else None,
+                settle_window_s=settle_s,
             )
         else:
             # Deferred by the circuit or the rate limit: the attempt did not count, and an
@@ -305,8 +307,9 @@ def _attempt(claim: Claim, deps: Deps, *, new_event: bool = False) -> Report:
     return _finish(attempt, new_event)
 
 
-def _is_ours(claim: Claim, found: FoundCoupon) -> bool:
-    return claim.issue_ref in str(found.issual_details.get("notes") or "")
+def _is_ours(event_ref: str, found: FoundCoupon) -> bool:
+    """Whether a coupon read back carries the event's reference in the notes it was sent."""
+    return event_ref in str(found.issual_details.get("notes") or "")
 
 
 def _reconcile(attempt: _Attempt, entity: ClaimedEntity, permit: Permit) -> bool:
@@ -342,7 +345,7 @@ def _reconcile(attempt: _Attempt, entity: ClaimedEntity, permit: Permit) -> bool
         deps.circuit.success(permit)
     attempt.calls.append(RecordedCall(read_back.call, (entity.entity_id,), (entity.series_id,)))
     deps.metrics.observe_call(READ_BACK, read_back.call.status, read_back.call.latency_ms)
-    ours = [found for found in read_back.coupons if _is_ours(claim, found)]
+    ours = [found for found in read_back.coupons if _is_ours(claim.issue_ref, found)]
     decision = deps.retry_policy.after_read_back(
         len(ours), settled=entity.settled, settles_in_s=entity.settles_in_s,
         attempts=entity.attempts)
@@ -596,8 +599,7 @@ def verify_issued(deps: Deps, *, batch: int = VERIFY_BATCH) -> VerifyReport:
                                                retry_in_s=delay.total_seconds())
                 uow.commit()
             continue
-        ours = [f.coupon for f in read_back.coupons
-                if item.issue_ref in str(f.issual_details.get("notes") or "")]
+        ours = [f.coupon for f in read_back.coupons if _is_ours(item.issue_ref, f)]
         extra = [c for c in ours if c.code not in item.codes]
         found_twice = len(ours) > 1 and bool(extra)
         message = None
