@@ -19,7 +19,7 @@ from coupon_devtools.harness.databases import drop_database
 from coupon_devtools.harness.rabbitmqctl import delete_vhost, rabbitmqctl
 from tests.conftest import PG_ADMIN_URL, REPO_ROOT, coupon_worker_command
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.disruptive]
 
 
 @pytest.fixture

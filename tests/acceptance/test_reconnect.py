@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from sqlalchemy import Engine
 
 from coupon_devtools.harness.rabbitmqctl import rabbitmqctl
@@ -20,6 +21,8 @@ from tests.conftest import WorkerProcess, wait_until
 from worker.config import Settings
 from worker.ledger.records import CLOSED_CIRCUIT, CircuitState
 from worker.ledger.unit_of_work import sql_unit_of_work_factory
+
+pytestmark = pytest.mark.disruptive
 
 
 def _rabbit(*args: str) -> None:

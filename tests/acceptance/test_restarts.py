@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from sqlalchemy import Engine
 
 from coupon_devtools.harness.rabbitmqctl import rabbitmqctl
@@ -17,6 +18,8 @@ from coupon_devtools.sandbox import SandboxAdmin
 from tests.acceptance.helpers import example_event, publish, wait_for_consumers, wait_for_state
 from tests.conftest import WorkerProcess, wait_until
 from worker.config import Settings
+
+pytestmark = pytest.mark.disruptive
 
 
 def _pg_cluster() -> str:
