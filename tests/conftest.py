@@ -230,9 +230,22 @@ def coupon_worker_command() -> str:
     return which
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """A failing test's report ends with the log tail of every worker it started."""
+    report = yield
+    workers: list[WorkerProcess] = getattr(item, "started_workers", [])
+    if report.failed and report.when == "call":
+        for worker in workers:
+            report.sections.append((f"worker {worker.name} (log tail)", worker.log_tail()))
+    return report
+
+
 @pytest.fixture
-def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+def start_worker(request: pytest.FixtureRequest,
+                 tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     started: list[WorkerProcess] = []
+    request.node.started_workers = started
 
     def start(settings: Settings, *args: str, concurrency: int = 2, pool: str = "prefork",
               env: dict[str, str] | None = None, node_name: str | None = "",
@@ -253,8 +266,9 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
         return worker
 
     yield start
+    # The test is over: nothing is owed a warm shutdown, and a warm one costs seconds each.
     for worker in started:
-        worker.stop()
+        worker.kill()
 
 
 def wait_until(predicate: Callable[[], Any], *, timeout_s: float = 30.0,

@@ -1,6 +1,7 @@
 """Wiring, in one place: the services' dependencies (the worker's ``Container``, built once per
-process) and the support commands' (``build_support_deps``), from the settings. The Celery app
-factory (``worker.celery_app``) and the command line both build their dependencies here.
+process), the support commands' (``build_support_deps``) and the producers' (``open_producer``),
+from the settings. The Celery app factory (``worker.celery_app``), the command line and the
+dev tools all build their dependencies here.
 
 Prefork children must not share the parent's database or HTTP connections, so the container
 rebuilds itself when it finds itself in a new process. Nothing connects until first use.
@@ -12,11 +13,12 @@ import os
 import socket
 import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
 from worker.broker.celery_config import producer_app
 from worker.broker.links import StepLinks
-from worker.broker.publisher import CeleryPublisher
+from worker.broker.publisher import CeleryPublisher, EventProducer
 from worker.capillary.client import CapillaryClient
 from worker.circuit import CircuitGate
 from worker.config import Settings
@@ -28,6 +30,7 @@ from worker.replay import SupportDeps
 from worker.services import Deps, Publisher, utcnow
 
 if TYPE_CHECKING:
+    from celery import Celery
     from sqlalchemy import Engine
 
 
@@ -68,6 +71,17 @@ def build_support_deps(settings: Settings, engine: Engine) -> SupportDeps:
     """
     return SupportDeps(uow=sql_unit_of_work_factory(engine),
                        publisher=CeleryPublisher(producer_app(settings), settings), clock=utcnow)
+
+
+def open_producer(settings: Settings) -> AbstractContextManager[EventProducer]:
+    """A connection to the bus for publishing events, as plain JSON or as Celery tasks: what
+    ``coupon-worker publish``, the demo and the chaos run all publish with."""
+    return EventProducer.open(settings)
+
+
+def worker_container(app: Celery, settings: Callable[[], Settings]) -> Container:
+    """The worker's per-process dependencies: tasks retry and dead-letter through ``app``."""
+    return Container(settings, lambda chosen: CeleryPublisher(app, chosen))
 
 
 class Container:

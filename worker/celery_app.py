@@ -28,10 +28,9 @@ from __future__ import annotations
 from celery import Celery
 
 from worker import tasks
-from worker.bootstrap import Container
+from worker.bootstrap import worker_container
 from worker.broker import liveness, worker_steps
 from worker.broker.celery_config import LazyConfig, celery_config, settings_of
-from worker.broker.publisher import CeleryPublisher
 from worker.config import Settings, load_settings
 from worker.names import TASK_INGEST, TASK_ISSUE, TASK_RETRY
 
@@ -44,8 +43,8 @@ def create_app(settings: Settings | None = None) -> Celery:
     """A Celery app for ``settings`` (or the environment's, read when first configured)."""
     app = Celery("coupon-worker", set_as_current=False)
     app.config_from_object(LazyConfig(lambda: settings or load_settings()))
-    app.coupon_container = Container(  # type: ignore[attr-defined]
-        lambda: settings_of(app), lambda chosen: CeleryPublisher(app, chosen))
+    app.coupon_container = worker_container(  # type: ignore[attr-defined]
+        app, lambda: settings_of(app))
     tasks.register(app)
     worker_steps.install(app)
     liveness.install(app)

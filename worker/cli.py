@@ -254,7 +254,7 @@ def _read_lines(source: str) -> Iterator[tuple[int, str]]:
               help="Publish each event this many times (to see duplicates suppressed).")
 def publish(source: str, via: str, no_validate: bool, repeat: int) -> None:
     """Publish one event (a JSON object) or a JSON-lines file of events."""
-    from worker.broker.publisher import EventProducer
+    from worker.bootstrap import open_producer
     from worker.events import parse_event_bytes
 
     settings = settings_or_exit()
@@ -263,7 +263,7 @@ def publish(source: str, via: str, no_validate: bool, repeat: int) -> None:
         fail("no events to publish")
     published = invalid = 0
     try:
-        with EventProducer.open(settings) as producer:
+        with open_producer(settings) as producer:
             for number, line in lines:
                 body = line.encode("utf-8")
                 if not no_validate:

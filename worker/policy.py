@@ -276,6 +276,24 @@ class CircuitPolicy:
         seconds = self.open_s * (2 ** max(times_opened_in_a_row - 1, 0))
         return timedelta(seconds=min(seconds, self.max_open_s))
 
+    @staticmethod
+    def wait_while_open(open_until: datetime | None, now: datetime) -> timedelta:
+        """How long entities that met an open circuit wait: until it half-opens."""
+        return max((open_until or now) - now, timedelta(0))
+
+    @staticmethod
+    def after_failed_read_back(verdict: Verdict, status: int | None, *,
+                               probe: bool) -> Literal["failure", "success", "nothing"]:
+        """What a read-back that failed tells the circuit.
+
+        An outage is a failure whoever saw it. A probe must settle the circuit either way, or
+        the fleet stays paused until the probe times out: a failure when the answer says
+        something about Capillary's health, a success when Capillary answered, if not usefully.
+        """
+        if verdict is Verdict.OUTAGE or (probe and counts_toward_circuit(verdict, status)):
+            return "failure"
+        return "success" if probe else "nothing"
+
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ from worker.ledger.records import (
 from worker.ledger.unit_of_work import UnitOfWorkFactory
 from worker.metrics import Metrics
 from worker.policy import (
+    CircuitPolicy,
     DeadLetter,
     Decision,
     Defer,
@@ -292,8 +293,8 @@ def _attempt(claim: Claim, deps: Deps, *, new_event: bool = False) -> Report:
     attempt = _Attempt(claim, deps)
     permit = deps.circuit.permit()
     if isinstance(permit, CircuitState):
-        wait = (permit.open_until or deps.clock()) - deps.clock()
-        attempt.defer_all(claim.entities, max(wait, timedelta(0)),
+        attempt.defer_all(claim.entities,
+                          CircuitPolicy.wait_while_open(permit.open_until, deps.clock()),
                           f"circuit open: {permit.reason}", "circuit_open")
         return _finish(attempt, new_event)
 
@@ -333,11 +334,11 @@ def _reconcile(attempt: _Attempt, entity: ClaimedEntity, permit: Permit) -> bool
         )
         attempt.add(entity, failed, verdict=Verdict.AMBIGUOUS, error_code="reconcile_failed",
                     message=f"read-back failed: {exc}", request_id=exc.request_id)
-        if verdict is Verdict.OUTAGE or (
-                permit.probe and counts_toward_circuit(verdict, exc.status)):
+        told = CircuitPolicy.after_failed_read_back(verdict, exc.status, probe=permit.probe)
+        if told == "failure":
             deps.circuit.failure(permit, verdict, f"read-back: {exc}")
-        elif permit.probe:
-            deps.circuit.success(permit)  # Capillary answered, if not usefully
+        elif told == "success":
+            deps.circuit.success(permit)
         return True
     if permit.probe:
         # A probe may only read back (the coupon is found, or must wait for its window): its

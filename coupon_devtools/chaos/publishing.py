@@ -71,7 +71,7 @@ class Publisher(threading.Thread):
         self.finished_at = self.timeline.now()
 
     def _publish_all(self) -> None:
-        from worker.broker.publisher import EventProducer
+        from worker.bootstrap import open_producer
         from worker.errors import WorkerError
 
         started = time.monotonic()
@@ -79,7 +79,7 @@ class Publisher(threading.Thread):
         failing_since: float | None = None
         while self.published < len(self.deliveries) and not self.stop.is_set():
             try:
-                with EventProducer.open(self.settings) as producer:
+                with open_producer(self.settings) as producer:
                     while self.published < len(self.deliveries) and not self.stop.is_set():
                         due = started + self.published * pace
                         self.stop.wait(max(due - time.monotonic(), 0.0))

@@ -22,9 +22,9 @@ from coupon_devtools.demo.services import Service
 
 def publish_batch(settings: Settings, plan: Plan) -> None:
     """Publish every delivery of the plan, in order, with the project's producer."""
-    from worker.broker.publisher import EventProducer
+    from worker.bootstrap import open_producer
 
-    with EventProducer.open(settings) as producer:
+    with open_producer(settings) as producer:
         for delivery in plan.deliveries:
             if delivery.event is None or delivery.via == "raw":
                 producer.publish_raw(delivery.raw)

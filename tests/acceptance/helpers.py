@@ -50,12 +50,17 @@ def story(engine: Engine, event_id: str) -> dict[str, Any] | None:
 
 def wait_for_state(engine: Engine, event_id: str, state: str,
                    timeout_s: float = 30.0) -> dict[str, Any]:
+    seen: list[dict[str, Any] | None] = [None]
+
     def reached() -> dict[str, Any] | None:
-        found = story(engine, event_id)
+        seen[0] = found = story(engine, event_id)
         return found if found and found["state"] == state else None
 
-    result: dict[str, Any] = wait_until(reached, timeout_s=timeout_s,
-                                        message=f"event {event_id} to be {state}")
+    try:
+        result: dict[str, Any] = wait_until(reached, timeout_s=timeout_s,
+                                            message=f"event {event_id} to be {state}")
+    except AssertionError as timed_out:
+        raise AssertionError(f"{timed_out}; the ledger's story: {seen[0]!r}") from None
     return result
 
 
