@@ -17,6 +17,11 @@ down_revision: str | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
+# Rolling upgrades (README, Upgrading): does the previous revision's code run on this schema?
+# Not an expand step: it drops uq_coupons_entity_id, on which the previous release's
+# `INSERT ... ON CONFLICT (entity_id)` relies, so 0002 workers must stop before it runs.
+backward_compatible = False
+
 _OLD_STATES = "'pending', 'in_flight', 'retry_wait', 'queued', 'issued', 'dead', 'discarded'"
 _NEW_STATES = _OLD_STATES + ", 'duplicate_issued'"
 
