@@ -17,6 +17,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+	$(BIN)/python -m coupon_devtools.migration_lint
 
 test: install
 	$(BIN)/pytest --cov --cov-report=term

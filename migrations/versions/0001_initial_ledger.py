@@ -21,6 +21,15 @@ depends_on: str | Sequence[str] | None = None
 # Rolling upgrades (README, Upgrading): does the previous revision's code run on this schema?
 # The first schema: there is no earlier release to serve.
 backward_compatible = False
+# Squawk rules this migration breaks on purpose (make lint; README, Upgrading). Every table is
+# new here, so no lock in it can stall a worker; the rest are about column types, as decided:
+lint_exceptions = {
+    "prefer-text-field": "the only varchar is Alembic's own alembic_version.version_num",
+    "prefer-identity": "ids are SQLAlchemy's autoincrement BigInteger (bigserial), as the "
+                       "models declare them; no reason to redo them on live tables",
+    "prefer-bigint-over-int": "32-bit columns hold Capillary's series ids (ints in its API), "
+                              "HTTP statuses and small counters, never row ids",
+}
 
 
 def upgrade() -> None:
