@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: install lint test demo bench chaos services clean
+.PHONY: install lint test wheel-check demo bench chaos services clean
 
 install: $(VENV)/.installed
 
@@ -21,6 +21,9 @@ lint: install
 
 test: install
 	$(BIN)/pytest --cov --cov-report=term
+
+wheel-check: install
+	./.ci/wheel-check
 
 demo: install
 	$(BIN)/coupon-worker demo
