@@ -73,7 +73,10 @@ def lint(config: Config, workdir: Path, *, verbose: bool = False) -> list[str]:
     script = ScriptDirectory.from_config(config)
     failures = []
     for revision in reversed(list(script.walk_revisions())):
-        declared_compatible(script, revision.revision)  # raises when the marker is missing
+        try:
+            declared_compatible(script, revision.revision)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from exc
         path = workdir / f"{Path(revision.path).stem}.sql"
         path.write_text(offline_sql(config, revision), encoding="utf-8")
         excluded = sorted(exceptions_of(revision))

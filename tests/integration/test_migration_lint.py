@@ -60,5 +60,5 @@ def test_an_explained_exception_passes_and_an_unexplained_one_is_refused(
 
 
 def test_a_migration_without_the_compatibility_marker_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="backward_compatible"):
+    with pytest.raises(SystemExit, match="backward_compatible"):
         lint(_with_migration(tmp_path, marker=""), tmp_path)
