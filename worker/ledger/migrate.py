@@ -60,7 +60,10 @@ def script_directory() -> ScriptDirectory:
 
 def schema_status(database_url: str, *, connect_timeout_s: int = 5) -> SchemaStatus:
     """Whether this release may run on the ledger of ``database_url`` (see ``schema``)."""
-    engine = create_engine(database_url, connect_args={"connect_timeout": connect_timeout_s})
+    # A reachable but stalled server must not hang a worker's start either.
+    engine = create_engine(database_url, connect_args={
+        "connect_timeout": connect_timeout_s,
+        "options": f"-c statement_timeout={connect_timeout_s * 1000}"})
     try:
         with engine.connect() as conn:
             return schema.schema_status(conn, script_directory())
