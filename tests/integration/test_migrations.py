@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -57,3 +58,13 @@ def test_migrate_records_which_releases_the_schema_serves(fresh_url: str) -> Non
     assert status.verdict is Verdict.CURRENT
     # What an older worker reads at start-up: the oldest revision whose code runs on this one
     assert status.compatible_from == compatible_from(script, status.head)
+
+
+def test_the_migrate_command_says_where_the_schema_is_and_whom_it_serves(cli: Any) -> None:
+    result = cli("migrate")
+    assert result.exit_code == 0, result.output
+    script = ScriptDirectory.from_config(alembic_config())
+    head = script.get_current_head()
+    assert head
+    assert f"to revision {head}" in result.output
+    assert f"workers of revision {compatible_from(script, head)} and later" in result.output
