@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: install lint test demo bench chaos services clean
+.PHONY: install lint test wheel-check demo bench chaos services clean
 
 install: $(VENV)/.installed
 
@@ -17,12 +17,16 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+	$(BIN)/python -m coupon_devtools.migration_lint
 
 # Three test processes share the machine (tests mostly wait on workers and the broker); the
 # tests that stop PostgreSQL or RabbitMQ run afterwards, alone. Coverage adds up both runs.
 test: install
 	$(BIN)/pytest -n 3 -m "not disruptive" --cov --cov-report=
 	$(BIN)/pytest -m disruptive --cov --cov-append --cov-report=term
+
+wheel-check: install
+	./.ci/wheel-check
 
 demo: install
 	$(BIN)/coupon-worker demo

@@ -2,6 +2,12 @@
 
 A caller may hand over an open connection instead (``config.attributes["connection"]``), which
 is how ``coupon-worker migrate`` and the tests run migrations in-process.
+
+Rolling upgrades (README, Upgrading): every run first bounds how long a statement may wait for
+a lock and how long it may run, so that a migration never stalls the fleet's workers behind a
+lock it waits for (``coupon-worker migrate`` tries again later instead); a migration that needs
+longer sets its own ``SET statement_timeout``. After the migrations, in the same transaction,
+the revision's compatibility is recorded for older workers (``worker.ledger.schema``).
 """
 
 from __future__ import annotations
@@ -10,9 +16,15 @@ from alembic import context
 from sqlalchemy import Connection, create_engine, pool
 
 from worker.ledger.models import Base
+from worker.ledger.schema import compatibility_comment
 
 config = context.config
 target_metadata = Base.metadata
+
+LOCK_TIMEOUT = "2s"
+STATEMENT_TIMEOUT = "60s"
+TIMEOUTS = (f"SET lock_timeout = '{LOCK_TIMEOUT}'",
+            f"SET statement_timeout = '{STATEMENT_TIMEOUT}'")
 
 
 def _url() -> str:
@@ -24,6 +36,11 @@ def _url() -> str:
     return load_settings().database_url
 
 
+def _record_compatibility(revision: str | None) -> None:
+    if revision is not None:
+        context.execute(compatibility_comment(context.script, revision))
+
+
 def _run(connection: Connection) -> None:
     context.configure(
         connection=connection,
@@ -32,7 +49,13 @@ def _run(connection: Connection) -> None:
         compare_server_default=True,
     )
     with context.begin_transaction():
+        for statement in TIMEOUTS:
+            context.execute(statement)
         context.run_migrations()
+        _record_compatibility(context.get_context().get_current_revision())
+        # The caller's connection goes back as it came.
+        context.execute("RESET lock_timeout")
+        context.execute("RESET statement_timeout")
 
 
 def run_migrations_offline() -> None:
@@ -41,7 +64,13 @@ def run_migrations_offline() -> None:
         dialect_opts={"paramstyle": "named"},
     )
     with context.begin_transaction():
+        for statement in TIMEOUTS:
+            context.execute(statement)
         context.run_migrations()
+        destination = context.get_revision_argument()
+        if isinstance(destination, str) and destination not in {"base", "heads"}:
+            found = context.script.get_revision(destination)
+            _record_compatibility(found.revision if found else None)
 
 
 def run_migrations_online() -> None:

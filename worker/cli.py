@@ -124,7 +124,7 @@ def main() -> None:
 @main.command()
 def migrate() -> None:
     """Create the ledger database if it is missing, then upgrade it to the latest schema."""
-    from worker.ledger.migrate import current_revision, ensure_database, upgrade
+    from worker.ledger.migrate import ensure_database, schema_status, upgrade
     from worker.logs import configure_logging
 
     settings = settings_or_exit()
@@ -132,12 +132,14 @@ def migrate() -> None:
     try:
         created = ensure_database(settings.database_url)
         upgrade(settings.database_url)
-        revision = current_revision(settings.database_url)
+        status = schema_status(settings.database_url)
     except WorkerError as exc:
         fail(str(exc))
     where = settings.safe_summary()["database"]
+    # What to watch during a roll: which releases' workers may run on the new schema.
     console.print(
-        f"{'created and ' if created else ''}migrated {where} to revision {revision}",
+        f"{'created and ' if created else ''}migrated {where} to revision {status.ledger} "
+        f"(workers of revision {status.compatible_from} and later run on it)",
         highlight=False,
     )
 

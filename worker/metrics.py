@@ -79,7 +79,26 @@ def _backlog_collector(read_counts: BacklogReader) -> Any:
     return BacklogCollector()
 
 
-def exposition_registry(own: CollectorRegistry, backlog: BacklogReader | None) -> CollectorRegistry:
+def _build_info_collector(labels: dict[str, str]) -> Any:
+    from prometheus_client.core import GaugeMetricFamily
+    from prometheus_client.registry import Collector
+
+    class BuildInfoCollector(Collector):
+        """Always 1: which release runs, on which schema (count workers by version)."""
+
+        def collect(self) -> Iterator[Any]:
+            gauge = GaugeMetricFamily(
+                "coupon_worker_build_info",
+                "The worker's version, its schema revision and the ledger's at start-up",
+                labels=sorted(labels))
+            gauge.add_metric([labels[name] for name in sorted(labels)], 1)
+            yield gauge
+
+    return BuildInfoCollector()
+
+
+def exposition_registry(own: CollectorRegistry, backlog: BacklogReader | None,
+                        build: dict[str, str] | None = None) -> CollectorRegistry:
     """The registry to serve: every process's samples (multiprocess mode) or this one's."""
     from prometheus_client import CollectorRegistry
 
@@ -92,6 +111,8 @@ def exposition_registry(own: CollectorRegistry, backlog: BacklogReader | None) -
         registry = own
     if backlog is not None:
         registry.register(_backlog_collector(backlog))
+    if build is not None:
+        registry.register(_build_info_collector(build))
     return registry
 
 

@@ -22,6 +22,7 @@ from tests.conftest import (
     settings_env,
     wait_until,
 )
+from worker import __version__
 from worker.config import Settings
 
 
@@ -71,6 +72,12 @@ def test_flower_shows_processed_tasks_with_readable_arguments(
     assert "series=[544770, 553379]" in str(ingest["kwargs"])
     assert "server123" not in str(tasks)
     assert "event=flower-2" in str(tasks["coupons.issue"]["kwargs"])
+    # The worker's page tells its release and schema (the stats' coupon_worker entry)
+    workers = requests.get(f"{flower}/api/workers?refresh=1", auth=auth, timeout=15).json()
+    (name,) = workers
+    assert workers[name]["stats"]["coupon_worker"]["version"] == __version__
+    page = requests.get(f"{flower}/worker/{name}", auth=auth, timeout=15).text
+    assert "coupon_worker" in page and __version__ in page
 
 
 def _metric(body: str, name: str, **labels: str) -> float:
@@ -119,6 +126,7 @@ def test_metrics_are_scraped_from_a_running_worker(
                    status="503") == 1
     assert _metric(body, "coupon_ledger_entities", state="issued") == 4
     assert _metric(body, "coupon_ledger_entities", state="dead") == 1
+    assert _metric(body, "coupon_worker_build_info", version=__version__) == 1
 
 
 def test_secrets_never_reach_logs_the_ledger_or_task_arguments(

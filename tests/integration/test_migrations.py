@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -13,8 +14,15 @@ from sqlalchemy import create_engine
 
 from coupon_devtools.harness.databases import drop_database
 from tests.conftest import PG_ADMIN_URL
-from worker.ledger.migrate import alembic_config, current_revision, ensure_database, upgrade
+from worker.ledger.migrate import (
+    alembic_config,
+    current_revision,
+    ensure_database,
+    schema_status,
+    upgrade,
+)
 from worker.ledger.models import Base
+from worker.ledger.schema import Verdict, compatible_from
 
 
 @pytest.fixture
@@ -38,3 +46,25 @@ def test_migrate_creates_the_database_and_head_matches_the_models(fresh_url: str
             conn, opts={"compare_type": True, "compare_server_default": True})
         assert compare_metadata(context, Base.metadata) == []
     engine.dispose()
+
+
+def test_migrate_records_which_releases_the_schema_serves(fresh_url: str) -> None:
+    ensure_database(fresh_url)
+    upgrade(fresh_url, "0003")
+    assert schema_status(fresh_url).verdict is Verdict.OLDER
+    upgrade(fresh_url)
+    status = schema_status(fresh_url)
+    script = ScriptDirectory.from_config(alembic_config(fresh_url))
+    assert status.verdict is Verdict.CURRENT
+    # What an older worker reads at start-up: the oldest revision whose code runs on this one
+    assert status.compatible_from == compatible_from(script, status.head)
+
+
+def test_the_migrate_command_says_where_the_schema_is_and_whom_it_serves(cli: Any) -> None:
+    result = cli("migrate")
+    assert result.exit_code == 0, result.output
+    script = ScriptDirectory.from_config(alembic_config())
+    head = script.get_current_head()
+    assert head
+    assert f"to revision {head}" in result.output
+    assert f"workers of revision {compatible_from(script, head)} and later" in result.output

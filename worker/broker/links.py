@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from worker.ledger.schema import SchemaStatus
 from worker.policy import CONSUME, ConsumptionPause
 
 
@@ -29,3 +30,5 @@ class StepLinks:
     pause: ConsumptionPause = CONSUME
     #: The bus bridge, once its consumer step exists (None: this worker has none).
     bridge: Forwarder | None = None
+    #: The ledger's schema as checked at start-up (None: the ledger could not be reached).
+    schema: SchemaStatus | None = None

@@ -1,4 +1,8 @@
-"""The Prometheus endpoint (worker step) and the directory every process writes samples to."""
+"""What a worker tells about itself: the Prometheus endpoint (worker step), the directory every
+process writes samples to, and its build (version and schema: checked and logged at start-up,
+the ``coupon_worker_build_info`` metric, and the ``coupon_worker`` entry of the worker's stats,
+which Flower shows in the worker's "Other" tab and ``celery inspect stats`` prints).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,11 @@ from typing import Any
 
 from celery import bootsteps
 
-from worker.broker.context import container_of, step_settings
+from worker import __version__
+from worker.broker.context import container_of, links_of, step_settings
+from worker.errors import LedgerUnavailable
+from worker.ledger.migrate import schema_status, script_directory
+from worker.ledger.schema import SchemaStatus
 from worker.metrics import exposition_registry, serve_metrics
 from worker.views import entity_state_counts
 
@@ -35,7 +43,8 @@ class MetricsServer(bootsteps.StartStopStep):
         def backlog() -> dict[str, int]:
             return entity_state_counts(container.engine)
 
-        registry = exposition_registry(container.metrics.registry, backlog)
+        registry = exposition_registry(container.metrics.registry, backlog,
+                                       build_labels(links_of(parent.app).schema))
         try:
             self._server = serve_metrics(settings.metrics_port, registry)
         except OSError as exc:
@@ -48,6 +57,50 @@ class MetricsServer(bootsteps.StartStopStep):
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+
+
+def build_labels(status: SchemaStatus | None) -> dict[str, str]:
+    """This worker's version, the schema revision it is built for, and the ledger's."""
+    head = status.head if status else (script_directory().get_current_head() or "none")
+    ledger = (status.ledger or "none") if status else "unknown"
+    return {"version": __version__, "schema": head, "ledger_schema": ledger}
+
+
+def check_schema(sender: Any = None, **_: Any) -> None:
+    """At start-up: refuse a ledger schema this release cannot run on, log what runs.
+
+    Older than this release: run ``coupon-worker migrate`` first. Newer: accepted when the
+    migrations that made it recorded that this release's code still runs on it
+    (``worker.ledger.schema``). An unreachable ledger is not refused here: the worker starts
+    and waits for it like for any outage.
+    """
+    app = sender.app
+    settings = step_settings(sender)
+    try:
+        status: SchemaStatus | None = schema_status(settings.database_url,
+                                                    connect_timeout_s=settings.db_connect_timeout_s)
+    except LedgerUnavailable as exc:
+        status = None
+        log.warning("worker.schema_unchecked", extra={"error": str(exc)})
+    labels = build_labels(status)
+    if status is not None and not status.runnable:
+        log.critical("worker.schema_refused", extra={**labels, "verdict": str(status.verdict),
+                                                     "reason": status.explain()})
+        raise SystemExit(f"coupon-worker {__version__} refuses to start: {status.explain()}")
+    links_of(app).schema = status
+    log.info("worker.starting", extra={**labels, "verdict": str(status.verdict) if status
+                                       else "unknown"})
+
+
+class BuildInfo(bootsteps.StartStopStep):
+    """Adds the worker's build to its stats: Flower shows it, ``celery inspect stats`` too.
+
+    A start/stop step with nothing to start: only those are asked for ``info``.
+    """
+
+    # celery-types says None; Blueprint.info merges what a step returns into the stats.
+    def info(self, parent: Any) -> dict[str, Any]:  # type: ignore[override]
+        return {"coupon_worker": build_labels(links_of(parent.app).schema)}
 
 
 _MULTIPROC_OWNED: list[str] = []

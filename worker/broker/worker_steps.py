@@ -7,6 +7,8 @@
 - ``ConsumptionGuard`` (``worker.broker.guard``, consumer step): carries out pauses and the
   bridge's back-pressure.
 - ``MetricsServer`` (``worker.broker.metrics_step``, worker step): the Prometheus endpoint.
+- ``BuildInfo`` and ``check_schema`` (``worker.broker.metrics_step``): the version and schema,
+  checked at start-up (``worker_init``), logged, in the metrics and in the worker's stats.
 - ``TaskConsumer`` (``worker.broker.task_consumer``): Celery's consumer, recording task
   messages it cannot decode.
 The steps share a ``StepLinks`` (``worker.broker.links``) through the app's container.
@@ -22,9 +24,11 @@ from celery import Celery, signals
 from worker.broker.bridge import EventsBridge, _peek
 from worker.broker.guard import GUARD_INTERVAL_S, ConsumptionGuard
 from worker.broker.metrics_step import (
+    BuildInfo,
     MetricsServer,
     _check_metrics_dir,
     _remove_metrics_dir,
+    check_schema,
     prepare_metrics_dir,
 )
 from worker.broker.sweeper import Sweeper
@@ -69,7 +73,9 @@ def install(app: Celery) -> None:
     app.steps["consumer"].add(ConsumptionGuard)
     app.steps["worker"].add(Sweeper)
     app.steps["worker"].add(MetricsServer)
+    app.steps["worker"].add(BuildInfo)
     signals.worker_init.connect(_require_prefork, weak=False)
+    signals.worker_init.connect(check_schema, weak=False)
     signals.worker_init.connect(_check_metrics_dir, weak=False)
     signals.setup_logging.connect(_setup_logging, weak=False)
     signals.worker_shutdown.connect(_remove_metrics_dir, weak=False)

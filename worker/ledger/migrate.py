@@ -1,26 +1,76 @@
-"""Create the ledger database if it is missing, then bring its schema to Alembic's head."""
+"""Create the ledger database if it is missing, then bring its schema to Alembic's head.
+
+The migrations and ``alembic.ini`` live in the checkout's top-level ``migrations/`` folder. A
+wheel carries a copy of both inside this package (``worker/ledger/alembic/``, copied by the
+build: see setup.py); an editable install or a checkout reads the originals.
+"""
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 
-from worker.errors import LedgerUnavailable
+from worker.errors import ConfigurationError, LedgerError, LedgerUnavailable
+from worker.ledger import schema
+from worker.ledger.schema import SchemaStatus
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+log = logging.getLogger(__name__)
+
+PACKAGED_HOME = Path(__file__).resolve().with_name("alembic")
+CHECKOUT_HOME = Path(__file__).resolve().parents[2]
+# A migration waits at most this long for a lock (see migrations/env.py); ``upgrade`` then
+# tries again, so that a busy fleet is never stalled behind the migration's lock request.
+LOCK_RETRIES = 5
+LOCK_RETRY_PAUSE_S = 2.0
 
 
-def alembic_config(database_url: str) -> Config:
-    config = Config(str(PROJECT_ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(PROJECT_ROOT / "migrations"))
-    # ConfigParser treats % as interpolation; a URL-encoded password may contain it.
-    config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
+def alembic_home() -> Path:
+    """The folder holding ``alembic.ini`` and ``migrations/``: the packaged copy first."""
+    for home in (PACKAGED_HOME, CHECKOUT_HOME):
+        if (home / "alembic.ini").is_file() and (home / "migrations" / "env.py").is_file():
+            return home
+    raise ConfigurationError(
+        "the ledger's migrations are missing from this installation (neither "
+        f"{PACKAGED_HOME} nor {CHECKOUT_HOME} holds alembic.ini and migrations/): "
+        "reinstall coupon-worker from its wheel")
+
+
+def alembic_config(database_url: str | None = None) -> Config:
+    home = alembic_home()
+    config = Config(str(home / "alembic.ini"))
+    config.set_main_option("script_location", str(home / "migrations"))
+    if database_url is not None:
+        # ConfigParser treats % as interpolation; a URL-encoded password may contain it.
+        config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
     return config
+
+
+def script_directory() -> ScriptDirectory:
+    """This release's migrations."""
+    return ScriptDirectory.from_config(alembic_config())
+
+
+def schema_status(database_url: str, *, connect_timeout_s: int = 5) -> SchemaStatus:
+    """Whether this release may run on the ledger of ``database_url`` (see ``schema``)."""
+    # A reachable but stalled server must not hang a worker's start either.
+    engine = create_engine(database_url, connect_args={
+        "connect_timeout": connect_timeout_s,
+        "options": f"-c statement_timeout={connect_timeout_s * 1000}"})
+    try:
+        with engine.connect() as conn:
+            return schema.schema_status(conn, script_directory())
+    except sa_exc.OperationalError as exc:
+        raise LedgerUnavailable(f"cannot reach PostgreSQL: {exc.orig}") from exc
+    finally:
+        engine.dispose()
 
 
 def ensure_database(database_url: str) -> bool:
@@ -47,12 +97,35 @@ def ensure_database(database_url: str) -> bool:
         admin.dispose()
 
 
-def upgrade(database_url: str, revision: str = "head") -> None:
-    """Run the Alembic migrations up to ``revision``."""
-    try:
-        command.upgrade(alembic_config(database_url), revision)
-    except sa_exc.OperationalError as exc:
-        raise LedgerUnavailable(f"cannot reach PostgreSQL: {exc.orig}") from exc
+def _lock_timed_out(exc: sa_exc.DBAPIError) -> bool:
+    return getattr(exc.orig, "sqlstate", None) == "55P03"  # lock_not_available
+
+
+def upgrade(database_url: str, revision: str = "head", *,
+            lock_retries: int = LOCK_RETRIES) -> None:
+    """Run the Alembic migrations up to ``revision``.
+
+    A migration that could not get its lock in time (the fleet held it) is rolled back whole
+    and tried again, ``lock_retries`` times.
+    """
+    for attempt in range(lock_retries + 1):
+        try:
+            command.upgrade(alembic_config(database_url), revision)
+            return
+        except sa_exc.DBAPIError as exc:
+            if _lock_timed_out(exc) and attempt < lock_retries:
+                log.warning("migrate.lock_timeout", extra={"attempt": attempt + 1,
+                                                           "retry_in_s": LOCK_RETRY_PAUSE_S})
+                time.sleep(LOCK_RETRY_PAUSE_S)
+                continue
+            if _lock_timed_out(exc):
+                raise LedgerError(
+                    f"a migration could not take its lock {lock_retries + 1} times (long "
+                    "transactions on the ledger hold it): nothing was changed; run "
+                    "`coupon-worker migrate` again when they are done") from exc
+            if isinstance(exc, sa_exc.OperationalError):
+                raise LedgerUnavailable(f"cannot reach PostgreSQL: {exc.orig}") from exc
+            raise
 
 
 def current_revision(database_url: str) -> str | None:
