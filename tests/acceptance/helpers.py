@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import Engine
 
+from coupon_devtools.harness.rabbitmqctl import rabbitmqctl
 from tests.conftest import wait_until
 from worker.broker.publisher import EventProducer
 from worker.config import Settings
@@ -106,8 +109,6 @@ def queue_counts(settings: Settings) -> dict[str, tuple[int, int]]:
     ready ones: a message a consumer holds, or a task the pool is running, is unacknowledged.
     A queue not declared yet holds nothing.
     """
-    from coupon_devtools.harness.rabbitmqctl import rabbitmqctl
-
     ours = (settings.events_queue, settings.tasks_queue, settings.retry_queue)
     out = rabbitmqctl("list_queues", "-p", _vhost(settings), "--no-table-headers",
                       "name", "messages_ready", "messages_unacknowledged",
@@ -174,3 +175,24 @@ def workers_that_claimed(engine: Engine, main_pids: Sequence[int]) -> set[int]:
             parent = -1
         found.add(parent if parent in main_pids else -1)
     return found
+
+
+# -- a broker that refuses -----------------------------------------------------------------
+
+
+@contextmanager
+def refusing(settings: Settings, queue: str) -> Iterator[None]:
+    """While inside, RabbitMQ refuses every message for ``queue`` with a nack.
+
+    A policy of length 0 that rejects new messages (``reject-publish``): the broker answers a
+    confirmed publish with ``basic.nack`` and drops the message; an unconfirmed publish is
+    dropped in silence. The policy names this test's queue only.
+    """
+    vhost = _vhost(settings)
+    name = f"refuse-{queue}"
+    rabbitmqctl("set_policy", "-p", vhost, "--apply-to", "queues", name,
+                f"^{re.escape(queue)}$", '{"max-length": 0, "overflow": "reject-publish"}')
+    try:
+        yield
+    finally:
+        rabbitmqctl("clear_policy", "-p", vhost, name)

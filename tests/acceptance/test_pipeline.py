@@ -16,6 +16,8 @@ from tests.acceptance.helpers import (
     example_event,
     publish,
     publish_raw,
+    queue_counts,
+    refusing,
     story,
     wait_for_every_delivery,
     wait_for_state,
@@ -279,3 +281,23 @@ def test_the_publish_command_takes_a_file_or_stdin_and_refuses_invalid_lines(
     for event_id in ("cli-1", "cli-2", "cli-3"):
         wait_for_state(clean_ledger, event_id, "completed")
     assert story(clean_ledger, "cli-bad") is None, "never published"
+
+
+def test_the_bridge_acknowledges_a_bus_message_only_once_its_task_is_confirmed(
+    settings: Settings, clean_ledger: Engine, sandbox: SandboxAdmin,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    worker = start_worker(settings)
+    # Given RabbitMQ refuses (nacks) every task message the bridge forwards
+    with refusing(settings, settings.tasks_queue):
+        publish(settings, example_event("confirm-first", series=(544770,)))
+        # (a refused publish leaves no state anywhere but the worker's own record of it)
+        wait_until(lambda: "bridge.forward_failed" in worker.log(),
+                   message="the broker to refuse the forwarded task")
+        # Then the bus message is still on the bus, and nothing was taken in
+        assert sum(queue_counts(settings)[settings.events_queue]) == 1
+        assert story(clean_ledger, "confirm-first") is None
+    # And once the broker accepts again, the same message is forwarded and issued, once
+    wait_for_state(clean_ledger, "confirm-first", "completed")
+    wait_for_every_delivery(settings)
+    assert len(sandbox.ledger()) == 1
