@@ -1,0 +1,149 @@
+"""Unknown outcomes settled end to end: read-backs that fail, lag or page, a replay that reads
+back first, and a task killed at its hard time limit, with the real worker and the sandbox."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import Engine, text
+
+from coupon_devtools.sandbox import SandboxAdmin
+from tests.acceptance.helpers import (
+    example_event,
+    publish,
+    story,
+    wait_for_every_delivery,
+    wait_for_state,
+)
+from tests.conftest import WorkerProcess, coupon_worker_command, settings_env
+from worker.capillary.client import CapillaryClient
+from worker.config import Settings
+
+#: Customers and series of their own per case, so that a fault strikes its case only.
+ERRORS, LAG, PAGES, MOBILE = "930001", "930002", "930003", "930004"
+SERIES = {ERRORS: 810001, LAG: 810002, PAGES: 810003, MOBILE: 810004}
+MOBILE_NUMBER = "919800000004"
+
+
+def bulk_calls(sandbox: SandboxAdmin, series: int, since: float | None = None) -> list[Any]:
+    return [c for c in sandbox.calls(since) if c["path"] == "bulk" and series in c["seriesIds"]]
+
+
+def read_backs(sandbox: SandboxAdmin, series: int, since: float | None = None) -> list[Any]:
+    return [c for c in sandbox.calls(since)
+            if c["path"] == "readback" and series in (c.get("seriesIds") or ())]
+
+
+def cli(settings: Settings, *args: str) -> Any:
+    done = subprocess.run([coupon_worker_command(), *args, "--json"], env=settings_env(settings),
+                          capture_output=True, text=True, check=True, timeout=60)
+    return json.loads(done.stdout)
+
+
+def seed_coupons(settings: Settings, customer: str, series: int, count: int) -> None:
+    """Coupons the customer already holds in the series (not ours: no reference of ours)."""
+    client = CapillaryClient.from_settings(settings)
+    metadata = example_event()["metadata"]
+    try:
+        for _ in range(count):
+            result = client.bulk_issue({"id": customer}, [series], metadata)
+            assert result.entries[series].coupon is not None
+    finally:
+        client.close()
+
+
+def test_read_backs_that_fail_lag_or_page_end_with_exactly_one_coupon(
+    settings_factory: Callable[..., Settings], clean_ledger: Engine, sandbox: SandboxAdmin,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    # Four unknown outcomes at once must not pause the fleet here.
+    settings = settings_factory(circuit_failure_threshold=50)
+    # Given a customer who already holds 60 coupons of a series: more than one read-back page
+    seed_coupons(settings, PAGES, SERIES[PAGES], 60)
+    started = time.time()
+    # And Capillary issuing every series below, then answering 500 (an unknown outcome)
+    for series in SERIES.values():
+        sandbox.add_fault(kind="error_after", series=series)
+    # And read-backs that fail before they answer: a 503, a 429, a reset, a proxy's 502 page
+    for fault in ({"kind": "error_before", "status": 503}, {"kind": "rate_limit"},
+                  {"kind": "reset_before"}, {"kind": "html_after", "status": 502}):
+        sandbox.add_fault(path="readback", series=SERIES[ERRORS], **fault)
+    # And a read-back replica that has not seen the write yet (lag inside the settle window)
+    sandbox.add_fault(path="readback", series=SERIES[LAG], kind="readback_stale")
+    # And a customer known by mobile only, whose look-up first answers a failure inside a 200
+    sandbox.add_fault(path="readback", series=SERIES[MOBILE], kind="readback_failure_status")
+    start_worker(settings, concurrency=3)
+    events = [example_event(f"read-back-{customer}", series=(series,), customer=customer)
+              for customer, series in SERIES.items()]
+    events[-1]["customer"] = {"mobile": MOBILE_NUMBER}
+    publish(settings, *events)
+
+    # Then each entity ends issued, found by read-back, and was sent to Capillary once
+    for event in events:
+        done = wait_for_state(clean_ledger, event["eventId"], "completed", timeout_s=60)
+        coupon, = done["coupons"]
+        assert coupon["recorded_via"] == "reconcile", event["eventId"]
+    wait_for_every_delivery(settings)
+    for customer, series in SERIES.items():
+        assert len(bulk_calls(sandbox, series, since=started)) == 1, customer
+        issued = [c for c in sandbox.ledger(series=series)
+                  if "[cw:" in str((c["metadata"] or {}).get("notes"))]
+        assert len(issued) == 1, customer
+    assert len(sandbox.ledger(series=SERIES[PAGES])) == 61
+    # And every fault struck: the read-back failed four times, lagged, and paged
+    assert all(f["applied"] == 1 for f in sandbox.faults()), sandbox.faults()
+    assert len(read_backs(sandbox, SERIES[ERRORS])) >= 5
+    lag_history = _history(clean_ledger, f"read-back-{LAG}")
+    assert ("deferred", "settling") in lag_history, "a read-back that lags is waited out"
+    assert len(read_backs(sandbox, SERIES[PAGES])) >= 2, "the coupon was on the second page"
+
+
+def _history(engine: Engine, event_id: str) -> list[tuple[str, str | None]]:
+    with engine.connect() as conn:
+        return [(r[0], r[1]) for r in conn.execute(text(
+            "SELECT h.kind, h.error_code FROM entity_history h JOIN entities e "
+            "ON e.id = h.entity_id WHERE e.event_id = :e ORDER BY h.id"), {"e": event_id})]
+
+
+def test_a_replay_of_an_unknown_outcome_reads_back_before_it_sends(
+    settings_factory: Callable[..., Settings], clean_ledger: Engine, sandbox: SandboxAdmin,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    settings = settings_factory(max_attempts=2, circuit_failure_threshold=50)
+    landed, lost = "940001", "940002"
+    # Given two calls with an unknown outcome: one issued (then 500), one never landed (500)
+    sandbox.add_fault(kind="error_after", customer=landed)
+    sandbox.add_fault(kind="error_before", customer=lost)
+    # And read-backs failing until both entities are dead with "unknown_outcome"
+    sandbox.add_fault(kind="error_before", path="readback", status=503, times=-1)
+    start_worker(settings)
+    events = [example_event(f"replay-unknown-{c}", series=(544770,), customer=c)
+              for c in (landed, lost)]
+    publish(settings, *events)
+    for event in events:
+        failed = wait_for_state(clean_ledger, event["eventId"], "failed", timeout_s=60)
+        assert failed["entities"][0]["last_error_code"] == "unknown_outcome"
+    dead = cli(settings, "dlq", "list", "--error-code", "unknown_outcome")
+    assert len(dead) == 2
+    # When Capillary's read-back works again and support replays both
+    sandbox.clear_faults()
+    replayed_at = time.time()
+    cli(settings, "dlq", "replay", *(str(d["id"]) for d in dead), "--reason", "read-back fixed")
+    for event in events:
+        wait_for_state(clean_ledger, event["eventId"], "completed", timeout_s=60)
+    wait_for_every_delivery(settings)
+    # Then the coupon that had landed is found, not sent again
+    after = sandbox.calls(replayed_at)
+    landed_calls = [c["path"] for c in after if c.get("customerId") == landed]
+    assert landed_calls and set(landed_calls) == {"readback"}, landed_calls
+    assert story(clean_ledger, events[0]["eventId"])["coupons"][0][  # type: ignore[index]
+        "recorded_via"] == "reconcile"
+    # And the one that never landed is read back first, then sent once
+    lost_calls = [c["path"] for c in after if c.get("customerId") == lost]
+    assert lost_calls[0] == "readback" and lost_calls.count("bulk") == 1, lost_calls
+    for customer in (landed, lost):
+        assert len(sandbox.ledger(customer=customer)) == 1, customer
