@@ -4,9 +4,12 @@ back first, and a task killed at its hard time limit, with the real worker and t
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, text
@@ -19,7 +22,7 @@ from tests.acceptance.helpers import (
     wait_for_every_delivery,
     wait_for_state,
 )
-from tests.conftest import WorkerProcess, coupon_worker_command, settings_env
+from tests.conftest import WorkerProcess, coupon_worker_command, settings_env, wait_until
 from worker.capillary.client import CapillaryClient
 from worker.config import Settings
 
@@ -147,3 +150,46 @@ def test_a_replay_of_an_unknown_outcome_reads_back_before_it_sends(
     assert lost_calls[0] == "readback" and lost_calls.count("bulk") == 1, lost_calls
     for customer in (landed, lost):
         assert len(sandbox.ledger(customer=customer)) == 1, customer
+
+
+def _claimer(engine: Engine, event_id: str) -> str | None:
+    with engine.connect() as conn:
+        return conn.execute(text(
+            "SELECT h.worker FROM entity_history h JOIN entities e ON e.id = h.entity_id "
+            "WHERE e.event_id = :e AND h.kind = 'claimed' ORDER BY h.id LIMIT 1"),
+            {"e": event_id}).scalar()
+
+
+def test_a_task_hung_past_its_hard_time_limit_is_killed_and_its_event_issued_once(
+    settings_factory: Callable[..., Settings], clean_ledger: Engine, sandbox: SandboxAdmin,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    settings = settings_factory(lease_s=12.0, http_connect_timeout_s=0.5,
+                                rate_limit_max_wait_s=1.0)
+    assert settings.task_hard_time_limit_s == 7.0
+    start_worker(settings, concurrency=1)
+    # Given a call in flight (Capillary answers, and issues, after 1.5 s)
+    sandbox.add_fault(kind="latency", delay_seconds=1.5, customer="950001")
+    publish(settings, example_event("hung", series=(544770,), customer="950001"))
+    claimer = wait_until(lambda: _claimer(clean_ledger, "hung"), message="the claim")
+    pid = int(claimer.rpartition(":")[2])
+    # When the pool process running it hangs where no signal reaches Python (the soft time
+    # limit's exception cannot fire in a stopped process)
+    os.kill(pid, signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        # Then the worker kills it at the hard time limit, before the claim's lease runs out
+        wait_until(lambda: not Path(f"/proc/{pid}").exists(), timeout_s=20,
+                   message="the hung pool process to be killed")
+        assert time.monotonic() - stopped < settings.lease_s - 2
+        assert story(clean_ledger, "hung")["entities"][0]["state"] == "in_flight"  # type: ignore[index]
+    finally:
+        if Path(f"/proc/{pid}").exists():
+            os.kill(pid, signal.SIGCONT)
+    # And the event ends issued once: its message went back, its claim expired, and the
+    # coupon the hung call had issued was found by read-back
+    done = wait_for_state(clean_ledger, "hung", "completed", timeout_s=60)
+    wait_for_every_delivery(settings)
+    assert done["coupons"][0]["recorded_via"] == "reconcile"
+    assert len(sandbox.ledger(customer="950001")) == 1
+    assert len(bulk_calls(sandbox, 544770)) == 1
