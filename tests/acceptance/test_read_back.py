@@ -27,9 +27,9 @@ from worker.capillary.client import CapillaryClient
 from worker.config import Settings
 
 #: Customers and series of their own per case, so that a fault strikes its case only.
-ERRORS, LAG, PAGES, MOBILE = "930001", "930002", "930003", "930004"
-SERIES = {ERRORS: 810001, LAG: 810002, PAGES: 810003, MOBILE: 810004}
-MOBILE_NUMBER = "919800000004"
+ERRORS, LAG, PAGES, MOBILE, EMAIL = "930001", "930002", "930003", "930004", "930005"
+SERIES = {ERRORS: 810001, LAG: 810002, PAGES: 810003, MOBILE: 810004, EMAIL: 810005}
+BY_IDENTIFIER = {MOBILE: {"mobile": "919800000004"}, EMAIL: {"email": "gold@example.com"}}
 
 
 def bulk_calls(sandbox: SandboxAdmin, series: int, since: float | None = None) -> list[Any]:
@@ -71,18 +71,22 @@ def test_read_backs_that_fail_lag_or_page_end_with_exactly_one_coupon(
     # And Capillary issuing every series below, then answering 500 (an unknown outcome)
     for series in SERIES.values():
         sandbox.add_fault(kind="error_after", series=series)
-    # And read-backs that fail before they answer: a 503, a 429, a reset, a proxy's 502 page
+    # And read-backs that fail or answer what cannot be read: a 503, a 429, a reset, a proxy's
+    # 502 page, an HTML page with 200
     for fault in ({"kind": "error_before", "status": 503}, {"kind": "rate_limit"},
-                  {"kind": "reset_before"}, {"kind": "html_after", "status": 502}):
+                  {"kind": "reset_before"}, {"kind": "html_after", "status": 502},
+                  {"kind": "readback_unreadable"}):
         sandbox.add_fault(path="readback", series=SERIES[ERRORS], **fault)
     # And a read-back replica that has not seen the write yet (lag inside the settle window)
     sandbox.add_fault(path="readback", series=SERIES[LAG], kind="readback_stale")
-    # And a customer known by mobile only, whose look-up first answers a failure inside a 200
+    # And customers known by mobile or email only, resolved through the v1.1 look-up; the
+    # mobile one's look-up first answers a failure inside a 200
     sandbox.add_fault(path="readback", series=SERIES[MOBILE], kind="readback_failure_status")
     start_worker(settings, concurrency=3)
     events = [example_event(f"read-back-{customer}", series=(series,), customer=customer)
               for customer, series in SERIES.items()]
-    events[-1]["customer"] = {"mobile": MOBILE_NUMBER}
+    for event in events:
+        event["customer"] = BY_IDENTIFIER.get(event["customer"]["id"], event["customer"])
     publish(settings, *events)
 
     # Then each entity ends issued, found by read-back, and was sent to Capillary once
@@ -97,9 +101,9 @@ def test_read_backs_that_fail_lag_or_page_end_with_exactly_one_coupon(
                   if "[cw:" in str((c["metadata"] or {}).get("notes"))]
         assert len(issued) == 1, customer
     assert len(sandbox.ledger(series=SERIES[PAGES])) == 61
-    # And every fault struck: the read-back failed four times, lagged, and paged
+    # And every fault struck: the read-back failed five times, lagged, and paged
     assert all(f["applied"] == 1 for f in sandbox.faults()), sandbox.faults()
-    assert len(read_backs(sandbox, SERIES[ERRORS])) >= 5
+    assert len(read_backs(sandbox, SERIES[ERRORS])) >= 6
     lag_history = _history(clean_ledger, f"read-back-{LAG}")
     assert ("deferred", "settling") in lag_history, "a read-back that lags is waited out"
     assert len(read_backs(sandbox, SERIES[PAGES])) >= 2, "the coupon was on the second page"
