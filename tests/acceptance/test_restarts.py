@@ -19,6 +19,7 @@ from coupon_devtools.sandbox import SandboxAdmin
 from tests.acceptance.helpers import (
     example_event,
     publish,
+    queue_counts,
     story,
     wait_for_consumers,
     wait_for_every_delivery,
@@ -133,6 +134,10 @@ def test_a_database_restart_while_a_call_is_in_flight_issues_once(
     try:
         issued_at = _issued_at(sandbox)
         assert stopped_at < issued_at, "the database was down when Capillary answered"
+        # And the task, unable to commit the answer, gave its message back (consuming is
+        # paused meanwhile, so it waits on the queue)
+        wait_until(lambda: queue_counts(settings)[settings.tasks_queue] == (1, 0),
+                   message="the message to be given back")
     finally:
         _pg("start")
         wait_until(_pg_ready, message="PostgreSQL back")
