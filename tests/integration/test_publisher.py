@@ -8,7 +8,7 @@ import pytest
 from kombu import Connection
 
 from coupon_devtools.harness.rabbitmqctl import rabbitmqctl
-from tests.acceptance.helpers import refusing
+from tests.acceptance.helpers import queue_counts, refusing
 from worker.broker.celery_config import producer_app
 from worker.broker.publisher import CeleryPublisher, EventProducer
 from worker.config import Settings
@@ -72,3 +72,20 @@ def test_the_workers_publishes_raise_when_the_broker_refuses_them(settings: Sett
         publisher.publish_retries(due)
     publisher.publish_retries(due)
     assert _waiting(settings, settings.retry_queue) == 1
+
+
+def test_the_delivery_gate_sees_messages_waiting_and_messages_held_unacknowledged(
+    settings: Settings,
+) -> None:
+    # The acceptance tests' "every delivery processed" reads these counts: a message taken by
+    # a consumer and not yet acknowledged must keep it waiting.
+    with EventProducer.open(settings) as producer:
+        producer.publish_raw(b"{}")
+    assert queue_counts(settings)[settings.events_queue] == (1, 0)
+    with Connection(settings.broker_url) as connection:
+        channel: Any = connection.channel()
+        held = channel.basic_get(settings.events_queue, no_ack=False)
+        assert held is not None
+        assert queue_counts(settings)[settings.events_queue] == (0, 1)
+        channel.basic_ack(held.delivery_tag)
+        assert queue_counts(settings)[settings.events_queue] == (0, 0)
