@@ -63,7 +63,7 @@ def test_read_backs_that_fail_lag_or_page_end_with_exactly_one_coupon(
     settings_factory: Callable[..., Settings], clean_ledger: Engine, sandbox: SandboxAdmin,
     start_worker: Callable[..., WorkerProcess],
 ) -> None:
-    # Four unknown outcomes at once must not pause the fleet here.
+    # Five unknown outcomes at once must not pause the fleet here.
     settings = settings_factory(circuit_failure_threshold=50)
     # Given a customer who already holds 60 coupons of a series: more than one read-back page
     seed_coupons(settings, PAGES, SERIES[PAGES], 60)
