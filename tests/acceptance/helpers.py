@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import Engine
 
+from coupon_devtools.harness.rabbitmqctl import rabbitmqctl
 from tests.conftest import wait_until
 from worker.broker.publisher import EventProducer
 from worker.config import Settings
@@ -92,3 +96,108 @@ def wait_for_consumers(settings: Settings, queue: str, predicate: Any,
                        timeout_s: float = 30.0, what: str = "consumers") -> None:
     wait_until(lambda: predicate(queue_consumers(settings, queue)), timeout_s=timeout_s,
                message=what)
+
+
+# -- every delivery processed --------------------------------------------------------------
+
+
+def _vhost(settings: Settings) -> str:
+    from urllib.parse import unquote, urlparse
+
+    return unquote(urlparse(settings.broker_url).path[1:]) or "/"
+
+
+def queue_counts(settings: Settings) -> dict[str, tuple[int, int]]:
+    """Ready and unacknowledged messages of this test's events, task and retry queues.
+
+    From ``rabbitmqctl`` (the queues' own counts), since AMQP's passive declare tells only the
+    ready ones: a message a consumer holds, or a task the pool is running, is unacknowledged.
+    A queue not declared yet holds nothing.
+    """
+    ours = (settings.events_queue, settings.tasks_queue, settings.retry_queue)
+    out = rabbitmqctl("list_queues", "-p", _vhost(settings), "--no-table-headers",
+                      "name", "messages_ready", "messages_unacknowledged",
+                      wait_while_node_down=True)
+    counts = {name: (0, 0) for name in ours}
+    for line in out.splitlines():
+        parts = line.split("\t")
+        if len(parts) == 3 and parts[0] in counts:
+            counts[parts[0]] = (int(parts[1]), int(parts[2]))
+    return counts
+
+
+def wait_for_every_delivery(settings: Settings, timeout_s: float = 60.0) -> None:
+    """Wait until RabbitMQ delivered every message published so far and each was acknowledged.
+
+    The worker acknowledges a task after its outcome is committed (late acks) and the bridge a
+    bus message after the task it forwards is confirmed, so empty queues with nothing
+    unacknowledged mean every delivery was processed. Two snapshots in a row: one listing
+    reads the queues one after another, and a bus message forwarded between the reads of the
+    task queue and of the events queue would escape it; the second reads the task queue after
+    the first read an empty events queue, and nothing new reaches the bus.
+    """
+    def empty() -> bool:
+        return all(counts == (0, 0) for counts in queue_counts(settings).values())
+
+    def twice() -> bool:
+        return empty() and empty()
+
+    wait_until(twice, timeout_s=timeout_s, interval_s=0.2,
+               message="every message to be delivered and acknowledged")
+
+
+# -- which worker did it -------------------------------------------------------------------
+
+
+def _parent_of(pid: int) -> int:
+    from pathlib import Path
+
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def workers_that_claimed(engine: Engine, main_pids: Sequence[int]) -> set[int]:
+    """Which workers (by main process) claimed entities.
+
+    The ledger records the pool process that claimed (``host:pid``); two pool processes of one
+    worker are one worker, so each is mapped to its parent, the worker's main process. Claims
+    by any other process (another host, a pool process that is gone) count as unknown (-1).
+    """
+    import socket
+
+    from sqlalchemy import text
+
+    host = socket.gethostname()
+    with engine.connect() as conn:
+        claimers = {r[0] for r in conn.execute(text(
+            "SELECT DISTINCT worker FROM entity_history WHERE kind = 'claimed'"))}
+    found: set[int] = set()
+    for claimer in claimers:
+        name, _, pid = claimer.rpartition(":")
+        try:
+            parent = _parent_of(int(pid)) if name == host else -1
+        except (OSError, ValueError):
+            parent = -1
+        found.add(parent if parent in main_pids else -1)
+    return found
+
+
+# -- a broker that refuses -----------------------------------------------------------------
+
+
+@contextmanager
+def refusing(settings: Settings, queue: str) -> Iterator[None]:
+    """While inside, RabbitMQ refuses every message for ``queue`` with a nack.
+
+    A policy of length 0 that rejects new messages (``reject-publish``): the broker answers a
+    confirmed publish with ``basic.nack`` and drops the message; an unconfirmed publish is
+    dropped in silence. The policy names this test's queue only.
+    """
+    vhost = _vhost(settings)
+    name = f"refuse-{queue}"
+    rabbitmqctl("set_policy", "-p", vhost, "--apply-to", "queues", name,
+                f"^{re.escape(queue)}$", '{"max-length": 0, "overflow": "reject-publish"}')
+    try:
+        yield
+    finally:
+        rabbitmqctl("clear_policy", "-p", vhost, name)

@@ -12,16 +12,21 @@ import socket
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from kombu import Connection, Queue
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 
 from coupon_devtools.harness.rabbitmqctl import create_vhost, delete_vhost
 from coupon_devtools.sandbox import SandboxAdmin
-from tests.acceptance.helpers import example_event, publish, wait_for_state
+from tests.acceptance.helpers import (
+    example_event,
+    publish,
+    wait_for_every_delivery,
+    wait_for_state,
+    workers_that_claimed,
+)
 from tests.conftest import (
     RABBIT_HOST,
     REPO_ROOT,
@@ -48,18 +53,6 @@ def _consumers(settings: Settings, queue: str) -> int:
     return int(consumers)
 
 
-def _claimed_by(engine: Engine) -> set[str]:
-    with engine.connect() as conn:
-        rows = conn.execute(text("SELECT DISTINCT worker FROM entity_history "
-                                 "WHERE kind = 'claimed'"))
-        return {r[0] for r in rows}
-
-
-def _parent_of(pid: int) -> int:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return int(stat.rsplit(")", 1)[1].split()[1])
-
-
 def test_workers_started_with_no_flags_share_a_host_and_all_consume(
     settings: Settings, clean_ledger: Engine, sandbox: SandboxAdmin,
     start_worker: Callable[..., WorkerProcess],
@@ -80,11 +73,9 @@ def test_workers_started_with_no_flags_share_a_host_and_all_consume(
     publish(settings, *events)
     for event in events:
         wait_for_state(clean_ledger, event["eventId"], "completed", timeout_s=60)
-    host = socket.gethostname()
+    wait_for_every_delivery(settings)
     # Claims are made by the pool's children: each worker's child claimed some.
-    claimers = {int(worker.rsplit(":", 1)[1]) for worker in _claimed_by(clean_ledger)
-                if worker.startswith(f"{host}:")}
-    assert {_parent_of(pid) for pid in claimers} == {pid_a, pid_b}
+    assert workers_that_claimed(clean_ledger, [pid_a, pid_b]) == {pid_a, pid_b}
     assert len(sandbox.ledger()) == 12
     for worker in (first, second):
         assert worker.process.poll() is None

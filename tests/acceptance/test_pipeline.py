@@ -16,8 +16,12 @@ from tests.acceptance.helpers import (
     example_event,
     publish,
     publish_raw,
+    queue_counts,
+    refusing,
     story,
+    wait_for_every_delivery,
     wait_for_state,
+    workers_that_claimed,
 )
 from tests.conftest import WorkerProcess, coupon_worker_command, settings_env, wait_until
 from worker.config import Settings
@@ -39,6 +43,8 @@ def test_the_same_event_twice_gives_one_set_of_coupons(
     publish(settings, example_event(), example_event())
     # Then it completes with one coupon per series, matching the sandbox's own ledger
     done = wait_for_state(clean_ledger, EVENT_ID, "completed")
+    # (only once RabbitMQ delivered both messages and the worker acknowledged both)
+    wait_for_every_delivery(settings)
     ours = sorted((c["series_id"], c["code"]) for c in done["coupons"])
     theirs = sorted((c["seriesId"], c["code"]) for c in sandbox.ledger())
     assert ours == theirs and len(ours) == 2
@@ -65,18 +71,9 @@ def test_both_ways_in_make_one_call(
     publish(settings, example_event(), via="task")
     publish(settings, example_event(), via="bus")
     wait_for_state(clean_ledger, EVENT_ID, "completed")
-    wait_until(lambda: _tasks_done(clean_ledger, 2), message="both deliveries to be processed")
+    wait_for_every_delivery(settings)
     assert len(bulk_calls(sandbox)) == 1
     assert len(sandbox.ledger()) == 2
-
-
-def _tasks_done(engine: Engine, expected: int) -> bool:
-    # Every delivery leaves a "claimed" or nothing; count event intake via history is not
-    # enough, so look at the worker's effect: the event exists and nothing is in flight.
-    with engine.connect() as conn:
-        in_flight = conn.execute(
-            text("SELECT count(*) FROM entities WHERE state = 'in_flight'")).scalar()
-    return in_flight == 0 and expected > 0
 
 
 def test_bad_input_is_recorded_and_the_worker_keeps_consuming(
@@ -133,8 +130,7 @@ def test_two_workers_racing_on_the_same_event_call_capillary_once_per_entity(
     start_worker: Callable[..., WorkerProcess],
 ) -> None:
     # Given two worker processes, each with two pool processes, and a slow Capillary
-    start_worker(settings, concurrency=2)
-    start_worker(settings, concurrency=2)
+    workers = [start_worker(settings, concurrency=2) for _ in range(2)]
     sandbox.configure(latency_seconds=0.3)
     # When the same events are published many times at the same moment, both ways in
     events = [example_event(f"race-{n}", series=(544770, 553379, 600001)) for n in range(5)]
@@ -151,18 +147,14 @@ def test_two_workers_racing_on_the_same_event_call_capillary_once_per_entity(
         t.join()
     for n in range(5):
         wait_for_state(clean_ledger, f"race-{n}", "completed", timeout_s=60)
-    # Then each entity was sent to Capillary exactly once
+    # Then, once all 40 messages were delivered and acknowledged (five events complete long
+    # before the last duplicate is consumed), each entity was sent to Capillary exactly once
+    wait_for_every_delivery(settings)
     sent = [(c["customerId"], s) for c in bulk_calls(sandbox) for s in c["seriesIds"]]  # type: ignore[union-attr]
     assert len(sent) == 15 and len(sandbox.ledger()) == 15
-    claimed_by = _workers_that_claimed(clean_ledger)
-    assert len(claimed_by) >= 2, f"both workers took part: {claimed_by}"
-
-
-def _workers_that_claimed(engine: Engine) -> set[str]:
-    with engine.connect() as conn:
-        rows = conn.execute(text("SELECT DISTINCT worker FROM entity_history "
-                                 "WHERE kind = 'claimed'"))
-        return {r[0] for r in rows}
+    # And both workers took part: claims by pool processes of each worker, not of one
+    main_pids = [w.process.pid for w in workers]
+    assert workers_that_claimed(clean_ledger, main_pids) == set(main_pids)
 
 
 def short_lease(settings_factory: Callable[..., Settings]) -> Settings:
@@ -186,6 +178,7 @@ def test_sigkill_mid_call_loses_nothing_and_issues_once(
     # Then a new worker finishes the event by reconciling, without issuing again
     start_worker(settings)
     done = wait_for_state(clean_ledger, "killed-after-issue", "completed", timeout_s=60)
+    wait_for_every_delivery(settings)  # the killed worker's message, redelivered, too
     assert len(sandbox.ledger()) == 1
     assert done["coupons"][0]["code"] == sandbox.ledger()[0]["code"]
     assert done["coupons"][0]["recorded_via"] == "reconcile"
@@ -206,6 +199,7 @@ def test_sigkill_before_the_call_answered_issues_exactly_once(
     worker.kill()
     start_worker(settings)
     wait_for_state(clean_ledger, "killed-before-issue", "completed", timeout_s=60)
+    wait_for_every_delivery(settings)
     assert len(sandbox.ledger(series=553379)) == 1
 
 
@@ -287,3 +281,23 @@ def test_the_publish_command_takes_a_file_or_stdin_and_refuses_invalid_lines(
     for event_id in ("cli-1", "cli-2", "cli-3"):
         wait_for_state(clean_ledger, event_id, "completed")
     assert story(clean_ledger, "cli-bad") is None, "never published"
+
+
+def test_the_bridge_acknowledges_a_bus_message_only_once_its_task_is_confirmed(
+    settings: Settings, clean_ledger: Engine, sandbox: SandboxAdmin,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    worker = start_worker(settings)
+    # Given RabbitMQ refuses (nacks) every task message the bridge forwards
+    with refusing(settings, settings.tasks_queue):
+        publish(settings, example_event("confirm-first", series=(544770,)))
+        # (a refused publish leaves no state anywhere but the worker's own record of it)
+        wait_until(lambda: "bridge.forward_failed" in worker.log(),
+                   message="the broker to refuse the forwarded task")
+        # Then the bus message is still on the bus, and nothing was taken in
+        assert sum(queue_counts(settings)[settings.events_queue]) == 1
+        assert story(clean_ledger, "confirm-first") is None
+    # And once the broker accepts again, the same message is forwarded and issued, once
+    wait_for_state(clean_ledger, "confirm-first", "completed")
+    wait_for_every_delivery(settings)
+    assert len(sandbox.ledger()) == 1

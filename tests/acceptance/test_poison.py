@@ -15,7 +15,14 @@ from kombu import Connection, Producer
 from sqlalchemy import Engine, text
 
 from coupon_devtools.sandbox import SandboxAdmin
-from tests.acceptance.helpers import example_event, publish, publish_raw, wait_for_state
+from tests.acceptance.helpers import (
+    example_event,
+    publish,
+    publish_raw,
+    story,
+    wait_for_every_delivery,
+    wait_for_state,
+)
 from tests.conftest import WorkerProcess, coupon_worker_command, settings_env, wait_until
 from worker.broker import topology
 from worker.config import Settings
@@ -167,3 +174,44 @@ def test_poison_is_recorded_and_the_events_behind_it_are_issued(
                            env=env, capture_output=True, text=True, check=True)
     assert "\x1b" not in shown.stdout and "forged line" in shown.stdout
     assert not any(line.startswith("forged line") for line in shown.stdout.splitlines())
+
+
+def test_bad_input_through_both_ways_in_is_refused_and_the_events_behind_it_issued(
+    settings: Settings, clean_ledger: Engine, sandbox: SandboxAdmin,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    worker = start_worker(settings)
+    # Given an event already taken in
+    original = example_event("reused-id", series=(544770,), customer="566882001")
+    publish(settings, original)
+    wait_for_state(clean_ledger, "reused-id", "completed")
+    # When its id comes again with other content, both ways in, with other poison on both
+    # ways (not UTF-8, a JSON array), and valid events behind all of it
+    reused = {**original, "seriesIds": [553379]}
+    publish(settings, reused, via="bus")
+    publish(settings, reused, via="task")
+    publish_raw(settings, b'{"eventId": "bad-\xff-bus"}', b"[]")
+    publish_task_body(settings, b'[[], {"event": "bad-\xff-task"}, {}]')
+    publish_task_body(settings, b'[[], {"event": []}, {}]')
+    behind = [example_event(f"behind-{via}", customer=f"56688201{n}")
+              for n, via in enumerate(("bus", "task"))]
+    publish(settings, behind[0], via="bus")
+    publish(settings, behind[1], via="task")
+    # Then the valid events behind are issued and every bad message is a rejection
+    for event in behind:
+        wait_for_state(clean_ledger, event["eventId"], "completed")
+    wait_for_every_delivery(settings)
+    rows = rejections(clean_ledger)
+    reasons = sorted((r["source"], r["reason"]) for r in rows)
+    refused = "eventId 'reused-id' was already used for a different event"
+    assert [s for s, r in reasons if r.startswith(refused)] == ["bus", "task"], reasons
+    assert ("bus", "body is not UTF-8: invalid start byte at byte 17") in reasons
+    assert ("bus", "event must be a JSON object, got an array") in reasons
+    assert ("task", "event must be a JSON object, got an array") in reasons
+    assert ("task", "task message cannot be decoded: 'utf-8' codec can't decode byte 0xff in "
+            "position 20: invalid start byte") in reasons
+    assert len(rows) == 6
+    # And the reused id changed nothing: one coupon, of the original series
+    assert [c["seriesId"] for c in sandbox.ledger(customer="566882001")] == [544770]
+    assert story(clean_ledger, "reused-id")["entities"][0]["series_id"] == 544770  # type: ignore[index]
+    assert worker.process.poll() is None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,15 @@ from sqlalchemy import Engine
 
 from coupon_devtools.harness.rabbitmqctl import rabbitmqctl
 from coupon_devtools.sandbox import SandboxAdmin
-from tests.acceptance.helpers import example_event, publish, wait_for_consumers, wait_for_state
+from tests.acceptance.helpers import (
+    example_event,
+    publish,
+    queue_counts,
+    story,
+    wait_for_consumers,
+    wait_for_every_delivery,
+    wait_for_state,
+)
 from tests.conftest import WorkerProcess, wait_until
 from worker.config import Settings
 
@@ -83,4 +92,87 @@ def test_a_broker_restart_is_survived(
     wait_for_state(clean_ledger, "after-broker-restart", "completed", timeout_s=90)
     wait_for_state(clean_ledger, "before-broker-restart", "completed", timeout_s=90)
     assert len(sandbox.ledger()) == 4
+    assert worker.process.poll() is None
+
+
+# -- with a call in flight -----------------------------------------------------------------
+
+IN_FLIGHT_CUSTOMER = "960001"
+
+
+def _in_flight_settings(settings_factory: Callable[..., Settings]) -> Settings:
+    """Capillary's 3 s answer comes inside the read timeout; a claim lives 16 s."""
+    return settings_factory(http_timeout_s=4.0, http_connect_timeout_s=0.5,
+                            rate_limit_max_wait_s=1.0, lease_s=16.0, settle_window_s=5.0)
+
+
+def _claimed(engine: Engine, event_id: str) -> bool:
+    found = story(engine, event_id)
+    return bool(found) and found["entities"][0]["state"] == "in_flight"  # type: ignore[index]
+
+
+def _issued_at(sandbox: SandboxAdmin) -> float:
+    coupon, = wait_until(lambda: sandbox.ledger(customer=IN_FLIGHT_CUSTOMER), timeout_s=30,
+                         message="Capillary to issue")
+    return datetime.fromisoformat(coupon["issuedAt"].replace("Z", "+00:00")).timestamp()
+
+
+def test_a_database_restart_while_a_call_is_in_flight_issues_once(
+    settings_factory: Callable[..., Settings], clean_ledger: Engine, sandbox: SandboxAdmin,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    settings = _in_flight_settings(settings_factory)
+    start_worker(settings)
+    # Given a call in flight: claimed (committed), Capillary answering in 3 s
+    sandbox.add_fault(kind="latency", delay_seconds=3, customer=IN_FLIGHT_CUSTOMER)
+    publish(settings, example_event("db-in-flight", series=(544770,),
+                                    customer=IN_FLIGHT_CUSTOMER))
+    wait_until(lambda: _claimed(clean_ledger, "db-in-flight"), message="the claim")
+    # When PostgreSQL stops before Capillary answers: the answer cannot be committed
+    _pg("stop")
+    stopped_at = time.time()
+    try:
+        issued_at = _issued_at(sandbox)
+        assert stopped_at < issued_at, "the database was down when Capillary answered"
+        # And the task, unable to commit the answer, gave its message back (consuming is
+        # paused meanwhile, so it waits on the queue)
+        wait_until(lambda: queue_counts(settings)[settings.tasks_queue] == (1, 0),
+                   message="the message to be given back")
+    finally:
+        _pg("start")
+        wait_until(_pg_ready, message="PostgreSQL back")
+    # Then the claim runs out, the read-back finds the coupon, and nothing is sent again
+    done = wait_for_state(clean_ledger, "db-in-flight", "completed", timeout_s=90)
+    wait_for_every_delivery(settings)
+    assert done["coupons"][0]["recorded_via"] == "reconcile"
+    assert len(sandbox.ledger(customer=IN_FLIGHT_CUSTOMER)) == 1
+    assert len([c for c in sandbox.calls() if c["path"] == "bulk"]) == 1
+
+
+def test_a_broker_restart_while_a_call_is_in_flight_issues_once(
+    settings_factory: Callable[..., Settings], clean_ledger: Engine, sandbox: SandboxAdmin,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    settings = _in_flight_settings(settings_factory)
+    worker = start_worker(settings)
+    sandbox.add_fault(kind="latency", delay_seconds=3, customer=IN_FLIGHT_CUSTOMER)
+    publish(settings, example_event("broker-in-flight", series=(544770,),
+                                    customer=IN_FLIGHT_CUSTOMER))
+    wait_until(lambda: _claimed(clean_ledger, "broker-in-flight"), message="the claim")
+    # When RabbitMQ stops before Capillary answers (the worker cancels a task whose
+    # connection is lost: the answer is never read)
+    _rabbit("stop_app")
+    stopped_at = time.time()
+    try:
+        issued_at = _issued_at(sandbox)
+        assert stopped_at < issued_at, "the broker was down when Capillary answered"
+    finally:
+        _rabbit("start_app")
+        _rabbit("await_startup")
+    # Then the event ends issued once: the message delivered again finds the claim, and the
+    # coupon is recorded by read-back (or by the answer, had the task not been cancelled)
+    wait_for_state(clean_ledger, "broker-in-flight", "completed", timeout_s=90)
+    wait_for_every_delivery(settings)
+    assert len(sandbox.ledger(customer=IN_FLIGHT_CUSTOMER)) == 1
+    assert len([c for c in sandbox.calls() if c["path"] == "bulk"]) == 1
     assert worker.process.poll() is None

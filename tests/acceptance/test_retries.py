@@ -18,6 +18,7 @@ from tests.acceptance.helpers import (
     story,
     wait_for_circuit_opened,
     wait_for_consumers,
+    wait_for_every_delivery,
     wait_for_state,
 )
 from tests.conftest import WorkerProcess, coupon_worker_command, settings_env, wait_until
@@ -283,6 +284,7 @@ def test_retries_pending_when_the_worker_is_killed_are_not_lost(
     start_worker(settings)
     for event in events:
         wait_for_state(clean_ledger, event["eventId"], "completed", timeout_s=60)
+    wait_for_every_delivery(settings)  # the killed worker's messages, delivered again, too
     assert len(sandbox.ledger(series=730730)) == 10
 
 

@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import kombu.exceptions
 import pytest
 
 from tests.unit.conftest import World
@@ -65,8 +66,12 @@ class FakeApp:
     coupon_container: Any
     sent: list[dict[str, Any]] = field(default_factory=list)
     fail_with: Exception | None = None
+    #: Called while the publish waits for its confirm (``send_task`` returns once confirmed).
+    during_publish: Any = None
 
     def send_task(self, name: str, **options: Any) -> None:
+        if self.during_publish is not None:
+            self.during_publish()
         if self.fail_with is not None:
             raise self.fail_with
         self.sent.append(options["kwargs"])
@@ -168,3 +173,21 @@ def test_past_its_high_water_mark_the_bridge_holds_messages_until_released(
     step.release(room=10)
     # Then they go in their order of arrival
     assert [kw["event_id"] for kw in app.sent] == [f"e-{i}" for i in range(5)]
+
+
+def test_a_bus_message_is_acknowledged_only_once_its_task_is_confirmed(world: World) -> None:
+    # With publisher confirms, send_task returns once RabbitMQ confirmed the task message, and
+    # raises when it refused it (kombu raises OperationalError from a basic.nack).
+    step, app, _ = bridge(world, max_bytes=MAX)
+    confirmed, refused = FakeMessage(b'{"eventId": "a"}', 1), FakeMessage(b'{"eventId": "b"}', 2)
+    while_publishing: list[str | None] = []
+    app.during_publish = lambda: while_publishing.append(confirmed.settled)
+    step._on_message(confirmed)
+    assert while_publishing == [None], "not acknowledged before the confirm"
+    assert confirmed.settled == "acked"
+    # A refused task: the bus message is handed back, never acknowledged
+    app.during_publish = None
+    app.fail_with = kombu.exceptions.OperationalError("basic.nack")
+    step._on_message(refused)
+    assert refused.settled == "requeued"
+    assert [kw["event_id"] for kw in app.sent] == ["a"]
