@@ -341,7 +341,8 @@ def events_replay(event_id: str, reason: str, operator: str | None, dry_run: boo
 
     with _support_deps() as deps:
         results = replay_event(event_id, reason=reason, operator=operator or default_operator(),
-                               deps=deps, dry_run=dry_run, rate_per_s=rate)
+                               deps=deps, dry_run=dry_run, rate_per_s=rate,
+                               origin=_cli_origin())
     _print_actions(results, as_json, dry_run, empty=f"nothing to replay for {event_id}")
 
 
@@ -509,6 +510,13 @@ def operator_action_options(func: Any) -> Any:
     return func
 
 
+def _cli_origin() -> dict[str, str]:
+    """Who ran the command, whatever ``--operator`` says: kept in the audit's details."""
+    from worker.replay import default_operator
+
+    return {"via": "cli", "os_user": default_operator()}
+
+
 def _guard_selection(selection: Any, everything: bool) -> None:
     if selection.is_empty() and not everything:
         fail("name entity ids, --event, or a filter (or --all to act on every dead entity)", 2)
@@ -532,7 +540,7 @@ def dlq_replay(entity_ids: tuple[int, ...], error_code: str | None, series_id: i
     _guard_selection(selection, everything)
     with _support_deps() as deps:
         results = replay(selection, reason=reason, operator=operator or default_operator(),
-                         deps=deps, dry_run=dry_run, rate_per_s=rate)
+                         deps=deps, dry_run=dry_run, rate_per_s=rate, origin=_cli_origin())
     _print_actions(results, as_json, dry_run, empty="no dead entity matches")
 
 
@@ -552,7 +560,7 @@ def dlq_discard(entity_ids: tuple[int, ...], error_code: str | None, series_id: 
     _guard_selection(selection, everything)
     with _support_deps() as deps:
         results = discard(selection, reason=reason, operator=operator or default_operator(),
-                          deps=deps, dry_run=dry_run)
+                          deps=deps, dry_run=dry_run, origin=_cli_origin())
     _print_actions(results, as_json, dry_run, empty="no dead entity matches")
 
 
@@ -656,6 +664,43 @@ def rejected_resubmit(rejected_id: int, source: Any, reason: str, operator: str 
         render_resubmit(console, result, dry_run=dry_run)
     if not result.accepted:
         sys.exit(1)
+
+
+# -- console -------------------------------------------------------------------------------
+
+
+@main.group("console", invoke_without_command=True)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Listen address (0.0.0.0 in a container).")
+@click.option("--port", type=int, default=8780, show_default=True)
+@click.pass_context
+def console_(ctx: click.Context, host: str, port: int) -> None:
+    """The support console in the browser (COUPONS_CONSOLE_* variables configure it)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    import uvicorn
+
+    from worker.console.app import create_app
+    from worker.console.config import load_console_settings
+
+    settings = settings_or_exit()
+    try:
+        console_settings = load_console_settings()
+        app = create_app(settings, console_settings)
+    except WorkerError as exc:
+        fail(str(exc))
+    say(f"console on http://{host}:{port}/")
+    uvicorn.run(app, host=host, port=port, log_level="warning", proxy_headers=False)
+
+
+
+@console_.command("hash-password")
+@click.password_option(help="The password to hash (asked twice when not given).")
+def console_hash_password(password: str) -> None:
+    """Print an argon2 hash for the console's users file."""
+    from worker.console.auth import hash_password
+
+    click.echo(hash_password(password))
 
 
 # -- flower --------------------------------------------------------------------------------

@@ -1,0 +1,198 @@
+"""The console over HTTP (Starlette's TestClient) on a real ledger: login, roles, CSRF, the
+customer story, dead-letter groups, replay jobs stepped as a worker's sweeper would, audit."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlalchemy import Engine, text
+from starlette.testclient import TestClient
+
+from tests.conftest import wait_until
+from tests.console.conftest import PASSWORDS, csrf_of, login, seed_dead
+from worker.broker.fake import FakePublisher
+from worker.ledger.jobs import ReplayJobStore
+from worker.ledger.unit_of_work import sql_unit_of_work_factory
+from worker.replay import SupportDeps
+from worker.replay_jobs import step_replay_jobs
+from worker.services import utcnow
+
+
+def audit_rows(engine: Engine) -> list[tuple[str, str, str]]:
+    with engine.connect() as conn:
+        return [(r[0], r[1], r[2]) for r in conn.execute(text(
+            "SELECT action, operator, outcome FROM operator_actions ORDER BY id"))]
+
+
+def test_pages_need_a_login_and_the_session_cookie_is_strict(
+        make_client: Callable[..., TestClient]) -> None:
+    client = make_client()
+    response = client.get("/dlq")
+    assert response.status_code == 303 and response.headers["location"] == "/login?next=/dlq"
+    login(client, "vera")
+    cookie = client.cookies.jar
+    set_cookie = [c for c in cookie if c.name == "coupon_console"]
+    assert set_cookie, "no session cookie"
+    token = csrf_of(client.get("/login").text)
+    response = client.post("/login", data={"username": "vera", "password": PASSWORDS["vera"],
+                                           "csrf_token": token})
+    header = response.headers["set-cookie"].lower()
+    assert "httponly" in header and "samesite=strict" in header
+
+
+def test_wrong_passwords_are_refused_audited_then_rate_limited(
+        make_client: Callable[..., TestClient], clean_ledger: Engine) -> None:
+    client = make_client(login_max_failures=3)
+    token = csrf_of(client.get("/login").text)
+    codes = [client.post("/login", data={"username": "otto", "password": "nope",
+                                         "csrf_token": token}).status_code for _ in range(4)]
+    assert codes == [401, 401, 401, 429]
+    # Blocked even with the right password, until the window passes.
+    right = client.post("/login", data={"username": "otto", "password": PASSWORDS["otto"],
+                                        "csrf_token": token})
+    assert right.status_code == 429
+    outcomes = [o for a, who, o in audit_rows(clean_ledger) if a == "console_login"]
+    assert outcomes[:3] == ["refused"] * 3 and outcomes[-1].startswith("blocked")
+
+
+def test_a_login_without_the_csrf_token_is_refused(
+        make_client: Callable[..., TestClient]) -> None:
+    client = make_client()
+    client.get("/login")
+    response = client.post("/login", data={"username": "ada", "password": PASSWORDS["ada"]})
+    assert response.status_code == 403
+
+
+def test_a_viewer_reads_but_gets_403_on_every_action(
+        make_client: Callable[..., TestClient], clean_ledger: Engine,
+        publisher: FakePublisher) -> None:
+    dead = seed_dead(clean_ledger, "ev-v", "111", [700712])
+    client = make_client()
+    token = login(client, "vera")
+    assert client.get("/dlq").status_code == 200
+    assert client.get("/customer?q=111").status_code == 200
+    actions = [
+        client.get(f"/replay/plan?entity_id={dead[0]}"),
+        client.post("/replay/start", data={"entity_id": str(dead[0]), "reason": "x",
+                                           "velocity": "60", "csrf_token": token}),
+        client.post("/dlq/discard", data={"entity_id": str(dead[0]), "reason": "x",
+                                          "csrf_token": token}),
+        client.post("/jobs/1/cancel", data={"csrf_token": token}),
+        client.post("/rejected/1/resubmit", data={"payload": "{}", "reason": "x",
+                                                  "csrf_token": token}),
+        client.get("/audit?format=csv"),
+    ]
+    assert [r.status_code for r in actions] == [403] * len(actions)
+    assert publisher.retries == []
+    with clean_ledger.connect() as conn:
+        assert conn.execute(text("SELECT state FROM entities")).scalar_one() == "dead"
+
+
+def test_a_post_without_the_csrf_token_is_refused(
+        make_client: Callable[..., TestClient], clean_ledger: Engine) -> None:
+    dead = seed_dead(clean_ledger, "ev-c", "222", [700712])
+    client = make_client()
+    login(client, "otto")
+    response = client.post("/dlq/discard", data={"entity_id": str(dead[0]), "reason": "x"})
+    assert response.status_code == 403
+    wrong = client.post("/dlq/discard", data={"entity_id": str(dead[0]), "reason": "x",
+                                              "csrf_token": "forged"})
+    assert wrong.status_code == 403
+    with clean_ledger.connect() as conn:
+        assert conn.execute(text("SELECT state FROM entities")).scalar_one() == "dead"
+
+
+def test_customer_page_shows_events_entities_and_the_timeline(
+        make_client: Callable[..., TestClient], clean_ledger: Engine) -> None:
+    seed_dead(clean_ledger, "ev-cust", "566881933", [544770, 553379])
+    client = make_client()
+    login(client, "vera")
+    page = client.get("/customer?q=566881933").text
+    assert "ev-cust" in page and "544770" in page and "553379" in page
+    assert "series expired" in page and "http://flower.test/tasks?search=ev-cust" in page
+    assert "no event" not in client.get("/customer?q=nobody").text.lower()
+
+
+def test_replay_a_group_as_a_job_that_the_sweeper_steps_to_done(
+        make_client: Callable[..., TestClient], clean_ledger: Engine,
+        publisher: FakePublisher) -> None:
+    # Given two dead letter groups
+    group = seed_dead(clean_ledger, "ev-g1", "1", [700712]) + \
+        seed_dead(clean_ledger, "ev-g2", "2", [700712])
+    other = seed_dead(clean_ledger, "ev-o", "3", [544770], code="701", message="not found")
+    client = make_client()
+    token = login(client, "otto")
+    dlq = client.get("/dlq").text
+    assert "700712" in dlq and "series expired" in dlq
+    # When the operator dry-runs and confirms a replay of the 712 group
+    plan = client.get("/replay/plan?code=712&series=700712&message=series+expired")
+    assert plan.status_code == 200
+    assert 'id="plan-total">2<' in plan.text and 'id="plan-send">2<' in plan.text
+    with clean_ledger.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM replay_jobs")).scalar_one() == 0
+    started = client.post("/replay/start", data={
+        "code": "712", "series": "700712", "message": "series expired", "reason": "renewed",
+        "velocity": "600", "csrf_token": token})
+    assert started.status_code == 303
+    job_url = started.headers["location"]
+    # Then a worker's sweeper runs it: the job survives the console (another app, same ledger)
+    store = ReplayJobStore(clean_ledger)
+    support = SupportDeps(uow=sql_unit_of_work_factory(clean_ledger), publisher=publisher,
+                          clock=utcnow)
+    job_id = int(job_url.rsplit("/", 1)[1])
+    def stepped_to_done() -> bool:
+        step_replay_jobs(support, store)
+        found = store.get(job_id)
+        return found is not None and found["state"] == "done"
+
+    wait_until(stepped_to_done, timeout_s=10, message="the job to be done")
+    job = store.get(job_id)
+    assert job is not None and job["state"] == "done"
+    assert sorted(publisher.retries) == sorted(group)
+    with clean_ledger.connect() as conn:
+        states = dict(conn.execute(text("SELECT id, state FROM entities")).all())
+    assert {states[i] for i in group} == {"queued"} and states[other[0]] == "dead"
+    page = client.get(job_url).text
+    assert "done" in page and "requeued" in page
+    # And the audit names the logged-in operator, with where they acted from
+    actions = audit_rows(clean_ledger)
+    assert ("replay_job_started", "otto") in [(a, w) for a, w, _ in actions]
+    assert [w for a, w, _ in actions if a == "replay"] == ["otto", "otto"]
+    audit_page = client.get("/audit?operator=otto").text
+    assert "replay_job_started" in audit_page and "console" in audit_page
+    csv = client.get("/audit?format=csv")
+    assert csv.status_code == 200 and "replay_job_started" in csv.text
+
+
+def test_a_job_can_be_paused_and_cancelled(
+        make_client: Callable[..., TestClient], clean_ledger: Engine,
+        publisher: FakePublisher) -> None:
+    ids = seed_dead(clean_ledger, "ev-p", "4", [1, 2, 3])
+    client = make_client()
+    token = login(client, "otto")
+    started = client.post("/replay/start", data={"event": "ev-p", "reason": "r",
+                                                 "velocity": "1", "csrf_token": token})
+    job_id = int(started.headers["location"].rsplit("/", 1)[1])
+    store = ReplayJobStore(clean_ledger)
+    support = SupportDeps(uow=sql_unit_of_work_factory(clean_ledger), publisher=publisher,
+                          clock=utcnow)
+    assert step_replay_jobs(support, store) == 1
+    assert step_replay_jobs(support, store) == 0  # one a minute: the next is not due
+    client.post(f"/jobs/{job_id}/pause", data={"csrf_token": token})
+    assert store.get(job_id)["state"] == "paused"  # type: ignore[index]
+    client.post(f"/jobs/{job_id}/cancel", data={"csrf_token": token})
+    job = store.get(job_id)
+    assert job is not None and job["state"] == "cancelled"
+    assert job["counts"] == {"pending": 0, "done": 1, "cancelled": 2}
+    assert len(publisher.retries) == 1 and publisher.retries[0] in ids
+
+
+def test_proxy_header_identity_only_from_a_trusted_address(
+        make_client: Callable[..., TestClient]) -> None:
+    client = make_client(proxy_user_header="X-Forwarded-User", trusted_proxies="testclient")
+    page = client.get("/dlq", headers={"X-Forwarded-User": "ada"})
+    assert page.status_code == 200 and "ada (admin)" in page.text
+    stranger = client.get("/dlq", headers={"X-Forwarded-User": "sso-user"})
+    assert "sso-user (viewer)" in stranger.text
+    untrusted = make_client(proxy_user_header="X-Forwarded-User")
+    assert untrusted.get("/dlq", headers={"X-Forwarded-User": "ada"}).status_code == 303
