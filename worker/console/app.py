@@ -59,7 +59,7 @@ def create_app(settings: Settings, console: ConsoleSettings, *, engine: Engine |
         settings=settings, console=console, engine=engine, support=support,
         submitter=submitter or cast(EventSubmitter, support.publisher),
         jobs=ReplayJobStore(engine),
-        users=UserDirectory.load(console.users_file),
+        users=UserDirectory.load(console.users),
         limiter=LoginLimiter(console.login_max_failures, console.login_window_s),
         templates=Jinja2Templates(directory=str(TEMPLATES)),
     )

@@ -57,14 +57,20 @@ class UserDirectory:
         self._users = {u.name: u for u in users}
 
     @classmethod
-    def load(cls, path: Path | None) -> UserDirectory:
-        if path is None:
+    def load(cls, source: str | None) -> UserDirectory:
+        """From the JSON itself, or a JSON or TOML file's path."""
+        if not source:
             return cls([])
         try:
-            text = path.read_text(encoding="utf-8")
-            data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+            if source.lstrip().startswith("{"):
+                data = json.loads(source)
+            else:
+                path = Path(source)
+                text = path.read_text(encoding="utf-8")
+                data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
         except (OSError, ValueError) as exc:
-            raise ConfigurationError(f"COUPONS_CONSOLE_USERS: cannot read {path}: {exc}") from exc
+            raise ConfigurationError(f"COUPONS_CONSOLE_USERS: cannot read the users: {exc}") \
+                from exc
         users = [User(str(u["name"]), Role.parse(str(u.get("role", "viewer"))),
                       u.get("password_hash")) for u in data.get("users", [])]
         return cls(users)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -18,8 +16,9 @@ class ConsoleSettings(BaseSettings):
     #: Signs the session cookie; required, at least 32 characters (e.g. ``openssl rand -hex 32``).
     secret: SecretStr = Field(validation_alias="COUPONS_CONSOLE_SECRET", min_length=32,
                               repr=False)
-    #: A JSON or TOML file: ``{"users": [{"name", "role", "password_hash"}]}``.
-    users_file: Path | None = Field(None, validation_alias="COUPONS_CONSOLE_USERS")
+    #: The users: a JSON or TOML file's path, or the JSON itself (a container's environment):
+    #: ``{"users": [{"name": …, "role": "viewer|operator|admin", "password_hash": …}]}``.
+    users: str | None = Field(None, validation_alias="COUPONS_CONSOLE_USERS", repr=False)
     #: When set, a request from a trusted proxy carrying this header is that user (SSO).
     proxy_user_header: str | None = Field(None, validation_alias="COUPONS_CONSOLE_PROXY_HEADER")
     #: The role of a proxy-authenticated user the users file does not list.
