@@ -358,3 +358,12 @@ def audit_rows(engine: Engine, *, operator: str | None = None, action: str | Non
         query = query.where(a.at < until)
     with engine.connect() as conn:
         return [_row(r) for r in conn.execute(query).mappings()]
+
+
+def calls_last_minute(engine: Engine, now: datetime) -> int:
+    """Calls to Capillary in the minute before ``now`` (the rate limit's use)."""
+    from datetime import timedelta
+
+    with engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(m.ApiCall).where(
+            m.ApiCall.started_at >= now - timedelta(minutes=1))).scalar_one())

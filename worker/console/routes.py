@@ -27,6 +27,7 @@ from starlette.responses import (
 from starlette.routing import Route
 
 from worker import views
+from worker.broker.backlog import queue_backlogs
 from worker.console import csrf
 from worker.console.app import Console
 from worker.console.auth import Role, User
@@ -198,8 +199,12 @@ async def overview(request: Request, user: User) -> Response:
     per_minute = await run_in_threadpool(views.issued_per_minute, c.engine, now)
     circuits = await run_in_threadpool(views.circuit_states, c.engine)
     jobs = await run_in_threadpool(c.jobs.recent, limit=10)
+    calls = await run_in_threadpool(views.calls_last_minute, c.engine, now)
+    backlogs = await run_in_threadpool(queue_backlogs, c.settings)
     return render(request, "overview.html", user, counts=counts, circuits=circuits,
-                  chart=_sparkline(per_minute), per_minute_total=sum(per_minute), jobs=jobs)
+                  chart=_sparkline(per_minute), per_minute_total=sum(per_minute), jobs=jobs,
+                  calls_last_minute=calls, rate_limit=c.settings.rate_limit_per_minute,
+                  backlogs=backlogs)
 
 
 def _sparkline(values: list[int], width: int = 360, height: int = 60) -> str:
