@@ -1,7 +1,7 @@
 """replay jobs: replays confirmed in the console, run by the workers at a chosen velocity
 
 Also the indexes the console's pages need on a large ledger (dead-letter groups, recent
-activity, the audit by time).
+activity, coupons per minute, the audit by time).
 
 Revision ID: 0005
 Revises: 0004
@@ -69,9 +69,11 @@ def upgrade() -> None:
                     postgresql_where=sa.text("state = 'dead'"))
     op.create_index("ix_entities_updated_at", "entities", ["updated_at"])
     op.create_index("ix_operator_actions_at", "operator_actions", ["at"])
+    op.create_index("ix_coupons_issued_at", "coupons", ["issued_at"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_coupons_issued_at", table_name="coupons")
     op.drop_index("ix_operator_actions_at", table_name="operator_actions")
     op.drop_index("ix_entities_updated_at", table_name="entities")
     op.drop_index("ix_entities_dead_groups", table_name="entities")

@@ -187,6 +187,7 @@ class IssuedCoupon(Base):
         Index("ix_coupons_entity_id", "entity_id"),
         Index("ix_coupons_event_id", "event_id"),
         Index("ix_coupons_customer_key", "customer_key"),
+        Index("ix_coupons_issued_at", "issued_at"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
