@@ -8,6 +8,7 @@ import threading
 import time
 import tomllib
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -92,7 +93,9 @@ class LoginLimiter:
     """At most ``max_failures`` failed logins per user name and per client address within
     ``window_s``; in this process's memory (one console process per deployment)."""
 
-    def __init__(self, max_failures: int, window_s: float) -> None:
+    def __init__(self, max_failures: int, window_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
         self.max_failures = max_failures
         self.window_s = window_s
         self._failures: dict[str, deque[float]] = {}
@@ -105,12 +108,12 @@ class LoginLimiter:
         return failures
 
     def blocked(self, *keys: str) -> bool:
-        now = time.monotonic()
+        now = self.clock()
         with self._lock:
             return any(len(self._recent(k, now)) >= self.max_failures for k in keys)
 
     def failed(self, *keys: str) -> None:
-        now = time.monotonic()
+        now = self.clock()
         with self._lock:
             for key in keys:
                 self._recent(key, now).append(now)
