@@ -138,7 +138,8 @@ def _replay_one(entity_id: int, selection: Selection, *, reason: str, operator: 
     with deps.uow() as uow:
         repo = uow.ledger
         target = repo.lock_target(entity_id)
-        assert target is not None
+        if target is None:  # its event was deleted since it was listed
+            raise NotFound(f"no entity {entity_id}")
         if target.state not in selection.states:
             # Changed since it was listed (issued, discarded, replayed by someone else).
             outcome = f"skipped: now {target.state}"

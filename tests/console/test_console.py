@@ -258,3 +258,32 @@ def test_overview_counts_and_chart(
     assert 'dead</span><b>2</b>' in page
     assert "calls to Capillary in the last minute" in page
     assert 'class="backlogs"' in page  # the test's queues may not exist: counts read "?"
+
+
+def test_a_job_never_replays_what_was_issued_meanwhile(
+        make_client: Callable[..., TestClient], clean_ledger: Engine,
+        publisher: FakePublisher) -> None:
+    # Given a confirmed job over two dead entities
+    first, second = seed_dead(clean_ledger, "ev-m", "10", [1, 2])
+    client = make_client()
+    token = login(client, "otto")
+    started = client.post("/replay/start", data={"event": "ev-m", "reason": "r",
+                                                 "velocity": "6000", "csrf_token": token})
+    job_id = int(started.headers["location"].rsplit("/", 1)[1])
+    # When one of them is issued by other means before the job reaches it
+    with clean_ledger.begin() as conn:
+        conn.execute(text("UPDATE entities SET state = 'issued' WHERE id = :id"), {"id": first})
+    store = ReplayJobStore(clean_ledger)
+    support = SupportDeps(uow=sql_unit_of_work_factory(clean_ledger), publisher=publisher,
+                          clock=utcnow)
+
+    def stepped_to_done() -> bool:
+        step_replay_jobs(support, store)
+        found = store.get(job_id)
+        return found is not None and found["state"] == "done"
+
+    wait_until(stepped_to_done, timeout_s=10, message="the job to be done")
+    # Then it is skipped, and only the other one is sent again
+    outcomes = {i["entity_id"]: i["outcome"] for i in store.items(job_id)}
+    assert outcomes == {first: "skipped: now issued", second: "requeued"}
+    assert publisher.retries == [second]
