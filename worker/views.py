@@ -59,7 +59,8 @@ def entity_story(conn: Any, entity_id: int) -> dict[str, Any]:
         _row(c) for c in conn.execute(
             select(m.ApiCall.started_at, m.ApiCall.operation, m.ApiCall.request_id,
                    m.ApiCall.http_status, m.ApiCall.latency_ms, m.ApiCall.outcome,
-                   m.ApiCall.error_code, m.ApiCall.error_message, m.ApiCall.series_ids)
+                   m.ApiCall.error_code, m.ApiCall.error_message, m.ApiCall.series_ids,
+                   m.ApiCall.worker)
             .where(m.ApiCall.entity_ids.contains([entity_id])).order_by(m.ApiCall.id)
         ).mappings()
     ]

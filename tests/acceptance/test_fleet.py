@@ -50,8 +50,9 @@ def _consumers(settings: Settings, queue: str) -> int:
 
 def _claimed_by(engine: Engine) -> set[str]:
     with engine.connect() as conn:
-        rows = conn.execute(text("SELECT DISTINCT worker FROM entity_history "
-                                 "WHERE kind = 'claimed'"))
+        # The process, without the task id that follows it (host:pid/task:<id>)
+        rows = conn.execute(text("SELECT DISTINCT split_part(worker, '/task:', 1) "
+                                 "FROM entity_history WHERE kind = 'claimed'"))
         return {r[0] for r in rows}
 
 

@@ -160,8 +160,9 @@ def test_two_workers_racing_on_the_same_event_call_capillary_once_per_entity(
 
 def _workers_that_claimed(engine: Engine) -> set[str]:
     with engine.connect() as conn:
-        rows = conn.execute(text("SELECT DISTINCT worker FROM entity_history "
-                                 "WHERE kind = 'claimed'"))
+        # The process, without the task id that follows it (host:pid/task:<id>)
+        rows = conn.execute(text("SELECT DISTINCT split_part(worker, '/task:', 1) "
+                                 "FROM entity_history WHERE kind = 'claimed'"))
         return {r[0] for r in rows}
 
 

@@ -85,16 +85,17 @@ def login(client: TestClient, name: str) -> str:
 
 
 def seed_dead(engine: Engine, event_id: str, customer: str, series: list[int],
-              code: str = "712", message: str = "series expired") -> list[int]:
+              code: str = "712", message: str = "series expired",
+              worker: str = "w") -> list[int]:
     """An event whose entities are all dead with ``code``."""
     uow = sql_unit_of_work_factory(engine)
     now = datetime.now(UTC)
     with uow() as u:
         u.ledger.ingest(parse_event_data({"eventId": event_id, "customer": {"id": customer},
                                           "seriesIds": series}), source="bus", now=now)
-        claim = u.ledger.claim_event(event_id, token="t", worker="w", now=now,
+        claim = u.ledger.claim_event(event_id, token="t", worker=worker, now=now,
                                      lease_s=60, settle_window_s=120)
-        u.ledger.record(claim, calls=[], worker="w", now=now, transitions=[
+        u.ledger.record(claim, calls=[], worker=worker, now=now, transitions=[
             Transition(e.entity_id, EntityState.DEAD, "dead", 1, error_code=code,
                        error_message=message, dead_reason=message,
                        next_attempt_at=now + timedelta(hours=1))

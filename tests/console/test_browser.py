@@ -114,6 +114,10 @@ def test_find_a_dead_lettered_customer_and_replay_its_group_in_the_browser(
     page.press("input[name=q]", "Enter")
     page.wait_for_url("**/customer?q=566881933")
     assert page.locator(".event").count() == 1
+    # each attempt links to its task in Flower (the worker records its Celery task id)
+    assert page.locator("a.flower-task").count() >= 2
+    assert page.locator("a.flower-task").first.get_attribute("href").startswith(  # type: ignore[union-attr]
+        "http://flower.test/task/")
     assert "series expired" in page.inner_text(".event").lower() or "712" in page.inner_text(
         ".event")
     shot(page, "customer")

@@ -33,6 +33,7 @@ from worker.console.app import Console
 from worker.console.auth import Role, User
 from worker.errors import NotFound, WorkerError
 from worker.ledger.support import Selection
+from worker.names import TASK_MARK
 from worker.replay import discard, resubmit_rejected
 from worker.replay_jobs import control_replay_job, plan_replay, start_replay_job
 from worker.services import utcnow
@@ -71,13 +72,20 @@ def _origin(user: User) -> dict[str, str]:
     return {"via": "console", "role": user.role.name.lower()}
 
 
+def task_id_of(worker: str | None) -> str | None:
+    """The Celery task id a ledger ``worker`` column carries (``host:pid/task:<id>``)."""
+    if not worker or TASK_MARK not in worker:
+        return None
+    return worker.rsplit(TASK_MARK, 1)[1] or None
+
+
 def render(request: Request, template: str, user: User | None, status: int = 200,
            **context: Any) -> Response:
     c = _console(request)
     return c.templates.TemplateResponse(
         request, template,
         {"user": user, "csrf_token": csrf.token(request.session),
-         "flower_url": c.console.flower_url, **context},
+         "flower_url": c.console.flower_url, "task_id_of": task_id_of, **context},
         status_code=status)
 
 
