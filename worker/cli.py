@@ -735,9 +735,21 @@ def duplicates(limit: int, as_json: bool) -> None:
 def flower(ctx: click.Context, port: int, address: str) -> None:
     """Run Flower on the project's app (FLOWER_* variables apply, e.g. FLOWER_BASIC_AUTH).
 
-    Extra options are passed to Flower as they are.
+    Extra options are passed to Flower as they are. Flower's API can send tasks, shut workers
+    down and resize pools: on any address but loopback it needs an authentication
+    (FLOWER_BASIC_AUTH, FLOWER_AUTH, --basic-auth or --auth).
     """
     settings_or_exit()
+    import os
+
+    from worker.config import is_loopback
+
+    authenticated = bool(os.environ.get("FLOWER_BASIC_AUTH") or os.environ.get("FLOWER_AUTH")
+                         or any(a.startswith(("--basic-auth", "--basic_auth", "--auth"))
+                                for a in ctx.args))
+    if not authenticated and not is_loopback(address):
+        fail(f"refusing to serve Flower on {address} without authentication: its API can "
+             "send tasks and shut workers down; set FLOWER_BASIC_AUTH=user:password", 2)
     from worker.celery_app import app
 
     app.start(["flower", f"--port={port}", f"--address={address}", *ctx.args])

@@ -31,3 +31,11 @@ def test_hash_password_prints_an_argon2_hash_that_verifies(cli: Callable[..., An
     hashed = result.output.strip()
     assert hashed.startswith("$argon2id$")
     assert PasswordHasher().verify(hashed, "correct horse")
+
+
+def test_flower_refuses_every_interface_without_authentication(
+        cli: Callable[..., Any], monkeypatch: Any) -> None:
+    monkeypatch.delenv("FLOWER_BASIC_AUTH", raising=False)
+    monkeypatch.delenv("FLOWER_AUTH", raising=False)
+    result = cli("flower", "--address", "0.0.0.0")  # noqa: S104 (what is refused)
+    assert result.exit_code == 2 and "without authentication" in result.output
