@@ -108,6 +108,9 @@ def test_find_a_dead_lettered_customer_and_replay_its_group_in_the_browser(
     # the worker declared its queues: the overview reads their backlogs from the broker
     assert "?" not in page.inner_text("table.backlogs")
     shot(page, "overview")
+    page.click("nav >> text=Dead letters")
+    assert page.locator("tr.group").count() == 1  # one cause: 712 x 700712 x its message
+    shot(page, "dead-letters")
     # When support finds the customer and opens the group of its dead letter
     page.click("nav >> text=Customer")
     page.fill("input[name=q]", "566881933")

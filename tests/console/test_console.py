@@ -289,3 +289,21 @@ def test_a_job_never_replays_what_was_issued_meanwhile(
     outcomes = {i["entity_id"]: i["outcome"] for i in store.items(job_id)}
     assert outcomes == {first: "skipped: now issued", second: "requeued"}
     assert publisher.retries == [second]
+
+
+def test_a_filter_selects_what_the_dry_run_and_the_job_cover(
+        make_client: Callable[..., TestClient], clean_ledger: Engine) -> None:
+    mine = seed_dead(clean_ledger, "ev-f1", "11", [1])
+    seed_dead(clean_ledger, "ev-f2", "12", [1])
+    client = make_client()
+    token = login(client, "otto")
+    listed = client.get("/dlq/group?customer=id:11&since=2000-01-01T00:00")
+    assert "ev-f1" in listed.text and "ev-f2" not in listed.text
+    plan = client.get("/replay/plan?customer=id:11&since=2000-01-01T00:00")
+    assert 'id="plan-total">1<' in plan.text
+    assert 'name="since" value="2000-01-01T00:00:00+00:00"' in plan.text
+    started = client.post("/replay/start", data={
+        "customer": "id:11", "since": "2000-01-01T00:00:00+00:00", "reason": "r",
+        "velocity": "60", "csrf_token": token})
+    job_id = int(started.headers["location"].rsplit("/", 1)[1])
+    assert [i["entity_id"] for i in ReplayJobStore(clean_ledger).items(job_id)] == mine

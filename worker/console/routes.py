@@ -276,7 +276,8 @@ def _selection_from(params: Any) -> Selection:
                      series_id=int(series) if series else None,
                      error_message=params.get("message"),
                      customer=params.get("customer") or None,
-                     event_id=params.get("event") or None)
+                     event_id=params.get("event") or None,
+                     since=_when(params.get("since")), until=_when(params.get("until")))
 
 
 @page()
