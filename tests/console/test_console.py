@@ -307,3 +307,17 @@ def test_a_filter_selects_what_the_dry_run_and_the_job_cover(
         "velocity": "60", "csrf_token": token})
     job_id = int(started.headers["location"].rsplit("/", 1)[1])
     assert [i["entity_id"] for i in ReplayJobStore(clean_ledger).items(job_id)] == mine
+
+
+def test_an_entity_page_offers_replay_and_discard_to_an_operator_only(
+        make_client: Callable[..., TestClient], clean_ledger: Engine) -> None:
+    dead, = seed_dead(clean_ledger, "ev-e", "13", [1])
+    operator = make_client()
+    login(operator, "otto")
+    page = operator.get(f"/entities/{dead}").text
+    assert f"/replay/plan?entity_id={dead}" in page and 'action="/dlq/discard"' in page
+    viewer = make_client()
+    login(viewer, "vera")
+    page = viewer.get(f"/entities/{dead}").text
+    assert "/replay/plan" not in page and "/dlq/discard" not in page
+    assert viewer.get("/entities/999999").status_code == 404
