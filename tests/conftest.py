@@ -36,7 +36,8 @@ RABBIT_HOST = os.environ.get("COUPONS_TEST_RABBIT_HOST", "127.0.0.1:5672")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN_DIR = Path(sys.executable).parent
 LEDGER_TABLES = ("coupons", "entity_history", "api_calls", "operator_actions", "entities",
-                 "events", "rejected_events", "circuit_breakers", "rate_limit_buckets")
+                 "events", "rejected_events", "circuit_breakers", "rate_limit_buckets",
+                 "replay_job_items", "replay_jobs")
 SANDBOX_USER, SANDBOX_PASSWORD = "store.server", "server123"
 
 # Tests must not pick up a developer's .env file.

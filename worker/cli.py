@@ -343,7 +343,8 @@ def events_replay(event_id: str, reason: str, operator: str | None, dry_run: boo
 
     with _support_deps() as deps:
         results = replay_event(event_id, reason=reason, operator=operator or default_operator(),
-                               deps=deps, dry_run=dry_run, rate_per_s=rate)
+                               deps=deps, dry_run=dry_run, rate_per_s=rate,
+                               origin=_cli_origin())
     _print_actions(results, as_json, dry_run, empty=f"nothing to replay for {event_id}")
 
 
@@ -511,6 +512,13 @@ def operator_action_options(func: Any) -> Any:
     return func
 
 
+def _cli_origin() -> dict[str, str]:
+    """Who ran the command, whatever ``--operator`` says: kept in the audit's details."""
+    from worker.replay import default_operator
+
+    return {"via": "cli", "os_user": default_operator()}
+
+
 def _guard_selection(selection: Any, everything: bool) -> None:
     if selection.is_empty() and not everything:
         fail("name entity ids, --event, or a filter (or --all to act on every dead entity)", 2)
@@ -534,7 +542,7 @@ def dlq_replay(entity_ids: tuple[int, ...], error_code: str | None, series_id: i
     _guard_selection(selection, everything)
     with _support_deps() as deps:
         results = replay(selection, reason=reason, operator=operator or default_operator(),
-                         deps=deps, dry_run=dry_run, rate_per_s=rate)
+                         deps=deps, dry_run=dry_run, rate_per_s=rate, origin=_cli_origin())
     _print_actions(results, as_json, dry_run, empty="no dead entity matches")
 
 
@@ -554,7 +562,7 @@ def dlq_discard(entity_ids: tuple[int, ...], error_code: str | None, series_id: 
     _guard_selection(selection, everything)
     with _support_deps() as deps:
         results = discard(selection, reason=reason, operator=operator or default_operator(),
-                          deps=deps, dry_run=dry_run)
+                          deps=deps, dry_run=dry_run, origin=_cli_origin())
     _print_actions(results, as_json, dry_run, empty="no dead entity matches")
 
 
@@ -660,6 +668,43 @@ def rejected_resubmit(rejected_id: int, source: Any, reason: str, operator: str 
         sys.exit(1)
 
 
+# -- console -------------------------------------------------------------------------------
+
+
+@main.group("console", invoke_without_command=True)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Listen address (0.0.0.0 in a container).")
+@click.option("--port", type=int, default=8780, show_default=True)
+@click.pass_context
+def console_(ctx: click.Context, host: str, port: int) -> None:
+    """The support console in the browser (COUPONS_CONSOLE_* variables configure it)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    import uvicorn
+
+    from worker.console.app import create_app
+    from worker.console.config import load_console_settings
+
+    settings = settings_or_exit()
+    try:
+        console_settings = load_console_settings()
+        app = create_app(settings, console_settings)
+    except WorkerError as exc:
+        fail(str(exc))
+    say(f"console on http://{host}:{port}/")
+    uvicorn.run(app, host=host, port=port, log_level="warning", proxy_headers=False)
+
+
+
+@console_.command("hash-password")
+@click.password_option(help="The password to hash (asked twice when not given).")
+def console_hash_password(password: str) -> None:
+    """Print an argon2 hash for the console's users file."""
+    from worker.console.auth import hash_password
+
+    click.echo(hash_password(password))
+
+
 # -- flower --------------------------------------------------------------------------------
 
 
@@ -692,9 +737,21 @@ def duplicates(limit: int, as_json: bool) -> None:
 def flower(ctx: click.Context, port: int, address: str) -> None:
     """Run Flower on the project's app (FLOWER_* variables apply, e.g. FLOWER_BASIC_AUTH).
 
-    Extra options are passed to Flower as they are.
+    Extra options are passed to Flower as they are. Flower's API can send tasks, shut workers
+    down and resize pools: on any address but loopback it needs an authentication
+    (FLOWER_BASIC_AUTH, FLOWER_AUTH, --basic-auth or --auth).
     """
     settings_or_exit()
+    import os
+
+    from worker.config import is_loopback
+
+    authenticated = bool(os.environ.get("FLOWER_BASIC_AUTH") or os.environ.get("FLOWER_AUTH")
+                         or any(a.startswith(("--basic-auth", "--basic_auth", "--auth"))
+                                for a in ctx.args))
+    if not authenticated and not is_loopback(address):
+        fail(f"refusing to serve Flower on {address} without authentication: its API can "
+             "send tasks and shut workers down; set FLOWER_BASIC_AUTH=user:password", 2)
     from worker.celery_app import app
 
     app.start(["flower", f"--port={port}", f"--address={address}", *ctx.args])

@@ -31,6 +31,11 @@ DEFAULT_HEARTBEAT_DIR = str(Path(tempfile.gettempdir()) / "coupon-worker")
 AuthScheme = Literal["basic", "oauth"]
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine only (``localhost``, 127.0.0.0/8, ::1)."""
+    return _is_loopback(host)
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True

@@ -15,3 +15,7 @@ TASK_INGEST = "coupons.ingest"
 TASK_RETRY = "coupons.retry"
 
 TASK_NAMES = (TASK_ISSUE, TASK_INGEST, TASK_RETRY)
+
+#: Between a worker's id and its task's id in the ledger's ``worker`` columns
+#: (``host:pid/task:<celery task id>``), which the console turns into a link to Flower.
+TASK_MARK = "/task:"

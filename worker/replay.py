@@ -99,8 +99,12 @@ def _targets(deps: SupportDeps, selection: Selection) -> list[Target]:
 
 def replay(selection: Selection, *, reason: str, operator: str, deps: SupportDeps,
            dry_run: bool = False, rate_per_s: float = 20.0,
-           action: str = "replay") -> list[ActionResult]:
-    """Send the selected entities through the retry path again, at most ``rate_per_s``."""
+           action: str = "replay", origin: dict[str, str] | None = None) -> list[ActionResult]:
+    """Send the selected entities through the retry path again, at most ``rate_per_s``.
+
+    ``origin`` says where the operator acted from (the OS user of a CLI, the console's
+    login); it is kept in each audit row's details.
+    """
     if not reason.strip():
         raise ValueError("a reason is required")
     results: list[ActionResult] = []
@@ -115,22 +119,33 @@ def replay(selection: Selection, *, reason: str, operator: str, deps: SupportDep
         if n and rate_per_s > 0:
             deps.sleep(1.0 / rate_per_s)
         results.append(_replay_one(candidate.entity_id, selection, reason=reason,
-                                   operator=operator, deps=deps, action=action))
+                                   operator=operator, deps=deps, action=action, origin=origin))
     return results
 
 
+def replay_one(entity_id: int, selection: Selection, *, reason: str, operator: str,
+               deps: SupportDeps, action: str = "replay",
+               origin: dict[str, str] | None = None) -> ActionResult:
+    """Replay one entity if it is still in one of ``selection.states`` (else skip it)."""
+    return _replay_one(entity_id, selection, reason=reason, operator=operator, deps=deps,
+                       action=action, origin=origin)
+
+
 def _replay_one(entity_id: int, selection: Selection, *, reason: str, operator: str,
-                deps: SupportDeps, action: str) -> ActionResult:
+                deps: SupportDeps, action: str,
+                origin: dict[str, str] | None = None) -> ActionResult:
     now = deps.clock()
     with deps.uow() as uow:
         repo = uow.ledger
         target = repo.lock_target(entity_id)
-        assert target is not None
+        if target is None:  # its event was deleted since it was listed
+            raise NotFound(f"no entity {entity_id}")
         if target.state not in selection.states:
             # Changed since it was listed (issued, discarded, replayed by someone else).
             outcome = f"skipped: now {target.state}"
             repo.audit(action=action, operator=operator, reason=reason, outcome=outcome,
-                       now=now, entity_id=target.entity_id, event_id=target.event_id)
+                       now=now, entity_id=target.entity_id, event_id=target.event_id,
+                       details=dict(origin or {}))
             uow.commit()
             _log("replay_skipped", target, outcome, operator, reason)
             return _result(target, outcome)
@@ -142,7 +157,8 @@ def _replay_one(entity_id: int, selection: Selection, *, reason: str, operator: 
                      message=f"{reason} (by {operator})", operator=operator, now=now)
         repo.audit(action=action, operator=operator, reason=reason, outcome=outcome, now=now,
                    entity_id=target.entity_id, event_id=target.event_id,
-                   details={"state_before": target.state, "attempts_before": target.attempts})
+                   details={"state_before": target.state, "attempts_before": target.attempts,
+                            **(origin or {})})
         repo.refresh_event_states([target.event_id], now=now)
         uow.commit()
     # After the commit, so the retry finds the entity queued. If this publish fails, the
@@ -156,7 +172,7 @@ def _replay_one(entity_id: int, selection: Selection, *, reason: str, operator: 
 
 
 def discard(selection: Selection, *, reason: str, operator: str, deps: SupportDeps,
-            dry_run: bool = False) -> list[ActionResult]:
+            dry_run: bool = False, origin: dict[str, str] | None = None) -> list[ActionResult]:
     """Close the selected entities without issuing."""
     if not reason.strip():
         raise ValueError("a reason is required")
@@ -180,7 +196,8 @@ def discard(selection: Selection, *, reason: str, operator: str, deps: SupportDe
                              message=f"{reason} (by {operator})", operator=operator, now=now)
                 repo.refresh_event_states([target.event_id], now=now)
             repo.audit(action="discard", operator=operator, reason=reason, outcome=outcome,
-                       now=now, entity_id=target.entity_id, event_id=target.event_id)
+                       now=now, entity_id=target.entity_id, event_id=target.event_id,
+                       details=dict(origin or {}))
             uow.commit()
         if deps.metrics is not None and outcome == "discarded":
             deps.metrics.replays.labels("discard").inc()
@@ -191,16 +208,18 @@ def discard(selection: Selection, *, reason: str, operator: str, deps: SupportDe
 
 
 def replay_event(event_id: str, *, reason: str, operator: str, deps: SupportDeps,
-                 dry_run: bool = False, rate_per_s: float = 20.0) -> list[ActionResult]:
+                 dry_run: bool = False, rate_per_s: float = 20.0,
+                 origin: dict[str, str] | None = None) -> list[ActionResult]:
     """Re-run what an event has not issued yet: dead entities and waiting retries."""
     selection = Selection(event_id=event_id, states=EVENT_REPLAYABLE)
     results = replay(selection, reason=reason, operator=operator, deps=deps, dry_run=dry_run,
-                     rate_per_s=rate_per_s, action="event_replay")
+                     rate_per_s=rate_per_s, action="event_replay", origin=origin)
     if not results and not dry_run:
         with deps.uow() as uow:
             uow.ledger.audit(
                 action="event_replay", operator=operator, reason=reason,
-                outcome="nothing to replay", now=deps.clock(), event_id=event_id)
+                outcome="nothing to replay", now=deps.clock(), event_id=event_id,
+                details=dict(origin or {}))
             uow.commit()
     return results
 

@@ -22,6 +22,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from celery import Celery
@@ -31,7 +32,7 @@ from worker import services
 from worker.broker.context import container_of
 from worker.errors import EventRejected, LedgerUnavailable
 from worker.events import EVENT_ID_MAX_CHARS, parse_event_bytes, parse_event_data
-from worker.names import TASK_INGEST, TASK_ISSUE, TASK_RETRY
+from worker.names import TASK_INGEST, TASK_ISSUE, TASK_MARK, TASK_RETRY
 from worker.policy import Requeue, requeue
 from worker.sanitize import printable
 from worker.services import Deps, Report
@@ -148,7 +149,13 @@ def decode_body(body: object, encoding: str) -> bytes:
 def register(app: Celery) -> None:
     """Register the tasks on ``app`` (tasks are bound to the app that runs them)."""
     def deps() -> Deps:
-        return container_of(app).deps()
+        base = container_of(app).deps()
+        task = app.current_worker_task
+        if task is None or not task.request.id:
+            return base
+        # Who recorded each call and transition: this process and this task, so that the
+        # support console links an attempt to its task in Flower.
+        return replace(base, worker_id=f"{base.worker_id}{TASK_MARK}{task.request.id}")
 
     @app.task(name=TASK_ISSUE, ignore_result=True, shared=False)
     def issue(event: dict[str, Any], source: str = "task") -> dict[str, object]:

@@ -59,7 +59,8 @@ def entity_story(conn: Any, entity_id: int) -> dict[str, Any]:
         _row(c) for c in conn.execute(
             select(m.ApiCall.started_at, m.ApiCall.operation, m.ApiCall.request_id,
                    m.ApiCall.http_status, m.ApiCall.latency_ms, m.ApiCall.outcome,
-                   m.ApiCall.error_code, m.ApiCall.error_message, m.ApiCall.series_ids)
+                   m.ApiCall.error_code, m.ApiCall.error_message, m.ApiCall.series_ids,
+                   m.ApiCall.worker)
             .where(m.ApiCall.entity_ids.contains([entity_id])).order_by(m.ApiCall.id)
         ).mappings()
     ]
@@ -244,3 +245,126 @@ def duplicates(engine: Engine, *, limit: int = 200) -> list[dict[str, Any]]:
             .group_by(e.id).order_by(e.updated_at.desc(), e.id.desc()).limit(limit)
         ).mappings().all()
     return [{**_row(r), "codes": list(r["codes"])} for r in rows]
+
+
+# -- the console's pages -------------------------------------------------------------------
+
+CUSTOMER_KINDS = ("id", "mobile", "email", "externalId")
+
+
+def customer_keys(query: str) -> list[str]:
+    """The ledger keys a search term may name: ``id:…``, ``mobile:…`` … or the one given."""
+    query = query.strip()
+    kind, _, value = query.partition(":")
+    if value and kind in CUSTOMER_KINDS:
+        return [query]
+    return [f"{kind}:{query}" for kind in CUSTOMER_KINDS]
+
+
+def customer_story(engine: Engine, query: str, *, limit: int = 50) -> dict[str, Any]:
+    """Every event of a customer (by id, mobile, email or external id), newest first, with
+    entities, attempts and coupons."""
+    keys = customer_keys(query)
+    with engine.connect() as conn:
+        event_ids = conn.execute(
+            select(m.Event.event_id).where(m.Event.customer_key.in_(keys))
+            .order_by(m.Event.received_at.desc()).limit(limit)
+        ).scalars().all()
+    events = [event_story(engine, event_id) for event_id in event_ids]
+    found = sorted({e["customer_key"] for e in events})
+    return {"query": query, "keys": found or keys, "events": events}
+
+
+def dead_letter_groups(engine: Engine, *, limit: int = 200) -> list[dict[str, Any]]:
+    """Dead entities grouped by cause: error code x series x message, biggest first."""
+    e = m.Entity
+    with engine.connect() as conn:
+        return [
+            _row(r) for r in conn.execute(
+                select(e.last_error_code.label("error_code"), e.series_id,
+                       e.last_error_message.label("message"), func.count().label("count"),
+                       func.min(e.dead_at).label("first"), func.max(e.dead_at).label("last"))
+                .where(e.state == "dead")
+                .group_by(e.last_error_code, e.series_id, e.last_error_message)
+                .order_by(func.count().desc(), e.last_error_code, e.series_id).limit(limit)
+            ).mappings()
+        ]
+
+
+def overview_counts(engine: Engine, now: datetime) -> dict[str, dict[str, int]]:
+    """Entities by state changed within the last hour and the last day."""
+    from datetime import timedelta
+
+    e = m.Entity
+    out: dict[str, dict[str, int]] = {}
+    with engine.connect() as conn:
+        for label, span in (("hour", timedelta(hours=1)), ("day", timedelta(days=1))):
+            rows = conn.execute(
+                select(e.state, func.count()).where(e.updated_at >= now - span)
+                .group_by(e.state))
+            counts = {state: int(n) for state, n in rows}
+            unknown = conn.execute(
+                select(func.count()).select_from(e).where(
+                    e.updated_at >= now - span, e.needs_reconcile.is_(True),
+                    e.state.in_(("retry_wait", "queued", "in_flight")))).scalar_one()
+            out[label] = {
+                "issued": counts.get("issued", 0),
+                "retrying": counts.get("retry_wait", 0) + counts.get("queued", 0)
+                + counts.get("in_flight", 0),
+                "dead": counts.get("dead", 0),
+                "unknown_outcome": int(unknown),
+                "duplicate": counts.get("duplicate_issued", 0),
+            }
+    return out
+
+
+def issued_per_minute(engine: Engine, now: datetime, *, minutes: int = 60) -> list[int]:
+    """Coupons recorded per minute over the last ``minutes``, oldest first."""
+    from datetime import timedelta
+
+    c = m.IssuedCoupon
+    start = now - timedelta(minutes=minutes)
+    bucket = func.date_trunc("minute", c.issued_at)
+    with engine.connect() as conn:
+        rows: dict[datetime, int] = {
+            at: int(n) for at, n in conn.execute(
+                select(bucket, func.count()).where(c.issued_at >= start).group_by(bucket))}
+    base = start.replace(second=0, microsecond=0)
+    return [int(rows.get(base + timedelta(minutes=i + 1), 0)) for i in range(minutes)]
+
+
+def circuit_states(engine: Engine) -> list[dict[str, Any]]:
+    """The fleet-wide circuit breakers as they stand."""
+    b = m.CircuitBreaker
+    with engine.connect() as conn:
+        return [_row(r) for r in conn.execute(
+            select(b.name, b.state, b.consecutive_failures, b.open_until, b.reason)
+            .order_by(b.name)).mappings()]
+
+
+def audit_rows(engine: Engine, *, operator: str | None = None, action: str | None = None,
+               since: datetime | None = None, until: datetime | None = None,
+               limit: int = 500) -> list[dict[str, Any]]:
+    """The operator audit, newest first, filtered."""
+    a = m.OperatorAction
+    query = select(a.id, a.at, a.action, a.operator, a.reason, a.outcome, a.entity_id,
+                   a.event_id, a.details).order_by(a.id.desc()).limit(limit)
+    if operator:
+        query = query.where(a.operator == operator)
+    if action:
+        query = query.where(a.action == action)
+    if since:
+        query = query.where(a.at >= since)
+    if until:
+        query = query.where(a.at < until)
+    with engine.connect() as conn:
+        return [_row(r) for r in conn.execute(query).mappings()]
+
+
+def calls_last_minute(engine: Engine, now: datetime) -> int:
+    """Calls to Capillary in the minute before ``now`` (the rate limit's use)."""
+    from datetime import timedelta
+
+    with engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(m.ApiCall).where(
+            m.ApiCall.started_at >= now - timedelta(minutes=1))).scalar_one())

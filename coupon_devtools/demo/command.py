@@ -61,6 +61,7 @@ class DemoOptions:
     flower: bool
     keep: bool
     namespace: str = ""
+    console: bool = True
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
@@ -122,8 +123,8 @@ def _run_pipeline(options: DemoOptions, backends: Backends, workdir: Path,
     sandbox_url = f"http://127.0.0.1:{sandbox_port}"
     env = demo_env(backends, sandbox_url, metrics_port)
     migrate(env, logs)
-    start_processes(env, scenario, logs, sandbox_port=sandbox_port, flower=options.flower,
-                    services=services)
+    login = start_processes(env, scenario, logs, sandbox_port=sandbox_port,
+                            flower=options.flower, services=services, console=options.console)
     for service in services:
         console.print(f"  {service.name:<11} {service.url or 'demo@' + socket.gethostname()}"
                       f"  (pid {service.process.pid}, log {display(service.log_path)})")
@@ -146,7 +147,8 @@ def _run_pipeline(options: DemoOptions, backends: Backends, workdir: Path,
     print_summary(console, plan, outcome, drained=drained, drain_s=drain_s,
                   total_s=time.monotonic() - started)
     flower_url = next((s.url for s in services if s.name == "flower"), None)
-    print_next_steps(console, backends, outcome, flower_url, keep=options.keep, workdir=workdir)
+    print_next_steps(console, backends, outcome, flower_url, keep=options.keep, workdir=workdir,
+                     login=login)
     return 0 if drained and outcome.exactly_once else 1
 
 
@@ -167,6 +169,8 @@ def demo_command() -> click.Command:
                   help="Work folder: logs, scenario, embedded database and file broker.")
     @click.option("--flower/--no-flower", default=True, show_default=True,
                   help="Start Flower to watch the tasks.")
+    @click.option("--console/--no-console", "with_console", default=True, show_default=True,
+                  help="Start the support console, with a login made for this run.")
     @click.option("--keep", is_flag=True,
                   help="Leave everything running at the end (stop it with --stop).")
     @click.option("--stop", is_flag=True,
@@ -175,7 +179,7 @@ def demo_command() -> click.Command:
                   help="Suffix for the database and vhost names, so parallel runs (tests) do "
                        "not collide.")
     def demo(events: int, timeout_s: float, backend: Backend, workdir: Path, flower: bool,
-             keep: bool, stop: bool, namespace: str) -> None:
+             with_console: bool, keep: bool, stop: bool, namespace: str) -> None:
         """Run the whole pipeline on this machine: sandbox Capillary, worker, Flower, faults.
 
         Uses the local PostgreSQL and RabbitMQ when they answer, else embedded ones, and
@@ -189,7 +193,7 @@ def demo_command() -> click.Command:
         if namespace and not re.fullmatch(r"[a-z0-9]{1,20}", namespace):
             raise click.BadParameter("lower-case letters and digits only", param_hint="namespace")
         code = run_demo(DemoOptions(events, timeout_s, backend, workdir, flower, keep,
-                                    namespace), console)
+                                    namespace, with_console), console)
         sys.exit(code)
 
     return demo

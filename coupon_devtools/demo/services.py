@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -119,10 +120,40 @@ def start_sandbox(env: Mapping[str, str], logs: Path, services: list[Service],
     return sandbox
 
 
+@dataclass(frozen=True)
+class ConsoleLogin:
+    """Where this run's support console answers, and a login made for this run only."""
+
+    url: str
+    user: str
+    password: str
+
+
+def start_console(env: Mapping[str, str], logs: Path, services: list[Service], *,
+                  flower_url: str | None) -> ConsoleLogin:
+    """Start ``coupon-worker console`` with a fresh admin login and session secret."""
+    from worker.console.auth import hash_password
+
+    password = secrets.token_urlsafe(12)
+    users = {"users": [{"name": "demo", "role": "admin",
+                        "password_hash": hash_password(password)}]}
+    port = free_port()
+    console_env = {**env, "COUPONS_CONSOLE_SECRET": secrets.token_hex(32),
+                   "COUPONS_CONSOLE_USERS": json.dumps(users)}
+    if flower_url:
+        console_env["COUPONS_CONSOLE_FLOWER_URL"] = flower_url
+    service = spawn("console", ["console", "--port", str(port)], console_env, logs, services)
+    service.url = f"http://127.0.0.1:{port}"
+    wait_until(service, lambda: _http_ok(f"{service.url}/login"), "answering")
+    return ConsoleLogin(service.url, "demo", password)
+
+
 def start_processes(env: Mapping[str, str], scenario: Path, logs: Path, *, sandbox_port: int,
-                    flower: bool, services: list[Service]) -> None:
-    """Start the sandbox, the worker and Flower (appended to ``services`` as they start, so a
-    failure half-way still stops the ones already running) and wait until each is ready."""
+                    flower: bool, services: list[Service],
+                    console: bool = False) -> ConsoleLogin | None:
+    """Start the sandbox, the worker, Flower and the console (appended to ``services`` as they
+    start, so a failure half-way still stops the ones already running) and wait until each is
+    ready."""
     start_sandbox(env, logs, services, "--port", str(sandbox_port), "--scenario", str(scenario))
     args = ["worker", "-c", "4", "-n", "demo@%h"]
     # The worker logs " ready." at INFO; its log is a file, so the console stays quiet.
@@ -134,6 +165,10 @@ def start_processes(env: Mapping[str, str], scenario: Path, logs: Path, *, sandb
         browser = spawn("flower", ["flower", "--port", str(port)], env, logs, services)
         browser.url = f"http://127.0.0.1:{port}"
         wait_until(browser, lambda: _http_ok(f"{browser.url}/healthcheck"), "answering")
+    if not console:
+        return None
+    flower_url = next((s.url for s in services if s.name == "flower"), None)
+    return start_console(env, logs, services, flower_url=flower_url)
 
 
 def _http_ok(url: str) -> bool:

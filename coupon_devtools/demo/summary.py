@@ -16,6 +16,8 @@ from rich.markup import escape
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
+    from coupon_devtools.demo.services import ConsoleLogin
+
 from coupon_devtools.demo.backends import Backends
 from coupon_devtools.demo.defaults import CALL_LABELS, DEAD_REASONS, display
 from coupon_devtools.demo.scenario import Plan
@@ -197,8 +199,9 @@ def _shorten(text: str, chars: int) -> str:
 
 
 def print_next_steps(console: Console, backends: Backends, outcome: Outcome,
-                     flower_url: str | None, *, keep: bool, workdir: Path) -> None:
-    """Copy-pasteable commands into the run's ledger and logs."""
+                     flower_url: str | None, *, keep: bool, workdir: Path,
+                     login: ConsoleLogin | None = None) -> None:
+    """Copy-pasteable commands into the run's ledger and logs; the console's URL last."""
     from sqlalchemy.engine import make_url
 
     console.print("\n[bold]where to look next[/]")
@@ -222,6 +225,10 @@ def print_next_steps(console: Console, backends: Backends, outcome: Outcome,
     if keep:
         console.print(f"\neverything is still running; stop it with:  coupon-worker demo "
                       f"--stop --workdir {_shell_quote(display(workdir))}")
+    if login is not None:
+        console.print(f"\n[bold]support console[/]  {login.url}  log in as {login.user} / "
+                      f"{login.password}"
+                      + ("" if keep else "  (stopped with the demo: rerun with --keep)"))
 
 
 def _shell_quote(value: str) -> str:

@@ -159,9 +159,10 @@ def _parent_of(pid: int) -> int:
 def workers_that_claimed(engine: Engine, main_pids: Sequence[int]) -> set[int]:
     """Which workers (by main process) claimed entities.
 
-    The ledger records the pool process that claimed (``host:pid``); two pool processes of one
-    worker are one worker, so each is mapped to its parent, the worker's main process. Claims
-    by any other process (another host, a pool process that is gone) count as unknown (-1).
+    The ledger records the pool process that claimed (``host:pid``, then ``/task:<id>``); two
+    pool processes of one worker are one worker, so each is mapped to its parent, the worker's
+    main process. Claims by any other process (another host, a pool process that is gone)
+    count as unknown (-1).
     """
     import socket
 
@@ -170,7 +171,8 @@ def workers_that_claimed(engine: Engine, main_pids: Sequence[int]) -> set[int]:
     host = socket.gethostname()
     with engine.connect() as conn:
         claimers = {r[0] for r in conn.execute(text(
-            "SELECT DISTINCT worker FROM entity_history WHERE kind = 'claimed'"))}
+            "SELECT DISTINCT split_part(worker, '/task:', 1) FROM entity_history "
+            "WHERE kind = 'claimed'"))}
     found: set[int] = set()
     for claimer in claimers:
         name, _, pid = claimer.rpartition(":")

@@ -68,12 +68,13 @@ def assert_succeeded(done: subprocess.CompletedProcess[str]) -> str:
     assert "712 series expired" in output
     assert "701 customer not found" in output
     assert number_after("rejected messages", output) == 3
+    assert re.search(r"support console  http://127\.0\.0\.1:\d+  log in as demo / \S+", output)
     return output
 
 
 def assert_nothing_left_running(output: str, workdir: Path) -> None:
     pids = [int(p) for p in re.findall(r"\(pid (\d+),", output)]
-    assert len(pids) == 2, f"expected the sandbox's and the worker's pids:\n{output}"
+    assert len(pids) == 3, f"expected the sandbox's, the worker's and the console's pids:\n{output}"
     for pid in pids:
         # Each was started in a session of its own: nothing may be left in it (pool children).
         left = subprocess.run(["pgrep", "-s", str(pid)], capture_output=True, text=True,

@@ -24,21 +24,23 @@ import pytest
 import yaml
 
 from worker.config import Settings
+from worker.console.config import ConsoleSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 DOCKERFILE = REPO_ROOT / "Dockerfile"
-SERVICES = {"postgres", "rabbitmq", "sandbox", "migrate", "worker", "flower"}
+SERVICES = {"postgres", "rabbitmq", "sandbox", "migrate", "worker", "flower", "console"}
 # Command-line options allowed per service: where to listen. Everything else is configuration
 # and must come from the environment.
-ALLOWED_OPTIONS = {"sandbox": {"--host", "--port"}, "flower": {"--address", "--port"}}
+ALLOWED_OPTIONS = {"sandbox": {"--host", "--port"}, "flower": {"--address", "--port"},
+                   "console": {"--host", "--port"}}
 # Environment variables the project reads that are not Settings fields.
 EXTRA_PROJECT_VARS = {"COUPONS_ENV_FILE"}
 
 
 def _settings_env_names() -> set[str]:
     names = set()
-    for field in Settings.model_fields.values():
+    for field in [*Settings.model_fields.values(), *ConsoleSettings.model_fields.values()]:
         alias = field.validation_alias
         if isinstance(alias, str):
             names.add(alias)
@@ -56,6 +58,8 @@ def compose_config() -> dict[str, Any]:
     interpolated = set(re.findall(r"\$\{(\w+)", COMPOSE_FILE.read_text(encoding="utf-8")))
     env = {key: value for key, value in os.environ.items()
            if key not in interpolated and not key.startswith("COMPOSE_")}
+    # The secrets without a default: an operator's own values (placeholders here).
+    env.update({name: f"placeholder-{name.lower()}" for name in required_secrets()})
     with tempfile.TemporaryDirectory() as scratch:
         empty_env_file = Path(scratch) / "empty.env"
         empty_env_file.touch()
@@ -67,6 +71,11 @@ def compose_config() -> dict[str, Any]:
     config = yaml.safe_load(result.stdout)
     assert isinstance(config, dict)
     return config
+
+
+def required_secrets() -> set[str]:
+    """Variables the compose file requires (``${VAR:?…}``): no default is shipped."""
+    return set(re.findall(r"\$\{(\w+):\?", COMPOSE_FILE.read_text(encoding="utf-8")))
 
 
 def services() -> dict[str, dict[str, Any]]:
@@ -100,7 +109,7 @@ def cli_subcommands() -> frozenset[str]:
 def test_compose_file_validates_and_has_all_services() -> None:
     assert COMPOSE_FILE.exists()
     assert set(services()) == SERVICES
-    assert set(project_services()) == {"sandbox", "migrate", "worker", "flower"}
+    assert set(project_services()) == {"sandbox", "migrate", "worker", "flower", "console"}
 
 
 def test_start_up_order() -> None:
@@ -155,7 +164,7 @@ def test_worker_can_be_scaled() -> None:
     assert "9808" in [str(port) for port in worker.get("expose", [])]
 
 
-@pytest.mark.parametrize("name", ["sandbox", "migrate", "worker", "flower"])
+@pytest.mark.parametrize("name", ["sandbox", "migrate", "worker", "flower", "console"])
 def test_project_services_run_real_subcommands(name: str) -> None:
     service = project_services()[name]
     words = command_words(service)
@@ -183,7 +192,7 @@ def test_configuration_only_through_environment() -> None:
                     f"{name}: {var} is not a variable the project reads (worker/config.py)")
 
 
-@pytest.mark.parametrize("name", ["migrate", "worker", "flower"])
+@pytest.mark.parametrize("name", ["migrate", "worker", "console"])
 def test_environment_uses_project_names_and_compose_hosts(name: str) -> None:
     env = project_services()[name]["environment"]
     hosts = {
@@ -203,10 +212,39 @@ def test_environment_uses_project_names_and_compose_hosts(name: str) -> None:
 
 def test_secrets_can_be_overridden() -> None:
     text = COMPOSE_FILE.read_text(encoding="utf-8")
-    for var in ("POSTGRES_PASSWORD", "RABBITMQ_PASSWORD", "CAPILLARY_USERNAME",
-                "CAPILLARY_PASSWORD", "FLOWER_BASIC_AUTH"):
+    for var in ("POSTGRES_PASSWORD", "CAPILLARY_USERNAME", "CAPILLARY_PASSWORD"):
         assert f"${{{var}:-" in text, f"{var} should be ${{{var}:-default}} in the compose file"
     assert services()["flower"]["environment"]["FLOWER_BASIC_AUTH"]
+
+
+def test_nothing_published_ships_a_default_password() -> None:
+    # Given what the host can reach: RabbitMQ, Flower, the console
+    assert {"RABBITMQ_PASSWORD", "FLOWER_BASIC_AUTH", "COUPONS_CONSOLE_SECRET",
+            "COUPONS_CONSOLE_USERS"} <= required_secrets()
+    rabbit = services()["rabbitmq"]["environment"]
+    assert rabbit["RABBITMQ_DEFAULT_USER"] != "guest"
+    assert rabbit["RABBITMQ_DEFAULT_PASS"] == "placeholder-rabbitmq_password"
+    assert services()["flower"]["environment"]["FLOWER_BASIC_AUTH"] == \
+        "placeholder-flower_basic_auth"
+    # and every published port listens on the host's loopback only
+    for name, service in services().items():
+        for port in service.get("ports", []):
+            host_ip = port.get("host_ip") if isinstance(port, dict) else str(port).split(":")[0]
+            assert host_ip == "127.0.0.1", f"{name} publishes {port} on every interface"
+
+
+def test_flower_does_not_receive_capillary_credentials() -> None:
+    env = services()["flower"]["environment"]
+    assert not [k for k in env if k.startswith("CAPILLARY_")], sorted(env)
+    assert urlsplit(env["COUPONS_BROKER_URL"]).hostname == "rabbitmq"
+
+
+def test_console_needs_its_secret_and_users() -> None:
+    console = services()["console"]
+    env = console["environment"]
+    assert env["COUPONS_CONSOLE_SECRET"] == "placeholder-coupons_console_secret"
+    assert env["COUPONS_CONSOLE_USERS"] == "placeholder-coupons_console_users"
+    assert console["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}
 
 
 def test_dockerfile() -> None:

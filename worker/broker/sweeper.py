@@ -13,10 +13,12 @@ from typing import Any
 
 from celery import bootsteps
 
-from worker import services
+from worker import replay_jobs, services
 from worker.broker.context import container_of, links_of, step_settings
 from worker.errors import LedgerUnavailable
+from worker.ledger.jobs import ReplayJobStore
 from worker.policy import consumption_for_circuit, consumption_for_ledger_down
+from worker.replay import SupportDeps
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,11 @@ class Sweeper(bootsteps.StartStopStep):
                     open_until=circuit.open_until, now=deps.clock())
                 if report.dispatched or report.leases_expired or report.dead_letters_published:
                     log.info("sweep.done", extra=report.__dict__)
+                # Replay jobs confirmed in the console: this worker steps one if it is due.
+                replay_jobs.step_replay_jobs(
+                    SupportDeps(uow=deps.uow, publisher=deps.publisher, clock=deps.clock,
+                                metrics=deps.metrics),
+                    ReplayJobStore(container.engine))
             except LedgerUnavailable as exc:
                 links.pause = consumption_for_ledger_down(str(exc))
                 log.error("sweep.ledger_unavailable", extra={"error": str(exc)})

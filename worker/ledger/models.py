@@ -93,6 +93,10 @@ class Entity(Base):
             postgresql_where=text("state = 'dead' AND dead_published_at IS NULL"),
         ),
         Index("ix_entities_customer_key", "customer_key"),
+        # The console's dead-letter groups and overview counts, fast on millions of rows.
+        Index("ix_entities_dead_groups", "last_error_code", "series_id", "last_error_message",
+              postgresql_where=text("state = 'dead'")),
+        Index("ix_entities_updated_at", "updated_at"),
         Index("ix_entities_verify", "verify_after", postgresql_where=text(
             "verify_after IS NOT NULL")),
     )
@@ -183,6 +187,7 @@ class IssuedCoupon(Base):
         Index("ix_coupons_entity_id", "entity_id"),
         Index("ix_coupons_event_id", "event_id"),
         Index("ix_coupons_customer_key", "customer_key"),
+        Index("ix_coupons_issued_at", "issued_at"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
@@ -241,6 +246,7 @@ class OperatorAction(Base):
     __table_args__ = (
         Index("ix_operator_actions_entity_id", "entity_id"),
         Index("ix_operator_actions_event_id", "event_id"),
+        Index("ix_operator_actions_at", "at"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
@@ -279,3 +285,52 @@ class RateLimitBucket(Base):
     tokens: Mapped[float] = mapped_column(Float)
     refilled_at: Mapped[datetime] = mapped_column(Timestamp)
     blocked_until: Mapped[datetime | None] = mapped_column(Timestamp)
+
+
+class ReplayJob(Base):
+    """A replay an operator confirmed in the console: run by the workers' sweeper, at a pace.
+
+    The entities it covers are frozen in ``replay_job_items`` when it is created (from the dry
+    run the operator saw); each item goes through the same replay service as the CLI, which
+    re-checks the entity's state under a lock, so an item issued meanwhile is skipped.
+    """
+
+    __tablename__ = "replay_jobs"
+    __table_args__ = (
+        CheckConstraint(_one_of("state", ["running", "paused", "cancelled", "done"]),
+                        name="state"),
+        Index("ix_replay_jobs_due", "next_at", postgresql_where=text("state = 'running'")),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=text("now()"))
+    created_by: Mapped[str] = mapped_column(Text)
+    reason: Mapped[str] = mapped_column(Text)
+    selection: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    plan: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+    velocity_per_min: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(Text, server_default="running")
+    total: Mapped[int] = mapped_column(Integer)
+    next_at: Mapped[datetime] = mapped_column(Timestamp, server_default=text("now()"))
+    updated_at: Mapped[datetime] = mapped_column(Timestamp, server_default=text("now()"))
+    finished_at: Mapped[datetime | None] = mapped_column(Timestamp)
+
+
+class ReplayJobItem(Base):
+    """One entity of a replay job and what replaying it did."""
+
+    __tablename__ = "replay_job_items"
+    __table_args__ = (
+        UniqueConstraint("job_id", "entity_id"),
+        CheckConstraint(_one_of("state", ["pending", "done", "cancelled"]), name="state"),
+        Index("ix_replay_job_items_pending", "job_id", "id",
+              postgresql_where=text("state = 'pending'")),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("replay_jobs.id", ondelete="CASCADE"))
+    entity_id: Mapped[int] = mapped_column(BigInteger)
+    state: Mapped[str] = mapped_column(Text, server_default="pending")
+    outcome: Mapped[str | None] = mapped_column(Text)
+    done_at: Mapped[datetime | None] = mapped_column(Timestamp)

@@ -27,13 +27,15 @@ class Selection:
     error_code: str | None = None
     series_id: int | None = None
     customer: str | None = None
+    #: The exact last error message (the console's dead-letter groups are code x series x it).
+    error_message: str | None = None
     since: datetime | None = None
     until: datetime | None = None
     states: tuple[str, ...] = (EntityState.DEAD.value,)
 
     def is_empty(self) -> bool:
         return not (self.entity_ids or self.event_id or self.error_code or self.series_id
-                    or self.customer or self.since or self.until)
+                    or self.customer or self.error_message or self.since or self.until)
 
     def conditions(self) -> list[ColumnElement[bool]]:
         """The WHERE conditions of this selection."""
@@ -49,6 +51,8 @@ class Selection:
             conditions.append(e.last_error_code == self.error_code)
         if self.series_id:
             conditions.append(e.series_id == self.series_id)
+        if self.error_message is not None:
+            conditions.append(e.last_error_message == self.error_message)
         if self.customer:
             key = self.customer if ":" in self.customer else f"id:{self.customer}"
             conditions.append(e.customer_key == key)

@@ -1,0 +1,124 @@
+"""Who is asking: users and roles from a file (argon2 password hashes) or a trusted proxy's
+header, and a limit on failed logins."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import tomllib
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+
+from worker.errors import ConfigurationError
+
+_HASHER = PasswordHasher()
+# Verified when the user is unknown, so a wrong name costs as long as a wrong password.
+_DUMMY_HASH = _HASHER.hash("not a password of anyone")
+
+
+class Role(IntEnum):
+    """Each role may do what the ones below it may."""
+
+    VIEWER = 1  # reads every page
+    OPERATOR = 2  # replays, discards, resubmits, controls replay jobs
+    ADMIN = 3  # everything, including the audit export
+
+    @classmethod
+    def parse(cls, name: str) -> Role:
+        try:
+            return cls[name.strip().upper()]
+        except KeyError:
+            raise ConfigurationError(
+                f"unknown console role {name!r} (viewer, operator, admin)") from None
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    role: Role
+    password_hash: str | None = None
+
+
+def hash_password(password: str) -> str:
+    """An argon2id hash for the users file."""
+    return _HASHER.hash(password)
+
+
+class UserDirectory:
+    """The users file, read once at start."""
+
+    def __init__(self, users: list[User]) -> None:
+        self._users = {u.name: u for u in users}
+
+    @classmethod
+    def load(cls, source: str | None) -> UserDirectory:
+        """From the JSON itself, or a JSON or TOML file's path."""
+        if not source:
+            return cls([])
+        try:
+            if source.lstrip().startswith("{"):
+                data = json.loads(source)
+            else:
+                path = Path(source)
+                text = path.read_text(encoding="utf-8")
+                data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        except (OSError, ValueError) as exc:
+            raise ConfigurationError(f"COUPONS_CONSOLE_USERS: cannot read the users: {exc}") \
+                from exc
+        users = [User(str(u["name"]), Role.parse(str(u.get("role", "viewer"))),
+                      u.get("password_hash")) for u in data.get("users", [])]
+        return cls(users)
+
+    def get(self, name: str) -> User | None:
+        return self._users.get(name)
+
+    def authenticate(self, name: str, password: str) -> User | None:
+        user = self._users.get(name)
+        stored = user.password_hash if user is not None and user.password_hash else _DUMMY_HASH
+        try:
+            _HASHER.verify(stored, password)
+        except (VerificationError, InvalidHashError):
+            return None
+        return user if user is not None and user.password_hash else None
+
+
+class LoginLimiter:
+    """At most ``max_failures`` failed logins per user name and per client address within
+    ``window_s``; in this process's memory (one console process per deployment)."""
+
+    def __init__(self, max_failures: int, window_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.max_failures = max_failures
+        self.window_s = window_s
+        self._failures: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, key: str, now: float) -> deque[float]:
+        failures = self._failures.setdefault(key, deque())
+        while failures and failures[0] <= now - self.window_s:
+            failures.popleft()
+        return failures
+
+    def blocked(self, *keys: str) -> bool:
+        now = self.clock()
+        with self._lock:
+            return any(len(self._recent(k, now)) >= self.max_failures for k in keys)
+
+    def failed(self, *keys: str) -> None:
+        now = self.clock()
+        with self._lock:
+            for key in keys:
+                self._recent(key, now).append(now)
+
+    def succeeded(self, *keys: str) -> None:
+        with self._lock:
+            for key in keys:
+                self._failures.pop(key, None)
