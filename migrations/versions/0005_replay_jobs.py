@@ -21,6 +21,17 @@ down_revision: str | None = "0004"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
+# Rolling upgrades (README, Upgrading): does the previous revision's code run on this schema?
+# New tables and indexes only; the previous release never reads or writes the new tables.
+backward_compatible = True
+lint_exceptions = {
+    "prefer-identity": "ids are SQLAlchemy's autoincrement BigInteger (bigserial), as in 0001",
+    "prefer-bigint-over-int": "32-bit columns hold a velocity and item counts, never row ids",
+    "prefer-robust-stmts": "the new tables are made in one transaction that rolls back whole; "
+                           "a concurrent index that fails is left INVALID, and IF NOT EXISTS "
+                           "would then skip it: it must be dropped and the migration rerun",
+}
+
 
 def upgrade() -> None:
     op.create_table(
@@ -64,12 +75,18 @@ def upgrade() -> None:
     )
     op.create_index("ix_replay_job_items_pending", "replay_job_items", ["job_id", "id"],
                     postgresql_where=sa.text("state = 'pending'"))
-    op.create_index("ix_entities_dead_groups", "entities",
-                    ["last_error_code", "series_id", "last_error_message"],
-                    postgresql_where=sa.text("state = 'dead'"))
-    op.create_index("ix_entities_updated_at", "entities", ["updated_at"])
-    op.create_index("ix_operator_actions_at", "operator_actions", ["at"])
-    op.create_index("ix_coupons_issued_at", "coupons", ["issued_at"])
+    # Tables the running workers write: their indexes are built concurrently, outside the
+    # migration's transaction, so a large ledger keeps taking writes meanwhile.
+    with op.get_context().autocommit_block():
+        op.create_index("ix_entities_dead_groups", "entities",
+                        ["last_error_code", "series_id", "last_error_message"],
+                        postgresql_where=sa.text("state = 'dead'"), postgresql_concurrently=True)
+        op.create_index("ix_entities_updated_at", "entities", ["updated_at"],
+                        postgresql_concurrently=True)
+        op.create_index("ix_operator_actions_at", "operator_actions", ["at"],
+                        postgresql_concurrently=True)
+        op.create_index("ix_coupons_issued_at", "coupons", ["issued_at"],
+                        postgresql_concurrently=True)
 
 
 def downgrade() -> None:

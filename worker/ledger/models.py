@@ -287,6 +287,16 @@ class RateLimitBucket(Base):
     blocked_until: Mapped[datetime | None] = mapped_column(Timestamp)
 
 
+class EntityTransition(Base):
+    """A move the entity state machine allows (``worker.domain``); a trigger on ``entities``
+    refuses any other state change, whoever writes it."""
+
+    __tablename__ = "entity_transitions"
+
+    from_state: Mapped[str] = mapped_column(Text, primary_key=True)
+    to_state: Mapped[str] = mapped_column(Text, primary_key=True)
+
+
 class ReplayJob(Base):
     """A replay an operator confirmed in the console: run by the workers' sweeper, at a pace.
 
