@@ -56,7 +56,8 @@ def test_a_publish_the_broker_refuses_raises_and_a_confirmed_one_is_on_the_queue
     with refusing(settings, queue):
         assert _waiting(settings, queue) == 0, "the policy applies"
         # When a producer publishes: then it is told, instead of the message vanishing
-        with pytest.raises(BrokerUnavailable), EventProducer.open(settings) as producer:
+        with pytest.raises(BrokerUnavailable, match="refused the message"), \
+                EventProducer.open(settings) as producer:
             producer.publish_event(event, via=via)  # type: ignore[arg-type]
     # And once the broker accepts again, a confirmed publish is on the queue
     with EventProducer.open(settings) as producer:
@@ -68,7 +69,8 @@ def test_the_workers_publishes_raise_when_the_broker_refuses_them(settings: Sett
     publisher = CeleryPublisher(producer_app(settings), settings)
     due = [DueEntity(entity_id=7, event_id="e-7", customer_key="id:1", series_id=544770,
                      attempts=1)]
-    with refusing(settings, settings.retry_queue), pytest.raises(BrokerUnavailable):
+    with refusing(settings, settings.retry_queue), \
+            pytest.raises(BrokerUnavailable, match="refused the message"):
         publisher.publish_retries(due)
     publisher.publish_retries(due)
     assert _waiting(settings, settings.retry_queue) == 1

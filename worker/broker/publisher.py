@@ -33,6 +33,16 @@ __all__ = ["BROKER_ERRORS", "PUBLISH_RETRY_POLICY", "CeleryPublisher", "EventPro
 Via = Literal["bus", "task"]
 
 
+def why(exc: BaseException) -> str:
+    """A broker error in words: a nack carries none of its own."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, amqp.exceptions.MessageNacked):
+            return "the broker refused the message (nack)"
+        cause = cause.__cause__ or cause.__context__
+    return str(exc) or repr(exc)
+
+
 def event_argsrepr(event_id: str | None, customer: str | None, series: object) -> str:
     """How a task's arguments read in Flower: ids only, never metadata or secrets."""
     return f"event={event_id} customer={customer} series={series}"
@@ -63,7 +73,7 @@ class CeleryPublisher:
                         retry_policy=PUBLISH_RETRY_POLICY,
                     )
         except BROKER_ERRORS as exc:
-            raise BrokerUnavailable(f"could not publish retries: {exc}") from exc
+            raise BrokerUnavailable(f"could not publish retries: {why(exc)}") from exc
 
     def submit_event(self, event: LoyaltyEvent, *, source: str) -> None:
         """Send a valid event as the ``coupons.issue`` task, as a Python producer would."""
@@ -79,7 +89,7 @@ class CeleryPublisher:
                 retry_policy=PUBLISH_RETRY_POLICY,
             )
         except BROKER_ERRORS as exc:
-            raise BrokerUnavailable(f"could not publish the event: {exc}") from exc
+            raise BrokerUnavailable(f"could not publish the event: {why(exc)}") from exc
 
     def publish_dead_letters(self, records: Sequence[DeadLetterRecord]) -> None:
         try:
@@ -96,7 +106,7 @@ class CeleryPublisher:
                         retry_policy=PUBLISH_RETRY_POLICY,
                     )
         except BROKER_ERRORS as exc:
-            raise BrokerUnavailable(f"could not publish dead letters: {exc}") from exc
+            raise BrokerUnavailable(f"could not publish dead letters: {why(exc)}") from exc
 
 
 class EventProducer:
@@ -121,7 +131,7 @@ class EventProducer:
                 connection.ensure_connection(max_retries=3)
                 yield cls(settings, connection)
         except BROKER_ERRORS as exc:
-            raise BrokerUnavailable(f"broker unavailable: {exc}") from exc
+            raise BrokerUnavailable(f"broker unavailable: {why(exc)}") from exc
 
     def publish_raw(self, body: bytes, *, content_type: str = "application/json") -> None:
         """Publish bytes as they are to the events queue, as a loyalty bus would."""
