@@ -238,7 +238,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     workers: list[WorkerProcess] = getattr(item, "started_workers", [])
     if report.failed and report.when == "call":
         for worker in workers:
-            report.sections.append((f"worker {worker.name} (log tail)", worker.log_tail()))
+            report.sections.append((f"worker {worker.name} (log tail)", worker.log_tail(20_000)))
     return report
 
 

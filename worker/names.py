@@ -19,3 +19,9 @@ TASK_NAMES = (TASK_ISSUE, TASK_INGEST, TASK_RETRY)
 #: Between a worker's id and its task's id in the ledger's ``worker`` columns
 #: (``host:pid/task:<celery task id>``), which the console turns into a link to Flower.
 TASK_MARK = "/task:"
+
+
+def split_worker(value: str) -> tuple[str, str | None]:
+    """A ledger ``worker`` column as (the process ``host:pid``, the Celery task id or None)."""
+    process, _, task_id = value.partition(TASK_MARK)
+    return process, task_id or None

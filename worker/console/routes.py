@@ -33,7 +33,7 @@ from worker.console.app import Console
 from worker.console.auth import Role, User
 from worker.errors import NotFound, WorkerError
 from worker.ledger.support import Selection
-from worker.names import TASK_MARK
+from worker.names import split_worker
 from worker.replay import discard, resubmit_rejected
 from worker.replay_jobs import control_replay_job, plan_replay, start_replay_job
 from worker.services import utcnow
@@ -74,9 +74,7 @@ def _origin(user: User) -> dict[str, str]:
 
 def task_id_of(worker: str | None) -> str | None:
     """The Celery task id a ledger ``worker`` column carries (``host:pid/task:<id>``)."""
-    if not worker or TASK_MARK not in worker:
-        return None
-    return worker.rsplit(TASK_MARK, 1)[1] or None
+    return split_worker(worker)[1] if worker else None
 
 
 def render(request: Request, template: str, user: User | None, status: int = 200,
