@@ -301,7 +301,7 @@ def cli(settings: Settings, clean_ledger: Engine,
         if name.startswith(("COUPONS_", "CAPILLARY_")):
             monkeypatch.setenv(name, value)
     # Wide enough that a table cell is never folded across lines in these checks.
-    monkeypatch.setattr(cli_module, "console", Console(width=400))
+    monkeypatch.setattr(cli_module.output, "console", Console(width=400))
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     runner = CliRunner()

@@ -119,8 +119,10 @@ def test_dead_letter_views_filter_and_group(clean_ledger: Engine) -> None:
     seed(clean_ledger, "e-1", EntityState.DEAD, EntityState.DEAD)
     with clean_ledger.begin() as conn:
         conn.execute(text("UPDATE entities SET last_error_code = '712' WHERE series_id = 2"))
-        conn.execute(text("INSERT INTO rejected_events (source, reason, raw, size_bytes) "
-                          "VALUES ('bus', 'invalid JSON', 'x', 1)"))
+        # Received when the entities died, not whenever the test happens to run.
+        conn.execute(text("INSERT INTO rejected_events (source, reason, raw, size_bytes, "
+                          "received_at) VALUES ('bus', 'invalid JSON', 'x', 1, :at)"),
+                     {"at": NOW})
 
     def listed(**filters: object) -> list[tuple[str, object]]:
         return [(r["kind"], r.get("series_id"))

@@ -89,10 +89,10 @@ def test_a_rejected_payload_is_shown_escaped_and_indented() -> None:
 
 
 def test_error_messages_quote_values_as_text(monkeypatch: pytest.MonkeyPatch) -> None:
-    from worker.cli import fail
+    from worker.cli.output import fail
 
     buffer = io.StringIO()
-    monkeypatch.setattr("worker.cli.err_console",
+    monkeypatch.setattr("worker.cli.output.err_console",
                         Console(file=buffer, force_terminal=True, width=1000))
     with pytest.raises(SystemExit):
         fail(f"no event in the ledger: {EVIL}")

@@ -1,0 +1,79 @@
+"""The ``coupon-worker`` command group, and the dev-tool commands it finds only when asked.
+
+    coupon-worker migrate                 create the database if needed, upgrade to head
+    coupon-worker worker                  run a Celery worker (tasks, bridge, sweeper, metrics)
+    coupon-worker publish FILE|-          publish one event or a JSON-lines file of events
+    coupon-worker events show EVENT_ID    an event's entities, attempts, errors and coupons
+    coupon-worker events replay EVENT_ID  re-run what an event has not issued yet
+    coupon-worker dlq list|summary|show|replay|discard   dead letters, for support engineers
+    coupon-worker health                  whether this host's workers are consuming
+    coupon-worker rejected list|show|resubmit   rejected messages: inspect, fix and resubmit
+    coupon-worker flower                  Flower on the project's app
+    coupon-worker sandbox                 run the sandbox Capillary server      (dev tools)
+    coupon-worker demo | bench | chaos    the demo, the benchmark, the chaos run (dev tools)
+
+The dev-tool commands live in the ``coupon_devtools`` package (the ``devtools`` extra); the
+runtime never imports it, and this command line finds those commands only when one is asked for.
+"""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+import click
+
+# Each dev-tool command: the factory that builds it, as "module:function".
+DEVTOOL_COMMANDS: dict[str, str] = {
+    "sandbox": "coupon_devtools.sandbox.command:sandbox_command",
+    "demo": "coupon_devtools.demo.command:demo_command",
+    "bench": "coupon_devtools.bench.command:bench_command",
+    "chaos": "coupon_devtools.chaos.command:chaos_command",
+}
+DEVTOOLS_MISSING = "needs the dev tools: install coupon-worker[devtools]"
+
+
+class _DevToolsGroup(click.Group):
+    """A group that imports a dev-tool command only when it is asked for, so that the
+    worker's start-up never loads (nor needs) the ``coupon_devtools`` package."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *DEVTOOL_COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None or cmd_name not in DEVTOOL_COMMANDS:
+            return command
+        import importlib
+
+        module_name, factory = DEVTOOL_COMMANDS[cmd_name].split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if not (exc.name or "").startswith(("coupon_devtools", "aiohttp", "pgserver")):
+                raise
+            return _missing_devtools(cmd_name)
+        built: click.Command = getattr(module, factory)()
+        return built
+
+
+def _missing_devtools(name: str) -> click.Command:
+    def explain() -> NoReturn:
+        raise click.ClickException(f"coupon-worker {name} {DEVTOOLS_MISSING}")
+
+    return click.Command(name, callback=explain, help=f"({DEVTOOLS_MISSING})",
+                         context_settings={"ignore_unknown_options": True,
+                                           "allow_extra_args": True})
+
+
+@click.group(cls=_DevToolsGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="coupon-worker")
+def main() -> None:
+    """Issue loyalty coupons through Capillary's bulk-issue API, exactly once."""
+    import os
+
+    from worker.logs import configure_logging
+
+    # Structured lines on stderr (what an operator did is logged too); tables go to stdout.
+    configure_logging(os.environ.get("COUPONS_LOG_LEVEL", "INFO").upper(),
+                      "json" if os.environ.get("COUPONS_LOG_FORMAT") == "json" else "kv")
+
