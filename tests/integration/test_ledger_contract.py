@@ -6,10 +6,9 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import pytest
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, select
 
 from worker.domain import Coupon, EntityState
 from worker.errors import EventRejected
@@ -257,68 +256,78 @@ def test_racing_claims_never_share_an_entity(clean_ledger: Engine) -> None:
                                           "seriesIds": list(range(1, 41))}),
                         source="bus", now=NOW)
         u.commit()
-    claims: list[Any] = []
+    claims: list[Claim] = []
+    errors: list[BaseException] = []
     barrier = threading.Barrier(8)
 
     def claim(n: int) -> None:
-        barrier.wait()
-        with uow() as u:
-            claims.append(u.ledger.claim_event("race", token=f"t{n}", worker=f"w{n}", now=NOW,
-                                               lease_s=LEASE_S, settle_window_s=SETTLE_S))
-            u.commit()
+        try:
+            barrier.wait(timeout=10)
+            with uow() as u:
+                claims.append(u.ledger.claim_event("race", token=f"t{n}", worker=f"w{n}",
+                                                   now=NOW, lease_s=LEASE_S,
+                                                   settle_window_s=SETTLE_S))
+                u.commit()
+        except BaseException as exc:
+            errors.append(exc)
 
     threads = [threading.Thread(target=claim, args=(n,)) for n in range(8)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads) and errors == []
+    assert len(claims) == 8
     claimed = [e.entity_id for c in claims for e in c.entities]
     assert len(claimed) == 40 and len(set(claimed)) == 40
+    # And each entity is held, in the ledger, by the very claim that was handed it
+    handed = {e.entity_id: c.token for c in claims for e in c.entities}
     with clean_ledger.connect() as conn:
-        tokens = conn.execute(select(func.count(func.distinct(m.Entity.claim_token)))).scalar()
-    assert tokens is not None and tokens >= 1
+        held = {row[0]: row[1] for row in conn.execute(select(m.Entity.id, m.Entity.claim_token))}
+    assert held == handed
 
 
 def test_entities_finished_concurrently_still_complete_their_event(clean_ledger: Engine) -> None:
-    # Given an event whose two entities are claimed by two workers
+    # Given an event whose two entities are held by two workers' claims
     uow = sql_unit_of_work_factory(clean_ledger)
-    with uow() as u:
-        u.ledger.ingest(EVENT, source="bus", now=NOW)
-        u.commit()
-    claims = []
-    for token in ("t1", "t2"):
-        with uow() as u:
-            claims.append(u.ledger.claim_event("e-1", token=token, worker=token, now=NOW,
-                                               lease_s=LEASE_S, settle_window_s=SETTLE_S))
-            u.commit()
-    first = Claim(claims[0].event_id, claims[0].customer, claims[0].customer_key,
-                  claims[0].metadata, claims[0].issue_ref, "t1", claims[0].entities[:1], {})
-    second = ingest_claim_rest(uow, claims)
+    claim = ingest_and_claim(uow)
+    a, b = claim.entities
+    record(uow, claim, retry_wait(a.entity_id, NOW), retry_wait(b.entity_id, NOW))
+    first, second = (claim_one(uow, a.entity_id, "t1"), claim_one(uow, b.entity_id, "t2"))
     # When the second records while the first has recorded but not yet committed
     second_done = threading.Event()
+    errors: list[BaseException] = []
 
     def finish_second() -> None:
-        with uow() as u:
-            u.ledger.record(second, calls=[], worker="w", now=NOW,
-                            transitions=[issued(second.entities[0].entity_id, code="B")])
-            u.commit()
-        second_done.set()
+        try:
+            with uow() as u:
+                u.ledger.record(second, calls=[], worker="w2", now=NOW,
+                                transitions=[issued(b.entity_id, attempt=2, code="B")])
+                u.commit()
+            second_done.set()
+        except BaseException as exc:
+            errors.append(exc)
 
     with uow() as u:
-        u.ledger.record(first, calls=[], worker="w", now=NOW,
-                        transitions=[issued(first.entities[0].entity_id, code="A")])
+        assert u.ledger.record(first, calls=[], worker="w1", now=NOW,
+                               transitions=[issued(a.entity_id, attempt=2, code="A")]) == 0
         racer = threading.Thread(target=finish_second)
         racer.start()
         assert not second_done.wait(0.5), "the second waits for the first"
         u.commit()
     racer.join(timeout=10)
+    assert not racer.is_alive() and errors == [] and second_done.is_set()
     # Then the event is completed, not left "processing"
     with clean_ledger.connect() as conn:
         assert conn.execute(select(m.Event.state)).scalar() == "completed"
+        assert sorted(conn.execute(select(m.IssuedCoupon.code)).scalars()) == ["A", "B"]
 
 
-def ingest_claim_rest(uow: UowFactory, claims: list[Claim]) -> Claim:
-    """The second claim holds nothing (the first took both); split them for the race."""
-    first = claims[0]
-    return Claim(first.event_id, first.customer, first.customer_key, first.metadata,
-                 first.issue_ref, first.token, first.entities[1:], {})
+def claim_one(uow: UowFactory, entity_id: int, token: str) -> Claim:
+    with uow() as u:
+        claim = u.ledger.claim_entity(entity_id, token=token, worker=token, now=NOW,
+                                      lease_s=LEASE_S, settle_window_s=SETTLE_S)
+        u.commit()
+    assert claim is not None and [e.entity_id for e in claim.entities] == [entity_id]
+    assert claim.token == token
+    return claim
