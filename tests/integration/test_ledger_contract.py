@@ -6,16 +6,18 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, func, select
 
+from worker.capillary.api import CallInfo
 from worker.domain import Coupon, EntityState
 from worker.errors import EventRejected
 from worker.events import parse_event_data
 from worker.ledger import models as m
 from worker.ledger.fake import fake_unit_of_work_factory
-from worker.ledger.records import CircuitState, Claim, Transition
+from worker.ledger.records import CircuitState, Claim, RecordedCall, Transition
 from worker.ledger.unit_of_work import UnitOfWork, sql_unit_of_work_factory
 
 NOW = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
@@ -331,3 +333,116 @@ def claim_one(uow: UowFactory, entity_id: int, token: str) -> Claim:
     assert claim is not None and [e.entity_id for e in claim.entities] == [entity_id]
     assert claim.token == token
     return claim
+
+
+# -- PostgreSQL only: every column a claim and an outcome write ------------------------------
+
+
+def rows(engine: Engine, model: Any, *columns: str) -> list[tuple[Any, ...]]:
+    with engine.connect() as conn:
+        query = select(*(getattr(model, c) for c in columns)).order_by(model.id)
+        return [tuple(r) for r in conn.execute(query)]
+
+
+def test_a_claim_writes_its_history_and_hands_out_what_it_took(clean_ledger: Engine) -> None:
+    uow = sql_unit_of_work_factory(clean_ledger)
+    first = ingest_and_claim(uow, now=real_now(), lease_s=SHORT_LEASE_S)
+    again_at = outlive_short_lease()
+    with uow() as u:
+        again = u.ledger.claim_event("e-1", token="t2", worker="w2", now=again_at,
+                                     lease_s=LEASE_S, settle_window_s=SETTLE_S)
+        u.commit()
+    # The first attempt's time is kept, and the second claim must read back first
+    assert [e.first_attempt_at for e in again.entities] == \
+        [e.first_attempt_at for e in first.entities]
+    assert all(e.first_attempt_at < again_at for e in again.entities)
+    assert rows(clean_ledger, m.EntityHistory, "kind", "state", "attempt", "worker",
+                "error_code", "request_id", "message") == [
+        ("claimed", "in_flight", 1, "w", None, None, None),
+        ("claimed", "in_flight", 1, "w", None, None, None),
+        ("claimed", "in_flight", 2, "w2", None, None, "reconcile first"),
+        ("claimed", "in_flight", 2, "w2", None, None, "reconcile first"),
+    ]
+    held = rows(clean_ledger, m.Entity, "claim_token", "claimed_by", "attempts")
+    assert held == [("t2", "w2", 2), ("t2", "w2", 2)]
+    with clean_ledger.connect() as conn:
+        ats = conn.execute(select(m.EntityHistory.at).order_by(m.EntityHistory.id)).scalars()
+        assert list(ats)[2:] == [again_at, again_at], "the history is stamped with the claim"
+
+
+def test_a_retry_is_claimed_with_its_token_worker_lease_and_window(clean_ledger: Engine) -> None:
+    uow = sql_unit_of_work_factory(clean_ledger)
+    claim = ingest_and_claim(uow)
+    a, b = claim.entities
+    record(uow, claim, retry_wait(a.entity_id, NOW), retry_wait(b.entity_id, NOW))
+    with uow() as u:
+        assert u.ledger.claim_entity(a.entity_id, token="t2", worker="w2", now=NOW,
+                                     lease_s=LEASE_S, settle_window_s=SETTLE_S) is not None
+        u.commit()
+    retry = claim_one(uow, b.entity_id, "t3")
+    assert retry.skipped == {} and retry.issue_ref == claim.issue_ref
+    with clean_ledger.connect() as conn:
+        entity = conn.execute(select(m.Entity.claim_token, m.Entity.claimed_by,
+                                     m.Entity.lease_until - func.now())
+                              .where(m.Entity.id == a.entity_id)).one()
+    assert entity[:2] == ("t2", "w2")
+    assert LEASE_S - 10 < entity[2].total_seconds() <= LEASE_S, "lease from the given length"
+    # A retry of an unknown outcome waits for the settle window it was given
+    assert record(uow, retry, Transition(
+        b.entity_id, EntityState.RETRY_WAIT, "retry_scheduled", 2, next_attempt_at=NOW,
+        needs_reconcile=True, verdict="ambiguous", settle_window_s=SETTLE_S)) == 0
+    again = claim_one(uow, b.entity_id, "t4")
+    assert again.entities[0].needs_reconcile and not again.entities[0].settled
+
+
+def test_an_outcome_stores_its_calls_history_coupons_and_entity_state(
+    clean_ledger: Engine,
+) -> None:
+    uow = sql_unit_of_work_factory(clean_ledger)
+    claim = ingest_and_claim(uow)
+    a, b = claim.entities
+    started = NOW - timedelta(seconds=2)
+    call = RecordedCall(CallInfo("bulk_issue", started, 12.5, 201, "req-1", "answered",
+                                 "707", "invalid series"), (a.entity_id, b.entity_id), (1, 2),
+                        issue_ref="cw:x.1")
+    with uow() as u:
+        lost = u.ledger.record(claim, calls=[call], worker="w9", now=NOW, transitions=[
+            Transition(a.entity_id, EntityState.ISSUED, "issued", 1, request_id="req-1",
+                       coupon=Coupon(code="C1", series_id=1)),
+            Transition(b.entity_id, EntityState.DEAD, "dead", 1, error_code="707",
+                       error_message="invalid series", request_id="req-1",
+                       dead_reason="permanent error", verdict="permanent"),
+        ])
+        assert lost == 0
+        assert u.ledger.record(claim, calls=[], transitions=[], worker="w9", now=NOW) == 0
+        u.commit()
+    assert rows(clean_ledger, m.ApiCall, "event_id", "entity_ids", "series_ids", "operation",
+                "request_id", "http_status", "latency_ms", "outcome", "error_code",
+                "error_message", "started_at", "worker", "issue_ref") == [
+        ("e-1", [a.entity_id, b.entity_id], [1, 2], "bulk_issue", "req-1", 201, 12.5,
+         "answered", "707", "invalid series", started, "w9", "cw:x.1"),
+    ]
+    assert rows(clean_ledger, m.EntityHistory, "entity_id", "at", "kind", "state", "attempt",
+                "error_code", "message", "request_id", "worker")[2:] == [
+        (a.entity_id, NOW, "issued", "issued", 1, None, "coupon C1", "req-1", "w9"),
+        (b.entity_id, NOW, "dead", "dead", 1, "707", "permanent error", "req-1", "w9"),
+    ]
+    assert rows(clean_ledger, m.IssuedCoupon, "entity_id", "code", "request_id", "issued_at",
+                "recorded_via") == [(a.entity_id, "C1", "req-1", NOW, "issue")]
+    assert rows(clean_ledger, m.Entity, "state", "issued_at", "dead_at", "dead_reason",
+                "last_error_code", "last_verdict", "last_request_id", "claim_token") == [
+        ("issued", NOW, None, None, None, None, "req-1", None),
+        ("dead", None, NOW, "permanent error", "707", "permanent", "req-1", None),
+    ]
+
+
+def test_a_deferred_attempt_is_given_back_and_history_says_why(clean_ledger: Engine) -> None:
+    uow = sql_unit_of_work_factory(clean_ledger)
+    claim = ingest_and_claim(uow)
+    a, _b = claim.entities
+    record(uow, claim, Transition(a.entity_id, EntityState.RETRY_WAIT, "deferred", 1,
+                                  next_attempt_at=NOW, error_message="circuit open",
+                                  error_code="circuit_open", refund_attempt=True))
+    assert rows(clean_ledger, m.Entity, "attempts")[0] == (0,), "the attempt did not count"
+    assert rows(clean_ledger, m.EntityHistory, "kind", "message", "error_code")[2:] == [
+        ("deferred", "circuit open", "circuit_open")]
