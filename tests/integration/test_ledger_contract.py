@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, select, text
 
 from worker.capillary.api import CallInfo
 from worker.domain import Coupon, EntityState
@@ -446,3 +446,70 @@ def test_a_deferred_attempt_is_given_back_and_history_says_why(clean_ledger: Eng
     assert rows(clean_ledger, m.Entity, "attempts")[0] == (0,), "the attempt did not count"
     assert rows(clean_ledger, m.EntityHistory, "kind", "message", "error_code")[2:] == [
         ("deferred", "circuit open", "circuit_open")]
+
+
+def lock_entity(engine: Engine, entity_id: int) -> Any:
+    """Another transaction holding one entity's row lock (``.rollback()`` releases it)."""
+    conn = engine.connect()
+    conn.execute(select(m.Entity.id).where(m.Entity.id == entity_id).with_for_update())
+    return conn
+
+
+def test_an_event_claim_skips_locked_entities_and_other_events(clean_ledger: Engine) -> None:
+    uow = sql_unit_of_work_factory(clean_ledger)
+    with uow() as u:
+        u.ledger.ingest(EVENT, source="bus", now=NOW)
+        u.ledger.ingest(parse_event_data({"eventId": "e-2", "customer": {"id": "7"},
+                                          "seriesIds": [3]}), source="bus", now=NOW)
+        u.commit()
+    ids = [r[0] for r in rows(clean_ledger, m.Entity, "id")]
+    holder = lock_entity(clean_ledger, ids[0])
+    try:
+        with uow() as u:
+            u.session.execute(text("SET LOCAL lock_timeout = '2s'"))
+            claim = u.ledger.claim_event("e-1", token="t1", worker="w", now=NOW,
+                                         lease_s=LEASE_S, settle_window_s=SETTLE_S)
+            u.commit()
+    finally:
+        holder.rollback()
+        holder.close()
+    assert [e.entity_id for e in claim.entities] == [ids[1]], "skips the locked one, not e-2"
+    assert all(e.settled and e.settles_in_s == 0.0 for e in claim.entities)
+
+
+def test_a_retry_claim_waits_for_a_lock_and_takes_only_what_is_claimable(
+    clean_ledger: Engine,
+) -> None:
+    uow = sql_unit_of_work_factory(clean_ledger)
+    claim = ingest_and_claim(uow)
+    a, b = claim.entities
+    later = NOW + timedelta(seconds=30)
+    record(uow, claim, retry_wait(a.entity_id, NOW), retry_wait(b.entity_id, later))
+    # Not due yet: not claimed
+    with uow() as u:
+        assert u.ledger.claim_entity(b.entity_id, token="x", worker="w", now=NOW,
+                                     lease_s=LEASE_S, settle_window_s=SETTLE_S) is None
+    # Queued by the sweeper: claimed at once, no longer queued, stamped with the claim's time
+    with uow() as u:
+        u.ledger.mark_queued([a.entity_id], now=NOW)
+        u.commit()
+    holder = lock_entity(clean_ledger, a.entity_id)
+    threading.Timer(0.3, holder.rollback).start()
+    try:
+        retry = claim_one(uow, a.entity_id, "t2")  # waits for the lock, does not skip
+    finally:
+        holder.close()
+    assert rows(clean_ledger, m.Entity, "queued_at", "updated_at")[0] == (None, NOW)
+    # A live claim is not taken again, although its retry was due
+    with uow() as u:
+        assert u.ledger.claim_entity(a.entity_id, token="t3", worker="w", now=later,
+                                     lease_s=LEASE_S, settle_window_s=SETTLE_S) is None
+    assert retry.entities[0].attempts == 2
+
+
+def test_a_retry_claim_takes_an_abandoned_entity_to_reconcile(clean_ledger: Engine) -> None:
+    uow = sql_unit_of_work_factory(clean_ledger)
+    claim = ingest_and_claim(uow, now=real_now(), lease_s=SHORT_LEASE_S)
+    outlive_short_lease()
+    again = claim_one(uow, claim.entities[0].entity_id, "t2")
+    assert again.entities[0].needs_reconcile and again.entities[0].attempts == 2
