@@ -131,6 +131,7 @@ def test_an_outcome_needs_the_claim_except_an_issued_coupon(uow: UowFactory) -> 
     a, b = stale.entities
     assert record(uow, stale, retry_wait(a.entity_id, NOW)) == 1, "claim lost: not applied"
     assert record(uow, stale, issued(b.entity_id)) == 0, "a coupon is recorded regardless"
+    assert record(uow, stale, issued(b.entity_id, code="C2")) == 1, "but never over one"
 
 
 def test_retries_are_taken_when_due_and_requeued_if_lost(uow: UowFactory) -> None:
@@ -430,9 +431,11 @@ def test_an_outcome_stores_its_calls_history_coupons_and_entity_state(
     assert rows(clean_ledger, m.IssuedCoupon, "entity_id", "code", "request_id", "issued_at",
                 "recorded_via") == [(a.entity_id, "C1", "req-1", NOW, "issue")]
     assert rows(clean_ledger, m.Entity, "state", "issued_at", "dead_at", "dead_reason",
-                "last_error_code", "last_verdict", "last_request_id", "claim_token") == [
-        ("issued", NOW, None, None, None, None, "req-1", None),
-        ("dead", None, NOW, "permanent error", "707", "permanent", "req-1", None),
+                "last_error_code", "last_error_message", "last_verdict", "last_request_id",
+                "claim_token", "claimed_by", "lease_until", "needs_reconcile") == [
+        ("issued", NOW, None, None, None, None, None, "req-1", None, None, None, False),
+        ("dead", None, NOW, "permanent error", "707", "invalid series", "permanent", "req-1",
+         None, None, None, False),
     ]
 
 
@@ -440,10 +443,15 @@ def test_a_deferred_attempt_is_given_back_and_history_says_why(clean_ledger: Eng
     uow = sql_unit_of_work_factory(clean_ledger)
     claim = ingest_and_claim(uow)
     a, _b = claim.entities
-    record(uow, claim, Transition(a.entity_id, EntityState.RETRY_WAIT, "deferred", 1,
-                                  next_attempt_at=NOW, error_message="circuit open",
-                                  error_code="circuit_open", refund_attempt=True))
-    assert rows(clean_ledger, m.Entity, "attempts")[0] == (0,), "the attempt did not count"
+    later = NOW + timedelta(seconds=5)
+    with uow() as u:
+        u.ledger.record(claim, calls=[], worker="w", now=later, transitions=[Transition(
+            a.entity_id, EntityState.RETRY_WAIT, "deferred", 1, next_attempt_at=later,
+            error_message="circuit open", error_code="circuit_open", refund_attempt=True,
+            needs_reconcile=True)])
+        u.commit()
+    assert rows(clean_ledger, m.Entity, "attempts", "updated_at", "next_attempt_at",
+                "needs_reconcile")[0] == (0, later, later, True), "the attempt did not count"
     assert rows(clean_ledger, m.EntityHistory, "kind", "message", "error_code")[2:] == [
         ("deferred", "circuit open", "circuit_open")]
 
@@ -513,3 +521,23 @@ def test_a_retry_claim_takes_an_abandoned_entity_to_reconcile(clean_ledger: Engi
     outlive_short_lease()
     again = claim_one(uow, claim.entities[0].entity_id, "t2")
     assert again.entities[0].needs_reconcile and again.entities[0].attempts == 2
+
+
+def test_an_entity_dead_again_after_a_replay_is_published_again(clean_ledger: Engine) -> None:
+    uow = sql_unit_of_work_factory(clean_ledger)
+    claim = ingest_and_claim(uow)
+    a, _b = claim.entities
+    dead = Transition(a.entity_id, EntityState.DEAD, "dead", 1, error_code="707",
+                      dead_reason="permanent error")
+    record(uow, claim, dead)
+    with uow() as u:
+        u.ledger.mark_dead_letters_published(u.ledger.unpublished_dead_letters(limit=10),
+                                             now=NOW)
+        target = u.ledger.lock_target(a.entity_id)
+        assert target is not None
+        u.ledger.requeue_target(target, now=NOW, reset_attempts=True)
+        u.commit()
+    replayed = claim_one(uow, a.entity_id, "t2")
+    record(uow, replayed, dead)
+    with uow() as u:
+        assert [r.id for r in u.ledger.unpublished_dead_letters(limit=10)] == [a.entity_id]
