@@ -521,6 +521,9 @@ def test_a_retry_claim_takes_an_abandoned_entity_to_reconcile(clean_ledger: Engi
     outlive_short_lease()
     again = claim_one(uow, claim.entities[0].entity_id, "t2")
     assert again.entities[0].needs_reconcile and again.entities[0].attempts == 2
+    # The dead worker's call may land for the settle window after its lease ran out
+    assert not again.entities[0].settled
+    assert SETTLE_S - 5 < again.entities[0].settles_in_s <= SETTLE_S
 
 
 def test_an_entity_dead_again_after_a_replay_is_published_again(clean_ledger: Engine) -> None:
