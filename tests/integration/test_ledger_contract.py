@@ -544,3 +544,42 @@ def test_an_entity_dead_again_after_a_replay_is_published_again(clean_ledger: En
     record(uow, replayed, dead)
     with uow() as u:
         assert [r.id for r in u.ledger.unpublished_dead_letters(limit=10)] == [a.entity_id]
+
+
+def test_an_outcome_without_an_error_keeps_the_last_one_known(clean_ledger: Engine) -> None:
+    uow = sql_unit_of_work_factory(clean_ledger)
+    claim = ingest_and_claim(uow)
+    a, _b = claim.entities
+    record(uow, claim, Transition(a.entity_id, EntityState.RETRY_WAIT, "retry_scheduled", 1,
+                                  next_attempt_at=NOW, verdict="retryable", error_code="730",
+                                  error_message="unknown error", request_id="r1"))
+    # A deferral says nothing new; an issue clears no error but has its own request
+    second = claim_one(uow, a.entity_id, "t2")
+    record(uow, second, Transition(a.entity_id, EntityState.RETRY_WAIT, "deferred", 2,
+                                   next_attempt_at=NOW, refund_attempt=True))
+    columns = ("last_verdict", "last_error_code", "last_error_message", "last_request_id")
+    assert rows(clean_ledger, m.Entity, *columns)[0] == (
+        "retryable", "730", "unknown error", "r1")
+    third = claim_one(uow, a.entity_id, "t3")
+    record(uow, third, Transition(a.entity_id, EntityState.ISSUED, "issued", 2,
+                                  coupon=Coupon(code="C9", series_id=1), request_id="r3",
+                                  error_code="ignored", error_message="ignored"))
+    assert rows(clean_ledger, m.Entity, *columns)[0] == (
+        "retryable", "730", "unknown error", "r3")
+    # Issued when recorded, never dead
+    assert rows(clean_ledger, m.Entity, "dead_at", "dead_reason", "issued_at")[0] == (
+        None, None, NOW)
+
+
+def test_a_resend_is_checked_again_only_after_its_verify_window(clean_ledger: Engine) -> None:
+    uow = sql_unit_of_work_factory(clean_ledger)
+    claim = ingest_and_claim(uow)
+    a, _b = claim.entities
+    record(uow, claim, Transition(a.entity_id, EntityState.ISSUED, "issued", 1,
+                                  coupon=Coupon(code="C1", series_id=1), verify_window_s=60))
+    with uow() as u:
+        assert u.ledger.take_verifications(now=NOW, limit=10, hold_s=LEASE_S) == []
+    with clean_ledger.connect() as conn:
+        wait = conn.execute(select(m.Entity.verify_after - func.now())
+                            .where(m.Entity.id == a.entity_id)).scalar_one()
+    assert 50 < wait.total_seconds() <= 60
