@@ -14,8 +14,11 @@ import pytest
 from worker.config import load_settings
 from worker.domain import (
     NOTES_MAX_CHARS,
+    EntityState,
+    IllegalTransition,
     Verdict,
     attempt_ref,
+    check_transition,
     describe_error,
     issue_ref,
     notes_with_ref,
@@ -38,6 +41,12 @@ POLICY = RetryPolicy(max_attempts=3, base_s=1.0, max_s=60.0, reconcile_delay_s=2
                      settle_window_s=20.0)
 NOW = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
 REF = issue_ref("e-1")
+
+
+def test_an_illegal_move_says_which_it_was() -> None:
+    # It is a bug in the ledger, found from the log: the message is all there is to go on.
+    with pytest.raises(IllegalTransition, match="cannot move from issued to pending"):
+        check_transition(EntityState.ISSUED, EntityState.PENDING)
 
 
 # -- references and notes --------------------------------------------------------------------
