@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import Engine, func, select, text
 
 from worker.capillary.api import CallInfo
-from worker.domain import Coupon, EntityState
+from worker.domain import Coupon, EntityState, issue_ref
 from worker.errors import EventRejected
 from worker.events import parse_event_data
 from worker.ledger import models as m
@@ -326,9 +326,9 @@ def test_entities_finished_concurrently_still_complete_their_event(clean_ledger:
         assert sorted(conn.execute(select(m.IssuedCoupon.code)).scalars()) == ["A", "B"]
 
 
-def claim_one(uow: UowFactory, entity_id: int, token: str) -> Claim:
+def claim_one(uow: UowFactory, entity_id: int, token: str, now: datetime = NOW) -> Claim:
     with uow() as u:
-        claim = u.ledger.claim_entity(entity_id, token=token, worker=token, now=NOW,
+        claim = u.ledger.claim_entity(entity_id, token=token, worker=token, now=now,
                                       lease_s=LEASE_S, settle_window_s=SETTLE_S)
         u.commit()
     assert claim is not None and [e.entity_id for e in claim.entities] == [entity_id]
@@ -353,6 +353,12 @@ def test_a_claim_writes_its_history_and_hands_out_what_it_took(clean_ledger: Eng
         again = u.ledger.claim_event("e-1", token="t2", worker="w2", now=again_at,
                                      lease_s=LEASE_S, settle_window_s=SETTLE_S)
         u.commit()
+    # Each claim carries the event's customer, metadata and reference, read from the ledger
+    for claimed in (first, again):
+        assert (claimed.customer, claimed.customer_key, claimed.metadata, claimed.skipped) == (
+            EVENT.customer.as_api(), EVENT.customer.key,
+            EVENT.metadata.model_dump(exclude_none=True), {})
+        assert claimed.issue_ref == issue_ref("e-1")
     # The first attempt's time is kept, and the second claim must read back first
     assert [e.first_attempt_at for e in again.entities] == \
         [e.first_attempt_at for e in first.entities]
@@ -504,10 +510,10 @@ def test_a_retry_claim_waits_for_a_lock_and_takes_only_what_is_claimable(
     holder = lock_entity(clean_ledger, a.entity_id)
     threading.Timer(0.3, holder.rollback).start()
     try:
-        retry = claim_one(uow, a.entity_id, "t2")  # waits for the lock, does not skip
+        retry = claim_one(uow, a.entity_id, "t2", now=later)  # waits for the lock
     finally:
         holder.close()
-    assert rows(clean_ledger, m.Entity, "queued_at", "updated_at")[0] == (None, NOW)
+    assert rows(clean_ledger, m.Entity, "queued_at", "updated_at")[0] == (None, later)
     # A live claim is not taken again, although its retry was due
     with uow() as u:
         assert u.ledger.claim_entity(a.entity_id, token="t3", worker="w", now=later,
