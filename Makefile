@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: install lint test wheel-check demo bench chaos services clean
+.PHONY: install lint test wheel-check demo bench chaos services clean mutation
 
 install: $(VENV)/.installed
 
@@ -37,8 +37,13 @@ bench: install
 chaos: install
 	$(BIN)/coupon-worker chaos
 
+# Mutants of the rules and of the ledger's claim / outcome code against the unit tests and the
+# ledger contract (a few minutes; not in CI). Prints the survivors and the score.
+mutation: install
+	$(BIN)/python -m coupon_devtools.mutation
+
 services:
 	./.ci/services
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache mutants

@@ -9,14 +9,15 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, select, text
 
-from worker.domain import Coupon, EntityState
+from worker.capillary.api import CallInfo
+from worker.domain import Coupon, EntityState, issue_ref
 from worker.errors import EventRejected
 from worker.events import parse_event_data
 from worker.ledger import models as m
 from worker.ledger.fake import fake_unit_of_work_factory
-from worker.ledger.records import CircuitState, Claim, Transition
+from worker.ledger.records import CircuitState, Claim, RecordedCall, Transition
 from worker.ledger.unit_of_work import UnitOfWork, sql_unit_of_work_factory
 
 NOW = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
@@ -130,6 +131,7 @@ def test_an_outcome_needs_the_claim_except_an_issued_coupon(uow: UowFactory) -> 
     a, b = stale.entities
     assert record(uow, stale, retry_wait(a.entity_id, NOW)) == 1, "claim lost: not applied"
     assert record(uow, stale, issued(b.entity_id)) == 0, "a coupon is recorded regardless"
+    assert record(uow, stale, issued(b.entity_id, code="C2")) == 1, "but never over one"
 
 
 def test_retries_are_taken_when_due_and_requeued_if_lost(uow: UowFactory) -> None:
@@ -257,68 +259,333 @@ def test_racing_claims_never_share_an_entity(clean_ledger: Engine) -> None:
                                           "seriesIds": list(range(1, 41))}),
                         source="bus", now=NOW)
         u.commit()
-    claims: list[Any] = []
+    claims: list[Claim] = []
+    errors: list[BaseException] = []
     barrier = threading.Barrier(8)
 
     def claim(n: int) -> None:
-        barrier.wait()
-        with uow() as u:
-            claims.append(u.ledger.claim_event("race", token=f"t{n}", worker=f"w{n}", now=NOW,
-                                               lease_s=LEASE_S, settle_window_s=SETTLE_S))
-            u.commit()
+        try:
+            barrier.wait(timeout=10)
+            with uow() as u:
+                claims.append(u.ledger.claim_event("race", token=f"t{n}", worker=f"w{n}",
+                                                   now=NOW, lease_s=LEASE_S,
+                                                   settle_window_s=SETTLE_S))
+                u.commit()
+        except BaseException as exc:
+            errors.append(exc)
 
     threads = [threading.Thread(target=claim, args=(n,)) for n in range(8)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads) and errors == []
+    assert len(claims) == 8
     claimed = [e.entity_id for c in claims for e in c.entities]
     assert len(claimed) == 40 and len(set(claimed)) == 40
+    # And each entity is held, in the ledger, by the very claim that was handed it
+    handed = {e.entity_id: c.token for c in claims for e in c.entities}
     with clean_ledger.connect() as conn:
-        tokens = conn.execute(select(func.count(func.distinct(m.Entity.claim_token)))).scalar()
-    assert tokens is not None and tokens >= 1
+        held = {row[0]: row[1] for row in conn.execute(select(m.Entity.id, m.Entity.claim_token))}
+    assert held == handed
 
 
 def test_entities_finished_concurrently_still_complete_their_event(clean_ledger: Engine) -> None:
-    # Given an event whose two entities are claimed by two workers
+    # Given an event whose two entities are held by two workers' claims
     uow = sql_unit_of_work_factory(clean_ledger)
-    with uow() as u:
-        u.ledger.ingest(EVENT, source="bus", now=NOW)
-        u.commit()
-    claims = []
-    for token in ("t1", "t2"):
-        with uow() as u:
-            claims.append(u.ledger.claim_event("e-1", token=token, worker=token, now=NOW,
-                                               lease_s=LEASE_S, settle_window_s=SETTLE_S))
-            u.commit()
-    first = Claim(claims[0].event_id, claims[0].customer, claims[0].customer_key,
-                  claims[0].metadata, claims[0].issue_ref, "t1", claims[0].entities[:1], {})
-    second = ingest_claim_rest(uow, claims)
+    claim = ingest_and_claim(uow)
+    a, b = claim.entities
+    record(uow, claim, retry_wait(a.entity_id, NOW), retry_wait(b.entity_id, NOW))
+    first, second = (claim_one(uow, a.entity_id, "t1"), claim_one(uow, b.entity_id, "t2"))
     # When the second records while the first has recorded but not yet committed
     second_done = threading.Event()
+    errors: list[BaseException] = []
 
     def finish_second() -> None:
-        with uow() as u:
-            u.ledger.record(second, calls=[], worker="w", now=NOW,
-                            transitions=[issued(second.entities[0].entity_id, code="B")])
-            u.commit()
-        second_done.set()
+        try:
+            with uow() as u:
+                u.ledger.record(second, calls=[], worker="w2", now=NOW,
+                                transitions=[issued(b.entity_id, attempt=2, code="B")])
+                u.commit()
+            second_done.set()
+        except BaseException as exc:
+            errors.append(exc)
 
     with uow() as u:
-        u.ledger.record(first, calls=[], worker="w", now=NOW,
-                        transitions=[issued(first.entities[0].entity_id, code="A")])
+        assert u.ledger.record(first, calls=[], worker="w1", now=NOW,
+                               transitions=[issued(a.entity_id, attempt=2, code="A")]) == 0
         racer = threading.Thread(target=finish_second)
         racer.start()
         assert not second_done.wait(0.5), "the second waits for the first"
         u.commit()
     racer.join(timeout=10)
+    assert not racer.is_alive() and errors == [] and second_done.is_set()
     # Then the event is completed, not left "processing"
     with clean_ledger.connect() as conn:
         assert conn.execute(select(m.Event.state)).scalar() == "completed"
+        assert sorted(conn.execute(select(m.IssuedCoupon.code)).scalars()) == ["A", "B"]
 
 
-def ingest_claim_rest(uow: UowFactory, claims: list[Claim]) -> Claim:
-    """The second claim holds nothing (the first took both); split them for the race."""
-    first = claims[0]
-    return Claim(first.event_id, first.customer, first.customer_key, first.metadata,
-                 first.issue_ref, first.token, first.entities[1:], {})
+def claim_one(uow: UowFactory, entity_id: int, token: str, now: datetime = NOW) -> Claim:
+    with uow() as u:
+        claim = u.ledger.claim_entity(entity_id, token=token, worker=token, now=now,
+                                      lease_s=LEASE_S, settle_window_s=SETTLE_S)
+        u.commit()
+    assert claim is not None and [e.entity_id for e in claim.entities] == [entity_id]
+    assert claim.token == token
+    return claim
+
+
+# -- PostgreSQL only: every column a claim and an outcome write ------------------------------
+
+
+def rows(engine: Engine, model: Any, *columns: str) -> list[tuple[Any, ...]]:
+    with engine.connect() as conn:
+        query = select(*(getattr(model, c) for c in columns)).order_by(model.id)
+        return [tuple(r) for r in conn.execute(query)]
+
+
+def test_a_claim_writes_its_history_and_hands_out_what_it_took(clean_ledger: Engine) -> None:
+    uow = sql_unit_of_work_factory(clean_ledger)
+    first = ingest_and_claim(uow, now=real_now(), lease_s=SHORT_LEASE_S)
+    again_at = outlive_short_lease()
+    with uow() as u:
+        again = u.ledger.claim_event("e-1", token="t2", worker="w2", now=again_at,
+                                     lease_s=LEASE_S, settle_window_s=SETTLE_S)
+        u.commit()
+    # Each claim carries the event's customer, metadata and reference, read from the ledger
+    for claimed in (first, again):
+        assert (claimed.customer, claimed.customer_key, claimed.metadata, claimed.skipped) == (
+            EVENT.customer.as_api(), EVENT.customer.key,
+            EVENT.metadata.model_dump(exclude_none=True), {})
+        assert claimed.issue_ref == issue_ref("e-1")
+    # The first attempt's time is kept, and the second claim must read back first
+    assert [e.first_attempt_at for e in again.entities] == \
+        [e.first_attempt_at for e in first.entities]
+    assert all(e.first_attempt_at < again_at for e in again.entities)
+    assert rows(clean_ledger, m.EntityHistory, "kind", "state", "attempt", "worker",
+                "error_code", "request_id", "message") == [
+        ("claimed", "in_flight", 1, "w", None, None, None),
+        ("claimed", "in_flight", 1, "w", None, None, None),
+        ("claimed", "in_flight", 2, "w2", None, None, "reconcile first"),
+        ("claimed", "in_flight", 2, "w2", None, None, "reconcile first"),
+    ]
+    held = rows(clean_ledger, m.Entity, "claim_token", "claimed_by", "attempts")
+    assert held == [("t2", "w2", 2), ("t2", "w2", 2)]
+    with clean_ledger.connect() as conn:
+        ats = conn.execute(select(m.EntityHistory.at).order_by(m.EntityHistory.id)).scalars()
+        assert list(ats)[2:] == [again_at, again_at], "the history is stamped with the claim"
+
+
+def test_a_retry_is_claimed_with_its_token_worker_lease_and_window(clean_ledger: Engine) -> None:
+    uow = sql_unit_of_work_factory(clean_ledger)
+    claim = ingest_and_claim(uow)
+    a, b = claim.entities
+    record(uow, claim, retry_wait(a.entity_id, NOW), retry_wait(b.entity_id, NOW))
+    with uow() as u:
+        assert u.ledger.claim_entity(a.entity_id, token="t2", worker="w2", now=NOW,
+                                     lease_s=LEASE_S, settle_window_s=SETTLE_S) is not None
+        u.commit()
+    retry = claim_one(uow, b.entity_id, "t3")
+    assert retry.skipped == {} and retry.issue_ref == claim.issue_ref
+    with clean_ledger.connect() as conn:
+        entity = conn.execute(select(m.Entity.claim_token, m.Entity.claimed_by,
+                                     m.Entity.lease_until - func.now())
+                              .where(m.Entity.id == a.entity_id)).one()
+    assert entity[:2] == ("t2", "w2")
+    assert LEASE_S - 10 < entity[2].total_seconds() <= LEASE_S, "lease from the given length"
+    # A retry of an unknown outcome waits for the settle window it was given
+    assert record(uow, retry, Transition(
+        b.entity_id, EntityState.RETRY_WAIT, "retry_scheduled", 2, next_attempt_at=NOW,
+        needs_reconcile=True, verdict="ambiguous", settle_window_s=SETTLE_S)) == 0
+    again = claim_one(uow, b.entity_id, "t4")
+    assert again.entities[0].needs_reconcile and not again.entities[0].settled
+
+
+def test_an_outcome_stores_its_calls_history_coupons_and_entity_state(
+    clean_ledger: Engine,
+) -> None:
+    uow = sql_unit_of_work_factory(clean_ledger)
+    claim = ingest_and_claim(uow)
+    a, b = claim.entities
+    started = NOW - timedelta(seconds=2)
+    call = RecordedCall(CallInfo("bulk_issue", started, 12.5, 201, "req-1", "answered",
+                                 "707", "invalid series"), (a.entity_id, b.entity_id), (1, 2),
+                        issue_ref="cw:x.1")
+    with uow() as u:
+        lost = u.ledger.record(claim, calls=[call], worker="w9", now=NOW, transitions=[
+            Transition(a.entity_id, EntityState.ISSUED, "issued", 1, request_id="req-1",
+                       coupon=Coupon(code="C1", series_id=1)),
+            Transition(b.entity_id, EntityState.DEAD, "dead", 1, error_code="707",
+                       error_message="invalid series", request_id="req-1",
+                       dead_reason="permanent error", verdict="permanent"),
+        ])
+        assert lost == 0
+        assert u.ledger.record(claim, calls=[], transitions=[], worker="w9", now=NOW) == 0
+        u.commit()
+    assert rows(clean_ledger, m.ApiCall, "event_id", "entity_ids", "series_ids", "operation",
+                "request_id", "http_status", "latency_ms", "outcome", "error_code",
+                "error_message", "started_at", "worker", "issue_ref") == [
+        ("e-1", [a.entity_id, b.entity_id], [1, 2], "bulk_issue", "req-1", 201, 12.5,
+         "answered", "707", "invalid series", started, "w9", "cw:x.1"),
+    ]
+    assert rows(clean_ledger, m.EntityHistory, "entity_id", "at", "kind", "state", "attempt",
+                "error_code", "message", "request_id", "worker")[2:] == [
+        (a.entity_id, NOW, "issued", "issued", 1, None, "coupon C1", "req-1", "w9"),
+        (b.entity_id, NOW, "dead", "dead", 1, "707", "permanent error", "req-1", "w9"),
+    ]
+    assert rows(clean_ledger, m.IssuedCoupon, "entity_id", "code", "request_id", "issued_at",
+                "recorded_via") == [(a.entity_id, "C1", "req-1", NOW, "issue")]
+    assert rows(clean_ledger, m.Entity, "state", "issued_at", "dead_at", "dead_reason",
+                "last_error_code", "last_error_message", "last_verdict", "last_request_id",
+                "claim_token", "claimed_by", "lease_until", "needs_reconcile") == [
+        ("issued", NOW, None, None, None, None, None, "req-1", None, None, None, False),
+        ("dead", None, NOW, "permanent error", "707", "invalid series", "permanent", "req-1",
+         None, None, None, False),
+    ]
+
+
+def test_a_deferred_attempt_is_given_back_and_history_says_why(clean_ledger: Engine) -> None:
+    uow = sql_unit_of_work_factory(clean_ledger)
+    claim = ingest_and_claim(uow)
+    a, _b = claim.entities
+    later = NOW + timedelta(seconds=5)
+    with uow() as u:
+        u.ledger.record(claim, calls=[], worker="w", now=later, transitions=[Transition(
+            a.entity_id, EntityState.RETRY_WAIT, "deferred", 1, next_attempt_at=later,
+            error_message="circuit open", error_code="circuit_open", refund_attempt=True,
+            needs_reconcile=True)])
+        u.commit()
+    assert rows(clean_ledger, m.Entity, "attempts", "updated_at", "next_attempt_at",
+                "needs_reconcile")[0] == (0, later, later, True), "the attempt did not count"
+    assert rows(clean_ledger, m.EntityHistory, "kind", "message", "error_code")[2:] == [
+        ("deferred", "circuit open", "circuit_open")]
+
+
+def lock_entity(engine: Engine, entity_id: int) -> Any:
+    """Another transaction holding one entity's row lock (``.rollback()`` releases it)."""
+    conn = engine.connect()
+    conn.execute(select(m.Entity.id).where(m.Entity.id == entity_id).with_for_update())
+    return conn
+
+
+def test_an_event_claim_skips_locked_entities_and_other_events(clean_ledger: Engine) -> None:
+    uow = sql_unit_of_work_factory(clean_ledger)
+    with uow() as u:
+        u.ledger.ingest(EVENT, source="bus", now=NOW)
+        u.ledger.ingest(parse_event_data({"eventId": "e-2", "customer": {"id": "7"},
+                                          "seriesIds": [3]}), source="bus", now=NOW)
+        u.commit()
+    ids = [r[0] for r in rows(clean_ledger, m.Entity, "id")]
+    holder = lock_entity(clean_ledger, ids[0])
+    try:
+        with uow() as u:
+            u.session.execute(text("SET LOCAL lock_timeout = '2s'"))
+            claim = u.ledger.claim_event("e-1", token="t1", worker="w", now=NOW,
+                                         lease_s=LEASE_S, settle_window_s=SETTLE_S)
+            u.commit()
+    finally:
+        holder.rollback()
+        holder.close()
+    assert [e.entity_id for e in claim.entities] == [ids[1]], "skips the locked one, not e-2"
+    assert all(e.settled and e.settles_in_s == 0.0 for e in claim.entities)
+
+
+def test_a_retry_claim_waits_for_a_lock_and_takes_only_what_is_claimable(
+    clean_ledger: Engine,
+) -> None:
+    uow = sql_unit_of_work_factory(clean_ledger)
+    claim = ingest_and_claim(uow)
+    a, b = claim.entities
+    later = NOW + timedelta(seconds=30)
+    record(uow, claim, retry_wait(a.entity_id, NOW), retry_wait(b.entity_id, later))
+    # Not due yet: not claimed
+    with uow() as u:
+        assert u.ledger.claim_entity(b.entity_id, token="x", worker="w", now=NOW,
+                                     lease_s=LEASE_S, settle_window_s=SETTLE_S) is None
+    # Queued by the sweeper: claimed at once, no longer queued, stamped with the claim's time
+    with uow() as u:
+        u.ledger.mark_queued([a.entity_id], now=NOW)
+        u.commit()
+    holder = lock_entity(clean_ledger, a.entity_id)
+    threading.Timer(0.3, holder.rollback).start()
+    try:
+        retry = claim_one(uow, a.entity_id, "t2", now=later)  # waits for the lock
+    finally:
+        holder.close()
+    assert rows(clean_ledger, m.Entity, "queued_at", "updated_at")[0] == (None, later)
+    # A live claim is not taken again, although its retry was due
+    with uow() as u:
+        assert u.ledger.claim_entity(a.entity_id, token="t3", worker="w", now=later,
+                                     lease_s=LEASE_S, settle_window_s=SETTLE_S) is None
+    assert retry.entities[0].attempts == 2
+
+
+def test_a_retry_claim_takes_an_abandoned_entity_to_reconcile(clean_ledger: Engine) -> None:
+    uow = sql_unit_of_work_factory(clean_ledger)
+    claim = ingest_and_claim(uow, now=real_now(), lease_s=SHORT_LEASE_S)
+    outlive_short_lease()
+    again = claim_one(uow, claim.entities[0].entity_id, "t2")
+    assert again.entities[0].needs_reconcile and again.entities[0].attempts == 2
+    # The dead worker's call may land for the settle window after its lease ran out
+    assert not again.entities[0].settled
+    assert SETTLE_S - 5 < again.entities[0].settles_in_s <= SETTLE_S
+
+
+def test_an_entity_dead_again_after_a_replay_is_published_again(clean_ledger: Engine) -> None:
+    uow = sql_unit_of_work_factory(clean_ledger)
+    claim = ingest_and_claim(uow)
+    a, _b = claim.entities
+    dead = Transition(a.entity_id, EntityState.DEAD, "dead", 1, error_code="707",
+                      dead_reason="permanent error")
+    record(uow, claim, dead)
+    with uow() as u:
+        u.ledger.mark_dead_letters_published(u.ledger.unpublished_dead_letters(limit=10),
+                                             now=NOW)
+        target = u.ledger.lock_target(a.entity_id)
+        assert target is not None
+        u.ledger.requeue_target(target, now=NOW, reset_attempts=True)
+        u.commit()
+    replayed = claim_one(uow, a.entity_id, "t2")
+    record(uow, replayed, dead)
+    with uow() as u:
+        assert [r.id for r in u.ledger.unpublished_dead_letters(limit=10)] == [a.entity_id]
+
+
+def test_an_outcome_without_an_error_keeps_the_last_one_known(clean_ledger: Engine) -> None:
+    uow = sql_unit_of_work_factory(clean_ledger)
+    claim = ingest_and_claim(uow)
+    a, _b = claim.entities
+    record(uow, claim, Transition(a.entity_id, EntityState.RETRY_WAIT, "retry_scheduled", 1,
+                                  next_attempt_at=NOW, verdict="retryable", error_code="730",
+                                  error_message="unknown error", request_id="r1"))
+    # A deferral says nothing new; an issue clears no error but has its own request
+    second = claim_one(uow, a.entity_id, "t2")
+    record(uow, second, Transition(a.entity_id, EntityState.RETRY_WAIT, "deferred", 2,
+                                   next_attempt_at=NOW, refund_attempt=True))
+    columns = ("last_verdict", "last_error_code", "last_error_message", "last_request_id")
+    assert rows(clean_ledger, m.Entity, *columns)[0] == (
+        "retryable", "730", "unknown error", "r1")
+    third = claim_one(uow, a.entity_id, "t3")
+    record(uow, third, Transition(a.entity_id, EntityState.ISSUED, "issued", 2,
+                                  coupon=Coupon(code="C9", series_id=1), request_id="r3",
+                                  error_code="ignored", error_message="ignored"))
+    assert rows(clean_ledger, m.Entity, *columns)[0] == (
+        "retryable", "730", "unknown error", "r3")
+    # Issued when recorded, never dead
+    assert rows(clean_ledger, m.Entity, "dead_at", "dead_reason", "issued_at")[0] == (
+        None, None, NOW)
+
+
+def test_a_resend_is_checked_again_only_after_its_verify_window(clean_ledger: Engine) -> None:
+    uow = sql_unit_of_work_factory(clean_ledger)
+    claim = ingest_and_claim(uow)
+    a, _b = claim.entities
+    record(uow, claim, Transition(a.entity_id, EntityState.ISSUED, "issued", 1,
+                                  coupon=Coupon(code="C1", series_id=1), verify_window_s=60))
+    with uow() as u:
+        assert u.ledger.take_verifications(now=NOW, limit=10, hold_s=LEASE_S) == []
+    with clean_ledger.connect() as conn:
+        wait = conn.execute(select(m.Entity.verify_after - func.now())
+                            .where(m.Entity.id == a.entity_id)).scalar_one()
+    assert 50 < wait.total_seconds() <= 60

@@ -63,7 +63,7 @@ class World:
 def world() -> World:
     state, uow = fake_unit_of_work_factory()
     clock = Clock()
-    api = FakeCapillary()
+    api = FakeCapillary(clock=clock)
     publisher = FakePublisher()
     limiter = RecordingLimiter()
     deps = Deps(

@@ -10,7 +10,7 @@ from tests.unit.conftest import SETTLE_S, World
 from worker.domain import EntityState
 from worker.errors import EventRejected
 from worker.events import LoyaltyEvent, parse_event_data
-from worker.services import issue_event, sweep
+from worker.services import RECONCILE_CLOCK_SKEW, issue_event, sweep
 
 
 def event(event_id: str = "e-1", series: tuple[int, ...] = (544770, 553379),
@@ -95,6 +95,42 @@ def test_timeout_after_issue_is_reconciled_not_reissued(world: World) -> None:
     assert world.api.read_backs == 1
     assert world.entity(544770).state is EntityState.ISSUED
     assert world.entity(544770).history[-1] == "reconciled"
+
+
+def test_a_coupon_stamped_by_a_capillary_clock_minutes_behind_ours_is_still_found(
+    world: World,
+) -> None:
+    # Given Capillary's clock four minutes behind the worker's (inside the allowed skew)
+    world.api.clock = lambda: world.clock.now - timedelta(minutes=4)
+    world.api.fail_next("timeout_after_issue")
+    issue_event(event(series=(544770,)), source="task", deps=world.deps)
+    first_attempt = world.clock.now
+    # When the unknown outcome is read back
+    world.clock.advance(5)
+    world.sweep_and_retry()
+    # Then the coupon is found, not issued again, and the read-back looked no further back
+    # than the skew allows (it would page through the customer's whole history)
+    assert len(world.api.issued) == 1 and len(world.api.bulk_calls) == 1
+    assert world.entity(544770).history[-1] == "reconciled"
+    [since] = world.api.read_back_since
+    assert first_attempt - 2 * RECONCILE_CLOCK_SKEW <= since <= first_attempt - timedelta(minutes=4)
+
+
+def test_a_late_original_stamped_before_the_first_attempt_by_capillary_is_still_detected(
+    world: World,
+) -> None:
+    # Given a slow original stamped by a Capillary clock behind ours, landing after the resend
+    world.api.clock = lambda: world.clock.now - timedelta(minutes=4)
+    world.api.fail_next("late_original")
+    issue_event(event(series=(544770,)), source="task", deps=world.deps)
+    world.clock.advance(SETTLE_S + 5)
+    world.sweep_and_retry()
+    world.api.land_late()
+    # When the check after the re-send reads back
+    world.clock.advance(SETTLE_S + 1)
+    # Then it finds the late original
+    assert sweep(world.deps).duplicates == 1
+    assert world.entity(544770).state is EntityState.DUPLICATE_ISSUED
 
 
 def test_timeout_before_issue_is_sent_again_only_once_the_original_cannot_land(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
@@ -36,9 +37,18 @@ class FakeIssued:
     at: datetime
 
 
+def _real_clock() -> datetime:
+    return datetime.now(UTC)
+
+
 @dataclass
 class FakeCapillary:
-    """Issues coupons in memory; faults are queued per call with ``fail_next``."""
+    """Issues coupons in memory; faults are queued per call with ``fail_next``.
+
+    ``clock`` is Capillary's clock: it stamps calls and coupons. Unit tests pass theirs (or
+    one that runs behind it), so a read-back's ``since`` bound is judged on the same time line
+    as the ledger's ``first_attempt_at``.
+    """
 
     series_errors: dict[int, int] = field(default_factory=dict)
     issued: list[FakeIssued] = field(default_factory=list)
@@ -46,6 +56,9 @@ class FakeCapillary:
     read_backs: int = 0
     retry_after_s: float = 2.0
     late: list[FakeIssued] = field(default_factory=list)
+    clock: Callable[[], datetime] = _real_clock
+    #: The ``since`` of every read-back, in order.
+    read_back_since: list[datetime] = field(default_factory=list)
     _faults: deque[CallFault] = field(default_factory=deque)
     _codes: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
@@ -59,7 +72,7 @@ class FakeCapillary:
 
     def _call(self, operation: str, status: int | None, outcome: str,
               code: str | None = None) -> CallInfo:
-        return CallInfo(operation, datetime.now(UTC), 1.0, status, f"req-{len(self.bulk_calls)}",
+        return CallInfo(operation, self.clock(), 1.0, status, f"req-{len(self.bulk_calls)}",
                         outcome, code)
 
     def issued_for(self, series_id: int) -> list[FakeIssued]:
@@ -125,13 +138,14 @@ class FakeCapillary:
         for series_id in series_ids:
             code = f"FAKE{next(self._codes):06d}"
             self.issued.append(FakeIssued(customer, series_id, code, metadata.get("notes", ""),
-                                          datetime.now(UTC)))
+                                          self.clock()))
             coupons.append(Coupon(code=code, series_id=series_id))
         return coupons
 
     def find_coupons(self, customer: dict[str, str], series_id: int,
                      since: datetime) -> ReadBack:
         self.read_backs += 1
+        self.read_back_since.append(since)
         if self._faults and self._faults[0] == "read_back_fails":
             self._faults.popleft()
             raise Ambiguous("read-back timed out")

@@ -227,26 +227,34 @@ def _claim_statement(claimable: ColumnElement[bool], *, skip_locked: bool) -> An
 
 
 _NOW = bindparam("b_now", type_=DateTime(timezone=True))
-_CLAIM_EVENT = _claim_statement(
-    and_(
-        _E.event_id == bindparam("b_event_id"),
-        or_(_E.state.in_(_CLAIMABLE_FRESH), _ABANDONED),
-    ),
-    skip_locked=True,
-)
-# A retry waits for a lock rather than skipping: the holder is a short transaction (the
-# sweeper queueing this very entity, an operator's replay) and skipping would drop the retry.
-_CLAIM_ENTITY = _claim_statement(
-    and_(
-        _E.id == bindparam("b_entity_id"),
-        or_(
-            _E.state.in_(_CLAIMABLE_AT_ONCE),
-            and_(_E.state.in_(_CLAIMABLE_WHEN_DUE), _E.next_attempt_at <= _NOW),
-            _ABANDONED,
+
+
+def _claim_statements() -> tuple[Any, Any]:
+    """The claim of an event's entities and of one entity (rebuilt by ``make mutation``)."""
+    claim_event = _claim_statement(
+        and_(
+            _E.event_id == bindparam("b_event_id"),
+            or_(_E.state.in_(_CLAIMABLE_FRESH), _ABANDONED),
         ),
-    ),
-    skip_locked=False,
-)
+        skip_locked=True,
+    )
+    # A retry waits for a lock rather than skipping: the holder is a short transaction (the
+    # sweeper queueing this very entity, an operator's replay) and skipping would drop it.
+    claim_entity = _claim_statement(
+        and_(
+            _E.id == bindparam("b_entity_id"),
+            or_(
+                _E.state.in_(_CLAIMABLE_AT_ONCE),
+                and_(_E.state.in_(_CLAIMABLE_WHEN_DUE), _E.next_attempt_at <= _NOW),
+                _ABANDONED,
+            ),
+        ),
+        skip_locked=False,
+    )
+    return claim_event, claim_entity
+
+
+_CLAIM_EVENT, _CLAIM_ENTITY = _claim_statements()
 
 
 def _outcome_statement() -> Any:

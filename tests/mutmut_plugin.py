@@ -1,0 +1,34 @@
+"""Loaded only by ``make mutation`` (see ``[tool.mutmut]`` in pyproject.toml).
+
+The ledger's claim and outcome statements are built once, at import, before mutmut switches a
+mutant on; tests on PostgreSQL rebuild them here so a mutant of their builders takes effect
+(and so mutmut sees which tests exercise those builders).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from worker.ledger import repository
+
+
+def _on_postgres(request: pytest.FixtureRequest) -> bool:
+    """Whether the test runs the SQL ledger (directly, or as the contract's ``postgres`` case)."""
+    if "clean_ledger" in request.fixturenames:
+        return True
+    callspec = getattr(request.node, "callspec", None)
+    return callspec is not None and callspec.params.get("uow") == "postgres"
+
+
+@pytest.fixture(autouse=True)
+def _rebuilt_ledger_statements(request: pytest.FixtureRequest) -> Iterator[None]:
+    if not _on_postgres(request):
+        yield
+        return
+    built = (repository._CLAIM_EVENT, repository._CLAIM_ENTITY, repository._RECORD_OUTCOME)
+    repository._CLAIM_EVENT, repository._CLAIM_ENTITY = repository._claim_statements()
+    repository._RECORD_OUTCOME = repository._outcome_statement()
+    yield
+    repository._CLAIM_EVENT, repository._CLAIM_ENTITY, repository._RECORD_OUTCOME = built
