@@ -136,9 +136,8 @@ def issue_event(event: LoyaltyEvent, *, source: str, deps: Deps) -> Report:
     """
     now = deps.clock()
     with deps.uow() as uow:
-        new = uow.ledger.ingest(event, source=source, now=now)
-        claim = uow.ledger.claim_event(
-            event.eventId, token=uuid.uuid4().hex, worker=deps.worker_id, now=now,
+        new, claim = uow.ledger.take_in(
+            event, source=source, token=uuid.uuid4().hex, worker=deps.worker_id, now=now,
             lease_s=deps.lease_s, settle_window_s=deps.retry_policy.settle_window_s,
         )
         uow.commit()
