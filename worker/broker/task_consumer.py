@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from kombu import Message
 
@@ -24,6 +25,20 @@ class TaskConsumer(FleetConsumer):
     bus body, and acknowledged; should the ledger refuse, Celery's own handling (log with the
     body, acknowledge) follows.
     """
+
+    def connection_for_write(self, url: str | None = None,
+                             heartbeat: float | None = None) -> Any:
+        """The connection Celery publishes task events (Flower) on: without confirms.
+
+        Celery asks for it only for its event dispatcher. With the broker's setting
+        (``confirm_publish``), every task-received, -started and -succeeded event waited for
+        RabbitMQ's confirm on the main loop, which also feeds the pool: about half of the main
+        process's time at full load. A lost monitoring event costs Flower one line; nothing
+        the ledger or the exactly-once promise rests on goes through this connection.
+        """
+        conn = self.app.connection_for_write(
+            url=url, heartbeat=heartbeat, transport_options={"confirm_publish": False})
+        return self.ensure_connected(conn)
 
     def on_decode_error(self, message: Message, exc: Exception) -> None:
         cause: BaseException | None = exc
