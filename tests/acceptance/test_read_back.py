@@ -25,6 +25,7 @@ from tests.acceptance.helpers import (
 from tests.conftest import WorkerProcess, coupon_worker_command, settings_env, wait_until
 from worker.capillary.client import CapillaryClient
 from worker.config import Settings
+from worker.names import TASK_MARK
 
 #: Customers and series of their own per case, so that a fault strikes its case only.
 ERRORS, LAG, PAGES, MOBILE, EMAIL = "930001", "930002", "930003", "930004", "930005"
@@ -176,7 +177,7 @@ def test_a_task_hung_past_its_hard_time_limit_is_killed_and_its_event_issued_onc
     sandbox.add_fault(kind="latency", delay_seconds=1.5, customer="950001")
     publish(settings, example_event("hung", series=(544770,), customer="950001"))
     claimer = wait_until(lambda: _claimer(clean_ledger, "hung"), message="the claim")
-    pid = int(claimer.rpartition(":")[2])
+    pid = int(claimer.split(TASK_MARK)[0].rpartition(":")[2])
     # When the pool process running it hangs where no signal reaches Python (the soft time
     # limit's exception cannot fire in a stopped process)
     os.kill(pid, signal.SIGSTOP)

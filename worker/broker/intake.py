@@ -57,7 +57,7 @@ def as_ingest_task(message: Message, app: Celery, *, max_bytes: int) -> bool:
         text, encoding = base64.b64encode(body).decode("ascii"), "base64"
     event_id, customer, series = _peek(body, max_bytes)
     task = app.amqp.as_task_v2(
-        uuid.uuid4().hex, TASK_INGEST,
+        str(uuid.uuid4()), TASK_INGEST,
         kwargs={"body": text, "encoding": encoding, "content_type": message.content_type,
                 "source": "bus", "event_id": event_id},
         argsrepr="()", kwargsrepr=event_argsrepr(event_id, customer, series),
