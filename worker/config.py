@@ -92,6 +92,11 @@ class Settings(BaseSettings):
         100_000, ge=1, validation_alias="COUPONS_DEAD_QUEUE_MAX_LENGTH"
     )
     max_event_bytes: int = Field(65_536, ge=1024, validation_alias="COUPONS_MAX_EVENT_BYTES")
+    #: How bus messages reach the pool: ``direct`` (Celery's consumer reads the events queue
+    #: and runs each message as ``coupons.ingest``, ``worker.broker.intake``) or ``bridge``
+    #: (a consumer step publishes each as a task first, ``worker.broker.bridge``).
+    bus_intake: Literal["direct", "bridge"] = Field(
+        "direct", validation_alias="COUPONS_BUS_INTAKE")
 
     max_attempts: int = Field(8, ge=1, validation_alias="COUPONS_MAX_ATTEMPTS")
     retry_base_s: float = Field(2.0, gt=0, validation_alias="COUPONS_RETRY_BASE_SECONDS")

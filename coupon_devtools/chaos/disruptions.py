@@ -73,6 +73,7 @@ def _in_flight_owner(engine: Engine, event_id: str | None) -> int | None:
     from sqlalchemy.exc import SQLAlchemyError
 
     from worker.ledger import models as m
+    from worker.names import TASK_MARK
 
     query = select(m.Entity.claimed_by).where(m.Entity.state == "in_flight",
                                               m.Entity.claimed_by.is_not(None))
@@ -83,7 +84,8 @@ def _in_flight_owner(engine: Engine, event_id: str | None) -> int | None:
             owner = conn.execute(query.limit(1)).scalar()
     except SQLAlchemyError:
         return None
-    return int(str(owner).rsplit(":", 1)[1]) if owner else None
+    # ``host:pid``, then ``/task:<id>`` when a task took the claim (``worker.names.TASK_MARK``)
+    return int(str(owner).split(TASK_MARK)[0].rsplit(":", 1)[1]) if owner else None
 
 
 def _issued_to(admin: SandboxAdmin, customer: str) -> bool:

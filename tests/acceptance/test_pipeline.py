@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from sqlalchemy import Engine, text
 
 from coupon_devtools.sandbox import SandboxAdmin
@@ -217,21 +218,27 @@ def test_quorum_queues_work_end_to_end(
     assert len(sandbox.ledger()) == 4
 
 
+@pytest.mark.parametrize("intake", ["direct", "bridge"])
 def test_a_bus_backlog_stays_on_the_bus_instead_of_flooding_the_task_queue(
-    settings: Settings, clean_ledger: Engine, sandbox: SandboxAdmin,
-    start_worker: Callable[..., WorkerProcess],
+    settings_factory: Callable[..., Settings], clean_ledger: Engine, sandbox: SandboxAdmin,
+    start_worker: Callable[..., WorkerProcess], intake: str,
 ) -> None:
+    settings = settings_factory(bus_intake=intake)
     # Given 150 events waiting on the bus before any worker runs, and a slow Capillary
     sandbox.configure(latency_seconds=0.05)
     publish(settings, *(example_event(f"backlog-{n}", series=(544770,), customer=f"6{n:05d}")
                         for n in range(150)))
     start_worker(settings, concurrency=2)
     # While it drains, the task queue stays short: the rest waits on the bus
-    depths = []
+    depths, taken = [], []
     for _ in range(10):
         time.sleep(0.3)
         depths.append(_queue_depth(settings, settings.tasks_queue))
+        taken.append(queue_counts(settings)[settings.events_queue][1])
     assert max(depths) <= 32 + 20, depths  # high-water mark + the bridge's prefetch
+    if intake == "direct":
+        # Read directly, the bus is the only queue: the worker holds one per pool slot
+        assert max(depths) == 0 and max(taken) <= 2, (depths, taken)
     for n in range(150):
         wait_for_state(clean_ledger, f"backlog-{n}", "completed", timeout_s=60)
 
@@ -284,9 +291,10 @@ def test_the_publish_command_takes_a_file_or_stdin_and_refuses_invalid_lines(
 
 
 def test_the_bridge_acknowledges_a_bus_message_only_once_its_task_is_confirmed(
-    settings: Settings, clean_ledger: Engine, sandbox: SandboxAdmin,
+    settings_factory: Callable[..., Settings], clean_ledger: Engine, sandbox: SandboxAdmin,
     start_worker: Callable[..., WorkerProcess],
 ) -> None:
+    settings = settings_factory(bus_intake="bridge")
     worker = start_worker(settings)
     # Given RabbitMQ refuses (nacks) every task message the bridge forwards
     with refusing(settings, settings.tasks_queue):

@@ -265,3 +265,18 @@ def test_the_read_back_reads_every_page(client: CapillaryClient, sandbox: Sandbo
     assert len(found.coupons) == 131, "the sandbox serves 50 a page: three pages and an end"
     assert ours.entries[544770].coupon is not None
     assert ours.entries[544770].coupon.code in {f.coupon.code for f in found.coupons}
+
+
+def test_the_proxy_environment_is_read_once_when_the_session_is_made(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a proxy in the environment when the client's session is made
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    session = CapillaryClient("https://eu.api.capillarytech.com").session()
+    # Then the session keeps it, and no longer reads the environment on each call
+    assert session.proxies["https"] == "http://proxy.example:3128"
+    assert session.trust_env is False
+    # And a host named in NO_PROXY gets none
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    assert "http" not in CapillaryClient("http://127.0.0.1:9").session().proxies

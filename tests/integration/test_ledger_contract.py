@@ -44,9 +44,8 @@ def uow(request: pytest.FixtureRequest) -> UowFactory:
 def ingest_and_claim(uow: UowFactory, token: str = "t1", now: datetime = NOW,
                      lease_s: float = LEASE_S) -> Claim:
     with uow() as u:
-        u.ledger.ingest(EVENT, source="bus", now=now)
-        claim = u.ledger.claim_event("e-1", token=token, worker="w", now=now, lease_s=lease_s,
-                                     settle_window_s=SETTLE_S)
+        _new, claim = u.ledger.take_in(EVENT, source="bus", token=token, worker="w", now=now,
+                                       lease_s=lease_s, settle_window_s=SETTLE_S)
         u.commit()
     return claim
 
@@ -92,6 +91,39 @@ def test_an_id_reused_for_other_content_is_refused(uow: UowFactory) -> None:
     other = parse_event_data({"eventId": "e-1", "customer": {"id": "8"}, "seriesIds": [1, 2]})
     with pytest.raises(EventRejected), uow() as u:
         u.ledger.ingest(other, source="bus", now=NOW)
+
+
+def test_take_in_says_whether_the_event_is_new(uow: UowFactory) -> None:
+    # Given nothing, when the event is taken in twice
+    with uow() as u:
+        first = u.ledger.take_in(EVENT, source="bus", token="t1", worker="w", now=NOW,
+                                 lease_s=LEASE_S, settle_window_s=SETTLE_S)
+        u.commit()
+    with uow() as u:
+        again = u.ledger.take_in(EVENT, source="bus", token="t2", worker="w", now=NOW,
+                                 lease_s=LEASE_S, settle_window_s=SETTLE_S)
+        u.commit()
+    # Then the first is new and claims both series, with the event's data; the second not
+    assert first[0] is True and [e.series_id for e in first[1].entities] == [1, 2]
+    assert first[1].customer == {"id": "7"} and first[1].customer_key == EVENT.customer.key
+    assert first[1].skipped == {}
+    assert again[0] is False and again[1].entities == ()
+    assert again[1].issue_ref == first[1].issue_ref
+
+
+def test_take_in_of_other_content_claims_nothing(uow: UowFactory) -> None:
+    # Given an event whose entities were never tried
+    with uow() as u:
+        u.ledger.ingest(EVENT, source="bus", now=NOW)
+        u.commit()
+    other = parse_event_data({"eventId": "e-1", "customer": {"id": "8"}, "seriesIds": [1, 2]})
+    # When another event with the same id is taken in, it is refused
+    with pytest.raises(EventRejected), uow() as u:
+        u.ledger.take_in(other, source="bus", token="t-other", worker="w", now=NOW,
+                         lease_s=LEASE_S, settle_window_s=SETTLE_S)
+        u.commit()
+    # Then it claimed nothing: the right event still claims both
+    assert [e.attempts for e in ingest_and_claim(uow).entities] == [1, 1]
 
 
 def test_nothing_is_kept_without_commit(uow: UowFactory) -> None:
@@ -312,6 +344,9 @@ def test_entities_finished_concurrently_still_complete_their_event(clean_ledger:
             errors.append(exc)
 
     with uow() as u:
+        # (a statement first, so that the record joins a transaction held open: alone, it
+        # would commit at once)
+        u.ledger.circuit("bulk_issue")
         assert u.ledger.record(first, calls=[], worker="w1", now=NOW,
                                transitions=[issued(a.entity_id, attempt=2, code="A")]) == 0
         racer = threading.Thread(target=finish_second)
@@ -589,3 +624,42 @@ def test_a_resend_is_checked_again_only_after_its_verify_window(clean_ledger: En
         wait = conn.execute(select(m.Entity.verify_after - func.now())
                             .where(m.Entity.id == a.entity_id)).scalar_one()
     assert 50 < wait.total_seconds() <= 60
+
+
+def ingest_claim_rest(uow: UowFactory, claims: list[Claim]) -> Claim:
+    """The second claim holds nothing (the first took both); split them for the race."""
+    first = claims[0]
+    return Claim(first.event_id, first.customer, first.customer_key, first.metadata,
+                 first.issue_ref, first.token, first.entities[1:], {})
+
+
+def test_racing_deliveries_of_a_new_event_claim_it_once(clean_ledger: Engine) -> None:
+    # Given eight workers taking in the same new event at once
+    uow = sql_unit_of_work_factory(clean_ledger)
+    results: list[tuple[bool, Claim]] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(8)
+
+    def take(n: int) -> None:
+        start.wait()
+        try:
+            with uow() as u:
+                results.append(u.ledger.take_in(
+                    EVENT, source="bus", token=f"t{n}", worker=f"w{n}", now=NOW,
+                    lease_s=LEASE_S, settle_window_s=SETTLE_S))
+                u.commit()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=take, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # Then none failed, one stored the event and claimed both series, the others nothing
+    assert errors == []
+    assert sorted(new for new, _ in results) == [False] * 7 + [True]
+    claimed = [e.entity_id for _, c in results for e in c.entities]
+    assert len(claimed) == 2 and len(set(claimed)) == 2
+    with clean_ledger.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(m.EntityHistory)).scalar() == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+from worker.broker import topology
 from worker.broker.guard import ConsumptionGuard
 from worker.broker.links import StepLinks
 from worker.config import load_settings
@@ -39,7 +40,7 @@ class Consumer:
             queue_declare=self._queue_declare))
         # Celery keeps a cancelled queue deselected on the app, so a reconnect's new task
         # consumer leaves it out too.
-        self.consuming = {settings.tasks_queue, settings.retry_queue}
+        self.consuming = {q.name for q in topology.consumed_queues(settings)}
 
     def _queue_declare(self, *, queue: str, passive: bool) -> tuple[str, int, int]:
         assert passive, "the guard only reads the depth, it never declares"
@@ -71,7 +72,7 @@ def test_a_queue_paused_before_a_reconnect_is_resumed_after_it() -> None:
     guard.start(consumer)
     guard._check(consumer)
     # Then the tasks queue is consumed again
-    assert consumer.consuming == {"coupons.tasks", "coupons.retry"}
+    assert consumer.consuming == {"coupons.events", "coupons.tasks", "coupons.retry"}
 
 
 def test_a_queue_still_paused_after_a_reconnect_waits_for_the_circuit() -> None:
@@ -86,7 +87,7 @@ def test_a_queue_still_paused_after_a_reconnect_waits_for_the_circuit() -> None:
     assert consumer.consuming == set()
     consumer.pause(None)
     guard._check(consumer)
-    assert consumer.consuming == {"coupons.tasks", "coupons.retry"}
+    assert consumer.consuming == {"coupons.events", "coupons.tasks", "coupons.retry"}
 
 
 def test_a_pause_cancels_each_queue_once_not_on_every_check() -> None:
@@ -97,7 +98,7 @@ def test_a_pause_cancels_each_queue_once_not_on_every_check() -> None:
     consumer.pause("circuit open: http_503", "tasks")
     for _ in range(3):
         guard._check(consumer)
-    assert cancelled == ["coupons.tasks"]
+    assert cancelled == ["coupons.events", "coupons.tasks"]
 
 
 def test_without_a_bridge_the_guard_does_not_read_the_task_queue() -> None:
@@ -125,3 +126,18 @@ def test_a_long_task_queue_leaves_the_bridge_no_room() -> None:
     consumer.links.bridge = bridge
     ConsumptionGuard(SimpleNamespace())._check(consumer)
     assert bridge.rooms == [0]
+
+
+def test_read_directly_the_bus_pauses_with_the_task_queue_and_resumes_with_it() -> None:
+    # Given a worker reading the bus itself (the default intake)
+    consumer = Consumer()
+    guard = ConsumptionGuard(SimpleNamespace())
+    assert consumer.consuming == {"coupons.events", "coupons.tasks", "coupons.retry"}
+    # When the circuit opens, fresh events stop coming in by either way
+    consumer.pause("circuit open", "tasks")
+    guard._check(consumer)
+    assert consumer.consuming == {"coupons.retry"}
+    # And when it closes, both come back
+    consumer.pause(None)
+    guard._check(consumer)
+    assert consumer.consuming == {"coupons.events", "coupons.tasks", "coupons.retry"}

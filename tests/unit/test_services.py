@@ -346,3 +346,13 @@ def test_a_probe_whose_read_back_fails_reopens_the_circuit(world: World) -> None
     assert world.api.read_backs == 1
     assert world.deps.circuit.state().state == "open"
     assert world.entity(544770).needs_reconcile
+
+
+def test_no_sleep_when_the_rate_limit_slot_is_now(world: World) -> None:
+    # Given no rate limit to wait for (the slot is now), and a sleep that records its calls
+    slept: list[float] = []
+    world.deps.sleep = slept.append
+    # When an event is issued
+    issue_event(event(), source="bus", deps=world.deps)
+    # Then it issued without calling sleep at all
+    assert world.api.bulk_calls == [[544770, 553379]] and slept == []

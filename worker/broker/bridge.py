@@ -78,6 +78,8 @@ class EventsBridge(bootsteps.ConsumerStep):
 
     def get_consumers(self, channel: Any) -> list[Consumer]:
         settings = step_settings(self._consumer)
+        if settings.bus_intake != "bridge":
+            return []  # Celery's consumer reads the bus itself (``worker.broker.intake``)
         self._max_bytes = settings.max_event_bytes
         queue = topology.events_queue(settings)
         return [

@@ -46,9 +46,11 @@ class ConsumptionGuard(bootsteps.StartStopStep):
         self._apply_backpressure(c)
         settings = step_settings(c)
         pause = links_of(c.app).pause
-        queue_of: dict[QueueRole, str] = {"tasks": settings.tasks_queue,
-                                          "retry": settings.retry_queue}
-        wanted = {queue_of[role] for role in pause.roles}
+        # Fresh events come by the task queue and, read directly, by the bus: both pause.
+        bus = [settings.events_queue] if settings.bus_intake == "direct" else []
+        queues_of: dict[QueueRole, list[str]] = {"tasks": [*bus, settings.tasks_queue],
+                                                 "retry": [settings.retry_queue]}
+        wanted = {queue for role in pause.roles for queue in queues_of[role]}
         for queue in sorted(wanted - self._paused):
             log.error("consumer.paused", extra={"queue": queue, "reason": pause.reason})
             c.cancel_task_queue(queue)

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any
 
 from kombu import Message
+from vine import promise
 
 from worker import services
+from worker.broker.celery_config import settings_of
 from worker.broker.consumer import FleetConsumer
 from worker.broker.context import container_of
+from worker.broker.intake import as_ingest_task, is_bus_message
 from worker.events import TOO_DEEP
 from worker.sanitize import printable
 
@@ -24,6 +29,36 @@ class TaskConsumer(FleetConsumer):
     bus body, and acknowledged; should the ledger refuse, Celery's own handling (log with the
     body, acknowledge) follows.
     """
+
+    def connection_for_write(self, url: str | None = None,
+                             heartbeat: float | None = None) -> Any:
+        """The connection Celery publishes task events (Flower) on: without confirms.
+
+        Celery asks for it only for its event dispatcher. With the broker's setting
+        (``confirm_publish``), every task-received, -started and -succeeded event waited for
+        RabbitMQ's confirm on the main loop, which also feeds the pool: about half of the main
+        process's time at full load. A lost monitoring event costs Flower one line; nothing
+        the ledger or the exactly-once promise rests on goes through this connection.
+        """
+        conn = self.app.connection_for_write(
+            url=url, heartbeat=heartbeat, transport_options={"confirm_publish": False})
+        return self.ensure_connected(conn)
+
+    def create_task_handler(self, promise: Any = promise) -> Callable[[Message], Any]:
+        """Celery's handler of every delivery, taking raw bus messages in as tasks first."""
+        handle = super().create_task_handler(promise)
+        settings = settings_of(self.app)
+        if settings.bus_intake != "direct":
+            return handle
+        events_queue, max_bytes = settings.events_queue, settings.max_event_bytes
+
+        def on_message(message: Message) -> Any:
+            if is_bus_message(message, events_queue) and not as_ingest_task(
+                    message, self.app, max_bytes=max_bytes):
+                return None
+            return handle(message)
+
+        return on_message
 
     def on_decode_error(self, message: Message, exc: Exception) -> None:
         cause: BaseException | None = exc

@@ -48,5 +48,6 @@ def dead_queue(settings: Settings) -> Queue:
 
 
 def consumed_queues(settings: Settings) -> list[Queue]:
-    """The queues Celery's own consumer reads (the events queue is read by the bridge)."""
-    return [tasks_queue(settings), retry_queue(settings)]
+    """The queues Celery's own consumer reads (the events queue too, unless the bridge does)."""
+    bus = [events_queue(settings)] if settings.bus_intake == "direct" else []
+    return [*bus, tasks_queue(settings), retry_queue(settings)]

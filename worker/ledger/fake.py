@@ -157,6 +157,12 @@ class InMemoryLedger:
                 entity_id, event.eventId, series_id, event.customer.key)
         return True
 
+    def take_in(self, event: LoyaltyEvent, *, source: str, token: str, worker: str,
+                now: datetime, lease_s: float, settle_window_s: float) -> tuple[bool, Claim]:
+        new = self.ingest(event, source=source, now=now)
+        return new, self.claim_event(event.eventId, token=token, worker=worker, now=now,
+                                     lease_s=lease_s, settle_window_s=settle_window_s)
+
     def _take(self, entity: FakeEntity, token: str, now: datetime,
               lease_s: float, settle_window_s: float) -> ClaimedEntity:
         abandoned = entity.state is EntityState.IN_FLIGHT

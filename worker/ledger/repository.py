@@ -13,13 +13,11 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any, Protocol, cast
 
+from psycopg.types.json import Jsonb
 from sqlalchemy import (
-    BigInteger,
-    Boolean,
     ColumnElement,
     DateTime,
     Float,
-    Integer,
     Table,
     Text,
     and_,
@@ -27,7 +25,6 @@ from sqlalchemy import (
     case,
     func,
     insert,
-    literal,
     literal_column,
     or_,
     select,
@@ -50,6 +47,7 @@ from worker.domain import (
 )
 from worker.errors import EventRejected
 from worker.events import LoyaltyEvent
+from worker.ledger import hot_path
 from worker.ledger import models as m
 from worker.ledger.records import (
     CLOSED_CIRCUIT,
@@ -97,6 +95,12 @@ class Ledger(SupportLedger, Protocol):
 
     def ingest(self, event: LoyaltyEvent, *, source: str, now: datetime) -> bool: ...
 
+    def take_in(self, event: LoyaltyEvent, *, source: str, token: str, worker: str,
+                now: datetime, lease_s: float, settle_window_s: float) -> tuple[bool, Claim]:
+        """``ingest`` then ``claim_event``, in one statement: (whether the event is new, the
+        claim). Run first in its unit of work, it commits by itself (see ``hot_path``)."""
+        ...
+
     def claim_event(self, event_id: str, *, token: str, worker: str, now: datetime,
                     lease_s: float, settle_window_s: float) -> Claim: ...
 
@@ -104,7 +108,10 @@ class Ledger(SupportLedger, Protocol):
                      lease_s: float, settle_window_s: float) -> Claim | None: ...
 
     def record(self, claim: Claim, *, calls: Sequence[RecordedCall],
-               transitions: Sequence[Transition], worker: str, now: datetime) -> int: ...
+               transitions: Sequence[Transition], worker: str, now: datetime) -> int:
+        """Store an attempt's calls and outcomes; returns how many claims were lost. One
+        statement: run first in its unit of work, it commits by itself (see ``hot_path``)."""
+        ...
 
     def record_rejection(self, *, raw: bytes, reason: str, source: str,
                          event_id: str | None, content_type: str | None,
@@ -168,7 +175,6 @@ _EVENT_FINGERPRINT = select(EVENTS.c.fingerprint).where(
     EVENTS.c.event_id == bindparam("b_event_id"))
 _INSERT_ENTITIES = insert(ENTITIES)
 _INSERT_HISTORY = insert(HISTORY)
-_INSERT_CALLS = insert(CALLS)
 _INSERT_COUPONS = pg_insert(COUPONS).on_conflict_do_nothing(
     index_elements=["entity_id", "code"])
 _CLAIM_DATA = select(
@@ -257,56 +263,6 @@ def _claim_statements() -> tuple[Any, Any]:
 _CLAIM_EVENT, _CLAIM_ENTITY = _claim_statements()
 
 
-def _outcome_statement() -> Any:
-    is_issued = bindparam("is_issued", type_=Boolean)
-    is_dead = bindparam("is_dead", type_=Boolean)
-    return (
-        update(ENTITIES)
-        .where(
-            _E.id == bindparam("eid", type_=BigInteger),
-            or_(
-                _E.claim_token == bindparam("token", type_=Text),
-                # Literals, not an IN list: an expanding IN cannot run in executemany.
-                and_(is_issued, *(_E.state != literal(st) for st in _ISSUED_STATES)),
-            ),
-        )
-        .values(
-            state=bindparam("st", type_=Text),
-            settles_at=case((_number("settle_s").is_(None), _E.settles_at),
-                            else_=_DB_NOW + _seconds("settle_s")),
-            verify_after=case(
-                (_number("verify_s").is_not(None),
-                 _DB_NOW + _seconds("verify_s")),
-                (bindparam("st", type_=Text) == EntityState.DUPLICATE_ISSUED.value, None),
-                else_=_E.verify_after),
-            updated_at=bindparam("now", type_=DateTime(timezone=True)),
-            claim_token=None,
-            lease_until=None,
-            claimed_by=None,
-            needs_reconcile=bindparam("reconcile", type_=Boolean),
-            next_attempt_at=bindparam("next_at", type_=DateTime(timezone=True)),
-            last_verdict=func.coalesce(bindparam("verdict", type_=Text), _E.last_verdict),
-            last_error_code=case(
-                (is_issued, _E.last_error_code),
-                else_=func.coalesce(bindparam("code", type_=Text), _E.last_error_code),
-            ),
-            last_error_message=case(
-                (is_issued, _E.last_error_message),
-                else_=func.coalesce(bindparam("message", type_=Text), _E.last_error_message),
-            ),
-            last_request_id=func.coalesce(
-                bindparam("request_id", type_=Text), _E.last_request_id),
-            attempts=_E.attempts - bindparam("refund", type_=Integer),
-            issued_at=case((is_issued, bindparam("now")), else_=_E.issued_at),
-            dead_at=case((is_dead, bindparam("now")), else_=_E.dead_at),
-            dead_reason=case((is_dead, bindparam("dead_reason", type_=Text)),
-                             else_=_E.dead_reason),
-            dead_published_at=case((is_dead, None), else_=_E.dead_published_at),
-        )
-    )
-
-
-_RECORD_OUTCOME = _outcome_statement()
 _TERMINAL = sorted(s.value for s in TERMINAL_STATES)
 _EVENT_IDS: Any = bindparam("b_event_ids", expanding=True)
 # Lock first, in a statement of its own: two transactions finishing different entities of one
@@ -477,6 +433,47 @@ class SqlLedger:
             return None
         return self._claim_for(event_id, token, claimed, {})
 
+    def take_in(self, event: LoyaltyEvent, *, source: str, token: str, worker: str,
+                now: datetime, lease_s: float, settle_window_s: float) -> tuple[bool, Claim]:
+        """Store the event once and claim what it still needs, in one statement.
+
+        Raises EventRejected when the id was already used for different content (nothing is
+        claimed then).
+        """
+        event_fingerprint = fingerprint(event)
+        params = {
+            "event_id": event.eventId, "event_type": event.eventType,
+            "customer_key": event.customer.key, "customer": Jsonb(event.customer.as_api()),
+            "series_ids": list(event.seriesIds),
+            "metadata": Jsonb(event.metadata.model_dump(exclude_none=True)),
+            "payload": Jsonb(event.to_message()), "fingerprint": event_fingerprint,
+            "issue_ref": issue_ref(event.eventId), "source": source,
+            "occurred_at": event.occurredAt, "now": now, "token": token, "worker": worker,
+            "lease_s": float(lease_s), "settle_s": float(settle_window_s),
+        }
+        rows = self._alone(hot_path.TAKE_IN, params)
+        if not rows[0][0] and rows[0][1] is None:
+            # Inserted by another delivery while this statement ran, so not in its snapshot:
+            # a second statement sees it.
+            rows = self._alone(hot_path.TAKE_IN, params)
+        new, existing, customer, customer_key, metadata, ref, skipped = rows[0][:7]
+        if not new and existing != event_fingerprint:
+            raise EventRejected(
+                f"eventId {event.eventId!r} was already used for a different event "
+                "(customer, series or metadata differ); idempotency keys must be unique",
+                event_id=event.eventId,
+            )
+        claimed = tuple(
+            ClaimedEntity(r[7], r[8], r[9], bool(r[10]), r[11] or now, bool(r[12]),
+                          max(float(r[13]), 0.0))
+            for r in rows if r[7] is not None
+        )
+        return bool(new), Claim(
+            event_id=event.eventId, customer=customer, customer_key=customer_key,
+            metadata=metadata, issue_ref=ref, token=token, entities=claimed,
+            skipped={str(k): int(v) for k, v in (skipped or {}).items()},
+        )
+
     def _claim_for(self, event_id: str, token: str, claimed: list[ClaimedEntity],
                    skipped: dict[str, int]) -> Claim:
         row = self._conn.execute(_CLAIM_DATA, {"b_event_id": event_id}).one()
@@ -492,56 +489,31 @@ class SqlLedger:
         """Store the calls and the entities' new states; returns how many claims were lost.
 
         An issued coupon is recorded even if the claim was lost (the coupon exists whatever
-        the ledger thought); any other outcome needs the claim to still be ours.
+        the ledger thought); any other outcome needs the claim to still be ours. One
+        statement (``hot_path.RECORD``): the calls, the entities, their history, the coupons
+        and the event's summary state.
         """
-        conn = self._conn
-        if calls:
-            conn.execute(_INSERT_CALLS, [
-                {
-                    "event_id": claim.event_id, "entity_ids": list(c.entity_ids),
-                    "series_ids": list(c.series_ids), "operation": c.info.operation,
-                    "request_id": c.info.request_id, "http_status": c.info.status,
-                    "latency_ms": c.info.latency_ms, "outcome": c.info.outcome,
-                    "error_code": c.info.error_code, "error_message": c.info.error_message,
-                    "started_at": c.info.started_at, "worker": worker,
-                    "issue_ref": c.issue_ref,
-                }
-                for c in calls
-            ])
-        if not transitions:
-            return 0
-        result = conn.execute(_RECORD_OUTCOME, [
-            {
-                "eid": t.entity_id, "token": claim.token, "now": now,
-                "is_issued": t.state.value in _ISSUED_STATES,
-                "is_dead": t.state is EntityState.DEAD,
-                "settle_s": t.settle_window_s, "verify_s": t.verify_window_s,
-                "st": t.state.value, "reconcile": t.needs_reconcile,
-                "next_at": t.next_attempt_at, "verdict": t.verdict, "code": t.error_code,
-                "message": t.error_message, "request_id": t.request_id,
-                "refund": 1 if t.refund_attempt else 0, "dead_reason": t.dead_reason,
-            }
-            for t in transitions
-        ])
-        lost = len(transitions) - int(result.rowcount)
-        conn.execute(_INSERT_HISTORY, [
-            {"entity_id": t.entity_id, "at": now, "kind": t.kind, "state": t.state.value,
-             "attempt": t.attempt, "error_code": t.error_code,
-             "message": t.dead_reason or t.error_message
-             or (f"coupon {t.coupon.code}" if t.coupon else None),
-             "request_id": t.request_id, "worker": worker}
-            for t in transitions
-        ])
-        coupons = [
-            _coupon_row(c, t.entity_id, claim.event_id, claim.customer_key, t.recorded_via,
-                        t.request_id, now)
-            for t in transitions
-            for c in ((t.coupon,) if t.coupon is not None else ()) + t.extra_coupons
-        ]
-        if coupons:
-            conn.execute(_INSERT_COUPONS, coupons)
-        self.refresh_event_states([claim.event_id], now=now)
-        return lost
+        lost = self._alone(hot_path.RECORD, {
+            "event_id": claim.event_id, "customer_key": claim.customer_key,
+            "token": claim.token, "worker": worker, "now": now,
+            "transitions": hot_path.as_json(hot_path.transition_rows(transitions)),
+            "coupons": hot_path.as_json(hot_path.coupon_rows(transitions)),
+            "calls": hot_path.as_json(hot_path.call_rows(calls)),
+        })[0][0]
+        return len(transitions) - int(lost)
+
+    def _alone(self, sql: str, params: dict[str, Any]) -> list[Any]:
+        """Run one statement; as a transaction of its own when nothing ran before it.
+
+        A single statement is atomic, so running it in autocommit saves the BEGIN and the
+        COMMIT round trips. Should the unit of work already hold a transaction (it ran other
+        statements first), the statement joins it instead and commits with it.
+        """
+        if self.session.in_transaction():
+            conn = self.session.connection()
+        else:
+            conn = self.session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+        return list(conn.exec_driver_sql(sql, params).all())
 
     def refresh_event_states(self, event_ids: Iterable[str], *, now: datetime) -> None:
         """Recompute the summary state of events from their entities."""
