@@ -1,7 +1,7 @@
 """The ``coupon-worker`` command line.
 
     coupon-worker migrate                 create the database if needed, upgrade to head
-    coupon-worker worker                  run a Celery worker (tasks, bridge, sweeper, metrics)
+    coupon-worker worker                  run a Celery worker (tasks, bus intake, sweeper, metrics)
     coupon-worker publish FILE|-          publish one event or a JSON-lines file of events
     coupon-worker events show EVENT_ID    an event's entities, attempts, errors and coupons
     coupon-worker events replay EVENT_ID  re-run what an event has not issued yet
@@ -9,6 +9,8 @@
     coupon-worker health                  whether this host's workers are consuming
     coupon-worker rejected list|show|resubmit   rejected messages: inspect, fix and resubmit
     coupon-worker flower                  Flower on the project's app
+    coupon-worker console                 the support console in the browser
+    coupon-worker duplicates              entities holding two of our coupons
     coupon-worker sandbox                 run the sandbox Capillary server      (dev tools)
     coupon-worker demo | bench | chaos    the demo, the benchmark, the chaos run (dev tools)
 

@@ -1,17 +1,5 @@
 """The ``coupon-worker`` command group, and the dev-tool commands it finds only when asked.
 
-    coupon-worker migrate                 create the database if needed, upgrade to head
-    coupon-worker worker                  run a Celery worker (tasks, bridge, sweeper, metrics)
-    coupon-worker publish FILE|-          publish one event or a JSON-lines file of events
-    coupon-worker events show EVENT_ID    an event's entities, attempts, errors and coupons
-    coupon-worker events replay EVENT_ID  re-run what an event has not issued yet
-    coupon-worker dlq list|summary|show|replay|discard   dead letters, for support engineers
-    coupon-worker health                  whether this host's workers are consuming
-    coupon-worker rejected list|show|resubmit   rejected messages: inspect, fix and resubmit
-    coupon-worker flower                  Flower on the project's app
-    coupon-worker sandbox                 run the sandbox Capillary server      (dev tools)
-    coupon-worker demo | bench | chaos    the demo, the benchmark, the chaos run (dev tools)
-
 The dev-tool commands live in the ``coupon_devtools`` package (the ``devtools`` extra); the
 runtime never imports it, and this command line finds those commands only when one is asked for.
 """
