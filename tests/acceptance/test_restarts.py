@@ -135,9 +135,12 @@ def test_a_database_restart_while_a_call_is_in_flight_issues_once(
         issued_at = _issued_at(sandbox)
         assert stopped_at < issued_at, "the database was down when Capillary answered"
         # And the task, unable to commit the answer, gave its message back (consuming is
-        # paused meanwhile, so it waits on the queue)
-        wait_until(lambda: queue_counts(settings)[settings.tasks_queue] == (1, 0),
-                   message="the message to be given back")
+        # paused meanwhile, so it waits on its queue: the bus's or the task queue, by intake)
+        def given_back() -> bool:
+            counts = queue_counts(settings).values()
+            return (sum(ready for ready, _ in counts), sum(held for _, held in counts)) == (1, 0)
+
+        wait_until(given_back, message="the message to be given back")
     finally:
         _pg("start")
         wait_until(_pg_ready, message="PostgreSQL back")
