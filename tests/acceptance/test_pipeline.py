@@ -309,3 +309,5 @@ def test_the_bridge_acknowledges_a_bus_message_only_once_its_task_is_confirmed(
     wait_for_state(clean_ledger, "confirm-first", "completed")
     wait_for_every_delivery(settings)
     assert len(sandbox.ledger()) == 1
+    # Held while refused, not bounced off the broker in a loop: one refusal, logged once
+    assert worker.log().count("bridge.forward_failed") == 1

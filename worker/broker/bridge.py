@@ -21,7 +21,7 @@ from kombu import Consumer, Message
 from worker import services
 from worker.broker import topology
 from worker.broker.context import container_of, links_of, step_settings
-from worker.broker.publisher import BROKER_ERRORS, event_argsrepr
+from worker.broker.publisher import BROKER_ERRORS, event_argsrepr, why
 from worker.errors import LedgerUnavailable
 from worker.events import EVENT_ID_MAX_CHARS, event_id_in_prefix, oversize_reason
 from worker.names import TASK_INGEST
@@ -148,10 +148,15 @@ class EventsBridge(bootsteps.ConsumerStep):
                 retry=True,
                 retry_policy=PUBLISH_RETRY_POLICY,
             )
-        except BROKER_ERRORS:
-            log.exception("bridge.forward_failed", extra={"event_id": event_id})
-            message.reject(requeue=True)
-            return True
+        except BROKER_ERRORS as exc:
+            # Held, not handed back: handed back, the message would return at once and be
+            # refused again, many times a second, for as long as the broker refuses. Held, it
+            # is tried again on the guard's next release, and logged once.
+            if self._last_held_tag != message.delivery_tag:
+                self._last_held_tag = message.delivery_tag
+                log.error("bridge.forward_failed",
+                          extra={"event_id": event_id, "error": why(exc)})
+            return False
         message.ack()
         self.forwarded += 1
         return True
