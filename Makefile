@@ -19,10 +19,10 @@ lint: install
 	$(BIN)/lint-imports
 	$(BIN)/python -m coupon_devtools.migration_lint
 
-# Three test processes share the machine (tests mostly wait on workers and the broker); the
+# Five test processes share the machine (tests mostly wait on workers and the broker); the
 # tests that stop PostgreSQL or RabbitMQ run afterwards, alone. Coverage adds up both runs.
 test: install
-	$(BIN)/pytest -n 3 -m "not disruptive" --cov --cov-report=
+	$(BIN)/pytest -n 5 -m "not disruptive" --cov --cov-report=
 	$(BIN)/pytest -m disruptive --cov --cov-append --cov-report=term
 
 wheel-check: install
