@@ -68,13 +68,24 @@ def wait_for_state(engine: Engine, event_id: str, state: str,
     return result
 
 
-def queue_consumers(settings: Settings, queue: str) -> int:
-    """How many consumers RabbitMQ counts on ``queue`` (a passive declare: it must exist)."""
+def _declared(settings: Settings, queue: str) -> tuple[int, int]:
+    """Ready messages and consumers RabbitMQ counts on ``queue`` (a passive declare: it must
+    exist)."""
     from kombu import Connection
 
     with Connection(settings.broker_url) as conn:
-        _name, _ready, consumers = conn.default_channel.queue_declare(queue=queue, passive=True)
-        return int(consumers)
+        _name, ready, consumers = conn.default_channel.queue_declare(queue=queue, passive=True)
+        return int(ready), int(consumers)
+
+
+def queue_consumers(settings: Settings, queue: str) -> int:
+    """How many consumers RabbitMQ counts on ``queue``."""
+    return _declared(settings, queue)[1]
+
+
+def queue_ready(settings: Settings, queue: str) -> int:
+    """How many messages wait on ``queue``, ready (not held by a consumer)."""
+    return _declared(settings, queue)[0]
 
 
 def circuit(engine: Engine) -> tuple[str, int]:

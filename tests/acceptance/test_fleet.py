@@ -23,6 +23,7 @@ from coupon_devtools.sandbox import SandboxAdmin
 from tests.acceptance.helpers import (
     example_event,
     publish,
+    queue_consumers,
     wait_for_every_delivery,
     wait_for_state,
     workers_that_claimed,
@@ -46,13 +47,6 @@ def _node_of(worker: WorkerProcess) -> tuple[str, int]:
     return found.group(1), int(found.group(2))
 
 
-def _consumers(settings: Settings, queue: str) -> int:
-    with Connection(settings.broker_url) as conn:
-        _name, _messages, consumers = conn.default_channel.queue_declare(queue=queue,
-                                                                         passive=True)
-    return int(consumers)
-
-
 def test_workers_started_with_no_flags_share_a_host_and_all_consume(
     settings: Settings, clean_ledger: Engine, sandbox: SandboxAdmin,
     start_worker: Callable[..., WorkerProcess],
@@ -64,7 +58,7 @@ def test_workers_started_with_no_flags_share_a_host_and_all_consume(
     (node_a, pid_a), (node_b, pid_b) = _node_of(first), _node_of(second)
     assert node_a != node_b
     assert (pid_a, pid_b) == (first.process.pid, second.process.pid)
-    wait_until(lambda: _consumers(settings, settings.tasks_queue) == 2,
+    wait_until(lambda: queue_consumers(settings, settings.tasks_queue) == 2,
                message="two consumers on the task queue")
     # And both issue: a slow Capillary keeps one worker busy while the other takes the next
     sandbox.configure(latency_seconds=0.2)

@@ -18,6 +18,7 @@ from tests.acceptance.helpers import (
     publish,
     publish_raw,
     queue_counts,
+    queue_ready,
     refusing,
     story,
     wait_for_every_delivery,
@@ -233,7 +234,7 @@ def test_a_bus_backlog_stays_on_the_bus_instead_of_flooding_the_task_queue(
     depths, taken = [], []
     for _ in range(10):
         time.sleep(0.3)
-        depths.append(_queue_depth(settings, settings.tasks_queue))
+        depths.append(queue_ready(settings, settings.tasks_queue))
         taken.append(queue_counts(settings)[settings.events_queue][1])
     assert max(depths) <= 32 + 20, depths  # high-water mark + the bridge's prefetch
     if intake == "direct":
@@ -241,14 +242,6 @@ def test_a_bus_backlog_stays_on_the_bus_instead_of_flooding_the_task_queue(
         assert max(depths) == 0 and max(taken) <= 2, (depths, taken)
     for n in range(150):
         wait_for_state(clean_ledger, f"backlog-{n}", "completed", timeout_s=60)
-
-
-def _queue_depth(settings: Settings, name: str) -> int:
-    from kombu import Connection
-
-    with Connection(settings.broker_url) as conn:
-        _name, count, _consumers = conn.default_channel.queue_declare(queue=name, passive=True)
-        return int(count)
 
 
 def test_pools_that_cannot_enforce_the_time_limit_are_refused(settings: Settings) -> None:

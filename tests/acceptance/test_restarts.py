@@ -111,6 +111,15 @@ def _claimed(engine: Engine, event_id: str) -> bool:
     return bool(found) and found["entities"][0]["state"] == "in_flight"  # type: ignore[index]
 
 
+def _call_in_flight(settings: Settings, engine: Engine, sandbox: SandboxAdmin,
+                    event_id: str) -> None:
+    """Publish an event whose call Capillary answers (and issues) after 3 s; return once it is
+    claimed, the call under way."""
+    sandbox.add_fault(kind="latency", delay_seconds=3, customer=IN_FLIGHT_CUSTOMER)
+    publish(settings, example_event(event_id, series=(544770,), customer=IN_FLIGHT_CUSTOMER))
+    wait_until(lambda: _claimed(engine, event_id), message="the claim")
+
+
 def _issued_at(sandbox: SandboxAdmin) -> float:
     coupon, = wait_until(lambda: sandbox.ledger(customer=IN_FLIGHT_CUSTOMER), timeout_s=30,
                          message="Capillary to issue")
@@ -124,10 +133,7 @@ def test_a_database_restart_while_a_call_is_in_flight_issues_once(
     settings = _in_flight_settings(settings_factory)
     start_worker(settings)
     # Given a call in flight: claimed (committed), Capillary answering in 3 s
-    sandbox.add_fault(kind="latency", delay_seconds=3, customer=IN_FLIGHT_CUSTOMER)
-    publish(settings, example_event("db-in-flight", series=(544770,),
-                                    customer=IN_FLIGHT_CUSTOMER))
-    wait_until(lambda: _claimed(clean_ledger, "db-in-flight"), message="the claim")
+    _call_in_flight(settings, clean_ledger, sandbox, "db-in-flight")
     # When PostgreSQL stops before Capillary answers: the answer cannot be committed
     _pg("stop")
     stopped_at = time.time()
@@ -158,10 +164,7 @@ def test_a_broker_restart_while_a_call_is_in_flight_issues_once(
 ) -> None:
     settings = _in_flight_settings(settings_factory)
     worker = start_worker(settings)
-    sandbox.add_fault(kind="latency", delay_seconds=3, customer=IN_FLIGHT_CUSTOMER)
-    publish(settings, example_event("broker-in-flight", series=(544770,),
-                                    customer=IN_FLIGHT_CUSTOMER))
-    wait_until(lambda: _claimed(clean_ledger, "broker-in-flight"), message="the claim")
+    _call_in_flight(settings, clean_ledger, sandbox, "broker-in-flight")
     # When RabbitMQ stops before Capillary answers (the worker cancels a task whose
     # connection is lost: the answer is never read)
     _rabbit("stop_app")

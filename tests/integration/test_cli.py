@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
+from tests.acceptance.helpers import queue_ready
 from worker.config import Settings
 from worker.domain import Coupon, EntityState
 from worker.events import parse_event_data
@@ -99,14 +100,6 @@ def test_health_without_a_worker_is_unhealthy(cli: Callable[..., Any]) -> None:
     assert json.loads(result.output)["healthy"] is False
 
 
-def _waiting(settings: Settings, queue: str) -> int:
-    from kombu import Connection
-
-    with Connection(settings.broker_url) as conn:
-        _name, ready, _consumers = conn.default_channel.queue_declare(queue=queue, passive=True)
-        return int(ready)
-
-
 def test_publish_sends_each_valid_line_and_names_the_invalid_ones(
         cli: Callable[..., Any], settings: Settings, tmp_path: Path) -> None:
     events = tmp_path / "events.jsonl"
@@ -119,11 +112,11 @@ def test_publish_sends_each_valid_line_and_names_the_invalid_ones(
     assert "line 2: not published" in result.output
     assert f"published 4 message(s) to {settings.events_queue}; 1 invalid line(s) skipped" \
         in " ".join(result.output.split())
-    assert _waiting(settings, settings.events_queue) == 4
+    assert queue_ready(settings, settings.events_queue) == 4
 
 
 def test_publish_as_a_task_from_stdin(cli: Callable[..., Any], settings: Settings) -> None:
     line = json.dumps({"eventId": "p-3", "customer": {"id": "3"}, "seriesIds": [544770]})
     result = cli("publish", "-", "--via", "task", stdin=line.encode())
     assert result.exit_code == 0, result.output
-    assert _waiting(settings, settings.tasks_queue) == 1
+    assert queue_ready(settings, settings.tasks_queue) == 1

@@ -8,18 +8,12 @@ import pytest
 from kombu import Connection
 
 from coupon_devtools.harness.rabbitmqctl import rabbitmqctl
-from tests.acceptance.helpers import queue_counts, refusing
+from tests.acceptance.helpers import queue_counts, queue_ready, refusing
 from worker.broker.celery_config import producer_app
 from worker.broker.publisher import CeleryPublisher, EventProducer
 from worker.config import Settings
 from worker.errors import BrokerUnavailable
 from worker.ledger.records import DueEntity
-
-
-def _waiting(settings: Settings, queue: str) -> int:
-    with Connection(settings.broker_url) as connection:
-        channel: Any = connection.channel()
-        return int(channel.queue_declare(queue=queue, passive=True).message_count)
 
 
 def test_a_producer_publishes_both_ways_in_after_its_connection_was_dropped(
@@ -36,8 +30,8 @@ def test_a_producer_publishes_both_ways_in_after_its_connection_was_dropped(
         producer.publish_event(event, via="task")
         producer.publish_event(event, via="bus")
     # Then both went out, instead of the second failing on the channel the first replaced
-    assert _waiting(settings, settings.events_queue) == 2
-    assert _waiting(settings, settings.tasks_queue) == 1
+    assert queue_ready(settings, settings.events_queue) == 2
+    assert queue_ready(settings, settings.tasks_queue) == 1
 
 
 # -- publisher confirms --------------------------------------------------------------------
@@ -51,10 +45,10 @@ def test_a_publish_the_broker_refuses_raises_and_a_confirmed_one_is_on_the_queue
     queue = settings.events_queue if via == "bus" else settings.tasks_queue
     with EventProducer.open(settings) as producer:
         producer.publish_event(event, via=via)  # type: ignore[arg-type]
-    assert _waiting(settings, queue) == 1
+    assert queue_ready(settings, queue) == 1
     # Given RabbitMQ refuses messages for the queue
     with refusing(settings, queue):
-        assert _waiting(settings, queue) == 0, "the policy applies"
+        assert queue_ready(settings, queue) == 0, "the policy applies"
         # When a producer publishes: then it is told, instead of the message vanishing
         with pytest.raises(BrokerUnavailable, match="refused the message"), \
                 EventProducer.open(settings) as producer:
@@ -62,7 +56,7 @@ def test_a_publish_the_broker_refuses_raises_and_a_confirmed_one_is_on_the_queue
     # And once the broker accepts again, a confirmed publish is on the queue
     with EventProducer.open(settings) as producer:
         producer.publish_event(event, via=via)  # type: ignore[arg-type]
-    assert _waiting(settings, queue) == 1
+    assert queue_ready(settings, queue) == 1
 
 
 def test_the_workers_publishes_raise_when_the_broker_refuses_them(settings: Settings) -> None:
@@ -73,7 +67,7 @@ def test_the_workers_publishes_raise_when_the_broker_refuses_them(settings: Sett
             pytest.raises(BrokerUnavailable, match="refused the message"):
         publisher.publish_retries(due)
     publisher.publish_retries(due)
-    assert _waiting(settings, settings.retry_queue) == 1
+    assert queue_ready(settings, settings.retry_queue) == 1
 
 
 def test_the_delivery_gate_sees_messages_waiting_and_messages_held_unacknowledged(
