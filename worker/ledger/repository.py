@@ -17,6 +17,7 @@ from psycopg.types.json import Jsonb
 from sqlalchemy import (
     ColumnElement,
     DateTime,
+    Engine,
     Float,
     Table,
     Text,
@@ -49,6 +50,7 @@ from worker.errors import EventRejected
 from worker.events import LoyaltyEvent
 from worker.ledger import hot_path
 from worker.ledger import models as m
+from worker.ledger.driver import run_alone
 from worker.ledger.records import (
     CLOSED_CIRCUIT,
     CircuitState,
@@ -510,10 +512,9 @@ class SqlLedger:
         statements first), the statement joins it instead and commits with it.
         """
         if self.session.in_transaction():
-            conn = self.session.connection()
-        else:
-            conn = self.session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
-        return list(conn.exec_driver_sql(sql, params).all())
+            return list(self.session.connection().exec_driver_sql(sql, params).all())
+        bind = self.session.get_bind()
+        return run_alone(bind if isinstance(bind, Engine) else bind.engine, sql, params)
 
     def refresh_event_states(self, event_ids: Iterable[str], *, now: datetime) -> None:
         """Recompute the summary state of events from their entities."""

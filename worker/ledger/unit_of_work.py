@@ -1,8 +1,9 @@
 """The transaction boundary: nothing is written unless ``commit()`` is called.
 
-Driver errors are translated here: a lost or refused connection, and a statement cut short by
-the statement or lock timeout, become ``LedgerUnavailable`` (the message goes back to the
-broker, nothing having been recorded), anything else ``LedgerError``.
+Driver errors leave it translated by ``worker.ledger.driver.translate``: a lost or refused
+connection, and a statement cut short by the statement or lock timeout, become
+``LedgerUnavailable`` (the message goes back to the broker, nothing having been recorded),
+anything else ``LedgerError``.
 """
 
 from __future__ import annotations
@@ -17,20 +18,11 @@ from sqlalchemy import Engine, create_engine
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
-from worker.errors import LedgerError, LedgerUnavailable, WorkerError
+from worker.ledger.driver import translate
 from worker.ledger.repository import Ledger, SqlLedger
 
 if TYPE_CHECKING:
     from worker.config import Settings
-
-# SQLSTATEs of a statement the server gave up on while the database itself is fine: waiting
-# again later is the answer, exactly as for a lost connection.
-_STALLED = {
-    "57014": "statement timeout",  # query_canceled (statement_timeout)
-    "55P03": "lock timeout",  # lock_not_available (lock_timeout, NOWAIT)
-    "40P01": "deadlock",
-    "40001": "serialization failure",
-}
 
 
 class UnitOfWork(Protocol):
@@ -125,20 +117,6 @@ def make_engine(database_url: str, *, pool_size: int = 5, application_name: str 
         pool_recycle=1800,
         connect_args=(limits or ConnectionLimits()).connect_args(application_name),
     )
-
-
-def translate(exc: Exception) -> WorkerError:
-    """Our error for a SQLAlchemy/psycopg error."""
-    cause = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
-    stalled = _STALLED.get(str(getattr(cause, "sqlstate", None)))
-    if stalled is not None:
-        return LedgerUnavailable(f"database stalled ({stalled}): {type(cause).__name__}: "
-                                 f"{str(cause).strip()}")
-    if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError) or (
-        isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
-    ):
-        return LedgerUnavailable(f"database unavailable: {type(cause).__name__}: {cause}")
-    return LedgerError(f"database error: {exc}")
 
 
 class SqlUnitOfWork:

@@ -1,0 +1,78 @@
+"""One statement on a bare pooled connection (the hot path's way): its errors mean what the
+session's do, and the pool never hands out a connection it left broken or in autocommit."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import Engine, text
+
+from worker.config import Settings
+from worker.errors import LedgerError, LedgerUnavailable
+from worker.ledger.driver import run_alone
+from worker.ledger.unit_of_work import ConnectionLimits, make_engine
+
+
+@pytest.fixture
+def one_connection(settings: Settings, clean_ledger: Engine) -> Iterator[Engine]:
+    """A pool of exactly one connection, so every call gets the one the last call left."""
+    engine = make_engine(settings.database_url, pool_size=1,
+                         limits=ConnectionLimits(statement_timeout_s=0.5))
+    engine.pool._max_overflow = 0  # type: ignore[attr-defined]
+    yield engine
+    engine.dispose()
+
+
+def _backend_pid(engine: Engine) -> int:
+    return int(run_alone(engine, "SELECT pg_backend_pid()", {})[0][0])
+
+
+def test_a_statement_runs_alone_and_is_committed(one_connection: Engine,
+                                                 clean_ledger: Engine) -> None:
+    rows = run_alone(one_connection, "INSERT INTO circuit_breakers (name, state) "
+                     "VALUES (%(name)s, 'closed') RETURNING name", {"name": "driver-test"})
+    assert rows == [("driver-test",)]
+    # Committed without a COMMIT: another connection sees it at once.
+    with clean_ledger.connect() as other:
+        assert other.scalar(text(
+            "SELECT count(*) FROM circuit_breakers WHERE name = 'driver-test'")) == 1
+
+
+def test_the_connection_goes_back_ready_for_a_transaction(one_connection: Engine) -> None:
+    run_alone(one_connection, "SELECT 1", {})
+    with one_connection.connect() as conn:
+        conn.execute(text("SELECT 1"))
+        # Not autocommit: the session's statements run inside BEGIN ... COMMIT.
+        assert conn.scalar(text("SELECT now() = statement_timestamp()")) is False
+
+
+def test_an_error_in_the_statement_is_a_ledger_error_and_the_connection_is_kept(
+    one_connection: Engine,
+) -> None:
+    pid = _backend_pid(one_connection)
+    with pytest.raises(LedgerError) as raised:
+        run_alone(one_connection, "SELECT 1 / 0", {})
+    assert not isinstance(raised.value, LedgerUnavailable)
+    assert _backend_pid(one_connection) == pid
+
+
+def test_a_statement_cut_by_the_timeout_is_unavailable_and_the_connection_kept(
+    one_connection: Engine,
+) -> None:
+    pid = _backend_pid(one_connection)
+    with pytest.raises(LedgerUnavailable, match="statement timeout"):
+        run_alone(one_connection, "SELECT pg_sleep(5)", {})
+    assert _backend_pid(one_connection) == pid
+
+
+def test_a_lost_connection_is_unavailable_and_never_handed_out_again(
+    one_connection: Engine, clean_ledger: Engine,
+) -> None:
+    pid = _backend_pid(one_connection)
+    with clean_ledger.connect() as other:
+        other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+    with pytest.raises(LedgerUnavailable, match="unavailable"):
+        run_alone(one_connection, "SELECT 1", {})
+    # The next statement gets a new connection rather than the dead one.
+    assert _backend_pid(one_connection) != pid
