@@ -21,6 +21,7 @@ Two facts of PostgreSQL shape the statements:
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from datetime import datetime
 from decimal import Decimal
@@ -37,6 +38,17 @@ from worker.domain import (
 from worker.ledger.records import RecordedCall, Transition
 
 
+def _wire(sql: str) -> str:
+    """The statement as sent: without comments or runs of blanks.
+
+    psycopg converts a statement's ``%(name)s`` placeholders once and caches the result, but
+    only for statements up to 4,096 bytes (``MAX_CACHED_STATEMENT_LENGTH``); the outcome
+    statement, as written here, is longer and was parsed again on every event. No string
+    literal in these statements holds ``--`` or two blanks in a row.
+    """
+    return re.sub(r"\s+", " ", re.sub(r"--[^\n]*", "", sql)).strip()
+
+
 def _sql_list(states: frozenset[EntityState]) -> str:
     return ", ".join(f"'{s.value}'" for s in sorted(states, key=lambda s: s.value))
 
@@ -45,7 +57,7 @@ _IN_FLIGHT = EntityState.IN_FLIGHT.value
 
 # Leases and settle times are on the database's clock (now()), never a host's (see
 # ``worker.ledger.repository``). ``%(name)s`` are psycopg's named parameters.
-TAKE_IN = f"""
+TAKE_IN = _wire(f"""
 WITH new_event AS (
     INSERT INTO events (event_id, event_type, customer_key, customer, series_ids, metadata,
                         payload, fingerprint, issue_ref, source, occurred_at, received_at,
@@ -120,12 +132,12 @@ LEFT JOIN new_event n ON true
 LEFT JOIN seen_event s ON true
 LEFT JOIN claimed c ON true
 ORDER BY c.series_id
-"""  # noqa: S608 (only the domain's state names are interpolated)
+""")  # noqa: S608 (only the domain's state names are interpolated)
 
 _ISSUED = _sql_list(ISSUED_STATES)
 _TERMINAL = _sql_list(TERMINAL_STATES)
 
-RECORD = f"""
+RECORD = _wire(f"""
 WITH t AS (
     SELECT * FROM jsonb_to_recordset(%(transitions)s::jsonb) AS t(
         entity_id bigint, state text, kind text, attempt integer, is_issued boolean,
@@ -211,7 +223,7 @@ WITH t AS (
     WHERE event_id = %(event_id)s AND EXISTS (SELECT 1 FROM t)
 )
 SELECT count(*) FROM moved
-"""  # noqa: S608 (only the domain's state names are interpolated)
+""")  # noqa: S608 (only the domain's state names are interpolated)
 
 
 def _json_default(value: object) -> str:

@@ -148,13 +148,20 @@ class SqlUnitOfWork:
         if isinstance(exc, sa_exc.SQLAlchemyError):
             raise translate(exc) from exc
 
+    # The hot path's statements run alone, outside the session (``worker.ledger.driver``), so
+    # its units of work never begin a transaction: nothing to commit or roll back then, and
+    # the session's bookkeeping for an empty transaction is skipped.
     def commit(self) -> None:
+        if not self.session.in_transaction():
+            return
         try:
             self.session.commit()
         except sa_exc.SQLAlchemyError as exc:
             raise translate(exc) from exc
 
     def rollback(self) -> None:
+        if not self.session.in_transaction():
+            return
         # If the connection is gone, the transaction is gone with it, which is the point.
         with contextlib.suppress(sa_exc.SQLAlchemyError):
             self.session.rollback()

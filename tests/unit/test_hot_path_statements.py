@@ -1,0 +1,16 @@
+"""The hot path's statements as they go over the wire."""
+
+from __future__ import annotations
+
+import pytest
+from psycopg import _queries
+
+from worker.ledger import hot_path
+
+
+@pytest.mark.parametrize("statement", [hot_path.TAKE_IN, hot_path.RECORD],
+                         ids=["claim", "outcome"])
+def test_each_statement_is_short_enough_for_psycopg_to_convert_it_once(statement: str) -> None:
+    # Longer statements have their placeholders parsed again on every execution.
+    assert len(statement.encode()) <= _queries.MAX_CACHED_STATEMENT_LENGTH
+    assert "--" not in statement and "  " not in statement and "\n" not in statement
