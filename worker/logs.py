@@ -10,6 +10,7 @@ no lone surrogate makes the stream's UTF-8 encoder drop the line.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -30,6 +31,8 @@ _SECRET_IN_TEXT = re.compile(
 )
 _URL_PASSWORD = re.compile(r"(?i)([a-z][a-z0-9+.-]*://[^:/@\s]+:)([^@\s]+)(@)")
 REDACTED = "***"
+_URL_PASSWORD_HIDDEN = rf"\1{REDACTED}\3"
+_SECRET_HIDDEN = rf"\1\2{REDACTED}"
 # A key=value value is written bare only when it is plainly one token.
 _BARE = re.compile(r"[^\s\"=\\]+")
 # The one control character json.dumps leaves as it is.
@@ -38,13 +41,22 @@ _DEL, _DEL_ESCAPED = "\x7f", "\\u007f"
 
 def redact_text(text: str) -> str:
     """Hide credentials in free text: URL passwords and ``secret=...`` style pairs."""
-    text = _URL_PASSWORD.sub(rf"\1{REDACTED}\3", text)
-    return _SECRET_IN_TEXT.sub(rf"\1\2{REDACTED}", text)
+    # Both patterns need a ':' or a '=': most values (ids, codes, names) have neither, and
+    # every worker writes a few lines per event.
+    if ":" not in text and "=" not in text:
+        return text
+    text = _URL_PASSWORD.sub(_URL_PASSWORD_HIDDEN, text)
+    return _SECRET_IN_TEXT.sub(_SECRET_HIDDEN, text)
+
+
+@functools.lru_cache(maxsize=1024)
+def _secret_key(key: str) -> bool:
+    return bool(_SECRET_KEYS.search(key))
 
 
 def redact(value: Any, key: str = "") -> Any:
     """A copy of ``value`` with secrets hidden (by key name, and inside strings)."""
-    if key and _SECRET_KEYS.search(key):
+    if key and _secret_key(key):
         return REDACTED
     if isinstance(value, dict):
         return {k: redact(v, str(k)) for k, v in value.items()}
@@ -87,6 +99,15 @@ def _message(record: logging.LogRecord) -> str:
     return printable(redact_text(record.getMessage()))
 
 
+def _json_text(value: Any) -> str:
+    # Numbers and null are most of the non-text values: written without the JSON encoder.
+    if value is None:
+        return "null"
+    if type(value) is int:
+        return str(value)
+    return json.dumps(value, default=str)
+
+
 class KeyValueFormatter(logging.Formatter):
     """``2026-11-25T10:00:00Z INFO entity.issued event_id=... series=544770``."""
 
@@ -94,7 +115,7 @@ class KeyValueFormatter(logging.Formatter):
         when = datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         parts = [when[:-4] + "Z", record.levelname, _message(record)]
         for key, value in _fields(record).items():
-            text = value if isinstance(value, str) else json.dumps(value, default=str)
+            text = value if isinstance(value, str) else _json_text(value)
             if isinstance(value, str) and not (text.isprintable() and _BARE.fullmatch(text)):
                 # Quoted, JSON-escaped (ASCII only: controls, surrogates and bidi characters
                 # become \uXXXX), so the value reads back exactly and stays on its line.
