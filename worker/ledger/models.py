@@ -54,6 +54,8 @@ class Event(Base):
         CheckConstraint(_one_of("state", [s.value for s in EventState]), name="state"),
         Index("ix_events_customer_key", "customer_key"),
         Index("ix_events_received_at", "received_at"),
+        # The sweeper's repair of events left processing (0007).
+        Index("ix_events_processing", "event_id", postgresql_where=text("state = 'processing'")),
     )
 
     event_id: Mapped[str] = mapped_column(Text, primary_key=True)
@@ -224,6 +226,9 @@ class RejectedEvent(Base):
     __table_args__ = (
         Index("ix_rejected_events_event_id", "event_id"),
         Index("ix_rejected_events_received_at", "received_at"),
+        # Rejections still to announce on the dead queue, for the sweeper (0007).
+        Index("ix_rejected_events_unannounced", "id",
+              postgresql_where=text("dead_published_at IS NULL")),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
