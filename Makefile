@@ -19,11 +19,11 @@ lint: install
 	$(BIN)/lint-imports
 	$(BIN)/python -m coupon_devtools.migration_lint
 
-# Five test processes share the machine (tests mostly wait on workers and the broker); the
-# tests that stop PostgreSQL or RabbitMQ run afterwards, alone. Coverage adds up both runs.
+# Five test processes share the machine (tests mostly wait on workers and the broker). Tests
+# of one xdist_group share a process: the disruptive ones (their own PostgreSQL cluster and
+# RabbitMQ node), the bench's two checks of one run. Ends with the coverage table and total.
 test: install
-	$(BIN)/pytest -n 5 -m "not disruptive" --cov --cov-report=
-	$(BIN)/pytest -m disruptive --cov --cov-append --cov-report=term
+	$(BIN)/pytest -n 5 --dist loadgroup --cov --cov-report=term
 
 wheel-check: install
 	./.ci/wheel-check

@@ -44,6 +44,21 @@ SANDBOX_USER, SANDBOX_PASSWORD = "store.server", "server123"
 os.environ["COUPONS_ENV_FILE"] = ""
 
 
+# Longest first: pytest-xdist hands tests out in collection order, so the long acceptance runs
+# start at once and the quick unit tests fill the gaps at the end.
+RUN_FIRST = ("tests/acceptance/disruptive/", "tests/acceptance/test_bench.py",
+             "tests/acceptance/test_demo.py", "tests/acceptance/", "tests/console/",
+             "tests/integration/")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        return next((i for i, prefix in enumerate(RUN_FIRST) if item.nodeid.startswith(prefix)),
+                    len(RUN_FIRST))
+
+    items.sort(key=rank)
+
+
 def _session_tag() -> str:
     return uuid.uuid4().hex[:10]
 

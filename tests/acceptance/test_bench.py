@@ -22,7 +22,8 @@ from rich.console import Console
 
 from tests.conftest import PG_ADMIN_URL, RABBIT_HOST
 
-pytestmark = pytest.mark.slow
+# One test process runs both tests, so that they share the one run (``--dist loadgroup``).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("bench")]
 
 
 @dataclass(frozen=True)
