@@ -19,11 +19,12 @@ lint: install
 	$(BIN)/lint-imports
 	$(BIN)/python -m coupon_devtools.migration_lint
 
-# Five test processes share the machine (tests mostly wait on workers and the broker). Tests
-# of one xdist_group share a process: the disruptive ones (their own PostgreSQL cluster and
-# RabbitMQ node), the bench's two checks of one run. Ends with the coverage table and total.
+# Six test processes share the machine (tests mostly wait on workers and the broker; two of
+# them hold the disruptive groups, which mostly wait on restarts). Tests of one xdist_group
+# share a process: the disruptive ones (their own PostgreSQL cluster and RabbitMQ node), the
+# bench's two checks of one run. Ends with the coverage table and its total.
 test: install
-	$(BIN)/pytest -n 5 --dist loadgroup --cov --cov-report=term
+	$(BIN)/pytest -n 6 --dist loadgroup --cov --cov-report=term
 
 wheel-check: install
 	./.ci/wheel-check
