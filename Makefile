@@ -20,11 +20,10 @@ lint: install
 	$(BIN)/python -m coupon_devtools.migration_lint
 
 # Six test processes share the machine (tests mostly wait on workers and the broker; two of
-# them hold the disruptive groups, which mostly wait on restarts). Tests of one xdist_group
-# share a process: the disruptive ones (their own PostgreSQL cluster and RabbitMQ node), the
-# bench's two checks of one run. Ends with the coverage table and its total.
+# them hold the disruptive tests, which mostly wait on restarts). The tests that must share a
+# process (SHARED_PROCESS in tests/conftest.py) do. Ends with the coverage table and its total.
 test: install
-	$(BIN)/pytest -n 6 --dist loadgroup --cov --cov-report=term
+	$(BIN)/pytest -n 6 --cov --cov-report=term
 
 wheel-check: install
 	./.ci/wheel-check

@@ -59,6 +59,33 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=rank)
 
 
+# Test modules whose tests must share one test process: the bench's two checks share one run
+# (a module fixture), the disruptive tests the PostgreSQL cluster and RabbitMQ node that their
+# process creates (tests/acceptance/disruptive/conftest.py); the chaos run, the longest, has a
+# group of its own. Named here, by file, because pytest-xdist's xdist_group mark is lost with
+# pytest 9's node ids.
+SHARED_PROCESS = {
+    "tests/acceptance/test_bench.py": "bench",
+    "tests/acceptance/disruptive/test_chaos.py": "chaos",
+    "tests/acceptance/disruptive/test_restarts.py": "restarts",
+    "tests/acceptance/disruptive/test_reconnect.py": "restarts",
+}
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """pytest-xdist's load scheduling, with each group of ``SHARED_PROCESS`` one unit of work
+    (every other test is a unit of its own, handed out in collection order)."""
+    if config.getvalue("dist") not in ("load", "loadgroup"):
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedProcessScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return SHARED_PROCESS.get(nodeid.split("::", 1)[0], nodeid)
+
+    return SharedProcessScheduling(config, log)
+
+
 def _session_tag() -> str:
     return uuid.uuid4().hex[:10]
 

@@ -162,7 +162,11 @@ class PrivateRabbit:
             "RABBITMQ_LOG_BASE": str(folder / "log"),
             "RABBITMQ_PID_FILE": str(folder / "rabbitmq.pid"),
             "ERL_EPMD_ADDRESS": "127.0.0.1",
-            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+            # One scheduler that sleeps when idle: Erlang's schedulers spin while they wait by
+            # default, which a test node beside a busy suite cannot afford.
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": (
+                "-kernel inet_dist_use_interface {127,0,0,1} +S 1:1 +sbwt none "
+                "+sbwtdcpu none +sbwtdio none"),
         }
         server = spawn("rabbitmq-server", [str(RABBITMQ_SERVER)], env, folder)
         return cls(node, port, folder, server)

@@ -22,8 +22,9 @@ from rich.console import Console
 
 from tests.conftest import PG_ADMIN_URL, RABBIT_HOST
 
-# One test process runs both tests, so that they share the one run (``--dist loadgroup``).
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("bench")]
+# One test process runs both tests, so that they share the one run (SHARED_PROCESS in
+# tests/conftest.py).
+pytestmark = pytest.mark.slow
 
 
 @dataclass(frozen=True)

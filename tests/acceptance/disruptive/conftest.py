@@ -4,9 +4,8 @@ The session's first such test creates a PostgreSQL cluster and starts a RabbitMQ
 free ports (``coupon_devtools.harness.private``); they are removed when the session ends. These
 tests' ledger and vhost live there, so a restart never pulls a service from under another
 test, and they run in the parallel run like the others. The restart and reconnect tests share
-one test process (the ``xdist_group`` mark on each module; ``make test`` runs ``--dist
-loadgroup``) and the chaos run, the longest, has a group of its own: a cluster and a node serve
-each process that runs any of them.
+one test process, and the chaos run, the longest, has one of its own (``SHARED_PROCESS`` in
+``tests/conftest.py``): a cluster and a node serve each process that runs any of them.
 """
 
 from __future__ import annotations
@@ -20,8 +19,6 @@ from sqlalchemy import Engine, create_engine
 from coupon_devtools.harness.databases import create_migrated
 from coupon_devtools.harness.private import PrivatePostgres, PrivateRabbit
 
-GROUP = "private-services"
-CHAOS_GROUP = "private-services-chaos"
 LEDGER_DATABASE = "ledger"
 
 

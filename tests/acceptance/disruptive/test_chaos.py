@@ -19,10 +19,10 @@ import pytest
 
 from coupon_devtools.harness.databases import drop_database
 from coupon_devtools.harness.rabbitmqctl import delete_vhost
-from tests.acceptance.disruptive.conftest import CHAOS_GROUP, PrivateServices
+from tests.acceptance.disruptive.conftest import PrivateServices
 from tests.conftest import REPO_ROOT, coupon_worker_command
 
-pytestmark = [pytest.mark.slow, pytest.mark.disruptive, pytest.mark.xdist_group(CHAOS_GROUP)]
+pytestmark = [pytest.mark.slow, pytest.mark.disruptive]
 
 
 @pytest.fixture

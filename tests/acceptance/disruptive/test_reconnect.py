@@ -15,14 +15,14 @@ import pytest
 from sqlalchemy import Engine
 
 from coupon_devtools.sandbox import SandboxAdmin
-from tests.acceptance.disruptive.conftest import GROUP, PrivateServices
+from tests.acceptance.disruptive.conftest import PrivateServices
 from tests.acceptance.helpers import example_event, publish, wait_for_consumers, wait_for_state
 from tests.conftest import WorkerProcess, wait_until
 from worker.config import Settings
 from worker.ledger.records import CLOSED_CIRCUIT, CircuitState
 from worker.ledger.unit_of_work import sql_unit_of_work_factory
 
-pytestmark = [pytest.mark.disruptive, pytest.mark.xdist_group(GROUP)]
+pytestmark = pytest.mark.disruptive
 
 
 def _save_circuit(engine: Engine, state: CircuitState) -> None:
