@@ -19,11 +19,11 @@ lint: install
 	$(BIN)/lint-imports
 	$(BIN)/python -m coupon_devtools.migration_lint
 
-# Six test processes share the machine (tests mostly wait on workers and the broker; two of
-# them hold the disruptive tests, which mostly wait on restarts). The tests that must share a
-# process (SHARED_PROCESS in tests/conftest.py) do. Ends with the coverage table and its total.
+# Five test processes share the machine (tests mostly wait on workers and the broker). The
+# tests that must share a process (SHARED_PROCESS in tests/conftest.py) do, among them the
+# disruptive ones with their own PostgreSQL and RabbitMQ. Ends with the coverage total.
 test: install
-	$(BIN)/pytest -n 6 --cov --cov-report=term
+	$(BIN)/pytest -n 5 --cov --cov-report=term
 
 wheel-check: install
 	./.ci/wheel-check

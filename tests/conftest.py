@@ -44,21 +44,6 @@ SANDBOX_USER, SANDBOX_PASSWORD = "store.server", "server123"
 os.environ["COUPONS_ENV_FILE"] = ""
 
 
-# Longest first: pytest-xdist hands tests out in collection order, so the long acceptance runs
-# start at once and the quick unit tests fill the gaps at the end.
-RUN_FIRST = ("tests/acceptance/disruptive/", "tests/acceptance/test_bench.py",
-             "tests/acceptance/test_demo.py", "tests/acceptance/", "tests/console/",
-             "tests/integration/")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    def rank(item: pytest.Item) -> int:
-        return next((i for i, prefix in enumerate(RUN_FIRST) if item.nodeid.startswith(prefix)),
-                    len(RUN_FIRST))
-
-    items.sort(key=rank)
-
-
 # Test modules whose tests must share one test process: the bench's two checks share one run
 # (a module fixture), the disruptive tests the PostgreSQL cluster and RabbitMQ node that their
 # process creates (tests/acceptance/disruptive/conftest.py); the chaos run, the longest, has a
@@ -73,8 +58,9 @@ SHARED_PROCESS = {
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """pytest-xdist's load scheduling, with each group of ``SHARED_PROCESS`` one unit of work
-    (every other test is a unit of its own, handed out in collection order)."""
+    """pytest-xdist's load scheduling, with each group of ``SHARED_PROCESS`` one unit of work,
+    handed out first (every other test is a unit of its own, handed out in collection order:
+    the acceptance tests, the longest, come first)."""
     if config.getvalue("dist") not in ("load", "loadgroup"):
         return None
     from xdist.scheduler import LoadScopeScheduling
@@ -181,7 +167,9 @@ def settings_factory(database_url: str, broker_url: str, sandbox_server: Backgro
             "retry_base_s": 0.2,
             "retry_max_s": 1.0,
             "reconcile_delay_s": 0.2,
-            "sweep_interval_s": 0.2,
+            # Each sweep is a few statements: every fifth of a second, an idle test worker
+            # cost 7 % of a core (and its PostgreSQL backend more), a half second half that.
+            "sweep_interval_s": 0.5,
             "metrics_port": 0,
             # Inside the short test leases' hard time limit (lease - 5 s).
             "db_connect_timeout_s": 2,

@@ -56,13 +56,10 @@ def test_a_database_restart_delays_events_but_loses_none(
 
 
 def test_a_broker_restart_is_survived(
-    settings_factory: Callable[..., Settings], clean_ledger: Engine, sandbox: SandboxAdmin,
+    settings: Settings, clean_ledger: Engine, sandbox: SandboxAdmin,
     start_worker: Callable[..., WorkerProcess], private_services: PrivateServices,
 ) -> None:
     rabbit = private_services.rabbit
-    # Retries seconds apart: the failing series must outlast the restart, however slowly
-    # rabbitmqctl runs beside the rest of the suite, rather than run out of attempts first.
-    settings = settings_factory(retry_base_s=2.0, retry_max_s=4.0)
     worker = start_worker(settings)
     # An entity waits for its retry in PostgreSQL across the restart.
     sandbox.set_series(730001, behaviour="error", error_code=730)
