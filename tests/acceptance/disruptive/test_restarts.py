@@ -85,9 +85,10 @@ IN_FLIGHT_CUSTOMER = "960001"
 
 
 def _in_flight_settings(settings_factory: Callable[..., Settings]) -> Settings:
-    """Capillary's 3 s answer comes inside the read timeout; a claim lives 16 s."""
-    return settings_factory(http_timeout_s=4.0, http_connect_timeout_s=0.5,
-                            rate_limit_max_wait_s=1.0, lease_s=16.0, settle_window_s=5.0)
+    """Capillary's 6 s answer comes inside the read timeout; a claim lives 28 s. Six seconds
+    leave room for the stop itself, slow as it may be beside the rest of the suite."""
+    return settings_factory(http_timeout_s=8.0, http_connect_timeout_s=0.5,
+                            rate_limit_max_wait_s=1.0, lease_s=28.0, settle_window_s=10.0)
 
 
 def _claimed(engine: Engine, event_id: str) -> bool:
@@ -97,9 +98,9 @@ def _claimed(engine: Engine, event_id: str) -> bool:
 
 def _call_in_flight(settings: Settings, engine: Engine, sandbox: SandboxAdmin,
                     event_id: str) -> None:
-    """Publish an event whose call Capillary answers (and issues) after 3 s; return once it is
+    """Publish an event whose call Capillary answers (and issues) after 6 s; return once it is
     claimed, the call under way."""
-    sandbox.add_fault(kind="latency", delay_seconds=3, customer=IN_FLIGHT_CUSTOMER)
+    sandbox.add_fault(kind="latency", delay_seconds=6, customer=IN_FLIGHT_CUSTOMER)
     publish(settings, example_event(event_id, series=(544770,), customer=IN_FLIGHT_CUSTOMER))
     wait_until(lambda: _claimed(engine, event_id), message="the claim")
 
@@ -117,7 +118,7 @@ def test_a_database_restart_while_a_call_is_in_flight_issues_once(
     postgres, node = private_services.postgres, private_services.rabbit.node
     settings = _in_flight_settings(settings_factory)
     start_worker(settings)
-    # Given a call in flight: claimed (committed), Capillary answering in 3 s
+    # Given a call in flight: claimed (committed), Capillary answering in 6 s
     _call_in_flight(settings, clean_ledger, sandbox, "db-in-flight")
     # When PostgreSQL stops before Capillary answers: the answer cannot be committed
     postgres.ctl("stop")
