@@ -56,10 +56,13 @@ def test_a_database_restart_delays_events_but_loses_none(
 
 
 def test_a_broker_restart_is_survived(
-    settings: Settings, clean_ledger: Engine, sandbox: SandboxAdmin,
+    settings_factory: Callable[..., Settings], clean_ledger: Engine, sandbox: SandboxAdmin,
     start_worker: Callable[..., WorkerProcess], private_services: PrivateServices,
 ) -> None:
     rabbit = private_services.rabbit
+    # A retry the sweeper dispatches while the broker is down stays queued until
+    # requeue_stale makes it due again (services.sweep): after 5 s here, not 5 minutes.
+    settings = settings_factory(requeue_after_s=5.0)
     worker = start_worker(settings)
     # An entity waits for its retry in PostgreSQL across the restart.
     sandbox.set_series(730001, behaviour="error", error_code=730)
