@@ -19,11 +19,11 @@ lint: install
 	$(BIN)/lint-imports
 	$(BIN)/python -m coupon_devtools.migration_lint
 
-# Five test processes share the machine (tests mostly wait on workers and the broker); the
-# tests that stop PostgreSQL or RabbitMQ run afterwards, alone. Coverage adds up both runs.
+# Five test processes share the machine (tests mostly wait on workers and the broker). The
+# tests that must share a process (SHARED_PROCESS in tests/conftest.py) do, among them the
+# disruptive ones with their own PostgreSQL and RabbitMQ. Ends with the coverage total.
 test: install
-	$(BIN)/pytest -n 5 -m "not disruptive" --cov --cov-report=
-	$(BIN)/pytest -m disruptive --cov --cov-append --cov-report=term
+	$(BIN)/pytest -n 5 --cov --cov-report=term
 
 wheel-check: install
 	./.ci/wheel-check

@@ -13,8 +13,10 @@ A run, in order:
 3. once the ledger is at rest, the sandbox's ground truth: every (event, series) issued exactly
    once, compared with our ledger, and every worker alive and consuming.
 
-It restarts the machine's own RabbitMQ (``rabbitmqctl``) and PostgreSQL (``pg_ctlcluster``),
-so it needs both on this host and disturbs whatever else uses them for a few seconds. Process
+It restarts the local RabbitMQ node ``rabbitmqctl`` addresses (the machine's, or
+``RABBITMQ_NODENAME``'s) and the local PostgreSQL cluster listening on the port of
+``COUPONS_DATABASE_URL`` (``pg_ctlcluster``), so it needs both on this host and disturbs
+whatever else uses them for a few seconds. Process
 handling, backends and the sandbox start are the demo's (:mod:`coupon_devtools.demo`).
 """
 
@@ -90,9 +92,9 @@ def chaos_command() -> click.Command:
         """Exactly once while a worker is SIGKILLed mid-call, RabbitMQ and PostgreSQL restart,
         the API goes down and every broker connection drops.
 
-        Restarts this machine's RabbitMQ and PostgreSQL: do not run it where others rely on
-        them. Exits 0 only if nothing is missing, nothing was issued twice and every worker
-        is alive at the end.
+        Restarts this machine's RabbitMQ (RABBITMQ_NODENAME's node, if set) and the PostgreSQL
+        cluster of COUPONS_DATABASE_URL: do not run it where others rely on them. Exits 0 only
+        if nothing is missing, nothing was issued twice and every worker is alive at the end.
         """
         if namespace and not re.fullmatch(r"[a-z0-9]{1,20}", namespace):
             raise click.BadParameter("lower-case letters and digits only", param_hint="namespace")

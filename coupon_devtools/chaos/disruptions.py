@@ -9,7 +9,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -113,26 +112,30 @@ def restart_rabbitmq(ctx: Context) -> None:
                       f"{time.monotonic() - stopped:.1f} s down")
 
 
-def _pg_cluster() -> tuple[str, str]:
-    """The local cluster to restart: the Debian layout's first version, cluster ``main``."""
-    root = Path("/etc/postgresql")
-    versions = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
-    if not versions:
-        raise ChaosError("no local PostgreSQL cluster under /etc/postgresql to restart")
-    return versions[0], "main"
+def _pg_cluster(port: int) -> tuple[str, str]:
+    """The local cluster to restart: the Debian one that listens on the ledger's port."""
+    from coupon_devtools.harness.private import cluster_on_port
+
+    found = cluster_on_port(port)
+    if found is None:
+        raise ChaosError(f"no local PostgreSQL cluster on port {port} to restart "
+                         "(pg_lsclusters lists none)")
+    return found
 
 
-def pg_ready() -> bool:
-    return subprocess.run(["pg_isready", "-h", "127.0.0.1", "-q"],  # noqa: S607
-                          check=False, timeout=10).returncode == 0
+def pg_ready(port: int) -> bool:
+    from coupon_devtools.harness.private import pg_ready as ready
+
+    return ready(port)
 
 
 def restart_postgres(ctx: Context) -> None:
-    version, cluster = _pg_cluster()
+    port = ctx.engine.url.port or 5432
+    version, cluster = _pg_cluster(port)
     started = time.monotonic()
     subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version,  # noqa: S603,S607
                     cluster, "restart"], check=True, capture_output=True, timeout=120)
-    while not pg_ready():
+    while not pg_ready(port):
         if time.monotonic() - started > 120:
             raise ChaosError("PostgreSQL did not answer within 120 s of its restart")
         time.sleep(0.2)
@@ -193,7 +196,7 @@ class Script(threading.Thread):
         self.finished = True
 
 
-def restore_services(ctx: Context | None) -> None:
+def restore_services(ctx: Context | None, database_port: int) -> None:
     """Whatever happened, leave RabbitMQ and PostgreSQL running and answering."""
     from coupon_devtools.harness.rabbitmqctl import rabbitmqctl
     from worker.errors import BrokerUnavailable
@@ -204,5 +207,5 @@ def restore_services(ctx: Context | None) -> None:
     with contextlib.suppress(BrokerUnavailable):
         rabbitmqctl("await_startup")
     deadline = time.monotonic() + 60
-    while not pg_ready() and time.monotonic() < deadline:
+    while not pg_ready(database_port) and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -312,6 +312,13 @@ class ChaosRun:
 
     # -- cleaning up
 
+    def _database_port(self) -> int:
+        if self.backends is None:
+            return 5432
+        from sqlalchemy.engine import make_url
+
+        return make_url(self.backends.database.url).port or 5432
+
     def close(self) -> None:
         """Stop what the run started, leave RabbitMQ and PostgreSQL up, drop the database and
         the vhost (unless --keep)."""
@@ -322,7 +329,7 @@ class ChaosRun:
             self.script.join(timeout=120)  # a restart half-done must finish first
         stop_groups([s.pid for s in self.services], [s.process for s in self.services],
                     grace_s=STOP_GRACE_S)
-        restore_services(self.ctx)
+        restore_services(self.ctx, self._database_port())
         if self.engine is not None:
             self.engine.dispose()
         if self.admin is not None:

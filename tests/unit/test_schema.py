@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from alembic.script import ScriptDirectory
 
 from worker import __version__
-from worker.ledger.migrate import script_directory
-from worker.ledger.schema import MARKER, Verdict, compatible_from, judge
+from worker.ledger.migrate import script_directory, shipped_revisions
+from worker.ledger.schema import MARKER, ShippedRevisions, Verdict, compatible_from, judge
 from worker.metrics import Metrics, exposition_registry
 
 
@@ -68,3 +70,28 @@ def test_the_build_info_metric_names_version_and_schemas() -> None:
     text = generate_latest(registry).decode()
     assert (f'coupon_worker_build_info{{ledger_schema="0005",schema="0004",'
             f'version="{__version__}"}} 1.0') in text
+
+
+def test_the_start_up_check_reads_the_same_chain_as_alembic(script: ScriptDirectory) -> None:
+    # Given the revisions read from the migration files, without Alembic
+    shipped = shipped_revisions()
+    # Then they are Alembic's: the same head and the same chain down to the first
+    assert shipped.get_current_head() == _head(script)
+    assert [r.revision for r in shipped.walk_revisions()] == [
+        r.revision for r in script.walk_revisions()]
+    assert [(r.revision, r.down_revision) for r in shipped.iterate_revisions("0004", "base")] \
+        == [(r.revision, r.down_revision) for r in script.iterate_revisions("0004", "base")]
+    # And a worker judges every ledger the same way with either
+    head = _head(script)
+    for ledger, recorded in ((head, head), ("9999", head), ("9999", None), ("0001", None),
+                             (None, None)):
+        assert judge(shipped, ledger, recorded) == judge(script, ledger, recorded)
+
+
+def test_migrations_with_two_heads_are_refused(tmp_path: Path) -> None:
+    for name, revision, down in (("a", "0001", None), ("b", "0002", "0001"),
+                                 ("c", "0003", "0001")):
+        (tmp_path / f"{name}.py").write_text(
+            f"revision: str = {revision!r}\ndown_revision: str | None = {down!r}\n")
+    with pytest.raises(ValueError, match="several heads"):
+        ShippedRevisions.read(tmp_path).get_current_head()

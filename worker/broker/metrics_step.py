@@ -18,7 +18,7 @@ from celery import bootsteps
 from worker import __version__
 from worker.broker.context import container_of, links_of, step_settings
 from worker.errors import LedgerUnavailable
-from worker.ledger.migrate import schema_status, script_directory
+from worker.ledger.migrate import schema_status, shipped_revisions
 from worker.ledger.schema import SchemaStatus
 from worker.metrics import exposition_registry, serve_metrics
 from worker.views import entity_state_counts
@@ -61,7 +61,7 @@ class MetricsServer(bootsteps.StartStopStep):
 
 def build_labels(status: SchemaStatus | None) -> dict[str, str]:
     """This worker's version, the schema revision it is built for, and the ledger's."""
-    head = status.head if status else (script_directory().get_current_head() or "none")
+    head = status.head if status else (shipped_revisions().get_current_head() or "none")
     ledger = (status.ledger or "none") if status else "unknown"
     return {"version": __version__, "schema": head, "ledger_schema": ledger}
 

@@ -10,17 +10,20 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
-from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 
 from worker.errors import ConfigurationError, LedgerError, LedgerUnavailable
 from worker.ledger import schema
-from worker.ledger.schema import SchemaStatus
+from worker.ledger.schema import SchemaStatus, ShippedRevisions
+
+if TYPE_CHECKING:
+    # Imported where used: a worker's start-up check reads the migrations without Alembic.
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,8 @@ def alembic_home() -> Path:
 
 
 def alembic_config(database_url: str | None = None) -> Config:
+    from alembic.config import Config
+
     home = alembic_home()
     config = Config(str(home / "alembic.ini"))
     config.set_main_option("script_location", str(home / "migrations"))
@@ -54,8 +59,15 @@ def alembic_config(database_url: str | None = None) -> Config:
 
 
 def script_directory() -> ScriptDirectory:
-    """This release's migrations."""
+    """This release's migrations, as Alembic reads them."""
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(alembic_config())
+
+
+def shipped_revisions() -> ShippedRevisions:
+    """This release's revision chain, read without Alembic (see ``schema``)."""
+    return ShippedRevisions.read(alembic_home() / "migrations" / "versions")
 
 
 def schema_status(database_url: str, *, connect_timeout_s: int = 5) -> SchemaStatus:
@@ -66,7 +78,7 @@ def schema_status(database_url: str, *, connect_timeout_s: int = 5) -> SchemaSta
         "options": f"-c statement_timeout={connect_timeout_s * 1000}"})
     try:
         with engine.connect() as conn:
-            return schema.schema_status(conn, script_directory())
+            return schema.schema_status(conn, shipped_revisions())
     except sa_exc.OperationalError as exc:
         raise LedgerUnavailable(f"cannot reach PostgreSQL: {exc.orig}") from exc
     finally:
@@ -108,6 +120,8 @@ def upgrade(database_url: str, revision: str = "head", *,
     A migration that could not get its lock in time (the fleet held it) is rolled back whole
     and tried again, ``lock_retries`` times.
     """
+    from alembic import command
+
     for attempt in range(lock_retries + 1):
         try:
             command.upgrade(alembic_config(database_url), revision)

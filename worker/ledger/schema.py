@@ -19,10 +19,13 @@ it is not compatible (upgrade the worker).
 
 from __future__ import annotations
 
+import ast
 import re
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 from sqlalchemy import text
 
@@ -74,6 +77,88 @@ class SchemaStatus:
                 f"compatible with it (it serves workers from {since} on): upgrade this worker")
 
 
+class _Revision(Protocol):
+    @property
+    def revision(self) -> str: ...
+
+
+class Migrations(Protocol):
+    """What :func:`judge` reads of a release's migrations: Alembic's ``ScriptDirectory``, or
+    :class:`ShippedRevisions`."""
+
+    def get_current_head(self) -> str | None: ...
+
+    def walk_revisions(self) -> Iterable[_Revision]: ...
+
+    def iterate_revisions(self, upper: str, lower: str) -> Iterable[_Revision]: ...
+
+
+@dataclass(frozen=True)
+class ShippedRevision:
+    revision: str
+    down_revision: str | None
+
+
+@dataclass(frozen=True)
+class ShippedRevisions:
+    """This release's revision chain, read from the migration files' ``revision`` and
+    ``down_revision`` assignments without importing Alembic or the migrations: a worker's
+    start-up check needs no more, and Alembic's import (Mako, Pygments) is a good part of a
+    worker's start-up time. The migrations form one line (``migrations/env.py`` makes no
+    branches); a tree with several heads is refused."""
+
+    down: Mapping[str, str | None]
+
+    @classmethod
+    def read(cls, versions: Path) -> ShippedRevisions:
+        down: dict[str, str | None] = {}
+        for path in sorted(versions.glob("*.py")):
+            found = _assignments(path, ("revision", "down_revision"))
+            if "revision" in found:
+                revision = found["revision"]
+                if not isinstance(revision, str):
+                    raise ValueError(f"{path.name}: revision is not a string")
+                down_revision = found.get("down_revision")
+                if down_revision is not None and not isinstance(down_revision, str):
+                    raise ValueError(f"{path.name}: down_revision is not one revision")
+                down[revision] = down_revision
+        return cls(down)
+
+    def get_current_head(self) -> str | None:
+        heads = set(self.down) - {d for d in self.down.values() if d is not None}
+        if len(heads) > 1:
+            raise ValueError(f"the migrations have several heads: {sorted(heads)}")
+        return next(iter(heads), None)
+
+    def walk_revisions(self) -> Iterator[ShippedRevision]:
+        head = self.get_current_head()
+        return self.iterate_revisions(head, "base") if head else iter(())
+
+    def iterate_revisions(self, upper: str, lower: str) -> Iterator[ShippedRevision]:
+        """From ``upper`` down to ``lower`` ("base": the first)."""
+        revision: str | None = upper
+        while revision is not None and revision in self.down:
+            yield ShippedRevision(revision, self.down[revision])
+            if revision == lower:
+                return
+            revision = self.down[revision]
+
+
+def _assignments(path: Path, names: tuple[str, ...]) -> dict[str, object]:
+    """The constant values a module assigns at top level to ``names``."""
+    found: dict[str, object] = {}
+    for node in ast.parse(path.read_text(), str(path)).body:
+        target: ast.expr | None = None
+        value: ast.expr | None = None
+        if isinstance(node, ast.AnnAssign):
+            target, value = node.target, node.value
+        elif isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target, value = node.targets[0], node.value
+        if isinstance(target, ast.Name) and target.id in names and value is not None:
+            found[target.id] = ast.literal_eval(value)
+    return found
+
+
 def declared_compatible(script: ScriptDirectory, revision: str) -> bool:
     """The migration's marker; a module without one fails loudly rather than guessing."""
     found = script.get_revision(revision)
@@ -120,7 +205,7 @@ def read_ledger(conn: Connection) -> tuple[str | None, str | None]:
     return revision, found.group(1) if found else None
 
 
-def judge(script: ScriptDirectory, ledger: str | None, recorded_from: str | None,
+def judge(script: Migrations, ledger: str | None, recorded_from: str | None,
           ) -> SchemaStatus:
     """Whether this release (``script``'s migrations) may run on the ledger at ``ledger``."""
     head = script.get_current_head()
@@ -138,7 +223,7 @@ def judge(script: ScriptDirectory, ledger: str | None, recorded_from: str | None
     return SchemaStatus(ledger, head, recorded_from, verdict)
 
 
-def schema_status(conn: Connection, script: ScriptDirectory) -> SchemaStatus:
+def schema_status(conn: Connection, script: Migrations) -> SchemaStatus:
     ledger, recorded_from = read_ledger(conn)
     return judge(script, ledger, recorded_from)
 

@@ -1,21 +1,20 @@
 """The worker rides out a database restart and a broker restart, losing and doubling nothing.
 
-These stop the machine's real PostgreSQL and RabbitMQ for a few seconds.
+These stop a real PostgreSQL cluster and RabbitMQ node, this session's own (see conftest), for
+a few seconds.
 """
 
 from __future__ import annotations
 
-import subprocess
 import time
 from collections.abc import Callable
 from datetime import datetime
-from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine
 
-from coupon_devtools.harness.rabbitmqctl import rabbitmqctl
 from coupon_devtools.sandbox import SandboxAdmin
+from tests.acceptance.disruptive.conftest import PrivateServices
 from tests.acceptance.helpers import (
     example_event,
     publish,
@@ -31,31 +30,15 @@ from worker.config import Settings
 pytestmark = pytest.mark.disruptive
 
 
-def _pg_cluster() -> str:
-    return sorted(p.name for p in Path("/etc/postgresql").iterdir())[0]
-
-
-def _pg(action: str) -> None:
-    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", _pg_cluster(), "main", action],
-                   check=True, capture_output=True, timeout=60)
-
-
-def _pg_ready() -> bool:
-    return subprocess.run(["pg_isready", "-h", "127.0.0.1", "-q"], check=False).returncode == 0
-
-
-def _rabbit(*args: str) -> None:
-    rabbitmqctl(*args, timeout_s=120)
-
-
 def test_a_database_restart_delays_events_but_loses_none(
     settings: Settings, clean_ledger: Engine, sandbox: SandboxAdmin,
-    start_worker: Callable[..., WorkerProcess],
+    start_worker: Callable[..., WorkerProcess], private_services: PrivateServices,
 ) -> None:
+    postgres = private_services.postgres
     worker = start_worker(settings)
     publish(settings, example_event("before-db-restart"))
     wait_for_state(clean_ledger, "before-db-restart", "completed")
-    _pg("stop")
+    postgres.ctl("stop")
     try:
         publish(settings, example_event("during-db-outage"))
         # The sweeper notices and pauses consuming: messages wait in RabbitMQ meanwhile.
@@ -64,8 +47,8 @@ def test_a_database_restart_delays_events_but_loses_none(
         time.sleep(2)
         assert worker.process.poll() is None, "the worker keeps running"
     finally:
-        _pg("start")
-        wait_until(_pg_ready, message="PostgreSQL back")
+        postgres.ctl("start")
+        wait_until(postgres.ready, message="PostgreSQL back")
     wait_for_state(clean_ledger, "during-db-outage", "completed", timeout_s=60)
     assert len(sandbox.ledger()) == 4, "one coupon per series of each event"
     wait_for_consumers(settings, settings.tasks_queue, lambda n: n >= 1,
@@ -73,21 +56,25 @@ def test_a_database_restart_delays_events_but_loses_none(
 
 
 def test_a_broker_restart_is_survived(
-    settings: Settings, clean_ledger: Engine, sandbox: SandboxAdmin,
-    start_worker: Callable[..., WorkerProcess],
+    settings_factory: Callable[..., Settings], clean_ledger: Engine, sandbox: SandboxAdmin,
+    start_worker: Callable[..., WorkerProcess], private_services: PrivateServices,
 ) -> None:
+    rabbit = private_services.rabbit
+    # A retry the sweeper dispatches while the broker is down stays queued until
+    # requeue_stale makes it due again (services.sweep): after 5 s here, not 5 minutes.
+    settings = settings_factory(requeue_after_s=5.0)
     worker = start_worker(settings)
     # An entity waits for its retry in PostgreSQL across the restart.
     sandbox.set_series(730001, behaviour="error", error_code=730)
     publish(settings, example_event("before-broker-restart", series=(544770, 730001)))
     wait_until(lambda: len(sandbox.ledger()) == 1, message="the first series to be issued")
-    _rabbit("stop_app")
+    rabbit.ctl("stop_app")
     try:
         time.sleep(2)
         sandbox.set_series(730001, behaviour="valid")
     finally:
-        _rabbit("start_app")
-        _rabbit("await_startup")
+        rabbit.ctl("start_app")
+        rabbit.ctl("await_startup")
     publish(settings, example_event("after-broker-restart"))
     wait_for_state(clean_ledger, "after-broker-restart", "completed", timeout_s=90)
     wait_for_state(clean_ledger, "before-broker-restart", "completed", timeout_s=90)
@@ -101,9 +88,10 @@ IN_FLIGHT_CUSTOMER = "960001"
 
 
 def _in_flight_settings(settings_factory: Callable[..., Settings]) -> Settings:
-    """Capillary's 3 s answer comes inside the read timeout; a claim lives 16 s."""
-    return settings_factory(http_timeout_s=4.0, http_connect_timeout_s=0.5,
-                            rate_limit_max_wait_s=1.0, lease_s=16.0, settle_window_s=5.0)
+    """Capillary's 6 s answer comes inside the read timeout; a claim lives 28 s. Six seconds
+    leave room for the stop itself, slow as it may be beside the rest of the suite."""
+    return settings_factory(http_timeout_s=8.0, http_connect_timeout_s=0.5,
+                            rate_limit_max_wait_s=1.0, lease_s=28.0, settle_window_s=10.0)
 
 
 def _claimed(engine: Engine, event_id: str) -> bool:
@@ -113,9 +101,9 @@ def _claimed(engine: Engine, event_id: str) -> bool:
 
 def _call_in_flight(settings: Settings, engine: Engine, sandbox: SandboxAdmin,
                     event_id: str) -> None:
-    """Publish an event whose call Capillary answers (and issues) after 3 s; return once it is
+    """Publish an event whose call Capillary answers (and issues) after 6 s; return once it is
     claimed, the call under way."""
-    sandbox.add_fault(kind="latency", delay_seconds=3, customer=IN_FLIGHT_CUSTOMER)
+    sandbox.add_fault(kind="latency", delay_seconds=6, customer=IN_FLIGHT_CUSTOMER)
     publish(settings, example_event(event_id, series=(544770,), customer=IN_FLIGHT_CUSTOMER))
     wait_until(lambda: _claimed(engine, event_id), message="the claim")
 
@@ -128,14 +116,15 @@ def _issued_at(sandbox: SandboxAdmin) -> float:
 
 def test_a_database_restart_while_a_call_is_in_flight_issues_once(
     settings_factory: Callable[..., Settings], clean_ledger: Engine, sandbox: SandboxAdmin,
-    start_worker: Callable[..., WorkerProcess],
+    start_worker: Callable[..., WorkerProcess], private_services: PrivateServices,
 ) -> None:
+    postgres, node = private_services.postgres, private_services.rabbit.node
     settings = _in_flight_settings(settings_factory)
     start_worker(settings)
-    # Given a call in flight: claimed (committed), Capillary answering in 3 s
+    # Given a call in flight: claimed (committed), Capillary answering in 6 s
     _call_in_flight(settings, clean_ledger, sandbox, "db-in-flight")
     # When PostgreSQL stops before Capillary answers: the answer cannot be committed
-    _pg("stop")
+    postgres.ctl("stop")
     stopped_at = time.time()
     try:
         issued_at = _issued_at(sandbox)
@@ -143,16 +132,16 @@ def test_a_database_restart_while_a_call_is_in_flight_issues_once(
         # And the task, unable to commit the answer, gave its message back (consuming is
         # paused meanwhile, so it waits on its queue: the bus's or the task queue, by intake)
         def given_back() -> bool:
-            counts = queue_counts(settings).values()
+            counts = queue_counts(settings, node).values()
             return (sum(ready for ready, _ in counts), sum(held for _, held in counts)) == (1, 0)
 
         wait_until(given_back, message="the message to be given back")
     finally:
-        _pg("start")
-        wait_until(_pg_ready, message="PostgreSQL back")
+        postgres.ctl("start")
+        wait_until(postgres.ready, message="PostgreSQL back")
     # Then the claim runs out, the read-back finds the coupon, and nothing is sent again
     done = wait_for_state(clean_ledger, "db-in-flight", "completed", timeout_s=90)
-    wait_for_every_delivery(settings)
+    wait_for_every_delivery(settings, node=node)
     assert done["coupons"][0]["recorded_via"] == "reconcile"
     assert len(sandbox.ledger(customer=IN_FLIGHT_CUSTOMER)) == 1
     assert len([c for c in sandbox.calls() if c["path"] == "bulk"]) == 1
@@ -160,25 +149,26 @@ def test_a_database_restart_while_a_call_is_in_flight_issues_once(
 
 def test_a_broker_restart_while_a_call_is_in_flight_issues_once(
     settings_factory: Callable[..., Settings], clean_ledger: Engine, sandbox: SandboxAdmin,
-    start_worker: Callable[..., WorkerProcess],
+    start_worker: Callable[..., WorkerProcess], private_services: PrivateServices,
 ) -> None:
+    rabbit = private_services.rabbit
     settings = _in_flight_settings(settings_factory)
     worker = start_worker(settings)
     _call_in_flight(settings, clean_ledger, sandbox, "broker-in-flight")
     # When RabbitMQ stops before Capillary answers (the worker cancels a task whose
     # connection is lost: the answer is never read)
-    _rabbit("stop_app")
+    rabbit.ctl("stop_app")
     stopped_at = time.time()
     try:
         issued_at = _issued_at(sandbox)
         assert stopped_at < issued_at, "the broker was down when Capillary answered"
     finally:
-        _rabbit("start_app")
-        _rabbit("await_startup")
+        rabbit.ctl("start_app")
+        rabbit.ctl("await_startup")
     # Then the event ends issued once: the message delivered again finds the claim, and the
     # coupon is recorded by read-back (or by the answer, had the task not been cancelled)
     wait_for_state(clean_ledger, "broker-in-flight", "completed", timeout_s=90)
-    wait_for_every_delivery(settings)
+    wait_for_every_delivery(settings, node=rabbit.node)
     assert len(sandbox.ledger(customer=IN_FLIGHT_CUSTOMER)) == 1
     assert len([c for c in sandbox.calls() if c["path"] == "bulk"]) == 1
     assert worker.process.poll() is None

@@ -1,7 +1,9 @@
 """`coupon-worker chaos --short`, the CI profile, as a real subprocess.
 
-It restarts the machine's real RabbitMQ and PostgreSQL (as test_restarts does); the run itself
-waits until both answer again before it returns, which this test checks too.
+It restarts a real RabbitMQ node and PostgreSQL cluster, this session's own (as test_restarts
+does): ``RABBITMQ_NODENAME`` points its ``rabbitmqctl`` at the node, and the database URL's port
+names the cluster. The run itself waits until both answer again before it returns, which this
+test checks too.
 """
 
 from __future__ import annotations
@@ -16,20 +18,22 @@ from pathlib import Path
 import pytest
 
 from coupon_devtools.harness.databases import drop_database
-from coupon_devtools.harness.rabbitmqctl import delete_vhost, rabbitmqctl
-from tests.conftest import PG_ADMIN_URL, REPO_ROOT, coupon_worker_command
+from coupon_devtools.harness.rabbitmqctl import delete_vhost
+from tests.acceptance.disruptive.conftest import PrivateServices
+from tests.conftest import REPO_ROOT, coupon_worker_command
 
 pytestmark = [pytest.mark.slow, pytest.mark.disruptive]
 
 
 @pytest.fixture
-def namespace() -> Iterator[str]:
+def namespace(private_services: PrivateServices) -> Iterator[str]:
     """A namespace for one run; its database and vhost are gone afterwards, whatever
     happened."""
     tag = uuid.uuid4().hex[:8]
     yield tag
-    drop_database(PG_ADMIN_URL, f"coupon_worker_chaos_{tag}")
-    delete_vhost(f"coupon-worker-chaos-{tag}", wait_while_node_down=True)
+    drop_database(private_services.postgres.admin_url, f"coupon_worker_chaos_{tag}")
+    delete_vhost(f"coupon-worker-chaos-{tag}", wait_while_node_down=True,
+                 node=private_services.rabbit.node)
 
 
 def number_after(label: str, output: str) -> int:
@@ -39,10 +43,12 @@ def number_after(label: str, output: str) -> int:
 
 
 def test_the_short_chaos_run_issues_exactly_once_and_leaves_everything_up(
-    tmp_path: Path, namespace: str,
+    tmp_path: Path, namespace: str, private_services: PrivateServices,
 ) -> None:
+    postgres, rabbit = private_services.postgres, private_services.rabbit
     env = {k: v for k, v in os.environ.items() if not k.startswith(("COUPONS_", "CAPILLARY_"))}
-    env["COUPONS_ENV_FILE"] = ""
+    env.update({"COUPONS_ENV_FILE": "", "COUPONS_DATABASE_URL": postgres.admin_url,
+                "COUPONS_BROKER_URL": rabbit.url("/"), "RABBITMQ_NODENAME": rabbit.node})
     # When the CI profile runs (wide enough a terminal for the table to keep one line a row)
     done = subprocess.run(
         [coupon_worker_command(), "chaos", "--short", "--workdir", str(tmp_path / "chaos"),
@@ -63,9 +69,9 @@ def test_the_short_chaos_run_issues_exactly_once_and_leaves_everything_up(
     assert number_after("missing", output) == 0
     assert number_after("issued twice", output) == 0
     assert number_after("workers restarted", output) >= 1
-    # And the machine's services answer again, and nothing of the run is left running
-    assert subprocess.run(["pg_isready", "-h", "127.0.0.1", "-q"], check=False).returncode == 0
-    rabbitmqctl("await_startup")
+    # And the services answer again, and nothing of the run is left running
+    assert postgres.ready()
+    rabbit.ctl("await_startup")
     pids = [int(p) for listed in re.findall(r"\(pids? ([\d, ]+)", output)
             for p in listed.split(",") if p.strip()]
     assert len(pids) >= 5, f"the sandbox's, 3 workers' and a restarted one's pids:\n{output}"
