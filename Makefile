@@ -19,11 +19,14 @@ lint: install
 	$(BIN)/lint-imports
 	$(BIN)/python -m coupon_devtools.migration_lint
 
-# Five test processes share the machine (tests mostly wait on workers and the broker). The
-# tests that must share a process (SHARED_PROCESS in tests/conftest.py) do, among them the
-# disruptive ones with their own PostgreSQL and RabbitMQ. Ends with the coverage total.
+# Five test processes share the machine (tests mostly wait on workers and the broker). Then
+# the disruptive tests, which restart a PostgreSQL cluster and a RabbitMQ node of their own, in
+# two processes (one group each, SHARED_PROCESS in tests/conftest.py): on 2 cores, beside the
+# rest they would only slow it and starve its timing-sensitive tests. Ends with the coverage
+# total of both runs.
 test: install
-	$(BIN)/pytest -n 5 --cov --cov-report=term
+	$(BIN)/pytest -n 5 -m "not disruptive" --cov --cov-report=
+	$(BIN)/pytest -n 2 -m disruptive --cov --cov-append --cov-report=term
 
 wheel-check: install
 	./.ci/wheel-check

@@ -151,12 +151,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep:
             drop_database(url, name)
+    # A verdict per page, printed, never an exit status: a busy machine makes a slow page,
+    # and the figures are what a reader needs (as in ``coupon-worker bench``).
     slow = 0
     for page, ms in timings:
         verdict = "ok" if ms < TARGET_MS else f"SLOW (target {TARGET_MS:.0f} ms)"
         slow += ms >= TARGET_MS
         print(f"  {page:<30} {ms:8.1f} ms  {verdict}")
-    return 1 if slow else 0
+    print(f"{len(timings) - slow} of {len(timings)} pages under {TARGET_MS:.0f} ms")
+    return 0
 
 
 if __name__ == "__main__":

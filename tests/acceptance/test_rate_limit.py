@@ -45,7 +45,7 @@ def test_a_429_holds_back_the_whole_fleet_for_retry_after(
     # Given three workers with no configured limit, and a Capillary that answers one 429
     for _ in range(3):
         start_worker(settings, concurrency=2)
-    sandbox.add_fault(kind="rate_limit", retry_after_seconds=3, times=1)
+    sandbox.add_fault(kind="rate_limit", retry_after_seconds=4, times=1)
     events = [example_event(f"throttled-{n}", series=(553379,), customer=f"7100{n}")
               for n in range(12)]
     publish(settings, *events)
@@ -53,8 +53,9 @@ def test_a_429_holds_back_the_whole_fleet_for_retry_after(
         wait_for_state(clean_ledger, event["eventId"], "completed", timeout_s=60)
     calls = bulk_times(sandbox)
     throttled_at = next(t for t, status, _c in calls if status == 429)
-    # Then nobody called while Retry-After ran (beyond calls already on the wire)
-    during = [t - throttled_at for t, _s, _c in calls if 0.3 < t - throttled_at < 2.7]
+    # Then nobody called while Retry-After ran, beyond calls already on the wire when the
+    # 429 was answered (they may arrive late on a busy machine: a second is allowed them)
+    during = [t - throttled_at for t, _s, _c in calls if 1.0 < t - throttled_at < 3.7]
     assert during == []
     assert sum(1 for _t, status, _c in calls if status == 429) == 1
     with clean_ledger.connect() as conn:

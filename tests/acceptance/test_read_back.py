@@ -173,8 +173,9 @@ def test_a_task_hung_past_its_hard_time_limit_is_killed_and_its_event_issued_onc
                                 rate_limit_max_wait_s=1.0)
     assert settings.task_hard_time_limit_s == 7.0
     start_worker(settings, concurrency=1)
-    # Given a call in flight (Capillary answers, and issues, after 1.5 s)
-    sandbox.add_fault(kind="latency", delay_seconds=1.5, customer="950001")
+    # Given a call in flight (Capillary answers, and issues, after 4 s: time enough to see
+    # the claim and stop the process on a busy machine, inside the 7 s hard time limit)
+    sandbox.add_fault(kind="latency", delay_seconds=4, customer="950001")
     publish(settings, example_event("hung", series=(544770,), customer="950001"))
     claimer = wait_until(lambda: _claimer(clean_ledger, "hung"), message="the claim")
     pid = int(split_worker(claimer)[0].rpartition(":")[2])
