@@ -7,7 +7,8 @@ a few seconds.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 
 import pytest
@@ -114,6 +115,20 @@ def _issued_at(sandbox: SandboxAdmin) -> float:
     return datetime.fromisoformat(coupon["issuedAt"].replace("Z", "+00:00")).timestamp()
 
 
+@contextmanager
+def _down_when_capillary_answers(sandbox: SandboxAdmin, stop: Callable[[], object],
+                                 start: Callable[[], object]) -> Iterator[None]:
+    """Stop a service while the call is in flight, check that Capillary answered (and issued)
+    while it was down, run the block, and start the service again whatever happened."""
+    stop()
+    stopped_at = time.time()
+    try:
+        assert stopped_at < _issued_at(sandbox), "the service was down when Capillary answered"
+        yield
+    finally:
+        start()
+
+
 def test_a_database_restart_while_a_call_is_in_flight_issues_once(
     settings_factory: Callable[..., Settings], clean_ledger: Engine, sandbox: SandboxAdmin,
     start_worker: Callable[..., WorkerProcess], private_services: PrivateServices,
@@ -123,22 +138,19 @@ def test_a_database_restart_while_a_call_is_in_flight_issues_once(
     start_worker(settings)
     # Given a call in flight: claimed (committed), Capillary answering in 6 s
     _call_in_flight(settings, clean_ledger, sandbox, "db-in-flight")
-    # When PostgreSQL stops before Capillary answers: the answer cannot be committed
-    postgres.ctl("stop")
-    stopped_at = time.time()
-    try:
-        issued_at = _issued_at(sandbox)
-        assert stopped_at < issued_at, "the database was down when Capillary answered"
-        # And the task, unable to commit the answer, gave its message back (consuming is
-        # paused meanwhile, so it waits on its queue: the bus's or the task queue, by intake)
-        def given_back() -> bool:
-            counts = queue_counts(settings, node).values()
-            return (sum(ready for ready, _ in counts), sum(held for _, held in counts)) == (1, 0)
+    def given_back() -> bool:
+        counts = queue_counts(settings, node).values()
+        return (sum(ready for ready, _ in counts), sum(held for _, held in counts)) == (1, 0)
 
-        wait_until(given_back, message="the message to be given back")
-    finally:
+    def start() -> None:
         postgres.ctl("start")
         wait_until(postgres.ready, message="PostgreSQL back")
+
+    # When PostgreSQL stops before Capillary answers: the answer cannot be committed
+    with _down_when_capillary_answers(sandbox, lambda: postgres.ctl("stop"), start):
+        # And the task, unable to commit the answer, gave its message back (consuming is
+        # paused meanwhile, so it waits on its queue: the bus's or the task queue, by intake)
+        wait_until(given_back, message="the message to be given back")
     # Then the claim runs out, the read-back finds the coupon, and nothing is sent again
     done = wait_for_state(clean_ledger, "db-in-flight", "completed", timeout_s=90)
     wait_for_every_delivery(settings, node=node)
@@ -157,14 +169,12 @@ def test_a_broker_restart_while_a_call_is_in_flight_issues_once(
     _call_in_flight(settings, clean_ledger, sandbox, "broker-in-flight")
     # When RabbitMQ stops before Capillary answers (the worker cancels a task whose
     # connection is lost: the answer is never read)
-    rabbit.ctl("stop_app")
-    stopped_at = time.time()
-    try:
-        issued_at = _issued_at(sandbox)
-        assert stopped_at < issued_at, "the broker was down when Capillary answered"
-    finally:
+    def start() -> None:
         rabbit.ctl("start_app")
         rabbit.ctl("await_startup")
+
+    with _down_when_capillary_answers(sandbox, lambda: rabbit.ctl("stop_app"), start):
+        pass
     # Then the event ends issued once: the message delivered again finds the claim, and the
     # coupon is recorded by read-back (or by the answer, had the task not been cancelled)
     wait_for_state(clean_ledger, "broker-in-flight", "completed", timeout_s=90)
