@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 from coupon_devtools.chaos.defaults import ChaosError, Profile, Timeline, first_line
 from coupon_devtools.chaos.faults import FaultBook
 from coupon_devtools.chaos.fleet import Fleet
+from coupon_devtools.harness.private import cluster_on_port, pg_ready
 
 
 @dataclass
@@ -114,19 +115,11 @@ def restart_rabbitmq(ctx: Context) -> None:
 
 def _pg_cluster(port: int) -> tuple[str, str]:
     """The local cluster to restart: the Debian one that listens on the ledger's port."""
-    from coupon_devtools.harness.private import cluster_on_port
-
     found = cluster_on_port(port)
     if found is None:
         raise ChaosError(f"no local PostgreSQL cluster on port {port} to restart "
                          "(pg_lsclusters lists none)")
     return found
-
-
-def pg_ready(port: int) -> bool:
-    from coupon_devtools.harness.private import pg_ready as ready
-
-    return ready(port)
 
 
 def restart_postgres(ctx: Context) -> None:

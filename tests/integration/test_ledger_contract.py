@@ -284,6 +284,28 @@ def test_circuit_counts_failures_and_lets_one_probe(uow: UowFactory) -> None:
 # -- PostgreSQL only: real concurrency -------------------------------------------------------
 
 
+def all_at_once(n: int, action: Callable[[int], None]) -> list[BaseException]:
+    """Run ``action(0)`` ... ``action(n - 1)`` in ``n`` threads released together; what they
+    raised. Every thread has finished when it returns."""
+    errors: list[BaseException] = []
+    released = threading.Barrier(n)
+
+    def run(i: int) -> None:
+        try:
+            released.wait(timeout=10)
+            action(i)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads), "a racing thread never finished"
+    return errors
+
+
 def test_racing_claims_never_share_an_entity(clean_ledger: Engine) -> None:
     uow = sql_unit_of_work_factory(clean_ledger)
     with uow() as u:
@@ -292,26 +314,15 @@ def test_racing_claims_never_share_an_entity(clean_ledger: Engine) -> None:
                         source="bus", now=NOW)
         u.commit()
     claims: list[Claim] = []
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(8)
 
     def claim(n: int) -> None:
-        try:
-            barrier.wait(timeout=10)
-            with uow() as u:
-                claims.append(u.ledger.claim_event("race", token=f"t{n}", worker=f"w{n}",
-                                                   now=NOW, lease_s=LEASE_S,
-                                                   settle_window_s=SETTLE_S))
-                u.commit()
-        except BaseException as exc:
-            errors.append(exc)
+        with uow() as u:
+            claims.append(u.ledger.claim_event("race", token=f"t{n}", worker=f"w{n}",
+                                               now=NOW, lease_s=LEASE_S,
+                                               settle_window_s=SETTLE_S))
+            u.commit()
 
-    threads = [threading.Thread(target=claim, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
-    assert not any(t.is_alive() for t in threads) and errors == []
+    assert all_at_once(8, claim) == []
     assert len(claims) == 8
     claimed = [e.entity_id for c in claims for e in c.entities]
     assert len(claimed) == 40 and len(set(claimed)) == 40
@@ -637,27 +648,16 @@ def test_racing_deliveries_of_a_new_event_claim_it_once(clean_ledger: Engine) ->
     # Given eight workers taking in the same new event at once
     uow = sql_unit_of_work_factory(clean_ledger)
     results: list[tuple[bool, Claim]] = []
-    errors: list[BaseException] = []
-    start = threading.Barrier(8)
 
     def take(n: int) -> None:
-        start.wait()
-        try:
-            with uow() as u:
-                results.append(u.ledger.take_in(
-                    EVENT, source="bus", token=f"t{n}", worker=f"w{n}", now=NOW,
-                    lease_s=LEASE_S, settle_window_s=SETTLE_S))
-                u.commit()
-        except BaseException as exc:
-            errors.append(exc)
+        with uow() as u:
+            results.append(u.ledger.take_in(
+                EVENT, source="bus", token=f"t{n}", worker=f"w{n}", now=NOW,
+                lease_s=LEASE_S, settle_window_s=SETTLE_S))
+            u.commit()
 
-    threads = [threading.Thread(target=take, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
     # Then none failed, one stored the event and claimed both series, the others nothing
-    assert errors == []
+    assert all_at_once(8, take) == []
     assert sorted(new for new, _ in results) == [False] * 7 + [True]
     claimed = [e.entity_id for _, c in results for e in c.entities]
     assert len(claimed) == 2 and len(set(claimed)) == 2

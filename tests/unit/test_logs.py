@@ -79,3 +79,11 @@ def test_a_traceback_keeps_its_lines_in_json_but_not_escapes() -> None:
     assert "\x1b" not in body["error"] and "\n" not in body["error"]
     kv = KeyValueFormatter().format(rec)
     assert "\n" not in kv and "\x1b" not in kv
+
+
+def test_key_value_lines_write_values_that_are_not_text_as_json() -> None:
+    line = KeyValueFormatter().format(
+        record("entity.retry", error_code=None, reconcile=True, attempt=2, series=[1, 2],
+               entities={"dead": 1}))
+    assert "error_code=null" in line and "reconcile=true" in line and "attempt=2" in line
+    assert "series=[1, 2]" in line and 'entities={"dead": 1}' in line
