@@ -137,6 +137,21 @@ def sandbox(sandbox_server: BackgroundSandbox) -> Iterator[SandboxAdmin]:
         yield admin
 
 
+@pytest.fixture(scope="session")
+def tls_sandbox_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundSandbox]:
+    """A second sandbox, over HTTPS: its CA's certificate is ``ca_file``."""
+    with BackgroundSandbox(tls_dir=tmp_path_factory.mktemp("sandbox-tls")) as server:
+        yield server
+
+
+@pytest.fixture
+def tls_sandbox(tls_sandbox_server: BackgroundSandbox) -> Iterator[SandboxAdmin]:
+    """The HTTPS sandbox's admin client, reset for this test."""
+    with SandboxAdmin(tls_sandbox_server.url, ca_file=str(tls_sandbox_server.ca_file)) as admin:
+        admin.reset()
+        yield admin
+
+
 # -- settings ------------------------------------------------------------------------------
 
 
@@ -318,27 +333,44 @@ def wait_until(predicate: Callable[[], Any], *, timeout_s: float = 30.0,
 # -- the command line, in process ----------------------------------------------------------
 
 
-@pytest.fixture
-def cli(settings: Settings, clean_ledger: Engine,
-        monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Any]]:
-    """``coupon-worker`` commands run in this process, on this test's settings and ledger."""
+def run_cli(settings: Settings, *args: str, stdin: bytes | str | None = None) -> Any:
+    """``coupon-worker *args`` run in this process on exactly these settings: click's
+    ``Result`` (``exit_code``, ``stdout``, ``stderr``, ``output``).
+
+    The same command as the installed script, without a Python start-up of its own (a
+    subprocess costs about a second of CPU)."""
     from click.testing import CliRunner
     from rich.console import Console
 
     from worker import cli as cli_module
 
+    env: dict[str, str | None] = {name: None for name in _env_names().values()}
+    env.update((name, value) for name, value in settings_env(settings).items()
+               if name.startswith(("COUPONS_", "CAPILLARY_")))
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    console = cli_module.output.console
+    # Wide enough that a table cell is never folded across lines in these checks.
+    cli_module.output.console = Console(width=400)
+    try:
+        return CliRunner().invoke(cli_module.main, list(args), input=stdin, env=env,
+                                  catch_exceptions=False)
+    finally:
+        # The command configures logging for a process of its own; give pytest's back.
+        cli_module.output.console = console
+        root.handlers[:], root.level = handlers, level
+
+
+@pytest.fixture
+def cli(settings: Settings, clean_ledger: Engine,
+        monkeypatch: pytest.MonkeyPatch) -> Callable[..., Any]:
+    """``coupon-worker`` commands run in this process, on this test's settings and ledger (the
+    settings stay in the environment for the rest of the test)."""
     for name, value in settings_env(settings).items():
         if name.startswith(("COUPONS_", "CAPILLARY_")):
             monkeypatch.setenv(name, value)
-    # Wide enough that a table cell is never folded across lines in these checks.
-    monkeypatch.setattr(cli_module.output, "console", Console(width=400))
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    runner = CliRunner()
 
     def invoke(*args: str, stdin: bytes | None = None) -> Any:
-        return runner.invoke(cli_module.main, list(args), input=stdin, catch_exceptions=False)
+        return run_cli(settings, *args, stdin=stdin)
 
-    yield invoke
-    # The command configures logging for a process of its own; give pytest's back.
-    root.handlers[:], root.level = handlers, level
+    return invoke

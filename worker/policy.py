@@ -40,6 +40,7 @@ OUTAGE_CODES = frozenset({777, 788, 795, 799})
 TRY_AGAIN_CODES = frozenset({722})
 
 #: Transport failures that happen before the request is written: it never reached Capillary.
+#: (``tls_error`` is a refused certificate; any other TLS failure is ``tls_dropped``: unknown.)
 NOT_SENT_FAILURES = frozenset({"connection_refused", "connect_timeout", "tls_error"})
 
 
@@ -83,8 +84,9 @@ def classify_unanswered(status: int) -> Verdict:
 def classify_transport(failure: str) -> Verdict:
     """The verdict for a call that got no HTTP answer at all.
 
-    A refused connection, a connect timeout or a failed TLS handshake happen before a byte of
-    the request is sent; a reset, a read timeout or anything else after sending is unknown.
+    A refused connection, a connect timeout or a refused certificate happen before a byte of
+    the request is sent; a reset, a read timeout, a broken TLS stream or anything else after
+    sending is unknown.
     """
     return Verdict.RETRYABLE if failure in NOT_SENT_FAILURES else Verdict.AMBIGUOUS
 

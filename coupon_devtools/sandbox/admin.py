@@ -32,10 +32,14 @@ def _camel_fields(fields: dict[str, Any]) -> dict[str, Any]:
 class SandboxAdmin:
     """Drives one sandbox server's admin API over HTTP; close it (or use ``with``) when done."""
 
-    def __init__(self, base_url: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(self, base_url: str, *, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 ca_file: str | None = None) -> None:
+        """``ca_file``: the CA to trust when the sandbox serves HTTPS."""
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
         self._session = requests.Session()
+        # Per request: a session's own ``verify`` loses to REQUESTS_CA_BUNDLE in the environment.
+        self._verify: str | bool = True if ca_file is None else ca_file
 
     def close(self) -> None:
         """Release pooled connections."""
@@ -63,7 +67,8 @@ class SandboxAdmin:
         url = f"{self.base_url}/sandbox/{path}"
         try:
             response = self._session.request(
-                method, url, json=json, params=params, timeout=self.timeout_s
+                method, url, json=json, params=params, timeout=self.timeout_s,
+                verify=self._verify,
             )
         except requests.RequestException as exc:
             raise SandboxAdminError(f"{method} {url} failed: {exc}") from exc
@@ -146,6 +151,14 @@ class SandboxAdmin:
         """The call log, optionally only calls at or after ``since`` (epoch seconds)."""
         params = {} if since is None else {"since": repr(since)}
         return cast(list[dict[str, Any]], self._request("GET", "calls", params=params)["calls"])
+
+    def held(self) -> int:
+        """How many calls ``hold`` faults keep waiting."""
+        return int(self._request("GET", "holds")["held"])
+
+    def release(self) -> int:
+        """Let every held call go on; returns how many there were."""
+        return int(self._request("POST", "release")["released"])
 
     def stats(self) -> dict[str, Any]:
         """Counters since the last reset: calls per path, statuses, issued, rateLimited."""

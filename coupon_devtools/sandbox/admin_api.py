@@ -10,7 +10,7 @@ from aiohttp import web
 from coupon_devtools.sandbox.inputs import (
     SandboxInputError,
 )
-from coupon_devtools.sandbox.wire import STATE_KEY, json_response
+from coupon_devtools.sandbox.wire import HOLDS_KEY, STATE_KEY, json_response
 
 
 async def _admin_body(request: web.Request) -> dict[str, Any]:
@@ -36,7 +36,16 @@ def _path_int(request: web.Request, name: str) -> int:
 
 async def admin_reset(request: web.Request) -> web.Response:
     request.app[STATE_KEY].reset()
+    request.app[HOLDS_KEY].release()
     return json_response(200, {"ok": True})
+
+
+async def admin_holds(request: web.Request) -> web.Response:
+    return json_response(200, {"held": request.app[HOLDS_KEY].held()})
+
+
+async def admin_release(request: web.Request) -> web.Response:
+    return json_response(200, {"released": request.app[HOLDS_KEY].release()})
 
 
 async def admin_health(request: web.Request) -> web.Response:

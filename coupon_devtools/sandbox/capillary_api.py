@@ -26,10 +26,12 @@ from coupon_devtools.sandbox.records import (
 )
 from coupon_devtools.sandbox.state import SandboxState
 from coupon_devtools.sandbox.wire import (
+    HOLDS_KEY,
     OAUTH_HEADER,
     STATE_KEY,
     abort_with_rst,
     current_request_id,
+    garble_and_close,
     json_response,
 )
 
@@ -91,6 +93,18 @@ class _Call:
             text=f"<html><head><title>{status}</title></head><body><center><h1>{status}"
                  "</h1></center><hr><center>gateway</center></body></html>")
 
+    def garble(self) -> web.Response:
+        """No answer the client can read: a mangled stream, then the connection closed."""
+        self._record(CALL_STATUS_CONNECTION_RESET)
+        garble_and_close(self.request)
+        return web.Response(status=500)
+
+    def redirect(self, status: int) -> web.Response:
+        """A gateway sending the client to the same URL again (as a 307 or 308 keeps the
+        method and the body, a client that follows it sends the call twice)."""
+        self._record(status)
+        return web.Response(status=status, headers={"Location": str(self.request.rel_url)})
+
     def reset(self) -> web.Response:
         self._record(CALL_STATUS_CONNECTION_RESET)
         abort_with_rst(self.request)
@@ -118,6 +132,9 @@ async def _capillary_call(
     fault = state.take_fault(path, prepared.series_ids, prepared.customer_id)
     if fault is not None and fault.kind == "latency":
         await asyncio.sleep(fault.delay_s)
+        fault = None
+    elif fault is not None and fault.kind == "hold":
+        await request.app[HOLDS_KEY].wait(fault.delay_s)
         fault = None
     before = _fault_before(call, fault)
     if before is not None:
@@ -187,15 +204,18 @@ async def _fault_after(call: _Call, fault: FaultRule | None, answer: ApiAnswer) 
     """Answer a call whose work is done, spoiling the answer if a fault says so."""
     if fault is None:
         return call.answer(answer)
-    if fault.kind == "error_after":
-        return call.empty(fault.status)
-    if fault.kind == "reset_after":
-        return call.reset()
-    if fault.kind == "error_json_after":
-        return call.answer(ApiAnswer(
-            fault.status, {"errors": [{"code": fault.status, "message": "internal error"}]}))
-    if fault.kind == "html_after":
-        return call.html(fault.status)
+    spoilers: dict[str, Callable[[FaultRule], web.Response]] = {
+        "error_after": lambda f: call.empty(f.status),
+        "reset_after": lambda _f: call.reset(),
+        "error_json_after": lambda f: call.answer(ApiAnswer(
+            f.status, {"errors": [{"code": f.status, "message": "internal error"}]})),
+        "html_after": lambda f: call.html(f.status),
+        "garbled_after": lambda _f: call.garble(),
+        "redirect_after": lambda f: call.redirect(f.status),
+    }
+    spoil = spoilers.get(fault.kind)
+    if spoil is not None:
+        return spoil(fault)
     # stall_after: record first, so the call log shows the call while the client waits.
     response = call.answer(answer)
     await asyncio.sleep(fault.delay_s)

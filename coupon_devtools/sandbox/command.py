@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from worker.config import DEFAULT_SANDBOX_PORT
@@ -26,9 +28,13 @@ def sandbox_command() -> click.Command:
     @click.option("--strict-series", is_flag=True, help="Unconfigured series answer 707.")
     @click.option("--seed", type=int, default=None,
                   help="Seed coupon codes and probabilistic faults (repeatable runs).")
+    @click.option("--tls-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                  help="Serve HTTPS with a certificate from a CA made for this run; the CA's "
+                       "certificate is written here (sandbox-ca.pem: the worker's "
+                       "REQUESTS_CA_BUNDLE).")
     def sandbox(host: str, port: int, scenario: str | None, latency_s: float,
                 rate_limit_per_minute: int | None, token_ttl_s: int, timezone: str,
-                strict_series: bool, seed: int | None) -> None:
+                strict_series: bool, seed: int | None, tls_dir: Path | None) -> None:
         """Run the sandbox Capillary server (Basic: store.server/server123, OAuth: demo-key)."""
         from coupon_devtools.sandbox import SandboxOptions, load_scenario, run
 
@@ -41,6 +47,6 @@ def sandbox_command() -> click.Command:
             scenario=load_scenario(scenario) if scenario else None,
             seed=seed,
         )
-        run(host, port, options)
+        run(host, port, options, tls_dir)
 
     return sandbox

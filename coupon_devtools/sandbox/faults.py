@@ -57,9 +57,12 @@ class FaultRule:
         customer = fields.get("customer")
         if isinstance(customer, int) and not isinstance(customer, bool):
             customer = str(customer)
-        status = as_int("status", fields.get("status", 500), minimum=100)
+        redirect = kind == "redirect_after"
+        status = as_int("status", fields.get("status", 307 if redirect else 500), minimum=100)
         if status > 599:
             raise SandboxInputError(f"status must be an HTTP status (100-599), got {status}")
+        if redirect and not 300 <= status < 400:
+            raise SandboxInputError(f"a redirect's status is a 3xx, got {status}")
         probability = as_number("probability", fields.get("probability", 1.0), minimum=0.0)
         if not 0.0 < probability <= 1.0:
             raise SandboxInputError(f"probability must be > 0 and <= 1, got {probability:g}")

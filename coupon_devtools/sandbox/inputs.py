@@ -26,6 +26,7 @@ PathClass = Literal["bulk", "readback", "token"]
 FaultPath = Literal["bulk", "readback", "token", "any"]
 FaultKind = Literal[
     "latency",
+    "hold",  # holds the call before any work until ``POST /sandbox/release`` (or delaySeconds)
     "error_before",
     "error_after",
     "empty_500_before",
@@ -38,6 +39,9 @@ FaultKind = Literal[
     "error_json_after",  # issues, then answers ``status`` with a JSON error body, no entries
     "html_after",  # issues, then a proxy's HTML error page with ``status``
     "slow_original",  # holds the request ``delaySeconds``, then issues (the client gave up)
+    "garbled_after",  # issues, then bytes that are not an answer (a middlebox mangling the
+    # stream: over TLS the client's TLS layer fails, over plain HTTP its HTTP parser)
+    "redirect_after",  # issues, then a redirect (``status``, 307 unless given) to the same URL
     "readback_unreadable",  # read-back answers 200 with an HTML page
     "readback_failure_status",  # read-back answers 200 whose body reports a failure
     "readback_stale",  # read-back answers from a replica that has not seen recent writes
@@ -70,7 +74,7 @@ BUSY_MESSAGE: Final = "Multiple actions are running for the same customer, try l
 CODE_ALPHABET: Final = string.ascii_uppercase + string.digits
 _OFFSET_RE: Final = re.compile(r"^([+-])(\d{2}):?(\d{2})$")
 DEFAULT_FAULT_DELAY_S: Final[Mapping[str, float]] = {
-    "latency": 1.0, "stall_after": 30.0, "slow_original": 5.0,
+    "latency": 1.0, "hold": 60.0, "stall_after": 30.0, "slow_original": 5.0,
 }
 #: The v2 coupon read-back serves at most this many rows a page, whatever limit is asked.
 MAX_V2_COUPON_PAGE: Final = 50

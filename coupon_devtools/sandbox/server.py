@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import ssl
 import threading
 from collections.abc import AsyncIterator
+from pathlib import Path
 from types import TracebackType
 
 from aiohttp import web
@@ -24,11 +26,13 @@ from coupon_devtools.sandbox.admin_api import (
     admin_clear_faults,
     admin_get_config,
     admin_health,
+    admin_holds,
     admin_ledger,
     admin_list_faults,
     admin_put_config,
     admin_put_customer,
     admin_put_series,
+    admin_release,
     admin_reset,
     admin_revoke_tokens,
     admin_stats,
@@ -41,10 +45,13 @@ from coupon_devtools.sandbox.inputs import (
 )
 from coupon_devtools.sandbox.scenario import load_scenario
 from coupon_devtools.sandbox.state import SandboxState
+from coupon_devtools.sandbox.tls import make_tls
 from coupon_devtools.sandbox.wire import (
+    HOLDS_KEY,
     REQUEST_ID_HEADER,
     SHUTDOWN_TIMEOUT_S,
     STATE_KEY,
+    Holds,
     request_id_middleware,
 )
 
@@ -72,6 +79,7 @@ def create_app(
     """
     app = web.Application(middlewares=[request_id_middleware])
     app[STATE_KEY] = SandboxState(options, clock=clock, monotonic=monotonic)
+    app[HOLDS_KEY] = Holds()
     app.router.add_post("/v2/coupon/bulk/issue", bulk_issue)
     app.router.add_post("/v3/oauth/token/generate", token_generate)
     app.router.add_get("/v2/coupon", readback_handler("v2_coupon"))
@@ -90,46 +98,61 @@ def create_app(
     app.router.add_post("/sandbox/tokens/revoke", admin_revoke_tokens)
     app.router.add_get("/sandbox/calls", admin_calls)
     app.router.add_get("/sandbox/stats", admin_stats)
+    app.router.add_get("/sandbox/holds", admin_holds)
+    app.router.add_post("/sandbox/release", admin_release)
     return app
 
 
-def _url(host: str, port: int) -> str:
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+def _url(host: str, port: int, scheme: str = "http") -> str:
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
+def _tls_hosts(host: str) -> list[str]:
+    return list(dict.fromkeys([host, "127.0.0.1", "localhost"]))
 
 
 @contextlib.asynccontextmanager
-async def _serving(app: web.Application, host: str, port: int) -> AsyncIterator[str]:
-    """Serve ``app`` until the block exits; yields the base URL with the bound port."""
+async def _serving(app: web.Application, host: str, port: int,
+                   tls: ssl.SSLContext | None = None) -> AsyncIterator[str]:
+    """Serve ``app`` until the block exits (over HTTPS with ``tls``); yields the base URL with
+    the bound port."""
     runner = web.AppRunner(
         app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT_S
     )
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
+        site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True, ssl_context=tls)
         await site.start()
         bound_port = runner.addresses[0][1]
-        yield _url(host, int(bound_port))
+        yield _url(host, int(bound_port), "https" if tls else "http")
     finally:
         await runner.cleanup()
 
 
-def run(host: str, port: int, options: SandboxOptions) -> None:
-    """Serve until SIGINT or SIGTERM (blocking).
+def run(host: str, port: int, options: SandboxOptions, tls_dir: Path | None = None) -> None:
+    """Serve until SIGINT or SIGTERM (blocking); over HTTPS with ``tls_dir``, where the CA's
+    certificate is written.
 
     Prints ``sandbox listening on http://HOST:PORT`` once connections are accepted; with
     ``port=0`` the printed port is the one the OS chose.
     """
-    asyncio.run(_run_until_signalled(host, port, options))
+    asyncio.run(_run_until_signalled(host, port, options, tls_dir))
 
 
-async def _run_until_signalled(host: str, port: int, options: SandboxOptions) -> None:
+async def _run_until_signalled(host: str, port: int, options: SandboxOptions,
+                               tls_dir: Path | None) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = (signal.SIGINT, signal.SIGTERM)
     for signum in signals:
         loop.add_signal_handler(signum, stop.set)
+    tls = None if tls_dir is None else make_tls(tls_dir, _tls_hosts(host))
     try:
-        async with _serving(create_app(options), host, port) as url:
+        async with _serving(create_app(options), host, port,
+                            None if tls is None else tls.context) as url:
+            if tls is not None:
+                print(f"sandbox CA certificate in {tls.ca_file} "
+                      f"(for clients: REQUESTS_CA_BUNDLE={tls.ca_file})", flush=True)
             print(f"sandbox listening on {url}", flush=True)
             await stop.wait()
     finally:
@@ -144,6 +167,9 @@ class BackgroundSandbox:
 
         with BackgroundSandbox(SandboxOptions()) as sandbox:
             SandboxAdmin(sandbox.url).reset()
+
+    With ``tls_dir`` it serves HTTPS, with a certificate from a CA made for it; clients trust
+    :attr:`ca_file` (``REQUESTS_CA_BUNDLE``).
     """
 
     def __init__(
@@ -154,7 +180,9 @@ class BackgroundSandbox:
         port: int = 0,
         clock: Clock | None = None,
         monotonic: Monotonic | None = None,
+        tls_dir: Path | None = None,
     ) -> None:
+        self._tls = None if tls_dir is None else make_tls(tls_dir, _tls_hosts(host))
         self._app = create_app(
             options if options is not None else SandboxOptions(), clock=clock, monotonic=monotonic
         )
@@ -173,6 +201,11 @@ class BackgroundSandbox:
         if self._url is None:
             raise RuntimeError("sandbox is not running")
         return self._url
+
+    @property
+    def ca_file(self) -> Path | None:
+        """The CA certificate to trust when serving HTTPS; None over plain HTTP."""
+        return None if self._tls is None else self._tls.ca_file
 
     def start(self, timeout_s: float = 10.0) -> str:
         """Start serving and wait until connections are accepted; returns the base URL."""
@@ -224,7 +257,8 @@ class BackgroundSandbox:
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        async with _serving(self._app, self._host, self._port) as url:
+        tls = None if self._tls is None else self._tls.context
+        async with _serving(self._app, self._host, self._port, tls) as url:
             self._url = url
             self._ready.set()
             await self._stop.wait()

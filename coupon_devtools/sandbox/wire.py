@@ -1,8 +1,11 @@
 """What every sandbox response shares: the request id, JSON bodies, the state's app key, and
-the connection reset that some faults end with."""
+the connection reset and the garbled stream that some faults end with."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
 import socket
 import struct
 import uuid
@@ -61,3 +64,52 @@ def abort_with_rst(request: web.Request) -> None:
         # Linger on with a zero timeout turns close() into a RST instead of a FIN.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     transport.abort()
+
+
+#: A TLS application-data record no key decrypts; over plain HTTP, no status line either.
+GARBLED_BYTES: Final = b"\x17\x03\x03\x00\x20" + bytes(32)
+
+
+def garble_and_close(request: web.Request) -> None:
+    """Write :data:`GARBLED_BYTES` on the socket itself, under any TLS layer, then close."""
+    transport = request.transport
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            os.write(sock.fileno(), GARBLED_BYTES)
+    transport.abort()
+
+
+class Holds:
+    """Calls that ``hold`` faults keep waiting until they are released: a test stops a
+    service while a call is in flight, then lets Capillary act, whatever the machine's pace."""
+
+    def __init__(self) -> None:
+        self._waiting: list[asyncio.Event] = []
+
+    async def wait(self, limit_s: float) -> None:
+        """Wait until released, or ``limit_s`` at most."""
+        released = asyncio.Event()
+        self._waiting.append(released)
+        try:
+            await asyncio.wait_for(released.wait(), limit_s)
+        except TimeoutError:
+            pass
+        finally:
+            if released in self._waiting:
+                self._waiting.remove(released)
+
+    def held(self) -> int:
+        return len(self._waiting)
+
+    def release(self) -> int:
+        """Let every held call go on; returns how many there were."""
+        waiting, self._waiting = self._waiting, []
+        for released in waiting:
+            released.set()
+        return len(waiting)
+
+
+HOLDS_KEY: Final = web.AppKey("sandbox_holds", Holds)

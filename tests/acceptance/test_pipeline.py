@@ -25,7 +25,7 @@ from tests.acceptance.helpers import (
     wait_for_state,
     workers_that_claimed,
 )
-from tests.conftest import WorkerProcess, coupon_worker_command, settings_env, wait_until
+from tests.conftest import WorkerProcess, coupon_worker_command, run_cli, settings_env, wait_until
 from worker.config import Settings
 
 EVENT_ID = "tier-upgrade-566881933-2026-11-25"
@@ -54,14 +54,11 @@ def test_the_same_event_twice_gives_one_set_of_coupons(
     assert all(c["valid_till_date_time"] for c in done["coupons"])
 
     # And `events show` tells the same story, as a table and as JSON
-    env = settings_env(settings)
-    shown = subprocess.run([coupon_worker_command(), "events", "show", EVENT_ID, "--json"],
-                           env=env, capture_output=True, text=True, check=True)
+    shown = run_cli(settings, "events", "show", EVENT_ID, "--json")
     data = json.loads(shown.stdout)
     assert data["state"] == "completed"
     assert {c["code"] for c in data["coupons"]} == {code for _s, code in ours}
-    table = subprocess.run([coupon_worker_command(), "events", "show", EVENT_ID],
-                           env=env, capture_output=True, text=True, check=True)
+    table = run_cli(settings, "events", "show", EVENT_ID)
     assert all(code in table.stdout for _s, code in ours)
 
 

@@ -5,7 +5,6 @@ support fixes one and resubmits it."""
 from __future__ import annotations
 
 import json
-import subprocess
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +22,7 @@ from tests.acceptance.helpers import (
     wait_for_every_delivery,
     wait_for_state,
 )
-from tests.conftest import WorkerProcess, coupon_worker_command, settings_env, wait_until
+from tests.conftest import WorkerProcess, run_cli, wait_until
 from worker.broker import topology
 from worker.config import Settings
 
@@ -148,18 +147,14 @@ def test_poison_is_recorded_and_the_events_behind_it_are_issued(
     wait_for_state(clean_ledger, "poison-after", "completed")
 
     # When support fixes the event with the oversized series id and resubmits it
-    env = settings_env(settings)
     series_row = by_raw[body(example_event("poison-series", series=(544770, 2**31)))]
     fixed = tmp_path / "fixed.json"
     fixed.write_text(json.dumps(example_event("poison-series", series=(544770, 553379))))
-    shown = subprocess.run([coupon_worker_command(), "rejected", "show", str(series_row["id"])],
-                           env=env, capture_output=True, text=True, check=True)
+    shown = run_cli(settings, "rejected", "show", str(series_row["id"]))
     assert "series id 2147483648 is above" in shown.stdout
-    done = subprocess.run(
-        [coupon_worker_command(), "rejected", "resubmit", str(series_row["id"]),
-         "--file", str(fixed), "--reason", "series id typo fixed (SUP-4712)", "--operator",
-         "ana"], env=env, capture_output=True, text=True, check=False)
-    assert done.returncode == 0, done.stdout + done.stderr
+    done = run_cli(settings, "rejected", "resubmit", str(series_row["id"]), "--file", str(fixed),
+                   "--reason", "series id typo fixed (SUP-4712)", "--operator", "ana")
+    assert done.exit_code == 0, done.output
     # Then the worker issues it through the normal path, and the rejection links to it
     wait_for_state(clean_ledger, "poison-series", "completed")
     assert len(sandbox.ledger(customer="566881933")) == 2
@@ -170,8 +165,7 @@ def test_poison_is_recorded_and_the_events_behind_it_are_issued(
 
     # And a poison message never reaches the terminal as an escape sequence
     escaped = by_raw[body(example_event("poison-\x1b[31m\nforged line"))]
-    shown = subprocess.run([coupon_worker_command(), "rejected", "show", str(escaped["id"])],
-                           env=env, capture_output=True, text=True, check=True)
+    shown = run_cli(settings, "rejected", "show", str(escaped["id"]))
     assert "\x1b" not in shown.stdout and "forged line" in shown.stdout
     assert not any(line.startswith("forged line") for line in shown.stdout.splitlines())
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +21,7 @@ from tests.acceptance.helpers import (
     wait_for_every_delivery,
     wait_for_state,
 )
-from tests.conftest import WorkerProcess, coupon_worker_command, settings_env, wait_until
+from tests.conftest import WorkerProcess, run_cli, wait_until
 from worker.capillary.client import CapillaryClient
 from worker.config import Settings
 from worker.names import split_worker
@@ -43,8 +42,8 @@ def read_backs(sandbox: SandboxAdmin, series: int, since: float | None = None) -
 
 
 def cli(settings: Settings, *args: str) -> Any:
-    done = subprocess.run([coupon_worker_command(), *args, "--json"], env=settings_env(settings),
-                          capture_output=True, text=True, check=True, timeout=60)
+    done = run_cli(settings, *args, "--json")
+    assert done.exit_code == 0, done.output
     return json.loads(done.stdout)
 
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Callable
 from typing import Any
 
 from kombu import Connection
 from sqlalchemy import Engine, text
 
-from coupon_devtools.sandbox import SandboxAdmin
+from coupon_devtools.sandbox import BackgroundSandbox, SandboxAdmin
 from tests.acceptance.helpers import (
     circuit,
     example_event,
@@ -21,7 +20,7 @@ from tests.acceptance.helpers import (
     wait_for_every_delivery,
     wait_for_state,
 )
-from tests.conftest import WorkerProcess, coupon_worker_command, settings_env, wait_until
+from tests.conftest import WorkerProcess, run_cli, wait_until
 from worker.broker import topology
 from worker.config import Settings
 
@@ -40,9 +39,11 @@ def history_kinds(engine: Engine, event_id: str) -> list[str]:
             "WHERE e.event_id = :e ORDER BY h.id"), {"e": event_id})]
 
 
-def cli(settings: Settings, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([coupon_worker_command(), *args], env=settings_env(settings),
-                          capture_output=True, text=True, check=check, timeout=60)
+def cli(settings: Settings, *args: str, check: bool = True) -> Any:
+    result = run_cli(settings, *args)
+    if check:
+        assert result.exit_code == 0, result.output
+    return result
 
 
 def dead_queue_messages(settings: Settings) -> list[dict[str, Any]]:
@@ -170,6 +171,11 @@ def test_answers_that_hide_an_issued_coupon_never_lead_to_a_second(
         "proxy502": {"kind": "html_after", "status": 502},
         # Lands after the client's 2 s read timeout, inside the 4 s settle window.
         "slow": {"kind": "slow_original", "delay_seconds": 3},
+        # A gateway's redirect to the same URL: following it would send the call again.
+        "redirect307": {"kind": "redirect_after"},
+        "redirect308": {"kind": "redirect_after", "status": 308},
+        # Bytes from a middlebox instead of the answer.
+        "garbled": {"kind": "garbled_after"},
     }
     for n, fault in enumerate(faults.values()):
         sandbox.add_fault(customer=f"91000{n}", **fault)
@@ -189,6 +195,25 @@ def test_answers_that_hide_an_issued_coupon_never_lead_to_a_second(
         assert len(sandbox.ledger(customer=customer)) == 1, customer
         bulk = [c for c in sandbox.calls() if c["path"] == "bulk" and c["customerId"] == customer]
         assert len(bulk) == 1, f"{customer} was sent {len(bulk)} issue calls"
+
+
+def test_a_tls_stream_broken_after_the_call_is_read_back_not_sent_again(
+    settings_factory: Callable[..., Settings], clean_ledger: Engine,
+    tls_sandbox_server: BackgroundSandbox, tls_sandbox: SandboxAdmin,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    # Given a worker that reaches Capillary over HTTPS
+    settings = settings_factory(capillary_base_url=tls_sandbox_server.url)
+    start_worker(settings, env={"REQUESTS_CA_BUNDLE": str(tls_sandbox_server.ca_file)})
+    # And a middlebox that mangles the TLS stream once Capillary has issued (requests raises
+    # the same SSLError as for a handshake that failed before anything was sent)
+    tls_sandbox.add_fault(kind="garbled_after")
+    publish(settings, example_event("tls-garbled", series=(544770,)))
+    # Then the coupon is found by reading back, and the issue call is never sent again
+    done = wait_for_state(clean_ledger, "tls-garbled", "completed", timeout_s=60)
+    assert done["coupons"][0]["recorded_via"] == "reconcile"
+    assert len(tls_sandbox.ledger()) == 1
+    assert len([c for c in tls_sandbox.calls() if c["path"] == "bulk"]) == 1
 
 
 def test_a_late_original_beyond_the_window_is_found_and_listed_as_a_duplicate(
@@ -265,7 +290,10 @@ def test_retries_pending_when_the_worker_is_killed_are_not_lost(
     settings_factory: Callable[..., Settings], clean_ledger: Engine, sandbox: SandboxAdmin,
     start_worker: Callable[..., WorkerProcess],
 ) -> None:
-    settings = settings_factory(retry_base_s=1.0, retry_max_s=2.0, max_attempts=20)
+    # A retry the sweeper had marked queued but not yet published when the worker died is
+    # dispatched again once requeue_after_s has passed: 5 s here, not 5 minutes.
+    settings = settings_factory(retry_base_s=1.0, retry_max_s=2.0, max_attempts=20,
+                                requeue_after_s=5.0)
     worker = start_worker(settings)
     sandbox.set_series(730730, behaviour="error", error_code=730)
     events = [example_event(f"pending-{n}", series=(730730,), customer=f"8000{n}")
@@ -309,7 +337,7 @@ def test_replay_after_fixing_a_series_issues_exactly_once(
     assert entity_states(clean_ledger, "replay-me")[707001] == "dead"
     assert _audit_rows(clean_ledger) == []
     # A replay without a reason is refused.
-    assert cli(settings, "dlq", "replay", entity_id, check=False).returncode != 0
+    assert cli(settings, "dlq", "replay", entity_id, check=False).exit_code != 0
 
     sandbox.set_series(707001, behaviour="valid")
     cli(settings, "dlq", "replay", entity_id, "--reason", "series fixed", "--operator", "ana")

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from pydantic import SecretStr
 
-from coupon_devtools.sandbox import SandboxAdmin
+from coupon_devtools.sandbox import BackgroundSandbox, SandboxAdmin
 from worker.capillary.auth import BasicAuth, OAuthTokens, basic_auth_header
 from worker.capillary.client import CapillaryClient
 from worker.config import Settings
@@ -154,6 +154,11 @@ def test_unknown_customer_and_limit_per_user(client: CapillaryClient,
         ({"kind": "rate_limit", "retry_after_seconds": 7}, Verdict.RETRYABLE, "http_429", 0),
         ({"kind": "reset_before"}, Verdict.AMBIGUOUS, "connection_reset", 0),
         ({"kind": "reset_after"}, Verdict.AMBIGUOUS, "connection_reset", 1),
+        # Bytes that are no answer, from a middlebox: the HTTP parser gives up after sending.
+        ({"kind": "garbled_after"}, Verdict.AMBIGUOUS, "connection_reset", 1),
+        # A redirect is an answer, not an order to send the same issue call again.
+        ({"kind": "redirect_after"}, Verdict.AMBIGUOUS, "http_307", 1),
+        ({"kind": "redirect_after", "status": 308}, Verdict.AMBIGUOUS, "http_308", 1),
     ],
 )
 def test_faults_are_classified_by_whether_the_request_can_have_issued(
@@ -167,8 +172,44 @@ def test_faults_are_classified_by_whether_the_request_can_have_issued(
     assert entry.error is not None and entry.error.code == code
     assert result.call_level_failure
     assert len(sandbox.ledger()) == issued
+    assert len([c for c in sandbox.calls() if c["path"] == "bulk"]) == 1, "sent once"
     if fault["kind"] == "rate_limit":
         assert result.retry_after_s == 7
+
+
+def tls_client(settings_factory: Callable[..., Settings], server: BackgroundSandbox,
+               monkeypatch: pytest.MonkeyPatch, *, trusted: bool = True) -> CapillaryClient:
+    if trusted:
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(server.ca_file))
+    else:
+        monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+    return CapillaryClient.from_settings(settings_factory(capillary_base_url=server.url))
+
+
+def test_a_tls_stream_broken_after_sending_is_unknown_not_unsent(
+    settings_factory: Callable[..., Settings], tls_sandbox_server: BackgroundSandbox,
+    tls_sandbox: SandboxAdmin, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client = tls_client(settings_factory, tls_sandbox_server, monkeypatch)
+    assert client.bulk_issue(CUSTOMER, [553379], META).entries[553379].verdict is Verdict.ISSUED
+    # Given a middlebox that mangles the TLS stream once the server has issued
+    tls_sandbox.add_fault(kind="garbled_after")
+    entry = client.bulk_issue(CUSTOMER, [544770], META).entries[544770]
+    # Then the call is unknown (read back before any retry), not "never sent"
+    assert entry.verdict is Verdict.AMBIGUOUS
+    assert entry.error is not None and entry.error.code == "tls_dropped"
+    assert len(tls_sandbox.ledger()) == 2
+
+
+def test_a_refused_certificate_is_retryable_as_nothing_was_sent(
+    settings_factory: Callable[..., Settings], tls_sandbox_server: BackgroundSandbox,
+    tls_sandbox: SandboxAdmin, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client = tls_client(settings_factory, tls_sandbox_server, monkeypatch, trusted=False)
+    entry = client.bulk_issue(CUSTOMER, [544770], META).entries[544770]
+    assert entry.verdict is Verdict.RETRYABLE
+    assert entry.error is not None and entry.error.code == "tls_error"
+    assert tls_sandbox.calls() == [] and tls_sandbox.ledger() == []
 
 
 def test_connection_refused_is_retryable() -> None:

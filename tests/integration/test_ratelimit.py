@@ -28,9 +28,11 @@ def test_reservations_space_calls_at_the_rate_after_the_burst(clean_ledger: Engi
 def test_a_cancelled_reservation_is_given_back(clean_ledger: Engine) -> None:
     limiter = PostgresRateLimiter(clean_ledger, per_minute=60, burst=1)
     assert limiter.reserve() == pytest.approx(0, abs=0.02)
-    assert limiter.reserve() == pytest.approx(1.0, abs=0.05)
+    # The next slot is a second away (less whatever time a busy machine let pass in between)
+    assert 0.7 <= limiter.reserve() <= 1.1
     limiter.cancel()
-    assert limiter.reserve() == pytest.approx(1.0, abs=0.05)
+    # Given back: the same slot again, not the one after it (two seconds away)
+    assert 0.7 <= limiter.reserve() <= 1.1
 
 
 def test_a_429_penalty_holds_every_caller_for_retry_after(clean_ledger: Engine) -> None:

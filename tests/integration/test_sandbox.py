@@ -686,6 +686,29 @@ def test_latency_fault_delays_then_answers(api: Capillary, admin: SandboxAdmin) 
     assert len(admin.ledger()) == 2
 
 
+def test_a_held_call_does_nothing_until_released(api: Capillary, admin: SandboxAdmin) -> None:
+    import threading
+
+    admin.add_fault(kind="hold")
+    answers: list[requests.Response] = []
+    caller = threading.Thread(target=lambda: answers.append(api.bulk([1])))
+    caller.start()
+    deadline = time.monotonic() + 5
+    while admin.held() == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    # Held: nothing issued, nothing answered
+    assert admin.held() == 1 and admin.ledger() == [] and not answers
+    assert admin.release() == 1
+    caller.join(5)
+    assert answers[0].status_code == 200 and len(admin.ledger()) == 1
+    assert admin.held() == 0 and admin.release() == 0
+
+
+def test_a_held_call_goes_on_after_its_delay(api: Capillary, admin: SandboxAdmin) -> None:
+    admin.add_fault(kind="hold", delay_seconds=0.2)
+    assert api.bulk([1]).status_code == 200 and admin.held() == 0
+
+
 def test_global_latency_applies_to_every_call(api: Capillary, admin: SandboxAdmin) -> None:
     admin.configure(latencySeconds=0.2)
 
@@ -898,6 +921,8 @@ def test_admin_refuses_bad_commands(admin: SandboxAdmin) -> None:
         admin.set_series(1, behaviour="sometimes")
     with pytest.raises(SandboxAdminError, match="kind"):
         admin.add_fault(kind="meteor")
+    with pytest.raises(SandboxAdminError, match="a redirect's status is a 3xx"):
+        admin.add_fault(kind="redirect_after", status=500)
     with pytest.raises(SandboxAdminError, match="timezone"):
         admin.configure(timezone="IST")
 

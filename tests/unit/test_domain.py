@@ -72,6 +72,7 @@ def test_http_answers_without_entries(status: int, verdict: Verdict) -> None:
         ("connection_refused", Verdict.RETRYABLE),
         ("connect_timeout", Verdict.RETRYABLE),
         ("tls_error", Verdict.RETRYABLE),
+        ("tls_dropped", Verdict.AMBIGUOUS),
         ("read_timeout", Verdict.AMBIGUOUS),
         ("connection_reset", Verdict.AMBIGUOUS),
         ("transport_error", Verdict.AMBIGUOUS),

@@ -2,15 +2,18 @@
 
 Every call is measured and returns a ``CallInfo`` with Capillary's ``X-Cap-Requestid`` so the
 ledger can store it. Transport failures are classified by whether the request can have reached
-the server: a refused connection is retryable, a read timeout or a reset is ambiguous.
+the server: a refused connection is retryable, a read timeout or a reset is ambiguous. A
+redirect is an answer, never followed: following a 307 or 308 would send the same bulk issue a
+second time, on the HTTP library's say-so.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -18,6 +21,7 @@ from typing import Any
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import NewConnectionError
+from urllib3.util.ssl_match_hostname import CertificateError
 
 from worker.capillary.api import (
     BulkIssueResult,
@@ -188,7 +192,7 @@ def _transport_kind(exc: requests.RequestException) -> tuple[str, str]:
     if isinstance(exc, requests.ReadTimeout):
         return "read_timeout", "no answer within the read timeout"
     if isinstance(exc, requests.exceptions.SSLError):
-        return "tls_error", "TLS handshake failed; request not sent"
+        return _tls_kind(exc)
     if isinstance(exc, requests.ConnectionError):
         reason = exc.args[0] if exc.args else None
         inner = getattr(reason, "reason", None)
@@ -196,6 +200,31 @@ def _transport_kind(exc: requests.RequestException) -> tuple[str, str]:
             return "connection_refused", "could not connect; request not sent"
         return "connection_reset", "connection dropped after sending"
     return "transport_error", f"{type(exc).__name__} after sending"
+
+
+def _tls_kind(exc: requests.exceptions.SSLError) -> tuple[str, str]:
+    # requests raises the same SSLError for a handshake that failed and for a TLS stream
+    # broken once the request was written (a middlebox mangling a record, a peer dying
+    # mid-record). Only a refused certificate proves the handshake never finished.
+    if any(isinstance(e, (ssl.SSLCertVerificationError, CertificateError))
+           for e in _causes(exc)):
+        return "tls_error", "certificate refused in the TLS handshake; request not sent"
+    return "tls_dropped", "TLS failed on the connection; the request may have been sent"
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and every exception it wraps: causes, contexts, urllib3's ``reason`` and
+    exceptions passed as arguments (requests wraps urllib3's errors that way)."""
+    pending, seen = [exc], set()
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        linked = (getattr(current, "reason", None), current.__cause__, current.__context__,
+                  *current.args)
+        pending.extend(e for e in linked if isinstance(e, BaseException))
 
 
 def build_auth(
@@ -294,7 +323,7 @@ class CapillaryClient:
             try:
                 response = self.session().request(
                     method, self.base_url + path, auth=self.auth, timeout=self._timeout_s,
-                    **kwargs,
+                    allow_redirects=False, **kwargs,
                 )
             except CapillaryError as exc:  # from the token hook
                 verdict = Verdict.OUTAGE if isinstance(exc, Outage) else Verdict.RETRYABLE

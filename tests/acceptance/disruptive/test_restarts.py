@@ -89,10 +89,11 @@ IN_FLIGHT_CUSTOMER = "960001"
 
 
 def _in_flight_settings(settings_factory: Callable[..., Settings]) -> Settings:
-    """Capillary's 6 s answer comes inside the read timeout; a claim lives 28 s. Six seconds
-    leave room for the stop itself, slow as it may be beside the rest of the suite."""
-    return settings_factory(http_timeout_s=8.0, http_connect_timeout_s=0.5,
-                            rate_limit_max_wait_s=1.0, lease_s=28.0, settle_window_s=10.0)
+    """The held call is let go once the service is down, inside the 10 s read timeout however
+    slow the stop is beside the rest of the suite; a claim lives 33 s (the shortest lease
+    these timeouts allow)."""
+    return settings_factory(http_timeout_s=10.0, http_connect_timeout_s=0.5,
+                            rate_limit_max_wait_s=1.0, lease_s=33.0, settle_window_s=12.0)
 
 
 def _claimed(engine: Engine, event_id: str) -> bool:
@@ -102,11 +103,12 @@ def _claimed(engine: Engine, event_id: str) -> bool:
 
 def _call_in_flight(settings: Settings, engine: Engine, sandbox: SandboxAdmin,
                     event_id: str) -> None:
-    """Publish an event whose call Capillary answers (and issues) after 6 s; return once it is
-    claimed, the call under way."""
-    sandbox.add_fault(kind="latency", delay_seconds=6, customer=IN_FLIGHT_CUSTOMER)
+    """Publish an event whose call Capillary holds, before doing anything, until released;
+    return once it is claimed and the call is held."""
+    sandbox.add_fault(kind="hold", customer=IN_FLIGHT_CUSTOMER)
     publish(settings, example_event(event_id, series=(544770,), customer=IN_FLIGHT_CUSTOMER))
     wait_until(lambda: _claimed(engine, event_id), message="the claim")
+    wait_until(lambda: sandbox.held() == 1, message="the call to reach Capillary")
 
 
 def _issued_at(sandbox: SandboxAdmin) -> float:
@@ -118,11 +120,12 @@ def _issued_at(sandbox: SandboxAdmin) -> float:
 @contextmanager
 def _down_when_capillary_answers(sandbox: SandboxAdmin, stop: Callable[[], object],
                                  start: Callable[[], object]) -> Iterator[None]:
-    """Stop a service while the call is in flight, check that Capillary answered (and issued)
-    while it was down, run the block, and start the service again whatever happened."""
+    """Stop a service while the call is held, let Capillary issue and answer while it is
+    down, run the block, and start the service again whatever happened."""
     stop()
     stopped_at = time.time()
     try:
+        assert sandbox.release() == 1, "the call was still held when the service stopped"
         assert stopped_at < _issued_at(sandbox), "the service was down when Capillary answered"
         yield
     finally:
@@ -136,7 +139,7 @@ def test_a_database_restart_while_a_call_is_in_flight_issues_once(
     postgres, node = private_services.postgres, private_services.rabbit.node
     settings = _in_flight_settings(settings_factory)
     start_worker(settings)
-    # Given a call in flight: claimed (committed), Capillary answering in 6 s
+    # Given a call in flight: claimed (committed), held by Capillary
     _call_in_flight(settings, clean_ledger, sandbox, "db-in-flight")
     def given_back() -> bool:
         counts = queue_counts(settings, node).values()
