@@ -19,14 +19,12 @@ lint: install
 	$(BIN)/lint-imports
 	$(BIN)/python -m coupon_devtools.migration_lint
 
-# Five test processes share the machine (tests mostly wait on workers and the broker). Then
-# the disruptive tests, which restart a PostgreSQL cluster and a RabbitMQ node of their own, in
-# two processes (one group each, SHARED_PROCESS in tests/conftest.py): on 2 cores, beside the
-# rest they would only slow it and starve its timing-sensitive tests. Ends with the coverage
-# total of both runs.
+# One run in seven processes. The disruptive tests' two groups (the restarts and the reconnect;
+# the chaos run: SHARED_PROCESS in tests/conftest.py) are handed out first, each to a process
+# that starts a PostgreSQL cluster and a RabbitMQ node of its own; they mostly wait on those
+# restarts, and the five other processes run the rest meanwhile. Ends with the coverage total.
 test: install
-	$(BIN)/pytest -n 5 -m "not disruptive" --cov --cov-report=
-	$(BIN)/pytest -n 2 -m disruptive --cov --cov-append --cov-report=term
+	$(BIN)/pytest -n 7 --cov --cov-report=term
 
 wheel-check: install
 	./.ci/wheel-check

@@ -64,6 +64,8 @@ BACKGROUND_FAULTS: Final[Sequence[tuple[str, dict[str, Any]]]] = (
     (f"slow original ({SLOW_ORIGINAL_S:g} s, lands after the client gave up)",
      {"kind": "slow_original", "delaySeconds": SLOW_ORIGINAL_S, "probability": 0.005}),
     ("reset after issuing", {"kind": "reset_after", "probability": 0.01}),
+    ("redirect (307) after issuing", {"kind": "redirect_after", "probability": 0.005}),
+    ("garbled stream after issuing", {"kind": "garbled_after", "probability": 0.005}),
     ("unreadable read-back (HTML)",
      {"kind": "readback_unreadable", "path": "readback", "probability": 0.05}),
 )
