@@ -3,10 +3,11 @@ session's do, and the pool never hands out a connection it left broken or in aut
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, make_url, text
 
 from worker.config import Settings
 from worker.errors import LedgerError, LedgerUnavailable
@@ -76,3 +77,19 @@ def test_a_lost_connection_is_unavailable_and_never_handed_out_again(
         run_alone(one_connection, "SELECT 1", {})
     # The next statement gets a new connection rather than the dead one.
     assert _backend_pid(one_connection) != pid
+
+
+def test_a_connection_the_server_refuses_is_unavailable(settings: Settings) -> None:
+    # Nothing listens on the port: as while PostgreSQL restarts ("the database system is
+    # starting up"), the pool's new connection fails before any statement is sent.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = make_url(settings.database_url).set(host="127.0.0.1", port=port)
+    engine = make_engine(url.render_as_string(hide_password=False), pool_size=1,
+                         limits=ConnectionLimits(connect_timeout_s=1))
+    try:
+        with pytest.raises(LedgerUnavailable, match="unavailable"):
+            run_alone(engine, "SELECT 1", {})
+    finally:
+        engine.dispose()

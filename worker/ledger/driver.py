@@ -56,7 +56,9 @@ def run_alone(engine: Engine, sql: str, params: dict[str, Any]) -> list[tuple[An
     """
     try:
         pooled = engine.raw_connection()
-    except sa_exc.SQLAlchemyError as exc:
+    except (sa_exc.SQLAlchemyError, psycopg.Error) as exc:
+        # A new connection the server refuses (down, or "starting up" after a restart) comes
+        # out of the pool as psycopg's own error, not SQLAlchemy's.
         raise translate(exc) from exc
     try:
         conn: psycopg.Connection[Any] = pooled.driver_connection  # type: ignore[assignment]
