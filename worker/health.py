@@ -42,6 +42,8 @@ class Heartbeat:
     beat_at: float
     """Wall-clock time (epoch seconds) of the beat: read by other processes."""
     started_at: float
+    metrics_port: int | None = None
+    """Where this worker serves /metrics (several workers on one host each have their own)."""
 
 
 def heartbeat_path(directory: Path, node: str) -> Path:
@@ -78,7 +80,9 @@ def read_heartbeats(directory: Path) -> list[Heartbeat]:
             beats.append(Heartbeat(node=str(data["node"]), pid=int(data["pid"]),
                                    host=str(data["host"]), interval_s=float(data["interval_s"]),
                                    beat_at=float(data["beat_at"]),
-                                   started_at=float(data["started_at"])))
+                                   started_at=float(data["started_at"]),
+                                   metrics_port=None if data.get("metrics_port") is None
+                                   else int(data["metrics_port"])))
         except (OSError, ValueError, KeyError, TypeError):
             continue
     return beats
@@ -106,6 +110,7 @@ class WorkerHealth:
     status: Status
     age_s: float
     max_age_s: float
+    metrics_port: int | None = None
 
     @property
     def healthy(self) -> bool:
@@ -115,8 +120,9 @@ class WorkerHealth:
         if self.status == "gone":
             return f"{self.node} (pid {self.pid}): process gone, last beat {self.age_s:.1f} s ago"
         verdict = "consuming" if self.healthy else "consumer silent"
+        metrics = "" if self.metrics_port is None else f", metrics on port {self.metrics_port}"
         return (f"{self.node} (pid {self.pid}): {verdict}, last beat {self.age_s:.1f} s ago "
-                f"(limit {self.max_age_s:g} s)")
+                f"(limit {self.max_age_s:g} s){metrics}")
 
 
 @dataclass(frozen=True)
@@ -156,7 +162,7 @@ def check_health(directory: Path, *, node: str | None = None, pid: int | None = 
             status = "gone"
         elif age > limit:
             status = "stale"
-        judged.append(WorkerHealth(beat.node, beat.pid, status, age, limit))
+        judged.append(WorkerHealth(beat.node, beat.pid, status, age, limit, beat.metrics_port))
     if not wanted:
         judged = [w for w in judged if w.status != "gone"]
     if not judged:

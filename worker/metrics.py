@@ -116,9 +116,25 @@ def exposition_registry(own: CollectorRegistry, backlog: BacklogReader | None,
     return registry
 
 
-def serve_metrics(port: int, registry: CollectorRegistry) -> Any:
-    """Start the /metrics HTTP endpoint in a daemon thread; returns the server."""
+#: Ports a worker tries, from COUPONS_METRICS_PORT up: a second worker started on the same
+#: host with the same settings serves on the next one instead of going without metrics.
+METRICS_PORT_SPAN = 16
+
+
+def serve_metrics(first_port: int, registry: CollectorRegistry,
+                  span: int = METRICS_PORT_SPAN) -> tuple[Any, int]:
+    """Start the /metrics HTTP endpoint in a daemon thread on the first free port of
+    ``first_port`` .. ``first_port + span - 1``; returns the server and its port. Raises the
+    last ``OSError`` when every port is taken."""
     from prometheus_client import start_http_server
 
-    server, _thread = start_http_server(port, addr="0.0.0.0", registry=registry)  # noqa: S104 - scraped from outside the host
-    return server
+    error: OSError | None = None
+    for port in range(first_port, min(first_port + span, 65536)):
+        try:
+            server, _thread = start_http_server(port, addr="0.0.0.0", registry=registry)  # noqa: S104 - scraped from outside the host
+        except OSError as exc:
+            error = exc
+            continue
+        return server, port
+    assert error is not None
+    raise error

@@ -121,6 +121,7 @@ class ChaosRun:
         from sqlalchemy import create_engine
 
         from coupon_devtools.sandbox import SandboxAdmin
+        from coupon_devtools.sandbox.tls import CA_FILE_NAME
 
         self.logs.mkdir(parents=True, exist_ok=True)
         for old in [*self.logs.glob("*.log"), *self.heartbeats.glob("*.json")]:
@@ -128,19 +129,25 @@ class ChaosRun:
         self.backends = backends = choose_local_backends(self.options.namespace)
         self.console.print(f"  PostgreSQL  {escape(backends.database.label)}")
         self.console.print(f"  broker      {escape(backends.broker.label)}")
-        sandbox_url = f"http://127.0.0.1:{free_port()}"
+        # Over HTTPS, as Capillary is: a TLS stream broken after the call is a fault of its own.
+        sandbox_url = f"https://127.0.0.1:{free_port()}"
+        tls_dir = self.workdir / "tls"
+        ca_file = tls_dir / CA_FILE_NAME
+        ca_file.unlink(missing_ok=True)  # an earlier run's CA trusts nothing of this one's
         env = demo_env(backends, sandbox_url, 0)
         env.update(CHAOS_ENVIRONMENT)
+        env["REQUESTS_CA_BUNDLE"] = str(ca_file)
         # `coupon-worker health` judges these workers only, not others of this host.
         env["COUPONS_HEARTBEAT_DIR"] = str(self.heartbeats)
         migrate(env, self.logs)
         sandbox = start_sandbox(env, self.logs, self.services, "--port",
-                                sandbox_url.rsplit(":", 1)[1], "--seed", str(self.options.seed))
+                                sandbox_url.rsplit(":", 1)[1], "--seed", str(self.options.seed),
+                                "--tls-dir", str(tls_dir))
         self.console.print(f"  sandbox     {sandbox_url} (pid {sandbox.process.pid}, seed "
-                           f"{self.options.seed})")
+                           f"{self.options.seed}; its CA in {ca_file})")
         self.engine = create_engine(backends.database.url, pool_size=2, pool_pre_ping=True,
                                     connect_args={"connect_timeout": 3})
-        self.admin = SandboxAdmin(sandbox_url)
+        self.admin = SandboxAdmin(sandbox_url, ca_file=str(ca_file))
         return env, self.admin
 
     def plan(self, admin: SandboxAdmin) -> tuple[list[dict[str, Any]], dict[str, Any],

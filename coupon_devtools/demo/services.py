@@ -103,13 +103,17 @@ def migrate(env: Mapping[str, str], logs: Path) -> None:
 def start_sandbox(env: Mapping[str, str], logs: Path, services: list[Service],
                   *args: str) -> Service:
     """Start ``coupon-worker sandbox ARGS`` at ``CAPILLARY_BASE_URL`` and wait until it
-    answers."""
+    answers; over HTTPS the clients' ``REQUESTS_CA_BUNDLE`` is the CA file it writes."""
     from coupon_devtools.sandbox import SandboxAdmin
 
+    ca_file = env.get("REQUESTS_CA_BUNDLE") if env["CAPILLARY_BASE_URL"].startswith(
+        "https:") else None
     sandbox = spawn("sandbox", ["sandbox", *args], env, logs, services)
     sandbox.url = env["CAPILLARY_BASE_URL"]
-    with SandboxAdmin(sandbox.url, timeout_s=1.0) as admin:
+    with SandboxAdmin(sandbox.url, timeout_s=1.0, ca_file=ca_file) as admin:
         def sandbox_ready() -> bool:
+            if ca_file is not None and not Path(ca_file).exists():
+                return False
             try:
                 admin.wait_ready(timeout_s=0.5)
             except TimeoutError:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from kombu import Connection, Queue
 from sqlalchemy import Engine
 
@@ -49,11 +50,29 @@ def _node_of(worker: WorkerProcess) -> tuple[str, int]:
     return found.group(1), int(found.group(2))
 
 
+def _free_port_pair() -> int:
+    """A port that is free, and the one after it too."""
+    for _attempt in range(50):
+        with socket.socket() as probe:
+            probe.bind(("0.0.0.0", 0))  # noqa: S104 - where the worker binds its metrics
+            port = int(probe.getsockname()[1])
+        if port < 65535:
+            with socket.socket() as probe:
+                try:
+                    probe.bind(("0.0.0.0", port + 1))  # noqa: S104
+                except OSError:
+                    continue
+            return port
+    raise AssertionError("no two free ports in a row")
+
+
 def test_workers_started_with_no_flags_share_a_host_and_all_consume(
-    settings: Settings, clean_ledger: Engine, sandbox: SandboxAdmin,
+    settings_factory: Callable[..., Settings], clean_ledger: Engine, sandbox: SandboxAdmin,
     start_worker: Callable[..., WorkerProcess],
 ) -> None:
-    # Given two workers started the way an operator would, twice on one host, no -n
+    # Given two workers started the way an operator would, twice on one host, no -n, the
+    # same metrics port in both settings
+    settings = settings_factory(metrics_port=_free_port_pair())
     first = start_worker(settings, concurrency=1, node_name=None)
     second = start_worker(settings, concurrency=1, node_name=None)
     # Then each has its own node name and both are up and consuming the task queue
@@ -62,6 +81,17 @@ def test_workers_started_with_no_flags_share_a_host_and_all_consume(
     assert (pid_a, pid_b) == (first.process.pid, second.process.pid)
     wait_until(lambda: queue_consumers(settings, settings.tasks_queue) == 2,
                message="two consumers on the task queue")
+    # And each serves its metrics, the second on the next port, which its heartbeat tells
+    def ports() -> dict[int, int | None]:
+        report = check_health(Path(settings.heartbeat_dir))
+        return {w.pid: w.metrics_port for w in report.workers}
+
+    wait_until(lambda: None not in ports().values() and len(ports()) == 2,
+               message="both workers' heartbeats to name their metrics port")
+    assert ports() == {pid_a: settings.metrics_port, pid_b: settings.metrics_port + 1}
+    for port in ports().values():
+        scraped = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+        assert scraped.status_code == 200 and "coupon_worker_build_info" in scraped.text
     # And both issue: a slow Capillary keeps one worker busy while the other takes the next
     sandbox.configure(latency_seconds=0.2)
     events = [example_event(f"fleet-{n}", series=(544770,), customer=str(566_000_000 + n))

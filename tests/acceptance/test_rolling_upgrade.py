@@ -158,7 +158,7 @@ def test_a_worker_starts_on_a_newer_compatible_schema_and_says_so(
     # When a worker of this release starts, then it runs and tells what it is, on what
     worker = start_worker(settings, concurrency=1)
     assert _stats(settings, worker) == {"version": __version__, "schema": _head(),
-                                        "ledger_schema": PROBE}
+                                        "ledger_schema": PROBE, "metrics_port": None}
 
 
 def _refused(start_worker: Callable[..., WorkerProcess], settings: Settings) -> str:

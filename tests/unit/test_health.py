@@ -50,6 +50,23 @@ def test_a_heartbeat_is_replaced_whole_and_read_back(tmp_path: Path) -> None:
     assert read_heartbeats(tmp_path / "beats") == []
 
 
+def test_the_metrics_port_travels_with_the_beat_and_older_beats_have_none(
+    tmp_path: Path,
+) -> None:
+    with_port = Heartbeat(node="a@host-a", pid=1, host=HOST, interval_s=5.0, beat_at=NOW,
+                          started_at=NOW - 600, metrics_port=9809)
+    write_heartbeat(tmp_path, with_port)
+    # A beat written before the port was recorded (a worker of an earlier release)
+    (tmp_path / "old.json").write_text(json.dumps({
+        "node": "b@host-a", "pid": 2, "host": HOST, "interval_s": 5.0, "beat_at": NOW,
+        "started_at": NOW - 600}))
+    report = check(tmp_path, {1, 2})
+    assert {w.node: w.metrics_port for w in report.workers} == {"a@host-a": 9809,
+                                                                "b@host-a": None}
+    described = [w.describe() for w in report.workers]
+    assert described[0].endswith("metrics on port 9809") and "metrics" not in described[1]
+
+
 def test_unreadable_files_are_skipped(tmp_path: Path) -> None:
     write_heartbeat(tmp_path, beat("good@host-a", 1, 0))
     (tmp_path / "half.json").write_text('{"node": "x", "pid"')
@@ -143,4 +160,4 @@ def test_json_report_shape(tmp_path: Path, age_s: float) -> None:
     data = check(tmp_path, {11}).as_dict()
     assert data == {"healthy": True, "reason": "1 worker(s) consuming",
                     "workers": [{"node": "a@host-a", "pid": 11, "status": "healthy",
-                                 "age_s": age_s, "max_age_s": 15.0}]}
+                                 "age_s": age_s, "max_age_s": 15.0, "metrics_port": None}]}

@@ -32,3 +32,5 @@ class StepLinks:
     bridge: Forwarder | None = None
     #: The ledger's schema as checked at start-up (None: the ledger could not be reached).
     schema: SchemaStatus | None = None
+    #: The port /metrics is served on (None: off, or every port tried was taken).
+    metrics_port: int | None = None

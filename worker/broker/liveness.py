@@ -25,6 +25,7 @@ from celery import Celery, bootsteps, signals
 from celery.platforms import EX_FAILURE
 
 from worker.broker.celery_config import settings_of
+from worker.broker.context import links_of
 from worker.config import Settings
 from worker.health import Heartbeat as HeartbeatRecord
 from worker.health import remove_heartbeat, write_heartbeat
@@ -79,7 +80,8 @@ class Heartbeat(bootsteps.StartStopStep):
             return
         record = HeartbeatRecord(node=c.hostname, pid=os.getpid(), host=socket.gethostname(),
                                  interval_s=self._interval_s, beat_at=time.time(),
-                                 started_at=self._started_at)
+                                 started_at=self._started_at,
+                                 metrics_port=links_of(c.app).metrics_port)
         try:
             write_heartbeat(self._directory, record)
         except OSError as exc:

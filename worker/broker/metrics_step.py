@@ -20,7 +20,7 @@ from worker.broker.context import container_of, links_of, step_settings
 from worker.errors import LedgerUnavailable
 from worker.ledger.migrate import schema_status, shipped_revisions
 from worker.ledger.schema import SchemaStatus
-from worker.metrics import exposition_registry, serve_metrics
+from worker.metrics import METRICS_PORT_SPAN, exposition_registry, serve_metrics
 from worker.views import entity_state_counts
 
 log = logging.getLogger(__name__)
@@ -46,12 +46,13 @@ class MetricsServer(bootsteps.StartStopStep):
         registry = exposition_registry(container.metrics.registry, backlog,
                                        build_labels(links_of(parent.app).schema))
         try:
-            self._server = serve_metrics(settings.metrics_port, registry)
+            self._server, port = serve_metrics(settings.metrics_port, registry)
         except OSError as exc:
-            log.error("metrics.unavailable", extra={"port": settings.metrics_port,
-                                                    "error": str(exc)})
+            log.error("metrics.unavailable", extra={
+                "ports": f"{settings.metrics_port}+{METRICS_PORT_SPAN - 1}", "error": str(exc)})
             return
-        log.info("metrics.serving", extra={"port": settings.metrics_port})
+        links_of(parent.app).metrics_port = port
+        log.info("metrics.serving", extra={"port": port, "configured": settings.metrics_port})
 
     def stop(self, parent: Any) -> None:
         if self._server is not None:
@@ -93,14 +94,17 @@ def check_schema(sender: Any = None, **_: Any) -> None:
 
 
 class BuildInfo(bootsteps.StartStopStep):
-    """Adds the worker's build to its stats: Flower shows it, ``celery inspect stats`` too.
+    """Adds the worker's build and metrics port to its stats: Flower shows them, ``celery
+    inspect stats`` too.
 
     A start/stop step with nothing to start: only those are asked for ``info``.
     """
 
     # celery-types says None; Blueprint.info merges what a step returns into the stats.
     def info(self, parent: Any) -> dict[str, Any]:  # type: ignore[override]
-        return {"coupon_worker": build_labels(links_of(parent.app).schema)}
+        links = links_of(parent.app)
+        return {"coupon_worker": {**build_labels(links.schema),
+                                  "metrics_port": links.metrics_port}}
 
 
 _MULTIPROC_OWNED: list[str] = []
