@@ -55,31 +55,35 @@ def json_response(
     return web.json_response(body, status=status, headers=headers)
 
 
-def abort_with_rst(request: web.Request) -> None:
+def _abort(request: web.Request, before: Callable[[socket.socket], None]) -> None:
+    """Close the request's connection at once, after ``before`` had the socket itself."""
     transport = request.transport
     if transport is None:
         return
     sock = transport.get_extra_info("socket")
     if sock is not None:
-        # Linger on with a zero timeout turns close() into a RST instead of a FIN.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        before(sock)
     transport.abort()
+
+
+def abort_with_rst(request: web.Request) -> None:
+    # Linger on with a zero timeout turns close() into a RST instead of a FIN.
+    _abort(request, lambda sock: sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                                 struct.pack("ii", 1, 0)))
 
 
 #: A TLS application-data record no key decrypts; over plain HTTP, no status line either.
 GARBLED_BYTES: Final = b"\x17\x03\x03\x00\x20" + bytes(32)
 
 
+def _write_garbled(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        os.write(sock.fileno(), GARBLED_BYTES)
+
+
 def garble_and_close(request: web.Request) -> None:
     """Write :data:`GARBLED_BYTES` on the socket itself, under any TLS layer, then close."""
-    transport = request.transport
-    if transport is None:
-        return
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            os.write(sock.fileno(), GARBLED_BYTES)
-    transport.abort()
+    _abort(request, _write_garbled)
 
 
 class Holds:
