@@ -67,16 +67,18 @@ def classify_unanswered(status: int) -> Verdict:
     """The verdict for every series of a call whose HTTP answer has no readable entry.
 
     Only answers that refuse the request before the application acts prove "not issued":
-    429 (throttled at the door), 401/403 (not authenticated), another 4xx (the request itself
-    is rejected). Any 5xx, with a JSON error body or an HTML page or nothing, and a 2xx or 3xx
-    without readable entries, is unknown: a gateway, a crash after the write or a timeout inside
-    Capillary all answer that way after the coupon exists.
+    429 (throttled at the door), 421 and 425 (misdirected, or too early: not processed, try
+    again), 401/403/407 (not authenticated, by Capillary or by a proxy on the way), another
+    4xx (the request itself is rejected). Any 5xx, with a JSON error body or an HTML page or
+    nothing, a 408 (a gateway that gave up waiting, perhaps after forwarding), and a 2xx or
+    3xx without readable entries, is unknown: a gateway, a crash after the write or a timeout
+    inside Capillary all answer that way after the coupon exists.
     """
-    if status == 429:
+    if status in (429, 421, 425):
         return Verdict.RETRYABLE
-    if status in (401, 403):
+    if status in (401, 403, 407):
         return Verdict.OUTAGE
-    if 400 <= status < 500:
+    if 400 <= status < 500 and status != 408:
         return Verdict.PERMANENT
     return Verdict.AMBIGUOUS
 

@@ -151,6 +151,10 @@ def test_unknown_customer_and_limit_per_user(client: CapillaryClient,
         ({"kind": "busy_521"}, Verdict.AMBIGUOUS, "http_521", 0),
         # A 4xx refuses the request itself: provably not issued.
         ({"kind": "error_before", "status": 400}, Verdict.PERMANENT, "http_400", 0),
+        # From a gateway or proxy on the way: its own refusals are not the request's fault.
+        ({"kind": "error_before", "status": 407}, Verdict.OUTAGE, "http_407", 0),
+        ({"kind": "error_before", "status": 421}, Verdict.RETRYABLE, "http_421", 0),
+        ({"kind": "error_before", "status": 408}, Verdict.AMBIGUOUS, "http_408", 0),
         ({"kind": "rate_limit", "retry_after_seconds": 7}, Verdict.RETRYABLE, "http_429", 0),
         ({"kind": "reset_before"}, Verdict.AMBIGUOUS, "connection_reset", 0),
         ({"kind": "reset_after"}, Verdict.AMBIGUOUS, "connection_reset", 1),

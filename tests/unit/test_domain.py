@@ -49,8 +49,14 @@ def test_722_depends_on_its_message() -> None:
         (401, Verdict.OUTAGE),
         (403, Verdict.OUTAGE),
         (429, Verdict.RETRYABLE),
+        (421, Verdict.RETRYABLE),
+        (425, Verdict.RETRYABLE),
+        (407, Verdict.OUTAGE),
         (400, Verdict.PERMANENT),
         (404, Verdict.PERMANENT),
+        (413, Verdict.PERMANENT),
+        # A gateway's request timeout may come after it forwarded the call.
+        (408, Verdict.AMBIGUOUS),
         # Any 5xx, whatever its body, and a success without entries: unknown.
         (500, Verdict.AMBIGUOUS),
         (502, Verdict.AMBIGUOUS),
