@@ -83,13 +83,20 @@ def classify_unanswered(status: int) -> Verdict:
     return Verdict.AMBIGUOUS
 
 
+#: A client setting that fails every call before anything is sent (an unreadable CA bundle).
+CLIENT_CONFIG = "client_config"
+
+
 def classify_transport(failure: str) -> Verdict:
     """The verdict for a call that got no HTTP answer at all.
 
     A refused connection, a connect timeout or a refused certificate happen before a byte of
     the request is sent; a reset, a read timeout, a broken TLS stream or anything else after
-    sending is unknown.
+    sending is unknown. A client that cannot send at all is an outage: the circuit pauses
+    issuance until the configuration is fixed.
     """
+    if failure == CLIENT_CONFIG:
+        return Verdict.OUTAGE
     return Verdict.RETRYABLE if failure in NOT_SENT_FAILURES else Verdict.AMBIGUOUS
 
 

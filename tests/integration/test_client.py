@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
@@ -214,6 +215,23 @@ def test_a_refused_certificate_is_retryable_as_nothing_was_sent(
     assert entry.verdict is Verdict.RETRYABLE
     assert entry.error is not None and entry.error.code == "tls_error"
     assert tls_sandbox.calls() == [] and tls_sandbox.ledger() == []
+
+
+def test_a_ca_bundle_that_cannot_be_read_is_an_outage_and_sends_nothing(
+    settings_factory: Callable[..., Settings], tls_sandbox_server: BackgroundSandbox,
+    tls_sandbox: SandboxAdmin, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    # Given an operator's REQUESTS_CA_BUNDLE that names no file (requests raises a bare OSError)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tmp_path / "missing-ca.pem"))
+    client = CapillaryClient.from_settings(
+        settings_factory(capillary_base_url=tls_sandbox_server.url))
+    result = client.bulk_issue(CUSTOMER, [544770], META)
+    entry = result.entries[544770]
+    # Then the call is an outage (the circuit pauses issuance), not an error of the event
+    assert entry.verdict is Verdict.OUTAGE and result.call_level_failure
+    assert entry.error is not None and entry.error.code == "client_config"
+    assert "missing-ca.pem" in entry.error.message
+    assert tls_sandbox.calls() == []
 
 
 def test_connection_refused_is_retryable() -> None:

@@ -79,6 +79,7 @@ def test_http_answers_without_entries(status: int, verdict: Verdict) -> None:
         ("connect_timeout", Verdict.RETRYABLE),
         ("tls_error", Verdict.RETRYABLE),
         ("tls_dropped", Verdict.AMBIGUOUS),
+        ("client_config", Verdict.OUTAGE),
         ("read_timeout", Verdict.AMBIGUOUS),
         ("connection_reset", Verdict.AMBIGUOUS),
         ("transport_error", Verdict.AMBIGUOUS),

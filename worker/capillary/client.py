@@ -34,7 +34,12 @@ from worker.capillary.auth import BasicAuth, CapillaryAuth, OAuthTokens
 from worker.config import Settings
 from worker.domain import Coupon, EntryError, Verdict
 from worker.errors import Ambiguous, CapillaryError, Outage, Retryable
-from worker.policy import classify_entry_error, classify_transport, classify_unanswered
+from worker.policy import (
+    CLIENT_CONFIG,
+    classify_entry_error,
+    classify_transport,
+    classify_unanswered,
+)
 
 log = logging.getLogger(__name__)
 
@@ -336,6 +341,15 @@ class CapillaryClient:
                 return None, CallInfo(
                     operation, started, (time.perf_counter() - t0) * 1000, None, None,
                     verdict.value, code, message,
+                )
+            except OSError as exc:
+                # Not the network: a client setting that fails before anything is sent (a CA
+                # bundle that REQUESTS_CA_BUNDLE names but cannot be read), raised by requests
+                # as a bare OSError. Every call would fail alike: pause, not reject the event.
+                return None, CallInfo(
+                    operation, started, (time.perf_counter() - t0) * 1000, None, None,
+                    classify_transport(CLIENT_CONFIG).value, CLIENT_CONFIG,
+                    f"client configuration: {exc}; request not sent",
                 )
             if response.status_code == 401 and self.auth is not None and self.auth.renewable \
                     and not renewed:
