@@ -62,8 +62,10 @@ def test_a_broker_restart_is_survived(
 ) -> None:
     rabbit = private_services.rabbit
     # A retry the sweeper dispatches while the broker is down stays queued until
-    # requeue_stale makes it due again (services.sweep): after 5 s here, not 5 minutes.
-    settings = settings_factory(requeue_after_s=5.0)
+    # requeue_stale makes it due again (services.sweep): after 5 s here, not 5 minutes. The
+    # retries go on (at most a second apart) until the broker is down, however long a slow
+    # machine takes to stop it: enough attempts that they never run out first.
+    settings = settings_factory(requeue_after_s=5.0, max_attempts=200)
     worker = start_worker(settings)
     # An entity waits for its retry in PostgreSQL across the restart.
     sandbox.set_series(730001, behaviour="error", error_code=730)
