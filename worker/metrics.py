@@ -46,6 +46,10 @@ class Metrics:
         self.events_received = Counter(
             "coupon_events_received", "Events taken in: new, duplicate or rejected",
             ["outcome"], registry=r)
+        self.bridge_forward_failures = Counter(
+            "coupon_bridge_forward_failures",
+            "Bus messages the bridge could not forward (the broker refused or was gone); held "
+            "and tried again", registry=r)
         self.api_latency = Histogram(
             "capillary_call_seconds", "Capillary call latency", ["operation", "status"],
             buckets=LATENCY_BUCKETS_S, registry=r)

@@ -216,3 +216,17 @@ def refusing(settings: Settings, queue: str) -> Iterator[None]:
         yield
     finally:
         rabbitmqctl("clear_policy", "-p", vhost, name)
+
+
+def metric_value(body: str, name: str, **labels: str) -> float:
+    """A sample's value in a Prometheus exposition (0 when absent)."""
+    for line in body.splitlines():
+        if not line.startswith(name):
+            continue
+        match = re.match(r"([a-zA-Z_:]+)(\{[^}]*\})?\s+(\S+)", line)
+        if not match or match.group(1) != name:
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
+        if all(found.get(k) == v for k, v in labels.items()):
+            return float(match.group(3))
+    return 0.0

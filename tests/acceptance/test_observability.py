@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,7 +12,13 @@ from sqlalchemy import Engine, text
 
 from coupon_devtools.harness.processes import free_port, spawn
 from coupon_devtools.sandbox import SandboxAdmin
-from tests.acceptance.helpers import example_event, publish, wait_for_circuit_opened, wait_for_state
+from tests.acceptance.helpers import (
+    example_event,
+    metric_value,
+    publish,
+    wait_for_circuit_opened,
+    wait_for_state,
+)
 from tests.conftest import (
     REPO_ROOT,
     WorkerProcess,
@@ -79,19 +84,6 @@ def test_flower_shows_processed_tasks_with_readable_arguments(
     assert "coupon_worker" in page and __version__ in page
 
 
-def _metric(body: str, name: str, **labels: str) -> float:
-    for line in body.splitlines():
-        if not line.startswith(name):
-            continue
-        match = re.match(r"([a-zA-Z_:]+)(\{[^}]*\})?\s+(\S+)", line)
-        if not match or match.group(1) != name:
-            continue
-        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
-        if all(found.get(k) == v for k, v in labels.items()):
-            return float(match.group(3))
-    return 0.0
-
-
 def test_metrics_are_scraped_from_a_running_worker(
     settings_factory: Callable[..., Settings], clean_ledger: Engine, sandbox: SandboxAdmin,
     start_worker: Callable[..., WorkerProcess],
@@ -109,23 +101,23 @@ def test_metrics_are_scraped_from_a_running_worker(
 
     def scrape() -> str | None:
         body = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-        return body if _metric(body, "coupons_issued_total", via="issue") >= 4 else None
+        return body if metric_value(body, "coupons_issued_total", via="issue") >= 4 else None
 
     body = wait_until(scrape, message="the counters to reach the run's totals")
-    assert _metric(body, "coupons_issued_total", via="issue") == 4
-    assert _metric(body, "coupon_dead_letters_total", error_code="707") == 1
-    assert _metric(body, "coupon_retries_scheduled_total") == 1
-    assert _metric(body, "coupon_entities_failed_total", classification="permanent") == 1
+    assert metric_value(body, "coupons_issued_total", via="issue") == 4
+    assert metric_value(body, "coupon_dead_letters_total", error_code="707") == 1
+    assert metric_value(body, "coupon_retries_scheduled_total") == 1
+    assert metric_value(body, "coupon_entities_failed_total", classification="permanent") == 1
     # A 503 is an unknown outcome: read back, then sent again once the window has passed.
-    assert _metric(body, "coupon_entities_failed_total", classification="ambiguous") == 1
-    assert _metric(body, "coupon_events_received_total", outcome="new") == 3
-    assert _metric(body, "capillary_call_seconds_count", operation="bulk_issue",
+    assert metric_value(body, "coupon_entities_failed_total", classification="ambiguous") == 1
+    assert metric_value(body, "coupon_events_received_total", outcome="new") == 3
+    assert metric_value(body, "capillary_call_seconds_count", operation="bulk_issue",
                    status="200") >= 2
-    assert _metric(body, "capillary_call_seconds_count", operation="bulk_issue",
+    assert metric_value(body, "capillary_call_seconds_count", operation="bulk_issue",
                    status="503") == 1
-    assert _metric(body, "coupon_ledger_entities", state="issued") == 4
-    assert _metric(body, "coupon_ledger_entities", state="dead") == 1
-    assert _metric(body, "coupon_worker_build_info", version=__version__) == 1
+    assert metric_value(body, "coupon_ledger_entities", state="issued") == 4
+    assert metric_value(body, "coupon_ledger_entities", state="dead") == 1
+    assert metric_value(body, "coupon_worker_build_info", version=__version__) == 1
 
 
 def test_secrets_never_reach_logs_the_ledger_or_task_arguments(

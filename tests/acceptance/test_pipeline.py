@@ -10,11 +10,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import requests
 from sqlalchemy import Engine, text
 
+from coupon_devtools.harness.processes import free_port
 from coupon_devtools.sandbox import SandboxAdmin
 from tests.acceptance.helpers import (
     example_event,
+    metric_value,
     publish,
     publish_raw,
     queue_counts,
@@ -284,14 +287,18 @@ def test_the_bridge_acknowledges_a_bus_message_only_once_its_task_is_confirmed(
     settings_factory: Callable[..., Settings], clean_ledger: Engine, sandbox: SandboxAdmin,
     start_worker: Callable[..., WorkerProcess],
 ) -> None:
-    settings = settings_factory(bus_intake="bridge")
+    settings = settings_factory(bus_intake="bridge", metrics_port=free_port())
     worker = start_worker(settings)
+
+    def refusals() -> float:
+        scraped = requests.get(f"http://127.0.0.1:{settings.metrics_port}/metrics", timeout=5)
+        return metric_value(scraped.text, "coupon_bridge_forward_failures_total")
+
     # Given RabbitMQ refuses (nacks) every task message the bridge forwards
     with refusing(settings, settings.tasks_queue):
         publish(settings, example_event("confirm-first", series=(544770,)))
-        # (a refused publish leaves no state anywhere but the worker's own record of it)
-        wait_until(lambda: "bridge.forward_failed" in worker.log(),
-                   message="the broker to refuse the forwarded task")
+        # (a refused publish leaves no state but the worker's own count of it)
+        wait_until(refusals, message="the broker to refuse the forwarded task")
         # Then the bus message is still on the bus, and nothing was taken in
         assert sum(queue_counts(settings)[settings.events_queue]) == 1
         assert story(clean_ledger, "confirm-first") is None
@@ -299,5 +306,7 @@ def test_the_bridge_acknowledges_a_bus_message_only_once_its_task_is_confirmed(
     wait_for_state(clean_ledger, "confirm-first", "completed")
     wait_for_every_delivery(settings)
     assert len(sandbox.ledger()) == 1
-    # Held while refused, not bounced off the broker in a loop: one refusal, logged once
+    # Held while refused, not bounced off the broker in a loop: one refusal, counted and
+    # logged once
+    assert refusals() == 1
     assert worker.log().count("bridge.forward_failed") == 1

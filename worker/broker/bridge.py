@@ -151,11 +151,12 @@ class EventsBridge(bootsteps.ConsumerStep):
         except BROKER_ERRORS as exc:
             # Held, not handed back: handed back, the message would return at once and be
             # refused again, many times a second, for as long as the broker refuses. Held, it
-            # is tried again on the guard's next release, and logged once.
+            # is tried again on the guard's next release, and logged and counted once.
             if self._last_held_tag != message.delivery_tag:
                 self._last_held_tag = message.delivery_tag
                 log.error("bridge.forward_failed",
                           extra={"event_id": event_id, "error": why(exc)})
+                container_of(app).metrics.bridge_forward_failures.inc()
             return False
         message.ack()
         self.forwarded += 1
