@@ -1066,3 +1066,30 @@ def test_run_serves_until_sigterm() -> None:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_the_sandbox_command_serves_https_with_a_ca_of_its_own(tmp_path: Path) -> None:
+    # Given `coupon-worker sandbox --tls-dir DIR` on a free port
+    command = Path(sys.executable).with_name("coupon-worker")
+    with subprocess.Popen(
+        [str(command), "sandbox", "--port", "0", "--tls-dir", str(tmp_path / "tls")],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True,
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            ca_line, listening = proc.stdout.readline().strip(), proc.stdout.readline().strip()
+            # Then it tells where its CA's certificate is, and serves HTTPS with it
+            ca_file = tmp_path / "tls" / "sandbox-ca.pem"
+            assert str(ca_file) in ca_line and ca_file.exists(), ca_line
+            match = re.fullmatch(r"sandbox listening on (https://127\.0\.0\.1:\d+)", listening)
+            assert match is not None, listening
+            with SandboxAdmin(match.group(1), ca_file=str(ca_file)) as admin:
+                admin.wait_ready(timeout_s=5)
+                assert admin.health()
+            # And a client that does not trust that CA is refused
+            with pytest.raises(requests.exceptions.SSLError):
+                requests.get(match.group(1) + "/sandbox/health", timeout=5,
+                             verify=True)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=10)
