@@ -6,13 +6,14 @@ from __future__ import annotations
 import socket
 from collections.abc import Iterator
 
+import psycopg
 import pytest
 from sqlalchemy import Engine, make_url, text
 
 from worker.config import Settings
 from worker.errors import LedgerError, LedgerUnavailable
 from worker.ledger.driver import run_alone
-from worker.ledger.unit_of_work import ConnectionLimits, make_engine
+from worker.ledger.unit_of_work import ConnectionLimits, make_engine, sql_unit_of_work_factory
 
 
 @pytest.fixture
@@ -93,3 +94,15 @@ def test_a_connection_the_server_refuses_is_unavailable(settings: Settings) -> N
             run_alone(engine, "SELECT 1", {})
     finally:
         engine.dispose()
+
+
+def test_a_raw_driver_error_inside_a_unit_of_work_leaves_it_as_ours(
+    clean_ledger: Engine,
+) -> None:
+    # psycopg's own errors can come out around SQLAlchemy (a pooled connection refused): the
+    # unit of work still hands them on as the ledger's errors, never as an unexpected one
+    unit_of_work = sql_unit_of_work_factory(clean_ledger)
+    with pytest.raises(LedgerUnavailable, match="unavailable"), unit_of_work():
+        raise psycopg.OperationalError("the database system is starting up")
+    with pytest.raises(LedgerError, match="database error"), unit_of_work():
+        raise psycopg.DataError("invalid input")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol, Self
 
+import psycopg
 from sqlalchemy import Engine, create_engine
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
@@ -145,7 +146,10 @@ class SqlUnitOfWork:
         finally:
             self.session.close()
             self._session = None
-        if isinstance(exc, sa_exc.SQLAlchemyError):
+        # No driver error leaves a unit of work as it is: psycopg's own (a pooled connection
+        # the server refused, raised around SQLAlchemy) included, or a task would take a
+        # database outage for an error of the event.
+        if isinstance(exc, sa_exc.SQLAlchemyError | psycopg.Error):
             raise translate(exc) from exc
 
     # The hot path's statements run alone, outside the session (``worker.ledger.driver``), so
