@@ -49,7 +49,8 @@ class MetricsServer(bootsteps.StartStopStep):
             self._server, port = serve_metrics(settings.metrics_port, registry)
         except OSError as exc:
             log.error("metrics.unavailable", extra={
-                "ports": f"{settings.metrics_port}+{METRICS_PORT_SPAN - 1}", "error": str(exc)})
+                "ports": f"{settings.metrics_port}-{settings.metrics_port + METRICS_PORT_SPAN - 1}",
+                "error": str(exc)})
             return
         links_of(parent.app).metrics_port = port
         log.info("metrics.serving", extra={"port": port, "configured": settings.metrics_port})

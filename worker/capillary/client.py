@@ -185,9 +185,15 @@ def parse_bulk_answer(
     return entries, False
 
 
-def _transport_failure(exc: requests.RequestException) -> tuple[Verdict, str, str]:
+def _transport_failure(exc: OSError) -> tuple[Verdict, str, str]:
     """Verdict, error code and message for a call that got no HTTP answer."""
-    code, message = _transport_kind(exc)
+    if isinstance(exc, requests.RequestException):
+        code, message = _transport_kind(exc)
+    else:
+        # Not the network: requests raises a bare OSError, before sending, for a setting it
+        # cannot use (a CA bundle that REQUESTS_CA_BUNDLE names but cannot be read). Every
+        # call would fail alike: pause issuance rather than reject the event.
+        code, message = CLIENT_CONFIG, f"client configuration: {exc}; request not sent"
     return classify_transport(code), code, message
 
 
@@ -336,20 +342,11 @@ class CapillaryClient:
                     operation, started, (time.perf_counter() - t0) * 1000, exc.status,
                     exc.request_id, verdict.value, "auth_token", exc.message,
                 )
-            except requests.RequestException as exc:
+            except OSError as exc:  # requests' errors, and the bare OSError of a bad setting
                 verdict, code, message = _transport_failure(exc)
                 return None, CallInfo(
                     operation, started, (time.perf_counter() - t0) * 1000, None, None,
                     verdict.value, code, message,
-                )
-            except OSError as exc:
-                # Not the network: a client setting that fails before anything is sent (a CA
-                # bundle that REQUESTS_CA_BUNDLE names but cannot be read), raised by requests
-                # as a bare OSError. Every call would fail alike: pause, not reject the event.
-                return None, CallInfo(
-                    operation, started, (time.perf_counter() - t0) * 1000, None, None,
-                    classify_transport(CLIENT_CONFIG).value, CLIENT_CONFIG,
-                    f"client configuration: {exc}; request not sent",
                 )
             if response.status_code == 401 and self.auth is not None and self.auth.renewable \
                     and not renewed:
