@@ -26,6 +26,7 @@ DEFAULT_SANDBOX_PORT = 8750
 DEFAULT_CAPILLARY_BASE_URL = f"http://127.0.0.1:{DEFAULT_SANDBOX_PORT}"
 # Per host, not per deployment: `coupon-worker health` reads the heartbeats of the workers
 # running beside it.
+DEFAULT_PREFETCH_MULTIPLIER = 2
 DEFAULT_HEARTBEAT_DIR = str(Path(tempfile.gettempdir()) / "coupon-worker")
 
 AuthScheme = Literal["basic", "oauth"]
@@ -148,6 +149,9 @@ class Settings(BaseSettings):
     worker_concurrency: int | None = Field(
         None, ge=1, validation_alias="COUPONS_WORKER_CONCURRENCY"
     )
+    #: Unacknowledged messages a worker holds per pool process (Celery's prefetch multiplier).
+    prefetch_multiplier: int = Field(DEFAULT_PREFETCH_MULTIPLIER, ge=1, le=16,
+                                     validation_alias="COUPONS_PREFETCH_MULTIPLIER")
     task_events: bool = Field(True, validation_alias="COUPONS_TASK_EVENTS")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", validation_alias="COUPONS_LOG_LEVEL"

@@ -18,7 +18,8 @@ from typing import Protocol
 from sqlalchemy import Engine, text
 from sqlalchemy import exc as sa_exc
 
-from worker.errors import LedgerUnavailable
+from worker.errors import LedgerError, LedgerUnavailable
+from worker.ledger.driver import run_alone
 
 BULK_ISSUE = "bulk_issue"
 QUOTA_MARGIN = 0.015
@@ -144,9 +145,11 @@ class PostgresRateLimiter:
                       rate=self.spec.rate_per_s)
 
 
-_READ_BLOCK = text(
+# Read by every pool process once a second, between an event's claim and its call: run alone
+# on the driver (``run_alone``), without SQLAlchemy's statement and result machinery.
+_READ_BLOCK = (
     "SELECT GREATEST(EXTRACT(EPOCH FROM (blocked_until - clock_timestamp())), 0) "
-    "FROM rate_limit_buckets WHERE name = :name"
+    "FROM rate_limit_buckets WHERE name = %(name)s"
 )
 _BLOCK = text(
     """
@@ -167,7 +170,7 @@ class RetryAfterGate:
     call.
     """
 
-    def __init__(self, engine: Engine, *, refresh_s: float = 0.5,
+    def __init__(self, engine: Engine, *, refresh_s: float = 1.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._engine = engine.execution_options(isolation_level="AUTOCOMMIT")
         self._refresh_s = refresh_s
@@ -181,11 +184,10 @@ class RetryAfterGate:
         with self._lock:
             if now - self._read_at.get(name, float("-inf")) >= self._refresh_s:
                 try:
-                    with self._engine.connect() as conn:
-                        wait = conn.execute(_READ_BLOCK, {"name": name}).scalar()
-                except sa_exc.SQLAlchemyError as exc:
-                    raise LedgerUnavailable(
-                        f"rate limiter unavailable: {type(exc).__name__}") from exc
+                    rows = run_alone(self._engine, _READ_BLOCK, {"name": name})
+                except LedgerError as exc:
+                    raise LedgerUnavailable(f"rate limiter unavailable: {exc}") from exc
+                wait = rows[0][0] if rows else None
                 self._blocked_until[name] = now + float(wait or 0.0)
                 self._read_at[name] = now
             return max(self._blocked_until.get(name, now) - now, 0.0)

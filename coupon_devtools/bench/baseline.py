@@ -7,16 +7,18 @@ turn a broker message into a bulk-issue call, so the ratio "ours / baseline" pri
 the exactly-once pipeline adds.
 
 It keeps the broker settings that cost time in the real worker too, so the comparison is about
-the pipeline and not about Celery tuning: late acknowledgement, a prefetch of one message per
-pool process, JSON, a queue of its own (``BENCH_BASELINE_QUEUE``) on the same broker, the same
-HTTP timeouts and one pooled ``requests`` session per process (per thread under ``threads``).
+the pipeline and not about Celery tuning: late acknowledgement, the worker's prefetch (two
+messages per pool process), JSON, a queue of its own (``BENCH_BASELINE_QUEUE``) on the same
+broker, the same HTTP timeouts and one pooled ``requests`` session per process (per thread under
+``threads``).
 
 Run it as ``python -m celery -A coupon_devtools.bench.baseline worker -Q bench.baseline ...``;
 the settings are read from the environment when Celery first configures the app, never at import:
 
 - ``COUPONS_BROKER_URL``: the broker (default: local RabbitMQ, vhost ``/``);
 - ``CAPILLARY_BASE_URL``, ``CAPILLARY_USERNAME``, ``CAPILLARY_PASSWORD``: the (sandbox) API;
-- ``COUPONS_HTTP_CONNECT_TIMEOUT_SECONDS``, ``COUPONS_HTTP_TIMEOUT_SECONDS``: as the worker's;
+- ``COUPONS_HTTP_CONNECT_TIMEOUT_SECONDS``, ``COUPONS_HTTP_TIMEOUT_SECONDS``,
+  ``COUPONS_PREFETCH_MULTIPLIER``: as the worker's;
 - ``BENCH_BASELINE_QUEUE``: the queue to consume (default ``bench.baseline``).
 """
 
@@ -33,7 +35,11 @@ from kombu import Exchange, Queue
 from pydantic import SecretStr
 
 from worker.capillary.auth import basic_auth_header
-from worker.config import DEFAULT_BROKER_URL, DEFAULT_CAPILLARY_BASE_URL
+from worker.config import (
+    DEFAULT_BROKER_URL,
+    DEFAULT_CAPILLARY_BASE_URL,
+    DEFAULT_PREFETCH_MULTIPLIER,
+)
 
 BASELINE_QUEUE: Final = "bench.baseline"
 TASK_BASELINE_ISSUE: Final = "bench.baseline_issue"
@@ -63,7 +69,8 @@ def baseline_config(env: Mapping[str, str]) -> dict[str, Any]:
         "task_default_routing_key": queue.routing_key,
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
-        "worker_prefetch_multiplier": 1,
+        "worker_prefetch_multiplier": int(env.get("COUPONS_PREFETCH_MULTIPLIER")
+                                          or DEFAULT_PREFETCH_MULTIPLIER),
         "worker_hijack_root_logger": True,
         "worker_redirect_stdouts": False,
         "worker_disable_rate_limits": True,

@@ -25,9 +25,10 @@ How each figure is measured, and why that way:
 
 - *The baseline* is :mod:`coupon_devtools.bench.baseline`: a bare Celery task that POSTs the same
   bulk-issue body with ``requests`` and nothing else, on the same broker, with the same pool,
-  concurrency, late acks and prefetch of one. Both sides get their messages the same way: one
-  broker-confirmed publish per message, built before the clock starts (ours as plain JSON on
-  the events bus, the real way in; or as ``coupons.issue`` tasks with ``--via task``).
+  concurrency, late acks and prefetch (two per pool process). Both sides get their messages
+  the same way: one broker-confirmed publish per message, built before the clock starts (ours
+  as plain JSON on the events bus, the real way in; or as ``coupons.issue`` tasks with
+  ``--via task``).
 - *Throughput* (events/s): a backlog of N events is published onto idle, warmed-up workers
   (every pool process has run a few events first); throughput is N divided by the time from the
   first publish to the last completion. *Completion* for ours is the ledger's record of the

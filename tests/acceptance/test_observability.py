@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import sys
+import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
+from kombu import Connection, Exchange, Queue
 from sqlalchemy import Engine, text
 
 from coupon_devtools.harness.processes import free_port, spawn
@@ -82,6 +86,40 @@ def test_flower_shows_processed_tasks_with_readable_arguments(
     assert workers[name]["stats"]["coupon_worker"]["version"] == __version__
     page = requests.get(f"{flower}/worker/{name}", auth=auth, timeout=15).text
     assert "coupon_worker" in page and __version__ in page
+
+
+def test_task_events_reach_monitors_several_to_a_message(
+    settings: Settings, clean_ledger: Engine, sandbox: SandboxAdmin,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    # Given a monitor bound to Celery's event exchange, as Flower is
+    with Connection(settings.broker_url) as connection:
+        monitor = Queue(f"test-monitor-{uuid.uuid4().hex}", Exchange("celeryev", type="topic"),
+                        routing_key="task.#", exclusive=True)(connection.channel())
+        monitor.declare()
+        start_worker(settings, concurrency=2)
+        # When a dozen events are issued
+        ids = [f"monitored-{i}" for i in range(12)]
+        publish(settings, *(example_event(event_id, series=(544770,)) for event_id in ids))
+        for event_id in ids:
+            wait_for_state(clean_ledger, event_id, "completed")
+        events: list[dict[str, Any]] = []
+        messages = 0
+
+        def every_success_seen() -> bool:
+            nonlocal messages
+            while (message := monitor.get(no_ack=True)) is not None:
+                messages += 1
+                body = message.decode()
+                events.extend(body if isinstance(body, list) else [body])
+            return sum(e["type"] == "task-succeeded" for e in events) >= len(ids)
+
+        wait_until(every_success_seen, timeout_s=15, message="every task-succeeded event")
+    # Then each task's received, started and succeeded events all arrived...
+    kinds = Counter(e["type"] for e in events)
+    assert kinds["task-received"] == kinds["task-started"] == kinds["task-succeeded"] == 12
+    # ...sent together rather than one publish each (the main loop also feeds the pool)
+    assert len(events) >= 3 * messages, (len(events), messages)
 
 
 def test_metrics_are_scraped_from_a_running_worker(

@@ -357,7 +357,7 @@ def test_entities_finished_concurrently_still_complete_their_event(clean_ledger:
     with uow() as u:
         # (a statement first, so that the record joins a transaction held open: alone, it
         # would commit at once)
-        u.ledger.circuit("bulk_issue")
+        u.session.execute(text("SELECT 1"))
         assert u.ledger.record(first, calls=[], worker="w1", now=NOW,
                                transitions=[issued(a.entity_id, attempt=2, code="A")]) == 0
         racer = threading.Thread(target=finish_second)

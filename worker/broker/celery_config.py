@@ -58,7 +58,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_publish_retry_policy": PUBLISH_RETRY_POLICY,
         "task_time_limit": settings.task_hard_time_limit_s,
         "task_soft_time_limit": max(settings.task_hard_time_limit_s - 5.0, 1.0),
-        "worker_prefetch_multiplier": 1,
+        "worker_prefetch_multiplier": settings.prefetch_multiplier,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         # Flower's view; each event is one more confirmed publish from the worker's main loop,
         # so a fleet that needs the last events/s may turn them off (Flower can still enable

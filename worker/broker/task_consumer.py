@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from kombu import Message
 from vine import promise
@@ -18,6 +19,10 @@ from worker.events import TOO_DEEP
 from worker.sanitize import printable
 
 log = logging.getLogger(__name__)
+
+#: How long task events (Flower's view) wait in the main loop's buffer before they are sent
+#: together. Celery sends them on the next turn of the loop, one small publish each turn.
+EVENTS_FLUSH_INTERVAL_S: Final = 0.1
 
 
 class TaskConsumer(FleetConsumer):
@@ -43,6 +48,35 @@ class TaskConsumer(FleetConsumer):
         conn = self.app.connection_for_write(
             url=url, heartbeat=heartbeat, transport_options={"confirm_publish": False})
         return self.ensure_connected(conn)
+
+    #: When the scheduled flush of buffered task events is due (None: none scheduled).
+    _events_flush_due: float | None = None
+
+    def on_send_event_buffered(self) -> Any:  # celery-types says a callable; Celery returns None
+        """Send buffered task events within ``EVENTS_FLUSH_INTERVAL_S``, many per publish.
+
+        Celery flushes on the next turn of the loop, so at full load nearly every task-received,
+        -started and -succeeded event was a publish of its own: a third of the main process's
+        work, on the loop that also feeds the pool. A full buffer (Celery's limit) is still sent
+        at once. Flower sees each event up to that interval later.
+        """
+        celery_consumer: Any = self  # the hub and _flush_events are not in the type stubs
+        hub = celery_consumer.hub
+        if hub is None:
+            return super().on_send_event_buffered()
+        now = time.monotonic()
+        due = self._events_flush_due
+        # A flush overdue by a whole interval had its timer dropped (the loop was reset after
+        # a lost connection): schedule another.
+        if due is not None and now < due + EVENTS_FLUSH_INTERVAL_S:
+            return
+        self._events_flush_due = now + EVENTS_FLUSH_INTERVAL_S
+        hub.call_later(EVENTS_FLUSH_INTERVAL_S, self._flush_buffered_events)
+
+    def _flush_buffered_events(self) -> None:
+        self._events_flush_due = None
+        celery_consumer: Any = self
+        celery_consumer._flush_events()
 
     def create_task_handler(self, promise: Any = promise) -> Callable[[Message], Any]:
         """Celery's handler of every delivery, taking raw bus messages in as tasks first."""

@@ -4,8 +4,9 @@ Exactly once needs two commits per event: the claim before Capillary is called, 
 before the message is acknowledged. Each is written here as one SQL statement (data-modifying
 CTEs), and ``SqlLedger`` runs it as a transaction of its own (autocommit: a single statement
 is atomic), so an event costs two round trips to PostgreSQL instead of the fifteen that
-separate statements inside BEGIN ... COMMIT cost. Everything else the ledger does (the
-sweeper, support actions) stays in SQLAlchemy Core, where a few round trips more do not matter.
+separate statements inside BEGIN ... COMMIT cost. A third, the circuit's state, is read the
+same way once a second by every pool process. Everything else the ledger does (the sweeper,
+support actions) stays in SQLAlchemy Core, where a few round trips more do not matter.
 
 Two facts of PostgreSQL shape the statements:
 - every part of a statement sees the same snapshot, taken when it starts: an UPDATE cannot
@@ -224,6 +225,12 @@ WITH t AS (
 )
 SELECT count(*) FROM moved
 """)  # noqa: S608 (only the domain's state names are interpolated)
+
+
+CIRCUIT_STATE = _wire("""
+SELECT state, consecutive_failures, times_opened, open_until, reason
+FROM circuit_breakers WHERE name = %(name)s
+""")
 
 
 def _json_default(value: object) -> str:

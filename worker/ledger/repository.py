@@ -303,12 +303,31 @@ def _coupon_row(c: Coupon, entity_id: int, event_id: str, customer_key: str, via
     }
 
 
+class Sessions(Protocol):
+    """Where a ``SqlLedger`` gets its session, and its engine for the statements run alone."""
+
+    @property
+    def engine(self) -> Engine: ...
+
+    @property
+    def session(self) -> Session: ...
+
+    def in_transaction(self) -> bool: ...
+
+
 class SqlLedger:
     """The ``Ledger`` on PostgreSQL, inside the unit of work's session."""
 
-    def __init__(self, session: Session) -> None:
-        self.session = session
-        self._support = SupportRepository(session)
+    def __init__(self, sessions: Sessions) -> None:
+        self._sessions = sessions
+
+    @property
+    def session(self) -> Session:
+        return self._sessions.session
+
+    @property
+    def _support(self) -> SupportRepository:
+        return SupportRepository(self.session)
 
     @property
     def _conn(self) -> Any:
@@ -511,10 +530,9 @@ class SqlLedger:
         COMMIT round trips. Should the unit of work already hold a transaction (it ran other
         statements first), the statement joins it instead and commits with it.
         """
-        if self.session.in_transaction():
+        if self._sessions.in_transaction():
             return list(self.session.connection().exec_driver_sql(sql, params).all())
-        bind = self.session.get_bind()
-        return run_alone(bind if isinstance(bind, Engine) else bind.engine, sql, params)
+        return run_alone(self._sessions.engine, sql, params)
 
     def refresh_event_states(self, event_ids: Iterable[str], *, now: datetime) -> None:
         """Recompute the summary state of events from their entities."""
@@ -726,13 +744,10 @@ class SqlLedger:
     # -- circuit breaker -------------------------------------------------------------------
 
     def circuit(self, name: str) -> CircuitState:
-        row = self.session.execute(
-            select(m.CircuitBreaker.state, m.CircuitBreaker.consecutive_failures,
-                   m.CircuitBreaker.times_opened, m.CircuitBreaker.open_until,
-                   m.CircuitBreaker.reason)
-            .where(m.CircuitBreaker.name == name)
-        ).first()
-        return CircuitState(*row) if row else CLOSED_CIRCUIT
+        # Every pool process reads it once a second, between an event's claim and its call:
+        # one statement alone, not BEGIN, SELECT and ROLLBACK through a session.
+        rows = self._alone(hot_path.CIRCUIT_STATE, {"name": name})
+        return CircuitState(*rows[0]) if rows else CLOSED_CIRCUIT
 
     def save_circuit(self, name: str, state: CircuitState, *, now: datetime) -> None:
         values = {

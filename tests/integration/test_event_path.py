@@ -1,0 +1,100 @@
+"""What an event's path costs the database beyond its two statements.
+
+An issued event opens no SQLAlchemy session (its statements run alone, on the driver). The
+circuit's state and the fleet's Retry-After pause are each read about once a second, between
+an event's claim and its call: each read is one round trip on that event's path (at full load
+a round trip waits for the database's process to be scheduled), counted from the wire (libpq's
+trace), as the benchmark counts an event's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from psycopg import pq
+from sqlalchemy import Engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+from coupon_devtools.bench.probes import count_trace
+from worker import services
+from worker.broker.fake import FakePublisher
+from worker.capillary.fake import FakeCapillary
+from worker.circuit import CircuitGate
+from worker.config import Settings
+from worker.events import parse_event_data
+from worker.ledger.unit_of_work import SqlUnitOfWork, make_engine, sql_unit_of_work_factory
+from worker.metrics import Metrics
+from worker.policy import CircuitPolicy, RetryPolicy
+from worker.ratelimit import RetryAfterGate
+
+
+@pytest.fixture
+def traced(settings: Settings, clean_ledger: Engine, tmp_path: Path) -> Iterator[Engine]:
+    """An engine whose connections' wire traffic is written to ``tmp_path/*.trace``."""
+    engine = make_engine(settings.database_url, pool_size=1)
+    handles: list[Any] = []
+
+    @event.listens_for(engine, "connect")
+    def _trace(dbapi_connection: Any, _record: Any) -> None:
+        handle = (tmp_path / f"{len(handles)}.trace").open("w")
+        handles.append(handle)
+        dbapi_connection.pgconn.trace(handle.fileno())
+        dbapi_connection.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS)
+
+    yield engine
+    engine.dispose()
+    for handle in handles:
+        handle.close()
+
+
+def _round_trips(tmp_path: Path) -> int:
+    return sum(count_trace(path.read_text(errors="replace").splitlines()).round_trips
+               for path in tmp_path.glob("*.trace"))
+
+
+def test_the_circuit_is_read_in_one_round_trip(traced: Engine, tmp_path: Path) -> None:
+    gate = CircuitGate(sql_unit_of_work_factory(traced), CircuitPolicy(),
+                       clock=lambda: datetime.now(UTC), probe_timeout_s=60)
+    assert gate.state(fresh=True).state == "closed"  # connects, prepares the statement
+    before = _round_trips(tmp_path)
+    for _ in range(5):
+        assert gate.state(fresh=True).state == "closed"
+    assert _round_trips(tmp_path) - before == 5
+
+
+def test_the_fleets_retry_after_pause_is_read_in_one_round_trip(
+        traced: Engine, tmp_path: Path) -> None:
+    gate = RetryAfterGate(traced, refresh_s=0)
+    gate.penalise(30.0)
+    gate.reserve()  # prepares the statement
+    before = _round_trips(tmp_path)
+    waits = [gate.reserve() for _ in range(5)]
+    assert _round_trips(tmp_path) - before == 5
+    assert all(25.0 < wait <= 30.0 for wait in waits)
+
+
+def test_an_issued_event_opens_no_session(clean_ledger: Engine) -> None:
+    sessions = sessionmaker(bind=clean_ledger)
+    opened: list[Session] = []
+
+    def session() -> Session:
+        opened.append(sessions())
+        return opened[-1]
+
+    def uow() -> SqlUnitOfWork:
+        return SqlUnitOfWork(session, clean_ledger)
+
+    deps = services.Deps(
+        uow=uow, api=FakeCapillary(), publisher=FakePublisher(),
+        limiter=RetryAfterGate(clean_ledger),
+        circuit=CircuitGate(uow, CircuitPolicy(), clock=lambda: datetime.now(UTC),
+                            probe_timeout_s=60),
+        retry_policy=RetryPolicy(), metrics=Metrics(), worker_id="test")
+    event = parse_event_data({"eventId": "no-session", "customer": {"id": "566881933"},
+                              "seriesIds": [544770, 553379]})
+    assert services.issue_event(event, source="bus", deps=deps).issued == 2
+    assert opened == []
