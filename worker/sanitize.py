@@ -47,6 +47,26 @@ def printable(text: str, *, limit: int | None = None, keep: str = "") -> str:
     return text
 
 
+def storable(text: str) -> str:
+    """``text`` as PostgreSQL stores it: NUL and lone surrogates escaped, the rest kept as is."""
+    if "\x00" not in text and first_lone_surrogate(text) is None:
+        return text
+    return "".join(_escape(ch) if ch == "\x00" or "\ud800" <= ch <= "\udfff" else ch
+                   for ch in text)
+
+
+def storable_json(value: object) -> object:
+    """Decoded JSON with every string and key made ``storable`` (text and jsonb refuse both)."""
+    if isinstance(value, str):
+        return storable(value)
+    if isinstance(value, dict):
+        return {storable(k) if isinstance(k, str) else k: storable_json(v)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [storable_json(v) for v in value]
+    return value
+
+
 def first_lone_surrogate(text: str) -> str | None:
     """The first lone surrogate in ``text``, if any."""
     if text.isascii():

@@ -4,8 +4,10 @@ the handlers of bulk issue, token generation and the three read-backs."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Final
 
 from aiohttp import web
 
@@ -49,6 +51,10 @@ class _Prepared:
 _Preparer = Callable[[web.Request, SandboxState], Awaitable["_Prepared | ApiAnswer"]]
 
 
+_ODD_NUMBERS: Final = {"id": "92233720368547758070", "seriesId": "21474836470",
+                       "discountValue": "1e400", "discountUpto": "NaN"}
+
+
 class _Call:
     """Records and answers one Capillary call; every exit goes through here once."""
 
@@ -84,6 +90,22 @@ class _Call:
     def empty(self, status: int) -> web.Response:
         self._record(status)
         return web.Response(status=status)
+
+    def odd_numbers(self, answer: ApiAnswer) -> web.Response:
+        """The answer with each coupon's numbers beyond what the worker's ledger stores:
+        an id past 2^63, a series id past 2^31, a value of 1e400 and NaN (JSON text that
+        Python reads as infinite and as not-a-number)."""
+        self._record(answer.status)
+        text = json.dumps(answer.body)
+        for row in answer.body.get("response") or []:
+            result = row.get("result") if isinstance(row, dict) else None
+            if isinstance(result, dict) and result.get("code"):
+                for key, odd in _ODD_NUMBERS.items():
+                    if key in result:
+                        text = text.replace(f'"{key}": {json.dumps(result[key])}',
+                                            f'"{key}": {odd}', 1)
+        return web.Response(status=answer.status, text=text, content_type="application/json",
+                            headers=dict(answer.headers))
 
     def html(self, status: int) -> web.Response:
         """A page as a proxy or a misrouted request answers: HTML, not the API's JSON."""
@@ -212,6 +234,7 @@ async def _fault_after(call: _Call, fault: FaultRule | None, answer: ApiAnswer) 
         "html_after": lambda f: call.html(f.status),
         "garbled_after": lambda _f: call.garble(),
         "redirect_after": lambda f: call.redirect(f.status),
+        "odd_numbers_after": lambda _f: call.odd_numbers(answer),
     }
     spoil = spoilers.get(fault.kind)
     if spoil is not None:

@@ -10,6 +10,7 @@ second time, on the HTTP library's say-so.
 from __future__ import annotations
 
 import logging
+import math
 import ssl
 import threading
 import time
@@ -40,6 +41,7 @@ from worker.policy import (
     classify_transport,
     classify_unanswered,
 )
+from worker.sanitize import storable, storable_json
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,35 @@ MAX_RETRY_AFTER_S = 3600.0
 #: a customer with more coupons than that in one series since the first attempt is not normal.
 READ_BACK_PAGE_SIZE = 100
 READ_BACK_MAX_PAGES = 20
+#: The ledger's column ranges for numbers taken from an answer (integer, bigint, numeric(18, 4)):
+#: a value beyond them is not stored in its column (None; the raw answer keeps it).
+INTEGER_MAX = 2**31 - 1
+BIGINT_MAX = 2**63 - 1
+MAX_DISCOUNT = Decimal("99999999999999.9999")
 _CUSTOMER_V11_PARAMS = {"mobile": "mobile", "email": "email", "externalId": "external_id"}
+
+
+def decode_answer(response: requests.Response) -> object:
+    """An answer's JSON (ValueError if it is not), as the ledger can store it.
+
+    Capillary's text (a campaign's description, an error message) may hold a NUL or a lone
+    surrogate, written as ``\\u0000`` or ``\\ud800`` escapes: PostgreSQL stores neither, so
+    the outcome of a coupon that exists could not be recorded, and the read-back that finds it
+    again would fail the same way, lease after lease. Both are escaped here, on the way in;
+    numbers beyond the ledger's columns are left out of them by the parsers below.
+    """
+    # A number JSON cannot write back (NaN, Infinity, 1e400) is kept as its text: jsonb
+    # refuses the float Python would make of it.
+    payload = response.json(parse_constant=str, parse_float=_finite_float)
+    content = response.content
+    if b"\\u0000" in content or b"\\ud" in content or b"\\uD" in content:
+        return storable_json(payload)
+    return payload
+
+
+def _finite_float(text: str) -> float | str:
+    number = float(text)
+    return number if math.isfinite(number) else text
 
 
 def parse_timestamp(value: object) -> datetime | None:
@@ -70,26 +100,30 @@ def _decimal(value: object) -> Decimal | None:
     if value is None or isinstance(value, bool):
         return None
     try:
-        return Decimal(str(value))
+        number = Decimal(str(value))
     except InvalidOperation:
         return None
+    # What the ledger's numeric(18, 4) columns store.
+    return number if number.is_finite() and abs(number) <= MAX_DISCOUNT else None
 
 
-def _int_or_none(value: object) -> int | None:
+def _int_or_none(value: object, limit: int | None = None) -> int | None:
+    """An integer, or None; with ``limit``, None as well outside ±limit (a column's range)."""
     if isinstance(value, bool):
         return None
     try:
-        return int(str(value))
+        number = int(str(value))
     except ValueError:
         return None
+    return number if limit is None or -limit <= number <= limit else None
 
 
 def parse_coupon(result: dict[str, Any], series_id: int) -> Coupon:
     """A coupon from a bulk-issue ``result`` object."""
     return Coupon(
         code=str(result["code"]),
-        series_id=_int_or_none(result.get("seriesId")) or series_id,
-        capillary_id=_int_or_none(result.get("id")),
+        series_id=_int_or_none(result.get("seriesId"), INTEGER_MAX) or series_id,
+        capillary_id=_int_or_none(result.get("id"), BIGINT_MAX),
         description=result.get("description"),
         discount_code=result.get("discountCode"),
         discount_type=result.get("discountType"),
@@ -356,9 +390,10 @@ class CapillaryClient:
                 renewed = True
                 continue
             latency_ms = (time.perf_counter() - t0) * 1000
+            request_id = response.headers.get(REQUEST_ID_HEADER)
             return response, CallInfo(
                 operation, started, latency_ms, response.status_code,
-                response.headers.get(REQUEST_ID_HEADER), "answered",
+                storable(request_id) if request_id is not None else None, "answered",
             )
 
     # -- bulk issue ----------------------------------------------------------------------
@@ -383,7 +418,7 @@ class CapillaryClient:
         payload: object = None
         if response.content:
             try:
-                payload = response.json()
+                payload = decode_answer(response)
             except ValueError:
                 payload = None
         status = response.status_code
@@ -526,7 +561,7 @@ class CapillaryClient:
             raise Ambiguous(f"read-back answered {response.status_code}",
                             status=response.status_code, request_id=call.request_id)
         try:
-            return response.json()
+            return decode_answer(response)
         except ValueError:
             raise Ambiguous("read-back answered an unreadable body",
                             status=response.status_code, request_id=call.request_id) from None
