@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+import string
 from collections.abc import Callable
 
 from sqlalchemy import Engine, text
@@ -70,3 +72,20 @@ def test_a_coupon_with_numbers_past_the_ledgers_columns_is_recorded_without_them
             "WHERE event_id = 'odd-numbers'")).one()
     assert row == (None, 544770, None, None, "1e400", "NaN", "92233720368547758070")
     assert sandbox.stats()["calls"]["bulk"] == 1
+
+
+def test_a_refusal_with_a_message_too_long_to_index_is_recorded_cut(
+    settings: Settings, clean_ledger: Engine, sandbox: SandboxAdmin,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    # Given a refusal whose message is a page of text that does not compress (a gateway's)
+    message = "".join(random.Random(7).choices(string.ascii_letters, k=20_000))
+    sandbox.set_series(707001, behaviour="error", errorCode=707, errorMessage=message)
+    start_worker(settings)
+    publish(settings, example_event("long-error", series=(707001,)))
+    # Then the entity is dead as any 707, its message cut to what the ledger indexes
+    wait_for_state(clean_ledger, "long-error", "failed")
+    with clean_ledger.connect() as conn:
+        stored = conn.execute(text(
+            "SELECT last_error_message FROM entities WHERE event_id = 'long-error'")).scalar()
+    assert stored == message[:499] + "…"

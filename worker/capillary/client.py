@@ -41,7 +41,7 @@ from worker.policy import (
     classify_transport,
     classify_unanswered,
 )
-from worker.sanitize import storable, storable_json
+from worker.sanitize import printable, storable, storable_json
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,8 @@ READ_BACK_MAX_PAGES = 20
 INTEGER_MAX = 2**31 - 1
 BIGINT_MAX = 2**63 - 1
 MAX_DISCOUNT = Decimal("99999999999999.9999")
+#: Characters of an error message kept (four bytes each at most: under the index entry limit).
+MAX_MESSAGE_CHARS = 500
 _CUSTOMER_V11_PARAMS = {"mobile": "mobile", "email": "email", "externalId": "external_id"}
 
 
@@ -191,7 +193,7 @@ def parse_bulk_answer(
             continue
         first = errors[0] if errors and isinstance(errors[0], dict) else {}
         code = _int_or_none(first.get("code"))
-        message = str(first.get("message") or "no error message")
+        message = _capped(str(first.get("message") or "no error message"))
         verdict = classify_entry_error(code, message)
         if isinstance(result, dict) and result.get("code"):
             # A coupon came back *with* errors: it exists, whatever the errors say.
@@ -572,8 +574,18 @@ def _error_message(payload: object) -> str | None:
         return None
     errors = payload.get("errors")
     if isinstance(errors, list) and errors and isinstance(errors[0], dict):
-        return str(errors[0].get("message") or "")
+        return _capped(str(errors[0].get("message") or ""))
     return None
+
+
+def _capped(message: str) -> str:
+    """Capillary's message as the ledger keeps it: one line, at most ``MAX_MESSAGE_CHARS``.
+
+    A dead entity's message is in an index (the dead-letter groups), and PostgreSQL refuses an
+    index entry over about 2.7 kB: a gateway's page of text as the message made the outcome
+    unrecordable, and the entity went round its lease again and again.
+    """
+    return printable(message, limit=MAX_MESSAGE_CHARS)
 
 
 def _summarise(entries: dict[int, EntryOutcome]) -> str:
