@@ -95,9 +95,10 @@ def test_retries_and_fresh_events_share_the_limit_fairly(
         wait_for_state(clean_ledger, f"fresh-{n}", "completed", timeout_s=90)
         wait_for_state(clean_ledger, f"retry-{n}", "completed", timeout_s=90)
     # Then neither kind waited for the other to drain: both are served from the start (had
-    # either waited, the first half would hold none of it; three each leaves room for a
-    # saturated machine, where the first sweep that dispatches retries comes late)
+    # either waited, the first half would hold none of it). Not more than that: the worker
+    # takes fresh events from the bus as it starts (two per pool process), and on a saturated
+    # machine its first sweep, which dispatches the retries, comes seconds later.
     order = [c for _t, _s, c in bulk_times(sandbox)[before:]]
     first_half = order[: len(order) // 2]
-    assert sum(c.startswith("retry") for c in first_half) >= 3, order
-    assert sum(c.startswith("fresh") for c in first_half) >= 3, order
+    assert any(c.startswith("retry") for c in first_half), order
+    assert any(c.startswith("fresh") for c in first_half), order

@@ -3,7 +3,9 @@ session's do, and the pool never hands out a connection it left broken or in aut
 
 from __future__ import annotations
 
+import random
 import socket
+import string
 from collections.abc import Iterator
 
 import psycopg
@@ -106,3 +108,14 @@ def test_a_raw_driver_error_inside_a_unit_of_work_leaves_it_as_ours(
         raise psycopg.OperationalError("the database system is starting up")
     with pytest.raises(LedgerError, match="database error"), unit_of_work():
         raise psycopg.DataError("invalid input")
+
+
+def test_data_over_a_postgresql_limit_is_a_ledger_error_not_an_outage(
+        one_connection: Engine) -> None:
+    # An index entry over PostgreSQL's limit: psycopg calls it operational, but no wait fixes it
+    with pytest.raises(LedgerError) as raised:
+        run_alone(one_connection, "INSERT INTO circuit_breakers (name, state) VALUES "
+                  "(%(name)s, 'closed')", {"name": "".join(
+                      random.Random(3).choices(string.ascii_letters, k=10_000))})
+    assert not isinstance(raised.value, LedgerUnavailable)
+    assert "ProgramLimitExceeded" in str(raised.value)

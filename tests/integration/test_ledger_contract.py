@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+import string
 import threading
 import time
 from collections.abc import Callable
@@ -12,6 +14,7 @@ import pytest
 from sqlalchemy import Engine, func, select, text
 
 from worker.capillary.api import CallInfo
+from worker.capillary.client import MAX_CODE_CHARS, parse_coupon
 from worker.domain import Coupon, EntityState, issue_ref
 from worker.errors import EventRejected
 from worker.events import parse_event_data
@@ -663,3 +666,26 @@ def test_racing_deliveries_of_a_new_event_claim_it_once(clean_ledger: Engine) ->
     assert len(claimed) == 2 and len(set(claimed)) == 2
     with clean_ledger.connect() as conn:
         assert conn.execute(select(func.count()).select_from(m.EntityHistory)).scalar() == 2
+
+
+def test_a_coupon_code_too_long_to_index_is_recorded_cut_and_unique(
+        clean_ledger: Engine) -> None:
+    # Given an answer whose coupon codes are pages of text that do not compress
+    uow = sql_unit_of_work_factory(clean_ledger)
+    rng = random.Random(11)
+    codes = ["".join(rng.choices(string.ascii_letters, k=10_000)) for _ in range(2)]
+    claim = ingest_and_claim(uow)
+    a, b = claim.entities
+    first, second = (parse_coupon({"code": code}, 1) for code in codes)
+    # When both are recorded (one twice, as a read-back would record it again)
+    assert record(uow, claim, Transition(a.entity_id, EntityState.ISSUED, "issued", 1,
+                                         coupon=first),
+                  Transition(b.entity_id, EntityState.ISSUED, "issued", 1,
+                             coupon=second)) == 0
+    # Then each is kept cut, distinct, and the same way every time
+    assert first.code != second.code and len(first.code) == MAX_CODE_CHARS
+    assert parse_coupon({"code": codes[0]}, 1).code == first.code
+    assert first.code.startswith(codes[0][:150]) and first.raw["code"] == codes[0]
+    with clean_ledger.connect() as conn:
+        stored = conn.execute(text("SELECT code FROM coupons ORDER BY id")).scalars().all()
+    assert stored == [first.code, second.code]

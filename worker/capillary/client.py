@@ -9,6 +9,7 @@ second time, on the HTTP library's say-so.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import ssl
@@ -59,8 +60,10 @@ READ_BACK_MAX_PAGES = 20
 INTEGER_MAX = 2**31 - 1
 BIGINT_MAX = 2**63 - 1
 MAX_DISCOUNT = Decimal("99999999999999.9999")
-#: Characters of an error message kept (four bytes each at most: under the index entry limit).
+#: Characters of an error message and of a coupon code kept (four bytes each at most: under
+#: PostgreSQL's limit for an index entry).
 MAX_MESSAGE_CHARS = 500
+MAX_CODE_CHARS = 200
 _CUSTOMER_V11_PARAMS = {"mobile": "mobile", "email": "email", "externalId": "external_id"}
 
 
@@ -120,10 +123,23 @@ def _int_or_none(value: object, limit: int | None = None) -> int | None:
     return number if limit is None or -limit <= number <= limit else None
 
 
+def _code(code: str) -> str:
+    """A coupon code as the ledger keeps it (the raw answer keeps it whole).
+
+    Codes are short; one longer than ``MAX_CODE_CHARS`` (a broken answer) is cut and given a
+    digest of the whole, so that it stays unique and the same code is recorded the same way
+    twice: the unique index on it refuses entries over about 2.7 kB.
+    """
+    if len(code) <= MAX_CODE_CHARS:
+        return code
+    digest = hashlib.sha256(code.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"{code[:MAX_CODE_CHARS - 18]}…~{digest}"
+
+
 def parse_coupon(result: dict[str, Any], series_id: int) -> Coupon:
     """A coupon from a bulk-issue ``result`` object."""
     return Coupon(
-        code=str(result["code"]),
+        code=_code(str(result["code"])),
         series_id=_int_or_none(result.get("seriesId"), INTEGER_MAX) or series_id,
         capillary_id=_int_or_none(result.get("id"), BIGINT_MAX),
         description=result.get("description"),

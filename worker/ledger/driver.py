@@ -32,6 +32,9 @@ _STALLED = {
 }
 
 
+_PROGRAM_LIMIT = "54"  # SQLSTATE class 54: program_limit_exceeded
+
+
 def translate(exc: Exception) -> WorkerError:
     """Our error for a SQLAlchemy or psycopg error."""
     cause = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
@@ -39,6 +42,10 @@ def translate(exc: Exception) -> WorkerError:
     if stalled is not None:
         return LedgerUnavailable(f"database stalled ({stalled}): {type(cause).__name__}: "
                                  f"{str(cause).strip()}")
+    if str(getattr(cause, "sqlstate", "")).startswith(_PROGRAM_LIMIT):
+        # psycopg counts "program limit exceeded" (an index entry too large, say) among the
+        # operational errors, but waiting never fixes it: the data does not fit.
+        return LedgerError(f"database error: {type(cause).__name__}: {str(cause).strip()}")
     if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError
                   | psycopg.OperationalError | psycopg.InterfaceError) or (
         isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
