@@ -14,6 +14,15 @@ from tests.conftest import WorkerProcess
 from worker.config import Settings
 
 
+def issue_one(settings: Settings, clean_ledger: Engine,
+              start_worker: Callable[..., WorkerProcess], event_id: str, series: int,
+              state: str) -> None:
+    """Start a worker, publish one event for ``series`` and wait for it to reach ``state``."""
+    start_worker(settings)
+    publish(settings, example_event(event_id, series=(series,)))
+    wait_for_state(clean_ledger, event_id, state)
+
+
 def test_a_coupon_whose_text_postgresql_refuses_is_recorded_escaped(
     settings: Settings, clean_ledger: Engine, sandbox: SandboxAdmin,
     start_worker: Callable[..., WorkerProcess],
@@ -21,11 +30,8 @@ def test_a_coupon_whose_text_postgresql_refuses_is_recorded_escaped(
     # Given a series whose coupons carry a NUL and a lone surrogate in their text (typed in
     # by whoever set the campaign up; PostgreSQL stores neither, in text or in jsonb)
     sandbox.set_series(544770, description="Gold\x00tier \ud800", discountCode="G\x00LD")
-    start_worker(settings)
-    # When an event asks for it
-    publish(settings, example_event("odd-text", series=(544770,)))
-    # Then the coupon is recorded, its text escaped, and the event completes
-    wait_for_state(clean_ledger, "odd-text", "completed")
+    # When an event asks for it, the coupon is recorded, its text escaped
+    issue_one(settings, clean_ledger, start_worker, "odd-text", 544770, "completed")
     with clean_ledger.connect() as conn:
         row = conn.execute(text(
             "SELECT description, discount_code, raw->>'description' FROM coupons "
@@ -43,10 +49,8 @@ def test_an_error_message_postgresql_refuses_is_recorded_escaped(
     # Given a series Capillary refuses, its message holding a NUL
     sandbox.set_series(707001, behaviour="error", errorCode=707,
                        errorMessage="Invalid\x00series \udfff")
-    start_worker(settings)
-    publish(settings, example_event("odd-error", series=(707001,)))
     # Then the refusal is recorded (dead, as any 707), the message escaped
-    wait_for_state(clean_ledger, "odd-error", "failed")
+    issue_one(settings, clean_ledger, start_worker, "odd-error", 707001, "failed")
     with clean_ledger.connect() as conn:
         message = conn.execute(text(
             "SELECT last_error_message FROM entities WHERE event_id = 'odd-error'")).scalar()
@@ -60,11 +64,9 @@ def test_a_coupon_with_numbers_past_the_ledgers_columns_is_recorded_without_them
     # Given a Capillary whose answer carries an id past 2^63, a series id past 2^31, a value
     # of 1e400 and NaN (Python reads the last two as infinite and not-a-number)
     sandbox.add_fault(kind="odd_numbers_after", times=1)
-    start_worker(settings)
-    publish(settings, example_event("odd-numbers", series=(544770,)))
     # Then the coupon is recorded: those columns empty or the series asked for, the raw
     # answer keeping what it said
-    wait_for_state(clean_ledger, "odd-numbers", "completed")
+    issue_one(settings, clean_ledger, start_worker, "odd-numbers", 544770, "completed")
     with clean_ledger.connect() as conn:
         row = conn.execute(text(
             "SELECT capillary_coupon_id, series_id, discount_value, discount_upto, "
@@ -81,10 +83,8 @@ def test_a_refusal_with_a_message_too_long_to_index_is_recorded_cut(
     # Given a refusal whose message is a page of text that does not compress (a gateway's)
     message = "".join(random.Random(7).choices(string.ascii_letters, k=20_000))
     sandbox.set_series(707001, behaviour="error", errorCode=707, errorMessage=message)
-    start_worker(settings)
-    publish(settings, example_event("long-error", series=(707001,)))
     # Then the entity is dead as any 707, its message cut to what the ledger indexes
-    wait_for_state(clean_ledger, "long-error", "failed")
+    issue_one(settings, clean_ledger, start_worker, "long-error", 707001, "failed")
     with clean_ledger.connect() as conn:
         stored = conn.execute(text(
             "SELECT last_error_message FROM entities WHERE event_id = 'long-error'")).scalar()
