@@ -18,7 +18,7 @@ messages (``bridge_high_water``), and how a publish is retried (``PUBLISH_RETRY_
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Literal
 
@@ -136,6 +136,26 @@ class DeadLetter:
     reason: str
     reconcile_first: bool
     code: str | None = None  # overrides the last error code in listings (unknown_outcome)
+
+
+#: Capillary's refusals of a second coupon of a series to the same customer (709 "user already
+#: has a coupon", 5004 "only one coupon allowed per user").
+ONE_PER_CUSTOMER_CODES = frozenset({"709", "5004"})
+
+
+def refused_after_unknown(decision: DeadLetter, error_code: str | None) -> DeadLetter:
+    """A dead letter for a re-send refused because the customer already holds the coupon.
+
+    The entity's earlier attempt had an unknown outcome and the read-back found nothing of
+    ours, yet Capillary says the customer has one: it may be that attempt's coupon (a read-back
+    lagging beyond the settle window, or notes stored differently). Support reads that in the
+    reason rather than a plain refusal.
+    """
+    if error_code not in ONE_PER_CUSTOMER_CODES:
+        return decision
+    return replace(decision, reason=f"{decision.reason}, after an earlier attempt whose outcome "
+                   "stayed unknown (the customer's coupon may be that attempt's: check it in "
+                   "Capillary before replaying)")
 
 
 @dataclass(frozen=True)

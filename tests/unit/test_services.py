@@ -154,6 +154,29 @@ def test_timeout_before_issue_is_sent_again_only_once_the_original_cannot_land(
     assert world.entity(544770).state is EntityState.ISSUED
 
 
+def test_a_resend_refused_as_one_per_customer_tells_support_of_the_unknown_attempt(
+    world: World,
+) -> None:
+    # Given an attempt whose outcome stayed unknown, and a read-back that found nothing of ours
+    world.api.fail_next("timeout_before_issue")
+    issue_event(event(series=(544770,)), source="task", deps=world.deps)
+    world.clock.advance(5 + SETTLE_S)
+    # When the re-send is refused because the customer already holds a coupon of the series
+    world.api.series_errors[544770] = 709
+    world.sweep_and_retry()
+    # Then the dead letter says that coupon may be the unknown attempt's
+    dead = world.entity(544770)
+    assert dead.state is EntityState.DEAD and dead.last_error_code == "709"
+    assert dead.dead_reason is not None
+    assert "earlier attempt whose outcome stayed unknown" in dead.dead_reason
+    # ...which a plain refusal, with no unknown attempt before it, does not
+    world.api.series_errors[553379] = 709
+    issue_event(event(event_id="e-2", series=(553379,)), source="task", deps=world.deps)
+    plain = world.entity(553379)
+    assert plain.state is EntityState.DEAD and plain.dead_reason is not None
+    assert "unknown" not in plain.dead_reason
+
+
 def test_a_5xx_with_a_json_body_after_issuing_is_never_sent_again(world: World) -> None:
     world.api.fail_next("http_500_json_after_issue")
     report = issue_event(event(series=(544770,)), source="task", deps=world.deps)
