@@ -24,9 +24,9 @@ DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/coupon_work
 DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672//"
 DEFAULT_SANDBOX_PORT = 8750
 DEFAULT_CAPILLARY_BASE_URL = f"http://127.0.0.1:{DEFAULT_SANDBOX_PORT}"
+DEFAULT_PREFETCH_MULTIPLIER = 2
 # Per host, not per deployment: `coupon-worker health` reads the heartbeats of the workers
 # running beside it.
-DEFAULT_PREFETCH_MULTIPLIER = 2
 DEFAULT_HEARTBEAT_DIR = str(Path(tempfile.gettempdir()) / "coupon-worker")
 
 AuthScheme = Literal["basic", "oauth"]

@@ -143,15 +143,18 @@ class DeadLetter:
 ONE_PER_CUSTOMER_CODES = frozenset({"709", "5004"})
 
 
-def refused_after_unknown(decision: DeadLetter, error_code: str | None) -> DeadLetter:
-    """A dead letter for a re-send refused because the customer already holds the coupon.
+def refused_after_unknown(decision: Decision, error_code: str | None, *,
+                          after_unknown: bool) -> Decision:
+    """``decision``, its dead-letter reason telling of an earlier unknown outcome if any.
 
-    The entity's earlier attempt had an unknown outcome and the read-back found nothing of
-    ours, yet Capillary says the customer has one: it may be that attempt's coupon (a read-back
-    lagging beyond the settle window, or notes stored differently). Support reads that in the
-    reason rather than a plain refusal.
+    When the entity's earlier attempt had an unknown outcome and the read-back found nothing of
+    ours, yet Capillary refuses the re-send because the customer already holds a coupon of the
+    series, that coupon may be the earlier attempt's (a read-back lagging beyond the settle
+    window, or notes stored differently). Support reads that in the reason rather than a plain
+    refusal.
     """
-    if error_code not in ONE_PER_CUSTOMER_CODES:
+    if not (after_unknown and isinstance(decision, DeadLetter)
+            and error_code in ONE_PER_CUSTOMER_CODES):
         return decision
     return replace(decision, reason=f"{decision.reason}, after an earlier attempt whose outcome "
                    "stayed unknown (the customer's coupon may be that attempt's: check it in "

@@ -16,6 +16,8 @@ ELLIPSIS = "…"
 # Surrogates are never valid on their own in text that leaves the process: PostgreSQL, UTF-8
 # streams and most JSON parsers refuse them.
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# What PostgreSQL refuses in text and jsonb: NUL, and those surrogates.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
 def _escape(ch: str) -> str:
@@ -49,10 +51,7 @@ def printable(text: str, *, limit: int | None = None, keep: str = "") -> str:
 
 def storable(text: str) -> str:
     """``text`` as PostgreSQL stores it: NUL and lone surrogates escaped, the rest kept as is."""
-    if "\x00" not in text and first_lone_surrogate(text) is None:
-        return text
-    return "".join(_escape(ch) if ch == "\x00" or "\ud800" <= ch <= "\udfff" else ch
-                   for ch in text)
+    return _UNSTORABLE.sub(lambda found: _escape(found.group()), text)
 
 
 def storable_json(value: object) -> object:

@@ -422,9 +422,9 @@ def _issue(attempt: _Attempt, entities: list[ClaimedEntity], permit: Permit) -> 
                 outcome.verdict, attempts=entity.attempts, retry_after_s=result.retry_after_s,
                 circuit_open_s=deps.circuit.policy_open_s, rng=deps.rng,
             )
-            if isinstance(decision, DeadLetter) and entity.needs_reconcile:
-                decision = refused_after_unknown(
-                    decision, outcome.error.code if outcome.error else None)
+            decision = refused_after_unknown(
+                decision, outcome.error.code if outcome.error else None,
+                after_unknown=entity.needs_reconcile)
         attempt.add(
             entity, decision, verdict=outcome.verdict,
             error_code=outcome.error.code if outcome.error else None,

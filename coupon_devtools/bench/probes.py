@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from sqlalchemy import event
+from sqlalchemy import Engine, event
 
 from coupon_devtools.bench.defaults import (
     CEILING_CLIENTS,
@@ -113,6 +113,36 @@ class _TraceCount:
                            self.statements - other.statements,
                            self.transactions - other.transactions, self.pings - other.pings)
 
+    def __add__(self, other: _TraceCount) -> _TraceCount:
+        return _TraceCount(self.round_trips + other.round_trips,
+                           self.statements + other.statements,
+                           self.transactions + other.transactions, self.pings + other.pings)
+
+
+def trace_connections(engine: Engine, directory: Path) -> list[IO[str]]:
+    """Write libpq's trace of every connection ``engine`` opens from now on to a file of its
+    own in ``directory``; returns the open files, for the caller to close."""
+    handles: list[IO[str]] = []
+
+    @event.listens_for(engine, "connect")
+    def _trace(dbapi_connection: Any, _record: Any) -> None:
+        from psycopg import pq
+
+        handle = (directory / f"conn-{len(handles)}.trace").open("w")
+        handles.append(handle)
+        dbapi_connection.pgconn.trace(handle.fileno())
+        dbapi_connection.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS)
+
+    return handles
+
+
+def count_traces(directory: Path) -> _TraceCount:
+    """What the traces in ``directory`` (``trace_connections``) count so far, all together."""
+    total = _TraceCount()
+    for path in sorted(directory.glob("*.trace")):
+        total = total + count_trace(path.read_text(errors="replace").splitlines())
+    return total
+
 
 def count_trace(lines: Sequence[str]) -> _TraceCount:
     """Round trips, statements, transactions and pings in one connection's libpq trace."""
@@ -176,27 +206,7 @@ def _round_trips(stack: Stack, options: BenchOptions, n_events: int,
     settings = stack.settings.model_copy(update={"rate_limit_per_minute": rate_limit_per_minute})
     trace_dir = Path(tempfile.mkdtemp(prefix="trace-", dir=stack.workdir))
     engine = make_engine(settings.database_url, application_name="coupon-worker-bench")
-    traces: list[tuple[Path, Any]] = []
-
-    @event.listens_for(engine, "connect")
-    def _trace(dbapi_connection: Any, _record: Any) -> None:
-        from psycopg import pq
-
-        path = trace_dir / f"conn-{len(traces)}.trace"
-        handle = path.open("w")
-        traces.append((path, handle))
-        dbapi_connection.pgconn.trace(handle.fileno())
-        dbapi_connection.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS)
-
-    def snapshot() -> _TraceCount:
-        total = _TraceCount()
-        for path, _handle in traces:
-            counted = count_trace(path.read_text(errors="replace").splitlines())
-            total = _TraceCount(total.round_trips + counted.round_trips,
-                                total.statements + counted.statements,
-                                total.transactions + counted.transactions,
-                                total.pings + counted.pings)
-        return total
+    traces = trace_connections(engine, trace_dir)
 
     deps = build_deps(settings, FakePublisher(), engine=engine)
     run_no = stack.next_run()
@@ -211,14 +221,14 @@ def _round_trips(stack: Stack, options: BenchOptions, n_events: int,
         for i in range(3):  # first use: connections, the limiter's bucket row, the circuit
             issue(i)
         time.sleep(0.05)
-        before = snapshot()
+        before = count_traces(trace_dir)
         for i in range(3, 3 + n_events):
             issue(i)
         time.sleep(0.05)
-        counted = snapshot() - before
+        counted = count_traces(trace_dir) - before
     finally:
         engine.dispose()
-        for _path, handle in traces:
+        for handle in traces:
             handle.close()
         shutil.rmtree(trace_dir, ignore_errors=True)
     label = "no rate limit" if rate_limit_per_minute is None else "with the global rate limit"

@@ -12,14 +12,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
-from psycopg import pq
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from coupon_devtools.bench.probes import count_trace
+from coupon_devtools.bench.probes import count_traces, trace_connections
 from worker import services
 from worker.broker.fake import FakePublisher
 from worker.capillary.fake import FakeCapillary
@@ -36,15 +34,7 @@ from worker.ratelimit import RetryAfterGate
 def traced(settings: Settings, clean_ledger: Engine, tmp_path: Path) -> Iterator[Engine]:
     """An engine whose connections' wire traffic is written to ``tmp_path/*.trace``."""
     engine = make_engine(settings.database_url, pool_size=1)
-    handles: list[Any] = []
-
-    @event.listens_for(engine, "connect")
-    def _trace(dbapi_connection: Any, _record: Any) -> None:
-        handle = (tmp_path / f"{len(handles)}.trace").open("w")
-        handles.append(handle)
-        dbapi_connection.pgconn.trace(handle.fileno())
-        dbapi_connection.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS)
-
+    handles = trace_connections(engine, tmp_path)
     yield engine
     engine.dispose()
     for handle in handles:
@@ -52,8 +42,7 @@ def traced(settings: Settings, clean_ledger: Engine, tmp_path: Path) -> Iterator
 
 
 def _round_trips(tmp_path: Path) -> int:
-    return sum(count_trace(path.read_text(errors="replace").splitlines()).round_trips
-               for path in tmp_path.glob("*.trace"))
+    return count_traces(tmp_path).round_trips
 
 
 def test_the_circuit_is_read_in_one_round_trip(traced: Engine, tmp_path: Path) -> None:
