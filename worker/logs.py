@@ -31,6 +31,8 @@ _SECRET_IN_TEXT = re.compile(
 )
 _URL_PASSWORD = re.compile(r"(?i)([a-z][a-z0-9+.-]*://[^:/@\s]+:)([^@\s]+)(@)")
 REDACTED = "***"
+# Celery's loggers of the per-task "received" and "succeeded" lines (see configure_logging).
+PER_TASK_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
 _URL_PASSWORD_HIDDEN = rf"\1{REDACTED}\3"
 _SECRET_HIDDEN = rf"\1\2{REDACTED}"
 # A key=value value is written bare only when it is plainly one token.
@@ -148,3 +150,10 @@ def configure_logging(level: str = "INFO", fmt: Literal["kv", "json"] = "kv") ->
     # Library chatter at INFO would drown the pipeline's own lines.
     for noisy in ("urllib3", "amqp", "kombu", "sqlalchemy.engine", "celery.bootsteps"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    # Celery's two lines per task ("received" in the main process, "succeeded" in the pool)
+    # repeat what event.claimed (which names the task in `worker`) and the entity.* lines say,
+    # and cost a formatted line per event in each of the two busiest processes: DEBUG shows
+    # them. Celery's warnings and errors (a failed or rejected task) still show at any level.
+    for per_task in PER_TASK_LOGGERS:
+        logging.getLogger(per_task).setLevel(
+            logging.DEBUG if logging.getLevelName(level) == logging.DEBUG else logging.WARNING)

@@ -154,7 +154,7 @@ def issue_event(event: LoyaltyEvent, *, source: str, deps: Deps) -> Report:
     log.info(
         "event.claimed",
         extra={"event_id": event.eventId, "customer": claim.customer_key, "new_event": new,
-               "series": [e.series_id for e in claim.entities]},
+               "series": [e.series_id for e in claim.entities], "worker": deps.worker_id},
     )
     return _attempt(claim, deps, new_event=new)
 

@@ -44,6 +44,9 @@ STAGES: Final = ("publish to intake", "intake and claim", "API call",
 ingest and claim transaction (and the rate limiter); the HTTP call; reading the answer up to
 the timestamp of the transaction that records it."""
 PACED_LOAD: Final = 0.5
+# Rounds of the overhead comparison (each side's backlog once a round, in alternating order):
+# one round's ratio moves by a few hundredths with the machine's speed that minute.
+OVERHEAD_ROUNDS: Final = 3
 """The paced latency batch is published at this share of the baseline's throughput."""
 
 READY_TIMEOUT_S: Final = 90.0

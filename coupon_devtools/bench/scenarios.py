@@ -7,7 +7,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from coupon_devtools.bench.defaults import (
     MEMORY_BACKLOGS,
     MEMORY_RETRIES,
     MEMORY_SAMPLE_S,
+    OVERHEAD_ROUNDS,
     PACED_LOAD,
     QUOTA_DURATION_S,
     QUOTA_LIMIT_PER_MINUTE,
@@ -70,6 +71,7 @@ class BenchOptions:
     series_per_event: int = 1
     duration_s: float | None = None
     log_level: str = "INFO"
+    rounds: int | None = None
     workdir: Path = Path(DEFAULT_WORKDIR)
     keep: bool = False
     namespace: str = ""
@@ -84,6 +86,14 @@ class BenchOptions:
     @property
     def n_events(self) -> int:
         return min(self.events, 40) if self.short else self.events
+
+    @property
+    def n_rounds(self) -> int:
+        if self.short:
+            return 1
+        if self.rounds is not None:
+            return self.rounds
+        return OVERHEAD_ROUNDS if self.scenario in ("overhead", "all") else 1
 
     @property
     def paced_events(self) -> int:
@@ -102,6 +112,19 @@ class Comparison:
     latency_ratio_p99: float | None
     target: float | None = None
     met: bool | None = None
+    # Each round's ratio, in the order run; ``ours`` and ``baseline`` are the median round's.
+    round_ratios: list[float] = field(default_factory=list)
+
+
+def round_order(round_no: int) -> tuple[str, str]:
+    """Which side goes first in a round: they alternate, so that a machine getting faster or
+    slower during the run (a neighbour on the host, a cache warming) favours neither."""
+    return ("baseline", "ours") if round_no % 2 == 0 else ("ours", "baseline")
+
+
+def median_round(ratios: Sequence[float]) -> int:
+    """The index of the median ratio (the upper one of two middles)."""
+    return sorted(range(len(ratios)), key=lambda i: ratios[i])[len(ratios) // 2]
 
 
 def run_comparison(stack: Stack, options: BenchOptions, *, target: float | None) -> Comparison:
@@ -113,20 +136,28 @@ def run_comparison(stack: Stack, options: BenchOptions, *, target: float | None)
     ours_system = Ours(stack, shape, via=options.via,
                        rate_limit_per_minute=options.rate_limit_per_minute,
                        rate_limit_burst=options.rate_limit_burst)
-    with running(stack, base_system, shape) as rss_before:
-        baseline = measure_throughput(stack, base_system, n_events=options.n_events,
-                                      series=options.series, rss_before=rss_before)
-    with running(stack, ours_system, shape) as rss_before:
-        ours = measure_throughput(stack, ours_system, n_events=options.n_events,
-                                  series=options.series, rss_before=rss_before)
-        # Both are paced at the same rate, which both can sustain: latency, not queueing.
-        rate = max(1.0, round(PACED_LOAD * min(ours.events_per_s, baseline.events_per_s), 1))
-        measure_paced(stack, ours_system, ours, n_events=options.paced_events,
-                      rate_per_s=rate, series=options.series)
-    with running(stack, base_system, shape):
-        measure_paced(stack, base_system, baseline, n_events=options.paced_events,
-                      rate_per_s=rate, series=options.series)
-    ratio = round(ours.events_per_s / baseline.events_per_s, 3) if baseline.events_per_s else 0.0
+    systems: dict[str, Ours | Baseline] = {"ours": ours_system, "baseline": base_system}
+    pairs: list[tuple[RunResult, RunResult]] = []
+    for round_no in range(options.n_rounds):
+        if options.n_rounds > 1:
+            stack.say(f"round {round_no + 1} of {options.n_rounds}")
+        results: dict[str, RunResult] = {}
+        for name in round_order(round_no):
+            with running(stack, systems[name], shape) as rss_before:
+                results[name] = measure_throughput(
+                    stack, systems[name], n_events=options.n_events, series=options.series,
+                    rss_before=rss_before)
+        pairs.append((results["ours"], results["baseline"]))
+    ratios = [round(o.events_per_s / b.events_per_s, 3) if b.events_per_s else 0.0
+              for o, b in pairs]
+    ours, baseline = pairs[median_round(ratios)]
+    # Both are paced at the same rate, which both can sustain: latency, not queueing.
+    rate = max(1.0, round(PACED_LOAD * min(ours.events_per_s, baseline.events_per_s), 1))
+    for system, result in ((ours_system, ours), (base_system, baseline)):
+        with running(stack, system, shape):
+            measure_paced(stack, system, result, n_events=options.paced_events,
+                          rate_per_s=rate, series=options.series)
+    ratio = ratios[median_round(ratios)]
 
     def latency_ratio(pick: Callable[[Percentiles], float]) -> float | None:
         if ours.paced_latency is None or baseline.paced_latency is None:
@@ -140,6 +171,7 @@ def run_comparison(stack: Stack, options: BenchOptions, *, target: float | None)
         latency_ratio_p50=latency_ratio(lambda p: p.p50_ms),
         latency_ratio_p99=latency_ratio(lambda p: p.p99_ms),
         target=target, met=(ratio >= target) if target is not None else None,
+        round_ratios=ratios,
     )
 
 

@@ -32,6 +32,7 @@ from tests.conftest import (
 )
 from worker import __version__
 from worker.config import Settings
+from worker.names import TASK_MARK
 
 
 @pytest.fixture
@@ -122,6 +123,14 @@ def test_task_events_reach_monitors_several_to_a_message(
     assert kinds["task-received"] == kinds["task-started"] == kinds["task-succeeded"] == 12
     # ...sent together rather than one publish each (the main loop also feeds the pool)
     assert len(events) >= 3 * messages, (len(events), messages)
+    # And the log has each event's own lines, which name its task for Flower, without
+    # Celery's two lines per task, which say the same
+    log = worker.log()
+    for task_id in (e["uuid"] for e in events if e["type"] == "task-succeeded"):
+        assert f"{TASK_MARK}{task_id}" in log, task_id
+    assert sum(" event.claimed " in line for line in log.splitlines()) == 12
+    assert sum(" entity.issued " in line for line in log.splitlines()) == 12
+    assert "] received" not in log and "] succeeded in" not in log
 
 
 def test_metrics_are_scraped_from_a_running_worker(

@@ -5,8 +5,18 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Iterator
 
-from worker.logs import JsonFormatter, KeyValueFormatter, redact, redact_text
+import pytest
+
+from worker.logs import (
+    PER_TASK_LOGGERS,
+    JsonFormatter,
+    KeyValueFormatter,
+    configure_logging,
+    redact,
+    redact_text,
+)
 
 
 def record(msg: str, **extra: object) -> logging.LogRecord:
@@ -87,3 +97,31 @@ def test_key_value_lines_write_values_that_are_not_text_as_json() -> None:
                entities={"dead": 1}))
     assert "error_code=null" in line and "reconcile=true" in line and "attempt=2" in line
     assert "series=[1, 2]" in line and 'entities={"dead": 1}' in line
+
+
+@pytest.fixture
+def root_logging() -> Iterator[None]:
+    """``configure_logging`` changes process-wide loggers: put them back afterwards."""
+    root = logging.getLogger()
+    names = ("urllib3", "amqp", "kombu", "sqlalchemy.engine", "celery.bootsteps",
+             *PER_TASK_LOGGERS)
+    saved = root.handlers[:], root.level, {n: logging.getLogger(n).level for n in names}
+    yield
+    root.handlers[:], root.level = saved[0], saved[1]
+    for name, level in saved[2].items():
+        logging.getLogger(name).setLevel(level)
+
+
+@pytest.mark.parametrize(("level", "per_task_lines"), [("INFO", False), ("DEBUG", True)])
+def test_celerys_per_task_lines_show_at_debug_only_and_its_errors_always(
+        level: str, per_task_lines: bool, capsys: pytest.CaptureFixture[str],
+        root_logging: None) -> None:
+    configure_logging(level)
+    for name in PER_TASK_LOGGERS:
+        logging.getLogger(name).info("Task coupons.ingest[t-1] received")
+        logging.getLogger(name).error("Task coupons.ingest[t-1] raised")
+    logging.getLogger("worker.services").info("event.claimed")
+    lines = capsys.readouterr().err.splitlines()
+    assert sum("received" in line for line in lines) == (2 if per_task_lines else 0)
+    assert sum("raised" in line for line in lines) == 2
+    assert sum("event.claimed" in line for line in lines) == 1
