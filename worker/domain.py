@@ -203,6 +203,7 @@ ERROR_MEANINGS: dict[str, str] = {
     "connection_refused": "could not connect",
     "reconcile_failed": "read-back failed",
     "unknown_outcome": "outcome unknown; read-back could not settle it",
+    "outcome_unrecordable": "the ledger refused to store the outcome (may have issued)",
     "duplicate_issued": "two of our coupons for one entity (late original)",
     "settling": "waiting for a possible late original",
     "empty_entry": "entry without coupon or error",

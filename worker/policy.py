@@ -161,6 +161,26 @@ def refused_after_unknown(decision: Decision, error_code: str | None, *,
                    "Capillary before replaying)")
 
 
+#: The listing code of an entity whose outcome the ledger refused to store.
+OUTCOME_UNRECORDABLE = "outcome_unrecordable"
+
+
+def unrecordable(outcome: str, error: str) -> DeadLetter:
+    """What to do when the ledger refuses to store an attempt's outcome.
+
+    Not an outage (those are requeued): PostgreSQL refused the statement itself, and would
+    refuse it again, so left in flight the entity would come back through its lease, be read
+    back, and fail to record once more, for ever. It is dead-lettered instead, with what
+    Capillary answered (``outcome``: a coupon code, say) and the refusal, and is read back
+    first if replayed: the coupon may exist even though the ledger could not keep it.
+    """
+    return DeadLetter(
+        reason=f"the ledger refused to record this attempt's outcome ({outcome}): {error}; "
+               "Capillary may hold a coupon for it: check before replaying (a replay reads "
+               "back first)",
+        reconcile_first=True, code=OUTCOME_UNRECORDABLE)
+
+
 @dataclass(frozen=True)
 class Defer:
     """Capillary or our configuration is broken: wait for the circuit without spending attempts."""

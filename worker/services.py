@@ -60,6 +60,7 @@ from worker.policy import (
     rate_limit_slot,
     refused_after_unknown,
     retries_to_dispatch,
+    unrecordable,
 )
 from worker.ratelimit import BULK_ISSUE, RateLimiter
 from worker.sanitize import printable
@@ -450,10 +451,13 @@ def _update_circuit(deps: Deps, permit: Permit, result: BulkIssueResult) -> None
 
 def _finish(attempt: _Attempt, new_event: bool) -> Report:
     deps, claim = attempt.deps, attempt.claim
-    with deps.uow() as uow:
-        lost = uow.ledger.record(claim, calls=attempt.calls, transitions=attempt.transitions,
-                                 worker=deps.worker_id, now=deps.clock())
-        uow.commit()
+    try:
+        lost = _record(deps, claim, attempt.calls, attempt.transitions)
+    except LedgerUnavailable:
+        raise
+    except LedgerError as exc:
+        recorded, lost = _record_what_can_be(deps, claim, attempt, exc)
+        attempt.transitions = recorded
     if lost:
         log.error("claim.lost", extra={"event_id": claim.event_id, "lost": lost,
                                        "worker": deps.worker_id})
@@ -472,6 +476,55 @@ def _finish(attempt: _Attempt, new_event: bool) -> Report:
         deferred=kinds["deferred"],
         lost_claims=lost,
     )
+
+
+def _record(deps: Deps, claim: Claim, calls: Sequence[RecordedCall],
+            transitions: Sequence[Transition]) -> int:
+    with deps.uow() as uow:
+        lost = uow.ledger.record(claim, calls=calls, transitions=transitions,
+                                 worker=deps.worker_id, now=deps.clock())
+        uow.commit()
+    return lost
+
+
+def _record_what_can_be(deps: Deps, claim: Claim, attempt: _Attempt,
+                        refused: LedgerError) -> tuple[list[Transition], int]:
+    """Record an attempt whose outcome the ledger refused: each entity's alone, and an entity
+    whose own outcome is refused dead-lettered (``policy.unrecordable``); what was recorded,
+    and how many claims were lost.
+
+    The calls are left out (they are logged here): one of them may hold what was refused.
+    """
+    log.error("outcome.refused", extra={
+        "event_id": claim.event_id, "error": str(refused),
+        "calls": [f"{c.info.operation} {c.info.status} {c.info.request_id}"
+                  for c in attempt.calls]})
+    recorded: list[Transition] = []
+    lost = 0
+    for transition in attempt.transitions:
+        try:
+            lost += _record(deps, claim, (), (transition,))
+            recorded.append(transition)
+        except LedgerUnavailable:
+            raise
+        except LedgerError as exc:
+            dead = _unrecordable(transition, exc)
+            lost += _record(deps, claim, (), (dead,))
+            recorded.append(dead)
+    return recorded, lost
+
+
+def _unrecordable(t: Transition, refused: LedgerError) -> Transition:
+    """``t`` dead-lettered, with what Capillary answered in the reason, as storable text."""
+    outcome = t.kind + (f", coupon {t.coupon.code}" if t.coupon else "") \
+        + (f", request {t.request_id}" if t.request_id else "")
+    decision = unrecordable(printable(outcome, limit=300), printable(str(refused), limit=500))
+    return replace(
+        t, state=EntityState.DEAD, kind="dead", coupon=None, extra_coupons=(),
+        dead_reason=decision.reason, error_code=decision.code, error_message=None,
+        needs_reconcile=decision.reconcile_first, next_attempt_at=None, verify_window_s=None,
+        refund_attempt=False,
+        request_id=printable(t.request_id, limit=200) if t.request_id else None)
 
 
 def _log_transition(claim: Claim, t: Transition) -> None:

@@ -33,13 +33,14 @@ How each figure is measured, and why that way:
   (every pool process has run a few events first); throughput is N divided by the time from the
   first publish to the last completion. ``overhead`` measures three rounds (``--rounds``), the
   two sides taking turns at going first, and judges the median round's ratio: one round's
-  ratio moves by a few hundredths with how fast the shared machine is that minute. *Completion* for ours is the ledger's record of the
-  outcome: ``events.updated_at``, the timestamp the worker writes in the transaction that records
-  the coupons (taken as that transaction starts, so its commit, a few ms, is not counted). The
-  baseline records nothing, so its completion is the sandbox's call-log time of its answer,
-  which leaves out sending the answer, reading it and acknowledging the message. Each side thus
-  leaves a few milliseconds out at its end: noise beside a backlog's duration, but worth
-  remembering when reading the latency percentiles.
+  ratio moves by a few hundredths with how fast the shared machine is that minute.
+  *Completion* for ours is the ledger's record of the outcome: ``events.updated_at``, the
+  timestamp the worker writes in the transaction that records the coupons (taken as that
+  transaction starts, so its commit, a few ms, is not counted). The baseline records nothing,
+  so its completion is the sandbox's call-log time of its answer, which leaves out sending the
+  answer, reading it and acknowledging the message. Each side thus leaves a few milliseconds
+  out at its end: noise beside a backlog's duration, but worth remembering when reading the
+  latency percentiles.
 - *Latency* (p50/p95/p99, publish to completion): measured on a second batch, published at a
   steady pace of half the slower system's throughput, the same pace for both, so it is the
   latency of an event under a load both can carry rather than the time an event waited behind a
