@@ -113,9 +113,12 @@ def test_a_raw_driver_error_inside_a_unit_of_work_leaves_it_as_ours(
 def test_data_over_a_postgresql_limit_is_a_ledger_error_not_an_outage(
         one_connection: Engine) -> None:
     # An index entry over PostgreSQL's limit: psycopg calls it operational, but no wait fixes it
+    pid = _backend_pid(one_connection)
     with pytest.raises(LedgerError) as raised:
         run_alone(one_connection, "INSERT INTO circuit_breakers (name, state) VALUES "
                   "(%(name)s, 'closed')", {"name": "".join(
                       random.Random(3).choices(string.ascii_letters, k=10_000))})
     assert not isinstance(raised.value, LedgerUnavailable)
     assert "ProgramLimitExceeded" in str(raised.value)
+    # ...and the connection, which is fine, is kept
+    assert _backend_pid(one_connection) == pid

@@ -79,9 +79,11 @@ def run_alone(engine: Engine, sql: str, params: dict[str, Any]) -> list[tuple[An
             with contextlib.suppress(psycopg.Error):
                 conn.autocommit = False
     except psycopg.Error as exc:
-        if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError) \
+        error = translate(exc)
+        # A stalled statement or refused data leaves the connection fine: only a lost one goes.
+        if isinstance(error, LedgerUnavailable) \
                 and str(getattr(exc, "sqlstate", None)) not in _STALLED:
             pooled.invalidate(exc)
-        raise translate(exc) from exc
+        raise error from exc
     finally:
         pooled.close()
