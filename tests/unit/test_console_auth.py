@@ -65,3 +65,34 @@ def test_csrf_tokens_are_per_session_and_compared_exactly() -> None:
     assert not csrf.valid(session, token + "x")
     assert not csrf.valid(session, None)
     assert not csrf.valid({}, token)
+
+
+def test_the_limiter_forgets_keys_whose_failures_left_the_window() -> None:
+    # A client trying a new user name each time, then again after the window
+    now = [100.0]
+    limiter = LoginLimiter(max_failures=3, window_s=60, clock=lambda: now[0])
+    for i in range(5_000):
+        limiter.failed(f"user:{i}")
+    now[0] += 61
+    for i in range(5_000, 10_000):
+        limiter.failed(f"user:{i}")
+    # Then what it holds is about the last window's names, not every name ever tried
+    assert len(limiter) <= 6_000
+    assert not limiter.blocked("user:0")
+    # ...while a name failing within the window is still counted
+    for _ in range(3):
+        limiter.failed("user:x")
+    assert limiter.blocked("user:x")
+
+
+def test_a_huge_user_name_is_limited_under_a_key_of_bounded_size() -> None:
+    limiter = LoginLimiter(max_failures=2, window_s=60)
+    name = "user:" + "a" * 1_000_000
+    limiter.failed(name)
+    limiter.failed(name)
+    assert limiter.blocked(name)
+    # Kept under its first characters: another name sharing them shares the count
+    assert limiter.blocked(name[:LoginLimiter.KEY_MAX_CHARS] + "b" * 10)
+    assert not limiter.blocked("user:" + "b" * 1_000)
+    limiter.succeeded(name)
+    assert not limiter.blocked(name)

@@ -91,7 +91,18 @@ class UserDirectory:
 
 class LoginLimiter:
     """At most ``max_failures`` failed logins per user name and per client address within
-    ``window_s``; in this process's memory (one console process per deployment)."""
+    ``window_s``; in this process's memory (one console process per deployment).
+
+    Keys whose failures have all left the window are forgotten now and then (when the keys
+    tracked have doubled since the last sweep): a client trying a new user name each time
+    would otherwise grow the console's memory without end.
+    """
+
+    #: The fewest keys tracked before a sweep is worth its pass over them.
+    SWEEP_FLOOR = 1024
+    #: The longest key kept as given: a longer one (a huge user name) is cut, which can only
+    #: make the limit stricter for the names that share the cut.
+    KEY_MAX_CHARS = 256
 
     def __init__(self, max_failures: int, window_s: float,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -100,9 +111,14 @@ class LoginLimiter:
         self.window_s = window_s
         self._failures: dict[str, deque[float]] = {}
         self._lock = threading.Lock()
+        self._sweep_at = self.SWEEP_FLOOR
+
+    def __len__(self) -> int:
+        """How many keys are tracked."""
+        return len(self._failures)
 
     def _recent(self, key: str, now: float) -> deque[float]:
-        failures = self._failures.setdefault(key, deque())
+        failures = self._failures.setdefault(key[:self.KEY_MAX_CHARS], deque())
         while failures and failures[0] <= now - self.window_s:
             failures.popleft()
         return failures
@@ -117,8 +133,13 @@ class LoginLimiter:
         with self._lock:
             for key in keys:
                 self._recent(key, now).append(now)
+            if len(self._failures) >= self._sweep_at:
+                for key in list(self._failures):
+                    if not self._recent(key, now):
+                        del self._failures[key]
+                self._sweep_at = max(self.SWEEP_FLOOR, 2 * len(self._failures))
 
     def succeeded(self, *keys: str) -> None:
         with self._lock:
             for key in keys:
-                self._failures.pop(key, None)
+                self._failures.pop(key[:self.KEY_MAX_CHARS], None)
