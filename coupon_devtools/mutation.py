@@ -2,7 +2,8 @@
 
 The mutants run against the unit tests and the ledger contract (``[tool.mutmut]`` in
 pyproject.toml). Of ``worker/ledger/repository.py`` only the code that claims an entity and
-records its outcome is mutated; the README's Testing section lists the survivors we keep.
+records its outcome is mutated, and of ``worker/ledger/hot_path.py`` the builders of the two
+statements' parameters; the README's Testing section lists the survivors we keep.
 """
 
 from __future__ import annotations
@@ -19,13 +20,20 @@ _REPO = "worker.ledger.repository."
 SELECTED = (
     "worker.domain.*",
     "worker.policy.*",
+    # The statements' text is built at import (``_wire``, ``_sql_list``), before a mutant is on.
+    "worker.ledger.hot_path.x_transition_rows__mutmut_*",
+    "worker.ledger.hot_path.x_coupon_rows__mutmut_*",
+    "worker.ledger.hot_path.x__coupon__mutmut_*",
+    "worker.ledger.hot_path.x_call_rows__mutmut_*",
+    "worker.ledger.hot_path.x_as_json__mutmut_*",
+    "worker.ledger.hot_path.x__json_default__mutmut_*",
     _REPO + "x__number__mutmut_*",
     _REPO + "x__seconds__mutmut_*",
     _REPO + "x__claim_statement__mutmut_*",
     _REPO + "x__claim_statements__mutmut_*",
-    _REPO + "x__outcome_statement__mutmut_*",
     _REPO + "xǁSqlLedgerǁ_claim__mutmut_*",
     _REPO + "xǁSqlLedgerǁ_claim_for__mutmut_*",
+    _REPO + "xǁSqlLedgerǁtake_in__mutmut_*",
     _REPO + "xǁSqlLedgerǁclaim_event__mutmut_*",
     _REPO + "xǁSqlLedgerǁclaim_entity__mutmut_*",
     _REPO + "xǁSqlLedgerǁrecord__mutmut_*",

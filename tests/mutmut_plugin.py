@@ -1,8 +1,10 @@
 """Loaded only by ``make mutation`` (see ``[tool.mutmut]`` in pyproject.toml).
 
-The ledger's claim and outcome statements are built once, at import, before mutmut switches a
+The ledger's retry-path claim statements are built once, at import, before mutmut switches a
 mutant on; tests on PostgreSQL rebuild them here so a mutant of their builders takes effect
-(and so mutmut sees which tests exercise those builders).
+(and so mutmut sees which tests exercise those builders). The hot path's two statements are
+plain SQL text (``worker.ledger.hot_path``): mutmut mutates inside functions only, so their
+text is left alone and their parameter builders are mutated as they run.
 """
 
 from __future__ import annotations
@@ -27,8 +29,7 @@ def _rebuilt_ledger_statements(request: pytest.FixtureRequest) -> Iterator[None]
     if not _on_postgres(request):
         yield
         return
-    built = (repository._CLAIM_EVENT, repository._CLAIM_ENTITY, repository._RECORD_OUTCOME)
+    built = (repository._CLAIM_EVENT, repository._CLAIM_ENTITY)
     repository._CLAIM_EVENT, repository._CLAIM_ENTITY = repository._claim_statements()
-    repository._RECORD_OUTCOME = repository._outcome_statement()
     yield
-    repository._CLAIM_EVENT, repository._CLAIM_ENTITY, repository._RECORD_OUTCOME = built
+    repository._CLAIM_EVENT, repository._CLAIM_ENTITY = built

@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -114,17 +115,42 @@ def test_take_in_says_whether_the_event_is_new(uow: UowFactory) -> None:
     assert again[1].issue_ref == first[1].issue_ref
 
 
+def test_take_in_hands_out_the_ledgers_entities_as_claimed(uow: UowFactory) -> None:
+    # Series ids that no entity id can equal, so that one is never read for the other
+    event = parse_event_data({"eventId": "e-ids", "customer": {"id": "7"},
+                              "seriesIds": [553379, 544770]})
+    with uow() as u:
+        new, claim = u.ledger.take_in(event, source="bus", token="t", worker="w", now=NOW,
+                                      lease_s=LEASE_S, settle_window_s=SETTLE_S)
+        u.commit()
+    assert new
+    assert [e.series_id for e in claim.entities] == [544770, 553379]
+    assert [(e.attempts, e.needs_reconcile, e.first_attempt_at, e.settled, e.settles_in_s)
+            for e in claim.entities] == [(1, False, NOW, True, 0.0)] * 2
+    ids = [e.entity_id for e in claim.entities]
+    assert len(set(ids)) == 2 and not set(ids) & {544770, 553379}
+    # ...ids an outcome can be recorded by
+    assert record(uow, claim, *(issued(e.entity_id, code=f"C{e.series_id}")
+                                for e in claim.entities)) == 0
+    with uow() as u:
+        assert u.ledger.take_in(event, source="bus", token="t2", worker="w", now=NOW,
+                                lease_s=LEASE_S, settle_window_s=SETTLE_S)[1].skipped == {
+            "issued": 2}
+
+
 def test_take_in_of_other_content_claims_nothing(uow: UowFactory) -> None:
     # Given an event whose entities were never tried
     with uow() as u:
         u.ledger.ingest(EVENT, source="bus", now=NOW)
         u.commit()
     other = parse_event_data({"eventId": "e-1", "customer": {"id": "8"}, "seriesIds": [1, 2]})
-    # When another event with the same id is taken in, it is refused
-    with pytest.raises(EventRejected), uow() as u:
+    # When another event with the same id is taken in, it is refused, saying why and which
+    with pytest.raises(EventRejected, match="'e-1' was already used for a different event "
+                       r"\(customer, series or metadata differ\)") as refused, uow() as u:
         u.ledger.take_in(other, source="bus", token="t-other", worker="w", now=NOW,
                          lease_s=LEASE_S, settle_window_s=SETTLE_S)
         u.commit()
+    assert refused.value.event_id == "e-1"
     # Then it claimed nothing: the right event still claims both
     assert [e.attempts for e in ingest_and_claim(uow).entities] == [1, 1]
 
@@ -141,6 +167,9 @@ def test_an_expired_lease_is_claimed_again_and_must_reconcile(uow: UowFactory) -
     again = ingest_and_claim(uow, token="t2", now=outlive_short_lease())
     assert [e.needs_reconcile for e in again.entities] == [True, True]
     assert [e.attempts for e in again.entities] == [2, 2]
+    # ...and is known to have been first tried by the dead worker, not now
+    assert [e.first_attempt_at for e in again.entities] == \
+        [e.first_attempt_at for e in first.entities]
     # The dead worker's call may still land for a window after its lease ran out.
     assert not any(e.settled for e in again.entities)
     assert all(SETTLE_S - 5 < e.settles_in_s <= SETTLE_S for e in again.entities)
@@ -402,6 +431,9 @@ def test_a_claim_writes_its_history_and_hands_out_what_it_took(clean_ledger: Eng
         again = u.ledger.claim_event("e-1", token="t2", worker="w2", now=again_at,
                                      lease_s=LEASE_S, settle_window_s=SETTLE_S)
         u.commit()
+    # The event is kept as it came, for support to read and replay
+    with clean_ledger.connect() as conn:
+        assert conn.execute(select(m.Event.payload)).scalar_one() == EVENT.to_message()
     # Each claim carries the event's customer, metadata and reference, read from the ledger
     for claimed in (first, again):
         assert (claimed.customer, claimed.customer_key, claimed.metadata, claimed.skipped) == (
@@ -451,6 +483,14 @@ def test_a_retry_is_claimed_with_its_token_worker_lease_and_window(clean_ledger:
     assert again.entities[0].needs_reconcile and not again.entities[0].settled
 
 
+FULL_COUPON = Coupon(
+    code="C1", series_id=1, capillary_id=981234567, description="10% off", discount_code="TEN",
+    discount_type="PERC", discount_value=Decimal("10"), discount_upto=Decimal("250.5"),
+    discount_on="BILL", valid_till=datetime(2027, 1, 31, tzinfo=UTC),
+    valid_till_date_time=datetime(2027, 1, 31, 23, 59, 59, tzinfo=UTC),
+    raw={"code": "C1", "id": 981234567, "discount": {"value": "10", "upto": 250.5}})
+
+
 def test_an_outcome_stores_its_calls_history_coupons_and_entity_state(
     clean_ledger: Engine,
 ) -> None:
@@ -464,7 +504,7 @@ def test_an_outcome_stores_its_calls_history_coupons_and_entity_state(
     with uow() as u:
         lost = u.ledger.record(claim, calls=[call], worker="w9", now=NOW, transitions=[
             Transition(a.entity_id, EntityState.ISSUED, "issued", 1, request_id="req-1",
-                       coupon=Coupon(code="C1", series_id=1)),
+                       coupon=FULL_COUPON),
             Transition(b.entity_id, EntityState.DEAD, "dead", 1, error_code="707",
                        error_message="invalid series", request_id="req-1",
                        dead_reason="permanent error", verdict="permanent"),
@@ -485,6 +525,14 @@ def test_an_outcome_stores_its_calls_history_coupons_and_entity_state(
     ]
     assert rows(clean_ledger, m.IssuedCoupon, "entity_id", "code", "request_id", "issued_at",
                 "recorded_via") == [(a.entity_id, "C1", "req-1", NOW, "issue")]
+    # Every detail Capillary gave of the coupon is kept, in its own column and as it came
+    assert rows(clean_ledger, m.IssuedCoupon, "event_id", "series_id", "customer_key",
+                "capillary_coupon_id", "description", "discount_code", "discount_type",
+                "discount_value", "discount_upto", "discount_on", "valid_till",
+                "valid_till_date_time", "raw") == [
+        ("e-1", 1, "id:7", 981234567, "10% off", "TEN", "PERC", Decimal("10.0000"),
+         Decimal("250.5000"), "BILL", FULL_COUPON.valid_till, FULL_COUPON.valid_till_date_time,
+         FULL_COUPON.raw)]
     assert rows(clean_ledger, m.Entity, "state", "issued_at", "dead_at", "dead_reason",
                 "last_error_code", "last_error_message", "last_verdict", "last_request_id",
                 "claim_token", "claimed_by", "lease_until", "needs_reconcile") == [

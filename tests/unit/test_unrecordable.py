@@ -58,6 +58,8 @@ def test_a_refused_outcome_is_dead_lettered_and_the_others_recorded(world: World
     assert refused.dead_reason is not None
     assert f"coupon {code}" in refused.dead_reason
     assert "cannot be stored" in refused.dead_reason
+    assert refused.dead_reason.endswith(
+        "check before replaying (a replay reads back first)")
     assert world.state.events["e-1"]["state"] == "failed"
     # And it reaches the dead-letter queue, once, with nothing sent again meanwhile
     world.clock.advance(600)

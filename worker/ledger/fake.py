@@ -28,7 +28,7 @@ from worker.domain import (
     check_transition,
     issue_ref,
 )
-from worker.errors import EventRejected, LedgerError
+from worker.errors import LedgerError
 from worker.events import LoyaltyEvent
 from worker.ledger.records import (
     CLOSED_CIRCUIT,
@@ -41,7 +41,7 @@ from worker.ledger.records import (
     Transition,
     Verification,
 )
-from worker.ledger.repository import Ledger, fingerprint
+from worker.ledger.repository import Ledger, fingerprint, id_reused
 from worker.ledger.support import RejectedRow, Selection, Target
 
 
@@ -142,8 +142,7 @@ class InMemoryLedger:
         existing = self.state.events.get(event.eventId)
         if existing is not None:
             if existing["fingerprint"] != fingerprint(event):
-                raise EventRejected(f"eventId {event.eventId!r} was already used for a different "
-                                    "event", event_id=event.eventId)
+                raise id_reused(event)
             return False
         self.state.events[event.eventId] = {
             "customer": event.customer.as_api(), "customer_key": event.customer.key,

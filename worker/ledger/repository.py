@@ -92,6 +92,13 @@ def fingerprint(event: LoyaltyEvent) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def id_reused(event: LoyaltyEvent) -> EventRejected:
+    """The refusal of an event whose id was already taken by one with another fingerprint."""
+    return EventRejected(
+        f"eventId {event.eventId!r} was already used for a different event (customer, series "
+        "or metadata differ); idempotency keys must be unique", event_id=event.eventId)
+
+
 class Ledger(SupportLedger, Protocol):
     """The ledger operations of the services; ``SqlLedger`` and ``InMemoryLedger`` agree."""
 
@@ -395,11 +402,7 @@ class SqlLedger:
         if inserted is None:
             existing = conn.execute(_EVENT_FINGERPRINT, {"b_event_id": event.eventId}).scalar()
             if existing != event_fingerprint:
-                raise EventRejected(
-                    f"eventId {event.eventId!r} was already used for a different event "
-                    "(customer, series or metadata differ); idempotency keys must be unique",
-                    event_id=event.eventId,
-                )
+                raise id_reused(event)
             return False
         conn.execute(_INSERT_ENTITIES, [
             {"event_id": event.eventId, "series_id": series_id,
@@ -479,11 +482,7 @@ class SqlLedger:
             rows = self._alone(hot_path.TAKE_IN, params)
         new, existing, customer, customer_key, metadata, ref, skipped = rows[0][:7]
         if not new and existing != event_fingerprint:
-            raise EventRejected(
-                f"eventId {event.eventId!r} was already used for a different event "
-                "(customer, series or metadata differ); idempotency keys must be unique",
-                event_id=event.eventId,
-            )
+            raise id_reused(event)
         claimed = tuple(
             ClaimedEntity(r[7], r[8], r[9], bool(r[10]), r[11] or now, bool(r[12]),
                           max(float(r[13]), 0.0))
