@@ -150,14 +150,15 @@ def run_comparison(stack: Stack, options: BenchOptions, *, target: float | None)
         pairs.append((results["ours"], results["baseline"]))
     ratios = [round(o.events_per_s / b.events_per_s, 3) if b.events_per_s else 0.0
               for o, b in pairs]
-    ours, baseline = pairs[median_round(ratios)]
+    median = median_round(ratios)
+    ours, baseline = pairs[median]
     # Both are paced at the same rate, which both can sustain: latency, not queueing.
     rate = max(1.0, round(PACED_LOAD * min(ours.events_per_s, baseline.events_per_s), 1))
     for system, result in ((ours_system, ours), (base_system, baseline)):
         with running(stack, system, shape):
             measure_paced(stack, system, result, n_events=options.paced_events,
                           rate_per_s=rate, series=options.series)
-    ratio = ratios[median_round(ratios)]
+    ratio = ratios[median]
 
     def latency_ratio(pick: Callable[[Percentiles], float]) -> float | None:
         if ours.paced_latency is None or baseline.paced_latency is None:

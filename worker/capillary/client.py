@@ -36,6 +36,7 @@ from worker.capillary.auth import BasicAuth, CapillaryAuth, OAuthTokens
 from worker.config import Settings
 from worker.domain import Coupon, EntryError, Verdict
 from worker.errors import Ambiguous, CapillaryError, Outage, Retryable
+from worker.events import SERIES_ID_MAX
 from worker.policy import (
     CLIENT_CONFIG,
     classify_entry_error,
@@ -55,9 +56,9 @@ MAX_RETRY_AFTER_S = 3600.0
 #: a customer with more coupons than that in one series since the first attempt is not normal.
 READ_BACK_PAGE_SIZE = 100
 READ_BACK_MAX_PAGES = 20
-#: The ledger's column ranges for numbers taken from an answer (integer, bigint, numeric(18, 4)):
-#: a value beyond them is not stored in its column (None; the raw answer keeps it).
-INTEGER_MAX = 2**31 - 1
+#: The ledger's column ranges for numbers taken from an answer (``SERIES_ID_MAX`` for the series
+#: id, bigint, numeric(18, 4)): a value beyond them is not stored in its column (None; the raw
+#: answer keeps it).
 BIGINT_MAX = 2**63 - 1
 MAX_DISCOUNT = Decimal("99999999999999.9999")
 #: Characters of an error message and of a coupon code kept (four bytes each at most: under
@@ -140,7 +141,7 @@ def parse_coupon(result: dict[str, Any], series_id: int) -> Coupon:
     """A coupon from a bulk-issue ``result`` object."""
     return Coupon(
         code=_code(str(result["code"])),
-        series_id=_int_or_none(result.get("seriesId"), INTEGER_MAX) or series_id,
+        series_id=_int_or_none(result.get("seriesId"), SERIES_ID_MAX) or series_id,
         capillary_id=_int_or_none(result.get("id"), BIGINT_MAX),
         description=result.get("description"),
         discount_code=result.get("discountCode"),

@@ -29,7 +29,7 @@ from worker.domain import (
     issue_ref,
 )
 from worker.errors import LedgerError
-from worker.events import LoyaltyEvent
+from worker.events import SERIES_ID_MAX, LoyaltyEvent
 from worker.ledger.records import (
     CLOSED_CIRCUIT,
     CircuitState,
@@ -104,9 +104,6 @@ def _settles_after_lease(entity: FakeEntity, settle_window_s: float) -> datetime
     return max(entity.settles_at, after_lease) if entity.settles_at else after_lease
 
 
-_PG_INT_MAX = 2**31 - 1
-
-
 def _pg_text(*values: str | None) -> None:
     """Refuse what a PostgreSQL text column refuses, so unit tests meet the same wall."""
     for value in values:
@@ -137,7 +134,7 @@ class InMemoryLedger:
     def ingest(self, event: LoyaltyEvent, *, source: str, now: datetime) -> bool:
         _pg_text(event.eventId, event.eventType, event.customer.key, source,
                  *event.metadata.model_dump(exclude_none=True).values())
-        if any(series_id > _PG_INT_MAX for series_id in event.seriesIds):
+        if any(series_id > SERIES_ID_MAX for series_id in event.seriesIds):
             raise LedgerError("database error: integer out of range")
         existing = self.state.events.get(event.eventId)
         if existing is not None:
