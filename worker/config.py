@@ -100,6 +100,10 @@ class Settings(BaseSettings):
         "direct", validation_alias="COUPONS_BUS_INTAKE")
 
     max_attempts: int = Field(8, ge=1, validation_alias="COUPONS_MAX_ATTEMPTS")
+    # Deliveries of one message that may fail for a reason not its own (a bug of ours, a
+    # database refusing a statement) before it is kept as a dead letter (never a rejection).
+    message_failure_limit: int = Field(
+        5, ge=1, le=100, validation_alias="COUPONS_MESSAGE_FAILURE_LIMIT")
     retry_base_s: float = Field(2.0, gt=0, validation_alias="COUPONS_RETRY_BASE_SECONDS")
     retry_max_s: float = Field(900.0, gt=0, validation_alias="COUPONS_RETRY_MAX_SECONDS")
     reconcile_delay_s: float = Field(

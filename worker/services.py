@@ -24,7 +24,14 @@ from typing import Protocol
 
 from worker.capillary.api import BulkIssueResult, CouponApi, FoundCoupon
 from worker.circuit import CircuitGate, Permit
-from worker.domain import Coupon, EntityState, Verdict, attempt_ref, notes_with_ref
+from worker.domain import (
+    Coupon,
+    DeadMessageKind,
+    EntityState,
+    Verdict,
+    attempt_ref,
+    notes_with_ref,
+)
 from worker.errors import (
     CapillaryError,
     EventRejected,
@@ -176,8 +183,12 @@ def retry_entity(entity_id: int, *, deps: Deps) -> Report:
 
 
 def record_rejection(raw: bytes, reason: str, *, source: str, deps: Deps,
-                     event_id: str | None = None, content_type: str | None = None) -> int:
+                     event_id: str | None = None, content_type: str | None = None,
+                     kind: DeadMessageKind = DeadMessageKind.INVALID) -> int:
     """Keep a message that is not a valid event, with the precise reason; returns its id.
+
+    ``kind`` says whose fault: ``INVALID`` (its own bytes: a rejection) unless
+    ``worker.delivery`` keeps a message that our side kept failing on (a dead letter).
 
     This is the last line for poison input, so it must not fail on it: text that PostgreSQL
     refuses (NUL, lone surrogates) is escaped, the raw bytes are kept as they are (bytea), and
@@ -189,7 +200,7 @@ def record_rejection(raw: bytes, reason: str, *, source: str, deps: Deps,
     content_type = (printable(content_type, limit=REJECTION_LABEL_MAX_CHARS)
                     if content_type else None)
     try:
-        rejected_id = _insert_rejection(raw, reason, source, event_id, content_type, deps)
+        rejected_id = _insert_rejection(raw, reason, source, event_id, content_type, kind, deps)
     except LedgerUnavailable:
         raise
     except LedgerError as exc:
@@ -198,22 +209,23 @@ def record_rejection(raw: bytes, reason: str, *, source: str, deps: Deps,
                            f"{exc})".encode("ascii", "backslashreplace").decode("ascii"),
                            limit=REJECTION_REASON_MAX_CHARS)
         event_id = content_type = None
-        rejected_id = _insert_rejection(raw, reason, source, None, None, deps)
-    deps.metrics.events_received.labels("rejected").inc()
+        rejected_id = _insert_rejection(raw, reason, source, None, None, kind, deps)
+    invalid = kind is DeadMessageKind.INVALID
+    deps.metrics.events_received.labels("rejected" if invalid else "dead_lettered").inc()
     log.warning(
-        "event.rejected",
+        "event.rejected" if invalid else "event.dead_lettered",
         extra={"rejected_id": rejected_id, "event_id": event_id, "source": source,
-               "reason": reason, "size_bytes": len(raw)},
+               "reason": reason, "size_bytes": len(raw), "kind": str(kind)},
     )
     return rejected_id
 
 
 def _insert_rejection(raw: bytes, reason: str, source: str, event_id: str | None,
-                      content_type: str | None, deps: Deps) -> int:
+                      content_type: str | None, kind: DeadMessageKind, deps: Deps) -> int:
     with deps.uow() as uow:
         rejected_id = uow.ledger.record_rejection(
             raw=raw, reason=reason, source=source, event_id=event_id,
-            content_type=content_type, now=deps.clock(),
+            content_type=content_type, now=deps.clock(), kind=kind,
         )
         uow.commit()
     return rejected_id

@@ -209,3 +209,44 @@ def test_bad_input_through_both_ways_in_is_refused_and_the_events_behind_it_issu
     assert [c["seriesId"] for c in sandbox.ledger(customer="566882001")] == [544770]
     assert story(clean_ledger, "reused-id")["entities"][0]["series_id"] == 544770  # type: ignore[index]
     assert worker.process.poll() is None
+
+
+def test_a_task_sent_with_the_wrong_call_is_recorded_and_listed_as_a_dead_letter(
+    settings: Settings, clean_ledger: Engine, sandbox: SandboxAdmin,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    from worker.broker.celery_config import producer_app
+
+    worker = start_worker(settings)
+    # Given coupons.issue sent by a Python producer with an argument the task does not take,
+    # and with one positional argument too many, then a valid event behind them
+    producer = producer_app(settings)
+    extra_keyword = example_event("wrong-call-keyword", customer="566883001")
+    extra_positional = example_event("wrong-call-positional", customer="566883002")
+    try:
+        producer.send_task("coupons.issue", kwargs={"event": extra_keyword, "priority": 7},
+                           queue=settings.tasks_queue)
+        producer.send_task("coupons.issue", args=[extra_positional, "task", "surplus"],
+                           queue=settings.tasks_queue)
+    finally:
+        producer.close()
+    behind = example_event("wrong-call-behind", customer="566883003")
+    publish(settings, behind, via="task")
+
+    # Then the event behind them is issued, and neither wrong call vanished: each is in
+    # `dlq list` with its arguments as sent and a reason naming the mismatch
+    wait_for_state(clean_ledger, "wrong-call-behind", "completed")
+    rows = wait_until(lambda: len(rejections(clean_ledger)) == 2 and rejections(clean_ledger),
+                      timeout_s=30, message="both wrong calls to be recorded")
+    listed = run_cli(settings, "dlq", "list", "--json")
+    assert listed.exit_code == 0, listed.output
+    dead = {r["event_id"]: r for r in json.loads(listed.stdout) if r["kind"] == "rejected"}
+    assert set(dead) == {"wrong-call-keyword", "wrong-call-positional"}
+    assert "unexpected keyword argument 'priority'" in dead["wrong-call-keyword"]["message"]
+    assert "too many positional arguments" in dead["wrong-call-positional"]["message"]
+    kept = {json.loads(bytes(r["raw"]))["kwargs"].get("priority") for r in rows}
+    assert kept == {7, None}
+    # And nothing was issued for them, and the worker goes on
+    assert sandbox.ledger(customer="566883001") == []
+    assert sandbox.ledger(customer="566883002") == []
+    assert worker.process.poll() is None

@@ -16,8 +16,8 @@ from sqlalchemy import Engine, func, select, text
 
 from worker.capillary.api import CallInfo
 from worker.capillary.client import MAX_CODE_CHARS, parse_coupon
-from worker.domain import Coupon, EntityState, issue_ref
-from worker.errors import EventRejected
+from worker.domain import Coupon, DeadMessageKind, EntityState, issue_ref
+from worker.errors import EventRejected, LedgerError
 from worker.events import parse_event_data
 from worker.ledger import models as m
 from worker.ledger.fake import fake_unit_of_work_factory
@@ -297,6 +297,36 @@ def test_dead_letters_are_published_once(uow: UowFactory) -> None:
         u.commit()
     with uow() as u:
         assert u.ledger.unpublished_dead_letters(limit=10) == []
+
+
+def test_failed_deliveries_are_counted_per_message_until_forgotten(uow: UowFactory) -> None:
+    with uow() as u:
+        assert u.ledger.count_message_failure("event:e-1", kind="internal_error",
+                                              error="RuntimeError: bug", now=NOW) == 1
+        assert u.ledger.count_message_failure("event:e-2", kind="internal_error",
+                                              error="RuntimeError: bug", now=NOW) == 1
+        u.commit()
+    with uow() as u:
+        assert u.ledger.count_message_failure("event:e-1", kind="infrastructure",
+                                              error="LedgerError: refused", now=NOW) == 2
+        u.ledger.forget_message_failure("event:e-1")
+        u.commit()
+    with uow() as u:
+        assert u.ledger.count_message_failure("event:e-1", kind="internal_error",
+                                              error="RuntimeError: bug", now=NOW) == 1
+        assert u.ledger.count_message_failure("event:e-2", kind="internal_error",
+                                              error="RuntimeError: bug", now=NOW) == 2
+
+
+def test_a_kept_message_says_whose_fault_it_was(uow: UowFactory) -> None:
+    with uow() as u:
+        u.ledger.record_rejection(raw=b"{}", reason="infrastructure: failed 5 deliveries",
+                                  source="bus", event_id="e-1", content_type=None, now=NOW,
+                                  kind=DeadMessageKind.INFRASTRUCTURE)
+        u.commit()
+    with pytest.raises(LedgerError), uow() as u:
+        u.ledger.record_rejection(raw=b"{}", reason="?", source="bus", event_id=None,
+                                  content_type=None, now=NOW, kind="somebody_else")
 
 
 def test_circuit_counts_failures_and_lets_one_probe(uow: UowFactory) -> None:
