@@ -109,7 +109,11 @@ class Settings(BaseSettings):
     reconcile_delay_s: float = Field(
         2.0, ge=0, validation_alias="COUPONS_RECONCILE_DELAY_SECONDS"
     )
+    # The longest a task may hold a claim (its hard time limit is 5 s less). The claim's own
+    # lease is short and renewed by a heartbeat while the task lives (worker.leases).
     lease_s: float = Field(120.0, gt=0, validation_alias="COUPONS_LEASE_SECONDS")
+    claim_heartbeat_s: float = Field(
+        10.0, ge=0.2, validation_alias="COUPONS_CLAIM_HEARTBEAT_SECONDS")
     # Twice the 60 s read timeout common to gateways and proxies in front of an API: a request
     # that a gateway gave up on may still be running behind it for that long.
     settle_window_s: float = Field(
@@ -284,6 +288,12 @@ class Settings(BaseSettings):
     def task_hard_time_limit_s(self) -> float:
         """A task is killed before its claim expires, so an expired lease means a dead task."""
         return max(self.lease_s - 5.0, 1.0)
+
+    @property
+    def claim_lease_s(self) -> float:
+        """A claim's lease: three heartbeats, so two renewals may fail before it runs out;
+        never longer than the claim deadline."""
+        return min(3 * self.claim_heartbeat_s, self.lease_s)
 
     @property
     def db_dead_peer_s(self) -> int:
