@@ -98,7 +98,7 @@ def upgrade() -> None:
     # A table the running workers write: built concurrently, outside the migration's
     # transaction, so a large ledger keeps taking writes meanwhile.
     with op.get_context().autocommit_block():
-        op.create_index("ix_events_prunable", "events", ["received_at"],
+        op.create_index("ix_events_prunable", "events", ["received_at", "event_id"],
                         postgresql_where=sa.text("pruned_at IS NULL AND state = 'completed'"),
                         postgresql_concurrently=True)
 

@@ -57,7 +57,7 @@ class Event(Base):
         # The sweeper's repair of events left processing (0007).
         Index("ix_events_processing", "event_id", postgresql_where=text("state = 'processing'")),
         # Retention's scan of the settled events not yet pruned, oldest first (0009).
-        Index("ix_events_prunable", "received_at",
+        Index("ix_events_prunable", "received_at", "event_id",
               postgresql_where=text("pruned_at IS NULL AND state = 'completed'")),
     )
 
