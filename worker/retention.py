@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+from worker.config import Settings
 from worker.ledger.retention import RetentionStore
 
 log = logging.getLogger("worker.retention")
@@ -50,12 +51,29 @@ class RetentionPolicy:
 
     def __post_init__(self) -> None:
         if self.event_id_window_s < self.older_than_s:
-            raise ValueError("the event-id window must be at least the retention: an id must "
-                             "be recognised for as long as its event is kept, and after")
+            raise ValueError("the event-id window (COUPONS_RETENTION_EVENT_ID_WINDOW_DAYS) must "
+                             "be at least the retention (--older-than, COUPONS_RETENTION_DAYS): "
+                             "an id is recognised for as long as its event is kept, and after")
         if self.audit_days * SECONDS_PER_DAY < self.older_than_s:
-            raise ValueError("the audit retention must be at least the retention")
+            raise ValueError("the audit retention (COUPONS_RETENTION_AUDIT_DAYS) must be at "
+                             "least the retention (--older-than, COUPONS_RETENTION_DAYS)")
         if self.batch_size < 1:
             raise ValueError("the batch size must be at least 1")
+
+
+def policy_from(settings: Settings, *, older_than_s: float | None = None,
+                batch_size: int | None = None) -> RetentionPolicy:
+    """The policy the settings describe; ``older_than_s`` instead of
+    ``COUPONS_RETENTION_DAYS`` when given (one of the two is needed)."""
+    if older_than_s is None:
+        if settings.retention_days is None:
+            raise ValueError("say how old: --older-than 90d, or set COUPONS_RETENTION_DAYS")
+        older_than_s = float(settings.retention_days * SECONDS_PER_DAY)
+    return RetentionPolicy(
+        older_than_s=older_than_s,
+        event_id_window_s=float(settings.retention_event_id_window_days * SECONDS_PER_DAY),
+        audit_days=settings.retention_audit_days,
+        batch_size=batch_size or settings.retention_batch_size)
 
 
 @dataclass

@@ -55,23 +55,17 @@ def prune(older_than: str | None, batch_size: int | None, dry_run: bool,
     from worker.ledger.retention import RetentionStore
     from worker.ledger.unit_of_work import make_engine
     from worker.logs import configure_logging
-    from worker.retention import SECONDS_PER_DAY, RetentionPolicy
+    from worker.retention import policy_from
     from worker.retention import prune as run_prune
 
     settings = settings_or_exit()
     configure_logging(settings.log_level, settings.log_format)
-    if older_than is None and settings.retention_days is None:
-        fail("say how old: --older-than 90d, or set COUPONS_RETENTION_DAYS", 2)
-    older_than_s = (parse_age_s(older_than) if older_than is not None
-                    else float((settings.retention_days or 0) * SECONDS_PER_DAY))
     try:
-        policy = RetentionPolicy(
-            older_than_s=older_than_s,
-            event_id_window_s=float(settings.retention_event_id_window_days * SECONDS_PER_DAY),
-            audit_days=settings.retention_audit_days,
-            batch_size=batch_size or settings.retention_batch_size)
+        policy = policy_from(
+            settings, older_than_s=parse_age_s(older_than) if older_than else None,
+            batch_size=batch_size)
     except ValueError as exc:
-        fail(f"{exc} (COUPONS_RETENTION_EVENT_ID_WINDOW_DAYS, COUPONS_RETENTION_AUDIT_DAYS)", 2)
+        fail(str(exc), 2)
     engine = make_engine(settings.database_url, pool_size=1, application_name="coupon-prune")
     try:
         report = run_prune(RetentionStore(engine), policy, dry_run=dry_run)
