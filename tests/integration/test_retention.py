@@ -337,3 +337,17 @@ def test_the_prune_command_reports_what_it_removed_and_what_it_kept(
     done = cli("prune", "--older-than", "30", "--batch-size", "3", "--json")
     assert done.exit_code == 0, done.output
     assert '"events": 4' in done.output and '"dead_letters": 1' in done.output
+
+
+def test_events_show_tells_support_a_pruned_event_and_its_coupon_codes(
+        cli: Callable[..., Any], ledger: dict[str, Any]) -> None:
+    prune(RetentionStore(ledger["engine"]), POLICY)
+    with ledger["engine"].connect() as conn:
+        codes = conn.execute(text(
+            "SELECT outcome -> 'coupons' FROM events WHERE event_id = 'old-issued-1'")).scalar_one()
+
+    shown = cli("events", "show", "old-issued-1")
+
+    assert shown.exit_code == 0, shown.output
+    assert "pruned at" in shown.output and "entities were issued 2" in shown.output
+    assert len(codes) == 2 and all(c["code"] in shown.output for c in codes)
