@@ -3,18 +3,24 @@ pruned event's id is still recognised (docs/retention.md)."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from celery import bootsteps
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError
 
 from worker import services
+from worker.broker import sweeper as sweeper_module
 from worker.broker.fake import FakePublisher
 from worker.capillary.fake import FakeCapillary
 from worker.circuit import CircuitGate
+from worker.config import load_settings
 from worker.domain import Coupon, EntityState
 from worker.errors import EventRejected
 from worker.events import parse_event_data
@@ -351,3 +357,30 @@ def test_events_show_tells_support_a_pruned_event_and_its_coupon_codes(
     assert shown.exit_code == 0, shown.output
     assert "pruned at" in shown.output and "entities were issued 2" in shown.output
     assert len(codes) == 2 and all(c["code"] in shown.output for c in codes)
+
+
+def test_a_workers_sweeper_step_runs_the_scheduled_prune(
+        ledger: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = ledger["engine"]
+    monkeypatch.setattr(sweeper_module, "RETENTION_CHECK_S", 0.01)
+    container = SimpleNamespace(
+        settings=load_settings(retention_days=30), engine=engine,
+        deps=lambda: SimpleNamespace(worker_id="node-a", metrics=Metrics()))
+    worker = SimpleNamespace(app=SimpleNamespace(coupon_container=container),
+                             blueprint=SimpleNamespace(state=bootsteps.RUN))
+    step = sweeper_module.Sweeper(worker)
+    thread = threading.Thread(target=step._retention_loop, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (
+                RetentionStore(engine).last_run(PRUNE_JOB) or {}).get("finished_at") is None:
+            time.sleep(0.05)
+    finally:
+        step._stop.set()
+        thread.join(timeout=10)
+
+    last = RetentionStore(engine).last_run(PRUNE_JOB)
+    assert last is not None and last["started_by"] == "node-a"
+    assert last["result"]["events"] == 4
+    assert count(engine, "SELECT count(*) FROM events WHERE pruned_at IS NOT NULL") == 4
