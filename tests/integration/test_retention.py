@@ -237,6 +237,7 @@ def test_a_pruned_event_published_again_is_not_issued_again(ledger: dict[str, An
     report = services.issue_event(event("old-issued-1"), source="bus", deps=deps)
 
     assert (report.new_event, report.claimed, report.issued) == (False, 0, 0)
+    assert report.skipped == {"pruned": 2}
     assert len(api.bulk_calls) == calls
     assert rows_of(engine, "old-issued-1")["entities"] == 0
     # The same id for other content is still refused: the fingerprint stayed.
