@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from alembic import command
 from celery import bootsteps
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.exc import DBAPIError
 
+from coupon_devtools.harness.databases import drop_database
+from tests.conftest import PG_ADMIN_URL
 from worker import services
 from worker.broker import sweeper as sweeper_module
 from worker.broker.fake import FakePublisher
@@ -24,6 +28,7 @@ from worker.config import load_settings
 from worker.domain import Coupon, EntityState
 from worker.errors import EventRejected
 from worker.events import parse_event_data
+from worker.ledger.migrate import alembic_config, ensure_database, upgrade
 from worker.ledger.records import Transition
 from worker.ledger.retention import RetentionStore
 from worker.ledger.unit_of_work import sql_unit_of_work_factory
@@ -385,3 +390,28 @@ def test_a_workers_sweeper_step_runs_the_scheduled_prune(
     assert last is not None and last["started_by"] == "node-a"
     assert last["result"]["events"] == 4
     assert count(engine, "SELECT count(*) FROM events WHERE pruned_at IS NOT NULL") == 4
+
+
+def test_the_retention_migration_goes_down_and_up_again() -> None:
+    name = f"cw_ret_{uuid.uuid4().hex[:8]}"
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        ensure_database(url)
+        upgrade(url)
+        engine = create_engine(url)
+        audit(engine, days=4000, entity_id=12345)  # names an entity that is not there
+
+        command.downgrade(alembic_config(url), "0007")
+
+        with pytest.raises(DBAPIError, match="append-only"), engine.begin() as conn:
+            conn.execute(text("SELECT set_config('coupons.retention_job', 'audit', true), "
+                              "set_config('coupons.audit_retention_days', '365', true)"))
+            conn.execute(text("DELETE FROM operator_actions"))
+        upgrade(url)
+        with engine.begin() as conn:
+            conn.execute(text("SELECT set_config('coupons.retention_job', 'audit', true), "
+                              "set_config('coupons.audit_retention_days', '365', true)"))
+            assert conn.execute(text("DELETE FROM operator_actions")).rowcount == 1
+        engine.dispose()
+    finally:
+        drop_database(PG_ADMIN_URL, name)
