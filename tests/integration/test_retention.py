@@ -343,7 +343,7 @@ def test_the_prune_command_reports_what_it_removed_and_what_it_kept(
     dry = cli("prune", "--older-than", "30d", "--dry-run")
     assert dry.exit_code == 0, dry.output
     assert "would remove" in dry.output and "dry run: nothing changed" in dry.output
-    assert "dead letters: a person replays or discards them" in dry.output
+    assert "a person replays or discards them (dlq)" in dry.output
     assert count(ledger["engine"], "SELECT count(*) FROM events WHERE pruned_at IS NOT NULL") == 0
 
     done = cli("prune", "--older-than", "30", "--batch-size", "3", "--json")

@@ -12,7 +12,8 @@ from worker.errors import WorkerError
 _UNITS_S = {"d": 86_400, "h": 3_600}
 #: Why each kind of old row stays, as ``prune`` prints it.
 KEPT_BECAUSE = {
-    "dead_letters": "dead letters: a person replays or discards them (dlq)",
+    "dead_letters": "dead letters (entities; their events stay whole): a person replays or "
+                    "discards them (dlq)",
     "unsettled_events": "events still processing: an entity is not at rest",
     "rejected_messages": "rejected messages: evidence, fixed and resubmitted by a person",
     "duplicate_issued": "events holding two of our coupons: a person decides (duplicates)",
@@ -38,7 +39,8 @@ def parse_age_s(value: str) -> float:
               help="Prune settled events older than this: 90d, 36h, or days "
                    "(default: COUPONS_RETENTION_DAYS).")
 @click.option("--batch-size", type=click.IntRange(1, 50_000), default=None,
-              help="Rows per transaction (default: COUPONS_RETENTION_BATCH_SIZE).")
+              help="Events (or audit rows) per transaction (default: "
+                   "COUPONS_RETENTION_BATCH_SIZE).")
 @click.option("--dry-run", is_flag=True, help="Count what would go; change nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def prune(older_than: str | None, batch_size: int | None, dry_run: bool,
@@ -88,4 +90,4 @@ def prune(older_than: str | None, batch_size: int | None, dry_run: bool,
             kept.add_row(str(count), KEPT_BECAUSE.get(reason, reason))
         output.console.print(kept)
     say(f"{'dry run: nothing changed; ' if dry_run else ''}{report.batches} batches of at most "
-        f"{policy.batch_size} rows in {report.duration_s:g} s")
+        f"{policy.batch_size} events or audit rows, in {report.duration_s:g} s")
