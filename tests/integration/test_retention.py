@@ -133,6 +133,8 @@ def rows_of(engine: Engine, event_id: str) -> dict[str, int]:
 @pytest.fixture
 def ledger(clean_ledger: Engine) -> dict[str, Any]:
     """A ledger with rows of every state, most of them old."""
+    with clean_ledger.begin() as conn:
+        conn.execute(text("DELETE FROM maintenance_runs"))
     api = FakeCapillary(series_errors={DEAD_SERIES: 712})
     deps = make_deps(clean_ledger, api)
     for event_id in ("old-issued-1", "old-issued-2", "old-issued-3", "young-issued"):
