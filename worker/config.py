@@ -30,6 +30,9 @@ DEFAULT_PREFETCH_MULTIPLIER = 2
 DEFAULT_HEARTBEAT_DIR = str(Path(tempfile.gettempdir()) / "coupon-worker")
 
 AuthScheme = Literal["basic", "oauth"]
+#: The youngest audit row the database lets the retention job delete, in days (the trigger of
+#: migration 0009 holds the same number): COUPONS_RETENTION_AUDIT_DAYS cannot go below it.
+AUDIT_FLOOR_DAYS = 90
 
 
 def is_loopback(host: str) -> bool:
@@ -121,6 +124,19 @@ class Settings(BaseSettings):
     run_sweeper: bool = Field(True, validation_alias="COUPONS_RUN_SWEEPER")
     sweep_interval_s: float = Field(1.0, gt=0, validation_alias="COUPONS_SWEEP_INTERVAL_SECONDS")
     requeue_after_s: float = Field(300.0, gt=0, validation_alias="COUPONS_REQUEUE_AFTER_SECONDS")
+
+    # Retention (docs/retention.md). Scheduled only when COUPONS_RETENTION_DAYS is set;
+    # `coupon-worker prune --older-than` runs it by hand either way.
+    retention_days: int | None = Field(None, ge=1, validation_alias="COUPONS_RETENTION_DAYS")
+    retention_event_id_window_days: int = Field(
+        400, ge=1, validation_alias="COUPONS_RETENTION_EVENT_ID_WINDOW_DAYS")
+    retention_audit_days: int = Field(
+        730, ge=AUDIT_FLOOR_DAYS,
+        validation_alias="COUPONS_RETENTION_AUDIT_DAYS")
+    retention_interval_s: float = Field(
+        86_400.0, ge=60, validation_alias="COUPONS_RETENTION_INTERVAL_SECONDS")
+    retention_batch_size: int = Field(
+        1000, ge=1, le=50_000, validation_alias="COUPONS_RETENTION_BATCH_SIZE")
 
     # The ledger's limits. A stalled database must fail a task with LedgerUnavailable (its
     # message goes back) well before Celery's hard time limit kills it; see _coherent().
@@ -236,6 +252,14 @@ class Settings(BaseSettings):
                 "COUPONS_SETTLE_WINDOW_SECONDS must exceed connect + read timeout "
                 f"({one_call_s:g} s)"
             )
+        if self.retention_days is not None and (
+                self.retention_event_id_window_days < self.retention_days
+                or self.retention_audit_days < self.retention_days):
+            # An id must be recognised for as long as its event is kept, and the audit trail
+            # outlives what it speaks of.
+            raise ValueError("COUPONS_RETENTION_EVENT_ID_WINDOW_DAYS and "
+                             "COUPONS_RETENTION_AUDIT_DAYS must be at least "
+                             "COUPONS_RETENTION_DAYS")
         if self.db_lock_timeout_s > self.db_statement_timeout_s:
             # Waiting for a lock is part of a statement's time: a longer lock timeout never fires.
             raise ValueError("COUPONS_DB_LOCK_TIMEOUT_SECONDS must not exceed "
