@@ -22,22 +22,12 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Literal
 
-from worker.domain import Verdict
+from worker.domain import HOLDS_ONE_CODES, Verdict, code_meaning
 
 if TYPE_CHECKING:
     from worker.config import Settings
 
 # -- the unknown-outcome rule ---------------------------------------------------------------
-
-#: Per-entry error codes, from the coupon error table of the API summary. An entry that
-#: carries errors is Capillary saying, for that series, that it did not issue.
-RETRYABLE_CODES = frozenset(
-    {730, 5005, 5006, *range(786, 788), *range(789, 795), *range(796, 799)}
-)
-#: 748 "coupon service timed out": an entry that admits it does not know.
-UNKNOWN_CODES = frozenset({748})
-OUTAGE_CODES = frozenset({777, 788, 795, 799})
-TRY_AGAIN_CODES = frozenset({722})
 
 #: Transport failures that happen before the request is written: it never reached Capillary.
 #: (``tls_error`` is a refused certificate; any other TLS failure is ``tls_dropped``: unknown.)
@@ -45,22 +35,13 @@ NOT_SENT_FAILURES = frozenset({"connection_refused", "connect_timeout", "tls_err
 
 
 def classify_entry_error(code: int | None, message: str = "") -> Verdict:
-    """The verdict for one ``errors[]`` entry of a bulk-issue answer.
+    """The verdict for one ``errors[]`` entry of a bulk-issue answer, from the domain's table
+    of codes (``worker.domain.CAPILLARY_CODES``).
 
     A code we do not know is permanent, so that a person looks at it instead of the worker
     hammering the API.
     """
-    if code is None:
-        return Verdict.PERMANENT
-    if code in OUTAGE_CODES:
-        return Verdict.OUTAGE
-    if code in UNKNOWN_CODES:
-        return Verdict.AMBIGUOUS
-    if code in RETRYABLE_CODES:
-        return Verdict.RETRYABLE
-    if code in TRY_AGAIN_CODES and "try again" in message.lower():
-        return Verdict.RETRYABLE
-    return Verdict.PERMANENT
+    return code_meaning(code, message).verdict
 
 
 def classify_unanswered(status: int) -> Verdict:
@@ -138,9 +119,10 @@ class DeadLetter:
     code: str | None = None  # overrides the last error code in listings (unknown_outcome)
 
 
-#: Capillary's refusals of a second coupon of a series to the same customer (709 "user already
-#: has a coupon", 5004 "only one coupon allowed per user").
-ONE_PER_CUSTOMER_CODES = frozenset({"709", "5004"})
+#: Capillary's refusals of another coupon of a series to the same customer (709 "user already
+#: has a coupon", 5002 "max coupons per user", 5004 "only one coupon allowed per user"): the
+#: domain's table says which.
+ONE_PER_CUSTOMER_CODES = HOLDS_ONE_CODES
 
 
 def refused_after_unknown(decision: Decision, error_code: str | None, *,

@@ -409,9 +409,11 @@ def _issue(attempt: _Attempt, entities: list[ClaimedEntity], permit: Permit) -> 
         call, tuple(e.entity_id for e in entities), tuple(e.series_id for e in entities),
         issue_ref=ref))
     deps.metrics.observe_call(BULK_ISSUE, call.status, call.latency_ms)
-    throttled = call.status == 429
-    if throttled:
+    if call.status == 429:
         deps.limiter.penalise(deps.retry_policy.throttle_penalty_s(result.retry_after_s))
+    # Throttled at the door only when no entry speaks: an entry in a 429 still says what
+    # happened to its series (a coupon it carries is issued, never re-sent).
+    throttled = call.status == 429 and result.call_level_failure
     _update_circuit(deps, permit, result)
     for entity in entities:
         outcome = result.entries[entity.series_id]
@@ -436,9 +438,13 @@ def _issue(attempt: _Attempt, entities: list[ClaimedEntity], permit: Permit) -> 
 
 def _update_circuit(deps: Deps, permit: Permit, result: BulkIssueResult) -> None:
     verdicts = {e.verdict for e in result.entries.values()}
-    if Verdict.OUTAGE in verdicts:
-        first = next(e for e in result.entries.values() if e.verdict is Verdict.OUTAGE)
-        reason = f"{first.error.code}: {first.error.message}" if first.error else "outage"
+    # A configuration or auth error anywhere in the answer pauses the fleet, whatever each
+    # series' own verdict became (an entry read back because the counts disagreed, say).
+    outage = result.outage or next(
+        (e.error for e in result.entries.values() if e.verdict is Verdict.OUTAGE and e.error),
+        None)
+    if outage is not None or Verdict.OUTAGE in verdicts:
+        reason = f"{outage.code}: {outage.message}" if outage else "outage"
         deps.circuit.failure(permit, Verdict.OUTAGE, reason)
     elif result.call_level_failure and counts_toward_circuit(
             next(iter(verdicts)), result.call.status):

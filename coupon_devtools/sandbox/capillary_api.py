@@ -235,6 +235,8 @@ async def _fault_after(call: _Call, fault: FaultRule | None, answer: ApiAnswer) 
         "garbled_after": lambda _f: call.garble(),
         "redirect_after": lambda f: call.redirect(f.status),
         "odd_numbers_after": lambda _f: call.odd_numbers(answer),
+        "status_after": lambda f: call.answer(ApiAnswer(f.status, answer.body,
+                                                        answer.headers)),
     }
     spoil = spoilers.get(fault.kind)
     if spoil is not None:

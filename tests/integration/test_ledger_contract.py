@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, func, select, text
 
+from worker.capillary.answers import MAX_CODE_CHARS, parse_coupon
 from worker.capillary.api import CallInfo
-from worker.capillary.client import MAX_CODE_CHARS, parse_coupon
 from worker.domain import Coupon, EntityState, issue_ref
 from worker.errors import EventRejected
 from worker.events import parse_event_data
