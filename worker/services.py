@@ -24,7 +24,15 @@ from typing import Protocol
 
 from worker.capillary.api import BulkIssueResult, CouponApi, FoundCoupon
 from worker.circuit import CircuitGate, Permit
-from worker.domain import Coupon, EntityState, Verdict, attempt_ref, notes_with_ref
+from worker.domain import (
+    HOLDS_ONE_CODES,
+    Coupon,
+    EntityState,
+    EntryError,
+    Verdict,
+    attempt_ref,
+    notes_with_ref,
+)
 from worker.errors import (
     CapillaryError,
     EventRejected,
@@ -51,6 +59,7 @@ from worker.policy import (
     DeadLetter,
     Decision,
     Defer,
+    HeldCoupon,
     RecordDuplicate,
     RecordIssued,
     RetryPolicy,
@@ -59,6 +68,7 @@ from worker.policy import (
     counts_toward_circuit,
     rate_limit_slot,
     refused_after_unknown,
+    refused_holding,
     retries_to_dispatch,
     unrecordable,
 )
@@ -421,19 +431,69 @@ def _issue(attempt: _Attempt, entities: list[ClaimedEntity], permit: Permit) -> 
             decision: Decision = deps.retry_policy.throttled(
                 entity.attempts, retry_after_s=result.retry_after_s, rng=deps.rng)
         else:
+            code = outcome.error.code if outcome.error else None
             decision = deps.retry_policy.decide(
                 outcome.verdict, attempts=entity.attempts, retry_after_s=result.retry_after_s,
-                circuit_open_s=deps.circuit.policy_open_s, rng=deps.rng,
+                circuit_open_s=deps.circuit.policy_open_s, rng=deps.rng, error_code=code,
             )
-            decision = refused_after_unknown(
-                decision, outcome.error.code if outcome.error else None,
-                after_unknown=entity.needs_reconcile)
+            if entity.needs_reconcile and isinstance(decision, DeadLetter) \
+                    and code in HOLDS_ONE_CODES and outcome.error is not None \
+                    and _read_back_holder(attempt, entity, outcome.error):
+                continue
+            decision = refused_after_unknown(decision, code,
+                                             after_unknown=entity.needs_reconcile)
         attempt.add(
             entity, decision, verdict=outcome.verdict,
             error_code=outcome.error.code if outcome.error else None,
             message=outcome.error.message if outcome.error else None,
             request_id=call.request_id, coupon=outcome.coupon,
         )
+
+
+#: How far back the customer's coupons are read when Capillary says they already hold one.
+HELD_SINCE = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+def _read_back_holder(attempt: _Attempt, entity: ClaimedEntity, error: EntryError) -> bool:
+    """A re-send after an unknown outcome was refused as "the customer already holds one":
+    read the customer's coupons of the series back. Ours: adopted (recorded as issued, or as a
+    duplicate). Not ours: dead-lettered with the customer's coupons in the reason, so support
+    sees them without opening Capillary. False when the read-back could not be made.
+    """
+    deps, claim = attempt.deps, attempt.claim
+    slot = rate_limit_slot(deps.limiter.reserve(READ_BACK), max_wait_s=deps.rate_limit_max_wait_s)
+    if isinstance(slot, Defer):
+        deps.limiter.cancel(READ_BACK)
+        return False
+    _wait_for(slot, deps)
+    try:
+        read_back = deps.api.find_coupons(claim.customer, entity.series_id, HELD_SINCE)
+    except CapillaryError as exc:
+        log.warning("holds_one.read_back_failed", extra={
+            "event_id": claim.event_id, "customer": claim.customer_key,
+            "series": entity.series_id, "error": str(exc), "request_id": exc.request_id})
+        return False
+    attempt.calls.append(RecordedCall(read_back.call, (entity.entity_id,), (entity.series_id,)))
+    deps.metrics.observe_call(READ_BACK, read_back.call.status, read_back.call.latency_ms)
+    request_id = read_back.call.request_id
+    ours = [found for found in read_back.coupons if _is_ours(claim.issue_ref, found)]
+    log.info("holds_one.read_back", extra={
+        "event_id": claim.event_id, "customer": claim.customer_key, "series": entity.series_id,
+        "error_code": error.code, "ours": [f.coupon.code for f in ours],
+        "held": [f.coupon.code for f in read_back.coupons][:20], "request_id": request_id})
+    if len(ours) == 1:
+        attempt.reconciled += 1
+        attempt.add(entity, RecordIssued(), verdict=Verdict.ISSUED, request_id=request_id,
+                    coupon=ours[0].coupon, reconciled=True)
+    elif ours:
+        deps.metrics.duplicates_issued.inc()
+        attempt.add(entity, RecordDuplicate(), verdict=Verdict.ISSUED, request_id=request_id,
+                    coupon=ours[0].coupon, extra_coupons=tuple(f.coupon for f in ours[1:]))
+    else:
+        held = [HeldCoupon(f.coupon.code, f.created_at) for f in read_back.coupons]
+        attempt.add(entity, refused_holding(error.code, held), verdict=error.verdict,
+                    error_code=error.code, message=error.message, request_id=request_id)
+    return True
 
 
 def _update_circuit(deps: Deps, permit: Permit, result: BulkIssueResult) -> None:
