@@ -60,6 +60,7 @@ def build_deps(settings: Settings, publisher: Publisher, *, engine: Engine | Non
         worker_id=worker_id(),
         lease_s=settings.lease_s,
         rate_limit_max_wait_s=settings.rate_limit_max_wait_s,
+        max_series_per_call=settings.capillary_max_series_per_call,
     )
 
 

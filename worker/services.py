@@ -114,6 +114,8 @@ class Deps:
     worker_id: str
     lease_s: float = 120.0
     rate_limit_max_wait_s: float = 30.0
+    #: Series per bulk-issue call (``CAPILLARY_MAX_SERIES_PER_CALL``): more are split.
+    max_series_per_call: int = 100
     clock: Callable[[], datetime] = utcnow
     sleep: Callable[[float], None] = time.sleep
     rng: random.Random = field(default_factory=random.Random)
@@ -239,6 +241,9 @@ class _Attempt:
     transitions: list[Transition] = field(default_factory=list)
     calls: list[RecordedCall] = field(default_factory=list)
     reconciled: int = 0
+    #: What earlier calls of this attempt already committed, and the claims found lost.
+    committed: list[Transition] = field(default_factory=list)
+    lost: int = 0
 
     def add(self, entity: ClaimedEntity, decision: Decision, *, verdict: Verdict,
             error_code: str | None = None, message: str | None = None,
@@ -315,8 +320,21 @@ def _attempt(claim: Claim, deps: Deps, *, new_event: bool = False) -> Report:
         if entity.needs_reconcile and _reconcile(attempt, entity, permit):
             continue
         to_issue.append(entity)
-    if to_issue:
-        _issue(attempt, to_issue, permit)
+    size = max(deps.max_series_per_call, 1)
+    for start in range(0, len(to_issue), size):
+        chunk = to_issue[start:start + size]
+        if start:
+            # Each call's outcome is committed before the next call is sent: a worker dying
+            # between calls leaves in flight only the series of the calls not yet answered.
+            _commit(attempt)
+            next_permit = deps.circuit.permit()
+            if isinstance(next_permit, CircuitState):
+                attempt.defer_all(to_issue[start:], CircuitPolicy.wait_while_open(
+                    next_permit.open_until, deps.clock()),
+                    f"circuit open: {next_permit.reason}", "circuit_open")
+                break
+            permit = next_permit
+        _issue(attempt, chunk, permit)
     return _finish(attempt, new_event)
 
 
@@ -515,7 +533,8 @@ def _update_circuit(deps: Deps, permit: Permit, result: BulkIssueResult) -> None
         deps.circuit.success(permit)
 
 
-def _finish(attempt: _Attempt, new_event: bool) -> Report:
+def _commit(attempt: _Attempt) -> None:
+    """Record the calls and transitions of the attempt so far, and log and count them."""
     deps, claim = attempt.deps, attempt.claim
     try:
         lost = _record(deps, claim, attempt.calls, attempt.transitions)
@@ -524,13 +543,22 @@ def _finish(attempt: _Attempt, new_event: bool) -> Report:
     except LedgerError as exc:
         recorded, lost = _record_what_can_be(deps, claim, attempt, exc)
         attempt.transitions = recorded
-    if lost:
-        log.error("claim.lost", extra={"event_id": claim.event_id, "lost": lost,
-                                       "worker": deps.worker_id})
-    kinds = Counter(t.kind for t in attempt.transitions)
     for t in attempt.transitions:
         _log_transition(claim, t)
         _count_transition(deps.metrics, t)
+    attempt.committed.extend(attempt.transitions)
+    attempt.lost += lost
+    attempt.transitions, attempt.calls = [], []
+
+
+def _finish(attempt: _Attempt, new_event: bool) -> Report:
+    deps, claim = attempt.deps, attempt.claim
+    _commit(attempt)
+    lost = attempt.lost
+    if lost:
+        log.error("claim.lost", extra={"event_id": claim.event_id, "lost": lost,
+                                       "worker": deps.worker_id})
+    kinds = Counter(t.kind for t in attempt.committed)
     return Report(
         claim.event_id,
         new_event=new_event,

@@ -112,3 +112,28 @@ def test_entries_in_a_4xx_are_read_per_series(settings: Settings, sandbox: Sandb
     assert result.entries[ISSUED_SERIES].verdict is Verdict.ISSUED
     refused = result.entries[REFUSED_SERIES]
     assert refused.verdict is Verdict.PERMANENT and refused.error and refused.error.code == "712"
+
+
+def test_an_event_with_more_series_than_a_call_takes_is_issued_in_several_calls(
+    deps: services.Deps, clean_ledger: Engine, sandbox: SandboxAdmin,
+) -> None:
+    # Given calls of at most 100 series, and an event of 250
+    deps.max_series_per_call = 100
+    series = list(range(1000, 1250))
+    event = parse_event_data({"eventId": "many-series", "customer": CUSTOMER,
+                              "seriesIds": series})
+    # When it is issued
+    report = services.issue_event(event, source="bus", deps=deps)
+    # Then three calls issue every series once, each call recorded with its own series
+    assert report.issued == 250
+    bulk_calls = [c["seriesIds"] for c in sandbox.calls() if c["path"] == "bulk"]
+    assert bulk_calls == [series[:100], series[100:200], series[200:]]
+    assert sorted(c["seriesId"] for c in sandbox.ledger()) == series
+    with clean_ledger.connect() as conn:
+        calls = conn.execute(text(
+            "SELECT cardinality(series_ids) FROM api_calls WHERE operation = 'bulk_issue' "
+            "ORDER BY id")).scalars().all()
+        states = conn.execute(text("SELECT state, count(*) FROM entities GROUP BY state")).all()
+        event_state = conn.execute(text("SELECT state FROM events")).scalar()
+    assert calls == [100, 100, 50]
+    assert states == [("issued", 250)] and event_state == "completed"

@@ -442,3 +442,34 @@ def test_no_sleep_when_the_rate_limit_slot_is_now(world: World) -> None:
     issue_event(event(), source="bus", deps=world.deps)
     # Then it issued without calling sleep at all
     assert world.api.bulk_calls == [[544770, 553379]] and slept == []
+
+
+def test_many_series_are_split_into_calls_each_committed_before_the_next(world: World) -> None:
+    # Given calls of at most two series, and an event of five
+    world.deps.max_series_per_call = 2
+    seen: list[list[str]] = []
+    real_issue = world.api.bulk_issue
+
+    def bulk_issue(customer: dict[str, str], series_ids: list[int],
+                   metadata: dict[str, str]) -> BulkIssueResult:
+        seen.append(sorted(e.state.value for e in world.state.entities.values()))
+        return real_issue(customer, series_ids, metadata)
+
+    world.api.bulk_issue = bulk_issue  # type: ignore[method-assign]
+    report = issue_event(event(series=(1, 2, 3, 4, 5)), source="task", deps=world.deps)
+    # Then three calls, and each sees the earlier calls' series already recorded as issued
+    assert world.api.bulk_calls == [[1, 2], [3, 4], [5]]
+    assert seen == [["in_flight"] * 5, ["in_flight"] * 3 + ["issued"] * 2,
+                    ["in_flight"] + ["issued"] * 4]
+    assert report.issued == 5 and report.claimed == 5
+
+
+def test_an_outage_in_one_call_defers_the_series_of_the_calls_not_sent(world: World) -> None:
+    world.deps.max_series_per_call = 2
+    world.api.series_errors[2] = 788  # invalid configuration: the fleet pauses
+    report = issue_event(event(series=(1, 2, 3, 4)), source="task", deps=world.deps)
+    assert world.api.bulk_calls == [[1, 2]], "no call while the circuit is open"
+    assert world.entity(1).state is EntityState.ISSUED
+    assert all(world.entity(s).state is EntityState.RETRY_WAIT for s in (2, 3, 4))
+    assert all(world.entity(s).attempts == 0 for s in (3, 4)), "deferred: no attempt spent"
+    assert report.deferred == 3
