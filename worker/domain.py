@@ -131,6 +131,8 @@ class Coupon:
     valid_till: datetime | None = None
     valid_till_date_time: datetime | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
+    #: What Capillary's answer warned of for this series, as text.
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

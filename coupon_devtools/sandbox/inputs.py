@@ -50,7 +50,7 @@ FaultKind = Literal[
     "readback_failure_status",  # read-back answers 200 whose body reports a failure
     "readback_stale",  # read-back answers from a replica that has not seen recent writes
 ]
-Behaviour = Literal["valid", "invalid", "expired", "error"]
+Behaviour = Literal["valid", "invalid", "expired", "inactive", "error"]
 DiscountType = Literal["ABS", "PERC"]
 ReadbackApi = Literal["v2_coupon", "v11_customer_coupons", "v2_customers_coupons"]
 

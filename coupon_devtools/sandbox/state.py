@@ -289,15 +289,20 @@ class SandboxState(ReadbackRules):
             )
             if error is not None:
                 failures += 1
+            settings = self._series.get(series_id, DEFAULT_SERIES)
             entries.append(
                 {
                     "entityId": series_id,
                     "result": result,
                     "errors": [] if error is None else [error],
-                    "warnings": [],
+                    "warnings": [{"message": w} for w in settings.warnings] if result else [],
                 }
             )
         total = len(entries)
+        if self.config.shuffle_entries:
+            # Apart from the codes' generator: a shuffle must not change the codes issued.
+            self._fault_random.shuffle(entries)
+        # Doc (status codes): 200 all succeeded, 201 one or more failed, 500 all failed.
         status = 200 if failures == 0 else 500 if failures == total else 201
         return ApiAnswer(
             status, {"response": entries, "totalCount": total, "failureCount": failures}
@@ -316,6 +321,10 @@ class SandboxState(ReadbackRules):
         if refusal is not None:
             return None, refusal
         held = self._held.get((request.customer_id, series_id), 0)
+        if held and not settings.multiple_per_user and settings.behaviour == "valid":
+            # Doc (idempotency): isMultipleVouchersPerUserAllowed=false refuses a second coupon;
+            # the message is the documented error entry's.
+            return None, entry_error(709, "Coupon processing failed: user already has a coupon")
         at_cap = settings.max_per_user is not None and held >= settings.max_per_user
         coupon = None
         if not at_cap and (settings.behaviour == "valid" or settings.issue_on_error):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, time, tzinfo
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -262,8 +262,10 @@ def _outcome(series_id: int, seen: _Seen) -> EntryOutcome:
             warnings.append("the entry carried a coupon with errors: "
                             + "; ".join(f"{e.code} {e.message}"
                                         for errs in seen.errors for e in errs))
-        return EntryOutcome(series_id, Verdict.ISSUED, coupon=first,
-                            warnings=tuple(warnings[:MAX_WARNINGS]))
+        kept = tuple(warnings[:MAX_WARNINGS])
+        # Recorded with the coupon: shown by ``events show`` and the console.
+        return EntryOutcome(series_id, Verdict.ISSUED, coupon=replace(first, warnings=kept),
+                            warnings=kept)
     said = [_speaking_error(errs) if errs else None for errs in seen.errors]
     if any(e is None for e in said) or not said:
         # An entry with neither a coupon nor an error does not say "not issued".
