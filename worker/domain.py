@@ -246,6 +246,14 @@ def code_meaning(code: int | None, message: str = "") -> CodeMeaning:
     return known
 
 
+#: The codes the answer parser gives a series whose entries broke an assumption about
+#: Capillary (each is unknown: read back before anything is sent again).
+COUNTS_DISAGREE = "counts_disagree"
+CONFLICTING_ENTRIES = "conflicting_entries"
+MISSING_ENTRY = "missing_entry"
+EMPTY_ENTRY = "empty_entry"
+ODD_ENTRY_CODES = frozenset({COUNTS_DISAGREE, CONFLICTING_ENTRIES, MISSING_ENTRY, EMPTY_ENTRY})
+
 #: The worker's own codes, for what no Capillary code says.
 WORKER_CODES: dict[str, str] = {
     "read_timeout": "no answer in time (may have issued)",

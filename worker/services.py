@@ -26,6 +26,7 @@ from worker.capillary.api import BulkIssueResult, CouponApi, FoundCoupon
 from worker.circuit import CircuitGate, Permit
 from worker.domain import (
     HOLDS_ONE_CODES,
+    ODD_ENTRY_CODES,
     Coupon,
     EntityState,
     EntryError,
@@ -443,6 +444,8 @@ def _issue(attempt: _Attempt, entities: list[ClaimedEntity], permit: Permit) -> 
     # happened to its series (a coupon it carries is issued, never re-sent).
     throttled = call.status == 429 and result.call_level_failure
     _update_circuit(deps, permit, result)
+    for kind in _answer_remarks(result):
+        deps.metrics.answer_remarks.labels(kind).inc()
     for entity in entities:
         outcome = result.entries[entity.series_id]
         if throttled:
@@ -466,6 +469,18 @@ def _issue(attempt: _Attempt, entities: list[ClaimedEntity], permit: Permit) -> 
             message=outcome.error.message if outcome.error else None,
             request_id=call.request_id, coupon=outcome.coupon,
         )
+
+
+def _answer_remarks(result: BulkIssueResult) -> list[str]:
+    """What in a bulk-issue answer broke an assumption about Capillary, one per series (the
+    ``capillary_answer_remarks_total`` metric; the README's "What we assume" page)."""
+    remarks = [e.error.code for e in result.entries.values()
+               if e.error is not None and e.error.code in ODD_ENTRY_CODES]
+    remarks += ["warnings" for e in result.entries.values() if e.warnings]
+    status = result.call.status
+    if not result.call_level_failure and status is not None and status >= 400:
+        remarks += ["entries_in_error_status"] * len(result.entries)
+    return remarks
 
 
 #: How far back the customer's coupons are read when Capillary says they already hold one.
@@ -499,6 +514,8 @@ def _read_back_holder(attempt: _Attempt, entity: ClaimedEntity, error: EntryErro
         "event_id": claim.event_id, "customer": claim.customer_key, "series": entity.series_id,
         "error_code": error.code, "ours": [f.coupon.code for f in ours],
         "held": [f.coupon.code for f in read_back.coupons][:20], "request_id": request_id})
+    deps.metrics.answer_remarks.labels(
+        "holds_one_ours" if ours else "holds_one_not_ours").inc()
     if len(ours) == 1:
         attempt.reconciled += 1
         attempt.add(entity, RecordIssued(), verdict=Verdict.ISSUED, request_id=request_id,

@@ -67,6 +67,9 @@ def test_a_400_whose_entries_say_issued_and_refused_records_the_issued_one_once(
         ISSUED_SERIES: ("issued", None, truth[0]["code"]),
         REFUSED_SERIES: ("dead", "712", None),
     }
+    # And an operator sees the odd answer in the metrics
+    assert deps.metrics.registry.get_sample_value(
+        "capillary_answer_remarks_total", {"kind": "entries_in_error_status"}) == 2
     # And a replay of the event re-sends only the refused series, never the issued one
     sandbox.set_series(REFUSED_SERIES, behaviour="valid")
     support = SupportDeps(uow=deps.uow, publisher=deps.publisher,

@@ -219,6 +219,8 @@ def test_already_holds_one_after_an_unknown_outcome_adopts_our_coupon(
     assert entity.state is EntityState.ISSUED and entity.dead_reason is None
     assert world.state.coupons[entity.id].code == world.api.issued[0].code
     assert len(world.api.issued) == 1 and world.api.read_backs == 2
+    assert world.deps.metrics.registry.get_sample_value(
+        "capillary_answer_remarks_total", {"kind": "holds_one_ours"}) == 1
 
 
 def test_already_holds_one_after_an_unknown_outcome_names_the_customers_coupon(

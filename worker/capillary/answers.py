@@ -29,7 +29,16 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from worker.capillary.api import EntryOutcome
-from worker.domain import CONFIGURATION_CODES, Coupon, EntryError, Verdict
+from worker.domain import (
+    CONFIGURATION_CODES,
+    CONFLICTING_ENTRIES,
+    COUNTS_DISAGREE,
+    EMPTY_ENTRY,
+    MISSING_ENTRY,
+    Coupon,
+    EntryError,
+    Verdict,
+)
 from worker.events import SERIES_ID_MAX
 from worker.policy import classify_entry_error, classify_unanswered
 from worker.sanitize import printable
@@ -49,8 +58,6 @@ MAX_WARNING_CHARS = 300
 #: Statuses with which a gateway or Capillary refuses the caller's credentials.
 AUTH_STATUSES = frozenset({401, 403, 407})
 
-COUNTS_DISAGREE = "counts_disagree"
-CONFLICTING_ENTRIES = "conflicting_entries"
 _LEADING_CODE = re.compile(r"^\s*(\d{3,4})\b[\s:.\-]*(.*)$", re.DOTALL)
 _END_OF_DAY = time(23, 59, 59)
 
@@ -269,7 +276,7 @@ def _outcome(series_id: int, seen: _Seen) -> EntryOutcome:
     said = [_speaking_error(errs) if errs else None for errs in seen.errors]
     if any(e is None for e in said) or not said:
         # An entry with neither a coupon nor an error does not say "not issued".
-        error = EntryError("empty_entry", "entry has neither a coupon nor an error",
+        error = EntryError(EMPTY_ENTRY, "entry has neither a coupon nor an error",
                            Verdict.AMBIGUOUS)
     else:
         errors = [e for e in said if e is not None]
@@ -288,7 +295,7 @@ def _counts_disagree(body: dict[str, Any], requested: int,
     """Why ``totalCount`` / ``failureCount`` disagree with the entries, or None."""
     failed = sum(1 for e in entries.values()
                  if e.verdict is not Verdict.ISSUED and e.error is not None
-                 and e.error.code not in ("missing_entry", "empty_entry"))
+                 and e.error.code not in (MISSING_ENTRY, EMPTY_ENTRY))
     issued = sum(1 for e in entries.values() if e.verdict is Verdict.ISSUED)
     reasons = []
     if "totalCount" in body and body["totalCount"] is not None:
@@ -351,7 +358,7 @@ def parse_bulk_answer(series_ids: list[int], status: int, body: object,
         if series_id not in entries:
             entries[series_id] = EntryOutcome(
                 series_id, Verdict.AMBIGUOUS,
-                error=EntryError("missing_entry", "answer has no entry for this series",
+                error=EntryError(MISSING_ENTRY, "answer has no entry for this series",
                                  Verdict.AMBIGUOUS))
     outage = outage or next((e.error for e in entries.values()
                              if e.error is not None and e.verdict is Verdict.OUTAGE), None)
@@ -362,7 +369,7 @@ def parse_bulk_answer(series_ids: list[int], status: int, body: object,
             if entry.verdict is Verdict.ISSUED or entry.error is None:
                 continue
             said = f" (the entry said {entry.error.code} {entry.error.message})" \
-                if entry.error.code not in ("missing_entry", "empty_entry") else ""
+                if entry.error.code not in (MISSING_ENTRY, EMPTY_ENTRY) else ""
             entries[series_id] = EntryOutcome(
                 series_id, Verdict.AMBIGUOUS, warnings=entry.warnings,
                 error=EntryError(COUNTS_DISAGREE, capped(
