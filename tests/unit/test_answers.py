@@ -50,9 +50,14 @@ def test_a_configuration_code_pauses_wherever_it_appears(status: int, code: obje
     in_entry = parse_bulk_answer([A, B], status, {"response": [coupon(A), refusal(B, code)]})
     assert in_entry.outage is not None and in_entry.entries[B].verdict is Verdict.OUTAGE
     assert in_entry.entries[A].verdict is Verdict.ISSUED
-    # In the call-level errors of an answer without entries
+    # In the call-level errors of an answer without entries: the fleet pauses, and the series
+    # waits (a 4xx: not issued) or is read back first (a 2xx or 5xx may have issued)
     call_level = parse_bulk_answer([A], status, {"errors": [{"code": code, "message": "cfg"}]})
-    assert call_level.outage is not None and call_level.entries[A].verdict is Verdict.OUTAGE
+    assert call_level.outage is not None
+    assert call_level.entries[A].verdict is (
+        Verdict.OUTAGE if status == 400 else Verdict.AMBIGUOUS)
+    assert call_level.entries[A].error is not None
+    assert call_level.entries[A].error.code == str(int(float(str(code))))
 
 
 def test_an_entry_with_a_coupon_is_issued_even_with_errors() -> None:

@@ -347,10 +347,16 @@ def parse_bulk_answer(series_ids: list[int], status: int, body: object,
     outage = _call_level_outage(status, body)
     if not seen:
         # No entry speaks for any series asked for (an error body, an empty or foreign list):
-        # the status decides, unless the call-level errors name a configuration problem.
-        error = outage or EntryError(
-            f"http_{status}", call_level_message(body) or f"HTTP {status}",
-            classify_unanswered(status))
+        # the status decides. A configuration code in the call-level errors pauses the fleet
+        # (``outage``); it stands for the series too, unless the status leaves the outcome
+        # unknown (a 5xx, a 2xx): then they are read back before anything is sent again.
+        verdict = classify_unanswered(status)
+        if outage is not None and verdict is not Verdict.AMBIGUOUS:
+            error = outage
+        else:
+            error = EntryError(outage.code if outage else f"http_{status}",
+                               (outage.message if outage else call_level_message(body))
+                               or f"HTTP {status}", verdict)
         return ParsedAnswer({s: EntryOutcome(s, error.verdict, error=error) for s in series_ids},
                             unreadable=True, outage=outage)
     entries = {s: _outcome(s, item) for s, item in seen.items()}
