@@ -108,8 +108,8 @@ class SandboxAdmin:
 
     def configure(self, **fields: Any) -> dict[str, Any]:
         """Partially update the config: latencySeconds, rateLimitPerMinute (None disables),
-        tokenTtlSeconds, timezone, strictSeries, shuffleEntries, readbackLagSeconds. Returns
-        the new config."""
+        tokenTtlSeconds, timezone, strictSeries, shuffleEntries, readbackLagSeconds,
+        oneActionPerCustomer. Returns the new config."""
         body = self._request("PUT", "config", json=_camel_fields(fields))
         return cast(dict[str, Any], body["config"])
 

@@ -44,6 +44,8 @@ class SandboxOptions:
     shuffle_entries: bool = False
     #: Coupons stay invisible to the read-backs this long after they are issued.
     readback_lag_seconds: float = 0.0
+    #: A second bulk issue for a customer while one is in progress answers 521.
+    one_action_per_customer: bool = False
     scenario: Mapping[str, Any] | None = None
     #: Seeds the coupon codes and the probabilistic faults, so that a run can be repeated
     #: (as far as the order of the calls it receives repeats); None draws a fresh seed.
@@ -65,6 +67,10 @@ class SandboxConfig:
     # Defensive assumption (nothing documents how soon a read-back shows a coupon): read-backs
     # served by a replica that lags the write by this many seconds.
     readback_lag_s: float = 0.0
+    # Doc (status codes): 521 "multiple actions are running for the same customer, try
+    # later". On: a bulk issue arriving while another for the same customer is still being
+    # processed (held by a fault's delay) is answered 521, and issues nothing.
+    one_action_per_customer: bool = False
 
     @property
     def tz(self) -> FixedOffset:
@@ -83,6 +89,7 @@ class SandboxConfig:
                 "strictSeries": options.strict_series,
                 "shuffleEntries": options.shuffle_entries,
                 "readbackLagSeconds": options.readback_lag_seconds,
+                "oneActionPerCustomer": options.one_action_per_customer,
             }
         )
 
@@ -105,6 +112,7 @@ class SandboxConfig:
             "strictSeries": self.strict_series,
             "shuffleEntries": self.shuffle_entries,
             "readbackLagSeconds": self.readback_lag_s,
+            "oneActionPerCustomer": self.one_action_per_customer,
         }
 
 
@@ -129,6 +137,7 @@ _CONFIG_FIELDS: Final[Mapping[str, tuple[str, Callable[[str, object], Any]]]] = 
     "strictSeries": ("strict_series", as_bool),
     "shuffleEntries": ("shuffle_entries", as_bool),
     "readbackLagSeconds": ("readback_lag_s", lambda k, v: as_number(k, v, minimum=0.0)),
+    "oneActionPerCustomer": ("one_action_per_customer", as_bool),
 }
 
 

@@ -103,6 +103,7 @@ class SandboxState(ReadbackRules):
         self._path_counts: dict[str, int] = {"bulk": 0, "readback": 0, "token": 0}
         self._status_counts: dict[str, int] = {}
         self._rate_limited = 0
+        self._busy_customers: set[str] = set()
 
     def configure(self, fields: Mapping[str, Any]) -> SandboxConfig:
         """Apply a partial config update (camelCase keys); returns the new config."""
@@ -240,6 +241,20 @@ class SandboxState(ReadbackRules):
         return max(1, math.ceil(window[-limit] + RATE_WINDOW_S - now))
 
     # --- customers -------------------------------------------------------------------------
+
+    def begin_action(self, customer_id: str) -> bool:
+        """Start a bulk issue for the customer; False when one is already in progress and
+        ``oneActionPerCustomer`` is on (the call is answered 521)."""
+        if not self.config.one_action_per_customer:
+            return True
+        if customer_id in self._busy_customers:
+            return False
+        self._busy_customers.add(customer_id)
+        return True
+
+    def end_action(self, customer_id: str) -> None:
+        """The customer's bulk issue is answered."""
+        self._busy_customers.discard(customer_id)
 
     def resolve_identifier(self, kind: str, value: str) -> str:
         """The customer id for an identifier; mobile/email/externalId get stable synthetic ids."""

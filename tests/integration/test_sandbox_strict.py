@@ -6,7 +6,9 @@ defensive assumption where the documentation is silent.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -129,6 +131,28 @@ def test_a_busy_customer_answers_521_and_is_unknown(client: CapillaryClient,
     sandbox.add_fault(kind="busy_521")
     entry = client.bulk_issue(CUSTOMER, [544770], META).entries[544770]
     assert entry.verdict is Verdict.AMBIGUOUS and entry.error and entry.error.code == "http_521"
+
+
+def test_a_second_call_for_a_customer_still_being_served_answers_521(
+        client: CapillaryClient, sandbox: SandboxAdmin) -> None:
+    # Given a sandbox that serves one action per customer at a time, and a first call that
+    # takes a second to be served
+    sandbox.configure(one_action_per_customer=True)
+    sandbox.add_fault(kind="latency", delay_seconds=1.5, times=1)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        first = pool.submit(client.bulk_issue, CUSTOMER, [544770], META)
+        deadline = time.monotonic() + 5
+        while not any(f["applied"] for f in sandbox.faults()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        # When a second call for the same customer arrives meanwhile
+        second = client.bulk_issue(CUSTOMER, [553379], META)
+        # Then it is answered 521 and issues nothing; the first issues
+        assert second.call.status == 521
+        assert second.entries[553379].verdict is Verdict.AMBIGUOUS
+        assert first.result().entries[544770].verdict is Verdict.ISSUED
+    assert [c["seriesId"] for c in sandbox.ledger()] == [544770]
+    # And another customer is never kept waiting by it
+    assert client.bulk_issue({"id": "1"}, [553379], META).call.status == 200
 
 
 # -- warnings, recorded with the coupon and shown -------------------------------------------
