@@ -163,3 +163,11 @@ def test_a_date_only_expiry_is_read_in_the_organisations_zone() -> None:
     assert entry.coupon is not None
     assert entry.coupon.valid_till == datetime(2026, 6, 11, tzinfo=IST)
     assert entry.coupon.valid_till_date_time == datetime(2026, 6, 11, 23, 59, 59, tzinfo=IST)
+
+
+@pytest.mark.parametrize("status", [200, 400, 500])
+def test_an_auth_error_in_the_call_level_errors_pauses_too(status: int) -> None:
+    parsed = parse_bulk_answer([A], status, {"errors": [{"code": 401, "message": "Invalid "
+                                                         "or expired token"}]})
+    assert parsed.outage is not None and parsed.outage.verdict is Verdict.OUTAGE
+    assert parsed.outage.code == "401"

@@ -315,7 +315,9 @@ def _call_level_outage(status: int, body: object) -> EntryError | None:
         return EntryError(f"http_{status}", call_level_message(body) or f"HTTP {status}",
                           Verdict.OUTAGE)
     errors = parse_errors(body.get("errors"), status) if isinstance(body, dict) else []
-    return next((e for e in errors if int_or_none(e.code) in CONFIGURATION_CODES), None)
+    found = next((e for e in errors
+                  if int_or_none(e.code) in CONFIGURATION_CODES | AUTH_STATUSES), None)
+    return None if found is None else EntryError(found.code, found.message, Verdict.OUTAGE)
 
 
 def call_level_message(body: object) -> str | None:
