@@ -171,3 +171,19 @@ def test_an_auth_error_in_the_call_level_errors_pauses_too(status: int) -> None:
                                                          "or expired token"}]})
     assert parsed.outage is not None and parsed.outage.verdict is Verdict.OUTAGE
     assert parsed.outage.code == "401"
+
+
+def test_a_date_only_issue_date_in_a_read_back_keeps_a_coupon_issued_that_day() -> None:
+    from worker.capillary.api import CallInfo
+    from worker.capillary.client import CapillaryClient
+
+    # Given a read-back row whose issuedDate is a date alone (no time, no offset)
+    client = CapillaryClient("http://127.0.0.1:9", timezone=IST)
+    call = CallInfo("read_back", datetime(2026, 6, 11, tzinfo=UTC), 1.0, 200, "r", "answered")
+    row = {"code": "OURS01", "seriesId": A, "issuedDate": "2026-06-11",
+           "couponIssualDetails": {"notes": "[cw:0]"}}
+    found = client._found_coupon(row, A, call)
+    # Then it counts as issued at the end of that day, so a first attempt made that morning
+    # still finds it (never "absent", and sent again)
+    assert found is not None
+    assert found.created_at == datetime(2026, 6, 11, 23, 59, 59, tzinfo=IST)

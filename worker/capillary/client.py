@@ -389,8 +389,10 @@ class CapillaryClient:
         details = row.get("couponIssualDetails")
         return FoundCoupon(
             coupon=parse_coupon(row, series_id, self._timezone),
+            # A date alone is taken as its day's last second: the read-back keeps coupons
+            # issued since the first attempt, and one issued that day must not be missed.
             created_at=parse_timestamp(row.get("issuedDate") or row.get("createdDate"),
-                                       self._timezone),
+                                       self._timezone, end_of_day=True),
             issual_details=details if isinstance(details, dict) else {},
         )
 
