@@ -1,14 +1,16 @@
 """Property-based tests over generated Capillary answers (any status, any mix of entries,
 shuffled, repeated, missing, malformed): no answer crashes the parser, every entity ends in
-exactly one state, and an entity whose entry carries a coupon is issued: never retried,
-dead-lettered or replayed without a read-back."""
+exactly one state, an entity whose entry carries a coupon is issued (never retried,
+dead-lettered or replayed without a read-back), and, over an event's whole life (sweeps,
+retries, read-backs that show what Capillary really issued, hidden coupons included), no
+series is ever issued twice."""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from hypothesis import HealthCheck, example, given, settings
@@ -16,15 +18,15 @@ from hypothesis import strategies as st
 
 from worker.broker.fake import FakePublisher
 from worker.capillary.answers import parse_bulk_answer
-from worker.capillary.api import BulkIssueResult, CallInfo, ReadBack
+from worker.capillary.api import BulkIssueResult, CallInfo, EntryOutcome, FoundCoupon, ReadBack
 from worker.circuit import CircuitGate
-from worker.domain import CAPILLARY_CODES, ISSUED_STATES, EntityState, Verdict
+from worker.domain import CAPILLARY_CODES, ISSUED_STATES, Coupon, EntityState, Verdict
 from worker.events import parse_event_data
 from worker.ledger.fake import fake_unit_of_work_factory
 from worker.metrics import Metrics
 from worker.policy import CircuitPolicy, RetryPolicy, classify_unanswered
 from worker.ratelimit import Unlimited
-from worker.services import Deps, issue_event
+from worker.services import Deps, issue_event, retry_entity, sweep
 
 NOW = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
 STATUSES = [200, 201, 207, 302, 400, 401, 404, 408, 409, 422, 429, 500, 502, 503, 521]
@@ -133,6 +135,16 @@ def example_each(answers_: list[Answer]) -> Callable[[Callable[..., None]], Any]
     return decorate
 
 
+def example_each_with_hidden(answers_: list[Answer]) -> Callable[[Callable[..., None]], Any]:
+    """``hypothesis.example`` for each of ``answers_``, every series of it hidden-issued
+    where the answer leaves it unknown."""
+    def decorate(test: Callable[..., None]) -> Any:
+        for answer in answers_:
+            test = example(answer, set(answer.series_ids))(test)
+        return test
+    return decorate
+
+
 @PROPERTIES
 @given(answers())
 def test_no_answer_crashes_the_parser_and_every_series_gets_one_outcome(answer: Answer) -> None:
@@ -222,3 +234,90 @@ def test_every_entity_ends_in_one_state_and_a_coupon_entry_is_never_retried(
         if parsed[series_id].verdict is Verdict.AMBIGUOUS or may_have_issued:
             # Unknown: read back before anything is sent again (or replayed)
             assert entity.needs_reconcile
+
+
+# -- exactly once, over the whole life of an event ------------------------------------------
+
+
+class Truth:
+    """Capillary's side: the generated answer for the first call (the series it issued: those
+    with a coupon entry, and, where the answer leaves it unknown, perhaps others it hid), clean
+    answers afterwards, and read-backs that show what was really issued."""
+
+    def __init__(self, answer: Answer, hidden: set[int], clock: Callable[[], datetime]) -> None:
+        self.answer, self.hidden, self.clock = answer, hidden, clock
+        self.issued: dict[int, list[tuple[str, str]]] = {}  # series -> [(code, notes)]
+        self.calls: list[list[int]] = []
+
+    def bulk_issue(self, customer: dict[str, str], series_ids: list[int],
+                   metadata: dict[str, str]) -> BulkIssueResult:
+        self.calls.append(list(series_ids))
+        notes = metadata.get("notes", "")
+        if len(self.calls) == 1:
+            parsed = parse_bulk_answer(series_ids, self.answer.status, self.answer.body)
+            for series_id, outcome in parsed.entries.items():
+                # What the generated entries carry, not what the parser made of them
+                if series_id in self.answer.coupons:
+                    code = outcome.coupon.code if outcome.coupon is not None \
+                        else min(self.answer.coupons[series_id])
+                    self.issued.setdefault(series_id, []).append((code, notes))
+                elif series_id in self.hidden and outcome.verdict is Verdict.AMBIGUOUS:
+                    self.issued.setdefault(series_id, []).append((f"HID{series_id}", notes))
+            call = CallInfo("bulk_issue", self.clock(), 1.0, self.answer.status, "r1", "x")
+            return BulkIssueResult(call, parsed.entries, call_level_failure=parsed.unreadable,
+                                   outage=parsed.outage)
+        entries = {}
+        for series_id in series_ids:
+            code = f"NEW{series_id}-{len(self.calls)}"
+            self.issued.setdefault(series_id, []).append((code, notes))
+            entries[series_id] = EntryOutcome(series_id, Verdict.ISSUED,
+                                              coupon=Coupon(code, series_id))
+        return BulkIssueResult(CallInfo("bulk_issue", self.clock(), 1.0, 200, "r", "issued"),
+                               entries)
+
+    def find_coupons(self, customer: dict[str, str], series_id: int,
+                     since: datetime) -> ReadBack:
+        found = tuple(FoundCoupon(Coupon(code, series_id), since, {"notes": notes})
+                      for code, notes in self.issued.get(series_id, []))
+        return ReadBack(CallInfo("read_back", self.clock(), 1.0, 200, "rb", "answered"), found)
+
+
+@settings(PROPERTIES, max_examples=50)
+@given(answers(), st.sets(st.integers(1, 40), max_size=5))
+@example_each_with_hidden(KNOWN_ANSWERS)
+def test_whatever_the_first_answer_no_series_is_ever_issued_twice(
+        answer: Answer, hidden: set[int]) -> None:
+    now = [NOW]
+
+    def clock() -> datetime:
+        return now[0]
+
+    state, uow = fake_unit_of_work_factory()
+    truth = Truth(answer, hidden, clock)
+    publisher = FakePublisher()
+    deps = Deps(uow=uow, api=truth, publisher=publisher, limiter=Unlimited(),
+                circuit=CircuitGate(uow, CircuitPolicy(), clock=clock, probe_timeout_s=60,
+                                    cache_s=0),
+                retry_policy=RetryPolicy(max_attempts=4), metrics=Metrics(), worker_id="prop",
+                clock=clock, sleep=lambda _s: None, rng=random.Random(1))
+    event = parse_event_data({"eventId": "prop", "customer": {"id": "566881933"},
+                              "seriesIds": answer.series_ids})
+    issue_event(event, source="bus", deps=deps)
+    # When the sweeper and the retries run long enough for every outcome to settle
+    for _ in range(12):
+        now[0] += timedelta(seconds=1000)
+        publisher.retries.clear()
+        sweep(deps)
+        for entity_id in list(publisher.retries):
+            retry_entity(entity_id, deps=deps)
+    entities = {e.series_id: e for e in state.entities.values()}
+    for series_id, entity in entities.items():
+        issued = truth.issued.get(series_id, [])
+        # Then no series was ever issued twice
+        assert len(issued) <= 1, (series_id, issued, entity.history)
+        # And what the ledger records as issued is the coupon Capillary really issued
+        if entity.state in ISSUED_STATES:
+            assert [state.coupons[entity.id].code] == [code for code, _ in issued]
+        # And a coupon that exists is, in the end, recorded (never dead, never waiting)
+        if issued:
+            assert entity.state in ISSUED_STATES, (series_id, entity.state, entity.history)
