@@ -268,7 +268,6 @@ WORKER_CODES: dict[str, str] = {
     "missing_entry": "answer had no entry",
     "counts_disagree": "totalCount/failureCount disagree with the entries (read back)",
     "conflicting_entries": "repeated entries for one series disagree (read back)",
-    "holds_other": "the customer already holds a coupon of the series that is not ours",
 }
 
 #: Every code a listing may show, with its meaning (Capillary's, then the worker's own).
