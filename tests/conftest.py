@@ -26,7 +26,7 @@ from sqlalchemy import Engine, create_engine, text
 from coupon_devtools.harness.databases import create_migrated, drop_database
 from coupon_devtools.harness.processes import Spawned, spawn
 from coupon_devtools.harness.rabbitmqctl import create_vhost, delete_vhost
-from coupon_devtools.sandbox import BackgroundSandbox, SandboxAdmin
+from coupon_devtools.sandbox import BackgroundSandbox, SandboxAdmin, SandboxOptions
 from worker.config import Settings, load_settings
 from worker.health import check_health
 
@@ -123,9 +123,14 @@ def broker_url(session_tag: str) -> Iterator[str]:
 # -- the sandbox ---------------------------------------------------------------------------
 
 
+#: The stricter sandbox the tests run against by default: Capillary as it may really answer,
+#: beyond what its documentation promises (entries in an order of their own).
+STRICT_SANDBOX = SandboxOptions(shuffle_entries=True)
+
+
 @pytest.fixture(scope="session")
 def sandbox_server() -> Iterator[BackgroundSandbox]:
-    with BackgroundSandbox() as server:
+    with BackgroundSandbox(STRICT_SANDBOX) as server:
         yield server
 
 
@@ -140,7 +145,8 @@ def sandbox(sandbox_server: BackgroundSandbox) -> Iterator[SandboxAdmin]:
 @pytest.fixture(scope="session")
 def tls_sandbox_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundSandbox]:
     """A second sandbox, over HTTPS: its CA's certificate is ``ca_file``."""
-    with BackgroundSandbox(tls_dir=tmp_path_factory.mktemp("sandbox-tls")) as server:
+    with BackgroundSandbox(STRICT_SANDBOX,
+                           tls_dir=tmp_path_factory.mktemp("sandbox-tls")) as server:
         yield server
 
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tempfile
+from datetime import UTC, timedelta, timezone, tzinfo
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -38,6 +41,26 @@ AUDIT_FLOOR_DAYS = 90
 def is_loopback(host: str) -> bool:
     """Whether ``host`` names this machine only (``localhost``, 127.0.0.0/8, ::1)."""
     return _is_loopback(host)
+
+
+def org_timezone(name: str) -> tzinfo:
+    """The zone a ``CAPILLARY_TIMEZONE`` value names: ``UTC``, an offset (``+05:30``) or an
+    IANA name (``Asia/Kolkata``); ValueError for anything else."""
+    text = name.strip()
+    if text.upper() in ("UTC", "Z", ""):
+        return UTC
+    match = re.fullmatch(r"([+-])(\d{2}):?(\d{2})", text)
+    if match:
+        sign = -1 if match.group(1) == "-" else 1
+        offset = timedelta(hours=int(match.group(2)), minutes=int(match.group(3)))
+        if offset >= timedelta(hours=24):
+            raise ValueError(f"offset out of range: {name!r}")
+        return timezone(sign * offset)
+    try:
+        return ZoneInfo(text)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError(f"unknown time zone {name!r}: use UTC, an offset such as +05:30, or "
+                         "a zone name such as Asia/Kolkata") from exc
 
 
 def _is_loopback(host: str) -> bool:
@@ -76,6 +99,12 @@ class Settings(BaseSettings):
         None, validation_alias="CAPILLARY_OAUTH_SECRET"
     )
     capillary_source: str | None = Field(None, validation_alias="CAPILLARY_SOURCE")
+    #: The organisation's time zone in Capillary (an offset such as +05:30, or a zone name):
+    #: a date or a time without offset in an answer (a date-only validTill) is read in it.
+    capillary_timezone: str = Field("UTC", validation_alias="CAPILLARY_TIMEZONE")
+    #: Series per bulk-issue call: an event with more is issued in several calls.
+    capillary_max_series_per_call: int = Field(
+        100, ge=1, le=1000, validation_alias="CAPILLARY_MAX_SERIES_PER_CALL")
     capillary_allow_insecure_http: bool = Field(
         False, validation_alias="CAPILLARY_ALLOW_INSECURE_HTTP")
 
@@ -187,6 +216,12 @@ class Settings(BaseSettings):
     @classmethod
     def _upper_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("capillary_timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        org_timezone(value)
+        return value
 
     @field_validator("capillary_base_url")
     @classmethod

@@ -119,8 +119,17 @@ def render_event(console: Console, story: dict[str, Any]) -> None:
                       _s(coupon["valid_till_date_time"] or coupon["valid_till"]),
                       _s(coupon["issued_at"]), _s(coupon["recorded_via"]))
         console.print(c)
+        for coupon in coupons:
+            _show_warnings(console, coupon)
     else:
         console.print("no coupons issued for this event", highlight=False)
+
+
+def _show_warnings(console: Console, coupon: dict[str, Any]) -> None:
+    """What Capillary's answer warned of when it issued this coupon, one line each."""
+    for warning in coupon.get("warnings") or []:
+        show(console, ("warning", "yellow"), f" series {coupon['series_id']} coupon ",
+             (coupon["code"], ""), ": ", (str(warning), ""))
 
 
 def render_dead_letters(console: Console, rows: list[dict[str, Any]]) -> None:
@@ -191,6 +200,8 @@ def render_entity(console: Console, e: dict[str, Any]) -> None:
         show(console, "coupon ", (coupon["code"], ""), " valid till ",
              (coupon["valid_till_date_time"] or coupon["valid_till"], ""),
              " (recorded via ", (coupon["recorded_via"], ""), ")")
+        for each in e.get("coupons") or [coupon]:
+            _show_warnings(console, each)
     if e["operator_actions"]:
         a = table("operator actions", ["at", "action", "operator", "reason", "outcome"])
         for action in e["operator_actions"]:

@@ -222,6 +222,8 @@ class IssuedCoupon(Base):
     recorded_via: Mapped[str] = mapped_column(Text)
     request_id: Mapped[str | None] = mapped_column(Text)
     issued_at: Mapped[datetime] = mapped_column(Timestamp, server_default=text("now()"))
+    #: What the answer warned of for this series (a list of text), NULL when nothing (0008).
+    warnings: Mapped[list[str] | None] = mapped_column(JSONB)
 
 
 class RejectedEvent(Base):

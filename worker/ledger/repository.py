@@ -327,6 +327,7 @@ def _coupon_row(c: Coupon, entity_id: int, event_id: str, customer_key: str, via
         "discount_upto": c.discount_upto, "discount_on": c.discount_on,
         "valid_till": c.valid_till, "valid_till_date_time": c.valid_till_date_time,
         "raw": c.raw, "recorded_via": via, "request_id": request_id, "issued_at": now,
+        "warnings": list(c.warnings) if c.warnings else None,
     }
 
 
