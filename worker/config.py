@@ -177,6 +177,21 @@ class Settings(BaseSettings):
                 "must be an http(s) URL with a host, e.g. https://eu.api.capillarytech.com")
         return value.rstrip("/")
 
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_list(cls, value: str) -> str:
+        """One URL, or a failover list of a cluster's nodes (``amqp://a//;amqp://b//``)."""
+        urls = [url.strip() for url in value.split(";") if url.strip()]
+        if not urls:
+            raise ValueError("must be a broker URL, e.g. amqp://user:password@host:5672/vhost")
+        schemes = {urlsplit(url).scheme for url in urls}
+        if len(urls) > 1 and not schemes <= {"amqp", "amqps", "pyamqp"}:
+            raise ValueError("a list of broker URLs (separated by ';') is for the nodes of a "
+                             "RabbitMQ cluster: amqp:// URLs only")
+        if len(schemes) > 1:
+            raise ValueError("every broker URL of the list must use the same scheme")
+        return ";".join(urls)
+
     @field_validator("database_url")
     @classmethod
     def _postgres_only(cls, value: str) -> str:
@@ -262,6 +277,11 @@ class Settings(BaseSettings):
         return {}
 
     @property
+    def broker_urls(self) -> list[str]:
+        """The broker URLs: several for a cluster, tried in turn on connection loss."""
+        return self.broker_url.split(";")
+
+    @property
     def auth_scheme(self) -> AuthScheme | None:
         """Which Capillary auth the credentials select, or None when none are set."""
         if self.capillary_oauth_key is not None:
@@ -303,7 +323,7 @@ class Settings(BaseSettings):
 
         return {
             "database": make_url(self.database_url).render_as_string(hide_password=True),
-            "broker": maybe_sanitize_url(self.broker_url),
+            "broker": ";".join(maybe_sanitize_url(url) for url in self.broker_urls),
             "capillary": self.capillary_base_url,
             "auth": self.auth_scheme or "none",
             "queues": [self.events_queue, self.tasks_queue, self.retry_queue, self.dead_queue],
