@@ -89,6 +89,11 @@ class Settings(BaseSettings):
     dead_queue: str = Field("coupons.dead", min_length=1, validation_alias="COUPONS_DEAD_QUEUE")
     queue_type: Literal["classic", "quorum"] = Field(
         "classic", validation_alias="COUPONS_QUEUE_TYPE")
+    #: Where RabbitMQ dead-letters a message delivered more than ``delivery_limit`` times
+    #: (quorum queues, through the policy ``coupon-worker broker setup`` sets).
+    parked_queue: str = Field(
+        "coupons.parked", min_length=1, validation_alias="COUPONS_PARKED_QUEUE")
+    delivery_limit: int = Field(50, ge=2, validation_alias="COUPONS_DELIVERY_LIMIT")
     dead_queue_max_length: int = Field(
         100_000, ge=1, validation_alias="COUPONS_DEAD_QUEUE_MAX_LENGTH"
     )
@@ -262,6 +267,15 @@ class Settings(BaseSettings):
                 f"task hard time limit (COUPONS_LEASE_SECONDS - 5 = "
                 f"{self.task_hard_time_limit_s:g} s)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _broker_counts_after_us(self) -> Settings:
+        if self.delivery_limit <= self.message_failure_limit:
+            # The worker counts the failures it sees and keeps the message as a dead letter in
+            # the ledger; the broker's limit is the net below that, for deliveries it never saw
+            # end (a pool process killed, a connection lost).
+            raise ValueError("COUPONS_DELIVERY_LIMIT must exceed COUPONS_MESSAGE_FAILURE_LIMIT")
         return self
 
     def broker_transport_options(self) -> dict[str, object]:

@@ -18,11 +18,12 @@ on the local PostgreSQL, which it does not restart.
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 
 from coupon_devtools.chaos.defaults import (
@@ -70,6 +71,8 @@ class ClusterContext(Context):
     events_queue: str = ""
     queues: tuple[str, ...] = ()
     killed_at: datetime | None = None  # the database's clock, to compare with issued_at
+    killed_wall: datetime | None = None  # this host's clock, to compare with the workers' logs
+    reconnected_s: tuple[float, ...] = ()
     in_flight: tuple[int, ...] = ()
     killed: str = ""
     new_leader: str | None = None
@@ -90,6 +93,22 @@ def _in_flight_now(engine: Engine) -> tuple[datetime, tuple[int, ...]]:
         return now, tuple(int(i) for i in ids)
 
 
+_CONNECTED = re.compile(r"^(\S+) INFO Connected to amqp://", re.MULTILINE)
+
+
+def reconnections(fleet: Fleet, since: datetime) -> tuple[float, ...]:
+    """For each worker that connected again after ``since`` (its log says ``Connected to``),
+    how many seconds after: the failover as the workers saw it."""
+    found = []
+    for slot in fleet.slots:
+        stamps = [datetime.fromisoformat(m.group(1).replace("Z", "+00:00"))
+                  for m in _CONNECTED.finditer(slot.service.log())]
+        later = [(t - since).total_seconds() for t in stamps if t >= since]
+        if later:
+            found.append(min(later))
+    return tuple(found)
+
+
 def kill_leader(ctx: Context) -> None:
     """SIGKILL the node leading the events queue, watch the workers fail over, start it
     again after the profile's downtime."""
@@ -106,7 +125,7 @@ def kill_leader(ctx: Context) -> None:
         time.sleep(0.05)
         ctx.killed_at, ctx.in_flight = _in_flight_now(ctx.engine)
     cluster.kill(leader)
-    killed = time.monotonic()
+    killed, ctx.killed_wall = time.monotonic(), datetime.now(UTC)
     ctx.killed = leader
     ctx.rabbit_stopped = True
     ctx.timeline.note(f"SIGKILL RabbitMQ node {leader}, leader of {ctx.events_queue}: its "
@@ -123,6 +142,11 @@ def kill_leader(ctx: Context) -> None:
             break
         time.sleep(0.2)
     ctx.new_leader = cluster.leader(ctx.vhost, ctx.events_queue)
+    ctx.reconnected_s = reconnections(ctx.fleet, ctx.killed_wall)
+    if ctx.reconnected_s:
+        ctx.timeline.note(f"{len(ctx.reconnected_s)} workers reconnected to another node, the "
+                          f"slowest {max(ctx.reconnected_s) * 1000:.0f} ms after the kill "
+                          "(their logs)")
     if ctx.consuming_again_s is None:
         ctx.timeline.note(f"the workers were not all consuming again {FAILOVER_TIMEOUT_S:g} s "
                           "after the kill", "bold red")
@@ -197,6 +221,7 @@ class ClusterChaosRun(ChaosRun):
             return None
         recovered, last_s = self._recovered(ctx)
         return Failover(killed=ctx.killed, new_leader=ctx.new_leader,
+                        reconnected_s=ctx.reconnected_s,
                         consuming_again_s=ctx.consuming_again_s, down_s=ctx.down_s,
                         back_s=ctx.back_s, in_flight=len(ctx.in_flight), recovered=recovered,
                         recovered_s=last_s, target_s=RECOVERY_TARGET_S)

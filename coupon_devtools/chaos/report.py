@@ -18,8 +18,11 @@ class Failover:
 
     killed: str
     new_leader: str | None
+    reconnected_s: tuple[float, ...]
+    """For each worker that lost its connection, from the kill to its next (its log)."""
     consuming_again_s: float | None
-    """From the kill to every worker consuming every queue again, while the node is down."""
+    """From the kill to RabbitMQ counting every worker consuming every queue again, while the
+    node is down (polled with rabbitmqctl, which takes a second or more a call)."""
     down_s: float
     back_s: float | None
     """From the node's restart to it being a running member of the cluster again."""
@@ -46,8 +49,13 @@ class Failover:
         return [
             ("leader killed", self.killed,
              f"SIGKILL, down {self.down_s:.1f} s; new leader {self.new_leader or '?'}"),
+            ("reconnected", "-" if not self.reconnected_s else
+             f"{max(self.reconnected_s) * 1000:.0f} ms",
+             f"{len(self.reconnected_s)} workers connected to another node, the slowest this "
+             "long after the kill (their logs)"),
             ("failover", secs(self.consuming_again_s),
-             "from the kill to every worker consuming every queue again"),
+             "from the kill to RabbitMQ counting every worker on every queue again (at most; "
+             "polled with rabbitmqctl)"),
             ("node back", secs(self.back_s), "from its restart to a running cluster member"),
             ("in flight at the kill", str(self.in_flight), recovered),
         ]
