@@ -1,5 +1,6 @@
-"""`coupon-worker chaos --cluster`: a 3-node RabbitMQ cluster whose events queue's leader is
-SIGKILLed mid-run and brought back, as a real subprocess.
+"""A 3-node RabbitMQ cluster whose nodes die: the producers fail over, and
+`coupon-worker chaos --cluster` (the events queue's leader SIGKILLed mid-run and brought back)
+issues every entity exactly once, as a real subprocess.
 
 The run starts the cluster itself (``coupon_devtools.harness.cluster``: three nodes of their
 own on this host) and uses a database of its own on the machine's PostgreSQL, which it leaves
@@ -19,8 +20,13 @@ from pathlib import Path
 
 import pytest
 
+from coupon_devtools.harness.cluster import RabbitCluster
 from coupon_devtools.harness.databases import drop_database
 from tests.conftest import PG_ADMIN_URL, REPO_ROOT, coupon_worker_command
+from worker.broker.celery_config import producer_app
+from worker.broker.publisher import CeleryPublisher, EventProducer
+from worker.config import Settings, load_settings
+from worker.ledger.records import DueEntity
 
 pytestmark = [pytest.mark.slow, pytest.mark.disruptive]
 
@@ -31,6 +37,53 @@ def namespace() -> Iterator[str]:
     tag = uuid.uuid4().hex[:8]
     yield tag
     drop_database(PG_ADMIN_URL, f"coupon_worker_chaos_{tag}")
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, session_tag: str) -> Iterator[RabbitCluster]:
+    started = RabbitCluster.start(tmp_path / "cluster", session_tag[:6])
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+def depth(settings: Settings, queue: str) -> int:
+    """Messages on ``queue`` as its leader counts them (AMQP: rabbitmqctl's counts lag)."""
+    from kombu import Connection
+
+    with Connection(settings.broker_url) as conn:
+        return int(conn.default_channel.queue_declare(queue=queue, passive=True)[1])
+
+
+def test_producers_publish_on_through_another_node_when_theirs_dies(
+    cluster: RabbitCluster,
+) -> None:
+    cluster.create_vhost("producers")
+    # Given quorum queues led by the first node, and producers on the first and second nodes
+    on_first = load_settings(broker_url=cluster.urls("producers"), queue_type="quorum")
+    on_second = load_settings(broker_url=cluster.rotated("producers", 1), queue_type="quorum")
+    worker_side = CeleryPublisher(producer_app(on_first), on_first)
+    with EventProducer.open(on_first) as first, EventProducer.open(on_second) as second:
+        first.publish_raw(b'{"n": 0}')
+        first.publish_event({"eventId": "before"}, via="task")
+        worker_side.publish_retries([DueEntity(1, "before", 544770, "id:1", 1)])
+        leader = cluster.leader("producers", on_first.events_queue)
+        assert leader == cluster.nodes[0].node
+        # When that node is SIGKILLed
+        cluster.kill(leader)
+        # Then every publish goes on, confirmed: through the next node for the producers that
+        # were connected to the dead one, to the new leader for the other
+        for n in range(1, 11):
+            first.publish_raw(b'{"n": %d}' % n)
+            second.publish_raw(b'{"n": %d}' % n)
+            first.publish_event({"eventId": f"after-{n}"}, via="task")
+        worker_side.publish_retries([DueEntity(2, "after", 544770, "id:1", 1)])
+    # And every message is there once (all were confirmed, none needed publishing again)
+    assert depth(on_second, on_first.events_queue) == 21
+    assert depth(on_second, on_first.tasks_queue) == 11
+    assert depth(on_second, on_first.retry_queue) == 2
+    assert cluster.leader("producers", on_first.events_queue) != leader
 
 
 def row(label: str, output: str) -> tuple[str, str]:
