@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 
 import click
 
 from worker.cli import output
+from worker.cli.options import cli_origin
 from worker.cli.output import fail, print_json, say, settings_or_exit
 from worker.cli.root import main
 from worker.errors import BrokerUnavailable
+
+log = logging.getLogger(__name__)
 
 
 @main.group()
@@ -45,6 +49,9 @@ def broker_setup(print_only: bool, node: str | None) -> None:
         apply_policy(policy, vhost, node=node)
     except BrokerUnavailable as exc:
         fail(str(exc))
+    log.info("broker.policy_set", extra={"policy": policy.name, "vhost": vhost,
+                                         "delivery_limit": settings.delivery_limit,
+                                         **cli_origin()})
     say(f"policy {policy.name} set in vhost {vhost}: {settings.events_queue}, "
         f"{settings.tasks_queue} and {settings.retry_queue} park a message delivered more "
         f"than {settings.delivery_limit} times in {settings.parked_queue}")
@@ -98,6 +105,8 @@ def broker_move_back(limit: int) -> None:
     except BrokerUnavailable as exc:
         fail(str(exc))
     moved = sum(report.moved.values())
+    log.warning("broker.parked_moved_back", extra={"moved": dict(report.moved),
+                                                  "kept": len(report.kept), **cli_origin()})
     say(f"moved {moved} message(s) back"
         + (": " + ", ".join(f"{n} to {q}" for q, n in report.moved.items()) if moved else ""))
     for line in report.kept:
