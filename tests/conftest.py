@@ -37,7 +37,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN_DIR = Path(sys.executable).parent
 LEDGER_TABLES = ("coupons", "entity_history", "api_calls", "operator_actions", "entities",
                  "events", "rejected_events", "circuit_breakers", "rate_limit_buckets",
-                 "replay_job_items", "replay_jobs", "message_failures")
+                 "replay_job_items", "replay_jobs", "message_failures", "maintenance_runs")
 SANDBOX_USER, SANDBOX_PASSWORD = "store.server", "server123"
 
 # Tests must not pick up a developer's .env file.

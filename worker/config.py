@@ -30,6 +30,9 @@ DEFAULT_PREFETCH_MULTIPLIER = 2
 DEFAULT_HEARTBEAT_DIR = str(Path(tempfile.gettempdir()) / "coupon-worker")
 
 AuthScheme = Literal["basic", "oauth"]
+#: The youngest audit row the database lets the retention job delete, in days (the trigger of
+#: migration 0009 holds the same number): COUPONS_RETENTION_AUDIT_DAYS cannot go below it.
+AUDIT_FLOOR_DAYS = 90
 
 
 def is_loopback(host: str) -> bool:
@@ -114,7 +117,11 @@ class Settings(BaseSettings):
     reconcile_delay_s: float = Field(
         2.0, ge=0, validation_alias="COUPONS_RECONCILE_DELAY_SECONDS"
     )
+    # The longest a task may hold a claim (its hard time limit is 5 s less). The claim's own
+    # lease is short and renewed by a heartbeat while the task lives (worker.leases).
     lease_s: float = Field(120.0, gt=0, validation_alias="COUPONS_LEASE_SECONDS")
+    claim_heartbeat_s: float = Field(
+        10.0, ge=0.2, validation_alias="COUPONS_CLAIM_HEARTBEAT_SECONDS")
     # Twice the 60 s read timeout common to gateways and proxies in front of an API: a request
     # that a gateway gave up on may still be running behind it for that long.
     settle_window_s: float = Field(
@@ -122,6 +129,19 @@ class Settings(BaseSettings):
     run_sweeper: bool = Field(True, validation_alias="COUPONS_RUN_SWEEPER")
     sweep_interval_s: float = Field(1.0, gt=0, validation_alias="COUPONS_SWEEP_INTERVAL_SECONDS")
     requeue_after_s: float = Field(300.0, gt=0, validation_alias="COUPONS_REQUEUE_AFTER_SECONDS")
+
+    # Retention (docs/retention.md). Scheduled only when COUPONS_RETENTION_DAYS is set;
+    # `coupon-worker prune --older-than` runs it by hand either way.
+    retention_days: int | None = Field(None, ge=1, validation_alias="COUPONS_RETENTION_DAYS")
+    retention_event_id_window_days: int = Field(
+        400, ge=1, validation_alias="COUPONS_RETENTION_EVENT_ID_WINDOW_DAYS")
+    retention_audit_days: int = Field(
+        730, ge=AUDIT_FLOOR_DAYS,
+        validation_alias="COUPONS_RETENTION_AUDIT_DAYS")
+    retention_interval_s: float = Field(
+        86_400.0, ge=60, validation_alias="COUPONS_RETENTION_INTERVAL_SECONDS")
+    retention_batch_size: int = Field(
+        1000, ge=1, le=50_000, validation_alias="COUPONS_RETENTION_BATCH_SIZE")
 
     # The ledger's limits. A stalled database must fail a task with LedgerUnavailable (its
     # message goes back) well before Celery's hard time limit kills it; see _coherent().
@@ -252,6 +272,14 @@ class Settings(BaseSettings):
                 "COUPONS_SETTLE_WINDOW_SECONDS must exceed connect + read timeout "
                 f"({one_call_s:g} s)"
             )
+        if self.retention_days is not None and (
+                self.retention_event_id_window_days < self.retention_days
+                or self.retention_audit_days < self.retention_days):
+            # An id must be recognised for as long as its event is kept, and the audit trail
+            # outlives what it speaks of.
+            raise ValueError("COUPONS_RETENTION_EVENT_ID_WINDOW_DAYS and "
+                             "COUPONS_RETENTION_AUDIT_DAYS must be at least "
+                             "COUPONS_RETENTION_DAYS")
         if self.db_lock_timeout_s > self.db_statement_timeout_s:
             # Waiting for a lock is part of a statement's time: a longer lock timeout never fires.
             raise ValueError("COUPONS_DB_LOCK_TIMEOUT_SECONDS must not exceed "
@@ -318,6 +346,12 @@ class Settings(BaseSettings):
     def task_hard_time_limit_s(self) -> float:
         """A task is killed before its claim expires, so an expired lease means a dead task."""
         return max(self.lease_s - 5.0, 1.0)
+
+    @property
+    def claim_lease_s(self) -> float:
+        """A claim's lease: three heartbeats, so two renewals may fail before it runs out;
+        never longer than the claim deadline."""
+        return min(3 * self.claim_heartbeat_s, self.lease_s)
 
     @property
     def db_dead_peer_s(self) -> int:

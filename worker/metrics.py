@@ -50,6 +50,9 @@ class Metrics:
             "coupon_bridge_forward_failures",
             "Bus messages the bridge could not forward (the broker refused or was gone); held "
             "and tried again", registry=r)
+        self.ledger_pruned = Counter(
+            "coupon_ledger_pruned_rows", "Ledger rows removed by retention, by table",
+            ["table"], registry=r)
         self.api_latency = Histogram(
             "capillary_call_seconds", "Capillary call latency", ["operation", "status"],
             buckets=LATENCY_BUCKETS_S, registry=r)

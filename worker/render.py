@@ -61,6 +61,21 @@ def show(console: Console, *parts: Part) -> None:
     console.print(line(*parts), highlight=False)
 
 
+def _render_pruned(console: Console, story: dict[str, Any]) -> None:
+    """A pruned event: what it ended as, from the outcome its emptied row keeps."""
+    outcome = story.get("outcome") or {}
+    states = ", ".join(f"{state} {n}" for state, n in sorted(outcome.get("entities", {}).items()))
+    show(console, ("pruned", "yellow"), " at ", _s(story["pruned_at"]),
+         ": its entities, history, calls and coupons were removed (docs/retention.md); "
+         "entities were ", (states or "-", ""))
+    coupons = outcome.get("coupons", [])
+    if coupons:
+        t = table("coupons (kept with the pruned event)", ["series", "code", "capillary id"])
+        for c in coupons:
+            t.add_row(_s(c.get("series_id")), _s(c.get("code")), _s(c.get("capillary_coupon_id")))
+        console.print(t)
+
+
 def render_event(console: Console, story: dict[str, Any]) -> None:
     """An event as support engineers read it: summary, entities, history, coupons."""
     show(console, ("event", "bold"), " ", (story["event_id"], ""), "  state=",
@@ -74,6 +89,8 @@ def render_event(console: Console, story: dict[str, Any]) -> None:
     for rejected_id in story.get("resubmitted_from", []):
         show(console, f"resubmitted from rejected #{rejected_id} "
              f"(coupon-worker rejected show {rejected_id})")
+    if story.get("pruned_at"):
+        _render_pruned(console, story)
     entities = story.get("entities", [])
     if entities:
         t = table("entities", ["id", "series", "state", "attempts", "last error", "request id",

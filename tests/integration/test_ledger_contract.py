@@ -299,6 +299,33 @@ def test_dead_letters_are_published_once(uow: UowFactory) -> None:
         assert u.ledger.unpublished_dead_letters(limit=10) == []
 
 
+def test_a_held_lease_is_renewed_and_a_lapsed_one_never_revived(uow: UowFactory) -> None:
+    claim = ingest_and_claim(uow, token="held", now=real_now(), lease_s=SHORT_LEASE_S)
+    ids = [e.entity_id for e in claim.entities]
+    with uow() as u:
+        assert u.ledger.renew_leases(["held", "other"], ids, lease_s=LEASE_S,
+                                     now=real_now()) == {"held"}
+        assert u.ledger.renew_leases(["other"], ids, lease_s=LEASE_S, now=real_now()) == set()
+        u.commit()
+    # The renewed lease outlives the short one it was taken with
+    now = outlive_short_lease()
+    with uow() as u:
+        assert u.ledger.expire_leases(now=now, retry_at=now, limit=10,
+                                      settle_window_s=SETTLE_S) == []
+    # A lease that ran out is not renewed: the sweeper may be taking its entities back
+    other = parse_event_data({"eventId": "e-2", "customer": {"id": "8"}, "seriesIds": [3]})
+    with uow() as u:
+        _new, late = u.ledger.take_in(other, source="bus", token="late", worker="w",
+                                      now=real_now(), lease_s=SHORT_LEASE_S,
+                                      settle_window_s=SETTLE_S)
+        u.commit()
+    assert len(late.entities) == 1
+    now = outlive_short_lease()
+    with uow() as u:
+        assert u.ledger.renew_leases(["late"], [late.entities[0].entity_id],
+                                     lease_s=LEASE_S, now=now) == set()
+
+
 def test_failed_deliveries_are_counted_per_message_until_forgotten(uow: UowFactory) -> None:
     with uow() as u:
         assert u.ledger.count_message_failure("event:e-1", kind="internal_error",

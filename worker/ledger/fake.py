@@ -270,6 +270,19 @@ class InMemoryLedger:
                                       "kind": kind})
         return len(self.state.rejections)
 
+    def renew_leases(self, tokens: Sequence[str], entity_ids: Sequence[int], *, lease_s: float,
+                     now: datetime) -> set[str]:
+        kept: set[str] = set()
+        for entity_id in entity_ids:
+            e = self.state.entities.get(entity_id)
+            if e is None or e.claim_token is None or e.claim_token not in tokens \
+                    or e.state is not EntityState.IN_FLIGHT or e.lease_until is None \
+                    or e.lease_until <= now:
+                continue
+            e.lease_until = now + timedelta(seconds=lease_s)
+            kept.add(e.claim_token)
+        return kept
+
     def count_message_failure(self, key: str, *, kind: str, error: str, now: datetime) -> int:
         _pg_text(key, kind, error)
         row = self.state.failures.setdefault(

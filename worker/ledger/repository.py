@@ -130,6 +130,13 @@ class Ledger(SupportLedger, Protocol):
         """Keep a message as received, with why (``kind``: see ``DeadMessageKind``)."""
         ...
 
+    def renew_leases(self, tokens: Sequence[str], entity_ids: Sequence[int], *, lease_s: float,
+                     now: datetime) -> set[str]:
+        """Extend to ``lease_s`` from now the leases of ``entity_ids`` still held under one of
+        ``tokens`` and not yet run out; the tokens still held. A lease that ran out is never
+        revived: the sweeper may be taking its entities back."""
+        ...
+
     def count_message_failure(self, key: str, *, kind: str, error: str, now: datetime) -> int:
         """One more failure of the message ``key`` for a reason not its own; the count so
         far, this one included."""
@@ -501,10 +508,13 @@ class SqlLedger:
                           max(float(r[13]), 0.0))
             for r in rows if r[7] is not None
         )
+        counts = {str(k): int(v) for k, v in (skipped or {}).items()}
+        if not new and not claimed and not counts:
+            # A pruned event keeps its row but not its entities (docs/retention.md).
+            counts = {"pruned": len(event.seriesIds)}
         return bool(new), Claim(
             event_id=event.eventId, customer=customer, customer_key=customer_key,
-            metadata=metadata, issue_ref=ref, token=token, entities=claimed,
-            skipped={str(k): int(v) for k, v in (skipped or {}).items()},
+            metadata=metadata, issue_ref=ref, token=token, entities=claimed, skipped=counts,
         )
 
     def _claim_for(self, event_id: str, token: str, claimed: list[ClaimedEntity],
@@ -566,6 +576,20 @@ class SqlLedger:
         )
         assert new_id is not None
         return int(new_id)
+
+    def renew_leases(self, tokens: Sequence[str], entity_ids: Sequence[int], *, lease_s: float,
+                     now: datetime) -> set[str]:
+        if not entity_ids:
+            return set()
+        rows = self.session.execute(
+            update(ENTITIES)
+            .where(_E.id.in_(list(entity_ids)), _E.claim_token.in_(list(tokens)),
+                   _E.state == _IN_FLIGHT, _E.lease_until > _DB_NOW)
+            .values(lease_until=_DB_NOW + _seconds("b_lease_s"))
+            .returning(_E.claim_token),
+            {"b_lease_s": lease_s},
+        ).all()
+        return {r[0] for r in rows}
 
     def count_message_failure(self, key: str, *, kind: str, error: str, now: datetime) -> int:
         f = m.MessageFailure
