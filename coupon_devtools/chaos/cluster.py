@@ -8,9 +8,9 @@ the usual one (0 missing, 0 issued twice, every worker alive and consuming at th
 
 - every worker consumes every queue again while the node is still down (the failover);
 - the node comes back as a running member of the cluster;
-- every entity claimed when the node died (Celery cancels the tasks in flight on a lost
-  connection, so theirs wait out the lease and the settle window) is issued within the
-  recovery target.
+- every entity claimed when the node died (Celery ends the tasks in flight on a lost
+  connection, so their claims are no longer renewed and come back once their lease lapses) is
+  issued within the recovery target.
 
 The machine's own RabbitMQ and PostgreSQL are left alone: the run uses a database of its own
 on the local PostgreSQL, which it does not restart.
@@ -55,7 +55,7 @@ CLUSTER: Final = Profile(events=200, publish_s=20, kill_at_s=8, rabbit_at_s=8,
 fields are unused)."""
 RECOVERY_TARGET_S: Final = 90.0
 """The longest an entity whose call was in flight when its worker's node died may take to be
-issued: the lease and the settle window, with room (the lease is 20 s in a chaos run)."""
+issued: one claim lease and a read-back, with room (the lease is 20 s in a chaos run)."""
 FAILOVER_TIMEOUT_S: Final = 60.0
 """How long the kill waits for RabbitMQ to count every worker on every queue again (its counts
 come from statistics emitted every few seconds, and rabbitmqctl is slow on a busy machine)."""
