@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from sqlalchemy import Engine
 
     from coupon_devtools.sandbox import SandboxAdmin
+    from worker.config import Settings
 
 CLUSTER: Final = Profile(events=200, publish_s=20, kill_at_s=8, rabbit_at_s=8,
                          rabbit_down_s=8, postgres_at_s=0, api_at_s=0, api_down_s=0,
@@ -169,6 +170,24 @@ class ClusterChaosRun(ChaosRun):
     """A chaos run on a cluster of its own, whose events queue's leader dies mid-run."""
 
     cluster: RabbitCluster | None = None
+    settings: Settings | None = None
+
+    def setup(self) -> tuple[dict[str, str], SandboxAdmin]:
+        """The run's services, then what ``coupon-worker broker setup`` does in production: the
+        parked queue and the delivery-limit policy on the consumed queues."""
+        from worker.broker.parking import apply_policy, declare_parking, queue_policy, vhost_of
+        from worker.config import Settings
+
+        env, admin = super().setup()
+        assert self.cluster is not None
+        self.settings = settings = Settings.model_validate(env)
+        policy = queue_policy(settings)
+        declare_parking(settings)
+        apply_policy(policy, vhost_of(settings), node=self.cluster.nodes[0].node)
+        self.console.print(f"  policy      {policy.name}: delivery limit "
+                           f"{settings.delivery_limit}, then parked in {settings.parked_queue} "
+                           "(as `coupon-worker broker setup` sets it)")
+        return env, admin
 
     def choose_backends(self) -> Backends:
         suffix = f"_{self.options.namespace}" if self.options.namespace else ""
@@ -222,7 +241,14 @@ class ClusterChaosRun(ChaosRun):
         if not isinstance(ctx, ClusterContext) or not ctx.killed:
             return None
         recovered, last_s = self._recovered(ctx)
-        return Failover(killed=ctx.killed, new_leader=ctx.new_leader,
+        from worker.broker.parking import parked_count
+        from worker.errors import BrokerUnavailable
+
+        try:
+            parked = parked_count(self.settings) if self.settings is not None else None
+        except BrokerUnavailable:
+            parked = None
+        return Failover(parked=parked, killed=ctx.killed, new_leader=ctx.new_leader,
                         reconnected_s=ctx.reconnected_s,
                         consuming_again_s=ctx.consuming_again_s, down_s=ctx.down_s,
                         back_s=ctx.back_s, in_flight=len(ctx.in_flight), recovered=recovered,

@@ -32,10 +32,13 @@ class Failover:
     recovered_s: float | None
     """From the kill to the last of those entities issued (None: one never was)."""
     target_s: float
+    parked: int | None = 0
+    """Messages RabbitMQ parked past the delivery limit (None: it could not be asked)."""
 
     @property
     def ok(self) -> bool:
         return (self.consuming_again_s is not None and self.back_s is not None
+                and self.parked == 0
                 and self.recovered == self.in_flight
                 and (self.recovered_s or 0.0) <= self.target_s)
 
@@ -58,6 +61,8 @@ class Failover:
              "polled with rabbitmqctl)"),
             ("node back", secs(self.back_s), "from its restart to a running cluster member"),
             ("in flight at the kill", str(self.in_flight), recovered),
+            ("parked", "?" if self.parked is None else str(self.parked),
+             "messages RabbitMQ parked past the delivery limit (coupons.parked)"),
         ]
 
 

@@ -29,5 +29,7 @@ def test_an_entity_never_issued_or_issued_late_fails_it() -> None:
 def test_workers_not_consuming_again_or_a_node_not_back_fails_it() -> None:
     assert not replace(DONE, consuming_again_s=None).ok
     assert not replace(DONE, back_s=None).ok
+    assert not replace(DONE, parked=1).ok, "a parked message waits for an operator"
+    assert not replace(DONE, parked=None).ok
     # No call in flight at the kill is no failure
     assert replace(DONE, in_flight=0, recovered=0, recovered_s=0.0).ok

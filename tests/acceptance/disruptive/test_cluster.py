@@ -125,6 +125,9 @@ def test_the_events_queue_leader_dies_and_every_entity_is_issued_exactly_once(
     # And the entities whose calls were in flight when the node died were all issued
     in_flight, recovered = row("in flight at the kill", output)
     assert in_flight == "0" or recovered.startswith(f"{in_flight}/{in_flight} issued"), output
+    # And the delivery-limit policy was in force (set as `broker setup` does), parking nothing
+    assert "policy      coupon-worker: delivery limit 50" in output
+    assert row("parked", output)[0] == "0", output
     # And nothing of the run is left running (the three nodes, the sandbox, the workers)
     left = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True,
                           check=False)
