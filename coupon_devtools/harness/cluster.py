@@ -12,6 +12,7 @@ again on the same name, ports and data, which brings it back into the cluster.
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections.abc import Sequence
@@ -121,8 +122,8 @@ class RabbitCluster:
 
     def running_members(self) -> set[str]:
         """The nodes the cluster says are running."""
-        out = self.ctl("eval", "rabbit_nodes:all_running().")
-        return {n.node for n in self.nodes if f"'{n.node}'" in out or n.node in out}
+        status = json.loads(self.ctl("cluster_status", "--formatter", "json"))
+        return {n.node for n in self.nodes} & set(status.get("running_nodes") or [])
 
     def wait_members(self, count: int, timeout_s: float = START_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout_s
