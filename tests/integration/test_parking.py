@@ -116,6 +116,7 @@ def test_a_message_delivered_past_the_limit_is_parked_listed_and_moved_back_unto
     assert back.properties["correlation_id"] == "7d1c"
     assert back.content_type == "application/json"
     assert json.loads(run_cli(quorum, "broker", "parked", "--json").stdout)["total"] == 0
+    assert "nothing parked" in run_cli(quorum, "broker", "move-back").stdout
 
 
 def test_setup_is_the_upgrade_path_for_queues_that_already_exist(

@@ -97,10 +97,13 @@ def broker_parked(limit: int, as_json: bool) -> None:
 def broker_move_back(limit: int) -> None:
     """Publish parked messages back to the queues they came from, untouched, once the cause
     is fixed; each leaves the parked queue only after the broker confirmed its copy."""
-    from worker.broker.parking import move_back
+    from worker.broker.parking import move_back, parked_count
 
     settings = settings_or_exit()
     try:
+        if not parked_count(settings):
+            say(f"nothing parked in {settings.parked_queue}")
+            return
         report = move_back(settings, limit)
     except BrokerUnavailable as exc:
         fail(str(exc))
