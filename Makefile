@@ -19,10 +19,11 @@ lint: install
 	$(BIN)/lint-imports
 	$(BIN)/python -m coupon_devtools.migration_lint
 
-# One run in seven processes. The disruptive tests' two groups (the restarts and the reconnect;
-# the chaos run: SHARED_PROCESS in tests/conftest.py) are handed out first, each to a process
-# that starts a PostgreSQL cluster and a RabbitMQ node of its own; they mostly wait on those
-# restarts, and the five other processes run the rest meanwhile. Ends with the coverage total.
+# One run in seven processes. The disruptive tests' three groups (the restarts and the
+# reconnect; the chaos run; the RabbitMQ cluster: SHARED_PROCESS in tests/conftest.py) are handed
+# out first, each to a process that starts services of its own (a PostgreSQL cluster and a
+# RabbitMQ node, or three RabbitMQ nodes); they mostly wait on those restarts, and the four
+# other processes run the rest meanwhile. Ends with the coverage total.
 test: install
 	$(BIN)/pytest -n 7 --cov --cov-report=term
 

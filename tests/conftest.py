@@ -47,11 +47,12 @@ os.environ["COUPONS_ENV_FILE"] = ""
 # Test modules whose tests must share one test process: the bench's two checks share one run
 # (a module fixture), the disruptive tests the PostgreSQL cluster and RabbitMQ node that their
 # process creates (tests/acceptance/disruptive/conftest.py); the chaos run, the longest, has a
-# group of its own. Named here, by file, because pytest-xdist's xdist_group mark is lost with
-# pytest 9's node ids.
+# group of its own, and so has the chaos run on a RabbitMQ cluster. Named here, by file, because
+# pytest-xdist's xdist_group mark is lost with pytest 9's node ids.
 SHARED_PROCESS = {
     "tests/acceptance/test_bench.py": "bench",
     "tests/acceptance/disruptive/test_chaos.py": "chaos",
+    "tests/acceptance/disruptive/test_cluster.py": "cluster",
     "tests/acceptance/disruptive/test_restarts.py": "restarts",
     "tests/acceptance/disruptive/test_reconnect.py": "restarts",
 }

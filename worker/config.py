@@ -121,6 +121,11 @@ class Settings(BaseSettings):
     dead_queue: str = Field("coupons.dead", min_length=1, validation_alias="COUPONS_DEAD_QUEUE")
     queue_type: Literal["classic", "quorum"] = Field(
         "classic", validation_alias="COUPONS_QUEUE_TYPE")
+    #: Where RabbitMQ dead-letters a message delivered more than ``delivery_limit`` times
+    #: (quorum queues, through the policy ``coupon-worker broker setup`` sets).
+    parked_queue: str = Field(
+        "coupons.parked", min_length=1, validation_alias="COUPONS_PARKED_QUEUE")
+    delivery_limit: int = Field(50, ge=2, validation_alias="COUPONS_DELIVERY_LIMIT")
     dead_queue_max_length: int = Field(
         100_000, ge=1, validation_alias="COUPONS_DEAD_QUEUE_MAX_LENGTH"
     )
@@ -232,6 +237,21 @@ class Settings(BaseSettings):
                 "must be an http(s) URL with a host, e.g. https://eu.api.capillarytech.com")
         return value.rstrip("/")
 
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_list(cls, value: str) -> str:
+        """One URL, or a failover list of a cluster's nodes (``amqp://a//;amqp://b//``)."""
+        urls = [url.strip() for url in value.split(";") if url.strip()]
+        if not urls:
+            raise ValueError("must be a broker URL, e.g. amqp://user:password@host:5672/vhost")
+        schemes = {urlsplit(url).scheme for url in urls}
+        if len(urls) > 1 and not schemes <= {"amqp", "amqps", "pyamqp"}:
+            raise ValueError("a list of broker URLs (separated by ';') is for the nodes of a "
+                             "RabbitMQ cluster: amqp:// URLs only")
+        if len(schemes) > 1:
+            raise ValueError("every broker URL of the list must use the same scheme")
+        return ";".join(urls)
+
     @field_validator("database_url")
     @classmethod
     def _postgres_only(cls, value: str) -> str:
@@ -312,6 +332,15 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _broker_counts_after_us(self) -> Settings:
+        if self.delivery_limit <= self.message_failure_limit:
+            # The worker counts the failures it sees and keeps the message as a dead letter in
+            # the ledger; the broker's limit is the net below that, for deliveries it never saw
+            # end (a pool process killed, a connection lost).
+            raise ValueError("COUPONS_DELIVERY_LIMIT must exceed COUPONS_MESSAGE_FAILURE_LIMIT")
+        return self
+
     def broker_transport_options(self) -> dict[str, object]:
         """kombu transport options: publisher confirms on AMQP; folders for the file broker."""
         if self.broker_url.startswith(("amqp", "pyamqp")):
@@ -323,6 +352,11 @@ class Settings(BaseSettings):
             return {"data_folder_in": f"{root}/messages", "data_folder_out": f"{root}/messages",
                     "control_folder": f"{root}/control", "polling_interval": 0.1}
         return {}
+
+    @property
+    def broker_urls(self) -> list[str]:
+        """The broker URLs: several for a cluster, tried in turn on connection loss."""
+        return self.broker_url.split(";")
 
     @property
     def auth_scheme(self) -> AuthScheme | None:
@@ -372,7 +406,7 @@ class Settings(BaseSettings):
 
         return {
             "database": make_url(self.database_url).render_as_string(hide_password=True),
-            "broker": maybe_sanitize_url(self.broker_url),
+            "broker": ";".join(maybe_sanitize_url(url) for url in self.broker_urls),
             "capillary": self.capillary_base_url,
             "auth": self.auth_scheme or "none",
             "queues": [self.events_queue, self.tasks_queue, self.retry_queue, self.dead_queue],

@@ -34,6 +34,7 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
+from coupon_devtools.chaos.cluster import CLUSTER, ClusterChaosRun
 from coupon_devtools.chaos.defaults import FULL, SHORT
 from coupon_devtools.chaos.run import ChaosOptions, ChaosRun
 from coupon_devtools.demo.defaults import DemoError
@@ -49,8 +50,9 @@ def run_chaos(options: ChaosOptions, console: Console) -> int:
     from worker.errors import WorkerError
 
     console.print(f"[bold]coupon-worker chaos[/]: {options.profile.events} events through "
-                  f"{options.workers} workers while their world falls apart")
-    run = ChaosRun(options, console)
+                  f"{options.workers} workers while their world falls apart"
+                  + (" (on a RabbitMQ cluster whose leader dies)" if options.cluster else ""))
+    run = ClusterChaosRun(options, console) if options.cluster else ChaosRun(options, console)
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return run.run()
@@ -78,6 +80,10 @@ def chaos_command() -> click.Command:
                   help="Workers started with `coupon-worker worker`.")
     @click.option("--short", is_flag=True,
                   help="The CI profile: fewer events, shorter outages, no late original.")
+    @click.option("--cluster", is_flag=True,
+                  help=f"On a 3-node RabbitMQ cluster of its own with quorum queues: SIGKILL "
+                       f"the events queue's leader mid-run and bring it back [{CLUSTER.events} "
+                       "events]. Leaves the machine's RabbitMQ and PostgreSQL running.")
     @click.option("--seed", type=int, default=1, show_default=True,
                   help="The sandbox's seed (its codes and which calls the low-rate faults "
                        "strike, as far as the calls' order repeats).")
@@ -87,8 +93,8 @@ def chaos_command() -> click.Command:
                   help="Keep the database and the vhost to look into afterwards.")
     @click.option("--namespace", default="", hidden=True,
                   help="Suffix for the database and vhost names (parallel test sessions).")
-    def chaos(events: int | None, workers: int, short: bool, seed: int, workdir: Path,
-              keep: bool, namespace: str) -> None:
+    def chaos(events: int | None, workers: int, short: bool, cluster: bool, seed: int,
+              workdir: Path, keep: bool, namespace: str) -> None:
         """Exactly once while a worker is SIGKILLed mid-call, RabbitMQ and PostgreSQL restart,
         the API goes down and every broker connection drops.
 
@@ -98,11 +104,13 @@ def chaos_command() -> click.Command:
         """
         if namespace and not re.fullmatch(r"[a-z0-9]{1,20}", namespace):
             raise click.BadParameter("lower-case letters and digits only", param_hint="namespace")
-        profile = SHORT if short else FULL
+        if cluster and short:
+            raise click.UsageError("--cluster is a profile of its own: drop --short")
+        profile = CLUSTER if cluster else SHORT if short else FULL
         if events is not None:
             profile = replace(profile, events=events)
         console = Console(highlight=False, soft_wrap=True)
-        sys.exit(run_chaos(ChaosOptions(profile, workers, seed, workdir, keep, namespace),
-                           console))
+        sys.exit(run_chaos(ChaosOptions(profile, workers, seed, workdir, keep, namespace,
+                                        cluster), console))
 
     return chaos

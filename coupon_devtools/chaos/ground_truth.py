@@ -157,11 +157,13 @@ def read_ledger(engine: Engine) -> dict[tuple[str, int], Recorded]:
             for e, s, state, code in rows}
 
 
-def consumers(vhost: str, queues: Sequence[str]) -> dict[str, int]:
-    """How many consumers each of ``queues`` has in ``vhost`` (a live worker has one each)."""
+def consumers(vhost: str, queues: Sequence[str], node: str | None = None) -> dict[str, int]:
+    """How many consumers each of ``queues`` has in ``vhost`` (a live worker has one each), as
+    ``node`` counts them (default: rabbitmqctl's own node)."""
     from coupon_devtools.harness.rabbitmqctl import rabbitmqctl
 
-    listed = rabbitmqctl("list_queues", "-p", vhost, "name", "consumers", "--no-table-headers")
+    listed = rabbitmqctl("list_queues", "-p", vhost, "name", "consumers", "--no-table-headers",
+                         node=node)
     counts = {}
     for line in listed.splitlines():
         parts = line.split()

@@ -13,6 +13,60 @@ from coupon_devtools.chaos.ground_truth import Comparison
 
 
 @dataclass(frozen=True)
+class Failover:
+    """What a cluster run measured around the SIGKILL of the events queue's leader."""
+
+    killed: str
+    new_leader: str | None
+    reconnected_s: tuple[float, ...]
+    """For each worker that lost its connection, from the kill to its next (its log)."""
+    consuming_again_s: float | None
+    """From the kill to RabbitMQ counting every worker consuming every queue again, while the
+    node is down (polled with rabbitmqctl, which takes a second or more a call)."""
+    down_s: float
+    back_s: float | None
+    """From the node's restart to it being a running member of the cluster again."""
+    in_flight: int
+    """Entities claimed (a call possibly under way) when the node died."""
+    recovered: int
+    recovered_s: float | None
+    """From the kill to the last of those entities issued (None: one never was)."""
+    target_s: float
+    parked: int | None = 0
+    """Messages RabbitMQ parked past the delivery limit (None: it could not be asked)."""
+
+    @property
+    def ok(self) -> bool:
+        return (self.consuming_again_s is not None and self.back_s is not None
+                and self.parked == 0
+                and self.recovered == self.in_flight
+                and (self.recovered_s or 0.0) <= self.target_s)
+
+    def rows(self) -> list[tuple[str, str, str]]:
+        def secs(value: float | None) -> str:
+            return "never" if value is None else f"{value:.1f} s"
+
+        recovered = ("-" if not self.in_flight else
+                     f"{self.recovered}/{self.in_flight} issued, the last "
+                     f"{secs(self.recovered_s)} after the kill (target {self.target_s:g} s)")
+        return [
+            ("leader killed", self.killed,
+             f"SIGKILL, down {self.down_s:.1f} s; new leader {self.new_leader or '?'}"),
+            ("reconnected", "-" if not self.reconnected_s else
+             f"{max(self.reconnected_s) * 1000:.0f} ms",
+             f"{len(self.reconnected_s)} workers connected to another node, the slowest this "
+             "long after the kill (their logs)"),
+            ("failover", secs(self.consuming_again_s),
+             "from the kill to RabbitMQ counting every worker on every queue again (at most; "
+             "polled with rabbitmqctl)"),
+            ("node back", secs(self.back_s), "from its restart to a running cluster member"),
+            ("in flight at the kill", str(self.in_flight), recovered),
+            ("parked", "?" if self.parked is None else str(self.parked),
+             "messages RabbitMQ parked past the delivery limit (coupons.parked)"),
+        ]
+
+
+@dataclass(frozen=True)
 class Report:
     """The run's figures and verdict."""
 
@@ -32,6 +86,7 @@ class Report:
     settled_s: float | None
     elapsed_s: float
     script_failures: Sequence[str]
+    failover: Failover | None = None
 
     @property
     def all_alive(self) -> bool:
@@ -48,7 +103,8 @@ class Report:
     def passed(self) -> bool:
         result = self.result
         return (result.exactly_once and not result.disagreements and self.all_alive
-                and self.settled_s is not None and self.late_ok and not self.script_failures)
+                and self.settled_s is not None and self.late_ok and not self.script_failures
+                and (self.failover is None or self.failover.ok))
 
     def print(self, console: Console) -> None:
         from rich.table import Table
@@ -87,6 +143,8 @@ class Report:
                       "never" if self.settled_s is None else f"{self.settled_s:.1f} s",
                       "from the last disruption and publish to a ledger at rest")
         table.add_row("elapsed", f"{self.elapsed_s:.1f} s", "since publishing started")
+        for row in self.failover.rows() if self.failover else []:
+            table.add_row(*(escape(cell) for cell in row))
         console.print(table)
         if self.late is not None:
             late = self.late
@@ -110,7 +168,9 @@ class Report:
                       + ("" if self.all_alive else " (or not consuming)")
                       + ("" if self.settled_s is not None else ", never at rest")
                       + (f", {len(r.disagreements)} ledger disagreements"
-                         if r.disagreements else ""))
+                         if r.disagreements else "")
+                      + (", failover not as promised (see the table)"
+                         if self.failover is not None and not self.failover.ok else ""))
         for problem in problems[:20]:
             console.print(f"  {escape(problem)}")
         if len(problems) > 20:

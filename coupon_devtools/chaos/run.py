@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,7 +63,7 @@ from coupon_devtools.chaos.ground_truth import (
     read_ledger,
 )
 from coupon_devtools.chaos.publishing import Delivery, Publisher, make_event, plan_deliveries
-from coupon_devtools.chaos.report import Report
+from coupon_devtools.chaos.report import Failover, Report
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,7 @@ class ChaosOptions:
     workdir: Path
     keep: bool
     namespace: str = ""
+    cluster: bool = False
 
 
 def choose_local_backends(namespace: str) -> Backends:
@@ -126,7 +127,7 @@ class ChaosRun:
         self.logs.mkdir(parents=True, exist_ok=True)
         for old in [*self.logs.glob("*.log"), *self.heartbeats.glob("*.json")]:
             old.unlink()
-        self.backends = backends = choose_local_backends(self.options.namespace)
+        self.backends = backends = self.choose_backends()
         self.console.print(f"  PostgreSQL  {escape(backends.database.label)}")
         self.console.print(f"  broker      {escape(backends.broker.label)}")
         # Over HTTPS, as Capillary is: a TLS stream broken after the call is a fault of its own.
@@ -136,6 +137,7 @@ class ChaosRun:
         ca_file.unlink(missing_ok=True)  # an earlier run's CA trusts nothing of this one's
         env = demo_env(backends, sandbox_url, 0)
         env.update(CHAOS_ENVIRONMENT)
+        env.update(self.extra_env())
         env["REQUESTS_CA_BUNDLE"] = str(ca_file)
         # `coupon-worker health` judges these workers only, not others of this host.
         env["COUPONS_HEARTBEAT_DIR"] = str(self.heartbeats)
@@ -149,6 +151,18 @@ class ChaosRun:
                                     connect_args={"connect_timeout": 3})
         self.admin = SandboxAdmin(sandbox_url, ca_file=str(ca_file))
         return env, self.admin
+
+    def choose_backends(self) -> Backends:
+        """The database and broker of this run (the local ones, which it restarts)."""
+        return choose_local_backends(self.options.namespace)
+
+    def extra_env(self) -> dict[str, str]:
+        """Settings of this kind of run, on top of ``CHAOS_ENVIRONMENT``."""
+        return {}
+
+    def rabbit_node(self) -> str | None:
+        """The RabbitMQ node ``rabbitmqctl`` asks about queues (None: its default)."""
+        return None
 
     def plan(self, admin: SandboxAdmin) -> tuple[list[dict[str, Any]], dict[str, Any],
                                                  dict[str, Any] | None, FaultBook]:
@@ -198,25 +212,33 @@ class ChaosRun:
         fleet = Fleet(options.workers, env, self.logs, self.services, self.timeline)
         fleet.start()
         settings = Settings.model_validate(env)
-        self.ctx = ctx = Context(profile, fleet, faults, self.engine,
-                                 self.backends.broker.url.rsplit("/", 1)[1], victim,
-                                 self.timeline)
+        self.ctx = ctx = self.make_context(fleet, faults, victim)
         self.timeline.start = time.monotonic()
         self.timeline.note(f"{options.workers} workers ready (pids "
                            f"{', '.join(str(s.service.process.pid) for s in fleet.slots)}); "
                            "publishing starts")
         self.publisher = Publisher(settings, deliveries, profile.publish_s, self.timeline)
-        self.script = Script(ctx, [
+        self.script = Script(ctx, self.steps())
+        self.publisher.start()
+        self.script.start()
+        settled_s = self.watch(fleet, len(events) + (late is not None))
+        return self.check(fleet, settings, events, late, admin, settled_s)
+
+    def make_context(self, fleet: Fleet, faults: FaultBook, victim: dict[str, Any]) -> Context:
+        assert self.engine is not None and self.backends is not None
+        return Context(self.profile, fleet, faults, self.engine,
+                       self.backends.broker.url.rsplit("/", 1)[1], victim, self.timeline)
+
+    def steps(self) -> list[tuple[float, str, Callable[[Context], None]]]:
+        """The disruptions, each at its time: (seconds after publishing starts, name, act)."""
+        profile = self.profile
+        return [
             (profile.kill_at_s, "SIGKILL mid-call", kill_mid_call),
             (profile.rabbit_at_s, "RabbitMQ restart", restart_rabbitmq),
             (profile.postgres_at_s, "PostgreSQL restart", restart_postgres),
             (profile.api_at_s, "API outage", api_down),
             (profile.drop_at_s, "dropping broker connections", drop_connections),
-        ])
-        self.publisher.start()
-        self.script.start()
-        settled_s = self.watch(fleet, len(events) + (late is not None))
-        return self.check(fleet, settings, events, late, admin, settled_s)
+        ]
 
     def watch(self, fleet: Fleet, n_events: int) -> float | None:
         """Supervise the workers and show progress until the ledger is at rest after the last
@@ -291,9 +313,14 @@ class ChaosRun:
             consuming=consuming,
             settled_s=settled_s, elapsed_s=self.timeline.now(),
             script_failures=self.script.failures if self.script else [],
+            failover=self.failover_figures(),
         )
         report.print(self.console)
         return 0 if report.passed else 1
+
+    def failover_figures(self) -> Failover | None:
+        """What a cluster run measured of the failover (None: no cluster)."""
+        return None
 
     def _alive(self, fleet: Fleet, queues: Sequence[str]) -> tuple[int, int, dict[str, int]]:
         """Workers running; of those, how many beat as ``coupon-worker health`` judges (their
@@ -309,7 +336,8 @@ class ChaosRun:
             report = check_health(self.heartbeats)
             healthy = sum(1 for w in report.workers if w.healthy and w.pid in pids)
             try:
-                counts = consumers(self.ctx.vhost if self.ctx else "", queues)
+                counts = consumers(self.ctx.vhost if self.ctx else "", queues,
+                                   node=self.rabbit_node())
             except BrokerUnavailable:
                 counts = dict.fromkeys(queues, 0)
             if (min(alive, healthy, *counts.values()) >= fleet.size
@@ -336,7 +364,7 @@ class ChaosRun:
             self.script.join(timeout=120)  # a restart half-done must finish first
         stop_groups([s.pid for s in self.services], [s.process for s in self.services],
                     grace_s=STOP_GRACE_S)
-        restore_services(self.ctx, self._database_port())
+        self.restore()
         if self.engine is not None:
             self.engine.dispose()
         if self.admin is not None:
@@ -351,4 +379,13 @@ class ChaosRun:
         with contextlib.suppress(Exception):
             drop_database(url, str(url.database))
         with contextlib.suppress(BrokerUnavailable):
-            delete_vhost(self.backends.broker.url.rsplit("/", 1)[1])
+            self.release_broker()
+
+    def restore(self) -> None:
+        """Whatever happened, leave RabbitMQ and PostgreSQL running and answering."""
+        restore_services(self.ctx, self._database_port())
+
+    def release_broker(self) -> None:
+        """Delete the run's vhost (unless --keep)."""
+        assert self.backends is not None
+        delete_vhost(self.backends.broker.url.rsplit("/", 1)[1])

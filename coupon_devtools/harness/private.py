@@ -26,6 +26,8 @@ MACHINE_COOKIE = Path("/var/lib/rabbitmq/.erlang.cookie")
 START_TIMEOUT_S = 120.0
 COMMAND_TIMEOUT_S = 120.0
 POLL_S = 0.2
+# rabbitmqctl's exit codes for a node that is booting (64) or not registered with epmd yet (69).
+NOT_UP_YET = (NODE_DOWN_EXIT_CODE, 69)
 
 
 class PrivateServiceError(RuntimeError):
@@ -117,6 +119,62 @@ class PrivatePostgres:
 # -- RabbitMQ ------------------------------------------------------------------------------
 
 
+def start_node(folder: Path, node: str, port: int, dist_port: int, *,
+               log_name: str = "rabbitmq-server") -> Spawned:
+    """Start ``rabbitmq-server`` as ``node``, AMQP on 127.0.0.1:``port``, Erlang distribution on
+    ``dist_port``, its data, logs and configuration in ``folder``; it boots in the background.
+
+    Starting it again with the same arguments brings the same node back, with its data (with
+    another ``log_name``, the first log is kept).
+    """
+    if not RABBITMQ_SERVER.is_file() or not MACHINE_COOKIE.is_file():
+        raise PrivateServiceError("a private RabbitMQ node needs Debian's rabbitmq-server "
+                                  f"({RABBITMQ_SERVER}, {MACHINE_COOKIE})")
+    folder.mkdir(parents=True, exist_ok=True)
+    cookie = folder / ".erlang.cookie"
+    if not cookie.exists():
+        shutil.copyfile(MACHINE_COOKIE, cookie)
+        cookie.chmod(0o400)
+    (folder / "rabbitmq.conf").write_text(f"listeners.tcp.default = 127.0.0.1:{port}\n")
+    (folder / "enabled_plugins").write_text("[].\n")
+    (folder / "rabbitmq-env.conf").write_text("")
+    env = {
+        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+        "HOME": str(folder),
+        "RABBITMQ_NODENAME": node,
+        "RABBITMQ_DIST_PORT": str(dist_port),
+        "RABBITMQ_CONFIG_FILE": str(folder / "rabbitmq.conf"),
+        "RABBITMQ_CONF_ENV_FILE": str(folder / "rabbitmq-env.conf"),
+        "RABBITMQ_ENABLED_PLUGINS_FILE": str(folder / "enabled_plugins"),
+        "RABBITMQ_MNESIA_BASE": str(folder / "mnesia"),
+        "RABBITMQ_LOG_BASE": str(folder / "log"),
+        "RABBITMQ_PID_FILE": str(folder / "rabbitmq.pid"),
+        "ERL_EPMD_ADDRESS": "127.0.0.1",
+        # One scheduler that sleeps when idle: Erlang's schedulers spin while they wait by
+        # default, which a test node beside a busy suite cannot afford.
+        "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": (
+            "-kernel inet_dist_use_interface {127,0,0,1} +S 1:1 +sbwt none "
+            "+sbwtdcpu none +sbwtdio none"),
+    }
+    return spawn(log_name, [str(RABBITMQ_SERVER)], env, folder)
+
+
+def wait_node_started(node: str, server: Spawned, timeout_s: float = START_TIMEOUT_S) -> None:
+    """Until ``node`` has booted (``await_startup`` refuses until it is registered);
+    :class:`PrivateServiceError` if its server exits or ``timeout_s`` passes first."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        server.check_running()
+        done = _call("rabbitmqctl", "-q", "-n", node, "await_startup", timeout_s=timeout_s)
+        if done.returncode == 0:
+            return
+        if done.returncode not in NOT_UP_YET or time.monotonic() > deadline:
+            raise PrivateServiceError(f"RabbitMQ node {node} did not start: "
+                                      f"{(done.stderr or done.stdout).strip()[-500:]}\n"
+                                      f"{server.log_tail()}")
+        time.sleep(POLL_S)
+
+
 @dataclass(frozen=True)
 class PrivateRabbit:
     """A RabbitMQ node of this session's own, the ``guest`` user on 127.0.0.1:``port``."""
@@ -138,53 +196,12 @@ class PrivateRabbit:
     def start(cls, folder: Path, tag: str) -> PrivateRabbit:
         """Start node ``cw_<tag>@localhost`` with its data and logs in ``folder``; it boots in
         the background (see :meth:`wait_started`)."""
-        if not RABBITMQ_SERVER.is_file() or not MACHINE_COOKIE.is_file():
-            raise PrivateServiceError("a private RabbitMQ node needs Debian's rabbitmq-server "
-                                      f"({RABBITMQ_SERVER}, {MACHINE_COOKIE})")
-        folder.mkdir(parents=True, exist_ok=True)
-        cookie = folder / ".erlang.cookie"
-        shutil.copyfile(MACHINE_COOKIE, cookie)
-        cookie.chmod(0o400)
-        port, dist_port = free_port(), free_port()
-        (folder / "rabbitmq.conf").write_text(f"listeners.tcp.default = 127.0.0.1:{port}\n")
-        (folder / "enabled_plugins").write_text("[].\n")
-        (folder / "rabbitmq-env.conf").write_text("")
-        node = f"cw_{tag}@localhost"
-        env = {
-            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
-            "HOME": str(folder),
-            "RABBITMQ_NODENAME": node,
-            "RABBITMQ_DIST_PORT": str(dist_port),
-            "RABBITMQ_CONFIG_FILE": str(folder / "rabbitmq.conf"),
-            "RABBITMQ_CONF_ENV_FILE": str(folder / "rabbitmq-env.conf"),
-            "RABBITMQ_ENABLED_PLUGINS_FILE": str(folder / "enabled_plugins"),
-            "RABBITMQ_MNESIA_BASE": str(folder / "mnesia"),
-            "RABBITMQ_LOG_BASE": str(folder / "log"),
-            "RABBITMQ_PID_FILE": str(folder / "rabbitmq.pid"),
-            "ERL_EPMD_ADDRESS": "127.0.0.1",
-            # One scheduler that sleeps when idle: Erlang's schedulers spin while they wait by
-            # default, which a test node beside a busy suite cannot afford.
-            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": (
-                "-kernel inet_dist_use_interface {127,0,0,1} +S 1:1 +sbwt none "
-                "+sbwtdcpu none +sbwtdio none"),
-        }
-        server = spawn("rabbitmq-server", [str(RABBITMQ_SERVER)], env, folder)
-        return cls(node, port, folder, server)
+        node, port = f"cw_{tag}@localhost", free_port()
+        return cls(node, port, folder, start_node(folder, node, port, free_port()))
 
     def wait_started(self, timeout_s: float = START_TIMEOUT_S) -> None:
         """Until the node has booted (``await_startup`` refuses until it is registered)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            self.server.check_running()
-            done = _call("rabbitmqctl", "-q", "-n", self.node, "await_startup",
-                         timeout_s=timeout_s)
-            if done.returncode == 0:
-                return
-            if done.returncode != NODE_DOWN_EXIT_CODE or time.monotonic() > deadline:
-                raise PrivateServiceError(f"RabbitMQ node {self.node} did not start: "
-                                          f"{(done.stderr or done.stdout).strip()[-500:]}\n"
-                                          f"{self.server.log_tail()}")
-            time.sleep(POLL_S)
+        wait_node_started(self.node, self.server, timeout_s)
 
     def stop(self) -> None:
         """Stop the node (the whole Erlang VM), SIGKILL it if it lingers, delete its data."""

@@ -2,12 +2,20 @@
 
 Every publish waits for the broker's confirm (``confirm_publish``) and uses persistent
 messages on durable queues. Broker errors are translated to ``BrokerUnavailable``.
+
+A lost connection is kombu's to cure (``retry=True``: it connects again, to the next node of a
+URL list, and publishes again). A refusal (``basic.nack``) is not: kombu raises at once. A
+quorum queue refuses for a moment while it elects a new leader (its node died), so a nacked
+publish is published again here, with ``PUBLISH_RETRY_POLICY``'s pauses, before the refusal is
+raised (:func:`until_confirmed`). The bridge does not wait here: it runs on the consumer's loop,
+and holds the message to try again on the guard's next release instead.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -43,6 +51,36 @@ def why(exc: BaseException) -> str:
     return str(exc) or repr(exc)
 
 
+def nacked(exc: BaseException) -> bool:
+    """Whether the broker refused the message (``basic.nack``), however kombu wrapped it."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, amqp.exceptions.MessageNacked):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+def nack_pauses_s(policy: dict[str, float] = PUBLISH_RETRY_POLICY) -> list[float]:
+    """The pauses between publishes of a nacked message: kombu's retry policy's."""
+    start, step, top = policy["interval_start"], policy["interval_step"], policy["interval_max"]
+    return [min(start + step * i, top) for i in range(int(policy["max_retries"]))]
+
+
+def until_confirmed(publish: Callable[[], object],
+                    pauses_s: Sequence[float] | None = None) -> None:
+    """Run ``publish`` until the broker confirms it: published again after each nack, with
+    ``pauses_s`` between; the last nack (and any other error) is raised."""
+    for pause_s in [*(nack_pauses_s() if pauses_s is None else pauses_s), None]:
+        try:
+            publish()
+            return
+        except BROKER_ERRORS as exc:
+            if pause_s is None or not nacked(exc):
+                raise
+        time.sleep(pause_s)
+
+
 def event_argsrepr(event_id: str | None, customer: str | None, series: object) -> str:
     """How a task's arguments read in Flower: ids only, never metadata or secrets."""
     return f"event={event_id} customer={customer} series={series}"
@@ -61,7 +99,7 @@ class CeleryPublisher:
         try:
             with self._app.producer_or_acquire() as producer:
                 for d in due:
-                    self._app.send_task(
+                    until_confirmed(lambda d=d: self._app.send_task(  # type: ignore[misc]
                         TASK_RETRY,
                         kwargs={"entity_id": d.entity_id},
                         queue=self._retry_queue.name,
@@ -71,14 +109,14 @@ class CeleryPublisher:
                         + event_argsrepr(d.event_id, d.customer_key, d.series_id),
                         retry=True,
                         retry_policy=PUBLISH_RETRY_POLICY,
-                    )
+                    ))
         except BROKER_ERRORS as exc:
             raise BrokerUnavailable(f"could not publish retries: {why(exc)}") from exc
 
     def submit_event(self, event: LoyaltyEvent, *, source: str) -> None:
         """Send a valid event as the ``coupons.issue`` task, as a Python producer would."""
         try:
-            self._app.send_task(
+            until_confirmed(lambda: self._app.send_task(
                 TASK_ISSUE,
                 kwargs={"event": event.to_message(), "source": source},
                 queue=self._tasks_queue.name,
@@ -87,7 +125,7 @@ class CeleryPublisher:
                                           list(event.seriesIds)),
                 retry=True,
                 retry_policy=PUBLISH_RETRY_POLICY,
-            )
+            ))
         except BROKER_ERRORS as exc:
             raise BrokerUnavailable(f"could not publish the event: {why(exc)}") from exc
 
@@ -95,7 +133,7 @@ class CeleryPublisher:
         try:
             with self._app.producer_or_acquire() as producer:
                 for record in records:
-                    producer.publish(
+                    until_confirmed(lambda record=record: producer.publish(  # type: ignore[misc]
                         record.as_message(),
                         exchange=self._dead_queue.exchange,
                         routing_key=self._dead_queue.routing_key,
@@ -104,7 +142,7 @@ class CeleryPublisher:
                         delivery_mode=2,
                         retry=True,
                         retry_policy=PUBLISH_RETRY_POLICY,
-                    )
+                    ))
         except BROKER_ERRORS as exc:
             raise BrokerUnavailable(f"could not publish dead letters: {why(exc)}") from exc
 
@@ -135,6 +173,9 @@ class EventProducer:
 
     def publish_raw(self, body: bytes, *, content_type: str = "application/json") -> None:
         """Publish bytes as they are to the events queue, as a loyalty bus would."""
+        until_confirmed(lambda: self._publish_raw(body, content_type))
+
+    def _publish_raw(self, body: bytes, content_type: str) -> None:
         if self._producer.connection is None:
             # A task published since re-established the shared connection, on a new channel:
             # this producer's channel is closed, and kombu cannot revive it from there.
@@ -159,7 +200,7 @@ class EventProducer:
             return
         app = self._app
         customer = data.get("customer") if isinstance(data, dict) else None
-        app.send_task(
+        until_confirmed(lambda: app.send_task(
             TASK_ISSUE,
             kwargs={"event": data, "source": "task"},
             queue=self._tasks_queue.name,
@@ -169,7 +210,7 @@ class EventProducer:
                 data.get("eventId"), _customer_label(customer), data.get("seriesIds")),
             retry=True,
             retry_policy=PUBLISH_RETRY_POLICY,
-        )
+        ))
 
 
 def _customer_label(customer: object) -> str | None:

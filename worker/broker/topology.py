@@ -8,7 +8,10 @@ bridge and the Celery app all take their ``Queue`` objects from here.
 - ``coupons.retry``: one message per entity whose retry is due (``coupons.retry``);
 - ``coupons.dead``: one message per dead entity or rejected event, for people and alerting.
   Nobody consumes it and the ledger is the source of truth, so it keeps the newest
-  ``COUPONS_DEAD_QUEUE_MAX_LENGTH`` messages and drops the oldest.
+  ``COUPONS_DEAD_QUEUE_MAX_LENGTH`` messages and drops the oldest;
+- ``coupons.parked``: where RabbitMQ dead-letters a message of the first three that was
+  delivered more than ``COUPONS_DELIVERY_LIMIT`` times (quorum queues; ``worker.broker.parking``).
+  Declared by ``coupon-worker broker setup``, never by the worker; nothing consumes it.
 """
 
 from __future__ import annotations
@@ -45,6 +48,10 @@ def dead_queue(settings: Settings) -> Queue:
         settings.dead_queue, settings,
         **{"x-max-length": settings.dead_queue_max_length, "x-overflow": "drop-head"},
     )
+
+
+def parked_queue(settings: Settings) -> Queue:
+    return _queue(settings.parked_queue, settings)
 
 
 def consumed_queues(settings: Settings) -> list[Queue]:

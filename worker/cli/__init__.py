@@ -7,6 +7,7 @@
     coupon-worker events replay EVENT_ID  re-run what an event has not issued yet
     coupon-worker dlq list|summary|show|replay|discard   dead letters, for support engineers
     coupon-worker health                  whether this host's workers are consuming
+    coupon-worker broker setup|parked|move-back   the quorum queues' policy, what RabbitMQ parked
     coupon-worker rejected list|show|resubmit   rejected messages: inspect, fix and resubmit
     coupon-worker flower                  Flower on the project's app
     coupon-worker console                 the support console in the browser
@@ -19,8 +20,9 @@ The dev-tool commands live in the ``coupon_devtools`` package (the ``devtools`` 
 runtime never imports it, and this command line finds those commands only when one is asked for.
 """
 
-from worker.cli import publishing, rejected, retention, runtime, support, webconsole
+from worker.cli import broker, publishing, rejected, retention, runtime, support, webconsole
 from worker.cli.root import main
 
 # Importing the command modules registers their commands on ``main``.
-__all__ = ["main", "publishing", "rejected", "retention", "runtime", "support", "webconsole"]
+__all__ = ["broker", "main", "publishing", "rejected", "retention", "runtime", "support",
+           "webconsole"]
