@@ -24,6 +24,7 @@ from pydantic import SecretStr
 from sqlalchemy import Engine, create_engine, text
 
 from coupon_devtools.harness.databases import create_migrated, drop_database
+from coupon_devtools.harness.pgbouncer import PgBouncer
 from coupon_devtools.harness.processes import Spawned, spawn
 from coupon_devtools.harness.rabbitmqctl import create_vhost, delete_vhost
 from coupon_devtools.sandbox import BackgroundSandbox, SandboxAdmin
@@ -106,6 +107,28 @@ def clean_ledger(engine: Engine) -> Engine:
     with engine.begin() as conn:
         conn.execute(text(f"TRUNCATE {', '.join(LEDGER_TABLES)} RESTART IDENTITY CASCADE"))
     return engine
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgBouncer]:
+    """A PgBouncer of this test process's own in transaction pooling mode, in front of the
+    session's database, started when first asked for (docs/pooler.md)."""
+    bouncer = PgBouncer.start(tmp_path_factory.mktemp("pgbouncer"), database_url)
+    yield bouncer
+    bouncer.stop()
+
+
+@pytest.fixture
+def pooled_settings_factory(settings_factory: Callable[..., Settings], pgbouncer: PgBouncer,
+                            database_url: str) -> Callable[..., Settings]:
+    """Settings whose ledger is reached through ``pgbouncer``, as ``COUPONS_DB_POOLER`` says."""
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {"database_url": pgbouncer.url(database_url),
+                                  "db_pooler": "transaction"}
+        values.update(overrides)
+        return settings_factory(**values)
+
+    return make
 
 
 # -- RabbitMQ ------------------------------------------------------------------------------

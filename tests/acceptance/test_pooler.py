@@ -1,0 +1,55 @@
+"""Real workers whose ledger connections go through PgBouncer in transaction pooling mode
+(docs/pooler.md): every entity issued exactly once, and nothing refused on the way."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+from sqlalchemy import Engine, text
+
+from coupon_devtools.harness.pgbouncer import PgBouncer
+from coupon_devtools.sandbox import SandboxAdmin
+from tests.acceptance.helpers import example_event, publish, wait_for_every_delivery
+from tests.conftest import WorkerProcess, wait_until
+from worker.config import Settings
+
+EVENTS = 60
+SERIES = (544770, 553379)
+
+
+def _states(engine: Engine) -> dict[str, int]:
+    with engine.connect() as conn:
+        return {str(state): int(n) for state, n in conn.execute(text(
+            "SELECT state, count(*) FROM events GROUP BY state"))}
+
+
+def test_workers_behind_pgbouncer_issue_every_entity_exactly_once(
+    pooled_settings_factory: Callable[..., Settings], pgbouncer: PgBouncer,
+    clean_ledger: Engine, sandbox: SandboxAdmin, start_worker: Callable[..., WorkerProcess],
+) -> None:
+    # Given two workers (two pool processes each, and a sweeper) whose ledger is reached
+    # through a PgBouncer in transaction mode with two server connections to share
+    settings = pooled_settings_factory()
+    workers = [start_worker(settings), start_worker(settings)]
+    # When events for two series each are published
+    events = [example_event(f"pooled-{n}", series=SERIES, customer=str(566_100_000 + n))
+              for n in range(EVENTS)]
+    publish(settings, *events)
+    # Then every event completes
+    wait_until(lambda: _states(clean_ledger).get("completed") == EVENTS, timeout_s=90,
+               interval_s=0.5, message=f"{EVENTS} events completed")
+    wait_for_every_delivery(settings)
+    # And Capillary issued each (customer, series) exactly once
+    issued = Counter((str(c["customer"]), c["seriesId"]) for c in sandbox.ledger())
+    assert len(issued) == EVENTS * len(SERIES) and set(issued.values()) == {1}
+    with clean_ledger.connect() as conn:
+        # And the ledger holds one coupon per entity, and nothing was recorded as rejected
+        assert conn.scalar(text("SELECT count(*) FROM coupons")) == EVENTS * len(SERIES)
+        assert conn.scalar(text("SELECT count(*) FROM rejected_events")) == 0
+        assert conn.scalar(text("SELECT count(*) FROM entities WHERE state <> 'issued'")) == 0
+    for worker in workers:
+        assert worker.process.poll() is None
+        assert "prepared statement" not in worker.log(), worker.log_tail()
+        assert "schema_unchecked" not in worker.log(), worker.log_tail()
+    assert "unsupported startup parameter" not in pgbouncer.log()
