@@ -30,6 +30,7 @@ from coupon_devtools.harness.rabbitmqctl import create_vhost, delete_vhost
 from coupon_devtools.sandbox import BackgroundSandbox, SandboxAdmin
 from worker.config import Settings, load_settings
 from worker.health import check_health
+from worker.ledger.unit_of_work import ConnectionLimits, make_engine
 
 PG_ADMIN_URL = os.environ.get(
     "COUPONS_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
@@ -116,6 +117,17 @@ def pgbouncer(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> It
     bouncer = PgBouncer.start(tmp_path_factory.mktemp("pgbouncer"), database_url)
     yield bouncer
     bouncer.stop()
+
+
+@pytest.fixture
+def pooled_engine(pgbouncer: PgBouncer, database_url: str) -> Iterator[Engine]:
+    """The worker's engine through ``pgbouncer`` (``COUPONS_DB_POOLER=transaction``), with the
+    test settings' statement and lock timeouts (3 s, 1 s)."""
+    engine = make_engine(pgbouncer.url(database_url), application_name="coupon-worker-test",
+                         limits=ConnectionLimits(statement_timeout_s=3.0, lock_timeout_s=1.0,
+                                                 pooler="transaction"))
+    yield engine
+    engine.dispose()
 
 
 @pytest.fixture
