@@ -1,0 +1,199 @@
+"""The ledger behind PgBouncer in transaction mode (``COUPONS_DB_POOLER=transaction``): no
+statement prepared on a server connection, no setting left on one, the timeouts still held,
+and a pooler that refuses the direct mode's connections named in the error.
+
+Most of these run through a PgBouncer with a single server connection, so that every client
+gets the connection the last one left: whatever a client leaves there, the next one finds.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from sqlalchemy import Engine, text
+
+from coupon_devtools.harness.databases import drop_database
+from coupon_devtools.harness.pgbouncer import PgBouncer
+from tests.conftest import PG_ADMIN_URL
+from worker.errors import LedgerError, LedgerUnavailable
+from worker.ledger import hot_path
+from worker.ledger.driver import run_alone
+from worker.ledger.migrate import current_revision, ensure_database, schema_status, upgrade
+from worker.ledger.schema import Verdict
+from worker.ledger.unit_of_work import ConnectionLimits, make_engine, sql_unit_of_work_factory
+
+POOLED = ConnectionLimits(statement_timeout_s=0.5, lock_timeout_s=0.3, pooler="transaction")
+
+
+@pytest.fixture(scope="module")
+def one_server(database_url: str, tmp_path_factory: pytest.TempPathFactory,
+               ) -> Iterator[PgBouncer]:
+    """A PgBouncer in transaction mode with a single server connection for all its clients."""
+    bouncer = PgBouncer.start(tmp_path_factory.mktemp("one-server"), database_url, pool_size=1)
+    yield bouncer
+    bouncer.stop()
+
+
+@pytest.fixture
+def engines(one_server: PgBouncer, database_url: str,
+            clean_ledger: Engine) -> Iterator[list[Engine]]:
+    """Two workers' engines (the worker's limits, pooler mode) and one with no limits, all
+    through ``one_server``."""
+    url = one_server.url(database_url)
+    made = [make_engine(url, pool_size=1, limits=POOLED),
+            make_engine(url, pool_size=1, limits=POOLED),
+            make_engine(url, pool_size=1, limits=ConnectionLimits(pooler="transaction"))]
+    yield made
+    for engine in made:
+        engine.dispose()
+
+
+def _settings_seen(engine: Engine) -> tuple[str, str, int]:
+    """statement_timeout, lock_timeout and prepared statements of the server connection."""
+    row = run_alone(engine, "SELECT current_setting('statement_timeout'), "
+                    "current_setting('lock_timeout'), "
+                    "(SELECT count(*) FROM pg_prepared_statements)", {})[0]
+    return str(row[0]), str(row[1]), int(row[2])
+
+
+def test_the_harness_shares_server_connections_so_prepared_statements_break(
+    one_server: PgBouncer, database_url: str, clean_ledger: Engine,
+) -> None:
+    # Given two clients of the one server connection, preparing as the direct mode does
+    url = one_server.url(database_url).replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(url, autocommit=True) as first, \
+            psycopg.connect(url, autocommit=True) as second:
+        first.execute("SELECT 1", prepare=True)
+        try:
+            # When the second prepares its first statement under the same name
+            # Then the server connection already has it: the failure of issue 21
+            with pytest.raises(psycopg.errors.DuplicatePreparedStatement):
+                second.execute("SELECT 2", prepare=True)
+        finally:
+            # The other tests get that server connection next
+            second.execute("DEALLOCATE ALL")
+
+
+def test_the_hot_path_prepares_nothing_and_leaves_no_setting(engines: list[Engine]) -> None:
+    first, second, bare = engines
+    # Given two workers' engines running the hot path's statements many times over (more
+    # than psycopg's prepare threshold), each time on the same server connection
+    for _ in range(8):
+        for engine in (first, second):
+            assert run_alone(engine, hot_path.CIRCUIT_STATE, {"name": "capillary"}) == []
+    # Then no statement is prepared there, and the timeouts of the worker's statements held
+    # for their own transaction only: a client without limits finds the server's defaults
+    assert _settings_seen(bare) == ("0", "0", 0)
+
+
+def test_a_session_transaction_leaves_no_setting_and_prepares_nothing(
+    engines: list[Engine],
+) -> None:
+    first, _second, bare = engines
+    uow = sql_unit_of_work_factory(first)
+    for _ in range(8):
+        with uow() as u:
+            assert u.ledger.circuit("capillary").state == "closed"
+            u.session.execute(text("SELECT count(*) FROM events"))
+            seen = u.session.execute(text("SELECT current_setting('statement_timeout'), "
+                                          "current_setting('lock_timeout')")).one()
+            u.commit()
+        # Inside its transaction the session had the worker's limits
+        assert tuple(seen) == ("500ms", "300ms")
+    assert _settings_seen(bare) == ("0", "0", 0)
+
+
+def test_the_statement_timeout_holds_on_the_hot_path(engines: list[Engine]) -> None:
+    with pytest.raises(LedgerUnavailable, match="statement timeout"):
+        run_alone(engines[0], "SELECT pg_sleep(5)", {})
+    # And the engine goes on
+    assert _settings_seen(engines[2]) == ("0", "0", 0)
+    assert run_alone(engines[0], "SELECT 1", {}) == [(1,)]
+
+
+def test_the_lock_timeout_holds_on_the_hot_path_and_in_a_session(
+    engines: list[Engine], clean_ledger: Engine,
+) -> None:
+    # Given another connection (direct) holding the circuit's table
+    with clean_ledger.connect() as holder:
+        holder.execute(text("LOCK TABLE circuit_breakers IN ACCESS EXCLUSIVE MODE"))
+        # Then the worker's statements give up at the lock timeout, both ways
+        with pytest.raises(LedgerUnavailable, match="lock timeout"):
+            run_alone(engines[0], hot_path.CIRCUIT_STATE, {"name": "capillary"})
+        with pytest.raises(LedgerUnavailable, match="lock timeout"), \
+                sql_unit_of_work_factory(engines[1])() as u:
+            u.session.execute(text("SELECT count(*) FROM circuit_breakers"))
+        holder.rollback()
+
+
+def test_an_error_on_the_hot_path_is_the_statements_not_the_settings(
+    engines: list[Engine],
+) -> None:
+    # The statement after the settings fails: its error, not an outage
+    with pytest.raises(LedgerError, match="division by zero") as raised:
+        run_alone(engines[0], "SELECT 1 / 0", {})
+    assert not isinstance(raised.value, LedgerUnavailable)
+    # Rows of the statement are returned, not the settings'
+    assert run_alone(engines[0], "SELECT %(a)s::int + 1, 'x'", {"a": 41}) == [(42, "x")]
+
+
+def test_a_direct_mode_connection_refused_by_the_pooler_names_the_setting(
+    pgbouncer: PgBouncer, database_url: str,
+) -> None:
+    # Given the direct mode's engine (its timeouts in the startup packet) through PgBouncer
+    url = pgbouncer.url(database_url)
+    engine = make_engine(url, pool_size=1,
+                         limits=ConnectionLimits(statement_timeout_s=3, lock_timeout_s=1))
+    try:
+        # Then both ways of running a statement fail with an error that says what to set
+        with pytest.raises(LedgerUnavailable, match="COUPONS_DB_POOLER=transaction"):
+            run_alone(engine, "SELECT 1", {})
+        with pytest.raises(LedgerUnavailable, match="COUPONS_DB_POOLER=transaction"), \
+                sql_unit_of_work_factory(engine)() as u:
+            u.session.execute(text("SELECT 1"))
+    finally:
+        engine.dispose()
+    # And so does the worker's start-up check of the schema; with the setting it passes
+    with pytest.raises(LedgerUnavailable, match="COUPONS_DB_POOLER=transaction"):
+        schema_status(url)
+    assert schema_status(url, pooler="transaction").verdict is Verdict.CURRENT
+
+
+@pytest.fixture
+def fresh_name() -> Iterator[str]:
+    name = f"cw_pooled_mig_{uuid.uuid4().hex[:8]}"
+    yield name
+    drop_database(PG_ADMIN_URL, name)
+
+
+def test_migrations_through_the_pooler_bound_their_lock_wait_and_leave_no_setting(
+    one_server: PgBouncer, fresh_name: str, tmp_path: Path,
+) -> None:
+    direct = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{fresh_name}"
+    pooled = one_server.url(direct)
+    ensure_database(direct)
+    upgrade(pooled, "0006")
+    holder_engine = make_engine(direct, pool_size=1)
+    bare = make_engine(pooled, pool_size=1, limits=ConnectionLimits(pooler="transaction"))
+    try:
+        # Given a long transaction holding the table the next migration indexes
+        with holder_engine.connect() as holder:
+            holder.execute(text("LOCK TABLE entities IN ACCESS SHARE MODE"))
+            holder.execute(text("LOCK TABLE alembic_version IN ACCESS EXCLUSIVE MODE"))
+            # When the migration runs through the pooler, it gives up at its lock timeout
+            with pytest.raises(LedgerError, match="could not take its lock"):
+                upgrade(pooled, lock_retries=0)
+            holder.rollback()
+        # Then its limits did not stay on the server connection the next client gets
+        assert _settings_seen(bare)[:2] == ("0", "0")
+        # And once the lock is gone it migrates through the pooler
+        upgrade(pooled)
+        assert current_revision(direct) == "0007"
+        assert _settings_seen(bare)[:2] == ("0", "0")
+    finally:
+        holder_engine.dispose()
+        bare.dispose()
