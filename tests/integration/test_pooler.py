@@ -80,10 +80,10 @@ def test_the_harness_shares_server_connections_so_prepared_statements_break(
 
 def test_the_hot_path_prepares_nothing_and_leaves_no_setting(engines: list[Engine]) -> None:
     first, second, bare = engines
-    # Given two workers' engines running the hot path's statements many times over (more
+    # Given engines (two with timeouts, one without) running a hot-path statement (more
     # than psycopg's prepare threshold), each time on the same server connection
     for _ in range(8):
-        for engine in (first, second):
+        for engine in (first, second, bare):
             assert run_alone(engine, hot_path.CIRCUIT_STATE, {"name": "capillary"}) == []
     # Then no statement is prepared there, and the timeouts of the worker's statements held
     # for their own transaction only: a client without limits finds the server's defaults
@@ -126,6 +126,8 @@ def test_the_lock_timeout_holds_on_the_hot_path_and_in_a_session(
             run_alone(engines[0], hot_path.CIRCUIT_STATE, {"name": "capillary"})
         with pytest.raises(LedgerUnavailable, match="lock timeout"), \
                 sql_unit_of_work_factory(engines[1])() as u:
+            # (a session without its limits would wait here for as long as the lock is held)
+            assert u.session.execute(text("SHOW lock_timeout")).scalar_one() == "300ms"
             u.session.execute(text("SELECT count(*) FROM circuit_breakers"))
         holder.rollback()
 

@@ -106,6 +106,8 @@ def run_alone(engine: Engine, sql: str, params: dict[str, Any]) -> list[tuple[An
                     cursor.execute(sql, params, prepare=True)
                     return cursor.fetchall()
             if not per_transaction:
+                # (The engine's prepare_threshold=None disables preparing on the connection
+                # altogether; not asking for it says the same here.)
                 with conn.cursor() as cursor:
                     cursor.execute(sql, params, prepare=False)
                     return cursor.fetchall()
