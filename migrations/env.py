@@ -83,7 +83,10 @@ def run_migrations_online() -> None:
     if connection is not None:
         _run(connection)
         return
-    engine = create_engine(_url(), poolclass=pool.NullPool)
+    # Nothing prepared on the server: through a pooler in transaction mode a prepared
+    # statement would stay on a server connection that other clients get next.
+    engine = create_engine(_url(), poolclass=pool.NullPool,
+                           connect_args={"prepare_threshold": None})
     with engine.connect() as conn:
         _run(conn)
     engine.dispose()
