@@ -53,3 +53,17 @@ def test_workers_behind_pgbouncer_issue_every_entity_exactly_once(
         assert "prepared statement" not in worker.log(), worker.log_tail()
         assert "schema_unchecked" not in worker.log(), worker.log_tail()
     assert "unsupported startup parameter" not in pgbouncer.log()
+
+
+def test_a_worker_refused_by_the_pooler_says_which_setting_to_change(
+    pooled_settings_factory: Callable[..., Settings],
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    # Given a worker configured for a direct connection, its ledger behind PgBouncer
+    settings = pooled_settings_factory(db_pooler="none")
+    worker = start_worker(settings, wait_ready=False)
+    # Then it does not start consuming events it could never record: it exits, saying why
+    code = worker.process.wait(timeout=60)
+    assert code != 0, worker.log_tail()
+    assert "COUPONS_DB_POOLER=transaction" in worker.log(), worker.log_tail()
+    assert "worker.pooler_refused" in worker.log()
