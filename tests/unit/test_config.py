@@ -122,3 +122,24 @@ def test_database_limits_become_libpq_parameters() -> None:
     }
     # Tools that run long statements (migrations, support queries) keep the server's limits.
     assert "options" not in ConnectionLimits().connect_args("coupon-worker")
+
+
+def test_behind_a_transaction_pooler_the_limits_are_set_per_transaction() -> None:
+    from worker.ledger.unit_of_work import ConnectionLimits
+
+    # Given the default, a direct connection
+    assert load_settings().db_pooler == "none"
+    # When a pooler in transaction mode is named
+    limits = ConnectionLimits.from_settings(load_settings(
+        db_pooler="transaction", db_statement_timeout_s=2.5, db_lock_timeout_s=0.75))
+    args = limits.connect_args("coupon-worker")
+    # Then nothing goes in the startup packet that PgBouncer refuses, nothing is prepared,
+    # and the timeouts are set for one transaction at a time
+    assert "options" not in args and args["prepare_threshold"] is None
+    assert args["keepalives"] == 1 and args["tcp_user_timeout"] == 25_000
+    assert limits.transaction_settings_sql() == (
+        "SELECT set_config('statement_timeout', '2500', true), "
+        "set_config('lock_timeout', '750', true)")
+    assert ConnectionLimits(pooler="transaction").transaction_settings_sql() == ""
+    with pytest.raises(ConfigurationError, match="COUPONS_DB_POOLER"):
+        load_settings(db_pooler="session")
