@@ -83,6 +83,11 @@ def translate(exc: Exception) -> WorkerError:
     return LedgerError(f"database error: {exc}")
 
 
+def after_settings(per_transaction: str, sql: str) -> str:
+    """The simple query that sets the limits for its transaction, then runs ``sql``."""
+    return f"{per_transaction}; {sql}"
+
+
 def run_alone(engine: Engine, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
     """Run one statement in autocommit on a connection of ``engine``'s pool; its rows.
 
@@ -115,7 +120,7 @@ def run_alone(engine: Engine, sql: str, params: dict[str, Any]) -> list[tuple[An
             # the limits set_config(..., true) gives hold for the statement after it; the
             # cursor is on the first result set, the statement's is the next.
             with psycopg.ClientCursor(conn) as client_side:
-                client_side.execute(f"{per_transaction}; {sql}", params)
+                client_side.execute(after_settings(per_transaction, sql), params)
                 client_side.nextset()
                 return client_side.fetchall()
         finally:
