@@ -29,6 +29,7 @@ from worker.ledger.driver import run_alone
 from worker.ledger.migrate import current_revision, ensure_database, schema_status, upgrade
 from worker.ledger.schema import Verdict
 from worker.ledger.unit_of_work import ConnectionLimits, make_engine, sql_unit_of_work_factory
+from worker.ratelimit import PostgresRateLimiter, RetryAfterGate
 
 NOW = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
 POOLED = ConnectionLimits(statement_timeout_s=0.5, lock_timeout_s=0.3, pooler="transaction")
@@ -227,3 +228,18 @@ def test_the_command_line_runs_through_the_pooler(
     refused = run_cli(pooled_settings_factory(db_pooler="none"), "migrate")
     assert refused.exit_code != 0
     assert "COUPONS_DB_POOLER=transaction" in refused.output
+
+
+def test_the_fleets_rate_limit_runs_through_the_pooler_and_prepares_nothing(
+    engines: list[Engine],
+) -> None:
+    first, second, bare = engines
+    limiters = [PostgresRateLimiter(first, 60_000, burst=100),
+                PostgresRateLimiter(second, 60_000, burst=100)]
+    gate = RetryAfterGate(first, refresh_s=0)
+    for _ in range(8):
+        for limiter in limiters:
+            assert limiter.reserve() == 0.0
+        gate.penalise(0.0)
+        assert gate.reserve() == 0.0
+    assert _settings_seen(bare) == ("0", "0", 0)
