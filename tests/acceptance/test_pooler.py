@@ -66,4 +66,4 @@ def test_a_worker_refused_by_the_pooler_says_which_setting_to_change(
     code = worker.process.wait(timeout=60)
     assert code != 0, worker.log_tail()
     assert "COUPONS_DB_POOLER=transaction" in worker.log(), worker.log_tail()
-    assert "worker.pooler_refused" in worker.log()
+    assert "worker.pooler_mismatch" in worker.log()

@@ -25,7 +25,7 @@ from worker.config import Settings
 from worker.errors import LedgerError, LedgerUnavailable
 from worker.events import parse_event_data
 from worker.ledger import hot_path
-from worker.ledger.driver import run_alone
+from worker.ledger.driver import PoolerMismatch, run_alone
 from worker.ledger.migrate import current_revision, ensure_database, schema_status, upgrade
 from worker.ledger.schema import Verdict
 from worker.ledger.unit_of_work import ConnectionLimits, make_engine, sql_unit_of_work_factory
@@ -158,15 +158,15 @@ def test_a_direct_mode_connection_refused_by_the_pooler_names_the_setting(
                          limits=ConnectionLimits(statement_timeout_s=3, lock_timeout_s=1))
     try:
         # Then both ways of running a statement fail with an error that says what to set
-        with pytest.raises(LedgerUnavailable, match="COUPONS_DB_POOLER=transaction"):
+        with pytest.raises(PoolerMismatch, match="COUPONS_DB_POOLER=transaction"):
             run_alone(engine, "SELECT 1", {})
-        with pytest.raises(LedgerUnavailable, match="COUPONS_DB_POOLER=transaction"), \
+        with pytest.raises(PoolerMismatch, match="COUPONS_DB_POOLER=transaction"), \
                 sql_unit_of_work_factory(engine)() as u:
             u.session.execute(text("SELECT 1"))
     finally:
         engine.dispose()
     # And so does the worker's start-up check of the schema; with the setting it passes
-    with pytest.raises(LedgerUnavailable, match="COUPONS_DB_POOLER=transaction"):
+    with pytest.raises(PoolerMismatch, match="COUPONS_DB_POOLER=transaction"):
         schema_status(url)
     assert schema_status(url, pooler="transaction").verdict is Verdict.CURRENT
 
@@ -243,3 +243,20 @@ def test_the_fleets_rate_limit_runs_through_the_pooler_and_prepares_nothing(
         gate.penalise(0.0)
         assert gate.reserve() == 0.0
     assert _settings_seen(bare) == ("0", "0", 0)
+
+
+def test_a_pooler_that_drops_the_direct_modes_timeouts_is_found_out(
+    database_url: str, tmp_path: Path,
+) -> None:
+    # Given a PgBouncer told to accept the startup parameter carrying the timeouts, and drop it
+    bouncer = PgBouncer.start(tmp_path / "ignoring", database_url,
+                              ignore_startup_parameters="options")
+    try:
+        url = bouncer.url(database_url)
+        # Then the start-up check of a worker in direct mode says the timeouts are missing
+        with pytest.raises(PoolerMismatch, match="COUPONS_DB_POOLER=transaction"):
+            schema_status(url)
+        # And in transaction mode it passes: the timeouts are set per transaction
+        assert schema_status(url, pooler="transaction").verdict is Verdict.CURRENT
+    finally:
+        bouncer.stop()

@@ -54,6 +54,12 @@ POOLER_HINT = ("a connection pooler in transaction mode (PgBouncer) refused the 
                "(docs/pooler.md)")
 
 
+class PoolerMismatch(LedgerUnavailable):
+    """A pooler between the worker and PostgreSQL does not suit ``COUPONS_DB_POOLER``: it
+    refused the connection's startup parameters, or dropped them. Nothing was written; waiting
+    does not fix it, the setting does."""
+
+
 def refused_by_pooler(exc: BaseException) -> bool:
     """Whether ``exc`` is a pooler refusing the connection's startup parameters."""
     cause = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
@@ -66,7 +72,7 @@ def translate(exc: Exception) -> WorkerError:
     if refused_by_pooler(exc):
         # Waiting never fixes it, but nothing was written: the message goes back while an
         # operator reads the log.
-        return LedgerUnavailable(f"{POOLER_HINT}: {str(cause).strip()}")
+        return PoolerMismatch(f"{POOLER_HINT}: {str(cause).strip()}")
     stalled = _STALLED.get(str(getattr(cause, "sqlstate", None)))
     if stalled is not None:
         return LedgerUnavailable(f"database stalled ({stalled}): {type(cause).__name__}: "
