@@ -134,6 +134,11 @@ class Settings(BaseSettings):
     #: (docs/pooler.md).
     db_pooler: Literal["none", "transaction"] = Field(
         "none", validation_alias="COUPONS_DB_POOLER")
+    #: Whether ledger statements are prepared on the server: ``auto`` (yes with
+    #: ``COUPONS_DB_POOLER=none``, no with ``transaction``), ``on`` (behind a pooler that keeps
+    #: them per client: PgBouncer 1.21 or later with ``max_prepared_statements``) or ``off``.
+    db_prepared_statements: Literal["auto", "on", "off"] = Field(
+        "auto", validation_alias="COUPONS_DB_PREPARED_STATEMENTS")
 
     heartbeat_dir: str = Field(DEFAULT_HEARTBEAT_DIR, min_length=1,
                                validation_alias="COUPONS_HEARTBEAT_DIR")

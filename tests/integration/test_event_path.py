@@ -35,16 +35,22 @@ from worker.policy import CircuitPolicy, RetryPolicy
 from worker.ratelimit import RetryAfterGate
 
 
-@pytest.fixture(params=["direct", "pgbouncer"])
+@pytest.fixture(params=["direct", "pgbouncer", "prepared-per-transaction"])
 def traced(request: pytest.FixtureRequest, settings: Settings, clean_ledger: Engine,
            tmp_path: Path) -> Iterator[Engine]:
     """An engine whose connections' wire traffic is written to ``tmp_path/*.trace``: connected
-    directly, or through PgBouncer in transaction mode with the worker's timeouts (set with
-    each hot-path statement, in the same round trip)."""
+    directly; through PgBouncer in transaction mode with the worker's timeouts (set with
+    each hot-path statement, in the same round trip); or as for a pooler that keeps prepared
+    statements (the timeouts and the statement prepared, pipelined), on a direct connection."""
     if request.param == "pgbouncer":
         pooled = request.getfixturevalue("pooled_settings_factory")()
         engine = make_engine(pooled.database_url, pool_size=1,
                              limits=ConnectionLimits.from_settings(pooled))
+    elif request.param == "prepared-per-transaction":
+        kept = settings.model_copy(update={"db_pooler": "transaction",
+                                           "db_prepared_statements": "on"})
+        engine = make_engine(settings.database_url, pool_size=1,
+                             limits=ConnectionLimits.from_settings(kept))
     else:
         engine = make_engine(settings.database_url, pool_size=1)
     handles = trace_connections(engine, tmp_path)

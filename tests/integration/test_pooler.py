@@ -260,3 +260,54 @@ def test_a_pooler_that_drops_the_direct_modes_timeouts_is_found_out(
         assert schema_status(url, pooler="transaction").verdict is Verdict.CURRENT
     finally:
         bouncer.stop()
+
+
+@pytest.fixture
+def kept_prepared(database_url: str, clean_ledger: Engine) -> Iterator[Engine]:
+    """The worker's engine for a pooler that keeps prepared statements per client
+    (``COUPONS_DB_PREPARED_STATEMENTS=on``), on a direct connection: PgBouncer 1.18, the one
+    installed here, cannot keep them."""
+    engine = make_engine(database_url, pool_size=1, limits=ConnectionLimits(
+        statement_timeout_s=0.5, lock_timeout_s=0.3, pooler="transaction",
+        prepared_statements=True))
+    yield engine
+    engine.dispose()
+
+
+def _session_of(engine: Engine) -> tuple[str, str, int]:
+    """The settings and prepared statements of ``engine``'s one connection, outside any
+    statement of the worker's."""
+    pooled = engine.raw_connection()
+    try:
+        with pooled.cursor() as cursor:
+            cursor.execute("SELECT current_setting('statement_timeout'), "
+                           "current_setting('lock_timeout'), "
+                           "(SELECT count(*) FROM pg_prepared_statements)")
+            row = cursor.fetchone()
+        pooled.rollback()
+    finally:
+        pooled.close()
+    assert row is not None
+    return str(row[0]), str(row[1]), int(row[2])
+
+
+def test_with_prepared_statements_kept_the_limits_still_hold_per_transaction(
+    kept_prepared: Engine, clean_ledger: Engine,
+) -> None:
+    # Given the hot path's statement run many times: prepared, its limits in its transaction
+    for _ in range(6):
+        assert run_alone(kept_prepared, hot_path.CIRCUIT_STATE, {"name": "capillary"}) == []
+    assert run_alone(kept_prepared, "SELECT current_setting('statement_timeout'), "
+                     "current_setting('lock_timeout')", {}) == [("500ms", "300ms")]
+    # Then the statement timeout holds
+    with pytest.raises(LedgerUnavailable, match="statement timeout"):
+        run_alone(kept_prepared, "SELECT pg_sleep(5)", {})
+    # And the lock timeout
+    with clean_ledger.connect() as holder:
+        holder.execute(text("LOCK TABLE circuit_breakers IN ACCESS EXCLUSIVE MODE"))
+        with pytest.raises(LedgerUnavailable, match="lock timeout"):
+            run_alone(kept_prepared, hot_path.CIRCUIT_STATE, {"name": "capillary"})
+        holder.rollback()
+    # And nothing of them is left on the connection, which holds the prepared statements
+    timeout, lock_timeout, prepared = _session_of(kept_prepared)
+    assert (timeout, lock_timeout) == ("0", "0") and prepared >= 2

@@ -143,3 +143,28 @@ def test_behind_a_transaction_pooler_the_limits_are_set_per_transaction() -> Non
     assert ConnectionLimits(pooler="transaction").transaction_settings_sql() == ""
     with pytest.raises(ConfigurationError, match="COUPONS_DB_POOLER"):
         load_settings(db_pooler="session")
+
+
+def test_prepared_statements_follow_the_pooler_unless_set() -> None:
+    from worker.ledger.unit_of_work import ConnectionLimits
+
+    def limits(**values: object) -> ConnectionLimits:
+        return ConnectionLimits.from_settings(load_settings(**values))
+
+    # auto: prepared on a direct connection, not behind a pooler in transaction mode
+    assert limits().statement_mode().prepare is True
+    assert "prepare_threshold" not in limits().connect_args("w")
+    assert limits(db_pooler="transaction").statement_mode().prepare is False
+    # on, behind a pooler that keeps them per client: psycopg's own preparing stays on too,
+    # and the limits are still set per transaction
+    kept = limits(db_pooler="transaction", db_prepared_statements="on")
+    assert kept.statement_mode().prepare is True
+    assert kept.statement_mode().per_transaction
+    assert "prepare_threshold" not in kept.connect_args("w")
+    assert "options" not in kept.connect_args("w")
+    # off on a direct connection: nothing prepared, the limits still in the startup packet
+    direct_off = limits(db_prepared_statements="off")
+    assert direct_off.statement_mode().prepare is False
+    assert direct_off.statement_mode().per_transaction is None
+    assert direct_off.connect_args("w")["prepare_threshold"] is None
+    assert "statement_timeout" in str(direct_off.connect_args("w")["options"])

@@ -14,13 +14,16 @@ Behind a pooler in transaction mode (``COUPONS_DB_POOLER=transaction``, docs/poo
 server connection serves another client after every transaction, so nothing may outlive one:
 no prepared statement (it would be missing, or another client's, on the next server
 connection) and no session setting. The engine then carries the statement that sets the
-timeouts for one transaction (``PER_TRANSACTION``), and ``run_alone`` sends it and the
+timeouts for one transaction (``StatementMode``), and ``run_alone`` sends it and the
 statement, bound client-side, as one simple query: one round trip, one implicit transaction.
+Behind a pooler that keeps prepared statements per client (``COUPONS_DB_PREPARED_STATEMENTS=on``)
+both go prepared in one pipeline instead: one round trip, one implicit transaction too.
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -39,9 +42,26 @@ _STALLED = {
 }
 
 
-#: The engine execution option present when the engine's connections go through a pooler in
-#: transaction mode: the SQL that sets the limits for one transaction ("" for none).
-PER_TRANSACTION = "coupon_per_transaction"
+#: The engine execution option that says how ``run_alone`` runs a statement on the engine's
+#: connections (a ``StatementMode``; engines without it run as ``DIRECT``).
+STATEMENT_MODE = "coupon_statement_mode"
+
+
+@dataclass(frozen=True)
+class StatementMode:
+    """How statements run on an engine's connections.
+
+    ``prepare``: prepared on the server (once per connection). ``per_transaction``: the SQL
+    that sets the limits for one transaction, sent with each statement, when they cannot be
+    set for the session (a pooler in transaction mode; "" when there are none); None when
+    the connection carries them for the session.
+    """
+
+    prepare: bool = True
+    per_transaction: str | None = None
+
+
+DIRECT = StatementMode()
 
 _PROGRAM_LIMIT = "54"  # SQLSTATE class 54: program_limit_exceeded
 
@@ -94,6 +114,33 @@ def after_settings(per_transaction: str, sql: str) -> str:
     return f"{per_transaction}; {sql}"
 
 
+def _execute(conn: psycopg.Connection[Any], mode: StatementMode, sql: str,
+             params: dict[str, Any]) -> list[tuple[Any, ...]]:
+    if not mode.per_transaction:
+        # (Without prepare, the engine's prepare_threshold=None also disables preparing on
+        # the connection altogether.)
+        with conn.cursor() as cursor:
+            cursor.execute(sql, params, prepare=mode.prepare)
+            return cursor.fetchall()
+    if mode.prepare:
+        # A pipeline sends both statements and one Sync: one round trip, and one implicit
+        # transaction (everything up to a Sync is one), so the limits hold for the statement
+        # and end with it. For a pooler that keeps prepared statements per client (PgBouncer
+        # 1.21's max_prepared_statements).
+        with conn.cursor() as settings, conn.cursor() as cursor:
+            with conn.pipeline():
+                settings.execute(mode.per_transaction, prepare=True)
+                cursor.execute(sql, params, prepare=True)
+            return cursor.fetchall()
+    # Several statements in one simple query run as one implicit transaction, so the limits
+    # set_config(..., true) gives hold for the statement after it; the cursor is on the first
+    # result set, the statement's is the next.
+    with psycopg.ClientCursor(conn) as client_side:
+        client_side.execute(after_settings(mode.per_transaction, sql), params)
+        client_side.nextset()
+        return client_side.fetchall()
+
+
 def run_alone(engine: Engine, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
     """Run one statement in autocommit on a connection of ``engine``'s pool; its rows.
 
@@ -107,28 +154,12 @@ def run_alone(engine: Engine, sql: str, params: dict[str, Any]) -> list[tuple[An
         # A new connection the server refuses (down, or "starting up" after a restart) comes
         # out of the pool as psycopg's own error, not SQLAlchemy's.
         raise translate(exc) from exc
-    per_transaction: str | None = engine.get_execution_options().get(PER_TRANSACTION)
+    mode: StatementMode = engine.get_execution_options().get(STATEMENT_MODE, DIRECT)
     try:
         conn: psycopg.Connection[Any] = pooled.driver_connection  # type: ignore[assignment]
         conn.autocommit = True
         try:
-            if per_transaction is None:
-                with conn.cursor() as cursor:
-                    cursor.execute(sql, params, prepare=True)
-                    return cursor.fetchall()
-            if not per_transaction:
-                # (The engine's prepare_threshold=None disables preparing on the connection
-                # altogether; not asking for it says the same here.)
-                with conn.cursor() as cursor:
-                    cursor.execute(sql, params, prepare=False)
-                    return cursor.fetchall()
-            # Several statements in one simple query run as one implicit transaction, so
-            # the limits set_config(..., true) gives hold for the statement after it; the
-            # cursor is on the first result set, the statement's is the next.
-            with psycopg.ClientCursor(conn) as client_side:
-                client_side.execute(after_settings(per_transaction, sql), params)
-                client_side.nextset()
-                return client_side.fetchall()
+            return _execute(conn, mode, sql, params)
         finally:
             # The pool hands connections to SQLAlchemy sessions too, which expect BEGIN.
             with contextlib.suppress(psycopg.Error):

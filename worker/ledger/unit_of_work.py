@@ -19,7 +19,7 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
-from worker.ledger.driver import PER_TRANSACTION, translate
+from worker.ledger.driver import STATEMENT_MODE, StatementMode, translate
 from worker.ledger.repository import Ledger, SqlLedger
 
 if TYPE_CHECKING:
@@ -56,6 +56,10 @@ class ConnectionLimits:
     and PostgreSQL (docs/pooler.md). A session setting would then stay on a server connection
     that other clients share, and the startup parameter that carries them is refused (or
     dropped) by PgBouncer: the timeouts are set for each transaction instead.
+
+    ``prepared_statements``: whether statements are prepared on the server; ``None`` (auto)
+    for yes on a direct connection and no behind a pooler in transaction mode, where only a
+    pooler that keeps them per client (PgBouncer 1.21's ``max_prepared_statements``) can.
     """
 
     connect_timeout_s: int = 5
@@ -65,11 +69,25 @@ class ConnectionLimits:
     keepalive_interval_s: int = 5
     keepalive_count: int = 3
     pooler: Literal["none", "transaction"] = "none"
+    prepared_statements: bool | None = None
 
     @property
     def per_transaction(self) -> bool:
         """Whether the limits are set per transaction (a pooler in transaction mode)."""
         return self.pooler == "transaction"
+
+    @property
+    def prepare(self) -> bool:
+        """Whether statements are prepared on the server."""
+        if self.prepared_statements is None:
+            return not self.per_transaction
+        return self.prepared_statements
+
+    def statement_mode(self) -> StatementMode:
+        """How ``run_alone`` runs statements on connections with these limits."""
+        return StatementMode(prepare=self.prepare,
+                             per_transaction=self.transaction_settings_sql()
+                             if self.per_transaction else None)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ConnectionLimits:
@@ -81,6 +99,8 @@ class ConnectionLimits:
             keepalive_interval_s=settings.db_keepalive_interval_s,
             keepalive_count=settings.db_keepalive_count,
             pooler=settings.db_pooler,
+            prepared_statements={"auto": None, "on": True, "off": False}[
+                settings.db_prepared_statements],
         )
 
     def connect_args(self, application_name: str) -> dict[str, object]:
@@ -99,10 +119,11 @@ class ConnectionLimits:
             "keepalives_count": self.keepalive_count,
             "tcp_user_timeout": dead_peer_ms,
         }
-        if self.per_transaction:
+        if not self.prepare:
             # psycopg prepares a statement it ran 5 times on a connection; through the pooler
             # the next execution would name it on a server connection that lacks it.
             args["prepare_threshold"] = None
+        if self.per_transaction:
             return args
         # Set in the startup packet: no extra round trip, and every pooled connection has them.
         options = []
@@ -146,13 +167,11 @@ def make_engine(database_url: str, *, pool_size: int = 5, application_name: str 
         pool_recycle=1800,
         connect_args=limits.connect_args(application_name),
     )
-    if not limits.per_transaction:
-        return engine
-    per_transaction = limits.transaction_settings_sql()
-    if per_transaction:
+    mode = limits.statement_mode()
+    if mode.per_transaction:
         # On the engine itself: engines derived from it (execution_options) share its events.
-        _set_limits_on_begin(engine, per_transaction)
-    return engine.execution_options(**{PER_TRANSACTION: per_transaction})
+        _set_limits_on_begin(engine, mode.per_transaction)
+    return engine.execution_options(**{STATEMENT_MODE: mode})
 
 
 def _set_limits_on_begin(engine: Engine, per_transaction: str) -> None:
