@@ -26,7 +26,13 @@ from worker.errors import LedgerError, LedgerUnavailable
 from worker.events import parse_event_data
 from worker.ledger import hot_path
 from worker.ledger.driver import PoolerMismatch, run_alone
-from worker.ledger.migrate import current_revision, ensure_database, schema_status, upgrade
+from worker.ledger.migrate import (
+    current_revision,
+    ensure_database,
+    schema_status,
+    script_directory,
+    upgrade,
+)
 from worker.ledger.schema import Verdict
 from worker.ledger.unit_of_work import ConnectionLimits, make_engine, sql_unit_of_work_factory
 from worker.ratelimit import PostgresRateLimiter, RetryAfterGate
@@ -200,7 +206,7 @@ def test_migrations_through_the_pooler_bound_their_lock_wait_and_leave_no_settin
         assert _settings_seen(bare) == ("0", "0", 0)
         # And once the lock is gone it migrates through the pooler
         upgrade(pooled)
-        assert current_revision(direct) == "0007"
+        assert current_revision(direct) == script_directory().get_current_head()
         # (nor a prepared statement: the migrations repeat a statement more than psycopg's
         # threshold, as they update alembic_version once each)
         assert _settings_seen(bare) == ("0", "0", 0)
