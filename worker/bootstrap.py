@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
@@ -22,7 +22,13 @@ from worker.broker.publisher import CeleryPublisher, EventProducer
 from worker.capillary.client import CapillaryClient
 from worker.circuit import CircuitGate
 from worker.config import Settings
-from worker.ledger.unit_of_work import ConnectionLimits, make_engine, sql_unit_of_work_factory
+from worker.leases import LeaseKeeper, Renew
+from worker.ledger.unit_of_work import (
+    ConnectionLimits,
+    UnitOfWorkFactory,
+    make_engine,
+    sql_unit_of_work_factory,
+)
 from worker.metrics import Metrics
 from worker.policy import CircuitPolicy, RetryPolicy
 from worker.ratelimit import PostgresRateLimiter, RateLimiter, RetryAfterGate
@@ -48,6 +54,9 @@ def build_deps(settings: Settings, publisher: Publisher, *, engine: Engine | Non
     if settings.rate_limit_per_minute:
         limiter = PostgresRateLimiter(engine, settings.rate_limit_per_minute,
                                       settings.rate_limit_burst)
+    leases = LeaseKeeper(_renewer(uow), lease_s=settings.claim_lease_s,
+                         interval_s=settings.claim_heartbeat_s,
+                         deadline_s=settings.task_hard_time_limit_s)
     return Deps(
         uow=uow,
         api=CapillaryClient.from_settings(settings),
@@ -58,9 +67,20 @@ def build_deps(settings: Settings, publisher: Publisher, *, engine: Engine | Non
         retry_policy=RetryPolicy.from_settings(settings),
         metrics=metrics or Metrics(),
         worker_id=worker_id(),
-        lease_s=settings.lease_s,
+        lease_s=settings.claim_lease_s,
         rate_limit_max_wait_s=settings.rate_limit_max_wait_s,
+        leases=leases,
     )
+
+
+def _renewer(uow: UnitOfWorkFactory) -> Renew:
+    def renew(tokens: Sequence[str], entity_ids: Sequence[int], lease_s: float) -> set[str]:
+        with uow() as unit:
+            kept = unit.ledger.renew_leases(tokens, entity_ids, lease_s=lease_s, now=utcnow())
+            unit.commit()
+        return kept
+
+    return renew
 
 
 def build_support_deps(settings: Settings, engine: Engine) -> SupportDeps:

@@ -100,12 +100,20 @@ class Settings(BaseSettings):
         "direct", validation_alias="COUPONS_BUS_INTAKE")
 
     max_attempts: int = Field(8, ge=1, validation_alias="COUPONS_MAX_ATTEMPTS")
+    # Deliveries of one message that may fail for a reason not its own (a bug of ours, a
+    # database refusing a statement) before it is kept as a dead letter (never a rejection).
+    message_failure_limit: int = Field(
+        5, ge=1, le=100, validation_alias="COUPONS_MESSAGE_FAILURE_LIMIT")
     retry_base_s: float = Field(2.0, gt=0, validation_alias="COUPONS_RETRY_BASE_SECONDS")
     retry_max_s: float = Field(900.0, gt=0, validation_alias="COUPONS_RETRY_MAX_SECONDS")
     reconcile_delay_s: float = Field(
         2.0, ge=0, validation_alias="COUPONS_RECONCILE_DELAY_SECONDS"
     )
+    # The longest a task may hold a claim (its hard time limit is 5 s less). The claim's own
+    # lease is short and renewed by a heartbeat while the task lives (worker.leases).
     lease_s: float = Field(120.0, gt=0, validation_alias="COUPONS_LEASE_SECONDS")
+    claim_heartbeat_s: float = Field(
+        10.0, ge=0.2, validation_alias="COUPONS_CLAIM_HEARTBEAT_SECONDS")
     # Twice the 60 s read timeout common to gateways and proxies in front of an API: a request
     # that a gateway gave up on may still be running behind it for that long.
     settle_window_s: float = Field(
@@ -292,6 +300,12 @@ class Settings(BaseSettings):
     def task_hard_time_limit_s(self) -> float:
         """A task is killed before its claim expires, so an expired lease means a dead task."""
         return max(self.lease_s - 5.0, 1.0)
+
+    @property
+    def claim_lease_s(self) -> float:
+        """A claim's lease: three heartbeats, so two renewals may fail before it runs out;
+        never longer than the claim deadline."""
+        return min(3 * self.claim_heartbeat_s, self.lease_s)
 
     @property
     def db_dead_peer_s(self) -> int:

@@ -105,6 +105,17 @@ class EventState(StrEnum):
     FAILED = "failed"  # at rest, with at least one dead entity
 
 
+class DeadMessageKind(StrEnum):
+    """Why a message was kept instead of issued: only ``INVALID`` is the sender's doing."""
+
+    INVALID = "invalid"  # its own bytes: not a valid event (a rejection)
+    INTERNAL_ERROR = "internal_error"  # our code failed on it, redelivery after redelivery
+    INFRASTRUCTURE = "infrastructure"  # the database or another dependency kept refusing it
+
+
+DEAD_MESSAGE_KINDS = tuple(k.value for k in DeadMessageKind)
+
+
 class Verdict(StrEnum):
     """What an answer from Capillary (or its absence) means for one entity."""
 

@@ -33,6 +33,11 @@ class LedgerUnavailable(LedgerError):
     """The database is down or unreachable; the message must be redelivered later."""
 
 
+class ClaimLapsed(LedgerUnavailable):
+    """A claim's lease lapsed while its task still ran (its renewals failed): nothing may be
+    sent under it; the message goes back and the entities return through the sweeper."""
+
+
 class NotFound(WorkerError):
     """An event or entity asked for by id does not exist."""
 

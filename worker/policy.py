@@ -22,7 +22,8 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Literal
 
-from worker.domain import Verdict
+from worker.domain import DeadMessageKind, Verdict
+from worker.errors import BrokerUnavailable, CapillaryError, LedgerError
 
 if TYPE_CHECKING:
     from worker.config import Settings
@@ -403,6 +404,42 @@ def requeue(*, ledger_down: bool) -> Requeue:
     limit): at once; claims taken make the redelivery a no-op until their lease runs out.
     """
     return Requeue(LEDGER_DOWN_PAUSE_S if ledger_down else 0.0)
+
+
+#: A message that fails for a reason not its own waits this long before going back, doubling
+#: with each failure up to the cap: a bug or a refusing dependency is not hammered, and the
+#: pool process it holds is back to work within seconds.
+FAILED_DELIVERY_PAUSE_BASE_S = 0.5
+FAILED_DELIVERY_PAUSE_MAX_S = 8.0
+
+
+@dataclass(frozen=True)
+class KeepAsDeadLetter:
+    """Stop redelivering the message: keep it, as received, as a dead letter of ``kind``."""
+
+    kind: DeadMessageKind
+
+
+def failure_kind(error: BaseException) -> DeadMessageKind:
+    """Whose fault a failure is, when it is not the message's own bytes (``EventRejected``).
+
+    A dependency that answered with an error (the database refusing a statement, Capillary or
+    the broker failing in a way their adapters did not expect) is ``INFRASTRUCTURE``; anything
+    else is a bug of ours, ``INTERNAL_ERROR``. Neither ever makes the message a rejection.
+    """
+    if isinstance(error, LedgerError | CapillaryError | BrokerUnavailable):
+        return DeadMessageKind.INFRASTRUCTURE
+    return DeadMessageKind.INTERNAL_ERROR
+
+
+def after_failed_delivery(failures: int, error: BaseException, *,
+                          limit: int) -> Requeue | KeepAsDeadLetter:
+    """What to do with a message whose ``failures``-th delivery failed for a reason not its
+    own: put it back after a growing pause, or, at ``limit``, keep it as a dead letter."""
+    if failures >= limit:
+        return KeepAsDeadLetter(failure_kind(error))
+    pause_s = FAILED_DELIVERY_PAUSE_BASE_S * 2 ** max(failures - 1, 0)
+    return Requeue(min(pause_s, FAILED_DELIVERY_PAUSE_MAX_S))
 
 
 QueueRole = Literal["tasks", "retry"]

@@ -223,11 +223,12 @@ def render_rejected_list(console: Console, rows: list[dict[str, Any]]) -> None:
         console.print("no rejected messages", highlight=False)
         return
     t = table(f"rejected messages ({len(rows)})",
-              ["id", "received", "source", "event id (as sent)", "bytes", "reason",
+              ["id", "received", "source", "kind", "event id (as sent)", "bytes", "reason",
                "resubmitted as"])
     for r in rows:
-        t.add_row(_s(r["id"]), _s(r["received_at"]), _s(r["source"]), _s(r["event_id"]),
-                  _s(r["size_bytes"]), _s(r["reason"]), _s(r["resubmitted_event_id"]))
+        t.add_row(_s(r["id"]), _s(r["received_at"]), _s(r["source"]), _s(r.get("kind")),
+                  _s(r["event_id"]), _s(r["size_bytes"]), _s(r["reason"]),
+                  _s(r["resubmitted_event_id"]))
     console.print(t)
 
 
@@ -240,9 +241,18 @@ def render_rejected(console: Console, story: dict[str, Any], *, full: bool = Fal
     if story.get("event_id"):
         show(console, "event id (as sent): ", (story["event_id"], ""))
     show(console, ("reason: ", "bold"), (story["reason"], ""))
+    kind = story.get("kind", "invalid")
+    if kind != "invalid":
+        show(console, ("kind: ", "bold"), (kind, "yellow"),
+             " (a dead letter: the message was valid as far as anyone knows; our side kept "
+             "failing on it)")
     if story.get("resubmitted_at"):
         show(console, "resubmitted as event ", (story["resubmitted_event_id"], "bold"), " at ",
              _s(story["resubmitted_at"]))
+    elif kind != "invalid":
+        show(console, ("not resubmitted", "yellow"),
+             f" (once the cause is fixed: coupon-worker rejected resubmit {rejected_id} "
+             "--reason ...; it sends the message as received)")
     else:
         show(console, ("not resubmitted", "yellow"),
              f" (fix it: coupon-worker rejected resubmit {rejected_id} --file FIXED.json "

@@ -24,9 +24,17 @@ from typing import Protocol
 
 from worker.capillary.api import BulkIssueResult, CouponApi, FoundCoupon
 from worker.circuit import CircuitGate, Permit
-from worker.domain import Coupon, EntityState, Verdict, attempt_ref, notes_with_ref
+from worker.domain import (
+    Coupon,
+    DeadMessageKind,
+    EntityState,
+    Verdict,
+    attempt_ref,
+    notes_with_ref,
+)
 from worker.errors import (
     CapillaryError,
+    ClaimLapsed,
     EventRejected,
     LedgerError,
     LedgerUnavailable,
@@ -35,6 +43,7 @@ from worker.errors import (
     WorkerError,
 )
 from worker.events import LoyaltyEvent
+from worker.leases import HeldClaim, LeaseKeeper, UnrenewedLeases
 from worker.ledger.records import (
     CircuitState,
     Claim,
@@ -107,6 +116,7 @@ class Deps:
     clock: Callable[[], datetime] = utcnow
     sleep: Callable[[float], None] = time.sleep
     rng: random.Random = field(default_factory=random.Random)
+    leases: LeaseKeeper | UnrenewedLeases = field(default_factory=UnrenewedLeases)
 
 
 @dataclass(frozen=True)
@@ -137,7 +147,7 @@ def issue_event(event: LoyaltyEvent, *, source: str, deps: Deps) -> Report:
 
     Raises EventRejected when the event id was already used for different content.
     """
-    now = deps.clock()
+    now, taken_at = deps.clock(), deps.leases.now()
     with deps.uow() as uow:
         new, claim = uow.ledger.take_in(
             event, source=source, token=uuid.uuid4().hex, worker=deps.worker_id, now=now,
@@ -157,12 +167,12 @@ def issue_event(event: LoyaltyEvent, *, source: str, deps: Deps) -> Report:
         extra={"event_id": event.eventId, "customer": claim.customer_key, "new_event": new,
                "series": [e.series_id for e in claim.entities], "worker": deps.worker_id},
     )
-    return _attempt(claim, deps, new_event=new)
+    return _attempt(claim, deps, new_event=new, taken_at=taken_at)
 
 
 def retry_entity(entity_id: int, *, deps: Deps) -> Report:
     """Run the retry of one entity (from the retry queue or a replay)."""
-    now = deps.clock()
+    now, taken_at = deps.clock(), deps.leases.now()
     with deps.uow() as uow:
         claim = uow.ledger.claim_entity(
             entity_id, token=uuid.uuid4().hex, worker=deps.worker_id, now=now,
@@ -172,12 +182,16 @@ def retry_entity(entity_id: int, *, deps: Deps) -> Report:
     if claim is None:
         log.info("retry.nothing_to_claim", extra={"entity_id": entity_id})
         return Report(None)
-    return _attempt(claim, deps)
+    return _attempt(claim, deps, taken_at=taken_at)
 
 
 def record_rejection(raw: bytes, reason: str, *, source: str, deps: Deps,
-                     event_id: str | None = None, content_type: str | None = None) -> int:
+                     event_id: str | None = None, content_type: str | None = None,
+                     kind: DeadMessageKind = DeadMessageKind.INVALID) -> int:
     """Keep a message that is not a valid event, with the precise reason; returns its id.
+
+    ``kind`` says whose fault: ``INVALID`` (its own bytes: a rejection) unless
+    ``worker.delivery`` keeps a message that our side kept failing on (a dead letter).
 
     This is the last line for poison input, so it must not fail on it: text that PostgreSQL
     refuses (NUL, lone surrogates) is escaped, the raw bytes are kept as they are (bytea), and
@@ -189,7 +203,7 @@ def record_rejection(raw: bytes, reason: str, *, source: str, deps: Deps,
     content_type = (printable(content_type, limit=REJECTION_LABEL_MAX_CHARS)
                     if content_type else None)
     try:
-        rejected_id = _insert_rejection(raw, reason, source, event_id, content_type, deps)
+        rejected_id = _insert_rejection(raw, reason, source, event_id, content_type, kind, deps)
     except LedgerUnavailable:
         raise
     except LedgerError as exc:
@@ -198,22 +212,23 @@ def record_rejection(raw: bytes, reason: str, *, source: str, deps: Deps,
                            f"{exc})".encode("ascii", "backslashreplace").decode("ascii"),
                            limit=REJECTION_REASON_MAX_CHARS)
         event_id = content_type = None
-        rejected_id = _insert_rejection(raw, reason, source, None, None, deps)
-    deps.metrics.events_received.labels("rejected").inc()
+        rejected_id = _insert_rejection(raw, reason, source, None, None, kind, deps)
+    invalid = kind is DeadMessageKind.INVALID
+    deps.metrics.events_received.labels("rejected" if invalid else "dead_lettered").inc()
     log.warning(
-        "event.rejected",
+        "event.rejected" if invalid else "event.dead_lettered",
         extra={"rejected_id": rejected_id, "event_id": event_id, "source": source,
-               "reason": reason, "size_bytes": len(raw)},
+               "reason": reason, "size_bytes": len(raw), "kind": str(kind)},
     )
     return rejected_id
 
 
 def _insert_rejection(raw: bytes, reason: str, source: str, event_id: str | None,
-                      content_type: str | None, deps: Deps) -> int:
+                      content_type: str | None, kind: DeadMessageKind, deps: Deps) -> int:
     with deps.uow() as uow:
         rejected_id = uow.ledger.record_rejection(
             raw=raw, reason=reason, source=source, event_id=event_id,
-            content_type=content_type, now=deps.clock(),
+            content_type=content_type, now=deps.clock(), kind=kind,
         )
         uow.commit()
     return rejected_id
@@ -226,6 +241,7 @@ def _insert_rejection(raw: bytes, reason: str, source: str, event_id: str | None
 class _Attempt:
     claim: Claim
     deps: Deps
+    held: HeldClaim
     transitions: list[Transition] = field(default_factory=list)
     calls: list[RecordedCall] = field(default_factory=list)
     reconciled: int = 0
@@ -291,8 +307,15 @@ class _Attempt:
                      message=why)
 
 
-def _attempt(claim: Claim, deps: Deps, *, new_event: bool = False) -> Report:
-    attempt = _Attempt(claim, deps)
+def _attempt(claim: Claim, deps: Deps, *, taken_at: float, new_event: bool = False) -> Report:
+    # The claim's lease is renewed while this attempt runs (``worker.leases``).
+    with deps.leases.hold(claim.token, [e.entity_id for e in claim.entities],
+                          taken_at=taken_at) as held:
+        return _attempt_held(_Attempt(claim, deps, held), new_event)
+
+
+def _attempt_held(attempt: _Attempt, new_event: bool) -> Report:
+    claim, deps = attempt.claim, attempt.deps
     permit = deps.circuit.permit()
     if isinstance(permit, CircuitState):
         attempt.defer_all(claim.entities,
@@ -398,6 +421,11 @@ def _issue(attempt: _Attempt, entities: list[ClaimedEntity], permit: Permit) -> 
         attempt.defer_all(entities, slot.delay, "rate limit", "rate_limited")
         return
     _wait_for(slot, deps)
+    if not attempt.held.may_send():
+        # The lease lapsed (renewals failed): another worker may be reading these entities
+        # back already, so no call may go out under this claim any more.
+        raise ClaimLapsed(f"the claim on {len(entities)} entities of event {claim.event_id} "
+                          "lapsed before its call was sent; nothing sent")
     metadata = dict(claim.metadata)
     # Each attempt carries a reference of its own, under the event's: a read-back tells ours
     # from other coupons by the event's part, and two attempts that both landed apart.

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import inspect
 import json
 import logging
 import time
@@ -28,7 +29,7 @@ from typing import Any
 from celery import Celery
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 
-from worker import services
+from worker import delivery, services
 from worker.broker.context import container_of
 from worker.errors import EventRejected, LedgerUnavailable
 from worker.events import EVENT_ID_MAX_CHARS, parse_event_bytes, parse_event_data
@@ -84,11 +85,14 @@ def _requeue(exc: BaseException, decision: Requeue) -> Reject:
 
 
 def _run(deps_of: Callable[[], Deps], work: Callable[[Deps], Report], *, raw: bytes | None,
-         source: str, event_id: str | None) -> dict[str, object]:
-    """Run one use case; ``raw`` is kept as a rejection if it fails unexpectedly.
+         source: str, event_id: str | None, content_type: str | None = None,
+         failure_limit: int = 1) -> dict[str, object]:
+    """Run one use case; ``raw`` is kept as a dead letter if it keeps failing unexpectedly.
 
-    Every way out either returns (the outcome, or a rejection, is committed) or raises
-    ``Reject(requeue=True)``: the message is never acknowledged without a record.
+    Every way out either returns (the outcome, or a rejection, or a dead letter, is committed)
+    or raises ``Reject(requeue=True)``: the message is never acknowledged without a record. Only
+    the message's own bytes make it rejected; any other failure sends it back
+    (``worker.delivery``) until ``failure_limit`` deliveries have failed.
     """
     try:
         deps = deps_of()
@@ -108,16 +112,18 @@ def _run(deps_of: Callable[[], Deps], work: Callable[[Deps], Report], *, raw: by
             # it back through the sweeper.
             return {"internal_error": str(exc)}
         try:
-            rejected = services.record_rejection(
-                raw, f"internal error: {type(exc).__name__}: {exc}", source=source,
-                deps=deps_of(), event_id=event_id)
-        except Exception as unrecorded:
-            # Not even the rejection could be written (database down or stalled, or out of
+            outcome = delivery.after_failure(
+                raw, exc, source=source, event_id=event_id, content_type=content_type,
+                deps=deps_of(), limit=failure_limit)
+        except Exception as uncounted:
+            # Not even the failure could be counted (database down or stalled, or out of
             # time): the message is the only copy left.
-            log.error("task.rejection_unrecorded",
-                      extra={"event_id": event_id, "error": repr(unrecorded)})
-            raise _requeue(unrecorded, requeue(ledger_down=True)) from unrecorded
-        return {"event_id": event_id, "rejected_id": rejected, "internal_error": str(exc)}
+            log.error("task.failure_unrecorded",
+                      extra={"event_id": event_id, "error": repr(uncounted)})
+            raise _requeue(uncounted, requeue(ledger_down=True)) from uncounted
+        if isinstance(outcome, Requeue):
+            raise _requeue(exc, outcome) from exc
+        return {"event_id": event_id, "dead_letter_id": outcome, "internal_error": str(exc)}
 
 
 def _event_id_of(data: object) -> str | None:
@@ -157,17 +163,17 @@ def register(app: Celery) -> None:
         # support console links an attempt to its task in Flower.
         return replace(base, worker_id=f"{base.worker_id}{TASK_MARK}{task.request.id}")
 
-    @app.task(name=TASK_ISSUE, ignore_result=True, shared=False)
-    def issue(event: dict[str, Any], source: str = "task") -> dict[str, object]:
-        """Issue the coupons of one event sent by a Python producer."""
+    def failure_limit() -> int:
+        return container_of(app).settings.message_failure_limit
+
+    def issue_call(event: dict[str, Any], source: str = "task") -> dict[str, object]:
         source = _label(source) or "task"
         return _run(deps, lambda d: handle_event(event, source=source, deps=d),
-                    raw=raw_json(event), source=source, event_id=_event_id_of(event))
+                    raw=raw_json(event), source=source, event_id=_event_id_of(event),
+                    failure_limit=failure_limit())
 
-    @app.task(name=TASK_INGEST, ignore_result=True, shared=False)
-    def ingest(body: str, encoding: str = "utf-8", content_type: str | None = None,
-               source: str = "bus", event_id: str | None = None) -> dict[str, object]:
-        """Issue the coupons of one raw bus message (validated here, in the pool)."""
+    def ingest_call(body: str, encoding: str = "utf-8", content_type: str | None = None,
+                    source: str = "bus", event_id: str | None = None) -> dict[str, object]:
         raw = decode_body(body, encoding)
         # The bridge sends these as text; any other sender's are labels, never trusted as-is.
         source = _label(source) or "bus"
@@ -175,10 +181,48 @@ def register(app: Celery) -> None:
         max_bytes = container_of(app).settings.max_event_bytes
         return _run(deps, lambda d: handle_raw(raw, content_type=content_type, source=source,
                                                deps=d, max_bytes=max_bytes),
-                    raw=raw, source=source, event_id=event_id)
+                    raw=raw, source=source, event_id=event_id, content_type=content_type,
+                    failure_limit=failure_limit())
 
-    @app.task(name=TASK_RETRY, ignore_result=True, shared=False)
-    def retry(entity_id: int) -> dict[str, object]:
-        """Run the due retry of one entity."""
+    def retry_call(entity_id: int) -> dict[str, object]:
         return _run(deps, lambda d: services.retry_entity(entity_id, deps=d), raw=None,
                     source="retry", event_id=None)
+
+    # The tasks take whatever a message holds and match it against their call themselves: a
+    # message whose arguments do not fit would otherwise fail inside Celery, before any of
+    # our code, and be acknowledged with nothing recorded.
+    @app.task(name=TASK_ISSUE, ignore_result=True, shared=False)
+    def issue(*args: Any, **kwargs: Any) -> dict[str, object]:
+        """Issue the coupons of one event sent by a Python producer: ``(event, source)``."""
+        return _call(issue_call, TASK_ISSUE, args, kwargs)
+
+    @app.task(name=TASK_INGEST, ignore_result=True, shared=False)
+    def ingest(*args: Any, **kwargs: Any) -> dict[str, object]:
+        """Issue the coupons of one raw bus message (validated here, in the pool):
+        ``(body, encoding, content_type, source, event_id)``."""
+        return _call(ingest_call, TASK_INGEST, args, kwargs)
+
+    @app.task(name=TASK_RETRY, ignore_result=True, shared=False)
+    def retry(*args: Any, **kwargs: Any) -> dict[str, object]:
+        """Run the due retry of one entity: ``(entity_id)``."""
+        return _call(retry_call, TASK_RETRY, args, kwargs)
+
+    def _call(call: Callable[..., dict[str, object]], name: str, args: tuple[Any, ...],
+              kwargs: dict[str, Any]) -> dict[str, object]:
+        signature = inspect.signature(call)
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raw = raw_json({"task": name, "args": list(args), "kwargs": kwargs})
+            reason = f"task {name}{signature} called with arguments that do not fit: {exc}"
+            event_id = _event_id_of(args[0]) if args else _event_id_of(kwargs.get("event"))
+            return _run(deps, lambda d: _rejected(raw, reason, event_id, d), raw=raw,
+                        source="task", event_id=event_id,
+                        failure_limit=failure_limit())
+        return call(*args, **kwargs)
+
+
+def _rejected(raw: bytes, reason: str, event_id: str | None, deps: Deps) -> Report:
+    rejected = services.record_rejection(raw, reason, source="task", deps=deps,
+                                         event_id=event_id, content_type="application/json")
+    return Report(event_id, rejected_id=rejected)

@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import Engine, func, select
 
+from worker.domain import DeadMessageKind
 from worker.errors import NotFound
 from worker.ledger import models as m
 from worker.ledger.support import Selection
@@ -131,7 +132,7 @@ def rejected_list(engine: Engine, *, since: datetime | None = None,
     r = m.RejectedEvent
     query = (
         select(r.id, r.received_at, r.source, r.event_id, r.size_bytes, r.content_type,
-               r.reason, r.resubmitted_at, r.resubmitted_event_id)
+               r.reason, r.kind, r.resubmitted_at, r.resubmitted_event_id)
         .order_by(r.id.desc()).limit(limit)
     )
     if since:
@@ -169,6 +170,12 @@ def rejected_story(engine: Engine, rejected_id: int) -> dict[str, Any]:
     return story
 
 
+#: The error code of a kept message in the dead letters: "rejected" (its own bytes), or the
+#: kind of failure of ours that outlasted its redeliveries.
+DEAD_MESSAGE_CODES = {"rejected": DeadMessageKind.INVALID,
+                      **{k.value: k for k in DeadMessageKind if k is not DeadMessageKind.INVALID}}
+
+
 def dead_letters(engine: Engine, selection: Selection, *, limit: int = 200,
                  include_rejected: bool = True) -> list[dict[str, Any]]:
     """Dead entities matching ``selection`` (newest first), then rejected events."""
@@ -188,11 +195,14 @@ def dead_letters(engine: Engine, selection: Selection, *, limit: int = 200,
         for row in rows:
             row["kind"] = "entity"
         only_entities = bool(selection.entity_ids or selection.series_id
-                             or selection.error_code not in (None, "rejected"))
+                             or selection.error_code not in (None, *DEAD_MESSAGE_CODES))
         if include_rejected and not only_entities:
             r = m.RejectedEvent
             query = select(r.id, r.event_id, r.reason.label("message"), r.received_at,
-                           r.source, r.size_bytes).order_by(r.id.desc()).limit(limit)
+                           r.source, r.size_bytes, r.kind.label("message_kind"),
+                           ).order_by(r.id.desc()).limit(limit)
+            if selection.error_code is not None:
+                query = query.where(r.kind == DEAD_MESSAGE_CODES[selection.error_code].value)
             if selection.event_id:
                 query = query.where(r.event_id == selection.event_id)
             if selection.since:
@@ -201,7 +211,9 @@ def dead_letters(engine: Engine, selection: Selection, *, limit: int = 200,
                 query = query.where(r.received_at < selection.until)
             if not selection.customer:
                 rows += [
-                    {**_row(x), "kind": "rejected", "error_code": "rejected",
+                    {**_row(x), "kind": "rejected",
+                     "error_code": "rejected" if x["message_kind"] == DeadMessageKind.INVALID
+                     else x["message_kind"],
                      "dead_at": _plain(x["received_at"])}
                     for x in conn.execute(query).mappings()
                 ]

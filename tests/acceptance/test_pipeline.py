@@ -187,6 +187,54 @@ def test_sigkill_mid_call_loses_nothing_and_issues_once(
     assert len(bulk_calls(sandbox)) == 1
 
 
+def heartbeat_leases(settings_factory: Callable[..., Settings]) -> Settings:
+    """A long claim deadline (two minutes, the default), with claims renewed every second."""
+    return settings_factory(http_timeout_s=8.0, http_connect_timeout_s=0.5,
+                            rate_limit_max_wait_s=1.0, lease_s=120.0, claim_heartbeat_s=1.0,
+                            settle_window_s=10.0)
+
+
+def test_a_killed_workers_landed_call_is_read_back_within_a_heartbeat_lease(
+    settings_factory: Callable[..., Settings], clean_ledger: Engine, sandbox: SandboxAdmin,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    settings = heartbeat_leases(settings_factory)
+    assert settings.claim_lease_s == 3.0
+    # Given a worker whose Capillary call issues and then stalls
+    worker = start_worker(settings)
+    sandbox.add_fault(kind="stall_after", delay_seconds=30, series=544770)
+    publish(settings, example_event("killed-heartbeat", series=(544770,)))
+    wait_until(lambda: len(sandbox.ledger()) == 1, message="the sandbox to issue")
+    # When the worker is SIGKILLed mid-call
+    worker.kill()
+    start_worker(settings)
+    # Then its claim comes back after its short lease, not after the two-minute deadline, and
+    # the read-back finds the coupon at once (no settle window for a call that landed)
+    done = wait_for_state(clean_ledger, "killed-heartbeat", "completed", timeout_s=45)
+    assert done["coupons"][0]["recorded_via"] == "reconcile"
+    assert len(sandbox.ledger()) == 1 and len(bulk_calls(sandbox)) == 1
+
+
+def test_a_call_longer_than_the_lease_keeps_its_claim_while_the_worker_lives(
+    settings_factory: Callable[..., Settings], clean_ledger: Engine, sandbox: SandboxAdmin,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    settings = heartbeat_leases(settings_factory)
+    start_worker(settings)
+    # Given a call that takes twice the claim's 3 s lease
+    sandbox.add_fault(kind="latency", delay_seconds=6, series=553379)
+    publish(settings, example_event("slow-call", series=(553379,)))
+    # Then the heartbeat keeps the claim: the sweeper never takes it back mid-call
+    done = wait_for_state(clean_ledger, "slow-call", "completed", timeout_s=45)
+    assert done["coupons"][0]["recorded_via"] == "issue"
+    with clean_ledger.connect() as conn:
+        kinds = conn.execute(text(
+            "SELECT h.kind FROM entity_history h JOIN entities e ON e.id = h.entity_id "
+            "WHERE e.event_id = 'slow-call'")).scalars().all()
+    assert "lease_expired" not in kinds, kinds
+    assert len(bulk_calls(sandbox)) == 1
+
+
 def test_sigkill_before_the_call_answered_issues_exactly_once(
     settings_factory: Callable[..., Settings], clean_ledger: Engine, sandbox: SandboxAdmin,
     start_worker: Callable[..., WorkerProcess],

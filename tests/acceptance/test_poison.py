@@ -73,15 +73,18 @@ GOOD_TASK = example_event("poison-good-task", customer="566881003")
 UNDECODABLE_TASK = b'[[], {"event": ' + b"[" * 5000 + b"]" * 5000 + b'}, {}]'
 
 
-def publish_task_body(settings: Settings, raw: bytes) -> None:
+def publish_task_body(settings: Settings, raw: bytes, *, task: str | None = "coupons.issue",
+                      ) -> None:
     """A Celery protocol 2 message made by hand, as a foreign producer could send it."""
+    headers = {"id": str(uuid.uuid4()), "lang": "py", "argsrepr": "()", "kwargsrepr": "deep"}
+    if task is not None:
+        headers["task"] = task
     with Connection(settings.broker_url) as conn:
         queue = topology.tasks_queue(settings)
         Producer(conn.default_channel).publish(
             raw, exchange=queue.exchange, routing_key=queue.routing_key, declare=[queue],
             content_type="application/json", content_encoding="utf-8", delivery_mode=2,
-            headers={"task": "coupons.issue", "id": str(uuid.uuid4()), "lang": "py",
-                     "argsrepr": "()", "kwargsrepr": "deep"})
+            headers=headers)
 
 
 def rejections(engine: Engine) -> list[dict[str, Any]]:
@@ -208,4 +211,54 @@ def test_bad_input_through_both_ways_in_is_refused_and_the_events_behind_it_issu
     # And the reused id changed nothing: one coupon, of the original series
     assert [c["seriesId"] for c in sandbox.ledger(customer="566882001")] == [544770]
     assert story(clean_ledger, "reused-id")["entities"][0]["series_id"] == 544770  # type: ignore[index]
+    assert worker.process.poll() is None
+
+
+def test_a_task_sent_with_the_wrong_call_is_recorded_and_listed_as_a_dead_letter(
+    settings: Settings, clean_ledger: Engine, sandbox: SandboxAdmin,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    from worker.broker.celery_config import producer_app
+
+    worker = start_worker(settings)
+    # Given coupons.issue sent by a Python producer with an argument the task does not take,
+    # and with one positional argument too many, then a valid event behind them
+    producer = producer_app(settings)
+    extra_keyword = example_event("wrong-call-keyword", customer="566883001")
+    extra_positional = example_event("wrong-call-positional", customer="566883002")
+    try:
+        producer.send_task("coupons.issue", kwargs={"event": extra_keyword, "priority": 7},
+                           queue=settings.tasks_queue)
+        producer.send_task("coupons.issue", args=[extra_positional, "task", "surplus"],
+                           queue=settings.tasks_queue)
+    finally:
+        producer.close()
+    # and a message naming a task this worker does not run, and one naming no task at all
+    publish_task_body(settings, b'[[], {"event": {"eventId": "x"}}, {}]', task="coupons.nope")
+    publish_task_body(settings, b'{"no": "task"}', task=None)
+    behind = example_event("wrong-call-behind", customer="566883003")
+    publish(settings, behind, via="task")
+
+    # Then the event behind them is issued, and neither wrong call vanished: each is in
+    # `dlq list` with its arguments as sent and a reason naming the mismatch
+    wait_for_state(clean_ledger, "wrong-call-behind", "completed")
+    rows = wait_until(lambda: len(rejections(clean_ledger)) == 4 and rejections(clean_ledger),
+                      timeout_s=30, message="the four wrong messages to be recorded")
+    listed = run_cli(settings, "dlq", "list", "--json")
+    assert listed.exit_code == 0, listed.output
+    dead = {r["event_id"]: r for r in json.loads(listed.stdout)
+            if r["kind"] == "rejected" and r["event_id"]}
+    assert set(dead) == {"wrong-call-keyword", "wrong-call-positional"}
+    reasons = sorted(r["reason"] for r in rows if not r["event_id"])
+    assert reasons == ["no such task: 'coupons.nope' (this worker runs coupons.issue, "
+                       "coupons.ingest and coupons.retry)",
+                       "not a task message: no task name in its headers"]
+    rows = [r for r in rows if r["event_id"]]
+    assert "unexpected keyword argument 'priority'" in dead["wrong-call-keyword"]["message"]
+    assert "too many positional arguments" in dead["wrong-call-positional"]["message"]
+    kept = {json.loads(bytes(r["raw"]))["kwargs"].get("priority") for r in rows}
+    assert kept == {7, None}
+    # And nothing was issued for them, and the worker goes on
+    assert sandbox.ledger(customer="566883001") == []
+    assert sandbox.ledger(customer="566883002") == []
     assert worker.process.poll() is None

@@ -16,8 +16,8 @@ from sqlalchemy import Engine, func, select, text
 
 from worker.capillary.api import CallInfo
 from worker.capillary.client import MAX_CODE_CHARS, parse_coupon
-from worker.domain import Coupon, EntityState, issue_ref
-from worker.errors import EventRejected
+from worker.domain import Coupon, DeadMessageKind, EntityState, issue_ref
+from worker.errors import EventRejected, LedgerError
 from worker.events import parse_event_data
 from worker.ledger import models as m
 from worker.ledger.fake import fake_unit_of_work_factory
@@ -301,6 +301,63 @@ def test_dead_letters_are_published_once(uow: UowFactory) -> None:
         u.commit()
     with uow() as u:
         assert u.ledger.unpublished_dead_letters(limit=10) == []
+
+
+def test_a_held_lease_is_renewed_and_a_lapsed_one_never_revived(uow: UowFactory) -> None:
+    claim = ingest_and_claim(uow, token="held", now=real_now(), lease_s=SHORT_LEASE_S)
+    ids = [e.entity_id for e in claim.entities]
+    with uow() as u:
+        assert u.ledger.renew_leases(["held", "other"], ids, lease_s=LEASE_S,
+                                     now=real_now()) == {"held"}
+        assert u.ledger.renew_leases(["other"], ids, lease_s=LEASE_S, now=real_now()) == set()
+        u.commit()
+    # The renewed lease outlives the short one it was taken with
+    now = outlive_short_lease()
+    with uow() as u:
+        assert u.ledger.expire_leases(now=now, retry_at=now, limit=10,
+                                      settle_window_s=SETTLE_S) == []
+    # A lease that ran out is not renewed: the sweeper may be taking its entities back
+    other = parse_event_data({"eventId": "e-2", "customer": {"id": "8"}, "seriesIds": [3]})
+    with uow() as u:
+        _new, late = u.ledger.take_in(other, source="bus", token="late", worker="w",
+                                      now=real_now(), lease_s=SHORT_LEASE_S,
+                                      settle_window_s=SETTLE_S)
+        u.commit()
+    assert len(late.entities) == 1
+    now = outlive_short_lease()
+    with uow() as u:
+        assert u.ledger.renew_leases(["late"], [late.entities[0].entity_id],
+                                     lease_s=LEASE_S, now=now) == set()
+
+
+def test_failed_deliveries_are_counted_per_message_until_forgotten(uow: UowFactory) -> None:
+    with uow() as u:
+        assert u.ledger.count_message_failure("event:e-1", kind="internal_error",
+                                              error="RuntimeError: bug", now=NOW) == 1
+        assert u.ledger.count_message_failure("event:e-2", kind="internal_error",
+                                              error="RuntimeError: bug", now=NOW) == 1
+        u.commit()
+    with uow() as u:
+        assert u.ledger.count_message_failure("event:e-1", kind="infrastructure",
+                                              error="LedgerError: refused", now=NOW) == 2
+        u.ledger.forget_message_failure("event:e-1")
+        u.commit()
+    with uow() as u:
+        assert u.ledger.count_message_failure("event:e-1", kind="internal_error",
+                                              error="RuntimeError: bug", now=NOW) == 1
+        assert u.ledger.count_message_failure("event:e-2", kind="internal_error",
+                                              error="RuntimeError: bug", now=NOW) == 2
+
+
+def test_a_kept_message_says_whose_fault_it_was(uow: UowFactory) -> None:
+    with uow() as u:
+        u.ledger.record_rejection(raw=b"{}", reason="infrastructure: failed 5 deliveries",
+                                  source="bus", event_id="e-1", content_type=None, now=NOW,
+                                  kind=DeadMessageKind.INFRASTRUCTURE)
+        u.commit()
+    with pytest.raises(LedgerError), uow() as u:
+        u.ledger.record_rejection(raw=b"{}", reason="?", source="bus", event_id=None,
+                                  content_type=None, now=NOW, kind="somebody_else")
 
 
 def test_circuit_counts_failures_and_lets_one_probe(uow: UowFactory) -> None:

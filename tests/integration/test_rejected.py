@@ -22,6 +22,7 @@ from worker.broker.fake import FakePublisher
 from worker.capillary.fake import FakeCapillary
 from worker.circuit import CircuitGate
 from worker.config import Settings
+from worker.domain import DeadMessageKind
 from worker.errors import BrokerUnavailable, NotFound
 from worker.events import LoyaltyEvent, parse_event_data
 from worker.ledger.unit_of_work import sql_unit_of_work_factory
@@ -303,3 +304,29 @@ def test_rejected_resubmit_publishes_the_fixed_event_and_audits_who(
     again = cli("rejected", "resubmit", str(rejected_id), "--file", "-", "--reason", "x",
                 stdin=fixed)
     assert again.exit_code == 1 and "refused: already resubmitted" in again.output
+
+
+def test_a_dead_letter_of_ours_is_resubmitted_as_received(
+        cli: Callable[..., Any], clean_ledger: Engine, settings: Settings) -> None:
+    # Given a valid event that our side kept failing on, kept as an infrastructure dead letter
+    raw = json.dumps(FIXED).encode()
+    dead_id = services.record_rejection(
+        raw, "infrastructure: failed 5 deliveries, the last with LedgerError: refused",
+        source="bus", deps=pipeline_deps(clean_ledger), event_id=FIXED["eventId"],
+        kind=DeadMessageKind.INFRASTRUCTURE)
+    listed = json.loads(cli("dlq", "list", "--json").output)
+    assert [(r["id"], r["error_code"]) for r in listed] == [(dead_id, "infrastructure")]
+    only = json.loads(cli("dlq", "list", "--error-code", "infrastructure", "--json").output)
+    assert [r["id"] for r in only] == [dead_id]
+    assert json.loads(cli("dlq", "list", "--error-code", "rejected", "--json").output) == []
+    shown = cli("rejected", "show", str(dead_id))
+    assert "kind: infrastructure" in shown.output
+    # When support resubmits it once the cause is fixed, with no file
+    done = cli("rejected", "resubmit", str(dead_id), "--reason", "pooler fixed (OPS-12)")
+    # Then the message as received goes through the normal intake
+    assert done.exit_code == 0, done.output
+    with Connection(settings.broker_url) as conn:
+        message = topology.tasks_queue(settings).bind(conn.default_channel).get(no_ack=True)
+    assert message is not None
+    _args, kwargs, _embed = message.decode()
+    assert kwargs == {"event": parse_event_data(FIXED).to_message(), "source": "resubmit"}

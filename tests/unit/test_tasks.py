@@ -22,19 +22,65 @@ def test_bad_input_becomes_a_recorded_rejection(world: World) -> None:
     assert world.state.rejections[0]["raw"] == b'{"eventId": "x", "seriesIds": []}'
 
 
-def test_an_unexpected_error_keeps_the_payload(world: World) -> None:
-    def explode(*_: Any) -> Any:
-        raise RuntimeError("bug in a new code path")
+@pytest.fixture
+def no_pause(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(policy, "LEDGER_DOWN_PAUSE_S", 0)
+    monkeypatch.setattr(policy, "FAILED_DELIVERY_PAUSE_BASE_S", 0)
 
-    world.api.bulk_issue = explode  # type: ignore[method-assign]
+
+@pytest.mark.usefixtures("no_pause")
+def test_an_unexpected_error_goes_back_then_is_kept_as_a_dead_letter(world: World) -> None:
+    # Given a bug that fails every delivery of a valid event (before it claims anything: a
+    # redelivery after a claim is a no-op until the claim's lease runs out)
     data = {"eventId": "e-9", "customer": {"id": "1"}, "seriesIds": [1]}
     raw = json.dumps(data).encode()
-    result = tasks._run(lambda: world.deps,
-                        lambda d: tasks.handle_event(data, source="task", deps=d),
-                        raw=raw, source="task", event_id="e-9")
-    assert result["rejected_id"] == 1
-    assert world.state.rejections[0]["reason"].startswith("internal error: RuntimeError")
-    assert world.state.rejections[0]["raw"] == raw
+
+    def deliver() -> dict[str, object]:
+        return tasks._run(lambda: world.deps, _explode(RuntimeError("bug in a new code path")),
+                          raw=raw, source="task", event_id="e-9", failure_limit=3)
+
+    # When it is delivered up to the limit, then it goes back each time but the last
+    for _ in range(2):
+        with pytest.raises(Reject) as info:
+            deliver()
+        assert info.value.requeue
+        assert world.state.rejections == []
+    assert world.state.failures["event:e-9"]["failures"] == 2
+    result = deliver()
+    # and the last keeps it, as received, as a dead letter of our making: not a rejection
+    assert result["dead_letter_id"] == 1
+    kept = world.state.rejections[0]
+    assert kept["kind"] == "internal_error"
+    assert kept["reason"].startswith("internal error: failed 3 deliveries, the last with "
+                                     "RuntimeError: bug in a new code path")
+    assert kept["raw"] == raw
+    assert world.state.failures == {}
+
+
+@pytest.mark.usefixtures("no_pause")
+def test_a_database_refusal_is_an_infrastructure_dead_letter_never_a_rejection(
+        world: World) -> None:
+    # A statement the database refuses for reasons of its own (a pooler that lost a prepared
+    # statement, say) is no outage, but says nothing about the event either.
+    refusal = LedgerError('database error: prepared statement "_pg3_0" does not exist')
+    for _ in range(2):
+        with pytest.raises(Reject):
+            tasks._run(lambda: world.deps, _explode(refusal), raw=b'{"eventId": "e-2"}',
+                       source="bus", event_id="e-2", failure_limit=3)
+    result = tasks._run(lambda: world.deps, _explode(refusal), raw=b'{"eventId": "e-2"}',
+                        source="bus", event_id="e-2", failure_limit=3)
+    assert world.state.rejections[0]["kind"] == "infrastructure"
+    assert world.state.rejections[0]["reason"].startswith("infrastructure: failed 3 deliveries")
+    assert result["dead_letter_id"] == 1
+
+
+@pytest.mark.usefixtures("no_pause")
+def test_failures_without_an_event_id_are_counted_by_their_bytes(world: World) -> None:
+    for raw in (b"one", b"two", b"one"):
+        with pytest.raises(Reject):
+            tasks._run(lambda: world.deps, _explode(RuntimeError("bug")), raw=raw,
+                       source="bus", event_id=None, failure_limit=3)
+    assert sorted(r["failures"] for r in world.state.failures.values()) == [1, 2]
 
 
 def test_a_database_outage_puts_the_message_back(world: World,
@@ -49,11 +95,6 @@ def test_a_database_outage_puts_the_message_back(world: World,
     assert info.value.requeue
 
 
-@pytest.fixture
-def no_pause(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(policy, "LEDGER_DOWN_PAUSE_S", 0)
-
-
 def _explode(exc: Exception) -> Any:
     def work(_deps: Deps) -> Any:
         raise exc
@@ -65,12 +106,12 @@ def _explode(exc: Exception) -> Any:
 def test_an_error_that_cannot_be_recorded_puts_the_message_back(
     world: World, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # The rejection's own write fails with something other than an outage (here the ledger
+    # The dead letter's own write fails with something other than an outage (here the ledger
     # refusing the statement): the message is the only copy left, so it must go back.
     def refuse(*_: Any, **__: Any) -> Any:
         raise LedgerError("database error: value too long")
 
-    monkeypatch.setattr(tasks.services, "record_rejection", refuse)
+    monkeypatch.setattr(tasks.delivery, "record_rejection", refuse)
     with pytest.raises(Reject) as info:
         tasks._run(lambda: world.deps, _explode(RuntimeError("bug")), raw=b"{}",
                    source="bus", event_id="e-1")

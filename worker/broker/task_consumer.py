@@ -15,6 +15,7 @@ from worker.broker.celery_config import settings_of
 from worker.broker.consumer import FleetConsumer
 from worker.broker.context import container_of
 from worker.broker.intake import as_ingest_task, is_bus_message
+from worker.errors import LedgerUnavailable
 from worker.events import TOO_DEEP
 from worker.sanitize import printable
 
@@ -99,15 +100,42 @@ class TaskConsumer(FleetConsumer):
         while cause is not None and not isinstance(cause, RecursionError):
             cause = cause.__cause__ or cause.__context__
         detail = TOO_DEEP if cause is not None else printable(str(exc), limit=300)
+        if not self._keep(message, f"task message cannot be decoded: {detail}"):
+            super().on_decode_error(message, exc)
+
+    def on_unknown_message(self, body: Any, message: Message) -> None:
+        if not self._keep(message, "not a task message: no task name in its headers"):
+            super().on_unknown_message(body, message)
+
+    def on_unknown_task(self, body: Any, message: Message, exc: Exception) -> None:
+        name = printable(str((message.headers or {}).get("task")), limit=200)
+        if not self._keep(message, f"no such task: {name!r} (this worker runs "
+                                   "coupons.issue, coupons.ingest and coupons.retry)"):
+            super().on_unknown_task(body, message, exc)
+
+    def on_invalid_task(self, body: Any, message: Message, exc: Exception) -> None:
+        detail = printable(str(exc), limit=300)
+        if not self._keep(message, f"invalid task message: {detail}"):
+            super().on_invalid_task(body, message, exc)
+
+    def _keep(self, message: Message, reason: str) -> bool:
+        """Record a task message Celery would drop with a log line, and acknowledge it;
+        False when it could not be recorded (Celery's own handling follows)."""
         body = message.body if isinstance(message.body, bytes) \
             else str(message.body).encode("utf-8", "surrogatepass")
         try:
-            services.record_rejection(
-                body, f"task message cannot be decoded: {detail}", source="task",
-                deps=container_of(self.app).deps(),
-                content_type=message.content_type)
+            services.record_rejection(body, reason, source="task",
+                                      deps=container_of(self.app).deps(),
+                                      content_type=message.content_type)
+        except LedgerUnavailable as exc:
+            # The database is down: the message waits on its queue (the guard pauses the
+            # consumers within seconds) rather than being dropped unrecorded.
+            log.error("task.refused_requeued", extra={"size_bytes": len(body),
+                                                      "error": str(exc)})
+            message.reject(requeue=True)
+            return True
         except Exception:
             log.exception("task.undecodable_not_recorded", extra={"size_bytes": len(body)})
-            super().on_decode_error(message, exc)
-            return
+            return False
         message.ack()
+        return True

@@ -34,7 +34,8 @@ def parse_when(value: str | None) -> datetime | None:
 def selection_options(func: Any) -> Any:
     """The filters shared by dlq list / summary / replay / discard."""
     for option in reversed([
-        click.option("--error-code", help="e.g. 712, read_timeout, rejected"),
+        click.option("--error-code", help="e.g. 712, read_timeout, rejected, internal_error, "
+                     "infrastructure"),
         click.option("--series", "series_id", type=int, help="Coupon series id."),
         click.option("--customer", help="Customer id, or key like mobile:9198..."),
         click.option("--event", "event_id", help="Event id."),

@@ -79,8 +79,9 @@ def rejected_show(rejected_id: int, full: bool, save: str | None, as_json: bool)
 
 @rejected.command("resubmit")
 @click.argument("rejected_id", type=int)
-@click.option("--file", "source", type=click.File("rb"), required=True, metavar="FILE|-",
-              help="The fixed event (a JSON object); - reads standard input.")
+@click.option("--file", "source", type=click.File("rb"), default=None, metavar="FILE|-",
+              help="The fixed event (a JSON object); - reads standard input. Without it, the "
+              "message as received (a dead letter of ours: internal_error, infrastructure).")
 @click.option("--reason", required=True, help="Why, e.g. the ticket (stored in the audit log).")
 @click.option("--operator", default=None, help="Who (default: the OS user).")
 @click.option("--dry-run", is_flag=True, help="Validate and show what would happen; change "
@@ -96,8 +97,17 @@ def rejected_resubmit(rejected_id: int, source: Any, reason: str, operator: str 
     """
     from worker.replay import default_operator, resubmit_rejected
 
-    payload = source.read()
     settings = settings_or_exit()
+    if source is not None:
+        payload = source.read()
+    else:
+        from worker.views import rejected_story
+
+        with ledger_engine() as engine:
+            try:
+                payload = rejected_story(engine, rejected_id)["raw"]
+            except NotFound as exc:
+                fail(str(exc), 3)
     with support_deps() as deps:
         try:
             result = resubmit_rejected(

@@ -86,14 +86,13 @@ def dlq_list(error_code: str | None, series_id: int | None, customer: str | None
              event_id: str | None, since: str | None, until: str | None, limit: int,
              as_json: bool) -> None:
     """Dead entities and rejected events, newest first."""
-    from worker.views import dead_letters
+    from worker.views import DEAD_MESSAGE_CODES, dead_letters
 
-    selection = make_selection((), error_code if error_code != "rejected" else None, series_id,
-                           customer, event_id, since, until)
+    selection = make_selection((), error_code, series_id, customer, event_id, since, until)
     with ledger_engine() as engine:
         rows = dead_letters(engine, selection, limit=limit,
-                            include_rejected=error_code in (None, "rejected"))
-    if error_code == "rejected":
+                            include_rejected=error_code in (None, *DEAD_MESSAGE_CODES))
+    if error_code in DEAD_MESSAGE_CODES:
         rows = [r for r in rows if r["kind"] == "rejected"]
     if as_json:
         print_json(rows)

@@ -20,9 +20,11 @@ from worker.domain import (
     CLAIMABLE_FOR_RETRY,
     CLAIMABLE_FRESH,
     CLAIMABLE_WHEN_DUE,
+    DEAD_MESSAGE_KINDS,
     ISSUED_STATES,
     TERMINAL_STATES,
     Coupon,
+    DeadMessageKind,
     EntityState,
     EventState,
     check_transition,
@@ -83,13 +85,15 @@ class FakeState:
     ids: Any = field(default_factory=lambda: itertools.count(1))
     #: Operator actions, as ``operator_actions`` rows.
     audits: list[dict[str, Any]] = field(default_factory=list)
+    #: ``message_failures`` rows, by key.
+    failures: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> FakeState:
         clone = FakeState(
             copy.deepcopy(self.events, memo), copy.deepcopy(self.entities, memo),
             dict(self.coupons), copy.deepcopy(self.extra_coupons, memo), list(self.calls),
             copy.deepcopy(self.rejections, memo), dict(self.circuits),
-            audits=list(self.audits),
+            audits=list(self.audits), failures=copy.deepcopy(self.failures, memo),
         )
         clone.ids = self.ids  # ids are never reused, even after a rollback
         return clone
@@ -255,13 +259,40 @@ class InMemoryLedger:
 
     def record_rejection(self, *, raw: bytes, reason: str, source: str,
                          event_id: str | None, content_type: str | None,
-                         now: datetime) -> int:
+                         now: datetime, kind: str = DeadMessageKind.INVALID) -> int:
         _pg_text(reason, source, event_id, content_type)
+        if kind not in DEAD_MESSAGE_KINDS:
+            raise LedgerError(f"database error: no such kind of dead message: {kind!r}")
         self.state.rejections.append({"raw": raw, "reason": reason, "source": source,
                                       "event_id": event_id, "content_type": content_type,
                                       "published": False, "received_at": now,
-                                      "resubmitted_at": None, "resubmitted_event_id": None})
+                                      "resubmitted_at": None, "resubmitted_event_id": None,
+                                      "kind": kind})
         return len(self.state.rejections)
+
+    def renew_leases(self, tokens: Sequence[str], entity_ids: Sequence[int], *, lease_s: float,
+                     now: datetime) -> set[str]:
+        kept: set[str] = set()
+        for entity_id in entity_ids:
+            e = self.state.entities.get(entity_id)
+            if e is None or e.claim_token is None or e.claim_token not in tokens \
+                    or e.state is not EntityState.IN_FLIGHT or e.lease_until is None \
+                    or e.lease_until <= now:
+                continue
+            e.lease_until = now + timedelta(seconds=lease_s)
+            kept.add(e.claim_token)
+        return kept
+
+    def count_message_failure(self, key: str, *, kind: str, error: str, now: datetime) -> int:
+        _pg_text(key, kind, error)
+        row = self.state.failures.setdefault(
+            key, {"failures": 0, "first_failed_at": now})
+        row.update(failures=row["failures"] + 1, kind=kind, last_error=error,
+                   last_failed_at=now)
+        return int(row["failures"])
+
+    def forget_message_failure(self, key: str) -> None:
+        self.state.failures.pop(key, None)
 
     # -- operator actions (SupportLedger) ---------------------------------------------------
 

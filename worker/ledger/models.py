@@ -24,7 +24,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from worker.domain import EntityState, EventState
+from worker.domain import DEAD_MESSAGE_KINDS, EntityState, EventState
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -229,6 +229,8 @@ class RejectedEvent(Base):
         # Rejections still to announce on the dead queue, for the sweeper (0007).
         Index("ix_rejected_events_unannounced", "id",
               postgresql_where=text("dead_published_at IS NULL")),
+        CheckConstraint(
+            "kind IN (" + ", ".join(f"'{k}'" for k in DEAD_MESSAGE_KINDS) + ")", name="kind"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
@@ -242,6 +244,25 @@ class RejectedEvent(Base):
     dead_published_at: Mapped[datetime | None] = mapped_column(Timestamp)
     resubmitted_at: Mapped[datetime | None] = mapped_column(Timestamp)
     resubmitted_event_id: Mapped[str | None] = mapped_column(Text)
+    # Why it was kept (0010): its own bytes ("invalid", a rejection), or a failure of ours
+    # that outlasted its redeliveries ("internal_error", "infrastructure"): a dead letter.
+    kind: Mapped[str] = mapped_column(Text, server_default=text("'invalid'"))
+
+
+class MessageFailure(Base):
+    """How often one message failed for a reason not its own (0010), until it is dead-lettered.
+
+    Keyed by the event id, or by a digest of the bytes when there is none.
+    """
+
+    __tablename__ = "message_failures"
+
+    key: Mapped[str] = mapped_column(Text, primary_key=True)
+    kind: Mapped[str] = mapped_column(Text)
+    failures: Mapped[int] = mapped_column(Integer)
+    first_failed_at: Mapped[datetime] = mapped_column(Timestamp)
+    last_failed_at: Mapped[datetime] = mapped_column(Timestamp)
+    last_error: Mapped[str] = mapped_column(Text)
 
 
 class OperatorAction(Base):

@@ -24,6 +24,7 @@ from sqlalchemy import (
     and_,
     bindparam,
     case,
+    delete,
     func,
     insert,
     literal_column,
@@ -42,6 +43,7 @@ from worker.domain import (
     ISSUED_STATES,
     TERMINAL_STATES,
     Coupon,
+    DeadMessageKind,
     EntityState,
     EventState,
     issue_ref,
@@ -124,7 +126,25 @@ class Ledger(SupportLedger, Protocol):
 
     def record_rejection(self, *, raw: bytes, reason: str, source: str,
                          event_id: str | None, content_type: str | None,
-                         now: datetime) -> int: ...
+                         now: datetime, kind: str = DeadMessageKind.INVALID) -> int:
+        """Keep a message as received, with why (``kind``: see ``DeadMessageKind``)."""
+        ...
+
+    def renew_leases(self, tokens: Sequence[str], entity_ids: Sequence[int], *, lease_s: float,
+                     now: datetime) -> set[str]:
+        """Extend to ``lease_s`` from now the leases of ``entity_ids`` still held under one of
+        ``tokens`` and not yet run out; the tokens still held. A lease that ran out is never
+        revived: the sweeper may be taking its entities back."""
+        ...
+
+    def count_message_failure(self, key: str, *, kind: str, error: str, now: datetime) -> int:
+        """One more failure of the message ``key`` for a reason not its own; the count so
+        far, this one included."""
+        ...
+
+    def forget_message_failure(self, key: str) -> None:
+        """Drop the count of ``key`` (its message was dead-lettered)."""
+        ...
 
     def expire_leases(self, *, now: datetime, retry_at: datetime, limit: int,
                       settle_window_s: float) -> list[int]: ...
@@ -543,16 +563,46 @@ class SqlLedger:
 
     def record_rejection(self, *, raw: bytes, reason: str, source: str,
                          event_id: str | None, content_type: str | None,
-                         now: datetime) -> int:
-        """Keep a message that is not a valid event, with why; returns its id."""
+                         now: datetime, kind: str = DeadMessageKind.INVALID) -> int:
+        """Keep a message as received, with why; returns its id."""
         new_id = self.session.scalar(
             insert(m.RejectedEvent)
             .values(received_at=now, source=source, event_id=event_id, reason=reason, raw=raw,
-                    size_bytes=len(raw), content_type=content_type)
+                    size_bytes=len(raw), content_type=content_type, kind=str(kind))
             .returning(m.RejectedEvent.id)
         )
         assert new_id is not None
         return int(new_id)
+
+    def renew_leases(self, tokens: Sequence[str], entity_ids: Sequence[int], *, lease_s: float,
+                     now: datetime) -> set[str]:
+        if not entity_ids:
+            return set()
+        rows = self.session.execute(
+            update(ENTITIES)
+            .where(_E.id.in_(list(entity_ids)), _E.claim_token.in_(list(tokens)),
+                   _E.state == _IN_FLIGHT, _E.lease_until > _DB_NOW)
+            .values(lease_until=_DB_NOW + _seconds("b_lease_s"))
+            .returning(_E.claim_token),
+            {"b_lease_s": lease_s},
+        ).all()
+        return {r[0] for r in rows}
+
+    def count_message_failure(self, key: str, *, kind: str, error: str, now: datetime) -> int:
+        f = m.MessageFailure
+        new = pg_insert(f).values(key=key, kind=str(kind), failures=1, first_failed_at=now,
+                                  last_failed_at=now, last_error=error)
+        counted = self.session.scalar(new.on_conflict_do_update(
+            index_elements=[f.key],
+            set_={"failures": f.failures + 1, "kind": new.excluded.kind,
+                  "last_failed_at": new.excluded.last_failed_at,
+                  "last_error": new.excluded.last_error},
+        ).returning(f.failures))
+        assert counted is not None
+        return int(counted)
+
+    def forget_message_failure(self, key: str) -> None:
+        self.session.execute(delete(m.MessageFailure).where(m.MessageFailure.key == key))
 
     # -- the sweeper's work ----------------------------------------------------------------
 
