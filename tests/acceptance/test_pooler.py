@@ -18,6 +18,10 @@ EVENTS = 60
 SERIES = (544770, 553379)
 
 
+def _customer(n: int) -> str:
+    return str(566_100_000 + n)
+
+
 def _states(engine: Engine) -> dict[str, int]:
     with engine.connect() as conn:
         return {str(state): int(n) for state, n in conn.execute(text(
@@ -33,8 +37,14 @@ def test_workers_behind_pgbouncer_issue_every_entity_exactly_once(
     settings = pooled_settings_factory()
     logged_before = len(pgbouncer.log())  # (the session's PgBouncer: other tests log there)
     workers = [start_worker(settings), start_worker(settings)]
+    # And a Capillary that refuses some calls (retried), and issues then fails others
+    # (unknown outcomes: read back after the settle window), so that retries, the sweeper and
+    # reconciliation run through the pooler too
+    sandbox.add_fault(customer=_customer(0), kind="error_before", status=503, times=2)
+    sandbox.add_fault(customer=_customer(1), kind="error_after")
+    sandbox.add_fault(customer=_customer(2), kind="reset_after")
     # When events for two series each are published
-    events = [example_event(f"pooled-{n}", series=SERIES, customer=str(566_100_000 + n))
+    events = [example_event(f"pooled-{n}", series=SERIES, customer=_customer(n))
               for n in range(EVENTS)]
     publish(settings, *events)
     # Then every event completes
@@ -49,6 +59,8 @@ def test_workers_behind_pgbouncer_issue_every_entity_exactly_once(
         assert conn.scalar(text("SELECT count(*) FROM coupons")) == EVENTS * len(SERIES)
         assert conn.scalar(text("SELECT count(*) FROM rejected_events")) == 0
         assert conn.scalar(text("SELECT count(*) FROM entities WHERE state <> 'issued'")) == 0
+        assert conn.scalar(text("SELECT count(*) FROM coupons "
+                                "WHERE recorded_via = 'reconcile'")) >= 2
     for worker in workers:
         assert worker.process.poll() is None
         assert "prepared statement" not in worker.log(), worker.log_tail()
