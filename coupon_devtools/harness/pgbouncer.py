@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,10 @@ START_TIMEOUT_S = 15.0
 POLL_S = 0.05
 #: Server connections per (database, user) pair: fewer than a test's client connections.
 DEFAULT_POOL_SIZE = 2
+#: What PgBouncer logs once it listens, and when its port was taken meanwhile.
+READY = "process up"
+PORT_TAKEN = "Address already in use"
+PORT_ATTEMPTS = 3
 #: The account PgBouncer drops to when started as root.
 UNPRIVILEGED_USER = "postgres"
 
@@ -65,10 +68,27 @@ class PgBouncer:
         (accepted from clients, and dropped).
         """
         command = pgbouncer_command()
+        folder.mkdir(parents=True, exist_ok=True)
+        for _attempt in range(PORT_ATTEMPTS):
+            bouncer = cls._spawn(command, folder, database_url, pool_size,
+                                 ignore_startup_parameters)
+            try:
+                bouncer.wait_ready(timeout_s)
+            except PgBouncerError:
+                # Another process took the free port before PgBouncer bound it: a new one.
+                if PORT_TAKEN in bouncer.log() and not bouncer.process.alive():
+                    continue
+                bouncer.stop()
+                raise
+            return bouncer
+        raise PgBouncerError(f"no free port for pgbouncer after {PORT_ATTEMPTS} attempts")
+
+    @classmethod
+    def _spawn(cls, command: str, folder: Path, database_url: str, pool_size: int,
+               ignore_startup_parameters: str) -> PgBouncer:
         url = make_url(database_url)
         host, upstream_port = url.host or "127.0.0.1", url.port or 5432
         user = url.username or "postgres"
-        folder.mkdir(parents=True, exist_ok=True)
         port = free_port()
         config = folder / "pgbouncer.ini"
         users = folder / "userlist.txt"
@@ -101,24 +121,19 @@ class PgBouncer:
             argv += ["-u", UNPRIVILEGED_USER]
         argv.append(str(config))
         process = spawn("pgbouncer", argv, {"PATH": os.environ.get("PATH", "/usr/bin")}, folder)
-        bouncer = cls(port, host, upstream_port, folder, process)
-        bouncer.wait_ready(timeout_s)
-        return bouncer
+        return cls(port, host, upstream_port, folder, process)
 
     def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> None:
-        """Until it accepts TCP connections; :class:`PgBouncerError` if it exits first."""
+        """Until it says it is up (listening on its port: a connection to the port could
+        reach another process that took it); :class:`PgBouncerError` if it exits first."""
         deadline = time.monotonic() + timeout_s
-        while True:
+        while READY not in self.log():
             if not self.process.alive():
                 raise PgBouncerError(f"pgbouncer exited:\n{self.process.log_tail()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise PgBouncerError(f"pgbouncer not listening after {timeout_s:g} s:\n"
-                                         f"{self.process.log_tail()}") from None
-                time.sleep(POLL_S)
+            if time.monotonic() > deadline:
+                raise PgBouncerError(f"pgbouncer not up after {timeout_s:g} s:\n"
+                                     f"{self.process.log_tail()}")
+            time.sleep(POLL_S)
 
     def url(self, database_url: str) -> str:
         """``database_url`` (on the upstream server) as reached through this PgBouncer."""
