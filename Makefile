@@ -23,6 +23,8 @@ lint: install
 # the chaos run: SHARED_PROCESS in tests/conftest.py) are handed out first, each to a process
 # that starts a PostgreSQL cluster and a RabbitMQ node of its own; they mostly wait on those
 # restarts, and the five other processes run the rest meanwhile. Ends with the coverage total.
+# The ledger's tests also run through a PgBouncer in transaction mode that each process starts
+# (Debian's pgbouncer; docs/pooler.md).
 test: install
 	$(BIN)/pytest -n 7 --cov --cov-report=term
 
