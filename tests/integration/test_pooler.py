@@ -246,9 +246,24 @@ def test_the_fleets_rate_limit_runs_through_the_pooler_and_prepares_nothing(
     for _ in range(8):
         for limiter in limiters:
             assert limiter.reserve() == 0.0
+            limiter.cancel()
         gate.penalise(0.0)
         assert gate.reserve() == 0.0
     assert _settings_seen(bare) == ("0", "0", 0)
+
+
+def test_the_rate_limit_gives_up_at_the_lock_timeout_behind_the_pooler(
+    engines: list[Engine], clean_ledger: Engine,
+) -> None:
+    limiter = PostgresRateLimiter(engines[0], 60_000, burst=100)
+    assert limiter.reserve() == 0.0
+    with clean_ledger.connect() as holder:
+        holder.execute(text("LOCK TABLE rate_limit_buckets IN ACCESS EXCLUSIVE MODE"))
+        with pytest.raises(LedgerUnavailable, match="lock timeout"):
+            limiter.reserve()
+        with pytest.raises(LedgerUnavailable, match="lock timeout"):
+            RetryAfterGate(engines[1]).penalise(1.0)
+        holder.rollback()
 
 
 def test_a_pooler_that_drops_the_direct_modes_timeouts_is_found_out(

@@ -121,7 +121,7 @@ def _execute(conn: psycopg.Connection[Any], mode: StatementMode, sql: str,
         # the connection altogether.)
         with conn.cursor() as cursor:
             cursor.execute(sql, params, prepare=mode.prepare)
-            return cursor.fetchall()
+            return _rows(cursor)
     if mode.prepare:
         # A pipeline sends both statements and one Sync: one round trip, and one implicit
         # transaction (everything up to a Sync is one), so the limits hold for the statement
@@ -131,18 +131,24 @@ def _execute(conn: psycopg.Connection[Any], mode: StatementMode, sql: str,
             with conn.pipeline():
                 settings.execute(mode.per_transaction, prepare=True)
                 cursor.execute(sql, params, prepare=True)
-            return cursor.fetchall()
+            return _rows(cursor)
     # Several statements in one simple query run as one implicit transaction, so the limits
     # set_config(..., true) gives hold for the statement after it; the cursor is on the first
     # result set, the statement's is the next.
     with psycopg.ClientCursor(conn) as client_side:
         client_side.execute(after_settings(mode.per_transaction, sql), params)
         client_side.nextset()
-        return client_side.fetchall()
+        return _rows(client_side)
+
+
+def _rows(cursor: psycopg.Cursor[Any]) -> list[tuple[Any, ...]]:
+    """The statement's rows; none for one that returns none (an UPDATE without RETURNING)."""
+    return cursor.fetchall() if cursor.description is not None else []
 
 
 def run_alone(engine: Engine, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
-    """Run one statement in autocommit on a connection of ``engine``'s pool; its rows.
+    """Run one statement in autocommit on a connection of ``engine``'s pool; its rows (none
+    for a statement that returns none).
 
     A single statement is atomic, so no BEGIN or COMMIT goes over the wire. A connection that
     fails is invalidated, so the pool never hands it out again (as SQLAlchemy does for its own
