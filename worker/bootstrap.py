@@ -70,6 +70,7 @@ def build_deps(settings: Settings, publisher: Publisher, *, engine: Engine | Non
         lease_s=settings.claim_lease_s,
         rate_limit_max_wait_s=settings.rate_limit_max_wait_s,
         leases=leases,
+        max_series_per_call=settings.capillary_max_series_per_call,
     )
 
 

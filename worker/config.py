@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tempfile
+from datetime import UTC, timedelta, timezone, tzinfo
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -30,11 +33,34 @@ DEFAULT_PREFETCH_MULTIPLIER = 2
 DEFAULT_HEARTBEAT_DIR = str(Path(tempfile.gettempdir()) / "coupon-worker")
 
 AuthScheme = Literal["basic", "oauth"]
+#: The youngest audit row the database lets the retention job delete, in days (the trigger of
+#: migration 0009 holds the same number): COUPONS_RETENTION_AUDIT_DAYS cannot go below it.
+AUDIT_FLOOR_DAYS = 90
 
 
 def is_loopback(host: str) -> bool:
     """Whether ``host`` names this machine only (``localhost``, 127.0.0.0/8, ::1)."""
     return _is_loopback(host)
+
+
+def org_timezone(name: str) -> tzinfo:
+    """The zone a ``CAPILLARY_TIMEZONE`` value names: ``UTC``, an offset (``+05:30``) or an
+    IANA name (``Asia/Kolkata``); ValueError for anything else."""
+    text = name.strip()
+    if text.upper() in ("UTC", "Z", ""):
+        return UTC
+    match = re.fullmatch(r"([+-])(\d{2}):?(\d{2})", text)
+    if match:
+        sign = -1 if match.group(1) == "-" else 1
+        offset = timedelta(hours=int(match.group(2)), minutes=int(match.group(3)))
+        if offset >= timedelta(hours=24):
+            raise ValueError(f"offset out of range: {name!r}")
+        return timezone(sign * offset)
+    try:
+        return ZoneInfo(text)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError(f"unknown time zone {name!r}: use UTC, an offset such as +05:30, or "
+                         "a zone name such as Asia/Kolkata") from exc
 
 
 def _is_loopback(host: str) -> bool:
@@ -73,6 +99,12 @@ class Settings(BaseSettings):
         None, validation_alias="CAPILLARY_OAUTH_SECRET"
     )
     capillary_source: str | None = Field(None, validation_alias="CAPILLARY_SOURCE")
+    #: The organisation's time zone in Capillary (an offset such as +05:30, or a zone name):
+    #: a date or a time without offset in an answer (a date-only validTill) is read in it.
+    capillary_timezone: str = Field("UTC", validation_alias="CAPILLARY_TIMEZONE")
+    #: Series per bulk-issue call: an event with more is issued in several calls.
+    capillary_max_series_per_call: int = Field(
+        100, ge=1, le=1000, validation_alias="CAPILLARY_MAX_SERIES_PER_CALL")
     capillary_allow_insecure_http: bool = Field(
         False, validation_alias="CAPILLARY_ALLOW_INSECURE_HTTP")
 
@@ -121,6 +153,19 @@ class Settings(BaseSettings):
     run_sweeper: bool = Field(True, validation_alias="COUPONS_RUN_SWEEPER")
     sweep_interval_s: float = Field(1.0, gt=0, validation_alias="COUPONS_SWEEP_INTERVAL_SECONDS")
     requeue_after_s: float = Field(300.0, gt=0, validation_alias="COUPONS_REQUEUE_AFTER_SECONDS")
+
+    # Retention (docs/retention.md). Scheduled only when COUPONS_RETENTION_DAYS is set;
+    # `coupon-worker prune --older-than` runs it by hand either way.
+    retention_days: int | None = Field(None, ge=1, validation_alias="COUPONS_RETENTION_DAYS")
+    retention_event_id_window_days: int = Field(
+        400, ge=1, validation_alias="COUPONS_RETENTION_EVENT_ID_WINDOW_DAYS")
+    retention_audit_days: int = Field(
+        730, ge=AUDIT_FLOOR_DAYS,
+        validation_alias="COUPONS_RETENTION_AUDIT_DAYS")
+    retention_interval_s: float = Field(
+        86_400.0, ge=60, validation_alias="COUPONS_RETENTION_INTERVAL_SECONDS")
+    retention_batch_size: int = Field(
+        1000, ge=1, le=50_000, validation_alias="COUPONS_RETENTION_BATCH_SIZE")
 
     # The ledger's limits. A stalled database must fail a task with LedgerUnavailable (its
     # message goes back) well before Celery's hard time limit kills it; see _coherent().
@@ -183,6 +228,12 @@ class Settings(BaseSettings):
     @classmethod
     def _upper_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("capillary_timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        org_timezone(value)
+        return value
 
     @field_validator("capillary_base_url")
     @classmethod
@@ -248,6 +299,14 @@ class Settings(BaseSettings):
                 "COUPONS_SETTLE_WINDOW_SECONDS must exceed connect + read timeout "
                 f"({one_call_s:g} s)"
             )
+        if self.retention_days is not None and (
+                self.retention_event_id_window_days < self.retention_days
+                or self.retention_audit_days < self.retention_days):
+            # An id must be recognised for as long as its event is kept, and the audit trail
+            # outlives what it speaks of.
+            raise ValueError("COUPONS_RETENTION_EVENT_ID_WINDOW_DAYS and "
+                             "COUPONS_RETENTION_AUDIT_DAYS must be at least "
+                             "COUPONS_RETENTION_DAYS")
         if self.db_lock_timeout_s > self.db_statement_timeout_s:
             # Waiting for a lock is part of a statement's time: a longer lock timeout never fires.
             raise ValueError("COUPONS_DB_LOCK_TIMEOUT_SECONDS must not exceed "

@@ -142,6 +142,8 @@ class Coupon:
     valid_till: datetime | None = None
     valid_till_date_time: datetime | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
+    #: What Capillary's answer warned of for this series, as text.
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -186,29 +188,85 @@ def notes_with_ref(notes: str | None, ref: str) -> str:
     return f"{notes} {suffix}"
 
 
-ERROR_MEANINGS: dict[str, str] = {
-    "701": "customer not found",
-    "707": "invalid series id",
-    "709": "coupon processing failed",
-    "712": "series/campaign expired",
-    "713": "coupon expired",
-    "714": "campaign over",
-    "721": "invalid customer",
-    "722": "unable to create coupon",
-    "730": "unknown error",
-    "740": "fraud customer",
-    "742": "issue blocked for customer",
-    "748": "coupon service timed out",
-    "750": "fraud customer",
-    "777": "coupon source not valid",
-    "788": "invalid configuration",
-    "795": "invalid configuration",
-    "799": "invalid configuration",
-    "5001": "max series created",
-    "5002": "max coupons per user",
-    "5004": "one coupon per user",
-    "5005": "series code queue empty",
-    "5006": "unable to issue number",
+@dataclass(frozen=True)
+class CodeMeaning:
+    """What one of Capillary's documented error codes means, written once for every reader.
+
+    ``verdict`` is the classifier's reading of an entry carrying the code; ``holds_one`` says
+    the code is Capillary refusing because the customer already holds a coupon of the series
+    (after an unknown outcome, that coupon may be ours: it is read back, never guessed).
+    ``try_again_retryable`` makes the code retryable when its message says to try again.
+    """
+
+    meaning: str
+    verdict: Verdict
+    holds_one: bool = False
+    try_again_retryable: bool = False
+
+
+_P, _R, _A, _O = Verdict.PERMANENT, Verdict.RETRYABLE, Verdict.AMBIGUOUS, Verdict.OUTAGE
+_TRY_LATER = CodeMeaning("processing failed, try again later", _R)
+
+#: Capillary's coupon error codes (the API summary's table), the only place they are read.
+CAPILLARY_CODES: dict[int, CodeMeaning] = {
+    701: CodeMeaning("customer not found", _P),
+    707: CodeMeaning("invalid series id", _P),
+    709: CodeMeaning("coupon processing failed (e.g. the customer already holds one)", _P,
+                     holds_one=True),
+    712: CodeMeaning("series/campaign expired", _P),
+    713: CodeMeaning("coupon expired", _P),
+    714: CodeMeaning("campaign over", _P),
+    721: CodeMeaning("invalid customer", _P),
+    722: CodeMeaning("unable to create coupon", _P, try_again_retryable=True),
+    730: CodeMeaning("unknown error", _R),
+    740: CodeMeaning("fraud customer", _P),
+    742: CodeMeaning("issue blocked for customer", _P),
+    # The coupon service timed out: an entry that admits it does not know.
+    748: CodeMeaning("coupon service timed out (may have issued)", _A),
+    750: CodeMeaning("fraud customer", _P),
+    # Configuration: every call would fail alike, so the fleet pauses instead of
+    # dead-lettering each entity.
+    777: CodeMeaning("coupon source not valid (configuration)", _O),
+    **{code: _TRY_LATER for code in (786, 787, 789, 790, 791, 792, 793, 794, 796, 797, 798)},
+    788: CodeMeaning("invalid configuration", _O),
+    795: CodeMeaning("invalid configuration", _O),
+    799: CodeMeaning("invalid configuration", _O),
+    5001: CodeMeaning("max series created", _P),
+    5002: CodeMeaning("max coupons per user (the customer already holds the maximum)", _P,
+                      holds_one=True),
+    5004: CodeMeaning("one coupon per user (the customer already holds one)", _P,
+                      holds_one=True),
+    5005: CodeMeaning("series code queue empty", _R),
+    5006: CodeMeaning("unable to issue number", _R),
+}
+
+#: The codes that say "the customer already holds a coupon of this series", as listed codes.
+HOLDS_ONE_CODES = frozenset(str(c) for c, m in CAPILLARY_CODES.items() if m.holds_one)
+#: The codes that pause the fleet wherever they appear (an entry, a call-level error body).
+CONFIGURATION_CODES = frozenset(c for c, m in CAPILLARY_CODES.items() if m.verdict is _O)
+
+
+def code_meaning(code: int | None, message: str = "") -> CodeMeaning:
+    """The meaning of a code; one we do not know (or none) is a permanent refusal, so that a
+    person looks at it instead of the worker hammering the API."""
+    known = CAPILLARY_CODES.get(code) if code is not None else None
+    if known is None:
+        return CodeMeaning("not in Capillary's documented table", _P)
+    if known.try_again_retryable and "try again" in message.lower():
+        return CodeMeaning(known.meaning, _R)
+    return known
+
+
+#: The codes the answer parser gives a series whose entries broke an assumption about
+#: Capillary (each is unknown: read back before anything is sent again).
+COUNTS_DISAGREE = "counts_disagree"
+CONFLICTING_ENTRIES = "conflicting_entries"
+MISSING_ENTRY = "missing_entry"
+EMPTY_ENTRY = "empty_entry"
+ODD_ENTRY_CODES = frozenset({COUNTS_DISAGREE, CONFLICTING_ENTRIES, MISSING_ENTRY, EMPTY_ENTRY})
+
+#: The worker's own codes, for what no Capillary code says.
+WORKER_CODES: dict[str, str] = {
     "read_timeout": "no answer in time (may have issued)",
     "connection_reset": "connection dropped (may have issued)",
     "connection_refused": "could not connect",
@@ -219,6 +277,14 @@ ERROR_MEANINGS: dict[str, str] = {
     "settling": "waiting for a possible late original",
     "empty_entry": "entry without coupon or error",
     "missing_entry": "answer had no entry",
+    "counts_disagree": "totalCount/failureCount disagree with the entries (read back)",
+    "conflicting_entries": "repeated entries for one series disagree (read back)",
+}
+
+#: Every code a listing may show, with its meaning (Capillary's, then the worker's own).
+ERROR_MEANINGS: dict[str, str] = {
+    **{str(code): m.meaning for code, m in CAPILLARY_CODES.items()},
+    **WORKER_CODES,
 }
 
 

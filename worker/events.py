@@ -33,7 +33,9 @@ from worker.sanitize import codepoint, first_lone_surrogate, printable
 EVENT_ID_MAX_CHARS = 128
 SHORT_METADATA_MAX_CHARS = 50
 LONG_METADATA_MAX_CHARS = 250
-MAX_SERIES_PER_EVENT = 100
+#: An event with more series than a call takes is issued in several calls
+#: (``CAPILLARY_MAX_SERIES_PER_CALL``); this bounds one event's claim and statements.
+MAX_SERIES_PER_EVENT = 1000
 # The ledger's series columns are PostgreSQL integers.
 SERIES_ID_MAX = 2**31 - 1
 # An event is three levels deep; this leaves room for producers' extra fields while keeping the

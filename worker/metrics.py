@@ -50,6 +50,15 @@ class Metrics:
             "coupon_bridge_forward_failures",
             "Bus messages the bridge could not forward (the broker refused or was gone); held "
             "and tried again", registry=r)
+        self.ledger_pruned = Counter(
+            "coupon_ledger_pruned_rows", "Ledger rows removed by retention, by table",
+            ["table"], registry=r)
+        self.answer_remarks = Counter(
+            "capillary_answer_remarks",
+            "Bulk-issue answers that broke an assumption about Capillary, per series: counts "
+            "disagreeing with the entries, missing, empty or conflicting entries, entries in "
+            "an error status, warnings; and read-backs after 'already holds one'",
+            ["kind"], registry=r)
         self.api_latency = Histogram(
             "capillary_call_seconds", "Capillary call latency", ["operation", "status"],
             buckets=LATENCY_BUCKETS_S, registry=r)

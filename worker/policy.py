@@ -22,7 +22,13 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Literal
 
-from worker.domain import DeadMessageKind, Verdict
+from worker.domain import (
+    HOLDS_ONE_CODES,
+    DeadMessageKind,
+    Verdict,
+    code_meaning,
+    describe_error,
+)
 from worker.errors import BrokerUnavailable, CapillaryError, LedgerError
 
 if TYPE_CHECKING:
@@ -30,38 +36,19 @@ if TYPE_CHECKING:
 
 # -- the unknown-outcome rule ---------------------------------------------------------------
 
-#: Per-entry error codes, from the coupon error table of the API summary. An entry that
-#: carries errors is Capillary saying, for that series, that it did not issue.
-RETRYABLE_CODES = frozenset(
-    {730, 5005, 5006, *range(786, 788), *range(789, 795), *range(796, 799)}
-)
-#: 748 "coupon service timed out": an entry that admits it does not know.
-UNKNOWN_CODES = frozenset({748})
-OUTAGE_CODES = frozenset({777, 788, 795, 799})
-TRY_AGAIN_CODES = frozenset({722})
-
 #: Transport failures that happen before the request is written: it never reached Capillary.
 #: (``tls_error`` is a refused certificate; any other TLS failure is ``tls_dropped``: unknown.)
 NOT_SENT_FAILURES = frozenset({"connection_refused", "connect_timeout", "tls_error"})
 
 
 def classify_entry_error(code: int | None, message: str = "") -> Verdict:
-    """The verdict for one ``errors[]`` entry of a bulk-issue answer.
+    """The verdict for one ``errors[]`` entry of a bulk-issue answer, from the domain's table
+    of codes (``worker.domain.CAPILLARY_CODES``).
 
     A code we do not know is permanent, so that a person looks at it instead of the worker
     hammering the API.
     """
-    if code is None:
-        return Verdict.PERMANENT
-    if code in OUTAGE_CODES:
-        return Verdict.OUTAGE
-    if code in UNKNOWN_CODES:
-        return Verdict.AMBIGUOUS
-    if code in RETRYABLE_CODES:
-        return Verdict.RETRYABLE
-    if code in TRY_AGAIN_CODES and "try again" in message.lower():
-        return Verdict.RETRYABLE
-    return Verdict.PERMANENT
+    return code_meaning(code, message).verdict
 
 
 def classify_unanswered(status: int) -> Verdict:
@@ -139,9 +126,47 @@ class DeadLetter:
     code: str | None = None  # overrides the last error code in listings (unknown_outcome)
 
 
-#: Capillary's refusals of a second coupon of a series to the same customer (709 "user already
-#: has a coupon", 5004 "only one coupon allowed per user").
-ONE_PER_CUSTOMER_CODES = frozenset({"709", "5004"})
+#: Capillary's refusals of another coupon of a series to the same customer (709 "user already
+#: has a coupon", 5002 "max coupons per user", 5004 "only one coupon allowed per user"): the
+#: domain's table says which.
+ONE_PER_CUSTOMER_CODES = HOLDS_ONE_CODES
+
+
+def refusal_reason(error_code: str | None) -> str:
+    """A dead letter's reason for Capillary's refusal, with the code's meaning from the
+    domain's table: ``refused by Capillary (712 series/campaign expired)``."""
+    if error_code is None:
+        return "refused by Capillary"
+    return f"refused by Capillary ({describe_error(error_code)})"
+
+
+@dataclass(frozen=True)
+class HeldCoupon:
+    """A coupon of the series the customer holds, as a read-back showed it."""
+
+    code: str
+    issued_at: datetime | None
+
+
+def refused_holding(error_code: str, held: list[HeldCoupon]) -> DeadLetter:
+    """The dead letter of a re-send after an unknown outcome, refused because the customer
+    already holds a coupon of the series, when the read-back shows none of them is ours.
+
+    The customer's coupons are in the reason, so support sees them without opening
+    Capillary; a replay still reads back first.
+    """
+    if held:
+        shown = ", ".join(
+            h.code + (f" (issued {h.issued_at.isoformat(timespec='seconds')})"
+                      if h.issued_at else "") for h in held[:5])
+        more = f" and {len(held) - 5} more" if len(held) > 5 else ""
+        found = (f"the read-back shows the customer's coupon {shown}{more} of this series, "
+                 "not ours (its notes lack this event's reference)")
+    else:
+        found = "the read-back shows no coupon of this series for the customer"
+    return DeadLetter(
+        f"{refusal_reason(error_code)}, after an earlier attempt whose outcome stayed unknown: "
+        f"{found}", reconcile_first=True)
 
 
 def refused_after_unknown(decision: Decision, error_code: str | None, *,
@@ -151,15 +176,16 @@ def refused_after_unknown(decision: Decision, error_code: str | None, *,
     When the entity's earlier attempt had an unknown outcome and the read-back found nothing of
     ours, yet Capillary refuses the re-send because the customer already holds a coupon of the
     series, that coupon may be the earlier attempt's (a read-back lagging beyond the settle
-    window, or notes stored differently). Support reads that in the reason rather than a plain
-    refusal.
+    window). The worker reads the customer's coupons back (``refused_holding``); this is the
+    reason when that read-back fails too.
     """
     if not (after_unknown and isinstance(decision, DeadLetter)
             and error_code in ONE_PER_CUSTOMER_CODES):
         return decision
     return replace(decision, reason=f"{decision.reason}, after an earlier attempt whose outcome "
-                   "stayed unknown (the customer's coupon may be that attempt's: check it in "
-                   "Capillary before replaying)")
+                   "stayed unknown, and the read-back of the customer's coupons failed (the "
+                   "customer's coupon may be that attempt's: a replay reads back first)",
+                   reconcile_first=True)
 
 
 #: The listing code of an entity whose outcome the ledger refused to store.
@@ -233,14 +259,16 @@ class RetryPolicy:
         return timedelta(seconds=min(delay, max(self.max_s, retry_after_s or 0.0)))
 
     def decide(self, verdict: Verdict, *, attempts: int, retry_after_s: float | None = None,
-               circuit_open_s: float = 30.0, rng: random.Random | None = None) -> Decision:
-        """What to do with an entity after its ``attempts``-th attempt ended with ``verdict``."""
+               circuit_open_s: float = 30.0, rng: random.Random | None = None,
+               error_code: str | None = None) -> Decision:
+        """What to do with an entity after its ``attempts``-th attempt ended with ``verdict``
+        (``error_code``: the code that said so, for a refusal's reason)."""
         if verdict is Verdict.ISSUED:
             return RecordIssued()
         if verdict is Verdict.OUTAGE:
             return Defer(timedelta(seconds=circuit_open_s))
         if verdict is Verdict.PERMANENT:
-            return DeadLetter("refused by Capillary", reconcile_first=False)
+            return DeadLetter(refusal_reason(error_code), reconcile_first=False)
         ambiguous = verdict is Verdict.AMBIGUOUS
         if attempts >= self.max_attempts:
             if ambiguous:

@@ -61,6 +61,21 @@ def show(console: Console, *parts: Part) -> None:
     console.print(line(*parts), highlight=False)
 
 
+def _render_pruned(console: Console, story: dict[str, Any]) -> None:
+    """A pruned event: what it ended as, from the outcome its emptied row keeps."""
+    outcome = story.get("outcome") or {}
+    states = ", ".join(f"{state} {n}" for state, n in sorted(outcome.get("entities", {}).items()))
+    show(console, ("pruned", "yellow"), " at ", _s(story["pruned_at"]),
+         ": its entities, history, calls and coupons were removed (docs/retention.md); "
+         "entities were ", (states or "-", ""))
+    coupons = outcome.get("coupons", [])
+    if coupons:
+        t = table("coupons (kept with the pruned event)", ["series", "code", "capillary id"])
+        for c in coupons:
+            t.add_row(_s(c.get("series_id")), _s(c.get("code")), _s(c.get("capillary_coupon_id")))
+        console.print(t)
+
+
 def render_event(console: Console, story: dict[str, Any]) -> None:
     """An event as support engineers read it: summary, entities, history, coupons."""
     show(console, ("event", "bold"), " ", (story["event_id"], ""), "  state=",
@@ -74,6 +89,8 @@ def render_event(console: Console, story: dict[str, Any]) -> None:
     for rejected_id in story.get("resubmitted_from", []):
         show(console, f"resubmitted from rejected #{rejected_id} "
              f"(coupon-worker rejected show {rejected_id})")
+    if story.get("pruned_at"):
+        _render_pruned(console, story)
     entities = story.get("entities", [])
     if entities:
         t = table("entities", ["id", "series", "state", "attempts", "last error", "request id",
@@ -102,8 +119,17 @@ def render_event(console: Console, story: dict[str, Any]) -> None:
                       _s(coupon["valid_till_date_time"] or coupon["valid_till"]),
                       _s(coupon["issued_at"]), _s(coupon["recorded_via"]))
         console.print(c)
+        for coupon in coupons:
+            _show_warnings(console, coupon)
     else:
         console.print("no coupons issued for this event", highlight=False)
+
+
+def _show_warnings(console: Console, coupon: dict[str, Any]) -> None:
+    """What Capillary's answer warned of when it issued this coupon, one line each."""
+    for warning in coupon.get("warnings") or []:
+        show(console, ("warning", "yellow"), f" series {coupon['series_id']} coupon ",
+             (coupon["code"], ""), ": ", (str(warning), ""))
 
 
 def render_dead_letters(console: Console, rows: list[dict[str, Any]]) -> None:
@@ -174,6 +200,8 @@ def render_entity(console: Console, e: dict[str, Any]) -> None:
         show(console, "coupon ", (coupon["code"], ""), " valid till ",
              (coupon["valid_till_date_time"] or coupon["valid_till"], ""),
              " (recorded via ", (coupon["recorded_via"], ""), ")")
+        for each in e.get("coupons") or [coupon]:
+            _show_warnings(console, each)
     if e["operator_actions"]:
         a = table("operator actions", ["at", "action", "operator", "reason", "outcome"])
         for action in e["operator_actions"]:

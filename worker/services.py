@@ -25,9 +25,12 @@ from typing import Protocol
 from worker.capillary.api import BulkIssueResult, CouponApi, FoundCoupon
 from worker.circuit import CircuitGate, Permit
 from worker.domain import (
+    HOLDS_ONE_CODES,
+    ODD_ENTRY_CODES,
     Coupon,
     DeadMessageKind,
     EntityState,
+    EntryError,
     Verdict,
     attempt_ref,
     notes_with_ref,
@@ -60,6 +63,7 @@ from worker.policy import (
     DeadLetter,
     Decision,
     Defer,
+    HeldCoupon,
     RecordDuplicate,
     RecordIssued,
     RetryPolicy,
@@ -68,6 +72,7 @@ from worker.policy import (
     counts_toward_circuit,
     rate_limit_slot,
     refused_after_unknown,
+    refused_holding,
     retries_to_dispatch,
     unrecordable,
 )
@@ -113,6 +118,8 @@ class Deps:
     worker_id: str
     lease_s: float = 120.0
     rate_limit_max_wait_s: float = 30.0
+    #: Series per bulk-issue call (``CAPILLARY_MAX_SERIES_PER_CALL``): more are split.
+    max_series_per_call: int = 100
     clock: Callable[[], datetime] = utcnow
     sleep: Callable[[float], None] = time.sleep
     rng: random.Random = field(default_factory=random.Random)
@@ -245,6 +252,9 @@ class _Attempt:
     transitions: list[Transition] = field(default_factory=list)
     calls: list[RecordedCall] = field(default_factory=list)
     reconciled: int = 0
+    #: What earlier calls of this attempt already committed, and the claims found lost.
+    committed: list[Transition] = field(default_factory=list)
+    lost: int = 0
 
     def add(self, entity: ClaimedEntity, decision: Decision, *, verdict: Verdict,
             error_code: str | None = None, message: str | None = None,
@@ -328,8 +338,21 @@ def _attempt_held(attempt: _Attempt, new_event: bool) -> Report:
         if entity.needs_reconcile and _reconcile(attempt, entity, permit):
             continue
         to_issue.append(entity)
-    if to_issue:
-        _issue(attempt, to_issue, permit)
+    size = max(deps.max_series_per_call, 1)
+    for start in range(0, len(to_issue), size):
+        chunk = to_issue[start:start + size]
+        if start:
+            # Each call's outcome is committed before the next call is sent: a worker dying
+            # between calls leaves in flight only the series of the calls not yet answered.
+            _commit(attempt)
+            next_permit = deps.circuit.permit()
+            if isinstance(next_permit, CircuitState):
+                attempt.defer_all(to_issue[start:], CircuitPolicy.wait_while_open(
+                    next_permit.open_until, deps.clock()),
+                    f"circuit open: {next_permit.reason}", "circuit_open")
+                break
+            permit = next_permit
+        _issue(attempt, chunk, permit)
     return _finish(attempt, new_event)
 
 
@@ -437,23 +460,31 @@ def _issue(attempt: _Attempt, entities: list[ClaimedEntity], permit: Permit) -> 
         call, tuple(e.entity_id for e in entities), tuple(e.series_id for e in entities),
         issue_ref=ref))
     deps.metrics.observe_call(BULK_ISSUE, call.status, call.latency_ms)
-    throttled = call.status == 429
-    if throttled:
+    if call.status == 429:
         deps.limiter.penalise(deps.retry_policy.throttle_penalty_s(result.retry_after_s))
+    # Throttled at the door only when no entry speaks: an entry in a 429 still says what
+    # happened to its series (a coupon it carries is issued, never re-sent).
+    throttled = call.status == 429 and result.call_level_failure
     _update_circuit(deps, permit, result)
+    for kind in _answer_remarks(result):
+        deps.metrics.answer_remarks.labels(kind).inc()
     for entity in entities:
         outcome = result.entries[entity.series_id]
         if throttled:
             decision: Decision = deps.retry_policy.throttled(
                 entity.attempts, retry_after_s=result.retry_after_s, rng=deps.rng)
         else:
+            code = outcome.error.code if outcome.error else None
             decision = deps.retry_policy.decide(
                 outcome.verdict, attempts=entity.attempts, retry_after_s=result.retry_after_s,
-                circuit_open_s=deps.circuit.policy_open_s, rng=deps.rng,
+                circuit_open_s=deps.circuit.policy_open_s, rng=deps.rng, error_code=code,
             )
-            decision = refused_after_unknown(
-                decision, outcome.error.code if outcome.error else None,
-                after_unknown=entity.needs_reconcile)
+            if entity.needs_reconcile and isinstance(decision, DeadLetter) \
+                    and code in HOLDS_ONE_CODES and outcome.error is not None \
+                    and _read_back_holder(attempt, entity, outcome.error):
+                continue
+            decision = refused_after_unknown(decision, code,
+                                             after_unknown=entity.needs_reconcile)
         attempt.add(
             entity, decision, verdict=outcome.verdict,
             error_code=outcome.error.code if outcome.error else None,
@@ -462,11 +493,75 @@ def _issue(attempt: _Attempt, entities: list[ClaimedEntity], permit: Permit) -> 
         )
 
 
+def _answer_remarks(result: BulkIssueResult) -> list[str]:
+    """What in a bulk-issue answer broke an assumption about Capillary, one per series (the
+    ``capillary_answer_remarks_total`` metric; the README's "What we assume" page)."""
+    remarks = [e.error.code for e in result.entries.values()
+               if e.error is not None and e.error.code in ODD_ENTRY_CODES]
+    remarks += ["warnings" for e in result.entries.values() if e.warnings]
+    status = result.call.status
+    if not result.call_level_failure and status is not None and status >= 400:
+        remarks += ["entries_in_error_status"] * len(result.entries)
+    return remarks
+
+
+#: How far back the customer's coupons are read when Capillary says they already hold one.
+HELD_SINCE = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+def _read_back_holder(attempt: _Attempt, entity: ClaimedEntity, error: EntryError) -> bool:
+    """A re-send after an unknown outcome was refused as "the customer already holds one":
+    read the customer's coupons of the series back. Ours: adopted (recorded as issued, or as a
+    duplicate). Not ours: dead-lettered with the customer's coupons in the reason, so support
+    sees them without opening Capillary. False when the read-back could not be made.
+    """
+    deps, claim = attempt.deps, attempt.claim
+    slot = rate_limit_slot(deps.limiter.reserve(READ_BACK), max_wait_s=deps.rate_limit_max_wait_s)
+    if isinstance(slot, Defer):
+        deps.limiter.cancel(READ_BACK)
+        return False
+    _wait_for(slot, deps)
+    try:
+        read_back = deps.api.find_coupons(claim.customer, entity.series_id, HELD_SINCE)
+    except CapillaryError as exc:
+        log.warning("holds_one.read_back_failed", extra={
+            "event_id": claim.event_id, "customer": claim.customer_key,
+            "series": entity.series_id, "error": str(exc), "request_id": exc.request_id})
+        return False
+    attempt.calls.append(RecordedCall(read_back.call, (entity.entity_id,), (entity.series_id,)))
+    deps.metrics.observe_call(READ_BACK, read_back.call.status, read_back.call.latency_ms)
+    request_id = read_back.call.request_id
+    ours = [found for found in read_back.coupons if _is_ours(claim.issue_ref, found)]
+    log.info("holds_one.read_back", extra={
+        "event_id": claim.event_id, "customer": claim.customer_key, "series": entity.series_id,
+        "error_code": error.code, "ours": [f.coupon.code for f in ours],
+        "held": [f.coupon.code for f in read_back.coupons][:20], "request_id": request_id})
+    deps.metrics.answer_remarks.labels(
+        "holds_one_ours" if ours else "holds_one_not_ours").inc()
+    if len(ours) == 1:
+        attempt.reconciled += 1
+        attempt.add(entity, RecordIssued(), verdict=Verdict.ISSUED, request_id=request_id,
+                    coupon=ours[0].coupon, reconciled=True)
+    elif ours:
+        deps.metrics.duplicates_issued.inc()
+        attempt.add(entity, RecordDuplicate(), verdict=Verdict.ISSUED, request_id=request_id,
+                    coupon=ours[0].coupon, extra_coupons=tuple(f.coupon for f in ours[1:]))
+    else:
+        held = [HeldCoupon(f.coupon.code, f.created_at) for f in read_back.coupons]
+        attempt.add(entity, refused_holding(error.code, held), verdict=error.verdict,
+                    error_code=error.code, message=error.message, request_id=request_id)
+    return True
+
+
 def _update_circuit(deps: Deps, permit: Permit, result: BulkIssueResult) -> None:
     verdicts = {e.verdict for e in result.entries.values()}
-    if Verdict.OUTAGE in verdicts:
-        first = next(e for e in result.entries.values() if e.verdict is Verdict.OUTAGE)
-        reason = f"{first.error.code}: {first.error.message}" if first.error else "outage"
+    # A configuration or auth error anywhere in the answer pauses the fleet, whatever each
+    # series' own verdict became (an entry read back because the counts disagreed, say).
+    outage = result.outage or next(
+        (e.error for e in result.entries.values() if e.verdict is Verdict.OUTAGE and e.error),
+        None)
+    if outage is not None or Verdict.OUTAGE in verdicts:
+        reason = f"{outage.code}: {outage.message}" if outage else "outage"
         deps.circuit.failure(permit, Verdict.OUTAGE, reason)
     elif result.call_level_failure and counts_toward_circuit(
             next(iter(verdicts)), result.call.status):
@@ -477,7 +572,8 @@ def _update_circuit(deps: Deps, permit: Permit, result: BulkIssueResult) -> None
         deps.circuit.success(permit)
 
 
-def _finish(attempt: _Attempt, new_event: bool) -> Report:
+def _commit(attempt: _Attempt) -> None:
+    """Record the calls and transitions of the attempt so far, and log and count them."""
     deps, claim = attempt.deps, attempt.claim
     try:
         lost = _record(deps, claim, attempt.calls, attempt.transitions)
@@ -486,13 +582,22 @@ def _finish(attempt: _Attempt, new_event: bool) -> Report:
     except LedgerError as exc:
         recorded, lost = _record_what_can_be(deps, claim, attempt, exc)
         attempt.transitions = recorded
-    if lost:
-        log.error("claim.lost", extra={"event_id": claim.event_id, "lost": lost,
-                                       "worker": deps.worker_id})
-    kinds = Counter(t.kind for t in attempt.transitions)
     for t in attempt.transitions:
         _log_transition(claim, t)
         _count_transition(deps.metrics, t)
+    attempt.committed.extend(attempt.transitions)
+    attempt.lost += lost
+    attempt.transitions, attempt.calls = [], []
+
+
+def _finish(attempt: _Attempt, new_event: bool) -> Report:
+    deps, claim = attempt.deps, attempt.claim
+    _commit(attempt)
+    lost = attempt.lost
+    if lost:
+        log.error("claim.lost", extra={"event_id": claim.event_id, "lost": lost,
+                                       "worker": deps.worker_id})
+    kinds = Counter(t.kind for t in attempt.committed)
     return Report(
         claim.event_id,
         new_event=new_event,

@@ -108,14 +108,17 @@ class SandboxAdmin:
 
     def configure(self, **fields: Any) -> dict[str, Any]:
         """Partially update the config: latencySeconds, rateLimitPerMinute (None disables),
-        tokenTtlSeconds, timezone, strictSeries. Returns the new config."""
+        tokenTtlSeconds, timezone, strictSeries, shuffleEntries, readbackLagSeconds,
+        oneActionPerCustomer. Returns the new config."""
         body = self._request("PUT", "config", json=_camel_fields(fields))
         return cast(dict[str, Any], body["config"])
 
     def set_series(self, series_id: int, **fields: Any) -> dict[str, Any]:
         """Partially update a series: description, discountCode, discountType, discountValue,
-        discountUpto, validDays, maxPerUser, behaviour, errorCode, errorMessage, issueOnError.
-        Returns the series' full settings."""
+        discountUpto, validDays, maxPerUser (or maxVouchersPerUser),
+        isMultipleVouchersPerUserAllowed, warnings, behaviour (valid, invalid, expired,
+        inactive, error), errorCode, errorMessage, issueOnError. Returns the series' full
+        settings."""
         body = self._request("PUT", f"series/{series_id}", json=_camel_fields(fields))
         return cast(dict[str, Any], body["series"])
 

@@ -151,6 +151,24 @@ async def _capillary_call(
         return call.answer(prepared)
     call.series_ids = prepared.series_ids
     call.customer_id = prepared.customer_id
+    customer = prepared.customer_id if path == "bulk" else None
+    if customer is not None and not state.begin_action(customer):
+        return call.answer(busy_answer())
+    try:
+        return await _proceed(call, state, path, prepared)
+    finally:
+        if customer is not None:
+            state.end_action(customer)
+
+
+def busy_answer() -> ApiAnswer:
+    """Doc (status codes): 521, multiple actions running for the same customer."""
+    return ApiAnswer(521, {"errors": [{"code": 521, "message": BUSY_MESSAGE}]})
+
+
+async def _proceed(call: _Call, state: SandboxState, path: PathClass,
+                   prepared: _Prepared) -> web.StreamResponse:
+    request = call.request
     fault = state.take_fault(path, prepared.series_ids, prepared.customer_id)
     if fault is not None and fault.kind == "latency":
         await asyncio.sleep(fault.delay_s)
@@ -209,9 +227,7 @@ def _fault_before(call: _Call, fault: FaultRule | None) -> web.Response | None:
         "rate_limit": lambda f: call.error(
             429, "Rate limit exceeded", {"Retry-After": str(f.retry_after_s)}
         ),
-        "busy_521": lambda _f: call.answer(
-            ApiAnswer(521, {"errors": [{"code": 521, "message": BUSY_MESSAGE}]})
-        ),
+        "busy_521": lambda _f: call.answer(busy_answer()),
         "reset_before": lambda _f: call.reset(),
         "readback_unreadable": lambda _f: call.html(200),
         "readback_failure_status": lambda _f: call.answer(readback_failure(call.api)),
@@ -235,6 +251,8 @@ async def _fault_after(call: _Call, fault: FaultRule | None, answer: ApiAnswer) 
         "garbled_after": lambda _f: call.garble(),
         "redirect_after": lambda f: call.redirect(f.status),
         "odd_numbers_after": lambda _f: call.odd_numbers(answer),
+        "status_after": lambda f: call.answer(ApiAnswer(f.status, answer.body,
+                                                        answer.headers)),
     }
     spoil = spoilers.get(fault.kind)
     if spoil is not None:

@@ -26,6 +26,11 @@ def sandbox_command() -> click.Command:
     @click.option("--timezone", default="+00:00", show_default=True,
                   help="The server's zone for validTill, e.g. +05:30.")
     @click.option("--strict-series", is_flag=True, help="Unconfigured series answer 707.")
+    @click.option("--shuffle-entries", is_flag=True,
+                  help="Answer bulk-issue entries in an order of their own.")
+    @click.option("--readback-lag", "readback_lag_s", type=float, default=0.0,
+                  show_default=True,
+                  help="Seconds a coupon stays invisible to the read-backs after issue.")
     @click.option("--seed", type=int, default=None,
                   help="Seed coupon codes and probabilistic faults (repeatable runs).")
     @click.option("--tls-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -34,7 +39,8 @@ def sandbox_command() -> click.Command:
                        "REQUESTS_CA_BUNDLE).")
     def sandbox(host: str, port: int, scenario: str | None, latency_s: float,
                 rate_limit_per_minute: int | None, token_ttl_s: int, timezone: str,
-                strict_series: bool, seed: int | None, tls_dir: Path | None) -> None:
+                strict_series: bool, shuffle_entries: bool, readback_lag_s: float,
+                seed: int | None, tls_dir: Path | None) -> None:
         """Run the sandbox Capillary server (Basic: store.server/server123, OAuth: demo-key)."""
         from coupon_devtools.sandbox import SandboxOptions, load_scenario, run
 
@@ -44,6 +50,8 @@ def sandbox_command() -> click.Command:
             rate_limit_per_minute=rate_limit_per_minute,
             timezone=timezone,
             strict_series=strict_series,
+            shuffle_entries=shuffle_entries,
+            readback_lag_seconds=readback_lag_s,
             scenario=load_scenario(scenario) if scenario else None,
             seed=seed,
         )

@@ -13,6 +13,7 @@ from coupon_devtools.sandbox.inputs import (
     DiscountType,
     FixedOffset,
     JsonDict,
+    SandboxInputError,
     as_bool,
     as_choice,
     as_int,
@@ -39,6 +40,12 @@ class SandboxOptions:
     rate_limit_per_minute: int | None = None
     timezone: str = "+00:00"
     strict_series: bool = False
+    #: Entries in an order of their own, not the request's (see ``SandboxConfig``).
+    shuffle_entries: bool = False
+    #: Coupons stay invisible to the read-backs this long after they are issued.
+    readback_lag_seconds: float = 0.0
+    #: A second bulk issue for a customer while one is in progress answers 521.
+    one_action_per_customer: bool = False
     scenario: Mapping[str, Any] | None = None
     #: Seeds the coupon codes and the probabilistic faults, so that a run can be repeated
     #: (as far as the order of the calls it receives repeats); None draws a fresh seed.
@@ -54,6 +61,16 @@ class SandboxConfig:
     token_ttl_s: int = 300
     timezone: str = "+00:00"
     strict_series: bool = False
+    # Defensive assumption (the API summary promises "one entry per series", never an order):
+    # the entries of a bulk-issue answer come in an order of their own.
+    shuffle_entries: bool = False
+    # Defensive assumption (nothing documents how soon a read-back shows a coupon): read-backs
+    # served by a replica that lags the write by this many seconds.
+    readback_lag_s: float = 0.0
+    # Doc (status codes): 521 "multiple actions are running for the same customer, try
+    # later". On: a bulk issue arriving while another for the same customer is still being
+    # processed (held by a fault's delay) is answered 521, and issues nothing.
+    one_action_per_customer: bool = False
 
     @property
     def tz(self) -> FixedOffset:
@@ -70,6 +87,9 @@ class SandboxConfig:
                 "tokenTtlSeconds": options.token_ttl_seconds,
                 "timezone": options.timezone,
                 "strictSeries": options.strict_series,
+                "shuffleEntries": options.shuffle_entries,
+                "readbackLagSeconds": options.readback_lag_seconds,
+                "oneActionPerCustomer": options.one_action_per_customer,
             }
         )
 
@@ -90,6 +110,9 @@ class SandboxConfig:
             "tokenTtlSeconds": self.token_ttl_s,
             "timezone": self.timezone,
             "strictSeries": self.strict_series,
+            "shuffleEntries": self.shuffle_entries,
+            "readbackLagSeconds": self.readback_lag_s,
+            "oneActionPerCustomer": self.one_action_per_customer,
         }
 
 
@@ -112,6 +135,9 @@ _CONFIG_FIELDS: Final[Mapping[str, tuple[str, Callable[[str, object], Any]]]] = 
     ),
     "timezone": ("timezone", _parse_timezone),
     "strictSeries": ("strict_series", as_bool),
+    "shuffleEntries": ("shuffle_entries", as_bool),
+    "readbackLagSeconds": ("readback_lag_s", lambda k, v: as_number(k, v, minimum=0.0)),
+    "oneActionPerCustomer": ("one_action_per_customer", as_bool),
 }
 
 
@@ -125,7 +151,15 @@ class SeriesSettings:
     discount_value: float = 100.0
     discount_upto: float = 0.0
     valid_days: int = 30
+    #: Doc (series properties): ``maxVouchersPerUser`` (-1 no limit; refused with 5002 "max
+    #: coupons per user exceeded" once reached).
     max_per_user: int | None = None
+    #: Doc (idempotency): ``isMultipleVouchersPerUserAllowed=false`` refuses a second coupon
+    #: of the series to a customer (709, "user already has a coupon").
+    multiple_per_user: bool = True
+    #: Doc (response): ``warnings[]`` per entry; their shape is not documented (defensive:
+    #: ``{"code", "message"}`` objects, as the errors are).
+    warnings: tuple[str, ...] = ()
     behaviour: Behaviour = "valid"
     error_code: int = 730
     error_message: str = "Unknown error"
@@ -151,6 +185,8 @@ class SeriesSettings:
             "discountUpto": self.discount_upto,
             "validDays": self.valid_days,
             "maxPerUser": self.max_per_user,
+            "isMultipleVouchersPerUserAllowed": self.multiple_per_user,
+            "warnings": list(self.warnings),
             "behaviour": self.behaviour,
             "errorCode": self.error_code,
             "errorMessage": self.error_message,
@@ -174,6 +210,12 @@ def _parse_max_per_user(key: str, value: object) -> int | None:
     return None if number == -1 else number
 
 
+def _parse_warnings(key: str, value: object) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise SandboxInputError(f"{key} must be a list of strings, got {value!r}")
+    return tuple(as_str(key, item) for item in value)
+
+
 _SERIES_FIELDS: Final[Mapping[str, tuple[str, Callable[[str, object], Any]]]] = {
     "description": ("description", as_opt_str),
     "discountCode": ("discount_code", as_opt_str),
@@ -182,6 +224,9 @@ _SERIES_FIELDS: Final[Mapping[str, tuple[str, Callable[[str, object], Any]]]] = 
     "discountUpto": ("discount_upto", lambda k, v: as_number(k, v, minimum=0.0)),
     "validDays": ("valid_days", lambda k, v: as_int(k, v, minimum=0)),
     "maxPerUser": ("max_per_user", _parse_max_per_user),
+    "maxVouchersPerUser": ("max_per_user", _parse_max_per_user),
+    "isMultipleVouchersPerUserAllowed": ("multiple_per_user", as_bool),
+    "warnings": ("warnings", _parse_warnings),
     "behaviour": ("behaviour", lambda k, v: as_choice(k, v, get_args(Behaviour))),
     "errorCode": ("error_code", lambda k, v: as_int(k, v, minimum=1)),
     "errorMessage": ("error_message", as_str),

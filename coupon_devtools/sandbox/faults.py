@@ -113,9 +113,13 @@ class FaultRule:
 
 
 DEFAULT_SERIES: Final = SeriesSettings()
+#: What a series' behaviour answers. Doc (error codes): 707 invalid series id, 712 series or
+#: campaign expired. "inactive" models "only active series issue" (series properties); its
+#: code is not documented (defensive: 712, which the worker reads as permanent, as 707).
 BEHAVIOUR_REFUSALS: Final[Mapping[str, tuple[int, str]]] = {
     "invalid": (707, "Invalid series id"),
     "expired": (712, "Series expired"),
+    "inactive": (712, "Series is not active"),
 }
 
 _FAULT_FIELDS: Final = (

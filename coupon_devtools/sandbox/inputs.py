@@ -43,11 +43,14 @@ FaultKind = Literal[
     # stream: over TLS the client's TLS layer fails, over plain HTTP its HTTP parser)
     "redirect_after",  # issues, then a redirect (``status``, 307 unless given) to the same URL
     "odd_numbers_after",  # issues, then the answer with numbers past the ledger's columns
+    # Defensive (no published failure example for this endpoint, "never read the status
+    # alone"): a gateway or Capillary answering ``status`` (a 400, say) with the real entries.
+    "status_after",
     "readback_unreadable",  # read-back answers 200 with an HTML page
     "readback_failure_status",  # read-back answers 200 whose body reports a failure
     "readback_stale",  # read-back answers from a replica that has not seen recent writes
 ]
-Behaviour = Literal["valid", "invalid", "expired", "error"]
+Behaviour = Literal["valid", "invalid", "expired", "inactive", "error"]
 DiscountType = Literal["ABS", "PERC"]
 ReadbackApi = Literal["v2_coupon", "v11_customer_coupons", "v2_customers_coupons"]
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import date, timezone
+from datetime import date, timedelta, timezone
 
 from coupon_devtools.sandbox.config import SandboxConfig
 from coupon_devtools.sandbox.inputs import (
     DEFAULT_READBACK_LIMIT,
     MAX_READBACK_LIMIT,
     MAX_V2_COUPON_PAGE,
+    Clock,
     JsonDict,
     ReadbackApi,
     SandboxInputError,
@@ -33,6 +34,7 @@ class ReadbackRules:
 
     config: SandboxConfig
     _by_customer: dict[str, list[IssuedCoupon]]
+    _now: Clock
 
     def resolve_identifier(self, kind: str, value: str) -> str:
         """The customer id for an identifier (the state's registry answers)."""
@@ -192,6 +194,11 @@ class ReadbackRules:
 
     def _coupons_of(self, customer_id: str, series_ids: tuple[int, ...]) -> list[IssuedCoupon]:
         coupons = self._by_customer.get(customer_id, [])
+        lag_s = self.config.readback_lag_s
+        if lag_s > 0:
+            # Defensive assumption: a read-back served by a replica lagging the write.
+            seen_until = self._now() - timedelta(seconds=lag_s)
+            coupons = [c for c in coupons if c.issued_at <= seen_until]
         if not series_ids:
             return list(coupons)
         return [c for c in coupons if c.series_id in series_ids]

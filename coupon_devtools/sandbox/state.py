@@ -103,6 +103,7 @@ class SandboxState(ReadbackRules):
         self._path_counts: dict[str, int] = {"bulk": 0, "readback": 0, "token": 0}
         self._status_counts: dict[str, int] = {}
         self._rate_limited = 0
+        self._busy_customers: set[str] = set()
 
     def configure(self, fields: Mapping[str, Any]) -> SandboxConfig:
         """Apply a partial config update (camelCase keys); returns the new config."""
@@ -241,6 +242,20 @@ class SandboxState(ReadbackRules):
 
     # --- customers -------------------------------------------------------------------------
 
+    def begin_action(self, customer_id: str) -> bool:
+        """Start a bulk issue for the customer; False when one is already in progress and
+        ``oneActionPerCustomer`` is on (the call is answered 521)."""
+        if not self.config.one_action_per_customer:
+            return True
+        if customer_id in self._busy_customers:
+            return False
+        self._busy_customers.add(customer_id)
+        return True
+
+    def end_action(self, customer_id: str) -> None:
+        """The customer's bulk issue is answered."""
+        self._busy_customers.discard(customer_id)
+
     def resolve_identifier(self, kind: str, value: str) -> str:
         """The customer id for an identifier; mobile/email/externalId get stable synthetic ids."""
         if kind == "id":
@@ -289,15 +304,20 @@ class SandboxState(ReadbackRules):
             )
             if error is not None:
                 failures += 1
+            settings = self._series.get(series_id, DEFAULT_SERIES)
             entries.append(
                 {
                     "entityId": series_id,
                     "result": result,
                     "errors": [] if error is None else [error],
-                    "warnings": [],
+                    "warnings": [{"message": w} for w in settings.warnings] if result else [],
                 }
             )
         total = len(entries)
+        if self.config.shuffle_entries:
+            # Apart from the codes' generator: a shuffle must not change the codes issued.
+            self._fault_random.shuffle(entries)
+        # Doc (status codes): 200 all succeeded, 201 one or more failed, 500 all failed.
         status = 200 if failures == 0 else 500 if failures == total else 201
         return ApiAnswer(
             status, {"response": entries, "totalCount": total, "failureCount": failures}
@@ -316,6 +336,10 @@ class SandboxState(ReadbackRules):
         if refusal is not None:
             return None, refusal
         held = self._held.get((request.customer_id, series_id), 0)
+        if held and not settings.multiple_per_user and settings.behaviour == "valid":
+            # Doc (idempotency): isMultipleVouchersPerUserAllowed=false refuses a second coupon;
+            # the message is the documented error entry's.
+            return None, entry_error(709, "Coupon processing failed: user already has a coupon")
         at_cap = settings.max_per_user is not None and held >= settings.max_per_user
         coupon = None
         if not at_cap and (settings.behaviour == "valid" or settings.issue_on_error):

@@ -321,3 +321,38 @@ def test_an_entity_page_offers_replay_and_discard_to_an_operator_only(
     page = viewer.get(f"/entities/{dead}").text
     assert "/replay/plan" not in page and "/dlq/discard" not in page
     assert viewer.get("/entities/999999").status_code == 404
+
+
+def test_a_coupons_warnings_and_a_codes_meaning_are_shown(
+        make_client: Callable[..., TestClient], clean_ledger: Engine) -> None:
+    from datetime import UTC, datetime
+
+    from worker.domain import Coupon, EntityState
+    from worker.events import parse_event_data
+    from worker.ledger.records import Transition
+
+    # Given a coupon issued with a warning, beside a dead entity refused with 5002
+    uow = sql_unit_of_work_factory(clean_ledger)
+    now = datetime.now(UTC)
+    with uow() as u:
+        u.ledger.ingest(parse_event_data({"eventId": "ev-w", "customer": {"id": "77"},
+                                          "seriesIds": [1, 2]}), source="bus", now=now)
+        claim = u.ledger.claim_event("ev-w", token="t", worker="w", now=now, lease_s=60,
+                                     settle_window_s=120)
+        issued, dead = claim.entities
+        u.ledger.record(claim, calls=[], worker="w", now=now, transitions=[
+            Transition(issued.entity_id, EntityState.ISSUED, "issued", 1,
+                       coupon=Coupon("WARNED0001", 1, warnings=("expiry capped",)),
+                       recorded_via="issue"),
+            Transition(dead.entity_id, EntityState.DEAD, "dead", 1, error_code="5002",
+                       error_message="Max coupons per user exceeded", dead_reason="refused")])
+        u.commit()
+    client = make_client()
+    login(client, "vera")
+    # Then the entity page and the customer page show the warning with the coupon
+    assert "Capillary warned: expiry capped" in client.get(f"/entities/{issued.entity_id}").text
+    customer = client.get("/customer?q=77").text
+    assert "Capillary warned: expiry capped" in customer
+    # And the code's meaning, from the domain's one table, where a code is shown
+    assert "5002 max coupons per user" in customer
+    assert "5002 max coupons per user" in client.get("/dlq").text

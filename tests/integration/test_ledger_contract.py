@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, func, select, text
 
+from worker.capillary.answers import MAX_CODE_CHARS, parse_coupon
 from worker.capillary.api import CallInfo
-from worker.capillary.client import MAX_CODE_CHARS, parse_coupon
 from worker.domain import Coupon, DeadMessageKind, EntityState, issue_ref
 from worker.errors import EventRejected, LedgerError
 from worker.events import parse_event_data
@@ -549,7 +549,8 @@ FULL_COUPON = Coupon(
     discount_type="PERC", discount_value=Decimal("10"), discount_upto=Decimal("250.5"),
     discount_on="BILL", valid_till=datetime(2027, 1, 31, tzinfo=UTC),
     valid_till_date_time=datetime(2027, 1, 31, 23, 59, 59, tzinfo=UTC),
-    raw={"code": "C1", "id": 981234567, "discount": {"value": "10", "upto": 250.5}})
+    raw={"code": "C1", "id": 981234567, "discount": {"value": "10", "upto": 250.5}},
+    warnings=("expiry capped to the series end",))
 
 
 def test_an_outcome_stores_its_calls_history_coupons_and_entity_state(
@@ -590,10 +591,10 @@ def test_an_outcome_stores_its_calls_history_coupons_and_entity_state(
     assert rows(clean_ledger, m.IssuedCoupon, "event_id", "series_id", "customer_key",
                 "capillary_coupon_id", "description", "discount_code", "discount_type",
                 "discount_value", "discount_upto", "discount_on", "valid_till",
-                "valid_till_date_time", "raw") == [
+                "valid_till_date_time", "raw", "warnings") == [
         ("e-1", 1, "id:7", 981234567, "10% off", "TEN", "PERC", Decimal("10.0000"),
          Decimal("250.5000"), "BILL", FULL_COUPON.valid_till, FULL_COUPON.valid_till_date_time,
-         FULL_COUPON.raw)]
+         FULL_COUPON.raw, ["expiry capped to the series end"])]
     assert rows(clean_ledger, m.Entity, "state", "issued_at", "dead_at", "dead_reason",
                 "last_error_code", "last_error_message", "last_verdict", "last_request_id",
                 "claim_token", "claimed_by", "lease_until", "needs_reconcile") == [

@@ -951,6 +951,9 @@ def test_reset_forgets_everything_since_start(
         "tokenTtlSeconds": 300,
         "timezone": "+00:00",
         "strictSeries": False,
+        "shuffleEntries": False,
+        "readbackLagSeconds": 0.0,
+        "oneActionPerCustomer": False,
     }
     assert api.bulk([1], auth="", headers={"X-CAP-API-OAUTH-TOKEN": token}).status_code == 401
     assert api.bulk([1], {"id": "c1"}).status_code == 200

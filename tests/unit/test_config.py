@@ -71,6 +71,9 @@ def test_plain_http_is_refused_unless_loopback_or_opted_in() -> None:
         ({"db_keepalive_idle_s": 100}, "must be below the task hard time limit"),
         ({"db_connect_timeout_s": 1}, "COUPONS_DB_CONNECT_TIMEOUT_SECONDS"),
         ({"heartbeat_interval_s": 0}, "COUPONS_HEARTBEAT_INTERVAL_SECONDS"),
+        ({"retention_days": 500}, "COUPONS_RETENTION_EVENT_ID_WINDOW_DAYS and "
+                                  "COUPONS_RETENTION_AUDIT_DAYS must be at least"),
+        ({"retention_days": 90, "retention_audit_days": 60}, "COUPONS_RETENTION_AUDIT_DAYS"),
     ],
 )
 def test_invalid_settings_name_the_variable(overrides: dict[str, object], message: str) -> None:

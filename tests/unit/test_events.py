@@ -174,3 +174,15 @@ def test_a_reason_listing_many_problems_stays_bounded() -> None:
     reason = rejected(with_(metadata={f"k{n}" * 30: "x" for n in range(60)}))
     assert len(reason) <= 2000
     assert reason.endswith("more problems)")
+
+
+def test_an_event_may_name_more_series_than_one_call_takes_up_to_the_events_bound() -> None:
+    from worker.errors import EventRejected
+    from worker.events import MAX_SERIES_PER_EVENT, parse_event_data
+
+    many = parse_event_data({"eventId": "many", "customer": {"id": "1"},
+                             "seriesIds": list(range(1, 251))})
+    assert len(many.seriesIds) == 250
+    with pytest.raises(EventRejected, match=f"at most {MAX_SERIES_PER_EVENT} distinct"):
+        parse_event_data({"eventId": "too-many", "customer": {"id": "1"},
+                          "seriesIds": list(range(1, MAX_SERIES_PER_EVENT + 2))})

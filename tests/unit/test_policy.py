@@ -68,3 +68,20 @@ def test_circuit_opens_at_once_on_outage_and_after_a_run_of_failures() -> None:
     assert not circuit.opens_after(Verdict.RETRYABLE, 2)
     assert circuit.opens_after(Verdict.AMBIGUOUS, 3)
     assert [circuit.open_for(n).total_seconds() for n in (1, 2, 3, 4, 5)] == [10, 20, 40, 60, 60]
+
+
+def test_a_refusal_says_what_its_code_means_from_the_domains_table() -> None:
+    decision = POLICY.decide(Verdict.PERMANENT, attempts=1, error_code="5002")
+    assert isinstance(decision, DeadLetter)
+    assert decision.reason == "refused by Capillary (5002 max coupons per user (the customer " \
+        "already holds the maximum))"
+
+
+def test_one_code_one_meaning_and_already_holds_one_is_written_once() -> None:
+    from worker.domain import CAPILLARY_CODES, ERROR_MEANINGS, HOLDS_ONE_CODES
+    from worker.policy import ONE_PER_CUSTOMER_CODES, classify_entry_error
+
+    assert HOLDS_ONE_CODES == ONE_PER_CUSTOMER_CODES == {"709", "5002", "5004"}
+    for code, meaning in CAPILLARY_CODES.items():
+        assert ERROR_MEANINGS[str(code)] == meaning.meaning
+        assert classify_entry_error(code) is meaning.verdict

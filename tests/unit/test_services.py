@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 
 from tests.unit.conftest import SETTLE_S, World
+from worker.capillary.api import BulkIssueResult, ReadBack
+from worker.capillary.fake import FakeCapillary, FakeIssued
 from worker.domain import EntityState
 from worker.errors import EventRejected
 from worker.events import LoyaltyEvent, parse_event_data
@@ -164,17 +166,80 @@ def test_a_resend_refused_as_one_per_customer_tells_support_of_the_unknown_attem
     # When the re-send is refused because the customer already holds a coupon of the series
     world.api.series_errors[544770] = 709
     world.sweep_and_retry()
-    # Then the dead letter says that coupon may be the unknown attempt's
+    # Then the customer's coupons are read back (nothing there: the first attempt never
+    # issued), and the dead letter says so, and tells of the unknown attempt
+    assert world.api.read_backs == 2
     dead = world.entity(544770)
     assert dead.state is EntityState.DEAD and dead.last_error_code == "709"
     assert dead.dead_reason is not None
     assert "earlier attempt whose outcome stayed unknown" in dead.dead_reason
+    assert "no coupon of this series" in dead.dead_reason
     # ...which a plain refusal, with no unknown attempt before it, does not
     world.api.series_errors[553379] = 709
     issue_event(event(event_id="e-2", series=(553379,)), source="task", deps=world.deps)
     plain = world.entity(553379)
     assert plain.state is EntityState.DEAD and plain.dead_reason is not None
     assert "unknown" not in plain.dead_reason
+
+
+class LaggingReadBacks:
+    """The fake Capillary, whose first ``lagging`` read-backs do not see recent coupons yet."""
+
+    def __init__(self, api: FakeCapillary, lagging: int) -> None:
+        self.api, self.lagging = api, lagging
+
+    def bulk_issue(self, customer: dict[str, str], series_ids: list[int],
+                   metadata: dict[str, str]) -> BulkIssueResult:
+        return self.api.bulk_issue(customer, series_ids, metadata)
+
+    def find_coupons(self, customer: dict[str, str], series_id: int,
+                     since: datetime) -> ReadBack:
+        found = self.api.find_coupons(customer, series_id, since)
+        if self.lagging:
+            self.lagging -= 1
+            return ReadBack(found.call, ())
+        return found
+
+
+@pytest.mark.parametrize("code", [709, 5002, 5004])
+def test_already_holds_one_after_an_unknown_outcome_adopts_our_coupon(
+    world: World, code: int,
+) -> None:
+    # Given an attempt that issued but whose answer was lost, and a read-back lagging the
+    # write beyond the settle window
+    world.deps.api = LaggingReadBacks(world.api, lagging=1)
+    world.api.fail_next("timeout_after_issue")
+    issue_event(event(series=(544770,)), source="task", deps=world.deps)
+    world.clock.advance(5 + SETTLE_S)
+    # When the re-send is refused: the customer already holds one
+    world.api.series_errors[544770] = code
+    world.sweep_and_retry()
+    # Then the read-back that follows finds our coupon, and adopts it: issued, once
+    entity = world.entity(544770)
+    assert entity.state is EntityState.ISSUED and entity.dead_reason is None
+    assert world.state.coupons[entity.id].code == world.api.issued[0].code
+    assert len(world.api.issued) == 1 and world.api.read_backs == 2
+    assert world.deps.metrics.registry.get_sample_value(
+        "capillary_answer_remarks_total", {"kind": "holds_one_ours"}) == 1
+
+
+def test_already_holds_one_after_an_unknown_outcome_names_the_customers_coupon(
+    world: World,
+) -> None:
+    # Given an attempt whose outcome stayed unknown (nothing issued), and a customer who holds
+    # a coupon of the series from elsewhere (a store, another campaign)
+    world.api.issued.append(FakeIssued({"id": "566881933"}, 544770, "THEIRS01",
+                                       "issued in store", world.clock()))
+    world.api.fail_next("timeout_before_issue")
+    issue_event(event(series=(544770,)), source="task", deps=world.deps)
+    world.clock.advance(5 + SETTLE_S)
+    world.api.series_errors[544770] = 5004
+    world.sweep_and_retry()
+    # Then the dead letter names the customer's coupon: support need not open Capillary
+    dead = world.entity(544770)
+    assert dead.state is EntityState.DEAD and dead.last_error_code == "5004"
+    assert dead.dead_reason is not None and "THEIRS01" in dead.dead_reason
+    assert "not ours" in dead.dead_reason and dead.needs_reconcile
 
 
 def test_a_5xx_with_a_json_body_after_issuing_is_never_sent_again(world: World) -> None:
@@ -379,3 +444,34 @@ def test_no_sleep_when_the_rate_limit_slot_is_now(world: World) -> None:
     issue_event(event(), source="bus", deps=world.deps)
     # Then it issued without calling sleep at all
     assert world.api.bulk_calls == [[544770, 553379]] and slept == []
+
+
+def test_many_series_are_split_into_calls_each_committed_before_the_next(world: World) -> None:
+    # Given calls of at most two series, and an event of five
+    world.deps.max_series_per_call = 2
+    seen: list[list[str]] = []
+    real_issue = world.api.bulk_issue
+
+    def bulk_issue(customer: dict[str, str], series_ids: list[int],
+                   metadata: dict[str, str]) -> BulkIssueResult:
+        seen.append(sorted(e.state.value for e in world.state.entities.values()))
+        return real_issue(customer, series_ids, metadata)
+
+    world.api.bulk_issue = bulk_issue  # type: ignore[method-assign]
+    report = issue_event(event(series=(1, 2, 3, 4, 5)), source="task", deps=world.deps)
+    # Then three calls, and each sees the earlier calls' series already recorded as issued
+    assert world.api.bulk_calls == [[1, 2], [3, 4], [5]]
+    assert seen == [["in_flight"] * 5, ["in_flight"] * 3 + ["issued"] * 2,
+                    ["in_flight"] + ["issued"] * 4]
+    assert report.issued == 5 and report.claimed == 5
+
+
+def test_an_outage_in_one_call_defers_the_series_of_the_calls_not_sent(world: World) -> None:
+    world.deps.max_series_per_call = 2
+    world.api.series_errors[2] = 788  # invalid configuration: the fleet pauses
+    report = issue_event(event(series=(1, 2, 3, 4)), source="task", deps=world.deps)
+    assert world.api.bulk_calls == [[1, 2]], "no call while the circuit is open"
+    assert world.entity(1).state is EntityState.ISSUED
+    assert all(world.entity(s).state is EntityState.RETRY_WAIT for s in (2, 3, 4))
+    assert all(world.entity(s).attempts == 0 for s in (3, 4)), "deferred: no attempt spent"
+    assert report.deferred == 3

@@ -3,6 +3,11 @@
 Every ``COUPONS_SWEEP_INTERVAL_SECONDS`` it recovers crashed claims, dispatches due retries to
 ``coupons.retry`` and publishes dead letters; after each sweep it records, in the links, which
 queues ``worker.policy`` says should pause (the guard carries that out).
+
+When ``COUPONS_RETENTION_DAYS`` is set, a second thread tries, every minute, to claim the
+fleet's scheduled prune (``worker.retention.run_scheduled``): one worker runs it per
+``COUPONS_RETENTION_INTERVAL_SECONDS``, beside the sweep rather than inside it, so a long prune
+never holds up retries and dead letters.
 """
 
 from __future__ import annotations
@@ -13,16 +18,19 @@ from typing import Any
 
 from celery import bootsteps
 
-from worker import replay_jobs, services
+from worker import replay_jobs, retention, services
 from worker.broker.context import container_of, links_of, step_settings
 from worker.errors import LedgerUnavailable
 from worker.ledger.jobs import ReplayJobStore
+from worker.ledger.retention import RetentionStore
 from worker.policy import consumption_for_circuit, consumption_for_ledger_down
 from worker.replay import SupportDeps
 
 log = logging.getLogger(__name__)
 
 _RUN = bootsteps.RUN  # type: ignore[attr-defined]  # not in the stubs
+#: How often a worker asks whether the fleet's prune is due: one cheap UPDATE.
+RETENTION_CHECK_S = 60.0
 
 
 class Sweeper(bootsteps.StartStopStep):
@@ -42,6 +50,7 @@ class Sweeper(bootsteps.StartStopStep):
         self._worker = parent
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._retention: threading.Thread | None = None
 
     def start(self, parent: Any) -> None:
         if not step_settings(parent).run_sweeper:
@@ -53,11 +62,16 @@ class Sweeper(bootsteps.StartStopStep):
             log.exception("sweeper.warm_up_failed")
         self._thread = threading.Thread(target=self._loop, name="coupon-sweeper", daemon=True)
         self._thread.start()
+        if step_settings(parent).retention_days is not None:
+            self._retention = threading.Thread(target=self._retention_loop,
+                                               name="coupon-retention", daemon=True)
+            self._retention.start()
 
     def stop(self, parent: Any) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        for thread in (self._thread, self._retention):
+            if thread is not None:
+                thread.join(timeout=10)
 
     def _worker_running(self) -> bool:
         # A worker that is stopping, or failed before it fully started (Celery then skips the
@@ -90,3 +104,19 @@ class Sweeper(bootsteps.StartStopStep):
             except Exception:
                 log.exception("sweep.failed")
             self._stop.wait(interval_s)
+
+    def _retention_loop(self) -> None:
+        container = container_of(self._worker.app)
+        settings = container.settings
+        policy = retention.policy_from(settings)
+        while not self._stop.wait(RETENTION_CHECK_S) and self._worker_running():
+            try:
+                deps = container.deps()
+                retention.run_scheduled(
+                    RetentionStore(container.engine), policy,
+                    every_s=settings.retention_interval_s, worker=deps.worker_id,
+                    pruned=deps.metrics.ledger_pruned)
+            except LedgerUnavailable as exc:
+                log.error("retention.ledger_unavailable", extra={"error": str(exc)})
+            except Exception:
+                log.exception("retention.failed")

@@ -1,1 +1,2 @@
-"""Capillary's coupon APIs: the ``CouponApi`` seam, the real HTTP client and a fake."""
+"""Capillary's coupon APIs: the ``CouponApi`` seam, the real HTTP client, how its answers are
+read (``answers``) and a fake."""

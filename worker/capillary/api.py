@@ -37,6 +37,8 @@ class EntryOutcome:
     verdict: Verdict
     coupon: Coupon | None = None
     error: EntryError | None = None
+    #: Capillary's ``warnings`` for this series (and the parser's own remarks), as text.
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,9 @@ class BulkIssueResult:
     entries: dict[int, EntryOutcome]
     retry_after_s: float | None = None
     call_level_failure: bool = False
+    #: A configuration or auth error seen anywhere in the answer (an entry, the call-level
+    #: errors, the status): the fleet pauses, whatever each series' own verdict is.
+    outage: EntryError | None = None
 
 
 @dataclass(frozen=True)

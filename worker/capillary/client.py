@@ -9,15 +9,13 @@ second time, on the HTTP library's say-so.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
-from decimal import Decimal, InvalidOperation
+from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
 
 import requests
@@ -25,6 +23,13 @@ from requests.adapters import HTTPAdapter
 from urllib3.exceptions import NewConnectionError
 from urllib3.util.ssl_match_hostname import CertificateError
 
+from worker.capillary.answers import (
+    call_level_message,
+    int_or_none,
+    parse_bulk_answer,
+    parse_coupon,
+    parse_timestamp,
+)
 from worker.capillary.api import (
     BulkIssueResult,
     CallInfo,
@@ -33,17 +38,11 @@ from worker.capillary.api import (
     ReadBack,
 )
 from worker.capillary.auth import BasicAuth, CapillaryAuth, OAuthTokens
-from worker.config import Settings
-from worker.domain import Coupon, EntryError, Verdict
+from worker.config import Settings, org_timezone
+from worker.domain import EntryError, Verdict
 from worker.errors import Ambiguous, CapillaryError, Outage, Retryable
-from worker.events import SERIES_ID_MAX
-from worker.policy import (
-    CLIENT_CONFIG,
-    classify_entry_error,
-    classify_transport,
-    classify_unanswered,
-)
-from worker.sanitize import printable, storable, storable_json
+from worker.policy import CLIENT_CONFIG, classify_transport
+from worker.sanitize import storable, storable_json
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +55,6 @@ MAX_RETRY_AFTER_S = 3600.0
 #: a customer with more coupons than that in one series since the first attempt is not normal.
 READ_BACK_PAGE_SIZE = 100
 READ_BACK_MAX_PAGES = 20
-#: The ledger's column ranges for numbers taken from an answer (``SERIES_ID_MAX`` for the series
-#: id, bigint, numeric(18, 4)): a value beyond them is not stored in its column (None; the raw
-#: answer keeps it).
-BIGINT_MAX = 2**63 - 1
-MAX_DISCOUNT = Decimal("99999999999999.9999")
-#: Characters of an error message and of a coupon code kept (four bytes each at most: under
-#: PostgreSQL's limit for an index entry).
-MAX_MESSAGE_CHARS = 500
-MAX_CODE_CHARS = 200
 _CUSTOMER_V11_PARAMS = {"mobile": "mobile", "email": "email", "externalId": "external_id"}
 
 
@@ -91,70 +81,6 @@ def _finite_float(text: str) -> float | str:
     return number if math.isfinite(number) else text
 
 
-def parse_timestamp(value: object) -> datetime | None:
-    """An ISO-8601 timestamp as an aware datetime; a value without zone is taken as UTC."""
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value.replace(" ", "T", 1))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
-def _decimal(value: object) -> Decimal | None:
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        number = Decimal(str(value))
-    except InvalidOperation:
-        return None
-    # What the ledger's numeric(18, 4) columns store.
-    return number if number.is_finite() and abs(number) <= MAX_DISCOUNT else None
-
-
-def _int_or_none(value: object, limit: int | None = None) -> int | None:
-    """An integer, or None; with ``limit``, None as well outside ±limit (a column's range)."""
-    if isinstance(value, bool):
-        return None
-    try:
-        number = int(str(value))
-    except ValueError:
-        return None
-    return number if limit is None or -limit <= number <= limit else None
-
-
-def _code(code: str) -> str:
-    """A coupon code as the ledger keeps it (the raw answer keeps it whole).
-
-    Codes are short; one longer than ``MAX_CODE_CHARS`` (a broken answer) is cut and given a
-    digest of the whole, so that it stays unique and the same code is recorded the same way
-    twice: the unique index on it refuses entries over about 2.7 kB.
-    """
-    if len(code) <= MAX_CODE_CHARS:
-        return code
-    digest = hashlib.sha256(code.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-    return f"{code[:MAX_CODE_CHARS - 18]}…~{digest}"
-
-
-def parse_coupon(result: dict[str, Any], series_id: int) -> Coupon:
-    """A coupon from a bulk-issue ``result`` object."""
-    return Coupon(
-        code=_code(str(result["code"])),
-        series_id=_int_or_none(result.get("seriesId"), SERIES_ID_MAX) or series_id,
-        capillary_id=_int_or_none(result.get("id"), BIGINT_MAX),
-        description=result.get("description"),
-        discount_code=result.get("discountCode"),
-        discount_type=result.get("discountType"),
-        discount_value=_decimal(result.get("discountValue")),
-        discount_upto=_decimal(result.get("discountUpto")),
-        discount_on=result.get("discountOn"),
-        valid_till=parse_timestamp(result.get("validTill")),
-        valid_till_date_time=parse_timestamp(result.get("validTillDateTime")),
-        raw=result,
-    )
-
-
 def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
     """Seconds to wait from a Retry-After header (delta seconds or an HTTP date)."""
     if not value:
@@ -171,71 +97,6 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
         return None
     delta = (when - (now or datetime.now(UTC))).total_seconds()
     return min(max(delta, 0.0), MAX_RETRY_AFTER_S)
-
-
-def parse_bulk_answer(
-    series_ids: list[int], status: int, body: object
-) -> tuple[dict[int, EntryOutcome], bool]:
-    """Per-series outcomes from a bulk-issue answer; the flag says no entry was readable.
-
-
-    Capillary's status alone is not trusted (200/201/500 all may carry entries): every entry's
-    ``result`` and ``errors`` are read. A requested series missing from an otherwise readable
-    answer is ambiguous, since nothing says whether it was issued.
-    """
-    entries: dict[int, EntryOutcome] = {}
-    rows = body.get("response") if isinstance(body, dict) else None
-    if not isinstance(rows, list):
-        return entries, True
-    for row in rows:
-        if not isinstance(row, dict):
-            continue
-        series_id = _int_or_none(row.get("entityId"))
-        if series_id is None or series_id not in series_ids or series_id in entries:
-            continue
-        errors = row.get("errors") or []
-        result = row.get("result")
-        if isinstance(result, dict) and result.get("code") and not errors:
-            entries[series_id] = EntryOutcome(
-                series_id, Verdict.ISSUED, coupon=parse_coupon(result, series_id)
-            )
-            continue
-        if not isinstance(errors, list) or not errors:
-            # Neither a coupon nor an error: the entry does not say "not issued".
-            entries[series_id] = EntryOutcome(
-                series_id, Verdict.AMBIGUOUS,
-                error=EntryError("empty_entry", "entry has neither a coupon nor an error",
-                                 Verdict.AMBIGUOUS),
-            )
-            continue
-        first = errors[0] if errors and isinstance(errors[0], dict) else {}
-        code = _int_or_none(first.get("code"))
-        message = _capped(str(first.get("message") or "no error message"))
-        verdict = classify_entry_error(code, message)
-        if isinstance(result, dict) and result.get("code"):
-            # A coupon came back *with* errors: it exists, whatever the errors say.
-            entries[series_id] = EntryOutcome(
-                series_id, Verdict.ISSUED, coupon=parse_coupon(result, series_id)
-            )
-            continue
-        entries[series_id] = EntryOutcome(
-            series_id,
-            verdict,
-            error=EntryError(code=str(code) if code is not None else f"http_{status}",
-                             message=message, verdict=verdict),
-        )
-    if not entries:
-        # An empty or foreign list (a call-level error body) says nothing per series.
-        return entries, True
-    for series_id in series_ids:
-        if series_id not in entries:
-            entries[series_id] = EntryOutcome(
-                series_id,
-                Verdict.AMBIGUOUS,
-                error=EntryError("missing_entry", "answer has no entry for this series",
-                                 Verdict.AMBIGUOUS),
-            )
-    return entries, False
 
 
 def _transport_failure(exc: OSError) -> tuple[Verdict, str, str]:
@@ -324,12 +185,16 @@ class CapillaryClient:
         pool_size: int = 10,
         source: str | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        timezone: tzinfo = UTC,
     ) -> None:
+        """``timezone``: the organisation's zone, for dates and times an answer gives without
+        an offset."""
         self.base_url = base_url.rstrip("/")
         self._timeout_s = (connect_timeout_s, read_timeout_s)
         self._pool_size = pool_size
         self._source = source
         self._clock = clock
+        self._timezone = timezone
         self._local = threading.local()
         self.auth: CapillaryAuth | None = auth
 
@@ -341,6 +206,7 @@ class CapillaryClient:
             read_timeout_s=settings.http_timeout_s,
             pool_size=settings.http_pool_size,
             source=settings.capillary_source,
+            timezone=org_timezone(settings.capillary_timezone),
         )
         client.auth = build_auth(settings, client.session)
         return client
@@ -442,16 +308,10 @@ class CapillaryClient:
                 payload = None
         status = response.status_code
         retry_after_s = parse_retry_after(response.headers.get("Retry-After"))
-        entries: dict[int, EntryOutcome] = {}
-        unreadable = True
-        if status < 400 or status >= 500:
-            # Entries, where an answer has them, speak per series whatever the status says.
-            entries, unreadable = parse_bulk_answer(series_ids, status, payload)
-        if unreadable:
-            verdict = classify_unanswered(status)
-            message = _error_message(payload) or f"HTTP {status}"
-            error = EntryError(f"http_{status}", message, verdict)
-            entries = {s: EntryOutcome(s, verdict, error=error) for s in series_ids}
+        # One reading whatever the status: entries speak per series in every status that
+        # carries them; the status decides only when none can be read.
+        parsed = parse_bulk_answer(series_ids, status, payload, self._timezone)
+        entries = parsed.entries
         outcome = _summarise(entries)
         first_error = next((e.error for e in entries.values() if e.error), None)
         call = CallInfo(
@@ -459,9 +319,15 @@ class CapillaryClient:
             first_error.code if first_error else None,
             first_error.message if first_error else None,
         )
+        if parsed.outage is not None or any(e.warnings for e in entries.values()):
+            log.warning("capillary.answer_remarks", extra={
+                "request_id": call.request_id, "status": status,
+                "outage": f"{parsed.outage.code} {parsed.outage.message}"
+                if parsed.outage else None,
+                "warnings": {s: list(e.warnings) for s, e in entries.items() if e.warnings}})
         return BulkIssueResult(
             call=call, entries=entries, retry_after_s=retry_after_s,
-            call_level_failure=unreadable,
+            call_level_failure=parsed.unreadable, outage=parsed.outage,
         )
 
     # -- read-back -----------------------------------------------------------------------
@@ -492,7 +358,7 @@ class CapillaryClient:
                 raise Ambiguous("read-back answer has no data list", status=call.status,
                                 request_id=call.request_id)
             if data.get("errors"):
-                raise Ambiguous(f"read-back answered errors: {_error_message(data) or '?'}",
+                raise Ambiguous(f"read-back answered errors: {call_level_message(data) or '?'}",
                                 status=call.status, request_id=call.request_id)
             fresh = 0
             for row in rows:
@@ -514,16 +380,19 @@ class CapillaryClient:
         raise Ambiguous(f"read-back has more than {READ_BACK_MAX_PAGES} pages",
                         request_id=call.request_id if call else None)
 
-    @staticmethod
-    def _found_coupon(row: dict[str, Any], series_id: int, call: CallInfo) -> FoundCoupon | None:
-        if _int_or_none(row.get("seriesId")) != series_id:
+    def _found_coupon(self, row: dict[str, Any], series_id: int,
+                      call: CallInfo) -> FoundCoupon | None:
+        if int_or_none(row.get("seriesId")) != series_id:
             return None
         if not row.get("code"):
             raise Ambiguous("read-back row has no coupon code", request_id=call.request_id)
         details = row.get("couponIssualDetails")
         return FoundCoupon(
-            coupon=parse_coupon(row, series_id),
-            created_at=parse_timestamp(row.get("issuedDate") or row.get("createdDate")),
+            coupon=parse_coupon(row, series_id, self._timezone),
+            # A date alone is taken as its day's last second: the read-back keeps coupons
+            # issued since the first attempt, and one issued that day must not be missed.
+            created_at=parse_timestamp(row.get("issuedDate") or row.get("createdDate"),
+                                       self._timezone, end_of_day=True),
             issual_details=details if isinstance(details, dict) else {},
         )
 
@@ -584,25 +453,6 @@ class CapillaryClient:
         except ValueError:
             raise Ambiguous("read-back answered an unreadable body",
                             status=response.status_code, request_id=call.request_id) from None
-
-
-def _error_message(payload: object) -> str | None:
-    if not isinstance(payload, dict):
-        return None
-    errors = payload.get("errors")
-    if isinstance(errors, list) and errors and isinstance(errors[0], dict):
-        return _capped(str(errors[0].get("message") or ""))
-    return None
-
-
-def _capped(message: str) -> str:
-    """Capillary's message as the ledger keeps it: one line, at most ``MAX_MESSAGE_CHARS``.
-
-    A dead entity's message is in an index (the dead-letter groups), and PostgreSQL refuses an
-    index entry over about 2.7 kB: a gateway's page of text as the message made the outcome
-    unrecordable, and the entity went round its lease again and again.
-    """
-    return printable(message, limit=MAX_MESSAGE_CHARS)
 
 
 def _summarise(entries: dict[int, EntryOutcome]) -> str:

@@ -31,6 +31,7 @@ from worker.broker.backlog import queue_backlogs
 from worker.console import csrf
 from worker.console.app import Console
 from worker.console.auth import Role, User
+from worker.domain import describe_error
 from worker.errors import NotFound, WorkerError
 from worker.ledger.support import Selection
 from worker.names import split_worker
@@ -83,7 +84,8 @@ def render(request: Request, template: str, user: User | None, status: int = 200
     return c.templates.TemplateResponse(
         request, template,
         {"user": user, "csrf_token": csrf.token(request.session),
-         "flower_url": c.console.flower_url, "task_id_of": task_id_of, **context},
+         "flower_url": c.console.flower_url, "task_id_of": task_id_of,
+         "describe_error": describe_error, **context},
         status_code=status)
 
 

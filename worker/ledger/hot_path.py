@@ -189,16 +189,18 @@ WITH t AS (
     INSERT INTO coupons (entity_id, event_id, series_id, code, customer_key,
                          capillary_coupon_id, description, discount_code, discount_type,
                          discount_value, discount_upto, discount_on, valid_till,
-                         valid_till_date_time, raw, recorded_via, request_id, issued_at)
+                         valid_till_date_time, raw, recorded_via, request_id, issued_at,
+                         warnings)
     SELECT entity_id, %(event_id)s, series_id, code, %(customer_key)s, capillary_coupon_id,
            description, discount_code, discount_type, discount_value, discount_upto,
            discount_on, valid_till, valid_till_date_time, raw, recorded_via, request_id,
-           %(now)s
+           %(now)s, warnings
     FROM jsonb_to_recordset(%(coupons)s::jsonb) AS c(
         entity_id bigint, series_id integer, code text, capillary_coupon_id bigint,
         description text, discount_code text, discount_type text, discount_value numeric,
         discount_upto numeric, discount_on text, valid_till timestamptz,
-        valid_till_date_time timestamptz, raw jsonb, recorded_via text, request_id text)
+        valid_till_date_time timestamptz, raw jsonb, recorded_via text, request_id text,
+        warnings jsonb)
     ON CONFLICT (entity_id, code) DO NOTHING
 ), calls AS (
     INSERT INTO api_calls (event_id, entity_ids, series_ids, operation, request_id,
@@ -280,6 +282,7 @@ def _coupon(c: Coupon, entity_id: int, via: str, request_id: str | None) -> dict
         "discount_on": c.discount_on, "valid_till": c.valid_till,
         "valid_till_date_time": c.valid_till_date_time, "raw": c.raw,
         "recorded_via": via, "request_id": request_id,
+        "warnings": list(c.warnings) if c.warnings else None,
     }
 
 

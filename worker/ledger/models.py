@@ -56,6 +56,9 @@ class Event(Base):
         Index("ix_events_received_at", "received_at"),
         # The sweeper's repair of events left processing (0007).
         Index("ix_events_processing", "event_id", postgresql_where=text("state = 'processing'")),
+        # Retention's scan of the settled events not yet pruned, oldest first (0009).
+        Index("ix_events_prunable", "received_at", "event_id",
+              postgresql_where=text("pruned_at IS NULL AND state = 'completed'")),
     )
 
     event_id: Mapped[str] = mapped_column(Text, primary_key=True)
@@ -72,6 +75,12 @@ class Event(Base):
     received_at: Mapped[datetime] = mapped_column(Timestamp, server_default=text("now()"))
     state: Mapped[str] = mapped_column(Text, server_default=EventState.PROCESSING.value)
     updated_at: Mapped[datetime] = mapped_column(Timestamp, server_default=text("now()"))
+    #: Set by retention: the entities, calls, history and coupons are gone, and the customer,
+    #: metadata and payload emptied; the row stays for the event-id window so that a
+    #: redelivery is still recognised (docs/retention.md).
+    pruned_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    #: What the event ended as, kept when it was pruned: entity states and coupon codes.
+    outcome: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
 
 
 class Entity(Base):
@@ -213,6 +222,8 @@ class IssuedCoupon(Base):
     recorded_via: Mapped[str] = mapped_column(Text)
     request_id: Mapped[str | None] = mapped_column(Text)
     issued_at: Mapped[datetime] = mapped_column(Timestamp, server_default=text("now()"))
+    #: What the answer warned of for this series (a list of text), NULL when nothing (0008).
+    warnings: Mapped[list[str] | None] = mapped_column(JSONB)
 
 
 class RejectedEvent(Base):
@@ -280,12 +291,26 @@ class OperatorAction(Base):
     action: Mapped[str] = mapped_column(Text)
     operator: Mapped[str] = mapped_column(Text)
     reason: Mapped[str] = mapped_column(Text)
-    entity_id: Mapped[int | None] = mapped_column(
-        BigInteger, ForeignKey("entities.id", ondelete="SET NULL")
-    )
+    #: The entity acted on. Not a foreign key: an audit row keeps the id after the entity is
+    #: pruned (a key's ``ON DELETE SET NULL`` would rewrite the row, which is refused).
+    entity_id: Mapped[int | None] = mapped_column(BigInteger)
     event_id: Mapped[str | None] = mapped_column(Text)
     outcome: Mapped[str] = mapped_column(Text)
     details: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+
+
+class MaintenanceRun(Base):
+    """A scheduled job of the fleet (``prune``): when it last started, on which worker, and
+    what it did. A worker claims a run by locking the row (``SKIP LOCKED``) and moving
+    ``started_at`` on, so one worker runs it per interval, behind PgBouncer too."""
+
+    __tablename__ = "maintenance_runs"
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    started_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    finished_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    started_by: Mapped[str | None] = mapped_column(Text)
+    result: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
 
 
 class CircuitBreaker(Base):

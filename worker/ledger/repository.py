@@ -327,6 +327,7 @@ def _coupon_row(c: Coupon, entity_id: int, event_id: str, customer_key: str, via
         "discount_upto": c.discount_upto, "discount_on": c.discount_on,
         "valid_till": c.valid_till, "valid_till_date_time": c.valid_till_date_time,
         "raw": c.raw, "recorded_via": via, "request_id": request_id, "issued_at": now,
+        "warnings": list(c.warnings) if c.warnings else None,
     }
 
 
@@ -508,10 +509,13 @@ class SqlLedger:
                           max(float(r[13]), 0.0))
             for r in rows if r[7] is not None
         )
+        counts = {str(k): int(v) for k, v in (skipped or {}).items()}
+        if not new and not claimed and not counts:
+            # A pruned event keeps its row but not its entities (docs/retention.md).
+            counts = {"pruned": len(event.seriesIds)}
         return bool(new), Claim(
             event_id=event.eventId, customer=customer, customer_key=customer_key,
-            metadata=metadata, issue_ref=ref, token=token, entities=claimed,
-            skipped={str(k): int(v) for k, v in (skipped or {}).items()},
+            metadata=metadata, issue_ref=ref, token=token, entities=claimed, skipped=counts,
         )
 
     def _claim_for(self, event_id: str, token: str, claimed: list[ClaimedEntity],
