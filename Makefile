@@ -24,6 +24,8 @@ lint: install
 # out first, each to a process that starts services of its own (a PostgreSQL cluster and a
 # RabbitMQ node, or three RabbitMQ nodes); they mostly wait on those restarts, and the four
 # other processes run the rest meanwhile. Ends with the coverage total.
+# The ledger's tests also run through a PgBouncer in transaction mode that each process starts
+# (Debian's pgbouncer; docs/pooler.md).
 test: install
 	$(BIN)/pytest -n 7 --cov --cov-report=term
 

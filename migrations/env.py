@@ -6,8 +6,13 @@ is how ``coupon-worker migrate`` and the tests run migrations in-process.
 Rolling upgrades (README, Upgrading): every run first bounds how long a statement may wait for
 a lock and how long it may run, so that a migration never stalls the fleet's workers behind a
 lock it waits for (``coupon-worker migrate`` tries again later instead); a migration that needs
-longer sets its own ``SET statement_timeout``. After the migrations, in the same transaction,
-the revision's compatibility is recorded for older workers (``worker.ledger.schema``).
+longer sets its own ``SET LOCAL statement_timeout``. After the migrations, in the same
+transaction, the revision's compatibility is recorded for older workers
+(``worker.ledger.schema``).
+
+The limits are set for the migrations' transaction only (``SET LOCAL``): nothing is left on the
+connection, which may be a pooler's server connection that other clients get next
+(docs/pooler.md; migrations are best run on a direct URL all the same).
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ target_metadata = Base.metadata
 
 LOCK_TIMEOUT = "2s"
 STATEMENT_TIMEOUT = "60s"
-TIMEOUTS = (f"SET lock_timeout = '{LOCK_TIMEOUT}'",
-            f"SET statement_timeout = '{STATEMENT_TIMEOUT}'")
+TIMEOUTS = (f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'",
+            f"SET LOCAL statement_timeout = '{STATEMENT_TIMEOUT}'")
 
 
 def _url() -> str:
@@ -53,9 +58,9 @@ def _run(connection: Connection) -> None:
             context.execute(statement)
         context.run_migrations()
         _record_compatibility(context.get_context().get_current_revision())
-        # The caller's connection goes back as it came.
-        context.execute("RESET lock_timeout")
-        context.execute("RESET statement_timeout")
+        # The caller's connection goes back as it came, should its transaction go on.
+        context.execute("SET LOCAL lock_timeout = DEFAULT")
+        context.execute("SET LOCAL statement_timeout = DEFAULT")
 
 
 def run_migrations_offline() -> None:
@@ -78,7 +83,10 @@ def run_migrations_online() -> None:
     if connection is not None:
         _run(connection)
         return
-    engine = create_engine(_url(), poolclass=pool.NullPool)
+    # Nothing prepared on the server: through a pooler in transaction mode a prepared
+    # statement would stay on a server connection that other clients get next.
+    engine = create_engine(_url(), poolclass=pool.NullPool,
+                           connect_args={"prepare_threshold": None})
     with engine.connect() as conn:
         _run(conn)
     engine.dispose()

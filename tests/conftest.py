@@ -24,11 +24,13 @@ from pydantic import SecretStr
 from sqlalchemy import Engine, create_engine, text
 
 from coupon_devtools.harness.databases import create_migrated, drop_database
+from coupon_devtools.harness.pgbouncer import PgBouncer
 from coupon_devtools.harness.processes import Spawned, spawn
 from coupon_devtools.harness.rabbitmqctl import create_vhost, delete_vhost
 from coupon_devtools.sandbox import BackgroundSandbox, SandboxAdmin, SandboxOptions
 from worker.config import Settings, load_settings
 from worker.health import check_health
+from worker.ledger.unit_of_work import ConnectionLimits, make_engine
 
 PG_ADMIN_URL = os.environ.get(
     "COUPONS_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
@@ -107,6 +109,39 @@ def clean_ledger(engine: Engine) -> Engine:
     with engine.begin() as conn:
         conn.execute(text(f"TRUNCATE {', '.join(LEDGER_TABLES)} RESTART IDENTITY CASCADE"))
     return engine
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgBouncer]:
+    """A PgBouncer of this test process's own in transaction pooling mode, in front of the
+    session's database, started when first asked for (docs/pooler.md)."""
+    bouncer = PgBouncer.start(tmp_path_factory.mktemp("pgbouncer"), database_url)
+    yield bouncer
+    bouncer.stop()
+
+
+@pytest.fixture
+def pooled_engine(pgbouncer: PgBouncer, database_url: str) -> Iterator[Engine]:
+    """The worker's engine through ``pgbouncer`` (``COUPONS_DB_POOLER=transaction``), with the
+    test settings' statement and lock timeouts (3 s, 1 s)."""
+    engine = make_engine(pgbouncer.url(database_url), application_name="coupon-worker-test",
+                         limits=ConnectionLimits(statement_timeout_s=3.0, lock_timeout_s=1.0,
+                                                 pooler="transaction"))
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def pooled_settings_factory(settings_factory: Callable[..., Settings], pgbouncer: PgBouncer,
+                            database_url: str) -> Callable[..., Settings]:
+    """Settings whose ledger is reached through ``pgbouncer``, as ``COUPONS_DB_POOLER`` says."""
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {"database_url": pgbouncer.url(database_url),
+                                  "db_pooler": "transaction"}
+        values.update(overrides)
+        return settings_factory(**values)
+
+    return make
 
 
 # -- RabbitMQ ------------------------------------------------------------------------------

@@ -185,6 +185,18 @@ class Settings(BaseSettings):
     db_keepalive_interval_s: int = Field(
         5, ge=1, validation_alias="COUPONS_DB_KEEPALIVE_INTERVAL_SECONDS")
     db_keepalive_count: int = Field(3, ge=1, validation_alias="COUPONS_DB_KEEPALIVE_COUNT")
+    #: What stands between the worker and PostgreSQL: ``none`` (a direct connection, or a
+    #: pooler in session mode) or ``transaction`` (a pooler in transaction mode: PgBouncer's
+    #: ``pool_mode = transaction``, as most managed poolers). With ``transaction`` no
+    #: statement is prepared on the server and the timeouts are set per transaction
+    #: (docs/pooler.md).
+    db_pooler: Literal["none", "transaction"] = Field(
+        "none", validation_alias="COUPONS_DB_POOLER")
+    #: Whether ledger statements are prepared on the server: ``auto`` (yes with
+    #: ``COUPONS_DB_POOLER=none``, no with ``transaction``), ``on`` (behind a pooler that keeps
+    #: them per client: PgBouncer 1.21 or later with ``max_prepared_statements``) or ``off``.
+    db_prepared_statements: Literal["auto", "on", "off"] = Field(
+        "auto", validation_alias="COUPONS_DB_PREPARED_STATEMENTS")
 
     heartbeat_dir: str = Field(DEFAULT_HEARTBEAT_DIR, min_length=1,
                                validation_alias="COUPONS_HEARTBEAT_DIR")

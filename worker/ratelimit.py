@@ -15,8 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from sqlalchemy import Engine, text
-from sqlalchemy import exc as sa_exc
+from sqlalchemy import Engine
 
 from worker.errors import LedgerError, LedgerUnavailable
 from worker.ledger.driver import run_alone
@@ -54,42 +53,39 @@ class Unlimited:
 
 # tokens is the bucket's content at refilled_at; extrapolating linearly to "now" works in both
 # directions, so a negative content simply means "the next token comes later" (a reservation).
-_RESERVE = text(
-    """
+# Each runs alone on the driver (``run_alone``: one round trip, and behind a pooler in
+# transaction mode with the ledger's timeouts for its own transaction). ``%(name)s`` are
+# psycopg's named parameters.
+_RESERVE = """
     WITH now AS (SELECT clock_timestamp() AS t)
     UPDATE rate_limit_buckets AS b
-       SET tokens = LEAST(:burst,
-                          b.tokens + EXTRACT(EPOCH FROM (now.t - b.refilled_at)) * :rate) - 1,
+       SET tokens = LEAST(%(burst)s,
+                          b.tokens + EXTRACT(EPOCH FROM (now.t - b.refilled_at)) * %(rate)s) - 1,
            refilled_at = now.t
       FROM now
-     WHERE b.name = :name
+     WHERE b.name = %(name)s
     RETURNING b.tokens
     """
-)
-_CREATE = text(
-    """
+_CREATE = """
     INSERT INTO rate_limit_buckets (name, tokens, refilled_at)
-    VALUES (:name, :burst, clock_timestamp())
+    VALUES (%(name)s, %(burst)s, clock_timestamp())
     ON CONFLICT (name) DO NOTHING
     """
-)
-_CANCEL = text(
-    "UPDATE rate_limit_buckets SET tokens = LEAST(tokens + 1, :burst) WHERE name = :name"
-)
+_CANCEL = ("UPDATE rate_limit_buckets SET tokens = LEAST(tokens + 1, %(burst)s) "
+           "WHERE name = %(name)s")
 # After a 429 nobody may call for Retry-After seconds: empty the bucket that far into debt.
-_PENALISE = text(
-    """
+_PENALISE = """
     WITH now AS (SELECT clock_timestamp() AS t)
     UPDATE rate_limit_buckets AS b
-       SET tokens = LEAST(LEAST(:burst,
-                                b.tokens + EXTRACT(EPOCH FROM (now.t - b.refilled_at)) * :rate),
-                          -:wait * :rate),
+       SET tokens = LEAST(LEAST(%(burst)s,
+                                b.tokens + EXTRACT(EPOCH FROM (now.t - b.refilled_at))
+                                           * %(rate)s),
+                          (0 - %(wait)s) * %(rate)s),
            refilled_at = now.t,
-           blocked_until = now.t + make_interval(secs => :wait)
+           blocked_until = now.t + make_interval(secs => %(wait)s)
       FROM now
-     WHERE b.name = :name
+     WHERE b.name = %(name)s
     """
-)
 
 
 @dataclass(frozen=True)
@@ -117,19 +113,18 @@ class PostgresRateLimiter:
         # A small default burst keeps a fleet that starts together from overshooting the
         # first seconds of a per-minute window.
         self.spec = BucketSpec(per_minute, burst or max(1, min(per_minute // 60, 10)))
-        self._engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._engine = engine
         self._created: set[str] = set()
 
-    def _execute(self, statement: object, **params: object) -> list[float]:
+    def _execute(self, statement: str, **params: object) -> list[float]:
         try:
-            with self._engine.connect() as conn:
-                if params["name"] not in self._created:
-                    conn.execute(_CREATE, {"name": params["name"], "burst": self.spec.burst})
-                    self._created.add(str(params["name"]))
-                rows = conn.execute(statement, params)  # type: ignore[call-overload]
-                return [float(r[0]) for r in rows] if rows.returns_rows else []
-        except sa_exc.SQLAlchemyError as exc:
-            raise LedgerUnavailable(f"rate limiter unavailable: {type(exc).__name__}") from exc
+            if params["name"] not in self._created:
+                run_alone(self._engine, _CREATE, {"name": params["name"],
+                                                  "burst": self.spec.burst})
+                self._created.add(str(params["name"]))
+            return [float(r[0]) for r in run_alone(self._engine, statement, params)]
+        except LedgerError as exc:
+            raise LedgerUnavailable(f"rate limiter unavailable: {exc}") from exc
 
     def reserve(self, name: str = BULK_ISSUE) -> float:
         rows = self._execute(_RESERVE, name=name, burst=self.spec.burst,
@@ -151,15 +146,13 @@ _READ_BLOCK = (
     "SELECT GREATEST(EXTRACT(EPOCH FROM (blocked_until - clock_timestamp())), 0) "
     "FROM rate_limit_buckets WHERE name = %(name)s"
 )
-_BLOCK = text(
-    """
+_BLOCK = """
     INSERT INTO rate_limit_buckets (name, tokens, refilled_at, blocked_until)
-    VALUES (:name, 0, clock_timestamp(), clock_timestamp() + make_interval(secs => :wait))
+    VALUES (%(name)s, 0, clock_timestamp(), clock_timestamp() + make_interval(secs => %(wait)s))
     ON CONFLICT (name) DO UPDATE
        SET blocked_until = GREATEST(COALESCE(rate_limit_buckets.blocked_until, clock_timestamp()),
                                     EXCLUDED.blocked_until)
     """
-)
 
 
 class RetryAfterGate:
@@ -172,7 +165,7 @@ class RetryAfterGate:
 
     def __init__(self, engine: Engine, *, refresh_s: float = 1.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self._engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._engine = engine
         self._refresh_s = refresh_s
         self._clock = clock
         self._lock = threading.Lock()
@@ -197,10 +190,9 @@ class RetryAfterGate:
 
     def penalise(self, retry_after_s: float, name: str = BULK_ISSUE) -> None:
         try:
-            with self._engine.connect() as conn:
-                conn.execute(_BLOCK, {"name": name, "wait": max(retry_after_s, 0.0)})
-        except sa_exc.SQLAlchemyError as exc:
-            raise LedgerUnavailable(f"rate limiter unavailable: {type(exc).__name__}") from exc
+            run_alone(self._engine, _BLOCK, {"name": name, "wait": max(retry_after_s, 0.0)})
+        except LedgerError as exc:
+            raise LedgerUnavailable(f"rate limiter unavailable: {exc}") from exc
         with self._lock:
             self._blocked_until[name] = max(self._blocked_until.get(name, 0.0),
                                             self._clock() + retry_after_s)

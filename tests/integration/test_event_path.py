@@ -24,16 +24,35 @@ from worker.capillary.fake import FakeCapillary
 from worker.circuit import CircuitGate
 from worker.config import Settings
 from worker.events import parse_event_data
-from worker.ledger.unit_of_work import SqlUnitOfWork, make_engine, sql_unit_of_work_factory
+from worker.ledger.unit_of_work import (
+    ConnectionLimits,
+    SqlUnitOfWork,
+    make_engine,
+    sql_unit_of_work_factory,
+)
 from worker.metrics import Metrics
 from worker.policy import CircuitPolicy, RetryPolicy
 from worker.ratelimit import RetryAfterGate
 
 
-@pytest.fixture
-def traced(settings: Settings, clean_ledger: Engine, tmp_path: Path) -> Iterator[Engine]:
-    """An engine whose connections' wire traffic is written to ``tmp_path/*.trace``."""
-    engine = make_engine(settings.database_url, pool_size=1)
+@pytest.fixture(params=["direct", "pgbouncer", "prepared-per-transaction"])
+def traced(request: pytest.FixtureRequest, settings: Settings, clean_ledger: Engine,
+           tmp_path: Path) -> Iterator[Engine]:
+    """An engine whose connections' wire traffic is written to ``tmp_path/*.trace``: connected
+    directly; through PgBouncer in transaction mode with the worker's timeouts (set with
+    each hot-path statement, in the same round trip); or as for a pooler that keeps prepared
+    statements (the timeouts and the statement prepared, pipelined), on a direct connection."""
+    if request.param == "pgbouncer":
+        pooled = request.getfixturevalue("pooled_settings_factory")()
+        engine = make_engine(pooled.database_url, pool_size=1,
+                             limits=ConnectionLimits.from_settings(pooled))
+    elif request.param == "prepared-per-transaction":
+        kept = settings.model_copy(update={"db_pooler": "transaction",
+                                           "db_prepared_statements": "on"})
+        engine = make_engine(settings.database_url, pool_size=1,
+                             limits=ConnectionLimits.from_settings(kept))
+    else:
+        engine = make_engine(settings.database_url, pool_size=1)
     handles = trace_connections(engine, tmp_path)
     yield engine
     engine.dispose()
@@ -66,7 +85,11 @@ def test_the_fleets_retry_after_pause_is_read_in_one_round_trip(
     assert all(25.0 < wait <= 30.0 for wait in waits)
 
 
-def test_an_issued_event_opens_no_session(clean_ledger: Engine) -> None:
+@pytest.mark.parametrize("through", ["direct", "pgbouncer"])
+def test_an_issued_event_opens_no_session(request: pytest.FixtureRequest, through: str,
+                                          clean_ledger: Engine) -> None:
+    if through == "pgbouncer":
+        clean_ledger = request.getfixturevalue("pooled_engine")
     sessions = sessionmaker(bind=clean_ledger)
     opened: list[Session] = []
 

@@ -36,10 +36,14 @@ EVENT = parse_event_data({"eventId": "e-1", "customer": {"id": "7"}, "seriesIds"
 UowFactory = Callable[[], UnitOfWork]
 
 
-@pytest.fixture(params=["postgres", "fake"])
+@pytest.fixture(params=["postgres", "pgbouncer", "fake"])
 def uow(request: pytest.FixtureRequest) -> UowFactory:
-    if request.param == "postgres":
+    """The ledger on PostgreSQL, on PostgreSQL through PgBouncer in transaction mode (the
+    worker's engine, as ``COUPONS_DB_POOLER=transaction`` makes it), and in memory."""
+    if request.param in ("postgres", "pgbouncer"):
         engine: Engine = request.getfixturevalue("clean_ledger")
+        if request.param == "pgbouncer":
+            engine = request.getfixturevalue("pooled_engine")
         return sql_unit_of_work_factory(engine)
     _state, factory = fake_unit_of_work_factory()
     return factory  # type: ignore[no-any-return]

@@ -25,9 +25,15 @@ EVENT = parse_event_data({"eventId": "stalled-1", "customer": {"id": "7"}, "seri
 NOW = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
 
 
-@pytest.fixture
-def worker_engine(settings: Settings, clean_ledger: Engine) -> Iterator[Engine]:
-    """An engine configured as the worker's is (statement timeout 3 s, lock timeout 1 s)."""
+@pytest.fixture(params=["direct", "pgbouncer"])
+def worker_engine(request: pytest.FixtureRequest, settings_factory: Callable[..., Settings],
+                  clean_ledger: Engine) -> Iterator[Engine]:
+    """An engine configured as the worker's is (statement timeout 3 s, lock timeout 1 s):
+    connected directly, or through PgBouncer in transaction mode (``COUPONS_DB_POOLER``)."""
+    if request.param == "pgbouncer":
+        settings = request.getfixturevalue("pooled_settings_factory")()
+    else:
+        settings = settings_factory()
     engine = make_engine(settings.database_url, pool_size=1,
                          limits=ConnectionLimits.from_settings(settings))
     yield engine

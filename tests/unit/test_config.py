@@ -125,3 +125,49 @@ def test_database_limits_become_libpq_parameters() -> None:
     }
     # Tools that run long statements (migrations, support queries) keep the server's limits.
     assert "options" not in ConnectionLimits().connect_args("coupon-worker")
+
+
+def test_behind_a_transaction_pooler_the_limits_are_set_per_transaction() -> None:
+    from worker.ledger.unit_of_work import ConnectionLimits
+
+    # Given the default, a direct connection
+    assert load_settings().db_pooler == "none"
+    # When a pooler in transaction mode is named
+    limits = ConnectionLimits.from_settings(load_settings(
+        db_pooler="transaction", db_statement_timeout_s=2.5, db_lock_timeout_s=0.75))
+    args = limits.connect_args("coupon-worker")
+    # Then nothing goes in the startup packet that PgBouncer refuses, nothing is prepared,
+    # and the timeouts are set for one transaction at a time
+    assert "options" not in args and args["prepare_threshold"] is None
+    assert args["keepalives"] == 1 and args["tcp_user_timeout"] == 25_000
+    assert limits.transaction_settings_sql() == (
+        "SELECT set_config('statement_timeout', '2500', true), "
+        "set_config('lock_timeout', '750', true)")
+    assert ConnectionLimits(pooler="transaction").transaction_settings_sql() == ""
+    with pytest.raises(ConfigurationError, match="COUPONS_DB_POOLER"):
+        load_settings(db_pooler="session")
+
+
+def test_prepared_statements_follow_the_pooler_unless_set() -> None:
+    from worker.ledger.unit_of_work import ConnectionLimits
+
+    def limits(**values: object) -> ConnectionLimits:
+        return ConnectionLimits.from_settings(load_settings(**values))
+
+    # auto: prepared on a direct connection, not behind a pooler in transaction mode
+    assert limits().statement_mode().prepare is True
+    assert "prepare_threshold" not in limits().connect_args("w")
+    assert limits(db_pooler="transaction").statement_mode().prepare is False
+    # on, behind a pooler that keeps them per client: psycopg's own preparing stays on too,
+    # and the limits are still set per transaction
+    kept = limits(db_pooler="transaction", db_prepared_statements="on")
+    assert kept.statement_mode().prepare is True
+    assert kept.statement_mode().per_transaction
+    assert "prepare_threshold" not in kept.connect_args("w")
+    assert "options" not in kept.connect_args("w")
+    # off on a direct connection: nothing prepared, the limits still in the startup packet
+    direct_off = limits(db_prepared_statements="off")
+    assert direct_off.statement_mode().prepare is False
+    assert direct_off.statement_mode().per_transaction is None
+    assert direct_off.connect_args("w")["prepare_threshold"] is None
+    assert "statement_timeout" in str(direct_off.connect_args("w")["options"])

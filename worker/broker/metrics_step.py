@@ -18,6 +18,7 @@ from celery import bootsteps
 from worker import __version__
 from worker.broker.context import container_of, links_of, step_settings
 from worker.errors import LedgerUnavailable
+from worker.ledger.driver import PoolerMismatch
 from worker.ledger.migrate import schema_status, shipped_revisions
 from worker.ledger.schema import SchemaStatus
 from worker.metrics import METRICS_PORT_SPAN, exposition_registry, serve_metrics
@@ -80,8 +81,13 @@ def check_schema(sender: Any = None, **_: Any) -> None:
     settings = step_settings(sender)
     try:
         status: SchemaStatus | None = schema_status(settings.database_url,
-                                                    connect_timeout_s=settings.db_connect_timeout_s)
+                                                    connect_timeout_s=settings.db_connect_timeout_s,
+                                                    pooler=settings.db_pooler)
     except LedgerUnavailable as exc:
+        if isinstance(exc, PoolerMismatch):
+            # Not an outage: every connection would be refused the same way.
+            log.critical("worker.pooler_mismatch", extra={"error": str(exc)})
+            raise SystemExit(f"coupon-worker {__version__} refuses to start: {exc}") from exc
         status = None
         log.warning("worker.schema_unchecked", extra={"error": str(exc)})
     labels = build_labels(status)

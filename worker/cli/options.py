@@ -58,10 +58,11 @@ def make_selection(ids: tuple[int, ...], error_code: str | None, series_id: int 
 
 @contextmanager
 def ledger_engine() -> Iterator[Any]:
-    from worker.ledger.unit_of_work import make_engine
+    from worker.ledger.unit_of_work import ConnectionLimits, make_engine
 
     settings = settings_or_exit()
-    engine = make_engine(settings.database_url, pool_size=1)
+    engine = make_engine(settings.database_url, pool_size=1,
+                         limits=ConnectionLimits(pooler=settings.db_pooler))
     try:
         yield engine
     except WorkerError as exc:
@@ -73,10 +74,11 @@ def ledger_engine() -> Iterator[Any]:
 @contextmanager
 def support_deps() -> Iterator[Any]:
     from worker.bootstrap import build_support_deps
-    from worker.ledger.unit_of_work import make_engine
+    from worker.ledger.unit_of_work import ConnectionLimits, make_engine
 
     settings = settings_or_exit()
-    engine = make_engine(settings.database_url, pool_size=1)
+    engine = make_engine(settings.database_url, pool_size=1,
+                         limits=ConnectionLimits(pooler=settings.db_pooler))
     try:
         yield build_support_deps(settings, engine)
     except (WorkerError, ValueError) as exc:

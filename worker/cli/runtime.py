@@ -26,7 +26,7 @@ def migrate() -> None:
     try:
         created = ensure_database(settings.database_url)
         upgrade(settings.database_url)
-        status = schema_status(settings.database_url)
+        status = schema_status(settings.database_url, pooler=settings.db_pooler)
     except WorkerError as exc:
         fail(str(exc))
     where = settings.safe_summary()["database"]

@@ -32,11 +32,12 @@ def events() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 def events_show(event_id: str, as_json: bool) -> None:
     """Show an event: its entities, attempts, errors and coupons."""
-    from worker.ledger.unit_of_work import make_engine
+    from worker.ledger.unit_of_work import ConnectionLimits, make_engine
     from worker.views import event_story
 
     settings = settings_or_exit()
-    engine = make_engine(settings.database_url, pool_size=1)
+    engine = make_engine(settings.database_url, pool_size=1,
+                         limits=ConnectionLimits(pooler=settings.db_pooler))
     try:
         story = event_story(engine, event_id)
     except NotFound as exc:

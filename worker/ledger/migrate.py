@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from sqlalchemy import create_engine, text
 from sqlalchemy import exc as sa_exc
@@ -18,6 +18,7 @@ from sqlalchemy.engine import make_url
 
 from worker.errors import ConfigurationError, LedgerError, LedgerUnavailable
 from worker.ledger import schema
+from worker.ledger.driver import POOLER_HINT, PoolerMismatch, refused_by_pooler
 from worker.ledger.schema import SchemaStatus, ShippedRevisions
 
 if TYPE_CHECKING:
@@ -70,16 +71,36 @@ def shipped_revisions() -> ShippedRevisions:
     return ShippedRevisions.read(alembic_home() / "migrations" / "versions")
 
 
-def schema_status(database_url: str, *, connect_timeout_s: int = 5) -> SchemaStatus:
-    """Whether this release may run on the ledger of ``database_url`` (see ``schema``)."""
+def schema_status(database_url: str, *, connect_timeout_s: int = 5,
+                  pooler: Literal["none", "transaction"] = "none") -> SchemaStatus:
+    """Whether this release may run on the ledger of ``database_url`` (see ``schema``).
+
+    ``pooler`` as ``COUPONS_DB_POOLER``. Raises ``PoolerMismatch`` when a pooler refuses the
+    direct mode's connection (its timeouts in the startup packet), or accepts it and drops
+    them (PgBouncer's ``ignore_startup_parameters = options``): the worker would run without
+    its timeouts, and with prepared statements that the next server connection lacks.
+    """
+    from worker.ledger.unit_of_work import ConnectionLimits, make_engine
+
     # A reachable but stalled server must not hang a worker's start either.
-    engine = create_engine(database_url, connect_args={
-        "connect_timeout": connect_timeout_s,
-        "options": f"-c statement_timeout={connect_timeout_s * 1000}"})
+    engine = make_engine(database_url, pool_size=1, application_name="coupon-worker-check",
+                         limits=ConnectionLimits(connect_timeout_s=connect_timeout_s,
+                                                 statement_timeout_s=connect_timeout_s,
+                                                 pooler=pooler))
     try:
         with engine.connect() as conn:
+            timeout_ms = conn.execute(text(
+                "SELECT setting FROM pg_settings WHERE name = 'statement_timeout'")).scalar()
+            if str(timeout_ms) != str(connect_timeout_s * 1000):
+                raise PoolerMismatch(
+                    f"the connection came without the statement timeout it asked for "
+                    f"({timeout_ms} ms instead of {connect_timeout_s * 1000}): a pooler "
+                    f"dropped the startup parameter that carries it; behind a pooler in "
+                    f"transaction mode set COUPONS_DB_POOLER=transaction (docs/pooler.md)")
             return schema.schema_status(conn, shipped_revisions())
     except sa_exc.OperationalError as exc:
+        if refused_by_pooler(exc):
+            raise PoolerMismatch(f"{POOLER_HINT}: {exc.orig}") from exc
         raise LedgerUnavailable(f"cannot reach PostgreSQL: {exc.orig}") from exc
     finally:
         engine.dispose()

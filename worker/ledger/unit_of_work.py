@@ -12,14 +12,14 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Protocol, Self
+from typing import TYPE_CHECKING, Literal, Protocol, Self
 
 import psycopg
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
-from worker.ledger.driver import translate
+from worker.ledger.driver import STATEMENT_MODE, StatementMode, translate
 from worker.ledger.repository import Ledger, SqlLedger
 
 if TYPE_CHECKING:
@@ -51,6 +51,15 @@ class ConnectionLimits:
     Without them a statement waits for a lock, a slow plan or a vanished server for as long as
     it takes, and Celery's hard time limit ends the task instead, with nothing recorded.
     ``None`` leaves the server's setting (no limit) for tools that run long statements.
+
+    ``pooler``: ``"transaction"`` when a pooler in transaction mode stands between the worker
+    and PostgreSQL (docs/pooler.md). A session setting would then stay on a server connection
+    that other clients share, and the startup parameter that carries them is refused (or
+    dropped) by PgBouncer: the timeouts are set for each transaction instead.
+
+    ``prepared_statements``: whether statements are prepared on the server; ``None`` (auto)
+    for yes on a direct connection and no behind a pooler in transaction mode, where only a
+    pooler that keeps them per client (PgBouncer 1.21's ``max_prepared_statements``) can.
     """
 
     connect_timeout_s: int = 5
@@ -59,6 +68,26 @@ class ConnectionLimits:
     keepalive_idle_s: int = 10
     keepalive_interval_s: int = 5
     keepalive_count: int = 3
+    pooler: Literal["none", "transaction"] = "none"
+    prepared_statements: bool | None = None
+
+    @property
+    def per_transaction(self) -> bool:
+        """Whether the limits are set per transaction (a pooler in transaction mode)."""
+        return self.pooler == "transaction"
+
+    @property
+    def prepare(self) -> bool:
+        """Whether statements are prepared on the server."""
+        if self.prepared_statements is None:
+            return not self.per_transaction
+        return self.prepared_statements
+
+    def statement_mode(self) -> StatementMode:
+        """How ``run_alone`` runs statements on connections with these limits."""
+        return StatementMode(prepare=self.prepare,
+                             per_transaction=self.transaction_settings_sql()
+                             if self.per_transaction else None)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ConnectionLimits:
@@ -69,6 +98,9 @@ class ConnectionLimits:
             keepalive_idle_s=settings.db_keepalive_idle_s,
             keepalive_interval_s=settings.db_keepalive_interval_s,
             keepalive_count=settings.db_keepalive_count,
+            pooler=settings.db_pooler,
+            prepared_statements={"auto": None, "on": True, "off": False}[
+                settings.db_prepared_statements],
         )
 
     def connect_args(self, application_name: str) -> dict[str, object]:
@@ -87,6 +119,12 @@ class ConnectionLimits:
             "keepalives_count": self.keepalive_count,
             "tcp_user_timeout": dead_peer_ms,
         }
+        if not self.prepare:
+            # psycopg prepares a statement it ran 5 times on a connection; through the pooler
+            # the next execution would name it on a server connection that lacks it.
+            args["prepare_threshold"] = None
+        if self.per_transaction:
+            return args
         # Set in the startup packet: no extra round trip, and every pooled connection has them.
         options = []
         if self.statement_timeout_s is not None:
@@ -96,6 +134,16 @@ class ConnectionLimits:
         if options:
             args["options"] = " ".join(options)
         return args
+
+
+    def transaction_settings_sql(self) -> str:
+        """The statement that sets the timeouts for the current transaction only ("" when
+        there are none): ``set_config(name, value, is_local => true)``, as ``SET LOCAL``."""
+        settings = [f"set_config('{name}', '{_ms(seconds)}', true)"
+                    for name, seconds in (("statement_timeout", self.statement_timeout_s),
+                                          ("lock_timeout", self.lock_timeout_s))
+                    if seconds is not None]
+        return f"SELECT {', '.join(settings)}" if settings else ""
 
 
 def _ms(seconds: float) -> int:
@@ -111,13 +159,31 @@ def make_engine(database_url: str, *, pool_size: int = 5, application_name: str 
     pool, the task's message goes back to the queue (LedgerUnavailable) and the retry finds
     fresh connections.
     """
-    return create_engine(
+    limits = limits or ConnectionLimits()
+    engine = create_engine(
         database_url,
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_recycle=1800,
-        connect_args=(limits or ConnectionLimits()).connect_args(application_name),
+        connect_args=limits.connect_args(application_name),
     )
+    mode = limits.statement_mode()
+    if mode.per_transaction:
+        # On the engine itself: engines derived from it (execution_options) share its events.
+        _set_limits_on_begin(engine, mode.per_transaction)
+    return engine.execution_options(**{STATEMENT_MODE: mode})
+
+
+def _set_limits_on_begin(engine: Engine, per_transaction: str) -> None:
+    """Every transaction SQLAlchemy begins on ``engine`` first sets the limits for itself
+    (one round trip more per transaction, off the hot path: ``worker.ledger.driver``)."""
+
+    @event.listens_for(engine, "begin")
+    def set_limits(conn: Connection) -> None:
+        # An autocommit connection runs each statement as a transaction of its own: a
+        # setting for "this transaction" would end before the next statement.
+        if conn.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
+            conn.exec_driver_sql(per_transaction)
 
 
 class SqlUnitOfWork:
