@@ -51,7 +51,8 @@ SANDBOX_USER, SANDBOX_PASSWORD = "store.server", "server123"
 # configuration that names a local index folder which does not exist warns about that folder
 # on every install; that is the machine's configuration, not the package.
 WARNING = re.compile(r"(?i)warning|deprecat")
-NOT_OURS = re.compile(r"Location '.*' is ignored")
+# A file the build copies or adds is named, not a warning ("0008_coupon_warnings.py").
+NOT_OURS = re.compile(r"Location '.*' is ignored|^\s*(copying|adding|creating) ")
 # `migrate` says "[created and ]migrated <database> to revision <rev>", maybe wrapped.
 MIGRATED = re.compile(r"migrated\s+\S+\s+to\s+revision\s+(\w+)")
 
