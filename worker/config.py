@@ -132,6 +132,11 @@ class Settings(BaseSettings):
         5, ge=1, validation_alias="COUPONS_DB_KEEPALIVE_INTERVAL_SECONDS")
     db_keepalive_count: int = Field(3, ge=1, validation_alias="COUPONS_DB_KEEPALIVE_COUNT")
 
+    #: The ledger's roles are ``<prefix>_owner``, ``_worker``, ``_console``, ``_retention``
+    #: (``coupon-worker db roles``); ``migrate`` grants them their tables when they exist.
+    db_role_prefix: str = Field("coupon", pattern=r"^[a-z_][a-z0-9_]{0,30}$",
+                                validation_alias="COUPONS_DB_ROLE_PREFIX")
+
     heartbeat_dir: str = Field(DEFAULT_HEARTBEAT_DIR, min_length=1,
                                validation_alias="COUPONS_HEARTBEAT_DIR")
     heartbeat_interval_s: float = Field(
