@@ -70,3 +70,35 @@ def db_roles(apply_: bool, prefix: str | None) -> None:
     for job in roles.JOBS:
         state = "password set" if passwords[job] else "password unchanged (none given)"
         say(f"{names.of(job)}: {state}")
+
+
+# -- broker users --------------------------------------------------------------------------
+
+
+@main.group("broker")
+def broker() -> None:
+    """The broker's users (see docs/security.md)."""
+
+
+@broker.command("users")
+@click.option("--vhost", default="/", show_default=True, help="The vhost of the deployment.")
+@click.option("--prefix", default="coupons", show_default=True,
+              help="Users are <prefix>-worker, -producer, -flower and -console.")
+@click.option("--rabbitmqctl", "rabbitmqctl", default="rabbitmqctl", show_default=True,
+              help="How to call rabbitmqctl (e.g. `rabbitmqctl -n rabbit@mq`).")
+def broker_users(vhost: str, prefix: str, rabbitmqctl: str) -> None:
+    """Print the rabbitmqctl commands that create a user per component with only its
+    permissions, for the queue names of these settings (COUPONS_*_QUEUE).
+
+    Passwords are read, when the lines run, from RABBITMQ_WORKER_PASSWORD,
+    RABBITMQ_PRODUCER_PASSWORD, RABBITMQ_FLOWER_PASSWORD and RABBITMQ_CONSOLE_PASSWORD
+    (required: there is no default). Pipe the output to `sh`; running it again updates the
+    passwords and permissions.
+    """
+    from worker.broker.permissions import rabbitmqctl_commands
+
+    settings = settings_or_exit()
+    click.echo("set -e")
+    for line in rabbitmqctl_commands(settings, vhost=vhost, prefix=prefix,
+                                     rabbitmqctl=rabbitmqctl):
+        click.echo(line)
