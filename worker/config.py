@@ -132,6 +132,9 @@ class Settings(BaseSettings):
         5, ge=1, validation_alias="COUPONS_DB_KEEPALIVE_INTERVAL_SECONDS")
     db_keepalive_count: int = Field(3, ge=1, validation_alias="COUPONS_DB_KEEPALIVE_COUNT")
 
+    #: Connections each process keeps open to the ledger; it may open as many again at a peak
+    #: (SQLAlchemy's overflow), so a process holds at most twice this (docs/capacity.md).
+    db_pool_size: int = Field(5, ge=1, le=50, validation_alias="COUPONS_DB_POOL_SIZE")
     #: The ledger's roles are ``<prefix>_owner``, ``_worker``, ``_console``, ``_retention``
     #: (``coupon-worker db roles``); ``migrate`` grants them their tables when they exist.
     db_role_prefix: str = Field("coupon", pattern=r"^[a-z_][a-z0-9_]{0,30}$",

@@ -4,11 +4,13 @@ component) and ``doctor`` (a deployment's settings against the capacity guide)."
 from __future__ import annotations
 
 import os
+import sys
 
 import click
 
-from worker.cli.output import fail, say, settings_or_exit
+from worker.cli.output import fail, print_json, say, settings_or_exit
 from worker.cli.root import main
+from worker.sanitize import printable
 
 # -- db roles ------------------------------------------------------------------------------
 
@@ -102,3 +104,73 @@ def broker_users(vhost: str, prefix: str, rabbitmqctl: str) -> None:
     for line in rabbitmqctl_commands(settings, vhost=vhost, prefix=prefix,
                                      rabbitmqctl=rabbitmqctl):
         click.echo(line)
+
+
+# -- doctor --------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="Worker processes (`coupon-worker worker`) the fleet runs, on every host.")
+@click.option("--concurrency", type=int, default=None,
+              help="Pool processes per worker (default: COUPONS_WORKER_CONCURRENCY or the "
+                   "CPUs here).")
+@click.option("--max-connections", type=int, default=None,
+              help="PostgreSQL's max_connections, instead of asking the server.")
+@click.option("--broker-nodes", type=int, default=None,
+              help="RabbitMQ nodes in the cluster, instead of asking its management API.")
+@click.option("--latency-ms", type=float, default=None,
+              help="One Capillary call's latency, for the quota check (default 500).")
+@click.option("--offline", is_flag=True, help="Ask neither PostgreSQL nor RabbitMQ.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def doctor(workers: int, concurrency: int | None, max_connections: int | None,
+           broker_nodes: int | None, latency_ms: float | None, offline: bool,
+           as_json: bool) -> None:
+    """Check this deployment's settings against the capacity guide (docs/capacity.md): pool
+    sizes against max_connections, quorum queues on one node, a pooler without
+    COUPONS_DB_POOLER=transaction, superusers and plain http, the fleet against the quota.
+
+    Exit 1 when something must change, 0 otherwise (warnings included).
+    """
+    from worker import doctor as d
+
+    settings = settings_or_exit()
+    concurrency = concurrency or settings.worker_concurrency or os.cpu_count() or 1
+    database: d.DatabaseFacts | None = None
+    database_error = broker_error = None
+    if not offline:
+        import psycopg
+
+        try:
+            database = d.observe_database(settings.database_url)
+        except psycopg.Error as exc:
+            database_error = f"PostgreSQL did not answer: {str(exc).strip()}"
+    if max_connections is not None:
+        database = d.DatabaseFacts(
+            max_connections=max_connections,
+            reserved_connections=database.reserved_connections if database else 3,
+            server_port=database.server_port if database else None,
+            superuser=database.superuser if database else False)
+    if broker_nodes is None and not offline and settings.queue_type == "quorum":
+        try:
+            broker_nodes = d.observe_broker_nodes(settings)
+        except (OSError, ValueError) as exc:
+            broker_error = str(exc)
+    facts = d.Facts(settings=settings, workers=workers, concurrency=concurrency,
+                    pooler_setting=d.pooler_setting(settings), database=database,
+                    database_error=database_error or ("offline" if offline else None),
+                    broker_nodes=broker_nodes,
+                    broker_error=broker_error or "offline: pass --broker-nodes",
+                    call_latency_s=(latency_ms / 1000.0 if latency_ms
+                                    else d.DEFAULT_CALL_LATENCY_S))
+    findings = d.examine(facts)
+    if as_json:
+        print_json({"problems": d.has_problems(findings), "findings": d.as_dicts(findings)})
+    else:
+        # Plain lines, never wrapped: read from logs and deployment scripts.
+        for finding in findings:
+            click.echo(printable(f"{finding.severity.upper():8} {finding.check}: "
+                                 f"{finding.message}"))
+            if finding.change and finding.severity != "ok":
+                click.echo(printable(f"{'':8} change: {finding.change}"))
+    sys.exit(1 if d.has_problems(findings) else 0)
