@@ -41,6 +41,8 @@ from worker.services import utcnow
 
 CLI = Path(sys.executable).parent / "coupon-worker"
 JOBS_WITH_LOGIN = ("owner", "worker", "console", "retention")
+# How the guide writes "no right" (an en dash).
+NONE = "\u2013"
 
 
 @dataclass(frozen=True)
@@ -312,3 +314,15 @@ def test_a_password_may_come_from_a_file(tmp_path: Path) -> None:
     assert roles.password_from_environment(
         "worker", {"COUPONS_DB_WORKER_PASSWORD_FILE": str(secret)}) == "from-a-file"
     assert roles.password_from_environment("worker", {}) is None
+
+
+def test_the_security_guide_lists_the_grants_as_they_are() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "security.md").read_text()
+    listed = doc.split("<!-- grants:start -->\n", 1)[1].split("<!-- grants:end -->", 1)[0]
+    jobs = ("worker", "console", "retention")
+    rows = ["| table | " + " | ".join(f"`coupon_{job}`" for job in jobs) + " |",
+            "|---|" + "---|" * len(jobs)]
+    for table in sorted(roles.GRANTS):
+        rights = [", ".join(roles.table_grants(job).get(table, ())) or NONE for job in jobs]
+        rows.append(f"| `{table}` | " + " | ".join(rights) + " |")
+    assert listed.strip() == "\n".join(rows)
