@@ -6,20 +6,32 @@ pings the worker, the console resubmits) and is refused what its job must not do
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import amqp.exceptions
 import pytest
-from celery import Celery
+import requests
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 from sqlalchemy import Engine
 
+from coupon_devtools.harness.processes import Spawned, free_port, spawn
 from coupon_devtools.harness.rabbitmqctl import create_vhost, delete_vhost, rabbitmqctl
 from tests.acceptance.helpers import example_event, publish, wait_for_state
-from tests.conftest import RABBIT_HOST, WorkerProcess, run_cli
+from tests.conftest import (
+    RABBIT_HOST,
+    REPO_ROOT,
+    WorkerProcess,
+    coupon_worker_command,
+    run_cli,
+    settings_env,
+    wait_until,
+)
 from worker.broker import topology
 from worker.broker.celery_config import producer_app
 from worker.broker.permissions import COMPONENTS, password_variable, user_name
@@ -75,36 +87,43 @@ def _publish(url: str, exchange: str, *, declare: list[Queue] | None = None) -> 
                                          routing_key=exchange, declare=declare or [])
 
 
+def _delete(url: str, queue: str) -> None:
+    with Connection(url) as conn:
+        conn.channel().queue_delete(queue)
+
+
 def _consume(url: str, queue: Queue) -> None:
     with Connection(url) as conn:
         Consumer(conn.channel(), [queue], callbacks=[lambda *_: None]).consume()
-        conn.drain_events(timeout=0.5)
+        # A refusal closes the channel at once; an allowed consumer just finds nothing.
+        with contextlib.suppress(TimeoutError):
+            conn.drain_events(timeout=0.5)
 
 
 def test_each_component_does_its_job_with_its_own_user(
         users: Users, settings_factory: Callable[..., Settings], clean_ledger: Engine,
-        sandbox: object, start_worker: Callable[..., WorkerProcess]) -> None:
+        sandbox: object, start_worker: Callable[..., WorkerProcess], tmp_path: Path) -> None:
     worker_settings = settings_factory(broker_url=users.url("worker"))
     # When a real worker runs as the worker user (it declares the topology, consumes, sends
     # task events and answers remote control)
     worker = start_worker(worker_settings)
-    # and the producer user publishes an event on the bus
-    producer_settings = settings_factory(broker_url=users.url("producer"))
-    event = example_event(f"users-{uuid.uuid4().hex[:6]}", series=(544770,))
-    publish(producer_settings, event)
-    # Then it is issued
-    wait_for_state(clean_ledger, event["eventId"], "completed")
-    # And Flower's user reads task events from a queue of its own and pings the workers
-    flower_settings = settings_factory(broker_url=users.url("flower"))
-    flower = Celery(broker=flower_settings.broker_url)
+    # and real Flower as Flower's user
+    flower = _start_flower(settings_factory(broker_url=users.url("flower")), tmp_path)
     try:
-        replies = flower.control.ping(timeout=5.0)
+        # and the producer user publishes an event on the bus
+        producer_settings = settings_factory(broker_url=users.url("producer"))
+        event = example_event(f"users-{uuid.uuid4().hex[:6]}", series=(544770,))
+        publish(producer_settings, event)
+        # Then it is issued
+        wait_for_state(clean_ledger, event["eventId"], "completed")
+        # And Flower saw the task (its own event queue) and asks the worker for its state
+        wait_until(lambda: _flower_json(flower.url, "/api/tasks"), timeout_s=30,
+                   message="Flower to show the task")
+        workers = wait_until(lambda: _flower_json(flower.url, "/api/workers?refresh=1"),
+                             timeout_s=30, message="Flower to reach the worker")
+        assert any(worker.name in name for name in workers), workers
     finally:
-        flower.close()
-    assert any(worker.name in name for reply in replies for name in reply), replies
-    events_queue = Queue(f"celeryev.{uuid.uuid4()}", Exchange("celeryev", type="topic"),
-                         routing_key="#", auto_delete=True)
-    _consume(users.url("flower"), events_queue)
+        flower.process.stop(grace_s=10)
     # And the console's user resubmits an event as a task, which is issued too
     console_settings = settings_factory(broker_url=users.url("console"))
     resubmitted = parse_event_data(example_event(f"resub-{uuid.uuid4().hex[:6]}",
@@ -117,15 +136,46 @@ def test_each_component_does_its_job_with_its_own_user(
     wait_for_state(clean_ledger, resubmitted.eventId, "completed")
 
 
+@dataclass
+class _Flower:
+    url: str
+    process: Spawned
+
+
+FLOWER_AUTH = ("support", "flower-test-login")
+
+
+def _start_flower(settings: Settings, tmp_path: Path) -> _Flower:
+    port = free_port()
+    env = {**settings_env(settings), "FLOWER_BASIC_AUTH": ":".join(FLOWER_AUTH)}
+    process = spawn("flower", [coupon_worker_command(), "flower", "--port", str(port)], env,
+                    tmp_path, cwd=REPO_ROOT)
+    flower = _Flower(f"http://127.0.0.1:{port}", process)
+    wait_until(lambda: _flower_json(flower.url, "/api/workers"), timeout_s=30,
+               message="Flower to answer")
+    return flower
+
+
+def _flower_json(url: str, path: str) -> Any:
+    try:
+        answer = requests.get(f"{url}{path}", auth=FLOWER_AUTH, timeout=10)
+    except requests.RequestException:
+        return None
+    return answer.json() if answer.status_code == 200 else None
+
+
 def test_each_user_is_refused_what_its_job_must_not_do(
         users: Users, settings: Settings) -> None:
     tasks, events = topology.tasks_queue(settings), topology.events_queue(settings)
     dead = topology.dead_queue(settings)
     # Given the topology, declared by the worker's user
     with Connection(users.url("worker")) as conn:
-        for queue in (tasks, events, dead):
-            queue(conn.channel()).declare()
-    # Flower's user publishes no coupon task, reads no project queue
+        for declared in (tasks, events, dead):
+            declared(conn.channel()).declare()
+    # Flower's user reads task events through a queue of its own, and nothing else:
+    _consume(users.url("flower"), Queue(f"celeryev.{uuid.uuid4()}",
+                                        Exchange("celeryev", type="topic"), routing_key="#",
+                                        auto_delete=True))
     _refused(lambda: _publish(users.url("flower"), settings.tasks_queue))
     _refused(lambda: _publish(users.url("flower"), settings.events_queue))
     _refused(lambda: _consume(users.url("flower"), tasks))
@@ -139,8 +189,6 @@ def test_each_user_is_refused_what_its_job_must_not_do(
     _refused(lambda: _consume(users.url("console"), dead))
     _refused(lambda: _publish(users.url("console"), settings.events_queue))
     # nobody deletes a queue it does not declare (the console declares tasks and retries)
-    for component, queue in (("producer", settings.tasks_queue), ("flower", settings.tasks_queue),
-                             ("console", settings.events_queue),
-                             ("console", settings.dead_queue)):
-        with Connection(users.url(component)) as conn:
-            _refused(lambda conn=conn, queue=queue: conn.channel().queue_delete(queue))
+    for component, name in (("producer", settings.tasks_queue), ("flower", settings.tasks_queue),
+                            ("console", settings.events_queue), ("console", settings.dead_queue)):
+        _refused(lambda component=component, name=name: _delete(users.url(component), name))
