@@ -192,3 +192,15 @@ def test_each_user_is_refused_what_its_job_must_not_do(
     for component, name in (("producer", settings.tasks_queue), ("flower", settings.tasks_queue),
                             ("console", settings.events_queue), ("console", settings.dead_queue)):
         _refused(lambda component=component, name=name: _delete(users.url(component), name))
+
+
+def test_the_bridge_intake_forwards_as_the_worker_user(
+        users: Users, settings_factory: Callable[..., Settings], clean_ledger: Engine,
+        sandbox: object, start_worker: Callable[..., WorkerProcess]) -> None:
+    # Given a worker that forwards bus messages as tasks (through the default exchange)
+    start_worker(settings_factory(broker_url=users.url("worker"), bus_intake="bridge"))
+    # When the producer publishes on the bus
+    event = example_event(f"bridge-{uuid.uuid4().hex[:6]}", series=(544770,))
+    publish(settings_factory(broker_url=users.url("producer")), event)
+    # Then the forwarded task is issued
+    wait_for_state(clean_ledger, event["eventId"], "completed")

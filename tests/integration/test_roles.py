@@ -326,3 +326,48 @@ def test_the_security_guide_lists_the_grants_as_they_are() -> None:
         rights = [", ".join(roles.table_grants(job).get(table, ())) or NONE for job in jobs]
         rows.append(f"| `{table}` | " + " | ".join(rights) + " |")
     assert listed.strip() == "\n".join(rows)
+
+
+def test_the_printed_sql_runs_in_psql_with_the_passwords_as_variables() -> None:
+    # Given a database with a table made before the roles existed, by the administrator
+    tag = uuid.uuid4().hex[:8]
+    prefix, database = f"cwp{tag}", f"cw_roles_sql_{tag}"
+    admin = make_url(PG_ADMIN_URL)
+    with psycopg.connect(admin.set(drivername="postgresql").render_as_string(
+            hide_password=False), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{database}"'.encode())
+    target = admin.set(drivername="postgresql", database=database)
+    try:
+        with psycopg.connect(target.render_as_string(hide_password=False),
+                             autocommit=True) as conn:
+            conn.execute(b"CREATE TABLE events (event_id text PRIMARY KEY)")
+        printed = _run("db", "roles", "--prefix", prefix,
+                       env={"COUPONS_DATABASE_URL": target.set(
+                           drivername="postgresql+psycopg").render_as_string(
+                               hide_password=False)})
+        assert printed.returncode == 0, printed.stderr
+        # When an administrator runs it with psql, twice (it is idempotent)
+        variables = [arg for job in JOBS_WITH_LOGIN
+                     for arg in ("-v", f"{prefix}_{job}_password=pw-{job}")]
+        for _ in range(2):
+            ran = subprocess.run(
+                ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", *variables,
+                 "-h", target.host or "127.0.0.1", "-p", str(target.port or 5432),
+                 "-U", target.username or "postgres", "-d", database],
+                input=printed.stdout, capture_output=True, text=True, timeout=60, check=False)
+            assert ran.returncode == 0, ran.stderr
+        # Then the roles exist, each with a password, and the owner owns the old table
+        with psycopg.connect(target.render_as_string(hide_password=False)) as conn:
+            rows = conn.execute(
+                "SELECT rolname, rolpassword IS NOT NULL, rolsuper FROM pg_authid "
+                "WHERE rolname LIKE %s ORDER BY rolname", (f"{prefix}_%",)).fetchall()
+            owner = conn.execute("SELECT tableowner FROM pg_tables "
+                                 "WHERE tablename = 'events'").fetchone()
+        assert rows == sorted((f"{prefix}_{job}", True, False) for job in JOBS_WITH_LOGIN)
+        assert owner == (f"{prefix}_owner",)
+    finally:
+        drop_database(PG_ADMIN_URL, database)
+        with psycopg.connect(admin.set(drivername="postgresql").render_as_string(
+                hide_password=False), autocommit=True) as conn:
+            for job in JOBS_WITH_LOGIN:
+                conn.execute(f"DROP ROLE IF EXISTS {prefix}_{job}".encode())
