@@ -65,7 +65,8 @@ GRANTS: Mapping[str, Mapping[Job, tuple[str, ...]]] = {
 }
 
 #: What the retention job (pruning old rows) adds to the grants above: the retention change
-#: fills it in with its own migration (which tables it prunes, never ``operator_actions``).
+#: fills it in with its own change (the tables it prunes; the audit only as far as its trigger
+#: allows). The worker and the console never get ``DELETE`` on what is evidence.
 RETENTION_GRANTS: Mapping[str, tuple[str, ...]] = {}
 
 
