@@ -64,9 +64,9 @@ GRANTS: Mapping[str, Mapping[Job, tuple[str, ...]]] = {
     "alembic_version": {"worker": (SEL,), "console": (SEL,), "retention": (SEL,)},
 }
 
-#: What the retention job (pruning old rows) adds to the grants above: the retention change
-#: fills it in with its own change (the tables it prunes; the audit only as far as its trigger
-#: allows). The worker and the console never get ``DELETE`` on what is evidence.
+#: What the retention job (pruning old rows) adds to the grants above, filled in by the
+#: retention change: the tables it prunes, the audit only as far as its trigger allows. The
+#: worker and the console never get ``DELETE`` on what is evidence.
 RETENTION_GRANTS: Mapping[str, tuple[str, ...]] = {}
 
 
