@@ -47,7 +47,7 @@ def worker_id() -> str:
 def build_deps(settings: Settings, publisher: Publisher, *, engine: Engine | None = None,
                metrics: Metrics | None = None) -> Deps:
     """The real dependencies for ``settings``."""
-    engine = engine or make_engine(settings.database_url,
+    engine = engine or make_engine(settings.database_url, pool_size=settings.db_pool_size,
                                    limits=ConnectionLimits.from_settings(settings))
     uow = sql_unit_of_work_factory(engine)
     limiter: RateLimiter = RetryAfterGate(engine)
@@ -113,8 +113,9 @@ class Container:
         self._settings_provider = settings
         self._publisher_factory = publisher
         self._lock = threading.Lock()
-        #: Database connections per process (prefork: one task at a time, plus the sweeper).
-        self.pool_size = 5
+        #: Database connections per process (prefork: one task at a time, plus the sweeper);
+        #: None: COUPONS_DB_POOL_SIZE.
+        self.pool_size: int | None = None
         self._pid: int | None = None
         self._deps: Deps | None = None
         self._engine: Engine | None = None
@@ -139,7 +140,8 @@ class Container:
                     # Inherited pool: forget its connections without closing the parent's.
                     self._engine.dispose(close=False)
                 settings = self.settings
-                self._engine = make_engine(settings.database_url, pool_size=self.pool_size,
+                self._engine = make_engine(settings.database_url,
+                                           pool_size=self.pool_size or settings.db_pool_size,
                                            limits=ConnectionLimits.from_settings(settings))
                 self._deps = build_deps(settings, self._publisher_factory(settings),
                                         engine=self._engine)

@@ -86,6 +86,10 @@ class Settings(BaseSettings):
     # URLs may carry passwords: kept out of repr(); safe_summary() shows them redacted.
     database_url: str = Field(
         DEFAULT_DATABASE_URL, validation_alias="COUPONS_DATABASE_URL", repr=False)
+    # The retention job's own connection (its role may delete; the worker's may not): the
+    # scheduled prune and `coupon-worker prune` use it when set (docs/security.md).
+    retention_database_url: str | None = Field(
+        None, validation_alias="COUPONS_RETENTION_DATABASE_URL", repr=False)
     broker_url: str = Field(DEFAULT_BROKER_URL, validation_alias="COUPONS_BROKER_URL", repr=False)
     broker_folder: str | None = Field(None, validation_alias="COUPONS_BROKER_FOLDER")
 
@@ -198,6 +202,14 @@ class Settings(BaseSettings):
     db_prepared_statements: Literal["auto", "on", "off"] = Field(
         "auto", validation_alias="COUPONS_DB_PREPARED_STATEMENTS")
 
+    #: Connections each process keeps open to the ledger; it may open as many again at a peak
+    #: (SQLAlchemy's overflow), so a process holds at most twice this (docs/capacity.md).
+    db_pool_size: int = Field(5, ge=1, le=50, validation_alias="COUPONS_DB_POOL_SIZE")
+    #: The ledger's roles are ``<prefix>_owner``, ``_worker``, ``_console``, ``_retention``
+    #: (``coupon-worker db roles``); ``migrate`` grants them their tables when they exist.
+    db_role_prefix: str = Field("coupon", pattern=r"^[a-z_][a-z0-9_]{0,30}$",
+                                validation_alias="COUPONS_DB_ROLE_PREFIX")
+
     heartbeat_dir: str = Field(DEFAULT_HEARTBEAT_DIR, min_length=1,
                                validation_alias="COUPONS_HEARTBEAT_DIR")
     heartbeat_interval_s: float = Field(
@@ -264,9 +276,11 @@ class Settings(BaseSettings):
             raise ValueError("every broker URL of the list must use the same scheme")
         return ";".join(urls)
 
-    @field_validator("database_url")
+    @field_validator("database_url", "retention_database_url")
     @classmethod
-    def _postgres_only(cls, value: str) -> str:
+    def _postgres_only(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         if not value.startswith(("postgresql", "postgres://")):
             raise ValueError("must be a PostgreSQL URL, e.g. postgresql+psycopg://user@host/db")
         if value.startswith("postgres://"):
@@ -393,6 +407,11 @@ class Settings(BaseSettings):
     def task_hard_time_limit_s(self) -> float:
         """A task is killed before its claim expires, so an expired lease means a dead task."""
         return max(self.lease_s - 5.0, 1.0)
+
+    @property
+    def retention_url(self) -> str:
+        """Where the retention job connects: its own URL, else the ledger's."""
+        return self.retention_database_url or self.database_url
 
     @property
     def claim_lease_s(self) -> float:

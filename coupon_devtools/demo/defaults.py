@@ -15,6 +15,7 @@ DEMO_VHOST: Final = "coupon-worker-demo"
 DEMO_QUEUE_PREFIX: Final = "demo"
 LOCAL_POSTGRES_URL: Final = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 LOCAL_RABBIT: Final = ("127.0.0.1", 5672)
+# THROWAWAY: the sandbox's own credentials, public in this repository; never a real API's.
 SANDBOX_USER, SANDBOX_PASSWORD = "store.server", "server123"
 STATE_FILE: Final = "demo-state.json"
 

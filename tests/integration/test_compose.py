@@ -2,8 +2,10 @@
 
 ``docker-compose config`` (Debian's docker-compose 1.29) validates the file against the compose
 schema and prints it normalized; the tests then check the wiring: services, start-up order,
-health checks, that every container runs a real ``coupon-worker`` subcommand and that the
-configuration goes through the project's environment variables only.
+health checks, that every container runs a real ``coupon-worker`` subcommand, that the
+configuration goes through the project's environment variables only, and least privilege: a
+database role and a broker user per component, Capillary's credentials in the worker only, no
+default secret in production (the sandbox's throwaway values live in ``deploy/sandbox.env``).
 """
 
 from __future__ import annotations
@@ -28,14 +30,25 @@ from worker.console.config import ConsoleSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
+SANDBOX_ENV = REPO_ROOT / "deploy" / "sandbox.env"
 DOCKERFILE = REPO_ROOT / "Dockerfile"
-SERVICES = {"postgres", "rabbitmq", "sandbox", "migrate", "worker", "flower", "console"}
-# Command-line options allowed per service: where to listen. Everything else is configuration
-# and must come from the environment.
+SERVICES = {"postgres", "rabbitmq", "sandbox", "db-roles", "migrate", "broker-users", "worker",
+            "flower", "console"}
+# The coupon-worker subcommand each project service runs.
+SUBCOMMANDS = {"sandbox": ["sandbox"], "db-roles": ["db", "roles"], "migrate": ["migrate"],
+               "worker": ["worker"], "flower": ["flower"], "console": ["console"]}
+# Command-line options allowed per service: where to listen, whether to apply. Everything else
+# is configuration and must come from the environment.
 ALLOWED_OPTIONS = {"sandbox": {"--host", "--port"}, "flower": {"--address", "--port"},
-                   "console": {"--host", "--port"}}
+                   "console": {"--host", "--port"}, "db-roles": {"--apply"}}
 # Environment variables the project reads that are not Settings fields.
-EXTRA_PROJECT_VARS = {"COUPONS_ENV_FILE"}
+EXTRA_PROJECT_VARS = {"COUPONS_ENV_FILE", *(f"COUPONS_DB_{job}_PASSWORD" for job in (
+    "OWNER", "WORKER", "CONSOLE", "RETENTION"))}
+# Who each component is, to PostgreSQL and to RabbitMQ.
+DATABASE_USERS = {"db-roles": "postgres", "migrate": "coupon_owner", "worker": "coupon_worker",
+                  "console": "coupon_console"}
+BROKER_USERS = {"worker": "coupons-worker", "flower": "coupons-flower",
+                "console": "coupons-console"}
 
 
 def _settings_env_names() -> set[str]:
@@ -48,29 +61,39 @@ def _settings_env_names() -> set[str]:
 
 
 @cache
-def compose_config() -> dict[str, Any]:
+def compose_config(profile: str = "production") -> dict[str, Any]:
+    """The normalized file: ``production`` with an operator's own secrets (placeholders here),
+    ``sandbox`` with ``deploy/sandbox.env``'s throwaway values."""
+    result = run_compose_config(profile)
+    assert result.returncode == 0, f"docker-compose config failed:\n{result.stderr}"
+    config = yaml.safe_load(result.stdout)
+    assert isinstance(config, dict)
+    return config
+
+
+def run_compose_config(profile: str, *, placeholders: bool = True,
+                       ) -> subprocess.CompletedProcess[str]:
     executable = shutil.which("docker-compose")
     if executable is None:
         pytest.fail("docker-compose is not installed: install Debian's docker-compose "
                     "(apt-get install docker-compose; CI installs it) to validate "
                     "docker-compose.yml", pytrace=False)
-    # Defaults only: ignore the caller's variables and any .env next to the compose file.
+    # Only what is given here: ignore the caller's variables and any .env next to the file.
     interpolated = set(re.findall(r"\$\{(\w+)", COMPOSE_FILE.read_text(encoding="utf-8")))
     env = {key: value for key, value in os.environ.items()
            if key not in interpolated and not key.startswith("COMPOSE_")}
-    # The secrets without a default: an operator's own values (placeholders here).
-    env.update({name: f"placeholder-{name.lower()}" for name in required_secrets()})
+    if profile == "production" and placeholders:
+        # The secrets without a default: an operator's own values (placeholders here).
+        env.update({name: f"placeholder-{name.lower()}" for name in required_secrets()})
     with tempfile.TemporaryDirectory() as scratch:
-        empty_env_file = Path(scratch) / "empty.env"
-        empty_env_file.touch()
-        result = subprocess.run(
-            [executable, "--env-file", str(empty_env_file), "-f", str(COMPOSE_FILE), "config"],
+        env_file = SANDBOX_ENV
+        if profile != "sandbox":
+            env_file = Path(scratch) / "empty.env"
+            env_file.touch()
+        return subprocess.run(
+            [executable, "--env-file", str(env_file), "-f", str(COMPOSE_FILE), "config"],
             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60, check=False,
         )
-    assert result.returncode == 0, f"docker-compose config failed:\n{result.stderr}"
-    config = yaml.safe_load(result.stdout)
-    assert isinstance(config, dict)
-    return config
 
 
 def required_secrets() -> set[str]:
@@ -78,15 +101,15 @@ def required_secrets() -> set[str]:
     return set(re.findall(r"\$\{(\w+):\?", COMPOSE_FILE.read_text(encoding="utf-8")))
 
 
-def services() -> dict[str, dict[str, Any]]:
-    found = compose_config()["services"]
+def services(profile: str = "production") -> dict[str, dict[str, Any]]:
+    found = compose_config(profile)["services"]
     assert isinstance(found, dict)
     return found
 
 
-def project_services() -> dict[str, dict[str, Any]]:
+def project_services(profile: str = "production") -> dict[str, dict[str, Any]]:
     """The services built from this repository's Dockerfile."""
-    return {name: svc for name, svc in services().items() if "build" in svc}
+    return {name: svc for name, svc in services(profile).items() if "build" in svc}
 
 
 def command_words(service: dict[str, Any]) -> list[str]:
@@ -109,18 +132,21 @@ def cli_subcommands() -> frozenset[str]:
 def test_compose_file_validates_and_has_all_services() -> None:
     assert COMPOSE_FILE.exists()
     assert set(services()) == SERVICES
-    assert set(project_services()) == {"sandbox", "migrate", "worker", "flower", "console"}
+    assert set(project_services()) == set(SUBCOMMANDS)
 
 
 def test_start_up_order() -> None:
     svcs = services()
+    done = {"condition": "service_completed_successfully"}
     assert svcs["worker"]["depends_on"] == {
-        "migrate": {"condition": "service_completed_successfully"},
-        "rabbitmq": {"condition": "service_healthy"},
-        "sandbox": {"condition": "service_healthy"},
+        "migrate": done, "broker-users": done, "rabbitmq": {"condition": "service_healthy"},
     }
-    assert svcs["migrate"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
-    assert svcs["migrate"]["restart"] == "no"
+    assert svcs["db-roles"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
+    assert svcs["migrate"]["depends_on"] == {"db-roles": done}
+    assert svcs["broker-users"]["depends_on"] == {"rabbitmq": {"condition": "service_healthy"}}
+    for one_shot in ("db-roles", "migrate", "broker-users"):
+        assert svcs[one_shot]["restart"] == "no"
+    assert svcs["console"]["depends_on"]["broker-users"] == done
     assert svcs["flower"]["depends_on"]["rabbitmq"] == {"condition": "service_healthy"}
 
 
@@ -164,11 +190,11 @@ def test_worker_can_be_scaled() -> None:
     assert "9808" in [str(port) for port in worker.get("expose", [])]
 
 
-@pytest.mark.parametrize("name", ["sandbox", "migrate", "worker", "flower", "console"])
+@pytest.mark.parametrize("name", sorted(SUBCOMMANDS))
 def test_project_services_run_real_subcommands(name: str) -> None:
     service = project_services()[name]
     words = command_words(service)
-    assert words[0] == name
+    assert words[:len(SUBCOMMANDS[name])] == SUBCOMMANDS[name]
     assert words[0] in cli_subcommands(), (
         f"service {name!r} runs `coupon-worker {words[0]}`, which `coupon-worker --help` does "
         f"not list (it lists {sorted(cli_subcommands())})")
@@ -180,7 +206,8 @@ def test_configuration_only_through_environment() -> None:
         assert "env_file" not in service, f"{name}: use environment, not env_file"
     for name, service in project_services().items():
         assert not service.get("volumes"), f"{name}: no configuration files are mounted"
-        options = {word.split("=", 1)[0] for word in command_words(service)[1:]
+        options = {word.split("=", 1)[0]
+                   for word in command_words(service)[len(SUBCOMMANDS[name]):]
                    if word.startswith("-")}
         extra = options - ALLOWED_OPTIONS.get(name, set())
         assert not extra, f"{name}: configure {sorted(extra)} through environment variables"
@@ -192,34 +219,129 @@ def test_configuration_only_through_environment() -> None:
                     f"{name}: {var} is not a variable the project reads (worker/config.py)")
 
 
-@pytest.mark.parametrize("name", ["migrate", "worker", "console"])
+@pytest.mark.parametrize("name", ["db-roles", "migrate", "worker", "flower", "console"])
 def test_environment_uses_project_names_and_compose_hosts(name: str) -> None:
-    env = project_services()[name]["environment"]
-    hosts = {
-        "COUPONS_DATABASE_URL": "postgres",
-        "COUPONS_BROKER_URL": "rabbitmq",
-        "CAPILLARY_BASE_URL": "sandbox",
-    }
+    env = project_services("sandbox")[name]["environment"]
+    hosts = {"COUPONS_DATABASE_URL": "postgres", "COUPONS_BROKER_URL": "rabbitmq",
+             "CAPILLARY_BASE_URL": "sandbox"}
     for var, host in hosts.items():
-        assert var in env, f"{name} does not set {var}"
-        assert urlsplit(env[var]).hostname == host, f"{name}: {var} should point at {host}"
-    assert env["COUPONS_DATABASE_URL"].startswith("postgresql+psycopg://")
-    assert env["COUPONS_DATABASE_URL"].endswith("/coupon_worker")
+        if var in env:
+            assert urlsplit(env[var]).hostname == host, f"{name}: {var} should point at {host}"
+    if "COUPONS_DATABASE_URL" in env:
+        assert env["COUPONS_DATABASE_URL"].startswith("postgresql+psycopg://")
+        assert env["COUPONS_DATABASE_URL"].endswith("/coupon_worker")
     assert env["COUPONS_ENV_FILE"] == "", "no dotenv file inside the containers"
     assert env["COUPONS_LOG_FORMAT"] == "json"
-    assert env.get("CAPILLARY_USERNAME") and env.get("CAPILLARY_PASSWORD")
 
 
-def test_secrets_can_be_overridden() -> None:
+def test_each_component_has_its_own_database_role() -> None:
+    for name, service in project_services().items():
+        url = service["environment"].get("COUPONS_DATABASE_URL") \
+            if service.get("environment") else None
+        if name not in DATABASE_USERS:
+            assert url is None, f"{name} needs no database"
+            continue
+        parts = urlsplit(url)
+        assert parts.username == DATABASE_USERS[name], name
+        assert parts.password and parts.password.startswith("placeholder-"), (
+            f"{name}: the database password must be an operator's required variable")
+    # The roles' passwords go to the step that makes the roles, and nowhere else
+    roles_env = services()["db-roles"]["environment"]
+    for job in ("OWNER", "WORKER", "CONSOLE"):
+        assert roles_env[f"COUPONS_DB_{job}_PASSWORD"].startswith("placeholder-"), job
+    for name in ("worker", "console", "flower"):
+        assert not [k for k in services()[name]["environment"] if k.startswith("COUPONS_DB_")]
+
+
+def test_each_component_has_its_own_broker_user() -> None:
+    for name, service in project_services().items():
+        url = service["environment"].get("COUPONS_BROKER_URL") \
+            if service.get("environment") else None
+        if name not in BROKER_USERS:
+            assert url is None, f"{name} needs no broker"
+            continue
+        parts = urlsplit(url)
+        assert parts.username == BROKER_USERS[name], name
+        assert parts.password and parts.password.startswith("placeholder-"), name
+    # the administrator is no component's user
+    admin = services()["rabbitmq"]["environment"]["RABBITMQ_DEFAULT_USER"]
+    assert admin not in BROKER_USERS.values() and admin != "guest"
+
+
+def test_broker_users_are_made_with_the_commands_the_cli_prints() -> None:
+    # Given the one-shot step that makes the users on the node
+    step = services()["broker-users"]
+    assert step["image"] == services()["rabbitmq"]["image"]
+    assert step["entrypoint"] == ["sh", "-c"]
+    script = step["command"][0].replace("$$", "$")
+    # Then its lines are exactly what `coupon-worker broker users` prints for that node
+    cli = Path(sys.executable).parent / "coupon-worker"
+    printed = subprocess.run(
+        [str(cli), "broker", "users", "--rabbitmqctl", "rabbitmqctl -n rabbit@rabbitmq"],
+        capture_output=True, text=True, timeout=30, check=False,
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("COUPONS_")},
+             "COUPONS_ENV_FILE": ""})
+    assert printed.returncode == 0, printed.stderr
+    assert script.strip() == printed.stdout.strip()
+    assert services()["rabbitmq"]["hostname"] == "rabbitmq"
+    env = step["environment"]
+    for component in ("WORKER", "PRODUCER", "FLOWER", "CONSOLE"):
+        assert env[f"RABBITMQ_{component}_PASSWORD"].startswith("placeholder-"), component
+
+
+def test_only_the_worker_holds_capillary_credentials() -> None:
+    for name, service in services().items():
+        env = service.get("environment") or {}
+        held = sorted(k for k in env if k.startswith("CAPILLARY_"))
+        if name == "worker":
+            assert {"CAPILLARY_BASE_URL", "CAPILLARY_USERNAME", "CAPILLARY_PASSWORD"} <= set(held)
+        else:
+            assert not held, f"{name} holds {held}: only the worker calls Capillary"
+
+
+def test_production_ships_no_default_secret_nor_plain_http() -> None:
+    # Given the compose file with nothing set: it refuses to start, naming what is missing
+    bare = run_compose_config("production", placeholders=False)
+    assert bare.returncode != 0
+    assert "set " in bare.stderr
+    # and nothing secret, nor Capillary's address, has a default to fall back on
     text = COMPOSE_FILE.read_text(encoding="utf-8")
-    for var in ("POSTGRES_PASSWORD", "CAPILLARY_USERNAME", "CAPILLARY_PASSWORD"):
-        assert f"${{{var}:-" in text, f"{var} should be ${{{var}:-default}} in the compose file"
-    assert services()["flower"]["environment"]["FLOWER_BASIC_AUTH"]
+    defaults = dict(re.findall(r"\$\{(\w+):-([^}]*)\}", text))
+    secretive = [name for name in defaults
+                 if re.search(r"PASSWORD|SECRET|USERS|AUTH|CAPILLARY_(BASE_URL|USERNAME)", name)]
+    assert not secretive, f"defaults for {secretive}"
+    assert defaults["CAPILLARY_ALLOW_INSECURE_HTTP"] == "false"
+    # and the worker refuses a plain-http API there
+    env = dict(services()["worker"]["environment"])
+    with pytest.raises(ValueError, match="plain http:// is refused"):
+        Settings(**{**env, "CAPILLARY_BASE_URL": "http://eu.api.capillarytech.com"})
+    assert Settings(**{**env, "CAPILLARY_BASE_URL": "https://eu.api.capillarytech.com"})
+
+
+def test_the_sandbox_profile_runs_on_labelled_throwaway_values() -> None:
+    # Given deploy/sandbox.env: every secret the file requires, throwaway and saying so
+    lines = SANDBOX_ENV.read_text(encoding="utf-8").splitlines()
+    assert "THROWAWAY" in "\n".join(line for line in lines if line.startswith("#"))
+    values = dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+    assert required_secrets() <= set(values)
+    for name, value in values.items():
+        if "PASSWORD" in name and not name.startswith("CAPILLARY_"):
+            assert value.startswith("throwaway-"), name
+    # Then the sandbox runs, and the worker calls it over plain http on purpose
+    assert values["COMPOSE_PROFILES"] == "sandbox"
+    sandbox = services("sandbox")
+    assert sandbox["sandbox"]["profiles"] == ["sandbox"]
+    env = sandbox["worker"]["environment"]
+    assert env["CAPILLARY_BASE_URL"] == "http://sandbox:8750"
+    assert Settings(**env).capillary_allow_insecure_http is True
+    assert services("production")["sandbox"]["profiles"] == ["sandbox"], (
+        "the sandbox starts only with its profile")
 
 
 def test_nothing_published_ships_a_default_password() -> None:
-    # Given what the host can reach: RabbitMQ, Flower, the console
-    assert {"RABBITMQ_PASSWORD", "FLOWER_BASIC_AUTH", "COUPONS_CONSOLE_SECRET",
+    # Given what the host can reach: the two administrators, Flower, the console
+    assert {"POSTGRES_PASSWORD", "RABBITMQ_PASSWORD", "FLOWER_BASIC_AUTH",
+            "COUPONS_CONSOLE_SECRET",
             "COUPONS_CONSOLE_USERS"} <= required_secrets()
     rabbit = services()["rabbitmq"]["environment"]
     assert rabbit["RABBITMQ_DEFAULT_USER"] != "guest"
@@ -231,12 +353,6 @@ def test_nothing_published_ships_a_default_password() -> None:
         for port in service.get("ports", []):
             host_ip = port.get("host_ip") if isinstance(port, dict) else str(port).split(":")[0]
             assert host_ip == "127.0.0.1", f"{name} publishes {port} on every interface"
-
-
-def test_flower_does_not_receive_capillary_credentials() -> None:
-    env = services()["flower"]["environment"]
-    assert not [k for k in env if k.startswith("CAPILLARY_")], sorted(env)
-    assert urlsplit(env["COUPONS_BROKER_URL"]).hostname == "rabbitmq"
 
 
 def test_console_needs_its_secret_and_users() -> None:

@@ -103,6 +103,11 @@ class CeleryPublisher:
                         TASK_RETRY,
                         kwargs={"entity_id": d.entity_id},
                         queue=self._retry_queue.name,
+                        # Through the queue's own exchange, not Celery's shortcut through the
+                        # default one: a broker user may then publish to these queues only
+                        # (worker.broker.permissions).
+                        exchange=self._retry_queue.exchange.name,
+                        routing_key=self._retry_queue.routing_key,
                         producer=producer,
                         argsrepr="()",
                         kwargsrepr=f"entity={d.entity_id} "
@@ -120,6 +125,8 @@ class CeleryPublisher:
                 TASK_ISSUE,
                 kwargs={"event": event.to_message(), "source": source},
                 queue=self._tasks_queue.name,
+                exchange=self._tasks_queue.exchange.name,
+                routing_key=self._tasks_queue.routing_key,
                 argsrepr="()",
                 kwargsrepr=event_argsrepr(event.eventId, event.customer.key,
                                           list(event.seriesIds)),

@@ -23,6 +23,7 @@ from worker.broker.context import container_of, links_of, step_settings
 from worker.errors import LedgerUnavailable
 from worker.ledger.jobs import ReplayJobStore
 from worker.ledger.retention import RetentionStore
+from worker.ledger.unit_of_work import ConnectionLimits, make_engine
 from worker.policy import consumption_for_circuit, consumption_for_ledger_down
 from worker.replay import SupportDeps
 
@@ -109,14 +110,22 @@ class Sweeper(bootsteps.StartStopStep):
         container = container_of(self._worker.app)
         settings = container.settings
         policy = retention.policy_from(settings)
-        while not self._stop.wait(RETENTION_CHECK_S) and self._worker_running():
-            try:
-                deps = container.deps()
-                retention.run_scheduled(
-                    RetentionStore(container.engine), policy,
-                    every_s=settings.retention_interval_s, worker=deps.worker_id,
-                    pruned=deps.metrics.ledger_pruned)
-            except LedgerUnavailable as exc:
-                log.error("retention.ledger_unavailable", extra={"error": str(exc)})
-            except Exception:
-                log.exception("retention.failed")
+        # The retention role's own connection when one is set: the worker's role may not delete.
+        own = None if settings.retention_database_url is None else make_engine(
+            settings.retention_database_url, pool_size=1, application_name="coupon-retention",
+            limits=ConnectionLimits.from_settings(settings))
+        try:
+            while not self._stop.wait(RETENTION_CHECK_S) and self._worker_running():
+                try:
+                    deps = container.deps()
+                    retention.run_scheduled(
+                        RetentionStore(own or container.engine), policy,
+                        every_s=settings.retention_interval_s, worker=deps.worker_id,
+                        pruned=deps.metrics.ledger_pruned)
+                except LedgerUnavailable as exc:
+                    log.error("retention.ledger_unavailable", extra={"error": str(exc)})
+                except Exception:
+                    log.exception("retention.failed")
+        finally:
+            if own is not None:
+                own.dispose()

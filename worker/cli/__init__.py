@@ -13,6 +13,9 @@
     coupon-worker console                 the support console in the browser
     coupon-worker duplicates              entities holding two of our coupons
     coupon-worker prune --older-than 90d  prune settled events, age out the audit trail
+    coupon-worker db roles                the ledger's PostgreSQL roles per job
+    coupon-worker broker users            a RabbitMQ user per component (rabbitmqctl)
+    coupon-worker doctor                  a deployment's settings against the capacity guide
     coupon-worker sandbox                 run the sandbox Capillary server      (dev tools)
     coupon-worker demo | bench | chaos    the demo, the benchmark, the chaos run (dev tools)
 
@@ -20,9 +23,18 @@ The dev-tool commands live in the ``coupon_devtools`` package (the ``devtools`` 
 runtime never imports it, and this command line finds those commands only when one is asked for.
 """
 
-from worker.cli import broker, publishing, rejected, retention, runtime, support, webconsole
+from worker.cli import (
+    broker,
+    deploy,
+    publishing,
+    rejected,
+    retention,
+    runtime,
+    support,
+    webconsole,
+)
 from worker.cli.root import main
 
 # Importing the command modules registers their commands on ``main``.
-__all__ = ["broker", "main", "publishing", "rejected", "retention", "runtime", "support",
-           "webconsole"]
+__all__ = ["broker", "deploy", "main", "publishing", "rejected", "retention", "runtime",
+           "support", "webconsole"]

@@ -68,7 +68,7 @@ def prune(older_than: str | None, batch_size: int | None, dry_run: bool,
             batch_size=batch_size)
     except ValueError as exc:
         fail(str(exc), 2)
-    engine = make_engine(settings.database_url, pool_size=1, application_name="coupon-prune",
+    engine = make_engine(settings.retention_url, pool_size=1, application_name="coupon-prune",
                          limits=ConnectionLimits(pooler=settings.db_pooler))
     try:
         report = run_prune(RetentionStore(engine), policy, dry_run=dry_run)

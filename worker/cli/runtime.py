@@ -18,7 +18,7 @@ from worker.errors import ConfigurationError, WorkerError
 @main.command()
 def migrate() -> None:
     """Create the ledger database if it is missing, then upgrade it to the latest schema."""
-    from worker.ledger.migrate import ensure_database, schema_status, upgrade
+    from worker.ledger.migrate import ensure_database, grant_roles, schema_status, upgrade
     from worker.logs import configure_logging
 
     settings = settings_or_exit()
@@ -27,9 +27,12 @@ def migrate() -> None:
         created = ensure_database(settings.database_url)
         upgrade(settings.database_url)
         status = schema_status(settings.database_url, pooler=settings.db_pooler)
+        granted = grant_roles(settings.database_url, settings.db_role_prefix)
     except WorkerError as exc:
         fail(str(exc))
     where = settings.safe_summary()["database"]
+    if granted:
+        output.console.print(f"granted {', '.join(granted)} their tables", highlight=False)
     # What to watch during a roll: which releases' workers may run on the new schema.
     output.console.print(
         f"{'created and ' if created else ''}migrated {where} to revision {status.ledger} "

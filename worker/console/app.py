@@ -51,7 +51,7 @@ def create_app(settings: Settings, console: ConsoleSettings, *, engine: Engine |
     from worker.console import routes
     from worker.ledger.unit_of_work import ConnectionLimits, make_engine
 
-    engine = engine or make_engine(settings.database_url, pool_size=5,
+    engine = engine or make_engine(settings.database_url, pool_size=settings.db_pool_size,
                                    application_name="coupon-worker-console",
                                    limits=ConnectionLimits.from_settings(settings))
     support = support or build_support_deps(settings, engine)

@@ -163,6 +163,26 @@ def upgrade(database_url: str, revision: str = "head", *,
             raise
 
 
+def grant_roles(database_url: str, prefix: str) -> list[str]:
+    """After an upgrade: grant the ledger's roles (``worker.ledger.roles``) their tables, the
+    new ones included. Nothing when the roles were never created (one user for everything)."""
+    import psycopg
+
+    from worker.ledger import roles
+
+    names = roles.RoleNames(prefix)
+    try:
+        with roles.connect(database_url) as conn:
+            if roles.missing_roles(conn, names):
+                return []
+            roles.apply_grants(conn, names)
+    except psycopg.OperationalError as exc:
+        raise LedgerUnavailable(f"cannot reach PostgreSQL: {exc}") from exc
+    except psycopg.Error as exc:
+        raise LedgerError(f"cannot grant the roles their tables: {exc}") from exc
+    return [names.of(job) for job in roles.JOBS if job != "owner"]
+
+
 def current_revision(database_url: str) -> str | None:
     from alembic.migration import MigrationContext
 

@@ -1,0 +1,55 @@
+"""The capacity guide's connection arithmetic, held against a real worker: however busy, a
+worker of concurrency C never holds more ledger connections than ``ConnectionBudget`` says
+(C + 1 processes, each at most 2 x COUPONS_DB_POOL_SIZE), which is what ``coupon-worker
+doctor`` counts on."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable
+
+from sqlalchemy import Engine, text
+
+from tests.acceptance.helpers import example_event, publish, wait_for_state
+from tests.conftest import WorkerProcess
+from worker.config import Settings
+from worker.doctor import ConnectionBudget
+
+# The worker's own connections (its engines are named so), not the test's.
+WORKER_CONNECTIONS = text(
+    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+    "AND application_name = 'coupon-worker'")
+
+
+def test_a_busy_worker_stays_within_its_connection_budget(
+        settings_factory: Callable[..., Settings], clean_ledger: Engine, sandbox: object,
+        start_worker: Callable[..., WorkerProcess]) -> None:
+    # Given a worker of concurrency 2 with pools of 1 (so at most 2 connections a process)
+    settings = settings_factory(db_pool_size=1)
+    budget = ConnectionBudget(workers=1, concurrency=2, pool_size=1, consoles=0, tools=0)
+    start_worker(settings, concurrency=2)
+    peak = [0]
+    done = threading.Event()
+
+    def watch() -> None:
+        # Autocommit: within one transaction, pg_stat_activity would show its first snapshot.
+        with clean_ledger.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            while not done.is_set():
+                peak[0] = max(peak[0], conn.execute(WORKER_CONNECTIONS).scalar_one())
+                done.wait(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        # When it issues a burst of events, with the sweeper running beside them
+        events = [example_event(f"cap-{uuid.uuid4().hex[:6]}-{n}", series=(544770, 553379))
+                  for n in range(30)]
+        publish(settings, *events)
+        for event in events:
+            wait_for_state(clean_ledger, event["eventId"], "completed", timeout_s=60)
+    finally:
+        done.set()
+        watcher.join()
+    # Then it held connections, never more than the budget: (2 + 1) x 2 x 1 = 6
+    assert 1 <= peak[0] <= budget.worst_case == 6, peak[0]
