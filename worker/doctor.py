@@ -10,7 +10,6 @@ does not answer is a finding too, never a crash.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -115,13 +114,9 @@ class Facts:
         return ConnectionBudget(self.workers, self.concurrency, self.settings.db_pool_size)
 
 
-def pooler_setting(settings: Settings, environ: dict[str, str] | None = None) -> str | None:
-    """``COUPONS_DB_POOLER``: a Settings field where this release has it, else the variable."""
-    for name, spec in Settings.model_fields.items():
-        if spec.validation_alias == "COUPONS_DB_POOLER":
-            value = getattr(settings, name)
-            return None if value is None else str(getattr(value, "value", value))
-    return (environ if environ is not None else dict(os.environ)).get("COUPONS_DB_POOLER")
+def pooler_setting(settings: Settings) -> str:
+    """``COUPONS_DB_POOLER``: ``none`` or ``transaction``."""
+    return settings.db_pooler
 
 
 def check_connections(facts: Facts) -> list[Finding]:
@@ -194,6 +189,8 @@ def _pooler_detected(facts: Facts) -> bool:
 
 def check_pooler(facts: Facts) -> list[Finding]:
     setting = (facts.pooler_setting or "").lower() or None
+    if setting == "none":
+        setting = None
     if not _pooler_detected(facts):
         return [Finding("ok", "pooler", "direct connections to PostgreSQL"
                         + (f" (COUPONS_DB_POOLER={setting})" if setting else ""))]
@@ -205,7 +202,8 @@ def check_pooler(facts: Facts) -> list[Finding]:
                         f"a pooler sits between the workers and PostgreSQL ({how}) but "
                         f"COUPONS_DB_POOLER is {setting or 'unset'}: prepared statements and "
                         "session settings break on a pooler in transaction mode",
-                        "set COUPONS_DB_POOLER=transaction")]
+                        "set COUPONS_DB_POOLER=transaction (unless the pooler runs in session "
+                        "mode, where a server connection stays with one client)")]
     return [Finding("ok", "pooler", f"a pooler ({how}), COUPONS_DB_POOLER=transaction")]
 
 
