@@ -36,6 +36,7 @@ from coupon_devtools.chaos.disruptions import Context
 from coupon_devtools.chaos.faults import FaultBook
 from coupon_devtools.chaos.fleet import Fleet
 from coupon_devtools.chaos.ground_truth import consumers
+from coupon_devtools.chaos.recovery import RECOVERY_TARGET_S, claimed_now, recovery
 from coupon_devtools.chaos.report import Failover
 from coupon_devtools.chaos.run import ChaosRun
 from coupon_devtools.demo.backends import Backends, Broker, local_database
@@ -54,9 +55,6 @@ CLUSTER: Final = Profile(events=200, publish_s=20, kill_at_s=8, rabbit_at_s=8,
                          drop_at_s=0, late_original=False, settle_timeout_s=150)
 """200 events over 20 s; the leader dies 8 s in and stays down 8 s (the other disruptions'
 fields are unused)."""
-RECOVERY_TARGET_S: Final = 90.0
-"""The longest an entity whose call was in flight when its worker's node died may take to be
-issued: one claim lease and a read-back, with room (the lease is 20 s in a chaos run)."""
 FAILOVER_TIMEOUT_S: Final = 60.0
 """How long the kill waits for RabbitMQ to count every worker on every queue again (its counts
 come from statistics emitted every few seconds, and rabbitmqctl is slow on a busy machine)."""
@@ -86,14 +84,8 @@ class ClusterContext(Context):
 
 def _in_flight_now(engine: Engine) -> tuple[datetime, tuple[int, ...]]:
     """The database's clock and the entities claimed now."""
-    from sqlalchemy import func, select
-
-    from worker.ledger import models as m
-
-    with engine.connect() as conn:
-        now = conn.execute(select(func.now())).scalar_one()
-        ids = conn.execute(select(m.Entity.id).where(m.Entity.state == "in_flight")).scalars()
-        return now, tuple(int(i) for i in ids)
+    claimed = claimed_now(engine)
+    return claimed.at, tuple(claimed.holders)
 
 
 _CONNECTED = re.compile(r"^(\S+) INFO Connected to amqp://", re.MULTILINE)
@@ -257,19 +249,11 @@ class ClusterChaosRun(ChaosRun):
     def _recovered(self, ctx: ClusterContext) -> tuple[int, float | None]:
         """How many of the entities claimed at the kill were issued, and when the last was
         (seconds after the kill; None if one never was)."""
-        from sqlalchemy import select
-
-        from worker.ledger import models as m
-
-        if not ctx.in_flight or ctx.killed_at is None or self.engine is None:
+        if ctx.killed_at is None or self.engine is None:
             return 0, 0.0
-        with self.engine.connect() as conn:
-            issued = [t for (t,) in conn.execute(select(m.Entity.issued_at).where(
-                m.Entity.id.in_(ctx.in_flight), m.Entity.issued_at.is_not(None)))
-                if t is not None]
-        killed_at = ctx.killed_at
-        last = max(((t - killed_at).total_seconds() for t in issued), default=0.0)
-        return len(issued), (last if len(issued) == len(ctx.in_flight) else None)
+        found = recovery(self.engine, "claimed at the node's kill", ctx.killed_at,
+                         ctx.in_flight)
+        return found.recovered, found.recovered_s
 
     def restore(self) -> None:
         """The machine's services were not touched; the cluster goes in :meth:`close`."""

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -17,7 +18,8 @@ if TYPE_CHECKING:
     from coupon_devtools.sandbox import SandboxAdmin
 from coupon_devtools.chaos.defaults import ChaosError, Profile, Timeline, first_line
 from coupon_devtools.chaos.faults import FaultBook
-from coupon_devtools.chaos.fleet import Fleet
+from coupon_devtools.chaos.fleet import Fleet, Slot
+from coupon_devtools.chaos.recovery import claimed_now
 from coupon_devtools.harness.private import cluster_on_port, pg_ready
 
 
@@ -34,6 +36,9 @@ class Context:
     timeline: Timeline
     rabbit_stopped: bool = False
     last_fault_end: float = 0.0
+    #: The worker SIGKILLed mid-call: when (the database's clock) and the entities it held.
+    worker_killed_at: datetime | None = None
+    worker_claims: tuple[int, ...] = ()
 
 
 def kill_mid_call(ctx: Context) -> None:
@@ -47,7 +52,7 @@ def kill_mid_call(ctx: Context) -> None:
         if owner is not None and _issued_to(ctx.faults.admin, customer):
             slot = ctx.fleet.slot_of(owner)
             if slot is not None:
-                pid = ctx.fleet.kill(slot)
+                pid = _kill_noting_claims(ctx, slot)
                 ctx.timeline.note(
                     f"SIGKILL worker {slot.number} (pid {pid}, pool and all) mid-call: its pool "
                     f"process {owner} waits for the answer to event {ctx.victim['eventId']}, "
@@ -58,12 +63,21 @@ def kill_mid_call(ctx: Context) -> None:
         owner = _in_flight_owner(ctx.engine, None)
         slot = ctx.fleet.slot_of(owner) if owner is not None else None
         if slot is not None:
-            pid = ctx.fleet.kill(slot)
+            pid = _kill_noting_claims(ctx, slot)
             ctx.timeline.note(f"SIGKILL worker {slot.number} (pid {pid}, pool and all) with a "
                               "call in flight (the chosen victim was never caught mid-call)")
             return
         time.sleep(0.05)
     raise ChaosError("no worker was ever seen with a call in flight")
+
+
+def _kill_noting_claims(ctx: Context, slot: Slot) -> int:
+    """SIGKILL ``slot``'s worker, noting first the entities its pool processes hold (their
+    pids are gone after the kill): the report says when the last of them was issued."""
+    claimed = claimed_now(ctx.engine)
+    ctx.worker_claims = claimed.held_by(lambda pid: ctx.fleet.slot_of(pid) is slot)
+    ctx.worker_killed_at = claimed.at
+    return ctx.fleet.kill(slot)
 
 
 def _in_flight_owner(engine: Engine, event_id: str | None) -> int | None:

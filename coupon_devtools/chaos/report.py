@@ -10,6 +10,7 @@ from rich.markup import escape
 
 from coupon_devtools.chaos.defaults import LATE_ORIGINAL_S, READ_TIMEOUT_S, SETTLE_WINDOW_S
 from coupon_devtools.chaos.ground_truth import Comparison
+from coupon_devtools.chaos.recovery import Recovery
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ class Report:
     elapsed_s: float
     script_failures: Sequence[str]
     failover: Failover | None = None
+    worker_kill: Recovery | None = None
 
     @property
     def all_alive(self) -> bool:
@@ -104,7 +106,8 @@ class Report:
         result = self.result
         return (result.exactly_once and not result.disagreements and self.all_alive
                 and self.settled_s is not None and self.late_ok and not self.script_failures
-                and (self.failover is None or self.failover.ok))
+                and (self.failover is None or self.failover.ok)
+                and (self.worker_kill is None or not self.worker_kill.lost))
 
     def print(self, console: Console) -> None:
         from rich.table import Table
@@ -143,6 +146,8 @@ class Report:
                       "never" if self.settled_s is None else f"{self.settled_s:.1f} s",
                       "from the last disruption and publish to a ledger at rest")
         table.add_row("elapsed", f"{self.elapsed_s:.1f} s", "since publishing started")
+        if self.worker_kill is not None:
+            table.add_row(*(escape(cell) for cell in self.worker_kill.row()))
         for row in self.failover.rows() if self.failover else []:
             table.add_row(*(escape(cell) for cell in row))
         console.print(table)

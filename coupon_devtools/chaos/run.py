@@ -63,6 +63,7 @@ from coupon_devtools.chaos.ground_truth import (
     read_ledger,
 )
 from coupon_devtools.chaos.publishing import Delivery, Publisher, make_event, plan_deliveries
+from coupon_devtools.chaos.recovery import Recovery, recovery
 from coupon_devtools.chaos.report import Failover, Report
 
 
@@ -206,9 +207,8 @@ class ChaosRun:
             f"{label} at {rule['probability']:.1%}" for label, rule in BACKGROUND_FAULTS))
         self.console.print(f"  workers     {options.workers} x `coupon-worker worker` "
                            f"(read timeout {READ_TIMEOUT_S:g} s, settle window "
-                           f"{SETTLE_WINDOW_S:g} s, lease "
-                           f"{CHAOS_ENVIRONMENT['COUPONS_LEASE_SECONDS']} s), logs in "
-                           f"{shown(self.logs)}")
+                           f"{SETTLE_WINDOW_S:g} s, claims as by default: a 30 s lease "
+                           f"renewed every 10 s, up to 120 s), logs in {shown(self.logs)}")
         fleet = Fleet(options.workers, env, self.logs, self.services, self.timeline)
         fleet.start()
         settings = Settings.model_validate(env)
@@ -313,7 +313,7 @@ class ChaosRun:
             consuming=consuming,
             settled_s=settled_s, elapsed_s=self.timeline.now(),
             script_failures=self.script.failures if self.script else [],
-            failover=self.failover_figures(),
+            failover=self.failover_figures(), worker_kill=self.worker_kill_figures(),
         )
         report.print(self.console)
         return 0 if report.passed else 1
@@ -321,6 +321,15 @@ class ChaosRun:
     def failover_figures(self) -> Failover | None:
         """What a cluster run measured of the failover (None: no cluster)."""
         return None
+
+    def worker_kill_figures(self) -> Recovery | None:
+        """When the last entity the worker SIGKILLed mid-call held was issued (None: no
+        worker was killed): its heartbeat lease runs out, a read-back finds what landed."""
+        ctx = self.ctx
+        if ctx is None or ctx.worker_killed_at is None or self.engine is None:
+            return None
+        return recovery(self.engine, "killed worker's claims", ctx.worker_killed_at,
+                        ctx.worker_claims)
 
     def _alive(self, fleet: Fleet, queues: Sequence[str]) -> tuple[int, int, dict[str, int]]:
         """Workers running; of those, how many beat as ``coupon-worker health`` judges (their

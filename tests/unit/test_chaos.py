@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any
 
 from coupon_devtools.chaos.ground_truth import Comparison, Recorded, compare
 from coupon_devtools.chaos.publishing import plan_deliveries
+from coupon_devtools.chaos.recovery import Claimed, Recovery
 from coupon_devtools.chaos.report import Report
 from worker.domain import issue_ref
 
@@ -113,6 +115,25 @@ def test_a_late_original_passes_only_when_every_duplicate_was_detected() -> None
     assert not report(clean, late=compare(EXPECTED, issued, ledger)).passed
     ledger[("e1", 10)] = Recorded("duplicate_issued", ("Ce110", "LATE"))
     assert report(clean, late=compare(EXPECTED, issued, ledger)).passed
+
+
+def test_a_killed_workers_claims_are_reported_and_only_losing_one_fails_the_run() -> None:
+    clean = compare(EXPECTED, *all_issued())
+    quick = Recovery("killed worker's claims", in_flight=2, recovered=2, recovered_s=31.5)
+    assert report(clean, worker_kill=quick).passed
+    assert quick.row() == ("killed worker's claims", "2/2", "issued, the last 31.5 s after "
+                           "the kill (within the 90 s recovery target)")
+    # Slow is a figure to read, not a failure: the run proves exactly once, not timing
+    slow = replace(quick, recovered_s=120.0)
+    assert report(clean, worker_kill=slow).passed and "OVER the 90 s" in slow.row()[2]
+    lost = replace(quick, recovered=1, recovered_s=None)
+    assert not report(clean, worker_kill=lost).passed
+    assert lost.row()[2].startswith("issued, the last never after the kill")
+
+
+def test_claims_are_attributed_to_the_worker_whose_pool_process_holds_them() -> None:
+    claimed = Claimed(datetime.now(UTC), {1: "host:101/task:a", 2: "host:202", 3: "host:101"})
+    assert claimed.held_by(lambda pid: pid == 101) == (1, 3)
 
 
 def test_some_events_are_delivered_twice_the_other_way_in() -> None:
