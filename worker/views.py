@@ -6,6 +6,7 @@ nothing here writes.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -354,13 +355,10 @@ def circuit_states(engine: Engine) -> list[dict[str, Any]]:
             .order_by(b.name)).mappings()]
 
 
-def audit_rows(engine: Engine, *, operator: str | None = None, action: str | None = None,
-               since: datetime | None = None, until: datetime | None = None,
-               limit: int = 500) -> list[dict[str, Any]]:
-    """The operator audit, newest first, filtered."""
+def _audit_query(operator: str | None, action: str | None, since: datetime | None,
+                 until: datetime | None, columns: Sequence[Any]) -> Any:
     a = m.OperatorAction
-    query = select(a.id, a.at, a.action, a.operator, a.reason, a.outcome, a.entity_id,
-                   a.event_id, a.details).order_by(a.id.desc()).limit(limit)
+    query = select(*columns).select_from(a)
     if operator:
         query = query.where(a.operator == operator)
     if action:
@@ -369,8 +367,44 @@ def audit_rows(engine: Engine, *, operator: str | None = None, action: str | Non
         query = query.where(a.at >= since)
     if until:
         query = query.where(a.at < until)
+    return query
+
+
+def _audit_columns() -> list[Any]:
+    a = m.OperatorAction
+    return [a.id, a.at, a.action, a.operator, a.reason, a.outcome, a.entity_id, a.event_id,
+            a.details]
+
+
+def audit_rows(engine: Engine, *, operator: str | None = None, action: str | None = None,
+               since: datetime | None = None, until: datetime | None = None,
+               limit: int = 500) -> list[dict[str, Any]]:
+    """The operator audit, newest first, filtered (a page of it)."""
+    query = _audit_query(operator, action, since, until, _audit_columns())
     with engine.connect() as conn:
-        return [_row(r) for r in conn.execute(query).mappings()]
+        return [_row(r) for r in conn.execute(
+            query.order_by(m.OperatorAction.id.desc()).limit(limit)).mappings()]
+
+
+def audit_count(engine: Engine, *, operator: str | None = None, action: str | None = None,
+                since: datetime | None = None, until: datetime | None = None) -> int:
+    """How many audit rows the filters match."""
+    with engine.connect() as conn:
+        return int(conn.execute(_audit_query(operator, action, since, until,
+                                             [func.count()])).scalar_one())
+
+
+def audit_stream(engine: Engine, *, operator: str | None = None, action: str | None = None,
+                 since: datetime | None = None, until: datetime | None = None,
+                 batch: int = 1000) -> Iterator[dict[str, Any]]:
+    """Every audit row the filters match, newest first, read in batches (a server-side
+    cursor): an export of any size in bounded memory. Runs when iterated."""
+    query = _audit_query(operator, action, since, until, _audit_columns())
+    with engine.connect() as conn:
+        result = conn.execution_options(yield_per=batch).execute(
+            query.order_by(m.OperatorAction.id.desc()))
+        for r in result.mappings():
+            yield _row(r)
 
 
 def calls_last_minute(engine: Engine, now: datetime) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import statistics
 import tempfile
 import time
@@ -113,7 +114,7 @@ def time_pages(url: str, entities: int, repeat: int) -> list[tuple[str, float]]:
         users.write_text(json.dumps({"users": [
             {"name": "bench", "role": "admin", "password_hash": hash_password("bench")}]}))
         settings = load_settings(database_url=url)
-        console = load_console_settings(secret="b" * 40, users=str(users))
+        console = load_console_settings(secret=secrets.token_hex(32), users=str(users))
         client = TestClient(create_app(settings, console))
         login = client.get("/login").text
         token = login.split('name="csrf_token" value="')[1].split('"')[0]

@@ -40,7 +40,8 @@ def users_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def console_settings(users_file: Path) -> Callable[..., ConsoleSettings]:
     def make(**overrides: object) -> ConsoleSettings:
-        values: dict[str, object] = {"secret": "s" * 40, "users": str(users_file),
+        values: dict[str, object] = {"secret": "console-test-secret-0123456789abcdefghij",
+                                     "users": str(users_file),
                                      "flower_url": "http://flower.test"}
         values.update(overrides)
         return load_console_settings(**values)

@@ -182,3 +182,30 @@ def test_a_viewer_is_refused_every_action_and_a_post_needs_the_csrf_token(
     forged = operator.request.post(f"{console_url}/dlq/discard",
                                    form={"entity_id": "1", "reason": "x"})
     assert forged.status == 403 and "CSRF" in forged.text()
+
+
+def test_the_console_refuses_to_be_framed_and_styles_itself_without_inline_css(
+    console_url: str, browser: object, shot: Callable[[object, str], None], tmp_path: Path,
+) -> None:
+    # Given another site that frames the console's login page (clickjacking)
+    attacker = tmp_path / "attacker.html"
+    attacker.write_text(f'<html><body><iframe id="victim" src="{console_url}/login" '
+                        'width="800" height="400"></iframe></body></html>')
+    page = browser.new_page()  # type: ignore[attr-defined]
+    try:
+        page.goto(attacker.as_uri())
+        page.wait_for_timeout(1500)
+        # Then Chromium shows nothing of it: the frame never gets the login form
+        frame = page.frame_locator("#victim")
+        assert frame.locator("input[name=username]").count() == 0
+        # And the console itself renders styled under its strict policy (no CSP violation)
+        violations: list[str] = []
+        page.on("console", lambda m: violations.append(m.text)
+                if "Content Security Policy" in m.text else None)
+        page.goto(f"{console_url}/login")
+        color = page.eval_on_selector("body", "b => getComputedStyle(b).fontFamily")
+        assert "system-ui" in color
+        assert violations == []
+        shot(page, "login")
+    finally:
+        page.close()

@@ -235,7 +235,8 @@ def test_the_console_reads_everything_and_does_an_operators_actions(
     import json
 
     app = create_app(settings_factory(database_url=ledger.url("console")),
-                     load_console_settings(secret="s" * 40, users=json.dumps(users)),
+                     load_console_settings(secret="roles-test-secret-0123456789abcdefghij",
+                                           users=json.dumps(users)),
                      engine=console_engine, support=support, submitter=FakePublisher())
     client = TestClient(app, follow_redirects=False)
     import re

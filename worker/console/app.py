@@ -17,6 +17,7 @@ from starlette.templating import Jinja2Templates
 from worker.config import Settings
 from worker.console.auth import LoginLimiter, UserDirectory
 from worker.console.config import ConsoleSettings
+from worker.console.headers import SecurityHeaders
 from worker.ledger.jobs import ReplayJobStore
 from worker.replay import EventSubmitter, SupportDeps
 
@@ -65,7 +66,7 @@ def create_app(settings: Settings, console: ConsoleSettings, *, engine: Engine |
     )
     app = Starlette(
         routes=routes.ROUTES,
-        middleware=[Middleware(
+        middleware=[Middleware(SecurityHeaders), Middleware(
             SessionMiddleware, secret_key=console.secret.get_secret_value(),
             session_cookie=SESSION_COOKIE, max_age=console.session_max_age_s,
             same_site="strict", https_only=console.secure_cookies)],

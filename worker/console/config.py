@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr, ValidationError
+import math
+from collections import Counter
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.errors import ConfigurationError
@@ -38,8 +41,36 @@ class ConsoleSettings(BaseSettings):
     default_velocity_per_min: int = Field(
         60, ge=1, validation_alias="COUPONS_CONSOLE_DEFAULT_VELOCITY")
 
+    @field_validator("secret")
+    @classmethod
+    def _strong(cls, value: SecretStr) -> SecretStr:
+        problem = weakness(value.get_secret_value())
+        if problem:
+            raise ValueError(f"COUPONS_CONSOLE_SECRET is too weak: {problem}; make one with "
+                             "`openssl rand -hex 32`")
+        return value
+
     def proxies(self) -> frozenset[str]:
         return frozenset(p.strip() for p in self.trusted_proxies.split(",") if p.strip())
+
+
+#: A secret that signs sessions must not be guessable: at least this many distinct characters
+#: and this much Shannon entropy per character (``openssl rand -hex 32`` has 16 and about 4).
+SECRET_MIN_DISTINCT = 10
+SECRET_MIN_BITS_PER_CHAR = 3.0
+
+
+def weakness(secret: str) -> str | None:
+    """Why ``secret`` is too weak to sign sessions, or None."""
+    counts = Counter(secret)
+    bits = -sum(n / len(secret) * math.log2(n / len(secret)) for n in counts.values()) \
+        if secret else 0.0
+    if len(counts) < SECRET_MIN_DISTINCT:
+        return f"{len(counts)} distinct characters, at least {SECRET_MIN_DISTINCT} needed"
+    if bits < SECRET_MIN_BITS_PER_CHAR:
+        return (f"{bits:.1f} bits of entropy per character, at least "
+                f"{SECRET_MIN_BITS_PER_CHAR:g} needed")
+    return None
 
 
 def load_console_settings(**overrides: object) -> ConsoleSettings:

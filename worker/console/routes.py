@@ -11,18 +11,19 @@ import csv
 import io
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from starlette.concurrency import run_in_threadpool
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import (
     JSONResponse,
-    PlainTextResponse,
     RedirectResponse,
     Response,
+    StreamingResponse,
 )
 from starlette.routing import Route
 
@@ -115,7 +116,13 @@ def page(role: Role = Role.VIEWER) -> Callable[[Handler], Callable[[Request], Aw
                 if not csrf.valid(request.session,
                                   submitted if isinstance(submitted, str) else None):
                     return forbidden(request, user, "missing or wrong CSRF token")
-            return await handler(request, user)
+            try:
+                return await handler(request, user)
+            except BadInput as exc:
+                # A value that cannot be read is refused, never dropped: a dropped filter
+                # would widen what a page lists, or what an action touches.
+                return render(request, "error.html", user, status=400, title="Bad request",
+                              message=str(exc))
 
         endpoint.__name__ = handler.__name__
         return endpoint
@@ -128,14 +135,26 @@ async def _form(request: Request) -> dict[str, str]:
     return {k: v for k, v in form.items() if isinstance(v, str)}
 
 
-def _when(value: str | None) -> datetime | None:
+class BadInput(ValueError):
+    """A query or form value that cannot be read: the request answers 400 with why."""
+
+
+def _when(value: str | None, name: str = "date") -> datetime | None:
     if not value:
         return None
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
-        return None
+        raise BadInput(f"{name}: {value[:60]!r} is not a date and time (ISO-8601, e.g. "
+                       "2026-12-07T10:00)") from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=utcnow().tzinfo)
+
+
+def _number(value: str, name: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise BadInput(f"{name}: {value[:60]!r} is not a whole number") from None
 
 
 def _audit(c: Console, user: User, action: str, outcome: str, reason: str = "",
@@ -270,14 +289,15 @@ def _selection_from(params: Any) -> Selection:
     """A selection from query or form fields: one entity, a group, a customer or an event."""
     entity_id = params.get("entity_id")
     if entity_id:
-        return Selection(entity_ids=(int(entity_id),))
+        return Selection(entity_ids=(_number(entity_id, "entity_id"),))
     series = params.get("series")
     return Selection(error_code=params.get("code") or None,
-                     series_id=int(series) if series else None,
+                     series_id=_number(series, "series") if series else None,
                      error_message=params.get("message"),
                      customer=params.get("customer") or None,
                      event_id=params.get("event") or None,
-                     since=_when(params.get("since")), until=_when(params.get("until")))
+                     since=_when(params.get("since"), "since"),
+                     until=_when(params.get("until"), "until"))
 
 
 @page()
@@ -314,23 +334,55 @@ async def rejected_one(request: Request, user: User) -> Response:
 async def audit(request: Request, user: User) -> Response:
     c = _console(request)
     q = request.query_params
-    rows = await run_in_threadpool(
-        lambda: views.audit_rows(c.engine, operator=q.get("operator") or None,
-                                 action=q.get("action") or None, since=_when(q.get("since")),
-                                 until=_when(q.get("until"))))
+    operator, action = q.get("operator") or None, q.get("action") or None
+    since, until = _when(q.get("since"), "since"), _when(q.get("until"), "until")
     if q.get("format") == "csv":
         if user.role < Role.OPERATOR:
             return forbidden(request, user, "the export needs operator")
-        out = io.StringIO()
-        writer = csv.writer(out)
-        fields = ["id", "at", "action", "operator", "reason", "outcome", "entity_id",
-                  "event_id", "details"]
-        writer.writerow(fields)
-        for r in rows:
-            writer.writerow([json.dumps(r[f]) if f == "details" else r[f] for f in fields])
-        return PlainTextResponse(out.getvalue(), media_type="text/csv", headers={
-            "content-disposition": 'attachment; filename="coupon-audit.csv"'})
+        total = await run_in_threadpool(
+            lambda: views.audit_count(c.engine, operator=operator, action=action, since=since,
+                                      until=until))
+        rows_csv = views.audit_stream(c.engine, operator=operator, action=action, since=since,
+                                      until=until)
+        return StreamingResponse(
+            iterate_in_threadpool(audit_csv(rows_csv)), media_type="text/csv", headers={
+                "content-disposition": 'attachment; filename="coupon-audit.csv"',
+                "x-row-count": str(total)})
+    rows = await run_in_threadpool(
+        lambda: views.audit_rows(c.engine, operator=operator, action=action, since=since,
+                                 until=until))
     return render(request, "audit.html", user, rows=rows, filters=dict(q))
+
+
+AUDIT_FIELDS = ("id", "at", "action", "operator", "reason", "outcome", "entity_id", "event_id",
+                "details")
+#: What a spreadsheet reads as the start of a formula (OWASP, CSV injection).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\n", "|", "%")
+
+
+def spreadsheet_safe(value: object) -> str:
+    """A CSV cell a spreadsheet shows as text: one that could start a formula gets a leading
+    apostrophe, which spreadsheets display as text and do not evaluate."""
+    text = "" if value is None else str(value)
+    return f"'{text}" if text.startswith(_FORMULA_START) else text
+
+
+def audit_csv(rows: Iterable[dict[str, Any]]) -> Iterator[str]:
+    """The audit as CSV, a line at a time: a header, then every row, every cell quoted and
+    neutralised (``spreadsheet_safe``)."""
+    out = io.StringIO()
+    writer = csv.writer(out, quoting=csv.QUOTE_ALL)
+
+    def line(cells: Iterable[object]) -> str:
+        writer.writerow([spreadsheet_safe(cell) for cell in cells])
+        text = out.getvalue()
+        out.seek(0)
+        out.truncate()
+        return text
+
+    yield line(AUDIT_FIELDS)
+    for r in rows:
+        yield line(json.dumps(r[f]) if f == "details" else r[f] for f in AUDIT_FIELDS)
 
 
 # -- replay --------------------------------------------------------------------------------
@@ -360,7 +412,7 @@ async def replay_start(request: Request, user: User) -> Response:
     selection = _selection_from(form)
     reason = form.get("reason", "").strip()
     try:
-        velocity = int(form.get("velocity", "0"))
+        velocity = _number(form.get("velocity", "0"), "velocity")
         if selection.is_empty():
             raise ValueError("nothing selected")
         job_id = await run_in_threadpool(
@@ -449,7 +501,17 @@ async def rejected_resubmit(request: Request, user: User) -> Response:
                   raw=payload.decode("utf-8", errors="replace"))
 
 
+_STYLE_SHEET = Path(__file__).parent / "static" / "console.css"
+
+
+async def style_sheet(request: Request) -> Response:
+    """The console's style sheet: public (the login page uses it), cached for an hour."""
+    return Response(_STYLE_SHEET.read_bytes(), media_type="text/css",
+                    headers={"cache-control": "public, max-age=3600"})
+
+
 ROUTES = [
+    Route("/static/console.css", style_sheet),
     Route("/login", login, methods=["GET", "POST"]),
     Route("/logout", logout, methods=["POST"]),
     Route("/", overview),
