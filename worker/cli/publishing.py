@@ -11,8 +11,8 @@ from typing import Any
 import click
 
 from worker.cli.output import fail, say, settings_or_exit
-from worker.cli.root import main
-from worker.errors import EventRejected, WorkerError
+from worker.cli.root import EXIT_BROKER, main
+from worker.errors import BrokerUnavailable, EventRejected, WorkerError
 
 # -- publish -------------------------------------------------------------------------------
 
@@ -78,6 +78,9 @@ def publish(source: str, via: str, no_validate: bool, repeat: int) -> None:
                         producer.publish_event(data if data is not None else json.loads(line),
                                                via="task")
                     published += 1
+    except BrokerUnavailable as exc:
+        fail(f"{exc} (published {published}; check COUPONS_BROKER_URL and that RabbitMQ is up)",
+             EXIT_BROKER)
     except WorkerError as exc:
         fail(str(exc))
     say(f"published {published} message(s) to "

@@ -20,9 +20,56 @@ DEVTOOL_COMMANDS: dict[str, str] = {
 DEVTOOLS_MISSING = "needs the dev tools: install coupon-worker[devtools]"
 
 
+#: Exit codes of a command that could not do its work, by what stood in the way.
+EXIT_NOT_FOUND, EXIT_LEDGER, EXIT_BROKER, EXIT_CAPILLARY = 3, 4, 5, 6
+
+
+def _readable(exc: Exception) -> tuple[int, str] | None:
+    """The exit code and one line for a failure of something outside the command (the
+    ledger, the broker, Capillary) or a missing row; None for anything else (a bug: its
+    traceback is wanted)."""
+    from kombu.exceptions import OperationalError as KombuOperationalError
+    from sqlalchemy import exc as sa_exc
+
+    from worker.errors import BrokerUnavailable, CapillaryError, LedgerError, NotFound
+    from worker.ledger.driver import translate
+
+    if isinstance(exc, sa_exc.SQLAlchemyError) or type(exc).__module__.startswith("psycopg"):
+        exc = translate(exc)
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, NotFound):
+        return EXIT_NOT_FOUND, first
+    if isinstance(exc, LedgerError):
+        return EXIT_LEDGER, (f"the ledger failed: {first[:300]} (check COUPONS_DATABASE_URL "
+                             "and that PostgreSQL is up)")
+    if isinstance(exc, BrokerUnavailable | KombuOperationalError | ConnectionError):
+        return EXIT_BROKER, (f"the broker failed: {first[:300]} (check COUPONS_BROKER_URL and "
+                             "that RabbitMQ is up)")
+    if isinstance(exc, CapillaryError):
+        return EXIT_CAPILLARY, (f"Capillary failed: {first[:300]} (check CAPILLARY_BASE_URL "
+                                "and the credentials)")
+    return None
+
+
 class _DevToolsGroup(click.Group):
     """A group that imports a dev-tool command only when it is asked for, so that the
-    worker's start-up never loads (nor needs) the ``coupon_devtools`` package."""
+    worker's start-up never loads (nor needs) the ``coupon_devtools`` package; and that turns
+    a failure of the ledger, the broker or Capillary into one readable line and an exit code
+    of its own (``--debug`` shows the traceback instead)."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit,
+                click.exceptions.Abort):
+            raise
+        except Exception as exc:
+            readable = None if ctx.params.get("debug") else _readable(exc)
+            if readable is None:
+                raise
+            code, line = readable
+            click.echo(f"coupon-worker: {line}", err=True)
+            ctx.exit(code)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *DEVTOOL_COMMANDS})
@@ -55,7 +102,9 @@ def _missing_devtools(name: str) -> click.Command:
 
 @click.group(cls=_DevToolsGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="coupon-worker")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show the traceback of a failure instead of one "
+              "line.")
+def main(debug: bool) -> None:
     """Issue loyalty coupons through Capillary's bulk-issue API, exactly once."""
     import os
 

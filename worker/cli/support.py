@@ -42,8 +42,6 @@ def events_show(event_id: str, as_json: bool) -> None:
         story = event_story(engine, event_id)
     except NotFound as exc:
         fail(str(exc), 3)
-    except Exception as exc:  # noqa: BLE001 - a CLI reports, it does not crash
-        fail(f"cannot read the ledger: {exc}")
     finally:
         engine.dispose()
     if as_json:
