@@ -77,3 +77,17 @@ def first_lone_surrogate(text: str) -> str | None:
 def codepoint(ch: str) -> str:
     """``U+0000``: how a character is named in a reason."""
     return f"U+{ord(ch):04X}"
+
+
+#: How many trailing characters of a coupon code a masked code keeps: enough for a person to
+#: match it against the code a customer reads out, too few to redeem it.
+CODE_VISIBLE_CHARS = 4
+
+
+def mask_code(code: str | None) -> str | None:
+    """A coupon code for logs and viewers: all but its last characters hidden (``****3F2A``).
+    Codes are bearer values: whoever reads one can redeem it."""
+    if code is None:
+        return None
+    visible = code[-CODE_VISIBLE_CHARS:] if len(code) > 2 * CODE_VISIBLE_CHARS else ""
+    return "****" + visible

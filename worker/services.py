@@ -77,7 +77,7 @@ from worker.policy import (
     unrecordable,
 )
 from worker.ratelimit import BULK_ISSUE, RateLimiter
-from worker.sanitize import printable
+from worker.sanitize import mask_code, printable
 
 log = logging.getLogger("worker.pipeline")
 
@@ -422,7 +422,8 @@ def _reconcile(attempt: _Attempt, entity: ClaimedEntity, permit: Permit) -> bool
         log.error(
             "reconcile.duplicate_issued",
             extra={"event_id": claim.event_id, "customer": claim.customer_key,
-                   "series": entity.series_id, "codes": [f.coupon.code for f in ours]},
+                   "series": entity.series_id,
+                   "codes": [mask_code(f.coupon.code) for f in ours]},
         )
         deps.metrics.duplicates_issued.inc()
         attempt.add(entity, decision, verdict=Verdict.ISSUED, request_id=request_id,
@@ -534,8 +535,9 @@ def _read_back_holder(attempt: _Attempt, entity: ClaimedEntity, error: EntryErro
     ours = [found for found in read_back.coupons if _is_ours(claim.issue_ref, found)]
     log.info("holds_one.read_back", extra={
         "event_id": claim.event_id, "customer": claim.customer_key, "series": entity.series_id,
-        "error_code": error.code, "ours": [f.coupon.code for f in ours],
-        "held": [f.coupon.code for f in read_back.coupons][:20], "request_id": request_id})
+        "error_code": error.code, "ours": [mask_code(f.coupon.code) for f in ours],
+        "held": [mask_code(f.coupon.code) for f in read_back.coupons][:20],
+        "request_id": request_id})
     deps.metrics.answer_remarks.labels(
         "holds_one_ours" if ours else "holds_one_not_ours").inc()
     if len(ours) == 1:
@@ -668,7 +670,8 @@ def _log_transition(claim: Claim, t: Transition) -> None:
         "request_id": t.request_id,
     }
     if t.coupon is not None:
-        extra["coupon"] = t.coupon.code
+        # Logs travel further than the ledger (shippers, wider access): never a whole code.
+        extra["coupon"] = mask_code(t.coupon.code)
     if t.next_attempt_at is not None:
         extra["next_attempt_at"] = t.next_attempt_at.isoformat()
     if t.error_message:
@@ -809,7 +812,7 @@ def verify_issued(deps: Deps, *, batch: int = VERIFY_BATCH) -> VerifyReport:
             log.error("verify.duplicate_issued", extra={
                 "entity_id": item.entity_id, "event_id": item.event_id,
                 "customer": item.customer_key, "series": item.series_id,
-                "codes": [*item.codes, *(c.code for c in extra)]})
+                "codes": [mask_code(c) for c in (*item.codes, *(c.code for c in extra))]})
         with deps.uow() as uow:
             uow.ledger.finish_verification(item, now=deps.clock(),
                                            duplicates=extra if found_twice else (),

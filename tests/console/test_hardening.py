@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import Engine, text
@@ -14,7 +15,12 @@ from starlette.testclient import TestClient
 from tests.console.conftest import login
 from worker.console.config import ConsoleSettings, load_console_settings
 from worker.console.routes import spreadsheet_safe
+from worker.domain import Coupon, EntityState
 from worker.errors import ConfigurationError
+from worker.events import parse_event_data
+from worker.ledger.records import Transition
+from worker.ledger.unit_of_work import sql_unit_of_work_factory
+from worker.sanitize import mask_code
 
 
 def test_every_response_carries_the_security_headers(
@@ -88,3 +94,38 @@ def test_a_weak_secret_is_refused_at_start_naming_the_setting(users_file: object
             load_console_settings(secret=weak, users=str(users_file))
     assert isinstance(load_console_settings(secret="a" * 8 + "0123456789abcdefghijklmn",
                                             users=str(users_file)), ConsoleSettings)
+
+
+def seed_issued(engine: Engine, event_id: str, customer: str, code: str) -> int:
+    uow = sql_unit_of_work_factory(engine)
+    now = datetime.now(UTC)
+    with uow() as u:
+        u.ledger.ingest(parse_event_data({"eventId": event_id, "customer": {"id": customer},
+                                          "seriesIds": [544770]}), source="bus", now=now)
+        claim = u.ledger.claim_event(event_id, token="t", worker="w", now=now, lease_s=60,
+                                     settle_window_s=120)
+        entity_id = claim.entities[0].entity_id
+        u.ledger.record(claim, calls=[], worker="w", now=now, transitions=[Transition(
+            entity_id, EntityState.ISSUED, "issued", 1,
+            coupon=Coupon(code=code, series_id=544770))])
+        u.commit()
+    return entity_id
+
+
+def test_a_viewer_sees_coupon_codes_masked_and_an_operator_whole(
+        make_client: Callable[..., TestClient], clean_ledger: Engine) -> None:
+    entity_id = seed_issued(clean_ledger, "masked-1", "566881990", "GOLD-7HQ2-9K3F")
+    viewer = make_client()
+    login(viewer, "vera")
+    for page in (viewer.get(f"/entities/{entity_id}"), viewer.get("/customer?q=566881990")):
+        assert page.status_code == 200
+        assert "GOLD-7HQ2-9K3F" not in page.text and "****9K3F" in page.text
+    operator = make_client()
+    login(operator, "otto")
+    assert "GOLD-7HQ2-9K3F" in operator.get(f"/entities/{entity_id}").text
+
+
+def test_logs_never_carry_a_whole_coupon_code() -> None:
+    assert mask_code("GOLD-7HQ2-9K3F") == "****9K3F"
+    assert mask_code("SHORT12") == "****", "a short code shows nothing of itself"
+    assert mask_code(None) is None

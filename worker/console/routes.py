@@ -38,6 +38,7 @@ from worker.ledger.support import Selection
 from worker.names import split_worker
 from worker.replay import discard, resubmit_rejected
 from worker.replay_jobs import control_replay_job, plan_replay, start_replay_job
+from worker.sanitize import mask_code
 from worker.services import utcnow
 
 log = logging.getLogger("worker.console")
@@ -86,8 +87,28 @@ def render(request: Request, template: str, user: User | None, status: int = 200
         request, template,
         {"user": user, "csrf_token": csrf.token(request.session),
          "flower_url": c.console.flower_url, "task_id_of": task_id_of,
-         "describe_error": describe_error, **context},
+         "describe_error": describe_error,
+         # Viewers see coupon codes masked (a code is redeemable by whoever reads it); they
+         # may still search by a full code a customer reads out.
+         "shown_code": (lambda code: code) if _sees_codes(user) else mask_code,
+         "redact": (lambda text, _entity: text) if _sees_codes(user) else _redact_codes,
+         **context},
         status_code=status)
+
+
+def _sees_codes(user: User | None) -> bool:
+    return user is not None and user.role >= Role.OPERATOR
+
+
+def _redact_codes(text: str | None, entity: dict[str, Any]) -> str | None:
+    """``text`` (a history message, a dead reason) with the entity's coupon codes masked."""
+    if not text:
+        return text
+    for coupon in entity.get("coupons") or []:
+        code = coupon.get("code")
+        if code:
+            text = text.replace(code, mask_code(code) or "")
+    return text
 
 
 def forbidden(request: Request, user: User | None, why: str) -> Response:
