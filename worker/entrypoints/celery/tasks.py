@@ -35,8 +35,8 @@ from worker.domain.events import EVENT_ID_MAX_CHARS, parse_event_bytes, parse_ev
 from worker.domain.policy import Requeue, requeue
 from worker.domain.text import printable
 from worker.entrypoints.celery.context import container_of
-from worker.usecases import delivery, issue
-from worker.usecases.issue import Deps, Report
+from worker.usecases import delivery
+from worker.usecases.issue import Deps, Report, issue_event, record_rejection, retry_entity
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +57,9 @@ def handle_event(data: object, *, source: str, deps: Deps) -> Report:
     """Validate event data and issue it; a bad event becomes a recorded rejection."""
     try:
         event = parse_event_data(data)
-        return issue.issue_event(event, source=source, deps=deps)
+        return issue_event(event, source=source, deps=deps)
     except EventRejected as exc:
-        rejected = issue.record_rejection(
+        rejected = record_rejection(
             raw_json(data), exc.reason, source=source, deps=deps, event_id=exc.event_id,
             content_type="application/json")
         return Report(exc.event_id, rejected_id=rejected)
@@ -70,9 +70,9 @@ def handle_raw(body: bytes, *, content_type: str | None, source: str, deps: Deps
     """Decode and validate a raw bus message and issue it; bad input is recorded."""
     try:
         event = parse_event_bytes(body, max_bytes=max_bytes)
-        return issue.issue_event(event, source=source, deps=deps)
+        return issue_event(event, source=source, deps=deps)
     except EventRejected as exc:
-        rejected = issue.record_rejection(
+        rejected = record_rejection(
             body, exc.reason, source=source, deps=deps, event_id=exc.event_id,
             content_type=content_type)
         return Report(exc.event_id, rejected_id=rejected)
@@ -185,7 +185,7 @@ def register(app: Celery) -> None:
                     failure_limit=failure_limit())
 
     def retry_call(entity_id: int) -> dict[str, object]:
-        return _run(deps, lambda d: issue.retry_entity(entity_id, deps=d), raw=None,
+        return _run(deps, lambda d: retry_entity(entity_id, deps=d), raw=None,
                     source="retry", event_id=None)
 
     # The tasks take whatever a message holds and match it against their call themselves: a
@@ -223,6 +223,6 @@ def register(app: Celery) -> None:
 
 
 def _rejected(raw: bytes, reason: str, event_id: str | None, deps: Deps) -> Report:
-    rejected = issue.record_rejection(raw, reason, source="task", deps=deps,
-                                         event_id=event_id, content_type="application/json")
+    rejected = record_rejection(raw, reason, source="task", deps=deps, event_id=event_id,
+                                content_type="application/json")
     return Report(event_id, rejected_id=rejected)
