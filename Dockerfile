@@ -31,7 +31,7 @@ RUN groupadd --system --gid 10001 app \
 COPY --from=build /wheels/ /tmp/wheels/
 RUN pip install --no-cache-dir "$(ls /tmp/wheels/coupon_worker-*.whl)[devtools]" \
     && rm -rf /tmp/wheels \
-    && python -c "import worker.cli; from worker.ledger.migrate import alembic_home; alembic_home()"
+    && python -c "import worker.entrypoints.cli; from worker.adapters.postgres.migrate import alembic_home; alembic_home()"
 
 WORKDIR /home/app
 USER app:app

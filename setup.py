@@ -2,8 +2,9 @@
 
 The migrations stay in the top-level ``migrations/`` folder with ``alembic.ini`` beside them,
 where ``alembic`` run from a checkout finds them. A wheel has no such folder, so the build copies
-both into ``worker/ledger/alembic/`` of the built package; ``worker.ledger.migrate`` looks there
-first and falls back to the checkout (an editable install). Everything else is in pyproject.toml.
+both into ``worker/adapters/postgres/alembic/`` of the built package;
+``worker.adapters.postgres.migrate`` looks there first and falls back to the checkout (an editable
+install). Everything else is in pyproject.toml.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).resolve().parent
 # Where the copy lands inside the package, relative to the build directory.
-PACKAGED_ALEMBIC = Path("worker", "ledger", "alembic")
+PACKAGED_ALEMBIC = Path("worker", "adapters", "postgres", "alembic")
 
 
 class BuildWithMigrations(build_py):

@@ -9,7 +9,7 @@ table. A migration may break a rule on purpose: it says which and why, in its mo
     }
 
 and every migration must say whether it is an expand step (``backward_compatible``, see
-``worker.ledger.schema``). Usage: ``python -m coupon_devtools.migration_lint [-v]``.
+``worker.adapters.postgres.schema``). Usage: ``python -m coupon_devtools.migration_lint [-v]``.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from alembic import command
 from alembic.config import Config
 from alembic.script import Script, ScriptDirectory
 
-from worker.ledger.migrate import alembic_config
-from worker.ledger.schema import declared_compatible
+from worker.adapters.postgres.migrate import alembic_config
+from worker.adapters.postgres.schema import declared_compatible
 
 # The oldest PostgreSQL the project runs on (CI's); squawk judges locks for that version.
 PG_VERSION = "15.0"

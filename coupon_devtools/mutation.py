@@ -1,9 +1,9 @@
 """``make mutation``: mutmut over the rules and the ledger's claim / outcome code, and the score.
 
 The mutants run against the unit tests and the ledger contract (``[tool.mutmut]`` in
-pyproject.toml). Of ``worker/ledger/repository.py`` only the code that claims an entity and
-records its outcome is mutated, and of ``worker/ledger/hot_path.py`` the builders of the two
-statements' parameters; the README's Testing section lists the survivors we keep.
+pyproject.toml). Of ``worker/adapters/postgres/repository.py`` only the code that claims an entity
+and records its outcome is mutated, and of ``worker/adapters/postgres/hot_path.py`` the builders of
+the two statements' parameters; the README's Testing section lists the survivors we keep.
 """
 
 from __future__ import annotations
@@ -15,18 +15,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-_REPO = "worker.ledger.repository."
+_REPO = "worker.adapters.postgres.repository."
 #: Mutant names (mutmut's globs): module functions are ``x_name``, methods ``xǁClassǁname``.
 SELECTED = (
-    "worker.domain.*",
-    "worker.policy.*",
+    "worker.domain.model.*",
+    "worker.domain.policy.*",
     # The statements' text is built at import (``_wire``, ``_sql_list``), before a mutant is on.
-    "worker.ledger.hot_path.x_transition_rows__mutmut_*",
-    "worker.ledger.hot_path.x_coupon_rows__mutmut_*",
-    "worker.ledger.hot_path.x__coupon__mutmut_*",
-    "worker.ledger.hot_path.x_call_rows__mutmut_*",
-    "worker.ledger.hot_path.x_as_json__mutmut_*",
-    "worker.ledger.hot_path.x__json_default__mutmut_*",
+    "worker.adapters.postgres.hot_path.x_transition_rows__mutmut_*",
+    "worker.adapters.postgres.hot_path.x_coupon_rows__mutmut_*",
+    "worker.adapters.postgres.hot_path.x__coupon__mutmut_*",
+    "worker.adapters.postgres.hot_path.x_call_rows__mutmut_*",
+    "worker.adapters.postgres.hot_path.x_as_json__mutmut_*",
+    "worker.adapters.postgres.hot_path.x__json_default__mutmut_*",
     _REPO + "x__number__mutmut_*",
     _REPO + "x__seconds__mutmut_*",
     _REPO + "x__claim_statement__mutmut_*",

@@ -38,7 +38,7 @@ from coupon_devtools.harness.databases import drop_database
 from coupon_devtools.harness.rabbitmqctl import create_vhost, delete_vhost
 from coupon_devtools.sandbox import BackgroundSandbox, SandboxAdmin
 from worker import __version__
-from worker.broker.publisher import EventProducer
+from worker.adapters.rabbitmq.publisher import EventProducer
 from worker.config import load_settings
 from worker.health import check_health
 

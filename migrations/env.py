@@ -8,7 +8,7 @@ a lock and how long it may run, so that a migration never stalls the fleet's wor
 lock it waits for (``coupon-worker migrate`` tries again later instead); a migration that needs
 longer sets its own ``SET LOCAL statement_timeout``. After the migrations, in the same
 transaction, the revision's compatibility is recorded for older workers
-(``worker.ledger.schema``).
+(``worker.adapters.postgres.schema``).
 
 The limits are set for the migrations' transaction only (``SET LOCAL``): nothing is left on the
 connection, which may be a pooler's server connection that other clients get next
@@ -20,8 +20,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection, create_engine, pool
 
-from worker.ledger.models import Base
-from worker.ledger.schema import compatibility_comment
+from worker.adapters.postgres.models import Base
+from worker.adapters.postgres.schema import compatibility_comment
 
 config = context.config
 target_metadata = Base.metadata

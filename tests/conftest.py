@@ -28,9 +28,9 @@ from coupon_devtools.harness.pgbouncer import PgBouncer
 from coupon_devtools.harness.processes import Spawned, spawn
 from coupon_devtools.harness.rabbitmqctl import create_vhost, delete_vhost
 from coupon_devtools.sandbox import BackgroundSandbox, SandboxAdmin, SandboxOptions
+from worker.adapters.postgres.unit_of_work import ConnectionLimits, make_engine
 from worker.config import Settings, load_settings
 from worker.health import check_health
-from worker.ledger.unit_of_work import ConnectionLimits, make_engine
 
 PG_ADMIN_URL = os.environ.get(
     "COUPONS_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
@@ -384,7 +384,7 @@ def run_cli(settings: Settings, *args: str, stdin: bytes | str | None = None) ->
     from click.testing import CliRunner
     from rich.console import Console
 
-    from worker import cli as cli_module
+    from worker.entrypoints import cli as cli_module
 
     env: dict[str, str | None] = {name: None for name in _env_names().values()}
     env.update((name, value) for name, value in settings_env(settings).items()

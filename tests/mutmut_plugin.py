@@ -3,8 +3,8 @@
 The ledger's retry-path claim statements are built once, at import, before mutmut switches a
 mutant on; tests on PostgreSQL rebuild them here so a mutant of their builders takes effect
 (and so mutmut sees which tests exercise those builders). The hot path's two statements are
-plain SQL text (``worker.ledger.hot_path``): mutmut mutates inside functions only, so their
-text is left alone and their parameter builders are mutated as they run.
+plain SQL text (``worker.adapters.postgres.hot_path``): mutmut mutates inside functions only, so
+their text is left alone and their parameter builders are mutated as they run.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from worker.ledger import repository
+from worker.adapters.postgres import repository
 
 
 def _on_postgres(request: pytest.FixtureRequest) -> bool:

@@ -1,7 +1,7 @@
 """Wiring, in one place: the services' dependencies (the worker's ``Container``, built once per
 process), the support commands' (``build_support_deps``) and the producers' (``open_producer``),
-from the settings. The Celery app factory (``worker.celery_app``), the command line and the
-dev tools all build their dependencies here.
+from the settings. The Celery app factory (``worker.entrypoints.celery.app``), the command line and
+the dev tools all build their dependencies here.
 
 Prefork children must not share the parent's database or HTTP connections, so the container
 rebuilds itself when it finds itself in a new process. Nothing connects until first use.
@@ -16,24 +16,24 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
-from worker.broker.celery_config import producer_app
-from worker.broker.links import StepLinks
-from worker.broker.publisher import CeleryPublisher, EventProducer
-from worker.capillary.client import CapillaryClient
-from worker.circuit import CircuitGate
-from worker.config import Settings
-from worker.leases import LeaseKeeper, Renew
-from worker.ledger.unit_of_work import (
+from worker.adapters.capillary.client import CapillaryClient
+from worker.adapters.postgres.circuit import CircuitGate
+from worker.adapters.postgres.ratelimit import PostgresRateLimiter, RateLimiter, RetryAfterGate
+from worker.adapters.postgres.unit_of_work import (
     ConnectionLimits,
     UnitOfWorkFactory,
     make_engine,
     sql_unit_of_work_factory,
 )
+from worker.adapters.rabbitmq.celery_config import producer_app
+from worker.adapters.rabbitmq.links import StepLinks
+from worker.adapters.rabbitmq.publisher import CeleryPublisher, EventProducer
+from worker.config import Settings
+from worker.domain.policy import CircuitPolicy, RetryPolicy
 from worker.metrics import Metrics
-from worker.policy import CircuitPolicy, RetryPolicy
-from worker.ratelimit import PostgresRateLimiter, RateLimiter, RetryAfterGate
-from worker.replay import SupportDeps
-from worker.services import Deps, Publisher, utcnow
+from worker.usecases.issue import Deps, Publisher, utcnow
+from worker.usecases.leases import LeaseKeeper, Renew
+from worker.usecases.support import SupportDeps
 
 if TYPE_CHECKING:
     from celery import Celery

@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from worker.errors import ConfigurationError
+from worker.domain.errors import ConfigurationError
 
 DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/coupon_worker"
 DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672//"
@@ -135,8 +135,9 @@ class Settings(BaseSettings):
     )
     max_event_bytes: int = Field(65_536, ge=1024, validation_alias="COUPONS_MAX_EVENT_BYTES")
     #: How bus messages reach the pool: ``direct`` (Celery's consumer reads the events queue
-    #: and runs each message as ``coupons.ingest``, ``worker.broker.intake``) or ``bridge``
-    #: (a consumer step publishes each as a task first, ``worker.broker.bridge``).
+    #: and runs each message as ``coupons.ingest``, ``worker.entrypoints.celery.intake``) or
+    #: ``bridge`` (a consumer step publishes each as a task first,
+    #: ``worker.entrypoints.celery.bridge``).
     bus_intake: Literal["direct", "bridge"] = Field(
         "direct", validation_alias="COUPONS_BUS_INTAKE")
 
@@ -151,7 +152,7 @@ class Settings(BaseSettings):
         2.0, ge=0, validation_alias="COUPONS_RECONCILE_DELAY_SECONDS"
     )
     # The longest a task may hold a claim (its hard time limit is 5 s less). The claim's own
-    # lease is short and renewed by a heartbeat while the task lives (worker.leases).
+    # lease is short and renewed by a heartbeat while the task lives (worker.usecases.leases).
     lease_s: float = Field(120.0, gt=0, validation_alias="COUPONS_LEASE_SECONDS")
     claim_heartbeat_s: float = Field(
         10.0, ge=0.2, validation_alias="COUPONS_CLAIM_HEARTBEAT_SECONDS")

@@ -19,7 +19,7 @@ import traceback
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from worker.sanitize import printable
+from worker.domain.text import printable
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=``.
 _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {

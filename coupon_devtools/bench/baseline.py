@@ -34,7 +34,7 @@ from celery import Celery
 from kombu import Exchange, Queue
 from pydantic import SecretStr
 
-from worker.capillary.auth import basic_auth_header
+from worker.adapters.capillary.auth import basic_auth_header
 from worker.config import (
     DEFAULT_BROKER_URL,
     DEFAULT_CAPILLARY_BASE_URL,

@@ -89,9 +89,9 @@ def time_pages(url: str, entities: int, repeat: int) -> list[tuple[str, float]]:
     from starlette.testclient import TestClient
 
     from worker.config import load_settings
-    from worker.console.app import create_app
-    from worker.console.auth import hash_password
-    from worker.console.config import load_console_settings
+    from worker.entrypoints.console.app import create_app
+    from worker.entrypoints.console.auth import hash_password
+    from worker.entrypoints.console.config import load_console_settings
 
     customer = str(100000000 + entities // 4)
     dead_event = (entities // 2) - (entities // 2) % 50

@@ -63,8 +63,8 @@ async def _hammer(base_url: str, clients: int, duration_s: float) -> dict[int, i
     import aiohttp
     from pydantic import SecretStr
 
-    from worker.capillary.auth import basic_auth_header
-    from worker.capillary.client import BULK_ISSUE_PATH
+    from worker.adapters.capillary.auth import basic_auth_header
+    from worker.adapters.capillary.client import BULK_ISSUE_PATH
 
     url = base_url + BULK_ISSUE_PATH
     headers = {"Authorization": basic_auth_header(SANDBOX_USER, SecretStr(SANDBOX_PASSWORD))}
@@ -196,11 +196,11 @@ def run_round_trips(stack: Stack, options: BenchOptions) -> list[RoundTrips]:
 
 def _round_trips(stack: Stack, options: BenchOptions, n_events: int,
                  rate_limit_per_minute: int | None) -> RoundTrips:
+    from coupon_devtools.fakes.broker import FakePublisher
+    from worker.adapters.postgres.unit_of_work import make_engine
     from worker.bootstrap import build_deps
-    from worker.broker.fake import FakePublisher
-    from worker.events import parse_event_data
-    from worker.ledger.unit_of_work import make_engine
-    from worker.services import issue_event
+    from worker.domain.events import parse_event_data
+    from worker.usecases.issue import issue_event
 
     assert stack.settings is not None
     settings = stack.settings.model_copy(update={"rate_limit_per_minute": rate_limit_per_minute})

@@ -17,8 +17,8 @@ import uuid
 from sqlalchemy import create_engine, text
 
 from coupon_devtools.harness.databases import create_migrated, drop_database
-from worker.ledger.retention import RetentionStore
-from worker.retention import RetentionPolicy, prune
+from worker.adapters.postgres.retention import RetentionStore
+from worker.usecases.retention import RetentionPolicy, prune
 
 ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 DAY_S = 86_400.0

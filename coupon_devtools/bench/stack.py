@@ -35,7 +35,7 @@ from worker.config import Settings
 
 def _vhost_step(step: Callable[[], None]) -> None:
     """Run a vhost change, a missing or refusing RabbitMQ becoming a :class:`BenchError`."""
-    from worker.errors import BrokerUnavailable
+    from worker.domain.errors import BrokerUnavailable
 
     try:
         step()

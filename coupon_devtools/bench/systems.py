@@ -108,7 +108,7 @@ class Ours(_Processes):
             {"coupons.tasks": shape.workers, "coupons.events": shape.workers})
 
     def target_queue(self) -> Any:
-        from worker.broker import topology
+        from worker.adapters.rabbitmq import topology
 
         settings = self.stack.settings
         assert settings is not None
@@ -119,8 +119,8 @@ class Ours(_Processes):
     def prepare(self, batch: Batch) -> list[tuple[bytes, dict[str, Any]]]:
         if self.via == "bus":
             return [(json.dumps(e).encode("utf-8"), {}) for e in batch.events]
-        from worker.broker.publisher import event_argsrepr
-        from worker.celery_app import TASK_ISSUE, create_app
+        from worker.adapters.rabbitmq.publisher import event_argsrepr
+        from worker.entrypoints.celery.app import TASK_ISSUE, create_app
 
         if self._app is None:
             self._app = create_app(self.stack.settings)
@@ -246,7 +246,7 @@ def _task_message(app: Any, task: str, kwargs: dict[str, Any], *, kwargsrepr: st
 def publish(stack: Stack, system: System, batch: Batch, *, pace_per_s: float | None = None
             ) -> None:
     """Publish a batch, one broker-confirmed message at a time; stamps ``published_at``."""
-    from worker.broker.publisher import PUBLISH_RETRY_POLICY
+    from worker.adapters.rabbitmq.publisher import PUBLISH_RETRY_POLICY
 
     messages = system.prepare(batch)
     queue = system.target_queue()

@@ -108,7 +108,7 @@ def kill_leader(ctx: Context) -> None:
     """SIGKILL the node leading the events queue, watch the workers fail over, start it
     again after the profile's downtime."""
     assert isinstance(ctx, ClusterContext) and ctx.cluster is not None
-    from worker.errors import BrokerUnavailable
+    from worker.domain.errors import BrokerUnavailable
 
     cluster = ctx.cluster
     leader = cluster.leader(ctx.vhost, ctx.events_queue)
@@ -167,7 +167,12 @@ class ClusterChaosRun(ChaosRun):
     def setup(self) -> tuple[dict[str, str], SandboxAdmin]:
         """The run's services, then what ``coupon-worker broker setup`` does in production: the
         parked queue and the delivery-limit policy on the consumed queues."""
-        from worker.broker.parking import apply_policy, declare_parking, queue_policy, vhost_of
+        from worker.adapters.rabbitmq.parking import (
+            apply_policy,
+            declare_parking,
+            queue_policy,
+            vhost_of,
+        )
         from worker.config import Settings
 
         env, admin = super().setup()
@@ -233,8 +238,8 @@ class ClusterChaosRun(ChaosRun):
         if not isinstance(ctx, ClusterContext) or not ctx.killed:
             return None
         recovered, last_s = self._recovered(ctx)
-        from worker.broker.parking import parked_count
-        from worker.errors import BrokerUnavailable
+        from worker.adapters.rabbitmq.parking import parked_count
+        from worker.domain.errors import BrokerUnavailable
 
         try:
             parked = parked_count(self.settings) if self.settings is not None else None

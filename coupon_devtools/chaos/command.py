@@ -47,7 +47,7 @@ def _terminate(signum: int, frame: Any) -> None:
 def run_chaos(options: ChaosOptions, console: Console) -> int:
     """Run chaos; the exit code is 0 only if exactly once held and every worker is alive."""
     from coupon_devtools.sandbox import SandboxAdminError
-    from worker.errors import WorkerError
+    from worker.domain.errors import WorkerError
 
     console.print(f"[bold]coupon-worker chaos[/]: {options.profile.events} events through "
                   f"{options.workers} workers while their world falls apart"

@@ -86,8 +86,8 @@ def _in_flight_owner(engine: Engine, event_id: str | None) -> int | None:
     from sqlalchemy import select
     from sqlalchemy.exc import SQLAlchemyError
 
-    from worker.ledger import models as m
-    from worker.names import TASK_MARK
+    from worker.adapters.postgres import models as m
+    from worker.adapters.rabbitmq.names import TASK_MARK
 
     query = select(m.Entity.claimed_by).where(m.Entity.state == "in_flight",
                                               m.Entity.claimed_by.is_not(None))
@@ -98,7 +98,8 @@ def _in_flight_owner(engine: Engine, event_id: str | None) -> int | None:
             owner = conn.execute(query.limit(1)).scalar()
     except SQLAlchemyError:
         return None
-    # ``host:pid``, then ``/task:<id>`` when a task took the claim (``worker.names.TASK_MARK``)
+    # ``host:pid``, then ``/task:<id>`` when a task took the claim
+    # (``worker.adapters.rabbitmq.names.TASK_MARK``)
     return int(str(owner).split(TASK_MARK)[0].rsplit(":", 1)[1]) if owner else None
 
 
@@ -206,7 +207,7 @@ class Script(threading.Thread):
 def restore_services(ctx: Context | None, database_port: int) -> None:
     """Whatever happened, leave RabbitMQ and PostgreSQL running and answering."""
     from coupon_devtools.harness.rabbitmqctl import rabbitmqctl
-    from worker.errors import BrokerUnavailable
+    from worker.domain.errors import BrokerUnavailable
 
     if ctx is not None and ctx.rabbit_stopped:
         with contextlib.suppress(BrokerUnavailable):

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from worker.domain import ISSUE_REF_HEX_CHARS, ISSUE_REF_PREFIX, TERMINAL_STATES, issue_ref
+from worker.domain.model import ISSUE_REF_HEX_CHARS, ISSUE_REF_PREFIX, TERMINAL_STATES, issue_ref
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -35,7 +35,7 @@ def ledger_state(engine: Engine) -> LedgerState | None:
     from sqlalchemy import func, select
     from sqlalchemy.exc import SQLAlchemyError
 
-    from worker.ledger import models as m
+    from worker.adapters.postgres import models as m
 
     try:
         with engine.connect() as conn:
@@ -86,7 +86,7 @@ def compare(expected: Mapping[str, tuple[str, Sequence[int]]],
     customer id, series) exactly once, to the right customer, and that our ledger says the same.
 
     A sandbox coupon is attributed to an event by the reference in its notes (see
-    :func:`worker.domain.issue_ref`); coupons of events not in ``expected`` are ignored.
+    :func:`worker.domain.model.issue_ref`); coupons of events not in ``expected`` are ignored.
     """
     by_ref = {issue_ref(event_id): event_id for event_id in expected}
     found: dict[tuple[str, int], list[str]] = {}
@@ -142,7 +142,7 @@ def _judge(result: Comparison, what: str, codes: Sequence[str], ours: Recorded) 
 def read_ledger(engine: Engine) -> dict[tuple[str, int], Recorded]:
     from sqlalchemy import select
 
-    from worker.ledger import models as m
+    from worker.adapters.postgres import models as m
 
     codes: dict[tuple[str, int], list[str]] = {}
     with engine.connect() as conn:

@@ -72,7 +72,7 @@ class Publisher(threading.Thread):
 
     def _publish_all(self) -> None:
         from worker.bootstrap import open_producer
-        from worker.errors import WorkerError
+        from worker.domain.errors import WorkerError
 
         started = time.monotonic()
         pace = self.spread_s / max(len(self.deliveries), 1)

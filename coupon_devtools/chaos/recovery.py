@@ -29,7 +29,7 @@ class Claimed:
 
     def held_by(self, keep: Callable[[int], bool]) -> tuple[int, ...]:
         """The entities whose holder's pid ``keep`` accepts."""
-        from worker.names import TASK_MARK
+        from worker.adapters.rabbitmq.names import TASK_MARK
 
         return tuple(entity for entity, holder in self.holders.items()
                      if keep(int(holder.split(TASK_MARK)[0].rsplit(":", 1)[1])))
@@ -39,7 +39,7 @@ def claimed_now(engine: Engine) -> Claimed:
     """The database's clock and the entities claimed right now."""
     from sqlalchemy import func, select
 
-    from worker.ledger import models as m
+    from worker.adapters.postgres import models as m
 
     with engine.connect() as conn:
         now = conn.execute(select(func.now())).scalar_one()
@@ -82,7 +82,7 @@ def recovery(engine: Engine, what: str, killed_at: datetime,
     """How many of ``in_flight`` were issued, and the last how long after ``killed_at``."""
     from sqlalchemy import select
 
-    from worker.ledger import models as m
+    from worker.adapters.postgres import models as m
 
     if not in_flight:
         return Recovery(what, 0, 0, 0.0)

@@ -335,7 +335,7 @@ class ChaosRun:
         """Workers running; of those, how many beat as ``coupon-worker health`` judges (their
         consumer's event loop runs); and consumers per queue as RabbitMQ counts them. A worker
         gets a few seconds to reconnect after the last disruption."""
-        from worker.errors import BrokerUnavailable
+        from worker.domain.errors import BrokerUnavailable
         from worker.health import check_health
 
         deadline = time.monotonic() + 30
@@ -382,7 +382,7 @@ class ChaosRun:
             return
         from sqlalchemy.engine import make_url
 
-        from worker.errors import BrokerUnavailable
+        from worker.domain.errors import BrokerUnavailable
 
         url = make_url(self.backends.database.url)
         with contextlib.suppress(Exception):

@@ -33,7 +33,7 @@ from coupon_devtools.harness.processes import (
     command_line,
 )
 from coupon_devtools.harness.rabbitmqctl import create_vhost
-from worker.errors import BrokerUnavailable
+from worker.domain.errors import BrokerUnavailable
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ from coupon_devtools.demo.summary import print_next_steps, print_summary, summar
 from coupon_devtools.harness.processes import (
     free_port,
 )
-from worker.errors import WorkerError
+from worker.domain.errors import WorkerError
 
 
 @dataclass(frozen=True)

@@ -86,9 +86,9 @@ def snapshot(engine: Engine, metrics_url: str) -> Snapshot:
     """Read where the pipeline stands."""
     from sqlalchemy import exists, func, select
 
-    from worker.domain import TERMINAL_STATES
-    from worker.ledger import models as m
-    from worker.views import entity_state_counts
+    from worker.adapters.postgres import models as m
+    from worker.domain.model import TERMINAL_STATES
+    from worker.usecases.queries import entity_state_counts
 
     unsettled = exists().where(m.Entity.event_id == m.Event.event_id,
                                m.Entity.state.not_in([s.value for s in TERMINAL_STATES]))

@@ -136,7 +136,7 @@ class ConsoleLogin:
 def start_console(env: Mapping[str, str], logs: Path, services: list[Service], *,
                   flower_url: str | None) -> ConsoleLogin:
     """Start ``coupon-worker console`` with a fresh admin login and session secret."""
-    from worker.console.auth import hash_password
+    from worker.entrypoints.console.auth import hash_password
 
     password = secrets.token_urlsafe(12)
     users = {"users": [{"name": "demo", "role": "admin",
@@ -213,7 +213,8 @@ def stop_kept(workdir: Path, console: Console) -> bool:
     pids = [pid for pid in state.get("pids", [])
             if isinstance(pid, int) and group_alive(pid)
             and any(mark in command_line(pid)
-                    for mark in ("coupon-worker", "worker.cli", "coupon_devtools.filebroker"))]
+                    for mark in ("coupon-worker", "worker.entrypoints.cli",
+                                 "coupon_devtools.filebroker"))]
     stop_groups(pids, grace_s=STOP_GRACE_S)
     stopped = len(pids)
     if state.get("pgdata") and stop_embedded_postgres(Path(state["pgdata"])):

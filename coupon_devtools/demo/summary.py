@@ -81,8 +81,8 @@ def summarise(engine: Engine, sandbox_url: str, taken_in: Counter[str] | None) -
     from sqlalchemy import distinct, func, select
 
     from coupon_devtools.sandbox import SandboxAdmin
-    from worker.domain import TERMINAL_STATES
-    from worker.ledger import models as m
+    from worker.adapters.postgres import models as m
+    from worker.domain.model import TERMINAL_STATES
 
     with SandboxAdmin(sandbox_url) as admin:
         before = admin.ledger()
@@ -122,7 +122,7 @@ def _examples(conn: Any) -> dict[str, str]:
     """Real event ids worth a look: one reconciled, one retried, one dead, one rejected."""
     from sqlalchemy import select
 
-    from worker.ledger import models as m
+    from worker.adapters.postgres import models as m
 
     queries = {
         "reconciled after a timeout or 5xx": select(m.IssuedCoupon.event_id)

@@ -2,7 +2,7 @@
 registered, for the demo's children on the file broker."""
 
 from coupon_devtools.filebroker import register
-from worker.cli import main
+from worker.entrypoints.cli import main
 
 register()
 main(prog_name="coupon-worker")

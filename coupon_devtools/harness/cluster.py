@@ -29,7 +29,7 @@ from coupon_devtools.harness.private import (
 )
 from coupon_devtools.harness.processes import Spawned, free_port, stop_groups
 from coupon_devtools.harness.rabbitmqctl import rabbitmqctl
-from worker.errors import BrokerUnavailable
+from worker.domain.errors import BrokerUnavailable
 
 CLUSTER_SIZE = 3
 LEADER_TIMEOUT_S = 60.0

@@ -26,7 +26,7 @@ def drop_database(url: str | URL, name: str, *, connect_timeout_s: int = CONNECT
 
 def create_migrated(url: str) -> None:
     """Create the database of ``url`` if it is missing and upgrade it to the newest schema."""
-    from worker.ledger.migrate import ensure_database, upgrade
+    from worker.adapters.postgres.migrate import ensure_database, upgrade
 
     ensure_database(url)
     upgrade(url)

@@ -100,12 +100,12 @@ def spawn(name: str, argv: Sequence[str], env: Mapping[str, str], logs: Path, *,
 
 def cli_command() -> list[str]:
     """How to run ``coupon-worker``: the script next to this interpreter, else the one on the
-    PATH, else ``python -m worker.cli``."""
+    PATH, else ``python -m worker.entrypoints.cli``."""
     script = Path(sys.executable).parent / "coupon-worker"
     if script.exists():
         return [str(script)]
     found = shutil.which("coupon-worker")
-    return [found] if found else [sys.executable, "-m", "worker.cli"]
+    return [found] if found else [sys.executable, "-m", "worker.entrypoints.cli"]
 
 
 def alive(pid: int) -> bool:

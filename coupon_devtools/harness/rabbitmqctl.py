@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 
-from worker.errors import BrokerUnavailable
+from worker.domain.errors import BrokerUnavailable
 
 RABBITMQCTL_TIMEOUT_S = 60.0
 AWAIT_STARTUP_TIMEOUT_S = 120.0

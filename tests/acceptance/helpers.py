@@ -12,10 +12,10 @@ from sqlalchemy import Engine
 
 from coupon_devtools.harness.rabbitmqctl import rabbitmqctl
 from tests.conftest import wait_until
-from worker.broker.publisher import EventProducer
+from worker.adapters.rabbitmq.publisher import EventProducer
 from worker.config import Settings
-from worker.errors import NotFound
-from worker.views import event_story
+from worker.domain.errors import NotFound
+from worker.usecases.queries import event_story
 
 
 def example_event(event_id: str = "tier-upgrade-566881933-2026-11-25",

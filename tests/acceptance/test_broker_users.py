@@ -32,12 +32,12 @@ from tests.conftest import (
     settings_env,
     wait_until,
 )
-from worker.broker import topology
-from worker.broker.celery_config import producer_app
-from worker.broker.permissions import COMPONENTS, password_variable, user_name
-from worker.broker.publisher import CeleryPublisher
+from worker.adapters.rabbitmq import topology
+from worker.adapters.rabbitmq.celery_config import producer_app
+from worker.adapters.rabbitmq.permissions import COMPONENTS, password_variable, user_name
+from worker.adapters.rabbitmq.publisher import CeleryPublisher
 from worker.config import Settings
-from worker.events import parse_event_data
+from worker.domain.events import parse_event_data
 
 REFUSED = (amqp.exceptions.AccessRefused, amqp.exceptions.NotAllowed)
 

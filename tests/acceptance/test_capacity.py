@@ -14,7 +14,7 @@ from sqlalchemy import Engine, text
 from tests.acceptance.helpers import example_event, publish, wait_for_state
 from tests.conftest import WorkerProcess
 from worker.config import Settings
-from worker.doctor import ConnectionBudget
+from worker.entrypoints.cli.doctor import ConnectionBudget
 
 # The worker's own connections (its engines are named so), not the test's.
 WORKER_CONNECTIONS = text(

@@ -31,8 +31,8 @@ from tests.conftest import (
     wait_until,
 )
 from worker import __version__
+from worker.adapters.rabbitmq.names import TASK_MARK
 from worker.config import Settings
-from worker.names import TASK_MARK
 
 
 @pytest.fixture
@@ -201,8 +201,9 @@ def test_the_plain_celery_command_runs_the_worker(
     settings: Settings, clean_ledger: Engine, sandbox: SandboxAdmin, tmp_path: Path,
 ) -> None:
     env = settings_env(settings)
-    process = spawn("celery", [sys.executable, "-m", "celery", "-A", "worker.celery_app",
-                               "worker", "-c", "1", "--without-mingle", "--without-gossip",
+    process = spawn("celery", [sys.executable, "-m", "celery",
+                               "-A", "worker.entrypoints.celery.app", "worker", "-c", "1",
+                               "--without-mingle", "--without-gossip",
                                "-n", "plain@%h"], env, tmp_path, cwd=REPO_ROOT)
     try:
         publish(settings, example_event("plain-celery"))

@@ -300,7 +300,7 @@ def test_pools_that_cannot_enforce_the_time_limit_are_refused(settings: Settings
     assert by_cli.returncode == 2 and "'threads' is not 'prefork'" in by_cli.stderr
     celery = str(Path(coupon_worker_command()).with_name("celery"))
     by_celery = subprocess.run(
-        [celery, "-A", "worker.celery_app", "worker", "-P", "threads"], env=env,
+        [celery, "-A", "worker.entrypoints.celery.app", "worker", "-P", "threads"], env=env,
         capture_output=True, text=True, check=False, timeout=60)
     assert by_celery.returncode != 0
     assert "prefork pool only" in by_celery.stdout + by_celery.stderr

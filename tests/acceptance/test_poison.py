@@ -23,7 +23,7 @@ from tests.acceptance.helpers import (
     wait_for_state,
 )
 from tests.conftest import WorkerProcess, run_cli, wait_until
-from worker.broker import topology
+from worker.adapters.rabbitmq import topology
 from worker.config import Settings
 
 OVERSIZE_PAD = 70_000
@@ -218,7 +218,7 @@ def test_a_task_sent_with_the_wrong_call_is_recorded_and_listed_as_a_dead_letter
     settings: Settings, clean_ledger: Engine, sandbox: SandboxAdmin,
     start_worker: Callable[..., WorkerProcess],
 ) -> None:
-    from worker.broker.celery_config import producer_app
+    from worker.adapters.rabbitmq.celery_config import producer_app
 
     worker = start_worker(settings)
     # Given coupons.issue sent by a Python producer with an argument the task does not take,

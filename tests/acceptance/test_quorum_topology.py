@@ -2,8 +2,8 @@
 
 Celery declares 28 ``celery_delayed_*`` queues and their exchanges as soon as one queue is a
 quorum queue (native delayed delivery, for ETA tasks the worker never sends); the worker's
-consumer leaves that step out (``worker.broker.consumer``). The test runs in a vhost of its own,
-so that every queue and exchange listed there is the worker's doing.
+consumer leaves that step out (``worker.entrypoints.celery.consumer``). The test runs in a vhost of
+its own, so that every queue and exchange listed there is the worker's doing.
 """
 
 from __future__ import annotations

@@ -22,9 +22,9 @@ from tests.acceptance.helpers import (
     wait_for_state,
 )
 from tests.conftest import WorkerProcess, run_cli, wait_until
-from worker.capillary.client import CapillaryClient
+from worker.adapters.capillary.client import CapillaryClient
+from worker.adapters.rabbitmq.names import split_worker
 from worker.config import Settings
-from worker.names import split_worker
 
 #: Customers and series of their own per case, so that a fault strikes its case only.
 ERRORS, LAG, PAGES, MOBILE, EMAIL = "930001", "930002", "930003", "930004", "930005"

@@ -21,7 +21,7 @@ from tests.acceptance.helpers import (
     wait_for_state,
 )
 from tests.conftest import WorkerProcess, run_cli, wait_until
-from worker.broker import topology
+from worker.adapters.rabbitmq import topology
 from worker.config import Settings
 
 

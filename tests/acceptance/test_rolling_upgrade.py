@@ -23,9 +23,9 @@ from coupon_devtools.sandbox import SandboxAdmin
 from tests.acceptance.helpers import example_event, publish
 from tests.conftest import PG_ADMIN_URL, WorkerProcess, wait_until
 from worker import __version__
-from worker.celery_app import create_app
+from worker.adapters.postgres.migrate import alembic_config, alembic_home, ensure_database, upgrade
 from worker.config import Settings
-from worker.ledger.migrate import alembic_config, alembic_home, ensure_database, upgrade
+from worker.entrypoints.celery.app import create_app
 
 pytestmark = pytest.mark.slow
 
@@ -139,7 +139,7 @@ def test_an_expand_migration_under_a_running_worker_stalls_and_repeats_nothing(
 
 
 def _head() -> str:
-    from worker.ledger.migrate import script_directory
+    from worker.adapters.postgres.migrate import script_directory
 
     head = script_directory().get_current_head()
     assert head

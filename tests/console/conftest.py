@@ -12,17 +12,17 @@ import pytest
 from sqlalchemy import Engine
 from starlette.testclient import TestClient
 
-from worker.broker.fake import FakePublisher
+from coupon_devtools.fakes.broker import FakePublisher
+from worker.adapters.postgres.records import Transition
+from worker.adapters.postgres.unit_of_work import sql_unit_of_work_factory
 from worker.config import Settings
-from worker.console.app import create_app
-from worker.console.auth import hash_password
-from worker.console.config import ConsoleSettings, load_console_settings
-from worker.domain import EntityState
-from worker.events import parse_event_data
-from worker.ledger.records import Transition
-from worker.ledger.unit_of_work import sql_unit_of_work_factory
-from worker.replay import SupportDeps
-from worker.services import utcnow
+from worker.domain.events import parse_event_data
+from worker.domain.model import EntityState
+from worker.entrypoints.console.app import create_app
+from worker.entrypoints.console.auth import hash_password
+from worker.entrypoints.console.config import ConsoleSettings, load_console_settings
+from worker.usecases.issue import utcnow
+from worker.usecases.support import SupportDeps
 
 PASSWORDS = {"vera": "viewer-pass-1", "otto": "operator-pass-1", "ada": "admin-pass-1"}
 ROLES = {"vera": "viewer", "otto": "operator", "ada": "admin"}

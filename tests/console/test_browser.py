@@ -23,8 +23,8 @@ from tests.acceptance.helpers import example_event, publish, wait_for_state
 from tests.conftest import REPO_ROOT, WorkerProcess
 from tests.console.conftest import PASSWORDS
 from worker.config import Settings
-from worker.console.app import create_app
-from worker.console.config import ConsoleSettings
+from worker.entrypoints.console.app import create_app
+from worker.entrypoints.console.config import ConsoleSettings
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 

@@ -8,14 +8,14 @@ from collections.abc import Callable
 from sqlalchemy import Engine, text
 from starlette.testclient import TestClient
 
+from coupon_devtools.fakes.broker import FakePublisher
 from tests.conftest import wait_until
 from tests.console.conftest import PASSWORDS, csrf_of, login, seed_dead
-from worker.broker.fake import FakePublisher
-from worker.ledger.jobs import ReplayJobStore
-from worker.ledger.unit_of_work import sql_unit_of_work_factory
-from worker.replay import SupportDeps
-from worker.replay_jobs import step_replay_jobs
-from worker.services import utcnow
+from worker.adapters.postgres.jobs import ReplayJobStore
+from worker.adapters.postgres.unit_of_work import sql_unit_of_work_factory
+from worker.usecases.issue import utcnow
+from worker.usecases.replay_jobs import step_replay_jobs
+from worker.usecases.support import SupportDeps
 
 
 def audit_rows(engine: Engine) -> list[tuple[str, str, str]]:
@@ -327,9 +327,9 @@ def test_a_coupons_warnings_and_a_codes_meaning_are_shown(
         make_client: Callable[..., TestClient], clean_ledger: Engine) -> None:
     from datetime import UTC, datetime
 
-    from worker.domain import Coupon, EntityState
-    from worker.events import parse_event_data
-    from worker.ledger.records import Transition
+    from worker.adapters.postgres.records import Transition
+    from worker.domain.events import parse_event_data
+    from worker.domain.model import Coupon, EntityState
 
     # Given a coupon issued with a warning, beside a dead entity refused with 5002
     uow = sql_unit_of_work_factory(clean_ledger)

@@ -13,14 +13,14 @@ from sqlalchemy import Engine, text
 from starlette.testclient import TestClient
 
 from tests.console.conftest import login
-from worker.console.config import ConsoleSettings, load_console_settings
-from worker.console.routes import spreadsheet_safe
-from worker.domain import Coupon, EntityState
-from worker.errors import ConfigurationError
-from worker.events import parse_event_data
-from worker.ledger.records import Transition
-from worker.ledger.unit_of_work import sql_unit_of_work_factory
-from worker.sanitize import mask_code
+from worker.adapters.postgres.records import Transition
+from worker.adapters.postgres.unit_of_work import sql_unit_of_work_factory
+from worker.domain.errors import ConfigurationError
+from worker.domain.events import parse_event_data
+from worker.domain.model import Coupon, EntityState
+from worker.domain.text import mask_code
+from worker.entrypoints.console.config import ConsoleSettings, load_console_settings
+from worker.entrypoints.console.routes import spreadsheet_safe
 
 
 def test_every_response_carries_the_security_headers(

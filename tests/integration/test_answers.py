@@ -12,28 +12,28 @@ from datetime import UTC, datetime
 import pytest
 from sqlalchemy import Engine, text
 
+from coupon_devtools.fakes.broker import FakePublisher
 from coupon_devtools.sandbox import SandboxAdmin
-from worker import services
-from worker.broker.fake import FakePublisher
-from worker.capillary.client import CapillaryClient
-from worker.circuit import CircuitGate
+from worker.adapters.capillary.client import CapillaryClient
+from worker.adapters.postgres.circuit import CircuitGate
+from worker.adapters.postgres.ratelimit import RetryAfterGate
+from worker.adapters.postgres.unit_of_work import sql_unit_of_work_factory
 from worker.config import Settings
-from worker.domain import Verdict
-from worker.events import parse_event_data
-from worker.ledger.unit_of_work import sql_unit_of_work_factory
+from worker.domain.events import parse_event_data
+from worker.domain.model import Verdict
+from worker.domain.policy import CircuitPolicy, RetryPolicy
 from worker.metrics import Metrics
-from worker.policy import CircuitPolicy, RetryPolicy
-from worker.ratelimit import RetryAfterGate
-from worker.replay import SupportDeps, replay_event
+from worker.usecases import issue
+from worker.usecases.support import SupportDeps, replay_event
 
 CUSTOMER = {"id": "566881933"}
 ISSUED_SERIES, REFUSED_SERIES = 544770, 700712
 
 
 @pytest.fixture
-def deps(settings: Settings, clean_ledger: Engine, sandbox: SandboxAdmin) -> services.Deps:
+def deps(settings: Settings, clean_ledger: Engine, sandbox: SandboxAdmin) -> issue.Deps:
     uow = sql_unit_of_work_factory(clean_ledger)
-    return services.Deps(
+    return issue.Deps(
         uow=uow, api=CapillaryClient.from_settings(settings), publisher=FakePublisher(),
         limiter=RetryAfterGate(clean_ledger),
         circuit=CircuitGate(uow, CircuitPolicy(), clock=lambda: datetime.now(UTC),
@@ -49,7 +49,7 @@ def entities(engine: Engine) -> dict[int, tuple[str, str | None, str | None]]:
 
 
 def test_a_400_whose_entries_say_issued_and_refused_records_the_issued_one_once(
-    deps: services.Deps, clean_ledger: Engine, sandbox: SandboxAdmin,
+    deps: issue.Deps, clean_ledger: Engine, sandbox: SandboxAdmin,
 ) -> None:
     # Given Capillary (or a gateway before it) answering 400 with per-entry results: one
     # series issued, one refused (expired)
@@ -58,7 +58,7 @@ def test_a_400_whose_entries_say_issued_and_refused_records_the_issued_one_once(
     event = parse_event_data({"eventId": "four-hundred", "customer": CUSTOMER,
                               "seriesIds": [ISSUED_SERIES, REFUSED_SERIES]})
     # When the event is issued
-    report = services.issue_event(event, source="bus", deps=deps)
+    report = issue.issue_event(event, source="bus", deps=deps)
     # Then the issued entry is recorded as issued, with the coupon Capillary gave, and the
     # refused one is dead with its own code
     truth = sandbox.ledger(series=ISSUED_SERIES)
@@ -80,7 +80,7 @@ def test_a_400_whose_entries_say_issued_and_refused_records_the_issued_one_once(
     publisher = deps.publisher
     assert isinstance(publisher, FakePublisher)
     for entity_id in publisher.retries:
-        services.retry_entity(entity_id, deps=deps)
+        issue.retry_entity(entity_id, deps=deps)
     bulk_calls = [c for c in sandbox.calls() if c["path"] == "bulk"]
     assert [c["seriesIds"] for c in bulk_calls] == [[ISSUED_SERIES, REFUSED_SERIES],
                                                     [REFUSED_SERIES]]
@@ -91,7 +91,7 @@ def test_a_400_whose_entries_say_issued_and_refused_records_the_issued_one_once(
 
 
 def test_a_configuration_code_in_a_4xx_body_pauses_instead_of_dead_lettering(
-    deps: services.Deps, clean_ledger: Engine, sandbox: SandboxAdmin,
+    deps: issue.Deps, clean_ledger: Engine, sandbox: SandboxAdmin,
 ) -> None:
     # Given a 400 whose entry carries a configuration error (788)
     sandbox.set_series(ISSUED_SERIES, behaviour="error", error_code=788,
@@ -99,7 +99,7 @@ def test_a_configuration_code_in_a_4xx_body_pauses_instead_of_dead_lettering(
     sandbox.add_fault(kind="status_after", status=400)
     event = parse_event_data({"eventId": "config-400", "customer": CUSTOMER,
                               "seriesIds": [ISSUED_SERIES]})
-    report = services.issue_event(event, source="bus", deps=deps)
+    report = issue.issue_event(event, source="bus", deps=deps)
     # Then nothing is dead-lettered: the entity waits, and the circuit is open
     assert report.dead == 0 and report.deferred == 1
     assert entities(clean_ledger)[ISSUED_SERIES][0] == "retry_wait"
@@ -118,7 +118,7 @@ def test_entries_in_a_4xx_are_read_per_series(settings: Settings, sandbox: Sandb
 
 
 def test_an_event_with_more_series_than_a_call_takes_is_issued_in_several_calls(
-    deps: services.Deps, clean_ledger: Engine, sandbox: SandboxAdmin,
+    deps: issue.Deps, clean_ledger: Engine, sandbox: SandboxAdmin,
 ) -> None:
     # Given calls of at most 100 series, and an event of 250
     deps.max_series_per_call = 100
@@ -126,7 +126,7 @@ def test_an_event_with_more_series_than_a_call_takes_is_issued_in_several_calls(
     event = parse_event_data({"eventId": "many-series", "customer": CUSTOMER,
                               "seriesIds": series})
     # When it is issued
-    report = services.issue_event(event, source="bus", deps=deps)
+    report = issue.issue_event(event, source="bus", deps=deps)
     # Then three calls issue every series once, each call recorded with its own series
     assert report.issued == 250
     bulk_calls = [c["seriesIds"] for c in sandbox.calls() if c["path"] == "bulk"]

@@ -11,11 +11,11 @@ from typing import Any
 from sqlalchemy import Engine
 
 from tests.acceptance.helpers import queue_ready
+from worker.adapters.postgres.records import Transition
+from worker.adapters.postgres.unit_of_work import sql_unit_of_work_factory
 from worker.config import Settings
-from worker.domain import Coupon, EntityState
-from worker.events import parse_event_data
-from worker.ledger.records import Transition
-from worker.ledger.unit_of_work import sql_unit_of_work_factory
+from worker.domain.events import parse_event_data
+from worker.domain.model import Coupon, EntityState
 
 SETTLE_S = 120.0
 

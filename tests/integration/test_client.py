@@ -11,11 +11,11 @@ import pytest
 from pydantic import SecretStr
 
 from coupon_devtools.sandbox import BackgroundSandbox, SandboxAdmin
-from worker.capillary.auth import BasicAuth, OAuthTokens, basic_auth_header
-from worker.capillary.client import CapillaryClient
+from worker.adapters.capillary.auth import BasicAuth, OAuthTokens, basic_auth_header
+from worker.adapters.capillary.client import CapillaryClient
 from worker.config import Settings
-from worker.domain import Verdict
-from worker.errors import Ambiguous, CapillaryError, Outage
+from worker.domain.errors import Ambiguous, CapillaryError, Outage
+from worker.domain.model import Verdict
 
 CUSTOMER = {"id": "566881933"}
 META = {"sourceType": "Journeys", "notes": "[cw:abc]"}

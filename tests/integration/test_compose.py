@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from worker.config import Settings
-from worker.console.config import ConsoleSettings
+from worker.entrypoints.console.config import ConsoleSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"

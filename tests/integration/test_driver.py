@@ -12,10 +12,14 @@ import psycopg
 import pytest
 from sqlalchemy import Engine, make_url, text
 
+from worker.adapters.postgres.driver import run_alone
+from worker.adapters.postgres.unit_of_work import (
+    ConnectionLimits,
+    make_engine,
+    sql_unit_of_work_factory,
+)
 from worker.config import Settings
-from worker.errors import LedgerError, LedgerUnavailable
-from worker.ledger.driver import run_alone
-from worker.ledger.unit_of_work import ConnectionLimits, make_engine, sql_unit_of_work_factory
+from worker.domain.errors import LedgerError, LedgerUnavailable
 
 
 @pytest.fixture

@@ -18,21 +18,21 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from coupon_devtools.bench.probes import count_traces, trace_connections
-from worker import services
-from worker.broker.fake import FakePublisher
-from worker.capillary.fake import FakeCapillary
-from worker.circuit import CircuitGate
-from worker.config import Settings
-from worker.events import parse_event_data
-from worker.ledger.unit_of_work import (
+from coupon_devtools.fakes.broker import FakePublisher
+from coupon_devtools.fakes.capillary import FakeCapillary
+from worker.adapters.postgres.circuit import CircuitGate
+from worker.adapters.postgres.ratelimit import RetryAfterGate
+from worker.adapters.postgres.unit_of_work import (
     ConnectionLimits,
     SqlUnitOfWork,
     make_engine,
     sql_unit_of_work_factory,
 )
+from worker.config import Settings
+from worker.domain.events import parse_event_data
+from worker.domain.policy import CircuitPolicy, RetryPolicy
 from worker.metrics import Metrics
-from worker.policy import CircuitPolicy, RetryPolicy
-from worker.ratelimit import RetryAfterGate
+from worker.usecases import issue
 
 
 @pytest.fixture(params=["direct", "pgbouncer", "prepared-per-transaction"])
@@ -100,7 +100,7 @@ def test_an_issued_event_opens_no_session(request: pytest.FixtureRequest, throug
     def uow() -> SqlUnitOfWork:
         return SqlUnitOfWork(session, clean_ledger)
 
-    deps = services.Deps(
+    deps = issue.Deps(
         uow=uow, api=FakeCapillary(), publisher=FakePublisher(),
         limiter=RetryAfterGate(clean_ledger),
         circuit=CircuitGate(uow, CircuitPolicy(), clock=lambda: datetime.now(UTC),
@@ -108,5 +108,5 @@ def test_an_issued_event_opens_no_session(request: pytest.FixtureRequest, throug
         retry_policy=RetryPolicy(), metrics=Metrics(), worker_id="test")
     event = parse_event_data({"eventId": "no-session", "customer": {"id": "566881933"},
                               "seriesIds": [544770, 553379]})
-    assert services.issue_event(event, source="bus", deps=deps).issued == 2
+    assert issue.issue_event(event, source="bus", deps=deps).issued == 2
     assert opened == []

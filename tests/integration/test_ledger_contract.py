@@ -14,15 +14,15 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, func, select, text
 
-from worker.capillary.answers import MAX_CODE_CHARS, parse_coupon
-from worker.capillary.api import CallInfo
-from worker.domain import Coupon, DeadMessageKind, EntityState, issue_ref
-from worker.errors import EventRejected, LedgerError
-from worker.events import parse_event_data
-from worker.ledger import models as m
-from worker.ledger.fake import fake_unit_of_work_factory
-from worker.ledger.records import CircuitState, Claim, RecordedCall, Transition
-from worker.ledger.unit_of_work import UnitOfWork, sql_unit_of_work_factory
+from coupon_devtools.fakes.ledger import fake_unit_of_work_factory
+from worker.adapters.capillary.answers import MAX_CODE_CHARS, parse_coupon
+from worker.adapters.capillary.api import CallInfo
+from worker.adapters.postgres import models as m
+from worker.adapters.postgres.records import CircuitState, Claim, RecordedCall, Transition
+from worker.adapters.postgres.unit_of_work import UnitOfWork, sql_unit_of_work_factory
+from worker.domain.errors import EventRejected, LedgerError
+from worker.domain.events import parse_event_data
+from worker.domain.model import Coupon, DeadMessageKind, EntityState, issue_ref
 
 NOW = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
 LEASE = NOW + timedelta(seconds=60)

@@ -11,15 +11,15 @@ from datetime import UTC, datetime
 import pytest
 from sqlalchemy import Engine, text
 
-from worker.config import Settings
-from worker.errors import LedgerUnavailable
-from worker.events import parse_event_data
-from worker.ledger.unit_of_work import (
+from worker.adapters.postgres.unit_of_work import (
     ConnectionLimits,
     SqlUnitOfWork,
     make_engine,
     sql_unit_of_work_factory,
 )
+from worker.config import Settings
+from worker.domain.errors import LedgerUnavailable
+from worker.domain.events import parse_event_data
 
 EVENT = parse_event_data({"eventId": "stalled-1", "customer": {"id": "7"}, "seriesIds": [1]})
 NOW = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)

@@ -10,7 +10,7 @@ import pytest
 from alembic.config import Config
 
 from coupon_devtools.migration_lint import OFFLINE_URL, lint
-from worker.ledger.migrate import alembic_config, alembic_home, script_directory
+from worker.adapters.postgres.migrate import alembic_config, alembic_home, script_directory
 
 BLOCKING = '''"""an index built the blocking way on a table the fleet writes"""
 from alembic import op

@@ -14,15 +14,15 @@ from sqlalchemy import create_engine
 
 from coupon_devtools.harness.databases import drop_database
 from tests.conftest import PG_ADMIN_URL
-from worker.ledger.migrate import (
+from worker.adapters.postgres.migrate import (
     alembic_config,
     current_revision,
     ensure_database,
     schema_status,
     upgrade,
 )
-from worker.ledger.models import Base
-from worker.ledger.schema import Verdict, compatible_from
+from worker.adapters.postgres.models import Base
+from worker.adapters.postgres.schema import Verdict, compatible_from
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from kombu import Connection, Message, Producer
 
 from coupon_devtools.harness.rabbitmqctl import create_vhost, delete_vhost, rabbitmqctl
 from tests.conftest import RABBIT_HOST, run_cli
-from worker.broker import topology
+from worker.adapters.rabbitmq import topology
 from worker.config import Settings
 
 

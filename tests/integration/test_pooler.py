@@ -21,21 +21,25 @@ from sqlalchemy import Engine, text
 from coupon_devtools.harness.databases import drop_database
 from coupon_devtools.harness.pgbouncer import PgBouncer
 from tests.conftest import PG_ADMIN_URL, run_cli
-from worker.config import Settings
-from worker.errors import LedgerError, LedgerUnavailable
-from worker.events import parse_event_data
-from worker.ledger import hot_path
-from worker.ledger.driver import PoolerMismatch, run_alone
-from worker.ledger.migrate import (
+from worker.adapters.postgres import hot_path
+from worker.adapters.postgres.driver import PoolerMismatch, run_alone
+from worker.adapters.postgres.migrate import (
     current_revision,
     ensure_database,
     schema_status,
     script_directory,
     upgrade,
 )
-from worker.ledger.schema import Verdict
-from worker.ledger.unit_of_work import ConnectionLimits, make_engine, sql_unit_of_work_factory
-from worker.ratelimit import PostgresRateLimiter, RetryAfterGate
+from worker.adapters.postgres.ratelimit import PostgresRateLimiter, RetryAfterGate
+from worker.adapters.postgres.schema import Verdict
+from worker.adapters.postgres.unit_of_work import (
+    ConnectionLimits,
+    make_engine,
+    sql_unit_of_work_factory,
+)
+from worker.config import Settings
+from worker.domain.errors import LedgerError, LedgerUnavailable
+from worker.domain.events import parse_event_data
 
 NOW = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
 POOLED = ConnectionLimits(statement_timeout_s=0.5, lock_timeout_s=0.3, pooler="transaction")

@@ -9,11 +9,11 @@ from kombu import Connection
 
 from coupon_devtools.harness.rabbitmqctl import rabbitmqctl
 from tests.acceptance.helpers import queue_counts, queue_ready, refusing
-from worker.broker.celery_config import producer_app
-from worker.broker.publisher import CeleryPublisher, EventProducer
+from worker.adapters.postgres.records import DueEntity
+from worker.adapters.rabbitmq.celery_config import producer_app
+from worker.adapters.rabbitmq.publisher import CeleryPublisher, EventProducer
 from worker.config import Settings
-from worker.errors import BrokerUnavailable
-from worker.ledger.records import DueEntity
+from worker.domain.errors import BrokerUnavailable
 
 
 def test_a_producer_publishes_both_ways_in_after_its_connection_was_dropped(

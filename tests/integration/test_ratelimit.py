@@ -9,7 +9,7 @@ import time
 import pytest
 from sqlalchemy import Engine, create_engine
 
-from worker.ratelimit import PostgresRateLimiter, RetryAfterGate
+from worker.adapters.postgres.ratelimit import PostgresRateLimiter, RetryAfterGate
 
 
 def test_reservations_space_calls_at_the_rate_after_the_burst(clean_ledger: Engine) -> None:

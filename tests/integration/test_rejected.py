@@ -16,20 +16,21 @@ from kombu import Connection
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError
 
-from worker import services, tasks
-from worker.broker import topology
-from worker.broker.fake import FakePublisher
-from worker.capillary.fake import FakeCapillary
-from worker.circuit import CircuitGate
+from coupon_devtools.fakes.broker import FakePublisher
+from coupon_devtools.fakes.capillary import FakeCapillary
+from worker.adapters.postgres.circuit import CircuitGate
+from worker.adapters.postgres.ratelimit import Unlimited
+from worker.adapters.postgres.unit_of_work import sql_unit_of_work_factory
+from worker.adapters.rabbitmq import topology
 from worker.config import Settings
-from worker.domain import DeadMessageKind
-from worker.errors import BrokerUnavailable, NotFound
-from worker.events import LoyaltyEvent, parse_event_data
-from worker.ledger.unit_of_work import sql_unit_of_work_factory
+from worker.domain.errors import BrokerUnavailable, NotFound
+from worker.domain.events import LoyaltyEvent, parse_event_data
+from worker.domain.model import DeadMessageKind
+from worker.domain.policy import CircuitPolicy, RetryPolicy
+from worker.entrypoints.celery import tasks
 from worker.metrics import Metrics
-from worker.policy import CircuitPolicy, RetryPolicy
-from worker.ratelimit import Unlimited
-from worker.replay import SupportDeps, resubmit_rejected
+from worker.usecases import issue
+from worker.usecases.support import SupportDeps, resubmit_rejected
 
 NOW = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
 MAX = 65_536
@@ -37,9 +38,9 @@ FIXED = {"eventId": "tier-upgrade-566881933-2026-11-25", "customer": {"id": "566
          "seriesIds": [544770, 553379]}
 
 
-def pipeline_deps(engine: Engine) -> services.Deps:
+def pipeline_deps(engine: Engine) -> issue.Deps:
     uow = sql_unit_of_work_factory(engine)
-    return services.Deps(
+    return issue.Deps(
         uow=uow, api=FakeCapillary(), publisher=FakePublisher(), limiter=Unlimited(),
         circuit=CircuitGate(uow, CircuitPolicy(), clock=lambda: NOW, probe_timeout_s=60),
         retry_policy=RetryPolicy(), metrics=Metrics(), worker_id="test", clock=lambda: NOW)
@@ -68,7 +69,7 @@ def reject(engine: Engine, raw: bytes) -> int:
 
 def test_the_rejection_path_stores_what_postgresql_would_refuse(clean_ledger: Engine) -> None:
     raw = b"\x00\xff" + b"[" * 5000
-    rejected_id = services.record_rejection(
+    rejected_id = issue.record_rejection(
         raw, "reason \x00 with \ud800 and \x1b[31m", source="bus\x00",
         deps=pipeline_deps(clean_ledger), event_id="e\x00\ud800",
         content_type="application/json\x00")
@@ -310,7 +311,7 @@ def test_a_dead_letter_of_ours_is_resubmitted_as_received(
         cli: Callable[..., Any], clean_ledger: Engine, settings: Settings) -> None:
     # Given a valid event that our side kept failing on, kept as an infrastructure dead letter
     raw = json.dumps(FIXED).encode()
-    dead_id = services.record_rejection(
+    dead_id = issue.record_rejection(
         raw, "infrastructure: failed 5 deliveries, the last with LedgerError: refused",
         source="bus", deps=pipeline_deps(clean_ledger), event_id=FIXED["eventId"],
         kind=DeadMessageKind.INFRASTRUCTURE)

@@ -6,13 +6,13 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Engine, text
 
-from worker.broker.fake import FakePublisher
-from worker.domain import EntityState
-from worker.events import parse_event_data
-from worker.ledger.records import Transition
-from worker.ledger.support import Selection
-from worker.ledger.unit_of_work import sql_unit_of_work_factory
-from worker.replay import SupportDeps, _replay_one, discard, replay, replay_event
+from coupon_devtools.fakes.broker import FakePublisher
+from worker.adapters.postgres.records import Transition
+from worker.adapters.postgres.support import Selection
+from worker.adapters.postgres.unit_of_work import sql_unit_of_work_factory
+from worker.domain.events import parse_event_data
+from worker.domain.model import EntityState
+from worker.usecases.support import SupportDeps, _replay_one, discard, replay, replay_event
 
 NOW = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
 
@@ -114,7 +114,7 @@ def test_event_replay_re_runs_dead_and_waiting_but_not_issued(clean_ledger: Engi
 
 
 def test_dead_letter_views_filter_and_group(clean_ledger: Engine) -> None:
-    from worker.views import dead_letter_summary, dead_letters
+    from worker.usecases.queries import dead_letter_summary, dead_letters
 
     seed(clean_ledger, "e-1", EntityState.DEAD, EntityState.DEAD)
     with clean_ledger.begin() as conn:

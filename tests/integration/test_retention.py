@@ -17,25 +17,25 @@ from celery import bootsteps
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.exc import DBAPIError
 
+from coupon_devtools.fakes.broker import FakePublisher
+from coupon_devtools.fakes.capillary import FakeCapillary
 from coupon_devtools.harness.databases import drop_database
 from tests.conftest import PG_ADMIN_URL
-from worker import services
-from worker.broker import sweeper as sweeper_module
-from worker.broker.fake import FakePublisher
-from worker.capillary.fake import FakeCapillary
-from worker.circuit import CircuitGate
+from worker.adapters.postgres.circuit import CircuitGate
+from worker.adapters.postgres.migrate import alembic_config, ensure_database, upgrade
+from worker.adapters.postgres.ratelimit import RetryAfterGate
+from worker.adapters.postgres.records import Transition
+from worker.adapters.postgres.retention import RetentionStore
+from worker.adapters.postgres.unit_of_work import sql_unit_of_work_factory
 from worker.config import load_settings
-from worker.domain import Coupon, EntityState
-from worker.errors import EventRejected
-from worker.events import parse_event_data
-from worker.ledger.migrate import alembic_config, ensure_database, upgrade
-from worker.ledger.records import Transition
-from worker.ledger.retention import RetentionStore
-from worker.ledger.unit_of_work import sql_unit_of_work_factory
+from worker.domain.errors import EventRejected
+from worker.domain.events import parse_event_data
+from worker.domain.model import Coupon, EntityState
+from worker.domain.policy import CircuitPolicy, RetryPolicy
+from worker.entrypoints.celery import sweeper as sweeper_module
 from worker.metrics import Metrics
-from worker.policy import CircuitPolicy, RetryPolicy
-from worker.ratelimit import RetryAfterGate
-from worker.retention import PRUNE_JOB, RetentionPolicy, prune, run_scheduled
+from worker.usecases import issue
+from worker.usecases.retention import PRUNE_JOB, RetentionPolicy, prune, run_scheduled
 
 DAY_S = 86_400.0
 POLICY = RetentionPolicy(older_than_s=30 * DAY_S, event_id_window_s=200 * DAY_S,
@@ -49,9 +49,9 @@ def event(event_id: str, series: list[int] | None = None, customer: str = "56688
                              "seriesIds": series or SERIES})
 
 
-def make_deps(engine: Engine, api: FakeCapillary) -> services.Deps:
+def make_deps(engine: Engine, api: FakeCapillary) -> issue.Deps:
     uow = sql_unit_of_work_factory(engine)
-    return services.Deps(
+    return issue.Deps(
         uow=uow, api=api, publisher=FakePublisher(), limiter=RetryAfterGate(engine),
         circuit=CircuitGate(uow, CircuitPolicy(), clock=lambda: datetime.now(UTC),
                             probe_timeout_s=60),
@@ -138,11 +138,11 @@ def ledger(clean_ledger: Engine) -> dict[str, Any]:
     api = FakeCapillary(series_errors={DEAD_SERIES: 712})
     deps = make_deps(clean_ledger, api)
     for event_id in ("old-issued-1", "old-issued-2", "old-issued-3", "young-issued"):
-        assert services.issue_event(event(event_id), source="bus", deps=deps).issued == 2
+        assert issue.issue_event(event(event_id), source="bus", deps=deps).issued == 2
     # One coupon issued, one refused for good: a dead letter, then discarded by a person.
-    services.issue_event(event("old-discarded", [SERIES[0], DEAD_SERIES]), source="bus",
+    issue.issue_event(event("old-discarded", [SERIES[0], DEAD_SERIES]), source="bus",
                          deps=deps)
-    services.issue_event(event("old-dead", [SERIES[0], DEAD_SERIES]), source="bus", deps=deps)
+    issue.issue_event(event("old-dead", [SERIES[0], DEAD_SERIES]), source="bus", deps=deps)
     with clean_ledger.begin() as conn:
         conn.execute(text("UPDATE entities SET state = 'discarded' "
                           "WHERE event_id = 'old-discarded' AND state = 'dead'"))
@@ -169,7 +169,7 @@ def ledger(clean_ledger: Engine) -> dict[str, Any]:
                      "old-in-flight", "old-queued", "old-pending"):
         age(clean_ledger, event_id, 60)
     # Received long ago, but a person replayed it last week: not old.
-    assert services.issue_event(event("old-replayed"), source="bus", deps=deps).issued == 2
+    assert issue.issue_event(event("old-replayed"), source="bus", deps=deps).issued == 2
     age(clean_ledger, "old-replayed", 60, updated_days=7)
     pruned_entity = count(clean_ledger, "SELECT min(id) FROM entities "
                                         "WHERE event_id = 'old-issued-1'")
@@ -241,7 +241,7 @@ def test_a_pruned_event_published_again_is_not_issued_again(ledger: dict[str, An
     prune(RetentionStore(engine), POLICY)
     calls = len(api.bulk_calls)
 
-    report = services.issue_event(event("old-issued-1"), source="bus", deps=deps)
+    report = issue.issue_event(event("old-issued-1"), source="bus", deps=deps)
 
     assert (report.new_event, report.claimed, report.issued) == (False, 0, 0)
     assert report.skipped == {"pruned": 2}
@@ -249,7 +249,7 @@ def test_a_pruned_event_published_again_is_not_issued_again(ledger: dict[str, An
     assert rows_of(engine, "old-issued-1")["entities"] == 0
     # The same id for other content is still refused: the fingerprint stayed.
     with pytest.raises(EventRejected):
-        services.issue_event(event("old-issued-1", customer="919999999999"), source="bus",
+        issue.issue_event(event("old-issued-1", customer="919999999999"), source="bus",
                              deps=deps)
 
 
@@ -266,7 +266,7 @@ def test_a_pruned_event_id_is_forgotten_once_the_window_is_over(
     assert count(engine, "SELECT count(*) FROM events WHERE event_id = 'old-issued-3'") == 1
     # Past the window the id is new again, as configured.
     calls = len(api.bulk_calls)
-    again = services.issue_event(event("old-issued-2"), source="bus", deps=deps)
+    again = issue.issue_event(event("old-issued-2"), source="bus", deps=deps)
     assert again.new_event and again.issued == 2 and len(api.bulk_calls) == calls + 1
 
 

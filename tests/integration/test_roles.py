@@ -21,26 +21,26 @@ import pytest
 from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 
+from coupon_devtools.fakes.broker import FakePublisher
 from coupon_devtools.harness.databases import drop_database
 from tests.conftest import PG_ADMIN_URL
-from worker import services
+from worker.adapters.postgres import models as m
+from worker.adapters.postgres import roles
+from worker.adapters.postgres.jobs import ReplayJobStore
+from worker.adapters.postgres.records import Transition
+from worker.adapters.postgres.retention import RetentionStore
+from worker.adapters.postgres.support import Selection
+from worker.adapters.postgres.unit_of_work import make_engine, sql_unit_of_work_factory
 from worker.bootstrap import build_deps, build_support_deps
-from worker.broker.fake import FakePublisher
 from worker.config import Settings
-from worker.domain import Coupon, EntityState
-from worker.errors import LedgerError
-from worker.events import parse_event_data
-from worker.ledger import models as m
-from worker.ledger import roles
-from worker.ledger.jobs import ReplayJobStore
-from worker.ledger.records import Transition
-from worker.ledger.retention import RetentionStore
-from worker.ledger.support import Selection
-from worker.ledger.unit_of_work import make_engine, sql_unit_of_work_factory
-from worker.replay import SupportDeps, discard, replay_event
-from worker.replay_jobs import control_replay_job, start_replay_job, step_replay_jobs
-from worker.retention import RetentionPolicy, prune
-from worker.services import utcnow
+from worker.domain.errors import LedgerError
+from worker.domain.events import parse_event_data
+from worker.domain.model import Coupon, EntityState
+from worker.usecases import issue
+from worker.usecases.issue import utcnow
+from worker.usecases.replay_jobs import control_replay_job, start_replay_job, step_replay_jobs
+from worker.usecases.retention import RetentionPolicy, prune
+from worker.usecases.support import SupportDeps, discard, replay_event
 
 CLI = Path(sys.executable).parent / "coupon-worker"
 JOBS_WITH_LOGIN = ("owner", "worker", "console", "retention")
@@ -156,20 +156,20 @@ def test_the_worker_runs_the_event_path_sweeper_and_replay_jobs(
     # When it issues an event through the sandbox
     event = parse_event_data({"eventId": f"roles-{uuid.uuid4().hex[:6]}",
                               "customer": {"id": "566881933"}, "seriesIds": [544770]})
-    report = services.issue_event(event, source="bus", deps=deps)
+    report = issue.issue_event(event, source="bus", deps=deps)
     # Then the coupon is recorded, and so are rejections, message failures and the sweeper
     assert report.issued == 1
-    services.record_rejection(b"not json", "invalid JSON", source="bus", deps=deps)
+    issue.record_rejection(b"not json", "invalid JSON", source="bus", deps=deps)
     with deps.uow() as uow:
         assert uow.ledger.count_message_failure("k", kind="internal_error", error="x",
                                                 now=utcnow()) == 1
         uow.ledger.forget_message_failure("k")
         uow.commit()
-    services.sweep(deps)
-    services.verify_issued(deps)
-    services.publish_dead_letters(deps)
+    issue.sweep(deps)
+    issue.verify_issued(deps)
+    issue.publish_dead_letters(deps)
     assert len(publisher.dead_letters) == 1, "the rejection is announced, and marked so"
-    assert services.publish_dead_letters(deps) == 0
+    assert issue.publish_dead_letters(deps) == 0
     # And given a dead entity, the console starts a replay job that the worker steps
     dead_id = _dead_entity(deps)
     console = _support(engines("console"))
@@ -181,7 +181,7 @@ def test_the_worker_runs_the_event_path_sweeper_and_replay_jobs(
     assert job_id
 
 
-def _dead_entity(deps: services.Deps) -> int:
+def _dead_entity(deps: issue.Deps) -> int:
     event = parse_event_data({"eventId": f"dead-{uuid.uuid4().hex[:6]}",
                               "customer": {"id": "7"}, "seriesIds": [1]})
     now = utcnow()
@@ -208,9 +208,9 @@ def test_the_console_reads_everything_and_does_an_operators_actions(
         settings_factory: Callable[..., Settings]) -> None:
     from starlette.testclient import TestClient
 
-    from worker.console.app import create_app
-    from worker.console.auth import hash_password
-    from worker.console.config import load_console_settings
+    from worker.entrypoints.console.app import create_app
+    from worker.entrypoints.console.auth import hash_password
+    from worker.entrypoints.console.config import load_console_settings
 
     # Given dead entities the worker recorded
     worker_deps = build_deps(settings_factory(database_url=ledger.url("worker")),

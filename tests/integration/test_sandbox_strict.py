@@ -15,19 +15,19 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, text
 
+from coupon_devtools.fakes.broker import FakePublisher
 from coupon_devtools.sandbox import SandboxAdmin, SandboxOptions, SandboxState
 from coupon_devtools.sandbox.records import BulkRequest
-from worker import services
-from worker.broker.fake import FakePublisher
-from worker.capillary.client import CapillaryClient
-from worker.circuit import CircuitGate
+from worker.adapters.capillary.client import CapillaryClient
+from worker.adapters.postgres.circuit import CircuitGate
+from worker.adapters.postgres.ratelimit import RetryAfterGate
+from worker.adapters.postgres.unit_of_work import sql_unit_of_work_factory
 from worker.config import Settings
-from worker.domain import HOLDS_ONE_CODES, Verdict
-from worker.events import parse_event_data
-from worker.ledger.unit_of_work import sql_unit_of_work_factory
+from worker.domain.events import parse_event_data
+from worker.domain.model import HOLDS_ONE_CODES, Verdict
+from worker.domain.policy import CircuitPolicy, RetryPolicy
 from worker.metrics import Metrics
-from worker.policy import CircuitPolicy, RetryPolicy
-from worker.ratelimit import RetryAfterGate
+from worker.usecases import issue
 
 CUSTOMER = {"id": "566881933"}
 META = {"notes": "[cw:0123456789abcdef]"}
@@ -159,9 +159,9 @@ def test_a_second_call_for_a_customer_still_being_served_answers_521(
 
 
 @pytest.fixture
-def deps(settings: Settings, clean_ledger: Engine) -> services.Deps:
+def deps(settings: Settings, clean_ledger: Engine) -> issue.Deps:
     uow = sql_unit_of_work_factory(clean_ledger)
-    return services.Deps(
+    return issue.Deps(
         uow=uow, api=CapillaryClient.from_settings(settings), publisher=FakePublisher(),
         limiter=RetryAfterGate(clean_ledger),
         circuit=CircuitGate(uow, CircuitPolicy(), clock=lambda: datetime.now(UTC),
@@ -170,14 +170,14 @@ def deps(settings: Settings, clean_ledger: Engine) -> services.Deps:
 
 
 def test_warnings_are_recorded_with_the_coupon_and_shown(
-    deps: services.Deps, clean_ledger: Engine, sandbox: SandboxAdmin,
+    deps: issue.Deps, clean_ledger: Engine, sandbox: SandboxAdmin,
     cli: Callable[..., Any],
 ) -> None:
     # Given a series whose coupons come with a warning (Doc: warnings[] per entry)
     sandbox.set_series(544770, warnings=["expiry capped to the series end"])
     event = parse_event_data({"eventId": "warned", "customer": CUSTOMER,
                               "seriesIds": [544770, 553379]})
-    assert services.issue_event(event, source="bus", deps=deps).issued == 2
+    assert issue.issue_event(event, source="bus", deps=deps).issued == 2
     # Then the warning is stored with the coupon it came with, and only with it
     with clean_ledger.connect() as conn:
         rows = dict(conn.execute(text("SELECT series_id, warnings FROM coupons")).all())

@@ -7,7 +7,7 @@ import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import IntegrityError
 
-from worker.domain import EntityState, can_transition
+from worker.domain.model import EntityState, can_transition
 
 
 def test_the_database_allows_exactly_the_moves_of_the_domain(engine: Engine) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, event, text
 
-from worker.ledger.unit_of_work import sql_unit_of_work_factory
+from worker.adapters.postgres.unit_of_work import sql_unit_of_work_factory
 
 ROWS = 20_000
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)

@@ -15,15 +15,15 @@ import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import sessionmaker
 
-from worker import services
-from worker.broker.fake import FakePublisher
-from worker.capillary.fake import FakeCapillary
-from worker.circuit import CircuitGate
-from worker.events import parse_event_data
-from worker.ledger.unit_of_work import SqlUnitOfWork
+from coupon_devtools.fakes.broker import FakePublisher
+from coupon_devtools.fakes.capillary import FakeCapillary
+from worker.adapters.postgres.circuit import CircuitGate
+from worker.adapters.postgres.ratelimit import RetryAfterGate
+from worker.adapters.postgres.unit_of_work import SqlUnitOfWork
+from worker.domain.events import parse_event_data
+from worker.domain.policy import OUTCOME_UNRECORDABLE, CircuitPolicy, RetryPolicy
 from worker.metrics import Metrics
-from worker.policy import OUTCOME_UNRECORDABLE, CircuitPolicy, RetryPolicy
-from worker.ratelimit import RetryAfterGate
+from worker.usecases import issue
 
 REFUSED_CUSTOMER = "990000001"
 
@@ -53,7 +53,7 @@ def test_a_refused_outcome_is_a_dead_letter_with_what_capillary_answered(
         return SqlUnitOfWork(sessionmaker(bind=engine), engine)
 
     api = FakeCapillary()
-    deps = services.Deps(
+    deps = issue.Deps(
         uow=uow, api=api, publisher=FakePublisher(), limiter=RetryAfterGate(engine),
         circuit=CircuitGate(uow, CircuitPolicy(), clock=lambda: datetime.now(UTC),
                             probe_timeout_s=60),
@@ -61,7 +61,7 @@ def test_a_refused_outcome_is_a_dead_letter_with_what_capillary_answered(
     event = parse_event_data({"eventId": "refused-1", "customer": {"id": REFUSED_CUSTOMER},
                               "seriesIds": [544770]})
     # When Capillary issues the coupon and the ledger refuses to store it
-    report = services.issue_event(event, source="bus", deps=deps)
+    report = issue.issue_event(event, source="bus", deps=deps)
     # Then the task ends normally, the entity dead-lettered rather than left in flight
     assert (report.issued, report.dead) == (0, 1)
     (code,) = [i.code for i in api.issued]

@@ -8,14 +8,14 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from worker.broker.fake import FakePublisher
-from worker.capillary.fake import FakeCapillary
-from worker.circuit import CircuitGate
-from worker.ledger.fake import FakeEntity, FakeState, fake_unit_of_work_factory
+from coupon_devtools.fakes.broker import FakePublisher
+from coupon_devtools.fakes.capillary import FakeCapillary
+from coupon_devtools.fakes.ledger import FakeEntity, FakeState, fake_unit_of_work_factory
+from worker.adapters.postgres.circuit import CircuitGate
+from worker.adapters.postgres.ratelimit import Unlimited
+from worker.domain.policy import CircuitPolicy, RetryPolicy
 from worker.metrics import Metrics
-from worker.policy import CircuitPolicy, RetryPolicy
-from worker.ratelimit import Unlimited
-from worker.services import Deps, retry_entity, sweep
+from worker.usecases.issue import Deps, retry_entity, sweep
 
 SETTLE_S = 20.0
 

@@ -16,17 +16,23 @@ from typing import Any
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from worker.broker.fake import FakePublisher
-from worker.capillary.answers import parse_bulk_answer
-from worker.capillary.api import BulkIssueResult, CallInfo, EntryOutcome, FoundCoupon, ReadBack
-from worker.circuit import CircuitGate
-from worker.domain import CAPILLARY_CODES, ISSUED_STATES, Coupon, EntityState, Verdict
-from worker.events import parse_event_data
-from worker.ledger.fake import fake_unit_of_work_factory
+from coupon_devtools.fakes.broker import FakePublisher
+from coupon_devtools.fakes.ledger import fake_unit_of_work_factory
+from worker.adapters.capillary.answers import parse_bulk_answer
+from worker.adapters.capillary.api import (
+    BulkIssueResult,
+    CallInfo,
+    EntryOutcome,
+    FoundCoupon,
+    ReadBack,
+)
+from worker.adapters.postgres.circuit import CircuitGate
+from worker.adapters.postgres.ratelimit import Unlimited
+from worker.domain.events import parse_event_data
+from worker.domain.model import CAPILLARY_CODES, ISSUED_STATES, Coupon, EntityState, Verdict
+from worker.domain.policy import CircuitPolicy, RetryPolicy, classify_unanswered
 from worker.metrics import Metrics
-from worker.policy import CircuitPolicy, RetryPolicy, classify_unanswered
-from worker.ratelimit import Unlimited
-from worker.services import Deps, issue_event, retry_entity, sweep
+from worker.usecases.issue import Deps, issue_event, retry_entity, sweep
 
 NOW = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
 STATUSES = [200, 201, 207, 302, 400, 401, 404, 408, 409, 422, 429, 500, 502, 503, 521]

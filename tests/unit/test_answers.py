@@ -6,8 +6,8 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from worker.capillary.answers import parse_bulk_answer, parse_error, parse_timestamp
-from worker.domain import Verdict
+from worker.adapters.capillary.answers import parse_bulk_answer, parse_error, parse_timestamp
+from worker.domain.model import Verdict
 
 A, B = 544770, 553379
 IST = timezone(timedelta(hours=5, minutes=30))
@@ -174,8 +174,8 @@ def test_an_auth_error_in_the_call_level_errors_pauses_too(status: int) -> None:
 
 
 def test_a_date_only_issue_date_in_a_read_back_keeps_a_coupon_issued_that_day() -> None:
-    from worker.capillary.api import CallInfo
-    from worker.capillary.client import CapillaryClient
+    from worker.adapters.capillary.api import CallInfo
+    from worker.adapters.capillary.client import CapillaryClient
 
     # Given a read-back row whose issuedDate is a date alone (no time, no offset)
     client = CapillaryClient("http://127.0.0.1:9", timezone=IST)

@@ -11,9 +11,9 @@ import kombu.exceptions
 import pytest
 
 from tests.unit.conftest import World
-from worker.broker.bridge import EventsBridge, _peek
-from worker.broker.links import StepLinks
-from worker.errors import LedgerUnavailable
+from worker.adapters.rabbitmq.links import StepLinks
+from worker.domain.errors import LedgerUnavailable
+from worker.entrypoints.celery.bridge import EventsBridge, _peek
 
 MAX = 65_536
 

@@ -11,11 +11,11 @@ import kombu.exceptions
 import pytest
 from celery import Celery
 
-from worker.broker.celery_config import LazyConfig
-from worker.broker.consumer import DELAYED_DELIVERY_STEP, FleetConsumer
-from worker.broker.publisher import nack_pauses_s, nacked, until_confirmed
+from worker.adapters.rabbitmq.celery_config import LazyConfig
+from worker.adapters.rabbitmq.publisher import nack_pauses_s, nacked, until_confirmed
 from worker.config import Settings, load_settings
-from worker.errors import ConfigurationError
+from worker.domain.errors import ConfigurationError
+from worker.entrypoints.celery.consumer import DELAYED_DELIVERY_STEP, FleetConsumer
 
 NODES = ("amqp://coupons:pw-one@mq1:5672/coupons ; amqp://coupons:pw-two@mq2:5672/coupons;"
          "amqp://coupons:pw-three@mq3:5672/coupons;")

@@ -11,7 +11,7 @@ from coupon_devtools.chaos.ground_truth import Comparison, Recorded, compare
 from coupon_devtools.chaos.publishing import plan_deliveries
 from coupon_devtools.chaos.recovery import Claimed, Recovery
 from coupon_devtools.chaos.report import Report
-from worker.domain import issue_ref
+from worker.domain.model import issue_ref
 
 EXPECTED = {"e1": ("101", (10, 11)), "e2": ("102", (10, 11))}
 

@@ -6,8 +6,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from worker.domain import Verdict
-from worker.policy import CircuitPolicy
+from worker.domain.model import Verdict
+from worker.domain.policy import CircuitPolicy
 
 NOW = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from worker.cli import root as cli
+from worker.entrypoints.cli import root as cli
 
 
 def _without_devtools(monkeypatch: pytest.MonkeyPatch) -> None:

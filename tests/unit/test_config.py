@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from worker.config import Settings, load_settings
-from worker.errors import ConfigurationError
+from worker.domain.errors import ConfigurationError
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -112,7 +112,7 @@ def test_database_limits_fit_inside_the_hard_time_limit() -> None:
 
 
 def test_database_limits_become_libpq_parameters() -> None:
-    from worker.ledger.unit_of_work import ConnectionLimits
+    from worker.adapters.postgres.unit_of_work import ConnectionLimits
 
     limits = ConnectionLimits.from_settings(load_settings(db_statement_timeout_s=2.5,
                                                           db_lock_timeout_s=0.75))
@@ -128,7 +128,7 @@ def test_database_limits_become_libpq_parameters() -> None:
 
 
 def test_behind_a_transaction_pooler_the_limits_are_set_per_transaction() -> None:
-    from worker.ledger.unit_of_work import ConnectionLimits
+    from worker.adapters.postgres.unit_of_work import ConnectionLimits
 
     # Given the default, a direct connection
     assert load_settings().db_pooler == "none"
@@ -149,7 +149,7 @@ def test_behind_a_transaction_pooler_the_limits_are_set_per_transaction() -> Non
 
 
 def test_prepared_statements_follow_the_pooler_unless_set() -> None:
-    from worker.ledger.unit_of_work import ConnectionLimits
+    from worker.adapters.postgres.unit_of_work import ConnectionLimits
 
     def limits(**values: object) -> ConnectionLimits:
         return ConnectionLimits.from_settings(load_settings(**values))

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from worker.console import csrf
-from worker.console.auth import LoginLimiter, Role, UserDirectory, hash_password
-from worker.errors import ConfigurationError
+from worker.domain.errors import ConfigurationError
+from worker.entrypoints.console import csrf
+from worker.entrypoints.console.auth import LoginLimiter, Role, UserDirectory, hash_password
 
 
 def test_users_from_a_toml_file_or_inline_json(tmp_path: Path) -> None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from worker.broker import topology
-from worker.broker.guard import ConsumptionGuard
-from worker.broker.links import StepLinks
+from worker.adapters.rabbitmq import topology
+from worker.adapters.rabbitmq.links import StepLinks
 from worker.config import load_settings
-from worker.policy import BACKLOG_MIN, BACKLOG_PER_SLOT, ConsumptionPause, QueueRole
+from worker.domain.policy import BACKLOG_MIN, BACKLOG_PER_SLOT, ConsumptionPause, QueueRole
+from worker.entrypoints.celery.guard import ConsumptionGuard
 
 
 class FakeBridge:

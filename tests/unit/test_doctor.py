@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from worker.config import Settings, load_settings
-from worker.doctor import (
+from worker.entrypoints.cli.doctor import (
     ConnectionBudget,
     DatabaseFacts,
     Facts,

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from worker.domain import Verdict, attempt_ref, issue_ref, notes_with_ref
-from worker.policy import (
+from worker.domain.model import Verdict, attempt_ref, issue_ref, notes_with_ref
+from worker.domain.policy import (
     classify_entry_error,
     classify_transport,
     classify_unanswered,

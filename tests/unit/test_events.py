@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from worker.errors import EventRejected
-from worker.events import parse_event_bytes, parse_event_data
+from worker.domain.errors import EventRejected
+from worker.domain.events import parse_event_bytes, parse_event_data
 
 MAX = 65_536
 GOOD = {
@@ -177,8 +177,8 @@ def test_a_reason_listing_many_problems_stays_bounded() -> None:
 
 
 def test_an_event_may_name_more_series_than_one_call_takes_up_to_the_events_bound() -> None:
-    from worker.errors import EventRejected
-    from worker.events import MAX_SERIES_PER_EVENT, parse_event_data
+    from worker.domain.errors import EventRejected
+    from worker.domain.events import MAX_SERIES_PER_EVENT, parse_event_data
 
     many = parse_event_data({"eventId": "many", "customer": {"id": "1"},
                              "seriesIds": list(range(1, 251))})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from psycopg import _queries
 
-from worker.ledger import hot_path
+from worker.adapters.postgres import hot_path
 
 
 @pytest.mark.parametrize("statement", [hot_path.TAKE_IN, hot_path.RECORD],
@@ -20,8 +20,8 @@ def test_each_statement_is_short_enough_for_psycopg_to_convert_it_once(statement
                          ids=["claim", "outcome"])
 def test_behind_a_pooler_each_statement_with_its_settings_is_still_converted_once(
         statement: str) -> None:
-    from worker.ledger.driver import after_settings
-    from worker.ledger.unit_of_work import ConnectionLimits
+    from worker.adapters.postgres.driver import after_settings
+    from worker.adapters.postgres.unit_of_work import ConnectionLimits
 
     # The longest settings the configuration allows (timeouts of days, in milliseconds)
     limits = ConnectionLimits(statement_timeout_s=999_999.999, lock_timeout_s=999_999.999,

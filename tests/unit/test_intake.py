@@ -11,11 +11,11 @@ from celery import Celery
 
 from tests.unit.conftest import World
 from tests.unit.test_bridge import FakeContainer, FakeMessage
-from worker.broker.intake import as_ingest_task, is_bus_message
-from worker.celery_app import create_app
+from worker.adapters.rabbitmq.names import TASK_INGEST
 from worker.config import load_settings
-from worker.names import TASK_INGEST
-from worker.tasks import decode_body
+from worker.entrypoints.celery.app import create_app
+from worker.entrypoints.celery.intake import as_ingest_task, is_bus_message
+from worker.entrypoints.celery.tasks import decode_body
 
 MAX = 8192
 

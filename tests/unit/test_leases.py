@@ -7,10 +7,10 @@ from collections.abc import Collection, Sequence
 import pytest
 
 from tests.unit.conftest import World
-from worker import services
-from worker.errors import ClaimLapsed
-from worker.events import parse_event_data
-from worker.leases import SEND_MARGIN_S, LeaseKeeper
+from worker.domain.errors import ClaimLapsed
+from worker.domain.events import parse_event_data
+from worker.usecases import issue
+from worker.usecases.leases import SEND_MARGIN_S, LeaseKeeper
 
 
 class Clock:
@@ -106,7 +106,7 @@ def test_a_task_whose_claim_lapsed_sends_nothing(world: World) -> None:
     event = parse_event_data({"eventId": "e-1", "customer": {"id": "7"}, "seriesIds": [1]})
     # When the event is issued, its lease lapses while it waits for the slot
     with pytest.raises(ClaimLapsed):
-        services.issue_event(event, source="bus", deps=world.deps)
+        issue.issue_event(event, source="bus", deps=world.deps)
     # Then no call went out, and the entity is still in flight, for the sweeper to take back
     assert world.api.bulk_calls == []
     entity, = world.state.entities.values()

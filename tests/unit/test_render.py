@@ -8,14 +8,14 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from worker.render import (
+from worker.entrypoints.cli.render import (
     render_actions,
     render_dead_letters,
     render_entity,
     render_event,
     render_rejected,
 )
-from worker.replay import ActionResult
+from worker.usecases.support import ActionResult
 
 EVIL = "ev[bold red]il[/] :thumbs_up: \x1b[2J\x1b]8;;http://x\x07link\r\nforged\u202e\ud800"
 SHOWN = "ev[bold red]il[/] :thumbs_up: \\x1b[2J\\x1b]8;;http://x\\x07link\\r\\nforged\\u202e\\ud800"
@@ -89,10 +89,10 @@ def test_a_rejected_payload_is_shown_escaped_and_indented() -> None:
 
 
 def test_error_messages_quote_values_as_text(monkeypatch: pytest.MonkeyPatch) -> None:
-    from worker.cli.output import fail
+    from worker.entrypoints.cli.output import fail
 
     buffer = io.StringIO()
-    monkeypatch.setattr("worker.cli.output.err_console",
+    monkeypatch.setattr("worker.entrypoints.cli.output.err_console",
                         Console(file=buffer, force_terminal=True, width=1000))
     with pytest.raises(SystemExit):
         fail(f"no event in the ledger: {EVIL}")

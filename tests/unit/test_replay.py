@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
-from worker.broker.fake import FakePublisher
-from worker.domain import EntityState
-from worker.events import parse_event_data
-from worker.ledger.fake import FakeState, fake_unit_of_work_factory
-from worker.ledger.support import Selection
-from worker.replay import SupportDeps, discard, replay, replay_event, resubmit_rejected
+from coupon_devtools.fakes.broker import FakePublisher
+from coupon_devtools.fakes.ledger import FakeState, fake_unit_of_work_factory
+from worker.adapters.postgres.support import Selection
+from worker.domain.events import parse_event_data
+from worker.domain.model import EntityState
+from worker.usecases.support import SupportDeps, discard, replay, replay_event, resubmit_rejected
 
 NOW = datetime(2026, 11, 26, 8, 0, tzinfo=UTC)
 EVENT = {"eventId": "e-1", "customer": {"id": "566881933"}, "seriesIds": [544770, 553379]}

@@ -10,10 +10,10 @@ from typing import Any, cast
 import click
 import pytest
 
-from worker.cli.retention import parse_age_s
-from worker.ledger.retention import EventBatch, RetentionStore
+from worker.adapters.postgres.retention import EventBatch, RetentionStore
+from worker.entrypoints.cli.retention import parse_age_s
 from worker.metrics import Metrics
-from worker.retention import RetentionPolicy, prune
+from worker.usecases.retention import RetentionPolicy, prune
 
 DAY_S = 86_400.0
 POLICY = RetentionPolicy(older_than_s=30 * DAY_S, event_id_window_s=60 * DAY_S,

@@ -1,7 +1,7 @@
 """The rules at their edges: boundaries, defaults and exact decisions.
 
 Written against the survivors of ``make mutation``: each test pins a boundary or a value that
-a plausible slip in ``worker/domain.py`` or ``worker/policy.py`` would move.
+a plausible slip in ``worker/domain/model.py`` or ``worker/domain/policy.py`` would move.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from worker.config import load_settings
-from worker.domain import (
+from worker.domain.model import (
     NOTES_MAX_CHARS,
     EntityState,
     IllegalTransition,
@@ -23,7 +23,7 @@ from worker.domain import (
     issue_ref,
     notes_with_ref,
 )
-from worker.policy import (
+from worker.domain.policy import (
     CircuitPolicy,
     DeadLetter,
     Defer,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 from datetime import UTC, datetime, timedelta
 
-from worker import policy
-from worker.policy import (
+from worker.domain import policy
+from worker.domain.policy import (
     BACKLOG_MIN,
     BACKLOG_PER_SLOT,
     CONSUME,

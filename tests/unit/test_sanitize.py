@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from worker.sanitize import storable, storable_json
+from worker.domain.text import storable, storable_json
 
 
 def test_only_nul_and_lone_surrogates_are_escaped() -> None:

@@ -9,8 +9,14 @@ import pytest
 from alembic.script import ScriptDirectory
 
 from worker import __version__
-from worker.ledger.migrate import script_directory, shipped_revisions
-from worker.ledger.schema import MARKER, ShippedRevisions, Verdict, compatible_from, judge
+from worker.adapters.postgres.migrate import script_directory, shipped_revisions
+from worker.adapters.postgres.schema import (
+    MARKER,
+    ShippedRevisions,
+    Verdict,
+    compatible_from,
+    judge,
+)
 from worker.metrics import Metrics, exposition_registry
 
 

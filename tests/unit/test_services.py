@@ -6,13 +6,13 @@ from datetime import datetime, timedelta
 
 import pytest
 
+from coupon_devtools.fakes.capillary import FakeCapillary, FakeIssued
 from tests.unit.conftest import SETTLE_S, World
-from worker.capillary.api import BulkIssueResult, ReadBack
-from worker.capillary.fake import FakeCapillary, FakeIssued
-from worker.domain import EntityState
-from worker.errors import EventRejected
-from worker.events import LoyaltyEvent, parse_event_data
-from worker.services import RECONCILE_CLOCK_SKEW, issue_event, sweep
+from worker.adapters.capillary.api import BulkIssueResult, ReadBack
+from worker.domain.errors import EventRejected
+from worker.domain.events import LoyaltyEvent, parse_event_data
+from worker.domain.model import EntityState
+from worker.usecases.issue import RECONCILE_CLOCK_SKEW, issue_event, sweep
 
 
 def event(event_id: str = "e-1", series: tuple[int, ...] = (544770, 553379),
@@ -402,7 +402,7 @@ def test_a_429_defers_refunds_the_attempt_and_slows_the_limiter(world: World) ->
 
 
 def _open_circuit(world: World) -> None:
-    from worker.ledger.records import CircuitState
+    from worker.adapters.postgres.records import CircuitState
 
     with world.deps.uow() as uow:
         uow.ledger.save_circuit("capillary", CircuitState(

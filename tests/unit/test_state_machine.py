@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from worker.domain import (
+from worker.domain.model import (
     CLAIMABLE_FOR_RETRY,
     CLAIMABLE_FRESH,
     CLAIMABLE_WHEN_DUE,

@@ -12,11 +12,11 @@ from typing import Any
 from celery import bootsteps
 
 from tests.unit.conftest import World
-from worker.broker.links import StepLinks
-from worker.broker.sweeper import Sweeper
-from worker.circuit import Permit
-from worker.domain import Verdict
-from worker.errors import LedgerUnavailable
+from worker.adapters.postgres.circuit import Permit
+from worker.adapters.rabbitmq.links import StepLinks
+from worker.domain.errors import LedgerUnavailable
+from worker.domain.model import Verdict
+from worker.entrypoints.celery.sweeper import Sweeper
 
 
 class Container:

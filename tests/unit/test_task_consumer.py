@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from worker.broker.celery_config import celery_config
-from worker.broker.task_consumer import TaskConsumer
-from worker.celery_app import create_app
+from worker.adapters.rabbitmq.celery_config import celery_config
 from worker.config import load_settings
-from worker.errors import ConfigurationError
+from worker.domain.errors import ConfigurationError
+from worker.entrypoints.celery.app import create_app
+from worker.entrypoints.celery.task_consumer import TaskConsumer
 
 
 def test_task_events_are_published_without_confirms_and_everything_else_with() -> None:

@@ -9,9 +9,11 @@ import pytest
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 
 from tests.unit.conftest import World
-from worker import policy, services, tasks
-from worker.errors import LedgerError, LedgerUnavailable
-from worker.services import Deps
+from worker.domain import policy
+from worker.domain.errors import LedgerError, LedgerUnavailable
+from worker.entrypoints.celery import tasks
+from worker.usecases import issue
+from worker.usecases.issue import Deps
 
 
 def test_bad_input_becomes_a_recorded_rejection(world: World) -> None:
@@ -140,7 +142,7 @@ def test_dependencies_that_cannot_be_built_put_the_message_back(world: World) ->
 
 
 def test_a_task_past_its_hard_time_limit_is_not_acknowledged() -> None:
-    from worker.celery_app import TASK_INGEST, TASK_ISSUE, TASK_RETRY, app
+    from worker.entrypoints.celery.app import TASK_INGEST, TASK_ISSUE, TASK_RETRY, app
 
     for name in (TASK_ISSUE, TASK_INGEST, TASK_RETRY):
         task = app.tasks[name]
@@ -177,7 +179,7 @@ def test_poison_bodies_are_recorded_with_their_raw_bytes(world: World, body: byt
 
 
 def test_a_rejection_whose_event_id_has_a_nul_is_still_recorded(world: World) -> None:
-    rejected_id = services.record_rejection(
+    rejected_id = issue.record_rejection(
         b"{}", "reason with a NUL \x00 and \ud800", source="bus", deps=world.deps,
         event_id="a\x00b\ud800", content_type="application/json\x00")
     rejection = world.state.rejections[rejected_id - 1]
@@ -232,8 +234,8 @@ def test_a_forwarded_body_always_decodes_to_bytes(body: str, encoding: str, raw:
 def test_a_row_the_ledger_still_refuses_is_stored_with_what_cannot_be_refused(
         world: World) -> None:
     # A fake of our own seam: this ledger refuses any rejection that carries an event id.
-    from worker.errors import LedgerError
-    from worker.ledger.fake import FakeUnitOfWork, InMemoryLedger
+    from coupon_devtools.fakes.ledger import FakeUnitOfWork, InMemoryLedger
+    from worker.domain.errors import LedgerError
 
     class Picky(InMemoryLedger):
         def record_rejection(self, **kwargs: Any) -> int:
@@ -247,7 +249,7 @@ def test_a_row_the_ledger_still_refuses_is_stored_with_what_cannot_be_refused(
         return uow
 
     world.deps.uow = picky_uow
-    rejected_id = services.record_rejection(b"\x00raw", "bad \ud800", source="bus",
+    rejected_id = issue.record_rejection(b"\x00raw", "bad \ud800", source="bus",
                                             deps=world.deps, event_id="e-1",
                                             content_type="application/json")
     row = world.state.rejections[rejected_id - 1]

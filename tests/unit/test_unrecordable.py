@@ -6,14 +6,14 @@ from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime
 
+from coupon_devtools.fakes.ledger import FakeUnitOfWork, InMemoryLedger
 from tests.unit.conftest import World
-from worker.domain import EntityState, describe_error
-from worker.errors import LedgerError
-from worker.events import parse_event_data
-from worker.ledger.fake import FakeUnitOfWork, InMemoryLedger
-from worker.ledger.records import Claim, RecordedCall, Transition
-from worker.policy import OUTCOME_UNRECORDABLE
-from worker.services import issue_event, sweep
+from worker.adapters.postgres.records import Claim, RecordedCall, Transition
+from worker.domain.errors import LedgerError
+from worker.domain.events import parse_event_data
+from worker.domain.model import EntityState, describe_error
+from worker.domain.policy import OUTCOME_UNRECORDABLE
+from worker.usecases.issue import issue_event, sweep
 
 REFUSED_SERIES = 553379
 

@@ -23,10 +23,10 @@ import pytest
 from coupon_devtools.harness.cluster import RabbitCluster
 from coupon_devtools.harness.databases import drop_database
 from tests.conftest import PG_ADMIN_URL, REPO_ROOT, coupon_worker_command
-from worker.broker.celery_config import producer_app
-from worker.broker.publisher import CeleryPublisher, EventProducer
+from worker.adapters.postgres.records import DueEntity
+from worker.adapters.rabbitmq.celery_config import producer_app
+from worker.adapters.rabbitmq.publisher import CeleryPublisher, EventProducer
 from worker.config import Settings, load_settings
-from worker.ledger.records import DueEntity
 
 pytestmark = [pytest.mark.slow, pytest.mark.disruptive]
 

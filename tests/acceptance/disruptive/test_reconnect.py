@@ -18,9 +18,9 @@ from coupon_devtools.sandbox import SandboxAdmin
 from tests.acceptance.disruptive.conftest import PrivateServices
 from tests.acceptance.helpers import example_event, publish, wait_for_consumers, wait_for_state
 from tests.conftest import WorkerProcess, wait_until
+from worker.adapters.postgres.records import CLOSED_CIRCUIT, CircuitState
+from worker.adapters.postgres.unit_of_work import sql_unit_of_work_factory
 from worker.config import Settings
-from worker.ledger.records import CLOSED_CIRCUIT, CircuitState
-from worker.ledger.unit_of_work import sql_unit_of_work_factory
 
 pytestmark = pytest.mark.disruptive
 

@@ -1,0 +1,139 @@
+"""Capillary's two auth schemes, as ``requests`` auth hooks that never expose the secret.
+
+Basic sends ``base64(username:md5_hex(password))``. OAuth exchanges key and secret for a token
+at ``/v3/oauth/token/generate``, caches it, renews it before it expires, and renews it once more
+when a call answers 401 (the caller asks for that through ``invalidate``).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import requests
+from pydantic import SecretStr
+
+from worker.domain.errors import Outage, Retryable
+
+TOKEN_PATH = "/v3/oauth/token/generate"  # noqa: S105 - a path, not a secret
+# Renew when less than this share of a token's life is left, so a call never leaves with a
+# token that expires in flight.
+RENEW_AT_REMAINING_FRACTION = 0.2
+MIN_RENEW_MARGIN_S = 5.0
+
+
+def basic_auth_header(username: str, password: SecretStr) -> str:
+    """The Authorization header value for Capillary Basic auth (password MD5-hashed first)."""
+    digest = hashlib.md5(password.get_secret_value().encode("utf-8")).hexdigest()  # noqa: S324 - the API's scheme, not our choice
+    token = base64.b64encode(f"{username}:{digest}".encode()).decode("ascii")
+    return f"Basic {token}"
+
+
+class CapillaryAuth(requests.auth.AuthBase):
+    """Adds credentials to a request; ``invalidate`` is for a 401 answer."""
+
+    renewable: bool = False
+
+    def invalidate(self) -> None:
+        """Forget any cached credential so the next request fetches a fresh one."""
+
+
+class BasicAuth(CapillaryAuth):
+    """Capillary Basic auth."""
+
+    def __init__(self, username: str, password: SecretStr) -> None:
+        self._header = basic_auth_header(username, password)
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        request.headers["Authorization"] = self._header
+        return request
+
+    def __repr__(self) -> str:
+        return "BasicAuth(***)"
+
+
+@dataclass(frozen=True)
+class _Token:
+    value: str
+    renew_at: float  # monotonic seconds
+
+
+class OAuthTokens(CapillaryAuth):
+    """Capillary OAuth: a cached token shared by the threads of one process."""
+
+    renewable = True
+
+    def __init__(
+        self,
+        base_url: str,
+        key: str,
+        secret: SecretStr,
+        *,
+        session_factory: Callable[[], requests.Session],
+        timeout_s: tuple[float, float],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._url = base_url + TOKEN_PATH
+        self._key = key
+        self._secret = secret
+        self._session_factory = session_factory
+        self._timeout_s = timeout_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._token: _Token | None = None
+        self.generated = 0
+
+    def __repr__(self) -> str:
+        return f"OAuthTokens(key={self._key!r}, secret=***)"
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        request.headers["X-CAP-API-OAUTH-TOKEN"] = self.token()
+        return request
+
+    def invalidate(self) -> None:
+        with self._lock:
+            self._token = None
+
+    def token(self) -> str:
+        """A token valid for a while yet, generating one when needed."""
+        with self._lock:
+            if self._token is None or self._clock() >= self._token.renew_at:
+                self._token = self._generate()
+            return self._token.value
+
+    def _generate(self) -> _Token:
+        body = {"key": self._key, "secret": self._secret.get_secret_value()}
+        try:
+            response = self._session_factory().post(self._url, json=body, timeout=self._timeout_s)
+        except requests.RequestException as exc:
+            # Generating a token issues nothing, so any transport failure is safe to retry.
+            raise Retryable(f"token generation failed: {type(exc).__name__}") from None
+        request_id = response.headers.get("X-Cap-Requestid")
+        if response.status_code in (401, 403):
+            raise Outage(
+                "Capillary refused the OAuth key/secret (token generation answered "
+                f"{response.status_code})",
+                status=response.status_code,
+                request_id=request_id,
+            )
+        if response.status_code != 200:
+            raise Retryable(
+                f"token generation answered {response.status_code}",
+                status=response.status_code,
+                request_id=request_id,
+            )
+        try:
+            data = response.json()["data"]
+            value = str(data["accessToken"])
+            ttl_s = float(data.get("ttlSeconds") or 300)
+        except (ValueError, KeyError, TypeError):
+            raise Retryable(
+                "token generation answered an unreadable body", request_id=request_id
+            ) from None
+        margin_s = max(ttl_s * RENEW_AT_REMAINING_FRACTION, MIN_RENEW_MARGIN_S)
+        self.generated += 1
+        return _Token(value=value, renew_at=self._clock() + max(ttl_s - margin_s, 0.0))

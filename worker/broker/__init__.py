@@ -1,1 +1,0 @@
-"""RabbitMQ: the queue topology, the Celery app, publishers and the plain-JSON bridge."""

@@ -1,2 +1,0 @@
-"""The support console: a server-rendered web app over the same ledger and support services as
-the command line (``coupon-worker console``)."""

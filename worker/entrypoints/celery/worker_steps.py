@@ -1,0 +1,82 @@
+"""What runs inside a worker besides the tasks, installed on the app in one place.
+
+- ``EventsBridge`` (``worker.entrypoints.celery.bridge``, consumer step): the plain-JSON bus to the
+  task queue.
+- ``Sweeper`` (``worker.entrypoints.celery.sweeper``, worker step): due retries, crashed claims,
+  dead letters, and the pause decision.
+- ``ConsumptionGuard`` (``worker.entrypoints.celery.guard``, consumer step): carries out pauses and
+  the bridge's back-pressure.
+- ``MetricsServer`` (``worker.entrypoints.celery.metrics_step``, worker step): the Prometheus
+  endpoint.
+- ``BuildInfo`` and ``check_schema`` (``worker.entrypoints.celery.metrics_step``): the version and
+  schema, checked at start-up (``worker_init``), logged, in the metrics and in the worker's stats.
+- ``TaskConsumer`` (``worker.entrypoints.celery.task_consumer``): Celery's consumer, recording task
+  messages it cannot decode.
+The steps share a ``StepLinks`` (``worker.adapters.rabbitmq.links``) through the app's container.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery, signals
+
+from worker.config import load_settings
+from worker.entrypoints.celery.bridge import EventsBridge, _peek
+from worker.entrypoints.celery.guard import GUARD_INTERVAL_S, ConsumptionGuard
+from worker.entrypoints.celery.metrics_step import (
+    BuildInfo,
+    MetricsServer,
+    _check_metrics_dir,
+    _remove_metrics_dir,
+    check_schema,
+    prepare_metrics_dir,
+)
+from worker.entrypoints.celery.sweeper import Sweeper
+from worker.entrypoints.celery.task_consumer import TaskConsumer
+from worker.logs import configure_logging
+
+# Importable from here, where they used to be defined.
+__all__ = ["GUARD_INTERVAL_S", "ConsumptionGuard", "EventsBridge", "MetricsServer", "Sweeper",
+           "TaskConsumer", "_peek", "install", "prepare_metrics_dir"]
+
+log = logging.getLogger(__name__)
+
+
+PREFORK_POOL = "celery.concurrency.prefork:TaskPool"
+
+
+def _require_prefork(sender: Any = None, **_: Any) -> None:
+    """Refuse a pool that cannot enforce the hard time limit (threads, solo, gevent…).
+
+    The limit is what keeps a whole attempt inside its lease; without it a stalled attempt could
+    outlive its claim while another worker calls Capillary for the same entity.
+    """
+    pool = getattr(sender, "pool_cls", None)
+    name = pool if isinstance(pool, str) else f"{getattr(pool, '__module__', '')}:" \
+        f"{getattr(pool, '__name__', '')}"
+    if "prefork" not in name:
+        log.critical("worker.pool_refused", extra={"pool": name})
+        raise SystemExit(f"coupon-worker runs on the prefork pool only, not {name}: the hard "
+                         "time limit that keeps an attempt inside its lease needs it")
+
+
+def _setup_logging(**_: Any) -> None:
+    """Celery leaves logging alone when this signal has a receiver: ours is structured."""
+    settings = load_settings()
+    configure_logging(settings.log_level, settings.log_format)
+
+
+def install(app: Celery) -> None:
+    """Add the steps and signal handlers to ``app``."""
+    app.steps["consumer"].add(EventsBridge)
+    app.steps["consumer"].add(ConsumptionGuard)
+    app.steps["worker"].add(Sweeper)
+    app.steps["worker"].add(MetricsServer)
+    app.steps["worker"].add(BuildInfo)
+    signals.worker_init.connect(_require_prefork, weak=False)
+    signals.worker_init.connect(check_schema, weak=False)
+    signals.worker_init.connect(_check_metrics_dir, weak=False)
+    signals.setup_logging.connect(_setup_logging, weak=False)
+    signals.worker_shutdown.connect(_remove_metrics_dir, weak=False)

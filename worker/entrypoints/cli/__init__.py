@@ -1,0 +1,40 @@
+"""The ``coupon-worker`` command line.
+
+    coupon-worker migrate                 create the database if needed, upgrade to head
+    coupon-worker worker                  run a Celery worker (tasks, bus intake, sweeper, metrics)
+    coupon-worker publish FILE|-          publish one event or a JSON-lines file of events
+    coupon-worker events show EVENT_ID    an event's entities, attempts, errors and coupons
+    coupon-worker events replay EVENT_ID  re-run what an event has not issued yet
+    coupon-worker dlq list|summary|show|replay|discard   dead letters, for support engineers
+    coupon-worker health                  whether this host's workers are consuming
+    coupon-worker broker setup|parked|move-back   the quorum queues' policy, what RabbitMQ parked
+    coupon-worker rejected list|show|resubmit   rejected messages: inspect, fix and resubmit
+    coupon-worker flower                  Flower on the project's app
+    coupon-worker console                 the support console in the browser
+    coupon-worker duplicates              entities holding two of our coupons
+    coupon-worker prune --older-than 90d  prune settled events, age out the audit trail
+    coupon-worker db roles                the ledger's PostgreSQL roles per job
+    coupon-worker broker users            a RabbitMQ user per component (rabbitmqctl)
+    coupon-worker doctor                  a deployment's settings against the capacity guide
+    coupon-worker sandbox                 run the sandbox Capillary server      (dev tools)
+    coupon-worker demo | bench | chaos    the demo, the benchmark, the chaos run (dev tools)
+
+The dev-tool commands live in the ``coupon_devtools`` package (the ``devtools`` extra); the
+runtime never imports it, and this command line finds those commands only when one is asked for.
+"""
+
+from worker.entrypoints.cli import (
+    broker,
+    deploy,
+    publishing,
+    rejected,
+    retention,
+    runtime,
+    support,
+    webconsole,
+)
+from worker.entrypoints.cli.root import main
+
+# Importing the command modules registers their commands on ``main``.
+__all__ = ["broker", "deploy", "main", "publishing", "rejected", "retention", "runtime",
+           "support", "webconsole"]
