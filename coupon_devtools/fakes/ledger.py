@@ -339,6 +339,15 @@ class InMemoryLedger:
         e.state = check_transition(e.state, EntityState.DISCARDED)
         e.next_attempt_at = None
 
+    def resume_deferred(self, error_code: str, *, now: datetime) -> int:
+        resumed = 0
+        for e in self.state.entities.values():
+            if e.state is EntityState.RETRY_WAIT and e.last_error_code == error_code \
+                    and e.next_attempt_at is not None and e.next_attempt_at > now:
+                e.next_attempt_at = now
+                resumed += 1
+        return resumed
+
     def operator_history(self, target: Target, *, kind: str, state: str, message: str,
                          operator: str, now: datetime) -> None:
         _pg_text(message, operator)

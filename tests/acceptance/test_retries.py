@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -382,3 +383,32 @@ def test_audit_rows_cannot_be_changed_or_deleted(clean_ledger: Engine) -> None:
                 assert "append-only" in str(exc)
             else:
                 raise AssertionError(f"{statement} was allowed")
+
+
+def test_an_operator_opens_the_circuit_by_hand_then_closes_it_and_the_fleet_resumes(
+    settings: Settings, clean_ledger: Engine, sandbox: SandboxAdmin,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    start_worker(settings)
+    # Given Capillary asked us to stop: an operator opens the circuit for ten minutes
+    opened = run_cli(settings, "circuit", "open", "--for", "10m", "--reason",
+                     "Capillary maintenance (INC-7)", "--operator", "ops")
+    assert opened.exit_code == 0, opened.output
+    status = run_cli(settings, "circuit", "status", "--json")
+    assert json.loads(status.stdout)["state"] == "open"
+    # When an event arrives, nothing is sent to Capillary
+    publish(settings, example_event("circuit-by-hand", customer="566884001"))
+    wait_until(lambda: story(clean_ledger, "circuit-by-hand") is not None,
+               message="the event to be taken in")
+    time.sleep(2)
+    assert sandbox.ledger(customer="566884001") == []
+    # Then closing it by hand lets the fleet call again, long before the ten minutes
+    closed = run_cli(settings, "circuit", "close", "--reason", "maintenance over",
+                     "--operator", "ops")
+    assert closed.exit_code == 0, closed.output
+    wait_for_state(clean_ledger, "circuit-by-hand", "completed", timeout_s=60)
+    assert len(sandbox.ledger(customer="566884001")) == 2
+    with clean_ledger.connect() as conn:
+        actions = conn.execute(text(
+            "SELECT action, operator FROM operator_actions ORDER BY id")).all()
+    assert [tuple(a) for a in actions] == [("circuit_open", "ops"), ("circuit_close", "ops")]

@@ -330,6 +330,24 @@ def test_a_held_lease_is_renewed_and_a_lapsed_one_never_revived(uow: UowFactory)
                                      lease_s=LEASE_S, now=now) == set()
 
 
+def test_entities_waiting_for_the_circuit_become_due_when_it_is_closed_by_hand(
+        uow: UowFactory) -> None:
+    claim = ingest_and_claim(uow)
+    a, b = claim.entities
+    later = NOW + timedelta(minutes=10)
+    record(uow, claim,
+           Transition(a.entity_id, EntityState.RETRY_WAIT, "deferred", 1,
+                      next_attempt_at=later, error_code="circuit_open"),
+           Transition(b.entity_id, EntityState.RETRY_WAIT, "retry_scheduled", 1,
+                      next_attempt_at=later, error_code="503"))
+    with uow() as u:
+        assert u.ledger.resume_deferred("circuit_open", now=NOW) == 1
+        u.commit()
+    with uow() as u:
+        due = u.ledger.take_due(now=NOW + timedelta(seconds=1), limit=10)
+    assert [d.entity_id for d in due] == [a.entity_id], "only the circuit's, not the 503's"
+
+
 def test_failed_deliveries_are_counted_per_message_until_forgotten(uow: UowFactory) -> None:
     with uow() as u:
         assert u.ledger.count_message_failure("event:e-1", kind="internal_error",

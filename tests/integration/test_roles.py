@@ -278,7 +278,7 @@ def test_the_console_reads_everything_and_does_an_operators_actions(
     ("console", "INSERT INTO events (event_id) VALUES ('x')"),
     ("console", "DELETE FROM entities"),
     ("console", "INSERT INTO api_calls (entity_ids) VALUES ('{}')"),
-    ("console", "UPDATE circuit_breakers SET state = 'open'"),
+    ("console", "DELETE FROM circuit_breakers"),
     ("console", "UPDATE rate_limit_buckets SET tokens = 100"),
     ("console", "DELETE FROM message_failures"),
     # the retention job deletes what it prunes, and nothing else

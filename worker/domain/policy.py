@@ -434,6 +434,11 @@ def requeue(*, ledger_down: bool) -> Requeue:
     return Requeue(LEDGER_DOWN_PAUSE_S if ledger_down else 0.0)
 
 
+#: The error code an entity waits under while the circuit is open (cleared when an operator
+#: closes it by hand: ``worker.usecases.circuit_control``).
+CIRCUIT_OPEN_CODE = "circuit_open"
+
+
 #: A message that fails for a reason not its own waits this long before going back, doubling
 #: with each failure up to the cap: a bug or a refusing dependency is not hammered, and the
 #: pool process it holds is back to work within seconds.

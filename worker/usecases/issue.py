@@ -58,6 +58,7 @@ from worker.domain.model import (
     notes_with_ref,
 )
 from worker.domain.policy import (
+    CIRCUIT_OPEN_CODE,
     CircuitPolicy,
     DeadLetter,
     Decision,
@@ -330,7 +331,7 @@ def _attempt_held(attempt: _Attempt, new_event: bool) -> Report:
     if isinstance(permit, CircuitState):
         attempt.defer_all(claim.entities,
                           CircuitPolicy.wait_while_open(permit.open_until, deps.clock()),
-                          f"circuit open: {permit.reason}", "circuit_open")
+                          f"circuit open: {permit.reason}", CIRCUIT_OPEN_CODE)
         return _finish(attempt, new_event)
 
     to_issue: list[ClaimedEntity] = []
@@ -349,7 +350,7 @@ def _attempt_held(attempt: _Attempt, new_event: bool) -> Report:
             if isinstance(next_permit, CircuitState):
                 attempt.defer_all(to_issue[start:], CircuitPolicy.wait_while_open(
                     next_permit.open_until, deps.clock()),
-                    f"circuit open: {next_permit.reason}", "circuit_open")
+                    f"circuit open: {next_permit.reason}", CIRCUIT_OPEN_CODE)
                 break
             permit = next_permit
         _issue(attempt, chunk, permit)

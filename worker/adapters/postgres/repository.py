@@ -381,6 +381,9 @@ class SqlLedger:
         self._support.history(target, kind=kind, state=state, message=message,
                               operator=operator, now=now)
 
+    def resume_deferred(self, error_code: str, *, now: datetime) -> int:
+        return self._support.resume_deferred(error_code, now=now)
+
     def audit(self, *, action: str, operator: str, reason: str, outcome: str, now: datetime,
               entity_id: int | None = None, event_id: str | None = None,
               details: dict[str, Any] | None = None) -> None:

@@ -50,7 +50,8 @@ GRANTS: Mapping[str, Mapping[Job, tuple[str, ...]]] = {
     "entity_history": {"worker": (SEL, INS), "console": (SEL, INS), "retention": (SEL,)},
     "coupons": {"worker": (SEL, INS), "console": (SEL,), "retention": (SEL,)},
     "api_calls": {"worker": (SEL, INS), "console": (SEL,), "retention": (SEL,)},
-    "circuit_breakers": {"worker": (SEL, INS, UPD), "console": (SEL,)},
+    # The console's operators open and close it by hand (audited: usecases.circuit_control).
+    "circuit_breakers": {"worker": (SEL, INS, UPD), "console": (SEL, INS, UPD)},
     "rate_limit_buckets": {"worker": (SEL, INS, UPD), "console": (SEL,)},
     "rejected_events": {"worker": (SEL, INS, UPD), "console": (SEL, UPD), "retention": (SEL,)},
     # A row per failing message, removed once it succeeds or is kept as a dead letter.

@@ -109,6 +109,11 @@ class SupportLedger(Protocol):
 
     def discard_target(self, target: Target, *, now: datetime) -> None: ...
 
+    def resume_deferred(self, error_code: str, *, now: datetime) -> int:
+        """Entities waiting (``retry_wait``) because of ``error_code`` become due now; how
+        many. For a pause lifted by hand: the circuit closed before its time."""
+        ...
+
     def operator_history(self, target: Target, *, kind: str, state: str, message: str,
                          operator: str, now: datetime) -> None: ...
 
@@ -178,6 +183,14 @@ class SupportRepository:
             update(e).where(e.id == target.entity_id)
             .values(state=EntityState.DISCARDED.value, next_attempt_at=None, updated_at=now)
             .execution_options(synchronize_session=False))
+
+    def resume_deferred(self, error_code: str, *, now: datetime) -> int:
+        e = m.Entity
+        return len(self.session.execute(
+            update(e).where(e.state == EntityState.RETRY_WAIT.value,
+                            e.last_error_code == error_code, e.next_attempt_at > now)
+            .values(next_attempt_at=now, updated_at=now).returning(e.id)
+            .execution_options(synchronize_session=False)).all())
 
     def history(self, target: Target, *, kind: str, state: str, message: str,
                 operator: str, now: datetime) -> None:

@@ -12,6 +12,7 @@
     coupon-worker flower                  Flower on the project's app
     coupon-worker console                 the support console in the browser
     coupon-worker duplicates              entities holding two of our coupons
+    coupon-worker circuit status|open|close   the circuit breaker by hand (audited)
     coupon-worker prune --older-than 90d  prune settled events, age out the audit trail
     coupon-worker db roles                the ledger's PostgreSQL roles per job
     coupon-worker broker users            a RabbitMQ user per component (rabbitmqctl)
@@ -25,6 +26,7 @@ runtime never imports it, and this command line finds those commands only when o
 
 from worker.entrypoints.cli import (
     broker,
+    circuit,
     deploy,
     publishing,
     rejected,
@@ -36,5 +38,5 @@ from worker.entrypoints.cli import (
 from worker.entrypoints.cli.root import main
 
 # Importing the command modules registers their commands on ``main``.
-__all__ = ["broker", "deploy", "main", "publishing", "rejected", "retention", "runtime",
+__all__ = ["broker", "circuit", "deploy", "main", "publishing", "rejected", "retention", "runtime",
            "support", "webconsole"]
