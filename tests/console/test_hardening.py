@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import Engine, text
 from starlette.testclient import TestClient
 
-from tests.console.conftest import login
+from tests.console.conftest import csrf_of, login
 from worker.adapters.postgres.records import Transition
 from worker.adapters.postgres.unit_of_work import sql_unit_of_work_factory
 from worker.domain.errors import ConfigurationError
@@ -129,3 +129,18 @@ def test_logs_never_carry_a_whole_coupon_code() -> None:
     assert mask_code("GOLD-7HQ2-9K3F") == "****9K3F"
     assert mask_code("SHORT12") == "****", "a short code shows nothing of itself"
     assert mask_code(None) is None
+
+
+@pytest.mark.parametrize("name", ["ev\x00il", "=cmd|calc"])
+def test_a_login_under_any_name_is_audited(
+        make_client: Callable[..., TestClient], clean_ledger: Engine, name: str) -> None:
+    client = make_client()
+    token = csrf_of(client.get("/login").text)
+    refused = client.post("/login", data={"username": name, "password": "x",
+                                          "csrf_token": token})
+    assert refused.status_code in (200, 401)
+    with clean_ledger.connect() as conn:
+        rows = conn.execute(text("SELECT operator, outcome FROM operator_actions "
+                                 "WHERE action = 'console_login'")).all()
+    assert len(rows) == 1 and rows[0][1] == "refused"
+    assert "\x00" not in rows[0][0]

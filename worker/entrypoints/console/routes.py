@@ -33,7 +33,7 @@ from worker.adapters.rabbitmq.backlog import queue_backlogs
 from worker.adapters.rabbitmq.names import split_worker
 from worker.domain.errors import NotFound, WorkerError
 from worker.domain.model import describe_error
-from worker.domain.text import mask_code
+from worker.domain.text import mask_code, printable
 from worker.entrypoints.console import csrf
 from worker.entrypoints.console.app import Console
 from worker.entrypoints.console.auth import Role, User
@@ -224,7 +224,10 @@ async def login(request: Request) -> Response:
 
 def _audit_login(c: Console, name: str, outcome: str, client: str) -> None:
     with c.support.uow() as uow:
-        uow.ledger.audit(action="console_login", operator=name[:200], reason="",
+        # Escaped, not cut raw: a NUL or a lone surrogate in a typed name would make
+        # PostgreSQL refuse the row, and the attempt would go unaudited.
+        uow.ledger.audit(action="console_login", operator=printable(name, limit=200),
+                         reason="",
                          outcome=outcome, now=c.support.clock(),
                          details={"via": "console", "client": client})
         uow.commit()
