@@ -144,3 +144,23 @@ def test_a_login_under_any_name_is_audited(
                                  "WHERE action = 'console_login'")).all()
     assert len(rows) == 1 and rows[0][1] == "refused"
     assert "\x00" not in rows[0][0]
+
+
+def test_support_finds_an_event_by_coupon_code_request_id_or_event_id(
+        make_client: Callable[..., TestClient], clean_ledger: Engine) -> None:
+    # Given two customers' events, one with a coupon and a recorded call
+    seed_issued(clean_ledger, "found-1", "566881991", "GOLD-AAAA-1111")
+    seed_issued(clean_ledger, "other-2", "566881992", "GOLD-BBBB-2222")
+    with clean_ledger.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO api_calls (event_id, entity_ids, series_ids, operation, started_at, "
+            "latency_ms, outcome, request_id) VALUES ('found-1', '{}', '{}', 'bulk_issue', "
+            "now(), 1, 'ok', 'req-5f2c')"))
+    client = make_client()
+    login(client, "otto")
+    # When support searches by what a customer or Capillary's support gave them
+    for query in ("GOLD-AAAA-1111", "req-5f2c", "found-1", "566881991"):
+        page = client.get(f"/customer?q={query}")
+        # Then that event, and only it, is shown
+        assert page.status_code == 200
+        assert "found-1" in page.text and "other-2" not in page.text, query

@@ -11,7 +11,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, or_, select
 
 from worker.adapters.postgres import models as m
 from worker.adapters.postgres.support import Selection
@@ -275,12 +275,17 @@ def customer_keys(query: str) -> list[str]:
 
 
 def customer_story(engine: Engine, query: str, *, limit: int = 50) -> dict[str, Any]:
-    """Every event of a customer (by id, mobile, email or external id), newest first, with
-    entities, attempts and coupons."""
+    """Every event a support question names, newest first, with entities, attempts and
+    coupons: a customer's (by id, mobile, email or external id), or the one event a coupon
+    code, a Capillary request id (``X-Cap-Requestid``) or an event id belongs to."""
     keys = customer_keys(query)
+    by_code = select(m.IssuedCoupon.event_id).where(m.IssuedCoupon.code == query)
+    by_request = select(m.ApiCall.event_id).where(m.ApiCall.request_id == query)
     with engine.connect() as conn:
         event_ids = conn.execute(
-            select(m.Event.event_id).where(m.Event.customer_key.in_(keys))
+            select(m.Event.event_id).where(or_(
+                m.Event.customer_key.in_(keys), m.Event.event_id == query,
+                m.Event.event_id.in_(by_code), m.Event.event_id.in_(by_request)))
             .order_by(m.Event.received_at.desc()).limit(limit)
         ).scalars().all()
     events = [event_story(engine, event_id) for event_id in event_ids]

@@ -170,6 +170,8 @@ class ApiCall(Base):
     __table_args__ = (
         Index("ix_api_calls_event_id", "event_id"),
         Index("ix_api_calls_entity_ids", "entity_ids", postgresql_using="gin"),
+        # Support's search by X-Cap-Requestid (0011).
+        Index("ix_api_calls_request_id", "request_id"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
@@ -199,6 +201,8 @@ class IssuedCoupon(Base):
         Index("ix_coupons_event_id", "event_id"),
         Index("ix_coupons_customer_key", "customer_key"),
         Index("ix_coupons_issued_at", "issued_at"),
+        # Support's search by a code a customer reads out (0011).
+        Index("ix_coupons_code", "code"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
