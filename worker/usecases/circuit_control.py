@@ -20,6 +20,13 @@ from worker.usecases.support import SupportDeps
 log = logging.getLogger("worker.support")
 
 
+def _who_and_why(reason: str, operator: str) -> tuple[str, str]:
+    """The audit's reason (required) and operator, as storable text."""
+    if not reason.strip():
+        raise ValueError("a reason is required")
+    return printable(reason, limit=500), printable(operator, limit=200)
+
+
 def circuit_state(deps: SupportDeps, name: str = CAPILLARY) -> CircuitState:
     """The circuit as the ledger holds it now."""
     with deps.uow() as uow:
@@ -31,9 +38,7 @@ def open_circuit(deps: SupportDeps, *, for_s: float, reason: str, operator: str,
     """Open the circuit for ``for_s`` seconds; nothing is sent to Capillary meanwhile."""
     if for_s <= 0:
         raise ValueError("the circuit opens for a positive time")
-    if not reason.strip():
-        raise ValueError("a reason is required")
-    reason, operator = printable(reason, limit=500), printable(operator, limit=200)
+    reason, operator = _who_and_why(reason, operator)
     now = deps.clock()
     with deps.uow() as uow:
         current = uow.ledger.circuit(name)
@@ -52,9 +57,7 @@ def open_circuit(deps: SupportDeps, *, for_s: float, reason: str, operator: str,
 def close_circuit(deps: SupportDeps, *, reason: str, operator: str,
                   name: str = CAPILLARY) -> CircuitState:
     """Close the circuit now: the fleet calls Capillary again."""
-    if not reason.strip():
-        raise ValueError("a reason is required")
-    reason, operator = printable(reason, limit=500), printable(operator, limit=200)
+    reason, operator = _who_and_why(reason, operator)
     now = deps.clock()
     with deps.uow() as uow:
         current = uow.ledger.circuit(name)

@@ -7,20 +7,9 @@ import dataclasses
 import click
 
 from worker.entrypoints.cli import output
-from worker.entrypoints.cli.options import support_deps
+from worker.entrypoints.cli.options import parse_duration_s, support_deps
 from worker.entrypoints.cli.output import fail, print_json, say
 from worker.entrypoints.cli.root import main
-
-_UNITS_S = {"s": 1, "m": 60, "h": 3600}
-
-
-def parse_duration_s(value: str) -> float:
-    """``90s``, ``10m``, ``2h`` (or seconds) in seconds."""
-    unit = value[-1:].lower()
-    number = value[:-1] if unit in _UNITS_S else value
-    if not number.isdigit() or int(number) == 0:
-        raise click.BadParameter(f"{value!r}: use seconds, minutes or hours (90s, 10m, 2h)")
-    return float(int(number) * _UNITS_S.get(unit, 1))
 
 
 @main.group()
@@ -58,7 +47,7 @@ def circuit_open(duration: str, reason: str, operator: str | None) -> None:
     from worker.usecases.circuit_control import open_circuit
     from worker.usecases.support import default_operator
 
-    for_s = parse_duration_s(duration)
+    for_s = parse_duration_s(duration, bare_unit="s")
     with support_deps() as deps:
         try:
             state = open_circuit(deps, for_s=for_s, reason=reason,

@@ -120,3 +120,20 @@ def cli_origin() -> dict[str, str]:
 def guard_selection(selection: Any, everything: bool) -> None:
     if selection.is_empty() and not everything:
         fail("name entity ids, --event, or a filter (or --all to act on every dead entity)", 2)
+
+
+_UNITS_S = {"s": 1, "m": 60, "h": 3_600, "d": 86_400}
+
+
+def parse_duration_s(value: str, *, bare_unit: str, minimum_s: float = 1.0) -> float:
+    """A duration given as ``90s``, ``10m``, ``36h`` or ``90d`` (a bare number counts in
+    ``bare_unit``), in seconds; at least ``minimum_s``."""
+    unit = value[-1:].lower()
+    number = value[:-1] if unit in _UNITS_S else value
+    if not number.isdigit():
+        raise click.BadParameter(f"{value!r}: a whole number with s, m, h or d (a bare number "
+                                 f"counts in {bare_unit})")
+    seconds = float(int(number) * _UNITS_S[unit if unit in _UNITS_S else bare_unit])
+    if seconds < minimum_s:
+        raise click.BadParameter(f"{value!r}: at least {minimum_s:g} s")
+    return seconds

@@ -6,10 +6,10 @@ import click
 
 from worker.domain.errors import WorkerError
 from worker.entrypoints.cli import output
+from worker.entrypoints.cli.options import parse_duration_s
 from worker.entrypoints.cli.output import fail, print_json, say, settings_or_exit
 from worker.entrypoints.cli.root import main
 
-_UNITS_S = {"d": 86_400, "h": 3_600}
 #: Why each kind of old row stays, as ``prune`` prints it.
 KEPT_BECAUSE = {
     "dead_letters": "dead letters (entities; their events stay whole): a person replays or "
@@ -24,14 +24,7 @@ KEPT_BECAUSE = {
 
 def parse_age_s(value: str) -> float:
     """``90d``, ``36h`` or a number of days, in seconds; at least a day."""
-    unit = value[-1:].lower()
-    number = value[:-1] if unit in _UNITS_S else value
-    if not number.isdigit():
-        raise click.BadParameter(f"{value!r}: use days (90 or 90d) or hours (36h)")
-    seconds = int(number) * _UNITS_S.get(unit, _UNITS_S["d"])
-    if seconds < _UNITS_S["d"]:
-        raise click.BadParameter(f"{value!r}: at least a day")
-    return float(seconds)
+    return parse_duration_s(value, bare_unit="d", minimum_s=86_400)
 
 
 @main.command()
