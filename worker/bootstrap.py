@@ -48,6 +48,7 @@ def build_deps(settings: Settings, publisher: Publisher, *, engine: Engine | Non
                metrics: Metrics | None = None) -> Deps:
     """The real dependencies for ``settings``."""
     engine = engine or make_engine(settings.database_url, pool_size=settings.db_pool_size,
+                                   password=settings.database_secret(),
                                    limits=ConnectionLimits.from_settings(settings))
     uow = sql_unit_of_work_factory(engine)
     limiter: RateLimiter = RetryAfterGate(engine)
@@ -57,9 +58,11 @@ def build_deps(settings: Settings, publisher: Publisher, *, engine: Engine | Non
     leases = LeaseKeeper(_renewer(uow), lease_s=settings.claim_lease_s,
                          interval_s=settings.claim_heartbeat_s,
                          deadline_s=settings.task_hard_time_limit_s)
+    api = CapillaryClient.from_settings(settings)
     return Deps(
         uow=uow,
-        api=CapillaryClient.from_settings(settings),
+        api=api,
+        credentials=api.credential_versions,
         publisher=publisher,
         limiter=limiter,
         circuit=CircuitGate(uow, CircuitPolicy.from_settings(settings), clock=utcnow,
@@ -141,6 +144,7 @@ class Container:
                     self._engine.dispose(close=False)
                 settings = self.settings
                 self._engine = make_engine(settings.database_url,
+                                           password=settings.database_secret(),
                                            pool_size=self.pool_size or settings.db_pool_size,
                                            limits=ConnectionLimits.from_settings(settings))
                 self._deps = build_deps(settings, self._publisher_factory(settings),

@@ -14,14 +14,15 @@ import tempfile
 from datetime import UTC, timedelta, timezone, tzinfo
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from worker.domain.errors import ConfigurationError
+from worker.secret_files import Secret, SecretFilesSource
 
 DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/coupon_worker"
 DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672//"
@@ -83,11 +84,31 @@ class Settings(BaseSettings):
         populate_by_name=True,
     )
 
+    #: Settings also read from the file ``<NAME>_FILE`` names (docs/secrets.md).
+    secret_file_fields: ClassVar[tuple[str, ...]] = (
+        "database_url", "database_password", "retention_database_url", "broker_url",
+        "capillary_username", "capillary_password", "capillary_oauth_key",
+        "capillary_oauth_secret")
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, SecretFilesSource(settings_cls, env_settings, dotenv_settings),
+                env_settings, dotenv_settings, file_secret_settings)
+
     # URLs may carry passwords: kept out of repr(); safe_summary() shows them redacted.
     database_url: str = Field(
         DEFAULT_DATABASE_URL, validation_alias="COUPONS_DATABASE_URL", repr=False)
     # The retention job's own connection (its role may delete; the worker's may not): the
     # scheduled prune and `coupon-worker prune` use it when set (docs/security.md).
+    database_password: SecretStr | None = Field(
+        None, validation_alias="COUPONS_DATABASE_PASSWORD", repr=False,
+        description="The ledger's password, instead of one in COUPONS_DATABASE_URL. Given as "
+                    "COUPONS_DATABASE_PASSWORD_FILE, it is read again when the file changes: "
+                    "new connections use the new password, no restart (docs/secrets.md).")
     retention_database_url: str | None = Field(
         None, validation_alias="COUPONS_RETENTION_DATABASE_URL", repr=False)
     broker_url: str = Field(DEFAULT_BROKER_URL, validation_alias="COUPONS_BROKER_URL", repr=False)
@@ -408,6 +429,23 @@ class Settings(BaseSettings):
     def task_hard_time_limit_s(self) -> float:
         """A task is killed before its claim expires, so an expired lease means a dead task."""
         return max(self.lease_s - 5.0, 1.0)
+
+    def database_secret(self) -> Secret | None:
+        """COUPONS_DATABASE_PASSWORD as a ``Secret`` (following its file when it is given as
+        one), for an engine on ``database_url``; None when unset. One per engine."""
+        return Secret.of(self, "database_password")
+
+    def ledger_url(self) -> str:
+        """``database_url`` with COUPONS_DATABASE_PASSWORD (read now) in it, for the commands
+        that connect once (migrate, the schema check); the worker's engines ask for the
+        password per connection instead (``database_secret``)."""
+        secret = self.database_secret()
+        if secret is None:
+            return self.database_url
+        from sqlalchemy.engine import make_url
+
+        return make_url(self.database_url).set(password=secret.get()).render_as_string(
+            hide_password=False)
 
     @property
     def retention_url(self) -> str:

@@ -1,5 +1,9 @@
 """The circuit breaker by hand: what an operator reaches for during an incident.
 
+``probe_at_once``: not an operator's action but the worker's own, when the credentials it
+reads from files change (docs/secrets.md): a pause caused by a wrong key ends at the next
+probe, so the probe goes now.
+
 ``open_circuit``: Capillary asked us to stop, or a key is being rotated; nobody calls it until
 the time given, then one worker probes as after any opening. ``close_circuit``: the cause is
 fixed; the fleet calls again within a second (the workers' cached reading), instead of at its
@@ -9,15 +13,21 @@ next probe. Each is audited in ``operator_actions``, in the transaction that mov
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import datetime, timedelta
 
 from worker.adapters.postgres.circuit import CAPILLARY
 from worker.adapters.postgres.records import CLOSED_CIRCUIT, CircuitState
+from worker.adapters.postgres.unit_of_work import UnitOfWorkFactory
 from worker.domain.policy import CIRCUIT_OPEN_CODE
 from worker.domain.text import printable
 from worker.usecases.support import SupportDeps
 
 log = logging.getLogger("worker.support")
+
+#: How the reason of a circuit opened by hand begins.
+BY_HAND = "opened by "
 
 
 def _who_and_why(reason: str, operator: str) -> tuple[str, str]:
@@ -43,7 +53,7 @@ def open_circuit(deps: SupportDeps, *, for_s: float, reason: str, operator: str,
     with deps.uow() as uow:
         current = uow.ledger.circuit(name)
         opened = CircuitState("open", current.consecutive_failures, current.times_opened,
-                              now + timedelta(seconds=for_s), f"opened by {operator}: {reason}")
+                              now + timedelta(seconds=for_s), f"{BY_HAND}{operator}: {reason}")
         uow.ledger.save_circuit(name, opened, now=now)
         uow.ledger.audit(action="circuit_open", operator=operator, reason=reason,
                          outcome=f"open until {opened.open_until:%Y-%m-%dT%H:%M:%SZ}", now=now,
@@ -74,3 +84,27 @@ def close_circuit(deps: SupportDeps, *, reason: str, operator: str,
                                                   "reason": reason, "was": current.state,
                                                   "resumed": resumed})
     return CLOSED_CIRCUIT
+
+
+def probe_at_once(uow: UnitOfWorkFactory, clock: Callable[[], datetime], *, why: str,
+                  name: str = CAPILLARY) -> bool:
+    """An open circuit's pause ends now, so one worker probes at once (the usual probe: its
+    success closes the circuit, its failure opens it again), and the entities it deferred are
+    due. True when nothing more is to do: the circuit was open, or closed; False while a probe
+    is out, whose answer was obtained with the credentials of before: ask again later."""
+    now = clock()
+    with uow() as unit:
+        current = unit.ledger.circuit(name)
+        if current.state == "half_open":
+            return False
+        if current.state == "closed" or (current.reason or "").startswith(BY_HAND):
+            # An operator's pause lasts until the operator ends it.
+            return True
+        if current.open_until is None or current.open_until > now:
+            unit.ledger.save_circuit(name, replace(current, open_until=now), now=now)
+        resumed = unit.ledger.resume_deferred(CIRCUIT_OPEN_CODE, now=now)
+        unit.commit()
+    log.warning("circuit.probe_expedited", extra={"circuit": name, "reason": why,
+                                                   "was_reason": current.reason,
+                                                   "resumed": resumed})
+    return True

@@ -125,6 +125,9 @@ class Deps:
     sleep: Callable[[float], None] = time.sleep
     rng: random.Random = field(default_factory=random.Random)
     leases: LeaseKeeper | UnrenewedLeases = field(default_factory=UnrenewedLeases)
+    #: The versions of the Capillary credentials (checking their files when due): a change
+    #: means rotated credentials, and a paused circuit probes at once (the sweeper).
+    credentials: Callable[[], tuple[int, ...]] = tuple
 
 
 @dataclass(frozen=True)

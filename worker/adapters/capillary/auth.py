@@ -18,6 +18,7 @@ import requests
 from pydantic import SecretStr
 
 from worker.domain.errors import Outage, Retryable
+from worker.secret_files import Secret, versions
 
 TOKEN_PATH = "/v3/oauth/token/generate"  # noqa: S105 - a path, not a secret
 # Renew when less than this share of a token's life is left, so a call never leaves with a
@@ -41,16 +42,43 @@ class CapillaryAuth(requests.auth.AuthBase):
     def invalidate(self) -> None:
         """Forget any cached credential so the next request fetches a fresh one."""
 
+    @property
+    def versions(self) -> tuple[int, ...]:
+        """Grows when the credentials behind the hook change (a rotated secret file)."""
+        return ()
+
+
+def _secret(value: str | SecretStr | Secret) -> Secret:
+    return value if isinstance(value, Secret) else Secret(value)
+
 
 class BasicAuth(CapillaryAuth):
-    """Capillary Basic auth."""
+    """Capillary Basic auth; a username or password read from a file follows the file."""
 
-    def __init__(self, username: str, password: SecretStr) -> None:
-        self._header = basic_auth_header(username, password)
+    def __init__(self, username: str | Secret, password: SecretStr | Secret) -> None:
+        self._username = _secret(username)
+        self._password = _secret(password)
+        self._lock = threading.Lock()
+        self._built_for: tuple[int, ...] = ()
+        self._header = ""
+
+    @property
+    def versions(self) -> tuple[int, ...]:
+        """The credentials' versions (checking their files if due): a change means new ones."""
+        return versions(self._username, self._password)
 
     def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
-        request.headers["Authorization"] = self._header
+        request.headers["Authorization"] = self._current_header()
         return request
+
+    def _current_header(self) -> str:
+        with self._lock:
+            seen = self.versions
+            if seen != self._built_for or not self._header:
+                self._header = basic_auth_header(self._username.get(),
+                                                 SecretStr(self._password.get()))
+                self._built_for = seen
+            return self._header
 
     def __repr__(self) -> str:
         return "BasicAuth(***)"
@@ -70,25 +98,30 @@ class OAuthTokens(CapillaryAuth):
     def __init__(
         self,
         base_url: str,
-        key: str,
-        secret: SecretStr,
+        key: str | Secret,
+        secret: SecretStr | Secret,
         *,
         session_factory: Callable[[], requests.Session],
         timeout_s: tuple[float, float],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._url = base_url + TOKEN_PATH
-        self._key = key
-        self._secret = secret
+        self._key = _secret(key)
+        self._secret = _secret(secret)
         self._session_factory = session_factory
         self._timeout_s = timeout_s
         self._clock = clock
         self._lock = threading.Lock()
         self._token: _Token | None = None
+        self._token_for: tuple[int, ...] = ()
         self.generated = 0
 
     def __repr__(self) -> str:
-        return f"OAuthTokens(key={self._key!r}, secret=***)"
+        return f"OAuthTokens(key={self._key.get()!r}, secret=***)"
+
+    @property
+    def versions(self) -> tuple[int, ...]:
+        return versions(self._key, self._secret)
 
     def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
         request.headers["X-CAP-API-OAUTH-TOKEN"] = self.token()
@@ -101,12 +134,16 @@ class OAuthTokens(CapillaryAuth):
     def token(self) -> str:
         """A token valid for a while yet, generating one when needed."""
         with self._lock:
-            if self._token is None or self._clock() >= self._token.renew_at:
+            # A rotated key or secret gets its own token at once: the old pair may be revoked.
+            seen = self.versions
+            if self._token is None or self._clock() >= self._token.renew_at \
+                    or seen != self._token_for:
                 self._token = self._generate()
+                self._token_for = seen
             return self._token.value
 
     def _generate(self) -> _Token:
-        body = {"key": self._key, "secret": self._secret.get_secret_value()}
+        body = {"key": self._key.get(), "secret": self._secret.get()}
         try:
             response = self._session_factory().post(self._url, json=body, timeout=self._timeout_s)
         except requests.RequestException as exc:

@@ -43,6 +43,7 @@ from worker.domain.errors import Ambiguous, CapillaryError, Outage, Retryable
 from worker.domain.model import EntryError, Verdict
 from worker.domain.policy import CLIENT_CONFIG, classify_transport
 from worker.domain.text import storable, storable_json
+from worker.secret_files import Secret
 
 log = logging.getLogger(__name__)
 
@@ -158,18 +159,20 @@ def build_auth(
     """The auth hook chosen by the settings."""
     scheme = settings.require_capillary_credentials()
     if scheme == "oauth":
-        assert settings.capillary_oauth_key is not None
-        assert settings.capillary_oauth_secret is not None
+        key, secret = Secret.of(settings, "capillary_oauth_key"), \
+            Secret.of(settings, "capillary_oauth_secret")
+        assert key is not None
+        assert secret is not None
         return OAuthTokens(
-            settings.capillary_base_url,
-            settings.capillary_oauth_key,
-            settings.capillary_oauth_secret,
+            settings.capillary_base_url, key, secret,
             session_factory=session_factory,
             timeout_s=(settings.http_connect_timeout_s, settings.http_timeout_s),
         )
-    assert settings.capillary_username is not None
-    assert settings.capillary_password is not None
-    return BasicAuth(settings.capillary_username, settings.capillary_password)
+    username, password = Secret.of(settings, "capillary_username"), \
+        Secret.of(settings, "capillary_password")
+    assert username is not None
+    assert password is not None
+    return BasicAuth(username, password)
 
 
 class CapillaryClient:
@@ -210,6 +213,10 @@ class CapillaryClient:
         )
         client.auth = build_auth(settings, client.session)
         return client
+
+    def credential_versions(self) -> tuple[int, ...]:
+        """Grows when credentials read from files change (``worker.secret_files``)."""
+        return self.auth.versions if self.auth is not None else ()
 
     def session(self) -> requests.Session:
         """This thread's pooled session (requests sessions are not shared across threads)."""

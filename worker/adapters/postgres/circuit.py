@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from worker.adapters.postgres.records import CLOSED_CIRCUIT, CircuitState
 from worker.adapters.postgres.unit_of_work import UnitOfWorkFactory
 from worker.domain.model import Verdict
-from worker.domain.policy import CircuitPolicy
+from worker.domain.policy import CIRCUIT_OPEN_CODE, CircuitPolicy
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +98,18 @@ class CircuitGate:
         if not permit.probe and cached.state == "closed" and cached.consecutive_failures == 0:
             return
         now = self._clock()
+        reopened = cached.state != "closed" or permit.probe
+        resumed = 0
         with self._uow() as uow:
             uow.ledger.save_circuit(self._name, CLOSED_CIRCUIT, now=now)
+            if reopened:
+                # Entities that lost the race for the probe wait until its deadline (the
+                # lease): they are due now that it answered, so issuance resumes within a sweep.
+                resumed = uow.ledger.resume_deferred(CIRCUIT_OPEN_CODE, now=now)
             uow.commit()
         self._remember(CLOSED_CIRCUIT)
-        if cached.state != "closed" or permit.probe:
-            log.warning("circuit.closed", extra={"circuit": self._name})
+        if reopened:
+            log.warning("circuit.closed", extra={"circuit": self._name, "resumed": resumed})
 
     def failure(self, permit: Permit, verdict: Verdict, reason: str) -> bool:
         """A call failed in a way that speaks of Capillary's health; True if it opened."""

@@ -24,6 +24,7 @@ from worker.adapters.postgres.repository import Ledger, SqlLedger
 
 if TYPE_CHECKING:
     from worker.config import Settings
+    from worker.secret_files import Secret
 
 
 class UnitOfWork(Protocol):
@@ -151,8 +152,12 @@ def _ms(seconds: float) -> int:
 
 
 def make_engine(database_url: str, *, pool_size: int = 5, application_name: str = "coupon-worker",
-                limits: ConnectionLimits | None = None) -> Engine:
+                limits: ConnectionLimits | None = None, password: Secret | None = None) -> Engine:
     """An engine that fails fast when the server is down or stalls.
+
+    ``password`` (COUPONS_DATABASE_PASSWORD, or its file) is asked for each new connection:
+    a rotated password file is used from the next connection on, with no restart; the
+    connections already open stay authenticated.
 
     No pre-ping: it would cost a round trip per transaction, twice per event. A connection that
     died with the server fails its first statement instead; SQLAlchemy then discards the whole
@@ -167,11 +172,20 @@ def make_engine(database_url: str, *, pool_size: int = 5, application_name: str 
         pool_recycle=1800,
         connect_args=limits.connect_args(application_name),
     )
+    if password is not None:
+        _current_password(engine, password)
     mode = limits.statement_mode()
     if mode.per_transaction:
         # On the engine itself: engines derived from it (execution_options) share its events.
         _set_limits_on_begin(engine, mode.per_transaction)
     return engine.execution_options(**{STATEMENT_MODE: mode})
+
+
+def _current_password(engine: Engine, password: Secret) -> None:
+    @event.listens_for(engine, "do_connect")
+    def connect_with(dialect: object, record: object, cargs: object,
+                     cparams: dict[str, object]) -> None:
+        cparams["password"] = password.get()
 
 
 def _set_limits_on_begin(engine: Engine, per_transaction: str) -> None:

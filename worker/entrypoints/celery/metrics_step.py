@@ -80,7 +80,7 @@ def check_schema(sender: Any = None, **_: Any) -> None:
     app = sender.app
     settings = step_settings(sender)
     try:
-        status: SchemaStatus | None = schema_status(settings.database_url,
+        status: SchemaStatus | None = schema_status(settings.ledger_url(),
                                                     connect_timeout_s=settings.db_connect_timeout_s,
                                                     pooler=settings.db_pooler)
     except LedgerUnavailable as exc:

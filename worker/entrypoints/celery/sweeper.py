@@ -24,7 +24,7 @@ from worker.adapters.postgres.unit_of_work import ConnectionLimits, make_engine
 from worker.domain.errors import LedgerUnavailable
 from worker.domain.policy import consumption_for_circuit, consumption_for_ledger_down
 from worker.entrypoints.celery.context import container_of, links_of, step_settings
-from worker.usecases import issue, replay_jobs, retention
+from worker.usecases import circuit_control, issue, replay_jobs, retention
 from worker.usecases.support import SupportDeps
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,19 @@ log = logging.getLogger(__name__)
 _RUN = bootsteps.RUN  # type: ignore[attr-defined]  # not in the stubs
 #: How often a worker asks whether the fleet's prune is due: one cheap UPDATE.
 RETENTION_CHECK_S = 60.0
+
+
+def _probe_on_new_credentials(deps: issue.Deps,
+                              seen: tuple[int, ...] | None) -> tuple[int, ...] | None:
+    """When the Capillary credentials' files changed since ``seen``, a circuit paused (by a
+    wrong key, say) probes at once instead of at its time; the versions to remember next."""
+    now_seen = deps.credentials()
+    if seen is None or now_seen == seen:
+        return now_seen
+    done = circuit_control.probe_at_once(deps.uow, deps.clock,
+                                         why="Capillary credentials changed")
+    # A probe already out used the credentials of before: once it answers, look again.
+    return now_seen if done else seen
 
 
 class Sweeper(bootsteps.StartStopStep):
@@ -84,9 +97,11 @@ class Sweeper(bootsteps.StartStopStep):
         container = container_of(self._worker.app)
         links = links_of(self._worker.app)
         interval_s = container.settings.sweep_interval_s
+        credentials: tuple[int, ...] | None = None
         while not self._stop.is_set() and self._worker_running():
             try:
                 deps = container.deps()
+                credentials = _probe_on_new_credentials(deps, credentials)
                 report = issue.sweep(deps, requeue_after_s=container.settings.requeue_after_s)
                 circuit = deps.circuit.state()
                 links.pause = consumption_for_circuit(

@@ -60,7 +60,7 @@ def db_roles(apply_: bool, prefix: str | None) -> None:
             click.echo(statement + ";")
         return
     try:
-        with roles.connect(settings.database_url) as conn:
+        with roles.connect(settings.ledger_url()) as conn:
             passwords = {job: roles.password_from_environment(job, os.environ)
                          for job in roles.JOBS}
             roles.execute(conn, roles.role_statements(
@@ -138,7 +138,7 @@ def doctor(workers: int, concurrency: int | None, max_connections: int | None,
         import psycopg
 
         try:
-            database = d.observe_database(settings.database_url)
+            database = d.observe_database(settings.ledger_url())
         except psycopg.Error as exc:
             database_error = f"PostgreSQL did not answer: {str(exc).strip()}"
     if max_connections is not None:

@@ -61,7 +61,7 @@ def ledger_engine() -> Iterator[Any]:
     from worker.adapters.postgres.unit_of_work import ConnectionLimits, make_engine
 
     settings = settings_or_exit()
-    engine = make_engine(settings.database_url, pool_size=1,
+    engine = make_engine(settings.database_url, password=settings.database_secret(), pool_size=1,
                          limits=ConnectionLimits(pooler=settings.db_pooler))
     try:
         yield engine
@@ -77,7 +77,7 @@ def support_deps() -> Iterator[Any]:
     from worker.bootstrap import build_support_deps
 
     settings = settings_or_exit()
-    engine = make_engine(settings.database_url, pool_size=1,
+    engine = make_engine(settings.database_url, password=settings.database_secret(), pool_size=1,
                          limits=ConnectionLimits(pooler=settings.db_pooler))
     try:
         yield build_support_deps(settings, engine)

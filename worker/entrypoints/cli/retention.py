@@ -61,8 +61,10 @@ def prune(older_than: str | None, batch_size: int | None, dry_run: bool,
             batch_size=batch_size)
     except ValueError as exc:
         fail(str(exc), 2)
+    # The ledger's password applies when the job connects as the worker's URL names.
+    password = settings.database_secret() if settings.retention_database_url is None else None
     engine = make_engine(settings.retention_url, pool_size=1, application_name="coupon-prune",
-                         limits=ConnectionLimits(pooler=settings.db_pooler))
+                         limits=ConnectionLimits(pooler=settings.db_pooler), password=password)
     try:
         report = run_prune(RetentionStore(engine), policy, dry_run=dry_run)
     except WorkerError as exc:

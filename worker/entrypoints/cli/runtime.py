@@ -29,10 +29,10 @@ def migrate() -> None:
     settings = settings_or_exit()
     configure_logging(settings.log_level, settings.log_format)
     try:
-        created = ensure_database(settings.database_url)
-        upgrade(settings.database_url)
-        status = schema_status(settings.database_url, pooler=settings.db_pooler)
-        granted = grant_roles(settings.database_url, settings.db_role_prefix)
+        created = ensure_database(settings.ledger_url())
+        upgrade(settings.ledger_url())
+        status = schema_status(settings.ledger_url(), pooler=settings.db_pooler)
+        granted = grant_roles(settings.ledger_url(), settings.db_role_prefix)
     except WorkerError as exc:
         fail(str(exc))
     where = settings.safe_summary()["database"]

@@ -36,7 +36,7 @@ def events_show(event_id: str, as_json: bool) -> None:
     from worker.usecases.queries import event_story
 
     settings = settings_or_exit()
-    engine = make_engine(settings.database_url, pool_size=1,
+    engine = make_engine(settings.database_url, password=settings.database_secret(), pool_size=1,
                          limits=ConnectionLimits(pooler=settings.db_pooler))
     try:
         story = event_story(engine, event_id)

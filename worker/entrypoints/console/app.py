@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, cast
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.middleware.sessions import SessionMiddleware
 from starlette.templating import Jinja2Templates
 
 from worker.adapters.postgres.jobs import ReplayJobStore
@@ -19,6 +18,8 @@ from worker.config import Settings
 from worker.entrypoints.console.auth import LoginLimiter, UserDirectory
 from worker.entrypoints.console.config import ConsoleSettings
 from worker.entrypoints.console.headers import SecurityHeaders
+from worker.entrypoints.console.sessions import RotatingSessions
+from worker.secret_files import Secret
 from worker.usecases.support import EventSubmitter, SupportDeps
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ def create_app(settings: Settings, console: ConsoleSettings, *, engine: Engine |
     from worker.entrypoints.console import routes
 
     engine = engine or make_engine(settings.database_url, pool_size=settings.db_pool_size,
+                                   password=settings.database_secret(),
                                    application_name="coupon-worker-console",
                                    limits=ConnectionLimits.from_settings(settings))
     support = support or build_support_deps(settings, engine)
@@ -64,10 +66,13 @@ def create_app(settings: Settings, console: ConsoleSettings, *, engine: Engine |
         limiter=LoginLimiter(console.login_max_failures, console.login_window_s),
         templates=Jinja2Templates(directory=str(TEMPLATES)),
     )
+    # Follows COUPONS_CONSOLE_SECRET_FILE when the secret is given as a file.
+    session_secret = Secret.of(console, "secret")
+    assert session_secret is not None
     app = Starlette(
         routes=routes.ROUTES,
         middleware=[Middleware(SecurityHeaders), Middleware(
-            SessionMiddleware, secret_key=console.secret.get_secret_value(),
+            RotatingSessions, secret=session_secret,
             session_cookie=SESSION_COOKIE, max_age=console.session_max_age_s,
             same_site="strict", https_only=console.secure_cookies)],
     )
