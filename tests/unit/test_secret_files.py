@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import requests
@@ -87,7 +88,7 @@ def test_an_unreadable_or_empty_file_is_named(tmp_path: Path,
     with pytest.raises(ConfigurationError, match="CAPILLARY_PASSWORD_FILE: cannot read"):
         load_settings()
     monkeypatch.setenv("CAPILLARY_PASSWORD_FILE", str(_write(tmp_path / "empty", "\n")))
-    with pytest.raises(ConfigurationError, match="CAPILLARY_PASSWORD_FILE: the file .* empty"):
+    with pytest.raises(ConfigurationError, match=r"CAPILLARY_PASSWORD_FILE: the file .* empty"):
         load_settings()
 
 
@@ -152,7 +153,7 @@ def test_basic_auth_sends_the_rotated_password_from_the_next_call(
 class TokenEndpoint(requests.Session):
     """Capillary's token endpoint, answering a token named after the secret it was given."""
 
-    secrets: list[str] = []
+    secrets: ClassVar[list[str]] = []
 
     def post(self, url: str | bytes, data: object = None, json: object = None,
              **kwargs: object) -> requests.Response:
