@@ -336,12 +336,17 @@ def start_worker(request: pytest.FixtureRequest,
     request.node.started_workers = started
 
     def start(settings: Settings, *args: str, concurrency: int = 2, pool: str = "prefork",
-              env: dict[str, str] | None = None, node_name: str | None = "",
+              env: dict[str, str | None] | None = None, node_name: str | None = "",
               wait_ready: bool = True) -> WorkerProcess:
-        """``node_name``: "" for a name of this test's own, None for the command's default."""
+        """``node_name``: "" for a name of this test's own, None for the command's default;
+        ``env``: variables to add, or to remove (None)."""
         name = f"w{len(started)}-{uuid.uuid4().hex[:6]}"
         environment = settings_env(settings)
-        environment.update(env or {})
+        for variable, value in (env or {}).items():
+            if value is None:
+                environment.pop(variable, None)
+            else:
+                environment[variable] = value
         naming = [] if node_name is None else ["-n", node_name or f"{name}@%h"]
         spawned = spawn(name, [coupon_worker_command(), "worker", "-c", str(concurrency),
                                "-P", pool, *naming, *args], environment, tmp_path,

@@ -42,6 +42,7 @@ from worker.domain.model import (
     DeadMessageKind,
     EntityState,
     EventState,
+    Verdict,
     check_transition,
     issue_ref,
 )
@@ -343,6 +344,15 @@ class InMemoryLedger:
         resumed = 0
         for e in self.state.entities.values():
             if e.state is EntityState.RETRY_WAIT and e.last_error_code == error_code \
+                    and e.next_attempt_at is not None and e.next_attempt_at > now:
+                e.next_attempt_at = now
+                resumed += 1
+        return resumed
+
+    def resume_paused(self, *, now: datetime) -> int:
+        resumed = 0
+        for e in self.state.entities.values():
+            if e.state is EntityState.RETRY_WAIT and e.last_verdict == Verdict.OUTAGE.value \
                     and e.next_attempt_at is not None and e.next_attempt_at > now:
                 e.next_attempt_at = now
                 resumed += 1

@@ -817,3 +817,25 @@ def test_a_coupon_code_too_long_to_index_is_recorded_cut_and_unique(
     with clean_ledger.connect() as conn:
         stored = conn.execute(text("SELECT code FROM coupons ORDER BY id")).scalars().all()
     assert stored == [first.code, second.code]
+
+
+def test_every_entity_waiting_out_the_pause_becomes_due_when_it_ends_early(
+        uow: UowFactory) -> None:
+    # Given the entity whose own call opened the circuit (a 401: an outage verdict), and one
+    # waiting after a 503 (not the circuit's pause)
+    claim = ingest_and_claim(uow)
+    a, b = claim.entities
+    later = NOW + timedelta(minutes=10)
+    record(uow, claim,
+           Transition(a.entity_id, EntityState.RETRY_WAIT, "deferred", 1, verdict="outage",
+                      next_attempt_at=later, error_code="http_401"),
+           Transition(b.entity_id, EntityState.RETRY_WAIT, "retry_scheduled", 1,
+                      verdict="retryable", next_attempt_at=later, error_code="503"))
+    # When the pause ends early
+    with uow() as u:
+        assert u.ledger.resume_paused(now=NOW) == 1
+        u.commit()
+    # Then the circuit's entity is due, the 503's keeps its backoff
+    with uow() as u:
+        due = u.ledger.take_due(now=NOW + timedelta(seconds=1), limit=10)
+    assert [d.entity_id for d in due] == [a.entity_id]

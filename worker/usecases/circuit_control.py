@@ -20,7 +20,6 @@ from datetime import datetime, timedelta
 from worker.adapters.postgres.circuit import CAPILLARY
 from worker.adapters.postgres.records import CLOSED_CIRCUIT, CircuitState
 from worker.adapters.postgres.unit_of_work import UnitOfWorkFactory
-from worker.domain.policy import CIRCUIT_OPEN_CODE
 from worker.domain.text import printable
 from worker.usecases.support import SupportDeps
 
@@ -74,7 +73,7 @@ def close_circuit(deps: SupportDeps, *, reason: str, operator: str,
         uow.ledger.save_circuit(name, CLOSED_CIRCUIT, now=now)
         # Entities deferred while it was open would otherwise wait for the time the opening
         # gave them; the rate limit paces them when they all come due at once.
-        resumed = uow.ledger.resume_deferred(CIRCUIT_OPEN_CODE, now=now)
+        resumed = uow.ledger.resume_paused(now=now)
         uow.ledger.audit(action="circuit_close", operator=operator, reason=reason,
                          outcome=f"closed; {resumed} waiting entities due now", now=now,
                          details={"circuit": name, "was": current.state,
@@ -102,7 +101,7 @@ def probe_at_once(uow: UnitOfWorkFactory, clock: Callable[[], datetime], *, why:
             return True
         if current.open_until is None or current.open_until > now:
             unit.ledger.save_circuit(name, replace(current, open_until=now), now=now)
-        resumed = unit.ledger.resume_deferred(CIRCUIT_OPEN_CODE, now=now)
+        resumed = unit.ledger.resume_paused(now=now)
         unit.commit()
     log.warning("circuit.probe_expedited", extra={"circuit": name, "reason": why,
                                                    "was_reason": current.reason,

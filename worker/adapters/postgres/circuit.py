@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from worker.adapters.postgres.records import CLOSED_CIRCUIT, CircuitState
 from worker.adapters.postgres.unit_of_work import UnitOfWorkFactory
 from worker.domain.model import Verdict
-from worker.domain.policy import CIRCUIT_OPEN_CODE, CircuitPolicy
+from worker.domain.policy import CircuitPolicy
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class CircuitGate:
             if reopened:
                 # Entities that lost the race for the probe wait until its deadline (the
                 # lease): they are due now that it answered, so issuance resumes within a sweep.
-                resumed = uow.ledger.resume_deferred(CIRCUIT_OPEN_CODE, now=now)
+                resumed = uow.ledger.resume_paused(now=now)
             uow.commit()
         self._remember(CLOSED_CIRCUIT)
         if reopened:

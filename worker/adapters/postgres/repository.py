@@ -384,6 +384,9 @@ class SqlLedger:
     def resume_deferred(self, error_code: str, *, now: datetime) -> int:
         return self._support.resume_deferred(error_code, now=now)
 
+    def resume_paused(self, *, now: datetime) -> int:
+        return self._support.resume_paused(now=now)
+
     def audit(self, *, action: str, operator: str, reason: str, outcome: str, now: datetime,
               entity_id: int | None = None, event_id: str | None = None,
               details: dict[str, Any] | None = None) -> None:

@@ -122,13 +122,18 @@ def health(node: str | None, pid: int | None, max_age_s: float | None, as_json: 
             click.echo(f"  {worker_health.describe()}")
     sys.exit(0 if report.healthy else 1)
 
+#: Flower's secret settings, also read from ``<NAME>_FILE`` (docs/secrets.md).
+FLOWER_SECRETS = ("FLOWER_BASIC_AUTH", "FLOWER_OAUTH2_SECRET", "FLOWER_COOKIE_SECRET")
+
+
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option("--port", type=int, default=5555, show_default=True)
 @click.option("--address", default="127.0.0.1", show_default=True,
               help="Listen address (0.0.0.0 in a container).")
 @click.pass_context
 def flower(ctx: click.Context, port: int, address: str) -> None:
-    """Run Flower on the project's app (FLOWER_* variables apply, e.g. FLOWER_BASIC_AUTH).
+    """Run Flower on the project's app (FLOWER_* variables apply, e.g. FLOWER_BASIC_AUTH;
+    FLOWER_BASIC_AUTH_FILE, FLOWER_COOKIE_SECRET_FILE and FLOWER_OAUTH2_SECRET_FILE name files).
 
     Extra options are passed to Flower as they are. Flower's API can send tasks, shut workers
     down and resize pools: on any address but loopback it needs an authentication
@@ -138,7 +143,20 @@ def flower(ctx: click.Context, port: int, address: str) -> None:
     import os
 
     from worker.config import is_loopback
+    from worker.domain.errors import ConfigurationError
+    from worker.secret_files import FILE_SUFFIX, read_secret_file
 
+    # Flower reads its own variables: the files the _FILE convention names become them.
+    for name in FLOWER_SECRETS:
+        path = os.environ.get(name + FILE_SUFFIX)
+        if not path:
+            continue
+        if os.environ.get(name):
+            fail(f"{name} and {name}{FILE_SUFFIX} are both set; set one of them", 2)
+        try:
+            os.environ[name] = read_secret_file(path, variable=name + FILE_SUFFIX)
+        except ConfigurationError as exc:
+            fail(str(exc), 2)
     authenticated = bool(os.environ.get("FLOWER_BASIC_AUTH") or os.environ.get("FLOWER_AUTH")
                          or any(a.startswith(("--basic-auth", "--basic_auth", "--auth"))
                                 for a in ctx.args))
