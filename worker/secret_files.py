@@ -125,8 +125,12 @@ class Secret:
         if value is None:
             return None
         field = type(settings).model_fields[field_name]
-        return cls(value, path=secret_file_path(type(settings), field_name),
-                   variable=_alias(field_name, field) + FILE_SUFFIX, check_s=check_s)
+        secret = cls(value, path=secret_file_path(type(settings), field_name),
+                     variable=_alias(field_name, field) + FILE_SUFFIX, check_s=check_s)
+        # The settings may be older than the file (built at start, the secret in a new
+        # process): start from what the file says now.
+        secret.refresh(force=True)
+        return secret
 
     @property
     def from_file(self) -> bool:
