@@ -51,7 +51,7 @@ def create_app(settings: Settings, console: ConsoleSettings, *, engine: Engine |
     ``settings`` (the support commands' Celery publisher sends both retries and events)."""
     from worker.adapters.postgres.unit_of_work import ConnectionLimits, make_engine
     from worker.bootstrap import build_support_deps
-    from worker.entrypoints.console import routes
+    from worker.entrypoints.console import circuit_page, routes
 
     engine = engine or make_engine(settings.database_url, pool_size=settings.db_pool_size,
                                    password=settings.database_secret(),
@@ -70,7 +70,8 @@ def create_app(settings: Settings, console: ConsoleSettings, *, engine: Engine |
     session_secret = Secret.of(console, "secret")
     assert session_secret is not None
     app = Starlette(
-        routes=routes.ROUTES,
+        # Page modules of their own add their routes here (they use the routes' helpers).
+        routes=[*routes.ROUTES, *circuit_page.ROUTES],
         middleware=[Middleware(SecurityHeaders), Middleware(
             RotatingSessions, secret=session_secret,
             session_cookie=SESSION_COOKIE, max_age=console.session_max_age_s,
