@@ -23,6 +23,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from worker.domain.errors import ConfigurationError
 from worker.secret_files import Secret, SecretFilesSource
+from worker.tracing import TraceMode
 
 DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/coupon_worker"
 DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672//"
@@ -262,6 +263,12 @@ class Settings(BaseSettings):
     )
     log_format: Literal["kv", "json"] = Field("kv", validation_alias="COUPONS_LOG_FORMAT")
     metrics_port: int = Field(9808, ge=0, le=65535, validation_alias="COUPONS_METRICS_PORT")
+    tracing: TraceMode = Field(
+        "auto", validation_alias="COUPONS_TRACING",
+        description="Traces with OpenTelemetry (the tracing extra; docs/tracing.md): auto (on "
+                    "when OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is "
+                    "set), on or off. The OTEL_* variables (endpoint, headers, service name, "
+                    "sampler) are OpenTelemetry's own.")
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -198,6 +198,14 @@ class InMemoryLedger:
         skipped = {} if claimed else dict(Counter(e.state.value for e in mine))
         return self._claim_for(event_id, token, claimed, skipped)
 
+    def remember_trace(self, event_id: str, traceparent: str) -> None:
+        event = self.state.events[event_id]
+        event.setdefault("traceparent", traceparent)
+
+    def event_trace(self, event_id: str) -> str | None:
+        found: str | None = self.state.events.get(event_id, {}).get("traceparent")
+        return found
+
     def claim_entity(self, entity_id: int, *, token: str, worker: str, now: datetime,
                      lease_s: float, settle_window_s: float) -> Claim | None:
         e = self.state.entities.get(entity_id)

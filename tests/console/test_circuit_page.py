@@ -13,7 +13,7 @@ from starlette.testclient import TestClient
 from coupon_devtools.sandbox import SandboxAdmin
 from tests.acceptance.helpers import circuit, example_event, publish, story, wait_for_state
 from tests.conftest import WorkerProcess, wait_until
-from tests.console.conftest import csrf_of, login
+from tests.console.conftest import login
 from worker.adapters.postgres.records import CircuitState, Transition
 from worker.adapters.postgres.unit_of_work import sql_unit_of_work_factory
 from worker.config import Settings

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
+from worker import tracing
 from worker.adapters.capillary.api import BulkIssueResult, CouponApi, FoundCoupon
 from worker.adapters.postgres.circuit import CircuitGate, Permit
 from worker.adapters.postgres.ratelimit import BULK_ISSUE, RateLimiter
@@ -158,12 +159,23 @@ def issue_event(event: LoyaltyEvent, *, source: str, deps: Deps) -> Report:
 
     Raises EventRejected when the event id was already used for different content.
     """
+    with tracing.span("coupons.event", {
+            tracing.EVENT_ID: event.eventId, tracing.SOURCE: source,
+            tracing.SERIES_IDS: list(event.seriesIds)}):
+        return _issue_event(event, source=source, deps=deps)
+
+
+def _issue_event(event: LoyaltyEvent, *, source: str, deps: Deps) -> Report:
     now, taken_at = deps.clock(), deps.leases.now()
-    with deps.uow() as uow:
+    with tracing.span("ledger.take_in"), deps.uow() as uow:
         new, claim = uow.ledger.take_in(
             event, source=source, token=uuid.uuid4().hex, worker=deps.worker_id, now=now,
             lease_s=deps.lease_s, settle_window_s=deps.retry_policy.settle_window_s,
         )
+        trace = tracing.traceparent()
+        if new and trace:
+            # Retries and replays of its entities link back to this first trace.
+            uow.ledger.remember_trace(event.eventId, trace)
         uow.commit()
     deps.metrics.events_received.labels("new" if new else "duplicate").inc()
     if not claim.entities:
@@ -183,17 +195,23 @@ def issue_event(event: LoyaltyEvent, *, source: str, deps: Deps) -> Report:
 
 def retry_entity(entity_id: int, *, deps: Deps) -> Report:
     """Run the retry of one entity (from the retry queue or a replay)."""
-    now, taken_at = deps.clock(), deps.leases.now()
-    with deps.uow() as uow:
-        claim = uow.ledger.claim_entity(
-            entity_id, token=uuid.uuid4().hex, worker=deps.worker_id, now=now,
-            lease_s=deps.lease_s, settle_window_s=deps.retry_policy.settle_window_s,
-        )
-        uow.commit()
-    if claim is None:
-        log.info("retry.nothing_to_claim", extra={"entity_id": entity_id})
-        return Report(None)
-    return _attempt(claim, deps, taken_at=taken_at)
+    with tracing.span("coupons.retry", {tracing.ENTITY_ID: entity_id}) as span:
+        now, taken_at = deps.clock(), deps.leases.now()
+        with tracing.span("ledger.claim_entity"), deps.uow() as uow:
+            claim = uow.ledger.claim_entity(
+                entity_id, token=uuid.uuid4().hex, worker=deps.worker_id, now=now,
+                lease_s=deps.lease_s, settle_window_s=deps.retry_policy.settle_window_s,
+            )
+            # Linked to the trace of the event's first delivery, when one was recorded.
+            first_trace = uow.ledger.event_trace(claim.event_id) \
+                if claim is not None and tracing.enabled() else None
+            uow.commit()
+        if claim is None:
+            log.info("retry.nothing_to_claim", extra={"entity_id": entity_id})
+            return Report(None)
+        span.set(tracing.EVENT_ID, claim.event_id)
+        span.link(first_trace)
+        return _attempt(claim, deps, taken_at=taken_at)
 
 
 def record_rejection(raw: bytes, reason: str, *, source: str, deps: Deps,
@@ -619,7 +637,8 @@ def _finish(attempt: _Attempt, new_event: bool) -> Report:
 
 def _record(deps: Deps, claim: Claim, calls: Sequence[RecordedCall],
             transitions: Sequence[Transition]) -> int:
-    with deps.uow() as uow:
+    with tracing.span("ledger.record", {tracing.EVENT_ID: claim.event_id}), \
+            deps.uow() as uow:
         lost = uow.ledger.record(claim, calls=calls, transitions=transitions,
                                  worker=deps.worker_id, now=deps.clock())
         uow.commit()

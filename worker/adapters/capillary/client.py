@@ -23,6 +23,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.exceptions import NewConnectionError
 from urllib3.util.ssl_match_hostname import CertificateError
 
+from worker import tracing
 from worker.adapters.capillary.answers import (
     call_level_message,
     int_or_none,
@@ -252,7 +253,20 @@ class CapillaryClient:
     def _send(
         self, method: str, path: str, *, operation: str, **kwargs: Any
     ) -> tuple[requests.Response | None, CallInfo]:
-        """One HTTP call, renewing an OAuth token once on 401. Never raises for transport."""
+        """One HTTP call, renewing an OAuth token once on 401. Never raises for transport.
+        Traced (``worker.tracing``) with Capillary's request id."""
+        with tracing.span(f"capillary.{operation}", {tracing.OPERATION: operation},
+                          kind="client") as span:
+            response, call = self._exchange(method, path, operation=operation, **kwargs)
+            span.set(tracing.REQUEST_ID, call.request_id)
+            span.set(tracing.STATUS, call.status)
+            span.set(tracing.OUTCOME, call.outcome)
+            span.set(tracing.ERROR_CODE, call.error_code)
+            return response, call
+
+    def _exchange(
+        self, method: str, path: str, *, operation: str, **kwargs: Any
+    ) -> tuple[requests.Response | None, CallInfo]:
         started = self._clock()
         t0 = time.perf_counter()
         renewed = False

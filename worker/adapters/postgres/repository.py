@@ -118,6 +118,14 @@ class Ledger(SupportLedger, Protocol):
     def claim_entity(self, entity_id: int, *, token: str, worker: str, now: datetime,
                      lease_s: float, settle_window_s: float) -> Claim | None: ...
 
+    def remember_trace(self, event_id: str, traceparent: str) -> None:
+        """Keep the trace of an event's first delivery (a W3C traceparent), once."""
+        ...
+
+    def event_trace(self, event_id: str) -> str | None:
+        """The trace ``remember_trace`` kept for the event, if any."""
+        ...
+
     def record(self, claim: Claim, *, calls: Sequence[RecordedCall],
                transitions: Sequence[Transition], worker: str, now: datetime) -> int:
         """Store an attempt's calls and outcomes; returns how many claims were lost. One
@@ -484,6 +492,15 @@ class SqlLedger:
         if not claimed or event_id is None:
             return None
         return self._claim_for(event_id, token, claimed, {})
+
+    def remember_trace(self, event_id: str, traceparent: str) -> None:
+        self.session.execute(update(m.Event).where(
+            m.Event.event_id == event_id, m.Event.traceparent.is_(None))
+            .values(traceparent=traceparent).execution_options(synchronize_session=False))
+
+    def event_trace(self, event_id: str) -> str | None:
+        return self.session.execute(select(m.Event.traceparent).where(
+            m.Event.event_id == event_id)).scalar_one_or_none()
 
     def take_in(self, event: LoyaltyEvent, *, source: str, token: str, worker: str,
                 now: datetime, lease_s: float, settle_window_s: float) -> tuple[bool, Claim]:

@@ -24,6 +24,7 @@ import kombu.exceptions
 from celery import Celery
 from kombu import Connection, Producer
 
+from worker import tracing
 from worker.adapters.postgres.records import DeadLetterRecord, DueEntity
 from worker.adapters.rabbitmq import topology
 from worker.adapters.rabbitmq.celery_config import producer_app
@@ -179,10 +180,15 @@ class EventProducer:
             raise BrokerUnavailable(f"broker unavailable: {why(exc)}") from exc
 
     def publish_raw(self, body: bytes, *, content_type: str = "application/json") -> None:
-        """Publish bytes as they are to the events queue, as a loyalty bus would."""
-        until_confirmed(lambda: self._publish_raw(body, content_type))
+        """Publish bytes as they are to the events queue, as a loyalty bus would; with traces
+        on, in a span of its own whose ``traceparent`` the message carries (the worker's trace
+        of the event continues it)."""
+        with tracing.span(f"{self._events_queue.name} publish", kind="producer"):
+            headers: dict[str, str] = {}
+            tracing.inject(headers)
+            until_confirmed(lambda: self._publish_raw(body, content_type, headers))
 
-    def _publish_raw(self, body: bytes, content_type: str) -> None:
+    def _publish_raw(self, body: bytes, content_type: str, headers: dict[str, str]) -> None:
         if self._producer.connection is None:
             # A task published since re-established the shared connection, on a new channel:
             # this producer's channel is closed, and kombu cannot revive it from there.
@@ -195,6 +201,7 @@ class EventProducer:
             content_type=content_type,
             content_encoding="utf-8" if content_type.startswith("application/json") else "binary",
             delivery_mode=2,
+            headers=headers or None,
             retry=True,
             retry_policy=PUBLISH_RETRY_POLICY,
         )
@@ -207,17 +214,21 @@ class EventProducer:
             return
         app = self._app
         customer = data.get("customer") if isinstance(data, dict) else None
-        until_confirmed(lambda: app.send_task(
-            TASK_ISSUE,
-            kwargs={"event": data, "source": "task"},
-            queue=self._tasks_queue.name,
-            connection=self._connection,
-            argsrepr="()",
-            kwargsrepr=event_argsrepr(
-                data.get("eventId"), _customer_label(customer), data.get("seriesIds")),
-            retry=True,
-            retry_policy=PUBLISH_RETRY_POLICY,
-        ))
+        with tracing.span(f"{self._tasks_queue.name} publish", kind="producer"):
+            headers: dict[str, str] = {}
+            tracing.inject(headers)
+            until_confirmed(lambda: app.send_task(
+                TASK_ISSUE,
+                kwargs={"event": data, "source": "task"},
+                queue=self._tasks_queue.name,
+                connection=self._connection,
+                argsrepr="()",
+                kwargsrepr=event_argsrepr(
+                    data.get("eventId"), _customer_label(customer), data.get("seriesIds")),
+                headers=headers or None,
+                retry=True,
+                retry_policy=PUBLISH_RETRY_POLICY,
+            ))
 
 
 def _customer_label(customer: object) -> str | None:

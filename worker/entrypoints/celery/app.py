@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from celery import Celery
 
+from worker import tracing
 from worker.adapters.rabbitmq.celery_config import LazyConfig, celery_config, settings_of
 from worker.adapters.rabbitmq.names import TASK_INGEST, TASK_ISSUE, TASK_RETRY
 from worker.bootstrap import worker_container
@@ -50,6 +51,7 @@ def create_app(settings: Settings | None = None) -> Celery:
     tasks.register(app)
     worker_steps.install(app)
     liveness.install(app)
+    tracing.install_celery(lambda: settings_of(app))
     return app
 
 
