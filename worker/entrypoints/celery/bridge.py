@@ -18,6 +18,7 @@ from typing import Any
 from celery import Celery, bootsteps
 from kombu import Consumer, Message
 
+from worker import tracing
 from worker.adapters.rabbitmq import topology
 from worker.adapters.rabbitmq.names import TASK_INGEST
 from worker.adapters.rabbitmq.publisher import BROKER_ERRORS, event_argsrepr, why
@@ -139,16 +140,24 @@ class EventsBridge(bootsteps.ConsumerStep):
             text, encoding = base64.b64encode(body).decode("ascii"), "base64"
         event_id, customer, series = _peek(body, self._max_bytes)
         app: Celery = self._consumer.app
+        # With traces on, the task goes on with the trace the producer's message started.
+        parent = (message.headers or {}).get(tracing.TRACEPARENT)
         try:
-            app.send_task(
-                TASK_INGEST,
-                kwargs={"body": text, "encoding": encoding, "content_type": message.content_type,
-                        "source": "bus", "event_id": event_id},
-                argsrepr="()",
-                kwargsrepr=event_argsrepr(event_id, customer, series),
-                retry=True,
-                retry_policy=PUBLISH_RETRY_POLICY,
-            )
+            with tracing.span("coupons.bridge forward", kind="producer",
+                              parent=parent if isinstance(parent, str) else None):
+                headers: dict[str, str] = {}
+                tracing.inject(headers)
+                app.send_task(
+                    TASK_INGEST,
+                    kwargs={"body": text, "encoding": encoding,
+                            "content_type": message.content_type, "source": "bus",
+                            "event_id": event_id},
+                    argsrepr="()",
+                    kwargsrepr=event_argsrepr(event_id, customer, series),
+                    headers=headers or None,
+                    retry=True,
+                    retry_policy=PUBLISH_RETRY_POLICY,
+                )
         except BROKER_ERRORS as exc:
             # Held, not handed back: handed back, the message would return at once and be
             # refused again, many times a second, for as long as the broker refuses. Held, it

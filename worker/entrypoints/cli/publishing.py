@@ -49,6 +49,7 @@ def _read_lines(source: str) -> Iterator[tuple[int, str]]:
               help="Publish each event this many times (to see duplicates suppressed).")
 def publish(source: str, via: str, no_validate: bool, repeat: int) -> None:
     """Publish one event (a JSON object) or a JSON-lines file of events."""
+    from worker import tracing
     from worker.bootstrap import open_producer
     from worker.domain.events import parse_event_bytes
 
@@ -57,6 +58,8 @@ def publish(source: str, via: str, no_validate: bool, repeat: int) -> None:
     if not lines:
         fail("no events to publish")
     published = invalid = 0
+    # With traces on, each message starts a trace the worker goes on with (docs/tracing.md).
+    tracing.setup(settings, component="producer")
     try:
         with open_producer(settings) as producer:
             for number, line in lines:
@@ -83,6 +86,8 @@ def publish(source: str, via: str, no_validate: bool, repeat: int) -> None:
              EXIT_BROKER)
     except WorkerError as exc:
         fail(str(exc))
+    finally:
+        tracing.shutdown()
     say(f"published {published} message(s) to "
         f"{settings.events_queue if via == 'bus' else settings.tasks_queue}"
         + (f"; {invalid} invalid line(s) skipped" if invalid else ""))
