@@ -29,7 +29,8 @@ RUN groupadd --system --gid 10001 app \
        --shell /usr/sbin/nologin app
 
 COPY --from=build /wheels/ /tmp/wheels/
-RUN pip install --no-cache-dir "$(ls /tmp/wheels/coupon_worker-*.whl)[devtools]" \
+# The tracing extra too: traces stay off unless configured (docs/tracing.md).
+RUN pip install --no-cache-dir "$(ls /tmp/wheels/coupon_worker-*.whl)[devtools,tracing]" \
     && rm -rf /tmp/wheels \
     && python -c "import worker.entrypoints.cli; from worker.adapters.postgres.migrate import alembic_home; alembic_home()"
 

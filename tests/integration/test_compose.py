@@ -381,6 +381,7 @@ def test_dockerfile() -> None:
     assert "[dev]" not in text, "no dev extras in the image"
     # The compose file's sandbox service runs `coupon-worker sandbox` from this image.
     assert "COPY coupon_devtools/" in text
-    assert re.search(r"pip install .*\.whl\)\[devtools\]", text), "the devtools extra"
+    assert re.search(r"pip install .*\.whl\)\[devtools,tracing\]", text), \
+        "the devtools and tracing extras"
     ignore = (REPO_ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
     assert "!.env" not in ignore
