@@ -141,7 +141,7 @@ class EventsBridge(bootsteps.ConsumerStep):
         event_id, customer, series = _peek(body, self._max_bytes)
         app: Celery = self._consumer.app
         # With traces on, the task goes on with the trace the producer's message started.
-        parent = (message.headers or {}).get(tracing.TRACEPARENT)
+        parent = (getattr(message, "headers", None) or {}).get(tracing.TRACEPARENT)
         try:
             with tracing.span("coupons.bridge forward", kind="producer",
                               parent=parent if isinstance(parent, str) else None):
