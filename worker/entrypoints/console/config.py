@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.domain.errors import ConfigurationError
@@ -16,27 +17,62 @@ class ConsoleSettings(BaseSettings):
 
     model_config = SettingsConfigDict(extra="ignore", frozen=True, populate_by_name=True)
 
-    #: Signs the session cookie; required, at least 32 characters (e.g. ``openssl rand -hex 32``).
+    #: Signs the pre-login cookie (the login form's CSRF token); required, at least 32
+    #: characters (e.g. ``openssl rand -hex 32``).
     secret: SecretStr = Field(validation_alias="COUPONS_CONSOLE_SECRET", min_length=32,
                               repr=False)
     #: The users: a JSON or TOML file's path, or the JSON itself (a container's environment):
     #: ``{"users": [{"name": …, "role": "viewer|operator|admin", "password_hash": …}]}``.
     users: str | None = Field(None, validation_alias="COUPONS_CONSOLE_USERS", repr=False)
     #: When set, a request from a trusted proxy carrying this header is that user (SSO).
-    proxy_user_header: str | None = Field(None, validation_alias="COUPONS_CONSOLE_PROXY_HEADER")
+    proxy_user_header: str | None = Field(
+        None, validation_alias="COUPONS_CONSOLE_PROXY_HEADER",
+        description="The header a single sign-on proxy sets to the logged-in user's name "
+                    "(e.g. X-Forwarded-User). Believed only from COUPONS_CONSOLE_TRUSTED_PROXIES, "
+                    "and stripped from every other request; the console refuses to start when "
+                    "this is set and no proxy is trusted.")
     #: The role of a proxy-authenticated user the users file does not list.
     proxy_default_role: str = Field("viewer", validation_alias="COUPONS_CONSOLE_PROXY_ROLE")
-    #: Comma-separated addresses whose identity header is believed.
-    trusted_proxies: str = Field("127.0.0.1,::1",
-                                 validation_alias="COUPONS_CONSOLE_TRUSTED_PROXIES")
+    #: Comma-separated addresses or networks whose identity and forwarding headers are believed.
+    trusted_proxies: str = Field(
+        "", validation_alias="COUPONS_CONSOLE_TRUSTED_PROXIES",
+        description="Comma-separated addresses or networks (10.0.0.5, 10.0.0.0/24) of the "
+                    "reverse proxies in front of the console. Only a request whose peer is one "
+                    "of them may carry the identity header (COUPONS_CONSOLE_PROXY_HEADER), "
+                    "X-Forwarded-For (the client's address, for login limits and the audit) and "
+                    "X-Forwarded-Proto (HTTPS, for HSTS). Empty by default: no proxy trusted.")
     flower_url: str | None = Field(None, validation_alias="COUPONS_CONSOLE_FLOWER_URL")
     #: Send the session cookie over HTTPS only (set it behind TLS).
     secure_cookies: bool = Field(False, validation_alias="COUPONS_CONSOLE_SECURE_COOKIES")
-    session_max_age_s: int = Field(8 * 3600, ge=60,
-                                   validation_alias="COUPONS_CONSOLE_SESSION_SECONDS")
-    login_max_failures: int = Field(5, ge=1, validation_alias="COUPONS_CONSOLE_LOGIN_MAX_FAILURES")
-    login_window_s: float = Field(300.0, gt=0,
-                                  validation_alias="COUPONS_CONSOLE_LOGIN_WINDOW_SECONDS")
+    session_max_age_s: int = Field(
+        8 * 3600, ge=60, validation_alias="COUPONS_CONSOLE_SESSION_SECONDS",
+        description="Absolute session timeout, in seconds: a session ends this long after its "
+                    "login, however busy. Default 8 hours.")
+    session_idle_s: int = Field(
+        30 * 60, ge=60, validation_alias="COUPONS_CONSOLE_SESSION_IDLE_SECONDS",
+        description="Idle session timeout, in seconds: a session without a request for this "
+                    "long ends. Default 30 minutes.")
+    login_max_failures: int = Field(
+        5, ge=1, validation_alias="COUPONS_CONSOLE_LOGIN_MAX_FAILURES",
+        description="Failed logins allowed per user name and per client address before each "
+                    "further attempt waits (the backoff).")
+    login_window_s: float = Field(
+        300.0, gt=0, validation_alias="COUPONS_CONSOLE_LOGIN_WINDOW_SECONDS",
+        description="Seconds after the last wait ends before a name's or an address's failed "
+                    "logins are forgotten.")
+    login_backoff_s: float = Field(
+        1.0, gt=0, validation_alias="COUPONS_CONSOLE_LOGIN_BACKOFF_SECONDS",
+        description="The first wait, in seconds, once COUPONS_CONSOLE_LOGIN_MAX_FAILURES is "
+                    "reached; each further failure doubles it.")
+    login_backoff_max_s: float = Field(
+        900.0, gt=0, validation_alias="COUPONS_CONSOLE_LOGIN_BACKOFF_MAX_SECONDS",
+        description="The longest wait between login attempts, in seconds (a delay, never a "
+                    "lockout).")
+    users_check_s: float = Field(
+        5.0, ge=0, validation_alias="COUPONS_CONSOLE_USERS_CHECK_SECONDS",
+        description="How often, at most, in seconds, the users file is checked for changes; "
+                    "a change applies without a restart and ends the sessions of every user "
+                    "whose entry changed or went.")
     #: The replay velocity offered by default, in calls per minute.
     default_velocity_per_min: int = Field(
         60, ge=1, validation_alias="COUPONS_CONSOLE_DEFAULT_VELOCITY")
@@ -50,8 +86,56 @@ class ConsoleSettings(BaseSettings):
                              "`openssl rand -hex 32`")
         return value
 
-    def proxies(self) -> frozenset[str]:
-        return frozenset(p.strip() for p in self.trusted_proxies.split(",") if p.strip())
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _addresses(cls, value: str) -> str:
+        TrustedProxies.parse(value)
+        return value
+
+    @model_validator(mode="after")
+    def _proxy_header_needs_proxies(self) -> ConsoleSettings:
+        if self.proxy_user_header and not self.proxies():
+            raise ValueError(
+                f"COUPONS_CONSOLE_PROXY_HEADER is set ({self.proxy_user_header}) but "
+                "COUPONS_CONSOLE_TRUSTED_PROXIES is empty: say which proxy addresses may send "
+                "it, or anyone could log in by sending the header")
+        return self
+
+    def proxies(self) -> TrustedProxies:
+        """The trusted proxies; ``address in proxies()`` tells whether to believe a peer."""
+        return TrustedProxies.parse(self.trusted_proxies)
+
+
+class TrustedProxies:
+    """Addresses and networks of the reverse proxies in front of the console."""
+
+    def __init__(self, networks: tuple[IPv4Network | IPv6Network, ...]) -> None:
+        self.networks = networks
+
+    @classmethod
+    def parse(cls, value: str) -> TrustedProxies:
+        networks = []
+        for item in (p.strip() for p in value.split(",")):
+            if not item:
+                continue
+            try:
+                networks.append(ip_network(item, strict=False))
+            except ValueError:
+                raise ValueError(f"COUPONS_CONSOLE_TRUSTED_PROXIES: {item!r} is not an IP "
+                                 "address or network") from None
+        return cls(tuple(networks))
+
+    def __bool__(self) -> bool:
+        return bool(self.networks)
+
+    def __contains__(self, address: object) -> bool:
+        if not isinstance(address, str):
+            return False
+        try:
+            ip = ip_address(address)
+        except ValueError:
+            return False  # a peer without an IP address (a socket path) is never a proxy
+        return any(ip in network for network in self.networks)
 
 
 #: A secret that signs sessions must not be guessable: at least this many distinct characters
