@@ -9,6 +9,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, text
@@ -252,3 +253,35 @@ def test_forwarded_headers_are_believed_from_a_trusted_proxy_only(
                                                 "csrf_token": token})
     assert login_audits(clean_ledger) == [("refused", "198.51.100.1"),
                                           ("refused", "203.0.113.7")]
+
+
+# -- the command line ----------------------------------------------------------------------
+
+
+def test_the_cli_lists_sessions_and_revokes_a_users_at_once_audited(
+        make_client: Callable[..., TestClient], cli: Callable[..., Any], clean_ledger: Engine,
+        monkeypatch: pytest.MonkeyPatch, users_file: Path) -> None:
+    monkeypatch.setenv("COUPONS_CONSOLE_SECRET", "console-test-secret-0123456789abcdefghij")
+    monkeypatch.setenv("COUPONS_CONSOLE_USERS", str(users_file))
+    otto, vera = make_client(client_address="192.0.2.30"), make_client()
+    login(otto, "otto")
+    login(vera, "vera")
+    listed = cli("console", "sessions", "list")
+    assert listed.exit_code == 0, listed.output
+    assert "otto" in listed.stdout and "vera" in listed.stdout and "192.0.2.30" in listed.stdout
+    only = cli("console", "sessions", "list", "--user", "otto", "--json")
+    assert [s["user"] for s in json.loads(only.stdout)] == ["otto"]
+    # When support revokes otto's sessions
+    revoked = cli("console", "sessions", "revoke", "otto", "--reason", "laptop stolen",
+                  "--operator", "sec-team")
+    assert revoked.exit_code == 0, revoked.output
+    assert "1 console session of otto ended" in revoked.stdout
+    # Then otto's next request asks for a login; vera's session lives on
+    assert otto.get("/dlq").status_code == 303
+    assert vera.get("/dlq").status_code == 200
+    with clean_ledger.connect() as conn:
+        row = conn.execute(text(
+            "SELECT operator, reason, outcome, details FROM operator_actions "
+            "WHERE action = 'console_sessions_revoked'")).one()
+    assert row[:3] == ("sec-team", "laptop stolen", "1 ended")
+    assert row[3]["user"] == "otto" and row[3]["via"] == "cli"
