@@ -142,6 +142,15 @@ def test_failures_are_forgotten_a_window_after_the_last_wait(clean_ledger: Engin
         conn.execute(text("UPDATE login_attempts SET next_allowed_at = now() - "
                           "interval '61 seconds'"))
     assert limits.prune() == 2
+    # A success anywhere forgets stale counters too
+    limits.admit("ana", "192.0.2.2")
+    with clean_ledger.begin() as conn:
+        conn.execute(text("UPDATE login_attempts SET next_allowed_at = now() - "
+                          "interval '61 seconds'"))
+    limits.admit("bob", "192.0.2.3")
+    limits.succeeded("bob", "192.0.2.3")
+    with clean_ledger.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM login_attempts")).scalar_one() == 1
 
 
 def test_any_bytes_in_a_name_are_counted_under_a_bounded_key(clean_ledger: Engine) -> None:

@@ -106,11 +106,13 @@ class LoginLimits:
         return Admission(False, max(wait, 0.0))
 
     def succeeded(self, user: str, address: str) -> None:
-        """A right password: the name's count is cleared, the address's attempt given back."""
+        """A right password: the name's count is cleared, the address's attempt given back;
+        and counters whose window has passed are forgotten (logins are rare, the table small)."""
         user_key, address_key = self._keys(user, address)
         with self.engine.begin() as conn:
             conn.execute(text(_CLEAR), {"keys": [user_key]})
             conn.execute(text(_GIVE_BACK), {"keys": [address_key]})
+            conn.execute(text(_PRUNE), {"window_s": self.params["window_s"]})
 
     def prune(self) -> int:
         """Forget counters whose window has passed; how many."""
