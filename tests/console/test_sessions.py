@@ -285,3 +285,16 @@ def test_the_cli_lists_sessions_and_revokes_a_users_at_once_audited(
             "WHERE action = 'console_sessions_revoked'")).one()
     assert row[:3] == ("sec-team", "laptop stolen", "1 ended")
     assert row[3]["user"] == "otto" and row[3]["via"] == "cli"
+
+
+def test_a_reload_of_the_users_file_ends_the_changed_users_sessions_without_their_request(
+        make_client: Callable[..., TestClient], own_users: Callable[..., Path],
+        clean_ledger: Engine) -> None:
+    path = own_users(**ROLES)
+    otto, vera = (make_client(users=str(path), users_check_s=0) for _ in range(2))
+    login(otto, "otto")
+    login(vera, "vera")
+    own_users(vera="viewer", ada="admin")
+    # Any request reads the file again: otto's session goes before otto comes back
+    assert vera.get("/dlq").status_code == 200
+    assert [r["user_name"] for r in session_rows(clean_ledger)] == ["vera"]

@@ -62,6 +62,7 @@ def create_app(settings: Settings, console: ConsoleSettings, *, engine: Engine |
     users = UserDirectory.load(console.users, check_every_s=console.users_check_s)
     sessions = SessionManager(SessionStore(engine), users, idle_s=console.session_idle_s,
                               absolute_s=console.session_max_age_s, clock=support.clock)
+    users.on_change = sessions.revoke_users
     state = Console(
         settings=settings, console=console, engine=engine, support=support,
         submitter=submitter or cast(EventSubmitter, support.publisher),

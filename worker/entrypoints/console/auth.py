@@ -73,6 +73,9 @@ class UserDirectory:
         self._checked_at = clock()
         self._stamp = _stamp(path) if path is not None else None
         self._lock = threading.Lock()
+        #: Called after a reload with the names whose entry changed or went (the console ends
+        #: their sessions then, rather than at each one's next request).
+        self.on_change: Callable[[set[str]], None] | None = None
 
     @classmethod
     def load(cls, source: str | None, *, check_every_s: float = 5.0,
@@ -112,9 +115,15 @@ class UserDirectory:
                     "kept_users": len(self._users)})
                 return
             self._stamp = stamp
-            self._users = {u.name: u for u in users}
+            before, self._users = self._users, {u.name: u for u in users}
+            changed = {name for name, user in before.items()
+                       if name not in self._users
+                       or _fingerprint(self._users[name]) != _fingerprint(user)}
             log.warning("console.users_reloaded", extra={"path": str(self._path),
-                                                         "users": len(users)})
+                                                         "users": len(users),
+                                                         "changed": len(changed)})
+        if changed and self.on_change is not None:
+            self.on_change(changed)
 
     def get(self, name: str) -> User | None:
         self.refresh()

@@ -101,6 +101,15 @@ class SessionManager:
         """End every session of ``user_name``; how many."""
         return self.store.end_user(user_name)
 
+    def revoke_users(self, user_names: set[str]) -> None:
+        """The users file changed these users' entries: end their sessions now."""
+        for name in sorted(user_names):
+            ended = self.store.end_user(name)
+            if ended:
+                log.warning("console.session_ended", extra={
+                    "user": name, "sessions": ended,
+                    "why": "the user's entry changed or was removed"})
+
 
 @dataclass
 class _Current:
