@@ -298,3 +298,18 @@ def test_a_reload_of_the_users_file_ends_the_changed_users_sessions_without_thei
     # Any request reads the file again: otto's session goes before otto comes back
     assert vera.get("/dlq").status_code == 200
     assert [r["user_name"] for r in session_rows(clean_ledger)] == ["vera"]
+
+
+def test_a_single_sign_on_user_acts_with_the_token_of_their_pages(
+        make_client: Callable[..., TestClient]) -> None:
+    sso = {"X-Forwarded-User": "otto"}
+    client = make_client(proxy_user_header="X-Forwarded-User", trusted_proxies="10.0.0.5",
+                         client_address="10.0.0.5")
+    token = csrf_of(client.get("/dlq", headers=sso).text)
+    assert SESSION_COOKIE not in client.cookies, "the proxy names them: no console session"
+    acted = client.post("/dlq/discard", headers=sso, data={
+        "entity_id": "999", "reason": "gone", "csrf_token": token})
+    assert acted.status_code == 200, acted.text
+    forged = client.post("/dlq/discard", headers=sso, data={
+        "entity_id": "999", "reason": "gone", "csrf_token": token + "x"})
+    assert forged.status_code == 403

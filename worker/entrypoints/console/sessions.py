@@ -42,9 +42,9 @@ from worker.entrypoints.console.auth import User, UserDirectory
 log = logging.getLogger("worker.console")
 
 SESSION_COOKIE = "coupon_console"
+#: Before login: the login form's CSRF token (and, for a user the single sign-on proxy names
+#: on every request, the pages' token), signed, for as long as a session may last.
 PRE_LOGIN_COOKIE = "coupon_console_pre"
-#: How long the login form's token lasts before the form must be reloaded.
-PRE_LOGIN_MAX_AGE_S = 3600
 _SCOPE_KEY = "coupon_console.session"
 
 
@@ -197,7 +197,7 @@ class ServerSessions:
             # Before login: only the form's token, never a user.
             kept = {k: v for k, v in session.items() if k != "user"}
             signed = self.signer.sign(b64encode(json.dumps(kept).encode())).decode()
-            self._set(cookies, PRE_LOGIN_COOKIE, signed, PRE_LOGIN_MAX_AGE_S)
+            self._set(cookies, PRE_LOGIN_COOKIE, signed, self.manager.absolute_s)
         for name, value in cookies.raw_headers:
             if name == b"set-cookie":
                 headers.append("set-cookie", value.decode("latin-1"))
@@ -210,8 +210,8 @@ class ServerSessions:
         if not signed:
             return {}
         try:
-            data = json.loads(b64decode(self.signer.unsign(signed.encode(),
-                                                           max_age=PRE_LOGIN_MAX_AGE_S)))
+            data = json.loads(b64decode(self.signer.unsign(
+                signed.encode(), max_age=int(self.manager.absolute_s))))
         except (BadSignature, ValueError):
             return {}
         if not isinstance(data, dict):
