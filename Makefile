@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: install lint test wheel-check demo bench chaos services clean mutation
+.PHONY: install lint test wheel-check demo bench chaos services clean mutation docs
 
 install: $(VENV)/.installed
 
@@ -18,6 +18,12 @@ lint: install
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 	$(BIN)/python -m coupon_devtools.migration_lint
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+# The documentation site in site/ (mkdocs.yml): --strict fails on a broken link or anchor and on
+# a page missing from the navigation. `make lint` runs it too.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 # One run in seven processes. The disruptive tests' three groups (the restarts and the
 # reconnect; the chaos run; the RabbitMQ cluster: SHARED_PROCESS in tests/conftest.py) are handed
@@ -50,4 +56,4 @@ services:
 	./.ci/services
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache mutants
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache mutants site
