@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: install lint test wheel-check demo bench chaos services clean mutation docs
+.PHONY: install lint test wheel-check demo bench chaos services clean mutation docs docs-reference
 
 install: $(VENV)/.installed
 
@@ -18,12 +18,19 @@ lint: install
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 	$(BIN)/python -m coupon_devtools.migration_lint
+	$(BIN)/python -m coupon_devtools.docs --check
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 # The documentation site in site/ (mkdocs.yml): --strict fails on a broken link or anchor and on
 # a page missing from the navigation. `make lint` runs it too.
 docs: install
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+# Regenerate the reference pages from the code: docs/reference/configuration.md from the
+# settings' fields, docs/reference/cli.md from the click commands. A test fails when they are
+# stale, naming this target.
+docs-reference: install
+	$(BIN)/python -m coupon_devtools.docs
 
 # One run in seven processes. The disruptive tests' three groups (the restarts and the
 # reconnect; the chaos run; the RabbitMQ cluster: SHARED_PROCESS in tests/conftest.py) are handed
