@@ -3,7 +3,7 @@
 The mutants run against the unit tests and the ledger contract (``[tool.mutmut]`` in
 pyproject.toml). Of ``worker/adapters/postgres/repository.py`` only the code that claims an entity
 and records its outcome is mutated, and of ``worker/adapters/postgres/hot_path.py`` the builders of
-the two statements' parameters; the README's Testing section lists the survivors we keep.
+the two statements' parameters; docs/testing.md lists the survivors we keep.
 """
 
 from __future__ import annotations

@@ -305,4 +305,5 @@ class SettingsFields(BaseSettings):
         9808, ge=0, le=65535, validation_alias="COUPONS_METRICS_PORT",
         description="Prometheus endpoint of each worker (`0` = off): the first free port from "
                     "this one up to 15 above it, so a second worker on the host serves on the "
-                    "next; each logs `metrics.serving port=…`.")
+                    "next; each logs `metrics.serving port=…` and tells it in `coupon-worker "
+                    "health` and in its Flower / `celery inspect stats` entry.")
