@@ -3,7 +3,8 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: install lint test wheel-check demo bench chaos services clean mutation docs docs-reference
+.PHONY: install lint test test-fast wheel-check demo bench chaos services clean mutation docs \
+	docs-reference
 
 install: $(VENV)/.installed
 
@@ -41,6 +42,13 @@ docs-reference: install
 # (Debian's pgbouncer; docs/pooler.md).
 test: install
 	$(BIN)/pytest -n 7 --cov --cov-report=term
+
+# The suite a developer runs while working (under five minutes on two cores): everything but the
+# slow suites, which `make test` (and so CI) still runs: real worker subprocesses, restarts,
+# the browser, PgBouncer, the RabbitMQ cluster and the real Prometheus.
+FAST := not slow and not disruptive and not browser and not pooler and not cluster and not prometheus
+test-fast: install
+	$(BIN)/pytest -n 3 -m "$(FAST)"
 
 wheel-check: install
 	./.ci/wheel-check
