@@ -8,6 +8,7 @@ import re
 
 import click
 
+from coupon_devtools.docs.markdown import link_docs_pages
 from worker.entrypoints.cli import main
 from worker.entrypoints.cli.root import (
     DEVTOOL_COMMANDS,
@@ -119,7 +120,7 @@ def _text(help_: str) -> str:
     text = inspect.cleandoc(help_).split("\f")[0]
     text = text.replace("\b\n", "").replace("\b", "")
     text = text.replace("*", r"\*").replace("<", "&lt;")
-    return re.sub(r"\n{3,}", "\n\n", text).strip()
+    return link_docs_pages(re.sub(r"\n{3,}", "\n\n", text).strip())
 
 
 def _first_paragraph(help_: str) -> str:

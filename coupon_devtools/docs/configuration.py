@@ -11,6 +11,7 @@ from pydantic import BaseModel, SecretStr
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
+from coupon_devtools.docs.markdown import link_docs_pages
 from worker.config import DEFAULT_HEARTBEAT_DIR, Settings
 from worker.entrypoints.console.config import ConsoleSettings
 
@@ -97,7 +98,7 @@ def variable(field: FieldInfo) -> str:
 
 
 def _entry(field: FieldInfo) -> str:
-    description = (field.description or "").strip()
+    description = link_docs_pages((field.description or "").strip())
     facts = ", ".join([_type(field.annotation), *_constraints(field)])
     return (f"### `{variable(field)}`\n\n{description or '(no description)'}\n\n"
             f"*{facts}*; default: {_default(field)}\n")

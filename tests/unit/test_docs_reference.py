@@ -111,3 +111,13 @@ def test_writing_the_pages_makes_them_current(tmp_path) -> None:  # type: ignore
     assert sorted(written) == sorted(PAGES)
     assert stale_pages(tmp_path) == []
     assert write_pages(tmp_path) == []
+
+
+def test_a_docs_page_named_in_the_code_becomes_a_link_the_site_checks() -> None:
+    # Given a description that names a page of docs/ (as COUPONS_DB_POOLER's does)
+    # When the page is rendered
+    page = render_configuration()
+
+    # Then it links there from docs/reference/, so the strict build fails if the page is gone
+    assert "([docs/pooler.md](../pooler.md))" in page
+    assert "[docs/security.md](../security.md)" in render_cli()
