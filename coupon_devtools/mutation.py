@@ -19,7 +19,9 @@ _REPO = "worker.adapters.postgres.repository."
 #: Mutant names (mutmut's globs): module functions are ``x_name``, methods ``xǁClassǁname``.
 SELECTED = (
     "worker.domain.model.*",
+    "worker.domain.verdicts.*",
     "worker.domain.policy.*",
+    "worker.domain.runtime_policy.*",
     # The statements' text is built at import (``_wire``, ``_sql_list``), before a mutant is on.
     "worker.adapters.postgres.hot_path.x_transition_rows__mutmut_*",
     "worker.adapters.postgres.hot_path.x_coupon_rows__mutmut_*",

@@ -15,7 +15,9 @@ from worker.adapters.postgres.circuit import CircuitGate
 from worker.adapters.postgres.ratelimit import Unlimited
 from worker.domain.policy import CircuitPolicy, RetryPolicy
 from worker.metrics import Metrics
-from worker.usecases.issue import Deps, retry_entity, sweep
+from worker.usecases.deps import Deps
+from worker.usecases.issue import retry_entity
+from worker.usecases.sweep import sweep
 
 SETTLE_S = 20.0
 

@@ -30,7 +30,7 @@ from worker.domain.events import LoyaltyEvent, parse_event_bytes
 from worker.domain.model import EntityState, check_transition
 from worker.domain.text import printable
 from worker.metrics import Metrics
-from worker.usecases.issue import Publisher
+from worker.usecases.deps import Publisher
 
 log = logging.getLogger("worker.support")
 
