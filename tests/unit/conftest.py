@@ -10,7 +10,8 @@ import pytest
 
 from coupon_devtools.fakes.broker import FakePublisher
 from coupon_devtools.fakes.capillary import FakeCapillary
-from coupon_devtools.fakes.ledger import FakeEntity, FakeState, fake_unit_of_work_factory
+from coupon_devtools.fakes.ledger import fake_unit_of_work_factory
+from coupon_devtools.fakes.ledger_state import FakeEntity, FakeState
 from worker.adapters.postgres.circuit import CircuitGate
 from worker.adapters.postgres.ratelimit import Unlimited
 from worker.domain.policy import CircuitPolicy, RetryPolicy

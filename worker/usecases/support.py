@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
+from worker.adapters.postgres.issuing import fingerprint
 from worker.adapters.postgres.records import DueEntity
-from worker.adapters.postgres.repository import fingerprint
 from worker.adapters.postgres.support import RejectedRow, Selection, SupportLedger, Target
 from worker.adapters.postgres.unit_of_work import UnitOfWorkFactory
 from worker.domain import model
