@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from worker.adapters.capillary.client import CapillaryClient
 from worker.adapters.postgres.circuit import CircuitGate
+from worker.adapters.postgres.issuing import LeaseLedger
 from worker.adapters.postgres.ratelimit import PostgresRateLimiter, RateLimiter, RetryAfterGate
 from worker.adapters.postgres.unit_of_work import (
     ConnectionLimits,
@@ -95,7 +96,7 @@ def build_deps(settings: Settings, publisher: Publisher, *, engine: Engine | Non
     )
 
 
-def _renewer(uow: UnitOfWorkFactory) -> Renew:
+def _renewer(uow: UnitOfWorkFactory[LeaseLedger]) -> Renew:
     def renew(tokens: Sequence[str], entity_ids: Sequence[int], lease_s: float) -> set[str]:
         with uow() as unit:
             kept = unit.ledger.renew_leases(tokens, entity_ids, lease_s=lease_s, now=utcnow())
@@ -178,6 +179,13 @@ class Container:
     @property
     def metrics(self) -> Metrics:
         return self.deps().metrics
+
+    def support_deps(self) -> SupportDeps:
+        """The support use cases' dependencies in this process (the replay jobs the sweeper
+        steps): its engine, publisher, clock and metrics."""
+        deps = self.deps()
+        return SupportDeps(uow=sql_unit_of_work_factory(self.engine), publisher=deps.publisher,
+                           clock=deps.clock, metrics=deps.metrics)
 
     def close(self) -> None:
         with self._lock:

@@ -14,12 +14,20 @@ from typing import Protocol
 
 from worker.adapters.capillary.api import CouponApi
 from worker.adapters.postgres.circuit import CircuitGate
+from worker.adapters.postgres.issuing import DeliveryLedger, IssuingLedger, RejectionLedger
 from worker.adapters.postgres.ratelimit import RateLimiter
 from worker.adapters.postgres.records import DeadLetterRecord, DueEntity
+from worker.adapters.postgres.sweeping import SweeperLedger
 from worker.adapters.postgres.unit_of_work import UnitOfWorkFactory
 from worker.domain.policy import RetryPolicy
 from worker.metrics import Metrics
 from worker.usecases.leases import LeaseKeeper, UnrenewedLeases
+
+
+class WorkerLedger(IssuingLedger, RejectionLedger, DeliveryLedger, SweeperLedger, Protocol):
+    """The parts of the ledger the worker's use cases use: issuing (``issue``, ``attempt``,
+    ``reconcile``), rejections (``rejection``), failed deliveries (``delivery``) and the
+    sweeper's work (``sweep``). Never support's actions: those are ``SupportDeps``'."""
 
 
 def utcnow() -> datetime:
@@ -42,7 +50,7 @@ class Publisher(Protocol):
 class Deps:
     """Everything the use cases need, wired once per process."""
 
-    uow: UnitOfWorkFactory
+    uow: UnitOfWorkFactory[WorkerLedger]
     api: CouponApi
     publisher: Publisher
     limiter: RateLimiter

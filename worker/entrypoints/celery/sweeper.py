@@ -25,7 +25,6 @@ from worker.domain.errors import LedgerUnavailable
 from worker.domain.runtime_policy import consumption_for_circuit, consumption_for_ledger_down
 from worker.entrypoints.celery.context import container_of, links_of, step_settings
 from worker.usecases import replay_jobs, retention
-from worker.usecases.support import SupportDeps
 from worker.usecases.sweep import sweep
 
 log = logging.getLogger(__name__)
@@ -96,10 +95,8 @@ class Sweeper(bootsteps.StartStopStep):
                 if report.dispatched or report.leases_expired or report.dead_letters_published:
                     log.info("sweep.done", extra=report.__dict__)
                 # Replay jobs confirmed in the console: this worker steps one if it is due.
-                replay_jobs.step_replay_jobs(
-                    SupportDeps(uow=deps.uow, publisher=deps.publisher, clock=deps.clock,
-                                metrics=deps.metrics),
-                    ReplayJobStore(container.engine))
+                replay_jobs.step_replay_jobs(container.support_deps(),
+                                             ReplayJobStore(container.engine))
             except LedgerUnavailable as exc:
                 links.pause = consumption_for_ledger_down(str(exc))
                 log.error("sweep.ledger_unavailable", extra={"error": str(exc)})
