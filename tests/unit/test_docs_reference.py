@@ -121,3 +121,12 @@ def test_a_docs_page_named_in_the_code_becomes_a_link_the_site_checks() -> None:
     # Then it links there from docs/reference/, so the strict build fails if the page is gone
     assert "([docs/pooler.md](../pooler.md))" in page
     assert "[docs/security.md](../security.md)" in render_cli()
+
+
+def test_the_check_command_passes_on_a_current_checkout_and_refuses_other_arguments(
+        capsys) -> None:  # type: ignore[no-untyped-def]
+    from coupon_devtools.docs.__main__ import main as docs_main
+
+    assert docs_main(["docs", "--check"]) == 0
+    assert docs_main(["docs", "--bogus"]) == 2
+    assert "usage: python -m coupon_devtools.docs [--check]" in capsys.readouterr().err
