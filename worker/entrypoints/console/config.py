@@ -17,65 +17,78 @@ class ConsoleSettings(BaseSettings):
 
     model_config = SettingsConfigDict(extra="ignore", frozen=True, populate_by_name=True)
 
-    #: Signs the pre-login cookie (the login form's CSRF token); required, at least 32
-    #: characters (e.g. ``openssl rand -hex 32``).
-    secret: SecretStr = Field(validation_alias="COUPONS_CONSOLE_SECRET", min_length=32,
-                              repr=False)
-    #: The users: a JSON or TOML file's path, or the JSON itself (a container's environment):
-    #: ``{"users": [{"name": …, "role": "viewer|operator|admin", "password_hash": …}]}``.
-    users: str | None = Field(None, validation_alias="COUPONS_CONSOLE_USERS", repr=False)
-    #: When set, a request from a trusted proxy carrying this header is that user (SSO).
+    secret: SecretStr = Field(
+        validation_alias="COUPONS_CONSOLE_SECRET", min_length=32, repr=False,
+        description="Signs the pre-login cookie (the login form's CSRF token; sessions "
+                    "themselves are kept in PostgreSQL); required, at least 32 characters, 10 "
+                    "distinct ones and 3 bits of entropy per character (`openssl rand -hex 32`).")
+    users: str | None = Field(
+        None, validation_alias="COUPONS_CONSOLE_USERS", repr=False,
+        description="The users: a JSON or TOML file's path, or the JSON itself (a container's "
+                    "environment): `{\"users\": [{\"name\": ..., \"role\": "
+                    "\"viewer|operator|admin\", \"password_hash\": ...}]}`, hashes from "
+                    "`coupon-worker console hash-password`. A file is re-read when it changes "
+                    "(`COUPONS_CONSOLE_USERS_CHECK_SECONDS`).")
     proxy_user_header: str | None = Field(
         None, validation_alias="COUPONS_CONSOLE_PROXY_HEADER",
-        description="The header a single sign-on proxy sets to the logged-in user's name "
-                    "(e.g. X-Forwarded-User). Believed only from COUPONS_CONSOLE_TRUSTED_PROXIES, "
-                    "and stripped from every other request; the console refuses to start when "
-                    "this is set and no proxy is trusted.")
-    #: The role of a proxy-authenticated user the users file does not list.
-    proxy_default_role: str = Field("viewer", validation_alias="COUPONS_CONSOLE_PROXY_ROLE")
-    #: Comma-separated addresses or networks whose identity and forwarding headers are believed.
+        description="When set (e.g. `X-Forwarded-User`), a request from a trusted proxy "
+                    "(`COUPONS_CONSOLE_TRUSTED_PROXIES`) carrying this header is that user "
+                    "(single sign-on through a reverse proxy); the header is removed from every "
+                    "other request. The console refuses to start when this is set and no proxy "
+                    "is trusted.")
+    proxy_default_role: str = Field(
+        "viewer", validation_alias="COUPONS_CONSOLE_PROXY_ROLE",
+        description="The role of a proxy-authenticated user the users file does not list.")
     trusted_proxies: str = Field(
         "", validation_alias="COUPONS_CONSOLE_TRUSTED_PROXIES",
-        description="Comma-separated addresses or networks (10.0.0.5, 10.0.0.0/24) of the "
-                    "reverse proxies in front of the console. Only a request whose peer is one "
-                    "of them may carry the identity header (COUPONS_CONSOLE_PROXY_HEADER), "
-                    "X-Forwarded-For (the client's address, for login limits and the audit) and "
-                    "X-Forwarded-Proto (HTTPS, for HSTS). Empty by default: no proxy trusted.")
-    flower_url: str | None = Field(None, validation_alias="COUPONS_CONSOLE_FLOWER_URL")
-    #: Send the session cookie over HTTPS only (set it behind TLS).
-    secure_cookies: bool = Field(False, validation_alias="COUPONS_CONSOLE_SECURE_COOKIES")
+        description="Comma-separated addresses or networks (`10.0.0.5`, `10.0.0.0/24`) of the "
+                    "reverse proxies in front of the console. Only from these peers are the "
+                    "identity header (`COUPONS_CONSOLE_PROXY_HEADER`), `X-Forwarded-For` (the "
+                    "client's address, for the login limits and the audit) and "
+                    "`X-Forwarded-Proto` (HTTPS, for HSTS) believed. Empty by default: no "
+                    "proxy is trusted, not even loopback.")
+    flower_url: str | None = Field(
+        None, validation_alias="COUPONS_CONSOLE_FLOWER_URL",
+        description="Flower's address: the console links each Capillary call to its task "
+                    "there (`<url>/task/<id>`).")
+    secure_cookies: bool = Field(
+        False, validation_alias="COUPONS_CONSOLE_SECURE_COOKIES",
+        description="Send the console's cookies over HTTPS only (set it behind TLS).")
     session_max_age_s: int = Field(
         8 * 3600, ge=60, validation_alias="COUPONS_CONSOLE_SESSION_SECONDS",
         description="Absolute session timeout, in seconds: a session ends this long after its "
-                    "login, however busy. Default 8 hours.")
+                    "login, however busy (8 hours).")
     session_idle_s: int = Field(
         30 * 60, ge=60, validation_alias="COUPONS_CONSOLE_SESSION_IDLE_SECONDS",
         description="Idle session timeout, in seconds: a session without a request for this "
-                    "long ends. Default 30 minutes.")
+                    "long ends (30 minutes).")
     login_max_failures: int = Field(
         5, ge=1, validation_alias="COUPONS_CONSOLE_LOGIN_MAX_FAILURES",
         description="Failed logins allowed per user name and per client address before each "
-                    "further attempt waits (the backoff).")
+                    "further attempt waits (`COUPONS_CONSOLE_LOGIN_BACKOFF_SECONDS`); counted "
+                    "in PostgreSQL, shared by every console process.")
     login_window_s: float = Field(
         300.0, gt=0, validation_alias="COUPONS_CONSOLE_LOGIN_WINDOW_SECONDS",
         description="Seconds after the last wait ends before a name's or an address's failed "
                     "logins are forgotten.")
     login_backoff_s: float = Field(
         1.0, gt=0, validation_alias="COUPONS_CONSOLE_LOGIN_BACKOFF_SECONDS",
-        description="The first wait, in seconds, once COUPONS_CONSOLE_LOGIN_MAX_FAILURES is "
-                    "reached; each further failure doubles it.")
+        description="The first wait, in seconds, once `COUPONS_CONSOLE_LOGIN_MAX_FAILURES` is "
+                    "reached; each further failure doubles it. Attempts during a wait are "
+                    "answered 429 and not counted.")
     login_backoff_max_s: float = Field(
         900.0, gt=0, validation_alias="COUPONS_CONSOLE_LOGIN_BACKOFF_MAX_SECONDS",
-        description="The longest wait between login attempts, in seconds (a delay, never a "
-                    "lockout).")
+        description="The longest wait between two login attempts under one name or address, "
+                    "in seconds (a delay, never a lockout).")
     users_check_s: float = Field(
         5.0, ge=0, validation_alias="COUPONS_CONSOLE_USERS_CHECK_SECONDS",
         description="How often, at most, in seconds, the users file is checked for changes; "
                     "a change applies without a restart and ends the sessions of every user "
-                    "whose entry changed or went.")
-    #: The replay velocity offered by default, in calls per minute.
+                    "whose entry changed or went. An unreadable file keeps the last good list "
+                    "(logged as `console.users_unreadable`).")
     default_velocity_per_min: int = Field(
-        60, ge=1, validation_alias="COUPONS_CONSOLE_DEFAULT_VELOCITY")
+        60, ge=1, validation_alias="COUPONS_CONSOLE_DEFAULT_VELOCITY",
+        description="The replay velocity the console offers by default, in calls per minute.")
 
     @field_validator("secret")
     @classmethod
