@@ -24,7 +24,7 @@ import logging
 import secrets
 from base64 import b64decode, b64encode
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -120,7 +120,6 @@ class _Current:
     new_id: str | None = None
     ended: bool = False
     stale_cookie: bool = False
-    extra_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
 
 
 async def log_in(request: Request, manager: SessionManager, user: User, client: str) -> None:
