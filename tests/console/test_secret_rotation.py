@@ -1,4 +1,5 @@
-"""The console's session secret given as a file follows the file, with no restart."""
+"""The console's secret given as a file follows the file, with no restart: it signs the cookie
+that carries the login form's CSRF token (sessions themselves are kept in PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from sqlalchemy import Engine
 from starlette.testclient import TestClient
 
 from coupon_devtools.fakes.broker import FakePublisher
-from tests.console.conftest import login
+from tests.console.conftest import PASSWORDS, csrf_of, login
 from worker.adapters.postgres.unit_of_work import sql_unit_of_work_factory
 from worker.config import Settings
 from worker.entrypoints.console.app import create_app
@@ -28,10 +29,15 @@ def _rewrite(path: Path, text: str) -> None:
     staged.replace(path)
 
 
-def test_a_rotated_secret_file_signs_new_sessions_and_ends_the_old_ones(
+def _log_in_with(client: TestClient, token: str, name: str = "vera") -> int:
+    return client.post("/login", data={"username": name, "password": PASSWORDS[name],
+                                       "csrf_token": token}).status_code
+
+
+def test_a_rotated_secret_file_signs_the_login_form_from_the_next_request(
         settings: Settings, clean_ledger: Engine, users_file: Path, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    # Given a console whose session secret is a file, and a user logged in
+    # Given a console whose secret is a file, a user logged in and another at the login form
     secret_file = tmp_path / "console-secret"
     secret_file.write_text(FIRST + "\n", encoding="utf-8")
     monkeypatch.delenv("COUPONS_CONSOLE_SECRET", raising=False)
@@ -41,19 +47,24 @@ def test_a_rotated_secret_file_signs_new_sessions_and_ends_the_old_ones(
                      engine=clean_ledger, submitter=publisher,
                      support=SupportDeps(uow=sql_unit_of_work_factory(clean_ledger),
                                          publisher=publisher, clock=utcnow))
-    client = TestClient(app, follow_redirects=False)
-    login(client, "vera")
-    assert client.get("/").status_code == 200
+    logged_in = TestClient(app, follow_redirects=False, client=("10.0.0.1", 50000))
+    login(logged_in, "vera")
+    at_the_form = TestClient(app, follow_redirects=False, client=("10.0.0.2", 50000))
+    old_form = csrf_of(at_the_form.get("/login").text)
 
-    # When a secret too weak to sign sessions is written, it is refused: the session lives on
+    # When a secret too weak to sign is written, it is refused: a form shown meanwhile is
+    # still signed with the first one (taken, it would fail once the first is back)
     _rewrite(secret_file, "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\n")
-    assert client.get("/").status_code == 200
+    still = TestClient(app, follow_redirects=False, client=("10.0.0.3", 50000))
+    form = csrf_of(still.get("/login").text)
+    _rewrite(secret_file, FIRST + "\n")
+    assert _log_in_with(still, form) == 303
 
     # When the file is rewritten with a new strong secret, with no restart
     _rewrite(secret_file, SECOND + "\n")
-    # Then the session signed with the old secret no longer opens a page
-    response = client.get("/")
-    assert response.status_code == 303 and response.headers["location"].startswith("/login")
-    # And a new login, signed with the new secret, works
-    login(client, "vera")
-    assert client.get("/").status_code == 200
+    # Then the session kept in PostgreSQL lives on
+    assert logged_in.get("/").status_code == 200
+    # And a form signed with the old secret no longer logs in; a reloaded one does
+    assert _log_in_with(at_the_form, old_form) == 403
+    assert _log_in_with(at_the_form, csrf_of(at_the_form.get("/login").text)) == 303
+    assert at_the_form.get("/").status_code == 200

@@ -6,13 +6,12 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import timedelta
 
-from coupon_devtools.fakes.ledger import FakeEntity
+from coupon_devtools.fakes.ledger_state import FakeEntity
 from tests.unit.conftest import World
 from worker.adapters.postgres.circuit import Permit
 from worker.adapters.postgres.records import CircuitState
 from worker.domain.model import EntityState, Verdict
 from worker.entrypoints.celery.sweeper import _probe_on_new_credentials
-from worker.usecases.circuit_control import probe_at_once
 
 
 def _paused(world: World, *, reason: str = "http_401: Invalid username or password",
@@ -52,7 +51,7 @@ def test_rotated_credentials_make_the_probe_and_the_waiting_entities_due_now(
 
 def test_an_operators_pause_is_left_to_the_operator(world: World) -> None:
     _paused(world, reason="opened by ops: Capillary asked us to stop")
-    assert probe_at_once(world.deps.uow, world.deps.clock, why="credentials changed")
+    assert world.deps.circuit.probe_now("credentials changed")
     assert world.state.circuits["capillary"].open_until > world.clock.now
     assert world.state.entities[1].next_attempt_at > world.clock.now
 
@@ -72,7 +71,7 @@ def test_while_a_probe_is_out_the_change_is_kept_for_after_its_answer(world: Wor
 
 
 def test_a_closed_circuit_has_nothing_to_do(world: World) -> None:
-    assert probe_at_once(world.deps.uow, world.deps.clock, why="credentials changed")
+    assert world.deps.circuit.probe_now("credentials changed")
     assert "capillary" not in world.state.circuits
 
 

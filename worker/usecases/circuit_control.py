@@ -1,9 +1,5 @@
 """The circuit breaker by hand: what an operator reaches for during an incident.
 
-``probe_at_once``: not an operator's action but the worker's own, when the credentials it
-reads from files change (docs/secrets.md): a pause caused by a wrong key ends at the next
-probe, so the probe goes now.
-
 ``open_circuit``: Capillary asked us to stop, or a key is being rotated; nobody calls it until
 the time given, then one worker probes as after any opening. ``close_circuit``: the cause is
 fixed; the fleet calls again within a second (the workers' cached reading), instead of at its
@@ -13,20 +9,14 @@ next probe. Each is audited in ``operator_actions``, in the transaction that mov
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import timedelta
 
-from worker.adapters.postgres.circuit import CAPILLARY
+from worker.adapters.postgres.circuit import BY_HAND, CAPILLARY
 from worker.adapters.postgres.records import CLOSED_CIRCUIT, CircuitState
-from worker.adapters.postgres.unit_of_work import UnitOfWorkFactory
 from worker.domain.text import printable
 from worker.usecases.support import SupportDeps
 
 log = logging.getLogger("worker.support")
-
-#: How the reason of a circuit opened by hand begins.
-BY_HAND = "opened by "
 
 
 def _who_and_why(reason: str, operator: str) -> tuple[str, str]:
@@ -83,27 +73,3 @@ def close_circuit(deps: SupportDeps, *, reason: str, operator: str,
                                                   "reason": reason, "was": current.state,
                                                   "resumed": resumed})
     return CLOSED_CIRCUIT
-
-
-def probe_at_once(uow: UnitOfWorkFactory, clock: Callable[[], datetime], *, why: str,
-                  name: str = CAPILLARY) -> bool:
-    """An open circuit's pause ends now, so one worker probes at once (the usual probe: its
-    success closes the circuit, its failure opens it again), and the entities it deferred are
-    due. True when nothing more is to do: the circuit was open, or closed; False while a probe
-    is out, whose answer was obtained with the credentials of before: ask again later."""
-    now = clock()
-    with uow() as unit:
-        current = unit.ledger.circuit(name)
-        if current.state == "half_open":
-            return False
-        if current.state == "closed" or (current.reason or "").startswith(BY_HAND):
-            # An operator's pause lasts until the operator ends it.
-            return True
-        if current.open_until is None or current.open_until > now:
-            unit.ledger.save_circuit(name, replace(current, open_until=now), now=now)
-        resumed = unit.ledger.resume_paused(now=now)
-        unit.commit()
-    log.warning("circuit.probe_expedited", extra={"circuit": name, "reason": why,
-                                                   "was_reason": current.reason,
-                                                   "resumed": resumed})
-    return True

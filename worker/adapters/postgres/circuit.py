@@ -13,9 +13,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
+from worker.adapters.postgres.circuit_store import CircuitLedger
 from worker.adapters.postgres.records import CLOSED_CIRCUIT, CircuitState
 from worker.adapters.postgres.unit_of_work import UnitOfWorkFactory
 from worker.domain.model import Verdict
@@ -24,6 +25,8 @@ from worker.domain.policy import CircuitPolicy
 log = logging.getLogger(__name__)
 
 CAPILLARY = "capillary"
+#: How the reason of a circuit opened by hand begins (``worker.usecases.circuit_control``).
+BY_HAND = "opened by "
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,7 @@ class CircuitGate:
 
     def __init__(
         self,
-        uow: UnitOfWorkFactory,
+        uow: UnitOfWorkFactory[CircuitLedger],
         policy: CircuitPolicy,
         *,
         clock: Callable[[], datetime],
@@ -136,6 +139,30 @@ class CircuitGate:
                    "open_until": opened.open_until, "times_opened": times,
                    "consecutive_failures": opened.consecutive_failures},
         )
+        return True
+
+    def probe_now(self, why: str) -> bool:
+        """End an open circuit's pause now, so that one worker probes at once (the usual
+        probe: its success closes the circuit, its failure opens it again), and make the
+        entities waiting it out due: for credentials that changed (docs/secrets.md). An
+        operator's pause is left to the operator. True when nothing more is to do; False while
+        a probe is out, whose answer came with the credentials of before: ask again later."""
+        now = self._clock()
+        with self._uow() as uow:
+            current = uow.ledger.circuit(self._name)
+            if current.state == "half_open":
+                return False
+            if current.state == "closed" or (current.reason or "").startswith(BY_HAND):
+                return True
+            if current.open_until is None or current.open_until > now:
+                current = replace(current, open_until=now)
+                uow.ledger.save_circuit(self._name, current, now=now)
+            resumed = uow.ledger.resume_paused(now=now)
+            uow.commit()
+        self._remember(current)
+        log.warning("circuit.probe_expedited", extra={"circuit": self._name, "reason": why,
+                                                       "was_reason": current.reason,
+                                                       "resumed": resumed})
         return True
 
     def close(self) -> None:

@@ -15,7 +15,7 @@ from sqlalchemy import ColumnElement, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from worker.adapters.postgres import models as m
-from worker.domain.model import EntityState, Verdict
+from worker.domain.model import EntityState
 
 
 @dataclass(frozen=True)
@@ -114,13 +114,6 @@ class SupportLedger(Protocol):
         many. For a pause lifted by hand: the circuit closed before its time."""
         ...
 
-    def resume_paused(self, *, now: datetime) -> int:
-        """Entities waiting (``retry_wait``) out the circuit's pause become due now: those
-        deferred while it was open and those whose own call opened it (an outage verdict, a
-        401 say); how many. For a pause that ends early (closed by hand, rotated credentials,
-        a probe that succeeded)."""
-        ...
-
     def operator_history(self, target: Target, *, kind: str, state: str, message: str,
                          operator: str, now: datetime) -> None: ...
 
@@ -196,14 +189,6 @@ class SupportRepository:
         return len(self.session.execute(
             update(e).where(e.state == EntityState.RETRY_WAIT.value,
                             e.last_error_code == error_code, e.next_attempt_at > now)
-            .values(next_attempt_at=now, updated_at=now).returning(e.id)
-            .execution_options(synchronize_session=False)).all())
-
-    def resume_paused(self, *, now: datetime) -> int:
-        e = m.Entity
-        return len(self.session.execute(
-            update(e).where(e.state == EntityState.RETRY_WAIT.value,
-                            e.last_verdict == Verdict.OUTAGE.value, e.next_attempt_at > now)
             .values(next_attempt_at=now, updated_at=now).returning(e.id)
             .execution_options(synchronize_session=False)).all())
 
