@@ -382,6 +382,7 @@ def _reconcile(attempt: _Attempt, entity: ClaimedEntity, permit: Permit) -> bool
     try:
         read_back = deps.api.find_coupons(claim.customer, entity.series_id, since)
     except CapillaryError as exc:
+        deps.metrics.read_back("reconcile", "failed")
         verdict = Verdict.OUTAGE if isinstance(exc, Outage) else Verdict.AMBIGUOUS
         failed = deps.retry_policy.read_back_failed(
             verdict, attempts=entity.attempts,
@@ -407,6 +408,7 @@ def _reconcile(attempt: _Attempt, entity: ClaimedEntity, permit: Permit) -> bool
         len(ours), settled=entity.settled, settles_in_s=entity.settles_in_s,
         attempts=entity.attempts)
     request_id = read_back.call.request_id
+    deps.metrics.read_back("reconcile", _read_back_outcome(decision))
     if decision is None:
         log.info(
             "reconcile.absent",
@@ -435,6 +437,15 @@ def _reconcile(attempt: _Attempt, entity: ClaimedEntity, permit: Permit) -> bool
                     message="not visible yet; the original call may still land",
                     request_id=request_id)
     return True
+
+
+def _read_back_outcome(decision: Decision | None) -> str:
+    """What a reconciling read-back found, for ``capillary_read_backs_total``."""
+    if decision is None:
+        return "absent"
+    if isinstance(decision, RecordIssued):
+        return "ours"
+    return "duplicate" if isinstance(decision, RecordDuplicate) else "settling"
 
 
 def _issue(attempt: _Attempt, entities: list[ClaimedEntity], permit: Permit) -> None:
@@ -526,6 +537,7 @@ def _read_back_holder(attempt: _Attempt, entity: ClaimedEntity, error: EntryErro
     try:
         read_back = deps.api.find_coupons(claim.customer, entity.series_id, HELD_SINCE)
     except CapillaryError as exc:
+        deps.metrics.read_back("holds_one", "failed")
         log.warning("holds_one.read_back_failed", extra={
             "event_id": claim.event_id, "customer": claim.customer_key,
             "series": entity.series_id, "error": str(exc), "request_id": exc.request_id})
@@ -541,6 +553,8 @@ def _read_back_holder(attempt: _Attempt, entity: ClaimedEntity, error: EntryErro
         "request_id": request_id})
     deps.metrics.answer_remarks.labels(
         "holds_one_ours" if ours else "holds_one_not_ours").inc()
+    deps.metrics.read_back("holds_one", "not_ours" if not ours
+                           else "ours" if len(ours) == 1 else "duplicate")
     if len(ours) == 1:
         attempt.reconciled += 1
         attempt.add(entity, RecordIssued(), verdict=Verdict.ISSUED, request_id=request_id,
@@ -793,6 +807,7 @@ def verify_issued(deps: Deps, *, batch: int = VERIFY_BATCH) -> VerifyReport:
         try:
             read_back = deps.api.find_coupons(item.customer, item.series_id, since)
         except CapillaryError as exc:
+            deps.metrics.read_back("verify", "failed")
             delay = deps.retry_policy.backoff(item.attempts + 1, rng=deps.rng)
             log.warning("verify.read_back_failed", extra={
                 "entity_id": item.entity_id, "event_id": item.event_id, "error": str(exc)})
@@ -804,6 +819,8 @@ def verify_issued(deps: Deps, *, batch: int = VERIFY_BATCH) -> VerifyReport:
         ours = [f.coupon for f in read_back.coupons if _is_ours(item.issue_ref, f)]
         extra = [c for c in ours if c.code not in item.codes]
         found_twice = len(ours) > 1 and bool(extra)
+        deps.metrics.read_back("verify", "duplicate" if found_twice
+                               else "ours" if ours else "absent")
         message = None
         if found_twice:
             duplicates += 1
