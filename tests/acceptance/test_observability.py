@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import sys
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -139,7 +141,7 @@ def test_metrics_are_scraped_from_a_running_worker(
 ) -> None:
     port = free_port()
     settings = settings_factory(metrics_port=port)
-    start_worker(settings, concurrency=2)
+    worker = start_worker(settings, concurrency=2)
     sandbox.set_series(707001, behaviour="invalid")
     sandbox.add_fault(kind="error_before", status=503, times=1, customer="555")
     publish(settings, example_event("m-1"), example_event("m-2", series=(544770, 707001)),
@@ -167,6 +169,31 @@ def test_metrics_are_scraped_from_a_running_worker(
     assert metric_value(body, "coupon_ledger_entities", state="issued") == 4
     assert metric_value(body, "coupon_ledger_entities", state="dead") == 1
     assert metric_value(body, "coupon_worker_build_info", version=__version__) == 1
+    # What on-call alerts on, read at the scrape from the ledger and the broker
+    assert metric_value(body, "coupon_ledger_up") == 1
+    assert metric_value(body, "coupon_broker_up") == 1
+    assert metric_value(body, "coupon_circuit_state", circuit="capillary", state="closed") == 1
+    assert metric_value(body, "coupon_circuit_state", circuit="capillary", state="open") == 0
+    assert 0 < metric_value(body, "coupon_dead_letter_oldest_age_seconds") < 120
+    assert metric_value(body, "coupon_retry_oldest_age_seconds") == 0
+    assert metric_value(body, "coupon_unknown_outcome_oldest_age_seconds") == 0
+    assert metric_value(body, "coupon_settle_window_seconds") == settings.settle_window_s
+    assert f'coupon_queue_messages_ready{{queue="{settings.tasks_queue}",role="tasks"}}' in body
+    for queue in (settings.tasks_queue, settings.retry_queue):
+        assert f'coupon_consumers_paused{{queue="{queue}"}} 0.0' in body, queue
+    # ...and what the pool processes stamp (merged by the main process: the most recent)
+    now = time.time()
+    assert now - 120 < metric_value(body, "capillary_last_success_timestamp_seconds",
+                                    operation="bulk_issue") <= now
+    (worker_name,) = re.findall(
+        r'coupon_worker_last_task_finished_timestamp_seconds\{worker="([^"]+)"\}', body)
+    assert worker_name.startswith(worker.name)
+    assert now - 120 < metric_value(body, "coupon_worker_last_task_finished_timestamp_seconds",
+                                    worker=worker_name) <= now
+    # The 503 left an unknown outcome: read back (nothing there yet), then settled
+    assert metric_value(body, "capillary_read_backs_total", purpose="reconcile",
+                        outcome="settling") + metric_value(
+        body, "capillary_read_backs_total", purpose="reconcile", outcome="absent") >= 1
 
 
 def test_secrets_never_reach_logs_the_ledger_or_task_arguments(
