@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 
-from worker.adapters.postgres.circuit import CircuitGate
+from worker.adapters.postgres.circuit import CircuitGate, Permit
 from worker.adapters.postgres.ratelimit import PostgresRateLimiter
 from worker.adapters.postgres.unit_of_work import sql_unit_of_work_factory
 from worker.adapters.postgres.vitals import _AGES, read_vitals
@@ -18,17 +18,18 @@ from worker.usecases.issue import utcnow
 ROWS = 20_000
 
 
-def _event(conn: object, event_id: str) -> None:
-    conn.execute(text(  # type: ignore[attr-defined]
+def _event(conn: Connection, event_id: str) -> None:
+    conn.execute(text(
         "INSERT INTO events (event_id, event_type, customer_key, customer, series_ids, "
         "metadata, payload, fingerprint, issue_ref, source) VALUES (:e, 't', 'id:1', '{}', "
         "ARRAY[1], '{}', '{}', 'f', 'r', 'bus')"), {"e": event_id})
 
 
-def _entity(conn: object, event_id: str, series: int, state: str, **columns: object) -> None:
+def _entity(conn: Connection, event_id: str, series: int, state: str,
+            **columns: object) -> None:
     names = ", ".join(["event_id", "series_id", "customer_key", "state", *columns])
     values = ", ".join([":event_id", ":series", "'id:1'", ":state", *(f":{c}" for c in columns)])
-    conn.execute(text(f"INSERT INTO entities ({names}) VALUES ({values})"),  # type: ignore[attr-defined]  # noqa: S608
+    conn.execute(text(f"INSERT INTO entities ({names}) VALUES ({values})"),
                  {"event_id": event_id, "series": series, "state": state, **columns})
 
 
@@ -75,7 +76,7 @@ def test_time_in_state_counts_from_opening_and_closing_whoever_writes(
             return found
 
     # Given a circuit a failure opened
-    gate.failure(gate.permit(), Verdict.OUTAGE, "401")  # type: ignore[arg-type]
+    gate.failure(Permit(), Verdict.OUTAGE, "401")
     opened = since()
     (circuit,) = read_vitals(clean_ledger).circuits
     assert circuit.state == "open" and circuit.in_state_s < 60
@@ -90,11 +91,11 @@ def test_time_in_state_counts_from_opening_and_closing_whoever_writes(
     assert read_vitals(clean_ledger).circuits[0].state == "closed"
 
 
-def wait_for_probe(gate: CircuitGate) -> object:
+def wait_for_probe(gate: CircuitGate) -> Permit:
     deadline = datetime.now(UTC) + timedelta(seconds=5)
     while datetime.now(UTC) < deadline:
         permit = gate.permit()
-        if getattr(permit, "probe", False):
+        if isinstance(permit, Permit) and permit.probe:
             return permit
     raise AssertionError("no probe won")
 
