@@ -3,10 +3,12 @@ the metric names a PromQL expression reads (checked with Prometheus's own parser
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,6 +19,7 @@ from worker.scrape import Configured, consumers_collector, ledger_collector, que
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS_DIR = REPO_ROOT / "deploy" / "prometheus"
+DASHBOARD = REPO_ROOT / "deploy" / "grafana" / "dashboards" / "coupon-worker.json"
 #: Series Prometheus makes itself, for every target.
 PROMETHEUS_OWN = frozenset({"up", "scrape_duration_seconds", "scrape_samples_scraped"})
 
@@ -27,6 +30,18 @@ def promtool() -> str:
     if found is None:
         pytest.skip("promtool is not installed: apt-get install prometheus (.ci/run does)")
     return found
+
+
+def dashboard_panels() -> list[dict[str, Any]]:
+    """The dashboard's panels (rows left out)."""
+    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    return [p for p in dashboard["panels"] if p["type"] != "row"]
+
+
+def dashboard_expressions() -> list[tuple[str, str]]:
+    """(panel title, expression) for every query of the dashboard."""
+    return [(panel["title"], target["expr"]) for panel in dashboard_panels()
+            for target in panel["targets"]]
 
 
 @cache

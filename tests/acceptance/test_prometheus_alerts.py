@@ -23,7 +23,7 @@ from coupon_devtools.harness.processes import Spawned, free_port, spawn
 from coupon_devtools.sandbox import SandboxAdmin
 from tests.acceptance.helpers import example_event, publish, wait_for_state
 from tests.conftest import REPO_ROOT, SANDBOX_PASSWORD, SANDBOX_USER, WorkerProcess, wait_until
-from tests.promql import PROMETHEUS_DIR
+from tests.promql import PROMETHEUS_DIR, dashboard_expressions
 from worker.config import Settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.prometheus]
@@ -58,16 +58,18 @@ def prometheus(tmp_path: Path) -> Iterator[Callable[[int], str]]:
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s",
                        "scrape_timeout": "1s"},
-            "rule_files": [str(rules)],
+            # Relative, and Prometheus started in its directory: its pages name the rules
+            # file as shipped, not a temporary path.
+            "rule_files": [rules.name],
             "scrape_configs": [{"job_name": "coupon-worker", "static_configs": [
                 {"targets": [f"127.0.0.1:{metrics_port}"]}]}],
         }
         (home / "prometheus.yml").write_text(yaml.safe_dump(config), encoding="utf-8")
         port = free_port()
         process = spawn("prometheus", [
-            binary, f"--config.file={home / 'prometheus.yml'}",
-            f"--storage.tsdb.path={home / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
-            "--log.level=warn"], dict(os.environ), tmp_path)
+            binary, "--config.file=prometheus.yml", "--storage.tsdb.path=data",
+            f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+            dict(os.environ), tmp_path, cwd=home)
         started.append(process)
         url = f"http://127.0.0.1:{port}"
         wait_until(lambda: _ready(url, process), timeout_s=60, message="Prometheus to be ready")
@@ -131,6 +133,9 @@ def test_a_rotated_key_pages_through_a_real_prometheus_and_resolves_once_fixed(
     wait_until(lambda: query(url, "max(coupon_consumers_paused) == 1"), timeout_s=30,
                message="the paused consumers in Prometheus")
     _photograph_alerts_page(url, tmp_path)
+    # and every query of the dashboard runs on this Prometheus, over the worker's real series
+    for title, expr in dashboard_expressions():
+        assert query(url, expr) is not None, title
 
     # When the key is right again
     sandbox.set_password(SANDBOX_USER, SANDBOX_PASSWORD)
@@ -144,7 +149,8 @@ def test_a_rotated_key_pages_through_a_real_prometheus_and_resolves_once_fixed(
 
 
 def _photograph_alerts_page(url: str, tmp_path: Path) -> None:
-    """Prometheus's own /alerts page with the alert firing, opened on its details."""
+    """Prometheus's own alerts page with the alert firing, opened on its details and
+    annotations (Debian's package serves the classic UI, under /classic)."""
     from playwright.sync_api import sync_playwright
 
     assert Path(CHROMIUM).exists(), "needs the system's chromium: apt-get install -y chromium"
@@ -155,9 +161,11 @@ def _photograph_alerts_page(url: str, tmp_path: Path) -> None:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(f"{url}/alerts?state=firing")
+            page.goto(f"{url}/classic/alerts")
+            page.get_by_text("Show annotations").click()
             page.get_by_text("CouponCircuitOpen").first.click()
-            page.get_by_text("runbook_url").first.wait_for(timeout=10_000)
+            page.get_by_text("FIRING").first.wait_for(timeout=10_000)
+            page.get_by_text("docs/runbook.md#couponcircuitopen").first.wait_for(timeout=10_000)
             page.screenshot(path=str(shots / SCREENSHOT), full_page=True)
         finally:
             browser.close()
