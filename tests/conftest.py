@@ -75,6 +75,22 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     return SharedProcessScheduling(config, log)
 
 
+# The slow suites by what they start, so that `make test-fast` can leave them out: a test that
+# asks for a PgBouncer, a RabbitMQ cluster or the browser is marked as such whatever its module
+# says, and every acceptance test runs real worker subprocesses.
+MARK_BY_FIXTURE = {"pgbouncer": "pooler", "cluster": "cluster", "console_url": "browser"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.nodeid.startswith("tests/acceptance/"):
+            item.add_marker(pytest.mark.slow)
+        fixtures = getattr(item, "fixturenames", ())
+        for fixture, mark in MARK_BY_FIXTURE.items():
+            if fixture in fixtures:
+                item.add_marker(getattr(pytest.mark, mark))
+
+
 def _session_tag() -> str:
     return uuid.uuid4().hex[:10]
 

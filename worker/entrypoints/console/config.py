@@ -16,30 +16,47 @@ class ConsoleSettings(BaseSettings):
 
     model_config = SettingsConfigDict(extra="ignore", frozen=True, populate_by_name=True)
 
-    #: Signs the session cookie; required, at least 32 characters (e.g. ``openssl rand -hex 32``).
-    secret: SecretStr = Field(validation_alias="COUPONS_CONSOLE_SECRET", min_length=32,
-                              repr=False)
-    #: The users: a JSON or TOML file's path, or the JSON itself (a container's environment):
-    #: ``{"users": [{"name": …, "role": "viewer|operator|admin", "password_hash": …}]}``.
-    users: str | None = Field(None, validation_alias="COUPONS_CONSOLE_USERS", repr=False)
-    #: When set, a request from a trusted proxy carrying this header is that user (SSO).
-    proxy_user_header: str | None = Field(None, validation_alias="COUPONS_CONSOLE_PROXY_HEADER")
-    #: The role of a proxy-authenticated user the users file does not list.
-    proxy_default_role: str = Field("viewer", validation_alias="COUPONS_CONSOLE_PROXY_ROLE")
-    #: Comma-separated addresses whose identity header is believed.
-    trusted_proxies: str = Field("127.0.0.1,::1",
-                                 validation_alias="COUPONS_CONSOLE_TRUSTED_PROXIES")
-    flower_url: str | None = Field(None, validation_alias="COUPONS_CONSOLE_FLOWER_URL")
-    #: Send the session cookie over HTTPS only (set it behind TLS).
-    secure_cookies: bool = Field(False, validation_alias="COUPONS_CONSOLE_SECURE_COOKIES")
-    session_max_age_s: int = Field(8 * 3600, ge=60,
-                                   validation_alias="COUPONS_CONSOLE_SESSION_SECONDS")
-    login_max_failures: int = Field(5, ge=1, validation_alias="COUPONS_CONSOLE_LOGIN_MAX_FAILURES")
-    login_window_s: float = Field(300.0, gt=0,
-                                  validation_alias="COUPONS_CONSOLE_LOGIN_WINDOW_SECONDS")
-    #: The replay velocity offered by default, in calls per minute.
+    secret: SecretStr = Field(
+        validation_alias="COUPONS_CONSOLE_SECRET", min_length=32, repr=False,
+        description="Signs the session cookie; required, at least 32 characters, 10 distinct "
+                    "ones and 3 bits of entropy per character (`openssl rand -hex 32`).")
+    users: str | None = Field(
+        None, validation_alias="COUPONS_CONSOLE_USERS", repr=False,
+        description="The users: a JSON or TOML file's path, or the JSON itself (a container's "
+                    "environment): `{\"users\": [{\"name\": ..., \"role\": "
+                    "\"viewer|operator|admin\", \"password_hash\": ...}]}`, hashes from "
+                    "`coupon-worker console hash-password`.")
+    proxy_user_header: str | None = Field(
+        None, validation_alias="COUPONS_CONSOLE_PROXY_HEADER",
+        description="When set (e.g. `X-Forwarded-User`), a request from a trusted proxy "
+                    "carrying this header is that user (single sign-on through a reverse "
+                    "proxy).")
+    proxy_default_role: str = Field(
+        "viewer", validation_alias="COUPONS_CONSOLE_PROXY_ROLE",
+        description="The role of a proxy-authenticated user the users file does not list.")
+    trusted_proxies: str = Field(
+        "127.0.0.1,::1", validation_alias="COUPONS_CONSOLE_TRUSTED_PROXIES",
+        description="Comma-separated addresses whose identity header is believed.")
+    flower_url: str | None = Field(
+        None, validation_alias="COUPONS_CONSOLE_FLOWER_URL",
+        description="Flower's address: the console links each Capillary call to its task "
+                    "there (`<url>/task/<id>`).")
+    secure_cookies: bool = Field(
+        False, validation_alias="COUPONS_CONSOLE_SECURE_COOKIES",
+        description="Send the session cookie over HTTPS only (set it behind TLS).")
+    session_max_age_s: int = Field(
+        8 * 3600, ge=60, validation_alias="COUPONS_CONSOLE_SESSION_SECONDS",
+        description="A session expires this many seconds after login.")
+    login_max_failures: int = Field(
+        5, ge=1, validation_alias="COUPONS_CONSOLE_LOGIN_MAX_FAILURES",
+        description="Failed logins allowed per user name and per client address within the "
+                    "window; then 429.")
+    login_window_s: float = Field(
+        300.0, gt=0, validation_alias="COUPONS_CONSOLE_LOGIN_WINDOW_SECONDS",
+        description="The window of the failed-login limit, in seconds.")
     default_velocity_per_min: int = Field(
-        60, ge=1, validation_alias="COUPONS_CONSOLE_DEFAULT_VELOCITY")
+        60, ge=1, validation_alias="COUPONS_CONSOLE_DEFAULT_VELOCITY",
+        description="The replay velocity the console offers by default, in calls per minute.")
 
     @field_validator("secret")
     @classmethod
