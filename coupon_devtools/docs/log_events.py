@@ -1,8 +1,6 @@
-"""The worker's log events, read from its source: each stable event name, its level and the
-fields it carries (the keys of ``extra=``), for docs/observability.md's reference and the test
-that keeps that reference complete.
-
-``python -m coupon_devtools.log_events`` prints the reference as a Markdown table.
+"""The log events' reference page, read from the worker's source: each stable event name, its
+levels and the fields it carries (the keys of ``extra=``, literal or built beforehand), so an
+on-call engineer knows what to grep for (docs/reference/log-events.md).
 """
 
 from __future__ import annotations
@@ -113,9 +111,15 @@ def markdown(events: dict[str, LogEvent]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    print(markdown(log_events(Path(__file__).resolve().parents[1] / "worker")))
+_INTRO = """# Log events
+
+Generated from the worker's source by `make docs-reference`: every event a worker logs, its
+level, and the fields it carries. How to read the lines (the two formats, the fields that
+recur, the `entity.*` family) is in [observability](../observability.md#logs).
+
+"""
 
 
-if __name__ == "__main__":
-    main()
+def render_log_events() -> str:
+    """The whole page."""
+    return _INTRO + markdown(log_events(Path(__file__).resolve().parents[2] / "worker")) + "\n"
