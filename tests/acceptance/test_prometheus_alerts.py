@@ -32,13 +32,19 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SCREENSHOT = "prometheus-alert-firing.png"
 
 
+#: The alert under test pages after a second; the others after a few, so that one slow scrape
+#: on a busy machine (the scrape timeout is a second too) cannot page for a worker that is there.
+UNDER_TEST = "CouponCircuitOpen"
+OTHERS_FOR = "5s"
+
+
 def rules_for_a_test(target: Path) -> Path:
-    """alerts.yml with every ``for:`` cut to one second: the same expressions, paging at
-    once instead of after minutes."""
+    """alerts.yml with every ``for:`` cut to seconds: the same expressions, paging at once
+    instead of after minutes."""
     rules = yaml.safe_load((PROMETHEUS_DIR / "alerts.yml").read_text(encoding="utf-8"))
     for group in rules["groups"]:
         for rule in group["rules"]:
-            rule["for"] = "1s"
+            rule["for"] = "1s" if rule["alert"] == UNDER_TEST else OTHERS_FOR
     target.write_text(yaml.safe_dump(rules, sort_keys=False), encoding="utf-8")
     return target
 
