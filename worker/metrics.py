@@ -155,12 +155,14 @@ def exposition_registry(own: CollectorRegistry, backlog: BacklogReader | None,
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     else:
         registry = own
+    # Collected in this order: the scraped ledger reads (with their short timeout) before the
+    # backlog's count, which then fails at once if they found the ledger gone.
+    for collector in scraped:
+        registry.register(collector)
     if backlog is not None:
         registry.register(_backlog_collector(backlog))
     if build is not None:
         registry.register(_build_info_collector(build))
-    for collector in scraped:
-        registry.register(collector)
     return registry
 
 

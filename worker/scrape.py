@@ -20,15 +20,18 @@ failing the scrape: the other series still tell on-call what they can.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from worker.adapters.postgres.ratelimit import BucketSpec
     from worker.adapters.postgres.vitals import LedgerVitals
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: The circuit's states, each a series of ``coupon_circuit_state`` (1 for the current one).
 CIRCUIT_STATES = ("closed", "open", "half_open")
@@ -44,6 +47,33 @@ class Configured:
     #: The rate limit, when one is configured (None: only a 429's Retry-After holds calls).
     rate_limit: BucketSpec | None = None
     rate_limit_per_minute: int | None = None
+
+
+class LedgerReads:
+    """The ledger reads of a scrape, failing together: once one fails, those of the next
+    ``hold_s`` fail at once instead of each waiting out its own connect timeout.
+
+    Against a database that drops packets, every read would wait the full connect timeout, and
+    two of them would outlast Prometheus's scrape timeout: the scrape would fail and read as a
+    worker gone, when the worker is there to say that the ledger is not.
+    """
+
+    def __init__(self, hold_s: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self._hold_s = hold_s
+        self._clock = clock
+        self._failed_until = float("-inf")
+        self._error: Exception | None = None
+
+    def run(self, read: Callable[[], T]) -> T:
+        """``read()``, unless a read failed less than ``hold_s`` ago: then that read's error."""
+        if self._clock() < self._failed_until and self._error is not None:
+            raise self._error
+        try:
+            return read()
+        except Exception as exc:
+            self._error = exc
+            self._failed_until = self._clock() + self._hold_s
+            raise
 
 
 def _gauge(name: str, documentation: str, labels: list[str] | None = None) -> Any:

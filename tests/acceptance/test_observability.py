@@ -237,3 +237,30 @@ def test_the_plain_celery_command_runs_the_worker(
         wait_for_state(clean_ledger, "plain-celery", "completed", timeout_s=60)
     finally:
         process.stop(grace_s=20)
+
+
+def test_a_worker_that_cannot_reach_its_ledger_says_so_at_the_scrape(
+    settings_factory: Callable[..., Settings], start_worker: Callable[..., WorkerProcess],
+) -> None:
+    # Given a worker whose ledger refuses every connection (nothing listens on its port)
+    port = free_port()
+    settings = settings_factory(metrics_port=port,
+                                database_url=f"postgresql+psycopg://postgres@127.0.0.1:"
+                                             f"{free_port()}/coupons")
+    start_worker(settings, concurrency=1)
+
+    def scrape() -> str | None:
+        body = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=9).text
+        paused = f'coupon_consumers_paused{{queue="{settings.tasks_queue}"}} 1.0' in body
+        return body if paused else None
+
+    # Then the scrape still answers: the ledger is down, and the worker stopped consuming
+    body = wait_until(scrape, timeout_s=30, message="the worker to pause for its ledger")
+    started = time.monotonic()
+    requests.get(f"http://127.0.0.1:{port}/metrics", timeout=9).raise_for_status()
+    assert time.monotonic() - started < 5, "well inside Prometheus's scrape timeout"
+    assert metric_value(body, "coupon_ledger_up") == 0
+    assert metric_value(body, "coupon_broker_up") == 1
+    assert "coupon_circuit_state{" not in body, "what needs the ledger is left out"
+    assert "coupon_retry_oldest_age_seconds " not in body
+    assert f'coupon_consumers_paused{{queue="{settings.retry_queue}"}} 1.0' in body

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from worker.adapters.postgres.ratelimit import BucketSpec
 from worker.adapters.postgres.vitals import BucketVitals, CircuitVitals, LedgerVitals
 from worker.domain.errors import LedgerUnavailable
 from worker.metrics import Metrics
-from worker.scrape import Configured, consumers_collector, ledger_collector, queues_collector
+from worker.scrape import (
+    Configured,
+    LedgerReads,
+    consumers_collector,
+    ledger_collector,
+    queues_collector,
+)
 
 CONFIGURED = Configured(settle_window_s=120.0)
 
@@ -111,3 +118,26 @@ def test_gauges_set_by_pool_processes_merge_as_the_most_recent() -> None:
     metrics.read_back("reconcile", "absent")
     assert metrics.registry.get_sample_value(
         "capillary_read_backs_total", {"purpose": "reconcile", "outcome": "absent"}) == 1
+
+
+def test_after_a_failed_ledger_read_the_scrapes_other_reads_fail_at_once() -> None:
+    # Given a ledger that does not answer: each read would wait out its connect timeout
+    now = [100.0]
+    reads = LedgerReads(hold_s=5.0, clock=lambda: now[0])
+    tried: list[str] = []
+
+    def unreachable() -> dict[str, int]:
+        tried.append("read")
+        now[0] += 5.0  # the connect timeout
+        raise LedgerUnavailable("timeout expired")
+
+    # When the first read of a scrape fails
+    with pytest.raises(LedgerUnavailable):
+        reads.run(unreachable)
+    # Then the next one fails at once with its error, without trying
+    with pytest.raises(LedgerUnavailable, match="timeout expired"):
+        reads.run(unreachable)
+    assert tried == ["read"]
+    # And once the hold is over, the ledger is tried again (and may answer)
+    now[0] += 5.0
+    assert reads.run(lambda: {"issued": 1}) == {"issued": 1}

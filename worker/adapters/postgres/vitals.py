@@ -5,6 +5,10 @@ closed), the age of the oldest waiting retry, unknown outcome and dead letter, a
 limit's buckets. Each age is one probe of a partial index (``ix_entities_waiting_retry``,
 ``ix_entities_unknown_outcome``, ``ix_entities_dead``), never a scan of ``entities``. Ages are
 measured on the database's clock, like the leases and settle times they come from.
+
+The transaction carries a statement timeout of its own, shorter than the workers': a stalled
+database must show as ``coupon_ledger_up 0`` within Prometheus's scrape timeout, not make the
+scrape itself time out (which would read as a worker gone).
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ SELECT
   (SELECT EXTRACT(EPOCH FROM now() - min(dead_at)) FROM entities
     WHERE state = '{EntityState.DEAD.value}')
 """)  # noqa: S608 (only the domain's state names are interpolated)
+#: The longest a scrape's ledger read may run (the default scrape timeout is 10 s).
+SCRAPE_STATEMENT_TIMEOUT_MS = 2000
+_TIMEOUT = text(f"SET LOCAL statement_timeout = {SCRAPE_STATEMENT_TIMEOUT_MS}")
 _CIRCUITS = text("""
 SELECT name, state, EXTRACT(EPOCH FROM now() - coalesce(state_since, updated_at))
 FROM circuit_breakers ORDER BY name
@@ -87,6 +94,7 @@ def read_vitals(engine: Engine) -> LedgerVitals:
     """Read the vitals; raises ``LedgerUnavailable`` (or ``LedgerError``) like any ledger read."""
     try:
         with engine.connect() as conn:
+            conn.execute(_TIMEOUT)
             retry, unknown, dead = conn.execute(_AGES).one()
             circuits = tuple(CircuitVitals(str(name), str(state), max(float(age or 0.0), 0.0))
                              for name, state, age in conn.execute(_CIRCUITS))

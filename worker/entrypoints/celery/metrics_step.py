@@ -27,7 +27,13 @@ from worker.config import Settings
 from worker.domain.errors import LedgerUnavailable
 from worker.entrypoints.celery.context import container_of, links_of, step_settings
 from worker.metrics import METRICS_PORT_SPAN, exposition_registry, serve_metrics
-from worker.scrape import Configured, consumers_collector, ledger_collector, queues_collector
+from worker.scrape import (
+    Configured,
+    LedgerReads,
+    consumers_collector,
+    ledger_collector,
+    queues_collector,
+)
 from worker.usecases.queries import entity_state_counts
 
 log = logging.getLogger(__name__)
@@ -47,12 +53,14 @@ class MetricsServer(bootsteps.StartStopStep):
             return
         container = container_of(parent.app)
 
+        reads = LedgerReads()
+
         def backlog() -> dict[str, int]:
-            return entity_state_counts(container.engine)
+            return reads.run(lambda: entity_state_counts(container.engine))
 
         registry = exposition_registry(container.metrics.registry, backlog,
                                        build_labels(links_of(parent.app).schema),
-                                       scraped_collectors(container, settings))
+                                       scraped_collectors(container, settings, reads))
         try:
             self._server, port = serve_metrics(settings.metrics_port, registry)
         except OSError as exc:
@@ -69,9 +77,11 @@ class MetricsServer(bootsteps.StartStopStep):
             self._server = None
 
 
-def scraped_collectors(container: Container, settings: Settings) -> list[Any]:
+def scraped_collectors(container: Container, settings: Settings,
+                       reads: LedgerReads) -> list[Any]:
     """What on-call alerts on, read at each scrape: the ledger's vitals, this worker's paused
-    consumers, and the queues' backlogs (``worker.scrape``)."""
+    consumers, and the queues' backlogs (``worker.scrape``). The ledger's reads go through
+    ``reads``, shared with the backlog's, so that an unreachable ledger costs one timeout."""
     links = container.links
     limiter = container.deps().limiter
     spec: BucketSpec | None = limiter.spec if isinstance(limiter, PostgresRateLimiter) else None
@@ -84,7 +94,7 @@ def scraped_collectors(container: Container, settings: Settings) -> list[Any]:
     names = queue_names(settings)
 
     def vitals() -> LedgerVitals:
-        return read_vitals(container.engine)
+        return reads.run(lambda: read_vitals(container.engine))
 
     def paused() -> dict[str, bool]:
         return {queue: queue in links.paused_queues for queue in consumed}
