@@ -39,7 +39,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN_DIR = Path(sys.executable).parent
 LEDGER_TABLES = ("coupons", "entity_history", "api_calls", "operator_actions", "entities",
                  "events", "rejected_events", "circuit_breakers", "rate_limit_buckets",
-                 "replay_job_items", "replay_jobs", "message_failures", "maintenance_runs")
+                 "replay_job_items", "replay_jobs", "message_failures", "maintenance_runs",
+                 "console_sessions", "login_attempts")
 SANDBOX_USER, SANDBOX_PASSWORD = "store.server", "server123"
 
 # Tests must not pick up a developer's .env file.
