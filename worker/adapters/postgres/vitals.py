@@ -29,7 +29,7 @@ def _states(states: tuple[str, ...]) -> str:
     return ", ".join(f"'{state}'" for state in states)
 
 
-# The WHERE clauses repeat the partial indexes' predicates (0012, 0001) so the planner uses them.
+# The WHERE clauses repeat the partial indexes' predicates (0013, 0001) so the planner uses them.
 _AGES = text(f"""
 SELECT
   (SELECT EXTRACT(EPOCH FROM now() - min(first_attempt_at)) FROM entities

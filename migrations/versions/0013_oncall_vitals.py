@@ -10,8 +10,8 @@ Two partial indexes make the metrics' oldest-age queries one index probe each in
 scan of ``entities``: the oldest first attempt of the entities waiting for a retry, and the
 earliest settle time of the unknown outcomes not yet reconciled.
 
-Revision ID: 0012
-Revises: 0011
+Revision ID: 0013
+Revises: 0012
 Create Date: 2026-12-07 16:30:00+00:00
 """
 
@@ -22,8 +22,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0012"
-down_revision: str | None = "0011"
+revision: str = "0013"
+down_revision: str | None = "0012"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
