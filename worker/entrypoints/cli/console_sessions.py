@@ -30,7 +30,7 @@ def _sessions() -> Iterator[tuple[Any, Any]]:
         console = load_console_settings()
     except WorkerError as exc:
         fail(str(exc), 2, multiline=True)
-    engine = make_engine(settings.database_url, pool_size=1,
+    engine = make_engine(settings.database_url, pool_size=1, password=settings.database_secret(),
                          limits=ConnectionLimits(pooler=settings.db_pooler))
     try:
         deps = build_support_deps(settings, engine)

@@ -29,10 +29,11 @@ def migrate() -> None:
     settings = settings_or_exit()
     configure_logging(settings.log_level, settings.log_format)
     try:
-        created = ensure_database(settings.ledger_url())
-        upgrade(settings.ledger_url())
-        status = schema_status(settings.ledger_url(), pooler=settings.db_pooler)
-        granted = grant_roles(settings.ledger_url(), settings.db_role_prefix)
+        url = settings.ledger_url()
+        created = ensure_database(url)
+        upgrade(url)
+        status = schema_status(url, pooler=settings.db_pooler)
+        granted = grant_roles(url, settings.db_role_prefix)
     except WorkerError as exc:
         fail(str(exc))
     where = settings.safe_summary()["database"]
@@ -121,6 +122,7 @@ def health(node: str | None, pid: int | None, max_age_s: float | None, as_json: 
         for worker_health in report.workers:
             click.echo(f"  {worker_health.describe()}")
     sys.exit(0 if report.healthy else 1)
+
 
 #: Flower's secret settings, also read from ``<NAME>_FILE`` (docs/secrets.md).
 FLOWER_SECRETS = ("FLOWER_BASIC_AUTH", "FLOWER_OAUTH2_SECRET", "FLOWER_COOKIE_SECRET")
