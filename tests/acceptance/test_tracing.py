@@ -4,6 +4,7 @@ trace a producer starts in a bus message's ``traceparent`` header goes on throug
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,7 +21,7 @@ from sqlalchemy import Engine
 
 from coupon_devtools.sandbox import SandboxAdmin
 from tests.acceptance.helpers import example_event, wait_for_state
-from tests.conftest import WorkerProcess, wait_until
+from tests.conftest import WorkerProcess, run_cli, wait_until
 from worker.adapters.rabbitmq import topology
 from worker.config import Settings
 
@@ -103,3 +104,21 @@ def test_a_producers_trace_goes_on_through_a_real_worker(
     (call,) = [attributes for trace, name, attributes in receiver.spans
                if trace == trace_id and name == "capillary.bulk_issue"]
     assert call["capillary.request_id"] == sandbox.calls()[-1]["requestId"]
+
+
+def test_coupon_worker_publish_starts_the_trace_the_message_carries(
+        settings: Settings, receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given traces on for the command (an OTLP endpoint set, COUPONS_TRACING=auto)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+    # When it publishes an event
+    result = run_cli(settings, "publish", "-",
+                     stdin=json.dumps(example_event("otlp-cli", series=(544770,))))
+    assert result.exit_code == 0, result.output
+    # Then the message carries the traceparent of the publish span it exported
+    with Connection(settings.broker_url) as conn:
+        message = topology.events_queue(settings)(conn.default_channel).get(no_ack=True)
+        assert message is not None
+        traceparent = (message.headers or {})["traceparent"]
+    trace_id = traceparent.split("-")[1]
+    assert (trace_id, f"{settings.events_queue} publish") in {
+        (trace, name) for trace, name, _ in receiver.spans}
