@@ -40,10 +40,10 @@ class SettingsFields(BaseSettings):
     database_password: SecretStr | None = Field(
         None, validation_alias="COUPONS_DATABASE_PASSWORD", repr=False,
         description="The ledger's password, instead of one in `COUPONS_DATABASE_URL` (it wins "
-                    "over one there). Given as `COUPONS_DATABASE_PASSWORD_FILE`, it is read "
-                    "again when the file changes: new connections use the new password, no "
-                    "restart (docs/secrets.md). Also used by the retention job when "
-                    "`COUPONS_RETENTION_DATABASE_URL` is not set.")
+                    "over one there); also used by the retention job when "
+                    "`COUPONS_RETENTION_DATABASE_URL` is not set. Given as a file, it is read "
+                    "again when the file changes: new connections use the new password, with "
+                    "no restart.")
     # The retention job's own role may delete; the worker's may not (docs/security.md).
     retention_database_url: str | None = Field(
         None, validation_alias="COUPONS_RETENTION_DATABASE_URL", repr=False,

@@ -54,7 +54,12 @@ A few variables are read by one command or library, not by the settings classes:
   `CONSOLE`).
 - `FLOWER_BASIC_AUTH` (`user:password`) or `FLOWER_AUTH`: Flower's login, for
   `coupon-worker flower`, which refuses to listen on an address other than loopback without
-  one (or Flower's `--basic-auth` / `--auth`).
+  one (or Flower's `--basic-auth` / `--auth`). `FLOWER_BASIC_AUTH_FILE`,
+  `FLOWER_COOKIE_SECRET_FILE` and `FLOWER_OAUTH2_SECRET_FILE` name files holding them
+  ([Secrets from files](../secrets.md)).
+- `OTEL_*`: OpenTelemetry's own variables (the OTLP endpoint, protocol and headers, the
+  service name, the sampler), read by its SDK when traces are on
+  ([Tracing](../tracing.md)).
 - `REQUESTS_CA_BUNDLE`: the certificate authorities the Capillary client trusts (the sandbox's
   `sandbox-ca.pem` over HTTPS); a file that cannot be read opens the circuit
   (`client_config`).
@@ -70,10 +75,10 @@ def render_configuration(worker: type[BaseModel] = Settings,
         HEADER,
         "## The worker's settings\n\nRead by every process of the runtime: the workers, the "
         "command line and the console.\n",
-        *(_entry(field) for field in worker.model_fields.values()),
+        *_entries(worker),
         "## The console's settings\n\nRead by `coupon-worker console` only "
         "([The support console](../console.md)).\n",
-        *(_entry(field) for field in console.model_fields.values()),
+        *_entries(console),
         FOOTER,
     ]
     return "\n".join(sections)
@@ -97,8 +102,18 @@ def variable(field: FieldInfo) -> str:
     return alias
 
 
-def _entry(field: FieldInfo) -> str:
+def _entries(model: type[BaseModel]) -> list[str]:
+    from_file = set(getattr(model, "secret_file_fields", ()))
+    return [_entry(field, from_file=name in from_file)
+            for name, field in model.model_fields.items()]
+
+
+def _entry(field: FieldInfo, *, from_file: bool = False) -> str:
     description = link_docs_pages((field.description or "").strip())
+    if from_file:
+        description += link_docs_pages(
+            f" Also accepted as `{variable(field)}_FILE`, the path of a file holding it "
+            "(docs/secrets.md).")
     facts = ", ".join([_type(field.annotation), *_constraints(field)])
     return (f"### `{variable(field)}`\n\n{description or '(no description)'}\n\n"
             f"*{facts}*; default: {_default(field)}\n")
