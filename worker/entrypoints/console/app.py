@@ -5,7 +5,6 @@ Nothing connects at import or construction: the engine connects on the first pag
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -19,6 +18,8 @@ from worker.config import Settings
 from worker.entrypoints.console.auth import LoginLimiter, UserDirectory
 from worker.entrypoints.console.config import ConsoleSettings
 from worker.entrypoints.console.headers import SecurityHeaders
+from worker.entrypoints.console.routes import ROUTES
+from worker.entrypoints.console.state import Console
 from worker.usecases.support import EventSubmitter, SupportDeps
 
 if TYPE_CHECKING:
@@ -28,21 +29,6 @@ TEMPLATES = Path(__file__).parent / "templates"
 SESSION_COOKIE = "coupon_console"
 
 
-@dataclass
-class Console:
-    """What every page needs; kept in ``app.state.console``."""
-
-    settings: Settings
-    console: ConsoleSettings
-    engine: Engine
-    support: SupportDeps
-    submitter: EventSubmitter
-    jobs: ReplayJobStore
-    users: UserDirectory
-    limiter: LoginLimiter
-    templates: Jinja2Templates
-
-
 def create_app(settings: Settings, console: ConsoleSettings, *, engine: Engine | None = None,
                support: SupportDeps | None = None,
                submitter: EventSubmitter | None = None) -> Starlette:
@@ -50,7 +36,6 @@ def create_app(settings: Settings, console: ConsoleSettings, *, engine: Engine |
     ``settings`` (the support commands' Celery publisher sends both retries and events)."""
     from worker.adapters.postgres.unit_of_work import ConnectionLimits, make_engine
     from worker.bootstrap import build_support_deps
-    from worker.entrypoints.console import routes
 
     engine = engine or make_engine(settings.database_url, pool_size=settings.db_pool_size,
                                    application_name="coupon-worker-console",
@@ -65,7 +50,7 @@ def create_app(settings: Settings, console: ConsoleSettings, *, engine: Engine |
         templates=Jinja2Templates(directory=str(TEMPLATES)),
     )
     app = Starlette(
-        routes=routes.ROUTES,
+        routes=ROUTES,
         middleware=[Middleware(SecurityHeaders), Middleware(
             SessionMiddleware, secret_key=console.secret.get_secret_value(),
             session_cookie=SESSION_COOKIE, max_age=console.session_max_age_s,
