@@ -103,3 +103,13 @@ def seed_dead(engine: Engine, event_id: str, customer: str, series: list[int],
             for e in claim.entities])
         u.commit()
     return [e.entity_id for e in claim.entities]
+
+
+IDS = re.compile(r'name="ids" id="confirm-ids" value="([^"]*)"')
+
+
+def planned_ids(html: str) -> str:
+    """The ids a dry run page's confirmation form carries."""
+    found = IDS.search(html)
+    assert found, "no confirmation form with ids on the page"
+    return found.group(1)

@@ -38,6 +38,7 @@ RESUBMIT_SOURCE = "resubmit"
 # The state machine's sets (worker.domain.model), as the ledger's selections name them.
 REPLAYABLE = tuple(sorted(s.value for s in model.REPLAYABLE))
 EVENT_REPLAYABLE = tuple(sorted(s.value for s in model.EVENT_REPLAYABLE))
+DISCARDABLE = tuple(sorted(s.value for s in model.DISCARDABLE))
 
 
 def default_operator() -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine, func, insert, select, update
@@ -137,7 +137,3 @@ class ReplayJobStore:
                        j.velocity_per_min, j.finished_at)
                 .order_by(j.id.desc()).limit(limit)).mappings()]
 
-
-def pace(velocity_per_min: int) -> timedelta:
-    """The interval between two items at ``velocity_per_min``."""
-    return timedelta(seconds=60.0 / max(1, velocity_per_min))

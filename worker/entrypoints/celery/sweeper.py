@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from celery import bootsteps
@@ -85,6 +86,7 @@ class Sweeper(bootsteps.StartStopStep):
         links = links_of(self._worker.app)
         interval_s = container.settings.sweep_interval_s
         while not self._stop.is_set() and self._worker_running():
+            paced_s = 0.0
             try:
                 deps = container.deps()
                 report = issue.sweep(deps, requeue_after_s=container.settings.requeue_after_s)
@@ -94,17 +96,20 @@ class Sweeper(bootsteps.StartStopStep):
                     open_until=circuit.open_until, now=deps.clock())
                 if report.dispatched or report.leases_expired or report.dead_letters_published:
                     log.info("sweep.done", extra=report.__dict__)
-                # Replay jobs confirmed in the console: this worker steps one if it is due.
+                # Replay jobs confirmed in the console: this worker steps one if it is due,
+                # spacing its items over the next interval; that time counts as the wait.
+                started = time.monotonic()
                 replay_jobs.step_replay_jobs(
                     SupportDeps(uow=deps.uow, publisher=deps.publisher, clock=deps.clock,
                                 metrics=deps.metrics),
-                    ReplayJobStore(container.engine))
+                    ReplayJobStore(container.engine), horizon_s=interval_s)
+                paced_s = time.monotonic() - started
             except LedgerUnavailable as exc:
                 links.pause = consumption_for_ledger_down(str(exc))
                 log.error("sweep.ledger_unavailable", extra={"error": str(exc)})
             except Exception:
                 log.exception("sweep.failed")
-            self._stop.wait(interval_s)
+            self._stop.wait(max(0.0, interval_s - paced_s))
 
     def _retention_loop(self) -> None:
         container = container_of(self._worker.app)

@@ -310,3 +310,14 @@ def render_resubmit(console: Console, result: Any, *, dry_run: bool) -> None:
          f"rejected #{result.rejected_id}: ", (result.outcome, style))
     if result.accepted and not dry_run and result.outcome.startswith("resubmitted"):
         show(console, "follow it with: coupon-worker events show ", (result.event_id, ""))
+
+
+def render_planned(console: Console, targets: Any, *, verb: str) -> None:
+    """The entities a filter found, which a confirmation will act on by id."""
+    t = table(f"would {verb} these {len(targets)}",
+              ["entity", "event", "customer", "series", "attempts", "last error",
+               "read back first"])
+    for x in targets:
+        t.add_row(_s(x.entity_id), _s(x.event_id), _s(x.customer_key), _s(x.series_id),
+                  _s(x.attempts), _s(x.error_code or ""), "yes" if x.needs_reconcile else "")
+    console.print(t)

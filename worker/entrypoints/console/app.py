@@ -14,6 +14,7 @@ from starlette.middleware.sessions import SessionMiddleware
 from starlette.templating import Jinja2Templates
 
 from worker.adapters.postgres.jobs import ReplayJobStore
+from worker.adapters.postgres.plans import SqlActionPlans
 from worker.config import Settings
 from worker.entrypoints.console.auth import LoginLimiter, UserDirectory
 from worker.entrypoints.console.config import ConsoleSettings
@@ -45,6 +46,7 @@ def create_app(settings: Settings, console: ConsoleSettings, *, engine: Engine |
         settings=settings, console=console, engine=engine, support=support,
         submitter=submitter or cast(EventSubmitter, support.publisher),
         jobs=ReplayJobStore(engine),
+        plans=SqlActionPlans(engine),
         users=UserDirectory.load(console.users),
         limiter=LoginLimiter(console.login_max_failures, console.login_window_s),
         templates=Jinja2Templates(directory=str(TEMPLATES)),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -40,6 +41,23 @@ class ConsoleSettings(BaseSettings):
     #: The replay velocity offered by default, in calls per minute.
     default_velocity_per_min: int = Field(
         60, ge=1, validation_alias="COUPONS_CONSOLE_DEFAULT_VELOCITY")
+
+    #: The time zone dates are shown in past a day (the hover always gives UTC too), e.g.
+    #: ``Europe/Berlin``; an IANA name.
+    timezone: str = Field("UTC", validation_alias="COUPONS_CONSOLE_TIMEZONE")
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"COUPONS_CONSOLE_TIMEZONE: unknown time zone {value!r} (an IANA "
+                             "name such as UTC or Europe/Berlin)") from None
+        return value
+
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
 
     @field_validator("secret")
     @classmethod

@@ -19,6 +19,7 @@ ROUTES = [
     Route("/entities/{entity_id:int}", events.entity),
     Route("/dlq", dead_letters.dead_letters),
     Route("/dlq/group", dead_letters.dead_letter_group),
+    Route("/dlq/discard/plan", dead_letters.discard_plan),
     Route("/dlq/discard", dead_letters.discard_entities, methods=["POST"]),
     Route("/replay/plan", replay.replay_plan),
     Route("/replay/start", replay.replay_start, methods=["POST"]),

@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.templating import Jinja2Templates
 
 from worker.adapters.postgres.jobs import ReplayJobStore
+from worker.adapters.postgres.plans import SqlActionPlans
 from worker.config import Settings
 from worker.entrypoints.console.auth import LoginLimiter, UserDirectory
 from worker.entrypoints.console.config import ConsoleSettings
@@ -33,6 +34,7 @@ class Console:
     support: SupportDeps
     submitter: EventSubmitter
     jobs: ReplayJobStore
+    plans: SqlActionPlans
     users: UserDirectory
     limiter: LoginLimiter
     templates: Jinja2Templates

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from datetime import datetime
+from functools import partial
 from typing import Any
 from urllib.parse import quote
 
@@ -13,11 +14,13 @@ from starlette.responses import RedirectResponse, Response
 
 from worker.adapters.postgres.support import Selection
 from worker.adapters.rabbitmq.names import split_worker
+from worker.domain.errors import SelectionRefused
 from worker.domain.model import describe_error
 from worker.domain.text import mask_code
 from worker.entrypoints.console import csrf
 from worker.entrypoints.console.auth import Role, User
 from worker.entrypoints.console.state import Console, console_of
+from worker.entrypoints.console.timestamps import moment
 from worker.usecases.issue import utcnow
 
 Handler = Callable[[Request, User], Awaitable[Response]]
@@ -61,6 +64,7 @@ def render(request: Request, template: str, user: User | None, status: int = 200
         {"user": user, "csrf_token": csrf.token(request.session),
          "flower_url": c.console.flower_url, "task_id_of": task_id_of,
          "describe_error": describe_error,
+         "when": partial(moment, now=c.support.clock(), zone=c.console.zone()),
          # Viewers see coupon codes masked (a code is redeemable by whoever reads it); they
          # may still search by a full code a customer reads out.
          "shown_code": (lambda code: code) if _sees_codes(user) else mask_code,
@@ -120,7 +124,7 @@ def page(role: Role = Role.VIEWER) -> Callable[[Handler], Callable[[Request], Aw
                     return forbidden(request, user, "missing or wrong CSRF token")
             try:
                 return await handler(request, user)
-            except BadInput as exc:
+            except (BadInput, SelectionRefused) as exc:
                 # A value that cannot be read is refused, never dropped: a dropped filter
                 # would widen what a page lists, or what an action touches.
                 return render(request, "error.html", user, status=400, title="Bad request",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 from urllib.parse import urlencode
 
@@ -13,7 +14,8 @@ from worker.entrypoints.console.auth import Role, User
 from worker.entrypoints.console.state import console_of
 from worker.entrypoints.console.web import form_fields, origin, page, render, selection_from
 from worker.usecases import queries
-from worker.usecases.support import discard
+from worker.usecases.action_plans import by_ids, parse_ids, plan_action
+from worker.usecases.support import DISCARDABLE, discard
 
 
 @page()
@@ -43,14 +45,30 @@ async def dead_letter_group(request: Request, user: User) -> Response:
 
 
 @page(Role.OPERATOR)
+async def discard_plan(request: Request, user: User) -> Response:
+    """The dry run of a discard: exactly which dead entities it would close (at most
+    ``MAX_IDS``); the confirmation form carries their ids."""
+    c = console_of(request)
+    selection = replace(selection_from(request.query_params), states=DISCARDABLE)
+    if selection.is_empty():
+        return render(request, "error.html", user, status=400, title="Nothing selected",
+                      message="choose an entity, a group, a customer or an event")
+    plan = await run_in_threadpool(plan_action, selection, c.plans)
+    return render(request, "discard_plan.html", user, plan=plan, selection=selection)
+
+
+@page(Role.OPERATOR)
 async def discard_entities(request: Request, user: User) -> Response:
+    """The confirmation: close exactly the ids posted, those still dead; nothing else, even
+    what matches the same filter and arrived since the dry run."""
     c = console_of(request)
     form = await form_fields(request)
-    selection = selection_from(form)
+    ids = parse_ids(form.get("ids", ""))
     reason = form.get("reason", "").strip()
-    if selection.is_empty() or not reason:
+    if not reason:
         return render(request, "error.html", user, status=400, title="Not discarded",
-                      message="choose what to discard and say why")
+                      message="say why (the reason is kept in the audit)")
     results = await run_in_threadpool(lambda: discard(
-        selection, reason=reason, operator=user.name, deps=c.support, origin=origin(user)))
+        by_ids(ids, DISCARDABLE), reason=reason, operator=user.name, deps=c.support,
+        origin=origin(user)))
     return render(request, "actions.html", user, title="Discarded", results=results)

@@ -11,7 +11,6 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from worker.entrypoints.console.auth import Role, User
 from worker.entrypoints.console.state import console_of
 from worker.entrypoints.console.web import (
-    forbidden,
     form_fields,
     not_found,
     origin,
@@ -20,20 +19,20 @@ from worker.entrypoints.console.web import (
     render,
     selection_from,
 )
+from worker.usecases.action_plans import parse_ids
 from worker.usecases.replay_jobs import control_replay_job, plan_replay, start_replay_job
 
 
 @page(Role.OPERATOR)
 async def replay_plan(request: Request, user: User) -> Response:
-    """The dry run: how many will be sent, read back first, already issued."""
+    """The dry run: exactly which dead entities a replay would send (at most ``MAX_IDS``),
+    how many need a read-back first, how many the filter finds already issued."""
     c = console_of(request)
-    if user.role < Role.OPERATOR:
-        return forbidden(request, user, "a dry run needs operator")
     selection = selection_from(request.query_params)
     if selection.is_empty():
         return render(request, "error.html", user, status=400, title="Nothing selected",
                       message="choose an entity, a group, a customer or an event")
-    plan = await run_in_threadpool(plan_replay, selection, c.support)
+    plan = await run_in_threadpool(plan_replay, selection, c.plans)
     limit = c.settings.rate_limit_per_minute
     return render(request, "replay_plan.html", user, plan=plan, selection=selection,
                   query=request.url.query, velocity=min(c.console.default_velocity_per_min,
@@ -42,17 +41,18 @@ async def replay_plan(request: Request, user: User) -> Response:
 
 @page(Role.OPERATOR)
 async def replay_start(request: Request, user: User) -> Response:
+    """The confirmation: a job over exactly the ids the dry run listed."""
     c = console_of(request)
     form = await form_fields(request)
+    ids = parse_ids(form.get("ids", ""))
     selection = selection_from(form)
     reason = form.get("reason", "").strip()
     try:
         velocity = parse_number(form.get("velocity", "0"), "velocity")
-        if selection.is_empty():
-            raise ValueError("nothing selected")
         job_id = await run_in_threadpool(
-            lambda: start_replay_job(selection, reason=reason, operator=user.name,
-                                     velocity_per_min=velocity, deps=c.support, store=c.jobs,
+            lambda: start_replay_job(ids, selection=selection, reason=reason,
+                                     operator=user.name, velocity_per_min=velocity,
+                                     deps=c.support, store=c.jobs, plans=c.plans,
                                      max_velocity_per_min=c.settings.rate_limit_per_minute,
                                      origin=origin(user)))
     except ValueError as exc:
