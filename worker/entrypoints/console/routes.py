@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from starlette.routing import Route
 
-from worker.entrypoints.console.pages import audit, dead_letters, events, login, rejected, replay
+from worker.entrypoints.console.pages import (
+    audit,
+    dead_letters,
+    events,
+    login,
+    rejected,
+    replay,
+    waiting,
+)
 
 ROUTES = [
     Route("/static/console.css", login.style_sheet),
@@ -31,4 +39,7 @@ ROUTES = [
     Route("/rejected/{rejected_id:int}", rejected.rejected_one),
     Route("/rejected/{rejected_id:int}/resubmit", rejected.rejected_resubmit, methods=["POST"]),
     Route("/audit", audit.audit),
+    Route("/waiting", waiting.waiting),
+    Route("/waiting/retry", waiting.waiting_retry, methods=["POST"]),
+    Route("/waiting/give-up", waiting.waiting_give_up, methods=["POST"]),
 ]

@@ -44,7 +44,8 @@ async def rejected_resubmit(request: Request, user: User) -> Response:
         result = await run_in_threadpool(lambda: resubmit_rejected(
             rejected_id, payload, reason=reason, operator=user.name,
             os_user=f"console:{user.name}", deps=c.support, submitter=c.submitter,
-            max_bytes=c.settings.max_event_bytes, dry_run=form.get("dry_run") == "1"))
+            max_bytes=c.settings.max_event_bytes, dry_run=form.get("dry_run") == "1",
+            resend=form.get("resend") == "1"))
     except (ValueError, NotFound, WorkerError) as exc:
         return render(request, "error.html", user, status=400, title="Not resubmitted",
                       message=str(exc))

@@ -72,8 +72,13 @@ async def job(request: Request, user: User) -> Response:
     if request.url.path.endswith(".json"):
         return JSONResponse(json.loads(json.dumps(
             {"job": found, "items": items}, default=str)))
+    progress = await run_in_threadpool(
+        lambda: c.jobs.progress(job_id, now=c.support.clock()))
     done = found["counts"]["done"] + found["counts"]["cancelled"]
-    return render(request, "job.html", user, job=found, items=items, done=done)
+    pending = found["counts"]["pending"]
+    eta_s = 60.0 * pending / found["velocity_per_min"] if pending else 0.0
+    return render(request, "job.html", user, job=found, items=items, done=done,
+                  pending=pending, progress=progress, eta_s=eta_s)
 
 
 @page()
