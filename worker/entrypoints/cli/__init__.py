@@ -12,6 +12,7 @@
     coupon-worker flower                  Flower on the project's app
     coupon-worker console                 the support console in the browser
     coupon-worker duplicates              entities holding two of our coupons
+    coupon-worker waiting list|retry-now|give-up   what waits for a retry or a read-back
     coupon-worker circuit status|open|close   the circuit breaker by hand (audited)
     coupon-worker prune --older-than 90d  prune settled events, age out the audit trail
     coupon-worker db roles                the ledger's PostgreSQL roles per job
@@ -33,10 +34,11 @@ from worker.entrypoints.cli import (
     retention,
     runtime,
     support,
+    waiting,
     webconsole,
 )
 from worker.entrypoints.cli.root import main
 
 # Importing the command modules registers their commands on ``main``.
 __all__ = ["broker", "circuit", "deploy", "main", "publishing", "rejected", "retention", "runtime",
-           "support", "webconsole"]
+           "support", "waiting", "webconsole"]
