@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 _RUN = bootsteps.RUN  # type: ignore[attr-defined]  # not in the stubs
 #: How often a worker asks whether the fleet's prune is due: one cheap UPDATE.
 RETENTION_CHECK_S = 60.0
+#: The longest one replay step paces its items for while holding its job's row lock: well
+#: under the lock timeout (COUPONS_DB_LOCK_TIMEOUT_SECONDS) an operator's pause may wait.
+REPLAY_STEP_MAX_S = 1.0
 
 
 class Sweeper(bootsteps.StartStopStep):
@@ -97,19 +100,30 @@ class Sweeper(bootsteps.StartStopStep):
                 if report.dispatched or report.leases_expired or report.dead_letters_published:
                     log.info("sweep.done", extra=report.__dict__)
                 # Replay jobs confirmed in the console: this worker steps one if it is due,
-                # spacing its items over the next interval; that time counts as the wait.
-                started = time.monotonic()
-                replay_jobs.step_replay_jobs(
-                    SupportDeps(uow=deps.uow, publisher=deps.publisher, clock=deps.clock,
-                                metrics=deps.metrics),
-                    ReplayJobStore(container.engine), horizon_s=interval_s)
-                paced_s = time.monotonic() - started
+                # spacing its items until the next sweep; that time counts as the wait.
+                paced_s = self._step_replays(deps, container.engine, interval_s)
             except LedgerUnavailable as exc:
                 links.pause = consumption_for_ledger_down(str(exc))
                 log.error("sweep.ledger_unavailable", extra={"error": str(exc)})
             except Exception:
                 log.exception("sweep.failed")
             self._stop.wait(max(0.0, interval_s - paced_s))
+
+    @staticmethod
+    def _step_replays(deps: Any, engine: Any, interval_s: float) -> float:
+        """Step replay jobs until the next sweep is due, in steps of at most
+        ``REPLAY_STEP_MAX_S`` (a step holds its job's row lock: an operator's pause waits for
+        it); the seconds spent."""
+        support = SupportDeps(uow=deps.uow, publisher=deps.publisher, clock=deps.clock,
+                              metrics=deps.metrics)
+        store = ReplayJobStore(engine)
+        started = time.monotonic()
+        while True:
+            left_s = interval_s - (time.monotonic() - started)
+            stepped = replay_jobs.step_replay_jobs(
+                support, store, horizon_s=max(0.01, min(left_s, REPLAY_STEP_MAX_S)))
+            if not stepped or time.monotonic() - started >= interval_s:
+                return time.monotonic() - started
 
     def _retention_loop(self) -> None:
         container = container_of(self._worker.app)
