@@ -16,7 +16,7 @@ from dataclasses import asdict
 from datetime import timedelta
 from typing import Any
 
-from worker.adapters.postgres.jobs import ReplayJobStore
+from worker.adapters.postgres.jobs import ReplayJobs
 from worker.adapters.postgres.support import Selection
 from worker.domain.errors import SelectionRefused, WorkerError
 from worker.domain.model import EntityState
@@ -55,7 +55,7 @@ def plan_replay(selection: Selection, plans: ActionPlans) -> ActionPlan:
 
 def start_replay_job(entity_ids: tuple[int, ...], *, selection: Selection, reason: str,
                      operator: str, velocity_per_min: int, deps: SupportDeps,
-                     store: ReplayJobStore, plans: ActionPlans,
+                     store: ReplayJobs, plans: ActionPlans,
                      max_velocity_per_min: int | None = None,
                      origin: dict[str, str] | None = None) -> int:
     """Store a replay job for the workers over exactly ``entity_ids`` (the dry run's list);
@@ -101,7 +101,7 @@ _TRANSITIONS: dict[str, tuple[str, tuple[str, ...]]] = {
 
 
 def control_replay_job(job_id: int, command: str, *, operator: str, reason: str,
-                       deps: SupportDeps, store: ReplayJobStore,
+                       deps: SupportDeps, store: ReplayJobs,
                        origin: dict[str, str] | None = None) -> bool:
     """Pause, resume or cancel a job; audited whether or not it applied."""
     to, allowed = _TRANSITIONS[command]
@@ -116,7 +116,7 @@ def control_replay_job(job_id: int, command: str, *, operator: str, reason: str,
     return changed
 
 
-def step_replay_jobs(deps: SupportDeps, store: ReplayJobStore, *,
+def step_replay_jobs(deps: SupportDeps, store: ReplayJobs, *,
                      horizon_s: float = 1.0) -> int:
     """Replay the items of one running job that fall within the next ``horizon_s``, each at
     its own moment; how many were replayed.

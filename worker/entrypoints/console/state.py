@@ -14,10 +14,12 @@ from starlette.requests import Request
 from starlette.templating import Jinja2Templates
 
 from worker.adapters.postgres.jobs import ReplayJobStore
+from worker.adapters.postgres.login_limits import LoginLimits
 from worker.adapters.postgres.plans import SqlActionPlans
 from worker.config import Settings
-from worker.entrypoints.console.auth import LoginLimiter, UserDirectory
+from worker.entrypoints.console.auth import UserDirectory
 from worker.entrypoints.console.config import ConsoleSettings
+from worker.entrypoints.console.sessions import SessionManager
 from worker.usecases.support import EventSubmitter, SupportDeps
 
 if TYPE_CHECKING:
@@ -36,7 +38,8 @@ class Console:
     jobs: ReplayJobStore
     plans: SqlActionPlans
     users: UserDirectory
-    limiter: LoginLimiter
+    limits: LoginLimits
+    sessions: SessionManager
     templates: Jinja2Templates
 
 

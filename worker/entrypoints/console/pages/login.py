@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from starlette.concurrency import run_in_threadpool
@@ -9,9 +10,10 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from worker.domain.text import printable
-from worker.entrypoints.console import csrf
+from worker.entrypoints.console import csrf, sessions
+from worker.entrypoints.console.proxies import client_address
 from worker.entrypoints.console.state import Console, console_of
-from worker.entrypoints.console.web import client_of, form_fields, render
+from worker.entrypoints.console.web import form_fields, render
 
 
 async def login(request: Request) -> Response:
@@ -26,23 +28,24 @@ async def login(request: Request) -> Response:
         return render(request, "login.html", None, status=403, next=nxt,
                       error="The form expired; try again.")
     name, password = form.get("username", ""), form.get("password", "")
-    keys = (f"user:{name}", f"ip:{client_of(request)}")
-    if c.limiter.blocked(*keys):
+    client = client_address(request)
+    admission = await run_in_threadpool(c.limits.admit, name, client)
+    if not admission.allowed:
         await run_in_threadpool(_audit_login, c, name, "blocked: too many failed logins",
-                                client_of(request))
-        return render(request, "login.html", None, status=429, next=nxt,
-                      error="Too many failed logins; wait a few minutes.")
+                                client)
+        wait_s = max(1, math.ceil(admission.retry_after_s))
+        response = render(request, "login.html", None, status=429, next=nxt,
+                          error=f"Too many failed logins; try again in {wait_s} s.")
+        response.headers["retry-after"] = str(wait_s)
+        return response
     user = await run_in_threadpool(c.users.authenticate, name, password)
     if user is None:
-        c.limiter.failed(*keys)
-        await run_in_threadpool(_audit_login, c, name, "refused", client_of(request))
+        await run_in_threadpool(_audit_login, c, name, "refused", client)
         return render(request, "login.html", None, status=401, next=nxt,
                       error="Wrong user name or password.")
-    c.limiter.succeeded(*keys)
-    request.session.clear()
-    request.session["user"] = user.name
-    csrf.token(request.session)
-    await run_in_threadpool(_audit_login, c, name, "logged in", client_of(request))
+    await run_in_threadpool(c.limits.succeeded, name, client)
+    await sessions.log_in(request, c.sessions, user, client)
+    await run_in_threadpool(_audit_login, c, name, "logged in", client)
     return RedirectResponse(nxt, status_code=303)
 
 
@@ -60,7 +63,7 @@ def _audit_login(c: Console, name: str, outcome: str, client: str) -> None:
 async def logout(request: Request) -> Response:
     form = await form_fields(request)
     if csrf.valid(request.session, form.get(csrf.FIELD)):
-        request.session.clear()
+        await sessions.log_out(request, console_of(request).sessions)
     return RedirectResponse("/login", status_code=303)
 
 
