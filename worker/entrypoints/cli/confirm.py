@@ -16,18 +16,19 @@ from worker.entrypoints.cli.output import fail, print_json, say
 
 def confirmed_ids(selection: Any, states: tuple[str, ...], *, verb: str, dry_run: bool,
                   yes: bool, as_json: bool) -> tuple[int, ...] | None:
-    """The ids to act on: those named when no filter is given, else the ones the filter finds
-    now (at most ``MAX_IDS``; more exits 2 asking to narrow it), shown and confirmed.
+    """The ids to act on: those named when no filter is given (the command's own dry run
+    then shows what it would do), else the ones the filter finds now (at most ``MAX_IDS``;
+    more exits 2 asking to narrow it), shown and confirmed.
 
-    None on a dry run (the list is printed with the ids to confirm) or when the operator says
-    no; the command then changes nothing.
+    None after a filter's dry run (the list is printed with the ids to confirm) or when the
+    operator says no; the command then changes nothing.
     """
     from worker.adapters.postgres.plans import SqlActionPlans
     from worker.domain.errors import SelectionRefused
     from worker.usecases.action_plans import MAX_IDS, plan_action, too_many
 
-    only_ids = selection.entity_ids and replace(selection, entity_ids=()).is_empty()
-    if only_ids and not dry_run:
+    if selection.entity_ids and replace(selection, entity_ids=()).is_empty():
+        # Named one by one: acted on (or, with --dry-run, shown) as named.
         if len(selection.entity_ids) > MAX_IDS:
             fail(str(too_many(len(selection.entity_ids))), 2)
         return tuple(selection.entity_ids)

@@ -166,8 +166,8 @@ def dlq_replay(entity_ids: tuple[int, ...], error_code: str | None, series_id: i
     with support_deps() as deps:
         results = replay(by_ids(ids, REPLAYABLE), reason=reason,
                          operator=operator or default_operator(), deps=deps, rate_per_s=rate,
-                         origin=cli_origin()) if ids else []
-    print_actions(results, as_json, False, empty="no dead entity matches")
+                         dry_run=dry_run, origin=cli_origin()) if ids else []
+    print_actions(results, as_json, dry_run, empty="no dead entity matches")
 
 
 @dlq.command("discard")
@@ -194,8 +194,8 @@ def dlq_discard(entity_ids: tuple[int, ...], error_code: str | None, series_id: 
     with support_deps() as deps:
         results = discard(by_ids(ids, DISCARDABLE), reason=reason,
                           operator=operator or default_operator(), deps=deps,
-                          origin=cli_origin()) if ids else []
-    print_actions(results, as_json, False, empty="no dead entity matches")
+                          dry_run=dry_run, origin=cli_origin()) if ids else []
+    print_actions(results, as_json, dry_run, empty="no dead entity matches")
 
 @main.command()
 @click.option("--limit", type=int, default=100, show_default=True)
