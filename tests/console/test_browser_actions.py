@@ -70,6 +70,9 @@ def test_the_waiting_view_shows_a_waiting_entity_and_retry_now_makes_it_due(
                             unknown=True, code="read_timeout",
                             message="no answer within 10 s: it may have been issued")
     page = browser.new_page(viewport={"width": 1280, "height": 700})  # type: ignore[attr-defined]
+    violations: list[str] = []
+    page.on("console", lambda m: violations.append(m.text)
+            if "Content Security Policy" in m.text else None)
     log_in(page, console_url, "otto")
     page.click("nav >> text=Waiting")
     row = page.locator(f"#waiting-{waiting}")
@@ -90,6 +93,7 @@ def test_the_waiting_view_shows_a_waiting_entity_and_retry_now_makes_it_due(
     assert due[waiting] <= datetime.now(UTC) < due[unknown]
     page.goto(f"{console_url}/waiting")
     assert "due" in page.locator(f"#waiting-{waiting} td.next").inner_text()
+    assert violations == []  # styled by the style sheet alone, under the strict policy
 
 
 def test_a_replay_job_shows_its_progress_and_rate(
