@@ -268,9 +268,10 @@ def test_the_cli_lists_sessions_and_revokes_a_users_at_once_audited(
     login(vera, "vera")
     listed = cli("console", "sessions", "list")
     assert listed.exit_code == 0, listed.output
-    assert "otto" in listed.stdout and "vera" in listed.stdout and "192.0.2.30" in listed.stdout
+    # (the table wraps to the terminal's width: the address is checked in the JSON)
+    assert "otto" in listed.stdout and "vera" in listed.stdout
     only = cli("console", "sessions", "list", "--user", "otto", "--json")
-    assert [s["user"] for s in json.loads(only.stdout)] == ["otto"]
+    assert [(s["user"], s["client"]) for s in json.loads(only.stdout)] == [("otto", "192.0.2.30")]
     # When support revokes otto's sessions
     revoked = cli("console", "sessions", "revoke", "otto", "--reason", "laptop stolen",
                   "--operator", "sec-team")

@@ -110,6 +110,12 @@ class Entity(Base):
         Index("ix_entities_updated_at", "updated_at"),
         Index("ix_entities_verify", "verify_after", postgresql_where=text(
             "verify_after IS NOT NULL")),
+        # The metrics' oldest waiting retry and oldest unknown outcome, read at every scrape
+        # (0013).
+        Index("ix_entities_waiting_retry", "first_attempt_at",
+              postgresql_where=text("state IN ('retry_wait', 'queued')")),
+        Index("ix_entities_unknown_outcome", "settles_at", postgresql_where=text(
+            "needs_reconcile AND state IN ('retry_wait', 'queued', 'in_flight')")),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
@@ -329,6 +335,9 @@ class CircuitBreaker(Base):
     open_until: Mapped[datetime | None] = mapped_column(Timestamp)
     reason: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(Timestamp, server_default=text("now()"))
+    #: When it last opened or closed (a probe's half-open is still open), database clock; set
+    #: by a trigger whoever writes the row (0013).
+    state_since: Mapped[datetime | None] = mapped_column(Timestamp)
 
 
 class RateLimitBucket(Base):
