@@ -5,7 +5,6 @@ Nothing connects at import or construction: the engine connects on the first pag
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -16,12 +15,15 @@ from starlette.templating import Jinja2Templates
 from worker.adapters.postgres.console_sessions import SessionStore
 from worker.adapters.postgres.jobs import ReplayJobStore
 from worker.adapters.postgres.login_limits import LoginLimits
+from worker.adapters.postgres.plans import SqlActionPlans
 from worker.config import Settings
 from worker.entrypoints.console.auth import UserDirectory
 from worker.entrypoints.console.config import ConsoleSettings
 from worker.entrypoints.console.headers import SecurityHeaders
 from worker.entrypoints.console.proxies import TrustedProxyHeaders
+from worker.entrypoints.console.routes import ROUTES
 from worker.entrypoints.console.sessions import ServerSessions, SessionManager
+from worker.entrypoints.console.state import Console
 from worker.secret_files import Secret
 from worker.usecases.support import EventSubmitter, SupportDeps
 
@@ -31,22 +33,6 @@ if TYPE_CHECKING:
 TEMPLATES = Path(__file__).parent / "templates"
 
 
-@dataclass
-class Console:
-    """What every page needs; kept in ``app.state.console``."""
-
-    settings: Settings
-    console: ConsoleSettings
-    engine: Engine
-    support: SupportDeps
-    submitter: EventSubmitter
-    jobs: ReplayJobStore
-    users: UserDirectory
-    limits: LoginLimits
-    sessions: SessionManager
-    templates: Jinja2Templates
-
-
 def create_app(settings: Settings, console: ConsoleSettings, *, engine: Engine | None = None,
                support: SupportDeps | None = None,
                submitter: EventSubmitter | None = None) -> Starlette:
@@ -54,7 +40,6 @@ def create_app(settings: Settings, console: ConsoleSettings, *, engine: Engine |
     ``settings`` (the support commands' Celery publisher sends both retries and events)."""
     from worker.adapters.postgres.unit_of_work import ConnectionLimits, make_engine
     from worker.bootstrap import build_support_deps
-    from worker.entrypoints.console import circuit_page, routes
 
     engine = engine or make_engine(settings.database_url, pool_size=settings.db_pool_size,
                                    password=settings.database_secret(),
@@ -69,6 +54,7 @@ def create_app(settings: Settings, console: ConsoleSettings, *, engine: Engine |
         settings=settings, console=console, engine=engine, support=support,
         submitter=submitter or cast(EventSubmitter, support.publisher),
         jobs=ReplayJobStore(engine),
+        plans=SqlActionPlans(engine),
         users=users,
         limits=LoginLimits(engine, max_failures=console.login_max_failures,
                            window_s=console.login_window_s, base_s=console.login_backoff_s,
@@ -80,8 +66,7 @@ def create_app(settings: Settings, console: ConsoleSettings, *, engine: Engine |
     session_secret = Secret.of(console, "secret")
     assert session_secret is not None
     app = Starlette(
-        # Page modules of their own add their routes here (they use the routes' helpers).
-        routes=[*routes.ROUTES, *circuit_page.ROUTES],
+        routes=ROUTES,
         # Outermost first: the proxy's headers are sorted out before HSTS reads the scheme
         # and before a session is looked up.
         middleware=[

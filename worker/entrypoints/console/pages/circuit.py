@@ -1,4 +1,4 @@
-"""The circuit page: the fleet-wide circuit breaker for everyone to see, and for operators to
+"""Circuit: the fleet-wide circuit breaker for everyone to see, and for operators to
 open (Capillary asked us to stop) or close (the key or the configuration is fixed).
 
 The same use case as ``coupon-worker circuit`` (``worker.usecases.circuit_control``), audited in
@@ -12,10 +12,10 @@ from __future__ import annotations
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
-from starlette.routing import Route
 
 from worker.entrypoints.console.auth import Role, User
-from worker.entrypoints.console.routes import _console, _form, page, render
+from worker.entrypoints.console.state import console_of
+from worker.entrypoints.console.web import form_fields, page, render
 from worker.usecases import queries
 from worker.usecases.circuit_control import circuit_state, close_circuit, open_circuit
 
@@ -34,7 +34,7 @@ async def circuit(request: Request, user: User) -> Response:
 
 async def _show(request: Request, user: User, *, error: str | None = None,
                 status: int = 200) -> Response:
-    c = _console(request)
+    c = console_of(request)
     state = await run_in_threadpool(circuit_state, c.support)
     history = await run_in_threadpool(lambda: sorted(
         (row for action in CIRCUIT_ACTIONS
@@ -46,8 +46,8 @@ async def _show(request: Request, user: User, *, error: str | None = None,
 
 @page(Role.OPERATOR)
 async def circuit_open(request: Request, user: User) -> Response:
-    c = _console(request)
-    form = await _form(request)
+    c = console_of(request)
+    form = await form_fields(request)
     reason = form.get("reason", "").strip()
     try:
         minutes = int(form.get("minutes", ""))
@@ -63,17 +63,11 @@ async def circuit_open(request: Request, user: User) -> Response:
 
 @page(Role.OPERATOR)
 async def circuit_close(request: Request, user: User) -> Response:
-    c = _console(request)
-    reason = (await _form(request)).get("reason", "").strip()
+    c = console_of(request)
+    reason = (await form_fields(request)).get("reason", "").strip()
     if not reason:
         return await _show(request, user, status=400, error="say why it can close")
     await run_in_threadpool(lambda: close_circuit(c.support, reason=reason,
                                                   operator=user.name))
     return RedirectResponse("/circuit", status_code=303)
 
-
-ROUTES = [
-    Route("/circuit", circuit),
-    Route("/circuit/open", circuit_open, methods=["POST"]),
-    Route("/circuit/close", circuit_close, methods=["POST"]),
-]
