@@ -116,6 +116,13 @@ def build_support_deps(settings: Settings, engine: Engine) -> SupportDeps:
                        publisher=CeleryPublisher(producer_app(settings), settings), clock=utcnow)
 
 
+def close_support_deps(deps: SupportDeps) -> None:
+    """Let go of what ``build_support_deps`` opened besides the engine (the caller's): the
+    send-only Celery app's broker connections."""
+    if isinstance(deps.publisher, CeleryPublisher):
+        deps.publisher.close()
+
+
 def open_producer(settings: Settings) -> AbstractContextManager[EventProducer]:
     """A connection to the bus for publishing events, as plain JSON or as Celery tasks: what
     ``coupon-worker publish``, the demo and the chaos run all publish with."""
@@ -188,8 +195,14 @@ class Container:
                            clock=deps.clock, metrics=deps.metrics)
 
     def close(self) -> None:
+        """Let go of this process's connections (at the worker's shutdown, in the main process
+        and in each pool process): the database pool disposed, Capillary's sessions closed. A
+        later use builds them again."""
         with self._lock:
-            if self._engine is not None and self._pid == os.getpid():
-                self._engine.dispose()
+            if self._pid == os.getpid():
+                if self._deps is not None:
+                    self._deps.api.close()
+                if self._engine is not None:
+                    self._engine.dispose()
             self._engine = None
             self._deps = None

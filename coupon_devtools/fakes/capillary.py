@@ -68,6 +68,12 @@ class FakeCapillary:
     _faults: deque[CallFault] = field(default_factory=deque)
     _codes: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
+    #: Whether ``close`` was called (the process let the API go).
+    closed: bool = False
+
+    def close(self) -> None:
+        self.closed = True
+
     def fail_next(self, *faults: CallFault) -> None:
         self._faults.extend(faults)
 

@@ -85,3 +85,7 @@ class CouponApi(Protocol):
     ) -> ReadBack:
         """Coupons of ``series_id`` the customer received since ``since`` (with issue metadata)."""
         ...
+
+    def close(self) -> None:
+        """Let go of the connections kept alive, at shutdown."""
+        ...

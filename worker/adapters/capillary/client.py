@@ -196,6 +196,9 @@ class CapillaryClient:
         self._clock = clock
         self._timezone = timezone
         self._local = threading.local()
+        #: Every thread's session, for ``close`` (a thread-local cannot be walked).
+        self._sessions: list[requests.Session] = []
+        self._sessions_lock = threading.Lock()
         self.auth: CapillaryAuth | None = auth
 
     @classmethod
@@ -232,13 +235,24 @@ class CapillaryClient:
             session.verify, session.cert = env["verify"], env["cert"]
             session.trust_env = False
             self._local.session = session
+            with self._sessions_lock:
+                self._sessions.append(session)
         return session
 
     def close(self) -> None:
-        session: requests.Session | None = getattr(self._local, "session", None)
-        if session is not None:
+        """Close every thread's session and the connections it kept alive (at shutdown; a
+        call made afterwards opens a new one)."""
+        with self._sessions_lock:
+            sessions, self._sessions = self._sessions, []
+        for session in sessions:
             session.close()
-            self._local.session = None
+        self._local = threading.local()
+
+    @property
+    def open_sessions(self) -> int:
+        """How many sessions (one per thread that called) are open."""
+        with self._sessions_lock:
+            return len(self._sessions)
 
     # -- the raw call --------------------------------------------------------------------
 

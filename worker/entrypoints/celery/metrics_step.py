@@ -21,7 +21,7 @@ from worker.adapters.postgres.migrate import schema_status, shipped_revisions
 from worker.adapters.postgres.schema import SchemaStatus
 from worker.domain.errors import LedgerUnavailable
 from worker.entrypoints.celery.context import container_of, links_of, step_settings
-from worker.metrics import METRICS_PORT_SPAN, exposition_registry, serve_metrics
+from worker.metrics import METRICS_PORT_SPAN, exposition_registry, serve_metrics, stop_metrics
 from worker.usecases.queries import entity_state_counts
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class MetricsServer(bootsteps.StartStopStep):
 
     def stop(self, parent: Any) -> None:
         if self._server is not None:
-            self._server.shutdown()
+            stop_metrics(self._server)
             self._server = None
 
 
