@@ -116,13 +116,6 @@ def build_support_deps(settings: Settings, engine: Engine) -> SupportDeps:
                        publisher=CeleryPublisher(producer_app(settings), settings), clock=utcnow)
 
 
-def close_support_deps(deps: SupportDeps) -> None:
-    """Let go of what ``build_support_deps`` opened besides the engine (the caller's): the
-    send-only Celery app's broker connections."""
-    if isinstance(deps.publisher, CeleryPublisher):
-        deps.publisher.close()
-
-
 def open_producer(settings: Settings) -> AbstractContextManager[EventProducer]:
     """A connection to the bus for publishing events, as plain JSON or as Celery tasks: what
     ``coupon-worker publish``, the demo and the chaos run all publish with."""

@@ -1,6 +1,6 @@
 """What a process opened is let go when it stops: the worker's database pool and Capillary's
 HTTP sessions at the worker's shutdown, the metrics endpoint's port when its step stops, the
-support commands' broker connections, every thread's HTTP session when the client closes."""
+console's database pool when it exits, every thread's HTTP session when the client closes."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine, text
 
 from worker.adapters.capillary.client import CapillaryClient
-from worker.bootstrap import build_support_deps, close_support_deps
 from worker.config import Settings
 from worker.entrypoints.celery.app import create_app
 from worker.entrypoints.celery.context import container_of
@@ -123,20 +122,3 @@ def test_closing_the_client_closes_every_threads_session(settings: Settings) -> 
                for session in sessions for adapter in session.adapters.values())
     assert client.find_coupons(CUSTOMER, 1, since).call.status == 200
     client.close()
-
-
-def test_the_support_commands_close_their_broker_connections(settings: Settings,
-                                                            clean_ledger: Engine) -> None:
-    # Given the support dependencies, whose send-only Celery app holds a broker connection
-    deps = build_support_deps(settings, clean_ledger)
-    app = deps.publisher._app  # type: ignore[attr-defined]
-    connection = app.pool.acquire()
-    connection.ensure_connection(max_retries=3)
-    connection.release()
-    assert connection.connected
-
-    # When the command lets them go
-    close_support_deps(deps)
-
-    # Then the connection is closed
-    assert not connection.connected

@@ -5,7 +5,9 @@ one part per consumer, each a protocol beside its statements: ``issuing`` (the h
 in, claim, record; rejections, leases, failed deliveries), ``sweeping`` (the sweeper's work),
 ``circuit_store`` (the circuit's row) and ``support`` (operator actions), over the tables and
 statements they share (``tables``) and the hot path's two SQL statements (``hot_path``); the
-in-memory fake is ``coupon_devtools.fakes.ledger``. ``unit_of_work`` is the transaction
+in-memory fake is ``coupon_devtools.fakes.ledger``. ``reads`` holds the read side's statements
+(the support commands', the console's and the dashboards'). Every SQL statement of the worker
+lives in this package. ``unit_of_work`` is the transaction
 boundary, ``driver`` what the driver's errors mean, ``jobs`` and ``retention`` the replay
 jobs' and the pruning's statements, ``migrate``, ``schema`` and ``roles`` the migrations, the
 schema check and the roles per job, and ``ratelimit`` and ``circuit`` the fleet-wide limits kept

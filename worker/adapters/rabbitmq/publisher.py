@@ -95,16 +95,6 @@ class CeleryPublisher:
         self._retry_queue = topology.retry_queue(settings)
         self._dead_queue = topology.dead_queue(settings)
 
-    def close(self) -> None:
-        """Close the broker connections of the Celery app this publisher sends through: for a
-        send-only app made for it (``worker.bootstrap.build_support_deps``); the worker's own
-        app is Celery's to close."""
-        # Celery's close only forgets the pool: its connections are closed here (a kombu
-        # connection pool, whatever celery-types says).
-        pool: Any = self._app.pool
-        pool.force_close_all()
-        self._app.close()
-
     def publish_retries(self, due: Sequence[DueEntity]) -> None:
         try:
             with self._app.producer_or_acquire() as producer:

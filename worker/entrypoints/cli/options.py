@@ -74,18 +74,16 @@ def ledger_engine() -> Iterator[Any]:
 @contextmanager
 def support_deps() -> Iterator[Any]:
     from worker.adapters.postgres.unit_of_work import ConnectionLimits, make_engine
-    from worker.bootstrap import build_support_deps, close_support_deps
+    from worker.bootstrap import build_support_deps
 
     settings = settings_or_exit()
     engine = make_engine(settings.database_url, pool_size=1,
                          limits=ConnectionLimits(pooler=settings.db_pooler))
-    deps = build_support_deps(settings, engine)
     try:
-        yield deps
+        yield build_support_deps(settings, engine)
     except (WorkerError, ValueError) as exc:
         fail(str(exc))
     finally:
-        close_support_deps(deps)
         engine.dispose()
 
 

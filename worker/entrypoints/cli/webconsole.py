@@ -41,13 +41,9 @@ def console_(ctx: click.Context, host: str, port: int) -> None:
 
 
 def close_console(app: Any) -> None:
-    """What the console opened, let go when it exits: the ledger's pool, the broker's
-    connections of its publisher."""
-    from worker.bootstrap import close_support_deps
-
-    state = app.state.console
-    close_support_deps(state.support)
-    state.engine.dispose()
+    """What the console opened, let go when it exits: the ledger's pool. (Its publisher's broker
+    connections are kombu's, shared by the process, and go with it.)"""
+    app.state.console.engine.dispose()
 
 
 
