@@ -7,6 +7,7 @@ issued, retried, dead-lettered and replayed.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -103,6 +104,18 @@ class EventState(StrEnum):
     PROCESSING = "processing"
     COMPLETED = "completed"  # every entity issued or discarded
     FAILED = "failed"  # at rest, with at least one dead entity
+
+
+def event_state(entity_states: Iterable[EntityState]) -> EventState:
+    """An event's summary from its entities' states: ``processing`` while one is not at rest,
+    ``failed`` at rest with a dead one, ``completed`` otherwise. (The ledger computes it in
+    SQL from the same sets: ``worker.adapters.postgres.hot_path.event_state_sql``.)"""
+    states = set(entity_states)
+    if states - TERMINAL_STATES:
+        return EventState.PROCESSING
+    if EntityState.DEAD in states:
+        return EventState.FAILED
+    return EventState.COMPLETED
 
 
 class DeadMessageKind(StrEnum):
