@@ -4,7 +4,7 @@ The mutants run against the unit tests and the ledger contract (``[tool.mutmut]`
 pyproject.toml). Of the ledger's statements (``worker/adapters/postgres/issuing.py`` and the
 shared ``tables.py``) only the code that claims an entity and records its outcome is mutated,
 and of ``worker/adapters/postgres/hot_path.py`` the builders of the two statements' parameters;
-the README's Testing section lists the survivors we keep.
+docs/testing.md lists the survivors we keep.
 """
 
 from __future__ import annotations

@@ -197,7 +197,7 @@ def _issue(attempt: Attempt, entities: list[ClaimedEntity], permit: Permit) -> N
 
 def _answer_remarks(result: BulkIssueResult) -> list[str]:
     """What in a bulk-issue answer broke an assumption about Capillary, one per series (the
-    ``capillary_answer_remarks_total`` metric; the README's "What we assume" page)."""
+    ``capillary_answer_remarks_total`` metric; docs/capillary-assumptions.md)."""
     remarks = [e.error.code for e in result.entries.values()
                if e.error is not None and e.error.code in ODD_ENTRY_CODES]
     remarks += ["warnings" for e in result.entries.values() if e.warnings]

@@ -35,6 +35,7 @@ from worker.entrypoints.celery.metrics_step import (
     _remove_metrics_dir,
     check_schema,
     prepare_metrics_dir,
+    task_finished,
 )
 from worker.entrypoints.celery.sweeper import Sweeper
 from worker.entrypoints.celery.task_consumer import TaskConsumer
@@ -101,3 +102,4 @@ def install(app: Celery) -> None:
     signals.worker_shutdown.connect(_remove_metrics_dir, weak=False)
     signals.worker_shutdown.connect(close_resources, weak=False)
     signals.worker_process_shutdown.connect(close_process_resources, weak=False)
+    signals.task_postrun.connect(task_finished, weak=False)
