@@ -161,7 +161,11 @@ class Coupon:
 
 @dataclass(frozen=True)
 class EntryError:
-    """One error of one entry, as Capillary reported it (or as the transport failed)."""
+    """Capillary's one error shape, from the client to the ledger: an entry's error as Capillary
+    reported it, a call's (the transport's failure, a call-level error, the first entry's), a
+    configuration or auth error that pauses the fleet. ``code`` is what the ledger stores
+    (``entities.last_error_code``, ``api_calls.error_code``) and what the command line and the
+    console describe (``describe_error``)."""
 
     code: str
     message: str

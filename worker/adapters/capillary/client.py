@@ -273,13 +273,13 @@ class CapillaryClient:
                 verdict = Verdict.OUTAGE if isinstance(exc, Outage) else Verdict.RETRYABLE
                 return None, CallInfo(
                     operation, started, (time.perf_counter() - t0) * 1000, exc.status,
-                    exc.request_id, verdict.value, "auth_token", exc.message,
+                    exc.request_id, verdict.value, EntryError("auth_token", exc.message, verdict),
                 )
             except OSError as exc:  # requests' errors, and the bare OSError of a bad setting
                 verdict, code, message = _transport_failure(exc)
                 return None, CallInfo(
                     operation, started, (time.perf_counter() - t0) * 1000, None, None,
-                    verdict.value, code, message,
+                    verdict.value, EntryError(code, message, verdict),
                 )
             if response.status_code == 401 and self.auth is not None and self.auth.renewable \
                     and not renewed:
@@ -307,8 +307,7 @@ class CapillaryClient:
         )
         if response is None:
             verdict = Verdict(call.outcome)
-            error = EntryError(call.error_code or "transport_error",
-                               call.error_message or "", verdict)
+            error = call.error or EntryError("transport_error", "", verdict)
             return BulkIssueResult(
                 call=call,
                 entries={s: EntryOutcome(s, verdict, error=error) for s in series_ids},
@@ -330,8 +329,7 @@ class CapillaryClient:
         first_error = next((e.error for e in entries.values() if e.error), None)
         call = CallInfo(
             call.operation, call.started_at, call.latency_ms, status, call.request_id, outcome,
-            first_error.code if first_error else None,
-            first_error.message if first_error else None,
+            first_error,
         )
         if parsed.outage is not None or any(e.warnings for e in entries.values()):
             log.warning("capillary.answer_remarks", extra={
