@@ -20,7 +20,7 @@ from worker.adapters.postgres.driver import PoolerMismatch
 from worker.adapters.postgres.migrate import schema_status, shipped_revisions
 from worker.adapters.postgres.schema import SchemaStatus
 from worker.domain.errors import LedgerUnavailable
-from worker.entrypoints.celery.context import container_of, links_of, step_settings
+from worker.entrypoints.celery.context import container_of, links_of, pool_name, step_settings
 from worker.metrics import METRICS_PORT_SPAN, exposition_registry, serve_metrics
 from worker.usecases.queries import entity_state_counts
 
@@ -132,7 +132,8 @@ def prepare_metrics_dir() -> None:
 
 
 def _check_metrics_dir(sender: Any = None, **_: Any) -> None:
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR") or pool_name(sender) == "threads":
+        # Threads: one process counts every task, in its own registry.
         return
     if "prometheus_client" not in sys.modules:
         prepare_metrics_dir()

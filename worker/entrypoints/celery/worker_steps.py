@@ -24,6 +24,13 @@ from celery import Celery, signals
 
 from worker.config import load_settings
 from worker.entrypoints.celery.bridge import EventsBridge, _peek
+from worker.entrypoints.celery.context import (
+    PREFORK_POOL,
+    SUPPORTED_POOLS,
+    THREADS_POOL,
+    container_of,
+    pool_name,
+)
 from worker.entrypoints.celery.guard import GUARD_INTERVAL_S, ConsumptionGuard
 from worker.entrypoints.celery.metrics_step import (
     BuildInfo,
@@ -38,28 +45,23 @@ from worker.entrypoints.celery.task_consumer import TaskConsumer
 from worker.logs import configure_logging
 
 # Importable from here, where they used to be defined.
-__all__ = ["GUARD_INTERVAL_S", "ConsumptionGuard", "EventsBridge", "MetricsServer", "Sweeper",
-           "TaskConsumer", "_peek", "install", "prepare_metrics_dir"]
+__all__ = ["GUARD_INTERVAL_S", "PREFORK_POOL", "THREADS_POOL", "ConsumptionGuard", "EventsBridge",
+           "MetricsServer", "Sweeper", "TaskConsumer", "_peek", "install", "prepare_metrics_dir"]
 
 log = logging.getLogger(__name__)
 
 
-PREFORK_POOL = "celery.concurrency.prefork:TaskPool"
-
-
-def _require_prefork(sender: Any = None, **_: Any) -> None:
-    """Refuse a pool that cannot enforce the hard time limit (threads, solo, gevent…).
-
-    The limit is what keeps a whole attempt inside its lease; without it a stalled attempt could
-    outlive its claim while another worker calls Capillary for the same entity.
-    """
-    pool = getattr(sender, "pool_cls", None)
-    name = pool if isinstance(pool, str) else f"{getattr(pool, '__module__', '')}:" \
-        f"{getattr(pool, '__name__', '')}"
-    if "prefork" not in name:
+def _require_supported_pool(sender: Any = None, **_: Any) -> None:
+    """Refuse a pool on which a stalled attempt could outlive its claim (solo, gevent…), and
+    size this process's dependencies for the threads pool's concurrency."""
+    name = pool_name(sender)
+    if name not in SUPPORTED_POOLS:
         log.critical("worker.pool_refused", extra={"pool": name})
-        raise SystemExit(f"coupon-worker runs on the prefork pool only, not {name}: the hard "
-                         "time limit that keeps an attempt inside its lease needs it")
+        raise SystemExit(f"coupon-worker runs on the prefork or threads pool, not {name}: "
+                         "see docs/threads-pool.md")
+    if name == "threads":
+        # One process runs every task: its HTTP pool must hold a connection per thread.
+        container_of(sender.app).threads = int(getattr(sender, "concurrency", 1) or 1)
 
 
 def _setup_logging(**_: Any) -> None:
@@ -75,7 +77,7 @@ def install(app: Celery) -> None:
     app.steps["worker"].add(Sweeper)
     app.steps["worker"].add(MetricsServer)
     app.steps["worker"].add(BuildInfo)
-    signals.worker_init.connect(_require_prefork, weak=False)
+    signals.worker_init.connect(_require_supported_pool, weak=False)
     signals.worker_init.connect(check_schema, weak=False)
     signals.worker_init.connect(_check_metrics_dir, weak=False)
     signals.setup_logging.connect(_setup_logging, weak=False)
