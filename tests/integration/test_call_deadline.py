@@ -98,7 +98,7 @@ def test_the_threads_of_a_process_share_one_connection_pool_sized_for_them(
     with ThreadPoolExecutor(12) as threads:
         for round_ in range(2):
             results = list(threads.map(
-                lambda n: client.bulk_issue({"id": f"8{round_}{n:03d}"}, [544770], META),
+                lambda n, r=round_: client.bulk_issue({"id": f"8{r}{n:03d}"}, [544770], META),
                 range(12)))
             assert all(r.call.status == 200 for r in results)
     # Then they drew on one pool, and the second round reused the first round's connections
