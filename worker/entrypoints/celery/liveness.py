@@ -120,7 +120,7 @@ def run_worker(app: Celery, argv: list[str]) -> int:
     args = argv[1:] if argv[:1] == ["worker"] else argv
     try:
         worker_command.main(args=args, prog_name="celery worker", standalone_mode=False,
-                            obj=CLIContext(app=app, no_color=None, workdir=None))
+                            obj=CLIContext(app=app, no_color=False, workdir=None))
     except Exit:
         pass
     finally:
