@@ -62,9 +62,13 @@ class CallDeadlines:
         """Run the block's call (made from this thread) under a deadline of ``seconds``."""
         watch = CallWatch(self._clock() + seconds)
         with self._wake:
+            earliest = self._heap[0][0] if self._heap else None
             heapq.heappush(self._heap, (watch.deadline, next(self._order), watch))
             self._start_if_needed()
-            self._wake.notify()
+            # Every call has the same length of deadline, so a new one is almost never the
+            # earliest: waking the watchdog for each call cost a context switch per call.
+            if earliest is None or watch.deadline < earliest:
+                self._wake.notify()
         self._local.watch = watch
         try:
             yield watch

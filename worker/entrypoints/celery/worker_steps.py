@@ -17,6 +17,7 @@ The steps share a ``StepLinks`` (``worker.adapters.rabbitmq.links``) through the
 
 from __future__ import annotations
 
+import gc
 import logging
 from typing import Any
 
@@ -64,6 +65,18 @@ def _require_supported_pool(sender: Any = None, **_: Any) -> None:
         container_of(sender.app).threads = int(getattr(sender, "concurrency", 1) or 1)
 
 
+def _freeze_before_fork(sender: Any = None, **_: Any) -> None:
+    """Keep what the main process loaded out of the collector's sight before the pool forks.
+
+    A child's collections otherwise write to every object they visit, copying the pages the
+    fork shared (the modules, the settings, the app): each child's private memory grows with
+    its first collections. Frozen objects are never collected, and are meant to live as long
+    as the process anyway.
+    """
+    if pool_name(sender) == "prefork":
+        gc.freeze()
+
+
 def _setup_logging(**_: Any) -> None:
     """Celery leaves logging alone when this signal has a receiver: ours is structured."""
     settings = load_settings()
@@ -80,5 +93,7 @@ def install(app: Celery) -> None:
     signals.worker_init.connect(_require_supported_pool, weak=False)
     signals.worker_init.connect(check_schema, weak=False)
     signals.worker_init.connect(_check_metrics_dir, weak=False)
+    # Last: after everything the main process loads before forking.
+    signals.worker_init.connect(_freeze_before_fork, weak=False)
     signals.setup_logging.connect(_setup_logging, weak=False)
     signals.worker_shutdown.connect(_remove_metrics_dir, weak=False)
