@@ -13,7 +13,7 @@ from typing import Any
 from celery import bootsteps
 
 from worker.adapters.rabbitmq.publisher import BROKER_ERRORS
-from worker.domain.policy import QueueRole, bridge_high_water, bridge_room
+from worker.domain.runtime_policy import QueueRole, bridge_high_water, bridge_room
 from worker.entrypoints.celery.context import links_of, step_settings
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class ConsumptionGuard(bootsteps.StartStopStep):
             log.warning("consumer.resumed", extra={"queue": queue})
             c.add_task_queue(queue)
         self._paused = wanted
+        links_of(c.app).paused_queues = frozenset(wanted)
 
     def _apply_backpressure(self, c: Any) -> None:
         """Let the bridge forward only while the task queue is short (``bridge_high_water``)."""
