@@ -30,7 +30,7 @@ from coupon_devtools.bench.defaults import BenchError
 from coupon_devtools.bench.events import Batch, make_event
 from coupon_devtools.bench.machine import memory_of, process_table, process_tree
 from coupon_devtools.bench.stack import Stack
-from coupon_devtools.bench.systems import Baseline, Ours, System, WorkerShape, publish, wait_done
+from coupon_devtools.bench.systems import Baseline, Ours, WorkerShape, publish, wait_done
 
 #: The slow-API row: Capillary's real latency, and the calls in flight a campaign needs.
 SLOW_LATENCY_MS = 300.0
@@ -241,6 +241,3 @@ def run_targets(stack: Stack, *, short: bool, rounds: int | None, series: Sequen
     return TargetsResult(rows, [*ours_slow, *bare_slow, prefork_slow, *ours_fast, *bare_fast],
                          n_rounds)
 
-
-__all__ = ["ColdRun", "Spread", "System", "TargetRow", "TargetsResult", "cold_run",
-           "run_targets"]
