@@ -51,7 +51,8 @@ def migrate() -> None:
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option("--concurrency", "-c", type=int, default=None,
-              help="Worker processes (default: COUPONS_WORKER_CONCURRENCY or CPUs).")
+              help="Pool processes (prefork) or threads (threads): the calls in flight "
+                   "(default: COUPONS_WORKER_CONCURRENCY or CPUs).")
 # Prefork (a process per task) or threads (tasks of one process, for a slow Capillary): the
 # two pools on which every attempt keeps inside its claim (docs/threads-pool.md).
 @click.option("--pool", "-P", type=click.Choice(["prefork", "threads"]),
