@@ -190,10 +190,11 @@ class RetryAfterGate:
             self._refreshing.add(name)
             if first:
                 # Nothing read yet: the threads wait for the first reading, under the lock.
-                return self._refresh(name, now)
+                return self._refresh(name, now, held=True)
         return self._refresh(name, now)
 
-    def _refresh(self, name: str, now: float) -> float:
+    def _refresh(self, name: str, now: float, *, held: bool = False) -> float:
+        """Read the fleet's pause (``held``: under this gate's lock already)."""
         try:
             rows = run_alone(self._engine, _READ_BLOCK, {"name": name})
         except LedgerError as exc:
@@ -201,9 +202,18 @@ class RetryAfterGate:
         finally:
             self._refreshing.discard(name)
         wait = rows[0][0] if rows else None
-        self._blocked_until[name] = now + float(wait or 0.0)
+        if held:
+            return self._store(name, now, wait)
+        with self._lock:
+            return self._store(name, now, wait)
+
+    def _store(self, name: str, now: float, wait: float | None) -> float:
+        # The fleet's pause only ever grows (``_BLOCK`` keeps the later end): a penalty this
+        # process recorded while the query ran is not undone by what the query read.
+        until = max(now + float(wait or 0.0), self._blocked_until.get(name, 0.0))
+        self._blocked_until[name] = until
         self._read_at[name] = now
-        return max(self._blocked_until[name] - now, 0.0)
+        return max(until - now, 0.0)
 
     def cancel(self, name: str = BULK_ISSUE) -> None:
         return None
