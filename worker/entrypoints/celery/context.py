@@ -21,8 +21,9 @@ THREADS_POOL = "celery.concurrency.thread:TaskPool"
 #: The pools the worker keeps its promises on. Prefork: a process per task, ended by the hard
 #: time limit. Threads: every deadline is kept without a signal (HTTP timeouts and a total
 #: deadline per call, the statement timeout, leases renewed only within the task's deadline).
-#: Not gevent or eventlet: the ledger's driver (libpq) blocks the whole process on every
-#: statement unless patched, and the heartbeat of the claims would stop with it.
+#: Not gevent or eventlet: they need the standard library patched before any import, and a
+#: stretch of CPU in one task would stop every other, the claims' heartbeat included
+#: (docs/threads-pool.md, "Why not gevent").
 SUPPORTED_POOLS = {"prefork": PREFORK_POOL, "threads": THREADS_POOL}
 
 

@@ -273,7 +273,8 @@ THREADS_FROM_CONCURRENCY = 16
 #: outcome's, a few milliseconds each (docs/threads-pool.md).
 LEDGER_HOLD_PER_EVENT_S = 0.01
 #: Events a second one threaded process carries before its one core (the interpreter's lock)
-#: is the limit rather than Capillary: measured with the benchmark, on a loaded machine.
+#: is the limit rather than Capillary: a core over the ~4 ms of CPU an event costs on the
+#: threads pool (``coupon-worker bench --scenario targets``).
 THREADS_CPU_BOUND_EVENTS_S = 250.0
 
 
