@@ -177,13 +177,9 @@ CALL_DEADLINE = "call_deadline"
 
 
 class CapillaryClient:
-    """The ``CouponApi`` over HTTP. One per process; safe to share between threads.
-
-    Every thread's session draws on one connection pool of ``pool_size`` connections (at least
-    the threads that call at once, or connections are opened and thrown away), and every call
-    ends within ``deadline_s`` (connect + read timeout unless given): see
-    ``worker.adapters.capillary.transport``.
-    """
+    """The ``CouponApi`` over HTTP. One per process; safe to share between threads: their
+    sessions share one pool of ``pool_size`` connections, and every call ends within
+    ``deadline_s`` (connect + read timeout unless given; ``...capillary.transport``)."""
 
     def __init__(
         self,
@@ -210,6 +206,9 @@ class CapillaryClient:
         self._clock = clock
         self._timezone = timezone
         self._local = threading.local()
+        #: Every thread's session, for ``close`` (a thread-local cannot be walked).
+        self._sessions: list[requests.Session] = []
+        self._sessions_lock = threading.Lock()
         self.auth: CapillaryAuth | None = auth
 
     @classmethod
@@ -243,12 +242,25 @@ class CapillaryClient:
             session.verify, session.cert = env["verify"], env["cert"]
             session.trust_env = False
             self._local.session = session
+            with self._sessions_lock:
+                self._sessions.append(session)
         return session
 
     def close(self) -> None:
-        """Close the process's connections (every thread's session shares them)."""
-        self._local.session = None
+        """Close every thread's session and the process's connections, which they share (at
+        shutdown; a call made afterwards opens a new one)."""
+        with self._sessions_lock:
+            sessions, self._sessions = self._sessions, []
+        for session in sessions:
+            session.close()
         self._adapter.close()
+        self._local = threading.local()
+
+    @property
+    def open_sessions(self) -> int:
+        """How many sessions (one per thread that called) are open."""
+        with self._sessions_lock:
+            return len(self._sessions)
 
     # -- the raw call --------------------------------------------------------------------
 
@@ -271,23 +283,25 @@ class CapillaryClient:
                         if not watch.expired:
                             raise
                         # The watchdog ended it: what the transport saw is only the effect.
+                        verdict = classify_transport(CALL_DEADLINE)
                         return None, CallInfo(
                             operation, started, (time.perf_counter() - t0) * 1000, None,
-                            None, classify_transport(CALL_DEADLINE).value, CALL_DEADLINE,
-                            f"no complete answer within the call's deadline "
-                            f"({self.deadline_s:g} s); the request may have been sent",
+                            None, verdict.value, EntryError(
+                                CALL_DEADLINE, f"no complete answer within the call's "
+                                f"deadline ({self.deadline_s:g} s); the request may have "
+                                "been sent", verdict),
                         )
             except CapillaryError as exc:  # from the token hook
                 verdict = Verdict.OUTAGE if isinstance(exc, Outage) else Verdict.RETRYABLE
                 return None, CallInfo(
                     operation, started, (time.perf_counter() - t0) * 1000, exc.status,
-                    exc.request_id, verdict.value, "auth_token", exc.message,
+                    exc.request_id, verdict.value, EntryError("auth_token", exc.message, verdict),
                 )
             except OSError as exc:  # requests' errors, and the bare OSError of a bad setting
                 verdict, code, message = _transport_failure(exc)
                 return None, CallInfo(
                     operation, started, (time.perf_counter() - t0) * 1000, None, None,
-                    verdict.value, code, message,
+                    verdict.value, EntryError(code, message, verdict),
                 )
             if response.status_code == 401 and self.auth is not None and self.auth.renewable \
                     and not renewed:
@@ -315,8 +329,7 @@ class CapillaryClient:
         )
         if response is None:
             verdict = Verdict(call.outcome)
-            error = EntryError(call.error_code or "transport_error",
-                               call.error_message or "", verdict)
+            error = call.error or EntryError("transport_error", "", verdict)
             return BulkIssueResult(
                 call=call,
                 entries={s: EntryOutcome(s, verdict, error=error) for s in series_ids},
@@ -338,8 +351,7 @@ class CapillaryClient:
         first_error = next((e.error for e in entries.values() if e.error), None)
         call = CallInfo(
             call.operation, call.started_at, call.latency_ms, status, call.request_id, outcome,
-            first_error.code if first_error else None,
-            first_error.message if first_error else None,
+            first_error,
         )
         if parsed.outage is not None or any(e.warnings for e in entries.values()):
             log.warning("capillary.answer_remarks", extra={
