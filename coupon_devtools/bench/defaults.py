@@ -6,7 +6,7 @@ from typing import Final, Literal
 
 Pool = Literal["prefork"]
 Via = Literal["bus", "task"]
-ScenarioName = Literal["quick", "overhead", "scale", "quota", "memory", "all"]
+ScenarioName = Literal["quick", "overhead", "scale", "quota", "memory", "all", "ledger-size"]
 
 BENCH_DATABASE: Final = "coupon_worker_bench"
 BENCH_VHOST: Final = "coupon-worker-bench"
