@@ -110,6 +110,9 @@ class Entity(Base):
         Index("ix_entities_updated_at", "updated_at"),
         Index("ix_entities_verify", "verify_after", postgresql_where=text(
             "verify_after IS NOT NULL")),
+        # The dead letters newest first, a page at a time (dlq list, the console) (0012).
+        Index("ix_entities_dead_newest", text("dead_at DESC NULLS LAST"), text("id DESC"),
+              postgresql_where=text("state = 'dead'")),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
