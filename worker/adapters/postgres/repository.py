@@ -15,6 +15,7 @@ from typing import Any, Protocol, cast
 
 from psycopg.types.json import Jsonb
 from sqlalchemy import (
+    BigInteger,
     ColumnElement,
     DateTime,
     Engine,
@@ -802,8 +803,9 @@ class SqlLedger:
         # The event of a random entity: a start spread like the event ids themselves.
         start = conn.execute(
             select(_E.event_id)
-            .where(_E.id >= select(func.floor(func.random() * func.max(_E.id)))
-                   .scalar_subquery())
+            # As a bigint: compared with a float, the id could not use its index.
+            .where(_E.id >= select(sql_cast(func.floor(func.random() * func.max(_E.id)),
+                                            BigInteger)).scalar_subquery())
             .order_by(_E.id).limit(1)
         ).scalar()
         window = list(conn.execute(
