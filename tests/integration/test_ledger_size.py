@@ -3,6 +3,7 @@ that the 2,000,000-entity run (``coupon-worker bench --scenario ledger-size``) c
 
 from __future__ import annotations
 
+import json
 import math
 import uuid
 from collections.abc import Iterator
@@ -135,3 +136,19 @@ def test_the_plan_checker_flags_a_big_table_read_whole_until_it_has_its_index(
     finally:
         with engine.begin() as conn:
             conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+
+
+def test_the_bench_command_runs_the_scenario_and_prints_its_verdicts_as_json(
+        session_tag: str) -> None:
+    from click.testing import CliRunner
+
+    from coupon_devtools.bench.command import bench_command
+
+    result = CliRunner().invoke(bench_command(), [
+        "--scenario", "ledger-size", "--ledger-rows", "300", "--rounds", "1", "--json",
+        "--namespace", f"c{session_tag}"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["seed"]["entities"] == 300 and report["baseline_rows"] == 5000
+    assert len(report["rows"]) == 9 and all("met" in row for row in report["rows"])
+    assert isinstance(report["plans_ok"], bool) and report["plans"]
