@@ -3,7 +3,8 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: install lint test wheel-check demo bench chaos services clean mutation
+.PHONY: install lint test test-fast wheel-check demo bench chaos services clean mutation docs \
+	docs-reference
 
 install: $(VENV)/.installed
 
@@ -18,6 +19,19 @@ lint: install
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 	$(BIN)/python -m coupon_devtools.migration_lint
+	$(BIN)/python -m coupon_devtools.docs --check
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+# The documentation site in site/ (mkdocs.yml): --strict fails on a broken link or anchor and on
+# a page missing from the navigation. `make lint` runs it too.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+# Regenerate the reference pages from the code: docs/reference/configuration.md from the
+# settings' fields, docs/reference/cli.md from the click commands. A test fails when they are
+# stale, naming this target.
+docs-reference: install
+	$(BIN)/python -m coupon_devtools.docs
 
 # One run in seven processes. The disruptive tests' three groups (the restarts and the
 # reconnect; the chaos run; the RabbitMQ cluster: SHARED_PROCESS in tests/conftest.py) are handed
@@ -28,6 +42,13 @@ lint: install
 # (Debian's pgbouncer; docs/pooler.md).
 test: install
 	$(BIN)/pytest -n 7 --cov --cov-report=term
+
+# The suite a developer runs while working (under five minutes on two cores): everything but the
+# slow suites, which `make test` (and so CI) still runs: real worker subprocesses, restarts,
+# the browser, PgBouncer, the RabbitMQ cluster and the real Prometheus.
+FAST := not slow and not disruptive and not browser and not pooler and not cluster and not prometheus
+test-fast: install
+	$(BIN)/pytest -n 3 -m "$(FAST)"
 
 wheel-check: install
 	./.ci/wheel-check
@@ -50,4 +71,4 @@ services:
 	./.ci/services
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache mutants
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache mutants site

@@ -101,7 +101,7 @@ def main(argv: list[str]) -> int:
     if failures:
         print(f"squawk found problems in migration(s) {', '.join(failures)}: make them safe for "
               f"a running fleet, or name the rule in the migration's {EXCEPTIONS} with why "
-              "(README, Upgrading)", file=sys.stderr)
+              "(docs/operator-guide.md, Upgrading)", file=sys.stderr)
         return 1
     print(f"migrations: {len(list(script.walk_revisions()))} linted with squawk, no problem")
     return 0

@@ -1,9 +1,10 @@
 """``make mutation``: mutmut over the rules and the ledger's claim / outcome code, and the score.
 
 The mutants run against the unit tests and the ledger contract (``[tool.mutmut]`` in
-pyproject.toml). Of ``worker/adapters/postgres/repository.py`` only the code that claims an entity
-and records its outcome is mutated, and of ``worker/adapters/postgres/hot_path.py`` the builders of
-the two statements' parameters; the README's Testing section lists the survivors we keep.
+pyproject.toml). Of the ledger's statements (``worker/adapters/postgres/issuing.py`` and the
+shared ``tables.py``) only the code that claims an entity and records its outcome is mutated,
+and of ``worker/adapters/postgres/hot_path.py`` the builders of the two statements' parameters;
+docs/testing.md lists the survivors we keep.
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-_REPO = "worker.adapters.postgres.repository."
+_ISSUING = "worker.adapters.postgres.issuing."
+_TABLES = "worker.adapters.postgres.tables."
 #: Mutant names (mutmut's globs): module functions are ``x_name``, methods ``xǁClassǁname``.
 SELECTED = (
     "worker.domain.model.*",
+    "worker.domain.verdicts.*",
     "worker.domain.policy.*",
+    "worker.domain.runtime_policy.*",
     # The statements' text is built at import (``_wire``, ``_sql_list``), before a mutant is on.
     "worker.adapters.postgres.hot_path.x_transition_rows__mutmut_*",
     "worker.adapters.postgres.hot_path.x_coupon_rows__mutmut_*",
@@ -27,17 +31,17 @@ SELECTED = (
     "worker.adapters.postgres.hot_path.x_call_rows__mutmut_*",
     "worker.adapters.postgres.hot_path.x_as_json__mutmut_*",
     "worker.adapters.postgres.hot_path.x__json_default__mutmut_*",
-    _REPO + "x__number__mutmut_*",
-    _REPO + "x__seconds__mutmut_*",
-    _REPO + "x__claim_statement__mutmut_*",
-    _REPO + "x__claim_statements__mutmut_*",
-    _REPO + "xǁSqlLedgerǁ_claim__mutmut_*",
-    _REPO + "xǁSqlLedgerǁ_claim_for__mutmut_*",
-    _REPO + "xǁSqlLedgerǁtake_in__mutmut_*",
-    _REPO + "xǁSqlLedgerǁclaim_event__mutmut_*",
-    _REPO + "xǁSqlLedgerǁclaim_entity__mutmut_*",
-    _REPO + "xǁSqlLedgerǁrecord__mutmut_*",
-    _REPO + "xǁSqlLedgerǁrefresh_event_states__mutmut_*",
+    _TABLES + "x__number__mutmut_*",
+    _TABLES + "x__seconds__mutmut_*",
+    _ISSUING + "x__claim_statement__mutmut_*",
+    _ISSUING + "x__claim_statements__mutmut_*",
+    _ISSUING + "xǁIssuingStatementsǁ_claim__mutmut_*",
+    _ISSUING + "xǁIssuingStatementsǁ_claim_for__mutmut_*",
+    _ISSUING + "xǁIssuingStatementsǁtake_in__mutmut_*",
+    _ISSUING + "xǁIssuingStatementsǁclaim_event__mutmut_*",
+    _ISSUING + "xǁIssuingStatementsǁclaim_entity__mutmut_*",
+    _ISSUING + "xǁIssuingStatementsǁrecord__mutmut_*",
+    _TABLES + "xǁSessionBoundǁrefresh_event_states__mutmut_*",
 )
 
 

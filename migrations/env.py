@@ -3,12 +3,12 @@
 A caller may hand over an open connection instead (``config.attributes["connection"]``), which
 is how ``coupon-worker migrate`` and the tests run migrations in-process.
 
-Rolling upgrades (README, Upgrading): every run first bounds how long a statement may wait for
-a lock and how long it may run, so that a migration never stalls the fleet's workers behind a
-lock it waits for (``coupon-worker migrate`` tries again later instead); a migration that needs
-longer sets its own ``SET LOCAL statement_timeout``. After the migrations, in the same
-transaction, the revision's compatibility is recorded for older workers
-(``worker.adapters.postgres.schema``).
+Rolling upgrades (docs/operator-guide.md, Upgrading): every run first bounds how long a
+statement may wait for a lock and how long it may run, so that a migration never stalls the
+fleet's workers behind a lock it waits for (``coupon-worker migrate`` tries again later
+instead); a migration that needs longer sets its own ``SET LOCAL statement_timeout``. After
+the migrations, in the same transaction, the revision's compatibility is recorded for older
+workers (``worker.adapters.postgres.schema``).
 
 The limits are set for the migrations' transaction only (``SET LOCAL``): nothing is left on the
 connection, which may be a pooler's server connection that other clients get next

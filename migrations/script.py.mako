@@ -18,7 +18,7 @@ down_revision: str | None = ${repr(down_revision)}
 branch_labels: str | Sequence[str] | None = ${repr(branch_labels)}
 depends_on: str | Sequence[str] | None = ${repr(depends_on)}
 
-# Rolling upgrades (README, Upgrading): does the previous revision's code run on this schema?
+# Rolling upgrades (docs/operator-guide.md, Upgrading): does the previous revision's code run on this schema?
 # True for an expand step (it only adds); False for a contract step, run with the previous
 # release's workers stopped. `make lint` and the tests fail until this is decided.
 backward_compatible = None

@@ -39,7 +39,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN_DIR = Path(sys.executable).parent
 LEDGER_TABLES = ("coupons", "entity_history", "api_calls", "operator_actions", "entities",
                  "events", "rejected_events", "circuit_breakers", "rate_limit_buckets",
-                 "replay_job_items", "replay_jobs", "message_failures", "maintenance_runs")
+                 "replay_job_items", "replay_jobs", "message_failures", "maintenance_runs",
+                 "console_sessions", "login_attempts")
 SANDBOX_USER, SANDBOX_PASSWORD = "store.server", "server123"
 
 # Tests must not pick up a developer's .env file.
@@ -73,6 +74,22 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
             return SHARED_PROCESS.get(nodeid.split("::", 1)[0], nodeid)
 
     return SharedProcessScheduling(config, log)
+
+
+# The slow suites by what they start, so that `make test-fast` can leave them out: a test that
+# asks for a PgBouncer, a RabbitMQ cluster or the browser is marked as such whatever its module
+# says, and every acceptance test runs real worker subprocesses.
+MARK_BY_FIXTURE = {"pgbouncer": "pooler", "cluster": "cluster", "console_url": "browser"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.nodeid.startswith("tests/acceptance/"):
+            item.add_marker(pytest.mark.slow)
+        fixtures = getattr(item, "fixturenames", ())
+        for fixture, mark in MARK_BY_FIXTURE.items():
+            if fixture in fixtures:
+                item.add_marker(getattr(pytest.mark, mark))
 
 
 def _session_tag() -> str:

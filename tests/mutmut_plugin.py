@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from worker.adapters.postgres import repository
+from worker.adapters.postgres import issuing
 
 
 def _on_postgres(request: pytest.FixtureRequest) -> bool:
@@ -29,7 +29,7 @@ def _rebuilt_ledger_statements(request: pytest.FixtureRequest) -> Iterator[None]
     if not _on_postgres(request):
         yield
         return
-    built = (repository._CLAIM_EVENT, repository._CLAIM_ENTITY)
-    repository._CLAIM_EVENT, repository._CLAIM_ENTITY = repository._claim_statements()
+    built = (issuing._CLAIM_EVENT, issuing._CLAIM_ENTITY)
+    issuing._CLAIM_EVENT, issuing._CLAIM_ENTITY = issuing._claim_statements()
     yield
-    repository._CLAIM_EVENT, repository._CLAIM_ENTITY = built
+    issuing._CLAIM_EVENT, issuing._CLAIM_ENTITY = built

@@ -5,12 +5,14 @@ Where things live, by role (each layer imports only those below it; import-linte
   (``celery.intake``, or ``celery.bridge``: plain JSON on the bus) or the Celery task
   ``coupons.issue`` (``celery.tasks``); people come in through ``cli`` and ``console``;
 - ``worker.bootstrap``: the composition root, which builds every dependency from the settings;
-- ``worker.usecases``: what the worker does; ``usecases.issue`` decides what to call and
-  records the outcome;
+- ``worker.usecases``: what the worker does; ``usecases.issue`` decides what to call,
+  ``usecases.attempt`` records the outcome, ``usecases.reconcile`` settles an unknown one and
+  ``usecases.sweep`` is the periodic work;
 - ``worker.adapters``: PostgreSQL (``postgres``, the ledger that holds every event, entity, call
   and coupon), Capillary (``capillary``) and RabbitMQ (``rabbitmq``);
-- ``worker.domain``: the rules, no I/O; ``domain.events`` validates an event, ``domain.policy``
-  is where retry, backoff, dead-letter and circuit-breaker decisions are made;
+- ``worker.domain``: the rules, no I/O; ``domain.events`` validates an event,
+  ``domain.verdicts`` says what an answer proves, ``domain.policy`` is where retry, backoff,
+  dead-letter and circuit-breaker decisions are made;
 - beside them ``config`` (the settings), ``logs``, ``metrics`` and ``health``.
 """
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from worker.adapters.capillary.client import CapillaryClient
 from worker.adapters.postgres.circuit import CircuitGate
+from worker.adapters.postgres.issuing import LeaseLedger
 from worker.adapters.postgres.ratelimit import PostgresRateLimiter, RateLimiter, RetryAfterGate
 from worker.adapters.postgres.unit_of_work import (
     ConnectionLimits,
@@ -31,7 +32,7 @@ from worker.adapters.rabbitmq.publisher import CeleryPublisher, EventProducer
 from worker.config import Settings
 from worker.domain.policy import CircuitPolicy, RetryPolicy
 from worker.metrics import Metrics
-from worker.usecases.issue import Deps, Publisher, utcnow
+from worker.usecases.deps import Deps, Publisher, utcnow
 from worker.usecases.leases import LeaseKeeper, Renew
 from worker.usecases.support import SupportDeps
 
@@ -42,6 +43,27 @@ if TYPE_CHECKING:
 
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def retry_policy(settings: Settings) -> RetryPolicy:
+    """The entities' retry policy the settings give (``MAX_ATTEMPTS``, ``RETRY_*``...)."""
+    return RetryPolicy(
+        max_attempts=settings.max_attempts,
+        base_s=settings.retry_base_s,
+        max_s=settings.retry_max_s,
+        reconcile_delay_s=settings.reconcile_delay_s,
+        settle_window_s=settings.settle_window_s,
+    )
+
+
+def circuit_policy(settings: Settings) -> CircuitPolicy:
+    """The circuit's policy the settings give; a pause never grows past ten minutes, or the
+    configured first pause when that is longer."""
+    return CircuitPolicy(
+        failure_threshold=settings.circuit_failure_threshold,
+        open_s=settings.circuit_open_s,
+        max_open_s=max(settings.circuit_open_s, 600.0),
+    )
 
 
 def build_deps(settings: Settings, publisher: Publisher, *, engine: Engine | None = None,
@@ -62,9 +84,9 @@ def build_deps(settings: Settings, publisher: Publisher, *, engine: Engine | Non
         api=CapillaryClient.from_settings(settings),
         publisher=publisher,
         limiter=limiter,
-        circuit=CircuitGate(uow, CircuitPolicy.from_settings(settings), clock=utcnow,
+        circuit=CircuitGate(uow, circuit_policy(settings), clock=utcnow,
                             probe_timeout_s=settings.lease_s),
-        retry_policy=RetryPolicy.from_settings(settings),
+        retry_policy=retry_policy(settings),
         metrics=metrics or Metrics(),
         worker_id=worker_id(),
         lease_s=settings.claim_lease_s,
@@ -74,7 +96,7 @@ def build_deps(settings: Settings, publisher: Publisher, *, engine: Engine | Non
     )
 
 
-def _renewer(uow: UnitOfWorkFactory) -> Renew:
+def _renewer(uow: UnitOfWorkFactory[LeaseLedger]) -> Renew:
     def renew(tokens: Sequence[str], entity_ids: Sequence[int], lease_s: float) -> set[str]:
         with uow() as unit:
             kept = unit.ledger.renew_leases(tokens, entity_ids, lease_s=lease_s, now=utcnow())
@@ -157,6 +179,13 @@ class Container:
     @property
     def metrics(self) -> Metrics:
         return self.deps().metrics
+
+    def support_deps(self) -> SupportDeps:
+        """The support use cases' dependencies in this process (the replay jobs the sweeper
+        steps): its engine, publisher, clock and metrics."""
+        deps = self.deps()
+        return SupportDeps(uow=sql_unit_of_work_factory(self.engine), publisher=deps.publisher,
+                           clock=deps.clock, metrics=deps.metrics)
 
     def close(self) -> None:
         with self._lock:

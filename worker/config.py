@@ -1,8 +1,10 @@
 """Settings from the environment (and an optional ``.env``), validated once at start.
 
-Every variable, its default and meaning is listed in the README's configuration table; the
-names are shared with other tools, so they are part of the public surface. Nothing here opens a
-connection: ``load_settings()`` only reads the environment.
+Every variable is a field of :class:`worker.config_fields.SettingsFields`, with its default
+and description; docs/reference/configuration.md is generated from them
+(``make docs-reference``). The names are shared with other tools, so they are part of the
+public surface. Nothing here opens a connection: ``load_settings()`` only reads the
+environment.
 """
 
 from __future__ import annotations
@@ -10,32 +12,35 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import tempfile
 from datetime import UTC, timedelta, timezone, tzinfo
 from functools import cached_property
-from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import ValidationError, field_validator, model_validator
+from pydantic_settings import SettingsConfigDict
 
+from worker.config_fields import (
+    AUDIT_FLOOR_DAYS,
+    DEFAULT_BROKER_URL,
+    DEFAULT_CAPILLARY_BASE_URL,
+    DEFAULT_DATABASE_URL,
+    DEFAULT_HEARTBEAT_DIR,
+    DEFAULT_PREFETCH_MULTIPLIER,
+    DEFAULT_SANDBOX_PORT,
+    SettingsFields,
+)
 from worker.domain.errors import ConfigurationError
 
-DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/coupon_worker"
-DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672//"
-DEFAULT_SANDBOX_PORT = 8750
-DEFAULT_CAPILLARY_BASE_URL = f"http://127.0.0.1:{DEFAULT_SANDBOX_PORT}"
-DEFAULT_PREFETCH_MULTIPLIER = 2
-# Per host, not per deployment: `coupon-worker health` reads the heartbeats of the workers
-# running beside it.
-DEFAULT_HEARTBEAT_DIR = str(Path(tempfile.gettempdir()) / "coupon-worker")
+# Re-exported: the defaults are imported from here by the dev tools and the tests.
+__all__ = [
+    "AUDIT_FLOOR_DAYS", "DEFAULT_BROKER_URL", "DEFAULT_CAPILLARY_BASE_URL", "DEFAULT_DATABASE_URL",
+    "DEFAULT_HEARTBEAT_DIR", "DEFAULT_PREFETCH_MULTIPLIER", "DEFAULT_SANDBOX_PORT", "AuthScheme",
+    "Settings", "is_loopback", "load_settings", "org_timezone",
+]
 
 AuthScheme = Literal["basic", "oauth"]
-#: The youngest audit row the database lets the retention job delete, in days (the trigger of
-#: migration 0009 holds the same number): COUPONS_RETENTION_AUDIT_DAYS cannot go below it.
-AUDIT_FLOOR_DAYS = 90
 
 
 def is_loopback(host: str) -> bool:
@@ -72,7 +77,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-class Settings(BaseSettings):
+class Settings(SettingsFields):
     """The worker's whole configuration. Frozen: build a new one to change anything."""
 
     model_config = SettingsConfigDict(
@@ -82,165 +87,6 @@ class Settings(BaseSettings):
         frozen=True,
         populate_by_name=True,
     )
-
-    # URLs may carry passwords: kept out of repr(); safe_summary() shows them redacted.
-    database_url: str = Field(
-        DEFAULT_DATABASE_URL, validation_alias="COUPONS_DATABASE_URL", repr=False)
-    # The retention job's own connection (its role may delete; the worker's may not): the
-    # scheduled prune and `coupon-worker prune` use it when set (docs/security.md).
-    retention_database_url: str | None = Field(
-        None, validation_alias="COUPONS_RETENTION_DATABASE_URL", repr=False)
-    broker_url: str = Field(DEFAULT_BROKER_URL, validation_alias="COUPONS_BROKER_URL", repr=False)
-    broker_folder: str | None = Field(None, validation_alias="COUPONS_BROKER_FOLDER")
-
-    capillary_base_url: str = Field(
-        DEFAULT_CAPILLARY_BASE_URL, validation_alias="CAPILLARY_BASE_URL"
-    )
-    capillary_username: str | None = Field(None, validation_alias="CAPILLARY_USERNAME")
-    capillary_password: SecretStr | None = Field(None, validation_alias="CAPILLARY_PASSWORD")
-    capillary_oauth_key: str | None = Field(None, validation_alias="CAPILLARY_OAUTH_KEY")
-    capillary_oauth_secret: SecretStr | None = Field(
-        None, validation_alias="CAPILLARY_OAUTH_SECRET"
-    )
-    capillary_source: str | None = Field(None, validation_alias="CAPILLARY_SOURCE")
-    #: The organisation's time zone in Capillary (an offset such as +05:30, or a zone name):
-    #: a date or a time without offset in an answer (a date-only validTill) is read in it.
-    capillary_timezone: str = Field("UTC", validation_alias="CAPILLARY_TIMEZONE")
-    #: Series per bulk-issue call: an event with more is issued in several calls.
-    capillary_max_series_per_call: int = Field(
-        100, ge=1, le=1000, validation_alias="CAPILLARY_MAX_SERIES_PER_CALL")
-    capillary_allow_insecure_http: bool = Field(
-        False, validation_alias="CAPILLARY_ALLOW_INSECURE_HTTP")
-
-    http_timeout_s: float = Field(10.0, gt=0, validation_alias="COUPONS_HTTP_TIMEOUT_SECONDS")
-    http_connect_timeout_s: float = Field(
-        3.05, gt=0, validation_alias="COUPONS_HTTP_CONNECT_TIMEOUT_SECONDS"
-    )
-    http_pool_size: int = Field(10, ge=1, validation_alias="COUPONS_HTTP_POOL_SIZE")
-
-    events_queue: str = Field(
-        "coupons.events", min_length=1, validation_alias="COUPONS_EVENTS_QUEUE")
-    tasks_queue: str = Field("coupons.tasks", min_length=1, validation_alias="COUPONS_TASKS_QUEUE")
-    retry_queue: str = Field("coupons.retry", min_length=1, validation_alias="COUPONS_RETRY_QUEUE")
-    dead_queue: str = Field("coupons.dead", min_length=1, validation_alias="COUPONS_DEAD_QUEUE")
-    queue_type: Literal["classic", "quorum"] = Field(
-        "classic", validation_alias="COUPONS_QUEUE_TYPE")
-    #: Where RabbitMQ dead-letters a message delivered more than ``delivery_limit`` times
-    #: (quorum queues, through the policy ``coupon-worker broker setup`` sets).
-    parked_queue: str = Field(
-        "coupons.parked", min_length=1, validation_alias="COUPONS_PARKED_QUEUE")
-    delivery_limit: int = Field(50, ge=2, validation_alias="COUPONS_DELIVERY_LIMIT")
-    dead_queue_max_length: int = Field(
-        100_000, ge=1, validation_alias="COUPONS_DEAD_QUEUE_MAX_LENGTH"
-    )
-    max_event_bytes: int = Field(65_536, ge=1024, validation_alias="COUPONS_MAX_EVENT_BYTES")
-    #: How bus messages reach the pool: ``direct`` (Celery's consumer reads the events queue
-    #: and runs each message as ``coupons.ingest``, ``worker.entrypoints.celery.intake``) or
-    #: ``bridge`` (a consumer step publishes each as a task first,
-    #: ``worker.entrypoints.celery.bridge``).
-    bus_intake: Literal["direct", "bridge"] = Field(
-        "direct", validation_alias="COUPONS_BUS_INTAKE")
-
-    max_attempts: int = Field(8, ge=1, validation_alias="COUPONS_MAX_ATTEMPTS")
-    # Deliveries of one message that may fail for a reason not its own (a bug of ours, a
-    # database refusing a statement) before it is kept as a dead letter (never a rejection).
-    message_failure_limit: int = Field(
-        5, ge=1, le=100, validation_alias="COUPONS_MESSAGE_FAILURE_LIMIT")
-    retry_base_s: float = Field(2.0, gt=0, validation_alias="COUPONS_RETRY_BASE_SECONDS")
-    retry_max_s: float = Field(900.0, gt=0, validation_alias="COUPONS_RETRY_MAX_SECONDS")
-    reconcile_delay_s: float = Field(
-        2.0, ge=0, validation_alias="COUPONS_RECONCILE_DELAY_SECONDS"
-    )
-    # The longest a task may hold a claim (its hard time limit is 5 s less). The claim's own
-    # lease is short and renewed by a heartbeat while the task lives (worker.usecases.leases).
-    lease_s: float = Field(120.0, gt=0, validation_alias="COUPONS_LEASE_SECONDS")
-    claim_heartbeat_s: float = Field(
-        10.0, ge=0.2, validation_alias="COUPONS_CLAIM_HEARTBEAT_SECONDS")
-    # Twice the 60 s read timeout common to gateways and proxies in front of an API: a request
-    # that a gateway gave up on may still be running behind it for that long.
-    settle_window_s: float = Field(
-        120.0, gt=0, validation_alias="COUPONS_SETTLE_WINDOW_SECONDS")
-    run_sweeper: bool = Field(True, validation_alias="COUPONS_RUN_SWEEPER")
-    sweep_interval_s: float = Field(1.0, gt=0, validation_alias="COUPONS_SWEEP_INTERVAL_SECONDS")
-    requeue_after_s: float = Field(300.0, gt=0, validation_alias="COUPONS_REQUEUE_AFTER_SECONDS")
-
-    # Retention (docs/retention.md). Scheduled only when COUPONS_RETENTION_DAYS is set;
-    # `coupon-worker prune --older-than` runs it by hand either way.
-    retention_days: int | None = Field(None, ge=1, validation_alias="COUPONS_RETENTION_DAYS")
-    retention_event_id_window_days: int = Field(
-        400, ge=1, validation_alias="COUPONS_RETENTION_EVENT_ID_WINDOW_DAYS")
-    retention_audit_days: int = Field(
-        730, ge=AUDIT_FLOOR_DAYS,
-        validation_alias="COUPONS_RETENTION_AUDIT_DAYS")
-    retention_interval_s: float = Field(
-        86_400.0, ge=60, validation_alias="COUPONS_RETENTION_INTERVAL_SECONDS")
-    retention_batch_size: int = Field(
-        1000, ge=1, le=50_000, validation_alias="COUPONS_RETENTION_BATCH_SIZE")
-
-    # The ledger's limits. A stalled database must fail a task with LedgerUnavailable (its
-    # message goes back) well before Celery's hard time limit kills it; see _coherent().
-    db_connect_timeout_s: int = Field(
-        5, ge=2, validation_alias="COUPONS_DB_CONNECT_TIMEOUT_SECONDS")
-    db_statement_timeout_s: float = Field(
-        10.0, gt=0, validation_alias="COUPONS_DB_STATEMENT_TIMEOUT_SECONDS")
-    db_lock_timeout_s: float = Field(
-        3.0, gt=0, validation_alias="COUPONS_DB_LOCK_TIMEOUT_SECONDS")
-    db_keepalive_idle_s: int = Field(
-        10, ge=1, validation_alias="COUPONS_DB_KEEPALIVE_IDLE_SECONDS")
-    db_keepalive_interval_s: int = Field(
-        5, ge=1, validation_alias="COUPONS_DB_KEEPALIVE_INTERVAL_SECONDS")
-    db_keepalive_count: int = Field(3, ge=1, validation_alias="COUPONS_DB_KEEPALIVE_COUNT")
-    #: What stands between the worker and PostgreSQL: ``none`` (a direct connection, or a
-    #: pooler in session mode) or ``transaction`` (a pooler in transaction mode: PgBouncer's
-    #: ``pool_mode = transaction``, as most managed poolers). With ``transaction`` no
-    #: statement is prepared on the server and the timeouts are set per transaction
-    #: (docs/pooler.md).
-    db_pooler: Literal["none", "transaction"] = Field(
-        "none", validation_alias="COUPONS_DB_POOLER")
-    #: Whether ledger statements are prepared on the server: ``auto`` (yes with
-    #: ``COUPONS_DB_POOLER=none``, no with ``transaction``), ``on`` (behind a pooler that keeps
-    #: them per client: PgBouncer 1.21 or later with ``max_prepared_statements``) or ``off``.
-    db_prepared_statements: Literal["auto", "on", "off"] = Field(
-        "auto", validation_alias="COUPONS_DB_PREPARED_STATEMENTS")
-
-    #: Connections each process keeps open to the ledger; it may open as many again at a peak
-    #: (SQLAlchemy's overflow), so a process holds at most twice this (docs/capacity.md).
-    db_pool_size: int = Field(5, ge=1, le=50, validation_alias="COUPONS_DB_POOL_SIZE")
-    #: The ledger's roles are ``<prefix>_owner``, ``_worker``, ``_console``, ``_retention``
-    #: (``coupon-worker db roles``); ``migrate`` grants them their tables when they exist.
-    db_role_prefix: str = Field("coupon", pattern=r"^[a-z_][a-z0-9_]{0,30}$",
-                                validation_alias="COUPONS_DB_ROLE_PREFIX")
-
-    heartbeat_dir: str = Field(DEFAULT_HEARTBEAT_DIR, min_length=1,
-                               validation_alias="COUPONS_HEARTBEAT_DIR")
-    heartbeat_interval_s: float = Field(
-        5.0, gt=0, validation_alias="COUPONS_HEARTBEAT_INTERVAL_SECONDS")
-
-    circuit_failure_threshold: int = Field(
-        5, ge=1, validation_alias="COUPONS_CIRCUIT_FAILURE_THRESHOLD"
-    )
-    circuit_open_s: float = Field(30.0, gt=0, validation_alias="COUPONS_CIRCUIT_OPEN_SECONDS")
-
-    rate_limit_per_minute: int | None = Field(
-        None, ge=1, validation_alias="COUPONS_RATE_LIMIT_PER_MINUTE"
-    )
-    rate_limit_burst: int | None = Field(None, ge=1, validation_alias="COUPONS_RATE_LIMIT_BURST")
-    rate_limit_max_wait_s: float = Field(
-        30.0, gt=0, validation_alias="COUPONS_RATE_LIMIT_MAX_WAIT_SECONDS"
-    )
-
-    worker_concurrency: int | None = Field(
-        None, ge=1, validation_alias="COUPONS_WORKER_CONCURRENCY"
-    )
-    #: Unacknowledged messages a worker holds per pool process (Celery's prefetch multiplier).
-    prefetch_multiplier: int = Field(DEFAULT_PREFETCH_MULTIPLIER, ge=1, le=16,
-                                     validation_alias="COUPONS_PREFETCH_MULTIPLIER")
-    task_events: bool = Field(True, validation_alias="COUPONS_TASK_EVENTS")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
-        "INFO", validation_alias="COUPONS_LOG_LEVEL"
-    )
-    log_format: Literal["kv", "json"] = Field("kv", validation_alias="COUPONS_LOG_FORMAT")
-    metrics_port: int = Field(9808, ge=0, le=65535, validation_alias="COUPONS_METRICS_PORT")
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -9,7 +9,7 @@ through the project's own code (no SQL of the bench's):
 
 - *hot path*: one event's claim and outcome, ``SqlLedger.take_in`` then ``SqlLedger.record``
   (the two statements of ``worker.adapters.postgres.hot_path``), a new event each time;
-- *sweeper cycle*: ``worker.usecases.issue.sweep`` and the replay-job step, as the sweeper
+- *sweeper cycle*: ``worker.usecases.sweep.sweep`` and the replay-job step, as the sweeper
   thread runs them every second (nothing is due: the seeded retries wait for hours);
 - *dlq list*: ``queries.dead_letters`` with no filter, as ``coupon-worker dlq list``;
 - *search*: the console's ``queries.customer_story`` by customer, coupon code, Capillary
@@ -70,7 +70,8 @@ from worker.domain.events import LoyaltyEvent
 from worker.domain.model import Coupon, EntityState
 from worker.domain.policy import CircuitPolicy, RetryPolicy
 from worker.metrics import Metrics
-from worker.usecases import issue, queries
+from worker.usecases import queries, sweep
+from worker.usecases.deps import Deps, utcnow
 from worker.usecases.replay_jobs import step_replay_jobs
 from worker.usecases.support import SupportDeps
 
@@ -105,7 +106,7 @@ class Ledger:
     url: str
     engine: Engine
     uow: Callable[[], SqlUnitOfWork]
-    deps: issue.Deps
+    deps: Deps
     support: SupportDeps
     jobs: ReplayJobStore
     probes: list[Probe] = field(default_factory=list)
@@ -217,7 +218,7 @@ def _probe(ledger: Ledger) -> Probe:
 
 
 def _sweep(ledger: Ledger) -> None:
-    issue.sweep(ledger.deps)
+    sweep.sweep(ledger.deps)
     step_replay_jobs(ledger.support, ledger.jobs)
 
 
@@ -267,13 +268,13 @@ def _ledger(name: str, url: str) -> Iterator[Ledger]:
     uow = sql_unit_of_work_factory(engine)
     publisher = FakePublisher()
     metrics = Metrics()
-    deps = issue.Deps(
+    deps = Deps(
         uow=uow, api=FakeCapillary(), publisher=publisher, limiter=Unlimited(),
-        circuit=CircuitGate(uow, CircuitPolicy(), clock=issue.utcnow, probe_timeout_s=LEASE_S),
+        circuit=CircuitGate(uow, CircuitPolicy(), clock=utcnow, probe_timeout_s=LEASE_S),
         retry_policy=RetryPolicy(), metrics=metrics, worker_id=WORKER, lease_s=LEASE_S)
     try:
         yield Ledger(name, url, engine, uow, deps,
-                     SupportDeps(uow=uow, publisher=publisher, clock=issue.utcnow,
+                     SupportDeps(uow=uow, publisher=publisher, clock=utcnow,
                                  metrics=metrics), ReplayJobStore(engine))
     finally:
         engine.dispose()

@@ -18,7 +18,7 @@ from worker.adapters.capillary.api import (
 )
 from worker.domain.errors import Ambiguous
 from worker.domain.model import Coupon, EntryError, Verdict
-from worker.domain.policy import classify_entry_error, classify_transport, classify_unanswered
+from worker.domain.verdicts import classify_entry_error, classify_transport, classify_unanswered
 
 CallFault = Literal[
     "timeout_after_issue",  # issues, then the answer is lost (read timeout)

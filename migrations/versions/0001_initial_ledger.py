@@ -18,10 +18,10 @@ down_revision: str | None = None
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-# Rolling upgrades (README, Upgrading): does the previous revision's code run on this schema?
+# Rolling upgrades (docs/operator-guide.md, Upgrading): does the previous revision's code run on this schema?
 # The first schema: there is no earlier release to serve.
 backward_compatible = False
-# Squawk rules this migration breaks on purpose (make lint; README, Upgrading). Every table is
+# Squawk rules this migration breaks on purpose (make lint; docs/operator-guide.md, Upgrading). Every table is
 # new here, so no lock in it can stall a worker; the rest are about column types, as decided:
 lint_exceptions = {
     "prefer-text-field": "the only varchar is Alembic's own alembic_version.version_num",

@@ -17,11 +17,11 @@ down_revision: str | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-# Rolling upgrades (README, Upgrading): does the previous revision's code run on this schema?
+# Rolling upgrades (docs/operator-guide.md, Upgrading): does the previous revision's code run on this schema?
 # Not an expand step: it drops uq_coupons_entity_id, on which the previous release's
 # `INSERT ... ON CONFLICT (entity_id)` relies, so 0002 workers must stop before it runs.
 backward_compatible = False
-# Squawk rules this migration breaks (make lint; README, Upgrading). It is a contract step
+# Squawk rules this migration breaks (make lint; docs/operator-guide.md, Upgrading). It is a contract step
 # (above): it runs with the previous release's workers stopped, so no worker waits on its
 # locks, and it predates the lint. A new migration does this in expand/contract steps instead.
 lint_exceptions = {

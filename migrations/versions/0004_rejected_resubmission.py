@@ -17,7 +17,7 @@ down_revision: str | None = "0003"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-# Rolling upgrades (README, Upgrading): does the previous revision's code run on this schema?
+# Rolling upgrades (docs/operator-guide.md, Upgrading): does the previous revision's code run on this schema?
 # Adds nullable columns and a trigger that still lets the previous release record its
 # dead-letter announcement (dead_published_at).
 backward_compatible = True

@@ -21,7 +21,7 @@ down_revision: str | None = "0004"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-# Rolling upgrades (README, Upgrading): does the previous revision's code run on this schema?
+# Rolling upgrades (docs/operator-guide.md, Upgrading): does the previous revision's code run on this schema?
 # New tables and indexes only; the previous release never reads or writes the new tables.
 backward_compatible = True
 lint_exceptions = {

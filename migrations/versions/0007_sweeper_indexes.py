@@ -21,7 +21,7 @@ down_revision: str | None = "0006"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-# Rolling upgrades (README, Upgrading): does the previous revision's code run on this schema?
+# Rolling upgrades (docs/operator-guide.md, Upgrading): does the previous revision's code run on this schema?
 # Indexes only.
 backward_compatible = True
 lint_exceptions = {

@@ -18,7 +18,7 @@ down_revision: str | None = "0007"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-# Rolling upgrades (README, Upgrading): does the previous revision's code run on this schema?
+# Rolling upgrades (docs/operator-guide.md, Upgrading): does the previous revision's code run on this schema?
 # A nullable column: the previous release does not write it, and reads no column by position.
 backward_compatible = True
 

@@ -29,7 +29,7 @@ down_revision: str | None = "0008"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-# Rolling upgrades (README, Upgrading): does the previous revision's code run on this schema?
+# Rolling upgrades (docs/operator-guide.md, Upgrading): does the previous revision's code run on this schema?
 # Nullable columns, an index, a new table, one foreign key fewer and a trigger that still
 # refuses every change the previous release could make (it never deletes an audit row).
 backward_compatible = True

@@ -24,7 +24,7 @@ down_revision: str | None = "0009"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-# Rolling upgrades (README, Upgrading): does the previous revision's code run on this schema?
+# Rolling upgrades (docs/operator-guide.md, Upgrading): does the previous revision's code run on this schema?
 # A new table and a column with a default: the previous release inserts rejections without it
 # and gets 'invalid', which is what it meant.
 backward_compatible = True

@@ -30,8 +30,8 @@ from worker.entrypoints.celery.app import create_app
 pytestmark = pytest.mark.slow
 
 PROBE = "9001"
-# The next release's migration, as the README asks for one: an expand step, its index built
-# concurrently, outside the migration's transaction.
+# The next release's migration, as docs/operator-guide.md asks for one: an expand step, its
+# index built concurrently, outside the migration's transaction.
 EXPAND = '''"""rolling-upgrade probe: an expand step"""
 import sqlalchemy as sa
 from alembic import op

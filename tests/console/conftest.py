@@ -57,12 +57,14 @@ def publisher() -> FakePublisher:
 @pytest.fixture
 def make_client(settings: Settings, clean_ledger: Engine, publisher: FakePublisher,
                 console_settings: Callable[..., ConsoleSettings]) -> Callable[..., TestClient]:
-    def make(**overrides: object) -> TestClient:
+    def make(client_address: str = "testclient", **overrides: object) -> TestClient:
+        """A client of a console with ``overrides`` for its settings, whose requests come from
+        ``client_address`` (the peer the console sees)."""
         support = SupportDeps(uow=sql_unit_of_work_factory(clean_ledger), publisher=publisher,
                               clock=utcnow)
         app = create_app(settings, console_settings(**overrides), engine=clean_ledger,
                          support=support, submitter=publisher)
-        return TestClient(app, follow_redirects=False)
+        return TestClient(app, follow_redirects=False, client=(client_address, 50000))
 
     return make
 

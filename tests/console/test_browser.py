@@ -1,7 +1,7 @@
 """The console in a real headless Chromium (the system's ``chromium``, driven by Playwright),
 against a real worker, broker, ledger and sandbox: the support engineer's whole story.
 
-Screenshots go to the test's directory, or to docs/screenshots/ (which the README shows) with
+Screenshots go to the test's directory, or to docs/screenshots/ (which docs/console.md shows) with
 ``COUPONS_UPDATE_SCREENSHOTS=1``.
 """
 

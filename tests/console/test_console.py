@@ -42,12 +42,12 @@ def test_pages_need_a_login_and_the_session_cookie_is_strict(
 
 def test_wrong_passwords_are_refused_audited_then_rate_limited(
         make_client: Callable[..., TestClient], clean_ledger: Engine) -> None:
-    client = make_client(login_max_failures=3)
+    client = make_client(login_max_failures=3, login_backoff_s=60)
     token = csrf_of(client.get("/login").text)
     codes = [client.post("/login", data={"username": "otto", "password": "nope",
                                          "csrf_token": token}).status_code for _ in range(4)]
     assert codes == [401, 401, 401, 429]
-    # Blocked even with the right password, until the window passes.
+    # Held back even with the right password, until the wait passes.
     right = client.post("/login", data={"username": "otto", "password": PASSWORDS["otto"],
                                         "csrf_token": token})
     assert right.status_code == 429
@@ -194,12 +194,14 @@ def test_a_job_can_be_paused_and_cancelled(
 
 def test_proxy_header_identity_only_from_a_trusted_address(
         make_client: Callable[..., TestClient]) -> None:
-    client = make_client(proxy_user_header="X-Forwarded-User", trusted_proxies="testclient")
+    client = make_client(proxy_user_header="X-Forwarded-User", trusted_proxies="10.0.0.5",
+                         client_address="10.0.0.5")
     page = client.get("/dlq", headers={"X-Forwarded-User": "ada"})
     assert page.status_code == 200 and "ada (admin)" in page.text
     stranger = client.get("/dlq", headers={"X-Forwarded-User": "sso-user"})
     assert "sso-user (viewer)" in stranger.text
-    untrusted = make_client(proxy_user_header="X-Forwarded-User")
+    untrusted = make_client(proxy_user_header="X-Forwarded-User", trusted_proxies="10.0.0.5",
+                            client_address="10.0.0.6")
     assert untrusted.get("/dlq", headers={"X-Forwarded-User": "ada"}).status_code == 303
 
 

@@ -24,6 +24,7 @@ from worker.domain.model import Verdict
 from worker.domain.policy import CircuitPolicy, RetryPolicy
 from worker.metrics import Metrics
 from worker.usecases import issue
+from worker.usecases.deps import Deps
 from worker.usecases.support import SupportDeps, replay_event
 
 CUSTOMER = {"id": "566881933"}
@@ -31,9 +32,9 @@ ISSUED_SERIES, REFUSED_SERIES = 544770, 700712
 
 
 @pytest.fixture
-def deps(settings: Settings, clean_ledger: Engine, sandbox: SandboxAdmin) -> issue.Deps:
+def deps(settings: Settings, clean_ledger: Engine, sandbox: SandboxAdmin) -> Deps:
     uow = sql_unit_of_work_factory(clean_ledger)
-    return issue.Deps(
+    return Deps(
         uow=uow, api=CapillaryClient.from_settings(settings), publisher=FakePublisher(),
         limiter=RetryAfterGate(clean_ledger),
         circuit=CircuitGate(uow, CircuitPolicy(), clock=lambda: datetime.now(UTC),
@@ -49,7 +50,7 @@ def entities(engine: Engine) -> dict[int, tuple[str, str | None, str | None]]:
 
 
 def test_a_400_whose_entries_say_issued_and_refused_records_the_issued_one_once(
-    deps: issue.Deps, clean_ledger: Engine, sandbox: SandboxAdmin,
+    deps: Deps, clean_ledger: Engine, sandbox: SandboxAdmin,
 ) -> None:
     # Given Capillary (or a gateway before it) answering 400 with per-entry results: one
     # series issued, one refused (expired)
@@ -91,7 +92,7 @@ def test_a_400_whose_entries_say_issued_and_refused_records_the_issued_one_once(
 
 
 def test_a_configuration_code_in_a_4xx_body_pauses_instead_of_dead_lettering(
-    deps: issue.Deps, clean_ledger: Engine, sandbox: SandboxAdmin,
+    deps: Deps, clean_ledger: Engine, sandbox: SandboxAdmin,
 ) -> None:
     # Given a 400 whose entry carries a configuration error (788)
     sandbox.set_series(ISSUED_SERIES, behaviour="error", error_code=788,
@@ -118,7 +119,7 @@ def test_entries_in_a_4xx_are_read_per_series(settings: Settings, sandbox: Sandb
 
 
 def test_an_event_with_more_series_than_a_call_takes_is_issued_in_several_calls(
-    deps: issue.Deps, clean_ledger: Engine, sandbox: SandboxAdmin,
+    deps: Deps, clean_ledger: Engine, sandbox: SandboxAdmin,
 ) -> None:
     # Given calls of at most 100 series, and an event of 250
     deps.max_series_per_call = 100

@@ -33,6 +33,7 @@ from worker.domain.events import parse_event_data
 from worker.domain.policy import CircuitPolicy, RetryPolicy
 from worker.metrics import Metrics
 from worker.usecases import issue
+from worker.usecases.deps import Deps
 
 
 @pytest.fixture(params=["direct", "pgbouncer", "prepared-per-transaction"])
@@ -100,7 +101,7 @@ def test_an_issued_event_opens_no_session(request: pytest.FixtureRequest, throug
     def uow() -> SqlUnitOfWork:
         return SqlUnitOfWork(session, clean_ledger)
 
-    deps = issue.Deps(
+    deps = Deps(
         uow=uow, api=FakeCapillary(), publisher=FakePublisher(),
         limiter=RetryAfterGate(clean_ledger),
         circuit=CircuitGate(uow, CircuitPolicy(), clock=lambda: datetime.now(UTC),

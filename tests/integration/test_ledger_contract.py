@@ -19,6 +19,7 @@ from worker.adapters.capillary.answers import MAX_CODE_CHARS, parse_coupon
 from worker.adapters.capillary.api import CallInfo
 from worker.adapters.postgres import models as m
 from worker.adapters.postgres.records import CircuitState, Claim, RecordedCall, Transition
+from worker.adapters.postgres.repository import Ledger
 from worker.adapters.postgres.unit_of_work import UnitOfWork, sql_unit_of_work_factory
 from worker.domain.errors import EventRejected, LedgerError
 from worker.domain.events import parse_event_data
@@ -33,7 +34,7 @@ SETTLE_S = 120.0
 SHORT_LEASE_S = 0.3
 EVENT = parse_event_data({"eventId": "e-1", "customer": {"id": "7"}, "seriesIds": [1, 2]})
 
-UowFactory = Callable[[], UnitOfWork]
+UowFactory = Callable[[], UnitOfWork[Ledger]]
 
 
 @pytest.fixture(params=["postgres", "pgbouncer", "fake"])

@@ -29,7 +29,8 @@ from worker.domain.model import DeadMessageKind
 from worker.domain.policy import CircuitPolicy, RetryPolicy
 from worker.entrypoints.celery import tasks
 from worker.metrics import Metrics
-from worker.usecases import issue
+from worker.usecases.deps import Deps
+from worker.usecases.rejection import record_rejection
 from worker.usecases.support import SupportDeps, resubmit_rejected
 
 NOW = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
@@ -38,9 +39,9 @@ FIXED = {"eventId": "tier-upgrade-566881933-2026-11-25", "customer": {"id": "566
          "seriesIds": [544770, 553379]}
 
 
-def pipeline_deps(engine: Engine) -> issue.Deps:
+def pipeline_deps(engine: Engine) -> Deps:
     uow = sql_unit_of_work_factory(engine)
-    return issue.Deps(
+    return Deps(
         uow=uow, api=FakeCapillary(), publisher=FakePublisher(), limiter=Unlimited(),
         circuit=CircuitGate(uow, CircuitPolicy(), clock=lambda: NOW, probe_timeout_s=60),
         retry_policy=RetryPolicy(), metrics=Metrics(), worker_id="test", clock=lambda: NOW)
@@ -69,7 +70,7 @@ def reject(engine: Engine, raw: bytes) -> int:
 
 def test_the_rejection_path_stores_what_postgresql_would_refuse(clean_ledger: Engine) -> None:
     raw = b"\x00\xff" + b"[" * 5000
-    rejected_id = issue.record_rejection(
+    rejected_id = record_rejection(
         raw, "reason \x00 with \ud800 and \x1b[31m", source="bus\x00",
         deps=pipeline_deps(clean_ledger), event_id="e\x00\ud800",
         content_type="application/json\x00")
@@ -311,7 +312,7 @@ def test_a_dead_letter_of_ours_is_resubmitted_as_received(
         cli: Callable[..., Any], clean_ledger: Engine, settings: Settings) -> None:
     # Given a valid event that our side kept failing on, kept as an infrastructure dead letter
     raw = json.dumps(FIXED).encode()
-    dead_id = issue.record_rejection(
+    dead_id = record_rejection(
         raw, "infrastructure: failed 5 deliveries, the last with LedgerError: refused",
         source="bus", deps=pipeline_deps(clean_ledger), event_id=FIXED["eventId"],
         kind=DeadMessageKind.INFRASTRUCTURE)

@@ -35,6 +35,7 @@ from worker.domain.policy import CircuitPolicy, RetryPolicy
 from worker.entrypoints.celery import sweeper as sweeper_module
 from worker.metrics import Metrics
 from worker.usecases import issue
+from worker.usecases.deps import Deps
 from worker.usecases.retention import PRUNE_JOB, RetentionPolicy, prune, run_scheduled
 
 DAY_S = 86_400.0
@@ -49,9 +50,9 @@ def event(event_id: str, series: list[int] | None = None, customer: str = "56688
                              "seriesIds": series or SERIES})
 
 
-def make_deps(engine: Engine, api: FakeCapillary) -> issue.Deps:
+def make_deps(engine: Engine, api: FakeCapillary) -> Deps:
     uow = sql_unit_of_work_factory(engine)
-    return issue.Deps(
+    return Deps(
         uow=uow, api=api, publisher=FakePublisher(), limiter=RetryAfterGate(engine),
         circuit=CircuitGate(uow, CircuitPolicy(), clock=lambda: datetime.now(UTC),
                             probe_timeout_s=60),

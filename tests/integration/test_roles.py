@@ -37,10 +37,13 @@ from worker.domain.errors import LedgerError
 from worker.domain.events import parse_event_data
 from worker.domain.model import Coupon, EntityState
 from worker.usecases import issue
+from worker.usecases.deps import Deps
 from worker.usecases.issue import utcnow
+from worker.usecases.rejection import record_rejection
 from worker.usecases.replay_jobs import control_replay_job, start_replay_job, step_replay_jobs
 from worker.usecases.retention import RetentionPolicy, prune
 from worker.usecases.support import SupportDeps, discard, replay_event
+from worker.usecases.sweep import publish_dead_letters, sweep, verify_issued
 
 CLI = Path(sys.executable).parent / "coupon-worker"
 JOBS_WITH_LOGIN = ("owner", "worker", "console", "retention")
@@ -159,17 +162,17 @@ def test_the_worker_runs_the_event_path_sweeper_and_replay_jobs(
     report = issue.issue_event(event, source="bus", deps=deps)
     # Then the coupon is recorded, and so are rejections, message failures and the sweeper
     assert report.issued == 1
-    issue.record_rejection(b"not json", "invalid JSON", source="bus", deps=deps)
+    record_rejection(b"not json", "invalid JSON", source="bus", deps=deps)
     with deps.uow() as uow:
         assert uow.ledger.count_message_failure("k", kind="internal_error", error="x",
                                                 now=utcnow()) == 1
         uow.ledger.forget_message_failure("k")
         uow.commit()
-    issue.sweep(deps)
-    issue.verify_issued(deps)
-    issue.publish_dead_letters(deps)
+    sweep(deps)
+    verify_issued(deps)
+    publish_dead_letters(deps)
     assert len(publisher.dead_letters) == 1, "the rejection is announced, and marked so"
-    assert issue.publish_dead_letters(deps) == 0
+    assert publish_dead_letters(deps) == 0
     # And given a dead entity, the console starts a replay job that the worker steps
     dead_id = _dead_entity(deps)
     console = _support(engines("console"))
@@ -181,7 +184,7 @@ def test_the_worker_runs_the_event_path_sweeper_and_replay_jobs(
     assert job_id
 
 
-def _dead_entity(deps: issue.Deps) -> int:
+def _dead_entity(deps: Deps) -> int:
     event = parse_event_data({"eventId": f"dead-{uuid.uuid4().hex[:6]}",
                               "customer": {"id": "7"}, "seriesIds": [1]})
     now = utcnow()

@@ -28,6 +28,7 @@ from worker.domain.model import HOLDS_ONE_CODES, Verdict
 from worker.domain.policy import CircuitPolicy, RetryPolicy
 from worker.metrics import Metrics
 from worker.usecases import issue
+from worker.usecases.deps import Deps
 
 CUSTOMER = {"id": "566881933"}
 META = {"notes": "[cw:0123456789abcdef]"}
@@ -159,9 +160,9 @@ def test_a_second_call_for_a_customer_still_being_served_answers_521(
 
 
 @pytest.fixture
-def deps(settings: Settings, clean_ledger: Engine) -> issue.Deps:
+def deps(settings: Settings, clean_ledger: Engine) -> Deps:
     uow = sql_unit_of_work_factory(clean_ledger)
-    return issue.Deps(
+    return Deps(
         uow=uow, api=CapillaryClient.from_settings(settings), publisher=FakePublisher(),
         limiter=RetryAfterGate(clean_ledger),
         circuit=CircuitGate(uow, CircuitPolicy(), clock=lambda: datetime.now(UTC),
@@ -170,7 +171,7 @@ def deps(settings: Settings, clean_ledger: Engine) -> issue.Deps:
 
 
 def test_warnings_are_recorded_with_the_coupon_and_shown(
-    deps: issue.Deps, clean_ledger: Engine, sandbox: SandboxAdmin,
+    deps: Deps, clean_ledger: Engine, sandbox: SandboxAdmin,
     cli: Callable[..., Any],
 ) -> None:
     # Given a series whose coupons come with a warning (Doc: warnings[] per entry)

@@ -24,6 +24,7 @@ from worker.domain.events import parse_event_data
 from worker.domain.policy import OUTCOME_UNRECORDABLE, CircuitPolicy, RetryPolicy
 from worker.metrics import Metrics
 from worker.usecases import issue
+from worker.usecases.deps import Deps
 
 REFUSED_CUSTOMER = "990000001"
 
@@ -53,7 +54,7 @@ def test_a_refused_outcome_is_a_dead_letter_with_what_capillary_answered(
         return SqlUnitOfWork(sessionmaker(bind=engine), engine)
 
     api = FakeCapillary()
-    deps = issue.Deps(
+    deps = Deps(
         uow=uow, api=api, publisher=FakePublisher(), limiter=RetryAfterGate(engine),
         circuit=CircuitGate(uow, CircuitPolicy(), clock=lambda: datetime.now(UTC),
                             probe_timeout_s=60),

@@ -10,12 +10,15 @@ import pytest
 
 from coupon_devtools.fakes.broker import FakePublisher
 from coupon_devtools.fakes.capillary import FakeCapillary
-from coupon_devtools.fakes.ledger import FakeEntity, FakeState, fake_unit_of_work_factory
+from coupon_devtools.fakes.ledger import fake_unit_of_work_factory
+from coupon_devtools.fakes.ledger_state import FakeEntity, FakeState
 from worker.adapters.postgres.circuit import CircuitGate
 from worker.adapters.postgres.ratelimit import Unlimited
 from worker.domain.policy import CircuitPolicy, RetryPolicy
 from worker.metrics import Metrics
-from worker.usecases.issue import Deps, retry_entity, sweep
+from worker.usecases.deps import Deps
+from worker.usecases.issue import retry_entity
+from worker.usecases.sweep import sweep
 
 SETTLE_S = 20.0
 

@@ -30,9 +30,12 @@ from worker.adapters.postgres.circuit import CircuitGate
 from worker.adapters.postgres.ratelimit import Unlimited
 from worker.domain.events import parse_event_data
 from worker.domain.model import CAPILLARY_CODES, ISSUED_STATES, Coupon, EntityState, Verdict
-from worker.domain.policy import CircuitPolicy, RetryPolicy, classify_unanswered
+from worker.domain.policy import CircuitPolicy, RetryPolicy
+from worker.domain.verdicts import classify_unanswered
 from worker.metrics import Metrics
-from worker.usecases.issue import Deps, issue_event, retry_entity, sweep
+from worker.usecases.deps import Deps
+from worker.usecases.issue import issue_event, retry_entity
+from worker.usecases.sweep import sweep
 
 NOW = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
 STATUSES = [200, 201, 207, 302, 400, 401, 404, 408, 409, 422, 429, 500, 502, 503, 521]

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 from worker.adapters.rabbitmq import topology
 from worker.adapters.rabbitmq.links import StepLinks
 from worker.config import load_settings
-from worker.domain.policy import BACKLOG_MIN, BACKLOG_PER_SLOT, ConsumptionPause, QueueRole
+from worker.domain.runtime_policy import BACKLOG_MIN, BACKLOG_PER_SLOT, ConsumptionPause, QueueRole
 from worker.entrypoints.celery.guard import ConsumptionGuard
 
 

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from worker.domain.model import Verdict, attempt_ref, issue_ref, notes_with_ref
-from worker.domain.policy import (
+from worker.domain.verdicts import (
     classify_entry_error,
     classify_transport,
     classify_unanswered,

@@ -4,7 +4,7 @@ tools (demo, bench, chaos) and producers import them from there."""
 from __future__ import annotations
 
 import worker.adapters.rabbitmq.names
-import worker.domain.policy
+import worker.domain.runtime_policy
 import worker.entrypoints.celery.bridge
 import worker.entrypoints.celery.guard
 import worker.entrypoints.celery.metrics_step
@@ -38,7 +38,7 @@ def test_the_bootsteps_are_still_exported_by_worker_steps() -> None:
 def test_the_publish_retry_policy_is_still_exported_by_the_publisher() -> None:
     from worker.adapters.rabbitmq import publisher
 
-    assert publisher.PUBLISH_RETRY_POLICY is worker.domain.policy.PUBLISH_RETRY_POLICY
+    assert publisher.PUBLISH_RETRY_POLICY is worker.domain.runtime_policy.PUBLISH_RETRY_POLICY
 
 
 def test_celery_uses_the_same_publish_retry_policy_and_our_consumer() -> None:
@@ -46,5 +46,5 @@ def test_celery_uses_the_same_publish_retry_policy_and_our_consumer() -> None:
 
     config = celery_config.celery_config(load_settings(capillary_username="u",
                                                        capillary_password="p"))
-    assert config["task_publish_retry_policy"] is worker.domain.policy.PUBLISH_RETRY_POLICY
+    assert config["task_publish_retry_policy"] is worker.domain.runtime_policy.PUBLISH_RETRY_POLICY
     assert config["worker_consumer"] == "worker.entrypoints.celery.task_consumer:TaskConsumer"

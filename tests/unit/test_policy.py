@@ -79,7 +79,8 @@ def test_a_refusal_says_what_its_code_means_from_the_domains_table() -> None:
 
 def test_one_code_one_meaning_and_already_holds_one_is_written_once() -> None:
     from worker.domain.model import CAPILLARY_CODES, ERROR_MEANINGS, HOLDS_ONE_CODES
-    from worker.domain.policy import ONE_PER_CUSTOMER_CODES, classify_entry_error
+    from worker.domain.policy import ONE_PER_CUSTOMER_CODES
+    from worker.domain.verdicts import classify_entry_error
 
     assert HOLDS_ONE_CODES == ONE_PER_CUSTOMER_CODES == {"709", "5002", "5004"}
     for code, meaning in CAPILLARY_CODES.items():

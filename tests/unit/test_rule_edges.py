@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from worker.bootstrap import circuit_policy, retry_policy
 from worker.config import load_settings
 from worker.domain.model import (
     NOTES_MAX_CHARS,
@@ -31,11 +32,11 @@ from worker.domain.policy import (
     RetryPolicy,
     ScheduleRetry,
     WaitForSlot,
-    consumption_for_circuit,
-    counts_toward_circuit,
     rate_limit_slot,
     retries_to_dispatch,
 )
+from worker.domain.runtime_policy import consumption_for_circuit
+from worker.domain.verdicts import counts_toward_circuit
 
 POLICY = RetryPolicy(max_attempts=3, base_s=1.0, max_s=60.0, reconcile_delay_s=2.0,
                      settle_window_s=20.0)
@@ -167,9 +168,9 @@ def test_policies_are_built_from_the_settings() -> None:
     settings = load_settings(max_attempts=5, retry_base_s=3.0, retry_max_s=400.0,
                              reconcile_delay_s=4.0, settle_window_s=130.0,
                              circuit_failure_threshold=7, circuit_open_s=45.0)
-    assert RetryPolicy.from_settings(settings) == RetryPolicy(
+    assert retry_policy(settings) == RetryPolicy(
         max_attempts=5, base_s=3.0, max_s=400.0, reconcile_delay_s=4.0, settle_window_s=130.0)
-    assert CircuitPolicy.from_settings(settings) == CircuitPolicy(
+    assert circuit_policy(settings) == CircuitPolicy(
         failure_threshold=7, open_s=45.0, max_open_s=600.0)
     long_pause = load_settings(circuit_open_s=900.0)
-    assert CircuitPolicy.from_settings(long_pause).max_open_s == 900.0
+    assert circuit_policy(long_pause).max_open_s == 900.0

@@ -5,20 +5,18 @@ from __future__ import annotations
 import random
 from datetime import UTC, datetime, timedelta
 
-from worker.domain import policy
-from worker.domain.policy import (
+from worker.domain import policy, runtime_policy
+from worker.domain.policy import DEFER_JITTER_S, RetryPolicy, retries_to_dispatch
+from worker.domain.runtime_policy import (
     BACKLOG_MIN,
     BACKLOG_PER_SLOT,
     CONSUME,
-    DEFER_JITTER_S,
     LEDGER_DOWN_PAUSE_S,
-    RetryPolicy,
     bridge_high_water,
     bridge_room,
     consumption_for_circuit,
     consumption_for_ledger_down,
     requeue,
-    retries_to_dispatch,
 )
 
 NOW = datetime(2026, 11, 26, 8, 0, tzinfo=UTC)
@@ -93,7 +91,7 @@ def test_the_bridge_has_room_for_what_the_task_queue_lacks_below_its_mark() -> N
 
 
 def test_every_publish_retries_for_a_bounded_time() -> None:
-    retry = policy.PUBLISH_RETRY_POLICY
+    retry = runtime_policy.PUBLISH_RETRY_POLICY
     assert retry["max_retries"] == 5
     assert retry["interval_max"] <= 2.0
 

@@ -36,7 +36,7 @@ def test_every_migration_says_whether_the_previous_release_runs_on_it(
     for revision in script.walk_revisions():
         assert isinstance(getattr(revision.module, MARKER, None), bool), (
             f"migration {revision.revision} must declare `{MARKER} = True | False`: does the "
-            "previous release's code run on its schema? (README, Upgrading)")
+            "previous release's code run on its schema? (docs/operator-guide.md, Upgrading)")
 
 
 def test_compatibility_reaches_back_over_expand_steps_and_stops_at_a_contract_step(

@@ -12,7 +12,9 @@ from worker.adapters.capillary.api import BulkIssueResult, ReadBack
 from worker.domain.errors import EventRejected
 from worker.domain.events import LoyaltyEvent, parse_event_data
 from worker.domain.model import EntityState
-from worker.usecases.issue import RECONCILE_CLOCK_SKEW, issue_event, sweep
+from worker.usecases.issue import issue_event
+from worker.usecases.reconcile import RECONCILE_CLOCK_SKEW
+from worker.usecases.sweep import sweep
 
 
 def event(event_id: str = "e-1", series: tuple[int, ...] = (544770, 553379),

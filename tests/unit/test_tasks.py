@@ -9,11 +9,11 @@ import pytest
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 
 from tests.unit.conftest import World
-from worker.domain import policy
+from worker.domain import runtime_policy
 from worker.domain.errors import LedgerError, LedgerUnavailable
 from worker.entrypoints.celery import tasks
-from worker.usecases import issue
-from worker.usecases.issue import Deps
+from worker.usecases.deps import Deps
+from worker.usecases.rejection import record_rejection
 
 
 def test_bad_input_becomes_a_recorded_rejection(world: World) -> None:
@@ -26,8 +26,8 @@ def test_bad_input_becomes_a_recorded_rejection(world: World) -> None:
 
 @pytest.fixture
 def no_pause(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(policy, "LEDGER_DOWN_PAUSE_S", 0)
-    monkeypatch.setattr(policy, "FAILED_DELIVERY_PAUSE_BASE_S", 0)
+    monkeypatch.setattr(runtime_policy, "LEDGER_DOWN_PAUSE_S", 0)
+    monkeypatch.setattr(runtime_policy, "FAILED_DELIVERY_PAUSE_BASE_S", 0)
 
 
 @pytest.mark.usefixtures("no_pause")
@@ -87,7 +87,7 @@ def test_failures_without_an_event_id_are_counted_by_their_bytes(world: World) -
 
 def test_a_database_outage_puts_the_message_back(world: World,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(policy, "LEDGER_DOWN_PAUSE_S", 0)
+    monkeypatch.setattr(runtime_policy, "LEDGER_DOWN_PAUSE_S", 0)
 
     def down(_deps: Any) -> Any:
         raise LedgerUnavailable("database unavailable: connection refused")
@@ -179,7 +179,7 @@ def test_poison_bodies_are_recorded_with_their_raw_bytes(world: World, body: byt
 
 
 def test_a_rejection_whose_event_id_has_a_nul_is_still_recorded(world: World) -> None:
-    rejected_id = issue.record_rejection(
+    rejected_id = record_rejection(
         b"{}", "reason with a NUL \x00 and \ud800", source="bus", deps=world.deps,
         event_id="a\x00b\ud800", content_type="application/json\x00")
     rejection = world.state.rejections[rejected_id - 1]
@@ -249,7 +249,7 @@ def test_a_row_the_ledger_still_refuses_is_stored_with_what_cannot_be_refused(
         return uow
 
     world.deps.uow = picky_uow
-    rejected_id = issue.record_rejection(b"\x00raw", "bad \ud800", source="bus",
+    rejected_id = record_rejection(b"\x00raw", "bad \ud800", source="bus",
                                             deps=world.deps, event_id="e-1",
                                             content_type="application/json")
     row = world.state.rejections[rejected_id - 1]

@@ -13,7 +13,8 @@ from worker.domain.errors import LedgerError
 from worker.domain.events import parse_event_data
 from worker.domain.model import EntityState, describe_error
 from worker.domain.policy import OUTCOME_UNRECORDABLE
-from worker.usecases.issue import issue_event, sweep
+from worker.usecases.issue import issue_event
+from worker.usecases.sweep import sweep
 
 REFUSED_SERIES = 553379
 

@@ -1,18 +1,13 @@
-"""Every outcome rule and every retry, backoff, dead-letter and pause decision lives here.
+"""Every retry, backoff, dead-letter and pause decision about an entity lives here.
 
-Two halves. First, *the unknown-outcome rule*: what an answer from Capillary (or its absence)
-proves about each series of a bulk-issue call. A series is "not issued" only when the answer says
-so for that series (an entry with errors), or when the request provably never reached
-Capillary's application; everything else is *unknown* (``Verdict.AMBIGUOUS``) and is settled by
-a read-back before anything is sent again. Second, the decisions: handlers report a ``Verdict``
-per entity and this module turns it into a ``Decision``. Precedence for delays: Capillary's
-Retry-After (a floor), then the exponential backoff with full jitter, capped by ``retry_max_s``.
-
-The runtime's own decisions are here too, returned as values that the tasks and the bootsteps
-carry out: how a message goes back when nothing could be recorded (``requeue``), how many due
-retries the sweeper may dispatch (``retries_to_dispatch``, the one-probe rule), when consumers
-pause (``ConsumptionPause``), how long the task queue may grow before the bridge holds bus
-messages (``bridge_high_water``), and how a publish is retried (``PUBLISH_RETRY_POLICY``).
+Handlers report a ``Verdict`` per entity (what an answer proves: ``worker.domain.verdicts``)
+and this module turns it into a ``Decision``. Precedence for delays: Capillary's Retry-After
+(a floor), then the exponential backoff with full jitter, capped by ``retry_max_s``. The
+circuit's pauses (``CircuitPolicy``), the rate limit's slots (``rate_limit_slot``) and how many
+due retries the sweeper may dispatch (``retries_to_dispatch``, the one-probe rule) are here too.
+The policies are plain values: the composition root (``worker.bootstrap``) builds them from
+the settings. The runtime's decisions about messages and consumers are in
+``worker.domain.runtime_policy``.
 """
 
 from __future__ import annotations
@@ -20,86 +15,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
-from worker.domain.errors import BrokerUnavailable, CapillaryError, LedgerError
-from worker.domain.model import (
-    HOLDS_ONE_CODES,
-    DeadMessageKind,
-    Verdict,
-    code_meaning,
-    describe_error,
-)
-
-if TYPE_CHECKING:
-    from worker.config import Settings
-
-# -- the unknown-outcome rule ---------------------------------------------------------------
-
-#: Transport failures that happen before the request is written: it never reached Capillary.
-#: (``tls_error`` is a refused certificate; any other TLS failure is ``tls_dropped``: unknown.)
-NOT_SENT_FAILURES = frozenset({"connection_refused", "connect_timeout", "tls_error"})
-
-
-def classify_entry_error(code: int | None, message: str = "") -> Verdict:
-    """The verdict for one ``errors[]`` entry of a bulk-issue answer, from the domain's table
-    of codes (``worker.domain.model.CAPILLARY_CODES``).
-
-    A code we do not know is permanent, so that a person looks at it instead of the worker
-    hammering the API.
-    """
-    return code_meaning(code, message).verdict
-
-
-def classify_unanswered(status: int) -> Verdict:
-    """The verdict for every series of a call whose HTTP answer has no readable entry.
-
-    Only answers that refuse the request before the application acts prove "not issued":
-    429 (throttled at the door), 421 and 425 (misdirected, or too early: not processed, try
-    again), 401/403/407 (not authenticated, by Capillary or by a proxy on the way), another
-    4xx (the request itself is rejected). Any 5xx, with a JSON error body or an HTML page or
-    nothing, a 408 (a gateway that gave up waiting, perhaps after forwarding), and a 2xx or
-    3xx without readable entries, is unknown: a gateway, a crash after the write or a timeout
-    inside Capillary all answer that way after the coupon exists.
-    """
-    if status in (429, 421, 425):
-        return Verdict.RETRYABLE
-    if status in (401, 403, 407):
-        return Verdict.OUTAGE
-    if 400 <= status < 500 and status != 408:
-        return Verdict.PERMANENT
-    return Verdict.AMBIGUOUS
-
-
-#: A client setting that fails every call before anything is sent (an unreadable CA bundle).
-CLIENT_CONFIG = "client_config"
-
-
-def classify_transport(failure: str) -> Verdict:
-    """The verdict for a call that got no HTTP answer at all.
-
-    A refused connection, a connect timeout or a refused certificate happen before a byte of
-    the request is sent; a reset, a read timeout, a broken TLS stream or anything else after
-    sending is unknown. A client that cannot send at all is an outage: the circuit pauses
-    issuance until the configuration is fixed.
-    """
-    if failure == CLIENT_CONFIG:
-        return Verdict.OUTAGE
-    return Verdict.RETRYABLE if failure in NOT_SENT_FAILURES else Verdict.AMBIGUOUS
-
-
-def counts_toward_circuit(verdict: Verdict, status: int | None) -> bool:
-    """Whether a call-level failure says something about Capillary's health.
-
-    Transport failures, 5xx and auth failures do; a 4xx that rejects one request is about that
-    request (a bad event), and five bad events in a row must not pause all issuance.
-    """
-    if verdict is Verdict.OUTAGE:
-        return True
-    if status is None:
-        return verdict in (Verdict.AMBIGUOUS, Verdict.RETRYABLE)
-    return status >= 500
-
+from worker.domain.model import HOLDS_ONE_CODES, Verdict, describe_error
+from worker.domain.verdicts import counts_toward_circuit
 
 # -- decisions ------------------------------------------------------------------------------
 
@@ -236,16 +155,6 @@ class RetryPolicy:
     reconcile_delay_s: float = 2.0
     settle_window_s: float = 120.0
 
-    @classmethod
-    def from_settings(cls, settings: Settings) -> RetryPolicy:
-        return cls(
-            max_attempts=settings.max_attempts,
-            base_s=settings.retry_base_s,
-            max_s=settings.retry_max_s,
-            reconcile_delay_s=settings.reconcile_delay_s,
-            settle_window_s=settings.settle_window_s,
-        )
-
     def backoff(self, attempt: int, *, retry_after_s: float | None = None,
                 rng: random.Random | None = None) -> timedelta:
         """Full-jitter exponential backoff after ``attempt`` attempts, never below Retry-After.
@@ -340,14 +249,6 @@ class CircuitPolicy:
     open_s: float = 30.0
     max_open_s: float = 600.0
 
-    @classmethod
-    def from_settings(cls, settings: Settings) -> CircuitPolicy:
-        return cls(
-            failure_threshold=settings.circuit_failure_threshold,
-            open_s=settings.circuit_open_s,
-            max_open_s=max(settings.circuit_open_s, 600.0),
-        )
-
     def opens_after(self, verdict: Verdict, consecutive_failures: int) -> bool:
         """Whether this failure opens the circuit (outages open it at once)."""
         if verdict is Verdict.OUTAGE:
@@ -408,132 +309,3 @@ def retries_to_dispatch(*, circuit_state: str, open_until: datetime | None, now:
         return batch
     pause_over = open_until is None or now >= open_until
     return 1 if (circuit_state == "open" and pause_over) else 0
-
-
-# -- the runtime: requeues, pauses, back-pressure, publishing --------------------------------
-
-#: How long a task waits before putting back a message it could not record anything about
-#: because the ledger is down or stalled: it slows the redelivery loop for the seconds the
-#: sweeper needs to notice and pause consumers.
-LEDGER_DOWN_PAUSE_S = 1.0
-
-
-@dataclass(frozen=True)
-class Requeue:
-    """Put the message back on its queue after ``pause_s``: nothing about it is recorded."""
-
-    pause_s: float
-
-
-def requeue(*, ledger_down: bool) -> Requeue:
-    """How a task gives its message back when no outcome could be committed.
-
-    A ledger that is down or stalled: after ``LEDGER_DOWN_PAUSE_S``. Out of time (the soft
-    limit): at once; claims taken make the redelivery a no-op until their lease runs out.
-    """
-    return Requeue(LEDGER_DOWN_PAUSE_S if ledger_down else 0.0)
-
-
-#: The error code an entity waits under while the circuit is open (cleared when an operator
-#: closes it by hand: ``worker.usecases.circuit_control``).
-CIRCUIT_OPEN_CODE = "circuit_open"
-
-
-#: A message that fails for a reason not its own waits this long before going back, doubling
-#: with each failure up to the cap: a bug or a refusing dependency is not hammered, and the
-#: pool process it holds is back to work within seconds.
-FAILED_DELIVERY_PAUSE_BASE_S = 0.5
-FAILED_DELIVERY_PAUSE_MAX_S = 8.0
-
-
-@dataclass(frozen=True)
-class KeepAsDeadLetter:
-    """Stop redelivering the message: keep it, as received, as a dead letter of ``kind``."""
-
-    kind: DeadMessageKind
-
-
-def failure_kind(error: BaseException) -> DeadMessageKind:
-    """Whose fault a failure is, when it is not the message's own bytes (``EventRejected``).
-
-    A dependency that answered with an error (the database refusing a statement, Capillary or
-    the broker failing in a way their adapters did not expect) is ``INFRASTRUCTURE``; anything
-    else is a bug of ours, ``INTERNAL_ERROR``. Neither ever makes the message a rejection.
-    """
-    if isinstance(error, LedgerError | CapillaryError | BrokerUnavailable):
-        return DeadMessageKind.INFRASTRUCTURE
-    return DeadMessageKind.INTERNAL_ERROR
-
-
-def after_failed_delivery(failures: int, error: BaseException, *,
-                          limit: int) -> Requeue | KeepAsDeadLetter:
-    """What to do with a message whose ``failures``-th delivery failed for a reason not its
-    own: put it back after a growing pause, or, at ``limit``, keep it as a dead letter."""
-    if failures >= limit:
-        return KeepAsDeadLetter(failure_kind(error))
-    pause_s = FAILED_DELIVERY_PAUSE_BASE_S * 2 ** max(failures - 1, 0)
-    return Requeue(min(pause_s, FAILED_DELIVERY_PAUSE_MAX_S))
-
-
-QueueRole = Literal["tasks", "retry"]
-
-
-@dataclass(frozen=True)
-class ConsumptionPause:
-    """Which queues a worker should stop consuming now, and why (``reason`` None: consume).
-
-    Messages stay in RabbitMQ meanwhile. The bus (``coupons.events``) is never paused: the
-    bridge only forwards, and its back-pressure holds what the task queue cannot take.
-    """
-
-    reason: str | None = None
-    roles: frozenset[QueueRole] = frozenset()
-
-    @property
-    def paused(self) -> bool:
-        return bool(self.roles)
-
-
-CONSUME = ConsumptionPause()
-
-
-def consumption_for_circuit(*, circuit_state: str, reason: str | None,
-                            open_until: datetime | None, now: datetime) -> ConsumptionPause:
-    """While the circuit's pause lasts, fresh events wait in RabbitMQ.
-
-    Retries keep being consumed: the sweeper dispatches none while the circuit is open but the
-    probe, and the probe must run.
-    """
-    if circuit_state != "closed" and open_until is not None and now < open_until:
-        return ConsumptionPause(f"circuit {circuit_state}: {reason}", frozenset({"tasks"}))
-    return CONSUME
-
-
-def consumption_for_ledger_down(error: str) -> ConsumptionPause:
-    """The database is down: nothing can be claimed or recorded, so no queue is consumed."""
-    return ConsumptionPause(f"database unavailable: {error}", frozenset({"tasks", "retry"}))
-
-
-#: Tasks allowed to wait per pool slot before the bridge stops forwarding bus messages.
-BACKLOG_PER_SLOT = 16
-BACKLOG_MIN = 32
-
-
-def bridge_high_water(pool_processes: int | None) -> int:
-    """How many task messages may wait before the bridge holds bus messages instead.
-
-    Forwarding is cheap and the pool is not: without a mark, a bus backlog is copied into the
-    task queue as fast as the main loop can publish, and that loop also feeds the pool.
-    """
-    return max(BACKLOG_PER_SLOT * (pool_processes or 1), BACKLOG_MIN)
-
-
-def bridge_room(high_water: int, waiting: int) -> int:
-    """How many bus messages the bridge may forward with ``waiting`` task messages queued."""
-    return max(high_water - waiting, 0)
-
-
-#: kombu's retry of one publish on a broker error, for every publish of ours and for Celery's
-#: ``task_publish_retry_policy``: about 5 s in all, then ``BrokerUnavailable``.
-PUBLISH_RETRY_POLICY = {"max_retries": 5, "interval_start": 0.2, "interval_step": 0.5,
-                        "interval_max": 2.0}

@@ -13,7 +13,7 @@ from datetime import timedelta
 
 from worker.adapters.postgres.circuit import CAPILLARY
 from worker.adapters.postgres.records import CLOSED_CIRCUIT, CircuitState
-from worker.domain.policy import CIRCUIT_OPEN_CODE
+from worker.domain.runtime_policy import CIRCUIT_OPEN_CODE
 from worker.domain.text import printable
 from worker.usecases.support import SupportDeps
 

@@ -17,9 +17,15 @@ import logging
 
 from worker.domain.errors import LedgerError
 from worker.domain.model import DeadMessageKind
-from worker.domain.policy import KeepAsDeadLetter, Requeue, after_failed_delivery, failure_kind
+from worker.domain.runtime_policy import (
+    KeepAsDeadLetter,
+    Requeue,
+    after_failed_delivery,
+    failure_kind,
+)
 from worker.domain.text import printable
-from worker.usecases.issue import Deps, record_rejection
+from worker.usecases.deps import Deps
+from worker.usecases.rejection import record_rejection
 
 log = logging.getLogger("worker.pipeline")
 

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from typing import Any
 
-from worker.adapters.postgres.jobs import ReplayJobStore, pace
+from worker.adapters.postgres.jobs import ReplayJobs, pace
 from worker.adapters.postgres.support import Selection
 from worker.domain.errors import WorkerError
 from worker.domain.model import EntityState
@@ -68,7 +68,7 @@ def plan_replay(selection: Selection, deps: SupportDeps) -> ReplayPlan:
 
 
 def start_replay_job(selection: Selection, *, reason: str, operator: str,
-                     velocity_per_min: int, deps: SupportDeps, store: ReplayJobStore,
+                     velocity_per_min: int, deps: SupportDeps, store: ReplayJobs,
                      max_velocity_per_min: int | None = None,
                      origin: dict[str, str] | None = None) -> int:
     """Store a replay job for the workers; the entities are the dry run's, as of now."""
@@ -105,7 +105,7 @@ _TRANSITIONS: dict[str, tuple[str, tuple[str, ...]]] = {
 
 
 def control_replay_job(job_id: int, command: str, *, operator: str, reason: str,
-                       deps: SupportDeps, store: ReplayJobStore,
+                       deps: SupportDeps, store: ReplayJobs,
                        origin: dict[str, str] | None = None) -> bool:
     """Pause, resume or cancel a job; audited whether or not it applied."""
     to, allowed = _TRANSITIONS[command]
@@ -120,7 +120,7 @@ def control_replay_job(job_id: int, command: str, *, operator: str, reason: str,
     return changed
 
 
-def step_replay_jobs(deps: SupportDeps, store: ReplayJobStore) -> int:
+def step_replay_jobs(deps: SupportDeps, store: ReplayJobs) -> int:
     """Replay the items that are due of one running job; how many were replayed.
 
     Called by every worker's sweeper. Due items: one per ``60 / velocity`` seconds since the

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from worker.adapters.postgres.retention import RetentionStore
+from worker.adapters.postgres.retention import RetentionLedger
 from worker.config import Settings
 
 log = logging.getLogger("worker.retention")
@@ -104,7 +104,7 @@ class PruneReport:
         return asdict(self)
 
 
-def prune(store: RetentionStore, policy: RetentionPolicy, *, dry_run: bool = False,
+def prune(store: RetentionLedger, policy: RetentionPolicy, *, dry_run: bool = False,
           pruned: PrunedCounter | None = None,
           clock: Callable[[], float] = time.monotonic) -> PruneReport:
     """One full pass, in batches of ``policy.batch_size`` rows per transaction."""
@@ -158,7 +158,7 @@ def _drain(step: Callable[[], int], dry_run: bool, batch_size: int,
             return total
 
 
-def run_scheduled(store: RetentionStore, policy: RetentionPolicy, *, every_s: float,
+def run_scheduled(store: RetentionLedger, policy: RetentionPolicy, *, every_s: float,
                   worker: str, pruned: PrunedCounter | None = None) -> PruneReport | None:
     """Prune if no worker of the fleet started a prune in the last ``every_s``; None if one
     did (or holds the claim right now)."""

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
+from worker.adapters.postgres.circuit_store import CircuitLedger
+from worker.adapters.postgres.issuing import fingerprint
 from worker.adapters.postgres.records import DueEntity
-from worker.adapters.postgres.repository import fingerprint
 from worker.adapters.postgres.support import RejectedRow, Selection, SupportLedger, Target
 from worker.adapters.postgres.unit_of_work import UnitOfWorkFactory
 from worker.domain import model
@@ -30,7 +31,7 @@ from worker.domain.events import LoyaltyEvent, parse_event_bytes
 from worker.domain.model import EntityState, check_transition
 from worker.domain.text import printable
 from worker.metrics import Metrics
-from worker.usecases.issue import Publisher
+from worker.usecases.deps import Publisher
 
 log = logging.getLogger("worker.support")
 
@@ -62,6 +63,12 @@ class ActionResult:
         return dict(self.__dict__)
 
 
+class OperatorLedger(SupportLedger, CircuitLedger, Protocol):
+    """The parts of the ledger support engineers' actions use: their entities, rejected
+    messages and audit (``SupportLedger``), and the circuit they may close by hand
+    (``worker.usecases.circuit_control``)."""
+
+
 @dataclass
 class SupportDeps:
     """What the support use cases need: the ledger, the retry queue, a clock.
@@ -70,7 +77,7 @@ class SupportDeps:
     the in-memory fake in unit tests.
     """
 
-    uow: UnitOfWorkFactory
+    uow: UnitOfWorkFactory[OperatorLedger]
     publisher: Publisher
     clock: Callable[[], datetime]
     metrics: Metrics | None = None

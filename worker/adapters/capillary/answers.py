@@ -40,8 +40,8 @@ from worker.domain.model import (
     EntryError,
     Verdict,
 )
-from worker.domain.policy import classify_entry_error, classify_unanswered
 from worker.domain.text import printable
+from worker.domain.verdicts import classify_entry_error, classify_unanswered
 
 #: The ledger's column ranges for numbers taken from an answer (``SERIES_ID_MAX`` for the series
 #: id, bigint, numeric(18, 4)): a value beyond them is not stored in its column (None; the raw

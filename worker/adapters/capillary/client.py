@@ -41,8 +41,8 @@ from worker.adapters.capillary.auth import BasicAuth, CapillaryAuth, OAuthTokens
 from worker.config import Settings, org_timezone
 from worker.domain.errors import Ambiguous, CapillaryError, Outage, Retryable
 from worker.domain.model import EntryError, Verdict
-from worker.domain.policy import CLIENT_CONFIG, classify_transport
 from worker.domain.text import storable, storable_json
+from worker.domain.verdicts import CLIENT_CONFIG, classify_transport
 
 log = logging.getLogger(__name__)
 

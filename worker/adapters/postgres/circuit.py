@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from worker.adapters.postgres.circuit_store import CircuitLedger
 from worker.adapters.postgres.records import CLOSED_CIRCUIT, CircuitState
 from worker.adapters.postgres.unit_of_work import UnitOfWorkFactory
 from worker.domain.model import Verdict
@@ -38,7 +39,7 @@ class CircuitGate:
 
     def __init__(
         self,
-        uow: UnitOfWorkFactory,
+        uow: UnitOfWorkFactory[CircuitLedger],
         policy: CircuitPolicy,
         *,
         clock: Callable[[], datetime],

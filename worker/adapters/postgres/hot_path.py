@@ -57,7 +57,7 @@ def _sql_list(states: frozenset[EntityState]) -> str:
 _IN_FLIGHT = EntityState.IN_FLIGHT.value
 
 # Leases and settle times are on the database's clock (now()), never a host's (see
-# ``worker.adapters.postgres.repository``). ``%(name)s`` are psycopg's named parameters.
+# ``worker.adapters.postgres.tables``). ``%(name)s`` are psycopg's named parameters.
 TAKE_IN = _wire(f"""
 WITH new_event AS (
     INSERT INTO events (event_id, event_type, customer_key, customer, series_ids, metadata,

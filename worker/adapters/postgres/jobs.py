@@ -5,10 +5,10 @@ the row lock first, paused or cancelled by an operator. Survive any restart: all
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Connection, Engine, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -30,8 +30,33 @@ class DueJob:
     next_at: datetime
 
 
+class ReplayJobs(Protocol):
+    """What the replay jobs' use cases need (``worker.usecases.replay_jobs``): a job created,
+    a due one stepped under its row lock, paused, resumed or cancelled."""
+
+    def create(self, *, created_by: str, reason: str, selection: dict[str, Any],
+               plan: dict[str, Any], velocity_per_min: int, entity_ids: Sequence[int],
+               now: datetime) -> int: ...
+
+    def lock_due(self, now: datetime
+                 ) -> AbstractContextManager[tuple[Connection, DueJob] | None]: ...
+
+    def next_items(self, conn: Connection, job_id: int, limit: int) -> list[tuple[int, int]]:
+        ...
+
+    def record_item(self, conn: Connection, item_id: int, outcome: str, now: datetime) -> None:
+        ...
+
+    def advance(self, conn: Connection, job_id: int, *, next_at: datetime,
+                now: datetime) -> None: ...
+
+    def set_state(self, job_id: int, *, to: str, allowed_from: Sequence[str],
+                  now: datetime) -> bool: ...
+
+
 class ReplayJobStore:
-    """The statements behind replay jobs, each in a short transaction of its own."""
+    """The statements behind replay jobs (``ReplayJobs``, and the console's reads of them),
+    each in a short transaction of its own."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine

@@ -104,14 +104,14 @@ class Entity(Base):
             postgresql_where=text("state = 'dead' AND dead_published_at IS NULL"),
         ),
         Index("ix_entities_customer_key", "customer_key"),
-        # The console's dead-letter groups, read from the index alone (0012: with dead_at, so
+        # The console's dead-letter groups, read from the index alone (0013: with dead_at, so
         # that first and last need no visit to the table).
         Index("ix_entities_dead_causes", "last_error_code", "series_id", "last_error_message",
               postgresql_where=text("state = 'dead'"), postgresql_include=["dead_at"]),
         Index("ix_entities_updated_at", "updated_at"),
         Index("ix_entities_verify", "verify_after", postgresql_where=text(
             "verify_after IS NOT NULL")),
-        # The dead letters newest first, a page at a time (dlq list, the console) (0012).
+        # The dead letters newest first, a page at a time (dlq list, the console) (0013).
         Index("ix_entities_dead_newest", text("dead_at DESC NULLS LAST"), text("id DESC"),
               postgresql_where=text("state = 'dead'")),
     )
@@ -404,3 +404,42 @@ class ReplayJobItem(Base):
     state: Mapped[str] = mapped_column(Text, server_default="pending")
     outcome: Mapped[str | None] = mapped_column(Text)
     done_at: Mapped[datetime | None] = mapped_column(Timestamp)
+
+
+class ConsoleSession(Base):
+    """A logged-in console session (``worker.adapters.postgres.console_sessions``). The cookie
+    holds a random id; only its SHA-256 is stored, so a read of this table logs no one in.
+    Deleting the row ends the session at once (logout, revocation, a changed user entry)."""
+
+    __tablename__ = "console_sessions"
+    __table_args__ = (Index("ix_console_sessions_user_name", "user_name"),)
+
+    id_hash: Mapped[str] = mapped_column(Text, primary_key=True)
+    user_name: Mapped[str] = mapped_column(Text)
+    #: The role at login, for the record; each request reads today's role from the users file.
+    role: Mapped[str] = mapped_column(Text)
+    #: A digest of the user's entry in the users file at login: a changed role, password or a
+    #: removal changes it, and the session is refused from the next request on.
+    fingerprint: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(Timestamp)
+    last_seen_at: Mapped[datetime] = mapped_column(Timestamp)
+    client: Mapped[str] = mapped_column(Text)
+    user_agent: Mapped[str] = mapped_column(Text)
+    #: What the pages keep in the session (the CSRF token).
+    data: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+
+
+class LoginAttempt(Base):
+    """Failed-login counters of the console, per user name and per client address, shared by
+    every console process (``worker.adapters.postgres.login_limits``). The key is a digest:
+    a name typed at the login form may hold any bytes."""
+
+    __tablename__ = "login_attempts"
+
+    key_hash: Mapped[str] = mapped_column(Text, primary_key=True)
+    #: ``user`` or ``address``.
+    kind: Mapped[str] = mapped_column(Text)
+    failures: Mapped[int] = mapped_column(Integer)
+    last_at: Mapped[datetime] = mapped_column(Timestamp)
+    #: No attempt under this key before then (the backoff).
+    next_allowed_at: Mapped[datetime] = mapped_column(Timestamp)

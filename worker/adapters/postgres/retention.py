@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -160,8 +160,28 @@ class EventBatch:
     after: tuple[datetime, str] | None = None
 
 
+class RetentionLedger(Protocol):
+    """What retention needs (``worker.usecases.retention``): settled events, forgotten ids, old
+    audit rows and finished replay jobs pruned, what stays counted, one run at a time."""
+
+    def prune_events(self, *, older_than_s: float, limit: int, dry_run: bool,
+                     after: tuple[datetime, str] | None = None) -> EventBatch: ...
+
+    def forget_event_ids(self, *, window_s: float, limit: int, dry_run: bool) -> int: ...
+
+    def prune_audit(self, *, audit_days: int, limit: int, dry_run: bool) -> int: ...
+
+    def prune_replay_jobs(self, *, older_than_s: float, dry_run: bool) -> int: ...
+
+    def kept(self, *, older_than_s: float) -> dict[str, int]: ...
+
+    def claim_run(self, name: str, *, every_s: float, worker: str) -> bool: ...
+
+    def finish_run(self, name: str, result: dict[str, Any]) -> None: ...
+
+
 class RetentionStore:
-    """The statements behind ``coupon-worker prune`` and its schedule."""
+    """The statements behind ``coupon-worker prune`` and its schedule (``RetentionLedger``)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine

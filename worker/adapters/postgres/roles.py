@@ -68,6 +68,10 @@ GRANTS: Mapping[str, Mapping[Job, tuple[str, ...]]] = {
     "operator_actions": {"worker": (INS,), "console": (SEL, INS), "retention": (SEL,)},
     # Which schema the ledger has: read by the workers' start-up and metrics, the console.
     "alembic_version": {"worker": (SEL,), "console": (SEL,), "retention": (SEL,)},
+    # The console's sessions and failed-login counters: its own, created, touched and deleted
+    # (logout, revocation, expiry) by the console alone.
+    "console_sessions": {"console": (SEL, INS, UPD, DEL)},
+    "login_attempts": {"console": (SEL, INS, UPD, DEL)},
 }
 
 #: What the retention job (``worker.adapters.postgres.retention``) adds to the grants above: the

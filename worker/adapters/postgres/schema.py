@@ -3,7 +3,7 @@
 Every migration module says whether it is an *expand* step, one that the previous release's
 code keeps working on::
 
-    #: The previous revision's code runs unchanged on this schema (see README, Upgrading).
+    #: The previous revision's code runs unchanged on this schema (docs/operator-guide.md).
     backward_compatible = True
 
 ``coupon-worker migrate`` records, in the database, the oldest revision whose code still runs

@@ -12,7 +12,7 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Literal, Protocol, Self
+from typing import TYPE_CHECKING, Literal, Protocol, Self, TypeVar
 
 import psycopg
 from sqlalchemy import Connection, Engine, create_engine, event
@@ -26,10 +26,17 @@ if TYPE_CHECKING:
     from worker.config import Settings
 
 
-class UnitOfWork(Protocol):
-    """One transaction on the ledger."""
+#: The part of the ledger a consumer uses (``IssuingLedger``, ``SweeperLedger``...).
+LedgerT_co = TypeVar("LedgerT_co", covariant=True)
 
-    ledger: Ledger
+
+class UnitOfWork(Protocol[LedgerT_co]):
+    """One transaction on the ledger, of which its consumer sees the part it uses: a use case
+    handed ``UnitOfWorkFactory[SweeperLedger]`` can call nothing but the sweeper's statements,
+    whatever ledger (``Ledger``, all parts: SQL or in-memory) it is given."""
+
+    @property
+    def ledger(self) -> LedgerT_co: ...
 
     def __enter__(self) -> Self: ...
 
@@ -41,7 +48,7 @@ class UnitOfWork(Protocol):
     def rollback(self) -> None: ...
 
 
-UnitOfWorkFactory = Callable[[], UnitOfWork]
+UnitOfWorkFactory = Callable[[], UnitOfWork[LedgerT_co]]
 
 
 @dataclass(frozen=True)

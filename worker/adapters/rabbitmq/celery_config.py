@@ -15,7 +15,7 @@ from celery import Celery
 from worker.adapters.rabbitmq import topology
 from worker.adapters.rabbitmq.names import TASK_INGEST, TASK_ISSUE, TASK_RETRY
 from worker.config import Settings
-from worker.domain.policy import PUBLISH_RETRY_POLICY
+from worker.domain.runtime_policy import PUBLISH_RETRY_POLICY
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:

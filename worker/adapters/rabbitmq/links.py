@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from worker.adapters.postgres.schema import SchemaStatus
-from worker.domain.policy import CONSUME, ConsumptionPause
+from worker.domain.runtime_policy import CONSUME, ConsumptionPause
 
 
 class Forwarder(Protocol):

@@ -31,7 +31,7 @@ from worker.adapters.rabbitmq.names import TASK_ISSUE, TASK_RETRY
 from worker.config import Settings
 from worker.domain.errors import BrokerUnavailable
 from worker.domain.events import LoyaltyEvent
-from worker.domain.policy import PUBLISH_RETRY_POLICY
+from worker.domain.runtime_policy import PUBLISH_RETRY_POLICY
 
 BROKER_ERRORS: tuple[type[BaseException], ...] = (
     kombu.exceptions.KombuError, amqp.exceptions.AMQPError, OSError,

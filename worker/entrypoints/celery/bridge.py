@@ -23,10 +23,10 @@ from worker.adapters.rabbitmq.names import TASK_INGEST
 from worker.adapters.rabbitmq.publisher import BROKER_ERRORS, event_argsrepr, why
 from worker.domain.errors import LedgerUnavailable
 from worker.domain.events import EVENT_ID_MAX_CHARS, event_id_in_prefix, oversize_reason
-from worker.domain.policy import BACKLOG_MIN, PUBLISH_RETRY_POLICY
+from worker.domain.runtime_policy import BACKLOG_MIN, PUBLISH_RETRY_POLICY
 from worker.domain.text import printable
 from worker.entrypoints.celery.context import container_of, links_of, step_settings
-from worker.usecases import issue
+from worker.usecases.rejection import record_rejection
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ class EventsBridge(bootsteps.ConsumerStep):
         """
         deps = container_of(self._consumer.app).deps()
         try:
-            issue.record_rejection(
+            record_rejection(
                 body, oversize_reason(len(body), self._max_bytes), source="bus", deps=deps,
                 event_id=event_id_in_prefix(body), content_type=message.content_type)
         except LedgerUnavailable as exc:

@@ -13,7 +13,7 @@ from typing import Any
 from celery import bootsteps
 
 from worker.adapters.rabbitmq.publisher import BROKER_ERRORS
-from worker.domain.policy import QueueRole, bridge_high_water, bridge_room
+from worker.domain.runtime_policy import QueueRole, bridge_high_water, bridge_room
 from worker.entrypoints.celery.context import links_of, step_settings
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ from worker.domain.errors import LedgerUnavailable
 from worker.domain.events import event_id_in_prefix, oversize_reason
 from worker.entrypoints.celery.bridge import _peek
 from worker.entrypoints.celery.context import container_of
-from worker.usecases import issue
+from worker.usecases.rejection import record_rejection
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def as_ingest_task(message: Message, app: Celery, *, max_bytes: int) -> bool:
 
 def _record_oversize(message: Message, body: bytes, app: Celery, max_bytes: int) -> None:
     try:
-        issue.record_rejection(
+        record_rejection(
             body, oversize_reason(len(body), max_bytes), source="bus",
             deps=container_of(app).deps(), event_id=event_id_in_prefix(body),
             content_type=message.content_type)

@@ -1,4 +1,4 @@
-"""The sweeper (worker step): a thread of the main process that runs ``issue.sweep``.
+"""The sweeper (worker step): a thread of the main process that runs ``worker.usecases.sweep``.
 
 Every ``COUPONS_SWEEP_INTERVAL_SECONDS`` it recovers crashed claims, dispatches due retries to
 ``coupons.retry`` and publishes dead letters; after each sweep it records, in the links, which
@@ -22,10 +22,10 @@ from worker.adapters.postgres.jobs import ReplayJobStore
 from worker.adapters.postgres.retention import RetentionStore
 from worker.adapters.postgres.unit_of_work import ConnectionLimits, make_engine
 from worker.domain.errors import LedgerUnavailable
-from worker.domain.policy import consumption_for_circuit, consumption_for_ledger_down
+from worker.domain.runtime_policy import consumption_for_circuit, consumption_for_ledger_down
 from worker.entrypoints.celery.context import container_of, links_of, step_settings
-from worker.usecases import issue, replay_jobs, retention
-from worker.usecases.support import SupportDeps
+from worker.usecases import replay_jobs, retention
+from worker.usecases.sweep import sweep
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +35,12 @@ RETENTION_CHECK_S = 60.0
 
 
 class Sweeper(bootsteps.StartStopStep):
-    """Runs ``issue.sweep`` every ``COUPONS_SWEEP_INTERVAL_SECONDS`` in the main process.
+    """Runs ``worker.usecases.sweep`` every ``COUPONS_SWEEP_INTERVAL_SECONDS`` in the main process.
 
     The pool forks children while this thread runs (at start and whenever a child is
     replaced). A fork copies locks held by other threads in their held state, and a module
     import holds one, so every module the loop needs is imported here, in the main thread,
-    before the thread starts (``worker.usecases.issue`` at this module's import, the dependencies by
+    before the thread starts (``worker.usecases.sweep`` at this module's import, the dependencies by
     building them once in ``start``); the loop itself then never imports.
     """
 
@@ -87,7 +87,7 @@ class Sweeper(bootsteps.StartStopStep):
         while not self._stop.is_set() and self._worker_running():
             try:
                 deps = container.deps()
-                report = issue.sweep(deps, requeue_after_s=container.settings.requeue_after_s)
+                report = sweep(deps, requeue_after_s=container.settings.requeue_after_s)
                 circuit = deps.circuit.state()
                 links.pause = consumption_for_circuit(
                     circuit_state=circuit.state, reason=circuit.reason,
@@ -95,10 +95,8 @@ class Sweeper(bootsteps.StartStopStep):
                 if report.dispatched or report.leases_expired or report.dead_letters_published:
                     log.info("sweep.done", extra=report.__dict__)
                 # Replay jobs confirmed in the console: this worker steps one if it is due.
-                replay_jobs.step_replay_jobs(
-                    SupportDeps(uow=deps.uow, publisher=deps.publisher, clock=deps.clock,
-                                metrics=deps.metrics),
-                    ReplayJobStore(container.engine))
+                replay_jobs.step_replay_jobs(container.support_deps(),
+                                             ReplayJobStore(container.engine))
             except LedgerUnavailable as exc:
                 links.pause = consumption_for_ledger_down(str(exc))
                 log.error("sweep.ledger_unavailable", extra={"error": str(exc)})

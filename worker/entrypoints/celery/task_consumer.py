@@ -17,7 +17,7 @@ from worker.domain.text import printable
 from worker.entrypoints.celery.consumer import FleetConsumer
 from worker.entrypoints.celery.context import container_of
 from worker.entrypoints.celery.intake import as_ingest_task, is_bus_message
-from worker.usecases import issue
+from worker.usecases.rejection import record_rejection
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class TaskConsumer(FleetConsumer):
         body = message.body if isinstance(message.body, bytes) \
             else str(message.body).encode("utf-8", "surrogatepass")
         try:
-            issue.record_rejection(body, reason, source="task",
+            record_rejection(body, reason, source="task",
                                       deps=container_of(self.app).deps(),
                                       content_type=message.content_type)
         except LedgerUnavailable as exc:

@@ -32,11 +32,13 @@ from celery.exceptions import Reject, SoftTimeLimitExceeded
 from worker.adapters.rabbitmq.names import TASK_INGEST, TASK_ISSUE, TASK_MARK, TASK_RETRY
 from worker.domain.errors import EventRejected, LedgerUnavailable
 from worker.domain.events import EVENT_ID_MAX_CHARS, parse_event_bytes, parse_event_data
-from worker.domain.policy import Requeue, requeue
+from worker.domain.runtime_policy import Requeue, requeue
 from worker.domain.text import printable
 from worker.entrypoints.celery.context import container_of
 from worker.usecases import delivery
-from worker.usecases.issue import Deps, Report, issue_event, record_rejection, retry_entity
+from worker.usecases.deps import Deps, Report
+from worker.usecases.issue import issue_event, retry_entity
+from worker.usecases.rejection import record_rejection
 
 log = logging.getLogger(__name__)
 

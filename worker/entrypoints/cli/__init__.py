@@ -11,6 +11,7 @@
     coupon-worker rejected list|show|resubmit   rejected messages: inspect, fix and resubmit
     coupon-worker flower                  Flower on the project's app
     coupon-worker console                 the support console in the browser
+    coupon-worker console sessions list|revoke USER   its logged-in sessions (revoke: audited)
     coupon-worker duplicates              entities holding two of our coupons
     coupon-worker circuit status|open|close   the circuit breaker by hand (audited)
     coupon-worker prune --older-than 90d  prune settled events, age out the audit trail
@@ -27,6 +28,7 @@ runtime never imports it, and this command line finds those commands only when o
 from worker.entrypoints.cli import (
     broker,
     circuit,
+    console_sessions,
     deploy,
     publishing,
     rejected,
@@ -38,5 +40,5 @@ from worker.entrypoints.cli import (
 from worker.entrypoints.cli.root import main
 
 # Importing the command modules registers their commands on ``main``.
-__all__ = ["broker", "circuit", "deploy", "main", "publishing", "rejected", "retention", "runtime",
-           "support", "webconsole"]
+__all__ = ["broker", "circuit", "console_sessions", "deploy", "main", "publishing", "rejected",
+           "retention", "runtime", "support", "webconsole"]

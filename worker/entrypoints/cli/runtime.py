@@ -53,7 +53,7 @@ def migrate() -> None:
 @click.option("--concurrency", "-c", type=int, default=None,
               help="Worker processes (default: COUPONS_WORKER_CONCURRENCY or CPUs).")
 # Prefork only: it is the one Celery pool that enforces the hard time limit, and that limit
-# is what keeps an attempt inside its lease (see the README's exactly-once section).
+# is what keeps an attempt inside its lease (see docs/how-it-works.md, the exactly-once rule).
 @click.option("--pool", "-P", type=click.Choice(["prefork"]),
               default="prefork", show_default=True)
 @click.option("--hostname", "-n", default=None,

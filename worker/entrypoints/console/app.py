@@ -11,21 +11,23 @@ from typing import TYPE_CHECKING, cast
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.middleware.sessions import SessionMiddleware
 from starlette.templating import Jinja2Templates
 
+from worker.adapters.postgres.console_sessions import SessionStore
 from worker.adapters.postgres.jobs import ReplayJobStore
+from worker.adapters.postgres.login_limits import LoginLimits
 from worker.config import Settings
-from worker.entrypoints.console.auth import LoginLimiter, UserDirectory
+from worker.entrypoints.console.auth import UserDirectory
 from worker.entrypoints.console.config import ConsoleSettings
 from worker.entrypoints.console.headers import SecurityHeaders
+from worker.entrypoints.console.proxies import TrustedProxyHeaders
+from worker.entrypoints.console.sessions import ServerSessions, SessionManager
 from worker.usecases.support import EventSubmitter, SupportDeps
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
 TEMPLATES = Path(__file__).parent / "templates"
-SESSION_COOKIE = "coupon_console"
 
 
 @dataclass
@@ -39,7 +41,8 @@ class Console:
     submitter: EventSubmitter
     jobs: ReplayJobStore
     users: UserDirectory
-    limiter: LoginLimiter
+    limits: LoginLimits
+    sessions: SessionManager
     templates: Jinja2Templates
 
 
@@ -56,20 +59,32 @@ def create_app(settings: Settings, console: ConsoleSettings, *, engine: Engine |
                                    application_name="coupon-worker-console",
                                    limits=ConnectionLimits.from_settings(settings))
     support = support or build_support_deps(settings, engine)
+    users = UserDirectory.load(console.users, check_every_s=console.users_check_s)
+    sessions = SessionManager(SessionStore(engine), users, idle_s=console.session_idle_s,
+                              absolute_s=console.session_max_age_s, clock=support.clock)
+    users.on_change = sessions.revoke_users
     state = Console(
         settings=settings, console=console, engine=engine, support=support,
         submitter=submitter or cast(EventSubmitter, support.publisher),
         jobs=ReplayJobStore(engine),
-        users=UserDirectory.load(console.users),
-        limiter=LoginLimiter(console.login_max_failures, console.login_window_s),
+        users=users,
+        limits=LoginLimits(engine, max_failures=console.login_max_failures,
+                           window_s=console.login_window_s, base_s=console.login_backoff_s,
+                           cap_s=console.login_backoff_max_s),
+        sessions=sessions,
         templates=Jinja2Templates(directory=str(TEMPLATES)),
     )
     app = Starlette(
         routes=routes.ROUTES,
-        middleware=[Middleware(SecurityHeaders), Middleware(
-            SessionMiddleware, secret_key=console.secret.get_secret_value(),
-            session_cookie=SESSION_COOKIE, max_age=console.session_max_age_s,
-            same_site="strict", https_only=console.secure_cookies)],
+        # Outermost first: the proxy's headers are sorted out before HSTS reads the scheme
+        # and before a session is looked up.
+        middleware=[
+            Middleware(TrustedProxyHeaders, proxies=console.proxies(),
+                       identity_header=console.proxy_user_header),
+            Middleware(SecurityHeaders),
+            Middleware(ServerSessions, manager=sessions,
+                       secret=console.secret.get_secret_value(),
+                       https_only=console.secure_cookies)],
     )
     app.state.console = state
     return app

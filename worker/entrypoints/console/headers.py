@@ -3,8 +3,9 @@
 The pages hold no inline script or style (the one style sheet is ``/static/console.css``), so
 the content security policy allows nothing but the console's own origin, and no one may frame
 a page (clickjacking on the replay and discard buttons). Pages show customer data: nothing is
-cached. HSTS only when the request came over HTTPS (behind a TLS proxy: uvicorn's
-``--proxy-headers`` with the proxy's address in ``--forwarded-allow-ips``).
+cached. HSTS only when the request came over HTTPS (behind a TLS proxy: its
+``X-Forwarded-Proto``, believed from ``COUPONS_CONSOLE_TRUSTED_PROXIES`` only, see
+``worker.entrypoints.console.proxies``).
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import logging
+import math
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -34,9 +35,10 @@ from worker.adapters.rabbitmq.names import split_worker
 from worker.domain.errors import NotFound, WorkerError
 from worker.domain.model import describe_error
 from worker.domain.text import mask_code, printable
-from worker.entrypoints.console import csrf
+from worker.entrypoints.console import csrf, sessions
 from worker.entrypoints.console.app import Console
 from worker.entrypoints.console.auth import Role, User
+from worker.entrypoints.console.proxies import client_address
 from worker.usecases import queries
 from worker.usecases.issue import utcnow
 from worker.usecases.replay_jobs import control_replay_job, plan_replay, start_replay_job
@@ -202,23 +204,24 @@ async def login(request: Request) -> Response:
         return render(request, "login.html", None, status=403, next=nxt,
                       error="The form expired; try again.")
     name, password = form.get("username", ""), form.get("password", "")
-    keys = (f"user:{name}", f"ip:{_client(request)}")
-    if c.limiter.blocked(*keys):
+    client = client_address(request)
+    admission = await run_in_threadpool(c.limits.admit, name, client)
+    if not admission.allowed:
         await run_in_threadpool(_audit_login, c, name, "blocked: too many failed logins",
-                                _client(request))
-        return render(request, "login.html", None, status=429, next=nxt,
-                      error="Too many failed logins; wait a few minutes.")
+                                client)
+        wait_s = max(1, math.ceil(admission.retry_after_s))
+        response = render(request, "login.html", None, status=429, next=nxt,
+                          error=f"Too many failed logins; try again in {wait_s} s.")
+        response.headers["retry-after"] = str(wait_s)
+        return response
     user = await run_in_threadpool(c.users.authenticate, name, password)
     if user is None:
-        c.limiter.failed(*keys)
-        await run_in_threadpool(_audit_login, c, name, "refused", _client(request))
+        await run_in_threadpool(_audit_login, c, name, "refused", client)
         return render(request, "login.html", None, status=401, next=nxt,
                       error="Wrong user name or password.")
-    c.limiter.succeeded(*keys)
-    request.session.clear()
-    request.session["user"] = user.name
-    csrf.token(request.session)
-    await run_in_threadpool(_audit_login, c, name, "logged in", _client(request))
+    await run_in_threadpool(c.limits.succeeded, name, client)
+    await sessions.log_in(request, c.sessions, user, client)
+    await run_in_threadpool(_audit_login, c, name, "logged in", client)
     return RedirectResponse(nxt, status_code=303)
 
 
@@ -236,7 +239,7 @@ def _audit_login(c: Console, name: str, outcome: str, client: str) -> None:
 async def logout(request: Request) -> Response:
     form = await _form(request)
     if csrf.valid(request.session, form.get(csrf.FIELD)):
-        request.session.clear()
+        await sessions.log_out(request, _console(request).sessions)
     return RedirectResponse("/login", status_code=303)
 
 

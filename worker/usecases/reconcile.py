@@ -1,0 +1,159 @@
+"""Settling an unknown outcome by reading the customer's coupons back.
+
+An entity whose last call may have issued is never sent again before a read-back
+(``reconcile``): a coupon of ours is adopted, none is waited for until the settle window is over.
+A re-send refused as "the customer already holds one" reads the customer's coupons back too
+(``read_back_holder``). A coupon is ours when its notes carry the event's reference
+(``is_ours``).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime, timedelta
+
+from worker.adapters.capillary.api import FoundCoupon
+from worker.adapters.postgres.circuit import Permit
+from worker.adapters.postgres.records import ClaimedEntity, RecordedCall
+from worker.domain.errors import CapillaryError, Outage, Retryable
+from worker.domain.model import EntryError, Verdict
+from worker.domain.policy import (
+    CircuitPolicy,
+    Defer,
+    HeldCoupon,
+    RecordDuplicate,
+    RecordIssued,
+    rate_limit_slot,
+    refused_holding,
+)
+from worker.domain.text import mask_code
+from worker.usecases.attempt import Attempt, wait_for
+
+log = logging.getLogger("worker.pipeline")
+
+READ_BACK = "read_back"
+# Coupons created a little before our first attempt still count: clocks of hosts differ.
+RECONCILE_CLOCK_SKEW = timedelta(minutes=5)
+
+
+def is_ours(event_ref: str, found: FoundCoupon) -> bool:
+    """Whether a coupon read back carries the event's reference in the notes it was sent."""
+    return event_ref in str(found.issual_details.get("notes") or "")
+
+
+def reconcile(attempt: Attempt, entity: ClaimedEntity, permit: Permit) -> bool:
+    """Settle an entity whose last call may have issued. True when it needs no issue call."""
+    deps, claim = attempt.deps, attempt.claim
+    since = entity.first_attempt_at - RECONCILE_CLOCK_SKEW
+    slot = rate_limit_slot(deps.limiter.reserve(READ_BACK), max_wait_s=deps.rate_limit_max_wait_s)
+    if isinstance(slot, Defer):
+        deps.limiter.cancel(READ_BACK)
+        attempt.defer_all([entity], slot.delay, "rate limit", "rate_limited")
+        return True
+    wait_for(slot, deps)
+    try:
+        read_back = deps.api.find_coupons(claim.customer, entity.series_id, since)
+    except CapillaryError as exc:
+        verdict = Verdict.OUTAGE if isinstance(exc, Outage) else Verdict.AMBIGUOUS
+        failed = deps.retry_policy.read_back_failed(
+            verdict, attempts=entity.attempts,
+            retry_after_s=exc.retry_after_s if isinstance(exc, Retryable) else None,
+            circuit_open_s=deps.circuit.policy_open_s, rng=deps.rng,
+        )
+        attempt.add(entity, failed, verdict=Verdict.AMBIGUOUS, error_code="reconcile_failed",
+                    message=f"read-back failed: {exc}", request_id=exc.request_id)
+        told = CircuitPolicy.after_failed_read_back(verdict, exc.status, probe=permit.probe)
+        if told == "failure":
+            deps.circuit.failure(permit, verdict, f"read-back: {exc}")
+        elif told == "success":
+            deps.circuit.success(permit)
+        return True
+    if permit.probe:
+        # A probe may only read back (the coupon is found, or must wait for its window): its
+        # answer must settle the circuit, or the fleet stays paused until the probe times out.
+        deps.circuit.success(permit)
+    attempt.calls.append(RecordedCall(read_back.call, (entity.entity_id,), (entity.series_id,)))
+    deps.metrics.observe_call(READ_BACK, read_back.call.status, read_back.call.latency_ms)
+    ours = [found for found in read_back.coupons if is_ours(claim.issue_ref, found)]
+    decision = deps.retry_policy.after_read_back(
+        len(ours), settled=entity.settled, settles_in_s=entity.settles_in_s,
+        attempts=entity.attempts)
+    request_id = read_back.call.request_id
+    if decision is None:
+        log.info(
+            "reconcile.absent",
+            extra={"event_id": claim.event_id, "customer": claim.customer_key,
+                   "series": entity.series_id, "attempt": entity.attempts,
+                   "request_id": request_id},
+        )
+        return False
+    if isinstance(decision, RecordIssued):
+        attempt.reconciled += 1
+        attempt.add(entity, decision, verdict=Verdict.ISSUED, request_id=request_id,
+                    coupon=ours[0].coupon, reconciled=True)
+    elif isinstance(decision, RecordDuplicate):
+        log.error(
+            "reconcile.duplicate_issued",
+            extra={"event_id": claim.event_id, "customer": claim.customer_key,
+                   "series": entity.series_id,
+                   "codes": [mask_code(f.coupon.code) for f in ours]},
+        )
+        deps.metrics.duplicates_issued.inc()
+        attempt.add(entity, decision, verdict=Verdict.ISSUED, request_id=request_id,
+                    coupon=ours[0].coupon, extra_coupons=tuple(f.coupon for f in ours[1:]))
+    else:
+        # Nothing of ours yet, but the original call may still land: wait it out.
+        attempt.add(entity, decision, verdict=Verdict.AMBIGUOUS, error_code="settling",
+                    message="not visible yet; the original call may still land",
+                    request_id=request_id)
+    return True
+
+
+
+#: How far back the customer's coupons are read when Capillary says they already hold one.
+HELD_SINCE = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+def read_back_holder(attempt: Attempt, entity: ClaimedEntity, error: EntryError) -> bool:
+    """A re-send after an unknown outcome was refused as "the customer already holds one":
+    read the customer's coupons of the series back. Ours: adopted (recorded as issued, or as a
+    duplicate). Not ours: dead-lettered with the customer's coupons in the reason, so support
+    sees them without opening Capillary. False when the read-back could not be made.
+    """
+    deps, claim = attempt.deps, attempt.claim
+    slot = rate_limit_slot(deps.limiter.reserve(READ_BACK), max_wait_s=deps.rate_limit_max_wait_s)
+    if isinstance(slot, Defer):
+        deps.limiter.cancel(READ_BACK)
+        return False
+    wait_for(slot, deps)
+    try:
+        read_back = deps.api.find_coupons(claim.customer, entity.series_id, HELD_SINCE)
+    except CapillaryError as exc:
+        log.warning("holds_one.read_back_failed", extra={
+            "event_id": claim.event_id, "customer": claim.customer_key,
+            "series": entity.series_id, "error": str(exc), "request_id": exc.request_id})
+        return False
+    attempt.calls.append(RecordedCall(read_back.call, (entity.entity_id,), (entity.series_id,)))
+    deps.metrics.observe_call(READ_BACK, read_back.call.status, read_back.call.latency_ms)
+    request_id = read_back.call.request_id
+    ours = [found for found in read_back.coupons if is_ours(claim.issue_ref, found)]
+    log.info("holds_one.read_back", extra={
+        "event_id": claim.event_id, "customer": claim.customer_key, "series": entity.series_id,
+        "error_code": error.code, "ours": [mask_code(f.coupon.code) for f in ours],
+        "held": [mask_code(f.coupon.code) for f in read_back.coupons][:20],
+        "request_id": request_id})
+    deps.metrics.answer_remarks.labels(
+        "holds_one_ours" if ours else "holds_one_not_ours").inc()
+    if len(ours) == 1:
+        attempt.reconciled += 1
+        attempt.add(entity, RecordIssued(), verdict=Verdict.ISSUED, request_id=request_id,
+                    coupon=ours[0].coupon, reconciled=True)
+    elif ours:
+        deps.metrics.duplicates_issued.inc()
+        attempt.add(entity, RecordDuplicate(), verdict=Verdict.ISSUED, request_id=request_id,
+                    coupon=ours[0].coupon, extra_coupons=tuple(f.coupon for f in ours[1:]))
+    else:
+        held = [HeldCoupon(f.coupon.code, f.created_at) for f in read_back.coupons]
+        attempt.add(entity, refused_holding(error.code, held), verdict=error.verdict,
+                    error_code=error.code, message=error.message, request_id=request_id)
+    return True
