@@ -31,7 +31,7 @@ class SweepReport:
 #: Events still processing that a sweep looks at for a stuck one (a different share each time):
 #: a safety net, so a small share a second; all of them would cost a sweep as much as the
 #: retries waiting in the ledger.
-REPAIR_SHARE = 50
+REPAIR_SHARE = 20
 
 
 def sweep(deps: Deps, *, batch: int = 500, requeue_after_s: float = 300.0) -> SweepReport:
