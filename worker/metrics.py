@@ -5,12 +5,18 @@ import): its multiprocess mode is fixed when the library is first imported, and 
 ``PROMETHEUS_MULTIPROC_DIR`` just before its pool forks. Under the prefork pool every child
 writes its samples there and the main process serves them all; the ledger backlog gauges are
 read from PostgreSQL at scrape time, so they are the fleet's truth, not one process's view.
+
+Gauges that pool processes set carry a ``multiprocess_mode`` that says how the main process
+merges them: a timestamp is the most recent one any process wrote. What on-call alerts on from
+the ledger and the broker (``worker.scrape``) is read at scrape time too. The reference of
+every series is docs/observability.md.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -23,7 +29,7 @@ class Metrics:
     """The counters and histograms the services update."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = registry or CollectorRegistry()
         r = self.registry
@@ -62,10 +68,35 @@ class Metrics:
         self.api_latency = Histogram(
             "capillary_call_seconds", "Capillary call latency", ["operation", "status"],
             buckets=LATENCY_BUCKETS_S, registry=r)
+        self.read_backs = Counter(
+            "capillary_read_backs",
+            "Read-backs of a customer's coupons, by why they were made (reconcile an unknown "
+            "outcome, a 'holds one' refusal, verify a re-send) and what they found",
+            ["purpose", "outcome"], registry=r)
+        self.last_success = Gauge(
+            "capillary_last_success_timestamp_seconds",
+            "When Capillary last answered a call with a 2xx (Unix time), by operation",
+            ["operation"], multiprocess_mode="mostrecent", registry=r)
+        self.last_task = Gauge(
+            "coupon_worker_last_task_finished_timestamp_seconds",
+            "When a task last finished on this worker (Unix time), whatever its outcome",
+            ["worker"], multiprocess_mode="mostrecent", registry=r)
 
     def observe_call(self, operation: str, status: int | None, latency_ms: float) -> None:
         self.api_latency.labels(operation, str(status) if status else "none").observe(
             latency_ms / 1000.0)
+        if status is not None and 200 <= status < 300:
+            self.last_success.labels(operation).set(time.time())
+
+    def read_back(self, purpose: str, outcome: str) -> None:
+        """Count one read-back: ``purpose`` reconcile, holds_one or verify; ``outcome`` ours,
+        duplicate, absent (proven not issued), settling (not visible yet), not_ours or
+        failed."""
+        self.read_backs.labels(purpose, outcome).inc()
+
+    def task_finished(self, worker: str) -> None:
+        """A task just finished on ``worker`` (its Celery node name)."""
+        self.last_task.labels(worker).set(time.time())
 
 
 BacklogReader = Callable[[], dict[str, int]]
@@ -111,8 +142,10 @@ def _build_info_collector(labels: dict[str, str]) -> Any:
 
 
 def exposition_registry(own: CollectorRegistry, backlog: BacklogReader | None,
-                        build: dict[str, str] | None = None) -> CollectorRegistry:
-    """The registry to serve: every process's samples (multiprocess mode) or this one's."""
+                        build: dict[str, str] | None = None,
+                        scraped: Sequence[Any] = ()) -> CollectorRegistry:
+    """The registry to serve: every process's samples (multiprocess mode) or this one's, and
+    the collectors read at scrape time (``scraped``, from ``worker.scrape``)."""
     from prometheus_client import CollectorRegistry
 
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -122,6 +155,10 @@ def exposition_registry(own: CollectorRegistry, backlog: BacklogReader | None,
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     else:
         registry = own
+    # Collected in this order: the scraped ledger reads (with their short timeout) before the
+    # backlog's count, which then fails at once if they found the ledger gone.
+    for collector in scraped:
+        registry.register(collector)
     if backlog is not None:
         registry.register(_backlog_collector(backlog))
     if build is not None:

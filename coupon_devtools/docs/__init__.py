@@ -1,5 +1,5 @@
-"""The reference pages generated from the code: the configuration (from the settings classes)
-and the command line (from the click commands).
+"""The reference pages generated from the code: the configuration (from the settings classes),
+the command line (from the click commands) and the log events (from the logging calls).
 
 ``make docs-reference`` (``python -m coupon_devtools.docs``) writes them; ``--check`` says which
 are stale and exits 1, and ``tests/unit/test_docs_reference.py`` fails the same way, so a setting
@@ -13,6 +13,7 @@ from pathlib import Path
 
 from coupon_devtools.docs.cli import render_cli
 from coupon_devtools.docs.configuration import render_configuration
+from coupon_devtools.docs.log_events import render_log_events
 
 #: The command that regenerates every page, as the failure messages name it.
 REGENERATE = "make docs-reference"
@@ -23,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PAGES: dict[str, Callable[[], str]] = {
     "docs/reference/configuration.md": render_configuration,
     "docs/reference/cli.md": render_cli,
+    "docs/reference/log-events.md": render_log_events,
 }
 
 

@@ -57,6 +57,15 @@ class FakeSupport(FakePart):
         e.state = check_transition(e.state, EntityState.DISCARDED)
         e.next_attempt_at = None
 
+    def make_due(self, target: Target, *, now: datetime) -> None:
+        self.state.entities[target.entity_id].next_attempt_at = now
+
+    def give_up(self, target: Target, *, reason: str, now: datetime) -> None:
+        e = self.state.entities[target.entity_id]
+        e.state = check_transition(e.state, EntityState.DEAD)
+        e.next_attempt_at, e.dead_at, e.dead_reason = None, now, reason
+        e.dead_published = False
+
     def resume_deferred(self, error_code: str, *, now: datetime) -> int:
         resumed = 0
         for e in self.state.entities.values():
@@ -86,7 +95,7 @@ class FakeSupport(FakePart):
         r = self.state.rejections[rejected_id - 1]
         return RejectedRow(rejected_id, r["source"], r["event_id"], r["reason"],
                            r.get("received_at") or datetime.min, r.get("resubmitted_at"),
-                           r.get("resubmitted_event_id"))
+                           r.get("resubmitted_event_id"), raw=r["raw"])
 
     def link_resubmission(self, rejected_id: int, *, event_id: str, now: datetime) -> None:
         r = self.state.rejections[rejected_id - 1]

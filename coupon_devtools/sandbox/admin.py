@@ -126,6 +126,11 @@ class SandboxAdmin:
         """Mark a resolved customer id as existing or not (unknown customers get 701)."""
         self._request("PUT", f"customers/{customer_id}", json={"exists": exists})
 
+    def set_password(self, username: str, password: str) -> None:
+        """Accept only ``password`` for ``username`` from now on (a key rotated on Capillary's
+        side); ``reset`` restores the start options' users."""
+        self._request("PUT", f"users/{username}", json={"password": password})
+
     def add_fault(self, **fields: Any) -> int:
         """Register a fault rule (kind, times, series, customer, path, delaySeconds, status,
         retryAfterSeconds, probability); returns its id."""

@@ -1,5 +1,5 @@
-"""The admin API under ``/sandbox/``: reset, config, series, customers, faults, the ledger,
-the call log and stats."""
+"""The admin API under ``/sandbox/``: reset, config, series, customers, users' passwords,
+faults, the ledger, the call log and stats."""
 
 from __future__ import annotations
 
@@ -86,6 +86,16 @@ async def admin_put_customer(request: web.Request) -> web.Response:
         raise SandboxInputError('Body must be {"exists": true|false}')
     request.app[STATE_KEY].set_customer(customer_id, exists=exists)
     return json_response(200, {"id": customer_id, "exists": exists})
+
+
+async def admin_put_user(request: web.Request) -> web.Response:
+    username = request.match_info["username"]
+    body = await _admin_body(request)
+    password = body.get("password")
+    if set(body) != {"password"} or not isinstance(password, str):
+        raise SandboxInputError('Body must be {"password": "..."}')
+    request.app[STATE_KEY].set_password(username, password)
+    return json_response(200, {"username": username})
 
 
 async def admin_add_fault(request: web.Request) -> web.Response:

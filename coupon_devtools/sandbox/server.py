@@ -32,6 +32,7 @@ from coupon_devtools.sandbox.admin_api import (
     admin_put_config,
     admin_put_customer,
     admin_put_series,
+    admin_put_user,
     admin_release,
     admin_reset,
     admin_revoke_tokens,
@@ -92,6 +93,7 @@ def create_app(
     app.router.add_put("/sandbox/config", admin_put_config)
     app.router.add_put("/sandbox/series/{series_id}", admin_put_series)
     app.router.add_put("/sandbox/customers/{customer_id}", admin_put_customer)
+    app.router.add_put("/sandbox/users/{username}", admin_put_user)
     app.router.add_post("/sandbox/faults", admin_add_fault)
     app.router.add_delete("/sandbox/faults", admin_clear_faults)
     app.router.add_get("/sandbox/faults", admin_list_faults)

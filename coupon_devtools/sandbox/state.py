@@ -73,7 +73,6 @@ class SandboxState(ReadbackRules):
         self._monotonic: Monotonic = monotonic if monotonic is not None else time.monotonic
         self._scenario = Scenario.from_json(self.options.scenario)
         self._base_config = SandboxConfig.from_options(self.options).updated(self._scenario.config)
-        self._password_digests = {u: md5_hex(p) for u, p in self.options.users.items()}
         self._call_log_limit = call_log_limit
         self._random = random.Random(self.options.seed)
         self.reset()
@@ -83,6 +82,7 @@ class SandboxState(ReadbackRules):
     def reset(self) -> None:
         """Forget everything since start, then re-apply the start options and scenario."""
         self.config: SandboxConfig = self._base_config
+        self._password_digests = {u: md5_hex(p) for u, p in self.options.users.items()}
         self._series: dict[int, SeriesSettings] = dict(self._scenario.series)
         self._unknown_customers: set[str] = set(self._scenario.unknown_customers)
         self._registry: dict[tuple[str, str], str] = {}
@@ -104,6 +104,14 @@ class SandboxState(ReadbackRules):
         self._status_counts: dict[str, int] = {}
         self._rate_limited = 0
         self._busy_customers: set[str] = set()
+
+    def set_password(self, username: str, password: str) -> None:
+        """Accept ``password`` for ``username`` from now on, and no other: Capillary's side of
+        a rotated key (the worker still sending the old one is refused with 401). A reset
+        restores the start options' users."""
+        if not username or not password:
+            raise SandboxInputError("username and password must not be empty")
+        self._password_digests[username] = md5_hex(password)
 
     def configure(self, fields: Mapping[str, Any]) -> SandboxConfig:
         """Apply a partial config update (camelCase keys); returns the new config."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import sys
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -139,7 +141,7 @@ def test_metrics_are_scraped_from_a_running_worker(
 ) -> None:
     port = free_port()
     settings = settings_factory(metrics_port=port)
-    start_worker(settings, concurrency=2)
+    worker = start_worker(settings, concurrency=2)
     sandbox.set_series(707001, behaviour="invalid")
     sandbox.add_fault(kind="error_before", status=503, times=1, customer="555")
     publish(settings, example_event("m-1"), example_event("m-2", series=(544770, 707001)),
@@ -167,6 +169,31 @@ def test_metrics_are_scraped_from_a_running_worker(
     assert metric_value(body, "coupon_ledger_entities", state="issued") == 4
     assert metric_value(body, "coupon_ledger_entities", state="dead") == 1
     assert metric_value(body, "coupon_worker_build_info", version=__version__) == 1
+    # What on-call alerts on, read at the scrape from the ledger and the broker
+    assert metric_value(body, "coupon_ledger_up") == 1
+    assert metric_value(body, "coupon_broker_up") == 1
+    assert metric_value(body, "coupon_circuit_state", circuit="capillary", state="closed") == 1
+    assert metric_value(body, "coupon_circuit_state", circuit="capillary", state="open") == 0
+    assert 0 < metric_value(body, "coupon_dead_letter_oldest_age_seconds") < 120
+    assert metric_value(body, "coupon_retry_oldest_age_seconds") == 0
+    assert metric_value(body, "coupon_unknown_outcome_oldest_age_seconds") == 0
+    assert metric_value(body, "coupon_settle_window_seconds") == settings.settle_window_s
+    assert f'coupon_queue_messages_ready{{queue="{settings.tasks_queue}",role="tasks"}}' in body
+    for queue in (settings.tasks_queue, settings.retry_queue):
+        assert f'coupon_consumers_paused{{queue="{queue}"}} 0.0' in body, queue
+    # ...and what the pool processes stamp (merged by the main process: the most recent)
+    now = time.time()
+    assert now - 120 < metric_value(body, "capillary_last_success_timestamp_seconds",
+                                    operation="bulk_issue") <= now
+    (worker_name,) = re.findall(
+        r'coupon_worker_last_task_finished_timestamp_seconds\{worker="([^"]+)"\}', body)
+    assert worker_name.startswith(worker.name)
+    assert now - 120 < metric_value(body, "coupon_worker_last_task_finished_timestamp_seconds",
+                                    worker=worker_name) <= now
+    # The 503 left an unknown outcome: read back (nothing there yet), then settled
+    assert metric_value(body, "capillary_read_backs_total", purpose="reconcile",
+                        outcome="settling") + metric_value(
+        body, "capillary_read_backs_total", purpose="reconcile", outcome="absent") >= 1
 
 
 def test_secrets_never_reach_logs_the_ledger_or_task_arguments(
@@ -210,3 +237,30 @@ def test_the_plain_celery_command_runs_the_worker(
         wait_for_state(clean_ledger, "plain-celery", "completed", timeout_s=60)
     finally:
         process.stop(grace_s=20)
+
+
+def test_a_worker_that_cannot_reach_its_ledger_says_so_at_the_scrape(
+    settings_factory: Callable[..., Settings], start_worker: Callable[..., WorkerProcess],
+) -> None:
+    # Given a worker whose ledger refuses every connection (nothing listens on its port)
+    port = free_port()
+    settings = settings_factory(metrics_port=port,
+                                database_url=f"postgresql+psycopg://postgres@127.0.0.1:"
+                                             f"{free_port()}/coupons")
+    start_worker(settings, concurrency=1)
+
+    def scrape() -> str | None:
+        body = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=9).text
+        paused = f'coupon_consumers_paused{{queue="{settings.tasks_queue}"}} 1.0' in body
+        return body if paused else None
+
+    # Then the scrape still answers: the ledger is down, and the worker stopped consuming
+    body = wait_until(scrape, timeout_s=30, message="the worker to pause for its ledger")
+    started = time.monotonic()
+    requests.get(f"http://127.0.0.1:{port}/metrics", timeout=9).raise_for_status()
+    assert time.monotonic() - started < 5, "well inside Prometheus's scrape timeout"
+    assert metric_value(body, "coupon_ledger_up") == 0
+    assert metric_value(body, "coupon_broker_up") == 1
+    assert "coupon_circuit_state{" not in body, "what needs the ledger is left out"
+    assert "coupon_retry_oldest_age_seconds " not in body
+    assert f'coupon_consumers_paused{{queue="{settings.retry_queue}"}} 1.0' in body

@@ -105,3 +105,35 @@ def seed_dead(engine: Engine, event_id: str, customer: str, series: list[int],
             for e in claim.entities])
         u.commit()
     return [e.entity_id for e in claim.entities]
+
+
+IDS = re.compile(r'name="ids" id="confirm-ids" value="([^"]*)"')
+
+
+def planned_ids(html: str) -> str:
+    """The ids a dry run page's confirmation form carries."""
+    found = IDS.search(html)
+    assert found, "no confirmation form with ids on the page"
+    return found.group(1)
+
+
+def seed_waiting(engine: Engine, event_id: str, customer: str, series: list[int], *,
+                 in_s: float = 3600, unknown: bool = False, code: str = "read_timeout",
+                 message: str = "no answer within 10 s") -> list[int]:
+    """An event whose entities wait (``retry_wait``) for an attempt ``in_s`` from now: a retry,
+    or with ``unknown`` an unknown outcome settling."""
+    uow = sql_unit_of_work_factory(engine)
+    now = datetime.now(UTC)
+    with uow() as u:
+        u.ledger.ingest(parse_event_data({"eventId": event_id, "customer": {"id": customer},
+                                          "seriesIds": series}), source="bus", now=now)
+        claim = u.ledger.claim_event(event_id, token="t", worker="w", now=now,
+                                     lease_s=60, settle_window_s=120)
+        u.ledger.record(claim, calls=[], worker="w", now=now, transitions=[
+            Transition(e.entity_id, EntityState.RETRY_WAIT, "retry_scheduled", 1,
+                       next_attempt_at=now + timedelta(seconds=in_s), needs_reconcile=unknown,
+                       verdict="ambiguous" if unknown else "retryable", error_code=code,
+                       error_message=message, settle_window_s=120 if unknown else None)
+            for e in claim.entities])
+        u.commit()
+    return [e.entity_id for e in claim.entities]

@@ -10,7 +10,7 @@ from starlette.testclient import TestClient
 
 from coupon_devtools.fakes.broker import FakePublisher
 from tests.conftest import wait_until
-from tests.console.conftest import PASSWORDS, csrf_of, login, seed_dead
+from tests.console.conftest import PASSWORDS, csrf_of, login, planned_ids, seed_dead
 from worker.adapters.postgres.jobs import ReplayJobStore
 from worker.adapters.postgres.unit_of_work import sql_unit_of_work_factory
 from worker.usecases.issue import utcnow
@@ -133,8 +133,9 @@ def test_replay_a_group_as_a_job_that_the_sweeper_steps_to_done(
     with clean_ledger.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM replay_jobs")).scalar_one() == 0
     started = client.post("/replay/start", data={
-        "code": "712", "series": "700712", "message": "series expired", "reason": "renewed",
-        "velocity": "600", "csrf_token": token})
+        "ids": planned_ids(plan.text), "code": "712", "series": "700712",
+        "message": "series expired", "reason": "renewed", "velocity": "600",
+        "csrf_token": token})
     assert started.status_code == 303
     job_url = started.headers["location"]
     # Then a worker's sweeper runs it: the job survives the console (another app, same ledger)
@@ -175,8 +176,10 @@ def test_a_job_can_be_paused_and_cancelled(
     ids = seed_dead(clean_ledger, "ev-p", "4", [1, 2, 3])
     client = make_client()
     token = login(client, "otto")
-    started = client.post("/replay/start", data={"event": "ev-p", "reason": "r",
-                                                 "velocity": "1", "csrf_token": token})
+    plan = client.get("/replay/plan?event=ev-p").text
+    started = client.post("/replay/start", data={"ids": planned_ids(plan), "event": "ev-p",
+                                                 "reason": "r", "velocity": "1",
+                                                 "csrf_token": token})
     job_id = int(started.headers["location"].rsplit("/", 1)[1])
     store = ReplayJobStore(clean_ledger)
     support = SupportDeps(uow=sql_unit_of_work_factory(clean_ledger), publisher=publisher,
@@ -241,10 +244,12 @@ def test_discard_a_group_with_a_reason(
     ids = seed_dead(clean_ledger, "ev-d", "8", [1, 2])
     client = make_client()
     token = login(client, "ada")
-    refused = client.post("/dlq/discard", data={"code": "712", "csrf_token": token})
+    plan = client.get("/dlq/discard/plan?code=712").text
+    assert sorted(int(i) for i in planned_ids(plan).split(",")) == sorted(ids)
+    refused = client.post("/dlq/discard", data={"ids": planned_ids(plan), "csrf_token": token})
     assert refused.status_code == 400
-    done = client.post("/dlq/discard", data={"code": "712", "reason": "series retired",
-                                             "csrf_token": token})
+    done = client.post("/dlq/discard", data={"ids": planned_ids(plan),
+                                             "reason": "series retired", "csrf_token": token})
     assert done.status_code == 200 and done.text.count("discarded") >= 2
     with clean_ledger.connect() as conn:
         assert set(conn.execute(text("SELECT state FROM entities")).scalars()) == {"discarded"}
@@ -271,7 +276,8 @@ def test_a_job_never_replays_what_was_issued_meanwhile(
     first, second = seed_dead(clean_ledger, "ev-m", "10", [1, 2])
     client = make_client()
     token = login(client, "otto")
-    started = client.post("/replay/start", data={"event": "ev-m", "reason": "r",
+    plan = client.get("/replay/plan?event=ev-m").text
+    started = client.post("/replay/start", data={"ids": planned_ids(plan), "reason": "r",
                                                  "velocity": "6000", "csrf_token": token})
     job_id = int(started.headers["location"].rsplit("/", 1)[1])
     # When one of them is issued by other means before the job reaches it
@@ -305,8 +311,9 @@ def test_a_filter_selects_what_the_dry_run_and_the_job_cover(
     assert 'id="plan-total">1<' in plan.text
     assert 'name="since" value="2000-01-01T00:00:00+00:00"' in plan.text
     started = client.post("/replay/start", data={
-        "customer": "id:11", "since": "2000-01-01T00:00:00+00:00", "reason": "r",
-        "velocity": "60", "csrf_token": token})
+        "ids": planned_ids(plan.text), "customer": "id:11",
+        "since": "2000-01-01T00:00:00+00:00", "reason": "r", "velocity": "60",
+        "csrf_token": token})
     job_id = int(started.headers["location"].rsplit("/", 1)[1])
     assert [i["entity_id"] for i in ReplayJobStore(clean_ledger).items(job_id)] == mine
 
@@ -317,11 +324,13 @@ def test_an_entity_page_offers_replay_and_discard_to_an_operator_only(
     operator = make_client()
     login(operator, "otto")
     page = operator.get(f"/entities/{dead}").text
-    assert f"/replay/plan?entity_id={dead}" in page and 'action="/dlq/discard"' in page
+    assert f"/replay/plan?entity_id={dead}" in page
+    assert f"/dlq/discard/plan?entity_id={dead}" in page
     viewer = make_client()
     login(viewer, "vera")
     page = viewer.get(f"/entities/{dead}").text
     assert "/replay/plan" not in page and "/dlq/discard" not in page
+    assert viewer.get(f"/dlq/discard/plan?entity_id={dead}").status_code == 403
     assert viewer.get("/entities/999999").status_code == 404
 
 

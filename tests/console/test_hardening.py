@@ -20,7 +20,7 @@ from worker.domain.events import parse_event_data
 from worker.domain.model import Coupon, EntityState
 from worker.domain.text import mask_code
 from worker.entrypoints.console.config import ConsoleSettings, load_console_settings
-from worker.entrypoints.console.routes import spreadsheet_safe
+from worker.entrypoints.console.pages.audit import spreadsheet_safe
 
 
 def test_every_response_carries_the_security_headers(

@@ -309,8 +309,8 @@ def test_a_single_sign_on_user_acts_with_the_token_of_their_pages(
     token = csrf_of(client.get("/dlq", headers=sso).text)
     assert SESSION_COOKIE not in client.cookies, "the proxy names them: no console session"
     acted = client.post("/dlq/discard", headers=sso, data={
-        "entity_id": "999", "reason": "gone", "csrf_token": token})
+        "ids": "999", "reason": "gone", "csrf_token": token})
     assert acted.status_code == 200, acted.text
     forged = client.post("/dlq/discard", headers=sso, data={
-        "entity_id": "999", "reason": "gone", "csrf_token": token + "x"})
+        "ids": "999", "reason": "gone", "csrf_token": token + "x"})
     assert forged.status_code == 403

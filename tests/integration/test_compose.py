@@ -33,7 +33,8 @@ COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 SANDBOX_ENV = REPO_ROOT / "deploy" / "sandbox.env"
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 SERVICES = {"postgres", "rabbitmq", "sandbox", "db-roles", "migrate", "broker-users", "worker",
-            "flower", "console"}
+            "flower", "console", "prometheus", "grafana"}
+MONITORING = {"prometheus", "grafana"}
 # The coupon-worker subcommand each project service runs.
 SUBCOMMANDS = {"sandbox": ["sandbox"], "db-roles": ["db", "roles"], "migrate": ["migrate"],
                "worker": ["worker"], "flower": ["flower"], "console": ["console"]}
@@ -384,3 +385,48 @@ def test_dockerfile() -> None:
     assert re.search(r"pip install .*\.whl\)\[devtools\]", text), "the devtools extra"
     ignore = (REPO_ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
     assert "!.env" not in ignore
+
+
+def _mounts(service: dict[str, Any]) -> dict[str, Path]:
+    """A service's bind mounts of this repository's files: container path -> host path."""
+    found = {}
+    for volume in service.get("volumes", []):
+        if isinstance(volume, dict) and volume.get("type") == "bind":
+            found[volume["target"]] = Path(volume["source"])
+        elif isinstance(volume, str) and volume.startswith(("/", ".")):
+            source, target = volume.split(":")[:2]
+            found[target] = Path(source)
+    return found
+
+
+def test_monitoring_runs_only_with_its_profile_and_mounts_the_shipped_files() -> None:
+    svcs = services()
+    for name in MONITORING:
+        assert svcs[name]["profiles"] == ["monitoring"], name
+        assert "build" not in svcs[name], f"{name} runs its upstream image"
+    # Prometheus loads the shipped configuration and rules, as the tests check them
+    prometheus = _mounts(svcs["prometheus"])
+    assert prometheus["/etc/prometheus/prometheus.yml"] == \
+        REPO_ROOT / "deploy" / "prometheus" / "prometheus.yml"
+    assert prometheus["/etc/prometheus/alerts.yml"] == \
+        REPO_ROOT / "deploy" / "prometheus" / "alerts.yml"
+    assert "--config.file=/etc/prometheus/prometheus.yml" in svcs["prometheus"]["command"]
+    config = yaml.safe_load((REPO_ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    assert config["rule_files"] == ["alerts.yml"], "beside the configuration, as mounted"
+    (job,) = config["scrape_configs"]
+    assert job["job_name"] == "coupon-worker", "the job CouponNoWorkerAlive looks for"
+    (discovery,) = job["dns_sd_configs"]
+    assert discovery["names"] == ["worker"] and discovery["port"] == 9808
+    assert services()["worker"]["environment"]["COUPONS_METRICS_PORT"] == "9808"
+    # Grafana is provisioned with the datasource and the dashboard
+    grafana = _mounts(svcs["grafana"])
+    assert grafana["/etc/grafana/provisioning"] == REPO_ROOT / "deploy" / "grafana" / "provisioning"
+    assert grafana["/var/lib/grafana/dashboards"] == REPO_ROOT / "deploy" / "grafana" / "dashboards"
+    for source in (*prometheus.values(), *grafana.values()):
+        assert source.exists(), source
+    assert svcs["grafana"]["depends_on"] == {"prometheus": {"condition": "service_started"}}
+    # No admin account, so no default password: anonymous viewers only
+    env = svcs["grafana"]["environment"]
+    assert env["GF_SECURITY_DISABLE_INITIAL_ADMIN_CREATION"] == "true"
+    assert env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+    assert not [k for k in env if "PASSWORD" in k]

@@ -195,7 +195,8 @@ def test_an_event_id_already_in_the_ledger_is_linked_or_refused(clean_ledger: En
         None, FIXED["eventId"]]
 
 
-def test_a_broker_refusal_changes_nothing(clean_ledger: Engine) -> None:
+def test_a_broker_refusal_leaves_it_to_run_again_and_says_so_in_the_audit(
+        clean_ledger: Engine) -> None:
     rejected_id = reject(clean_ledger, b"[]")
     support, _ = support_deps(clean_ledger)
 
@@ -203,12 +204,24 @@ def test_a_broker_refusal_changes_nothing(clean_ledger: Engine) -> None:
         def submit_event(self, event: LoyaltyEvent, *, source: str) -> None:
             raise BrokerUnavailable("broker unavailable: connection refused")
 
-    with pytest.raises(BrokerUnavailable):
+    with pytest.raises(BrokerUnavailable, match="run the resubmission again to send it"):
         resubmit_rejected(rejected_id, json.dumps(FIXED).encode(), reason="fix",
                           operator="ana", deps=support, submitter=DownBroker(), max_bytes=MAX)
-    assert rows(clean_ledger, "SELECT * FROM operator_actions") == []
-    assert rows(clean_ledger, "SELECT resubmitted_at FROM rejected_events") == [
-        {"resubmitted_at": None}]
+    # The resubmission was recorded before the publish, and its failure after it
+    outcomes = [r["outcome"] for r in rows(
+        clean_ledger, "SELECT outcome FROM operator_actions ORDER BY id")]
+    assert outcomes[0].startswith("resubmitted as event") and outcomes[1].startswith("not sent")
+    # And running it again with resend sends it: the event is not in the ledger yet
+    publisher = FakePublisher()
+    plain = resubmit_rejected(rejected_id, json.dumps(FIXED).encode(), reason="fix",
+                              operator="ana", deps=support, submitter=publisher,
+                              max_bytes=MAX)
+    assert not plain.accepted and "send it again with resend" in plain.outcome
+    again = resubmit_rejected(rejected_id, json.dumps(FIXED).encode(), reason="fix",
+                              operator="ana", deps=support, submitter=publisher,
+                              max_bytes=MAX, resend=True)
+    assert again.accepted and again.outcome.startswith("sent again as event")
+    assert len(publisher.events) == 1
 
 
 def test_an_unknown_rejection_is_not_found(clean_ledger: Engine) -> None:
@@ -273,7 +286,8 @@ def test_rejected_list_and_show_never_pass_markup_or_escapes(
 def test_rejected_resubmit_publishes_the_fixed_event_and_audits_who(
         cli: Callable[..., Any], clean_ledger: Engine, settings: Settings) -> None:
     rejected_id = reject(clean_ledger, HOSTILE)
-    fixed = json.dumps(FIXED).encode()
+    # The fix keeps the customer the producer sent (valid, however it reads)
+    fixed = json.dumps({**FIXED, "customer": json.loads(HOSTILE)["customer"]}).encode()
 
     dry = cli("rejected", "resubmit", str(rejected_id), "--file", "-", "--reason", "fix",
               "--dry-run", stdin=fixed)
@@ -292,7 +306,8 @@ def test_rejected_resubmit_publishes_the_fixed_event_and_audits_who(
         message = topology.tasks_queue(settings).bind(conn.default_channel).get(no_ack=True)
     assert message is not None and message.headers["task"] == "coupons.issue"
     _args, kwargs, _embed = message.decode()
-    assert kwargs == {"event": parse_event_data(FIXED).to_message(), "source": "resubmit"}
+    assert kwargs == {"event": parse_event_data(json.loads(fixed)).to_message(),
+                      "source": "resubmit"}
 
     actions = rows(clean_ledger, "SELECT operator, reason, outcome, details FROM "
                                  "operator_actions ORDER BY id")

@@ -27,6 +27,7 @@ from tests.conftest import PG_ADMIN_URL
 from worker.adapters.postgres import models as m
 from worker.adapters.postgres import roles
 from worker.adapters.postgres.jobs import ReplayJobStore
+from worker.adapters.postgres.plans import SqlActionPlans
 from worker.adapters.postgres.records import Transition
 from worker.adapters.postgres.retention import RetentionStore
 from worker.adapters.postgres.support import Selection
@@ -44,6 +45,7 @@ from worker.usecases.replay_jobs import control_replay_job, start_replay_job, st
 from worker.usecases.retention import RetentionPolicy, prune
 from worker.usecases.support import SupportDeps, discard, replay_event
 from worker.usecases.sweep import publish_dead_letters, sweep, verify_issued
+from worker.usecases.waiting import give_up, retry_now
 
 CLI = Path(sys.executable).parent / "coupon-worker"
 JOBS_WITH_LOGIN = ("owner", "worker", "console", "retention")
@@ -176,15 +178,16 @@ def test_the_worker_runs_the_event_path_sweeper_and_replay_jobs(
     # And given a dead entity, the console starts a replay job that the worker steps
     dead_id = _dead_entity(deps)
     console = _support(engines("console"))
-    job_id = start_replay_job(Selection(entity_ids=(dead_id,)), reason="test", operator="ops",
-                              velocity_per_min=600, deps=console,
-                              store=ReplayJobStore(engines("console")))
+    job_id = start_replay_job((dead_id,), selection=Selection(entity_ids=(dead_id,)),
+                              reason="test", operator="ops", velocity_per_min=600,
+                              deps=console, store=ReplayJobStore(engines("console")),
+                              plans=SqlActionPlans(engines("console")))
     worker_support = build_support_deps(settings, worker_engine)
     assert step_replay_jobs(worker_support, ReplayJobStore(worker_engine)) == 1
     assert job_id
 
 
-def _dead_entity(deps: Deps) -> int:
+def _dead_entity(deps: Deps, state: EntityState = EntityState.DEAD) -> int:
     event = parse_event_data({"eventId": f"dead-{uuid.uuid4().hex[:6]}",
                               "customer": {"id": "7"}, "seriesIds": [1]})
     now = utcnow()
@@ -195,8 +198,9 @@ def _dead_entity(deps: Deps) -> int:
     entity_id = claim.entities[0].entity_id
     with deps.uow() as uow:
         uow.ledger.record(claim, calls=[], worker="w", now=now, transitions=[Transition(
-            entity_id, EntityState.DEAD, "dead", 1, error_code="x", error_message="gone",
-            dead_reason="test")])
+            entity_id, state, str(state), 1, error_code="x", error_message="gone",
+            dead_reason="test" if state is EntityState.DEAD else None,
+            next_attempt_at=None if state is EntityState.DEAD else now)])
         uow.commit()
     return entity_id
 
@@ -227,11 +231,18 @@ def test_the_console_reads_everything_and_does_an_operators_actions(
     assert replay_event(event_id, reason="r", operator="ops", deps=support)
     assert discard(Selection(entity_ids=(second,)), reason="r", operator="ops", deps=support)
     store = ReplayJobStore(console_engine)
-    job_id = start_replay_job(Selection(entity_ids=(second,), states=("discarded",)),
+    job_id = start_replay_job((second,), selection=Selection(entity_ids=(second,),
+                                                             states=("discarded",)),
                               reason="r", operator="ops", velocity_per_min=60, deps=support,
-                              store=store)
+                              store=store, plans=SqlActionPlans(console_engine))
     assert control_replay_job(job_id, "pause", operator="ops", reason="r", deps=support,
                               store=store)
+    # and makes one waiting entity due now and gives up on another
+    waiting = [_dead_entity(worker_deps, EntityState.RETRY_WAIT) for _ in range(2)]
+    assert [r.outcome for r in retry_now(waiting[:1], operator="ops", deps=support)] == [
+        "due now"]
+    assert [r.outcome for r in give_up(waiting[1:], reason="r", operator="ops",
+                                       deps=support)] == ["dead (given up)"]
     # Then every page of the console renders from the ledger
     users = {"users": [{"name": "ada", "role": "admin",
                         "password_hash": hash_password("admin-pass-1")}]}
@@ -249,7 +260,8 @@ def test_the_console_reads_everything_and_does_an_operators_actions(
     assert client.post("/login", data={"username": "ada", "password": "admin-pass-1",
                                        "csrf_token": token.group(1)}).status_code == 303
     for page in ("/", "/dlq", "/audit", "/rejected", "/jobs", f"/jobs/{job_id}",
-                 f"/entities/{first}", "/customer?q=id:7"):
+                 f"/entities/{first}", "/customer?q=id:7", "/waiting",
+                 f"/dlq/discard/plan?entity_id={first}", f"/replay/plan?entity_id={first}"):
         assert client.get(page).status_code == 200, page
 
 

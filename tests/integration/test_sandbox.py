@@ -188,6 +188,21 @@ def test_bad_basic_credentials_get_401_and_issue_nothing(
     assert admin.calls()[-1]["principal"] is None
 
 
+def test_a_password_changed_by_the_admin_api_refuses_the_old_one_until_reset(
+    api: Capillary, admin: SandboxAdmin
+) -> None:
+    # Given Capillary's side rotated the user's password
+    admin.set_password("store.server", "rotated-1")
+    # Then the old credentials get 401, the new ones are accepted
+    assert api.bulk([101], auth=BASIC).status_code == 401
+    assert api.bulk([101], auth=basic_auth_header("store.server", "rotated-1")).status_code == 200
+    # And a reset restores the start options' users
+    admin.reset()
+    assert api.bulk([101], auth=BASIC).status_code == 200
+    with pytest.raises(SandboxAdminError):
+        admin.set_password("store.server", "")
+
+
 def test_oauth_token_authorises_calls_as_the_key(api: Capillary, admin: SandboxAdmin) -> None:
     # Given a token generated without any other auth
     generated = api.token()

@@ -23,6 +23,12 @@ def event(event_id: str = "e-1", series: tuple[int, ...] = (544770, 553379),
                              "seriesIds": list(series), **extra})
 
 
+def read_backs(world: World, purpose: str, outcome: str) -> float:
+    """``capillary_read_backs_total`` for one purpose and outcome (0 when never counted)."""
+    return world.deps.metrics.registry.get_sample_value(
+        "capillary_read_backs_total", {"purpose": purpose, "outcome": outcome}) or 0.0
+
+
 def test_an_event_issues_every_series_in_one_call(world: World) -> None:
     report = issue_event(event(), source="task", deps=world.deps)
     assert report.issued == 2 and report.new_event
@@ -99,6 +105,7 @@ def test_timeout_after_issue_is_reconciled_not_reissued(world: World) -> None:
     assert world.api.read_backs == 1
     assert world.entity(544770).state is EntityState.ISSUED
     assert world.entity(544770).history[-1] == "reconciled"
+    assert read_backs(world, "reconcile", "ours") == 1
 
 
 def test_a_coupon_stamped_by_a_capillary_clock_minutes_behind_ours_is_still_found(
@@ -223,6 +230,7 @@ def test_already_holds_one_after_an_unknown_outcome_adopts_our_coupon(
     assert len(world.api.issued) == 1 and world.api.read_backs == 2
     assert world.deps.metrics.registry.get_sample_value(
         "capillary_answer_remarks_total", {"kind": "holds_one_ours"}) == 1
+    assert read_backs(world, "holds_one", "ours") == 1
 
 
 def test_already_holds_one_after_an_unknown_outcome_names_the_customers_coupon(
@@ -259,11 +267,13 @@ def test_a_slow_original_that_lands_before_the_window_ends_is_found(world: World
     issue_event(event(series=(544770,)), source="task", deps=world.deps)
     world.clock.advance(5)
     world.sweep_and_retry()  # absent for now: wait
+    assert read_backs(world, "reconcile", "settling") == 1
     world.api.land_late()
     world.clock.advance(SETTLE_S)
     world.sweep_and_retry()
     assert len(world.api.issued) == 1 and len(world.api.bulk_calls) == 1
     assert world.entity(544770).state is EntityState.ISSUED
+    assert read_backs(world, "reconcile", "ours") == 1
 
 
 def test_a_late_original_landing_after_the_resend_is_detected_as_a_duplicate(
@@ -286,6 +296,7 @@ def test_a_late_original_landing_after_the_resend_is_detected_as_a_duplicate(
     assert entity.state is EntityState.DUPLICATE_ISSUED and entity.verify_after is None
     assert len(world.state.extra_coupons[entity.id]) == 1
     assert world.deps.metrics.duplicates_issued._value.get() == 1
+    assert read_backs(world, "verify", "duplicate") == 1
     assert sweep(world.deps).verified == 0, "checked once"
 
 
@@ -299,6 +310,9 @@ def test_a_resend_without_late_original_is_verified_clean(world: World) -> None:
     entity = world.entity(544770)
     assert entity.state is EntityState.ISSUED and entity.verify_after is None
     assert entity.history[-1] == "verified"
+    # proven absent after the window, sent again, then verified as ours alone
+    assert read_backs(world, "reconcile", "absent") == 1
+    assert read_backs(world, "verify", "ours") == 1
 
 
 def test_an_unreadable_read_back_ends_dead_as_unknown_and_is_never_resent(
@@ -340,6 +354,7 @@ def test_a_failed_read_back_never_leads_to_an_issue(world: World) -> None:
     assert len(world.api.bulk_calls) == 1
     assert world.entity(544770).needs_reconcile
     assert world.entity(544770).state is EntityState.RETRY_WAIT
+    assert read_backs(world, "reconcile", "failed") == 1
 
 
 def test_a_worker_that_died_mid_call_is_reconciled_after_its_lease(world: World) -> None:

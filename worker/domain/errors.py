@@ -94,3 +94,8 @@ class Permanent(CapillaryError):
 
 class Outage(CapillaryError):
     """Credentials, configuration or the service itself is broken: pause, do not dead-letter."""
+
+
+class SelectionRefused(WorkerError, ValueError):
+    """What an operator asked to act on cannot be acted on as asked: too many entities (narrow
+    the filter), an unreadable list of ids, or a change a resubmission may not make."""

@@ -51,19 +51,23 @@ REPLAYABLE = frozenset({EntityState.DEAD})
 EVENT_REPLAYABLE = frozenset({EntityState.DEAD, EntityState.RETRY_WAIT})
 #: What a person may discard (``dlq discard``).
 DISCARDABLE = frozenset({EntityState.DEAD})
+#: What waits in the ledger for its next attempt (a retry, or an unknown outcome settling):
+#: what a person may make due at once or give up on (making it a dead letter).
+WAITING = frozenset({EntityState.RETRY_WAIT})
 
 _S = EntityState
 #: Allowed moves, by whom: the claim (-> in_flight, also re-claiming an abandoned one), the
 #: recorded outcome of an attempt (in_flight -> issued / retry_wait / dead), the sweeper
 #: (lease expiry in_flight -> retry_wait, due retry_wait -> queued, a lost queued message
 #: queued -> retry_wait, a second coupon found by verification issued -> duplicate_issued), a
-#: person (replay -> queued, discard -> discarded). Not listed: proof that a coupon was issued
-#: is recorded whatever the entity's state (``may_record_issued``), because the coupon exists.
+#: person (replay -> queued, discard -> discarded, giving up on a waiting one -> dead). Not
+#: listed: proof that a coupon was issued is recorded whatever the entity's state
+#: (``may_record_issued``), because the coupon exists.
 TRANSITIONS: dict[EntityState, frozenset[EntityState]] = {
     _S.PENDING: frozenset({_S.IN_FLIGHT}),
     _S.IN_FLIGHT: frozenset({_S.IN_FLIGHT, _S.ISSUED, _S.DUPLICATE_ISSUED, _S.RETRY_WAIT,
                              _S.DEAD}),
-    _S.RETRY_WAIT: frozenset({_S.QUEUED, _S.IN_FLIGHT}),
+    _S.RETRY_WAIT: frozenset({_S.QUEUED, _S.IN_FLIGHT, _S.DEAD}),
     _S.QUEUED: frozenset({_S.IN_FLIGHT, _S.RETRY_WAIT}),
     _S.ISSUED: frozenset({_S.DUPLICATE_ISSUED}),
     _S.DEAD: frozenset({_S.QUEUED, _S.DISCARDED}),

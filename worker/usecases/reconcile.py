@@ -19,6 +19,7 @@ from worker.domain.errors import CapillaryError, Outage, Retryable
 from worker.domain.model import EntryError, Verdict
 from worker.domain.policy import (
     CircuitPolicy,
+    Decision,
     Defer,
     HeldCoupon,
     RecordDuplicate,
@@ -54,6 +55,7 @@ def reconcile(attempt: Attempt, entity: ClaimedEntity, permit: Permit) -> bool:
     try:
         read_back = deps.api.find_coupons(claim.customer, entity.series_id, since)
     except CapillaryError as exc:
+        deps.metrics.read_back("reconcile", "failed")
         verdict = Verdict.OUTAGE if isinstance(exc, Outage) else Verdict.AMBIGUOUS
         failed = deps.retry_policy.read_back_failed(
             verdict, attempts=entity.attempts,
@@ -79,6 +81,7 @@ def reconcile(attempt: Attempt, entity: ClaimedEntity, permit: Permit) -> bool:
         len(ours), settled=entity.settled, settles_in_s=entity.settles_in_s,
         attempts=entity.attempts)
     request_id = read_back.call.request_id
+    deps.metrics.read_back("reconcile", _read_back_outcome(decision))
     if decision is None:
         log.info(
             "reconcile.absent",
@@ -109,6 +112,14 @@ def reconcile(attempt: Attempt, entity: ClaimedEntity, permit: Permit) -> bool:
     return True
 
 
+def _read_back_outcome(decision: Decision | None) -> str:
+    """What a reconciling read-back found, for ``capillary_read_backs_total``."""
+    if decision is None:
+        return "absent"
+    if isinstance(decision, RecordIssued):
+        return "ours"
+    return "duplicate" if isinstance(decision, RecordDuplicate) else "settling"
+
 
 #: How far back the customer's coupons are read when Capillary says they already hold one.
 HELD_SINCE = datetime(2000, 1, 1, tzinfo=UTC)
@@ -129,6 +140,7 @@ def read_back_holder(attempt: Attempt, entity: ClaimedEntity, error: EntryError)
     try:
         read_back = deps.api.find_coupons(claim.customer, entity.series_id, HELD_SINCE)
     except CapillaryError as exc:
+        deps.metrics.read_back("holds_one", "failed")
         log.warning("holds_one.read_back_failed", extra={
             "event_id": claim.event_id, "customer": claim.customer_key,
             "series": entity.series_id, "error": str(exc), "request_id": exc.request_id})
@@ -144,6 +156,8 @@ def read_back_holder(attempt: Attempt, entity: ClaimedEntity, error: EntryError)
         "request_id": request_id})
     deps.metrics.answer_remarks.labels(
         "holds_one_ours" if ours else "holds_one_not_ours").inc()
+    deps.metrics.read_back("holds_one", "not_ours" if not ours
+                           else "ours" if len(ours) == 1 else "duplicate")
     if len(ours) == 1:
         attempt.reconciled += 1
         attempt.add(entity, RecordIssued(), verdict=Verdict.ISSUED, request_id=request_id,

@@ -12,39 +12,29 @@ anything is sent.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict
 from datetime import timedelta
 from typing import Any
 
-from worker.adapters.postgres.jobs import ReplayJobs, pace
+from worker.adapters.postgres.jobs import ReplayJobs
 from worker.adapters.postgres.support import Selection
-from worker.domain.errors import WorkerError
+from worker.domain.errors import SelectionRefused, WorkerError
 from worker.domain.model import EntityState
-from worker.usecases.support import SupportDeps, replay, replay_one
+from worker.domain.pacing import even_slots, interval_of
+from worker.usecases.action_plans import (
+    MAX_IDS,
+    ActionPlan,
+    ActionPlans,
+    by_ids,
+    plan_action,
+    too_many,
+)
+from worker.usecases.support import SupportDeps, replay_one
 
 log = logging.getLogger("worker.support")
 
-ISSUED_STATES = (EntityState.ISSUED.value, EntityState.DUPLICATE_ISSUED.value)
 #: Items one sweep may replay for one job, however far behind its pace it is.
 MAX_ITEMS_PER_STEP = 50
-
-
-@dataclass(frozen=True)
-class ReplayPlan:
-    """What a replay of a selection would do, from a dry run that changes nothing."""
-
-    entity_ids: tuple[int, ...]
-    to_send: int
-    read_back_first: int
-    already_issued: int
-
-    @property
-    def total(self) -> int:
-        return len(self.entity_ids)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"total": self.total, "to_send": self.to_send,
-                "read_back_first": self.read_back_first, "already_issued": self.already_issued}
 
 
 def selection_to_json(selection: Selection) -> dict[str, Any]:
@@ -57,43 +47,49 @@ def selection_to_json(selection: Selection) -> dict[str, Any]:
     return data
 
 
-def plan_replay(selection: Selection, deps: SupportDeps) -> ReplayPlan:
-    """The dry run the operator confirms: the replay service's own, plus what is issued."""
-    results = replay(selection, reason="dry run", operator="console", deps=deps, dry_run=True)
-    with deps.uow() as uow:
-        issued = uow.ledger.support_targets(replace(selection, states=ISSUED_STATES))
-    read_back = sum(1 for r in results if r.outcome.startswith("would reconcile"))
-    return ReplayPlan(tuple(r.entity_id for r in results), len(results) - read_back,
-                      read_back, len(issued))
+def plan_replay(selection: Selection, plans: ActionPlans) -> ActionPlan:
+    """The dry run the operator confirms: the dead entities ``selection`` names (at most
+    ``MAX_IDS``), how many need a read-back first, how many the filter finds already issued."""
+    return plan_action(selection, plans, count_issued=True)
 
 
-def start_replay_job(selection: Selection, *, reason: str, operator: str,
-                     velocity_per_min: int, deps: SupportDeps, store: ReplayJobs,
+def start_replay_job(entity_ids: tuple[int, ...], *, selection: Selection, reason: str,
+                     operator: str, velocity_per_min: int, deps: SupportDeps,
+                     store: ReplayJobs, plans: ActionPlans,
                      max_velocity_per_min: int | None = None,
                      origin: dict[str, str] | None = None) -> int:
-    """Store a replay job for the workers; the entities are the dry run's, as of now."""
+    """Store a replay job for the workers over exactly ``entity_ids`` (the dry run's list);
+    ``selection`` is the filter the operator found them with, kept for the record.
+
+    Each entity is re-checked under a lock when its turn comes: one no longer dead is skipped.
+    """
     if not reason.strip():
         raise ValueError("a reason is required")
     if velocity_per_min < 1:
         raise ValueError("the velocity must be at least 1 call per minute")
+    if not entity_ids:
+        raise SelectionRefused("no entity ids: run the dry run and confirm its list")
+    if len(entity_ids) > MAX_IDS:
+        raise too_many(len(entity_ids))
     if max_velocity_per_min is not None:
         # Inside the global rate limit: a replay never asks for more than the fleet may send.
         velocity_per_min = min(velocity_per_min, max_velocity_per_min)
-    plan = plan_replay(selection, deps)
+    plan = plan_action(by_ids(entity_ids, selection.states), plans)
+    counts = {**plan.as_dict(), "total": len(entity_ids),
+              "to_send": len(entity_ids) - plan.read_back_first}
     now = deps.clock()
-    job_id = store.create(created_by=operator, reason=reason,
-                          selection=selection_to_json(selection), plan=plan.as_dict(),
-                          velocity_per_min=velocity_per_min, entity_ids=plan.entity_ids, now=now)
+    recorded = selection_to_json(selection)
+    job_id = store.create(created_by=operator, reason=reason, selection=recorded, plan=counts,
+                          velocity_per_min=velocity_per_min, entity_ids=entity_ids, now=now)
     with deps.uow() as uow:
         uow.ledger.audit(action="replay_job_started", operator=operator, reason=reason,
-                         outcome=f"job {job_id}: {plan.total} entities at "
+                         outcome=f"job {job_id}: {len(entity_ids)} entities at "
                                  f"{velocity_per_min}/min",
-                         now=now, details={"job_id": job_id, **plan.as_dict(),
-                                           "selection": selection_to_json(selection),
-                                           **(origin or {})})
+                         now=now, details={"job_id": job_id, **counts,
+                                           "selection": recorded, **(origin or {})})
         uow.commit()
     log.warning("replay_job.started", extra={"job_id": job_id, "operator": operator,
-                                              "total": plan.total, "reason": reason})
+                                              "total": len(entity_ids), "reason": reason})
     return job_id
 
 
@@ -120,23 +116,32 @@ def control_replay_job(job_id: int, command: str, *, operator: str, reason: str,
     return changed
 
 
-def step_replay_jobs(deps: SupportDeps, store: ReplayJobs) -> int:
-    """Replay the items that are due of one running job; how many were replayed.
+def step_replay_jobs(deps: SupportDeps, store: ReplayJobs, *,
+                     horizon_s: float = 1.0) -> int:
+    """Replay the items of one running job that fall within the next ``horizon_s``, each at
+    its own moment; how many were replayed.
 
-    Called by every worker's sweeper. Due items: one per ``60 / velocity`` seconds since the
-    job's ``next_at``, at most ``MAX_ITEMS_PER_STEP``; a job far behind (workers were down)
-    restarts its pace from now rather than bursting.
+    Called by every worker's sweeper, with its sweep interval as the horizon. The moments are
+    evenly spaced at the job's velocity (``worker.domain.pacing``: a token bucket of one
+    token), so the retry queue sees one entity every ``60 / velocity`` seconds rather than a
+    burst per sweep; a job behind its pace (workers were down) resumes from now without
+    catching up. At most ``MAX_ITEMS_PER_STEP`` items per step.
     """
     now = deps.clock()
     with store.lock_due(now) as locked:
         if locked is None:
             return 0
         conn, job = locked
-        interval = pace(job.velocity_per_min)
-        due = min(MAX_ITEMS_PER_STEP, 1 + int((now - job.next_at) / interval))
+        interval = interval_of(job.velocity_per_min)
+        slots = even_slots(job.next_at, now, interval=interval,
+                           horizon=timedelta(seconds=horizon_s), max_items=MAX_ITEMS_PER_STEP)
         states = tuple(job.selection.get("states") or (EntityState.DEAD.value,))
         done = 0
-        for item_id, entity_id in store.next_items(conn, job.id, due):
+        for slot, (item_id, entity_id) in zip(
+                slots, store.next_items(conn, job.id, len(slots)), strict=False):
+            wait_s = (slot - deps.clock()).total_seconds()
+            if wait_s > 0:
+                deps.sleep(wait_s)
             try:
                 result = replay_one(
                     entity_id, Selection(entity_ids=(entity_id,), states=states),
@@ -149,9 +154,7 @@ def step_replay_jobs(deps: SupportDeps, store: ReplayJobs) -> int:
                 outcome = f"failed: {exc}"
             store.record_item(conn, item_id, outcome, deps.clock())
             done += 1
-        next_at = job.next_at + interval * max(done, 1)
-        if next_at < now - timedelta(minutes=1):
-            next_at = now + interval
+        next_at = slots[done - 1] + interval if done else now + interval
         store.advance(conn, job.id, next_at=next_at, now=deps.clock())
     if done:
         log.info("replay_job.step", extra={"job_id": job.id, "replayed": done})

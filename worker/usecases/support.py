@@ -26,9 +26,10 @@ from worker.adapters.postgres.records import DueEntity
 from worker.adapters.postgres.support import RejectedRow, Selection, SupportLedger, Target
 from worker.adapters.postgres.unit_of_work import UnitOfWorkFactory
 from worker.domain import model
-from worker.domain.errors import EventRejected, NotFound
+from worker.domain.errors import EventRejected, NotFound, WorkerError
 from worker.domain.events import LoyaltyEvent, parse_event_bytes
 from worker.domain.model import EntityState, check_transition
+from worker.domain.resubmission import changed_valid_fields, original_fields, refusal
 from worker.domain.text import printable
 from worker.metrics import Metrics
 from worker.usecases.deps import Publisher
@@ -39,6 +40,7 @@ RESUBMIT_SOURCE = "resubmit"
 # The state machine's sets (worker.domain.model), as the ledger's selections name them.
 REPLAYABLE = tuple(sorted(s.value for s in model.REPLAYABLE))
 EVENT_REPLAYABLE = tuple(sorted(s.value for s in model.EVENT_REPLAYABLE))
+DISCARDABLE = tuple(sorted(s.value for s in model.DISCARDABLE))
 
 
 def default_operator() -> str:
@@ -254,14 +256,26 @@ class ResubmitResult:
 
 
 def _resubmit_plan(row: RejectedRow, event: LoyaltyEvent | None, problem: str | None,
-                   repo: SupportLedger) -> tuple[str, str]:
-    """(what to do: submit | link | refuse, the outcome in words)."""
-    if row.resubmitted_at is not None:
-        return "refuse", (f"refused: already resubmitted as event {row.resubmitted_event_id} "
-                          f"at {row.resubmitted_at.isoformat(timespec='seconds')}")
+                   payload: bytes, repo: SupportLedger, *, resend: bool) -> tuple[str, str]:
+    """(what to do: submit | resend | link | refuse, the outcome in words)."""
     if event is None:
-        return "refuse", f"refused: the fixed payload is not a valid event: {problem}"
+        return "refuse", _already(row) if row.resubmitted_at is not None else \
+            f"refused: the fixed payload is not a valid event: {problem}"
+    changed = _changed_valid_fields(row, event, payload)
     existing = repo.event_fingerprint(event.eventId)
+    if changed or row.resubmitted_at is not None:
+        if changed:
+            return "refuse", refusal(changed)
+        if not resend or existing is not None or event.eventId != row.resubmitted_event_id:
+            return "refuse", _already(row)
+        # On record, but its event is not in the ledger: the publish after the commit
+        # failed (or the event is still on its way). Sent again: the ledger keys events by
+        # eventId, so it is issued once either way.
+        return "resend", f"sent again as event {event.eventId} (not in the ledger yet)"
+    return _submit_or_link(event, existing)
+
+
+def _submit_or_link(event: LoyaltyEvent, existing: tuple[str, str] | None) -> tuple[str, str]:
     if existing is None:
         return "submit", f"resubmitted as event {event.eventId}"
     found, state = existing
@@ -271,15 +285,50 @@ def _resubmit_plan(row: RejectedRow, event: LoyaltyEvent | None, problem: str | 
     return "link", f"linked: event {event.eventId} is already in the ledger ({state})"
 
 
+def _audit_unsent(rejected_id: int, event_id: str, exc: WorkerError, *, operator: str,
+                  deps: SupportDeps) -> None:
+    log.error("rejected.resubmit_publish_failed", extra={
+        "rejected_id": rejected_id, "event_id": event_id, "error": str(exc)})
+    with deps.uow() as uow:
+        uow.ledger.audit(action="rejected_resubmit", operator=operator,
+                         reason="the publish failed", outcome=f"not sent: {exc}",
+                         now=deps.clock(), event_id=event_id,
+                         details={"rejected_id": rejected_id})
+        uow.commit()
+
+
+def _already(row: RejectedRow) -> str:
+    at = row.resubmitted_at.isoformat(timespec="seconds") if row.resubmitted_at else "?"
+    return (f"refused: already resubmitted as event {row.resubmitted_event_id} at {at} (if "
+            "that publish failed, the event is not in the ledger: send it again with resend)")
+
+
+def _changed_valid_fields(row: RejectedRow, event: LoyaltyEvent, payload: bytes) -> list[str]:
+    """What the fix changes that the original sent valid (``worker.domain.resubmission``)."""
+    fixed = original_fields(payload) or {}
+    original = original_fields(row.raw)
+    if original is None:
+        # Not a JSON object: nothing of it can be compared but the eventId it was kept under.
+        return ["eventId"] if row.event_id and event.eventId != row.event_id else []
+    return changed_valid_fields(original, fixed)
+
+
 def resubmit_rejected(rejected_id: int, payload: bytes, *, reason: str, operator: str,
                       deps: SupportDeps, submitter: EventSubmitter, max_bytes: int,
-                      dry_run: bool = False, os_user: str | None = None) -> ResubmitResult:
+                      dry_run: bool = False, os_user: str | None = None,
+                      resend: bool = False) -> ResubmitResult:
     """Send the fixed version of a rejected message through the normal intake, once.
 
     The payload is validated exactly as a message from the bus would be. The rejected row is
     kept as received, only linked to the event it became; a second resubmission of it is
     refused, and an event id already in the ledger is linked when the content is the same and
-    refused when it differs (an idempotency key names one request).
+    refused when it differs (an idempotency key names one request). The fix keeps the
+    original's eventId, customer and series: only what failed validation, and the metadata,
+    may change (``worker.domain.resubmission``).
+
+    It is recorded (committed) before it is published. Should the publish fail, ``resend``
+    sends it again later, as long as its event is not in the ledger yet (the ledger keys
+    events by eventId, so it is issued once).
     """
     if not reason.strip():
         raise ValueError("a reason is required")
@@ -296,13 +345,14 @@ def resubmit_rejected(rejected_id: int, payload: bytes, *, reason: str, operator
         row = repo.lock_rejected(rejected_id)
         if row is None:
             raise NotFound(f"no rejected event {rejected_id}")
-        action, outcome = _resubmit_plan(row, event, problem, repo)
+        action, outcome = _resubmit_plan(row, event, problem, payload, repo, resend=resend)
         event_id = event.eventId if event is not None else None
         if dry_run:
             if action != "refuse":
                 outcome = f"would be {outcome}"
             return ResubmitResult(rejected_id, event_id, outcome, action != "refuse")
         if event is not None and action in ("submit", "link"):
+            # Once: the database refuses to link a rejected message a second time.
             repo.link_resubmission(rejected_id, event_id=event.eventId, now=now)
         details: dict[str, Any] = {
             "rejected_id": rejected_id, "os_user": printable(os_user or default_operator()),
@@ -313,12 +363,17 @@ def resubmit_rejected(rejected_id: int, payload: bytes, *, reason: str, operator
         }
         repo.audit(action="rejected_resubmit", operator=operator, reason=reason,
                    outcome=outcome, now=now, event_id=event_id, details=details)
-        if event is not None and action == "submit":
-            # Sent before the commit: if the broker refuses, nothing was linked and the
-            # command can be run again; if the commit fails after this, the event is still
-            # issued once (the ledger keys it by eventId) and a second run links it.
-            submitter.submit_event(event, source=RESUBMIT_SOURCE)
         uow.commit()
+    if event is not None and action in ("submit", "resend"):
+        # Sent after the commit, so what is sent is always on record first. Should the broker
+        # refuse it, the failure is audited and running the resubmission again sends it
+        # ("resend"): the ledger keys events by eventId, so it is issued once.
+        try:
+            submitter.submit_event(event, source=RESUBMIT_SOURCE)
+        except WorkerError as exc:
+            _audit_unsent(rejected_id, event.eventId, exc, operator=operator, deps=deps)
+            raise type(exc)(f"recorded but not sent: {exc}; run the resubmission again to "
+                            "send it") from exc
     if deps.metrics is not None and action != "refuse":
         deps.metrics.replays.labels("resubmit").inc()
     log.warning("rejected.resubmitted" if action != "refuse" else "rejected.resubmit_refused",

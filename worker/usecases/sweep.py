@@ -115,6 +115,7 @@ def verify_issued(deps: Deps, *, batch: int = VERIFY_BATCH) -> VerifyReport:
         try:
             read_back = deps.api.find_coupons(item.customer, item.series_id, since)
         except CapillaryError as exc:
+            deps.metrics.read_back("verify", "failed")
             delay = deps.retry_policy.backoff(item.attempts + 1, rng=deps.rng)
             log.warning("verify.read_back_failed", extra={
                 "entity_id": item.entity_id, "event_id": item.event_id, "error": str(exc)})
@@ -126,6 +127,8 @@ def verify_issued(deps: Deps, *, batch: int = VERIFY_BATCH) -> VerifyReport:
         ours = [f.coupon for f in read_back.coupons if is_ours(item.issue_ref, f)]
         extra = [c for c in ours if c.code not in item.codes]
         found_twice = len(ours) > 1 and bool(extra)
+        deps.metrics.read_back("verify", "duplicate" if found_twice
+                               else "ours" if ours else "absent")
         message = None
         if found_twice:
             duplicates += 1

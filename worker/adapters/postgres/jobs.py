@@ -145,6 +145,21 @@ class ReplayJobStore:
                              for state in ("pending", "done", "cancelled")}
             return job
 
+    def progress(self, job_id: int, *, now: datetime) -> dict[str, Any]:
+        """How fast a job's items went: in the last minute, and since its first."""
+        i = m.ReplayJobItem
+        done = i.state == "done"
+        with self.engine.connect() as conn:
+            last_minute, first, last, count = conn.execute(
+                select(func.count().filter(done, i.done_at >= now - timedelta(minutes=1)),
+                       func.min(i.done_at).filter(done), func.max(i.done_at).filter(done),
+                       func.count().filter(done))
+                .where(i.job_id == job_id)).one()
+        span_s = (last - first).total_seconds() if first is not None and last is not None \
+            else 0.0
+        return {"last_minute": int(last_minute), "first_done_at": first, "last_done_at": last,
+                "per_min": round(60.0 * (count - 1) / span_s, 1) if span_s > 0 else None}
+
     def items(self, job_id: int, *, limit: int = 500) -> list[dict[str, Any]]:
         i, e = m.ReplayJobItem, m.Entity
         with self.engine.connect() as conn:
@@ -162,7 +177,3 @@ class ReplayJobStore:
                        j.velocity_per_min, j.finished_at)
                 .order_by(j.id.desc()).limit(limit)).mappings()]
 
-
-def pace(velocity_per_min: int) -> timedelta:
-    """The interval between two items at ``velocity_per_min``."""
-    return timedelta(seconds=60.0 / max(1, velocity_per_min))

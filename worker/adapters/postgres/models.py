@@ -104,14 +104,20 @@ class Entity(Base):
             postgresql_where=text("state = 'dead' AND dead_published_at IS NULL"),
         ),
         Index("ix_entities_customer_key", "customer_key"),
-        # The console's dead-letter groups, read from the index alone (0013: with dead_at, so
+        # The console's dead-letter groups, read from the index alone (0014: with dead_at, so
         # that first and last need no visit to the table).
         Index("ix_entities_dead_causes", "last_error_code", "series_id", "last_error_message",
               postgresql_where=text("state = 'dead'"), postgresql_include=["dead_at"]),
         Index("ix_entities_updated_at", "updated_at"),
         Index("ix_entities_verify", "verify_after", postgresql_where=text(
             "verify_after IS NOT NULL")),
-        # The dead letters newest first, a page at a time (dlq list, the console) (0013).
+        # The metrics' oldest waiting retry and oldest unknown outcome, read at every scrape
+        # (0013).
+        Index("ix_entities_waiting_retry", "first_attempt_at",
+              postgresql_where=text("state IN ('retry_wait', 'queued')")),
+        Index("ix_entities_unknown_outcome", "settles_at", postgresql_where=text(
+            "needs_reconcile AND state IN ('retry_wait', 'queued', 'in_flight')")),
+        # The dead letters newest first, a page at a time (dlq list, the console) (0014).
         Index("ix_entities_dead_newest", text("dead_at DESC NULLS LAST"), text("id DESC"),
               postgresql_where=text("state = 'dead'")),
     )
@@ -333,6 +339,9 @@ class CircuitBreaker(Base):
     open_until: Mapped[datetime | None] = mapped_column(Timestamp)
     reason: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(Timestamp, server_default=text("now()"))
+    #: When it last opened or closed (a probe's half-open is still open), database clock; set
+    #: by a trigger whoever writes the row (0013).
+    state_since: Mapped[datetime | None] = mapped_column(Timestamp)
 
 
 class RateLimitBucket(Base):

@@ -105,6 +105,11 @@ class BucketSpec:
         """
         return max(self.per_minute - self.burst, 1) / 60.0 * (1 - QUOTA_MARGIN)
 
+    def available(self, tokens: float, since_refill_s: float) -> float:
+        """The bucket's content now, from its row (``tokens`` at ``refilled_at``, that long
+        ago): what a call may take at once; below zero, callers are already lined up."""
+        return min(float(self.burst), tokens + since_refill_s * self.rate_per_s)
+
 
 class PostgresRateLimiter:
     """The fleet-wide token bucket in ``rate_limit_buckets``."""

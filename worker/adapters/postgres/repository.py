@@ -57,6 +57,12 @@ class SqlLedger(IssuingStatements, SweeperStatements, CircuitStatements):
     def discard_target(self, target: Target, *, now: datetime) -> None:
         self._support.discard(target, now=now)
 
+    def make_due(self, target: Target, *, now: datetime) -> None:
+        self._support.make_due(target, now=now)
+
+    def give_up(self, target: Target, *, reason: str, now: datetime) -> None:
+        self._support.give_up(target, reason=reason, now=now)
+
     def operator_history(self, target: Target, *, kind: str, state: str, message: str,
                          operator: str, now: datetime) -> None:
         self._support.history(target, kind=kind, state=state, message=message,
@@ -76,6 +82,7 @@ class SqlLedger(IssuingStatements, SweeperStatements, CircuitStatements):
 
     def link_resubmission(self, rejected_id: int, *, event_id: str, now: datetime) -> None:
         self._support.link_resubmission(rejected_id, event_id=event_id, now=now)
+
 
     def event_fingerprint(self, event_id: str) -> tuple[str, str] | None:
         return self._support.event_fingerprint(event_id)

@@ -81,7 +81,8 @@ class Target:
 
 @dataclass(frozen=True)
 class RejectedRow:
-    """A rejected message as it stood when locked (its raw bytes are not needed to act)."""
+    """A rejected message as it stood when locked, with the bytes it was received as (a
+    resubmission must keep what of them was valid)."""
 
     id: int
     source: str
@@ -90,6 +91,7 @@ class RejectedRow:
     received_at: datetime
     resubmitted_at: datetime | None
     resubmitted_event_id: str | None
+    raw: bytes = b""
 
 
 class SupportLedger(Protocol):
@@ -109,6 +111,14 @@ class SupportLedger(Protocol):
 
     def discard_target(self, target: Target, *, now: datetime) -> None: ...
 
+    def make_due(self, target: Target, *, now: datetime) -> None:
+        """A waiting entity's next attempt is now (the sweeper sends it within a sweep)."""
+        ...
+
+    def give_up(self, target: Target, *, reason: str, now: datetime) -> None:
+        """A waiting entity becomes a dead letter, with ``reason`` as why."""
+        ...
+
     def resume_deferred(self, error_code: str, *, now: datetime) -> int:
         """Entities waiting (``retry_wait``) because of ``error_code`` become due now; how
         many. For a pause lifted by hand: the circuit closed before its time."""
@@ -126,6 +136,7 @@ class SupportLedger(Protocol):
     def lock_rejected(self, rejected_id: int) -> RejectedRow | None: ...
 
     def link_resubmission(self, rejected_id: int, *, event_id: str, now: datetime) -> None: ...
+
 
     def event_fingerprint(self, event_id: str) -> tuple[str, str] | None:
         """The fingerprint and state of an event already in the ledger, if it is."""
@@ -184,6 +195,22 @@ class SupportRepository:
             .values(state=EntityState.DISCARDED.value, next_attempt_at=None, updated_at=now)
             .execution_options(synchronize_session=False))
 
+    def make_due(self, target: Target, *, now: datetime) -> None:
+        e = m.Entity
+        self.session.execute(
+            update(e).where(e.id == target.entity_id)
+            .values(next_attempt_at=now, updated_at=now)
+            .execution_options(synchronize_session=False))
+
+    def give_up(self, target: Target, *, reason: str, now: datetime) -> None:
+        # Not published yet: the sweeper announces it on the dead-letter queue like any other.
+        e = m.Entity
+        self.session.execute(
+            update(e).where(e.id == target.entity_id)
+            .values(state=EntityState.DEAD.value, next_attempt_at=None, dead_at=now,
+                    dead_reason=reason, dead_published_at=None, updated_at=now)
+            .execution_options(synchronize_session=False))
+
     def resume_deferred(self, error_code: str, *, now: datetime) -> int:
         e = m.Entity
         return len(self.session.execute(
@@ -211,10 +238,10 @@ class SupportRepository:
         r = m.RejectedEvent
         row = self.session.execute(
             select(r.id, r.source, r.event_id, r.reason, r.received_at, r.resubmitted_at,
-                   r.resubmitted_event_id)
+                   r.resubmitted_event_id, r.raw)
             .where(r.id == rejected_id).with_for_update()
         ).first()
-        return RejectedRow(*row) if row else None
+        return RejectedRow(*row[:7], raw=bytes(row[7] or b"")) if row else None
 
     def link_resubmission(self, rejected_id: int, *, event_id: str, now: datetime) -> None:
         """Mark a rejected message as resubmitted as ``event_id``; nothing else of it changes."""
@@ -223,6 +250,7 @@ class SupportRepository:
             update(r).where(r.id == rejected_id)
             .values(resubmitted_at=now, resubmitted_event_id=event_id)
             .execution_options(synchronize_session=False))
+
 
     def event_fingerprint(self, event_id: str) -> tuple[str, str] | None:
         """The fingerprint and state of an event already in the ledger, if it is."""

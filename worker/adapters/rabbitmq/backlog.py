@@ -1,4 +1,5 @@
-"""How many messages wait in each of the project's queues (for the console's overview)."""
+"""How many messages wait in each of the project's queues (the console's overview, the
+metrics)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,15 @@ from worker.adapters.rabbitmq.publisher import BROKER_ERRORS
 from worker.config import Settings
 
 
+def queue_names(settings: Settings) -> dict[str, str]:
+    """The project's queues by role."""
+    return {"events": settings.events_queue, "tasks": settings.tasks_queue,
+            "retry": settings.retry_queue, "dead": settings.dead_queue}
+
+
 def queue_backlogs(settings: Settings) -> dict[str, int | None]:
     """Ready messages per queue role; None where the broker or the queue did not answer."""
-    queues = {"events": settings.events_queue, "tasks": settings.tasks_queue,
-              "retry": settings.retry_queue, "dead": settings.dead_queue}
+    queues = queue_names(settings)
     found: dict[str, int | None] = dict.fromkeys(queues)
     try:
         with Connection(settings.broker_url,

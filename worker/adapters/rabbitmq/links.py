@@ -34,3 +34,5 @@ class StepLinks:
     schema: SchemaStatus | None = None
     #: The port /metrics is served on (None: off, or every port tried was taken).
     metrics_port: int | None = None
+    #: The queues whose consumers the guard has cancelled (the metrics read them).
+    paused_queues: frozenset[str] = frozenset()

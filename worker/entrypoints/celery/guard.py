@@ -58,6 +58,7 @@ class ConsumptionGuard(bootsteps.StartStopStep):
             log.warning("consumer.resumed", extra={"queue": queue})
             c.add_task_queue(queue)
         self._paused = wanted
+        links_of(c.app).paused_queues = frozenset(wanted)
 
     def _apply_backpressure(self, c: Any) -> None:
         """Let the bridge forward only while the task queue is short (``bridge_high_water``)."""

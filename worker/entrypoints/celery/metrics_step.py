@@ -18,10 +18,22 @@ from celery import bootsteps
 from worker import __version__
 from worker.adapters.postgres.driver import PoolerMismatch
 from worker.adapters.postgres.migrate import schema_status, shipped_revisions
+from worker.adapters.postgres.ratelimit import BucketSpec, PostgresRateLimiter
 from worker.adapters.postgres.schema import SchemaStatus
+from worker.adapters.postgres.vitals import LedgerVitals, read_vitals
+from worker.adapters.rabbitmq.backlog import queue_backlogs, queue_names
+from worker.bootstrap import Container
+from worker.config import Settings
 from worker.domain.errors import LedgerUnavailable
 from worker.entrypoints.celery.context import container_of, links_of, step_settings
 from worker.metrics import METRICS_PORT_SPAN, exposition_registry, serve_metrics
+from worker.scrape import (
+    Configured,
+    LedgerReads,
+    consumers_collector,
+    ledger_collector,
+    queues_collector,
+)
 from worker.usecases.queries import entity_state_counts
 
 log = logging.getLogger(__name__)
@@ -41,11 +53,14 @@ class MetricsServer(bootsteps.StartStopStep):
             return
         container = container_of(parent.app)
 
+        reads = LedgerReads()
+
         def backlog() -> dict[str, int]:
-            return entity_state_counts(container.engine)
+            return reads.run(lambda: entity_state_counts(container.engine))
 
         registry = exposition_registry(container.metrics.registry, backlog,
-                                       build_labels(links_of(parent.app).schema))
+                                       build_labels(links_of(parent.app).schema),
+                                       scraped_collectors(container, settings, reads))
         try:
             self._server, port = serve_metrics(settings.metrics_port, registry)
         except OSError as exc:
@@ -60,6 +75,41 @@ class MetricsServer(bootsteps.StartStopStep):
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+
+
+def scraped_collectors(container: Container, settings: Settings,
+                       reads: LedgerReads) -> list[Any]:
+    """What on-call alerts on, read at each scrape: the ledger's vitals, this worker's paused
+    consumers, and the queues' backlogs (``worker.scrape``). The ledger's reads go through
+    ``reads``, shared with the backlog's, so that an unreachable ledger costs one timeout."""
+    links = container.links
+    limiter = container.deps().limiter
+    spec: BucketSpec | None = limiter.spec if isinstance(limiter, PostgresRateLimiter) else None
+    configured = Configured(settle_window_s=settings.settle_window_s, rate_limit=spec,
+                            rate_limit_per_minute=settings.rate_limit_per_minute)
+    # Fresh events come by the task queue and, read directly, by the bus (as the guard says).
+    consumed = [settings.tasks_queue, settings.retry_queue]
+    if settings.bus_intake == "direct":
+        consumed.insert(0, settings.events_queue)
+    names = queue_names(settings)
+
+    def vitals() -> LedgerVitals:
+        return reads.run(lambda: read_vitals(container.engine))
+
+    def paused() -> dict[str, bool]:
+        return {queue: queue in links.paused_queues for queue in consumed}
+
+    def backlogs() -> dict[str, tuple[str, int | None]]:
+        return {role: (names[role], count) for role, count in queue_backlogs(settings).items()}
+
+    return [ledger_collector(vitals, configured), consumers_collector(paused),
+            queues_collector(backlogs)]
+
+
+def task_finished(sender: Any = None, **_: Any) -> None:
+    """``task_postrun``, in the pool process that ran the task: stamp its worker's last task."""
+    hostname = getattr(getattr(sender, "request", None), "hostname", None)
+    container_of(sender.app).metrics.task_finished(str(hostname or "unknown"))
 
 
 def build_labels(status: SchemaStatus | None) -> dict[str, str]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from celery import bootsteps
@@ -25,6 +26,7 @@ from worker.domain.errors import LedgerUnavailable
 from worker.domain.runtime_policy import consumption_for_circuit, consumption_for_ledger_down
 from worker.entrypoints.celery.context import container_of, links_of, step_settings
 from worker.usecases import replay_jobs, retention
+from worker.usecases.support import SupportDeps
 from worker.usecases.sweep import sweep
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,9 @@ log = logging.getLogger(__name__)
 _RUN = bootsteps.RUN  # type: ignore[attr-defined]  # not in the stubs
 #: How often a worker asks whether the fleet's prune is due: one cheap UPDATE.
 RETENTION_CHECK_S = 60.0
+#: The longest one replay step paces its items for while holding its job's row lock: well
+#: under the lock timeout (COUPONS_DB_LOCK_TIMEOUT_SECONDS) an operator's pause may wait.
+REPLAY_STEP_MAX_S = 1.0
 
 
 class Sweeper(bootsteps.StartStopStep):
@@ -85,6 +90,7 @@ class Sweeper(bootsteps.StartStopStep):
         links = links_of(self._worker.app)
         interval_s = container.settings.sweep_interval_s
         while not self._stop.is_set() and self._worker_running():
+            paced_s = 0.0
             try:
                 deps = container.deps()
                 report = sweep(deps, requeue_after_s=container.settings.requeue_after_s)
@@ -94,15 +100,30 @@ class Sweeper(bootsteps.StartStopStep):
                     open_until=circuit.open_until, now=deps.clock())
                 if report.dispatched or report.leases_expired or report.dead_letters_published:
                     log.info("sweep.done", extra=report.__dict__)
-                # Replay jobs confirmed in the console: this worker steps one if it is due.
-                replay_jobs.step_replay_jobs(container.support_deps(),
-                                             ReplayJobStore(container.engine))
+                # Replay jobs confirmed in the console: this worker steps one if it is due,
+                # spacing its items until the next sweep; that time counts as the wait.
+                paced_s = self._step_replays(container.support_deps(), container.engine,
+                                             interval_s)
             except LedgerUnavailable as exc:
                 links.pause = consumption_for_ledger_down(str(exc))
                 log.error("sweep.ledger_unavailable", extra={"error": str(exc)})
             except Exception:
                 log.exception("sweep.failed")
-            self._stop.wait(interval_s)
+            self._stop.wait(max(0.0, interval_s - paced_s))
+
+    @staticmethod
+    def _step_replays(support: SupportDeps, engine: Any, interval_s: float) -> float:
+        """Step replay jobs until the next sweep is due, in steps of at most
+        ``REPLAY_STEP_MAX_S`` (a step holds its job's row lock: an operator's pause waits for
+        it); the seconds spent."""
+        store = ReplayJobStore(engine)
+        started = time.monotonic()
+        while True:
+            left_s = interval_s - (time.monotonic() - started)
+            stepped = replay_jobs.step_replay_jobs(
+                support, store, horizon_s=max(0.01, min(left_s, REPLAY_STEP_MAX_S)))
+            if not stepped or time.monotonic() - started >= interval_s:
+                return time.monotonic() - started
 
     def _retention_loop(self) -> None:
         container = container_of(self._worker.app)

@@ -32,6 +32,7 @@ from worker.entrypoints.celery.metrics_step import (
     _remove_metrics_dir,
     check_schema,
     prepare_metrics_dir,
+    task_finished,
 )
 from worker.entrypoints.celery.sweeper import Sweeper
 from worker.entrypoints.celery.task_consumer import TaskConsumer
@@ -80,3 +81,4 @@ def install(app: Celery) -> None:
     signals.worker_init.connect(_check_metrics_dir, weak=False)
     signals.setup_logging.connect(_setup_logging, weak=False)
     signals.worker_shutdown.connect(_remove_metrics_dir, weak=False)
+    signals.task_postrun.connect(task_finished, weak=False)

@@ -13,6 +13,7 @@
     coupon-worker console                 the support console in the browser
     coupon-worker console sessions list|revoke USER   its logged-in sessions (revoke: audited)
     coupon-worker duplicates              entities holding two of our coupons
+    coupon-worker waiting list|retry-now|give-up   what waits for a retry or a read-back
     coupon-worker circuit status|open|close   the circuit breaker by hand (audited)
     coupon-worker prune --older-than 90d  prune settled events, age out the audit trail
     coupon-worker db roles                the ledger's PostgreSQL roles per job
@@ -35,10 +36,11 @@ from worker.entrypoints.cli import (
     retention,
     runtime,
     support,
+    waiting,
     webconsole,
 )
 from worker.entrypoints.cli.root import main
 
 # Importing the command modules registers their commands on ``main``.
 __all__ = ["broker", "circuit", "console_sessions", "deploy", "main", "publishing", "rejected",
-           "retention", "runtime", "support", "webconsole"]
+           "retention", "runtime", "support", "waiting", "webconsole"]

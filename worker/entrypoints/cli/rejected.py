@@ -86,14 +86,17 @@ def rejected_show(rejected_id: int, full: bool, save: str | None, as_json: bool)
 @click.option("--operator", default=None, help="Who (default: the OS user).")
 @click.option("--dry-run", is_flag=True, help="Validate and show what would happen; change "
               "nothing.")
+@click.option("--resend", is_flag=True, help="Send again a resubmission whose publish failed "
+              "(refused once its event is in the ledger).")
 @click.option("--json", "as_json", is_flag=True)
 def rejected_resubmit(rejected_id: int, source: Any, reason: str, operator: str | None,
-                      dry_run: bool, as_json: bool) -> None:
+                      dry_run: bool, resend: bool, as_json: bool) -> None:
     """Send the fixed version of a rejected message through the normal intake, once.
 
     The fixed payload is validated like any event; when valid it is issued as the
-    coupons.issue task. The rejected message is kept as received and linked to the event;
-    who, when and why are recorded in the audit log.
+    coupons.issue task. It keeps the original's eventId, customer and series: only what
+    failed validation, and the metadata, may change. The rejected message is kept as
+    received and linked to the event; who, when and why are recorded in the audit log.
     """
     from worker.usecases.support import default_operator, resubmit_rejected
 
@@ -113,7 +116,7 @@ def rejected_resubmit(rejected_id: int, source: Any, reason: str, operator: str 
             result = resubmit_rejected(
                 rejected_id, payload, reason=reason, operator=operator or default_operator(),
                 os_user=default_operator(), deps=deps, submitter=deps.publisher,
-                max_bytes=settings.max_event_bytes, dry_run=dry_run)
+                max_bytes=settings.max_event_bytes, dry_run=dry_run, resend=resend)
         except NotFound as exc:
             fail(str(exc), 3)
     if as_json:

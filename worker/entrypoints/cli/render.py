@@ -310,3 +310,33 @@ def render_resubmit(console: Console, result: Any, *, dry_run: bool) -> None:
          f"rejected #{result.rejected_id}: ", (result.outcome, style))
     if result.accepted and not dry_run and result.outcome.startswith("resubmitted"):
         show(console, "follow it with: coupon-worker events show ", (result.event_id, ""))
+
+
+def render_planned(console: Console, targets: Any, *, verb: str) -> None:
+    """The entities a filter found, which a confirmation will act on by id."""
+    t = table(f"would {verb} these {len(targets)}",
+              ["entity", "event", "customer", "series", "attempts", "last error",
+               "read back first"])
+    for x in targets:
+        t.add_row(_s(x.entity_id), _s(x.event_id), _s(x.customer_key), _s(x.series_id),
+                  _s(x.attempts), _s(x.error_code or ""), "yes" if x.needs_reconcile else "")
+    console.print(t)
+
+
+def render_waiting(console: Console, rows: list[dict[str, Any]], counts: dict[str, int]) -> None:
+    """Waiting entities: why, since when, the next attempt."""
+    t = table(f"waiting: {counts.get('retry', 0)} for a retry, "
+              f"{counts.get('unknown_outcome', 0)} unknown outcomes settling",
+              ["entity", "event", "customer", "series", "waiting for", "since", "next attempt",
+               "attempts", "last error"])
+    for r in rows:
+        why = "unknown outcome" if r["kind"] == "unknown_outcome" else "retry"
+        t.add_row(_s(r["id"]), _s(r["event_id"]), _s(r["customer"]), _s(r["series_id"]), why,
+                  _s(_when(r["since"])), _s(_when(r["next_attempt_at"]) or "now"),
+                  _s(r["attempts"]),
+                  _s(" ".join(x for x in (r["error_code"], r["error_message"]) if x)))
+    console.print(t)
+
+
+def _when(value: Any) -> str:
+    return value.isoformat(timespec="seconds") if value is not None else ""

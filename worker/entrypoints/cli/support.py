@@ -6,6 +6,7 @@ import click
 
 from worker.domain.errors import NotFound
 from worker.entrypoints.cli import output
+from worker.entrypoints.cli.confirm import confirmed_ids
 from worker.entrypoints.cli.options import (
     cli_origin,
     guard_selection,
@@ -145,19 +146,27 @@ def dlq_show(entity_id: int, as_json: bool) -> None:
 @operator_action_options
 @click.option("--rate", type=float, default=20.0, show_default=True,
               help="At most this many entities re-enqueued per second.")
+@click.option("--yes", is_flag=True, help="Do not ask before acting on what a filter found.")
 @click.option("--json", "as_json", is_flag=True)
 def dlq_replay(entity_ids: tuple[int, ...], error_code: str | None, series_id: int | None,
                customer: str | None, event_id: str | None, since: str | None,
                until: str | None, everything: bool, reason: str, operator: str | None,
-               dry_run: bool, rate: float, as_json: bool) -> None:
-    """Replay dead entities by id, by event or by filter (safe to run twice)."""
-    from worker.usecases.support import default_operator, replay
+               dry_run: bool, rate: float, yes: bool, as_json: bool) -> None:
+    """Replay dead entities by id, or those a filter finds (listed, then confirmed: only the
+    listed ids are replayed). Safe to run twice."""
+    from worker.usecases.action_plans import by_ids
+    from worker.usecases.support import REPLAYABLE, default_operator, replay
 
     selection = make_selection(entity_ids, error_code, series_id, customer, event_id, since, until)
     guard_selection(selection, everything)
+    ids = confirmed_ids(selection, REPLAYABLE, verb="replay", dry_run=dry_run, yes=yes,
+                        as_json=as_json)
+    if ids is None:
+        return
     with support_deps() as deps:
-        results = replay(selection, reason=reason, operator=operator or default_operator(),
-                         deps=deps, dry_run=dry_run, rate_per_s=rate, origin=cli_origin())
+        results = replay(by_ids(ids, REPLAYABLE), reason=reason,
+                         operator=operator or default_operator(), deps=deps, rate_per_s=rate,
+                         dry_run=dry_run, origin=cli_origin()) if ids else []
     print_actions(results, as_json, dry_run, empty="no dead entity matches")
 
 
@@ -165,19 +174,27 @@ def dlq_replay(entity_ids: tuple[int, ...], error_code: str | None, series_id: i
 @click.argument("entity_ids", type=int, nargs=-1)
 @selection_options
 @operator_action_options
+@click.option("--yes", is_flag=True, help="Do not ask before acting on what a filter found.")
 @click.option("--json", "as_json", is_flag=True)
 def dlq_discard(entity_ids: tuple[int, ...], error_code: str | None, series_id: int | None,
                 customer: str | None, event_id: str | None, since: str | None,
                 until: str | None, everything: bool, reason: str, operator: str | None,
-                dry_run: bool, as_json: bool) -> None:
-    """Close dead entities without issuing them."""
-    from worker.usecases.support import default_operator, discard
+                dry_run: bool, yes: bool, as_json: bool) -> None:
+    """Close dead entities without issuing them: by id, or those a filter finds (listed,
+    then confirmed: only the listed ids are discarded)."""
+    from worker.usecases.action_plans import by_ids
+    from worker.usecases.support import DISCARDABLE, default_operator, discard
 
     selection = make_selection(entity_ids, error_code, series_id, customer, event_id, since, until)
     guard_selection(selection, everything)
+    ids = confirmed_ids(selection, DISCARDABLE, verb="discard", dry_run=dry_run, yes=yes,
+                        as_json=as_json)
+    if ids is None:
+        return
     with support_deps() as deps:
-        results = discard(selection, reason=reason, operator=operator or default_operator(),
-                          deps=deps, dry_run=dry_run, origin=cli_origin())
+        results = discard(by_ids(ids, DISCARDABLE), reason=reason,
+                          operator=operator or default_operator(), deps=deps,
+                          dry_run=dry_run, origin=cli_origin()) if ids else []
     print_actions(results, as_json, dry_run, empty="no dead entity matches")
 
 @main.command()

@@ -5,7 +5,6 @@ Nothing connects at import or construction: the engine connects on the first pag
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -16,34 +15,21 @@ from starlette.templating import Jinja2Templates
 from worker.adapters.postgres.console_sessions import SessionStore
 from worker.adapters.postgres.jobs import ReplayJobStore
 from worker.adapters.postgres.login_limits import LoginLimits
+from worker.adapters.postgres.plans import SqlActionPlans
 from worker.config import Settings
 from worker.entrypoints.console.auth import UserDirectory
 from worker.entrypoints.console.config import ConsoleSettings
 from worker.entrypoints.console.headers import SecurityHeaders
 from worker.entrypoints.console.proxies import TrustedProxyHeaders
+from worker.entrypoints.console.routes import ROUTES
 from worker.entrypoints.console.sessions import ServerSessions, SessionManager
+from worker.entrypoints.console.state import Console
 from worker.usecases.support import EventSubmitter, SupportDeps
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
 TEMPLATES = Path(__file__).parent / "templates"
-
-
-@dataclass
-class Console:
-    """What every page needs; kept in ``app.state.console``."""
-
-    settings: Settings
-    console: ConsoleSettings
-    engine: Engine
-    support: SupportDeps
-    submitter: EventSubmitter
-    jobs: ReplayJobStore
-    users: UserDirectory
-    limits: LoginLimits
-    sessions: SessionManager
-    templates: Jinja2Templates
 
 
 def create_app(settings: Settings, console: ConsoleSettings, *, engine: Engine | None = None,
@@ -53,7 +39,6 @@ def create_app(settings: Settings, console: ConsoleSettings, *, engine: Engine |
     ``settings`` (the support commands' Celery publisher sends both retries and events)."""
     from worker.adapters.postgres.unit_of_work import ConnectionLimits, make_engine
     from worker.bootstrap import build_support_deps
-    from worker.entrypoints.console import routes
 
     engine = engine or make_engine(settings.database_url, pool_size=settings.db_pool_size,
                                    application_name="coupon-worker-console",
@@ -67,6 +52,7 @@ def create_app(settings: Settings, console: ConsoleSettings, *, engine: Engine |
         settings=settings, console=console, engine=engine, support=support,
         submitter=submitter or cast(EventSubmitter, support.publisher),
         jobs=ReplayJobStore(engine),
+        plans=SqlActionPlans(engine),
         users=users,
         limits=LoginLimits(engine, max_failures=console.login_max_failures,
                            window_s=console.login_window_s, base_s=console.login_backoff_s,
@@ -75,7 +61,7 @@ def create_app(settings: Settings, console: ConsoleSettings, *, engine: Engine |
         templates=Jinja2Templates(directory=str(TEMPLATES)),
     )
     app = Starlette(
-        routes=routes.ROUTES,
+        routes=ROUTES,
         # Outermost first: the proxy's headers are sorted out before HSTS reads the scheme
         # and before a session is looked up.
         middleware=[

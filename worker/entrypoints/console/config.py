@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -89,6 +90,26 @@ class ConsoleSettings(BaseSettings):
     default_velocity_per_min: int = Field(
         60, ge=1, validation_alias="COUPONS_CONSOLE_DEFAULT_VELOCITY",
         description="The replay velocity the console offers by default, in calls per minute.")
+    timezone: str = Field(
+        "UTC", validation_alias="COUPONS_CONSOLE_TIMEZONE",
+        description="The time zone the console shows dates in (an IANA name such as `UTC` or "
+                    "`Europe/Berlin`): moments older than a day read as a date and time in it; "
+                    "hovering over any moment shows it exactly, in this zone and in UTC. An "
+                    "unknown name stops the console at start.")
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"COUPONS_CONSOLE_TIMEZONE: unknown time zone {value!r} (an IANA "
+                             "name such as UTC or Europe/Berlin)") from None
+        return value
+
+    def zone(self) -> ZoneInfo:
+        """The console's time zone (``COUPONS_CONSOLE_TIMEZONE``)."""
+        return ZoneInfo(self.timezone)
 
     @field_validator("secret")
     @classmethod
