@@ -104,7 +104,7 @@ class Entity(Base):
             postgresql_where=text("state = 'dead' AND dead_published_at IS NULL"),
         ),
         Index("ix_entities_customer_key", "customer_key"),
-        # The console's dead-letter groups, read from the index alone (0014: with dead_at, so
+        # The console's dead-letter groups, read from the index alone (0015: with dead_at, so
         # that first and last need no visit to the table).
         Index("ix_entities_dead_causes", "last_error_code", "series_id", "last_error_message",
               postgresql_where=text("state = 'dead'"), postgresql_include=["dead_at"]),
@@ -117,7 +117,7 @@ class Entity(Base):
               postgresql_where=text("state IN ('retry_wait', 'queued')")),
         Index("ix_entities_unknown_outcome", "settles_at", postgresql_where=text(
             "needs_reconcile AND state IN ('retry_wait', 'queued', 'in_flight')")),
-        # The dead letters newest first, a page at a time (dlq list, the console) (0014).
+        # The dead letters newest first, a page at a time (dlq list, the console) (0015).
         Index("ix_entities_dead_newest", text("dead_at DESC NULLS LAST"), text("id DESC"),
               postgresql_where=text("state = 'dead'")),
     )

@@ -13,8 +13,8 @@ The console's dead-letter groups (cause x series x message, with the first and l
 counted from the index alone (an index-only scan), and replaces it. The groups still cost in
 proportion to the dead letters kept (discarding or replaying them is what shrinks it).
 
-Revision ID: 0014
-Revises: 0013
+Revision ID: 0015
+Revises: 0014
 Create Date: 2026-12-07 16:30:00+00:00
 """
 
@@ -25,8 +25,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0014"
-down_revision: str | None = "0013"
+revision: str = "0015"
+down_revision: str | None = "0014"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
