@@ -433,7 +433,8 @@ def render_ledger_size(console: Console, report: LedgerSizeReport) -> None:
         f"Ledger: {s.entities:,} entities, "
         + ", ".join(f"{n:,} {t}" for t, n in s.rows.items())
         + f"; {s.size_mb:,.0f} MB; seeded in {s.total_s:.0f} s (COPY {s.copy_s:.0f} s, "
-        f"indexes {s.index_s:.0f} s, VACUUM ANALYZE {s.vacuum_s:.0f} s)")
+        f"indexes {s.index_s:.0f} s, VACUUM ANALYZE {s.vacuum_s:.0f} s; "
+        f"{s.all_visible:.0%} of the entities' pages all-visible)")
     table = Table(title=f"The ledger at size ({s.entities:,} entities) against a nearly empty "
                         f"one ({report.baseline_rows:,}), same run ({report.rounds} rounds, "
                         "interleaved; medians)", title_justify="left")
