@@ -50,7 +50,7 @@ def test_the_seeded_ledger_has_a_year_of_realistic_shapes(seeded: tuple[Engine, 
                                                           ) -> None:
     full, _ = seeded
     with full.connect() as conn:
-        states = dict(conn.execute(text(
+        states: dict[str, int] = dict(conn.execute(text(
             "SELECT state, count(*) FROM entities GROUP BY state")).all())
         counts = {t: conn.execute(text(f"SELECT count(*) FROM {t}")).scalar_one()
                   for t in BIG_TABLES}
@@ -152,3 +152,30 @@ def test_the_bench_command_runs_the_scenario_and_prints_its_verdicts_as_json(
     assert report["seed"]["entities"] == 300 and report["baseline_rows"] == 5000
     assert len(report["rows"]) == 9 and all("met" in row for row in report["rows"])
     assert isinstance(report["plans_ok"], bool) and report["plans"]
+
+
+def test_seeding_says_when_vacuum_cannot_make_the_rows_visible_to_all(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import psycopg
+
+    from coupon_devtools.bench import ledger_seed
+
+    monkeypatch.setattr(ledger_seed, "VACUUM_PAUSE_S", 0.1)
+    name = f"cw_test_ledger_vm_{uuid.uuid4().hex[:8]}"
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    recreate_migrated(url)
+    said: list[str] = []
+    try:
+        # Given a transaction that holds a snapshot taken before the rows are copied
+        with psycopg.connect(_libpq(url)) as other:
+            other.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+            other.execute("SELECT txid_current()")
+            # When the ledger is seeded, Then VACUUM cannot mark its rows visible to all,
+            # and the seeding says so, tries again, and reports the share it reached
+            report = seed(_libpq(url), 2_000, say=said.append)
+            other.rollback()
+        assert report.all_visible < ledger_seed.ALL_VISIBLE_TARGET
+        assert sum("all-visible after VACUUM" in m for m in said) == \
+            ledger_seed.VACUUM_TRIES - 1
+    finally:
+        drop_database(PG_ADMIN_URL, name)
