@@ -118,7 +118,7 @@ class Row:
     """One line of the table: a figure on both ledgers, their ratio and the verdict."""
 
     what: str
-    empty_ms: float
+    baseline_ms: float
     full_ms: float
     ratio: float
     round_ratios: tuple[float, ...]
@@ -137,7 +137,7 @@ class LedgerSizeReport:
     baseline_rows: int
     rows: list[Row] = field(default_factory=list)
     plans: list[PlanCheck] = field(default_factory=list)
-    empty_buffers: dict[str, int] = field(default_factory=dict)
+    baseline_buffers: dict[str, int] = field(default_factory=dict)
 
     @property
     def plans_ok(self) -> bool:
@@ -284,16 +284,16 @@ def _median_ms(samples: list[float]) -> float:
     return round(statistics.median(samples) * 1000, 3) if samples else float("nan")
 
 
-def measure(empty: Ledger, full: Ledger, *, rounds: int, hot_events: int, repeats: int,
+def measure(baseline: Ledger, full: Ledger, *, rounds: int, hot_events: int, repeats: int,
             say: Callable[[str], None]) -> list[Row]:
     """Every piece of work on both ledgers, ``rounds`` times, interleaved."""
     samples: dict[tuple[str, str], list[list[float]]] = {
-        (w, ledger.name): [] for w in WORK for ledger in (empty, full)}
+        (w, ledger.name): [] for w in WORK for ledger in (baseline, full)}
     for name in WORK:  # warm-up: caches, prepared statements, the probes
-        for ledger in (empty, full):
+        for ledger in (baseline, full):
             _timed(_work(name), ledger, 2)
     for round_no in range(rounds):
-        order = (empty, full) if round_no % 2 == 0 else (full, empty)
+        order = (baseline, full) if round_no % 2 == 0 else (full, baseline)
         say(f"round {round_no + 1} of {rounds}: {order[0].name} first")
         for name in WORK:
             times = hot_events if name == "hot path" else repeats
@@ -301,7 +301,7 @@ def measure(empty: Ledger, full: Ledger, *, rounds: int, hot_events: int, repeat
                 samples[(name, ledger.name)].append(_timed(_work(name), ledger, times))
     rows = []
     for name in WORK:
-        per_round_e = samples[(name, empty.name)]
+        per_round_e = samples[(name, baseline.name)]
         per_round_f = samples[(name, full.name)]
         all_e = [s for r in per_round_e for s in r]
         all_f = [s for r in per_round_f for s in r]
@@ -349,8 +349,8 @@ def _unique(checks: list[PlanCheck]) -> list[PlanCheck]:
 FLAT_BUFFERS = 30
 
 
-def reads_flat(empty_buffers: int | None, size_buffers: int) -> bool:
-    return empty_buffers is None or size_buffers <= empty_buffers + FLAT_BUFFERS
+def reads_flat(baseline_buffers: int | None, size_buffers: int) -> bool:
+    return baseline_buffers is None or size_buffers <= baseline_buffers + FLAT_BUFFERS
 
 
 # -- the scenario --------------------------------------------------------------------------
@@ -382,20 +382,20 @@ def run_ledger_size(*, rows: int, rounds: int, say: Callable[[str], None], admin
             f"{baseline_rows:,} entities")
         seed(make_url(urls["baseline"]).set(drivername="postgresql")
              .render_as_string(hide_password=False), baseline_rows, say=lambda _m: None)
-        with _ledger("baseline", urls["baseline"]) as empty, \
+        with _ledger("baseline", urls["baseline"]) as baseline, \
                 _ledger("ledger", urls["ledger"]) as full:
             with full.engine.connect() as conn:
                 postgres = str(conn.execute(text("SHOW server_version")).scalar()).split()[0]
             machine = Machine(**{**machine.__dict__, "postgres": postgres})
             report = LedgerSizeReport(machine, seeded, rounds, baseline_rows)
-            report.rows = measure(empty, full, rounds=rounds, hot_events=hot_events,
+            report.rows = measure(baseline, full, rounds=rounds, hot_events=hot_events,
                                   repeats=repeats, say=say)
             say("explaining every statement on both ledgers")
             statements, plans = capture_plans(full)
             report.plans = _unique(check_all(statements, plans, BIG_TABLES))
-            statements, plans = capture_plans(empty)
+            statements, plans = capture_plans(baseline)
             for c in check_all(statements, plans, BIG_TABLES):
-                report.empty_buffers.setdefault(c.statement, c.buffers)
+                report.baseline_buffers.setdefault(c.statement, c.buffers)
         return report
     finally:
         if not keep:
@@ -442,7 +442,7 @@ def render_ledger_size(console: Console, report: LedgerSizeReport) -> None:
                    "verdict"):
         table.add_column(column, justify="left" if column in ("what", "verdict") else "right")
     for row in report.rows:
-        table.add_row(row.what, f"{row.empty_ms:.2f}", f"{row.full_ms:.2f}",
+        table.add_row(row.what, f"{row.baseline_ms:.2f}", f"{row.full_ms:.2f}",
                       f"{row.ratio:.2f}x",
                       f"{min(row.round_ratios):.2f}-{max(row.round_ratios):.2f}",
                       f"<= {FLAT_TARGET:g}x", "[green]met[/]" if row.met else "[red]missed[/]")
@@ -453,11 +453,11 @@ def render_ledger_size(console: Console, report: LedgerSizeReport) -> None:
                    "verdict"):
         plans.add_column(column)
     for c in report.plans:
-        empty = report.empty_buffers.get(c.statement)
-        flat = ("" if reads_flat(empty, c.buffers)
-                else f"; [yellow]reads grow: +{c.buffers - (empty or 0)} buffers[/]")
+        base = report.baseline_buffers.get(c.statement)
+        flat = ("" if reads_flat(base, c.buffers)
+                else f"; [yellow]reads grow: +{c.buffers - (base or 0)} buffers[/]")
         plans.add_row(c.label, describe(c.statement), _reads(c),
-                      f"{'-' if empty is None else empty} / {c.buffers}",
+                      f"{'-' if base is None else base} / {c.buffers}",
                       ("[green]no seq scan[/]" if c.ok else
                        f"[red]{', '.join(c.seq_scans)}[/]") + flat)
     console.print(plans)
