@@ -27,7 +27,7 @@ SELECTED = (
     # The statements' text is built at import (``_wire``, ``_sql_list``), before a mutant is on.
     "worker.adapters.postgres.hot_path.x_transition_rows__mutmut_*",
     "worker.adapters.postgres.hot_path.x_coupon_rows__mutmut_*",
-    "worker.adapters.postgres.hot_path.x__coupon__mutmut_*",
+    "worker.adapters.postgres.hot_path.x_coupon_row__mutmut_*",
     "worker.adapters.postgres.hot_path.x_call_rows__mutmut_*",
     "worker.adapters.postgres.hot_path.x_as_json__mutmut_*",
     "worker.adapters.postgres.hot_path.x__json_default__mutmut_*",

@@ -188,8 +188,14 @@ class Container:
                            clock=deps.clock, metrics=deps.metrics)
 
     def close(self) -> None:
+        """Let go of this process's connections (at the worker's shutdown, in the main process
+        and in each pool process): the database pool disposed, Capillary's sessions closed. A
+        later use builds them again."""
         with self._lock:
-            if self._engine is not None and self._pid == os.getpid():
-                self._engine.dispose()
+            if self._pid == os.getpid():
+                if self._deps is not None:
+                    self._deps.api.close()
+                if self._engine is not None:
+                    self._engine.dispose()
             self._engine = None
             self._deps = None

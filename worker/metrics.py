@@ -171,6 +171,13 @@ def exposition_registry(own: CollectorRegistry, backlog: BacklogReader | None,
 METRICS_PORT_SPAN = 16
 
 
+def stop_metrics(server: Any) -> None:
+    """Stop the /metrics endpoint ``serve_metrics`` started and free its port: ``shutdown``
+    only ends the serving loop, the listening socket stays bound until ``server_close``."""
+    server.shutdown()
+    server.server_close()
+
+
 def serve_metrics(first_port: int, registry: CollectorRegistry,
                   span: int = METRICS_PORT_SPAN) -> tuple[Any, int]:
     """Start the /metrics HTTP endpoint in a daemon thread on the first free port of

@@ -68,6 +68,12 @@ class FakeCapillary:
     _faults: deque[CallFault] = field(default_factory=deque)
     _codes: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
+    #: Whether ``close`` was called (the process let the API go).
+    closed: bool = False
+
+    def close(self) -> None:
+        self.closed = True
+
     def fail_next(self, *faults: CallFault) -> None:
         self._faults.extend(faults)
 
@@ -77,9 +83,9 @@ class FakeCapillary:
         self.late.clear()
 
     def _call(self, operation: str, status: int | None, outcome: str,
-              code: str | None = None) -> CallInfo:
+              error: EntryError | None = None) -> CallInfo:
         return CallInfo(operation, self.clock(), 1.0, status, f"req-{len(self.bulk_calls)}",
-                        outcome, code)
+                        outcome, error)
 
     def issued_for(self, series_id: int) -> list[FakeIssued]:
         return [i for i in self.issued if i.series_id == series_id]
@@ -133,7 +139,7 @@ class FakeCapillary:
                *, call_level: bool) -> BulkIssueResult:
         error = EntryError(code, code, verdict)
         return BulkIssueResult(
-            self._call("bulk_issue", status, verdict.value, code),
+            self._call("bulk_issue", status, verdict.value, error),
             {s: EntryOutcome(s, verdict, error=error) for s in series_ids},
             call_level_failure=call_level,
         )

@@ -16,7 +16,12 @@ from typing import Any
 
 from worker.adapters.postgres.records import CircuitState, RecordedCall
 from worker.domain.errors import LedgerError
-from worker.domain.model import ISSUED_STATES, TERMINAL_STATES, Coupon, EntityState, EventState
+from worker.domain.model import (
+    ISSUED_STATES,
+    Coupon,
+    EntityState,
+    event_state,
+)
 
 
 @dataclass
@@ -105,14 +110,8 @@ class FakePart:
             and entity.lease_until < now
 
     def _refresh(self, event_id: str) -> None:
-        states = [e.state for e in self.state.entities.values() if e.event_id == event_id]
-        event = self.state.events[event_id]
-        if any(s not in TERMINAL_STATES for s in states):
-            event["state"] = EventState.PROCESSING
-        elif EntityState.DEAD in states:
-            event["state"] = EventState.FAILED
-        else:
-            event["state"] = EventState.COMPLETED
+        self.state.events[event_id]["state"] = event_state(
+            e.state for e in self.state.entities.values() if e.event_id == event_id)
 
 
     def refresh_event_states(self, event_ids: Iterable[str], *, now: datetime) -> None:

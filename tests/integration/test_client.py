@@ -241,6 +241,23 @@ def test_connection_refused_is_retryable() -> None:
         entry.error.code == "connection_refused"
 
 
+def test_a_call_and_its_entries_carry_the_one_error_shape(client: CapillaryClient,
+                                                         sandbox: SandboxAdmin) -> None:
+    # Given a call that fails before an answer, and one Capillary refuses per entry
+    unsent = CapillaryClient("http://127.0.0.1:9", auth=None, connect_timeout_s=1)
+    failed = unsent.bulk_issue(CUSTOMER, [1, 2], META)
+    sandbox.set_series(707, behaviour="invalid")
+    refused = client.bulk_issue(CUSTOMER, [707], META)
+
+    # Then the call's error is the entries' error, code and message and verdict alike: what
+    # api_calls and entities store, and what the command line and the console describe
+    for result in (failed, refused):
+        entry = next(iter(result.entries.values()))
+        assert result.call.error is not None and result.call.error == entry.error
+        assert (result.call.error_code, result.call.error_message) \
+            == (entry.error.code, entry.error.message)
+
+
 def test_read_back_finds_our_coupon_by_reference(client: CapillaryClient) -> None:
     since = datetime.now(UTC) - timedelta(minutes=1)
     issued = client.bulk_issue(CUSTOMER, [544770], {"notes": "Gold [cw:0123456789abcdef]"})

@@ -23,7 +23,7 @@ from worker.adapters.postgres.repository import Ledger
 from worker.adapters.postgres.unit_of_work import UnitOfWork, sql_unit_of_work_factory
 from worker.domain.errors import EventRejected, LedgerError
 from worker.domain.events import parse_event_data
-from worker.domain.model import Coupon, DeadMessageKind, EntityState, issue_ref
+from worker.domain.model import Coupon, DeadMessageKind, EntityState, EntryError, Verdict, issue_ref
 
 NOW = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
 LEASE = NOW + timedelta(seconds=60)
@@ -580,7 +580,8 @@ def test_an_outcome_stores_its_calls_history_coupons_and_entity_state(
     a, b = claim.entities
     started = NOW - timedelta(seconds=2)
     call = RecordedCall(CallInfo("bulk_issue", started, 12.5, 201, "req-1", "answered",
-                                 "707", "invalid series"), (a.entity_id, b.entity_id), (1, 2),
+                                 EntryError("707", "invalid series", Verdict.PERMANENT)),
+                        (a.entity_id, b.entity_id), (1, 2),
                         issue_ref="cw:x.1")
     with uow() as u:
         lost = u.ledger.record(claim, calls=[call], worker="w9", now=NOW, transitions=[

@@ -38,8 +38,7 @@ from worker.domain.errors import LedgerError
 from worker.domain.events import parse_event_data
 from worker.domain.model import Coupon, EntityState
 from worker.usecases import issue
-from worker.usecases.deps import Deps
-from worker.usecases.issue import utcnow
+from worker.usecases.deps import Deps, utcnow
 from worker.usecases.rejection import record_rejection
 from worker.usecases.replay_jobs import control_replay_job, start_replay_job, step_replay_jobs
 from worker.usecases.retention import RetentionPolicy, prune

@@ -13,7 +13,7 @@ from worker.adapters.postgres.unit_of_work import sql_unit_of_work_factory
 from worker.adapters.postgres.vitals import _AGES, read_vitals
 from worker.domain.model import Verdict
 from worker.domain.policy import CircuitPolicy
-from worker.usecases.issue import utcnow
+from worker.usecases.deps import utcnow
 
 ROWS = 20_000
 

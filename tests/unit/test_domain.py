@@ -129,3 +129,13 @@ def test_each_attempt_has_its_own_reference_under_the_events() -> None:
     assert first != second
     assert first.startswith(ref + ".") and second.startswith(ref + ".")
     assert len(notes_with_ref("x" * 250, first)) <= 250
+
+
+def test_an_events_summary_follows_its_entities() -> None:
+    from worker.domain.model import EntityState, EventState, event_state
+
+    assert event_state([EntityState.ISSUED, EntityState.RETRY_WAIT]) is EventState.PROCESSING
+    assert event_state([EntityState.ISSUED, EntityState.DEAD]) is EventState.FAILED
+    assert event_state([EntityState.DEAD, EntityState.IN_FLIGHT]) is EventState.PROCESSING
+    assert event_state([EntityState.ISSUED, EntityState.DISCARDED,
+                        EntityState.DUPLICATE_ISSUED]) is EventState.COMPLETED

@@ -7,6 +7,7 @@ issued, retried, dead-lettered and replayed.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -109,6 +110,18 @@ class EventState(StrEnum):
     FAILED = "failed"  # at rest, with at least one dead entity
 
 
+def event_state(entity_states: Iterable[EntityState]) -> EventState:
+    """An event's summary from its entities' states: ``processing`` while one is not at rest,
+    ``failed`` at rest with a dead one, ``completed`` otherwise. (The ledger computes it in
+    SQL from the same sets: ``worker.adapters.postgres.hot_path.event_state_sql``.)"""
+    states = set(entity_states)
+    if states - TERMINAL_STATES:
+        return EventState.PROCESSING
+    if EntityState.DEAD in states:
+        return EventState.FAILED
+    return EventState.COMPLETED
+
+
 class DeadMessageKind(StrEnum):
     """Why a message was kept instead of issued: only ``INVALID`` is the sender's doing."""
 
@@ -152,7 +165,11 @@ class Coupon:
 
 @dataclass(frozen=True)
 class EntryError:
-    """One error of one entry, as Capillary reported it (or as the transport failed)."""
+    """Capillary's one error shape, from the client to the ledger: an entry's error as Capillary
+    reported it, a call's (the transport's failure, a call-level error, the first entry's), a
+    configuration or auth error that pauses the fleet. ``code`` is what the ledger stores
+    (``entities.last_error_code``, ``api_calls.error_code``) and what the command line and the
+    console describe (``describe_error``)."""
 
     code: str
     message: str

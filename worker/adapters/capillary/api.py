@@ -25,8 +25,16 @@ class CallInfo:
     status: int | None
     request_id: str | None
     outcome: str
-    error_code: str | None = None
-    error_message: str | None = None
+    #: What went wrong, in the one shape an entry's error has too.
+    error: EntryError | None = None
+
+    @property
+    def error_code(self) -> str | None:
+        return self.error.code if self.error is not None else None
+
+    @property
+    def error_message(self) -> str | None:
+        return self.error.message if self.error is not None else None
 
 
 @dataclass(frozen=True)
@@ -84,4 +92,8 @@ class CouponApi(Protocol):
         self, customer: dict[str, str], series_id: int, since: datetime
     ) -> ReadBack:
         """Coupons of ``series_id`` the customer received since ``since`` (with issue metadata)."""
+        ...
+
+    def close(self) -> None:
+        """Let go of the connections kept alive, at shutdown."""
         ...

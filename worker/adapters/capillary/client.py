@@ -196,6 +196,9 @@ class CapillaryClient:
         self._clock = clock
         self._timezone = timezone
         self._local = threading.local()
+        #: Every thread's session, for ``close`` (a thread-local cannot be walked).
+        self._sessions: list[requests.Session] = []
+        self._sessions_lock = threading.Lock()
         self.auth: CapillaryAuth | None = auth
 
     @classmethod
@@ -232,13 +235,24 @@ class CapillaryClient:
             session.verify, session.cert = env["verify"], env["cert"]
             session.trust_env = False
             self._local.session = session
+            with self._sessions_lock:
+                self._sessions.append(session)
         return session
 
     def close(self) -> None:
-        session: requests.Session | None = getattr(self._local, "session", None)
-        if session is not None:
+        """Close every thread's session and the connections it kept alive (at shutdown; a
+        call made afterwards opens a new one)."""
+        with self._sessions_lock:
+            sessions, self._sessions = self._sessions, []
+        for session in sessions:
             session.close()
-            self._local.session = None
+        self._local = threading.local()
+
+    @property
+    def open_sessions(self) -> int:
+        """How many sessions (one per thread that called) are open."""
+        with self._sessions_lock:
+            return len(self._sessions)
 
     # -- the raw call --------------------------------------------------------------------
 
@@ -259,13 +273,13 @@ class CapillaryClient:
                 verdict = Verdict.OUTAGE if isinstance(exc, Outage) else Verdict.RETRYABLE
                 return None, CallInfo(
                     operation, started, (time.perf_counter() - t0) * 1000, exc.status,
-                    exc.request_id, verdict.value, "auth_token", exc.message,
+                    exc.request_id, verdict.value, EntryError("auth_token", exc.message, verdict),
                 )
             except OSError as exc:  # requests' errors, and the bare OSError of a bad setting
                 verdict, code, message = _transport_failure(exc)
                 return None, CallInfo(
                     operation, started, (time.perf_counter() - t0) * 1000, None, None,
-                    verdict.value, code, message,
+                    verdict.value, EntryError(code, message, verdict),
                 )
             if response.status_code == 401 and self.auth is not None and self.auth.renewable \
                     and not renewed:
@@ -293,8 +307,7 @@ class CapillaryClient:
         )
         if response is None:
             verdict = Verdict(call.outcome)
-            error = EntryError(call.error_code or "transport_error",
-                               call.error_message or "", verdict)
+            error = call.error or EntryError("transport_error", "", verdict)
             return BulkIssueResult(
                 call=call,
                 entries={s: EntryOutcome(s, verdict, error=error) for s in series_ids},
@@ -316,8 +329,7 @@ class CapillaryClient:
         first_error = next((e.error for e in entries.values() if e.error), None)
         call = CallInfo(
             call.operation, call.started_at, call.latency_ms, status, call.request_id, outcome,
-            first_error.code if first_error else None,
-            first_error.message if first_error else None,
+            first_error,
         )
         if parsed.outage is not None or any(e.warnings for e in entries.values()):
             log.warning("capillary.answer_remarks", extra={

@@ -138,6 +138,18 @@ ORDER BY c.series_id
 _ISSUED = _sql_list(ISSUED_STATES)
 _TERMINAL = _sql_list(TERMINAL_STATES)
 
+
+def event_state_sql(entity_state: str) -> str:
+    """The event's summary, as an aggregate over its entities' states (``entity_state``: the
+    SQL of one entity's state): ``worker.domain.model.event_state``'s rule, for the outcome
+    statement here and for ``tables``' recomputation of events."""
+    return (f"CASE WHEN bool_or({entity_state} NOT IN ({_TERMINAL})) "
+            f"THEN '{EventState.PROCESSING.value}' "
+            f"WHEN bool_or({entity_state} = '{EntityState.DEAD.value}') "
+            f"THEN '{EventState.FAILED.value}' "
+            f"ELSE '{EventState.COMPLETED.value}' END")
+
+
 RECORD = _wire(f"""
 WITH t AS (
     SELECT * FROM jsonb_to_recordset(%(transitions)s::jsonb) AS t(
@@ -215,12 +227,7 @@ WITH t AS (
 ), event AS (
     UPDATE events SET
         state = (
-            SELECT CASE
-                WHEN bool_or(coalesce(m.state, s.state) NOT IN ({_TERMINAL}))
-                    THEN '{EventState.PROCESSING.value}'
-                WHEN bool_or(coalesce(m.state, s.state) = '{EntityState.DEAD.value}')
-                    THEN '{EventState.FAILED.value}'
-                ELSE '{EventState.COMPLETED.value}' END
+            SELECT {event_state_sql("coalesce(m.state, s.state)")}
             FROM siblings s LEFT JOIN moved m ON m.id = s.id),
         updated_at = %(now)s
     WHERE event_id = %(event_id)s AND EXISTS (SELECT 1 FROM t)
@@ -267,13 +274,15 @@ def transition_rows(transitions: Sequence[Transition]) -> list[dict[str, Any]]:
 
 def coupon_rows(transitions: Sequence[Transition]) -> list[dict[str, Any]]:
     return [
-        _coupon(c, t.entity_id, t.recorded_via, t.request_id)
+        coupon_row(c, t.entity_id, t.recorded_via, t.request_id)
         for t in transitions
         for c in ((t.coupon,) if t.coupon is not None else ()) + t.extra_coupons
     ]
 
 
-def _coupon(c: Coupon, entity_id: int, via: str, request_id: str | None) -> dict[str, Any]:
+def coupon_row(c: Coupon, entity_id: int, via: str, request_id: str | None) -> dict[str, Any]:
+    """A coupon as its ``coupons`` row stores it, but for the event, the customer and the time
+    (the statement's own parameters here; ``tables.coupon_row`` adds them)."""
     return {
         "entity_id": entity_id, "series_id": c.series_id, "code": c.code,
         "capillary_coupon_id": c.capillary_id, "description": c.description,

@@ -21,7 +21,6 @@ from sqlalchemy import (
     Table,
     and_,
     bindparam,
-    case,
     func,
     insert,
     literal_column,
@@ -32,9 +31,10 @@ from sqlalchemy import cast as sql_cast
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
+from worker.adapters.postgres import hot_path
 from worker.adapters.postgres import models as m
 from worker.adapters.postgres.driver import run_alone
-from worker.domain.model import ISSUED_STATES, TERMINAL_STATES, Coupon, EntityState, EventState
+from worker.domain.model import ISSUED_STATES, TERMINAL_STATES, Coupon, EntityState
 
 
 def _values(states: frozenset[EntityState]) -> tuple[str, ...]:
@@ -92,13 +92,10 @@ _REFRESH_EVENTS = (
     update(EVENTS)
     .where(EVENTS.c.event_id.in_(_EVENT_IDS))
     .values(
-        state=select(
-            case(
-                (func.bool_or(_E.state.not_in(_TERMINAL)), EventState.PROCESSING.value),
-                (func.bool_or(_E.state == EntityState.DEAD.value), EventState.FAILED.value),
-                else_=EventState.COMPLETED.value,
-            )
-        ).where(_E.event_id == EVENTS.c.event_id).scalar_subquery(),
+        # The outcome statement's rule, written once (``hot_path.event_state_sql``).
+        state=select(literal_column(hot_path.event_state_sql("entities.state")))
+        .select_from(ENTITIES)
+        .where(_E.event_id == EVENTS.c.event_id).scalar_subquery(),
         updated_at=_NOW,
     )
 )
@@ -106,16 +103,10 @@ _REFRESH_EVENTS = (
 
 def _coupon_row(c: Coupon, entity_id: int, event_id: str, customer_key: str, via: str,
                 request_id: str | None, now: datetime) -> dict[str, Any]:
-    return {
-        "entity_id": entity_id, "event_id": event_id, "series_id": c.series_id,
-        "code": c.code, "customer_key": customer_key, "capillary_coupon_id": c.capillary_id,
-        "description": c.description, "discount_code": c.discount_code,
-        "discount_type": c.discount_type, "discount_value": c.discount_value,
-        "discount_upto": c.discount_upto, "discount_on": c.discount_on,
-        "valid_till": c.valid_till, "valid_till_date_time": c.valid_till_date_time,
-        "raw": c.raw, "recorded_via": via, "request_id": request_id, "issued_at": now,
-        "warnings": list(c.warnings) if c.warnings else None,
-    }
+    """The whole ``coupons`` row: the outcome statement's mapping (``hot_path.coupon_row``)
+    with the event, the customer and the time."""
+    return {**hot_path.coupon_row(c, entity_id, via, request_id), "event_id": event_id,
+            "customer_key": customer_key, "issued_at": now}
 
 
 class Sessions(Protocol):

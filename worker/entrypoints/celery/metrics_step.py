@@ -26,7 +26,7 @@ from worker.bootstrap import Container
 from worker.config import Settings
 from worker.domain.errors import LedgerUnavailable
 from worker.entrypoints.celery.context import container_of, links_of, step_settings
-from worker.metrics import METRICS_PORT_SPAN, exposition_registry, serve_metrics
+from worker.metrics import METRICS_PORT_SPAN, exposition_registry, serve_metrics, stop_metrics
 from worker.scrape import (
     Configured,
     LedgerReads,
@@ -73,7 +73,7 @@ class MetricsServer(bootsteps.StartStopStep):
 
     def stop(self, parent: Any) -> None:
         if self._server is not None:
-            self._server.shutdown()
+            stop_metrics(self._server)
             self._server = None
 
 

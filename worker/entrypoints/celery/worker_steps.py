@@ -12,6 +12,8 @@
   schema, checked at start-up (``worker_init``), logged, in the metrics and in the worker's stats.
 - ``TaskConsumer`` (``worker.entrypoints.celery.task_consumer``): Celery's consumer, recording task
   messages it cannot decode.
+- ``close_resources`` and ``close_process_resources``: at shutdown, the process's database pool
+  disposed and Capillary's HTTP sessions closed (the metrics endpoint stops with its step).
 The steps share a ``StepLinks`` (``worker.adapters.rabbitmq.links``) through the app's container.
 """
 
@@ -20,10 +22,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery import Celery, signals
+from celery import Celery, current_app, signals
 
 from worker.config import load_settings
 from worker.entrypoints.celery.bridge import EventsBridge, _peek
+from worker.entrypoints.celery.context import container_of
 from worker.entrypoints.celery.guard import GUARD_INTERVAL_S, ConsumptionGuard
 from worker.entrypoints.celery.metrics_step import (
     BuildInfo,
@@ -69,6 +72,22 @@ def _setup_logging(**_: Any) -> None:
     configure_logging(settings.log_level, settings.log_format)
 
 
+def close_resources(sender: Any = None, **_: Any) -> None:
+    """``worker_shutdown`` (sent once the steps have stopped, the sweeper's threads with them):
+    the main process's database pool disposed and Capillary's sessions closed."""
+    app = getattr(sender, "app", None)
+    if app is not None and hasattr(app, "coupon_container"):
+        container_of(app).close()
+
+
+def close_process_resources(**_: Any) -> None:
+    """``worker_process_shutdown``: a pool process that exits lets its own connections go (the
+    pool process runs the app it was started for as the current one)."""
+    app: Any = current_app
+    if hasattr(app, "coupon_container"):
+        container_of(app).close()
+
+
 def install(app: Celery) -> None:
     """Add the steps and signal handlers to ``app``."""
     app.steps["consumer"].add(EventsBridge)
@@ -81,4 +100,6 @@ def install(app: Celery) -> None:
     signals.worker_init.connect(_check_metrics_dir, weak=False)
     signals.setup_logging.connect(_setup_logging, weak=False)
     signals.worker_shutdown.connect(_remove_metrics_dir, weak=False)
+    signals.worker_shutdown.connect(close_resources, weak=False)
+    signals.worker_process_shutdown.connect(close_process_resources, weak=False)
     signals.task_postrun.connect(task_finished, weak=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from worker.domain.errors import WorkerError
@@ -32,7 +34,16 @@ def console_(ctx: click.Context, host: str, port: int) -> None:
     except WorkerError as exc:
         fail(str(exc))
     say(f"console on http://{host}:{port}/")
-    uvicorn.run(app, host=host, port=port, log_level="warning", proxy_headers=False)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning", proxy_headers=False)
+    finally:
+        close_console(app)
+
+
+def close_console(app: Any) -> None:
+    """What the console opened, let go when it exits: the ledger's pool. (Its publisher's broker
+    connections are kombu's, shared by the process, and go with it.)"""
+    app.state.console.engine.dispose()
 
 
 
