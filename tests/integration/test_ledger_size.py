@@ -179,3 +179,18 @@ def test_seeding_says_when_vacuum_cannot_make_the_rows_visible_to_all(
             ledger_seed.VACUUM_TRIES - 1
     finally:
         drop_database(PG_ADMIN_URL, name)
+
+
+def test_the_dead_letter_groups_are_counted_from_their_index_alone(
+        seeded: tuple[Engine, Engine]) -> None:
+    from worker.usecases import queries
+
+    full, _ = seeded
+    with capture(full) as seen:
+        seen.label = "dead-letter groups"
+        groups = queries.dead_letter_groups(full)
+    [check] = check_all(seen.statements, explain(full, seen.statements), BIG_TABLES)
+    assert check.scans == ("Index Only Scan using ix_entities_dead_causes on entities",), check
+    with full.connect() as conn:
+        dead = conn.execute(text("SELECT count(*) FROM entities WHERE state = 'dead'")).scalar()
+    assert sum(g["count"] for g in groups) == dead
