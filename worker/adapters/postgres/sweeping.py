@@ -245,7 +245,8 @@ class SweeperStatements(SessionBound):
 
         Looks at ``limit`` of the events still processing, from a random one on (wrapping
         around), not at all of them: every sweep would otherwise read each event waiting for a
-        retry, a cost that grows with the ledger. A stuck event is found within a few sweeps.
+        retry, a cost that grows with the ledger. A stuck event is found, on average, within
+        as many sweeps as there are events processing per ``limit``.
         """
         ev = EVENTS.c
         conn = self._conn
