@@ -4,7 +4,9 @@ from the settings. The Celery app factory (``worker.entrypoints.celery.app``), t
 the dev tools all build their dependencies here.
 
 Prefork children must not share the parent's database or HTTP connections, so the container
-rebuilds itself when it finds itself in a new process. Nothing connects until first use.
+rebuilds itself when it finds itself in a new process. Under the threads pool one container
+serves every thread of the process: one engine, one HTTP connection pool, one heartbeat of the
+claims, one rate limiter and circuit. Nothing connects until first use.
 """
 
 from __future__ import annotations
@@ -67,8 +69,8 @@ def circuit_policy(settings: Settings) -> CircuitPolicy:
 
 
 def build_deps(settings: Settings, publisher: Publisher, *, engine: Engine | None = None,
-               metrics: Metrics | None = None) -> Deps:
-    """The real dependencies for ``settings``."""
+               metrics: Metrics | None = None, threads: int = 1) -> Deps:
+    """The real dependencies for ``settings``, for a process whose ``threads`` run tasks."""
     engine = engine or make_engine(settings.database_url, pool_size=settings.db_pool_size,
                                    limits=ConnectionLimits.from_settings(settings))
     uow = sql_unit_of_work_factory(engine)
@@ -81,7 +83,7 @@ def build_deps(settings: Settings, publisher: Publisher, *, engine: Engine | Non
                          deadline_s=settings.task_hard_time_limit_s)
     return Deps(
         uow=uow,
-        api=CapillaryClient.from_settings(settings),
+        api=CapillaryClient.from_settings(settings, threads=threads),
         publisher=publisher,
         limiter=limiter,
         circuit=CircuitGate(uow, circuit_policy(settings), clock=utcnow,
@@ -138,6 +140,9 @@ class Container:
         #: Database connections per process (prefork: one task at a time, plus the sweeper);
         #: None: COUPONS_DB_POOL_SIZE.
         self.pool_size: int | None = None
+        #: Tasks this process runs at once: 1 in a prefork child, the concurrency under the
+        #: threads pool (set by the worker at start-up, before any task runs).
+        self.threads = 1
         self._pid: int | None = None
         self._deps: Deps | None = None
         self._engine: Engine | None = None
@@ -166,7 +171,7 @@ class Container:
                                            pool_size=self.pool_size or settings.db_pool_size,
                                            limits=ConnectionLimits.from_settings(settings))
                 self._deps = build_deps(settings, self._publisher_factory(settings),
-                                        engine=self._engine)
+                                        engine=self._engine, threads=self.threads)
                 self._pid = os.getpid()
             return self._deps
 

@@ -19,9 +19,14 @@ Scenarios (``--scenario``):
 - ``memory``: worker RSS with 10,000 then 100,000 events waiting on the bus, and with
   100,000 retries waiting in the ledger (inserted with SQL, due in a day), each sampled while
   one worker works (and, for the backlogs, while its bridge forwards them);
+- ``targets``: the issue's targets in one table, one verdict per row, every run cold (the
+  worker started onto a waiting backlog, start-up counted): at 300 ms, ``threads`` x 64 against
+  the ideal c/L and the bare task on the same pool, and its PSS against ``prefork`` x 64; at
+  50 ms, ``prefork`` x 8 against the bare task in throughput, CPU per event and RSS
+  (:mod:`coupon_devtools.bench.targets`);
 - ``all``: every one of the above;
 - ``ledger-size``: the ledger's statements on a seeded ledger of ``--ledger-rows`` entities
-  against an empty one (:mod:`coupon_devtools.bench.ledger_size`); no broker, no worker.
+  against a nearly empty one (:mod:`coupon_devtools.bench.ledger_size`); no broker, no worker.
 
 How each figure is measured, and why that way:
 
@@ -70,8 +75,8 @@ How each figure is measured, and why that way:
 - *The sandbox's ceiling*: calls/s at zero latency from 64 concurrent aiohttp clients in this
   process, so a reader can see the stand-in server is not the bottleneck.
 
-The pool is ``prefork``, the only one the worker runs: it is the Celery pool that enforces the
-hard time limit an attempt's lease relies on.
+The pool is ``prefork`` unless ``--pool threads`` (docs/threads-pool.md); ``targets`` picks
+its own pools.
 
 Nothing here asserts a figure: targets are printed with a verdict, never enforced. ``--short``
 shrinks every scenario to a few seconds for CI.
@@ -124,8 +129,7 @@ def bench_command() -> click.Command:
     @click.option("--concurrency", type=click.IntRange(min=1), default=DEFAULT_CONCURRENCY,
                   show_default=True, help="Pool slots per worker process.")
     @click.option("--pool", type=click.Choice(get_args(Pool)), default=DEFAULT_POOL,
-                  show_default=True, help="Celery pool of ours and the baseline alike (prefork "
-                  "only: the pool that enforces the hard time limit).")
+                  show_default=True, help="Celery pool of ours and the baseline alike.")
     @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
                   help="Worker processes (quota always uses 3).")
     @click.option("--rate-limit-per-minute", type=click.IntRange(min=1), default=None,

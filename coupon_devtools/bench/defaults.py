@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Final, Literal
 
-Pool = Literal["prefork"]
+Pool = Literal["prefork", "threads"]
 Via = Literal["bus", "task"]
-ScenarioName = Literal["quick", "overhead", "scale", "quota", "memory", "all", "ledger-size"]
+ScenarioName = Literal["quick", "overhead", "scale", "quota", "memory", "targets", "all",
+                       "ledger-size"]
 
 BENCH_DATABASE: Final = "coupon_worker_bench"
 BENCH_VHOST: Final = "coupon-worker-bench"

@@ -15,6 +15,7 @@ from coupon_devtools.bench.defaults import QUOTA_TARGET, SCALE_TARGET
 from coupon_devtools.bench.probes import Ceiling, RoundTrips
 from coupon_devtools.bench.scenarios import Comparison, MemoryResult, QuotaResult, ScaleStep
 from coupon_devtools.bench.suite import BenchReport
+from coupon_devtools.bench.targets import Spread, TargetsResult
 
 
 def _fmt(value: float | None, digits: int = 1, unit: str = "") -> str:
@@ -204,6 +205,38 @@ def render_round_trips(console: Console, rows: Sequence[RoundTrips]) -> None:
     console.print(table)
 
 
+def _spread(s: Spread | None, digits: int = 1, unit: str = "") -> str:
+    if s is None:
+        return "-"
+    if s.low == s.high:
+        return _fmt(s.median, digits, unit)
+    return (f"{_fmt(s.median, digits, unit)} ({_fmt(s.low, digits)}-"
+            f"{_fmt(s.high, digits)})")
+
+
+def render_targets(console: Console, t: TargetsResult) -> None:
+    rounds = f"median of {t.rounds} rounds (lowest-highest)" if t.rounds > 1 else "one round"
+    table = Table(title=f"Targets: each worker started onto a waiting backlog, timed from the "
+                        f"command's start to the backlog issued; {rounds}",
+                  title_justify="left")
+    for column in ("figure", "coupon-worker", "compared with", "ratio", "target", "verdict"):
+        table.add_column(column, justify="left" if column == "figure" else "right")
+    for row in t.rows:
+        table.add_row(row.figure, _spread(row.ours), f"{_spread(row.other)} {row.other_label}",
+                      _spread(row.ratio, 2, "x"), row.target, _verdict(row.met))
+    console.print(table)
+    runs = Table(title="Targets: every run", title_justify="left")
+    for column in ("system", "pool", "events", "ready (s)", "start to issued (s)",
+                   "events/s", "CPU ms/event", "RSS (MB)", "PSS (MB)", "processes"):
+        runs.add_column(column, justify="left" if column in ("system", "pool") else "right")
+    for r in t.runs:
+        runs.add_row(r.system, f"{r.pool} x {r.concurrency}", f"{r.events:,}",
+                     _fmt(r.ready_s, 2), _fmt(r.duration_s, 2), _fmt(r.events_per_s),
+                     _fmt(r.cpu_ms_per_event, 2), _fmt(r.rss_mb, 0), _fmt(r.pss_mb, 0),
+                     str(r.processes))
+    console.print(runs)
+
+
 def render(console: Console, report: BenchReport) -> None:
     render_machine(console, report)
     if report.sandbox_ceiling is not None:
@@ -218,6 +251,8 @@ def render(console: Console, report: BenchReport) -> None:
         render_quota(console, report.quota)
     if report.memory is not None:
         render_memory(console, report.memory)
+    if report.targets is not None:
+        render_targets(console, report.targets)
 
 
 def report_json(report: BenchReport) -> str:

@@ -27,6 +27,7 @@ from coupon_devtools.bench.scenarios import (
     run_scale,
 )
 from coupon_devtools.bench.stack import Stack
+from coupon_devtools.bench.targets import TargetsResult, run_targets
 
 
 @dataclass
@@ -39,6 +40,7 @@ class BenchReport:
     scale: list[ScaleStep] = field(default_factory=list)
     quota: QuotaResult | None = None
     memory: MemoryResult | None = None
+    targets: TargetsResult | None = None
 
 
 def _versions(stack: Stack) -> tuple[str, str]:
@@ -54,8 +56,8 @@ def _versions(stack: Stack) -> tuple[str, str]:
 
 def run_bench(options: BenchOptions, say: Callable[[str], None]) -> BenchReport:
     machine = describe_machine()
-    scenarios = ("quick", "scale", "quota", "memory") if options.scenario == "all" \
-        else (options.scenario,)
+    scenarios = ("quick", "scale", "quota", "memory", "targets") \
+        if options.scenario == "all" else (options.scenario,)
     report_options = {k: (str(v) if isinstance(v, Path) else v)
                       for k, v in asdict(options).items()
                       if k not in ("as_json", "keep", "namespace", "workdir")}
@@ -67,6 +69,11 @@ def run_bench(options: BenchOptions, say: Callable[[str], None]) -> BenchReport:
         postgres, rabbit = _versions(stack)
         machine = Machine(**{**asdict(machine), "postgres": postgres, "rabbitmq": rabbit})
         report = BenchReport(machine, report_options)
+        if scenarios == ("targets",):
+            # Its own runs, cold, measure everything it prints.
+            report.targets = run_targets(stack, short=options.short, rounds=options.rounds,
+                                         series=options.series)
+            return report
         report.sandbox_ceiling = run_ceiling(stack, options)
         if any(s in ("quick", "overhead") for s in scenarios):
             report.round_trips = run_round_trips(stack, options)
@@ -78,6 +85,9 @@ def run_bench(options: BenchOptions, say: Callable[[str], None]) -> BenchReport:
             report.quota = run_quota(stack, options)
         if "memory" in scenarios:
             report.memory = run_memory(stack, options)
+        if "targets" in scenarios:
+            report.targets = run_targets(stack, short=options.short, rounds=options.rounds,
+                                         series=options.series)
         return report
     finally:
         stack.close()

@@ -84,6 +84,9 @@ def chaos_command() -> click.Command:
                   help=f"On a 3-node RabbitMQ cluster of its own with quorum queues: SIGKILL "
                        f"the events queue's leader mid-run and bring it back [{CLUSTER.events} "
                        "events]. Leaves the machine's RabbitMQ and PostgreSQL running.")
+    @click.option("--pool", type=click.Choice(["prefork", "threads"]), default="prefork",
+                  show_default=True, help="The Celery pool of every worker "
+                  "(`coupon-worker worker -P`; docs/threads-pool.md).")
     @click.option("--seed", type=int, default=1, show_default=True,
                   help="The sandbox's seed (its codes and which calls the low-rate faults "
                        "strike, as far as the calls' order repeats).")
@@ -93,8 +96,8 @@ def chaos_command() -> click.Command:
                   help="Keep the database and the vhost to look into afterwards.")
     @click.option("--namespace", default="", hidden=True,
                   help="Suffix for the database and vhost names (parallel test sessions).")
-    def chaos(events: int | None, workers: int, short: bool, cluster: bool, seed: int,
-              workdir: Path, keep: bool, namespace: str) -> None:
+    def chaos(events: int | None, workers: int, short: bool, cluster: bool, pool: str,
+              seed: int, workdir: Path, keep: bool, namespace: str) -> None:
         """Exactly once while a worker is SIGKILLed mid-call, RabbitMQ and PostgreSQL restart,
         the API goes down and every broker connection drops.
 
@@ -111,6 +114,6 @@ def chaos_command() -> click.Command:
             profile = replace(profile, events=events)
         console = Console(highlight=False, soft_wrap=True)
         sys.exit(run_chaos(ChaosOptions(profile, workers, seed, workdir, keep, namespace,
-                                        cluster), console))
+                                        cluster, pool), console))
 
     return chaos

@@ -34,8 +34,11 @@ class Fleet:
     """N workers started with the default command, each restarted when it dies."""
 
     def __init__(self, size: int, env: Mapping[str, str], logs: Path,
-                 services: list[Service], timeline: Timeline) -> None:
+                 services: list[Service], timeline: Timeline, *,
+                 pool: str = "prefork") -> None:
         self.size = size
+        # The default command as an operator types it; another pool is named.
+        self.command = WORKER_COMMAND if pool == "prefork" else (*WORKER_COMMAND, "-P", pool)
         self.env = env
         self.logs = logs
         self.services = services
@@ -48,7 +51,7 @@ class Fleet:
 
     def _spawn(self, number: int, incarnation: int) -> Service:
         name = f"worker{number}" + (f".{incarnation}" if incarnation else "")
-        return spawn(name, WORKER_COMMAND, self.env, self.logs, self.services)
+        return spawn(name, self.command, self.env, self.logs, self.services)
 
     def start(self) -> None:
         with self._lock:
@@ -87,7 +90,8 @@ class Fleet:
                 slot.incarnation += 1
                 slot.service = self._spawn(slot.number, slot.incarnation)
                 slot.ready = False
-                self.timeline.note(f"{what}; restarted with `coupon-worker worker` "
+                self.timeline.note(f"{what}; restarted with `coupon-worker "
+                                   f"{' '.join(self.command)}` "
                                    f"(pid {slot.service.process.pid})",
                                    "" if ours else "bold yellow")
 

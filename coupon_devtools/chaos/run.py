@@ -76,6 +76,8 @@ class ChaosOptions:
     keep: bool
     namespace: str = ""
     cluster: bool = False
+    #: The Celery pool the fleet runs (``coupon-worker worker -P``).
+    pool: str = "prefork"
 
 
 def choose_local_backends(namespace: str) -> Backends:
@@ -205,11 +207,13 @@ class ChaosRun:
                                               "window" if late else ""))
         self.console.print("  faults      " + "; ".join(
             f"{label} at {rule['probability']:.1%}" for label, rule in BACKGROUND_FAULTS))
-        self.console.print(f"  workers     {options.workers} x `coupon-worker worker` "
+        self.console.print(f"  workers     {options.workers} x `coupon-worker worker -P "
+                           f"{options.pool}` "
                            f"(read timeout {READ_TIMEOUT_S:g} s, settle window "
                            f"{SETTLE_WINDOW_S:g} s, claims as by default: a 30 s lease "
                            f"renewed every 10 s, up to 120 s), logs in {shown(self.logs)}")
-        fleet = Fleet(options.workers, env, self.logs, self.services, self.timeline)
+        fleet = Fleet(options.workers, env, self.logs, self.services, self.timeline,
+                      pool=options.pool)
         fleet.start()
         settings = Settings.model_validate(env)
         self.ctx = ctx = self.make_context(fleet, faults, victim)

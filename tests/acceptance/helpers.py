@@ -174,8 +174,8 @@ def workers_that_claimed(engine: Engine, main_pids: Sequence[int]) -> set[int]:
 
     The ledger records the pool process that claimed (``host:pid``, then ``/task:<id>``); two
     pool processes of one worker are one worker, so each is mapped to its parent, the worker's
-    main process. Claims by any other process (another host, a pool process that is gone)
-    count as unknown (-1).
+    main process (under the threads pool the main process claims itself). Claims by any other
+    process (another host, a pool process that is gone) count as unknown (-1).
     """
     import socket
 
@@ -190,7 +190,8 @@ def workers_that_claimed(engine: Engine, main_pids: Sequence[int]) -> set[int]:
     for claimer in claimers:
         name, _, pid = claimer.rpartition(":")
         try:
-            parent = _parent_of(int(pid)) if name == host else -1
+            parent = -1 if name != host else (
+                int(pid) if int(pid) in main_pids else _parent_of(int(pid)))
         except (OSError, ValueError):
             parent = -1
         found.add(parent if parent in main_pids else -1)

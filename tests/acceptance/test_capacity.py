@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 from sqlalchemy import Engine, text
 
@@ -53,3 +54,38 @@ def test_a_busy_worker_stays_within_its_connection_budget(
         watcher.join()
     # Then it held connections, never more than the budget: (2 + 1) x 2 x 1 = 6
     assert 1 <= peak[0] <= budget.worst_case == 6, peak[0]
+
+
+def test_a_threads_worker_runs_more_threads_than_connections_within_its_budget(
+        settings_factory: Callable[..., Settings], clean_ledger: Engine, sandbox: Any,
+        start_worker: Callable[..., WorkerProcess]) -> None:
+    # Given one worker of 16 threads on a pool of 2 (at most 4 connections with the overflow),
+    # and a Capillary slow enough that every thread has a call in flight at once
+    settings = settings_factory(db_pool_size=2)
+    budget = ConnectionBudget(workers=1, concurrency=16, pool_size=2, consoles=0, tools=0,
+                              pool="threads")
+    start_worker(settings, concurrency=16, pool="threads")
+    sandbox.configure(latency_seconds=0.3)
+    peak = [0]
+    done = threading.Event()
+
+    def watch() -> None:
+        with clean_ledger.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            while not done.is_set():
+                peak[0] = max(peak[0], conn.execute(WORKER_CONNECTIONS).scalar_one())
+                done.wait(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        # When it issues a burst of events
+        events = [example_event(f"cap-t-{uuid.uuid4().hex[:6]}-{n}", series=(544770,),
+                                customer=f"5{n:05d}") for n in range(60)]
+        publish(settings, *events)
+        for event in events:
+            wait_for_state(clean_ledger, event["eventId"], "completed", timeout_s=60)
+    finally:
+        done.set()
+        watcher.join()
+    # Then every event was issued by threads sharing at most the budget's 4 connections
+    assert 1 <= peak[0] <= budget.worst_case == 4, peak[0]

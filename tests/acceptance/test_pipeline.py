@@ -293,17 +293,20 @@ def test_a_bus_backlog_stays_on_the_bus_instead_of_flooding_the_task_queue(
         wait_for_state(clean_ledger, f"backlog-{n}", "completed", timeout_s=60)
 
 
-def test_pools_that_cannot_enforce_the_time_limit_are_refused(settings: Settings) -> None:
+def test_pools_that_cannot_keep_an_attempt_inside_its_claim_are_refused(
+        settings: Settings) -> None:
     env = settings_env(settings)
-    by_cli = subprocess.run([coupon_worker_command(), "worker", "-P", "threads"], env=env,
+    by_cli = subprocess.run([coupon_worker_command(), "worker", "-P", "gevent"], env=env,
                             capture_output=True, text=True, check=False, timeout=60)
-    assert by_cli.returncode == 2 and "'threads' is not 'prefork'" in by_cli.stderr
+    assert by_cli.returncode == 2 and "'gevent' is not one of 'prefork', 'threads'" \
+        in by_cli.stderr
     celery = str(Path(coupon_worker_command()).with_name("celery"))
     by_celery = subprocess.run(
-        [celery, "-A", "worker.entrypoints.celery.app", "worker", "-P", "threads"], env=env,
+        [celery, "-A", "worker.entrypoints.celery.app", "worker", "-P", "solo"], env=env,
         capture_output=True, text=True, check=False, timeout=60)
     assert by_celery.returncode != 0
-    assert "prefork pool only" in by_celery.stdout + by_celery.stderr
+    assert "runs on the prefork or threads pool, not celery.concurrency.solo" \
+        in by_celery.stdout + by_celery.stderr
 
 
 def test_the_publish_command_takes_a_file_or_stdin_and_refuses_invalid_lines(

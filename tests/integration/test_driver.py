@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import socket
 import string
+import time
 from collections.abc import Iterator
 
 import psycopg
@@ -126,3 +127,21 @@ def test_data_over_a_postgresql_limit_is_a_ledger_error_not_an_outage(
     assert "ProgramLimitExceeded" in str(raised.value)
     # ...and the connection, which is fine, is kept
     assert _backend_pid(one_connection) == pid
+
+
+def test_a_thread_that_finds_every_connection_busy_waits_the_connect_timeout_then_it_is_an_outage(
+        settings: Settings, clean_ledger: Engine) -> None:
+    # Given a pool of one connection (no overflow), held by another thread of the process
+    engine = make_engine(settings.database_url, pool_size=1,
+                         limits=ConnectionLimits(connect_timeout_s=2))
+    engine.pool._max_overflow = 0  # type: ignore[attr-defined]
+    held = engine.raw_connection()
+    try:
+        # When a thread asks for one: it waits as long as connecting may take, not 30 s
+        started = time.monotonic()
+        with pytest.raises(LedgerUnavailable, match="no ledger connection free"):
+            run_alone(engine, "SELECT 1", {})
+        assert 1.5 < time.monotonic() - started < 5.0
+    finally:
+        held.close()
+        engine.dispose()

@@ -84,3 +84,59 @@ def test_the_limit_holds_across_processes(clean_ledger: Engine, database_url: st
         for j in range(i, len(times)):
             span = times[j] - start
             assert j - i + 1 <= rate * span + burst + 1, (i, j, span)
+
+
+def test_while_one_thread_reads_the_fleets_pause_the_others_do_not_wait_for_it(
+        clean_ledger: Engine) -> None:
+    import threading
+
+    from sqlalchemy import text
+
+    # Given a gate that has read the fleet's pause once (none), and may read it again
+    gate = RetryAfterGate(clean_ledger, refresh_s=0.2)
+    assert gate.reserve() == 0.0
+    time.sleep(0.3)
+    # And another session holding the limiter's table, so the next reading waits on it
+    with clean_ledger.connect() as holder:
+        holder.execute(text("LOCK TABLE rate_limit_buckets IN ACCESS EXCLUSIVE MODE"))
+        reader = threading.Thread(target=gate.reserve)
+        reader.start()
+        time.sleep(0.3)
+        # When another thread asks meanwhile, it gets the last reading at once
+        started = time.monotonic()
+        assert gate.reserve() == 0.0
+        assert time.monotonic() - started < 0.1
+        holder.rollback()
+    reader.join(timeout=10)
+    assert not reader.is_alive()
+
+
+def test_while_one_thread_reads_the_circuit_the_others_use_the_last_reading(
+        clean_ledger: Engine) -> None:
+    import threading
+    from datetime import UTC, datetime
+
+    from sqlalchemy import text
+
+    from worker.adapters.postgres.circuit import CircuitGate
+    from worker.adapters.postgres.unit_of_work import sql_unit_of_work_factory
+    from worker.domain.policy import CircuitPolicy
+
+    # Given a gate that has read the circuit once (closed), and may read it again
+    gate = CircuitGate(sql_unit_of_work_factory(clean_ledger), CircuitPolicy(),
+                       clock=lambda: datetime.now(UTC), probe_timeout_s=60, cache_s=0.2)
+    assert gate.state().state == "closed"
+    time.sleep(0.3)
+    # And another session holding the circuit's table, so the next reading waits on it
+    with clean_ledger.connect() as holder:
+        holder.execute(text("LOCK TABLE circuit_breakers IN ACCESS EXCLUSIVE MODE"))
+        reader = threading.Thread(target=gate.state)
+        reader.start()
+        time.sleep(0.3)
+        # When another thread asks meanwhile, it gets the last reading at once
+        started = time.monotonic()
+        assert gate.state().state == "closed"
+        assert time.monotonic() - started < 0.1
+        holder.rollback()
+    reader.join(timeout=10)
+    assert not reader.is_alive()

@@ -12,6 +12,7 @@ from worker.entrypoints.cli.doctor import (
     DatabaseFacts,
     Facts,
     check_connections,
+    check_pool,
     check_pooler,
     check_privileges,
     check_quorum,
@@ -137,3 +138,37 @@ def test_a_fleet_too_small_for_its_quota_is_warned() -> None:
 def test_only_problems_fail_the_doctor() -> None:
     assert not has_problems(examine(facts(database=server(1000))))
     assert has_problems(examine(facts(workers=40, database=server(100))))
+
+
+def test_a_threads_worker_is_one_process_whose_threads_share_its_pool() -> None:
+    # Given 3 threads workers of 64 threads each, pools of 5 (overflow 5 more)
+    budget = ConnectionBudget(workers=3, concurrency=64, pool_size=5, pool="threads")
+    # Then 3 processes hold up to 10 each, whatever the thread count; the console 10, a tool 2
+    assert budget.processes == 3
+    assert budget.worst_case == 4 * 10 + 2
+    assert budget.typical == 4 * 5 + 1
+    # where prefork x 64 would be 195 processes
+    assert ConnectionBudget(workers=3, concurrency=64, pool_size=5).processes == 195
+    # And the doctor counts it that way against max_connections
+    found = check_connections(facts(workers=3, concurrency=64, pool="threads",
+                                    database=server(100)))
+    assert found[0].severity == "ok" and "3 threads worker(s) x 1 process" in found[0].message
+    assert check_connections(facts(workers=3, concurrency=64,
+                                   database=server(100)))[0].severity == "problem"
+
+
+def test_the_pool_is_chosen_by_capillarys_latency() -> None:
+    # Prefork for hundreds of milliseconds and 64 calls in flight: threads advised
+    slow = check_pool(facts(concurrency=64, call_latency_s=0.3))
+    assert slow[0].severity == "warning" and "-P threads -c 64" in slow[0].change
+    assert check_pool(facts(concurrency=8, call_latency_s=0.05))[0].severity == "ok"
+    # Threads x 64 at 300 ms: 213 events/s, about 2 ledger connections busy of 5
+    fine = check_pool(facts(concurrency=64, call_latency_s=0.3, pool="threads"))
+    assert [f.severity for f in fine] == ["ok"] and "2.1 of 5" in fine[0].message
+    # Threads x 64 at 50 ms asks one process for 1280 events/s: more than its core carries
+    fast = check_pool(facts(concurrency=64, call_latency_s=0.05, pool="threads"))
+    assert fast[0].severity == "warning" and "threads workers of" in fast[0].change
+    # and a ledger pool of 1 is too small for it
+    one = load_settings(database_url=DIRECT, db_pool_size=1)
+    small = check_pool(facts(one, concurrency=64, call_latency_s=0.05, pool="threads"))
+    assert "COUPONS_DB_POOL_SIZE=" in small[-1].change

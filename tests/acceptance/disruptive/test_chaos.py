@@ -42,8 +42,9 @@ def number_after(label: str, output: str) -> int:
     return int(match.group(1))
 
 
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
 def test_the_short_chaos_run_issues_exactly_once_and_leaves_everything_up(
-    tmp_path: Path, namespace: str, private_services: PrivateServices,
+    tmp_path: Path, namespace: str, private_services: PrivateServices, pool: str,
 ) -> None:
     postgres, rabbit = private_services.postgres, private_services.rabbit
     env = {k: v for k, v in os.environ.items() if not k.startswith(("COUPONS_", "CAPILLARY_"))}
@@ -52,12 +53,13 @@ def test_the_short_chaos_run_issues_exactly_once_and_leaves_everything_up(
     # When the CI profile runs (wide enough a terminal for the table to keep one line a row)
     done = subprocess.run(
         [coupon_worker_command(), "chaos", "--short", "--workdir", str(tmp_path / "chaos"),
-         "--namespace", namespace],
+         "--namespace", namespace, "--pool", pool],
         cwd=REPO_ROOT, env={**env, "COLUMNS": "160"}, capture_output=True, text=True,
         timeout=240, check=False)
     output = done.stdout
     # Then every disruption happened, in the timeline
-    for happened in ("mid-call", "died from our SIGKILL; restarted with `coupon-worker worker`",
+    command = "`coupon-worker worker`" if pool == "prefork" else "`coupon-worker worker -P threads`"
+    for happened in ("mid-call", f"died from our SIGKILL; restarted with {command}",
                      "RabbitMQ started again", "restarted (fast shutdown", "API back",
                      "closed every broker connection"):
         assert happened in output, f"{happened!r} not in:\n{output}\n{done.stderr}"

@@ -19,7 +19,6 @@ from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
 
 import requests
-from requests.adapters import HTTPAdapter
 from urllib3.exceptions import NewConnectionError
 from urllib3.util.ssl_match_hostname import CertificateError
 
@@ -38,6 +37,7 @@ from worker.adapters.capillary.api import (
     ReadBack,
 )
 from worker.adapters.capillary.auth import BasicAuth, CapillaryAuth, OAuthTokens
+from worker.adapters.capillary.transport import CallDeadlines, DeadlineAdapter
 from worker.config import Settings, org_timezone
 from worker.domain.errors import Ambiguous, CapillaryError, Outage, Retryable
 from worker.domain.model import EntryError, Verdict
@@ -172,8 +172,14 @@ def build_auth(
     return BasicAuth(settings.capillary_username, settings.capillary_password)
 
 
+#: What a call still running at its total deadline is recorded as (unknown: it was sent).
+CALL_DEADLINE = "call_deadline"
+
+
 class CapillaryClient:
-    """The ``CouponApi`` over HTTP. One per process; safe to share between threads."""
+    """The ``CouponApi`` over HTTP. One per process; safe to share between threads: their
+    sessions share one pool of ``pool_size`` connections, and every call ends within
+    ``deadline_s`` (connect + read timeout unless given; ``...capillary.transport``)."""
 
     def __init__(
         self,
@@ -183,6 +189,7 @@ class CapillaryClient:
         connect_timeout_s: float = 3.05,
         read_timeout_s: float = 10.0,
         pool_size: int = 10,
+        deadline_s: float | None = None,
         source: str | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         timezone: tzinfo = UTC,
@@ -191,7 +198,10 @@ class CapillaryClient:
         an offset."""
         self.base_url = base_url.rstrip("/")
         self._timeout_s = (connect_timeout_s, read_timeout_s)
-        self._pool_size = pool_size
+        self.deadline_s = deadline_s or connect_timeout_s + read_timeout_s
+        self.pool_size = pool_size
+        self._deadlines = CallDeadlines()
+        self._adapter = DeadlineAdapter(self._deadlines, pool_maxsize=pool_size)
         self._source = source
         self._clock = clock
         self._timezone = timezone
@@ -202,12 +212,13 @@ class CapillaryClient:
         self.auth: CapillaryAuth | None = auth
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> CapillaryClient:
+    def from_settings(cls, settings: Settings, *, threads: int = 1) -> CapillaryClient:
+        """The client for ``settings``, for a process whose ``threads`` call at once."""
         client = cls(
             settings.capillary_base_url,
             connect_timeout_s=settings.http_connect_timeout_s,
             read_timeout_s=settings.http_timeout_s,
-            pool_size=settings.http_pool_size,
+            pool_size=max(settings.http_pool_size, threads),
             source=settings.capillary_source,
             timezone=org_timezone(settings.capillary_timezone),
         )
@@ -215,17 +226,13 @@ class CapillaryClient:
         return client
 
     def session(self) -> requests.Session:
-        """This thread's pooled session (requests sessions are not shared across threads)."""
+        """This thread's session, on the process's one connection pool (a requests session
+        is not shared across threads; urllib3's pool is)."""
         session: requests.Session | None = getattr(self._local, "session", None)
         if session is None:
             session = requests.Session()
-            # No automatic retries: re-sending a POST that may have issued a coupon is exactly
-            # what must never happen blindly.
-            adapter = HTTPAdapter(
-                pool_connections=1, pool_maxsize=self._pool_size, max_retries=0
-            )
-            session.mount("http://", adapter)
-            session.mount("https://", adapter)
+            session.mount("http://", self._adapter)
+            session.mount("https://", self._adapter)
             session.headers["User-Agent"] = "coupon-worker"
             # The environment (proxies, no_proxy, CA bundle) is read once, here: requests
             # otherwise walks the whole of os.environ twice on every call, a tenth of an
@@ -240,12 +247,13 @@ class CapillaryClient:
         return session
 
     def close(self) -> None:
-        """Close every thread's session and the connections it kept alive (at shutdown; a
-        call made afterwards opens a new one)."""
+        """Close every thread's session and the process's connections, which they share (at
+        shutdown; a call made afterwards opens a new one)."""
         with self._sessions_lock:
             sessions, self._sessions = self._sessions, []
         for session in sessions:
             session.close()
+        self._adapter.close()
         self._local = threading.local()
 
     @property
@@ -265,10 +273,24 @@ class CapillaryClient:
         renewed = False
         while True:
             try:
-                response = self.session().request(
-                    method, self.base_url + path, auth=self.auth, timeout=self._timeout_s,
-                    allow_redirects=False, **kwargs,
-                )
+                with self._deadlines.within(self.deadline_s) as watch:
+                    try:
+                        response = self.session().request(
+                            method, self.base_url + path, auth=self.auth,
+                            timeout=self._timeout_s, allow_redirects=False, **kwargs,
+                        )
+                    except OSError:
+                        if not watch.expired:
+                            raise
+                        # The watchdog ended it: what the transport saw is only the effect.
+                        verdict = classify_transport(CALL_DEADLINE)
+                        return None, CallInfo(
+                            operation, started, (time.perf_counter() - t0) * 1000, None,
+                            None, verdict.value, EntryError(
+                                CALL_DEADLINE, f"no complete answer within the call's "
+                                f"deadline ({self.deadline_s:g} s); the request may have "
+                                "been sent", verdict),
+                        )
             except CapillaryError as exc:  # from the token hook
                 verdict = Verdict.OUTAGE if isinstance(exc, Outage) else Verdict.RETRYABLE
                 return None, CallInfo(

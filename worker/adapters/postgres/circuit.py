@@ -56,6 +56,8 @@ class CircuitGate:
         self._lock = threading.Lock()
         self._cached: CircuitState = CLOSED_CIRCUIT
         self._read_at = float("-inf")
+        self._refreshing = False
+        self._generation = 0
 
     @property
     def policy_open_s(self) -> float:
@@ -63,18 +65,40 @@ class CircuitGate:
         return self._policy.open_s
 
     def state(self, *, fresh: bool = False) -> CircuitState:
-        """The circuit as last read from the ledger (at most ``cache_s`` old)."""
+        """The circuit as last read from the ledger (at most ``cache_s`` old, give or take
+        the one read under way)."""
         with self._lock:
-            if fresh or time.monotonic() - self._read_at >= self._cache_s:
+            due = fresh or time.monotonic() - self._read_at >= self._cache_s
+            never_read = self._read_at == float("-inf")
+            if not due or (self._refreshing and not fresh and not never_read):
+                # Another thread is reading it: every thread of the process waiting on that
+                # one query, once a second, stalled them all behind a busy database.
+                return self._cached
+            if fresh or never_read:
                 with self._uow() as uow:
                     self._cached = uow.ledger.circuit(self._name)
                 self._read_at = time.monotonic()
+                self._generation += 1
+                return self._cached
+            self._refreshing = True
+            generation = self._generation
+        try:
+            with self._uow() as uow:
+                state = uow.ledger.circuit(self._name)
+        finally:
+            with self._lock:
+                self._refreshing = False
+        with self._lock:
+            # What this process recorded meanwhile is newer than what the read saw.
+            if self._generation == generation:
+                self._cached, self._read_at = state, time.monotonic()
             return self._cached
 
     def _remember(self, state: CircuitState) -> None:
         with self._lock:
             self._cached = state
             self._read_at = time.monotonic()
+            self._generation += 1
 
     def permit(self) -> Permit | CircuitState:
         """A Permit when a call may go now, else the (open) state that forbids it."""

@@ -89,6 +89,10 @@ def refused_by_pooler(exc: BaseException) -> bool:
 def translate(exc: Exception) -> WorkerError:
     """Our error for a SQLAlchemy or psycopg error."""
     cause = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
+    if isinstance(exc, sa_exc.TimeoutError):
+        # The pool's: every connection of this process busy for the whole wait. Nothing was
+        # written; the message goes back.
+        return LedgerUnavailable(f"no ledger connection free in this process's pool: {exc}")
     if refused_by_pooler(exc):
         # Waiting never fixes it, but nothing was written: the message goes back while an
         # operator reads the log.

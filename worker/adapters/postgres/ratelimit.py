@@ -176,19 +176,44 @@ class RetryAfterGate:
         self._lock = threading.Lock()
         self._blocked_until: dict[str, float] = {}
         self._read_at: dict[str, float] = {}
+        self._refreshing: set[str] = set()
 
     def reserve(self, name: str = BULK_ISSUE) -> float:
         now = self._clock()
         with self._lock:
-            if now - self._read_at.get(name, float("-inf")) >= self._refresh_s:
-                try:
-                    rows = run_alone(self._engine, _READ_BLOCK, {"name": name})
-                except LedgerError as exc:
-                    raise LedgerUnavailable(f"rate limiter unavailable: {exc}") from exc
-                wait = rows[0][0] if rows else None
-                self._blocked_until[name] = now + float(wait or 0.0)
-                self._read_at[name] = now
-            return max(self._blocked_until.get(name, now) - now, 0.0)
+            first = name not in self._read_at
+            due = now - self._read_at.get(name, float("-inf")) >= self._refresh_s
+            if not due or (name in self._refreshing and not first):
+                # Another thread is reading it: the pause it last read is at most a refresh
+                # old, rather than every thread of the process waiting on one query.
+                return max(self._blocked_until.get(name, now) - now, 0.0)
+            self._refreshing.add(name)
+            if first:
+                # Nothing read yet: the threads wait for the first reading, under the lock.
+                return self._refresh(name, now, held=True)
+        return self._refresh(name, now)
+
+    def _refresh(self, name: str, now: float, *, held: bool = False) -> float:
+        """Read the fleet's pause (``held``: under this gate's lock already)."""
+        try:
+            rows = run_alone(self._engine, _READ_BLOCK, {"name": name})
+        except LedgerError as exc:
+            raise LedgerUnavailable(f"rate limiter unavailable: {exc}") from exc
+        finally:
+            self._refreshing.discard(name)
+        wait = rows[0][0] if rows else None
+        if held:
+            return self._store(name, now, wait)
+        with self._lock:
+            return self._store(name, now, wait)
+
+    def _store(self, name: str, now: float, wait: float | None) -> float:
+        # The fleet's pause only ever grows (``_BLOCK`` keeps the later end): a penalty this
+        # process recorded while the query ran is not undone by what the query read.
+        until = max(now + float(wait or 0.0), self._blocked_until.get(name, 0.0))
+        self._blocked_until[name] = until
+        self._read_at[name] = now
+        return max(until - now, 0.0)
 
     def cancel(self, name: str = BULK_ISSUE) -> None:
         return None

@@ -171,6 +171,10 @@ def make_engine(database_url: str, *, pool_size: int = 5, application_name: str 
         database_url,
         pool_size=pool_size,
         max_overflow=pool_size,
+        # Under the threads pool more threads than connections may want one at once: a
+        # thread waits at most as long as connecting may take, then its message goes back
+        # (LedgerUnavailable), well inside its deadline, instead of SQLAlchemy's 30 s.
+        pool_timeout=limits.connect_timeout_s,
         pool_recycle=1800,
         connect_args=limits.connect_args(application_name),
     )

@@ -9,6 +9,8 @@
   heartbeat file (``worker.health``); it goes stale as soon as the loop stops running.
 - ``run_worker()``: runs Celery's worker command and returns the exit code Celery computed
   (``app.worker_main`` drops it, so a worker that died of an unrecoverable error exited 0).
+  The command alone, not Celery's whole command line: that one loads every plugin installed
+  (Flower and its web server, an interactive shell), which the pool's children then carry.
 """
 
 from __future__ import annotations
@@ -111,8 +113,16 @@ def run_worker(app: Celery, argv: list[str]) -> int:
         controllers.append(sender)
 
     signals.worker_init.connect(remember, weak=False)
+    from celery.bin.base import CLIContext
+    from celery.bin.worker import worker as worker_command
+    from click.exceptions import Exit
+
+    args = argv[1:] if argv[:1] == ["worker"] else argv
     try:
-        app.worker_main(argv)
+        worker_command.main(args=args, prog_name="celery worker", standalone_mode=False,
+                            obj=CLIContext(app=app, no_color=False, workdir=None))
+    except Exit:
+        pass
     finally:
         signals.worker_init.disconnect(remember)
     if not controllers:

@@ -25,7 +25,7 @@ from worker.adapters.rabbitmq.backlog import queue_backlogs, queue_names
 from worker.bootstrap import Container
 from worker.config import Settings
 from worker.domain.errors import LedgerUnavailable
-from worker.entrypoints.celery.context import container_of, links_of, step_settings
+from worker.entrypoints.celery.context import container_of, links_of, pool_name, step_settings
 from worker.metrics import METRICS_PORT_SPAN, exposition_registry, serve_metrics, stop_metrics
 from worker.scrape import (
     Configured,
@@ -182,7 +182,8 @@ def prepare_metrics_dir() -> None:
 
 
 def _check_metrics_dir(sender: Any = None, **_: Any) -> None:
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR") or pool_name(sender) == "threads":
+        # Threads: one process counts every task, in its own registry.
         return
     if "prometheus_client" not in sys.modules:
         prepare_metrics_dir()

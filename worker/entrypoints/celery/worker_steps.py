@@ -19,6 +19,7 @@ The steps share a ``StepLinks`` (``worker.adapters.rabbitmq.links``) through the
 
 from __future__ import annotations
 
+import gc
 import logging
 from typing import Any
 
@@ -26,7 +27,13 @@ from celery import Celery, current_app, signals
 
 from worker.config import load_settings
 from worker.entrypoints.celery.bridge import EventsBridge, _peek
-from worker.entrypoints.celery.context import container_of
+from worker.entrypoints.celery.context import (
+    PREFORK_POOL,
+    SUPPORTED_POOLS,
+    THREADS_POOL,
+    container_of,
+    pool_name,
+)
 from worker.entrypoints.celery.guard import GUARD_INTERVAL_S, ConsumptionGuard
 from worker.entrypoints.celery.metrics_step import (
     BuildInfo,
@@ -42,28 +49,35 @@ from worker.entrypoints.celery.task_consumer import TaskConsumer
 from worker.logs import configure_logging
 
 # Importable from here, where they used to be defined.
-__all__ = ["GUARD_INTERVAL_S", "ConsumptionGuard", "EventsBridge", "MetricsServer", "Sweeper",
-           "TaskConsumer", "_peek", "install", "prepare_metrics_dir"]
+__all__ = ["GUARD_INTERVAL_S", "PREFORK_POOL", "THREADS_POOL", "ConsumptionGuard", "EventsBridge",
+           "MetricsServer", "Sweeper", "TaskConsumer", "_peek", "install", "prepare_metrics_dir"]
 
 log = logging.getLogger(__name__)
 
 
-PREFORK_POOL = "celery.concurrency.prefork:TaskPool"
-
-
-def _require_prefork(sender: Any = None, **_: Any) -> None:
-    """Refuse a pool that cannot enforce the hard time limit (threads, solo, gevent…).
-
-    The limit is what keeps a whole attempt inside its lease; without it a stalled attempt could
-    outlive its claim while another worker calls Capillary for the same entity.
-    """
-    pool = getattr(sender, "pool_cls", None)
-    name = pool if isinstance(pool, str) else f"{getattr(pool, '__module__', '')}:" \
-        f"{getattr(pool, '__name__', '')}"
-    if "prefork" not in name:
+def _require_supported_pool(sender: Any = None, **_: Any) -> None:
+    """Refuse a pool on which a stalled attempt could outlive its claim (solo, gevent…), and
+    size this process's dependencies for the threads pool's concurrency."""
+    name = pool_name(sender)
+    if name not in SUPPORTED_POOLS:
         log.critical("worker.pool_refused", extra={"pool": name})
-        raise SystemExit(f"coupon-worker runs on the prefork pool only, not {name}: the hard "
-                         "time limit that keeps an attempt inside its lease needs it")
+        raise SystemExit(f"coupon-worker runs on the prefork or threads pool, not {name}: "
+                         "see docs/threads-pool.md")
+    if name == "threads":
+        # One process runs every task: its HTTP pool must hold a connection per thread.
+        container_of(sender.app).threads = int(getattr(sender, "concurrency", 1) or 1)
+
+
+def _freeze_before_fork(sender: Any = None, **_: Any) -> None:
+    """Keep what the main process loaded out of the collector's sight before the pool forks.
+
+    A child's collections otherwise write to every object they visit, copying the pages the
+    fork shared (the modules, the settings, the app): each child's private memory grows with
+    its first collections. Frozen objects are never collected, and are meant to live as long
+    as the process anyway.
+    """
+    if pool_name(sender) == "prefork":
+        gc.freeze()
 
 
 def _setup_logging(**_: Any) -> None:
@@ -95,9 +109,11 @@ def install(app: Celery) -> None:
     app.steps["worker"].add(Sweeper)
     app.steps["worker"].add(MetricsServer)
     app.steps["worker"].add(BuildInfo)
-    signals.worker_init.connect(_require_prefork, weak=False)
+    signals.worker_init.connect(_require_supported_pool, weak=False)
     signals.worker_init.connect(check_schema, weak=False)
     signals.worker_init.connect(_check_metrics_dir, weak=False)
+    # Last: after everything the main process loads before forking.
+    signals.worker_init.connect(_freeze_before_fork, weak=False)
     signals.setup_logging.connect(_setup_logging, weak=False)
     signals.worker_shutdown.connect(_remove_metrics_dir, weak=False)
     signals.worker_shutdown.connect(close_resources, weak=False)

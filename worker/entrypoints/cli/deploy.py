@@ -109,8 +109,10 @@ def broker_users(vhost: str, prefix: str, rabbitmqctl: str) -> None:
 @click.option("--workers", type=int, default=1, show_default=True,
               help="Worker processes (`coupon-worker worker`) the fleet runs, on every host.")
 @click.option("--concurrency", type=int, default=None,
-              help="Pool processes per worker (default: COUPONS_WORKER_CONCURRENCY or the "
-                   "CPUs here).")
+              help="Pool processes (prefork) or threads (threads) per worker (default: "
+                   "COUPONS_WORKER_CONCURRENCY or the CPUs here).")
+@click.option("--pool", type=click.Choice(["prefork", "threads"]), default="prefork",
+              show_default=True, help="The pool the workers run (`coupon-worker worker -P`).")
 @click.option("--max-connections", type=int, default=None,
               help="PostgreSQL's max_connections, instead of asking the server.")
 @click.option("--broker-nodes", type=int, default=None,
@@ -119,12 +121,13 @@ def broker_users(vhost: str, prefix: str, rabbitmqctl: str) -> None:
               help="One Capillary call's latency, for the quota check (default 500).")
 @click.option("--offline", is_flag=True, help="Ask neither PostgreSQL nor RabbitMQ.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def doctor(workers: int, concurrency: int | None, max_connections: int | None,
+def doctor(workers: int, concurrency: int | None, pool: str, max_connections: int | None,
            broker_nodes: int | None, latency_ms: float | None, offline: bool,
            as_json: bool) -> None:
     """Check this deployment's settings against the capacity guide (docs/capacity.md): pool
     sizes against max_connections, quorum queues on one node, a pooler without
-    COUPONS_DB_POOLER=transaction, superusers and plain http, the fleet against the quota.
+    COUPONS_DB_POOLER=transaction, superusers and plain http, the fleet against the quota, the
+    pool against Capillary's latency (docs/threads-pool.md).
 
     Exit 1 when something must change, 0 otherwise (warnings included).
     """
@@ -153,6 +156,7 @@ def doctor(workers: int, concurrency: int | None, max_connections: int | None,
         except (OSError, ValueError) as exc:
             broker_error = str(exc)
     facts = d.Facts(settings=settings, workers=workers, concurrency=concurrency,
+                    pool="threads" if pool == "threads" else "prefork",
                     pooler_setting=d.pooler_setting(settings), database=database,
                     database_error=database_error or ("offline" if offline else None),
                     broker_nodes=broker_nodes,

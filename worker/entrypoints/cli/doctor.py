@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 from worker.config import Settings, is_loopback
 
 Severity = Literal["problem", "warning", "ok"]
+Pool = Literal["prefork", "threads"]
 #: What a support command, ``migrate`` or this doctor holds at most while it runs.
 TOOL_CONNECTIONS = 2
 #: Connections kept free of the fleet's budget for people and tools (psql, backups,
@@ -46,10 +47,14 @@ class Finding:
 class ConnectionBudget:
     """How many ledger connections a fleet may open (docs/capacity.md).
 
-    A worker is a main process (consumer, sweeper, metrics) and ``concurrency`` prefork
+    A prefork worker is a main process (consumer, sweeper, metrics) and ``concurrency``
     children; each process has its own pool of ``pool_size`` connections that may overflow by
     as many again, so it holds at most ``2 x pool_size``. A prefork child runs one task at a
     time and uses one connection at a time, so it holds one most of the time: ``typical``.
+
+    A threads worker is one process: its ``concurrency`` threads share its one pool, each
+    holding a connection only around its two short commits, so the pool may be far smaller
+    than the thread count (a thread that finds every connection busy waits for one).
     """
 
     workers: int
@@ -57,10 +62,21 @@ class ConnectionBudget:
     pool_size: int
     consoles: int = 1
     tools: int = 1
+    pool: Pool = "prefork"
 
     @property
     def processes(self) -> int:
+        if self.pool == "threads":
+            return self.workers
         return self.workers * (self.concurrency + 1)
+
+    def describe(self) -> str:
+        """How the worst case is counted, in the settings' words."""
+        if self.pool == "threads":
+            return (f"{self.workers} threads worker(s) x 1 process x 2 x "
+                    f"COUPONS_DB_POOL_SIZE={self.pool_size}")
+        return (f"{self.workers} worker(s) x ({self.concurrency} + 1) processes x "
+                f"2 x COUPONS_DB_POOL_SIZE={self.pool_size}")
 
     @property
     def per_process(self) -> int:
@@ -73,6 +89,9 @@ class ConnectionBudget:
 
     @property
     def typical(self) -> int:
+        if self.pool == "threads":
+            # The pool is kept open; its overflow only opens at a peak.
+            return (self.processes + self.consoles) * self.pool_size + self.tools
         return self.processes + self.consoles * self.pool_size + self.tools
 
     def largest_pool_size(self, available: int) -> int:
@@ -108,10 +127,12 @@ class Facts:
     broker_nodes: int | None = None
     broker_error: str | None = None
     call_latency_s: float = DEFAULT_CALL_LATENCY_S
+    pool: Pool = "prefork"
 
     @property
     def budget(self) -> ConnectionBudget:
-        return ConnectionBudget(self.workers, self.concurrency, self.settings.db_pool_size)
+        return ConnectionBudget(self.workers, self.concurrency, self.settings.db_pool_size,
+                                pool=self.pool)
 
 
 def pooler_setting(settings: Settings) -> str:
@@ -121,8 +142,7 @@ def pooler_setting(settings: Settings) -> str:
 
 def check_connections(facts: Facts) -> list[Finding]:
     budget, db = facts.budget, facts.database
-    counts = (f"{facts.workers} worker(s) x ({facts.concurrency} + 1) processes x "
-              f"2 x COUPONS_DB_POOL_SIZE={budget.pool_size}, plus the console and a tool: "
+    counts = (f"{budget.describe()}, plus the console and a tool: "
               f"at most {budget.worst_case} connections, typically {budget.typical}")
     if db is None:
         return [Finding("warning", "connections",
@@ -244,8 +264,61 @@ def check_quota(facts: Facts) -> list[Finding]:
     return [Finding("ok", "quota", f"{slots} calls in flight for the {needed} the quota needs")]
 
 
+#: Below this latency a call is short enough for a process per call (prefork); above, the
+#: pool of threads carries the calls in flight for a fraction of the memory.
+THREADS_FROM_LATENCY_S = 0.2
+#: Calls in flight from which prefork's memory (a process each) is worth the threads pool.
+THREADS_FROM_CONCURRENCY = 16
+#: A ledger connection's time per event under the threads pool: the claim's commit and the
+#: outcome's, a few milliseconds each (docs/threads-pool.md).
+LEDGER_HOLD_PER_EVENT_S = 0.01
+#: Events a second one threaded process carries before its one core (the interpreter's lock)
+#: is the limit rather than Capillary: a core over the ~4 ms of CPU an event costs on the
+#: threads pool (``coupon-worker bench --scenario targets``).
+THREADS_CPU_BOUND_EVENTS_S = 250.0
+
+
+def check_pool(facts: Facts) -> list[Finding]:
+    """Which pool for the latency (docs/threads-pool.md's sizing guide), and, on threads, a
+    ledger pool that keeps up with the threads."""
+    latency, concurrency = facts.call_latency_s, facts.concurrency
+    rate = concurrency / max(latency, 1e-3)
+    if facts.pool == "prefork":
+        if latency >= THREADS_FROM_LATENCY_S and concurrency >= THREADS_FROM_CONCURRENCY:
+            return [Finding("warning", "pool",
+                            f"prefork x {concurrency} for {latency:g} s calls: a process per "
+                            "call in flight, each with its own memory and connections",
+                            f"run `coupon-worker worker -P threads -c {concurrency}`: one "
+                            "process, a thread per call")]
+        return [Finding("ok", "pool", f"prefork x {concurrency} for {latency:g} s calls")]
+    found = []
+    if rate > THREADS_CPU_BOUND_EVENTS_S:
+        found.append(Finding(
+            "warning", "pool",
+            f"threads x {concurrency} at {latency:g} s per call asks one process for "
+            f"{rate:.0f} events/s: beyond what its one core carries "
+            f"(about {THREADS_CPU_BOUND_EVENTS_S:.0f})",
+            f"run {math.ceil(rate / THREADS_CPU_BOUND_EVENTS_S)} threads workers of "
+            f"-c {math.ceil(concurrency * THREADS_CPU_BOUND_EVENTS_S / rate)}, or prefork "
+            "for calls this short"))
+    busy = rate * LEDGER_HOLD_PER_EVENT_S
+    # The sweeper and the claims' heartbeat take one each besides the threads' commits.
+    needed = math.ceil(2 * busy) + 2
+    if 2 * facts.settings.db_pool_size < needed:
+        found.append(Finding(
+            "warning", "pool",
+            f"threads x {concurrency} at {latency:g} s per call keep about {busy:.1f} ledger "
+            f"connections busy; COUPONS_DB_POOL_SIZE={facts.settings.db_pool_size} allows "
+            f"{2 * facts.settings.db_pool_size} with the overflow",
+            f"set COUPONS_DB_POOL_SIZE={math.ceil(needed / 2)}"))
+    return found or [Finding("ok", "pool",
+                             f"threads x {concurrency} for {latency:g} s calls: about "
+                             f"{busy:.1f} of {facts.settings.db_pool_size} ledger connections "
+                             "busy, one HTTP connection per thread")]
+
+
 CHECKS: tuple[Callable[[Facts], list[Finding]], ...] = (
-    check_connections, check_pooler, check_quorum, check_privileges, check_quota)
+    check_connections, check_pooler, check_quorum, check_privileges, check_quota, check_pool)
 
 
 def examine(facts: Facts) -> list[Finding]:

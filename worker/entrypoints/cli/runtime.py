@@ -51,11 +51,14 @@ def migrate() -> None:
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option("--concurrency", "-c", type=int, default=None,
-              help="Worker processes (default: COUPONS_WORKER_CONCURRENCY or CPUs).")
-# Prefork only: it is the one Celery pool that enforces the hard time limit, and that limit
-# is what keeps an attempt inside its lease (see docs/how-it-works.md, the exactly-once rule).
-@click.option("--pool", "-P", type=click.Choice(["prefork"]),
-              default="prefork", show_default=True)
+              help="Pool processes (prefork) or threads (threads): the calls in flight "
+                   "(default: COUPONS_WORKER_CONCURRENCY or CPUs).")
+# Prefork (a process per task) or threads (tasks of one process, for a slow Capillary): the
+# two pools on which every attempt keeps inside its claim (docs/threads-pool.md).
+@click.option("--pool", "-P", type=click.Choice(["prefork", "threads"]),
+              default="prefork", show_default=True,
+              help="prefork: a process per task; threads: one process, a thread per task, for "
+                   "hundreds of milliseconds of Capillary latency (docs/threads-pool.md).")
 @click.option("--hostname", "-n", default=None,
               help="Node name, e.g. coupons1@%h (default: coupon-worker-<pid>@<host>, unique "
                    "per process so that any number of workers share a host).")
@@ -79,9 +82,11 @@ def worker(ctx: click.Context, concurrency: int | None, pool: str, hostname: str
         settings.require_capillary_credentials()
     except ConfigurationError as exc:
         fail(str(exc), 2)
-    from worker.entrypoints.celery.worker_steps import prepare_metrics_dir
+    if pool == "prefork":
+        # Every pool process writes its samples there; under threads one process counts all.
+        from worker.entrypoints.celery.worker_steps import prepare_metrics_dir
 
-    prepare_metrics_dir()
+        prepare_metrics_dir()
     from worker.entrypoints.celery.app import app
     from worker.entrypoints.celery.liveness import default_node_name, run_worker
 
