@@ -94,3 +94,16 @@ def test_the_site_builds_with_every_link_and_anchor_resolved(tmp_path: Path) -> 
         env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
     assert built.returncode == 0, built.stdout + built.stderr
     assert (tmp_path / "site" / "architecture" / "index.html").is_file()
+
+
+def test_the_architecture_page_names_every_module_of_the_runtime() -> None:
+    """The map is whole: a module added to ``worker/`` without a word on the architecture page
+    is a room the newcomer's map does not show."""
+    page = (DOCS / "architecture.md").read_text(encoding="utf-8")
+    # A module is named by its path or by its path's tail in backquotes (`cli/render.py`).
+    named = re.findall(r"`([A-Za-z0-9_./]+\.py)`", page)
+    unnamed = sorted(
+        path for path in (str(m.relative_to(ROOT)) for m in (ROOT / "worker").rglob("*.py")
+                          if m.name not in ("__init__.py", "__main__.py"))
+        if not any(path == name or path.endswith("/" + name) for name in named))
+    assert not unnamed, f"docs/architecture.md does not name: {unnamed}"
