@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: install lint test test-fast wheel-check demo bench chaos services clean mutation docs \
+.PHONY: install lint test test-fast wheel-check demo bench bench-ledger chaos services clean mutation docs \
 	docs-reference
 
 install: $(VENV)/.installed
@@ -58,6 +58,10 @@ demo: install
 
 bench: install
 	$(BIN)/coupon-worker bench
+
+# The ledger at size (docs/benchmark-ledger-size.md): PostgreSQL only, a few minutes.
+bench-ledger: install
+	$(BIN)/coupon-worker bench --scenario ledger-size
 
 chaos: install
 	$(BIN)/coupon-worker chaos

@@ -24,7 +24,9 @@ Scenarios (``--scenario``):
   the ideal c/L and the bare task on the same pool, and its PSS against ``prefork`` x 64; at
   50 ms, ``prefork`` x 8 against the bare task in throughput, CPU per event and RSS
   (:mod:`coupon_devtools.bench.targets`);
-- ``all``: every one of the above.
+- ``all``: every one of the above;
+- ``ledger-size``: the ledger's statements on a seeded ledger of ``--ledger-rows`` entities
+  against a nearly empty one (:mod:`coupon_devtools.bench.ledger_size`); no broker, no worker.
 
 How each figure is measured, and why that way:
 
@@ -97,6 +99,7 @@ from coupon_devtools.bench.defaults import (
     DEFAULT_LATENCY_MS,
     DEFAULT_POOL,
     DEFAULT_WORKDIR,
+    LOCAL_POSTGRES_URL,
     MEMORY_SAMPLE_S,
     OVERHEAD_ROUNDS,
     QUOTA_DURATION_S,
@@ -146,6 +149,8 @@ def bench_command() -> click.Command:
                   help=f"Backlog rounds of the comparison, the two sides alternating which "
                        f"goes first; the median round's ratio is the verdict [default: "
                        f"{OVERHEAD_ROUNDS} for overhead and all, 1 for quick].")
+    @click.option("--ledger-rows", type=click.IntRange(min=100), default=None,
+                  help="ledger-size: entities in the seeded ledger [2,000,000].")
     @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]),
                   default="INFO", show_default=True, help="Log level of every worker.")
     @click.option("--short", is_flag=True,
@@ -161,10 +166,14 @@ def bench_command() -> click.Command:
               pool: Pool, workers: int, rate_limit_per_minute: int | None,
               rate_limit_burst: int | None,
               sandbox_limit_per_minute: int | None, via: Via, series_per_event: int,
-              duration_s: float | None, rounds: int | None, log_level: str, short: bool,
-              as_json: bool, workdir: Path, keep: bool, namespace: str) -> None:
+              duration_s: float | None, rounds: int | None, ledger_rows: int | None,
+              log_level: str, short: bool, as_json: bool, workdir: Path, keep: bool,
+              namespace: str) -> None:
         """Measure the real pipeline against a bare Celery baseline: throughput, latency,
         memory, the shared rate limit, and the database work per event."""
+        if scenario == "ledger-size":
+            _ledger_size(ledger_rows, rounds, as_json=as_json, keep=keep, namespace=namespace)
+            return
         options = BenchOptions(
             events=events, latency_ms=latency_ms, concurrency=concurrency, pool=pool,
             workers=workers, rate_limit_per_minute=rate_limit_per_minute,
@@ -195,3 +204,34 @@ def bench_command() -> click.Command:
             render(console, report)
 
     return bench
+
+
+def _ledger_size(rows: int | None, rounds: int | None, *, as_json: bool, keep: bool,
+                 namespace: str) -> None:
+    import os
+
+    from coupon_devtools.bench.ledger_size import (
+        DEFAULT_LEDGER_ROWS,
+        render_ledger_size,
+        report_json,
+        run_ledger_size,
+    )
+
+    progress = Console(stderr=True)
+
+    def say(message: str) -> None:
+        progress.print(f"[dim]{datetime.now().strftime('%H:%M:%S')}[/] {message}",
+                       highlight=False)
+
+    try:
+        report = run_ledger_size(
+            rows=rows or DEFAULT_LEDGER_ROWS, rounds=rounds or OVERHEAD_ROUNDS, say=say,
+            admin_url=os.environ.get("COUPONS_DATABASE_URL") or LOCAL_POSTGRES_URL,
+            namespace=namespace, keep=keep)
+    except KeyboardInterrupt:
+        progress.print("[bold red]bench interrupted[/]")
+        sys.exit(130)
+    if as_json:
+        click.echo(report_json(report))
+    else:
+        render_ledger_size(Console(width=None if sys.stdout.isatty() else CONSOLE_WIDTH), report)

@@ -6,7 +6,8 @@ from typing import Final, Literal
 
 Pool = Literal["prefork", "threads"]
 Via = Literal["bus", "task"]
-ScenarioName = Literal["quick", "overhead", "scale", "quota", "memory", "targets", "all"]
+ScenarioName = Literal["quick", "overhead", "scale", "quota", "memory", "targets", "all",
+                       "ledger-size"]
 
 BENCH_DATABASE: Final = "coupon_worker_bench"
 BENCH_VHOST: Final = "coupon-worker-bench"

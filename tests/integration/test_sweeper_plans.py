@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, event, text
 
+from coupon_devtools.bench.plans import capture, explain
 from worker.adapters.postgres.unit_of_work import sql_unit_of_work_factory
 
 ROWS = 20_000
@@ -91,3 +92,58 @@ def test_events_left_processing_are_still_found_and_repaired(large_ledger: Engin
     assert sorted(repaired) == sorted(f"large-{n}" for n in range(5000, ROWS + 1, 5000))
     with large_ledger.connect() as conn:
         assert conn.scalar(text("SELECT count(*) FROM events WHERE state = 'processing'")) == 0
+
+
+def test_a_sweep_looks_at_a_bounded_share_of_the_events_waiting_and_still_finds_the_stuck(
+        clean_ledger: Engine) -> None:
+    # Given 3,000 events processing, each with an entity waiting for a retry, and three stuck
+    # ones (processing, although their entity is issued)
+    with clean_ledger.begin() as conn:
+        conn.execute(text("""
+            INSERT INTO events (event_id, event_type, customer_key, customer, series_ids,
+                                metadata, payload, fingerprint, issue_ref, source, state)
+            SELECT 'wait-' || md5(n::text), 'tier_upgrade', 'id:' || n, '{}', ARRAY[1], '{}',
+                   '{}', 'f', 'r' || n, 'bus', 'processing'
+            FROM generate_series(1, 3003) AS n"""))
+        conn.execute(text("""
+            INSERT INTO entities (event_id, series_id, customer_key, state, attempts)
+            SELECT 'wait-' || md5(n::text), 1, 'id:' || n,
+                   CASE WHEN n > 3000 THEN 'issued' ELSE 'retry_wait' END, 1
+            FROM generate_series(1, 3003) AS n"""))
+    with clean_ledger.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(
+            text("ANALYZE events, entities"))
+    stuck = {f"wait-{md5}" for md5 in _md5s(clean_ledger, (3001, 3002, 3003))}
+
+    # When the sweep repairs with a batch of 100, Then each time it reads at most 100 of the
+    # events processing, not all 3,003
+    with capture(clean_ledger) as seen, sql_unit_of_work_factory(clean_ledger)() as uow:
+        uow.ledger.repair_event_states(now=NOW, limit=100)  # rolled back
+    plans = explain(clean_ledger, seen.statements)
+    read = [(node.get("Index Name"), node.get("Actual Rows", 0) * node.get("Actual Loops", 1)
+             + node.get("Rows Removed by Filter", 0) + node.get("Rows Removed by Index Recheck", 0))
+            for plan in plans for node in _nodes(plan["Plan"])
+            if node.get("Relation Name") == "events"]
+    assert read and all(rows <= 100 for _, rows in read), read
+    # And sweep after sweep, every stuck event is found (a different share each time)
+    found: set[str] = set()
+    for _ in range(600):
+        if found == stuck:
+            break
+        with sql_unit_of_work_factory(clean_ledger)() as uow:
+            found |= set(uow.ledger.repair_event_states(now=NOW, limit=100))
+            uow.commit()
+    assert found == stuck
+    with clean_ledger.connect() as conn:
+        assert conn.scalar(text(
+            "SELECT count(*) FROM events WHERE state = 'processing'")) == 3000
+
+
+def _md5s(engine: Engine, numbers: tuple[int, ...]) -> list[str]:
+    with engine.connect() as conn:
+        return [str(conn.scalar(text("SELECT md5(CAST(:n AS text))"), {"n": n}))
+                for n in numbers]
+
+
+def _nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
+    return [node, *(n for child in node.get("Plans", ()) for n in _nodes(child))]

@@ -28,6 +28,12 @@ class SweepReport:
     events_repaired: int = 0
 
 
+#: Events still processing that a sweep looks at for a stuck one (a different share each time):
+#: a safety net, so a small share a second; all of them would cost a sweep as much as the
+#: retries waiting in the ledger.
+REPAIR_SHARE = 20
+
+
 def sweep(deps: Deps, *, batch: int = 500, requeue_after_s: float = 300.0) -> SweepReport:
     """The periodic work: recover crashed claims, dispatch due retries, publish dead letters.
 
@@ -40,7 +46,7 @@ def sweep(deps: Deps, *, batch: int = 500, requeue_after_s: float = 300.0) -> Sw
             retry_at=now + timedelta(seconds=deps.retry_policy.reconcile_delay_s),
             settle_window_s=deps.retry_policy.settle_window_s,
         )
-        repaired = uow.ledger.repair_event_states(now=now, limit=batch)
+        repaired = uow.ledger.repair_event_states(now=now, limit=min(batch, REPAIR_SHARE))
         requeued = uow.ledger.requeue_stale(
             queued_before=now - timedelta(seconds=requeue_after_s), now=now, limit=batch)
         uow.commit()

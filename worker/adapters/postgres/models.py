@@ -107,9 +107,10 @@ class Entity(Base):
             postgresql_where=text("state = 'dead' AND dead_published_at IS NULL"),
         ),
         Index("ix_entities_customer_key", "customer_key"),
-        # The console's dead-letter groups and overview counts, fast on millions of rows.
-        Index("ix_entities_dead_groups", "last_error_code", "series_id", "last_error_message",
-              postgresql_where=text("state = 'dead'")),
+        # The console's dead-letter groups, read from the index alone (0015: with dead_at, so
+        # that first and last need no visit to the table).
+        Index("ix_entities_dead_causes", "last_error_code", "series_id", "last_error_message",
+              postgresql_where=text("state = 'dead'"), postgresql_include=["dead_at"]),
         Index("ix_entities_updated_at", "updated_at"),
         Index("ix_entities_verify", "verify_after", postgresql_where=text(
             "verify_after IS NOT NULL")),
@@ -119,6 +120,9 @@ class Entity(Base):
               postgresql_where=text("state IN ('retry_wait', 'queued')")),
         Index("ix_entities_unknown_outcome", "settles_at", postgresql_where=text(
             "needs_reconcile AND state IN ('retry_wait', 'queued', 'in_flight')")),
+        # The dead letters newest first, a page at a time (dlq list, the console) (0015).
+        Index("ix_entities_dead_newest", text("dead_at DESC NULLS LAST"), text("id DESC"),
+              postgresql_where=text("state = 'dead'")),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)

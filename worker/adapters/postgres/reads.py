@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, RowMapping, func, or_, select
+from sqlalchemy import Connection, Engine, RowMapping, func, select, union
 
 from worker.adapters.postgres import models as m
 from worker.adapters.postgres.support import Selection
@@ -105,12 +105,17 @@ def customer_event_ids(engine: Engine, *, keys: Sequence[str], term: str,
     the one event a coupon code, a Capillary request id or an event id belongs to."""
     by_code = select(m.IssuedCoupon.event_id).where(m.IssuedCoupon.code == term)
     by_request = select(m.ApiCall.event_id).where(m.ApiCall.request_id == term)
+    ev = m.Event
+    # One branch per way in, each through its own index: as one WHERE of four ORs, PostgreSQL
+    # walked every event newest first, testing each (the whole table, on a large ledger).
+    matches = union(*(
+        select(ev.event_id, ev.received_at).where(condition)
+        for condition in (ev.customer_key.in_(keys), ev.event_id == term,
+                          ev.event_id.in_(by_code), ev.event_id.in_(by_request))
+    )).subquery()
     with engine.connect() as conn:
         return conn.execute(
-            select(m.Event.event_id).where(or_(
-                m.Event.customer_key.in_(keys), m.Event.event_id == term,
-                m.Event.event_id.in_(by_code), m.Event.event_id.in_(by_request)))
-            .order_by(m.Event.received_at.desc()).limit(limit)
+            select(matches.c.event_id).order_by(matches.c.received_at.desc()).limit(limit)
         ).scalars().all()
 
 
@@ -212,14 +217,23 @@ def dead_letter_summary(engine: Engine, selection: Selection) -> Sequence[RowMap
 def dead_letter_groups(engine: Engine, *, limit: int) -> Sequence[RowMapping]:
     """Dead entities grouped by cause: error code x series x message, biggest first."""
     e = m.Entity
+    # Read in the order of ix_entities_dead_causes (0015), which holds every column asked for:
+    # an index-only scan. Left to itself the planner priced ix_entities_dead (in dead_at
+    # order, which follows the table's) as cheap, and read a table page per dead letter.
+    dead = (
+        select(e.last_error_code, e.series_id, e.last_error_message, e.dead_at)
+        .where(e.state == "dead")
+        .order_by(e.last_error_code, e.series_id, e.last_error_message).subquery()
+    )
     with engine.connect() as conn:
         return conn.execute(
-            select(e.last_error_code.label("error_code"), e.series_id,
-                   e.last_error_message.label("message"), func.count().label("count"),
-                   func.min(e.dead_at).label("first"), func.max(e.dead_at).label("last"))
-            .where(e.state == "dead")
-            .group_by(e.last_error_code, e.series_id, e.last_error_message)
-            .order_by(func.count().desc(), e.last_error_code, e.series_id).limit(limit)
+            select(dead.c.last_error_code.label("error_code"), dead.c.series_id,
+                   dead.c.last_error_message.label("message"), func.count().label("count"),
+                   func.min(dead.c.dead_at).label("first"),
+                   func.max(dead.c.dead_at).label("last"))
+            .group_by(dead.c.last_error_code, dead.c.series_id, dead.c.last_error_message)
+            .order_by(func.count().desc(), dead.c.last_error_code, dead.c.series_id)
+            .limit(limit)
         ).mappings().all()
 
 

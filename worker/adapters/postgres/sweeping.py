@@ -10,7 +10,9 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Protocol
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import BigInteger, Text, bindparam, func, insert, select, update
+from sqlalchemy import cast as sql_cast
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from worker.adapters.postgres import models as m
 from worker.adapters.postgres.records import DeadLetterRecord, DueEntity, Verification
@@ -47,7 +49,10 @@ class SweeperLedger(Protocol):
                             retry_in_s: float | None = None, message: str | None = None,
                             ) -> None: ...
 
-    def repair_event_states(self, *, now: datetime, limit: int) -> list[str]: ...
+    def repair_event_states(self, *, now: datetime, limit: int) -> list[str]:
+        """Recompute events left "processing" with every entity at rest, among at most
+        ``limit`` of the events processing (a different share each time)."""
+        ...
 
     def take_due(self, *, now: datetime, limit: int) -> list[DueEntity]: ...
 
@@ -236,14 +241,49 @@ class SweeperStatements(SessionBound):
             self.refresh_event_states([item.event_id], now=now)
 
     def repair_event_states(self, *, now: datetime, limit: int) -> list[str]:
-        """Events left "processing" although every entity is at rest: recompute them."""
+        """Events left "processing" although every entity is at rest: recompute them.
+
+        Looks at ``limit`` of the events still processing, from a random one on (wrapping
+        around), not at all of them: every sweep would otherwise read each event waiting for a
+        retry, a cost that grows with the ledger. A stuck event is found, on average, within
+        as many sweeps as there are events processing per ``limit``.
+        """
         ev = EVENTS.c
-        stuck = self._conn.execute(
+        conn = self._conn
+        processing = ev.state == EventState.PROCESSING.value
+        # The event of a random entity: a start spread like the event ids themselves.
+        start = conn.execute(
+            select(_E.event_id)
+            # As a bigint: compared with a float, the id could not use its index.
+            .where(_E.id >= select(sql_cast(func.floor(func.random() * func.max(_E.id)),
+                                            BigInteger)).scalar_subquery())
+            .order_by(_E.id).limit(1)
+        ).scalar()
+        window = list(conn.execute(
+            select(ev.event_id).where(processing, ev.event_id >= (start or ""))
+            .order_by(ev.event_id).limit(limit)).scalars())
+        if start is not None and len(window) < limit:
+            window += conn.execute(
+                select(ev.event_id).where(processing, ev.event_id < start)
+                .order_by(ev.event_id).limit(limit - len(window))).scalars()
+        if not window:
+            return []
+        # From the window's ids, not from events: only their entities are read.
+        looked_at = func.unnest(sql_cast(bindparam("b_window"), ARRAY(Text))) \
+            .table_valued("event_id").render_derived()
+        at_rest = list(conn.execute(
+            select(looked_at.c.event_id).where(
+                ~select(_E.id).where(_E.event_id == looked_at.c.event_id,
+                                     _E.state.not_in(_TERMINAL)).exists()),
+            {"b_window": window}).scalars())
+        if not at_rest:
+            return []
+        stuck = conn.execute(
             select(ev.event_id)
-            .where(ev.state == EventState.PROCESSING.value,
+            .where(processing, ev.event_id.in_(at_rest),
                    ~select(_E.id).where(_E.event_id == ev.event_id,
                                         _E.state.not_in(_TERMINAL)).exists())
-            .order_by(ev.event_id).limit(limit).with_for_update(skip_locked=True)
+            .order_by(ev.event_id).with_for_update(skip_locked=True)
         ).scalars().all()
         self.refresh_event_states(stuck, now=now)
         return list(stuck)
