@@ -81,7 +81,7 @@ class Event(Base):
     pruned_at: Mapped[datetime | None] = mapped_column(Timestamp)
     #: What the event ended as, kept when it was pruned: entity states and coupon codes.
     outcome: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
-    #: The W3C traceparent of its first delivery, when traces are recorded (0015): retries
+    #: The W3C traceparent of its first delivery, when traces are recorded (0016): retries
     #: and replays link to that trace.
     traceparent: Mapped[str | None] = mapped_column(Text)
 
