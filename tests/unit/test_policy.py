@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import random
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from worker.domain.model import Verdict
 from worker.domain.policy import (
+    OUTCOME_UNRECORDABLE,
     CircuitPolicy,
     DeadLetter,
     Defer,
+    HeldCoupon,
     RecordIssued,
     RetryPolicy,
     ScheduleRetry,
+    refused_after_unknown,
+    refused_holding,
+    unrecordable,
 )
 
 POLICY = RetryPolicy(max_attempts=5, base_s=2.0, max_s=60.0, reconcile_delay_s=3.0)
@@ -86,3 +91,68 @@ def test_one_code_one_meaning_and_already_holds_one_is_written_once() -> None:
     for code, meaning in CAPILLARY_CODES.items():
         assert ERROR_MEANINGS[str(code)] == meaning.meaning
         assert classify_entry_error(code) is meaning.verdict
+
+
+# -- the dead letters support reads: refusals after an unknown outcome, unrecordable outcomes --
+
+HOLDS_ONE = "5004"
+HOLDS_ONE_REASON = "refused by Capillary (5004 one coupon per user (the customer already holds " \
+    "one))"
+AFTER_UNKNOWN = ", after an earlier attempt whose outcome stayed unknown: "
+
+
+def _held(n: int) -> list[HeldCoupon]:
+    return [HeldCoupon(f"C{i}", datetime(2026, 11, 26, 8, i, 30, 123456, tzinfo=UTC))
+            for i in range(1, n + 1)]
+
+
+def test_a_refusal_to_a_holder_lists_the_customers_coupons_with_their_issue_times() -> None:
+    held = [HeldCoupon("AB12", datetime(2026, 11, 26, 8, 0, 5, 999, tzinfo=UTC)),
+            HeldCoupon("CD34", None)]
+    decision = refused_holding(HOLDS_ONE, held)
+    assert decision == DeadLetter(
+        HOLDS_ONE_REASON + AFTER_UNKNOWN + "the read-back shows the customer's coupon "
+        "AB12 (issued 2026-11-26T08:00:05+00:00), CD34 of this series, not ours (its notes "
+        "lack this event's reference)", reconcile_first=True)
+
+
+def test_a_refusal_to_a_holder_shows_five_coupons_and_counts_the_rest() -> None:
+    five = refused_holding(HOLDS_ONE, _held(5)).reason
+    assert "C5 (issued 2026-11-26T08:05:30+00:00) of this series" in five
+    assert " more" not in five
+    six = refused_holding(HOLDS_ONE, _held(6)).reason
+    assert "C5 (issued 2026-11-26T08:05:30+00:00) and 1 more of this series" in six
+    assert "C6" not in six
+
+
+def test_a_refusal_after_an_empty_read_back_says_the_customer_holds_none() -> None:
+    assert refused_holding("709", []) == DeadLetter(
+        "refused by Capillary (709 coupon processing failed (e.g. the customer already holds "
+        "one))" + AFTER_UNKNOWN + "the read-back shows no coupon of this series for the customer",
+        reconcile_first=True)
+
+
+def test_a_holders_refusal_after_an_unknown_outcome_is_read_back_before_a_replay() -> None:
+    refused = DeadLetter(HOLDS_ONE_REASON, reconcile_first=False, code=HOLDS_ONE)
+    decision = refused_after_unknown(refused, HOLDS_ONE, after_unknown=True)
+    assert decision == DeadLetter(
+        HOLDS_ONE_REASON + ", after an earlier attempt whose outcome stayed unknown, and the "
+        "read-back of the customer's coupons failed (the customer's coupon may be that "
+        "attempt's: a replay reads back first)", reconcile_first=True, code=HOLDS_ONE)
+
+
+def test_other_refusals_and_first_attempts_keep_their_decision() -> None:
+    refused = DeadLetter("refused by Capillary (712 series/campaign expired)",
+                         reconcile_first=False)
+    assert refused_after_unknown(refused, "712", after_unknown=True) is refused
+    assert refused_after_unknown(refused, None, after_unknown=True) is refused
+    assert refused_after_unknown(refused, HOLDS_ONE, after_unknown=False) is refused
+    retry = ScheduleRetry(timedelta(seconds=2), reconcile_first=True)
+    assert refused_after_unknown(retry, HOLDS_ONE, after_unknown=True) is retry
+
+
+def test_an_unrecordable_outcome_is_dead_lettered_to_be_checked_in_capillary() -> None:
+    assert unrecordable("coupon AB12", "value too long") == DeadLetter(
+        "the ledger refused to record this attempt's outcome (coupon AB12): value too long; "
+        "Capillary may hold a coupon for it: check before replaying (a replay reads back "
+        "first)", reconcile_first=True, code=OUTCOME_UNRECORDABLE)

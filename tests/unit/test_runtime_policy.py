@@ -6,12 +6,18 @@ import random
 from datetime import UTC, datetime, timedelta
 
 from worker.domain import policy, runtime_policy
+from worker.domain.model import DeadMessageKind
 from worker.domain.policy import DEFER_JITTER_S, RetryPolicy, retries_to_dispatch
 from worker.domain.runtime_policy import (
     BACKLOG_MIN,
     BACKLOG_PER_SLOT,
     CONSUME,
+    FAILED_DELIVERY_PAUSE_BASE_S,
+    FAILED_DELIVERY_PAUSE_MAX_S,
     LEDGER_DOWN_PAUSE_S,
+    KeepAsDeadLetter,
+    Requeue,
+    after_failed_delivery,
     bridge_high_water,
     bridge_room,
     consumption_for_circuit,
@@ -109,3 +115,15 @@ def test_a_429_holds_the_fleet_for_retry_after_or_else_the_base_delay() -> None:
     retry = RetryPolicy(base_s=2.0)
     assert retry.throttle_penalty_s(7.0) == 7.0
     assert retry.throttle_penalty_s(None) == 2.0
+
+
+def test_a_failed_delivery_goes_back_after_a_pause_doubling_up_to_its_cap() -> None:
+    error = RuntimeError("a bug of ours")
+    pauses = [after_failed_delivery(n, error, limit=10) for n in range(0, 9)]
+    assert [p.pause_s for p in pauses if isinstance(p, Requeue)] == [
+        FAILED_DELIVERY_PAUSE_BASE_S, FAILED_DELIVERY_PAUSE_BASE_S,
+        2 * FAILED_DELIVERY_PAUSE_BASE_S, 4 * FAILED_DELIVERY_PAUSE_BASE_S,
+        8 * FAILED_DELIVERY_PAUSE_BASE_S, FAILED_DELIVERY_PAUSE_MAX_S,
+        FAILED_DELIVERY_PAUSE_MAX_S, FAILED_DELIVERY_PAUSE_MAX_S, FAILED_DELIVERY_PAUSE_MAX_S]
+    assert after_failed_delivery(10, error, limit=10) == KeepAsDeadLetter(
+        DeadMessageKind.INTERNAL_ERROR)
