@@ -841,3 +841,26 @@ def test_every_entity_waiting_out_the_pause_becomes_due_when_it_ends_early(
     with uow() as u:
         due = u.ledger.take_due(now=NOW + timedelta(seconds=1), limit=10)
     assert [d.entity_id for d in due] == [a.entity_id]
+
+
+def test_a_retry_claim_hands_out_that_entity_as_the_ledger_holds_it(clean_ledger: Engine) -> None:
+    uow = sql_unit_of_work_factory(clean_ledger)
+    # Series ids unlike the entities' ids and attempt counts, so no column can stand in for one
+    other = parse_event_data({"eventId": "e-9", "customer": {"id": "7"}, "seriesIds": [31, 32]})
+    with uow() as u:
+        _new, claim = u.ledger.take_in(other, source="bus", token="t1", worker="w", now=NOW,
+                                       lease_s=LEASE_S, settle_window_s=SETTLE_S)
+        u.commit()
+    a, b = claim.entities
+    record(uow, claim, retry_wait(a.entity_id, NOW), retry_wait(b.entity_id, NOW))
+    retry = claim_one(uow, b.entity_id, "t2").entities[0]
+    assert (retry.entity_id, retry.series_id, retry.attempts, retry.needs_reconcile) == (
+        b.entity_id, 32, 2, False)
+    assert retry.needs_reconcile is False and retry.settled
+    assert retry.first_attempt_at == b.first_attempt_at
+    # A retry that need not read back first says nothing more in its history
+    assert rows(clean_ledger, m.EntityHistory, "kind", "state", "attempt", "worker",
+                "message")[-1] == ("claimed", "in_flight", 2, "t2", None)
+    # A coupon Capillary gave without warnings keeps none (not an empty list)
+    assert record(uow, claim_one(uow, a.entity_id, "t3"), issued(a.entity_id, attempt=2)) == 0
+    assert rows(clean_ledger, m.IssuedCoupon, "entity_id", "warnings") == [(a.entity_id, None)]
