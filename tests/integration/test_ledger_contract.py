@@ -864,3 +864,23 @@ def test_a_retry_claim_hands_out_that_entity_as_the_ledger_holds_it(clean_ledger
     # A coupon Capillary gave without warnings keeps none (not an empty list)
     assert record(uow, claim_one(uow, a.entity_id, "t3"), issued(a.entity_id, attempt=2)) == 0
     assert rows(clean_ledger, m.IssuedCoupon, "entity_id", "warnings") == [(a.entity_id, None)]
+
+
+def test_a_pruned_event_taken_in_again_claims_nothing_and_says_pruned(
+        clean_ledger: Engine) -> None:
+    uow = sql_unit_of_work_factory(clean_ledger)
+    claim = ingest_and_claim(uow)
+    record(uow, claim, *(issued(e.entity_id, code=f"C{e.series_id}") for e in claim.entities))
+    # What retention's prune leaves of a settled event: its row, without its entities
+    ids = [e.entity_id for e in claim.entities]
+    with clean_ledger.begin() as conn:
+        for table in ("coupons", "entity_history", "entities"):
+            column = "id" if table == "entities" else "entity_id"
+            conn.execute(text(f"DELETE FROM {table} WHERE {column} = ANY(:ids)"),
+                         {"ids": ids})
+        conn.execute(text("UPDATE events SET pruned_at = now() WHERE event_id = 'e-1'"))
+    with uow() as u:
+        new, again = u.ledger.take_in(EVENT, source="bus", token="t2", worker="w", now=NOW,
+                                      lease_s=LEASE_S, settle_window_s=SETTLE_S)
+        u.commit()
+    assert (new, again.entities, again.skipped) == (False, (), {"pruned": 2})
