@@ -333,14 +333,19 @@ def _env_name(field_name: str) -> str:
     return alias if isinstance(alias, str) else field_name
 
 
+def dotenv_file() -> str | None:
+    """The optional dotenv file every settings class reads: ``COUPONS_ENV_FILE`` (default
+    ``.env``; empty for none)."""
+    return os.environ.get("COUPONS_ENV_FILE", ".env") or None
+
+
 def load_settings(**overrides: object) -> Settings:
     """Read and validate the settings; a bad value raises ConfigurationError naming it.
 
     ``COUPONS_ENV_FILE`` names the optional dotenv file (default ``.env``; empty for none).
     """
-    env_file = os.environ.get("COUPONS_ENV_FILE", ".env") or None
     try:
-        return Settings(_env_file=env_file, **overrides)  # type: ignore[arg-type]
+        return Settings(_env_file=dotenv_file(), **overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         problems = []
         for error in exc.errors():

@@ -33,9 +33,10 @@ lists every variable they read, and only those.
 **Where they are read from.** The worker's settings (the first section) come from the
 environment or from a `.env` file in the working directory; `COUPONS_ENV_FILE` names another
 file (empty: none). The environment wins over the file. The console's settings
-(`COUPONS_CONSOLE_*`, the second section) are read from the environment only, never from
-`.env`; so are `COUPONS_LOG_LEVEL` and `COUPONS_LOG_FORMAT` for the command line's own log
-lines (`coupon-worker worker` and `coupon-worker prune` read them as settings, from both).
+(`COUPONS_CONSOLE_*`, the second section) are read from the same two places.
+`COUPONS_LOG_LEVEL` and `COUPONS_LOG_FORMAT` for the command line's own log lines are read
+from the environment only (`coupon-worker worker` and `coupon-worker prune` read them as
+settings, from both).
 """
 
 FOOTER = """\
@@ -43,8 +44,8 @@ FOOTER = """\
 
 A few variables are read by one command or library, not by the settings classes:
 
-- `COUPONS_ENV_FILE`: the dotenv file the worker's settings are read from (default `.env`;
-  empty for none).
+- `COUPONS_ENV_FILE`: the dotenv file the worker's and the console's settings are read from
+  (default `.env`; empty for none).
 - `COUPONS_DB_<JOB>_PASSWORD`, `COUPONS_DB_<JOB>_PASSWORD_FILE`: read by
   `coupon-worker db roles --apply` only: the password of role `<prefix>_<job>` (`JOB` is
   `OWNER`, `WORKER`, `CONSOLE` or `RETENTION`), or a file holding it; a role given none cannot

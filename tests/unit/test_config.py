@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from worker.config import load_settings
@@ -161,3 +163,18 @@ def test_prepared_statements_follow_the_pooler_unless_set() -> None:
     assert direct_off.statement_mode().per_transaction is None
     assert direct_off.connect_args("w")["prepare_threshold"] is None
     assert "statement_timeout" in str(direct_off.connect_args("w")["options"])
+
+
+def test_the_console_reads_the_same_dotenv_file_as_the_worker(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.entrypoints.console.config import load_console_settings
+
+    for name in ("COUPONS_CONSOLE_SECRET", "COUPONS_CONSOLE_USERS", "COUPONS_CONSOLE_TIMEZONE"):
+        monkeypatch.delenv(name, raising=False)
+    dotenv = tmp_path / "console.env"
+    dotenv.write_text("COUPONS_CONSOLE_SECRET=dotenv-secret-0123456789abcdefghijklmn\n"
+                      "COUPONS_CONSOLE_TIMEZONE=Asia/Kolkata\n")
+    monkeypatch.setenv("COUPONS_ENV_FILE", str(dotenv))
+    console = load_console_settings()
+    assert console.secret.get_secret_value() == "dotenv-secret-0123456789abcdefghijklmn"
+    assert console.timezone == "Asia/Kolkata"

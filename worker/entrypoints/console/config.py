@@ -207,7 +207,11 @@ def weakness(secret: str) -> str | None:
 
 
 def load_console_settings(**overrides: object) -> ConsoleSettings:
+    """The console's settings, from the environment and the same dotenv file as the worker's
+    (``COUPONS_ENV_FILE``), as the configuration reference says."""
+    from worker.config import dotenv_file
+
     try:
-        return ConsoleSettings(**overrides)  # type: ignore[arg-type]
+        return ConsoleSettings(_env_file=dotenv_file(), **overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         raise ConfigurationError(f"console configuration: {exc}") from exc
