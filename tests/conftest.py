@@ -40,7 +40,7 @@ BIN_DIR = Path(sys.executable).parent
 LEDGER_TABLES = ("coupons", "entity_history", "api_calls", "operator_actions", "entities",
                  "events", "rejected_events", "circuit_breakers", "rate_limit_buckets",
                  "replay_job_items", "replay_jobs", "message_failures", "maintenance_runs",
-                 "console_sessions", "login_attempts")
+                 "console_sessions", "login_attempts", "dead_letter_groups")
 SANDBOX_USER, SANDBOX_PASSWORD = "store.server", "server123"
 
 # Tests must not pick up a developer's .env file.

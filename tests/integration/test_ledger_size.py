@@ -150,6 +150,7 @@ def test_the_bench_command_runs_the_scenario_and_prints_its_verdicts_as_json(
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["seed"]["entities"] == 300 and report["baseline_rows"] == 5000
+    assert report["seed"]["big_table_rows"] == sum(report["seed"]["rows"].values()) > 300
     assert len(report["rows"]) == 9 and all("met" in row for row in report["rows"])
     assert isinstance(report["plans_ok"], bool) and report["plans"]
 
@@ -181,7 +182,7 @@ def test_seeding_says_when_vacuum_cannot_make_the_rows_visible_to_all(
         drop_database(PG_ADMIN_URL, name)
 
 
-def test_the_dead_letter_groups_are_counted_from_their_index_alone(
+def test_the_dead_letter_groups_are_read_from_their_summary_not_the_entities(
         seeded: tuple[Engine, Engine]) -> None:
     from worker.usecases import queries
 
@@ -190,7 +191,9 @@ def test_the_dead_letter_groups_are_counted_from_their_index_alone(
         seen.label = "dead-letter groups"
         groups = queries.dead_letter_groups(full)
     [check] = check_all(seen.statements, explain(full, seen.statements), BIG_TABLES)
-    assert check.scans == ("Index Only Scan using ix_entities_dead_causes on entities",), check
+    # One statement, on the summary alone: no big table, not even through an index
+    assert check.ok and all("dead_letter_groups" in scan for scan in check.scans), check
     with full.connect() as conn:
         dead = conn.execute(text("SELECT count(*) FROM entities WHERE state = 'dead'")).scalar()
+    # The seeder counted them (its COPY runs without triggers), as 0017's backfill does
     assert sum(g["count"] for g in groups) == dead

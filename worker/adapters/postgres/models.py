@@ -369,6 +369,29 @@ class EntityTransition(Base):
     to_state: Mapped[str] = mapped_column(Text, primary_key=True)
 
 
+class DeadLetterGroup(Base):
+    """The console's dead-letter groups (cause x series x message), kept by a trigger on
+    ``entities`` (0017): a row of +1 or -1 per entity entering or leaving the dead state, which
+    the sweeper folds into one row per group (``worker.adapters.postgres.dead_letter_groups``)."""
+
+    __tablename__ = "dead_letter_groups"
+    __table_args__ = (
+        # Whether there is anything to fold: the sweeper asks once a second.
+        Index("ix_dead_letter_groups_unfolded", "id", postgresql_where=text("NOT folded")),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    error_code: Mapped[str | None] = mapped_column(Text)
+    series_id: Mapped[int] = mapped_column(Integer)
+    message: Mapped[str | None] = mapped_column(Text)
+    #: +1 (entered the dead state), -1 (left it), or the group's count once folded.
+    dead: Mapped[int] = mapped_column(Integer)
+    #: The entity's ``dead_at`` (a delta), or the group's oldest and newest (folded).
+    first_dead_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    last_dead_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    folded: Mapped[bool] = mapped_column(server_default=text("false"))
+
+
 class ReplayJob(Base):
     """A replay an operator confirmed in the console: run by the workers' sweeper, at a pace.
 

@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, RowMapping, func, select, union
 
 from worker.adapters.postgres import models as m
+from worker.adapters.postgres.dead_letter_groups import read as read_dead_letter_groups
 from worker.adapters.postgres.support import Selection
 
 # -- one entity, one event ---------------------------------------------------------------------
@@ -214,27 +215,11 @@ def dead_letter_summary(engine: Engine, selection: Selection) -> Sequence[RowMap
         ).mappings().all()
 
 
-def dead_letter_groups(engine: Engine, *, limit: int) -> Sequence[RowMapping]:
-    """Dead entities grouped by cause: error code x series x message, biggest first."""
-    e = m.Entity
-    # Read in the order of ix_entities_dead_causes (0015), which holds every column asked for:
-    # an index-only scan. Left to itself the planner priced ix_entities_dead (in dead_at
-    # order, which follows the table's) as cheap, and read a table page per dead letter.
-    dead = (
-        select(e.last_error_code, e.series_id, e.last_error_message, e.dead_at)
-        .where(e.state == "dead")
-        .order_by(e.last_error_code, e.series_id, e.last_error_message).subquery()
-    )
+def dead_letter_groups(engine: Engine, *, limit: int) -> list[dict[str, Any]]:
+    """Dead entities grouped by cause: error code x series x message, biggest first, from
+    the summary a trigger keeps (``worker.adapters.postgres.dead_letter_groups``)."""
     with engine.connect() as conn:
-        return conn.execute(
-            select(dead.c.last_error_code.label("error_code"), dead.c.series_id,
-                   dead.c.last_error_message.label("message"), func.count().label("count"),
-                   func.min(dead.c.dead_at).label("first"),
-                   func.max(dead.c.dead_at).label("last"))
-            .group_by(dead.c.last_error_code, dead.c.series_id, dead.c.last_error_message)
-            .order_by(func.count().desc(), dead.c.last_error_code, dead.c.series_id)
-            .limit(limit)
-        ).mappings().all()
+        return read_dead_letter_groups(conn, limit=limit)
 
 
 def duplicates(engine: Engine, *, limit: int) -> Sequence[RowMapping]:

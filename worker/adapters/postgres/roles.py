@@ -64,6 +64,10 @@ GRANTS: Mapping[str, Mapping[Job, tuple[str, ...]]] = {
                          "retention": (SEL, INS, UPD)},
     # Read by the trigger that checks every state change of an entity.
     "entity_transitions": {"worker": (SEL,), "console": (SEL,)},
+    # The console's dead-letter groups (0017): a trigger adds a row whenever an entity enters
+    # or leaves the dead state, as whoever writes the entity; the sweeper folds them.
+    "dead_letter_groups": {"worker": (SEL, INS, DEL), "console": (SEL, INS),
+                           "retention": (INS,)},
     # The audit: appended to, never changed (its trigger refuses it even to the owner).
     "operator_actions": {"worker": (INS,), "console": (SEL, INS), "retention": (SEL,)},
     # Which schema the ledger has: read by the workers' start-up and metrics, the console.

@@ -15,6 +15,7 @@ from sqlalchemy import cast as sql_cast
 from sqlalchemy.dialects.postgresql import ARRAY
 
 from worker.adapters.postgres import models as m
+from worker.adapters.postgres.dead_letter_groups import fold
 from worker.adapters.postgres.records import DeadLetterRecord, DueEntity, Verification
 from worker.adapters.postgres.tables import (
     _ABANDONED,
@@ -64,6 +65,10 @@ class SweeperLedger(Protocol):
 
     def mark_dead_letters_published(self, records: Sequence[DeadLetterRecord], *,
                                     now: datetime) -> None: ...
+
+    def fold_dead_letter_groups(self) -> int:
+        """Fold the dead-letter groups' deltas into a row per group; how many were folded."""
+        ...
 
 
 class SweeperStatements(SessionBound):
@@ -287,3 +292,6 @@ class SweeperStatements(SessionBound):
         ).scalars().all()
         self.refresh_event_states(stuck, now=now)
         return list(stuck)
+
+    def fold_dead_letter_groups(self) -> int:
+        return fold(self.session.connection())
