@@ -12,17 +12,25 @@ import pytest
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.exc import OperationalError
 
+from coupon_devtools.fakes.broker import FakePublisher
+from coupon_devtools.fakes.capillary import FakeCapillary
 from coupon_devtools.harness.databases import drop_database
 from tests.conftest import PG_ADMIN_URL
 from worker.adapters.postgres import reads
+from worker.adapters.postgres.circuit import CircuitGate
 from worker.adapters.postgres.migrate import ensure_database, upgrade
+from worker.adapters.postgres.ratelimit import RetryAfterGate
 from worker.adapters.postgres.records import Transition
 from worker.adapters.postgres.retention import RetentionStore
 from worker.adapters.postgres.unit_of_work import sql_unit_of_work_factory
 from worker.domain.events import parse_event_data
 from worker.domain.model import EntityState
+from worker.domain.policy import CircuitPolicy, RetryPolicy
+from worker.metrics import Metrics
 from worker.usecases import queries
+from worker.usecases.deps import Deps
 from worker.usecases.retention import RetentionPolicy, prune
+from worker.usecases.sweep import sweep
 
 T0 = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)
 DAY_S = 86_400.0
@@ -224,6 +232,25 @@ def test_the_console_page_and_the_groups_agree_after_a_fold_racing_new_deltas(
     assert sorted(summary_rows(clean_ledger)) == [(1, False), (1, True)]
     fold(clean_ledger)
     assert summary_rows(clean_ledger) == [(2, True)]
+    assert_summary_is_fresh(clean_ledger)
+
+
+def test_the_sweepers_cycle_folds_the_deltas(clean_ledger: Engine) -> None:
+    # Given dead letters and a replay not yet folded
+    ids = dead_letter(clean_ledger, "sweep-1", [1, 2], at=T0)
+    with clean_ledger.begin() as conn:
+        conn.execute(text("UPDATE entities SET state = 'queued' WHERE id = :id"), {"id": ids[0]})
+    assert sorted(summary_rows(clean_ledger)) == [(-1, False), (1, False), (1, False)]
+    # When the sweeper runs its cycle
+    uow = sql_unit_of_work_factory(clean_ledger)
+    deps = Deps(uow=uow, api=FakeCapillary(), publisher=FakePublisher(),
+                limiter=RetryAfterGate(clean_ledger),
+                circuit=CircuitGate(uow, CircuitPolicy(), clock=lambda: datetime.now(UTC),
+                                    probe_timeout_s=60),
+                retry_policy=RetryPolicy(), metrics=Metrics(), worker_id="test")
+    sweep(deps)
+    # Then a row per group is left, and the same groups
+    assert summary_rows(clean_ledger) == [(1, True)]
     assert_summary_is_fresh(clean_ledger)
 
 
