@@ -250,8 +250,8 @@ class SettingsFields(BaseSettings):
                     "`max_prepared_statements`; untested here) or `off`.")
     db_pool_size: int = Field(
         5, ge=1, le=50, validation_alias="COUPONS_DB_POOL_SIZE",
-        description="Ledger connections each process (worker or console) keeps; it opens as "
-                    "many again at a peak, so a process holds at most twice this "
+        description="Sizes each process's (worker or console) ledger pool: it opens "
+                    "connections as they are needed, up to twice this, and keeps them "
                     "(docs/capacity.md, `coupon-worker doctor`).")
     db_role_prefix: str = Field(
         "coupon", pattern=r"^[a-z_][a-z0-9_]{0,30}$", validation_alias="COUPONS_DB_ROLE_PREFIX",

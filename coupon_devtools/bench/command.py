@@ -22,8 +22,9 @@ Scenarios (``--scenario``):
 - ``targets``: the issue's targets in one table, one verdict per row, every run cold (the
   worker started onto a waiting backlog, start-up counted): at 300 ms, ``threads`` x 64 against
   the ideal c/L and the bare task on the same pool, and its PSS against ``prefork`` x 64; at
-  50 ms, ``prefork`` x 8 against the bare task in throughput, CPU per event and RSS
-  (:mod:`coupon_devtools.bench.targets`);
+  50 ms, ``prefork`` x 8 against the bare task in throughput, CPU per event and RSS; and how
+  both throughput ratios agree with the same ratios from the sandbox's log of its answers, an
+  outside measurement (:mod:`coupon_devtools.bench.targets`, :mod:`coupon_devtools.bench.outside`);
 - ``all``: every one of the above;
 - ``ledger-size``: the ledger's statements on a seeded ledger of ``--ledger-rows`` entities
   against a nearly empty one (:mod:`coupon_devtools.bench.ledger_size`); no broker, no worker.

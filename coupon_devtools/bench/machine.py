@@ -108,6 +108,20 @@ def process_tree(roots: Sequence[int], table: Mapping[int, tuple[int, str, float
     return found
 
 
+def started_at(pid: int) -> float | None:
+    """When the kernel started a process, in epoch seconds, to a clock tick (None if gone).
+
+    ``/proc/<pid>/stat`` counts ticks since boot; boot is now minus ``/proc/uptime``, which
+    has the tick's resolution (``btime`` in ``/proc/stat`` is whole seconds)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        uptime_s = float(Path("/proc/uptime").read_text().split()[0])
+        ticks = int(fields[19])
+    except (OSError, ValueError, IndexError):
+        return None
+    return time.time() - uptime_s + ticks / os.sysconf("SC_CLK_TCK")
+
+
 def status_kb(pid: int, path: str, key: str) -> int:
     try:
         for line in Path(f"/proc/{pid}/{path}").read_text().splitlines():

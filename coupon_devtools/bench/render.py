@@ -214,6 +214,12 @@ def _spread(s: Spread | None, digits: int = 1, unit: str = "") -> str:
             f"{_fmt(s.high, digits)})")
 
 
+def _signed(s: Spread) -> str:
+    if s.low == s.high:
+        return f"{s.median:+.3f}"
+    return f"{s.median:+.3f} ({s.low:+.3f} to {s.high:+.3f})"
+
+
 def render_targets(console: Console, t: TargetsResult) -> None:
     rounds = f"median of {t.rounds} rounds (lowest-highest)" if t.rounds > 1 else "one round"
     table = Table(title=f"Targets: each worker started onto a waiting backlog, timed from the "
@@ -222,6 +228,13 @@ def render_targets(console: Console, t: TargetsResult) -> None:
     for column in ("figure", "coupon-worker", "compared with", "ratio", "target", "verdict"):
         table.add_column(column, justify="left" if column == "figure" else "right")
     for row in t.rows:
+        if row.difference is not None:
+            # An agreement row compares two ratios: the figure is how far apart they are.
+            table.add_row(row.figure, _spread(row.ours, 3, "x"),
+                          f"{_spread(row.other, 3, 'x')} {row.other_label}",
+                          f"difference {_signed(row.difference)}", row.target,
+                          _verdict(row.met))
+            continue
         table.add_row(row.figure, _spread(row.ours), f"{_spread(row.other)} {row.other_label}",
                       _spread(row.ratio, 2, "x"), row.target, _verdict(row.met))
     console.print(table)
@@ -235,6 +248,17 @@ def render_targets(console: Console, t: TargetsResult) -> None:
                      _fmt(r.cpu_ms_per_event, 2), _fmt(r.rss_mb, 0), _fmt(r.pss_mb, 0),
                      str(r.processes))
     console.print(runs)
+    outside = Table(title="Targets: every run from outside (the sandbox's log of its answers, "
+                          "timed from the same spawn)", title_justify="left")
+    for column in ("system", "pool", "events/s (own records)", "issued (sandbox)",
+                   "start to last answer (s)", "events/s (sandbox)",
+                   "kernel's start after the spawn (s)"):
+        outside.add_column(column, justify="left" if column in ("system", "pool") else "right")
+    for r in t.runs:
+        outside.add_row(r.system, f"{r.pool} x {r.concurrency}", _fmt(r.events_per_s),
+                        f"{r.outside_events:,}", _fmt(r.outside_duration_s, 2),
+                        _fmt(r.outside_events_per_s), _fmt(r.command_started_s, 3))
+    console.print(outside)
 
 
 def render(console: Console, report: BenchReport) -> None:

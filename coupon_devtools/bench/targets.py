@@ -13,7 +13,10 @@ lowest and highest.
 - memory: PSS summed over every process of the worker, ours on ``threads`` x 64 against ours on
   ``prefork`` x 64, both at the end of the same backlog;
 - 50 ms, ``prefork`` x 8: ours against the bare task in throughput, in CPU seconds per event
-  (the worker's process tree, start-up included) and in RSS (summed over its processes).
+  (the worker's process tree, start-up included) and in RSS (summed over its processes);
+- for both throughput ratios, their agreement with an outside measurement: the same ratio
+  from the sandbox Capillary's log of its answers (``outside.py``) instead of the systems'
+  own records, within ``AGREEMENT_TARGET``.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from pathlib import Path
 
 from coupon_devtools.bench.defaults import BenchError
 from coupon_devtools.bench.events import Batch, make_event
-from coupon_devtools.bench.machine import memory_of, process_table, process_tree
+from coupon_devtools.bench.machine import memory_of, process_table, process_tree, started_at
+from coupon_devtools.bench.outside import sandbox_answers
 from coupon_devtools.bench.stack import Stack
 from coupon_devtools.bench.systems import Baseline, Ours, WorkerShape, publish, wait_done
 
@@ -47,6 +51,8 @@ BARE_THROUGHPUT_TARGET = 0.95
 PSS_TARGET = 0.5
 CPU_TARGET = 1.3
 RSS_TARGET = 1.25
+#: How far a throughput ratio from the bench's records may be from the sandbox's (issue 26).
+AGREEMENT_TARGET = 0.02
 
 QUEUES = ("coupons.events", "coupons.tasks", "coupons.retry")
 
@@ -67,6 +73,14 @@ class ColdRun:
     rss_mb: float
     pss_mb: float
     processes: int
+    #: The outside measurement: the events the sandbox answered 200 for, over the time from
+    #: the spawn to its last such answer.
+    outside_events: int
+    outside_duration_s: float
+    outside_events_per_s: float
+    #: When the kernel says the worker command started, after the bench's spawn time (None
+    #: when /proc could not tell).
+    command_started_s: float | None = None
 
 
 @dataclass
@@ -94,6 +108,8 @@ class TargetRow:
     ratio: Spread
     target: str
     met: bool
+    #: Agreement rows only: ours minus the other, round by round.
+    difference: Spread | None = None
 
 
 @dataclass
@@ -136,6 +152,7 @@ def cold_run(stack: Stack, system: Ours | Baseline, shape: WorkerShape, *, n_eve
     system.start()
     try:
         ready = time.time() - spawned
+        kernel_starts = [t for t in map(started_at, system.roots()) if t is not None]
         wait_done(system, batch)
         cpu = _tree_cpu_s(system.roots())
         memory = memory_of(system.roots())
@@ -144,14 +161,22 @@ def cold_run(stack: Stack, system: Ours | Baseline, shape: WorkerShape, *, n_eve
     times = system.completion_times(batch)
     if len(times) < n_events:
         raise BenchError(f"{system.name}: {len(times)} of {n_events} events issued")
+    outside = sandbox_answers(stack, batch, since=spawned)
+    if outside.issued < n_events or outside.last_answer is None:
+        raise BenchError(f"{system.name}: the sandbox answered {outside.issued} of {n_events} "
+                         "events")
     duration = max(max(times.values()) - spawned, 1e-6)
+    outside_duration = max(outside.last_answer - spawned, 1e-6)
     return ColdRun(
         system=system.name, pool=shape.pool, concurrency=shape.concurrency, events=n_events,
-        ready_s=round(ready, 2), duration_s=round(duration, 2),
-        events_per_s=round(n_events / duration, 1), cpu_s=round(cpu, 2),
+        ready_s=round(ready, 2), duration_s=round(duration, 3),
+        events_per_s=round(n_events / duration, 2), cpu_s=round(cpu, 2),
         cpu_ms_per_event=round(cpu * 1000 / n_events, 3),
         rss_mb=round(memory.rss_mb, 1), pss_mb=round(memory.pss_mb, 1),
-        processes=memory.processes)
+        processes=memory.processes, outside_events=outside.issued,
+        outside_duration_s=round(outside_duration, 3),
+        outside_events_per_s=round(outside.issued / outside_duration, 2),
+        command_started_s=round(min(kernel_starts) - spawned, 3) if kernel_starts else None)
 
 
 def _rounds(stack: Stack, shape: WorkerShape, *, n_events: int, rounds: int,
@@ -174,11 +199,31 @@ def _rounds(stack: Stack, shape: WorkerShape, *, n_events: int, rounds: int,
     return ours_runs, bare_runs
 
 
+def _per_round(ours: Sequence[ColdRun], other: Sequence[ColdRun],
+               pick: Callable[[ColdRun], float]) -> list[float]:
+    """Each round's ratio ours / other (same round, same minute of the machine)."""
+    return [pick(o) / pick(b) if pick(b) else 0.0 for o, b in zip(ours, other, strict=True)]
+
+
 def _ratios(ours: Sequence[ColdRun], other: Sequence[ColdRun],
             pick: Callable[[ColdRun], float]) -> Spread:
-    """Each round's ratio ours / other (same round, same minute of the machine)."""
-    return Spread.of([pick(o) / pick(b) if pick(b) else 0.0
-                      for o, b in zip(ours, other, strict=True)])
+    return Spread.of(_per_round(ours, other, pick))
+
+
+def agreement_row(label: str, ours: Sequence[ColdRun], bare: Sequence[ColdRun]) -> TargetRow:
+    """The throughput ratio ours / bare from the bench's records against the same ratio from
+    the sandbox's log, round by round; met when every round's difference is within
+    ``AGREEMENT_TARGET`` (a median would hide a round where the two disagree)."""
+    by_records = _per_round(ours, bare, lambda r: r.events_per_s)
+    by_sandbox = _per_round(ours, bare, lambda r: r.outside_events_per_s)
+    pairs = list(zip(by_records, by_sandbox, strict=True))
+    difference = Spread.of([a - b for a, b in pairs])
+    return TargetRow(
+        f"{label}: agreement with an outside measurement (events/s ratio ours / bare task)",
+        Spread.of(by_records), Spread.of(by_sandbox), "from the sandbox's log",
+        Spread.of([a / b if b else 0.0 for a, b in pairs]),
+        f"difference <= {AGREEMENT_TARGET:g}",
+        max(abs(difference.low), abs(difference.high)) <= AGREEMENT_TARGET, difference)
 
 
 def run_targets(stack: Stack, *, short: bool, rounds: int | None, series: Sequence[int],
@@ -237,6 +282,8 @@ def run_targets(stack: Stack, *, short: bool, rounds: int | None, series: Sequen
         TargetRow(f"{fast_label}: RSS (MB) against the bare task",
                   spread(ours_fast, lambda r: r.rss_mb), spread(bare_fast, lambda r: r.rss_mb),
                   "bare task", rss, f"<= {RSS_TARGET:g}x", rss.median <= RSS_TARGET),
+        agreement_row(slow_label, ours_slow, bare_slow),
+        agreement_row(fast_label, ours_fast, bare_fast),
     ]
     return TargetsResult(rows, [*ours_slow, *bare_slow, prefork_slow, *ours_fast, *bare_fast],
                          n_rounds)

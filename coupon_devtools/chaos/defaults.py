@@ -44,10 +44,11 @@ CHAOS_ENVIRONMENT: Final[Mapping[str, str]] = {
     "COUPONS_CIRCUIT_OPEN_SECONDS": "2",
     "COUPONS_RETRY_BASE_SECONDS": "0.5",
     # A read-back that fails (the API down, an unreadable page) spends an attempt, and the
-    # entity is dead as unknown_outcome once they are spent, by design (fail closed). The
-    # backoff must still span the run's outages (an API down 6 s, RabbitMQ and PostgreSQL
-    # restarts, all slower on a loaded machine): with a 4 s cap eight attempts took about 12 s,
-    # and one unlucky entity died during an outage with its coupon issued.
+    # entity is dead as unknown_outcome once they are spent and it is older than the settle
+    # window plus this cap (13 s), by design (fail closed). That floor must span the run's
+    # outages (an API down 6 s, RabbitMQ and PostgreSQL restarts, all slower on a loaded
+    # machine): with a 4 s cap and no floor, eight attempts took about 12 s, and one unlucky
+    # entity died during an outage with its coupon issued.
     "COUPONS_RETRY_MAX_SECONDS": "8",
     "COUPONS_RECONCILE_DELAY_SECONDS": "0.5",
     "COUPONS_WORKER_CONCURRENCY": "2",

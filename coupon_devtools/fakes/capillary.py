@@ -16,7 +16,7 @@ from worker.adapters.capillary.api import (
     FoundCoupon,
     ReadBack,
 )
-from worker.domain.errors import Ambiguous
+from worker.domain.errors import Ambiguous, Retryable
 from worker.domain.model import Coupon, EntryError, Verdict
 from worker.domain.verdicts import classify_entry_error, classify_transport, classify_unanswered
 
@@ -31,7 +31,11 @@ CallFault = Literal[
     "unauthorized",  # 401
     "bad_request",  # 400: the request itself is refused
     "read_back_fails",  # the next read-back raises Ambiguous
+    "read_back_throttled",  # the next read-back answers 429 with Retry-After
 ]
+
+#: The faults that strike a read-back, not a bulk call.
+READ_BACK_FAULTS: frozenset[CallFault] = frozenset({"read_back_fails", "read_back_throttled"})
 
 
 @dataclass
@@ -65,6 +69,8 @@ class FakeCapillary:
     clock: Callable[[], datetime] = _real_clock
     #: The ``since`` of every read-back, in order.
     read_back_since: list[datetime] = field(default_factory=list)
+    #: Read-backs fail (a gateway's 503) until this time on ``clock``: an outage of the search.
+    read_backs_down_until: datetime | None = None
     _faults: deque[CallFault] = field(default_factory=deque)
     _codes: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
@@ -93,8 +99,8 @@ class FakeCapillary:
     def bulk_issue(self, customer: dict[str, str], series_ids: list[int],
                    metadata: dict[str, str]) -> BulkIssueResult:
         self.bulk_calls.append(list(series_ids))
-        fault = self._faults.popleft() if self._faults and self._faults[0] != "read_back_fails" \
-            else None
+        fault = self._faults.popleft() \
+            if self._faults and self._faults[0] not in READ_BACK_FAULTS else None
         if fault in ("timeout_after_issue", "timeout_before_issue", "refused", "late_original"):
             if fault == "timeout_after_issue":
                 self._issue(customer, series_ids, metadata)
@@ -158,9 +164,15 @@ class FakeCapillary:
                      since: datetime) -> ReadBack:
         self.read_backs += 1
         self.read_back_since.append(since)
-        if self._faults and self._faults[0] == "read_back_fails":
-            self._faults.popleft()
+        fault = self._faults.popleft() \
+            if self._faults and self._faults[0] in READ_BACK_FAULTS else None
+        if fault == "read_back_fails":
             raise Ambiguous("read-back timed out")
+        if fault == "read_back_throttled":
+            raise Retryable("read-back rate limited", status=429,
+                            retry_after_s=self.retry_after_s)
+        if self.read_backs_down_until is not None and self.clock() < self.read_backs_down_until:
+            raise Ambiguous("read-back answered 503", status=503)
         found = tuple(
             FoundCoupon(Coupon(code=i.code, series_id=i.series_id), i.at, {"notes": i.notes})
             for i in self.issued

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import socket
 import string
+import threading
 import time
 from collections.abc import Iterator
 
@@ -26,9 +27,8 @@ from worker.domain.errors import LedgerError, LedgerUnavailable
 @pytest.fixture
 def one_connection(settings: Settings, clean_ledger: Engine) -> Iterator[Engine]:
     """A pool of exactly one connection, so every call gets the one the last call left."""
-    engine = make_engine(settings.database_url, pool_size=1,
+    engine = make_engine(settings.database_url, pool_size=1, peak=0,
                          limits=ConnectionLimits(statement_timeout_s=0.5))
-    engine.pool._max_overflow = 0  # type: ignore[attr-defined]
     yield engine
     engine.dispose()
 
@@ -132,9 +132,8 @@ def test_data_over_a_postgresql_limit_is_a_ledger_error_not_an_outage(
 def test_a_thread_that_finds_every_connection_busy_waits_the_connect_timeout_then_it_is_an_outage(
         settings: Settings, clean_ledger: Engine) -> None:
     # Given a pool of one connection (no overflow), held by another thread of the process
-    engine = make_engine(settings.database_url, pool_size=1,
+    engine = make_engine(settings.database_url, pool_size=1, peak=0,
                          limits=ConnectionLimits(connect_timeout_s=2))
-    engine.pool._max_overflow = 0  # type: ignore[attr-defined]
     held = engine.raw_connection()
     try:
         # When a thread asks for one: it waits as long as connecting may take, not 30 s
@@ -144,4 +143,33 @@ def test_a_thread_that_finds_every_connection_busy_waits_the_connect_timeout_the
         assert 1.5 < time.monotonic() - started < 5.0
     finally:
         held.close()
+        engine.dispose()
+
+
+def test_threads_taking_turns_reuse_the_connections_a_peak_opened(
+        settings: Settings, clean_ledger: Engine) -> None:
+    # Given a pool sized 2 (4 at a peak) shared by 16 threads, as under the threads pool
+    engine = make_engine(settings.database_url, pool_size=2)
+    seen: set[int] = set()
+    lock = threading.Lock()
+
+    def work() -> None:
+        for _ in range(30):
+            # pg_sleep keeps the connection long enough for the threads to overlap
+            pid = int(run_alone(engine, "SELECT pg_backend_pid() FROM pg_sleep(0.002)", {})[0][0])
+            with lock:
+                seen.add(pid)
+
+    try:
+        threads = [threading.Thread(target=work) for _ in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        # Then the 480 statements ran on at most the 4 connections of the peak, each opened
+        # once and kept, never one opened and closed per statement (an overflow is closed as
+        # soon as it is handed back to a full pool)
+        assert 2 < len(seen) <= 4
+        assert engine.pool.checkedin() == len(seen)  # type: ignore[attr-defined]
+    finally:
         engine.dispose()

@@ -39,7 +39,17 @@ def test_a_probe_always_settles_the_circuit(verdict: Verdict, status: int | None
 
 
 @pytest.mark.parametrize(("verdict", "status"), [
-    (Verdict.AMBIGUOUS, 502), (Verdict.AMBIGUOUS, None), (Verdict.PERMANENT, 404)])
-def test_an_ordinary_read_back_failure_leaves_the_count_to_issue_calls(
+    (Verdict.AMBIGUOUS, 502), (Verdict.AMBIGUOUS, 503), (Verdict.AMBIGUOUS, None),
+    (Verdict.RETRYABLE, None)])
+def test_a_read_back_failing_for_capillarys_health_counts_probe_or_not(
+        verdict: Verdict, status: int | None) -> None:
+    # An outage seen only through read-backs must open the circuit, as failed calls would.
+    assert CircuitPolicy.after_failed_read_back(verdict, status, probe=False) == "failure"
+    assert CircuitPolicy.after_failed_read_back(verdict, status, probe=True) == "failure"
+
+
+@pytest.mark.parametrize(("verdict", "status"), [
+    (Verdict.AMBIGUOUS, 200), (Verdict.AMBIGUOUS, 429), (Verdict.PERMANENT, 404)])
+def test_a_read_back_failing_for_its_own_request_tells_an_ordinary_circuit_nothing(
         verdict: Verdict, status: int | None) -> None:
     assert CircuitPolicy.after_failed_read_back(verdict, status, probe=False) == "nothing"

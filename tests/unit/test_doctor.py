@@ -141,12 +141,12 @@ def test_only_problems_fail_the_doctor() -> None:
 
 
 def test_a_threads_worker_is_one_process_whose_threads_share_its_pool() -> None:
-    # Given 3 threads workers of 64 threads each, pools of 5 (overflow 5 more)
+    # Given 3 threads workers of 64 threads each, pools of 5 (5 more at a peak, then kept)
     budget = ConnectionBudget(workers=3, concurrency=64, pool_size=5, pool="threads")
     # Then 3 processes hold up to 10 each, whatever the thread count; the console 10, a tool 2
     assert budget.processes == 3
     assert budget.worst_case == 4 * 10 + 2
-    assert budget.typical == 4 * 5 + 1
+    assert budget.typical == 3 * 10 + 5 + 1
     # where prefork x 64 would be 195 processes
     assert ConnectionBudget(workers=3, concurrency=64, pool_size=5).processes == 195
     # And the doctor counts it that way against max_connections

@@ -156,3 +156,85 @@ def test_an_unrecordable_outcome_is_dead_lettered_to_be_checked_in_capillary() -
         "the ledger refused to record this attempt's outcome (coupon AB12): value too long; "
         "Capillary may hold a coupon for it: check before replaying (a replay reads back "
         "first)", reconcile_first=True, code=OUTCOME_UNRECORDABLE)
+
+
+# -- read-backs that fail -------------------------------------------------------------------
+
+#: The chaos profile's settings: a settle window of 5 s, a backoff of 0.5 s capped at 8 s.
+QUICK = RetryPolicy(max_attempts=8, base_s=0.5, max_s=8.0, reconcile_delay_s=0.5,
+                    settle_window_s=5.0)
+
+
+class Unlucky(random.Random):
+    """Every draw at the bottom of its range: the fastest the policy can ever retry."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return a
+
+
+def read_back_until_decided(policy: RetryPolicy, *, attempts: int = 1,
+                            age_s: float = 0.0) -> tuple[DeadLetter, float, int]:
+    """Fail every read-back, the clock moving by each delay decided: the dead letter, the
+    entity's age when it was written and how many read-backs were made."""
+    for made in range(1, 1000):
+        decision = policy.read_back_failed(Verdict.AMBIGUOUS, attempts=attempts, age_s=age_s,
+                                           status=503, rng=Unlucky())
+        if isinstance(decision, DeadLetter):
+            return decision, age_s, made
+        assert isinstance(decision, ScheduleRetry | Defer)
+        assert decision.delay > timedelta(0)
+        age_s += decision.delay.total_seconds()
+        # A scheduled retry spends the attempt; a deferral gives it back.
+        attempts += isinstance(decision, ScheduleRetry)
+        assert attempts <= policy.max_attempts
+    raise AssertionError("failed read-backs never gave the entity up")
+
+
+def test_a_failed_read_backs_wait_doubles_at_least() -> None:
+    rng = random.Random(5)
+    for attempt, ceiling in [(1, 0.5), (2, 1.0), (3, 2.0), (4, 4.0), (5, 8.0), (9, 8.0)]:
+        draws = [QUICK.read_back_delay(attempt, rng=rng).total_seconds() for _ in range(200)]
+        assert all(max(ceiling / 2, 0.5) <= d <= ceiling for d in draws), attempt
+    assert QUICK.read_back_delay(1, retry_after_s=30.0) == timedelta(seconds=30)
+
+
+def test_failed_read_backs_never_give_an_unknown_outcome_up_before_the_floor() -> None:
+    # The chaos run's flake: full jitter drew near zero, eight read-backs failed within one
+    # outage of a few seconds and the entity was dead while its coupon existed.
+    assert QUICK.unknown_outcome_floor_s == 13.0
+    dead, age_s, made = read_back_until_decided(QUICK)
+    assert dead.code == "unknown_outcome" and dead.reconcile_first
+    assert age_s >= QUICK.unknown_outcome_floor_s
+    # ... and it still ends: one backoff past the floor at most, a bounded number of tries.
+    assert age_s < QUICK.unknown_outcome_floor_s + QUICK.max_s and made < 20
+
+
+def test_the_production_defaults_keep_reading_back_for_a_quarter_of_an_hour() -> None:
+    defaults = RetryPolicy()
+    dead, age_s, made = read_back_until_decided(defaults)
+    assert dead.code == "unknown_outcome"
+    assert defaults.unknown_outcome_floor_s == 120.0 + 900.0 <= age_s
+    assert made <= 20
+
+
+def test_spent_attempts_wait_for_the_floor_without_spending_more() -> None:
+    young = QUICK.read_back_failed(Verdict.AMBIGUOUS, attempts=8, age_s=12.0, rng=Unlucky())
+    # At most what is left of the floor: the next read-back that fails past it ends the entity.
+    assert young == Defer(timedelta(seconds=1.0))
+    old = QUICK.read_back_failed(Verdict.AMBIGUOUS, attempts=8, age_s=13.0)
+    assert isinstance(old, DeadLetter) and old.code == "unknown_outcome"
+    assert "after 8 attempts" in old.reason
+
+
+def test_an_old_entity_with_attempts_left_is_read_back_again() -> None:
+    # Age alone never gives up: an entity that waited hours behind an open circuit still gets
+    # its attempts.
+    again = QUICK.read_back_failed(Verdict.AMBIGUOUS, attempts=3, age_s=86400.0)
+    assert isinstance(again, ScheduleRetry) and again.reconcile_first
+
+
+def test_a_throttled_read_back_waits_for_retry_after_without_spending_the_attempt() -> None:
+    for attempts, age_s in [(1, 0.0), (8, 86400.0)]:
+        assert QUICK.read_back_failed(Verdict.AMBIGUOUS, attempts=attempts, age_s=age_s,
+                                      status=429, retry_after_s=20.0) == Defer(
+            timedelta(seconds=20))

@@ -100,7 +100,8 @@ def test_the_circuit_counts_from_the_first_5xx(status: int, counts: bool) -> Non
 
 def test_an_outage_defers_for_the_default_circuit_pause() -> None:
     assert POLICY.decide(Verdict.OUTAGE, attempts=1) == Defer(timedelta(seconds=30))
-    assert POLICY.read_back_failed(Verdict.OUTAGE, attempts=1) == Defer(timedelta(seconds=30))
+    assert POLICY.read_back_failed(Verdict.OUTAGE, attempts=1, age_s=0.0) == Defer(
+        timedelta(seconds=30))
 
 
 def test_dead_letters_say_why_and_whether_to_read_back_first() -> None:
@@ -118,7 +119,8 @@ def test_retry_after_and_the_callers_random_source_reach_the_backoff() -> None:
     # Retry-After is a floor for a retry, a read-back that failed and a 429 alike
     retry = POLICY.decide(Verdict.RETRYABLE, attempts=1, retry_after_s=50.0)
     assert isinstance(retry, ScheduleRetry) and retry.delay == timedelta(seconds=50)
-    failed = POLICY.read_back_failed(Verdict.AMBIGUOUS, attempts=1, retry_after_s=50.0)
+    failed = POLICY.read_back_failed(Verdict.AMBIGUOUS, attempts=1, age_s=0.0,
+                                     retry_after_s=50.0)
     assert isinstance(failed, ScheduleRetry) and failed.delay == timedelta(seconds=50)
     assert POLICY.throttled(1, retry_after_s=50.0) == Defer(timedelta(seconds=50))
     # And the draw comes from the random source given (seeded in tests and the bench)
@@ -128,9 +130,11 @@ def test_retry_after_and_the_callers_random_source_reach_the_backoff() -> None:
     assert decided.delay == POLICY.backoff(2, rng=random.Random(4))
     assert POLICY.throttled(3, retry_after_s=None, rng=random.Random(4)) == Defer(expected)
     many = RetryPolicy(max_attempts=9, base_s=1.0, max_s=60.0, reconcile_delay_s=0.0)
-    failed = many.read_back_failed(Verdict.AMBIGUOUS, attempts=5, rng=random.Random(4))
+    failed = many.read_back_failed(Verdict.AMBIGUOUS, attempts=5, age_s=0.0,
+                                   rng=random.Random(4))
     assert isinstance(failed, ScheduleRetry)
-    assert failed.delay == many.backoff(5, rng=random.Random(4))
+    assert failed.delay == many.read_back_delay(5, rng=random.Random(4))
+    assert failed.delay == timedelta(seconds=random.Random(4).uniform(8.0, 16.0))
     jitter = random.Random(4).uniform(0.0, 5.0)
     assert POLICY.deferred(timedelta(seconds=10), rng=random.Random(4)) == Defer(
         timedelta(seconds=10 + jitter))

@@ -209,14 +209,61 @@ class RetryPolicy:
             return None
         return Defer(timedelta(seconds=max(settles_in_s, self.reconcile_delay_s)))
 
-    def read_back_failed(self, verdict: Verdict, *, attempts: int,
-                         retry_after_s: float | None = None, circuit_open_s: float = 30.0,
+    @property
+    def unknown_outcome_floor_s(self) -> float:
+        """The least age (since its first attempt) at which failed read-backs give up an
+        unknown outcome: the settle window, in which the original may still land, and then the
+        longest wait the backoff ever makes (``max_s``), so that the read-backs have failed for
+        at least one whole backoff after the coupon could last have appeared."""
+        return self.settle_window_s + self.max_s
+
+    def read_back_delay(self, attempts: int, *, retry_after_s: float | None = None,
+                        rng: random.Random | None = None) -> timedelta:
+        """The wait before reading back again after the ``attempts``-th attempt's read-back
+        failed: the exponential backoff with *equal* jitter (a draw between half the ceiling
+        and the ceiling), never below ``reconcile_delay_s`` nor Retry-After.
+
+        Full jitter can draw near zero again and again, and one entity's attempts then pass in
+        seconds, inside the very outage that made them fail; half the ceiling guarantees that
+        the waits double, while the other half still spreads a fleet's read-backs out.
+        """
+        ceiling = min(self.max_s, self.base_s * (2 ** max(attempts - 1, 0)))
+        draw = (rng or random).uniform(ceiling / 2, ceiling)
+        delay = min(max(draw, retry_after_s or 0.0), max(self.max_s, retry_after_s or 0.0))
+        return timedelta(seconds=max(delay, self.reconcile_delay_s))
+
+    def read_back_failed(self, verdict: Verdict, *, attempts: int, age_s: float,
+                         status: int | None = None, retry_after_s: float | None = None,
+                         circuit_open_s: float = 30.0,
                          rng: random.Random | None = None) -> Decision:
-        """A read-back that proved nothing: the outcome stays unknown, never re-sent blindly."""
+        """A read-back that proved nothing: the outcome stays unknown, never re-sent blindly.
+
+        ``age_s``: seconds since the entity's first attempt; ``status``: the read-back's HTTP
+        status, if it got one. An outage waits for the circuit and a 429 for Retry-After,
+        neither spending the attempt (as for a sent call). Any other failure spends it, so
+        ``max_attempts`` still bounds the attempts of every kind an entity gets, but an unknown
+        outcome is the costliest dead letter (a person must look in Capillary), and a failing
+        read-back says that Capillary is unwell, not that the coupon is absent. Hence:
+
+        - the waits between read-backs double at least (``read_back_delay``): eight attempts
+          span minutes of an outage (seconds with the defaults of a test), never a burst;
+        - once the attempts are spent, the entity is dead (``unknown_outcome``) only when it
+          is at least ``unknown_outcome_floor_s`` old. Until then it is read back again each
+          backoff without spending an attempt, so a read-back that succeeds still settles it,
+          and the first that fails past the floor ends it: it cannot wait for ever.
+        """
         if verdict is Verdict.OUTAGE:
             return Defer(timedelta(seconds=circuit_open_s))
-        return self.decide(Verdict.AMBIGUOUS, attempts=attempts, retry_after_s=retry_after_s,
-                           rng=rng)
+        if status == 429:
+            return self.throttled(attempts, retry_after_s=retry_after_s, rng=rng)
+        if attempts < self.max_attempts:
+            return ScheduleRetry(self.read_back_delay(attempts, retry_after_s=retry_after_s,
+                                                      rng=rng), reconcile_first=True)
+        left_s = self.unknown_outcome_floor_s - age_s
+        if left_s <= 0:
+            return self.decide(Verdict.AMBIGUOUS, attempts=attempts)
+        delay = self.read_back_delay(attempts, retry_after_s=retry_after_s, rng=rng)
+        return Defer(min(delay, timedelta(seconds=max(left_s, self.reconcile_delay_s))))
 
     def throttled(self, attempts: int, *, retry_after_s: float | None,
                   rng: random.Random | None = None) -> Defer:
@@ -270,11 +317,13 @@ class CircuitPolicy:
                                probe: bool) -> Literal["failure", "success", "nothing"]:
         """What a read-back that failed tells the circuit.
 
-        An outage is a failure whoever saw it. A probe must settle the circuit either way, or
-        the fleet stays paused until the probe times out: a failure when the answer says
-        something about Capillary's health, a success when Capillary answered, if not usefully.
+        The same as a failed call (``counts_toward_circuit``), probe or not: a failure when the
+        answer says something about Capillary's health (an outage, no answer, a 5xx), so that
+        an outage seen only through read-backs opens the circuit instead of the fleet reading
+        back into it. Otherwise (a 4xx, an unreadable 200) Capillary answered: a probe must
+        still settle the circuit, or the fleet stays paused until the probe times out.
         """
-        if verdict is Verdict.OUTAGE or (probe and counts_toward_circuit(verdict, status)):
+        if counts_toward_circuit(verdict, status):
             return "failure"
         return "success" if probe else "nothing"
 

@@ -58,7 +58,8 @@ def reconcile(attempt: Attempt, entity: ClaimedEntity, permit: Permit) -> bool:
         deps.metrics.read_back("reconcile", "failed")
         verdict = Verdict.OUTAGE if isinstance(exc, Outage) else Verdict.AMBIGUOUS
         failed = deps.retry_policy.read_back_failed(
-            verdict, attempts=entity.attempts,
+            verdict, attempts=entity.attempts, status=exc.status,
+            age_s=(deps.clock() - entity.first_attempt_at).total_seconds(),
             retry_after_s=exc.retry_after_s if isinstance(exc, Retryable) else None,
             circuit_open_s=deps.circuit.policy_open_s, rng=deps.rng,
         )
@@ -70,10 +71,11 @@ def reconcile(attempt: Attempt, entity: ClaimedEntity, permit: Permit) -> bool:
         elif told == "success":
             deps.circuit.success(permit)
         return True
-    if permit.probe:
-        # A probe may only read back (the coupon is found, or must wait for its window): its
-        # answer must settle the circuit, or the fleet stays paused until the probe times out.
-        deps.circuit.success(permit)
+    # Capillary answered: failed read-backs count toward the circuit, so an answer ends their
+    # run as an answered call does. A probe may only read back (the coupon is found, or must
+    # wait for its window): its answer must settle the circuit, or the fleet stays paused
+    # until the probe times out.
+    deps.circuit.success(permit)
     attempt.calls.append(RecordedCall(read_back.call, (entity.entity_id,), (entity.series_id,)))
     deps.metrics.observe_call(READ_BACK, read_back.call.status, read_back.call.latency_ms)
     ours = [found for found in read_back.coupons if is_ours(claim.issue_ref, found)]

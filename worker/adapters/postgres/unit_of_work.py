@@ -158,9 +158,13 @@ def _ms(seconds: float) -> int:
     return max(round(seconds * 1000), 1)
 
 
-def make_engine(database_url: str, *, pool_size: int = 5, application_name: str = "coupon-worker",
-                limits: ConnectionLimits | None = None, password: Secret | None = None) -> Engine:
+def make_engine(database_url: str, *, pool_size: int = 5, peak: int | None = None,
+                application_name: str = "coupon-worker", limits: ConnectionLimits | None = None,
+                password: Secret | None = None) -> Engine:
     """An engine that fails fast when the server is down or stalls.
+
+    It holds at most ``pool_size + peak`` connections (``peak``: ``pool_size`` unless given),
+    each opened when first needed and then kept (see the pool's comment).
 
     ``password`` (COUPONS_DATABASE_PASSWORD, or its file) is asked for each new connection:
     a rotated password file is used from the next connection on, with no restart; the
@@ -174,8 +178,13 @@ def make_engine(database_url: str, *, pool_size: int = 5, application_name: str 
     limits = limits or ConnectionLimits()
     engine = create_engine(
         database_url,
-        pool_size=pool_size,
-        max_overflow=pool_size,
+        # No overflow: an overflow connection is closed as soon as it is handed back to a
+        # full pool, so threads taking turns at more connections than the pool keeps opened
+        # and closed one for nearly every event (430 connections for 3,000 events on threads
+        # x 64, and a quarter less throughput). A QueuePool opens its connections lazily, so
+        # a quiet process still holds only what it has needed at once.
+        pool_size=pool_size + (pool_size if peak is None else peak),
+        max_overflow=0,
         # Under the threads pool more threads than connections may want one at once: a
         # thread waits at most as long as connecting may take, then its message goes back
         # (LedgerUnavailable), well inside its deadline, instead of SQLAlchemy's 30 s.

@@ -48,8 +48,8 @@ class ConnectionBudget:
     """How many ledger connections a fleet may open (docs/capacity.md).
 
     A prefork worker is a main process (consumer, sweeper, metrics) and ``concurrency``
-    children; each process has its own pool of ``pool_size`` connections that may overflow by
-    as many again, so it holds at most ``2 x pool_size``. A prefork child runs one task at a
+    children; each process has its own pool, which opens connections as they are needed, up
+    to ``2 x pool_size``, and keeps them. A prefork child runs one task at a
     time and uses one connection at a time, so it holds one most of the time: ``typical``.
 
     A threads worker is one process: its ``concurrency`` threads share its one pool, each
@@ -90,8 +90,9 @@ class ConnectionBudget:
     @property
     def typical(self) -> int:
         if self.pool == "threads":
-            # The pool is kept open; its overflow only opens at a peak.
-            return (self.processes + self.consoles) * self.pool_size + self.tools
+            # Its threads' peaks open the whole pool, which is then kept open.
+            return self.processes * 2 * self.pool_size + self.consoles * self.pool_size \
+                + self.tools
         return self.processes + self.consoles * self.pool_size + self.tools
 
     def largest_pool_size(self, available: int) -> int:

@@ -1,0 +1,80 @@
+"""Read-backs failing through an outage of Capillary's search, on the real ledger, the real
+client and the sandbox: the unknown outcome waits the outage out, the circuit hears of it, and
+the coupon Capillary issued is found and recorded, not dead-lettered."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import Engine, text
+
+from coupon_devtools.fakes.broker import FakePublisher
+from coupon_devtools.sandbox import SandboxAdmin
+from worker.adapters.capillary.client import CapillaryClient
+from worker.adapters.postgres.circuit import CircuitGate
+from worker.adapters.postgres.ratelimit import RetryAfterGate
+from worker.adapters.postgres.unit_of_work import sql_unit_of_work_factory
+from worker.config import Settings
+from worker.domain.events import parse_event_data
+from worker.domain.policy import CircuitPolicy, RetryPolicy
+from worker.metrics import Metrics
+from worker.usecases import issue
+from worker.usecases.deps import Deps
+from worker.usecases.sweep import sweep
+
+SERIES = 544770
+
+
+class Clock:
+    """The worker's clock, moved by the test (the ledger is told the time by it)."""
+
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def test_an_unknown_outcome_waits_out_failing_read_backs_and_finds_its_coupon(
+        settings: Settings, clean_ledger: Engine, sandbox: SandboxAdmin) -> None:
+    clock = Clock()
+    uow = sql_unit_of_work_factory(clean_ledger)
+    publisher = FakePublisher()
+    deps = Deps(
+        uow=uow, api=CapillaryClient.from_settings(settings), publisher=publisher,
+        limiter=RetryAfterGate(clean_ledger),
+        circuit=CircuitGate(uow, CircuitPolicy(failure_threshold=3, open_s=5), clock=clock,
+                            probe_timeout_s=60, cache_s=0),
+        # Three attempts, a floor of 64 s (settle window + backoff cap) for the unknown outcome
+        retry_policy=RetryPolicy(max_attempts=3, base_s=1, max_s=4, reconcile_delay_s=1,
+                                 settle_window_s=60),
+        metrics=Metrics(), worker_id="test", clock=clock, sleep=lambda _s: None,
+        rng=random.Random(3))
+    # Given a bulk call that issued and then answered an empty 500 (the outcome is unknown),
+    # and Capillary's search answering the next four read-backs with a gateway's 503
+    sandbox.add_fault(kind="error_after", status=500, path="bulk")
+    sandbox.add_fault(kind="error_before", status=503, path="readback", times=4)
+    event = parse_event_data({"eventId": "search-down", "customer": {"id": "566881933"},
+                              "seriesIds": [SERIES]})
+    issue.issue_event(event, source="bus", deps=deps)
+    # When the sweeper and the retries run every second
+    opened = False
+    for _ in range(90):
+        clock.now += timedelta(seconds=1)
+        publisher.retries.clear()
+        sweep(deps)
+        for entity_id in list(publisher.retries):
+            issue.retry_entity(entity_id, deps=deps)
+        opened = opened or deps.circuit.state(fresh=True).state == "open"
+    # Then every failing read-back was made (twice the entity's attempts would have allowed
+    # before), they opened the circuit, and the read-back after them found the coupon
+    assert [f["applied"] for f in sandbox.faults() if f["path"] == "readback"] == [4]
+    assert opened and deps.circuit.state(fresh=True).state == "closed"
+    truth = sandbox.ledger(series=SERIES)
+    assert len(truth) == 1, "issued once, never sent again"
+    with clean_ledger.connect() as conn:
+        state, code, via = conn.execute(text(
+            "SELECT e.state, c.code, c.recorded_via FROM entities e "
+            "LEFT JOIN coupons c ON c.entity_id = e.id")).one()
+    assert (state, code, via) == ("issued", truth[0]["code"], "reconcile")
