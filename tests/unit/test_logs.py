@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 
+from worker import logs
 from worker.logs import (
     PER_TASK_LOGGERS,
     JsonFormatter,
@@ -16,6 +20,7 @@ from worker.logs import (
     configure_logging,
     redact,
     redact_text,
+    write_from_one_thread,
 )
 
 
@@ -125,3 +130,76 @@ def test_celerys_per_task_lines_show_at_debug_only_and_its_errors_always(
     assert sum("received" in line for line in lines) == (2 if per_task_lines else 0)
     assert sum("raised" in line for line in lines) == 2
     assert sum("event.claimed" in line for line in lines) == 1
+
+
+class _SlowStream:
+    """stderr piped to a collector that has fallen behind: every write takes a while."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+        self.lines: list[str] = []
+        self.writers: set[str] = set()
+
+    def write(self, text: str) -> None:
+        time.sleep(self.delay_s)
+        self.writers.add(threading.current_thread().name)
+        self.lines.extend(line for line in text.splitlines() if line)
+
+    def flush(self) -> None:
+        pass
+
+
+@pytest.fixture
+def one_writer(root_logging: None) -> Iterator[None]:
+    """The writer thread is process-wide too: stopped and forgotten afterwards."""
+    yield
+    logs._writer.stop()
+    logs._writer.active = False
+
+
+def test_threads_hand_their_lines_to_one_writer_and_none_waits_for_a_slow_stream(
+        monkeypatch: pytest.MonkeyPatch, one_writer: None) -> None:
+    # Given stderr writes that take 20 ms each, and the threads pool's one writer
+    stream = _SlowStream(0.02)
+    monkeypatch.setattr(sys, "stderr", stream)
+    configure_logging("INFO")
+    write_from_one_thread()
+    log = logging.getLogger("worker.pipeline")
+
+    # When 8 threads log 5 lines each
+    def work(n: int) -> None:
+        for i in range(5):
+            log.info("entity.issued", extra={"event_id": f"e-{n}-{i}", "token": "s3cr3t"})
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=work, args=(n,), name=f"task-{n}") for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    # Then none of them waited for the 40 writes (0.8 s, one after the other, written directly)
+    assert time.monotonic() - started < 0.4
+    # And at exit every line is written, formatted and redacted, by the writer thread alone
+    logs._writer.stop()
+    assert len(stream.lines) == 40
+    assert all(line.split()[2] == "entity.issued" and "token=***" in line
+               for line in stream.lines)
+    assert {f"event_id=e-3-{i}" for i in range(5)} <= {
+        part for line in stream.lines for part in line.split()}
+    assert stream.writers and not stream.writers & {t.name for t in threads}
+
+
+def test_logging_configured_again_keeps_the_one_writer(
+        capsys: pytest.CaptureFixture[str], one_writer: None) -> None:
+    # Given the one writer, when Celery's setup_logging configures logging again
+    configure_logging("INFO")
+    write_from_one_thread()
+    configure_logging("WARNING")
+    # Then the root logger still hands its records to the queue, at the new level
+    root = logging.getLogger()
+    assert [type(h).__name__ for h in root.handlers] == ["_AsIs"]
+    logging.getLogger("worker.pipeline").warning("sweep.leases_expired", extra={"count": 2})
+    logging.getLogger("worker.pipeline").info("event.claimed")
+    logs._writer.stop()
+    err = capsys.readouterr().err
+    assert "sweep.leases_expired count=2" in err and "event.claimed" not in err

@@ -46,7 +46,7 @@ from worker.entrypoints.celery.metrics_step import (
 )
 from worker.entrypoints.celery.sweeper import Sweeper
 from worker.entrypoints.celery.task_consumer import TaskConsumer
-from worker.logs import configure_logging
+from worker.logs import configure_logging, write_from_one_thread
 
 # Importable from here, where they used to be defined.
 __all__ = ["GUARD_INTERVAL_S", "PREFORK_POOL", "THREADS_POOL", "ConsumptionGuard", "EventsBridge",
@@ -66,6 +66,8 @@ def _require_supported_pool(sender: Any = None, **_: Any) -> None:
     if name == "threads":
         # One process runs every task: its HTTP pool must hold a connection per thread.
         container_of(sender.app).threads = int(getattr(sender, "concurrency", 1) or 1)
+        # ...and its threads must not take turns at writing to stderr.
+        write_from_one_thread()
 
 
 def _freeze_before_fork(sender: Any = None, **_: Any) -> None:
