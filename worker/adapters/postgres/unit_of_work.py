@@ -19,7 +19,13 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
-from worker.adapters.postgres.driver import STATEMENT_MODE, StatementMode, translate
+from worker.adapters.postgres.driver import (
+    AUTOCOMMIT_KEPT,
+    STATEMENT_MODE,
+    StatementMode,
+    keep_autocommit,
+    translate,
+)
 from worker.adapters.postgres.repository import Ledger, SqlLedger
 
 if TYPE_CHECKING:
@@ -198,7 +204,8 @@ def make_engine(database_url: str, *, pool_size: int = 5, peak: int | None = Non
     if mode.per_transaction:
         # On the engine itself: engines derived from it (execution_options) share its events.
         _set_limits_on_begin(engine, mode.per_transaction)
-    return engine.execution_options(**{STATEMENT_MODE: mode})
+    keep_autocommit(engine)
+    return engine.execution_options(**{STATEMENT_MODE: mode, AUTOCOMMIT_KEPT: True})
 
 
 def _current_password(engine: Engine, password: Secret) -> None:
