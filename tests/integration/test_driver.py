@@ -50,6 +50,14 @@ def test_a_statement_runs_alone_and_is_committed(one_connection: Engine,
             "SELECT count(*) FROM circuit_breakers WHERE name = 'driver-test'")) == 1
 
 
+def test_a_statement_that_returns_no_rows_gives_none(one_connection: Engine) -> None:
+    assert run_alone(one_connection, "UPDATE circuit_breakers SET state = 'closed' "
+                     "WHERE name = %(name)s", {"name": "nobody"}) == []
+    assert run_alone(one_connection, "SELECT name FROM circuit_breakers "
+                     "WHERE name = %(name)s", {"name": "nobody"}) == []
+    assert run_alone(one_connection, "SELECT 1, 2", {}) == [(1, 2)]
+
+
 def test_the_connection_goes_back_ready_for_a_transaction(one_connection: Engine) -> None:
     run_alone(one_connection, "SELECT 1", {})
     with one_connection.connect() as conn:

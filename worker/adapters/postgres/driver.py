@@ -69,6 +69,8 @@ DIRECT = StatementMode()
 #: autocommit off again after every statement.
 AUTOCOMMIT_KEPT = "coupon_autocommit_kept"
 
+_TUPLES_OK = psycopg.pq.ExecStatus.TUPLES_OK
+
 _PROGRAM_LIMIT = "54"  # SQLSTATE class 54: program_limit_exceeded
 
 
@@ -153,7 +155,10 @@ def _execute(conn: psycopg.Connection[Any], mode: StatementMode, sql: str,
 
 def _rows(cursor: psycopg.Cursor[Any]) -> list[tuple[Any, ...]]:
     """The statement's rows; none for one that returns none (an UPDATE without RETURNING)."""
-    return cursor.fetchall() if cursor.description is not None else []
+    # The result's status, not ``cursor.description``: that builds a column object for every
+    # column, twice an event, only to be compared with None.
+    result = cursor.pgresult
+    return cursor.fetchall() if result is not None and result.status == _TUPLES_OK else []
 
 
 class _Alone(threading.local):
