@@ -203,3 +203,29 @@ def test_logging_configured_again_keeps_the_one_writer(
     logs._writer.stop()
     err = capsys.readouterr().err
     assert "sweep.leases_expired count=2" in err and "event.claimed" not in err
+
+
+@pytest.mark.parametrize("text", [
+    "Authorization: hunter2", "x:y PassWord=hunter2", "TOKEN: hunter2",
+    "postgresql://app:hunter2@db/x", "id:1 https://u:hunter2@h/ secret=hunter2",
+    # Not ASCII: the patterns' own case folding decides (a long s matches "s")
+    "pa\u017f\u017fword=hunter2", "caf\u00e9 password=hunter2",
+])
+def test_secrets_in_text_with_a_colon_or_equals_are_redacted_whatever_the_case(
+        text: str) -> None:
+    assert "hunter2" not in redact_text(text)
+
+
+def test_values_with_a_colon_and_no_secret_are_kept_as_they_are() -> None:
+    for text in ("id:566881933", "bench0@vm:ForkPoolWorker-1", "a=b", "caf\u00e9:1"):
+        assert redact_text(text) == text
+
+
+def test_line_times_are_utc_to_the_millisecond_cut_as_datetime_rounds_them() -> None:
+    from datetime import UTC, datetime
+    for created in (0.0, 1_764_064_800.0, 1_881_469_044.498, 667_674_380.0039997,
+                    1_764_064_800.9999996, time.time()):
+        rec = record("x")
+        rec.created = created
+        expected = datetime.fromtimestamp(created, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3]
+        assert KeyValueFormatter().format(rec).startswith(expected + "Z INFO x")

@@ -66,11 +66,13 @@ _CLAIMABLE_WHEN_DUE = _values(CLAIMABLE_WHEN_DUE)
 
 def fingerprint(event: LoyaltyEvent) -> str:
     """What makes two deliveries "the same event": everything but the delivery details."""
-    canonical = {
-        "customer": event.customer.as_api(),
-        "seriesIds": sorted(event.seriesIds),
-        "metadata": event.metadata.model_dump(exclude_none=True),
-    }
+    return _fingerprint(event.customer.as_api(), event.seriesIds,
+                        event.metadata.model_dump(exclude_none=True))
+
+
+def _fingerprint(customer: dict[str, str], series_ids: Sequence[int],
+                 metadata: dict[str, Any]) -> str:
+    canonical = {"customer": customer, "seriesIds": sorted(series_ids), "metadata": metadata}
     text = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -321,12 +323,14 @@ class IssuingStatements(SessionBound):
         Raises EventRejected when the id was already used for different content (nothing is
         claimed then).
         """
-        event_fingerprint = fingerprint(event)
+        # Dumped once, for the fingerprint and the row alike.
+        customer = event.customer.as_api()
+        metadata = event.metadata.model_dump(exclude_none=True)
+        event_fingerprint = _fingerprint(customer, event.seriesIds, metadata)
         params = {
             "event_id": event.eventId, "event_type": event.eventType,
-            "customer_key": event.customer.key, "customer": Jsonb(event.customer.as_api()),
-            "series_ids": list(event.seriesIds),
-            "metadata": Jsonb(event.metadata.model_dump(exclude_none=True)),
+            "customer_key": event.customer.key, "customer": Jsonb(customer),
+            "series_ids": list(event.seriesIds), "metadata": Jsonb(metadata),
             "payload": Jsonb(event.to_message()), "fingerprint": event_fingerprint,
             "issue_ref": issue_ref(event.eventId), "source": source,
             "occurred_at": event.occurredAt, "now": now, "token": token, "worker": worker,
