@@ -117,13 +117,17 @@ def _message(record: logging.LogRecord) -> str:
     return printable(redact_text(record.getMessage()))
 
 
+# json.dumps(value, default=str), its encoder built once rather than for every value.
+_VALUE_ENCODER = json.JSONEncoder(default=str)
+
+
 def _json_text(value: Any) -> str:
     # Numbers and null are most of the non-text values: written without the JSON encoder.
     if value is None:
         return "null"
     if type(value) is int:
         return str(value)
-    return json.dumps(value, default=str)
+    return _VALUE_ENCODER.encode(value)
 
 
 @functools.lru_cache(maxsize=4)

@@ -135,6 +135,20 @@ def test_a_connection_that_cannot_leave_autocommit_is_replaced(one_connection: E
         assert conn.scalar(text("SELECT pg_backend_pid()")) != pid
 
 
+def test_a_connection_handed_back_inside_a_transaction_is_rolled_back(
+        one_connection: Engine) -> None:
+    # Given the one connection, used outside SQLAlchemy's transactions and handed back with
+    # a write neither committed nor rolled back
+    pooled = one_connection.raw_connection()
+    cursor = pooled.cursor()
+    cursor.execute("INSERT INTO circuit_breakers (name, state) VALUES ('uncommitted', 'closed')")
+    cursor.close()
+    pooled.close()
+    # Then the pool rolled it back: the next user finds it idle, and the write gone
+    assert run_alone(one_connection, "SELECT count(*) FROM circuit_breakers "
+                     "WHERE name = 'uncommitted'", {}) == [(0,)]
+
+
 def test_an_error_in_the_statement_is_a_ledger_error_and_the_connection_is_kept(
     one_connection: Engine,
 ) -> None:

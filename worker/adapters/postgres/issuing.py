@@ -64,6 +64,10 @@ _CLAIMABLE_AT_ONCE = _values(CLAIMABLE_FOR_RETRY - CLAIMABLE_WHEN_DUE)
 _CLAIMABLE_WHEN_DUE = _values(CLAIMABLE_WHEN_DUE)
 
 
+# json.dumps(canonical, sort_keys=True, separators=(",", ":")), its encoder built once.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+
+
 def fingerprint(event: LoyaltyEvent) -> str:
     """What makes two deliveries "the same event": everything but the delivery details."""
     return _fingerprint(event.customer.as_api(), event.seriesIds,
@@ -73,7 +77,7 @@ def fingerprint(event: LoyaltyEvent) -> str:
 def _fingerprint(customer: dict[str, str], series_ids: Sequence[int],
                  metadata: dict[str, Any]) -> str:
     canonical = {"customer": customer, "seriesIds": sorted(series_ids), "metadata": metadata}
-    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
+    text = _CANONICAL.encode(canonical)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
