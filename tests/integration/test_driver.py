@@ -9,11 +9,10 @@ import string
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import psycopg
 import pytest
-from sqlalchemy import Engine, create_engine, event, make_url, text
+from sqlalchemy import Engine, make_url, text
 from sqlalchemy.orm import Session
 
 from worker.adapters.postgres.driver import run_alone
@@ -66,23 +65,9 @@ def test_the_connection_goes_back_ready_for_a_transaction(one_connection: Engine
         assert conn.scalar(text("SELECT now() = statement_timestamp()")) is False
 
 
-def test_statements_run_alone_keep_the_connection_in_autocommit_between_them(
-        one_connection: Engine) -> None:
-    # Turning autocommit off and on again around every statement cost CPU for nothing
-    returned: list[bool] = []
-
-    @event.listens_for(one_connection.pool, "checkin")
-    def record(dbapi_connection: psycopg.Connection[Any], record: object) -> None:
-        returned.append(dbapi_connection.autocommit)
-
-    run_alone(one_connection, "SELECT 1", {})
-    run_alone(one_connection, "SELECT 1", {})
-    assert returned == [True, True]
-
-
 def test_a_session_after_a_statement_run_alone_still_rolls_back(
         one_connection: Engine) -> None:
-    # Given the one connection left in autocommit by a statement run alone
+    # Given the one connection, just used (in autocommit) by a statement run alone
     run_alone(one_connection, "SELECT 1", {})
     # When a session writes and rolls back, nothing was committed
     session = Session(one_connection)
@@ -106,33 +91,6 @@ def test_an_autocommit_connection_asked_for_stays_autocommit(one_connection: Eng
     with one_connection.connect() as conn:
         conn.execute(text("SELECT 1"))
         assert conn.scalar(text("SELECT now() = statement_timestamp()")) is False
-
-
-def test_an_engine_not_set_up_to_keep_autocommit_gets_its_connection_back_without(
-        settings: Settings, clean_ledger: Engine) -> None:
-    engine = create_engine(settings.database_url, pool_size=1, max_overflow=0)
-    try:
-        run_alone(engine, "SELECT 1", {})
-        with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-            assert conn.scalar(text("SELECT now() = statement_timestamp()")) is False
-    finally:
-        engine.dispose()
-
-
-def test_a_connection_that_cannot_leave_autocommit_is_replaced(one_connection: Engine) -> None:
-    # Given the one connection, in autocommit, broken while in the pool (its transaction status
-    # unknown to the driver, as after a lost connection it had not noticed yet)
-    returned: list[psycopg.Connection[Any]] = []
-    event.listen(one_connection.pool, "checkin",
-                 lambda dbapi_connection, record: returned.append(dbapi_connection))
-    pid = _backend_pid(one_connection)
-    assert returned[0].autocommit
-    returned[0].pgconn.finish()
-    # When a SQLAlchemy connection asks for it, it gets a new one, out of autocommit
-    with one_connection.connect() as conn:
-        assert conn.scalar(text("SELECT now() = statement_timestamp()")) is False
-        assert conn.scalar(text("SELECT pg_backend_pid()")) != pid
 
 
 def test_a_connection_handed_back_inside_a_transaction_is_rolled_back(

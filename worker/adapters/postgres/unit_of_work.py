@@ -12,29 +12,19 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, Protocol, Self, TypeVar
+from typing import TYPE_CHECKING, Literal, Protocol, Self, TypeVar
 
 import psycopg
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.pool import PoolResetState
 
-from worker.adapters.postgres.driver import (
-    AUTOCOMMIT_KEPT,
-    STATEMENT_MODE,
-    StatementMode,
-    keep_autocommit,
-    translate,
-)
+from worker.adapters.postgres.driver import STATEMENT_MODE, StatementMode, translate
 from worker.adapters.postgres.repository import Ledger, SqlLedger
 
 if TYPE_CHECKING:
     from worker.config import Settings
     from worker.secret_files import Secret
-
-_IDLE = psycopg.pq.TransactionStatus.IDLE
-_NO_PIPELINE = psycopg.pq.PipelineStatus.OFF
 
 
 #: The part of the ledger a consumer uses (``IssuingLedger``, ``SweeperLedger``...).
@@ -200,40 +190,15 @@ def make_engine(database_url: str, *, pool_size: int = 5, peak: int | None = Non
         # (LedgerUnavailable), well inside its deadline, instead of SQLAlchemy's 30 s.
         pool_timeout=limits.connect_timeout_s,
         pool_recycle=1800,
-        # Our own reset instead (``_roll_back_on_return``): the same rollback, skipped when
-        # there is nothing to roll back.
-        pool_reset_on_return=None,
         connect_args=limits.connect_args(application_name),
     )
-    _roll_back_on_return(engine)
     if password is not None:
         _current_password(engine, password)
     mode = limits.statement_mode()
     if mode.per_transaction:
         # On the engine itself: engines derived from it (execution_options) share its events.
         _set_limits_on_begin(engine, mode.per_transaction)
-    keep_autocommit(engine)
-    return engine.execution_options(**{STATEMENT_MODE: mode, AUTOCOMMIT_KEPT: True})
-
-
-def _roll_back_on_return(engine: Engine) -> None:
-    """A connection handed back to the pool is rolled back, as SQLAlchemy's default reset does,
-    unless it is idle outside a pipeline (where psycopg's rollback sends nothing).
-
-    The statements run alone hand their connection back idle, in autocommit, twice an event:
-    the driver's no-op rollback (its lock and wait) cost more than the pool's own bookkeeping.
-    A connection the rollback fails on is discarded by the pool, as before.
-    """
-
-    @event.listens_for(engine.pool, "reset")
-    def roll_back(dbapi_connection: Any, record: object, state: PoolResetState) -> None:
-        if state.transaction_was_reset:
-            return  # SQLAlchemy's connection ended its transaction itself
-        if isinstance(dbapi_connection, psycopg.Connection):
-            pgconn = dbapi_connection.pgconn
-            if pgconn.transaction_status == _IDLE and pgconn.pipeline_status == _NO_PIPELINE:
-                return
-        dbapi_connection.rollback()
+    return engine.execution_options(**{STATEMENT_MODE: mode})
 
 
 def _current_password(engine: Engine, password: Secret) -> None:
