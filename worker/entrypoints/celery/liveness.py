@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -101,6 +102,26 @@ def install(app: Celery) -> None:
     app.steps["consumer"].add(Heartbeat)
 
 
+def _celery_worker_command() -> tuple[Any, Any]:
+    """Celery's ``CLIContext`` and ``worker`` command, imported without Pygments.
+
+    ``celery.bin.base`` builds a Pygments lexer and formatter at import when Pygments is
+    installed (``rich`` brings it) to colour its help texts: some 2 MB the worker's main process
+    would hold at the fork and each pool process with it. Without Pygments it falls back to
+    plain text, which is all a worker prints.
+    """
+    blocked = "pygments" not in sys.modules and "celery.bin.base" not in sys.modules
+    if blocked:
+        sys.modules["pygments"] = None  # type: ignore[assignment]
+    try:
+        from celery.bin.base import CLIContext
+        from celery.bin.worker import worker as worker_command
+    finally:
+        if blocked:
+            del sys.modules["pygments"]
+    return CLIContext, worker_command
+
+
 def run_worker(app: Celery, argv: list[str]) -> int:
     """Run ``celery worker`` with ``argv``; the exit code the worker ended with.
 
@@ -113,8 +134,7 @@ def run_worker(app: Celery, argv: list[str]) -> int:
         controllers.append(sender)
 
     signals.worker_init.connect(remember, weak=False)
-    from celery.bin.base import CLIContext
-    from celery.bin.worker import worker as worker_command
+    CLIContext, worker_command = _celery_worker_command()
     from click.exceptions import Exit
 
     args = argv[1:] if argv[:1] == ["worker"] else argv
