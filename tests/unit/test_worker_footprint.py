@@ -55,6 +55,7 @@ def test_the_worker_command_forks_its_pool_without_the_other_commands(tmp_path: 
     assert "worker.entrypoints.celery.app" in modules, "the check ran before the app loaded"
     assert not {m for m in modules if m == "rich" or m.startswith("rich.")}
     assert "pygments" not in modules, "celery.bin.base's help colours"
+    assert "psutil" not in modules, "celery.utils.debug's memdump"
     commands = {m.rsplit(".", 1)[1] for m in modules
                 if m.startswith("worker.entrypoints.cli.")}
     assert commands == {"root", "runtime"}

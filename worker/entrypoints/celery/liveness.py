@@ -35,6 +35,10 @@ from worker.health import remove_heartbeat, write_heartbeat
 
 log = logging.getLogger(__name__)
 
+#: Optional modules Celery's worker command imports when they are installed, for nothing a
+#: worker does (see ``_celery_worker_command``).
+UNUSED_OPTIONAL_MODULES = ("pygments", "psutil")
+
 
 def default_node_name(pid: int | None = None) -> str:
     """``coupon-worker-<pid>@<host>`` (``%h`` is expanded by Celery)."""
@@ -103,22 +107,24 @@ def install(app: Celery) -> None:
 
 
 def _celery_worker_command() -> tuple[Any, Any]:
-    """Celery's ``CLIContext`` and ``worker`` command, imported without Pygments.
+    """Celery's ``CLIContext`` and ``worker`` command, imported without Pygments nor psutil.
 
-    ``celery.bin.base`` builds a Pygments lexer and formatter at import when Pygments is
-    installed (``rich`` brings it) to colour its help texts: some 2 MB the worker's main process
-    would hold at the fork and each pool process with it. Without Pygments it falls back to
-    plain text, which is all a worker prints.
+    Both are optional to Celery and imported at once when installed, for nothing a worker
+    does: ``celery.bin.base`` builds a Pygments lexer and formatter to colour help texts (``rich``
+    brings Pygments), ``celery.utils.debug`` loads psutil for the ``memdump`` remote command
+    (psutil is none of our dependencies: the dev tools bring it). Some 3.5 MB the main process
+    would hold at the fork, and each pool process with it.
     """
-    blocked = "pygments" not in sys.modules and "celery.bin.base" not in sys.modules
-    if blocked:
-        sys.modules["pygments"] = None  # type: ignore[assignment]
+    blocked = [name for name in UNUSED_OPTIONAL_MODULES if name not in sys.modules]
+    for name in blocked:
+        sys.modules[name] = None  # type: ignore[assignment]
     try:
+        import celery.apps.worker  # noqa: F401  (the command imports it when it starts a worker)
         from celery.bin.base import CLIContext
         from celery.bin.worker import worker as worker_command
     finally:
-        if blocked:
-            del sys.modules["pygments"]
+        for name in blocked:
+            del sys.modules[name]
     return CLIContext, worker_command
 
 
