@@ -1,6 +1,6 @@
 """What the worker's main process holds when its pool forks: every page resident there is
 resident in each pool process too, so ``coupon-worker worker`` loads what a worker needs and
-nothing the other commands need (``rich``, their modules, Pygments)."""
+nothing the other commands need (``rich``, their modules, Pygments), nor SQLAlchemy's ORM."""
 
 from __future__ import annotations
 
@@ -56,6 +56,7 @@ def test_the_worker_command_forks_its_pool_without_the_other_commands(tmp_path: 
     assert not {m for m in modules if m == "rich" or m.startswith("rich.")}
     assert "pygments" not in modules, "celery.bin.base's help colours"
     assert "psutil" not in modules, "celery.utils.debug's memdump"
+    assert not {m for m in modules if m.startswith("sqlalchemy.orm")}, "the ledger is core"
     commands = {m.rsplit(".", 1)[1] for m in modules
                 if m.startswith("worker.entrypoints.cli.")}
     assert commands == {"root", "runtime"}
