@@ -5,6 +5,7 @@ nothing the other commands need (``rich``, their modules, Pygments), nor SQLAlch
 from __future__ import annotations
 
 import gc
+import importlib
 import json
 import os
 import subprocess
@@ -21,23 +22,38 @@ from click.testing import CliRunner
 
 from worker.entrypoints.celery.worker_steps import _freeze_before_fork, release_free_heap
 from worker.entrypoints.cli import root
+from worker.optional_modules import without
 
 # Run as the installed script would be; stops the worker at ``worker_init`` (sent once the app
-# is loaded and before the pool forks) and prints what the process has imported by then.
+# is loaded and before the pool forks) and prints what the process has imported by then. The
+# receiver is connected first: before the app's own (the schema check would connect).
 AT_WORKER_INIT = """
-import json, os, sys
-from celery import signals
+import importlib.machinery, json, os, sys
 
 def report(**_):
     print(json.dumps(sorted(sys.modules)))
     sys.stdout.flush()
     os._exit(0)
 
-signals.worker_init.connect(report, weak=False)
+class ConnectOnceLoaded:
+    # Celery is imported by the command itself, as it would be without this check.
+    def find_spec(self, name, path, target=None):
+        if name != "worker.entrypoints.celery.liveness":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            module.signals.worker_init.connect(report, weak=False)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, ConnectOnceLoaded())
 from worker.entrypoints.cli import main
 main(["worker", "--pool", "prefork", "--concurrency", "1"])
 """
-
 
 def _modules_at_worker_init(tmp_path: Path) -> set[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("COUPONS_", "CAPILLARY_"))}
@@ -56,10 +72,18 @@ def test_the_worker_command_forks_its_pool_without_the_other_commands(tmp_path: 
     assert not {m for m in modules if m == "rich" or m.startswith("rich.")}
     assert "pygments" not in modules, "celery.bin.base's help colours"
     assert "psutil" not in modules, "celery.utils.debug's memdump"
+    assert "yaml" not in modules, "kombu's YAML serializer"
     assert not {m for m in modules if m.startswith("sqlalchemy.orm")}, "the ledger is core"
     commands = {m.rsplit(".", 1)[1] for m in modules
                 if m.startswith("worker.entrypoints.cli.")}
     assert commands == {"root", "runtime"}
+
+
+def test_a_module_kept_out_is_importable_again_after() -> None:
+    assert "tabnanny" not in sys.modules
+    with without(["tabnanny"]), pytest.raises(ImportError):
+        importlib.import_module("tabnanny")
+    assert importlib.import_module("tabnanny") is sys.modules["tabnanny"]
 
 
 def test_every_command_is_found_by_name_and_listed() -> None:
@@ -79,6 +103,7 @@ SUBCOMMANDS = """
 import json, sys
 import click
 from worker.entrypoints.cli import root
+from worker.optional_modules import without
 ctx = click.Context(root.main)
 group = root.main.get_command(ctx, sys.argv[1])
 print(json.dumps(sorted(group.commands) if isinstance(group, click.Group) else []))

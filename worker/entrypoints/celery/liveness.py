@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
@@ -32,12 +31,9 @@ from worker.config import Settings
 from worker.entrypoints.celery.context import links_of
 from worker.health import Heartbeat as HeartbeatRecord
 from worker.health import remove_heartbeat, write_heartbeat
+from worker.optional_modules import WORKER_UNUSED, without
 
 log = logging.getLogger(__name__)
-
-#: Optional modules Celery's worker command imports when they are installed, for nothing a
-#: worker does (see ``_celery_worker_command``).
-UNUSED_OPTIONAL_MODULES = ("pygments", "psutil")
 
 
 def default_node_name(pid: int | None = None) -> str:
@@ -107,24 +103,13 @@ def install(app: Celery) -> None:
 
 
 def _celery_worker_command() -> tuple[Any, Any]:
-    """Celery's ``CLIContext`` and ``worker`` command, imported without Pygments nor psutil.
-
-    Both are optional to Celery and imported at once when installed, for nothing a worker
-    does: ``celery.bin.base`` builds a Pygments lexer and formatter to colour help texts (``rich``
-    brings Pygments), ``celery.utils.debug`` loads psutil for the ``memdump`` remote command
-    (psutil is none of our dependencies: the dev tools bring it). Some 3.5 MB the main process
-    would hold at the fork, and each pool process with it.
-    """
-    blocked = [name for name in UNUSED_OPTIONAL_MODULES if name not in sys.modules]
-    for name in blocked:
-        sys.modules[name] = None  # type: ignore[assignment]
-    try:
+    """Celery's ``CLIContext`` and ``worker`` command, imported without the optional modules
+    a worker has no use for (``worker.optional_modules``): ``celery.bin.base`` would build a
+    Pygments lexer and formatter for its help texts, ``celery.apps.worker`` load psutil."""
+    with without(WORKER_UNUSED):
         import celery.apps.worker  # noqa: F401  (the command imports it when it starts a worker)
         from celery.bin.base import CLIContext
         from celery.bin.worker import worker as worker_command
-    finally:
-        for name in blocked:
-            del sys.modules[name]
     return CLIContext, worker_command
 
 

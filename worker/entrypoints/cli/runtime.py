@@ -106,13 +106,18 @@ def worker(ctx: click.Context, concurrency: int | None, pool: str, hostname: str
         settings.require_capillary_credentials()
     except ConfigurationError as exc:
         fail(str(exc), 2)
-    if pool == "prefork":
-        # Every pool process writes its samples there; under threads one process counts all.
+    from worker.optional_modules import WORKER_UNUSED, without
+
+    # Celery and Kombu import them whenever they are installed (worker.optional_modules).
+    with without(WORKER_UNUSED):
         from worker.entrypoints.celery.worker_steps import prepare_metrics_dir
 
-        prepare_metrics_dir()
-    from worker.entrypoints.celery.app import app
-    from worker.entrypoints.celery.liveness import default_node_name, run_worker
+        if pool == "prefork":
+            # Every pool process writes its samples there; under threads one process counts
+            # all.
+            prepare_metrics_dir()
+        from worker.entrypoints.celery.app import app
+        from worker.entrypoints.celery.liveness import default_node_name, run_worker
 
     argv = ["worker", f"--pool={pool}", "--without-gossip", "--without-mingle",
             f"--loglevel={settings.log_level}", f"--hostname={hostname or default_node_name()}"]
