@@ -74,6 +74,9 @@ def test_the_worker_command_forks_its_pool_without_the_other_commands(tmp_path: 
     assert "psutil" not in modules, "celery.utils.debug's memdump"
     assert "yaml" not in modules, "kombu's YAML serializer"
     assert not {m for m in modules if m.startswith("sqlalchemy.orm")}, "the ledger is core"
+    # The sweeper's and the metrics endpoint's: they run in the main process, after the fork.
+    assert not {"worker.usecases.sweep", "worker.usecases.replay_jobs", "worker.usecases.retention",
+                "worker.scrape", "worker.adapters.postgres.vitals"} & modules
     commands = {m.rsplit(".", 1)[1] for m in modules
                 if m.startswith("worker.entrypoints.cli.")}
     assert commands == {"root", "runtime"}
