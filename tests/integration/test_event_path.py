@@ -14,8 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import Connection, Engine
 
 from coupon_devtools.bench.probes import count_traces, trace_connections
 from coupon_devtools.fakes.broker import FakePublisher
@@ -91,11 +90,10 @@ def test_an_issued_event_opens_no_session(request: pytest.FixtureRequest, throug
                                           clean_ledger: Engine) -> None:
     if through == "pgbouncer":
         clean_ledger = request.getfixturevalue("pooled_engine")
-    sessions = sessionmaker(bind=clean_ledger)
-    opened: list[Session] = []
+    opened: list[Connection] = []
 
-    def session() -> Session:
-        opened.append(sessions())
+    def session() -> Connection:
+        opened.append(clean_ledger.connect())
         return opened[-1]
 
     def uow() -> SqlUnitOfWork:

@@ -13,7 +13,6 @@ from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import Engine, text
-from sqlalchemy.orm import sessionmaker
 
 from coupon_devtools.fakes.broker import FakePublisher
 from coupon_devtools.fakes.capillary import FakeCapillary
@@ -51,7 +50,7 @@ def test_a_refused_outcome_is_a_dead_letter_with_what_capillary_answered(
     engine = refusing_coupons
 
     def uow() -> SqlUnitOfWork:
-        return SqlUnitOfWork(sessionmaker(bind=engine), engine)
+        return SqlUnitOfWork(engine.connect, engine)
 
     api = FakeCapillary()
     deps = Deps(

@@ -1,10 +1,14 @@
-"""SQLAlchemy 2.0 models: the ledger's schema. Alembic migrations must match these exactly."""
+"""SQLAlchemy 2.0 models: the ledger's schema. Alembic migrations must match these exactly.
+
+Declared as ORM models, built as plain tables (``worker.adapters.postgres.declarative``): the
+ledger's statements are SQLAlchemy core, and no worker process pays for the ORM's mappers.
+"""
 
 from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     BigInteger,
@@ -22,7 +26,12 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+else:
+    # Plain tables at run time: no process loads the ORM for them (see ``declarative``).
+    from worker.adapters.postgres.declarative import DeclarativeBase, Mapped, mapped_column
 
 from worker.domain.model import DEAD_MESSAGE_KINDS, EntityState, EventState
 

@@ -11,8 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
-from sqlalchemy import ColumnElement, func, insert, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, Connection, func, insert, select, update
 
 from worker.adapters.postgres import models as m
 from worker.domain.model import EntityState
@@ -150,7 +149,7 @@ class SupportLedger(Protocol):
 class SupportRepository:
     """Operator actions on the ledger, inside the caller's transaction."""
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Connection) -> None:
         self.session = session
 
     def select(self, selection: Selection, *, limit: int | None = None,

@@ -136,7 +136,7 @@ class SweeperStatements(SessionBound):
                     updated_at=now)
             .execution_options(synchronize_session=False)
         )
-        return int(result.rowcount)  # type: ignore[attr-defined]
+        return int(result.rowcount)
 
     def unpublished_dead_letters(self, *, limit: int) -> list[DeadLetterRecord]:
         e = m.Entity
@@ -294,4 +294,4 @@ class SweeperStatements(SessionBound):
         return list(stuck)
 
     def fold_dead_letter_groups(self) -> int:
-        return fold(self.session.connection())
+        return fold(self.session)

@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any, Protocol, cast
 
 from sqlalchemy import (
+    Connection,
     DateTime,
     Engine,
     Float,
@@ -29,7 +30,6 @@ from sqlalchemy import (
 )
 from sqlalchemy import cast as sql_cast
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.orm import Session
 
 from worker.adapters.postgres import hot_path
 from worker.adapters.postgres import models as m
@@ -116,7 +116,7 @@ class Sessions(Protocol):
     def engine(self) -> Engine: ...
 
     @property
-    def session(self) -> Session: ...
+    def session(self) -> Connection: ...
 
     def in_transaction(self) -> bool: ...
 
@@ -128,12 +128,12 @@ class SessionBound:
         self._sessions = sessions
 
     @property
-    def session(self) -> Session:
+    def session(self) -> Connection:
         return self._sessions.session
 
     @property
     def _conn(self) -> Any:
-        return self.session.connection()
+        return self.session
 
     def _alone(self, sql: str, params: dict[str, Any]) -> list[Any]:
         """Run one statement; as a transaction of its own when nothing ran before it.
@@ -143,7 +143,7 @@ class SessionBound:
         statements first), the statement joins it instead and commits with it.
         """
         if self._sessions.in_transaction():
-            return list(self.session.connection().exec_driver_sql(sql, params).all())
+            return list(self.session.exec_driver_sql(sql, params).all())
         return run_alone(self._sessions.engine, sql, params)
 
     def refresh_event_states(self, event_ids: Iterable[str], *, now: datetime) -> None:

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Literal, Protocol, Self, TypeVar
 import psycopg
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.orm import Session, sessionmaker
 
 from worker.adapters.postgres.driver import STATEMENT_MODE, StatementMode, translate
 from worker.adapters.postgres.repository import Ledger, SqlLedger
@@ -221,7 +220,10 @@ def _set_limits_on_begin(engine: Engine, per_transaction: str) -> None:
 
 
 class SqlUnitOfWork:
-    """A ``UnitOfWork`` over a SQLAlchemy session, begun on first use.
+    """A ``UnitOfWork`` over a SQLAlchemy connection (its ``session``), begun on first use.
+
+    A core ``Connection``, not an ORM ``Session``: the ledger's statements are SQLAlchemy core,
+    and the ORM would cost every worker process its modules for nothing but the transaction.
 
     The hot path's statements run alone (``worker.adapters.postgres.driver``): an event's two units
     of work never open a session, whose creation and closing cost more CPU than their statement's
@@ -230,10 +232,10 @@ class SqlUnitOfWork:
 
     ledger: Ledger
 
-    def __init__(self, session_factory: Callable[[], Session], engine: Engine) -> None:
+    def __init__(self, session_factory: Callable[[], Connection], engine: Engine) -> None:
         self._session_factory = session_factory
         self._engine = engine
-        self._session: Session | None = None
+        self._session: Connection | None = None
         self._open = False
 
     @property
@@ -241,7 +243,7 @@ class SqlUnitOfWork:
         return self._engine
 
     @property
-    def session(self) -> Session:
+    def session(self) -> Connection:
         assert self._open, "use the unit of work in a with block"
         if self._session is None:
             self._session = self._session_factory()
@@ -291,5 +293,4 @@ class SqlUnitOfWork:
 
 
 def sql_unit_of_work_factory(engine: Engine) -> Callable[[], SqlUnitOfWork]:
-    sessions = sessionmaker(bind=engine, expire_on_commit=False, autoflush=False)
-    return lambda: SqlUnitOfWork(sessions, engine)
+    return lambda: SqlUnitOfWork(engine.connect, engine)

@@ -31,6 +31,7 @@ from worker.config import Settings
 from worker.entrypoints.celery.context import links_of
 from worker.health import Heartbeat as HeartbeatRecord
 from worker.health import remove_heartbeat, write_heartbeat
+from worker.optional_modules import WORKER_UNUSED, without
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,17 @@ def install(app: Celery) -> None:
     app.steps["consumer"].add(Heartbeat)
 
 
+def _celery_worker_command() -> tuple[Any, Any]:
+    """Celery's ``CLIContext`` and ``worker`` command, imported without the optional modules
+    a worker has no use for (``worker.optional_modules``): ``celery.bin.base`` would build a
+    Pygments lexer and formatter for its help texts, ``celery.apps.worker`` load psutil."""
+    with without(WORKER_UNUSED):
+        import celery.apps.worker  # noqa: F401  (the command imports it when it starts a worker)
+        from celery.bin.base import CLIContext
+        from celery.bin.worker import worker as worker_command
+    return CLIContext, worker_command
+
+
 def run_worker(app: Celery, argv: list[str]) -> int:
     """Run ``celery worker`` with ``argv``; the exit code the worker ended with.
 
@@ -113,8 +125,7 @@ def run_worker(app: Celery, argv: list[str]) -> int:
         controllers.append(sender)
 
     signals.worker_init.connect(remember, weak=False)
-    from celery.bin.base import CLIContext
-    from celery.bin.worker import worker as worker_command
+    CLIContext, worker_command = _celery_worker_command()
     from click.exceptions import Exit
 
     args = argv[1:] if argv[:1] == ["worker"] else argv

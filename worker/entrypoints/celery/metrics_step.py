@@ -11,7 +11,7 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps
 
@@ -20,21 +20,15 @@ from worker.adapters.postgres.driver import PoolerMismatch
 from worker.adapters.postgres.migrate import schema_status, shipped_revisions
 from worker.adapters.postgres.ratelimit import BucketSpec, PostgresRateLimiter
 from worker.adapters.postgres.schema import SchemaStatus
-from worker.adapters.postgres.vitals import LedgerVitals, read_vitals
-from worker.adapters.rabbitmq.backlog import queue_backlogs, queue_names
 from worker.bootstrap import Container
 from worker.config import Settings
 from worker.domain.errors import LedgerUnavailable
 from worker.entrypoints.celery.context import container_of, links_of, pool_name, step_settings
 from worker.metrics import METRICS_PORT_SPAN, exposition_registry, serve_metrics, stop_metrics
-from worker.scrape import (
-    Configured,
-    LedgerReads,
-    consumers_collector,
-    ledger_collector,
-    queues_collector,
-)
-from worker.usecases.queries import entity_state_counts
+
+if TYPE_CHECKING:
+    from worker.adapters.postgres.vitals import LedgerVitals
+    from worker.scrape import LedgerReads
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +46,9 @@ class MetricsServer(bootsteps.StartStopStep):
         if not settings.metrics_port:
             return
         container = container_of(parent.app)
+        # Imported here, after the prefork pool forked: only this process serves metrics.
+        from worker.scrape import LedgerReads
+        from worker.usecases.queries import entity_state_counts
 
         reads = LedgerReads()
 
@@ -82,6 +79,10 @@ def scraped_collectors(container: Container, settings: Settings,
     """What on-call alerts on, read at each scrape: the ledger's vitals, this worker's paused
     consumers, and the queues' backlogs (``worker.scrape``). The ledger's reads go through
     ``reads``, shared with the backlog's, so that an unreachable ledger costs one timeout."""
+    from worker.adapters.postgres.vitals import read_vitals
+    from worker.adapters.rabbitmq.backlog import queue_backlogs, queue_names
+    from worker.scrape import Configured, consumers_collector, ledger_collector, queues_collector
+
     links = container.links
     limiter = container.deps().limiter
     spec: BucketSpec | None = limiter.spec if isinstance(limiter, PostgresRateLimiter) else None

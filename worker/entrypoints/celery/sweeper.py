@@ -8,6 +8,9 @@ When ``COUPONS_RETENTION_DAYS`` is set, a second thread tries, every minute, to 
 fleet's scheduled prune (``worker.usecases.retention.run_scheduled``): one worker runs it per
 ``COUPONS_RETENTION_INTERVAL_SECONDS``, beside the sweep rather than inside it, so a long prune
 never holds up retries and dead letters.
+
+What only these threads run is imported when they start, after the prefork pool has forked:
+the pool processes never run it (see ``worker_steps._freeze_before_fork``).
 """
 
 from __future__ import annotations
@@ -19,16 +22,12 @@ from typing import Any
 
 from celery import bootsteps
 
-from worker.adapters.postgres.jobs import ReplayJobStore
-from worker.adapters.postgres.retention import RetentionStore
 from worker.adapters.postgres.unit_of_work import ConnectionLimits, make_engine
 from worker.domain.errors import LedgerUnavailable
 from worker.domain.runtime_policy import consumption_for_circuit, consumption_for_ledger_down
 from worker.entrypoints.celery.context import container_of, links_of, step_settings
-from worker.usecases import replay_jobs, retention
 from worker.usecases.deps import Deps
 from worker.usecases.support import SupportDeps
-from worker.usecases.sweep import sweep
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +98,8 @@ class Sweeper(bootsteps.StartStopStep):
         return bool(getattr(blueprint, "state", None) == _RUN)
 
     def _loop(self) -> None:
+        from worker.usecases.sweep import sweep
+
         container = container_of(self._worker.app)
         links = links_of(self._worker.app)
         interval_s = container.settings.sweep_interval_s
@@ -131,6 +132,9 @@ class Sweeper(bootsteps.StartStopStep):
         """Step replay jobs until the next sweep is due, in steps of at most
         ``REPLAY_STEP_MAX_S`` (a step holds its job's row lock: an operator's pause waits for
         it); the seconds spent."""
+        from worker.adapters.postgres.jobs import ReplayJobStore
+        from worker.usecases import replay_jobs
+
         store = ReplayJobStore(engine)
         started = time.monotonic()
         while True:
@@ -141,6 +145,9 @@ class Sweeper(bootsteps.StartStopStep):
                 return time.monotonic() - started
 
     def _retention_loop(self) -> None:
+        from worker.adapters.postgres.retention import RetentionStore
+        from worker.usecases import retention
+
         container = container_of(self._worker.app)
         settings = container.settings
         policy = retention.policy_from(settings)

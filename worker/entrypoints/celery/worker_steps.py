@@ -19,6 +19,8 @@ The steps share a ``StepLinks`` (``worker.adapters.rabbitmq.links``) through the
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import logging
 from typing import Any
@@ -77,9 +79,27 @@ def _freeze_before_fork(sender: Any = None, **_: Any) -> None:
     fork shared (the modules, the settings, the app): each child's private memory grows with
     its first collections. Frozen objects are never collected, and are meant to live as long
     as the process anyway.
+
+    Before that, the start-up's garbage is collected rather than frozen, and the C heap's free
+    pages go back to the system: every page resident in the main process at the fork is
+    resident in each pool process too.
     """
     if pool_name(sender) == "prefork":
+        gc.collect()
+        release_free_heap()
         gc.freeze()
+
+
+def release_free_heap() -> bool:
+    """Return the C heap's free pages to the system (glibc's ``malloc_trim``); False where
+    the C library has no such call (musl, macOS)."""
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim(0)
+    return True
 
 
 def _setup_logging(**_: Any) -> None:

@@ -24,23 +24,28 @@
 
 The dev-tool commands live in the ``coupon_devtools`` package (the ``devtools`` extra); the
 runtime never imports it, and this command line finds those commands only when one is asked for.
+
+Each command's module is imported when that command is asked for (``root.COMMAND_MODULES``), not
+all of them at start-up: ``coupon-worker worker`` is the process every pool child is forked
+from, and what it imports is resident in each of them (the other commands' modules and ``rich``
+would be too).
 """
 
-from worker.entrypoints.cli import (
-    broker,
-    circuit,
-    console_sessions,
-    deploy,
-    publishing,
-    rejected,
-    retention,
-    runtime,
-    support,
-    waiting,
-    webconsole,
-)
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
 from worker.entrypoints.cli.root import main
 
-# Importing the command modules registers their commands on ``main``.
-__all__ = ["broker", "circuit", "console_sessions", "deploy", "main", "publishing", "rejected",
-           "retention", "runtime", "support", "waiting", "webconsole"]
+__all__ = ["main"]
+
+
+def __getattr__(name: str) -> ModuleType:
+    # ``cli.output``, ``cli.support``...: a command module, imported when first named.
+    try:
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__name__}.{name}":
+            raise
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None

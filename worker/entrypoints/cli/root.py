@@ -19,6 +19,28 @@ DEVTOOL_COMMANDS: dict[str, str] = {
 }
 DEVTOOLS_MISSING = "needs the dev tools: install coupon-worker[devtools]"
 
+# Each command of the runtime: the modules (of this package) whose import registers it and its
+# subcommands. Imported when the command is asked for: ``coupon-worker worker`` forks its pool
+# from its own process, so every module imported there is resident in each pool process.
+COMMAND_MODULES: dict[str, tuple[str, ...]] = {
+    "broker": ("broker", "deploy"),
+    "circuit": ("circuit",),
+    "console": ("webconsole", "console_sessions"),
+    "db": ("deploy",),
+    "dlq": ("support",),
+    "doctor": ("deploy",),
+    "duplicates": ("support",),
+    "events": ("support",),
+    "flower": ("runtime",),
+    "health": ("runtime",),
+    "migrate": ("runtime",),
+    "prune": ("retention",),
+    "publish": ("publishing",),
+    "rejected": ("rejected",),
+    "waiting": ("waiting",),
+    "worker": ("runtime",),
+}
+
 
 #: Exit codes of a command that could not do its work, by what stood in the way.
 EXIT_NOT_FOUND, EXIT_LEDGER, EXIT_BROKER, EXIT_CAPILLARY = 3, 4, 5, 6
@@ -72,14 +94,17 @@ class _DevToolsGroup(click.Group):
             ctx.exit(code)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted({*super().list_commands(ctx), *DEVTOOL_COMMANDS})
+        return sorted({*super().list_commands(ctx), *COMMAND_MODULES, *DEVTOOL_COMMANDS})
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        import importlib
+
+        if cmd_name not in self.commands and cmd_name in COMMAND_MODULES:
+            for part in COMMAND_MODULES[cmd_name]:
+                importlib.import_module(f"{__package__}.{part}")
         command = super().get_command(ctx, cmd_name)
         if command is not None or cmd_name not in DEVTOOL_COMMANDS:
             return command
-        import importlib
-
         module_name, factory = DEVTOOL_COMMANDS[cmd_name].split(":")
         try:
             module = importlib.import_module(module_name)

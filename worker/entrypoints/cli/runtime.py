@@ -1,16 +1,38 @@
-"""Running the service: ``migrate``, ``worker``, ``health`` and ``flower``."""
+"""Running the service: ``migrate``, ``worker``, ``health`` and ``flower``.
+
+``output`` (and ``rich`` with it) is imported where a command prints, not here: the ``worker``
+command's process is the one its pool processes are forked from, and prints nothing of its own
+unless it fails (see ``root.COMMAND_MODULES``).
+"""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 import click
 
 from worker.domain.errors import ConfigurationError, WorkerError
-from worker.entrypoints.cli import output
-from worker.entrypoints.cli.output import fail, print_json, settings_or_exit
 from worker.entrypoints.cli.root import main
+
+if TYPE_CHECKING:
+    from worker.config import Settings
+
+
+def fail(message: str, code: int = 1, *, multiline: bool = False) -> NoReturn:
+    from worker.entrypoints.cli.output import fail as fail_
+
+    fail_(message, code, multiline=multiline)
+
+
+def settings_or_exit() -> Settings:
+    from worker.config import load_settings
+
+    try:
+        return load_settings()
+    except ConfigurationError as exc:
+        fail(str(exc), 2, multiline=True)
 
 # -- migrate -------------------------------------------------------------------------------
 
@@ -24,6 +46,7 @@ def migrate() -> None:
         schema_status,
         upgrade,
     )
+    from worker.entrypoints.cli import output
     from worker.logs import configure_logging
 
     settings = settings_or_exit()
@@ -83,13 +106,18 @@ def worker(ctx: click.Context, concurrency: int | None, pool: str, hostname: str
         settings.require_capillary_credentials()
     except ConfigurationError as exc:
         fail(str(exc), 2)
-    if pool == "prefork":
-        # Every pool process writes its samples there; under threads one process counts all.
+    from worker.optional_modules import WORKER_UNUSED, without
+
+    # Celery and Kombu import them whenever they are installed (worker.optional_modules).
+    with without(WORKER_UNUSED):
         from worker.entrypoints.celery.worker_steps import prepare_metrics_dir
 
-        prepare_metrics_dir()
-    from worker.entrypoints.celery.app import app
-    from worker.entrypoints.celery.liveness import default_node_name, run_worker
+        if pool == "prefork":
+            # Every pool process writes its samples there; under threads one process counts
+            # all.
+            prepare_metrics_dir()
+        from worker.entrypoints.celery.app import app
+        from worker.entrypoints.celery.liveness import default_node_name, run_worker
 
     argv = ["worker", f"--pool={pool}", "--without-gossip", "--without-mingle",
             f"--loglevel={settings.log_level}", f"--hostname={hostname or default_node_name()}"]
@@ -115,6 +143,7 @@ def health(node: str | None, pid: int | None, max_age_s: float | None, as_json: 
     (COUPONS_HEARTBEAT_DIR), so a process that runs but no longer consumes is unhealthy.
     Needs neither the database nor the broker.
     """
+    from worker.entrypoints.cli.output import print_json
     from worker.health import check_health
 
     settings = settings_or_exit()
