@@ -99,9 +99,10 @@ class _DevToolsGroup(click.Group):
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         import importlib
 
-        if cmd_name not in self.commands and cmd_name in COMMAND_MODULES:
-            for part in COMMAND_MODULES[cmd_name]:
-                importlib.import_module(f"{__package__}.{part}")
+        # Every module of the command, even when one of them was imported already (another
+        # module's import of ``webconsole`` registers ``console`` without its subcommands).
+        for part in COMMAND_MODULES.get(cmd_name, ()):
+            importlib.import_module(f"{__package__}.{part}")
         command = super().get_command(ctx, cmd_name)
         if command is not None or cmd_name not in DEVTOOL_COMMANDS:
             return command
