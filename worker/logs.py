@@ -30,8 +30,11 @@ _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None)
     "message", "asctime", "taskName",
 }
 _SECRET_KEYS = re.compile(r"(password|secret|token|authorization|api[_-]?key)", re.IGNORECASE)
+# An HTTP scheme word (``Authorization: Bearer <token>``) is kept and the credential after it
+# hidden, not the scheme.
 _SECRET_IN_TEXT = re.compile(
-    r"(?i)(password|secret|token|authorization)(\"?\s*[:=]\s*\"?)([^\s\",}&]+)"
+    r"(?i)(password|secret|token|authorization)(\"?\s*[:=]\s*\"?(?:(?:bearer|basic|token)\s+)?)"
+    r"([^\s\",}&]+)"
 )
 # The words ``_SECRET_IN_TEXT`` looks for; a text without any of them has no match.
 _SECRET_WORDS = ("password", "secret", "token", "authorization")

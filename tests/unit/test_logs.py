@@ -15,6 +15,7 @@ import pytest
 from worker import logs
 from worker.logs import (
     PER_TASK_LOGGERS,
+    REDACTED,
     JsonFormatter,
     KeyValueFormatter,
     configure_logging,
@@ -229,3 +230,12 @@ def test_line_times_are_utc_to_the_millisecond_cut_as_datetime_rounds_them() -> 
         rec.created = created
         expected = datetime.fromtimestamp(created, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3]
         assert KeyValueFormatter().format(rec).startswith(expected + "Z INFO x")
+
+
+@pytest.mark.parametrize("header", ["Authorization: Bearer hunter2", "authorization=Basic hunter2",
+                                    '"Authorization": "Token hunter2"'])
+def test_an_authorization_headers_credential_is_hidden_not_its_scheme(header: str) -> None:
+    hidden = redact_text(f"request failed; {header} sent")
+    assert "hunter2" not in hidden and REDACTED in hidden
+    scheme = header.split()[-2].strip('"').split("=")[-1]
+    assert f"{scheme} {REDACTED}" in hidden
