@@ -104,6 +104,16 @@ def session_tag() -> str:
 # -- PostgreSQL ----------------------------------------------------------------------------
 
 
+@pytest.fixture
+def fresh_url() -> Iterator[str]:
+    """The URL of a database that does not exist yet (a migration test creates it), dropped
+    afterwards."""
+    name = f"cw_fresh_{uuid.uuid4().hex[:8]}"
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    yield url
+    drop_database(PG_ADMIN_URL, name)
+
+
 @pytest.fixture(scope="session")
 def database_url(session_tag: str) -> Iterator[str]:
     name = f"cw_test_{session_tag}"

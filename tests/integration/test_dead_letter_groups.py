@@ -3,8 +3,6 @@ entities after every way an entity enters or leaves the dead state, folded or no
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -14,8 +12,6 @@ from sqlalchemy.exc import OperationalError
 
 from coupon_devtools.fakes.broker import FakePublisher
 from coupon_devtools.fakes.capillary import FakeCapillary
-from coupon_devtools.harness.databases import drop_database
-from tests.conftest import PG_ADMIN_URL
 from worker.adapters.postgres import reads
 from worker.adapters.postgres.circuit import CircuitGate
 from worker.adapters.postgres.migrate import ensure_database, upgrade
@@ -255,14 +251,6 @@ def test_the_sweepers_cycle_folds_the_deltas(clean_ledger: Engine) -> None:
 
 
 # -- the migration's backfill ------------------------------------------------------------------
-
-
-@pytest.fixture
-def fresh_url() -> Iterator[str]:
-    name = f"cw_dlg_{uuid.uuid4().hex[:8]}"
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    yield url
-    drop_database(PG_ADMIN_URL, name)
 
 
 def test_the_migration_counts_the_dead_letters_already_there(fresh_url: str) -> None:

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine
 
-from coupon_devtools.harness.databases import drop_database
-from tests.conftest import PG_ADMIN_URL
 from worker.adapters.postgres.migrate import (
     alembic_config,
     current_revision,
@@ -23,14 +18,6 @@ from worker.adapters.postgres.migrate import (
 )
 from worker.adapters.postgres.models import Base
 from worker.adapters.postgres.schema import Verdict, compatible_from
-
-
-@pytest.fixture
-def fresh_url() -> Iterator[str]:
-    name = f"cw_mig_{uuid.uuid4().hex[:8]}"
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    yield url
-    drop_database(PG_ADMIN_URL, name)
 
 
 def test_migrate_creates_the_database_and_head_matches_the_models(fresh_url: str) -> None:
