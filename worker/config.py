@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from worker.config_fields import (
     AUDIT_FLOOR_DAYS,
@@ -32,7 +32,7 @@ from worker.config_fields import (
     SettingsFields,
 )
 from worker.domain.errors import ConfigurationError
-from worker.secret_files import Secret, SecretFilesSource
+from worker.secret_files import ReadsSecretFiles, Secret
 
 # Re-exported: the defaults are imported from here by the dev tools and the tests.
 __all__ = [
@@ -78,7 +78,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-class Settings(SettingsFields):
+class Settings(SettingsFields, ReadsSecretFiles):
     """The worker's whole configuration. Frozen: build a new one to change anything."""
 
     model_config = SettingsConfigDict(
@@ -94,15 +94,6 @@ class Settings(SettingsFields):
         "database_url", "database_password", "retention_database_url", "broker_url",
         "capillary_username", "capillary_password", "capillary_oauth_key",
         "capillary_oauth_secret")
-
-    @classmethod
-    def settings_customise_sources(
-        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, SecretFilesSource(settings_cls, env_settings, dotenv_settings),
-                env_settings, dotenv_settings, file_secret_settings)
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -185,3 +185,17 @@ def versions(*secrets: Secret | None) -> tuple[int, ...]:
     """The versions of several secrets, checking their files if due: compare two readings to
     tell whether any of them changed."""
     return tuple(s.refresh() for s in secrets if s is not None)
+
+
+class ReadsSecretFiles(BaseSettings):
+    """Settings whose ``secret_file_fields`` are also read from the files ``<NAME>_FILE``
+    names, after the arguments and before the environment (``SecretFilesSource``)."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, SecretFilesSource(settings_cls, env_settings, dotenv_settings),
+                env_settings, dotenv_settings, file_secret_settings)

@@ -9,13 +9,13 @@ from typing import ClassVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from worker.domain.errors import ConfigurationError
-from worker.secret_files import SecretFilesSource
+from worker.secret_files import ReadsSecretFiles
 
 
-class ConsoleSettings(BaseSettings):
+class ConsoleSettings(ReadsSecretFiles):
     """Who may log in, how sessions are signed, where Flower is. Frozen."""
 
     model_config = SettingsConfigDict(extra="ignore", frozen=True, populate_by_name=True)
@@ -23,15 +23,6 @@ class ConsoleSettings(BaseSettings):
     #: Settings also read from the file ``<NAME>_FILE`` names (docs/secrets.md); the secret
     #: is read again when its file changes (``worker.entrypoints.console.sessions``).
     secret_file_fields: ClassVar[tuple[str, ...]] = ("secret", "users")
-
-    @classmethod
-    def settings_customise_sources(
-        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, SecretFilesSource(settings_cls, env_settings, dotenv_settings),
-                env_settings, dotenv_settings, file_secret_settings)
 
     secret: SecretStr = Field(
         validation_alias="COUPONS_CONSOLE_SECRET", min_length=32, repr=False,
