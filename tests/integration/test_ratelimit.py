@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing
+import threading
 import time
+from collections.abc import Callable
 
 import pytest
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine, create_engine, text
 
 from worker.adapters.postgres.ratelimit import PostgresRateLimiter, RetryAfterGate
 
@@ -86,37 +88,37 @@ def test_the_limit_holds_across_processes(clean_ledger: Engine, database_url: st
             assert j - i + 1 <= rate * span + burst + 1, (i, j, span)
 
 
-def test_while_one_thread_reads_the_fleets_pause_the_others_do_not_wait_for_it(
-        clean_ledger: Engine) -> None:
-    import threading
-
-    from sqlalchemy import text
-
-    # Given a gate that has read the fleet's pause once (none), and may read it again
-    gate = RetryAfterGate(clean_ledger, refresh_s=0.2)
-    assert gate.reserve() == 0.0
-    time.sleep(0.3)
-    # And another session holding the limiter's table, so the next reading waits on it
-    with clean_ledger.connect() as holder:
-        holder.execute(text("LOCK TABLE rate_limit_buckets IN ACCESS EXCLUSIVE MODE"))
-        reader = threading.Thread(target=gate.reserve)
+def _others_get_the_last_reading(engine: Engine, table: str, read: Callable[[], object],
+                                 last: object) -> None:
+    """While one thread's reading waits on ``table`` (locked by another session), another
+    thread's ``read()`` returns ``last`` at once; the waiting reading ends once it is free."""
+    with engine.connect() as holder:
+        holder.execute(text(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
+        reader = threading.Thread(target=read)
         reader.start()
         time.sleep(0.3)
         # When another thread asks meanwhile, it gets the last reading at once
         started = time.monotonic()
-        assert gate.reserve() == 0.0
+        assert read() == last
         assert time.monotonic() - started < 0.1
         holder.rollback()
     reader.join(timeout=10)
     assert not reader.is_alive()
 
 
+def test_while_one_thread_reads_the_fleets_pause_the_others_do_not_wait_for_it(
+        clean_ledger: Engine) -> None:
+    # Given a gate that has read the fleet's pause once (none), and may read it again
+    gate = RetryAfterGate(clean_ledger, refresh_s=0.2)
+    assert gate.reserve() == 0.0
+    time.sleep(0.3)
+    # And another session holding the limiter's table, so the next reading waits on it
+    _others_get_the_last_reading(clean_ledger, "rate_limit_buckets", gate.reserve, 0.0)
+
+
 def test_while_one_thread_reads_the_circuit_the_others_use_the_last_reading(
         clean_ledger: Engine) -> None:
-    import threading
     from datetime import UTC, datetime
-
-    from sqlalchemy import text
 
     from worker.adapters.postgres.circuit import CircuitGate
     from worker.adapters.postgres.unit_of_work import sql_unit_of_work_factory
@@ -128,15 +130,5 @@ def test_while_one_thread_reads_the_circuit_the_others_use_the_last_reading(
     assert gate.state().state == "closed"
     time.sleep(0.3)
     # And another session holding the circuit's table, so the next reading waits on it
-    with clean_ledger.connect() as holder:
-        holder.execute(text("LOCK TABLE circuit_breakers IN ACCESS EXCLUSIVE MODE"))
-        reader = threading.Thread(target=gate.state)
-        reader.start()
-        time.sleep(0.3)
-        # When another thread asks meanwhile, it gets the last reading at once
-        started = time.monotonic()
-        assert gate.state().state == "closed"
-        assert time.monotonic() - started < 0.1
-        holder.rollback()
-    reader.join(timeout=10)
-    assert not reader.is_alive()
+    _others_get_the_last_reading(clean_ledger, "circuit_breakers",
+                                 lambda: gate.state().state, "closed")
