@@ -19,6 +19,7 @@ import math
 import queue
 import re
 import sys
+import time
 import traceback
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -190,6 +191,31 @@ class _AsIs(logging.handlers.QueueHandler):
         return record
 
 
+#: How long the writer lets lines gather once it has written all it had.
+GATHER_S = 0.01
+
+
+class _Gathering(logging.handlers.QueueListener):
+    """A listener that, having emptied the queue, lets lines gather for ``GATHER_S``.
+
+    Handing a record to a thread that waits on the queue wakes it: under threads x 64 that was
+    a context switch for every line. Records queued while the writer sleeps wake nobody; they
+    are written together, a few milliseconds later.
+    """
+
+    def __init__(self, records: queue.SimpleQueue[logging.LogRecord],
+                 handler: logging.Handler) -> None:
+        super().__init__(records, handler, respect_handler_level=True)
+        self.records = records
+
+    def dequeue(self, block: bool) -> logging.LogRecord:
+        try:
+            return self.records.get_nowait()
+        except queue.Empty:
+            time.sleep(GATHER_S)
+        return self.records.get(block)
+
+
 class _Writer:
     """The thread that formats and writes the lines the process's threads hand it."""
 
@@ -200,8 +226,7 @@ class _Writer:
 
     def start(self, handler: logging.Handler) -> logging.Handler:
         self.stop()
-        self.listener = logging.handlers.QueueListener(self.queue, handler,
-                                                       respect_handler_level=True)
+        self.listener = _Gathering(self.queue, handler)
         self.listener.start()
         return _AsIs(self.queue)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import re
 import sys
 import threading
@@ -239,3 +240,44 @@ def test_an_authorization_headers_credential_is_hidden_not_its_scheme(header: st
     assert "hunter2" not in hidden and REDACTED in hidden
     scheme = header.split()[-2].strip('"').split("=")[-1]
     assert f"{scheme} {REDACTED}" in hidden
+
+
+class _CountingQueue(queue.SimpleQueue[logging.LogRecord]):
+    """The writer's queue, counting the times the writer waited on it for a line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits = 0
+
+    def get(self, block: bool = True, timeout: float | None = None) -> logging.LogRecord:
+        if block and self.empty():
+            self.waits += 1
+        return super().get(block, timeout)
+
+
+def test_the_writer_lets_lines_gather_rather_than_wake_for_each(
+        monkeypatch: pytest.MonkeyPatch, one_writer: None) -> None:
+    # Given the one writer, on a queue that counts how often the writer waited for a line
+    stream = _SlowStream(0.0)
+    monkeypatch.setattr(sys, "stderr", stream)
+    records = _CountingQueue()
+    monkeypatch.setattr(logs._writer, "queue", records)
+    configure_logging("INFO")
+    write_from_one_thread()
+    log = logging.getLogger("worker.pipeline")
+
+    # When 4 threads log 50 lines each, a line every millisecond
+    def work(n: int) -> None:
+        for i in range(50):
+            log.info("entity.issued", extra={"event_id": f"e-{n}-{i}"})
+            time.sleep(0.001)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    logs._writer.stop()
+    # Then all 200 lines are written, the writer having been woken for a few of them only
+    assert len(stream.lines) == 200
+    assert records.waits < 40

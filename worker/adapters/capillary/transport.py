@@ -113,8 +113,14 @@ class CallDeadlines:
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not self._heap:
+                # Calls that ended are dropped without waiting for their deadlines: the
+                # watchdog would otherwise wake once for every call made (a context switch
+                # per call), since each call's deadline comes a few ms after the last one's.
+                while self._heap and self._heap[0][2].done:
+                    heapq.heappop(self._heap)
+                if not self._heap:
                     self._wake.wait()
+                    continue
                 deadline, _order, watch = self._heap[0]
                 delay = deadline - self._clock()
                 if delay > 0:
