@@ -26,8 +26,10 @@ class FakeBridge:
 class Consumer:
     """What the guard uses of Celery's consumer, recording which queues it consumes."""
 
-    def __init__(self, *, waiting: int = 0, processes: int = 2) -> None:
-        settings = load_settings(capillary_username="u", capillary_password="p")
+    def __init__(self, *, waiting: int = 0, processes: int = 2,
+                 bus_intake: str = "direct") -> None:
+        settings = load_settings(capillary_username="u", capillary_password="p",
+                                 bus_intake=bus_intake)
         self.links = StepLinks()
         self.app = SimpleNamespace(conf={"coupon_settings": settings},
                                    coupon_container=SimpleNamespace(links=self.links))
@@ -107,9 +109,19 @@ def test_without_a_bridge_the_guard_does_not_read_the_task_queue() -> None:
     assert consumer.declared == []
 
 
+def test_reading_the_bus_directly_the_guard_does_not_read_the_task_queue() -> None:
+    # Given the bridge step, idle: the worker's consumer reads the bus itself (the default)
+    consumer = Consumer(waiting=5)
+    bridge = FakeBridge()
+    consumer.links.bridge = bridge
+    # Then the guard costs the event loop no broker round trip
+    ConsumptionGuard(SimpleNamespace())._check(consumer)
+    assert consumer.declared == [] and bridge.rooms == []
+
+
 def test_the_bridge_gets_the_room_left_below_the_high_water_mark() -> None:
     # Given a bridge and a task queue with 10 messages waiting, on a pool of 4
-    consumer = Consumer(waiting=10, processes=4)
+    consumer = Consumer(waiting=10, processes=4, bus_intake="bridge")
     bridge = FakeBridge()
     consumer.links.bridge = bridge
     # When the guard checks
@@ -121,7 +133,7 @@ def test_the_bridge_gets_the_room_left_below_the_high_water_mark() -> None:
 
 
 def test_a_long_task_queue_leaves_the_bridge_no_room() -> None:
-    consumer = Consumer(waiting=10_000)
+    consumer = Consumer(waiting=10_000, bus_intake="bridge")
     bridge = FakeBridge()
     consumer.links.bridge = bridge
     ConsumptionGuard(SimpleNamespace())._check(consumer)

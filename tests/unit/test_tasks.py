@@ -256,3 +256,9 @@ def test_a_row_the_ledger_still_refuses_is_stored_with_what_cannot_be_refused(
     assert row["raw"] == b"\x00raw" and row["event_id"] is None
     assert row["reason"].startswith("bad \\ud800 (stored without its event id")
     assert row["reason"].isascii()
+
+
+def test_a_tasks_result_reads_as_the_outcome_in_one_line() -> None:
+    assert tasks.summary({"event_id": "e-1", "new_event": True, "claimed": 1, "issued": 1}) \
+        == "event_id=e-1 new_event=True claimed=1 issued=1"
+    assert tasks.summary({}) == ""

@@ -63,9 +63,11 @@ class ConsumptionGuard(bootsteps.StartStopStep):
     def _apply_backpressure(self, c: Any) -> None:
         """Let the bridge forward only while the task queue is short (``bridge_high_water``)."""
         bridge = links_of(c.app).bridge
-        if bridge is None:
-            return
         settings = step_settings(c)
+        if bridge is None or settings.bus_intake != "bridge":
+            # Direct intake has no bridge to hold back: reading the depth would cost the
+            # event loop a broker round trip four times a second for nothing.
+            return
         try:
             _name, waiting, _consumers = c.connection.default_channel.queue_declare(
                 queue=settings.tasks_queue, passive=True)

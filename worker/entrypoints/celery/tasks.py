@@ -194,20 +194,20 @@ def register(app: Celery) -> None:
     # message whose arguments do not fit would otherwise fail inside Celery, before any of
     # our code, and be acknowledged with nothing recorded.
     @app.task(name=TASK_ISSUE, ignore_result=True, shared=False)
-    def issue(*args: Any, **kwargs: Any) -> dict[str, object]:
+    def issue(*args: Any, **kwargs: Any) -> str:
         """Issue the coupons of one event sent by a Python producer: ``(event, source)``."""
-        return _call(issue_call, TASK_ISSUE, args, kwargs)
+        return summary(_call(issue_call, TASK_ISSUE, args, kwargs))
 
     @app.task(name=TASK_INGEST, ignore_result=True, shared=False)
-    def ingest(*args: Any, **kwargs: Any) -> dict[str, object]:
+    def ingest(*args: Any, **kwargs: Any) -> str:
         """Issue the coupons of one raw bus message (validated here, in the pool):
         ``(body, encoding, content_type, source, event_id)``."""
-        return _call(ingest_call, TASK_INGEST, args, kwargs)
+        return summary(_call(ingest_call, TASK_INGEST, args, kwargs))
 
     @app.task(name=TASK_RETRY, ignore_result=True, shared=False)
-    def retry(*args: Any, **kwargs: Any) -> dict[str, object]:
+    def retry(*args: Any, **kwargs: Any) -> str:
         """Run the due retry of one entity: ``(entity_id)``."""
-        return _call(retry_call, TASK_RETRY, args, kwargs)
+        return summary(_call(retry_call, TASK_RETRY, args, kwargs))
 
     # Worked out once, not for every task (10 us of CPU each time).
     signatures = {call: inspect.signature(call) for call in (issue_call, ingest_call, retry_call)}
@@ -225,6 +225,15 @@ def register(app: Celery) -> None:
                         source="task", event_id=event_id,
                         failure_limit=failure_limit())
         return call(*args, **kwargs)
+
+
+def summary(outcome: dict[str, object]) -> str:
+    """A task's result as Flower shows it: ``event_id=e-1 new_event=True issued=1``.
+
+    Text rather than the dict: Celery writes every result out with its ``saferepr``, which
+    took 30 us of CPU an event for a dict of four keys, and 5 us for this line.
+    """
+    return " ".join(f"{key}={value}" for key, value in outcome.items())
 
 
 def _rejected(raw: bytes, reason: str, event_id: str | None, deps: Deps) -> Report:
