@@ -3,6 +3,8 @@ metrics)."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import Any
 
 from kombu import Connection
@@ -17,25 +19,70 @@ def queue_names(settings: Settings) -> dict[str, str]:
             "retry": settings.retry_queue, "dead": settings.dead_queue}
 
 
-def queue_backlogs(settings: Settings) -> dict[str, int | None]:
-    """Ready messages per queue role; None where the broker or the queue did not answer."""
-    queues = queue_names(settings)
-    found: dict[str, int | None] = dict.fromkeys(queues)
-    try:
-        with Connection(settings.broker_url,
-                        transport_options=settings.broker_transport_options(),
-                        connect_timeout=3) as connection:
-            connection.ensure_connection(max_retries=1)
-            for role, queue in queues.items():
-                # A channel each: a passive declare of a missing queue closes its channel.
+class QueueBacklogs:
+    """Reads the queues' depths over one connection, kept between reads.
+
+    Every worker of a fleet is scraped every few seconds: opening a connection for each read
+    cost RabbitMQ a handshake, and two lines in its log, per worker and scrape. A connection
+    the broker dropped (a restart, a node gone) is noticed at the next read, which opens a new
+    one and reads again, once. Safe to share between threads (the reads take turns).
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._queues = queue_names(settings)
+        self._lock = threading.Lock()
+        self._connection: Connection | None = None
+        #: Connections opened so far (for tests and the doctor's curiosity).
+        self.opened = 0
+
+    def read(self) -> dict[str, int | None]:
+        """Ready messages per queue role; None where the broker or the queue did not answer."""
+        with self._lock:
+            for _attempt in range(2):
                 try:
-                    channel: Any
-                    with connection.channel() as channel:
-                        _name, waiting, _consumers = channel.queue_declare(queue=queue,
-                                                                           passive=True)
-                        found[role] = int(waiting)
+                    return self._read(self._connected())
                 except BROKER_ERRORS:
-                    found[role] = None
-    except BROKER_ERRORS:
-        pass  # the broker is down: every count stays unknown, the page still answers
-    return found
+                    self._drop()
+            return dict.fromkeys(self._queues)
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+    def _connected(self) -> Connection:
+        if self._connection is None:
+            connection = Connection(self._settings.broker_url,
+                                    transport_options=self._settings.broker_transport_options(),
+                                    connect_timeout=3)
+            try:
+                connection.ensure_connection(max_retries=1)
+            except BaseException:
+                connection.release()
+                raise
+            self._connection = connection
+            self.opened += 1
+        return self._connection
+
+    def _read(self, connection: Connection) -> dict[str, int | None]:
+        found: dict[str, int | None] = dict.fromkeys(self._queues)
+        for role, queue in self._queues.items():
+            # A channel each: a passive declare of a missing queue closes its channel (the
+            # connection stays up). A lost connection raises out of the loop, to reconnect.
+            channel: Any = connection.channel()
+            try:
+                _name, waiting, _consumers = channel.queue_declare(queue=queue, passive=True)
+                found[role] = int(waiting)
+            except connection.channel_errors:
+                found[role] = None
+            finally:
+                with contextlib.suppress(*BROKER_ERRORS):
+                    channel.close()
+        return found
+
+    def _drop(self) -> None:
+        if self._connection is not None:
+            with contextlib.suppress(*BROKER_ERRORS):
+                self._connection.release()
+            self._connection = None
+

@@ -80,7 +80,7 @@ def scraped_collectors(container: Container, settings: Settings,
     consumers, and the queues' backlogs (``worker.scrape``). The ledger's reads go through
     ``reads``, shared with the backlog's, so that an unreachable ledger costs one timeout."""
     from worker.adapters.postgres.vitals import read_vitals
-    from worker.adapters.rabbitmq.backlog import queue_backlogs, queue_names
+    from worker.adapters.rabbitmq.backlog import QueueBacklogs, queue_names
     from worker.scrape import Configured, consumers_collector, ledger_collector, queues_collector
 
     links = container.links
@@ -93,6 +93,7 @@ def scraped_collectors(container: Container, settings: Settings,
     if settings.bus_intake == "direct":
         consumed.insert(0, settings.events_queue)
     names = queue_names(settings)
+    depths = QueueBacklogs(settings)
 
     def vitals() -> LedgerVitals:
         return reads.run(lambda: read_vitals(container.engine))
@@ -101,7 +102,7 @@ def scraped_collectors(container: Container, settings: Settings,
         return {queue: queue in links.paused_queues for queue in consumed}
 
     def backlogs() -> dict[str, tuple[str, int | None]]:
-        return {role: (names[role], count) for role, count in queue_backlogs(settings).items()}
+        return {role: (names[role], count) for role, count in depths.read().items()}
 
     return [ledger_collector(vitals, configured), consumers_collector(paused),
             queues_collector(backlogs)]

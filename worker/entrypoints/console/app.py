@@ -16,6 +16,7 @@ from worker.adapters.postgres.console_sessions import SessionStore
 from worker.adapters.postgres.jobs import ReplayJobStore
 from worker.adapters.postgres.login_limits import LoginLimits
 from worker.adapters.postgres.plans import SqlActionPlans
+from worker.adapters.rabbitmq.backlog import QueueBacklogs
 from worker.config import Settings
 from worker.entrypoints.console.auth import UserDirectory
 from worker.entrypoints.console.config import ConsoleSettings
@@ -61,6 +62,7 @@ def create_app(settings: Settings, console: ConsoleSettings, *, engine: Engine |
                            cap_s=console.login_backoff_max_s),
         sessions=sessions,
         templates=Jinja2Templates(directory=str(TEMPLATES)),
+        backlogs=QueueBacklogs(settings),
     )
     # Follows COUPONS_CONSOLE_SECRET_FILE when the secret is given as a file.
     session_secret = Secret.of(console, "secret")

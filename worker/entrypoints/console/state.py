@@ -16,6 +16,7 @@ from starlette.templating import Jinja2Templates
 from worker.adapters.postgres.jobs import ReplayJobStore
 from worker.adapters.postgres.login_limits import LoginLimits
 from worker.adapters.postgres.plans import SqlActionPlans
+from worker.adapters.rabbitmq.backlog import QueueBacklogs
 from worker.config import Settings
 from worker.entrypoints.console.auth import UserDirectory
 from worker.entrypoints.console.config import ConsoleSettings
@@ -41,6 +42,8 @@ class Console:
     limits: LoginLimits
     sessions: SessionManager
     templates: Jinja2Templates
+    #: The queues' depths for the overview, over one broker connection kept between pages.
+    backlogs: QueueBacklogs
 
 
 def console_of(request: Request) -> Console:

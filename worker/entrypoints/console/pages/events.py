@@ -8,7 +8,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from worker.adapters.rabbitmq.backlog import queue_backlogs
 from worker.domain.errors import NotFound
 from worker.entrypoints.console.auth import User
 from worker.entrypoints.console.state import console_of
@@ -25,7 +24,7 @@ async def overview(request: Request, user: User) -> Response:
     circuits = await run_in_threadpool(queries.circuit_states, c.engine)
     jobs = await run_in_threadpool(c.jobs.recent, limit=10)
     calls = await run_in_threadpool(queries.calls_last_minute, c.engine, now)
-    backlogs = await run_in_threadpool(queue_backlogs, c.settings)
+    backlogs = await run_in_threadpool(c.backlogs.read)
     return render(request, "overview.html", user, counts=counts, circuits=circuits,
                   chart=sparkline(per_minute), per_minute_total=sum(per_minute), jobs=jobs,
                   calls_last_minute=calls, rate_limit=c.settings.rate_limit_per_minute,

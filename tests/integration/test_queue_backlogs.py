@@ -1,0 +1,60 @@
+"""The queues' depths (the metrics' scrape, the console's overview) on a real RabbitMQ, over
+one connection kept between reads."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from coupon_devtools.harness.rabbitmqctl import rabbitmqctl
+from worker.adapters.rabbitmq.backlog import QueueBacklogs
+from worker.adapters.rabbitmq.publisher import EventProducer
+from worker.config import Settings
+
+EVENT = {"eventId": "e-1", "customer": {"id": "1"}, "seriesIds": [544770]}
+
+
+def test_reads_share_one_connection_which_a_broker_drop_only_replaces(
+    settings: Settings,
+) -> None:
+    with EventProducer.open(settings) as producer:
+        producer.publish_event(EVENT, via="bus")
+        producer.publish_event(EVENT, via="bus")
+    backlogs = QueueBacklogs(settings)
+    try:
+        # Scrape after scrape, one connection
+        for _ in range(3):
+            assert backlogs.read()["events"] == 2
+        assert backlogs.opened == 1
+        # Given the broker drops every connection of the vhost (a restart, a failover)
+        vhost = settings.broker_url.rsplit("/", 1)[1]
+        rabbitmqctl("close_all_connections", "--vhost", vhost, "--limit", "1000", "test")
+        # Then the next read still answers, on a new connection
+        assert backlogs.read()["events"] == 2
+        assert backlogs.opened == 2
+    finally:
+        backlogs.close()
+
+
+def test_a_missing_queue_is_unknown_and_costs_the_connection_nothing(
+    settings_factory: Callable[..., Settings],
+) -> None:
+    settings = settings_factory(dead_queue="no-such-queue-here")
+    with EventProducer.open(settings) as producer:
+        producer.publish_event(EVENT, via="bus")
+    backlogs = QueueBacklogs(settings)
+    try:
+        for _ in range(2):
+            found = backlogs.read()
+            assert found["dead"] is None and found["events"] == 1
+        assert backlogs.opened == 1
+    finally:
+        backlogs.close()
+
+
+def test_an_unreachable_broker_leaves_every_count_unknown(
+    settings_factory: Callable[..., Settings],
+) -> None:
+    settings = settings_factory(broker_url="amqp://guest:guest@127.0.0.1:1//")
+    backlogs = QueueBacklogs(settings)
+    assert set(backlogs.read().values()) == {None}
+    assert backlogs.opened == 0
