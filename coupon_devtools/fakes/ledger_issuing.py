@@ -184,8 +184,13 @@ class FakeIssuing(FakePart):
             kept.add(e.claim_token)
         return kept
 
-    def count_message_failure(self, key: str, *, kind: str, error: str, now: datetime) -> int:
+    def count_message_failure(self, key: str, *, kind: str, error: str, now: datetime,
+                              forget_before: datetime | None = None) -> int:
         _pg_text(key, kind, error)
+        if forget_before is not None:
+            for stale in [k for k, row in self.state.failures.items()
+                          if row["last_failed_at"] < forget_before]:
+                del self.state.failures[stale]
         row = self.state.failures.setdefault(
             key, {"failures": 0, "first_failed_at": now})
         row.update(failures=row["failures"] + 1, kind=kind, last_error=error,

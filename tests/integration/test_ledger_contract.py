@@ -368,6 +368,31 @@ def test_failed_deliveries_are_counted_per_message_until_forgotten(uow: UowFacto
                                               error="RuntimeError: bug", now=NOW) == 2
 
 
+def test_counts_of_messages_that_stopped_failing_are_forgotten_after_a_while(
+        uow: UowFactory) -> None:
+    # Given a message that failed twice two days ago (then went through), and one that failed
+    # an hour ago
+    with uow() as u:
+        for _ in range(2):
+            u.ledger.count_message_failure("event:old", kind="internal_error", error="x",
+                                           now=NOW - timedelta(days=2))
+        u.ledger.count_message_failure("event:recent", kind="internal_error", error="x",
+                                       now=NOW - timedelta(hours=1))
+        u.commit()
+    # When another message fails, forgetting what last failed over a day ago
+    with uow() as u:
+        assert u.ledger.count_message_failure(
+            "event:new", kind="internal_error", error="x", now=NOW,
+            forget_before=NOW - timedelta(days=1)) == 1
+        u.commit()
+    # Then the old count is gone (a new failure of it counts from one), the recent one stays
+    with uow() as u:
+        assert u.ledger.count_message_failure("event:old", kind="internal_error", error="x",
+                                              now=NOW) == 1
+        assert u.ledger.count_message_failure("event:recent", kind="internal_error",
+                                              error="x", now=NOW) == 2
+
+
 def test_a_kept_message_says_whose_fault_it_was(uow: UowFactory) -> None:
     with uow() as u:
         u.ledger.record_rejection(raw=b"{}", reason="infrastructure: failed 5 deliveries",

@@ -105,6 +105,27 @@ def _explode(exc: Exception) -> Any:
 
 
 @pytest.mark.usefixtures("no_pause")
+def test_a_failure_a_day_after_the_last_counts_afresh(world: World) -> None:
+    # Given a message whose delivery failed once, then went through
+    raw = json.dumps({"eventId": "e-7", "customer": {"id": "1"}, "seriesIds": [1]}).encode()
+
+    def deliver() -> dict[str, object]:
+        return tasks._run(lambda: world.deps, _explode(RuntimeError("bug")), raw=raw,
+                          source="task", event_id="e-7", failure_limit=2)
+
+    with pytest.raises(Reject):
+        deliver()
+    # When it fails again more than a day later (a replay of the same event id)
+    world.clock.advance(runtime_policy.FAILURE_COUNT_FORGOTTEN_AFTER_S + 60)
+    # Then it goes back as a first failure would, instead of reaching the limit of two
+    with pytest.raises(Reject) as info:
+        deliver()
+    assert info.value.requeue
+    assert world.state.failures["event:e-7"]["failures"] == 1
+    assert world.state.rejections == []
+
+
+@pytest.mark.usefixtures("no_pause")
 def test_an_error_that_cannot_be_recorded_puts_the_message_back(
     world: World, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

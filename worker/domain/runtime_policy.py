@@ -48,6 +48,11 @@ CIRCUIT_OPEN_CODE = "circuit_open"
 #: pool process it holds is back to work within seconds.
 FAILED_DELIVERY_PAUSE_BASE_S = 0.5
 FAILED_DELIVERY_PAUSE_MAX_S = 8.0
+#: A message's count of failed deliveries is forgotten once it has not failed for a day. A
+#: count is dropped when its message becomes a dead letter, but a message that went through
+#: on a later delivery left its row for ever, and a failure of the same event id a month
+#: later (a replay) would still have counted toward the limit.
+FAILURE_COUNT_FORGOTTEN_AFTER_S = 86_400.0
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from datetime import timedelta
 
 from worker.domain.errors import LedgerError
 from worker.domain.model import DeadMessageKind
 from worker.domain.runtime_policy import (
+    FAILURE_COUNT_FORGOTTEN_AFTER_S,
     KeepAsDeadLetter,
     Requeue,
     after_failed_delivery,
@@ -47,8 +49,11 @@ def after_failure(raw: bytes, error: BaseException, *, source: str, event_id: st
     key = failure_key(printable(event_id, limit=200) if event_id else None, raw)
     kind = failure_kind(error)
     text = printable(f"{type(error).__name__}: {error}", limit=FAILURE_TEXT_MAX_CHARS)
+    now = deps.clock()
     with deps.uow() as uow:
-        failures = uow.ledger.count_message_failure(key, kind=kind, error=text, now=deps.clock())
+        failures = uow.ledger.count_message_failure(
+            key, kind=kind, error=text, now=now,
+            forget_before=now - timedelta(seconds=FAILURE_COUNT_FORGOTTEN_AFTER_S))
         uow.commit()
     decision = after_failed_delivery(failures, error, limit=limit)
     if isinstance(decision, Requeue):

@@ -144,9 +144,11 @@ class LeaseLedger(Protocol):
 class DeliveryLedger(Protocol):
     """The count of a message's failures for a reason not its own (``worker.usecases.delivery``)."""
 
-    def count_message_failure(self, key: str, *, kind: str, error: str, now: datetime) -> int:
+    def count_message_failure(self, key: str, *, kind: str, error: str, now: datetime,
+                              forget_before: datetime | None = None) -> int:
         """One more failure of the message ``key`` for a reason not its own; the count so
-        far, this one included."""
+        far, this one included. Counts of messages (this one too) that last failed before
+        ``forget_before`` are forgotten first."""
         ...
 
     def forget_message_failure(self, key: str) -> None:
@@ -417,8 +419,12 @@ class IssuingStatements(SessionBound):
         ).all()
         return {r[0] for r in rows}
 
-    def count_message_failure(self, key: str, *, kind: str, error: str, now: datetime) -> int:
+    def count_message_failure(self, key: str, *, kind: str, error: str, now: datetime,
+                              forget_before: datetime | None = None) -> int:
         f = m.MessageFailure
+        if forget_before is not None:
+            # On the failure path only: the happy path never pays for the clean-up.
+            self.session.execute(delete(f).where(f.last_failed_at < forget_before))
         new = pg_insert(f).values(key=key, kind=str(kind), failures=1, first_failed_at=now,
                                   last_failed_at=now, last_error=error)
         counted = self.session.scalar(new.on_conflict_do_update(
