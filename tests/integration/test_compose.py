@@ -33,8 +33,8 @@ COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 SANDBOX_ENV = REPO_ROOT / "deploy" / "sandbox.env"
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 SERVICES = {"postgres", "rabbitmq", "sandbox", "db-roles", "migrate", "broker-users", "worker",
-            "flower", "console", "prometheus", "grafana"}
-MONITORING = {"prometheus", "grafana"}
+            "flower", "console", "prometheus", "alertmanager", "grafana"}
+MONITORING = {"prometheus", "alertmanager", "grafana"}
 # The coupon-worker subcommand each project service runs.
 SUBCOMMANDS = {"sandbox": ["sandbox"], "db-roles": ["db", "roles"], "migrate": ["migrate"],
                "worker": ["worker"], "flower": ["flower"], "console": ["console"]}
@@ -418,12 +418,19 @@ def test_monitoring_runs_only_with_its_profile_and_mounts_the_shipped_files() ->
     assert job["job_name"] == "coupon-worker", "the job CouponNoWorkerAlive looks for"
     (discovery,) = job["dns_sd_configs"]
     assert discovery["names"] == ["worker"] and discovery["port"] == 9808
+    # and sends what fires to the Alertmanager beside it, which routes with the shipped file
+    (managers,) = config["alerting"]["alertmanagers"]
+    assert managers["static_configs"] == [{"targets": ["alertmanager:9093"]}]
+    alertmanager = _mounts(svcs["alertmanager"])
+    assert alertmanager["/etc/alertmanager/alertmanager.yml"] == \
+        REPO_ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
+    assert "--config.file=/etc/alertmanager/alertmanager.yml" in svcs["alertmanager"]["command"]
     assert services()["worker"]["environment"]["COUPONS_METRICS_PORT"] == "9808"
     # Grafana is provisioned with the datasource and the dashboard
     grafana = _mounts(svcs["grafana"])
     assert grafana["/etc/grafana/provisioning"] == REPO_ROOT / "deploy" / "grafana" / "provisioning"
     assert grafana["/var/lib/grafana/dashboards"] == REPO_ROOT / "deploy" / "grafana" / "dashboards"
-    for source in (*prometheus.values(), *grafana.values()):
+    for source in (*prometheus.values(), *alertmanager.values(), *grafana.values()):
         assert source.exists(), source
     assert svcs["grafana"]["depends_on"] == {"prometheus": {"condition": "service_started"}}
     # No admin account, so no default password: anonymous viewers only
