@@ -3,10 +3,14 @@ many messages it holds."""
 
 from __future__ import annotations
 
+import threading
+from time import monotonic
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from kombu.asynchronous import Hub
+from kombu.asynchronous.timer import Timer
 
 from worker.adapters.rabbitmq.celery_config import celery_config
 from worker.config import load_settings
@@ -38,3 +42,41 @@ def test_the_prefetch_is_the_settings_and_two_unless_told() -> None:
     for out_of_range in (0, 17):
         with pytest.raises(ConfigurationError, match="COUPONS_PREFETCH_MULTIPLIER"):
             load_settings(prefetch_multiplier=out_of_range)
+
+
+class _ThreadRecordingTimer(Timer):
+    """kombu's timer, noting which thread put each entry on its heap."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered_from: list[int] = []
+
+    def enter_at(self, entry: Any, eta: float | None = None, priority: int = 0,
+                 time: Any = monotonic) -> Any:
+        self.entered_from.append(threading.get_ident())
+        return super().enter_at(entry, eta, priority, time)
+
+
+def test_task_events_sent_from_pool_threads_leave_the_loops_timers_to_the_loop() -> None:
+    # Given a consumer on a running event loop (kombu's hub, in a thread of its own)
+    hub = Hub(timer=_ThreadRecordingTimer())
+    loop = threading.Thread(target=hub.run_forever, daemon=True)
+    loop.start()
+    consumer: Any = object.__new__(TaskConsumer)
+    consumer.hub = hub
+    flushed = threading.Event()
+    consumer._flush_events = flushed.set
+    try:
+        # When a pool thread (the threads pool sends task-succeeded from there) buffers an
+        # event
+        sender = threading.Thread(target=consumer.on_send_event_buffered)
+        sender.start()
+        sender.join()
+        # Then the buffer is flushed within the interval, and only the loop's thread touched
+        # its timers
+        assert flushed.wait(5)
+        timer = hub.timer
+        assert timer.entered_from and set(timer.entered_from) == {loop.ident}
+    finally:
+        hub.stop()
+        loop.join(5)

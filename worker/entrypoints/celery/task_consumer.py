@@ -72,7 +72,16 @@ class TaskConsumer(FleetConsumer):
         if due is not None and now < due + EVENTS_FLUSH_INTERVAL_S:
             return
         self._events_flush_due = now + EVENTS_FLUSH_INTERVAL_S
-        hub.call_later(EVENTS_FLUSH_INTERVAL_S, self._flush_buffered_events)
+        # Under the threads pool, task-started and -succeeded are sent from the pool's
+        # threads, and the loop's timers are a heap only its own thread may touch: pushed onto
+        # from another thread, entries were lost (a chaos run's worker stopped beating, its
+        # heartbeat timer gone, while it still held its consumers). call_soon is kombu's
+        # thread-safe way onto the loop.
+        hub.call_soon(self._schedule_flush)
+
+    def _schedule_flush(self) -> None:
+        celery_consumer: Any = self
+        celery_consumer.hub.call_later(EVENTS_FLUSH_INTERVAL_S, self._flush_buffered_events)
 
     def _flush_buffered_events(self) -> None:
         self._events_flush_due = None
