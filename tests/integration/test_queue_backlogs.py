@@ -3,10 +3,14 @@ one connection kept between reads."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
+import time
 from collections.abc import Callable
 
 from coupon_devtools.harness.rabbitmqctl import rabbitmqctl
-from worker.adapters.rabbitmq.backlog import QueueBacklogs
+from worker.adapters.rabbitmq.backlog import READ_TIMEOUT_S, QueueBacklogs
 from worker.adapters.rabbitmq.publisher import EventProducer
 from worker.config import Settings
 
@@ -58,3 +62,34 @@ def test_an_unreachable_broker_leaves_every_count_unknown(
     backlogs = QueueBacklogs(settings)
     assert set(backlogs.read().values()) == {None}
     assert backlogs.opened == 0
+
+
+def test_a_broker_that_stops_answering_costs_a_read_seconds_not_the_scrape(
+    settings_factory: Callable[..., Settings],
+) -> None:
+    # Given a "broker" that takes the connection and then says nothing (a partition, a hung
+    # node)
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(listener.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    port = listener.getsockname()[1]
+    settings = settings_factory(broker_url=f"amqp://guest:guest@127.0.0.1:{port}//")
+    backlogs = QueueBacklogs(settings)
+    try:
+        # When a scrape reads the depths
+        started = time.monotonic()
+        found = backlogs.read()
+        # Then it answers "unknown" within the read timeout, instead of hanging
+        assert set(found.values()) == {None}
+        assert time.monotonic() - started < 4 * READ_TIMEOUT_S
+    finally:
+        backlogs.close()
+        listener.close()
+        for conn in held:
+            conn.close()

@@ -19,6 +19,11 @@ def queue_names(settings: Settings) -> dict[str, str]:
             "retry": settings.retry_queue, "dead": settings.dead_queue}
 
 
+#: How long a read of the depths may take: a broker that stops answering (a partition) must
+#: not hold the scrape, nor the scrapes queued behind it, for ever.
+READ_TIMEOUT_S = 5.0
+
+
 class QueueBacklogs:
     """Reads the queues' depths over one connection, kept between reads.
 
@@ -38,13 +43,17 @@ class QueueBacklogs:
 
     def read(self) -> dict[str, int | None]:
         """Ready messages per queue role; None where the broker or the queue did not answer."""
-        with self._lock:
+        if not self._lock.acquire(timeout=2 * READ_TIMEOUT_S):
+            return dict.fromkeys(self._queues)  # a read still waits on the broker
+        try:
             for _attempt in range(2):
                 try:
                     return self._read(self._connected())
                 except BROKER_ERRORS:
                     self._drop()
             return dict.fromkeys(self._queues)
+        finally:
+            self._lock.release()
 
     def close(self) -> None:
         with self._lock:
@@ -52,8 +61,10 @@ class QueueBacklogs:
 
     def _connected(self) -> Connection:
         if self._connection is None:
-            connection = Connection(self._settings.broker_url,
-                                    transport_options=self._settings.broker_transport_options(),
+            options = self._settings.broker_transport_options()
+            if self._settings.broker_url.startswith(("amqp", "pyamqp")):
+                options.update(read_timeout=READ_TIMEOUT_S, write_timeout=READ_TIMEOUT_S)
+            connection = Connection(self._settings.broker_url, transport_options=options,
                                     connect_timeout=3)
             try:
                 connection.ensure_connection(max_retries=1)
