@@ -9,6 +9,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 import pytest
+from playwright.sync_api import expect
 from sqlalchemy import Engine, text
 
 from coupon_devtools.fakes.broker import FakePublisher
@@ -114,8 +115,9 @@ def test_a_replay_job_shows_its_progress_and_rate(
     support = SupportDeps(uow=sql_unit_of_work_factory(clean_ledger),
                           publisher=FakePublisher(), clock=utcnow)
     assert step_replay_jobs(support, ReplayJobStore(clean_ledger), horizon_s=0.5) == 1
-    page.reload()
-    assert page.inner_text("#job-progress") == "1 / 3"
-    assert "6 calls/min" in page.inner_text("#job-rate")
-    assert "2 to go, about 20 s" in page.inner_text("main")
+    # The page refreshes itself every second while the job runs: wait for that refresh rather
+    # than reload by hand (a reload racing the page's own was aborted by the browser).
+    expect(page.locator("#job-progress")).to_have_text("1 / 3", timeout=10_000)
+    expect(page.locator("#job-rate")).to_contain_text("6 calls/min")
+    expect(page.locator("main")).to_contain_text("2 to go, about 20 s")
     shot(page, "replay-job-progress")
