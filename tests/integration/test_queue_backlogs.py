@@ -7,7 +7,7 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from coupon_devtools.harness.rabbitmqctl import rabbitmqctl
 from worker.adapters.rabbitmq.backlog import READ_TIMEOUT_S, QueueBacklogs
@@ -17,14 +17,23 @@ from worker.config import Settings
 EVENT = {"eventId": "e-1", "customer": {"id": "1"}, "seriesIds": [544770]}
 
 
+@contextlib.contextmanager
+def _reader_after(settings: Settings, *, published: int) -> Iterator[QueueBacklogs]:
+    """A depth reader, once ``published`` events wait on the bus; closed afterwards."""
+    with EventProducer.open(settings) as producer:
+        for _ in range(published):
+            producer.publish_event(EVENT, via="bus")
+    backlogs = QueueBacklogs(settings)
+    try:
+        yield backlogs
+    finally:
+        backlogs.close()
+
+
 def test_reads_share_one_connection_which_a_broker_drop_only_replaces(
     settings: Settings,
 ) -> None:
-    with EventProducer.open(settings) as producer:
-        producer.publish_event(EVENT, via="bus")
-        producer.publish_event(EVENT, via="bus")
-    backlogs = QueueBacklogs(settings)
-    try:
+    with _reader_after(settings, published=2) as backlogs:
         # Scrape after scrape, one connection
         for _ in range(3):
             assert backlogs.read()["events"] == 2
@@ -35,24 +44,17 @@ def test_reads_share_one_connection_which_a_broker_drop_only_replaces(
         # Then the next read still answers, on a new connection
         assert backlogs.read()["events"] == 2
         assert backlogs.opened == 2
-    finally:
-        backlogs.close()
 
 
 def test_a_missing_queue_is_unknown_and_costs_the_connection_nothing(
     settings_factory: Callable[..., Settings],
 ) -> None:
     settings = settings_factory(dead_queue="no-such-queue-here")
-    with EventProducer.open(settings) as producer:
-        producer.publish_event(EVENT, via="bus")
-    backlogs = QueueBacklogs(settings)
-    try:
+    with _reader_after(settings, published=1) as backlogs:
         for _ in range(2):
             found = backlogs.read()
             assert found["dead"] is None and found["events"] == 1
         assert backlogs.opened == 1
-    finally:
-        backlogs.close()
 
 
 def test_an_unreachable_broker_leaves_every_count_unknown(

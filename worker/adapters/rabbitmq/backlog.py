@@ -38,7 +38,7 @@ class QueueBacklogs:
         self._queues = queue_names(settings)
         self._lock = threading.Lock()
         self._connection: Connection | None = None
-        #: Connections opened so far (for tests and the doctor's curiosity).
+        #: Connections opened so far.
         self.opened = 0
 
     def read(self) -> dict[str, int | None]:

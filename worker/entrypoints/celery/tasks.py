@@ -196,24 +196,24 @@ def register(app: Celery) -> None:
     @app.task(name=TASK_ISSUE, ignore_result=True, shared=False)
     def issue(*args: Any, **kwargs: Any) -> str:
         """Issue the coupons of one event sent by a Python producer: ``(event, source)``."""
-        return summary(_call(issue_call, TASK_ISSUE, args, kwargs))
+        return _call(issue_call, TASK_ISSUE, args, kwargs)
 
     @app.task(name=TASK_INGEST, ignore_result=True, shared=False)
     def ingest(*args: Any, **kwargs: Any) -> str:
         """Issue the coupons of one raw bus message (validated here, in the pool):
         ``(body, encoding, content_type, source, event_id)``."""
-        return summary(_call(ingest_call, TASK_INGEST, args, kwargs))
+        return _call(ingest_call, TASK_INGEST, args, kwargs)
 
     @app.task(name=TASK_RETRY, ignore_result=True, shared=False)
     def retry(*args: Any, **kwargs: Any) -> str:
         """Run the due retry of one entity: ``(entity_id)``."""
-        return summary(_call(retry_call, TASK_RETRY, args, kwargs))
+        return _call(retry_call, TASK_RETRY, args, kwargs)
 
     # Worked out once, not for every task (10 us of CPU each time).
     signatures = {call: inspect.signature(call) for call in (issue_call, ingest_call, retry_call)}
 
     def _call(call: Callable[..., dict[str, object]], name: str, args: tuple[Any, ...],
-              kwargs: dict[str, Any]) -> dict[str, object]:
+              kwargs: dict[str, Any]) -> str:
         signature = signatures[call]
         try:
             signature.bind(*args, **kwargs)
@@ -221,10 +221,11 @@ def register(app: Celery) -> None:
             raw = raw_json({"task": name, "args": list(args), "kwargs": kwargs})
             reason = f"task {name}{signature} called with arguments that do not fit: {exc}"
             event_id = _event_id_of(args[0]) if args else _event_id_of(kwargs.get("event"))
-            return _run(deps, lambda d: _rejected(raw, reason, event_id, d), raw=raw,
-                        source="task", event_id=event_id,
-                        failure_limit=failure_limit())
-        return call(*args, **kwargs)
+            outcome = _run(deps, lambda d: _rejected(raw, reason, event_id, d), raw=raw,
+                           source="task", event_id=event_id, failure_limit=failure_limit())
+        else:
+            outcome = call(*args, **kwargs)
+        return summary(outcome)
 
 
 def summary(outcome: dict[str, object]) -> str:
