@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from kombu.asynchronous import Hub
 from kombu.asynchronous.timer import Timer
+from kombu.common import QoS
 
 from worker.adapters.rabbitmq.celery_config import celery_config
 from worker.config import load_settings
@@ -80,3 +81,42 @@ def test_task_events_sent_from_pool_threads_leave_the_loops_timers_to_the_loop()
     finally:
         hub.stop()
         loop.join(5)
+        hub.close()
+
+
+def test_the_prefetch_restored_after_a_reconnect_is_sent_from_the_loops_thread() -> None:
+    # Given a consumer on a running event loop, its prefetch lowered by a reconnect
+    hub = Hub()
+    loop = threading.Thread(target=hub.run_forever, daemon=True)
+    loop.start()
+    app = create_app(load_settings(broker_url="amqp://guest:guest@127.0.0.1:5672//"))
+    sent_from: list[int] = []
+    sent = threading.Event()
+
+    def basic_qos(prefetch_count: int) -> None:
+        sent_from.append(threading.get_ident())
+        sent.set()
+
+    consumer: Any = object.__new__(TaskConsumer)
+    consumer.hub, consumer.app = hub, app
+    consumer.pool = SimpleNamespace(num_processes=4)
+    consumer.prefetch_multiplier = 2
+    consumer.qos = QoS(basic_qos, 2)
+    consumer.initial_prefetch_count = 2
+    consumer._maximum_prefetch_restored = False
+    try:
+        # When a pool thread acknowledges a task (Celery raises the prefetch from the promise
+        # of the ack, in the acknowledging thread)
+        acker = threading.Thread(
+            target=consumer._restore_prefetch_count_after_connection_restart, args=(None,))
+        acker.start()
+        acker.join()
+        # Then the basic.qos goes out from the loop's thread, never the pool's: the AMQP
+        # connection is the loop's alone
+        assert sent.wait(5)
+        assert sent_from == [loop.ident]
+        assert consumer.qos.value == 4
+    finally:
+        hub.stop()
+        loop.join(5)
+        hub.close()

@@ -88,6 +88,24 @@ class TaskConsumer(FleetConsumer):
         celery_consumer: Any = self
         celery_consumer._flush_events()
 
+    def _restore_prefetch_count_after_connection_restart(self, p: Any, *args: Any) -> None:
+        """Celery's step back up to the full prefetch after a reconnect, run on the loop.
+
+        After a lost connection Celery lowers the prefetch and raises it again as each task
+        is acknowledged, from the promise of the task's ack, in the thread that acknowledged.
+        Under the threads pool that is a pool thread, and the ``basic.qos`` it sent raced the
+        loop on the one AMQP connection: a chaos run's worker stopped consuming for good
+        right after ``close_all_connections`` (heartbeat stale, consumers still registered,
+        its prefetched events held unacknowledged). The loop's own thread sends it instead.
+        """
+        celery_consumer: Any = self  # neither the hub nor this method is in the type stubs
+        base: Any = super()
+        hub, restore = celery_consumer.hub, base._restore_prefetch_count_after_connection_restart
+        if hub is None:
+            restore(p, *args)
+        else:
+            hub.call_soon(restore, p, *args)
+
     def create_task_handler(self, promise: Any = promise) -> Callable[[Message], Any]:
         """Celery's handler of every delivery, taking raw bus messages in as tasks first."""
         handle = super().create_task_handler(promise)
