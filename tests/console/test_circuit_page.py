@@ -11,8 +11,8 @@ from sqlalchemy import Engine, text
 from starlette.testclient import TestClient
 
 from coupon_devtools.sandbox import SandboxAdmin
-from tests.acceptance.helpers import circuit, example_event, publish, story, wait_for_state
-from tests.conftest import WorkerProcess, wait_until
+from tests.acceptance.helpers import circuit, example_event, publish, wait_for_state
+from tests.conftest import WorkerProcess
 from tests.console.conftest import login
 from worker.adapters.postgres.records import CircuitState, Transition
 from worker.adapters.postgres.unit_of_work import sql_unit_of_work_factory
@@ -118,11 +118,10 @@ def test_a_worker_issues_again_within_seconds_of_a_close_from_the_console(
     token = login(client, "otto")
     assert client.post("/circuit/open", data={"csrf_token": token, "minutes": "60",
                                               "reason": "maintenance"}).status_code == 303
-    # When an event arrives, nothing is sent to Capillary
+    # When an event arrives, nothing is sent to Capillary (the event is taken in and
+    # deferred, or, once the worker's guard has seen the circuit open, left on the bus)
     publish(settings, example_event("console-close", series=(544770,), customer="566886001"))
-    wait_until(lambda: story(clean_ledger, "console-close") is not None,
-               message="the event to be taken in")
-    time.sleep(1)
+    time.sleep(3)
     assert sandbox.ledger(customer="566886001") == []
     # Then closing it from the console lets the worker issue within seconds, exactly once
     closed_at = time.monotonic()
