@@ -15,7 +15,6 @@ from worker.domain.policy import (
     RecordIssued,
     RetryPolicy,
     ScheduleRetry,
-    refused_after_unknown,
     refused_holding,
     unrecordable,
 )
@@ -130,25 +129,6 @@ def test_a_refusal_after_an_empty_read_back_says_the_customer_holds_none() -> No
         "refused by Capillary (709 coupon processing failed (e.g. the customer already holds "
         "one))" + AFTER_UNKNOWN + "the read-back shows no coupon of this series for the customer",
         reconcile_first=True)
-
-
-def test_a_holders_refusal_after_an_unknown_outcome_is_read_back_before_a_replay() -> None:
-    refused = DeadLetter(HOLDS_ONE_REASON, reconcile_first=False, code=HOLDS_ONE)
-    decision = refused_after_unknown(refused, HOLDS_ONE, after_unknown=True)
-    assert decision == DeadLetter(
-        HOLDS_ONE_REASON + ", after an earlier attempt whose outcome stayed unknown, and the "
-        "read-back of the customer's coupons failed (the customer's coupon may be that "
-        "attempt's: a replay reads back first)", reconcile_first=True, code=HOLDS_ONE)
-
-
-def test_other_refusals_and_first_attempts_keep_their_decision() -> None:
-    refused = DeadLetter("refused by Capillary (712 series/campaign expired)",
-                         reconcile_first=False)
-    assert refused_after_unknown(refused, "712", after_unknown=True) is refused
-    assert refused_after_unknown(refused, None, after_unknown=True) is refused
-    assert refused_after_unknown(refused, HOLDS_ONE, after_unknown=False) is refused
-    retry = ScheduleRetry(timedelta(seconds=2), reconcile_first=True)
-    assert refused_after_unknown(retry, HOLDS_ONE, after_unknown=True) is retry
 
 
 def test_an_unrecordable_outcome_is_dead_lettered_to_be_checked_in_capillary() -> None:

@@ -9,7 +9,7 @@ import pytest
 from coupon_devtools.fakes.capillary import FakeCapillary, FakeIssued
 from tests.unit.conftest import SETTLE_S, World
 from worker.adapters.capillary.api import BulkIssueResult, ReadBack
-from worker.domain.errors import EventRejected
+from worker.domain.errors import Ambiguous, CapillaryError, EventRejected, Outage
 from worker.domain.events import LoyaltyEvent, parse_event_data
 from worker.domain.model import EntityState
 from worker.usecases.issue import issue_event
@@ -192,10 +192,13 @@ def test_a_resend_refused_as_one_per_customer_tells_support_of_the_unknown_attem
 
 
 class LaggingReadBacks:
-    """The fake Capillary, whose first ``lagging`` read-backs do not see recent coupons yet."""
+    """The fake Capillary, whose first ``lagging`` read-backs do not see recent coupons yet,
+    and whose ``failing`` read-backs after those raise ``failure``."""
 
-    def __init__(self, api: FakeCapillary, lagging: int) -> None:
+    def __init__(self, api: FakeCapillary, lagging: int, failing: int = 0,
+                 failure: CapillaryError | None = None) -> None:
         self.api, self.lagging = api, lagging
+        self.failing, self.failure = failing, failure or Ambiguous("read-back timed out")
 
     def bulk_issue(self, customer: dict[str, str], series_ids: list[int],
                    metadata: dict[str, str]) -> BulkIssueResult:
@@ -203,6 +206,9 @@ class LaggingReadBacks:
 
     def find_coupons(self, customer: dict[str, str], series_id: int,
                      since: datetime) -> ReadBack:
+        if not self.lagging and self.failing:
+            self.failing -= 1
+            raise self.failure
         found = self.api.find_coupons(customer, series_id, since)
         if self.lagging:
             self.lagging -= 1
@@ -231,6 +237,49 @@ def test_already_holds_one_after_an_unknown_outcome_adopts_our_coupon(
     assert world.deps.metrics.registry.get_sample_value(
         "capillary_answer_remarks_total", {"kind": "holds_one_ours"}) == 1
     assert read_backs(world, "holds_one", "ours") == 1
+
+
+def test_a_holders_refusal_whose_read_back_fails_is_read_back_again_not_dead_lettered(
+    world: World,
+) -> None:
+    # Given an attempt that issued but whose answer was lost, a read-back lagging the write
+    # beyond the settle window, and the re-send refused: the customer already holds one
+    world.deps.api = LaggingReadBacks(world.api, lagging=1, failing=1)
+    world.api.fail_next("timeout_after_issue")
+    issue_event(event(series=(544770,)), source="task", deps=world.deps)
+    world.clock.advance(5 + SETTLE_S)
+    world.api.series_errors[544770] = 5004
+    # When the read-back of the customer's coupons that follows fails
+    world.sweep_and_retry()
+    # Then the entity waits to be read back again, not dead: Capillary failing a moment is
+    # no reason to hand support a dead letter
+    entity = world.entity(544770)
+    assert entity.state is EntityState.RETRY_WAIT and entity.needs_reconcile
+    assert entity.dead_reason is None and entity.last_error_code == "5004"
+    assert read_backs(world, "holds_one", "failed") == 1
+    # And the next attempt reads back first, finds our coupon and adopts it: issued once,
+    # never sent a third time
+    world.clock.advance(SETTLE_S + 60)
+    world.sweep_and_retry()
+    entity = world.entity(544770)
+    assert entity.state is EntityState.ISSUED and entity.dead_reason is None
+    assert world.state.coupons[entity.id].code == world.api.issued[0].code
+    assert len(world.api.issued) == 1 and len(world.api.bulk_calls) == 2
+
+
+def test_a_holders_read_back_failing_as_an_outage_tells_the_circuit(world: World) -> None:
+    world.deps.api = LaggingReadBacks(world.api, lagging=1, failing=1,
+                                      failure=Outage("read-back answered 503", status=503))
+    world.api.fail_next("timeout_after_issue")
+    issue_event(event(series=(544770,)), source="task", deps=world.deps)
+    world.clock.advance(5 + SETTLE_S)
+    world.api.series_errors[544770] = 5004
+    world.sweep_and_retry()
+    # An outage opens the circuit at once: the fleet stops reading back into it
+    circuit = world.deps.circuit.state()
+    assert circuit.state == "open" and circuit.reason == "read-back: read-back answered 503"
+    entity = world.entity(544770)
+    assert entity.state is EntityState.RETRY_WAIT and entity.needs_reconcile
 
 
 def test_already_holds_one_after_an_unknown_outcome_names_the_customers_coupon(

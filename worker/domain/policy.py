@@ -88,25 +88,6 @@ def refused_holding(error_code: str, held: list[HeldCoupon]) -> DeadLetter:
         f"{found}", reconcile_first=True)
 
 
-def refused_after_unknown(decision: Decision, error_code: str | None, *,
-                          after_unknown: bool) -> Decision:
-    """``decision``, its dead-letter reason telling of an earlier unknown outcome if any.
-
-    When the entity's earlier attempt had an unknown outcome and the read-back found nothing of
-    ours, yet Capillary refuses the re-send because the customer already holds a coupon of the
-    series, that coupon may be the earlier attempt's (a read-back lagging beyond the settle
-    window). The worker reads the customer's coupons back (``refused_holding``); this is the
-    reason when that read-back fails too.
-    """
-    if not (after_unknown and isinstance(decision, DeadLetter)
-            and error_code in ONE_PER_CUSTOMER_CODES):
-        return decision
-    return replace(decision, reason=f"{decision.reason}, after an earlier attempt whose outcome "
-                   "stayed unknown, and the read-back of the customer's coupons failed (the "
-                   "customer's coupon may be that attempt's: a replay reads back first)",
-                   reconcile_first=True)
-
-
 #: The listing code of an entity whose outcome the ledger refused to store.
 OUTCOME_UNRECORDABLE = "outcome_unrecordable"
 

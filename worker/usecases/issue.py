@@ -38,7 +38,6 @@ from worker.domain.policy import (
     Decision,
     Defer,
     rate_limit_slot,
-    refused_after_unknown,
 )
 from worker.domain.runtime_policy import CIRCUIT_OPEN_CODE
 from worker.domain.verdicts import counts_toward_circuit
@@ -199,11 +198,9 @@ def _issue(attempt: Attempt, entities: list[ClaimedEntity], permit: Permit) -> N
                 circuit_open_s=deps.circuit.policy_open_s, rng=deps.rng, error_code=code,
             )
             if entity.needs_reconcile and isinstance(decision, DeadLetter) \
-                    and code in HOLDS_ONE_CODES and outcome.error is not None \
-                    and read_back_holder(attempt, entity, outcome.error):
+                    and code in HOLDS_ONE_CODES and outcome.error is not None:
+                read_back_holder(attempt, entity, outcome.error, permit)
                 continue
-            decision = refused_after_unknown(decision, code,
-                                             after_unknown=entity.needs_reconcile)
         attempt.add(
             entity, decision, verdict=outcome.verdict,
             error_code=outcome.error.code if outcome.error else None,

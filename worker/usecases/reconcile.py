@@ -56,20 +56,8 @@ def reconcile(attempt: Attempt, entity: ClaimedEntity, permit: Permit) -> bool:
         read_back = deps.api.find_coupons(claim.customer, entity.series_id, since)
     except CapillaryError as exc:
         deps.metrics.read_back("reconcile", "failed")
-        verdict = Verdict.OUTAGE if isinstance(exc, Outage) else Verdict.AMBIGUOUS
-        failed = deps.retry_policy.read_back_failed(
-            verdict, attempts=entity.attempts, status=exc.status,
-            age_s=(deps.clock() - entity.first_attempt_at).total_seconds(),
-            retry_after_s=exc.retry_after_s if isinstance(exc, Retryable) else None,
-            circuit_open_s=deps.circuit.policy_open_s, rng=deps.rng,
-        )
-        attempt.add(entity, failed, verdict=Verdict.AMBIGUOUS, error_code="reconcile_failed",
-                    message=f"read-back failed: {exc}", request_id=exc.request_id)
-        told = CircuitPolicy.after_failed_read_back(verdict, exc.status, probe=permit.probe)
-        if told == "failure":
-            deps.circuit.failure(permit, verdict, f"read-back: {exc}")
-        elif told == "success":
-            deps.circuit.success(permit)
+        _read_back_failed(attempt, entity, permit, exc, message=f"read-back failed: {exc}",
+                          error_code="reconcile_failed")
         return True
     # Capillary answered: failed read-backs count toward the circuit, so an answer ends their
     # run as an answered call does. A probe may only read back (the coupon is found, or must
@@ -123,21 +111,51 @@ def _read_back_outcome(decision: Decision | None) -> str:
     return "duplicate" if isinstance(decision, RecordDuplicate) else "settling"
 
 
+def _read_back_failed(attempt: Attempt, entity: ClaimedEntity, permit: Permit,
+                      exc: CapillaryError, *, message: str, error_code: str,
+                      answered: bool = False) -> None:
+    """Record a read-back that proved nothing, and tell the circuit what it says of
+    Capillary's health (``answered``: this permit's call was answered, and that answer
+    already settled a probe)."""
+    deps = attempt.deps
+    verdict = Verdict.OUTAGE if isinstance(exc, Outage) else Verdict.AMBIGUOUS
+    failed = deps.retry_policy.read_back_failed(
+        verdict, attempts=entity.attempts, status=exc.status,
+        age_s=(deps.clock() - entity.first_attempt_at).total_seconds(),
+        retry_after_s=exc.retry_after_s if isinstance(exc, Retryable) else None,
+        circuit_open_s=deps.circuit.policy_open_s, rng=deps.rng,
+    )
+    attempt.add(entity, failed, verdict=Verdict.AMBIGUOUS, error_code=error_code,
+                message=message, request_id=exc.request_id)
+    told = CircuitPolicy.after_failed_read_back(verdict, exc.status, probe=permit.probe)
+    if told == "failure":
+        deps.circuit.failure(permit, verdict, f"read-back: {exc}")
+    elif told == "success" and not answered:
+        deps.circuit.success(permit)
+
+
 #: How far back the customer's coupons are read when Capillary says they already hold one.
 HELD_SINCE = datetime(2000, 1, 1, tzinfo=UTC)
 
 
-def read_back_holder(attempt: Attempt, entity: ClaimedEntity, error: EntryError) -> bool:
+def read_back_holder(attempt: Attempt, entity: ClaimedEntity, error: EntryError,
+                     permit: Permit) -> None:
     """A re-send after an unknown outcome was refused as "the customer already holds one":
     read the customer's coupons of the series back. Ours: adopted (recorded as issued, or as a
     duplicate). Not ours: dead-lettered with the customer's coupons in the reason, so support
-    sees them without opening Capillary. False when the read-back could not be made.
+    sees them without opening Capillary.
+
+    A read-back that cannot be made leaves the outcome unknown, as a failed reconciling
+    read-back does (``RetryPolicy.read_back_failed``): read back again later (an outage waits
+    for the circuit, and tells it), and dead only once the attempts and the floor are spent.
+    Capillary being unwell for a moment is no reason to hand support a dead letter.
     """
     deps, claim = attempt.deps, attempt.claim
     slot = rate_limit_slot(deps.limiter.reserve(READ_BACK), max_wait_s=deps.rate_limit_max_wait_s)
     if isinstance(slot, Defer):
         deps.limiter.cancel(READ_BACK)
-        return False
+        attempt.defer_all([entity], slot.delay, "rate limit", "rate_limited")
+        return
     wait_for(slot, deps)
     try:
         read_back = deps.api.find_coupons(claim.customer, entity.series_id, HELD_SINCE)
@@ -146,7 +164,10 @@ def read_back_holder(attempt: Attempt, entity: ClaimedEntity, error: EntryError)
         log.warning("holds_one.read_back_failed", extra={
             "event_id": claim.event_id, "customer": claim.customer_key,
             "series": entity.series_id, "error": str(exc), "request_id": exc.request_id})
-        return False
+        _read_back_failed(attempt, entity, permit, exc, error_code=error.code, answered=True,
+                          message=f"{error.message or error.code}; the read-back of the "
+                                  f"customer's coupons failed: {exc}")
+        return
     attempt.calls.append(RecordedCall(read_back.call, (entity.entity_id,), (entity.series_id,)))
     deps.metrics.observe_call(READ_BACK, read_back.call.status, read_back.call.latency_ms)
     request_id = read_back.call.request_id
@@ -172,4 +193,3 @@ def read_back_holder(attempt: Attempt, entity: ClaimedEntity, error: EntryError)
         held = [HeldCoupon(f.coupon.code, f.created_at) for f in read_back.coupons]
         attempt.add(entity, refused_holding(error.code, held), verdict=error.verdict,
                     error_code=error.code, message=error.message, request_id=request_id)
-    return True
