@@ -56,9 +56,18 @@ def test_ambiguous_reconciles_first_and_waits_for_read_back() -> None:
     decision = POLICY.decide(Verdict.AMBIGUOUS, attempts=1, rng=random.Random(3))
     assert isinstance(decision, ScheduleRetry)
     assert decision.reconcile_first and decision.delay >= timedelta(seconds=3)
-    exhausted = POLICY.decide(Verdict.AMBIGUOUS, attempts=5)
-    assert isinstance(exhausted, DeadLetter) and exhausted.reconcile_first
-    assert exhausted.reason.startswith("unknown_outcome") and exhausted.code == "unknown_outcome"
+    # Out of attempts, an unknown outcome is read back once more, never sent again
+    exhausted = POLICY.decide(Verdict.AMBIGUOUS, attempts=5, rng=random.Random(3))
+    assert isinstance(exhausted, ScheduleRetry) and exhausted.reconcile_first
+    # That read-back decides: ours is recorded, none (once the original can no longer land)
+    # is a dead letter a replay may send again at once
+    assert POLICY.after_read_back(1, settled=True, settles_in_s=0, attempts=6) == RecordIssued()
+    assert POLICY.after_read_back(0, settled=True, settles_in_s=0, attempts=5) is None
+    gave_up = POLICY.after_read_back(0, settled=True, settles_in_s=0, attempts=6)
+    assert isinstance(gave_up, DeadLetter) and not gave_up.reconcile_first
+    assert gave_up.code == "not_issued" and gave_up.reason.startswith("gave up after 5 attempts")
+    assert isinstance(POLICY.after_read_back(0, settled=False, settles_in_s=9, attempts=6),
+                      Defer)
 
 
 def test_outage_defers_without_dead_lettering() -> None:

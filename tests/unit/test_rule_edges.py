@@ -109,10 +109,13 @@ def test_dead_letters_say_why_and_whether_to_read_back_first() -> None:
         "refused by Capillary", reconcile_first=False)
     assert POLICY.decide(Verdict.RETRYABLE, attempts=3) == DeadLetter(
         "gave up after 3 attempts", reconcile_first=False)
-    assert POLICY.decide(Verdict.AMBIGUOUS, attempts=3) == DeadLetter(
+    assert POLICY.read_back_failed(Verdict.AMBIGUOUS, attempts=3, age_s=1e6) == DeadLetter(
         "unknown_outcome: still unknown after 3 attempts "
         "(a person checks Capillary; replay reads back before sending)",
         reconcile_first=True, code="unknown_outcome")
+    assert POLICY.after_read_back(0, settled=True, settles_in_s=0, attempts=4) == DeadLetter(
+        "gave up after 3 attempts: the last one's outcome was unknown, and the read-back after "
+        "it shows that nothing of ours was issued", reconcile_first=False, code="not_issued")
 
 
 def test_retry_after_and_the_callers_random_source_reach_the_backoff() -> None:

@@ -239,6 +239,48 @@ def test_already_holds_one_after_an_unknown_outcome_adopts_our_coupon(
     assert read_backs(world, "holds_one", "ours") == 1
 
 
+def test_an_unknown_outcome_on_the_last_attempt_is_read_back_once_more_and_found(
+    world: World,
+) -> None:
+    # Given three attempts (the world's limit) whose answers are lost; the last one issued
+    world.api.fail_next("timeout_before_issue")
+    issue_event(event(series=(544770,)), source="task", deps=world.deps)
+    for fault in ("timeout_before_issue", "timeout_after_issue"):
+        world.clock.advance(SETTLE_S + 5)
+        world.api.fail_next(fault)
+        world.sweep_and_retry()
+    assert len(world.api.bulk_calls) == 3 and len(world.api.issued) == 1
+    # When the sweeper comes back after the settle window
+    world.clock.advance(SETTLE_S + 300)
+    world.sweep_and_retry()
+    # Then a last read-back finds the coupon: issued, no dead letter for support
+    entity = world.entity(544770)
+    assert entity.state is EntityState.ISSUED and entity.dead_reason is None
+    assert world.state.coupons[entity.id].code == world.api.issued[0].code
+    assert len(world.api.bulk_calls) == 3
+
+
+def test_an_unknown_outcome_on_the_last_attempt_that_issued_nothing_is_dead_and_said_so(
+    world: World,
+) -> None:
+    world.api.fail_next("timeout_before_issue")
+    issue_event(event(series=(544770,)), source="task", deps=world.deps)
+    for _ in range(2):
+        world.clock.advance(SETTLE_S + 5)
+        world.api.fail_next("timeout_before_issue")
+        world.sweep_and_retry()
+    world.clock.advance(SETTLE_S + 300)
+    world.sweep_and_retry()
+    # The last read-back shows nothing issued: dead, never sent a fourth time, and a replay
+    # may send at once (nothing to read back first)
+    entity = world.entity(544770)
+    assert entity.state is EntityState.DEAD and entity.last_error_code == "not_issued"
+    assert not entity.needs_reconcile
+    assert entity.dead_reason is not None and "nothing of ours was issued" in entity.dead_reason
+    assert len(world.api.bulk_calls) == 3 and world.api.issued == []
+    assert read_backs(world, "reconcile", "absent") == 3
+
+
 def test_a_holders_refusal_whose_read_back_fails_is_read_back_again_not_dead_lettered(
     world: World,
 ) -> None:

@@ -293,6 +293,7 @@ WORKER_CODES: dict[str, str] = {
     "connection_refused": "could not connect",
     "reconcile_failed": "read-back failed",
     "unknown_outcome": "outcome unknown; read-back could not settle it",
+    "not_issued": "attempts spent; a read-back proved nothing issued (a replay sends again)",
     "outcome_unrecordable": "the ledger refused to store the outcome (may have issued)",
     "duplicate_issued": "two of our coupons for one entity (late original)",
     "settling": "waiting for a possible late original",

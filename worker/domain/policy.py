@@ -13,7 +13,7 @@ the settings. The runtime's decisions about messages and consumers are in
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 
@@ -124,6 +124,8 @@ Decision = RecordIssued | RecordDuplicate | ScheduleRetry | DeadLetter | Defer
 
 #: The dead reason of an entity whose outcome could not be settled by read-back.
 UNKNOWN_OUTCOME = "unknown_outcome"
+#: The dead reason of an entity whose attempts ran out, a read-back proving none issued.
+NOT_ISSUED = "not_issued"
 
 
 @dataclass(frozen=True)
@@ -162,11 +164,11 @@ class RetryPolicy:
         ambiguous = verdict is Verdict.AMBIGUOUS
         if attempts >= self.max_attempts:
             if ambiguous:
-                return DeadLetter(
-                    f"{UNKNOWN_OUTCOME}: still unknown after {attempts} attempts "
-                    "(a person checks Capillary; replay reads back before sending)",
-                    reconcile_first=True, code=UNKNOWN_OUTCOME,
-                )
+                # One more read-back, never another send: it settles most unknown outcomes
+                # (the call landed, or provably did not), so that a person checks Capillary
+                # only when Capillary cannot say (``after_read_back``, ``read_back_failed``).
+                return ScheduleRetry(self.read_back_delay(
+                    attempts, retry_after_s=retry_after_s, rng=rng), reconcile_first=True)
             return DeadLetter(f"gave up after {attempts} attempts", reconcile_first=False)
         delay = self.backoff(attempts, retry_after_s=retry_after_s, rng=rng)
         if ambiguous:
@@ -186,6 +188,13 @@ class RetryPolicy:
             return RecordDuplicate()
         if ours == 1:
             return RecordIssued()
+        if settled and attempts > self.max_attempts:
+            # The last read-back after the attempts ran out: nothing was issued, so a replay
+            # may send again without reading back first.
+            return DeadLetter(
+                f"gave up after {attempts - 1} attempts: the last one's outcome was unknown, "
+                "and the read-back after it shows that nothing of ours was issued",
+                reconcile_first=False, code=NOT_ISSUED)
         if settled:
             return None
         return Defer(timedelta(seconds=max(settles_in_s, self.reconcile_delay_s)))
@@ -242,7 +251,11 @@ class RetryPolicy:
                                                       rng=rng), reconcile_first=True)
         left_s = self.unknown_outcome_floor_s - age_s
         if left_s <= 0:
-            return self.decide(Verdict.AMBIGUOUS, attempts=attempts)
+            return DeadLetter(
+                f"{UNKNOWN_OUTCOME}: still unknown after {attempts} attempts "
+                "(a person checks Capillary; replay reads back before sending)",
+                reconcile_first=True, code=UNKNOWN_OUTCOME,
+            )
         delay = self.read_back_delay(attempts, retry_after_s=retry_after_s, rng=rng)
         return Defer(min(delay, timedelta(seconds=max(left_s, self.reconcile_delay_s))))
 

@@ -19,6 +19,7 @@ from worker.domain.errors import CapillaryError, Outage, Retryable
 from worker.domain.model import EntryError, Verdict
 from worker.domain.policy import (
     CircuitPolicy,
+    DeadLetter,
     Decision,
     Defer,
     HeldCoupon,
@@ -94,6 +95,15 @@ def reconcile(attempt: Attempt, entity: ClaimedEntity, permit: Permit) -> bool:
         deps.metrics.duplicates_issued.inc()
         attempt.add(entity, decision, verdict=Verdict.ISSUED, request_id=request_id,
                     coupon=ours[0].coupon, extra_coupons=tuple(f.coupon for f in ours[1:]))
+    elif isinstance(decision, DeadLetter):
+        # The attempts ran out on an unknown outcome; the last read-back proves nothing issued.
+        log.info(
+            "reconcile.absent",
+            extra={"event_id": claim.event_id, "customer": claim.customer_key,
+                   "series": entity.series_id, "attempt": entity.attempts,
+                   "request_id": request_id},
+        )
+        attempt.add(entity, decision, verdict=Verdict.RETRYABLE, request_id=request_id)
     else:
         # Nothing of ours yet, but the original call may still land: wait it out.
         attempt.add(entity, decision, verdict=Verdict.AMBIGUOUS, error_code="settling",
@@ -104,7 +114,7 @@ def reconcile(attempt: Attempt, entity: ClaimedEntity, permit: Permit) -> bool:
 
 def _read_back_outcome(decision: Decision | None) -> str:
     """What a reconciling read-back found, for ``capillary_read_backs_total``."""
-    if decision is None:
+    if decision is None or isinstance(decision, DeadLetter):
         return "absent"
     if isinstance(decision, RecordIssued):
         return "ours"
