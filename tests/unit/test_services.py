@@ -7,7 +7,7 @@ from datetime import datetime, timedelta
 import pytest
 
 from coupon_devtools.fakes.capillary import FakeCapillary, FakeIssued
-from tests.unit.conftest import SETTLE_S, World
+from tests.unit.conftest import SETTLE_S, RecordingLimiter, World
 from worker.adapters.capillary.api import BulkIssueResult, ReadBack
 from worker.domain.errors import Ambiguous, CapillaryError, EventRejected, Outage
 from worker.domain.events import LoyaltyEvent, parse_event_data
@@ -389,6 +389,58 @@ def test_a_late_original_landing_after_the_resend_is_detected_as_a_duplicate(
     assert world.deps.metrics.duplicates_issued._value.get() == 1
     assert read_backs(world, "verify", "duplicate") == 1
     assert sweep(world.deps).verified == 0, "checked once"
+
+
+class QuotaSpent(RecordingLimiter):
+    """The shared rate limit with its next read-back slot ``wait_s`` away."""
+
+    def __init__(self, wait_s: float) -> None:
+        super().__init__()
+        self.wait_s, self.reserved, self.cancelled = wait_s, [], []
+
+    def reserve(self, name: str = "bulk_issue") -> float:
+        self.reserved.append(name)
+        return self.wait_s
+
+    def cancel(self, name: str = "bulk_issue") -> None:
+        self.cancelled.append(name)
+
+
+def _resent_after_an_unknown_outcome(world: World) -> None:
+    """An entity issued by a re-send after an unknown outcome, its verification due."""
+    world.api.fail_next("timeout_before_issue")
+    issue_event(event(series=(544770,)), source="task", deps=world.deps)
+    world.clock.advance(SETTLE_S + 5)
+    world.sweep_and_retry()
+    world.clock.advance(SETTLE_S + 1)
+
+
+def test_a_verification_waits_for_the_shared_rate_limit(world: World) -> None:
+    # Given a verification due while the fleet's quota has no read-back slot for minutes
+    _resent_after_an_unknown_outcome(world)
+    before = world.api.read_backs
+    world.deps.limiter = QuotaSpent(wait_s=600.0)
+    # When the sweeper runs, Then it reads nothing back (the slot is handed back) and the
+    # verification waits for the slot instead of calling Capillary over the quota
+    assert sweep(world.deps).verified == 0
+    assert world.api.read_backs == before
+    assert world.deps.limiter.reserved == ["read_back"]
+    assert world.deps.limiter.cancelled == ["read_back"]
+    # And once the slot is there, it is verified
+    world.deps.limiter = RecordingLimiter()
+    world.clock.advance(601)
+    assert sweep(world.deps).verified == 1
+    assert world.entity(544770).history[-1] == "verified"
+
+
+def test_a_verification_failing_as_an_outage_opens_the_circuit(world: World) -> None:
+    _resent_after_an_unknown_outcome(world)
+    world.deps.api = LaggingReadBacks(world.api, lagging=0, failing=1,
+                                      failure=Outage("read-back answered 401", status=401))
+    sweep(world.deps)
+    circuit = world.deps.circuit.state()
+    assert circuit.state == "open" and circuit.reason == "read-back: read-back answered 401"
+    assert read_backs(world, "verify", "failed") == 1
 
 
 def test_a_resend_without_late_original_is_verified_clean(world: World) -> None:
