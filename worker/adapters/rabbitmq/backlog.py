@@ -42,16 +42,34 @@ class QueueBacklogs:
         self.opened = 0
 
     def read(self) -> dict[str, int | None]:
-        """Ready messages per queue role; None where the broker or the queue did not answer."""
+        """Ready messages per queue role; None where the broker or the queue did not answer.
+
+        At most one read's timeout on a kept connection that went silent, or a connect
+        timeout and a read's on a new one: a scrape (Prometheus gives it 10 s by default) is
+        never held longer.
+        """
+        unknown: dict[str, int | None] = dict.fromkeys(self._queues)
         if not self._lock.acquire(timeout=2 * READ_TIMEOUT_S):
-            return dict.fromkeys(self._queues)  # a read still waits on the broker
+            return unknown  # a read still waits on the broker
         try:
-            for _attempt in range(2):
-                try:
-                    return self._read(self._connected())
-                except BROKER_ERRORS:
-                    self._drop()
-            return dict.fromkeys(self._queues)
+            kept = self._connection is not None
+            try:
+                return self._read(self._connected())
+            except TimeoutError:
+                # A broker that stopped answering (a partition, a hung node) would be as
+                # silent to a new connection: unknown now, a new connection next time.
+                self._drop(graceful=False)
+                return unknown
+            except BROKER_ERRORS:
+                self._drop()
+                if not kept:
+                    return unknown
+            # The kept connection was gone (a restart, a failover): read on a new one, once.
+            try:
+                return self._read(self._connected())
+            except BROKER_ERRORS:
+                self._drop(graceful=False)
+                return unknown
         finally:
             self._lock.release()
 
@@ -67,9 +85,10 @@ class QueueBacklogs:
             connection = Connection(self._settings.broker_url, transport_options=options,
                                     connect_timeout=3)
             try:
-                connection.ensure_connection(max_retries=1)
+                # One try: ``read`` decides whether another is worth it.
+                connection.ensure_connection(max_retries=0)
             except BaseException:
-                connection.release()
+                connection.collect()
                 raise
             self._connection = connection
             self.opened += 1
@@ -91,9 +110,13 @@ class QueueBacklogs:
                     channel.close()
         return found
 
-    def _drop(self) -> None:
+    def _drop(self, *, graceful: bool = True) -> None:
+        """Forget the kept connection; ``graceful``: close it with the broker's handshake,
+        which a silent broker would hold for another timeout."""
         if self._connection is not None:
             with contextlib.suppress(*BROKER_ERRORS):
-                self._connection.release()
+                if graceful:
+                    self._connection.release()
+                else:
+                    self._connection.collect()
             self._connection = None
-
