@@ -6,7 +6,7 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from coupon_devtools.fakes.capillary import FakeCapillary, FakeIssued
+from coupon_devtools.fakes.capillary import CallFault, FakeCapillary, FakeIssued
 from tests.unit.conftest import SETTLE_S, RecordingLimiter, World
 from worker.adapters.capillary.api import BulkIssueResult, ReadBack
 from worker.domain.errors import Ambiguous, CapillaryError, EventRejected, Outage
@@ -216,6 +216,16 @@ class LaggingReadBacks:
         return found
 
 
+def _resent_and_refused_as_holding_one(world: World, fault: CallFault,
+                                       code: int = 5004) -> None:
+    """An attempt whose answer was lost (``fault``: after or before issuing), its entity due
+    again, and Capillary refusing the re-send: the customer already holds one (``code``)."""
+    world.api.fail_next(fault)
+    issue_event(event(series=(544770,)), source="task", deps=world.deps)
+    world.clock.advance(5 + SETTLE_S)
+    world.api.series_errors[544770] = code
+
+
 @pytest.mark.parametrize("code", [709, 5002, 5004])
 def test_already_holds_one_after_an_unknown_outcome_adopts_our_coupon(
     world: World, code: int,
@@ -223,11 +233,8 @@ def test_already_holds_one_after_an_unknown_outcome_adopts_our_coupon(
     # Given an attempt that issued but whose answer was lost, and a read-back lagging the
     # write beyond the settle window
     world.deps.api = LaggingReadBacks(world.api, lagging=1)
-    world.api.fail_next("timeout_after_issue")
-    issue_event(event(series=(544770,)), source="task", deps=world.deps)
-    world.clock.advance(5 + SETTLE_S)
     # When the re-send is refused: the customer already holds one
-    world.api.series_errors[544770] = code
+    _resent_and_refused_as_holding_one(world, "timeout_after_issue", code)
     world.sweep_and_retry()
     # Then the read-back that follows finds our coupon, and adopts it: issued, once
     entity = world.entity(544770)
@@ -287,10 +294,7 @@ def test_a_holders_refusal_whose_read_back_fails_is_read_back_again_not_dead_let
     # Given an attempt that issued but whose answer was lost, a read-back lagging the write
     # beyond the settle window, and the re-send refused: the customer already holds one
     world.deps.api = LaggingReadBacks(world.api, lagging=1, failing=1)
-    world.api.fail_next("timeout_after_issue")
-    issue_event(event(series=(544770,)), source="task", deps=world.deps)
-    world.clock.advance(5 + SETTLE_S)
-    world.api.series_errors[544770] = 5004
+    _resent_and_refused_as_holding_one(world, "timeout_after_issue")
     # When the read-back of the customer's coupons that follows fails
     world.sweep_and_retry()
     # Then the entity waits to be read back again, not dead: Capillary failing a moment is
@@ -312,10 +316,7 @@ def test_a_holders_refusal_whose_read_back_fails_is_read_back_again_not_dead_let
 def test_a_holders_read_back_failing_as_an_outage_tells_the_circuit(world: World) -> None:
     world.deps.api = LaggingReadBacks(world.api, lagging=1, failing=1,
                                       failure=Outage("read-back answered 503", status=503))
-    world.api.fail_next("timeout_after_issue")
-    issue_event(event(series=(544770,)), source="task", deps=world.deps)
-    world.clock.advance(5 + SETTLE_S)
-    world.api.series_errors[544770] = 5004
+    _resent_and_refused_as_holding_one(world, "timeout_after_issue")
     world.sweep_and_retry()
     # An outage opens the circuit at once: the fleet stops reading back into it
     circuit = world.deps.circuit.state()
@@ -331,10 +332,7 @@ def test_already_holds_one_after_an_unknown_outcome_names_the_customers_coupon(
     # a coupon of the series from elsewhere (a store, another campaign)
     world.api.issued.append(FakeIssued({"id": "566881933"}, 544770, "THEIRS01",
                                        "issued in store", world.clock()))
-    world.api.fail_next("timeout_before_issue")
-    issue_event(event(series=(544770,)), source="task", deps=world.deps)
-    world.clock.advance(5 + SETTLE_S)
-    world.api.series_errors[544770] = 5004
+    _resent_and_refused_as_holding_one(world, "timeout_before_issue")
     world.sweep_and_retry()
     # Then the dead letter names the customer's coupon: support need not open Capillary
     dead = world.entity(544770)
@@ -444,11 +442,7 @@ def test_a_verification_failing_as_an_outage_opens_the_circuit(world: World) -> 
 
 
 def test_a_resend_without_late_original_is_verified_clean(world: World) -> None:
-    world.api.fail_next("timeout_before_issue")
-    issue_event(event(series=(544770,)), source="task", deps=world.deps)
-    world.clock.advance(SETTLE_S + 5)
-    world.sweep_and_retry()
-    world.clock.advance(SETTLE_S + 1)
+    _resent_after_an_unknown_outcome(world)
     assert sweep(world.deps).verified == 1
     entity = world.entity(544770)
     assert entity.state is EntityState.ISSUED and entity.verify_after is None
