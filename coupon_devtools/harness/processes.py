@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -166,8 +167,42 @@ def stop_groups(pgids: Sequence[int], children: Sequence[subprocess.Popen[bytes]
             child.wait(timeout=REAP_TIMEOUT_S)
 
 
+#: The lowest port handed out for the suite's own servers (below it: the usual services').
+LOWEST_SERVER_PORT = 20000
+#: Ports this process has handed out, never twice.
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's range for outgoing connections' source ports."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now (another process may take it before it is used)."""
+    """A TCP port free on 127.0.0.1 now, for a server the suite starts, below the kernel's
+    ephemeral range.
+
+    A port that ``bind(0)`` hands out is an ephemeral one: between the pick and the server's
+    own bind (seconds, for a RabbitMQ node), any outgoing connection of the parallel suite
+    may take it as its source port, and one CI run's cluster node failed to start with
+    ``eaddrinuse``. Below that range no outgoing connection ever takes it. Drawn at random,
+    since several test processes pick at once, and checked by binding it.
+    """
+    candidates = range(LOWEST_SERVER_PORT, _ephemeral_low())
+    for _ in range(500 if len(candidates) > 1000 else 0):
+        port = random.choice(candidates)
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
