@@ -162,13 +162,10 @@ class RetryPolicy:
         if verdict is Verdict.PERMANENT:
             return DeadLetter(refusal_reason(error_code), reconcile_first=False)
         ambiguous = verdict is Verdict.AMBIGUOUS
-        if attempts >= self.max_attempts:
-            if ambiguous:
-                # One more read-back, never another send: it settles most unknown outcomes
-                # (the call landed, or provably did not), so that a person checks Capillary
-                # only when Capillary cannot say (``after_read_back``, ``read_back_failed``).
-                return ScheduleRetry(self.read_back_delay(
-                    attempts, retry_after_s=retry_after_s, rng=rng), reconcile_first=True)
+        # Out of attempts, an unknown outcome still gets its read-back, never another send: it
+        # settles most of them (the call landed, or provably did not), so that a person checks
+        # Capillary only when Capillary cannot say (``after_read_back``, ``read_back_failed``).
+        if attempts >= self.max_attempts and not ambiguous:
             return DeadLetter(f"gave up after {attempts} attempts", reconcile_first=False)
         delay = self.backoff(attempts, retry_after_s=retry_after_s, rng=rng)
         if ambiguous:
