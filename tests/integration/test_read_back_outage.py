@@ -77,6 +77,13 @@ def _entity(clean_ledger: Engine) -> tuple[str, str | None, bool, str | None, st
     return row[0], row[1], row[2], row[3], row[4]
 
 
+def _issued_once_and_found_by_a_read_back(clean_ledger: Engine, sandbox: SandboxAdmin) -> None:
+    truth = sandbox.ledger(series=SERIES)
+    assert len(truth) == 1, "issued once, never sent again"
+    state, _error, _reconcile, code, via = _entity(clean_ledger)
+    assert (state, code, via) == ("issued", truth[0]["code"], "reconcile")
+
+
 def test_an_unknown_outcome_waits_out_failing_read_backs_and_finds_its_coupon(
         settings: Settings, clean_ledger: Engine, sandbox: SandboxAdmin) -> None:
     clock, publisher = Clock(), FakePublisher()
@@ -94,44 +101,39 @@ def test_an_unknown_outcome_waits_out_failing_read_backs_and_finds_its_coupon(
     # before), they opened the circuit, and the read-back after them found the coupon
     assert [f["applied"] for f in sandbox.faults() if f["path"] == "readback"] == [4]
     assert opened and deps.circuit.state(fresh=True).state == "closed"
-    truth = sandbox.ledger(series=SERIES)
-    assert len(truth) == 1, "issued once, never sent again"
-    state, _error, _reconcile, code, via = _entity(clean_ledger)
-    assert (state, code, via) == ("issued", truth[0]["code"], "reconcile")
+    _issued_once_and_found_by_a_read_back(clean_ledger, sandbox)
+
+
+def _issue_with_short_windows(settings: Settings, clean_ledger: Engine, event_id: str,
+                              customer: str) -> None:
+    """Issue one event, then run the sweeper and the retries for two minutes of the worker's
+    clock, with settle windows of 0.3 s (on the database's clock: real time is let pass)."""
+    clock, publisher = Clock(), FakePublisher()
+    deps = _deps(settings, clean_ledger, clock, publisher, settle_window_s=0.3)
+    event = parse_event_data({"eventId": event_id, "customer": {"id": customer},
+                              "seriesIds": [SERIES]})
+    issue.issue_event(event, source="bus", deps=deps)
+    _run_for(deps, clock, publisher, 120, real_s=0.05)
 
 
 def test_the_last_attempts_unknown_outcome_is_read_back_before_it_is_given_up(
         settings: Settings, clean_ledger: Engine, sandbox: SandboxAdmin) -> None:
-    clock, publisher = Clock(), FakePublisher()
-    # (settle windows of 0.3 s, on the database's clock: the test lets real time pass)
-    deps = _deps(settings, clean_ledger, clock, publisher, settle_window_s=0.3)
     # Given every one of the three attempts answered by an empty 500 (its outcome unknown):
     # the first two before issuing, the last after
     sandbox.add_fault(kind="error_before", status=500, path="bulk", times=2)
     sandbox.add_fault(kind="error_after", status=500, path="bulk")
-    event = parse_event_data({"eventId": "last-unknown", "customer": {"id": "566881934"},
-                              "seriesIds": [SERIES]})
-    issue.issue_event(event, source="bus", deps=deps)
-    # When the sweeper and the retries run past every settle window
-    _run_for(deps, clock, publisher, 120, real_s=0.05)
+    # When the event is issued, and the sweeper and the retries run past every settle window
+    _issue_with_short_windows(settings, clean_ledger, "last-unknown", "566881934")
     # Then the read-back after the last attempt found its coupon: issued once, never sent a
     # fourth time, and no dead letter for support
-    truth = sandbox.ledger(series=SERIES)
-    assert len(truth) == 1
     assert [f["applied"] for f in sandbox.faults() if f["path"] == "bulk"] == [2, 1]
-    state, _error, _reconcile, code, via = _entity(clean_ledger)
-    assert (state, code, via) == ("issued", truth[0]["code"], "reconcile")
+    _issued_once_and_found_by_a_read_back(clean_ledger, sandbox)
 
 
 def test_the_last_attempts_unknown_outcome_that_issued_nothing_is_dead_and_safe_to_resend(
         settings: Settings, clean_ledger: Engine, sandbox: SandboxAdmin) -> None:
-    clock, publisher = Clock(), FakePublisher()
-    deps = _deps(settings, clean_ledger, clock, publisher, settle_window_s=0.3)
     sandbox.add_fault(kind="error_before", status=500, path="bulk", times=3)
-    event = parse_event_data({"eventId": "last-absent", "customer": {"id": "566881935"},
-                              "seriesIds": [SERIES]})
-    issue.issue_event(event, source="bus", deps=deps)
-    _run_for(deps, clock, publisher, 120, real_s=0.05)
+    _issue_with_short_windows(settings, clean_ledger, "last-absent", "566881935")
     # The read-back after the last attempt proves nothing was issued: dead as not_issued,
     # which a replay sends again without reading back first
     assert sandbox.ledger(series=SERIES) == []
