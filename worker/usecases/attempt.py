@@ -22,10 +22,11 @@ from worker.domain.model import Coupon, EntityState, Verdict
 from worker.domain.policy import (
     DeadLetter,
     Decision,
+    Defer,
     RecordDuplicate,
     RecordIssued,
     ScheduleRetry,
-    WaitForSlot,
+    rate_limit_slot,
     unrecordable,
 )
 from worker.domain.text import mask_code, printable
@@ -109,12 +110,19 @@ class Attempt:
 
 
 
-def wait_for(slot: WaitForSlot, deps: Deps) -> None:
+def take_slot(deps: Deps, name: str) -> Defer | None:
+    """A slot of the shared rate limit for one call named ``name``, waited for here; or, when
+    it is further away than a call may wait (``rate_limit_slot``), the ``Defer`` to apply,
+    the slot handed back."""
+    slot = rate_limit_slot(deps.limiter.reserve(name), max_wait_s=deps.rate_limit_max_wait_s)
+    if isinstance(slot, Defer):
+        deps.limiter.cancel(name)
+        return slot
     # Only for a real wait: with no limit the slot is always now, and a zero sleep is still a
     # system call that can give up the CPU on a busy host (seen in profiles at full load).
     if slot.wait_s > 0:
         deps.sleep(slot.wait_s)
-
+    return None
 
 
 def commit(attempt: Attempt) -> None:

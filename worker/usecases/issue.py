@@ -36,12 +36,10 @@ from worker.domain.policy import (
     CircuitPolicy,
     DeadLetter,
     Decision,
-    Defer,
-    rate_limit_slot,
 )
 from worker.domain.runtime_policy import CIRCUIT_OPEN_CODE
 from worker.domain.verdicts import counts_toward_circuit
-from worker.usecases.attempt import Attempt, commit, finish, wait_for
+from worker.usecases.attempt import Attempt, commit, finish, take_slot
 from worker.usecases.deps import Deps, Report, utcnow
 from worker.usecases.reconcile import read_back_holder, reconcile
 
@@ -155,13 +153,10 @@ def _attempt_held(attempt: Attempt, new_event: bool) -> Report:
 
 def _issue(attempt: Attempt, entities: list[ClaimedEntity], permit: Permit) -> None:
     deps, claim = attempt.deps, attempt.claim
-    slot = rate_limit_slot(deps.limiter.reserve(BULK_ISSUE),
-                           max_wait_s=deps.rate_limit_max_wait_s)
-    if isinstance(slot, Defer):
-        deps.limiter.cancel(BULK_ISSUE)
-        attempt.defer_all(entities, slot.delay, "rate limit", "rate_limited")
+    put_off = take_slot(deps, BULK_ISSUE)
+    if put_off is not None:
+        attempt.defer_all(entities, put_off.delay, "rate limit", "rate_limited")
         return
-    wait_for(slot, deps)
     if not attempt.held.may_send():
         # The lease lapsed (renewals failed): another worker may be reading these entities
         # back already, so no call may go out under this claim any more.

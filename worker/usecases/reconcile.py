@@ -21,15 +21,14 @@ from worker.domain.policy import (
     CircuitPolicy,
     DeadLetter,
     Decision,
-    Defer,
     HeldCoupon,
     RecordDuplicate,
     RecordIssued,
-    rate_limit_slot,
     refused_holding,
 )
 from worker.domain.text import mask_code
-from worker.usecases.attempt import Attempt, wait_for
+from worker.usecases.attempt import Attempt, take_slot
+from worker.usecases.deps import Deps
 
 log = logging.getLogger("worker.pipeline")
 
@@ -47,12 +46,10 @@ def reconcile(attempt: Attempt, entity: ClaimedEntity, permit: Permit) -> bool:
     """Settle an entity whose last call may have issued. True when it needs no issue call."""
     deps, claim = attempt.deps, attempt.claim
     since = entity.first_attempt_at - RECONCILE_CLOCK_SKEW
-    slot = rate_limit_slot(deps.limiter.reserve(READ_BACK), max_wait_s=deps.rate_limit_max_wait_s)
-    if isinstance(slot, Defer):
-        deps.limiter.cancel(READ_BACK)
-        attempt.defer_all([entity], slot.delay, "rate limit", "rate_limited")
+    put_off = take_slot(deps, READ_BACK)
+    if put_off is not None:
+        attempt.defer_all([entity], put_off.delay, "rate limit", "rate_limited")
         return True
-    wait_for(slot, deps)
     try:
         read_back = deps.api.find_coupons(claim.customer, entity.series_id, since)
     except CapillaryError as exc:
@@ -73,15 +70,18 @@ def reconcile(attempt: Attempt, entity: ClaimedEntity, permit: Permit) -> bool:
         attempts=entity.attempts)
     request_id = read_back.call.request_id
     deps.metrics.read_back("reconcile", _read_back_outcome(decision))
-    if decision is None:
+    if decision is None or isinstance(decision, DeadLetter):
         log.info(
             "reconcile.absent",
             extra={"event_id": claim.event_id, "customer": claim.customer_key,
                    "series": entity.series_id, "attempt": entity.attempts,
                    "request_id": request_id},
         )
-        return False
-    if isinstance(decision, RecordIssued):
+        if decision is None:
+            return False
+        # The attempts ran out on an unknown outcome; this read-back proves nothing issued.
+        attempt.add(entity, decision, verdict=Verdict.RETRYABLE, request_id=request_id)
+    elif isinstance(decision, RecordIssued):
         attempt.reconciled += 1
         attempt.add(entity, decision, verdict=Verdict.ISSUED, request_id=request_id,
                     coupon=ours[0].coupon, reconciled=True)
@@ -95,15 +95,6 @@ def reconcile(attempt: Attempt, entity: ClaimedEntity, permit: Permit) -> bool:
         deps.metrics.duplicates_issued.inc()
         attempt.add(entity, decision, verdict=Verdict.ISSUED, request_id=request_id,
                     coupon=ours[0].coupon, extra_coupons=tuple(f.coupon for f in ours[1:]))
-    elif isinstance(decision, DeadLetter):
-        # The attempts ran out on an unknown outcome; the last read-back proves nothing issued.
-        log.info(
-            "reconcile.absent",
-            extra={"event_id": claim.event_id, "customer": claim.customer_key,
-                   "series": entity.series_id, "attempt": entity.attempts,
-                   "request_id": request_id},
-        )
-        attempt.add(entity, decision, verdict=Verdict.RETRYABLE, request_id=request_id)
     else:
         # Nothing of ours yet, but the original call may still land: wait it out.
         attempt.add(entity, decision, verdict=Verdict.AMBIGUOUS, error_code="settling",
@@ -128,7 +119,7 @@ def _read_back_failed(attempt: Attempt, entity: ClaimedEntity, permit: Permit,
     Capillary's health (``answered``: this permit's call was answered, and that answer
     already settled a probe)."""
     deps = attempt.deps
-    verdict = Verdict.OUTAGE if isinstance(exc, Outage) else Verdict.AMBIGUOUS
+    verdict = tell_circuit_read_back_failed(deps, permit, exc, answered=answered)
     failed = deps.retry_policy.read_back_failed(
         verdict, attempts=entity.attempts, status=exc.status,
         age_s=(deps.clock() - entity.first_attempt_at).total_seconds(),
@@ -137,11 +128,20 @@ def _read_back_failed(attempt: Attempt, entity: ClaimedEntity, permit: Permit,
     )
     attempt.add(entity, failed, verdict=Verdict.AMBIGUOUS, error_code=error_code,
                 message=message, request_id=exc.request_id)
+
+
+def tell_circuit_read_back_failed(deps: Deps, permit: Permit, exc: CapillaryError, *,
+                                  answered: bool = False) -> Verdict:
+    """Tell the circuit what a failed read-back says of Capillary's health, as a failed call
+    would (``answered``: this permit's call was answered, and that answer already settled a
+    probe); the failure's verdict."""
+    verdict = Verdict.OUTAGE if isinstance(exc, Outage) else Verdict.AMBIGUOUS
     told = CircuitPolicy.after_failed_read_back(verdict, exc.status, probe=permit.probe)
     if told == "failure":
         deps.circuit.failure(permit, verdict, f"read-back: {exc}")
     elif told == "success" and not answered:
         deps.circuit.success(permit)
+    return verdict
 
 
 #: How far back the customer's coupons are read when Capillary says they already hold one.
@@ -161,12 +161,10 @@ def read_back_holder(attempt: Attempt, entity: ClaimedEntity, error: EntryError,
     Capillary being unwell for a moment is no reason to hand support a dead letter.
     """
     deps, claim = attempt.deps, attempt.claim
-    slot = rate_limit_slot(deps.limiter.reserve(READ_BACK), max_wait_s=deps.rate_limit_max_wait_s)
-    if isinstance(slot, Defer):
-        deps.limiter.cancel(READ_BACK)
-        attempt.defer_all([entity], slot.delay, "rate limit", "rate_limited")
+    put_off = take_slot(deps, READ_BACK)
+    if put_off is not None:
+        attempt.defer_all([entity], put_off.delay, "rate limit", "rate_limited")
         return
-    wait_for(slot, deps)
     try:
         read_back = deps.api.find_coupons(claim.customer, entity.series_id, HELD_SINCE)
     except CapillaryError as exc:

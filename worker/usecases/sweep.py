@@ -10,13 +10,17 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from worker.adapters.postgres.circuit import Permit
-from worker.domain.errors import CapillaryError, Outage, WorkerError
-from worker.domain.model import Verdict
-from worker.domain.policy import CircuitPolicy, Defer, rate_limit_slot, retries_to_dispatch
+from worker.domain.errors import CapillaryError, WorkerError
+from worker.domain.policy import retries_to_dispatch
 from worker.domain.text import mask_code
-from worker.usecases.attempt import wait_for
+from worker.usecases.attempt import take_slot
 from worker.usecases.deps import Deps
-from worker.usecases.reconcile import READ_BACK, RECONCILE_CLOCK_SKEW, is_ours
+from worker.usecases.reconcile import (
+    READ_BACK,
+    RECONCILE_CLOCK_SKEW,
+    is_ours,
+    tell_circuit_read_back_failed,
+)
 
 log = logging.getLogger("worker.pipeline")
 
@@ -120,17 +124,14 @@ def verify_issued(deps: Deps, *, batch: int = VERIFY_BATCH) -> VerifyReport:
     for index, item in enumerate(items):
         # Verifications share the fleet's quota with every other call: one that must wait
         # longer than a call may is put off, with the rest of the batch, until the slot.
-        slot = rate_limit_slot(deps.limiter.reserve(READ_BACK),
-                               max_wait_s=deps.rate_limit_max_wait_s)
-        if isinstance(slot, Defer):
-            deps.limiter.cancel(READ_BACK)
+        put_off = take_slot(deps, READ_BACK)
+        if put_off is not None:
             with deps.uow() as uow:
                 for later in items[index:]:
                     uow.ledger.finish_verification(later, now=deps.clock(),
-                                                   retry_in_s=slot.delay.total_seconds())
+                                                   retry_in_s=put_off.delay.total_seconds())
                 uow.commit()
             return VerifyReport(index, duplicates)
-        wait_for(slot, deps)
         since = item.first_attempt_at - RECONCILE_CLOCK_SKEW
         try:
             read_back = deps.api.find_coupons(item.customer, item.series_id, since)
@@ -143,12 +144,9 @@ def verify_issued(deps: Deps, *, batch: int = VERIFY_BATCH) -> VerifyReport:
                 uow.ledger.finish_verification(item, now=deps.clock(),
                                                retry_in_s=delay.total_seconds())
                 uow.commit()
-            # What a failed read-back says of Capillary's health counts as a failed call's
-            # would: an outage seen only through verifications still opens the circuit.
-            verdict = Verdict.OUTAGE if isinstance(exc, Outage) else Verdict.AMBIGUOUS
-            if CircuitPolicy.after_failed_read_back(verdict, exc.status,
-                                                    probe=False) == "failure":
-                deps.circuit.failure(Permit(), verdict, f"read-back: {exc}")
+            # An outage seen only through verifications still opens the circuit. Their batch
+            # runs with the circuit closed, and an answer proves nothing a call's would.
+            tell_circuit_read_back_failed(deps, Permit(), exc, answered=True)
             continue
         ours = [f.coupon for f in read_back.coupons if is_ours(item.issue_ref, f)]
         extra = [c for c in ours if c.code not in item.codes]
