@@ -124,6 +124,42 @@ def test_a_worker_whose_node_name_is_taken_exits_non_zero(
     assert "RESOURCE_LOCKED" in worker.log()
 
 
+def _children(pid: int) -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == pid:
+                found.add(int(entry.name))
+    return found
+
+
+def test_the_pool_processes_of_a_worker_killed_with_sigkill_die_with_it(
+    settings: Settings, start_worker: Callable[..., WorkerProcess],
+) -> None:
+    # Given a prefork worker with its two pool processes
+    worker = start_worker(settings, concurrency=2)
+    children = wait_until(lambda: _children(worker.process.pid), message="its pool processes")
+    # When only its main process is killed with SIGKILL (as the OOM killer would)
+    os.kill(worker.process.pid, signal.SIGKILL)
+    worker.process.wait(timeout=10)
+    # Then the kernel ends the pool processes too (their parent-death signal): none is left
+    # running a task no main process acknowledges, or holding a claim nobody renews
+    wait_until(lambda: not any(Path(f"/proc/{pid}").exists()
+                               and "Z" not in _state(pid) for pid in children),
+               timeout_s=10, message="the pool processes gone")
+
+
+def _state(pid: int) -> str:
+    try:
+        return (Path(f"/proc/{pid}/stat")).read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "Z"
+
+
 @pytest.fixture
 def own_vhost() -> Iterator[str]:
     vhost = f"cw-test-gone-{uuid.uuid4().hex[:8]}"

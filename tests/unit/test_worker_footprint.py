@@ -8,6 +8,7 @@ import gc
 import importlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import weakref
@@ -31,7 +32,13 @@ AT_WORKER_INIT = """
 import importlib.machinery, json, os, sys
 
 def report(**_):
-    print(json.dumps(sorted(sys.modules)))
+    import ctypes
+    from celery import platforms
+    # What each prefork pool process does first (celery.concurrency.prefork), read back here.
+    platforms.set_pdeathsig("SIGKILL")
+    signal = ctypes.c_int()
+    ctypes.CDLL(None).prctl(2, ctypes.byref(signal))  # PR_GET_PDEATHSIG
+    print(json.dumps({"modules": sorted(sys.modules), "pdeathsig": signal.value}))
     sys.stdout.flush()
     os._exit(0)
 
@@ -55,24 +62,29 @@ from worker.entrypoints.cli import main
 main(["worker", "--pool", "prefork", "--concurrency", "1"])
 """
 
-def _modules_at_worker_init(tmp_path: Path) -> set[str]:
+def _at_worker_init(tmp_path: Path) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("COUPONS_", "CAPILLARY_"))}
     env.update({"COUPONS_ENV_FILE": "", "CAPILLARY_USERNAME": "u", "CAPILLARY_PASSWORD": "p",
                 "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)})
     done = subprocess.run([sys.executable, "-c", AT_WORKER_INIT], env=env, capture_output=True,
                           text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
-    loaded: list[str] = json.loads(done.stdout.strip().splitlines()[-1])
-    return set(loaded)
+    reported: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return reported
 
 
 def test_the_worker_command_forks_its_pool_without_the_other_commands(tmp_path: Path) -> None:
-    modules = _modules_at_worker_init(tmp_path)
+    reported = _at_worker_init(tmp_path)
+    modules = set(reported["modules"])
     assert "worker.entrypoints.celery.app" in modules, "the check ran before the app loaded"
     assert not {m for m in modules if m == "rich" or m.startswith("rich.")}
     assert "pygments" not in modules, "celery.bin.base's help colours"
     assert "psutil" not in modules, "celery.utils.debug's memdump"
     assert "yaml" not in modules, "kombu's YAML serializer"
+    # billiard sets each pool process's parent-death signal with ctypes, not cffi and
+    # pycparser (1.5 MB a process), and the signal is still set that way.
+    assert not {"cffi", "pycparser"} & modules
+    assert reported["pdeathsig"] == signal.SIGKILL
     assert not {m for m in modules if m.startswith("sqlalchemy.orm")}, "the ledger is core"
     # The sweeper's and the metrics endpoint's: they run in the main process, after the fork.
     assert not {"worker.usecases.sweep", "worker.usecases.replay_jobs", "worker.usecases.retention",
