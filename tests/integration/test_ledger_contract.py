@@ -22,7 +22,7 @@ from worker.adapters.postgres.records import CircuitState, Claim, RecordedCall, 
 from worker.adapters.postgres.repository import Ledger
 from worker.adapters.postgres.unit_of_work import UnitOfWork, sql_unit_of_work_factory
 from worker.domain.errors import EventRejected, LedgerError
-from worker.domain.events import parse_event_data
+from worker.domain.events import LoyaltyEvent, parse_event_data
 from worker.domain.model import Coupon, DeadMessageKind, EntityState, EntryError, Verdict, issue_ref
 
 NOW = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
@@ -909,3 +909,103 @@ def test_a_pruned_event_taken_in_again_claims_nothing_and_says_pruned(
                                       lease_s=LEASE_S, settle_window_s=SETTLE_S)
         u.commit()
     assert (new, again.entities, again.skipped) == (False, (), {"pruned": 2})
+
+
+# -- PostgreSQL only: the claim rule, written twice, claims alike ----------------------------
+# A redelivery claims through ``hot_path.TAKE_IN`` (one statement with the intake), a claim of
+# an event seen before through ``issuing._CLAIM_EVENT``: the same rule in two places, so the
+# same ledger must come out of both, state by state.
+
+_CLAIM_CASES = {
+    # series: (state, lease_until, settles_at, needs_reconcile), relative to the claim (s)
+    1: ("pending", None, None, False),
+    2: ("in_flight", -30.0, None, False),  # abandoned: reconcile, settle after the lease
+    3: ("in_flight", -30.0, 3600.0, False),  # abandoned, settling later than that already
+    4: ("in_flight", 3600.0, None, False),  # held by a live worker
+    5: ("retry_wait", None, None, True),
+    6: ("queued", None, None, False),
+    7: ("issued", None, None, False),
+    8: ("dead", None, None, False),
+}
+_CLAIM_COLUMNS = ("series_id", "state", "attempts", "needs_reconcile", "claimed_by",
+                  "queued_at", "first_attempt_at", "updated_at")
+
+
+def _event_in_every_state(engine: Engine, event_id: str, at: datetime) -> LoyaltyEvent:
+    event = parse_event_data({"eventId": event_id, "customer": {"id": "7"},
+                              "seriesIds": sorted(_CLAIM_CASES)})
+    with sql_unit_of_work_factory(engine)() as u:
+        u.ledger.ingest(event, source="bus", now=at)
+        u.commit()
+    with engine.begin() as conn:
+        # Straight to each state, past the state machine's trigger (this session only).
+        conn.execute(text("SET LOCAL session_replication_role = replica"))
+        for series, (state, lease_in, settles_in, reconcile) in _CLAIM_CASES.items():
+            conn.execute(text(
+                "UPDATE entities SET state = :state, attempts = 1, "
+                "needs_reconcile = :reconcile, claim_token = 'old', claimed_by = 'old', "
+                "first_attempt_at = :first, queued_at = :queued, "
+                "lease_until = :at + make_interval(secs => :lease_in), "
+                "settles_at = :at + make_interval(secs => :settles_in) "
+                "WHERE event_id = :event_id AND series_id = :series"),
+                {"state": state, "reconcile": reconcile, "first": at - timedelta(hours=1),
+                 "queued": at if state == "queued" else None, "at": at,
+                 "lease_in": lease_in, "settles_in": settles_in, "event_id": event_id,
+                 "series": series})
+    return event
+
+
+def _claimed_rows(engine: Engine, event_id: str, at: datetime) -> list[tuple[Any, ...]]:
+    with engine.connect() as conn:
+        found = conn.execute(text(
+            f"SELECT {', '.join(_CLAIM_COLUMNS)}, "
+            "claim_token IS NOT NULL AND claim_token <> 'old' AS newly_claimed, "
+            "extract(epoch FROM settles_at - :at)::int AS settles_in_s, "
+            "round(extract(epoch FROM lease_until - now()) / 60) AS lease_min "
+            "FROM entities WHERE event_id = :event_id ORDER BY series_id"),
+            {"event_id": event_id, "at": at})
+        return [tuple(r) for r in found]
+
+
+def _history(engine: Engine, event_id: str) -> list[tuple[Any, ...]]:
+    with engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(text(
+            "SELECT e.series_id, h.kind, h.state, h.attempt, h.worker, h.message "
+            "FROM entity_history h JOIN entities e ON e.id = h.entity_id "
+            "WHERE e.event_id = :event_id ORDER BY e.series_id, h.id"),
+            {"event_id": event_id})]
+
+
+def test_a_redelivery_and_an_event_claim_follow_one_claim_rule(clean_ledger: Engine) -> None:
+    at = real_now()
+    redelivered = _event_in_every_state(clean_ledger, "by-take-in", at)
+    _event_in_every_state(clean_ledger, "by-claim-event", at)
+    uow = sql_unit_of_work_factory(clean_ledger)
+    # When one event is delivered again and the other is claimed as an event seen before
+    with uow() as u:
+        new, by_take_in = u.ledger.take_in(
+            redelivered, source="bus", token="t-a", worker="w", now=at, lease_s=LEASE_S,
+            settle_window_s=SETTLE_S)
+        u.commit()
+    with uow() as u:
+        by_claim = u.ledger.claim_event("by-claim-event", token="t-b", worker="w", now=at,
+                                        lease_s=LEASE_S, settle_window_s=SETTLE_S)
+        u.commit()
+    assert not new
+    # Then both claimed the same series, and hand them out alike
+    def handed_out(claim: Claim) -> list[tuple[Any, ...]]:
+        return [(e.series_id, e.attempts, e.needs_reconcile, e.first_attempt_at, e.settled,
+                 round(e.settles_in_s / 60)) for e in claim.entities]
+
+    assert [e.series_id for e in by_take_in.entities] == [1, 2, 3]
+    assert handed_out(by_take_in) == handed_out(by_claim)
+    # And left every row, and its history, alike
+    assert _claimed_rows(clean_ledger, "by-take-in", at) == \
+        _claimed_rows(clean_ledger, "by-claim-event", at)
+    assert _history(clean_ledger, "by-take-in") == _history(clean_ledger, "by-claim-event")
+    # And the rule is the one the docs give: the abandoned are read back first, settling no
+    # sooner than a settle window after their lease ran out
+    rows_ = {r[0]: r for r in _claimed_rows(clean_ledger, "by-take-in", at)}
+    assert rows_[2][3] is True and rows_[2][-2] == int(-30 + SETTLE_S)
+    assert rows_[3][-2] == 3600 and rows_[1][3] is False
+    assert {s for s, r in rows_.items() if r[-3]} == {1, 2, 3}

@@ -58,6 +58,9 @@ _IN_FLIGHT = EntityState.IN_FLIGHT.value
 
 # Leases and settle times are on the database's clock (now()), never a host's (see
 # ``worker.adapters.postgres.tables``). ``%(name)s`` are psycopg's named parameters.
+# ``again`` is the claim rule of ``issuing._claim_statement`` written out in SQL, to keep this
+# statement one round trip; a contract test (``test_a_redelivery_and_an_event_claim_follow_one
+# _claim_rule``) claims an entity in every state both ways and compares the rows.
 TAKE_IN = _wire(f"""
 WITH new_event AS (
     INSERT INTO events (event_id, event_type, customer_key, customer, series_ids, metadata,
