@@ -19,7 +19,7 @@ import math
 import queue
 import re
 import sys
-import time
+import threading
 import traceback
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -184,11 +184,23 @@ class _AsIs(logging.handlers.QueueHandler):
     """Hands the record itself to the writer thread, formatted there, not in the caller.
 
     The queue never leaves the process, so nothing needs pickling; QueueHandler's own
-    ``prepare`` would format the line in the calling thread.
+    ``prepare`` would format the line in the calling thread. A warning or an error wakes the
+    writer at once (``urgent``) rather than waiting for the lines to gather: those are the
+    lines that say why a process is about to be killed, and a SIGKILL loses what is queued.
     """
+
+    def __init__(self, records: queue.SimpleQueue[logging.LogRecord],
+                 urgent: threading.Event) -> None:
+        super().__init__(records)
+        self.urgent = urgent
 
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
         return record
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        super().enqueue(record)
+        if record.levelno >= logging.WARNING:
+            self.urgent.set()
 
 
 #: How long the writer lets lines gather once it has written all it had.
@@ -204,16 +216,28 @@ class _Gathering(logging.handlers.QueueListener):
     """
 
     def __init__(self, records: queue.SimpleQueue[logging.LogRecord],
-                 handler: logging.Handler) -> None:
+                 handler: logging.Handler, urgent: threading.Event) -> None:
         super().__init__(records, handler, respect_handler_level=True)
         self.records = records
+        self.urgent = urgent
 
     def dequeue(self, block: bool) -> logging.LogRecord:
         try:
             return self.records.get_nowait()
         except queue.Empty:
-            time.sleep(GATHER_S)
+            # A wake-up left by a warning already written is dropped; one queued meanwhile
+            # is found by the second look, its wake-up having been dropped with the other.
+            self.urgent.clear()
+            try:
+                return self.records.get_nowait()
+            except queue.Empty:
+                self.urgent.wait(GATHER_S)
         return self.records.get(block)
+
+    def enqueue_sentinel(self) -> None:
+        # The stop's marker, then the wake-up: a writer gathering goes straight to it.
+        super().enqueue_sentinel()
+        self.urgent.set()
 
 
 class _Writer:
@@ -221,14 +245,15 @@ class _Writer:
 
     def __init__(self) -> None:
         self.queue: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+        self.urgent = threading.Event()
         self.listener: logging.handlers.QueueListener | None = None
         self.active = False
 
     def start(self, handler: logging.Handler) -> logging.Handler:
         self.stop()
-        self.listener = _Gathering(self.queue, handler)
+        self.listener = _Gathering(self.queue, handler, self.urgent)
         self.listener.start()
-        return _AsIs(self.queue)
+        return _AsIs(self.queue, self.urgent)
 
     def stop(self) -> None:
         """Write what is queued, then end the thread (at exit: no line is left behind)."""

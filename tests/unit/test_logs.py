@@ -281,3 +281,34 @@ def test_the_writer_lets_lines_gather_rather_than_wake_for_each(
     # Then all 200 lines are written, the writer having been woken for a few of them only
     assert len(stream.lines) == 200
     assert records.waits < 40
+
+
+def _written(stream: _SlowStream, count: int, within_s: float) -> bool:
+    deadline = time.monotonic() + within_s
+    while len(stream.lines) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return len(stream.lines) >= count
+
+
+def test_a_warning_is_written_at_once_not_after_the_lines_gather(
+        monkeypatch: pytest.MonkeyPatch, one_writer: None) -> None:
+    # Given the one writer, letting lines gather for 30 s once it has written all it had
+    monkeypatch.setattr(logs, "GATHER_S", 30.0)
+    stream = _SlowStream(0.0)
+    monkeypatch.setattr(sys, "stderr", stream)
+    configure_logging("INFO")
+    write_from_one_thread()
+    log = logging.getLogger("worker.pipeline")
+    log.warning("first")
+    assert _written(stream, 1, within_s=10)
+    time.sleep(0.1)  # the writer back at its gathering
+    # When an info line is logged while it gathers, it waits there
+    log.info("event.claimed")
+    time.sleep(0.3)
+    assert len(stream.lines) == 1
+    # And a warning logged after it wakes the writer: both are written, in their order, well
+    # before the gathering's 30 s (a SIGKILL then loses neither)
+    log.warning("task.time_limit")
+    assert _written(stream, 3, within_s=10)
+    assert [line.split()[2] for line in stream.lines] == ["first", "event.claimed",
+                                                          "task.time_limit"]
