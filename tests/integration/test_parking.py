@@ -17,7 +17,7 @@ import pytest
 from kombu import Connection, Message, Producer
 
 from coupon_devtools.harness.rabbitmqctl import create_vhost, delete_vhost, rabbitmqctl
-from tests.conftest import RABBIT_HOST, run_cli
+from tests.conftest import RABBIT_HOST, run_cli, wait_until
 from worker.adapters.rabbitmq import topology
 from worker.config import Settings
 
@@ -95,10 +95,17 @@ def test_a_message_delivered_past_the_limit_is_parked_listed_and_moved_back_unto
     # When a task comes back unacknowledged delivery after delivery
     publish_task(quorum)
     assert refuse_until_gone(quorum) == 3  # the first delivery and two more
-    # Then RabbitMQ parked it, and the command lists where it came from and why
-    listed = run_cli(quorum, "broker", "parked", "--json")
-    assert listed.exit_code == 0, listed.output
-    parked = json.loads(listed.stdout)
+    # Then RabbitMQ parked it (its dead-lettering, at least once, is asynchronous: the
+    # parked copy lands a moment after the queue stops delivering), and the command lists
+    # where it came from and why
+    def parked_now() -> dict[str, Any]:
+        listed = run_cli(quorum, "broker", "parked", "--json")
+        assert listed.exit_code == 0, listed.output
+        found: dict[str, Any] = json.loads(listed.stdout)
+        return found
+
+    parked = wait_until(lambda: (found := parked_now())["total"] and found,
+                        timeout_s=15, message="the message parked")
     assert parked["total"] == 1
     entry, = parked["messages"]
     assert entry["origin"] == quorum.tasks_queue
