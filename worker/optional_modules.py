@@ -8,11 +8,12 @@ console's password hashing needs it), but billiard, once it has imported cffi, s
 process's parent-death signal through it: that declares a C prototype, which loads pycparser,
 1.5 MB in every pool process, where ``ctypes`` (billiard's other way, and already loaded) costs
 nothing. Nothing else in the worker imports cffi; if something did after start-up, billiard
-would fail to set that signal (it checks ``sys.modules`` at each fork), and
-``tests/unit/test_worker_footprint.py`` checks it is set. A worker's main process
-holds what it imported when its pool forks, and each pool process with it, so the worker
-command imports Celery without them (about 4 MB a process): installed or not, the worker runs
-as in production, where they are absent.
+would fail to set that signal (it checks ``sys.modules`` at each fork):
+``tests/unit/test_worker_footprint.py`` checks it is set, and ``tests/acceptance/test_fleet.py``
+that the pool processes of a SIGKILLed worker end with it. A worker's main process holds what
+it imported when its pool forks, and each pool process with it, so the worker command imports
+Celery without them (about 4 MB a process, and 1.5 MB more for cffi): installed or not, the
+worker runs as in production, where the first three are absent.
 """
 
 from __future__ import annotations
