@@ -20,6 +20,7 @@ import requests
 from kombu import Connection, Queue
 from sqlalchemy import Engine
 
+from coupon_devtools.bench.machine import process_table
 from coupon_devtools.harness.rabbitmqctl import create_vhost, delete_vhost
 from coupon_devtools.sandbox import SandboxAdmin
 from tests.acceptance.helpers import (
@@ -124,17 +125,13 @@ def test_a_worker_whose_node_name_is_taken_exits_non_zero(
     assert "RESOURCE_LOCKED" in worker.log()
 
 
-def _children(pid: int) -> set[int]:
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            if ppid == pid:
-                found.add(int(entry.name))
-    return found
+def _running(pid: int) -> bool:
+    """Alive and not a zombie waiting to be reaped by the process it was handed to."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
 
 
 def test_the_pool_processes_of_a_worker_killed_with_sigkill_die_with_it(
@@ -142,22 +139,16 @@ def test_the_pool_processes_of_a_worker_killed_with_sigkill_die_with_it(
 ) -> None:
     # Given a prefork worker with its two pool processes
     worker = start_worker(settings, concurrency=2)
-    children = wait_until(lambda: _children(worker.process.pid), message="its pool processes")
+    children = wait_until(
+        lambda: {pid for pid, (ppid, _name, _cpu) in process_table().items()
+                 if ppid == worker.process.pid}, message="its pool processes")
     # When only its main process is killed with SIGKILL (as the OOM killer would)
     os.kill(worker.process.pid, signal.SIGKILL)
     worker.process.wait(timeout=10)
     # Then the kernel ends the pool processes too (their parent-death signal): none is left
     # running a task no main process acknowledges, or holding a claim nobody renews
-    wait_until(lambda: not any(Path(f"/proc/{pid}").exists()
-                               and "Z" not in _state(pid) for pid in children),
-               timeout_s=10, message="the pool processes gone")
-
-
-def _state(pid: int) -> str:
-    try:
-        return (Path(f"/proc/{pid}/stat")).read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return "Z"
+    wait_until(lambda: not any(_running(pid) for pid in children), timeout_s=10,
+               message="the pool processes gone")
 
 
 @pytest.fixture
