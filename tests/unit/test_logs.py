@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.conftest import wait_until
 from worker import logs
 from worker.logs import (
     PER_TASK_LOGGERS,
@@ -283,13 +284,6 @@ def test_the_writer_lets_lines_gather_rather_than_wake_for_each(
     assert records.waits < 40
 
 
-def _written(stream: _SlowStream, count: int, within_s: float) -> bool:
-    deadline = time.monotonic() + within_s
-    while len(stream.lines) < count and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return len(stream.lines) >= count
-
-
 def test_a_warning_is_written_at_once_not_after_the_lines_gather(
         monkeypatch: pytest.MonkeyPatch, one_writer: None) -> None:
     # Given the one writer, letting lines gather for 30 s once it has written all it had
@@ -300,7 +294,7 @@ def test_a_warning_is_written_at_once_not_after_the_lines_gather(
     write_from_one_thread()
     log = logging.getLogger("worker.pipeline")
     log.warning("first")
-    assert _written(stream, 1, within_s=10)
+    wait_until(lambda: stream.lines, timeout_s=10, message="the first line written")
     time.sleep(0.1)  # the writer back at its gathering
     # When an info line is logged while it gathers, it waits there
     log.info("event.claimed")
@@ -309,6 +303,6 @@ def test_a_warning_is_written_at_once_not_after_the_lines_gather(
     # And a warning logged after it wakes the writer: both are written, in their order, well
     # before the gathering's 30 s (a SIGKILL then loses neither)
     log.warning("task.time_limit")
-    assert _written(stream, 3, within_s=10)
+    wait_until(lambda: len(stream.lines) == 3, timeout_s=10, message="the warning written")
     assert [line.split()[2] for line in stream.lines] == ["first", "event.claimed",
                                                           "task.time_limit"]
